@@ -1,0 +1,31 @@
+"""The root error of ledgerbus and the foundation's own errors.
+
+Each package has its own root error under :class:`LedgerbusError`; third-party errors
+(nats, sqlite, msgspec) are wrapped at the boundary with ``raise ... from``.
+"""
+
+from __future__ import annotations
+
+
+class LedgerbusError(Exception):
+    """Root of every error ledgerbus raises on purpose."""
+
+
+class ConfigError(LedgerbusError):
+    """A setting is missing or malformed."""
+
+
+class BusError(LedgerbusError):
+    """Talking to NATS failed: connection, provisioning, a publish that was not acknowledged."""
+
+
+class ServerError(BusError):
+    """The embedded nats-server could not be found, started or stopped."""
+
+
+class SchemaError(LedgerbusError):
+    """Bytes did not decode as the expected message type; the message names the path."""
+
+
+class ChainError(LedgerbusError):
+    """The audit hash chain does not recompute."""

@@ -1,0 +1,181 @@
+"""The event schema: every message on the bus is one of these frozen msgspec Structs.
+
+Messages sent to the router (the ingress union :data:`AnyEvent`) are tagged by ``kind``
+and decoded strictly: unknown fields, wrong types and out-of-range values are errors
+that name the offending path. Schemas only grow: a new field always has a default.
+
+The router's own output is :class:`AuditRecord` (one per ingress message, hash-chained)
+and :class:`WorkItem` (a task dispatched to ``work.<skill>``).
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+from typing import Annotated, Any, Literal, Union
+
+import msgspec
+
+from bus.subjects import ID_PATTERN, SKILL_PATTERN
+
+Id = Annotated[str, msgspec.Meta(pattern=ID_PATTERN, description="1-64 of A-Z a-z 0-9 _ -")]
+Skill = Annotated[str, msgspec.Meta(pattern=SKILL_PATTERN)]
+Attempt = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=7 * 24 * 3600)]
+Text = Annotated[str, msgspec.Meta(max_length=16_384)]
+
+DEFAULT_TASK_TIMEOUT_S = 300.0
+
+
+def new_id() -> str:
+    """A fresh random message or task id (128 bits, URL-safe)."""
+    return secrets.token_urlsafe(16)
+
+
+class Event(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    tag_field="kind",
+    forbid_unknown_fields=True,
+):
+    """Base of every ingress message. ``id`` is also the JetStream ``Nats-Msg-Id``."""
+
+    id: Id
+
+
+class TaskSubmitted(Event, tag="task_submitted"):
+    """A principal asks for ``skill`` to be run on ``input``."""
+
+    task_id: Id
+    skill: Skill
+    input: dict[str, Any] = msgspec.field(default_factory=dict)
+    timeout_s: Seconds = DEFAULT_TASK_TIMEOUT_S
+
+
+class TaskStarted(Event, tag="task_started"):
+    """An agent claims a task: ``attempt`` is its JetStream delivery count."""
+
+    task_id: Id
+    attempt: Attempt
+
+
+class TaskProgress(Event, tag="task_progress"):
+    """The claimant reports progress while it works."""
+
+    task_id: Id
+    attempt: Attempt
+    message: Text = ""
+    fraction: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+
+
+class TaskCompleted(Event, tag="task_completed"):
+    """The claimant finished the task with ``output``."""
+
+    task_id: Id
+    attempt: Attempt
+    output: Any = None
+
+
+class TaskFailed(Event, tag="task_failed"):
+    """The claimant gave up on the task; ``error`` says why."""
+
+    task_id: Id
+    attempt: Attempt
+    error: Text
+
+
+class AgentJoined(Event, tag="agent_joined"):
+    """An agent process came up and advertises its skills."""
+
+    instance: Id
+    skills: Annotated[list[Skill], msgspec.Meta(min_length=1, max_length=256)]
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 1
+
+
+class AgentLeft(Event, tag="agent_left"):
+    """An agent process drained and stopped."""
+
+    instance: Id
+    reason: Text = ""
+
+
+AnyEvent = Union[
+    TaskSubmitted,
+    TaskStarted,
+    TaskProgress,
+    TaskCompleted,
+    TaskFailed,
+    AgentJoined,
+    AgentLeft,
+]
+"""The ingress union: every message a principal may send to the router."""
+
+TASK_EVENTS = (TaskSubmitted, TaskStarted, TaskProgress, TaskCompleted, TaskFailed)
+AGENT_EVENTS = (AgentJoined, AgentLeft)
+TERMINAL_EVENTS = (TaskCompleted, TaskFailed)
+
+
+def kind_of(event_type: type[Event]) -> str:
+    """The ``kind`` tag of an event type, e.g. ``task_submitted``."""
+    tag = event_type.__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
+
+
+EVENT_KINDS: dict[str, type[Event]] = {
+    kind_of(t): t
+    for t in (TaskSubmitted, TaskStarted, TaskProgress, TaskCompleted, TaskFailed, AgentJoined, AgentLeft)
+}
+
+Verdict = Literal["accepted", "rejected"]
+
+
+class RawExcerpt(msgspec.Struct, frozen=True, kw_only=True):
+    """What the audit log keeps of a message that could not be decoded."""
+
+    size: int
+    sha256: str
+    head: str
+    """The first bytes, decoded as UTF-8 with replacement, so a person can see what came."""
+
+
+class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One entry of the audit log: the router's verdict on one ingress message.
+
+    ``hash = sha256(prev_hash || canonical bytes of this record with hash="")``; see
+    :mod:`bus.chain`. ``seq`` is the AUDIT stream sequence the record was appended at.
+    """
+
+    seq: int
+    at: datetime
+    verdict: Verdict
+    code: str
+    reason: str
+    principal: str
+    kind: str
+    key: str
+    msg_id: str
+    ingress_seq: int
+    delivery: int
+    trace_id: str = ""
+    event: AnyEvent | None = None
+    raw: RawExcerpt | None = None
+    prev_hash: str = ""
+    hash: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        """Whether the router accepted the message."""
+        return self.verdict == "accepted"
+
+
+class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
+    """A task dispatched to ``work.<skill>``, pulled by an agent that has the skill."""
+
+    task_id: str
+    skill: str
+    input: dict[str, Any]
+    timeout_s: float
+    audit_seq: int
+    submitted_by: str

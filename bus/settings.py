@@ -1,0 +1,89 @@
+"""Process settings, read once from the environment (``LEDGERBUS_*``) at start.
+
+Every value has a default that works with ``honcho start`` on one machine; command-line
+options in ``agentctl`` override the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bus.errors import ConfigError
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+
+# Local-development passwords that match the users in nats.conf. They exist so that
+# `honcho start` works with no setup; any shared deployment sets LEDGERBUS_PASSWORD.
+DEV_PASSWORDS = {
+    "admin": "admin-local-dev",
+    "router": "router-local-dev",
+    "projector": "projector-local-dev",
+    "cli": "cli-local-dev",
+    "agent": "agent-local-dev",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a ledgerbus process needs to know about its environment."""
+
+    url: str = DEFAULT_URL
+    user: str | None = None
+    password: str | None = None
+    db_path: Path = Path("var/ledgerbus.db")
+    max_message_bytes: int = 256 * 1024
+    duplicate_window_s: float = 120.0
+    ingress_ack_wait_s: float = 30.0
+    router_batch: int = 256
+    work_ack_wait_s: float = 30.0
+    work_max_deliver: int = 5
+    heartbeat_interval_s: float = 5.0
+    agents_ttl_s: float = 30.0
+    drain_timeout_s: float = 30.0
+    projector_batch: int = 512
+    connect_timeout_s: float = 30.0
+
+    @property
+    def servers(self) -> list[str]:
+        """The server URLs (``LEDGERBUS_URL`` may list several, comma-separated)."""
+        return [u.strip() for u in self.url.split(",") if u.strip()]
+
+    def credentials(self, role: str) -> tuple[str, str]:
+        """User and password for a process of ``role``, defaulting to the local dev users."""
+        user = self.user or role
+        password = self.password if self.password is not None else DEV_PASSWORDS.get(user, "")
+        return user, password
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` applied; ``None`` values are ignored."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read ``LEDGERBUS_<FIELD>`` for every field; malformed values raise ConfigError."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f"LEDGERBUS_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            kind = type(f.default)
+            try:
+                if f.name in ("user", "password"):
+                    values[f.name] = raw
+                elif kind is Path:
+                    values[f.name] = Path(raw)
+                elif kind is int:
+                    values[f.name] = int(raw)
+                elif kind is float:
+                    values[f.name] = float(raw)
+                else:
+                    values[f.name] = raw
+            except ValueError as exc:
+                raise ConfigError(f"LEDGERBUS_{f.name.upper()}={raw!r}: {exc}") from exc
+        return cls(**values)

@@ -1,0 +1,155 @@
+"""Every subject, stream, consumer, bucket and header name, built in one place.
+
+Nothing else in ledgerbus writes a subject by hand: routing rules and nats.conf
+permissions both follow from the shapes below.
+
+- ``in.<pkind>.<pname>.<kind>``      INGRESS: every message to the router, from principal
+                                     ``<pkind>-<pname>`` (e.g. ``in.agent.echo-1.task_started``)
+- ``audit.<verdict>.<kind>.<key>``   AUDIT: one record per ingress message
+- ``work.<skill>``                   WORK: dispatched tasks, one pull consumer per skill
+- ``q.<projection>.<op>``            queries answered by the projector
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+INGRESS_STREAM: Final = "INGRESS"
+AUDIT_STREAM: Final = "AUDIT"
+WORK_STREAM: Final = "WORK"
+AGENTS_BUCKET: Final = "agents"
+
+INGRESS_ALL: Final = "in.>"
+AUDIT_ALL: Final = "audit.>"
+WORK_ALL: Final = "work.>"
+
+ROUTER_CONSUMER: Final = "router"
+PROJECTOR_QUEUE: Final = "projector"
+
+HDR_MSG_ID: Final = "Nats-Msg-Id"
+HDR_EXPECTED_LAST_SEQ: Final = "Nats-Expected-Last-Sequence"
+HDR_TRACEPARENT: Final = "traceparent"
+HDR_TRACESTATE: Final = "tracestate"
+
+PRINCIPAL_KINDS: Final = ("cli", "agent", "projector", "router")
+
+# A subject token we build from user-supplied text must never contain '.', '*', '>' or
+# whitespace, or it would change the meaning of the subject (and of permissions).
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+NAME_PATTERN: Final = r"^[a-z0-9][a-z0-9_-]{0,47}$"
+SKILL_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{0,31}(\.[a-z0-9][a-z0-9-]{0,31}){0,3}$"
+ID_PATTERN: Final = r"^[A-Za-z0-9_-]{1,64}$"
+_NAME = re.compile(NAME_PATTERN)
+_SKILL = re.compile(SKILL_PATTERN)
+
+
+class SubjectError(ValueError):
+    """A name cannot be used to build a subject."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who sent a message, as read from the ingress subject.
+
+    The kind and the name are two subject tokens because NATS permissions match whole
+    tokens only: ``in.agent.*.>`` (every agent) and ``in.agent.echo-1.>`` (one agent)
+    can both be granted, which ``in.agent-echo-1.>`` would not allow.
+    """
+
+    kind: str
+    name: str
+
+    @property
+    def token(self) -> str:
+        """The principal as one word, ``<kind>-<name>``, as the audit log records it."""
+        return f"{self.kind}-{self.name}"
+
+    def __str__(self) -> str:
+        return self.token
+
+
+def token(value: str, what: str = "token") -> str:
+    """Return ``value`` if it is safe as one subject token, else raise :class:`SubjectError`."""
+    if not _TOKEN.match(value):
+        raise SubjectError(f"{what} {value!r} must be 1-64 characters of A-Z a-z 0-9 _ -")
+    return value
+
+
+def check_name(value: str, what: str = "name") -> str:
+    """Validate an agent or user name (lowercase, digits, '_' and '-')."""
+    if not _NAME.match(value):
+        raise SubjectError(f"{what} {value!r} must match {NAME_PATTERN}")
+    return value
+
+
+def check_skill(value: str) -> str:
+    """Validate a skill name: dotted lowercase words, e.g. ``echo`` or ``llm.chat``."""
+    if not _SKILL.match(value):
+        raise SubjectError(f"skill {value!r} must match {SKILL_PATTERN}")
+    return value
+
+
+def principal(kind: str, name: str) -> Principal:
+    """Build a principal, validating both parts."""
+    if kind not in PRINCIPAL_KINDS:
+        raise SubjectError(f"principal kind {kind!r} is not one of {', '.join(PRINCIPAL_KINDS)}")
+    check_name(name, f"{kind} name")
+    return Principal(kind, name)
+
+
+def parse_principal(tok: str) -> Principal:
+    """Read a principal back from its ``<kind>-<name>`` form."""
+    kind, _, name = tok.partition("-")
+    return principal(kind, name)
+
+
+def ingress(who: Principal, kind: str) -> str:
+    """The subject a principal publishes a message of ``kind`` on."""
+    return f"in.{who.kind}.{who.name}.{token(kind, 'kind')}"
+
+
+def parse_ingress(subject: str) -> tuple[Principal, str]:
+    """Split an ingress subject into the principal and the (unvalidated) kind token."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[0] != "in":
+        raise SubjectError(f"{subject!r} is not an ingress subject in.<principal kind>.<name>.<kind>")
+    return principal(parts[1], parts[2]), token(parts[3], "kind")
+
+
+def audit(verdict: str, kind: str, key: str) -> str:
+    """The subject of one audit record; ``key`` is the aggregate (task id, agent name)."""
+    return f"audit.{token(verdict, 'verdict')}.{token(kind, 'kind')}.{token(key, 'key')}"
+
+
+def audit_for_key(key: str) -> str:
+    """A filter matching every audit record of one aggregate, whatever its verdict or kind."""
+    return f"audit.*.*.{token(key, 'key')}"
+
+
+def work(skill: str) -> str:
+    """The subject tasks for ``skill`` are dispatched on."""
+    return f"work.{check_skill(skill)}"
+
+
+def work_consumer(skill: str) -> str:
+    """The durable consumer shared by every agent replica that has ``skill``.
+
+    Consumer names may not contain '.', and skill names may not contain '_', so the
+    mapping is one to one.
+    """
+    return "skill-" + check_skill(skill).replace(".", "_")
+
+
+def work_msg_id(task_id: str) -> str:
+    """The JetStream de-duplication id of a task's dispatch, so a re-dispatch is a no-op."""
+    return f"work-{token(task_id, 'task id')}"
+
+
+def query(projection: str, op: str) -> str:
+    """The request subject of a projector query."""
+    return f"q.{token(projection, 'projection')}.{token(op, 'op')}"
+
+
+QUERY_ALL: Final = "q.>"
