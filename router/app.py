@@ -1,0 +1,200 @@
+"""The router process: fetch, check, audit, act, ack - in that order, always."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import nats.errors
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from opentelemetry import trace
+
+from bus import subjects, tracing
+from bus.events import AGENT_EVENTS, TASK_EVENTS, AuditRecord, RawExcerpt, kind_of
+from bus.provision import provision, router_consumer_config
+from bus.settings import Settings
+from router import audit as audit_mod
+from router.audit import AuditLog
+from router.checks import Check, Inbound, default_checks, run_checks
+from router.dispatch import dispatch, work_item
+from router.errors import AuditAppendError
+from router.state import RouterState
+
+log = structlog.get_logger(__name__)
+tracer = trace.get_tracer("ledgerbus.router")
+
+_RAW_HEAD_BYTES = 256
+
+
+@dataclass(slots=True)
+class Decision:
+    """One INGRESS message and its audit record; ``fresh`` if appended by this batch."""
+
+    msg: Msg
+    record: AuditRecord
+    headers: dict[str, str]
+    fresh: bool
+
+
+def _headers(msg: Msg) -> dict[str, str]:
+    return dict(msg.headers or {})
+
+
+def _record_for(inbound: Inbound, code: str, reason: str, trace_id: str) -> AuditRecord:
+    """Build the (unsealed) audit record of one checked message."""
+    event = inbound.event
+    kind = kind_of(type(event)) if event is not None else "unknown"
+    if event is not None and isinstance(event, TASK_EVENTS):
+        key = event.task_id
+    elif event is not None and isinstance(event, AGENT_EVENTS) and inbound.principal is not None:
+        key = inbound.principal.name or inbound.principal.token
+    else:
+        key = "_"
+    raw = None
+    if event is None:
+        raw = RawExcerpt(
+            size=len(inbound.data),
+            sha256=hashlib.sha256(inbound.data).hexdigest(),
+            head=inbound.data[:_RAW_HEAD_BYTES].decode("utf-8", errors="replace"),
+        )
+    return AuditRecord(
+        seq=0,
+        at=datetime.now(UTC),
+        verdict="accepted" if code == "ok" else "rejected",
+        code=code,
+        reason=reason,
+        principal=inbound.principal.token if inbound.principal is not None else "unknown",
+        kind=kind,
+        key=key,
+        msg_id=event.id if event is not None else inbound.headers.get(subjects.HDR_MSG_ID, "")[:64],
+        ingress_seq=inbound.ingress_seq,
+        delivery=inbound.delivery,
+        trace_id=trace_id,
+        event=event,
+        raw=raw,
+    )
+
+
+class Router:
+    """Wires the pipeline to the bus. ``checks`` may be replaced (tests, policy plugins)."""
+
+    def __init__(self, nc: Client, settings: Settings, checks: Sequence[Check] | None = None) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=10)
+        self.settings = settings
+        self.checks = list(checks) if checks is not None else default_checks(settings.max_message_bytes)
+        self.state = RouterState()
+        self.audit = AuditLog(self.js, audit_mod.ChainHead())
+        self._sub: JetStreamContext.PullSubscription | None = None
+
+    async def start(self) -> None:
+        """Provision the streams, rebuild state from the log, bind the INGRESS consumer."""
+        await provision(self.js, self.settings)
+        await self._recover()
+        self._sub = await self.js.pull_subscribe(
+            subjects.INGRESS_ALL,
+            durable=subjects.ROUTER_CONSUMER,
+            stream=subjects.INGRESS_STREAM,
+            config=router_consumer_config(self.settings),
+        )
+        log.info("router_started", head_seq=self.audit.head.seq)
+
+    async def _recover(self) -> None:
+        self.state = RouterState()
+        head = await audit_mod.recover(self.js, self.state)
+        self.audit = AuditLog(self.js, head)
+        ingress = await self.js.stream_info(subjects.INGRESS_STREAM)
+        self.state.forget_acked_before(ingress.state.first_seq)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set; the batch in hand is always finished first."""
+        if self._sub is None:
+            await self.start()
+        assert self._sub is not None
+        while not stop.is_set():
+            try:
+                msgs = await self._sub.fetch(self.settings.router_batch, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            except nats.errors.Error as exc:
+                log.warning("ingress_fetch_failed", error=str(exc))
+                await asyncio.sleep(0.5)
+                continue
+            await self.process(msgs)
+        log.info("router_stopped", head_seq=self.audit.head.seq)
+
+    async def process(self, msgs: list[Msg]) -> None:
+        """Audit a batch, act on it, ack it. On an audit failure, rebuild and retry later."""
+        try:
+            decisions = await self.audit_batch(msgs)
+        except AuditAppendError as exc:
+            log.error("audit_append_failed", error=str(exc))
+            for msg in msgs:
+                await msg.nak(delay=1)
+            await self._recover()
+            return
+        await self.act(decisions)
+
+    async def audit_batch(self, msgs: list[Msg]) -> list[Decision]:
+        """Check every message and append one audit record for each not audited before."""
+        decisions: list[Decision] = []
+        pending: list[tuple[AuditRecord, bytes, dict[str, str]]] = []
+        for msg in msgs:
+            meta = msg.metadata
+            headers = _headers(msg)
+            if (seen := self.state.audited(meta.sequence.stream)) is not None:
+                # Audited before a crash, not acked: act again (idempotently), audit never twice.
+                log.info("ingress_redelivered_already_audited", ingress_seq=meta.sequence.stream, seq=seen.seq)
+                decisions.append(Decision(msg, seen, headers, fresh=False))
+                continue
+            inbound = Inbound(
+                subject=msg.subject,
+                data=msg.data,
+                headers=headers,
+                ingress_seq=meta.sequence.stream,
+                delivery=meta.num_delivered,
+            )
+            with tracer.start_as_current_span(
+                "router.check",
+                context=tracing.extract(headers),
+                kind=trace.SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.destination.name": msg.subject,
+                    "messaging.operation": "process",
+                },
+            ) as span:
+                rejection = run_checks(self.checks, inbound, self.state)
+                code, reason = ("ok", "") if rejection is None else (rejection.code, rejection.reason)
+                span.set_attribute("ledgerbus.verdict", code)
+                record, data = self.audit.seal(_record_for(inbound, code, reason, tracing.trace_id_of_span(span)))
+                out_headers = tracing.inject()
+            # Later messages of the same batch must see this one (e.g. a duplicate task id).
+            self.state.apply(record)
+            pending.append((record, data, out_headers))
+            decisions.append(Decision(msg, record, out_headers, fresh=True))
+            if rejection is not None:
+                log.info("rejected", seq=record.seq, code=code, reason=reason, principal=record.principal)
+        if pending:
+            await self.audit.append(pending)
+        return decisions
+
+    async def act(self, decisions: list[Decision]) -> None:
+        """Dispatch what the records ask for, then ack INGRESS for every settled message."""
+        work = [(d, item) for d in decisions if (item := work_item(d.record)) is not None]
+        results = await dispatch(self.js, [(item, d.headers) for d, item in work])
+        failed = {id(d) for (d, _), err in zip(work, results, strict=True) if err is not None}
+        for (d, item), err in zip(work, results, strict=True):
+            if err is not None:
+                log.warning("dispatch_failed", task_id=item.task_id, skill=item.skill, error=str(err))
+        for d in decisions:
+            if id(d) in failed:
+                await d.msg.nak(delay=1)
+            else:
+                await d.msg.ack()

@@ -1,0 +1,93 @@
+"""The audit writer: seals records into the hash chain and appends them to AUDIT.
+
+Each record is published with ``Nats-Expected-Last-Sequence`` set to the sequence just
+before it, so JetStream stores it only as the very next record: no other writer can
+interleave, and no gap can open. A batch is pipelined (all publishes in flight, then
+all acks awaited), which keeps the chain strict without one round trip per record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+
+from bus import chain, codec, subjects
+from bus.chain import ChainHead
+from bus.errors import ChainError
+from bus.events import AuditRecord
+from router.errors import AuditAppendError, ChainBrokenError
+from router.state import RouterState
+
+log = structlog.get_logger(__name__)
+
+
+class AuditLog:
+    """Appends sealed records after the current chain head."""
+
+    def __init__(self, js: JetStreamContext, head: ChainHead) -> None:
+        self.js = js
+        self.head = head
+
+    def seal(self, record: AuditRecord) -> tuple[AuditRecord, bytes]:
+        """Give ``record`` the next sequence and link it to the head (not yet stored)."""
+        record = msgspec.structs.replace(record, seq=self.head.seq + 1)
+        sealed, data = chain.seal(record, self.head.hash)
+        self.head = ChainHead(sealed.seq, sealed.hash)
+        return sealed, data
+
+    async def append(self, batch: list[tuple[AuditRecord, bytes, dict[str, str]]]) -> None:
+        """Store sealed records (with their headers) in order; raise if any is not the next."""
+        futures = []
+        try:
+            for record, data, headers in batch:
+                hdrs = dict(headers)
+                hdrs[subjects.HDR_EXPECTED_LAST_SEQ] = str(record.seq - 1)
+                subject = subjects.audit(record.verdict, record.kind, record.key)
+                futures.append(await self.js.publish_async(subject, data, headers=hdrs))
+            acks = await asyncio.gather(*futures, return_exceptions=True)
+        except nats.errors.Error as exc:
+            raise AuditAppendError(f"audit publish failed: {exc}") from exc
+        for (record, _, _), ack in zip(batch, acks, strict=True):
+            if isinstance(ack, BaseException):
+                raise AuditAppendError(f"audit seq {record.seq} not stored: {ack}") from ack
+            if ack.seq != record.seq:
+                raise AuditAppendError(f"audit record stored at seq {ack.seq}, expected {record.seq}")
+
+
+async def recover(js: JetStreamContext, state: RouterState) -> ChainHead:
+    """Fold the whole audit log into ``state`` and return the chain head, verifying the chain.
+
+    A broken chain stops the router: extending it would make tampering look legitimate.
+    """
+    info = await js.stream_info(subjects.AUDIT_STREAM)
+    last = info.state.last_seq
+    if last == 0:
+        return ChainHead()
+    sub = await js.subscribe(
+        subjects.AUDIT_ALL,
+        stream=subjects.AUDIT_STREAM,
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.ALL,
+    )
+    head = ChainHead()
+    try:
+        while head.seq < last:
+            msg = await sub.next_msg(timeout=10)
+            seq = msg.metadata.sequence.stream
+            try:
+                head = chain.verify([(seq, msg.data)], head)
+            except ChainError as exc:
+                raise ChainBrokenError(f"refusing to extend a broken audit chain: {exc}") from exc
+            state.apply(codec.decode_record(msg.data))
+    except nats.errors.TimeoutError as exc:
+        raise AuditAppendError(f"timed out reading the audit log at seq {head.seq} of {last}") from exc
+    finally:
+        await sub.unsubscribe()
+    log.info("audit_recovered", head_seq=head.seq, tasks=len(state.tasks))
+    return head

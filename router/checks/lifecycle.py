@@ -1,0 +1,48 @@
+"""Lifecycle: task events must fit the task's state as the log has it.
+
+A task id is submitted once; only the agent holding the current claim (principal and
+attempt) may report progress or a result; nothing is accepted after a terminal result.
+This is what makes "completed exactly once" hold when work is redelivered.
+"""
+
+from __future__ import annotations
+
+from bus.events import TaskCompleted, TaskFailed, TaskProgress, TaskStarted, TaskSubmitted
+from router.checks import Inbound, Rejection
+from router.state import RouterState
+
+
+def check(msg: Inbound, state: RouterState) -> Rejection | None:
+    """Reject task events that do not follow from the task's current state."""
+    who = msg.principal_token
+    match msg.event:
+        case TaskSubmitted(task_id=task_id):
+            if task_id in state.tasks:
+                return Rejection("duplicate_task", f"task {task_id} was already submitted")
+        case TaskStarted(task_id=task_id, attempt=attempt):
+            task = state.tasks.get(task_id)
+            if task is None:
+                return Rejection("unknown_task", f"no task {task_id}")
+            if task.terminal:
+                return Rejection("task_terminal", f"task {task_id} is already {task.status}")
+            if attempt <= task.attempt:
+                return Rejection(
+                    "stale_attempt", f"attempt {attempt} is not newer than the current claim's {task.attempt}"
+                )
+        case TaskProgress(task_id=task_id, attempt=attempt) | TaskCompleted(
+            task_id=task_id, attempt=attempt
+        ) | TaskFailed(task_id=task_id, attempt=attempt):
+            task = state.tasks.get(task_id)
+            if task is None:
+                return Rejection("unknown_task", f"no task {task_id}")
+            if task.terminal:
+                return Rejection("task_terminal", f"task {task_id} is already {task.status}")
+            if (task.claimant, task.attempt) != (who, attempt):
+                return Rejection(
+                    "not_claimant",
+                    f"{who} attempt {attempt} does not hold task {task_id} "
+                    f"(claimed by {task.claimant or 'nobody'} attempt {task.attempt})",
+                )
+        case _:
+            pass
+    return None

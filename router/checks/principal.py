@@ -1,0 +1,42 @@
+"""Principal: who sent the message comes from the subject token, never from the body.
+
+``check`` validates the ``in.<principal kind>.<name>.<kind>`` subject; ``check_kind_allowed`` then
+decides whether that kind of principal may send that kind of message at all.
+"""
+
+from __future__ import annotations
+
+from bus import subjects
+from bus.events import kind_of
+from router.checks import Inbound, Rejection
+from router.state import RouterState
+
+ALLOWED_KINDS: dict[str, frozenset[str]] = {
+    "cli": frozenset({"task_submitted"}),
+    "agent": frozenset(
+        {"task_started", "task_progress", "task_completed", "task_failed", "agent_joined", "agent_left"}
+    ),
+    "projector": frozenset(),
+    "router": frozenset(),
+}
+
+
+def check(msg: Inbound, state: RouterState) -> Rejection | None:
+    """The subject must be ``in.<principal kind>.<name>.<kind>`` with a known principal kind."""
+    try:
+        msg.principal, msg.kind_token = subjects.parse_ingress(msg.subject)
+        msg.principal_token = msg.principal.token
+    except subjects.SubjectError as exc:
+        return Rejection("bad_subject", str(exc))
+    return None
+
+
+def check_kind_allowed(msg: Inbound, state: RouterState) -> Rejection | None:
+    """The body's kind must match the subject's, and be one this principal kind may send."""
+    assert msg.principal is not None and msg.event is not None
+    kind = kind_of(type(msg.event))
+    if kind != msg.kind_token:
+        return Rejection("kind_mismatch", f"subject says {msg.kind_token!r} but the body is {kind!r}")
+    if kind not in ALLOWED_KINDS.get(msg.principal.kind, frozenset()):
+        return Rejection("kind_not_allowed", f"a {msg.principal.kind} principal may not send {kind}")
+    return None

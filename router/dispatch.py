@@ -1,0 +1,59 @@
+"""Dispatch: turn accepted submissions into work items on ``work.<skill>``.
+
+Each publish carries ``Nats-Msg-Id = work-<task id>``, so dispatching the same task
+again (after a crash between dispatch and ingress ack) is de-duplicated by JetStream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats.errors
+from nats.js import JetStreamContext
+
+from bus import codec, subjects
+from bus.events import AuditRecord, TaskSubmitted, WorkItem
+
+
+def work_item(record: AuditRecord) -> WorkItem | None:
+    """The work an accepted record asks for, if any."""
+    event = record.event
+    if not record.accepted or not isinstance(event, TaskSubmitted):
+        return None
+    return WorkItem(
+        task_id=event.task_id,
+        skill=event.skill,
+        input=event.input,
+        timeout_s=event.timeout_s,
+        audit_seq=record.seq,
+        submitted_by=record.principal,
+    )
+
+
+async def dispatch(
+    js: JetStreamContext, items: list[tuple[WorkItem, dict[str, str]]]
+) -> list[BaseException | None]:
+    """Publish work items (pipelined) and wait for WORK to store them.
+
+    Returns, per item, ``None`` if stored or the error that stopped it (WORK full, no
+    connection): the caller leaves that message unacked so it is tried again.
+    """
+    futures: list[asyncio.Future[object] | BaseException] = []
+    for item, headers in items:
+        hdrs = dict(headers)
+        hdrs[subjects.HDR_MSG_ID] = subjects.work_msg_id(item.task_id)
+        try:
+            futures.append(await js.publish_async(subjects.work(item.skill), codec.encode(item), headers=hdrs))
+        except nats.errors.Error as exc:
+            futures.append(exc)
+    results: list[BaseException | None] = []
+    for fut in futures:
+        if isinstance(fut, BaseException):
+            results.append(fut)
+            continue
+        try:
+            await fut
+            results.append(None)
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            results.append(exc)
+    return results

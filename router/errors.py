@@ -1,0 +1,21 @@
+"""Errors of the router package."""
+
+from __future__ import annotations
+
+from bus.errors import LedgerbusError
+
+
+class RouterError(LedgerbusError):
+    """Root of the router's errors."""
+
+
+class AuditAppendError(RouterError):
+    """An audit record was not acknowledged as the next in the chain.
+
+    Some records of the batch may have been stored: the router rebuilds its state and
+    chain head from the log before it goes on, and never acts on the failed batch.
+    """
+
+
+class ChainBrokenError(RouterError):
+    """The stored audit chain does not verify; the router refuses to extend it."""

@@ -1,0 +1,80 @@
+"""The router's state, folded from the audit log and nothing else.
+
+At start the router reads AUDIT from the first record and applies each one here; while
+running it applies each record right after sealing it. Two things live here:
+
+- the lifecycle of every task (status, current claimant and attempt), which the
+  lifecycle check consults so that only the claimant's result counts, exactly once;
+- which INGRESS messages already have an audit record, so a message redelivered after
+  a crash between "audit appended" and "ingress acked" is acted on again but never
+  audited twice (invariant 2).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from bus.events import (
+    AuditRecord,
+    TaskCompleted,
+    TaskFailed,
+    TaskStarted,
+    TaskSubmitted,
+)
+
+TERMINAL = frozenset({"completed", "failed"})
+
+
+@dataclass(slots=True)
+class TaskState:
+    """What the router knows of one task."""
+
+    skill: str
+    status: str = "pending"
+    claimant: str = ""
+    attempt: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        """Whether no further result may be accepted for the task."""
+        return self.status in TERMINAL
+
+
+class RouterState:
+    """Task lifecycles and recently audited ingress messages."""
+
+    def __init__(self, audited_capacity: int = 65_536) -> None:
+        self.tasks: dict[str, TaskState] = {}
+        self._audited: OrderedDict[int, AuditRecord] = OrderedDict()
+        self._capacity = audited_capacity
+
+    def apply(self, record: AuditRecord) -> None:
+        """Fold one audit record into the state."""
+        self._audited[record.ingress_seq] = record
+        self._audited.move_to_end(record.ingress_seq)
+        while len(self._audited) > self._capacity:
+            self._audited.popitem(last=False)
+        if not record.accepted:
+            return
+        match record.event:
+            case TaskSubmitted(task_id=task_id, skill=skill):
+                self.tasks[task_id] = TaskState(skill=skill)
+            case TaskStarted(task_id=task_id, attempt=attempt):
+                task = self.tasks[task_id]
+                task.status, task.claimant, task.attempt = "running", record.principal, attempt
+            case TaskCompleted(task_id=task_id):
+                self.tasks[task_id].status = "completed"
+            case TaskFailed(task_id=task_id):
+                self.tasks[task_id].status = "failed"
+            case _:
+                pass
+
+    def audited(self, ingress_seq: int) -> AuditRecord | None:
+        """The audit record already written for an INGRESS message, if any."""
+        return self._audited.get(ingress_seq)
+
+    def forget_acked_before(self, ingress_first_seq: int) -> None:
+        """Drop records of INGRESS messages that are gone (acked) from the stream."""
+        for seq in [s for s in self._audited if s < ingress_first_seq]:
+            del self._audited[seq]
