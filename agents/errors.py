@@ -1,0 +1,17 @@
+"""Errors of the agents package."""
+
+from __future__ import annotations
+
+from bus.errors import LedgerbusError
+
+
+class AgentError(LedgerbusError):
+    """Root of the agent runtime's errors."""
+
+
+class SkillNotFound(AgentError):
+    """No installed plugin provides the requested skill."""
+
+
+class SkillError(AgentError):
+    """A skill failed in a way it wants reported as the task's error, as written."""

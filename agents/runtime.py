@@ -1,0 +1,293 @@
+"""The agent runtime: join, heartbeat, pull work for each skill, run it, report, drain.
+
+Per task: report ``TaskStarted`` (the claim, with the JetStream delivery count as the
+attempt), run the skill under the task's deadline while telling JetStream the work is
+in progress, report ``TaskCompleted``/``TaskFailed``, and ack WORK only after that
+report's PubAck. An agent killed at any point leaves its message unacked, so WORK
+redelivers it to another replica after AckWait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import nats.errors
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+from opentelemetry import trace
+
+from agents.errors import SkillError
+from agents.skill import Skill, SkillContext
+from bus import codec, subjects, tracing
+from bus.errors import BusError, SchemaError
+from bus.events import (
+    AgentJoined,
+    AgentLeft,
+    Event,
+    TaskCompleted,
+    TaskFailed,
+    TaskProgress,
+    TaskStarted,
+    WorkItem,
+    kind_of,
+    new_id,
+)
+from bus.provision import wait_for_stream, work_consumer_config
+from bus.settings import Settings
+
+log = structlog.get_logger(__name__)
+tracer = trace.get_tracer("ledgerbus.agent")
+
+_REPORT_TRIES = 5
+
+
+class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
+    """What an agent instance writes to the ``agents`` bucket every heartbeat interval."""
+
+    agent: str
+    instance: str
+    skills: list[str]
+    concurrency: int
+    load: int
+    at: datetime
+
+
+class Agent:
+    """One agent process: ``name`` is its identity, ``skills`` what it can run."""
+
+    def __init__(
+        self,
+        nc: Client,
+        settings: Settings,
+        name: str,
+        skills: dict[str, Skill],
+        concurrency: int = 1,
+    ) -> None:
+        if not skills:
+            raise ValueError("an agent needs at least one skill")
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=10)
+        self.settings = settings
+        self.principal = subjects.principal("agent", name)
+        self.name = name
+        self.instance = f"{name}-{secrets.token_hex(4)}"
+        self.skills = skills
+        self.concurrency = concurrency
+        self._slots = asyncio.Semaphore(concurrency)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self.log = log.bind(agent=name, instance=self.instance)
+
+    @property
+    def load(self) -> int:
+        """How many tasks this instance is running now."""
+        return len(self._inflight)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set, then drain: finish (or hand back) what is in hand."""
+        await wait_for_stream(self.js, subjects.WORK_STREAM, self.settings.connect_timeout_s)
+        subs = {
+            skill: await self.js.pull_subscribe(
+                subjects.work(skill),
+                durable=subjects.work_consumer(skill),
+                stream=subjects.WORK_STREAM,
+                config=work_consumer_config(self.settings, skill),
+            )
+            for skill in self.skills
+        }
+        kv = await self.js.key_value(subjects.AGENTS_BUCKET)
+        await self.report(
+            AgentJoined(id=new_id(), instance=self.instance, skills=sorted(self.skills), concurrency=self.concurrency)
+        )
+        self.log.info("agent_joined", skills=sorted(self.skills), concurrency=self.concurrency)
+        pullers = [asyncio.create_task(self._pull(skill, sub)) for skill, sub in subs.items()]
+        beat = asyncio.create_task(self._heartbeat(kv))
+        await stop.wait()
+        await self._drain(pullers)
+        beat.cancel()
+        try:
+            await kv.delete(self.instance)
+        except nats.errors.Error as exc:
+            self.log.warning("heartbeat_delete_failed", error=str(exc))
+        await self.report(AgentLeft(id=new_id(), instance=self.instance, reason="drained"))
+        self.log.info("agent_left")
+
+    async def _drain(self, pullers: list[asyncio.Task[None]]) -> None:
+        # Stop pulling first (each puller finishes its current short fetch), then give the
+        # running tasks the drain timeout; whatever is still running is handed back.
+        self._stopping.set()
+        await asyncio.gather(*pullers, return_exceptions=True)
+        if self._inflight:
+            self.log.info("agent_draining", running=len(self._inflight))
+            _, still = await asyncio.wait(set(self._inflight), timeout=self.settings.drain_timeout_s)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+
+    async def _pull(self, skill: str, sub: JetStreamContext.PullSubscription) -> None:
+        while not self._stopping.is_set():
+            await self._slots.acquire()
+            try:
+                msgs = await sub.fetch(1, timeout=1.0)
+            except nats.errors.TimeoutError:
+                self._slots.release()
+                continue
+            except nats.errors.Error as exc:
+                self._slots.release()
+                self.log.warning("work_fetch_failed", skill=skill, error=str(exc))
+                await asyncio.sleep(0.5)
+                continue
+            task = asyncio.create_task(self._handle(skill, msgs[0]))
+            self._inflight.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._slots.release()
+
+    async def _heartbeat(self, kv: KeyValue) -> None:
+        while True:
+            beat = Heartbeat(
+                agent=self.name,
+                instance=self.instance,
+                skills=sorted(self.skills),
+                concurrency=self.concurrency,
+                load=self.load,
+                at=datetime.now(UTC),
+            )
+            try:
+                await kv.put(self.instance, codec.encode(beat))
+            except nats.errors.Error as exc:
+                self.log.warning("heartbeat_failed", error=str(exc))
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    async def report(self, event: Event, headers: dict[str, str] | None = None) -> None:
+        """Send an event to the router through INGRESS and wait for its PubAck.
+
+        Retries are safe: the message id is the JetStream de-duplication id.
+        """
+        data = codec.encode(event)
+        subject = subjects.ingress(self.principal, kind_of(type(event)))
+        hdrs = tracing.inject(headers)
+        hdrs[subjects.HDR_MSG_ID] = event.id
+        delay = 0.2
+        for attempt in range(1, _REPORT_TRIES + 1):
+            try:
+                await self.js.publish(subject, data, headers=hdrs)
+                return
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
+                if attempt == _REPORT_TRIES:
+                    raise BusError(f"{kind_of(type(event))} not acknowledged by INGRESS: {exc}") from exc
+                await asyncio.sleep(delay)
+                delay *= 2
+            except nats.errors.Error as exc:
+                raise BusError(f"{kind_of(type(event))} refused by INGRESS: {exc}") from exc
+
+    async def _handle(self, skill_name: str, msg: Msg) -> None:
+        try:
+            item = codec.decode_work(msg.data)
+        except SchemaError as exc:
+            # Only the router writes WORK, so this is a bug or a schema skew: never retry it.
+            self.log.error("work_item_undecodable", error=str(exc))
+            await msg.term()
+            return
+        attempt = msg.metadata.num_delivered
+        with tracer.start_as_current_span(
+            "agent.run",
+            context=tracing.extract(msg.headers),
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": msg.subject,
+                "messaging.operation": "process",
+                "ledgerbus.task_id": item.task_id,
+                "ledgerbus.skill": skill_name,
+                "ledgerbus.agent": self.name,
+                "ledgerbus.attempt": attempt,
+            },
+        ):
+            try:
+                await self._run(skill_name, item, attempt, msg)
+            except BusError as exc:
+                # The report did not reach INGRESS: leave the message unacked for redelivery.
+                self.log.error("report_failed", task_id=item.task_id, error=str(exc))
+            except asyncio.CancelledError:
+                # Drain ran out of time: hand the task back now rather than after AckWait.
+                await msg.nak()
+                raise
+
+    async def _run(self, skill_name: str, item: WorkItem, attempt: int, msg: Msg) -> None:
+        tlog = self.log.bind(task_id=item.task_id, skill=skill_name, attempt=attempt)
+        await self.report(TaskStarted(id=new_id(), task_id=item.task_id, attempt=attempt))
+        tlog.info("task_started")
+        loop = asyncio.get_running_loop()
+
+        async def progress(message: str, fraction: float | None) -> None:
+            await self.report(
+                TaskProgress(id=new_id(), task_id=item.task_id, attempt=attempt, message=message[:16_384], fraction=fraction)
+            )
+
+        ctx = SkillContext(
+            task_id=item.task_id,
+            skill=skill_name,
+            attempt=attempt,
+            agent=self.name,
+            deadline=loop.time() + item.timeout_s,
+            log=tlog,
+            _progress=progress,
+        )
+        keepalive = asyncio.create_task(self._keep_alive(msg))
+        deadline = asyncio.timeout(item.timeout_s)
+        result: Event
+        try:
+            async with deadline:
+                output = await self.skills[skill_name].run(ctx, item.input)
+            result = self._completed(item.task_id, attempt, output)
+        except TimeoutError as exc:
+            error = f"deadline exceeded: the task's timeout is {item.timeout_s:g}s" if deadline.expired() else f"TimeoutError: {exc}"
+            result = TaskFailed(id=new_id(), task_id=item.task_id, attempt=attempt, error=error)
+        except SkillError as exc:
+            result = TaskFailed(id=new_id(), task_id=item.task_id, attempt=attempt, error=str(exc)[:16_384])
+        except Exception as exc:  # a plugin may raise anything; it becomes the task's error
+            tlog.exception("skill_raised")
+            result = TaskFailed(
+                id=new_id(), task_id=item.task_id, attempt=attempt, error=f"{type(exc).__name__}: {exc}"[:16_384]
+            )
+        finally:
+            keepalive.cancel()
+        await self.report(result)
+        await msg.ack()
+        tlog.info("task_finished", outcome=kind_of(type(result)))
+
+    def _completed(self, task_id: str, attempt: int, output: Any) -> Event:
+        """A completion, unless the output cannot travel: then a failure that says why."""
+        event: Event = TaskCompleted(id=new_id(), task_id=task_id, attempt=attempt, output=output)
+        try:
+            size = len(codec.encode(event))
+        except (TypeError, msgspec.EncodeError) as exc:
+            return TaskFailed(id=new_id(), task_id=task_id, attempt=attempt, error=f"output is not JSON: {exc}")
+        if size > self.settings.max_message_bytes:
+            return TaskFailed(
+                id=new_id(),
+                task_id=task_id,
+                attempt=attempt,
+                error=f"output is {size} bytes; the limit is {self.settings.max_message_bytes}",
+            )
+        return event
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        # Tell JetStream we still hold the message, well inside AckWait.
+        interval = max(self.settings.work_ack_wait_s / 3, 0.1)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await msg.in_progress()
+            except nats.errors.Error as exc:
+                log.warning("in_progress_failed", error=str(exc))

@@ -1,0 +1,49 @@
+"""The skill plugin API: what a skill is and what it is given when it runs.
+
+A skill is any object with a ``name``, a ``description`` and an async ``run(ctx, input)``
+returning a JSON-able result. Register it in the ``ledgerbus.skills`` entry-point group::
+
+    [project.entry-points."ledgerbus.skills"]
+    echo = "plugins.echo:EchoSkill"
+
+Raise :class:`agents.errors.SkillError` for a failure whose message should be the
+task's error; any other exception is reported as ``<ExceptionType>: <message>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import structlog
+
+
+@dataclass(frozen=True, slots=True)
+class SkillContext:
+    """What a running skill may know and do."""
+
+    task_id: str
+    skill: str
+    attempt: int
+    agent: str
+    deadline: float
+    """``loop.time()`` by which the skill must finish; it is cancelled then."""
+    log: structlog.typing.FilteringBoundLogger
+    _progress: Callable[[str, float | None], Awaitable[None]]
+
+    async def progress(self, message: str = "", fraction: float | None = None) -> None:
+        """Report progress (recorded in the audit log, shown by ``agentctl submit --wait``)."""
+        await self._progress(message, fraction)
+
+
+@runtime_checkable
+class Skill(Protocol):
+    """A unit of capability an agent can run."""
+
+    name: str
+    description: str
+
+    async def run(self, ctx: SkillContext, input: dict[str, Any]) -> Any:
+        """Do the work and return a JSON-able output."""
+        ...

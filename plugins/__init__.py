@@ -1,0 +1,1 @@
+"""Built-in skills, registered through the same ``ledgerbus.skills`` entry points as any plugin."""

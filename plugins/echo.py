@@ -1,0 +1,18 @@
+"""``echo``: returns its input. The smallest useful skill, for demos and tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agents.skill import SkillContext
+
+
+class EchoSkill:
+    """Return the input unchanged."""
+
+    name = "echo"
+    description = "Return the input unchanged."
+
+    async def run(self, ctx: SkillContext, input: dict[str, Any]) -> Any:
+        """Echo ``input`` back as the output."""
+        return input
