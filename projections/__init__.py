@@ -1,0 +1,1 @@
+"""Projections: SQLite views of the audit log, each rebuilt from it at will."""

@@ -1,0 +1,13 @@
+"""Errors of the projections package."""
+
+from __future__ import annotations
+
+from bus.errors import LedgerbusError
+
+
+class ProjectionError(LedgerbusError):
+    """Root of the projections' errors."""
+
+
+class DatabaseError(ProjectionError):
+    """The projection database could not be opened, read or written."""

@@ -1,0 +1,109 @@
+"""The projector process: follows AUDIT into SQLite, in batches, and answers queries.
+
+It reads with an ordered consumer starting at ``tracking.position + 1``; it needs no
+durable consumer because the tracking row, committed with the rows, is its cursor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiosqlite
+import nats.errors
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from bus import codec, subjects
+from bus.errors import SchemaError
+from bus.events import AuditRecord
+from bus.provision import wait_for_stream
+from bus.settings import Settings
+from projections import db as dbmod, service
+from projections.apply import apply_batch
+
+log = structlog.get_logger(__name__)
+
+
+def decode_batch(msgs: list[Msg]) -> list[AuditRecord]:
+    """Decode AUDIT messages; a record that does not decode is logged and skipped.
+
+    Only the router writes AUDIT, so this means a bug or a tampered store:
+    ``agentctl audit verify`` names it; the projection carries on past it, the same
+    way in every rebuild.
+    """
+    records = []
+    for msg in msgs:
+        try:
+            records.append(codec.decode_record(msg.data))
+        except SchemaError as exc:
+            log.error("audit_record_undecodable", seq=msg.metadata.sequence.stream, error=str(exc))
+    return records
+
+
+async def apply_msgs(db: aiosqlite.Connection, msgs: list[Msg], position: int) -> int:
+    """Apply a batch of AUDIT messages after ``position``; return the new position."""
+    position = await apply_batch(db, decode_batch(msgs), position)
+    tail = msgs[-1].metadata.sequence.stream
+    if tail > position:
+        # Undecodable records at the end of the batch: move the cursor past them too.
+        await dbmod.set_position(db, tail)
+        position = tail
+    return position
+
+
+async def follow(
+    js: JetStreamContext, start_seq: int
+) -> JetStreamContext.PushSubscription:
+    """An ordered subscription to AUDIT from ``start_seq``."""
+    return await js.subscribe(
+        subjects.AUDIT_ALL,
+        stream=subjects.AUDIT_STREAM,
+        ordered_consumer=True,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq),
+    )
+
+
+async def next_batch(sub: JetStreamContext.PushSubscription, size: int, wait: float) -> list[Msg]:
+    """Up to ``size`` messages: wait ``wait`` s for the first, then take what is already here."""
+    try:
+        batch = [await sub.next_msg(timeout=wait)]
+    except nats.errors.TimeoutError:
+        return []
+    while len(batch) < size and sub.pending_msgs > 0:
+        batch.append(await sub.next_msg(timeout=1))
+    return batch
+
+
+class Projector:
+    """Applies AUDIT to the database at ``db_path`` and serves queries from it."""
+
+    def __init__(self, nc: Client, settings: Settings, db_path: Path | None = None) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=10)
+        self.settings = settings
+        self.db_path = db_path or settings.db_path
+        self.db: aiosqlite.Connection | None = None
+        self.position = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Catch up, then follow the log until ``stop`` is set."""
+        await wait_for_stream(self.js, subjects.AUDIT_STREAM, self.settings.connect_timeout_s)
+        self.db = await dbmod.open_db(self.db_path)
+        try:
+            self.position = await dbmod.position(self.db)
+            queries = await service.serve(self.nc, self.db)
+            sub = await follow(self.js, self.position + 1)
+            log.info("projector_started", db=str(self.db_path), position=self.position)
+            while not stop.is_set():
+                batch = await next_batch(sub, self.settings.projector_batch, wait=0.5)
+                if batch:
+                    self.position = await apply_msgs(self.db, batch, self.position)
+            await queries.unsubscribe()
+            await sub.unsubscribe()
+            log.info("projector_stopped", position=self.position)
+        finally:
+            await self.db.close()
