@@ -1,0 +1,122 @@
+"""Reading the audit log from the CLI: one task's records, or a range of the whole log."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats.errors
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from bus import codec, subjects
+from bus.events import (
+    AuditRecord,
+    TaskCompleted,
+    TaskFailed,
+    TaskProgress,
+    TaskStarted,
+    TaskSubmitted,
+)
+
+
+async def records(
+    js: JetStreamContext,
+    filter_subject: str = subjects.AUDIT_ALL,
+    from_seq: int = 1,
+    follow: bool = False,
+    idle: float = 1.0,
+) -> AsyncIterator[tuple[AuditRecord, bytes]]:
+    """Audit records (decoded, and the stored bytes) from ``from_seq`` matching the filter.
+
+    Without ``follow`` it stops at the end of the log as it was when it started.
+    """
+    sub = await js.subscribe(
+        filter_subject,
+        stream=subjects.AUDIT_STREAM,
+        ordered_consumer=True,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, from_seq)),
+    )
+    try:
+        if not follow and (await sub.consumer_info()).num_pending == 0:
+            return
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=idle)
+            except nats.errors.TimeoutError:
+                if follow:
+                    continue
+                return
+            yield codec.decode_record(msg.data), msg.data
+            if not follow and msg.metadata.num_pending == 0:
+                return
+    finally:
+        await sub.unsubscribe()
+
+
+@dataclass
+class TaskView:
+    """One task as its audit records tell it, folded live by ``submit --wait``."""
+
+    task_id: str
+    skill: str = ""
+    status: str = "submitted"
+    agent: str = ""
+    attempts: int = 0
+    progress: str = ""
+    fraction: float | None = None
+    output: Any = None
+    error: str = ""
+    code: str = ""
+    reason: str = ""
+    submitted_seq: int = 0
+    finished_seq: int = 0
+    seconds: float | None = None
+    notes: list[str] = field(default_factory=list)
+    _submitted_at: Any = None
+
+    @property
+    def terminal(self) -> bool:
+        """Whether nothing more will happen to the task."""
+        return self.status in ("completed", "failed", "rejected")
+
+    def apply(self, record: AuditRecord) -> None:
+        """Fold one of the task's audit records into the view."""
+        event = record.event
+        if not record.accepted:
+            if isinstance(event, TaskSubmitted) or record.kind == "task_submitted":
+                self.status, self.code, self.reason = "rejected", record.code, record.reason
+                self.finished_seq = record.seq
+            else:
+                self.notes.append(f"seq {record.seq}: {record.principal} {record.kind} rejected: {record.reason}")
+            return
+        agent = record.principal.removeprefix("agent-")
+        match event:
+            case TaskSubmitted(skill=skill):
+                self.skill, self.status, self.submitted_seq = skill, "pending", record.seq
+                self._submitted_at = record.at
+            case TaskStarted(attempt=attempt):
+                self.status, self.agent, self.attempts = "running", agent, self.attempts + 1
+                self.progress, self.fraction = "", None
+                if attempt > 1:
+                    self.notes.append(f"attempt {attempt} on {agent} (the previous claim lapsed)")
+            case TaskProgress(message=message, fraction=fraction):
+                self.progress, self.fraction = message, fraction
+            case TaskCompleted(output=output):
+                self._finish("completed", record)
+                self.output = output
+            case TaskFailed(error=error):
+                self._finish("failed", record)
+                self.error = error
+            case _:
+                pass
+
+    def _finish(self, status: str, record: AuditRecord) -> None:
+        self.status, self.finished_seq = status, record.seq
+        if self._submitted_at is not None:
+            self.seconds = round((record.at - self._submitted_at).total_seconds(), 3)
+
+    def as_json(self) -> dict[str, Any]:
+        """The view as a JSON-able dict (``--json``)."""
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}

@@ -1,0 +1,94 @@
+"""The long-running processes the Procfile starts: router, projector, agent."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import click
+from nats.aio.client import Client
+
+from agentctl.common import App, fail, run
+from bus.connection import connected
+from bus.errors import LedgerbusError
+from bus.subjects import SubjectError, check_name
+from bus.tracing import configure_tracing
+
+Body = Callable[[Client, asyncio.Event], Awaitable[None]]
+
+
+def serve(app: App, role: str, service: str, body: Body) -> None:
+    """Configure traces once, connect as ``role``, run ``body`` until SIGTERM/SIGINT."""
+    provider = configure_tracing(service)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with connected(app.settings, role, name=service) as nc:
+            await body(nc, stop)
+
+    try:
+        run(main)
+    finally:
+        provider.shutdown()
+
+
+@click.command()
+@click.pass_obj
+def router(app: App) -> None:
+    """Run the router: checks, audit log, dispatch."""
+    from router.app import Router
+
+    async def body(nc: Client, stop: asyncio.Event) -> None:
+        await Router(nc, app.settings).run(stop)
+
+    serve(app, "router", "ledgerbus-router", body)
+
+
+@click.command()
+@click.option("--db", "db_path", type=click.Path(dir_okay=False, path_type=Path), help="Projection database file.")
+@click.pass_obj
+def projector(app: App, db_path: Path | None) -> None:
+    """Run the projector: AUDIT into SQLite, and the query service."""
+    from projections.projector import Projector
+
+    async def body(nc: Client, stop: asyncio.Event) -> None:
+        await Projector(nc, app.settings, db_path).run(stop)
+
+    serve(app, "projector", "ledgerbus-projector", body)
+
+
+def _skills(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+    names = [s.strip() for s in value.split(",") if s.strip()]
+    if not names:
+        raise click.BadParameter("name at least one skill, e.g. --skills echo,sleep")
+    return names
+
+
+@click.command()
+@click.option("--name", required=True, help="Agent name (its identity: in.agent-NAME.*).")
+@click.option("--skills", required=True, callback=_skills, help="Comma-separated skills to serve.")
+@click.option("--concurrency", type=click.IntRange(1, 4096), default=1, show_default=True)
+@click.pass_obj
+def agent(app: App, name: str, skills: list[str], concurrency: int) -> None:
+    """Run an agent process serving SKILLS (start more for more replicas)."""
+    from agents.discovery import load_many
+    from agents.runtime import Agent
+
+    try:
+        check_name(name, "agent name")
+    except SubjectError as exc:
+        raise click.BadParameter(str(exc), param_hint="--name") from exc
+    try:
+        loaded = load_many(skills)
+    except LedgerbusError as exc:
+        fail(str(exc))
+
+    async def body(nc: Client, stop: asyncio.Event) -> None:
+        await Agent(nc, app.settings, name, loaded, concurrency).run(stop)
+
+    serve(app, "agent", f"ledgerbus-agent-{name}", body)

@@ -1,0 +1,221 @@
+"""Read commands: ``tasks``, ``tasks show``, ``events``, ``agents``.
+
+By default they ask the projector over NATS (so they work from any machine that reaches
+the bus); ``--db PATH`` reads a local projection file instead. ``--json`` is for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import nats.errors
+import nats.js.errors
+from rich.table import Table
+from rich.tree import Tree
+
+from agentctl.common import App, out, run
+from agentctl.follow import records
+from bus import codec, subjects
+from bus.connection import connected
+from bus.errors import BusError
+from projections import db as dbmod, queries
+
+STATUS_STYLE = {"pending": "yellow", "running": "cyan", "completed": "green", "failed": "red", "rejected": "red",
+                "online": "green", "offline": "dim"}
+
+db_option = click.option(
+    "--db", "db_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Read this projection database file instead of asking the projector.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+async def ask(app: App, projection: str, op: str, request: dict[str, Any], db_path: Path | None) -> Any:
+    """One query, to the projector over NATS or to a local database file."""
+    if db_path is not None:
+        db = await dbmod.open_db(db_path)
+        try:
+            match (projection, op):
+                case ("tasks", "list"):
+                    return await queries.list_tasks(db, request.get("status"), request.get("limit", 100))
+                case ("tasks", "get"):
+                    found = await queries.get_task(db, request["task_id"])
+                    if found is None:
+                        raise BusError(f"no task {request['task_id']}")
+                    return found
+                case ("agents", "list"):
+                    return await queries.list_agents(db)
+                case _:
+                    raise BusError(f"unknown query {projection}.{op}")
+        finally:
+            await db.close()
+    async with connected(app.settings, "cli") as nc:
+        return await _request(nc, projection, op, request)
+
+
+async def _request(nc: Any, projection: str, op: str, request: dict[str, Any]) -> Any:
+    subject = subjects.query(projection, op)
+    try:
+        msg = await nc.request(subject, codec.encode(request), timeout=5)
+    except nats.errors.NoRespondersError as exc:
+        raise BusError(f"no projector answers {subject}: start `agentctl projector`, or use --db PATH") from exc
+    except nats.errors.TimeoutError as exc:
+        raise BusError(f"the projector did not answer {subject} in 5s") from exc
+    reply = json.loads(msg.data)
+    if not reply.get("ok"):
+        raise BusError(reply.get("error", "the projector refused the query"))
+    return reply["data"]
+
+
+def _styled(status: str | None) -> str:
+    status = status or ""
+    return f"[{STATUS_STYLE.get(status, 'white')}]{status}[/]"
+
+
+def _duration(start: str | None, end: str | None) -> str:
+    if not start or not end:
+        return ""
+    return f"{(datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds():.2f}s"
+
+
+@click.group(invoke_without_command=True)
+@click.option("--status", type=click.Choice(["pending", "running", "completed", "failed"]), help="Only these.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@db_option
+@json_option
+@click.pass_context
+def tasks(ctx: click.Context, status: str | None, limit: int, db_path: Path | None, as_json: bool) -> None:
+    """List tasks, newest first (`tasks show ID` for one)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    app: App = ctx.obj
+    rows = run(lambda: ask(app, "tasks", "list", {"status": status, "limit": limit}, db_path))
+    if as_json:
+        out.print_json(data=rows)
+        return
+    table = Table("task", "skill", "status", "agent", "attempts", "took", "submitted by", box=None)
+    for r in rows:
+        table.add_row(r["task_id"], r["skill"], _styled(r["status"]), r["agent"] or "", str(r["attempts"]),
+                      _duration(r["submitted_at"], r["finished_at"]), r["submitted_by"])
+    out.print(table if rows else "[dim]no tasks[/]")
+
+
+@tasks.command("show")
+@click.argument("task_id")
+@db_option
+@json_option
+@click.pass_obj
+def tasks_show(app: App, task_id: str, db_path: Path | None, as_json: bool) -> None:
+    """Show one task, and (when connected) its history in the audit log."""
+
+    async def body() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        if db_path is not None:
+            return await ask(app, "tasks", "get", {"task_id": task_id}, db_path), []
+        async with connected(app.settings, "cli") as nc:
+            task = await _request(nc, "tasks", "get", {"task_id": task_id})
+            js = nc.jetstream(timeout=10)
+            history = [codec.to_builtins(r) async for r, _ in records(js, subjects.audit_for_key(task_id))]
+            return task, history
+
+    task, history = run(body)
+    if as_json:
+        out.print_json(data={**task, "history": history})
+        return
+    tree = Tree(f"[bold]{task['task_id']}[/] {task['skill']} {_styled(task['status'])}")
+    for key in ("agent", "attempts", "submitted_by", "submitted_at", "started_at", "finished_at", "trace_id"):
+        if task.get(key) not in (None, ""):
+            tree.add(f"{key}: {task[key]}")
+    tree.add(f"input: {json.dumps(task['input'])}")
+    if task["status"] == "completed":
+        tree.add(f"output: {json.dumps(task['output'])}")
+    if task.get("error"):
+        tree.add(f"[red]error: {task['error']}[/]")
+    if history:
+        log = tree.add("audit log")
+        for h in history:
+            mark = "" if h["verdict"] == "accepted" else f" [red]rejected ({h['code']}): {h['reason']}[/]"
+            log.add(f"#{h['seq']} {h['at']} {h['kind']} by {h['principal']}{mark}")
+    out.print(tree)
+
+
+@click.command()
+@click.option("--task", "task_id", help="Only this task's records.")
+@click.option("--from-seq", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new records as they are appended.")
+@json_option
+@click.pass_obj
+def events(app: App, task_id: str | None, from_seq: int, follow: bool, as_json: bool) -> None:
+    """Print the audit log (one stored record per line with --json)."""
+
+    async def body() -> None:
+        filt = subjects.audit_for_key(task_id) if task_id else subjects.AUDIT_ALL
+        async with connected(app.settings, "cli") as nc:
+            js = nc.jetstream(timeout=10)
+            async for record, data in records(js, filt, from_seq=from_seq, follow=follow):
+                if as_json:
+                    click.echo(data.decode())
+                    continue
+                verdict = "[green]ok[/]" if record.accepted else f"[red]{record.code}[/]"
+                detail = f"  [dim]{record.reason}[/]" if record.reason else ""
+                out.print(f"{record.seq:>6}  {record.at:%H:%M:%S.%f}"[:-3] + f"  {verdict:<18} {record.kind:<15} "
+                          f"{record.key:<24} {record.principal}{detail}")
+
+    run(body)
+
+
+@click.command()
+@db_option
+@json_option
+@click.pass_obj
+def agents(app: App, db_path: Path | None, as_json: bool) -> None:
+    """List agents: who joined with which skills, and live heartbeats."""
+
+    async def body() -> list[dict[str, Any]]:
+        if db_path is not None:
+            return await ask(app, "agents", "list", {}, db_path)
+        async with connected(app.settings, "cli") as nc:
+            rows = await _request(nc, "agents", "list", {})
+            beats = await _heartbeats(nc)
+        for row in rows:
+            live = [b for b in beats if b["agent"] == row["name"]]
+            row["replicas"] = len(live)
+            row["load"] = sum(b["load"] for b in live)
+            row["last_heartbeat"] = max((b["at"] for b in live), default=None)
+        return rows
+
+    rows = run(body)
+    if as_json:
+        out.print_json(data=rows)
+        return
+    table = Table("agent", "status", "skills", "replicas", "load", "done", "failed", "last heartbeat", box=None)
+    now = datetime.now(UTC)
+    for r in rows:
+        beat = r.get("last_heartbeat")
+        age = f"{(now - datetime.fromisoformat(beat)).total_seconds():.0f}s ago" if beat else ""
+        table.add_row(r["name"], _styled(r["status"]), ",".join(r["skills"]), str(r.get("replicas", "")),
+                      str(r.get("load", "")), str(r["tasks_completed"]), str(r["tasks_failed"]), age)
+    out.print(table if rows else "[dim]no agents[/]")
+
+
+async def _heartbeats(nc: Any) -> list[dict[str, Any]]:
+    js = nc.jetstream(timeout=10)
+    try:
+        kv = await js.key_value(subjects.AGENTS_BUCKET)
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        return []
+    except nats.js.errors.NotFoundError:
+        return []
+    beats = []
+    for key in keys:
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            continue
+        if entry.value:
+            beats.append(json.loads(entry.value))
+    return beats
