@@ -29,7 +29,13 @@ def record_hash(prev_hash: str, record: AuditRecord) -> str:
 
 
 def seal(record: AuditRecord, prev_hash: str) -> tuple[AuditRecord, bytes]:
-    """Link ``record`` to ``prev_hash``; return the sealed record and its stored bytes."""
+    """Link ``record`` to ``prev_hash``; return the sealed record and its stored bytes.
+
+    The record is first passed through one encode/decode, so values built in Python
+    (an ``int`` in a ``float`` field, say) take the form a verifier will decode them
+    to: the stored bytes are then exactly what re-encoding the stored record gives.
+    """
+    record = codec.decode_record(codec.encode(record))
     sealed = msgspec.structs.replace(record, prev_hash=prev_hash, hash=record_hash(prev_hash, record))
     return sealed, codec.encode(sealed)
 

@@ -102,7 +102,7 @@ async def connected(settings: Settings, role: str, name: str | None = None) -> A
     nc = await connect(settings, role, name, events)
     try:
         yield nc
-    except nats.errors.TimeoutError as exc:
+    except TimeoutError as exc:
         if events.violations:
             raise BusError(f"NATS refused {settings.credentials(role)[0]!r}: {events.violations[-1]}") from exc
         raise

@@ -132,7 +132,7 @@ async def wait_for_stream(
             return
         except nats.js.errors.NotFoundError:
             pass
-        except nats.errors.TimeoutError:
+        except TimeoutError:
             pass
         if asyncio.get_running_loop().time() >= deadline:
             raise BusError(f"stream {stream} does not exist after {timeout:.0f}s: is the router running?")

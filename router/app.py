@@ -120,7 +120,8 @@ class Router:
         while not stop.is_set():
             try:
                 msgs = await self._sub.fetch(self.settings.router_batch, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except TimeoutError:
+                # nats.py raises its own TimeoutError or asyncio's: the builtin covers both.
                 continue
             except nats.errors.Error as exc:
                 log.warning("ingress_fetch_failed", error=str(exc))

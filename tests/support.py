@@ -1,0 +1,182 @@
+"""Helpers shared by the tests: reading the log, waiting on it, running agentctl processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+
+from bus import codec, subjects
+from bus.events import AuditRecord
+from bus.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def stored_audit(js: JetStreamContext) -> list[tuple[int, bytes]]:
+    """Every AUDIT message as ``(stream seq, stored bytes)``, in order."""
+    last = (await js.stream_info(subjects.AUDIT_STREAM)).state.last_seq
+    out: list[tuple[int, bytes]] = []
+    if last == 0:
+        return out
+    sub = await js.subscribe(subjects.AUDIT_ALL, stream=subjects.AUDIT_STREAM, ordered_consumer=True,
+                             deliver_policy=DeliverPolicy.ALL)
+    try:
+        while len(out) < last:
+            msg = await sub.next_msg(timeout=10)
+            out.append((msg.metadata.sequence.stream, msg.data))
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+async def audit_records(js: JetStreamContext) -> list[AuditRecord]:
+    """Every audit record, decoded, in order."""
+    return [codec.decode_record(data) for _, data in await stored_audit(js)]
+
+
+async def wait_for_record(
+    js: JetStreamContext, predicate: Callable[[AuditRecord], bool], timeout: float = 30.0
+) -> AuditRecord:
+    """Follow AUDIT from the start until a record satisfies ``predicate``."""
+    sub = await js.subscribe(subjects.AUDIT_ALL, stream=subjects.AUDIT_STREAM, ordered_consumer=True,
+                             deliver_policy=DeliverPolicy.ALL)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=timeout)
+                except TimeoutError:
+                    continue
+                record = codec.decode_record(msg.data)
+                if predicate(record):
+                    return record
+    finally:
+        await sub.unsubscribe()
+
+
+async def wait_for_records(
+    js: JetStreamContext, count: int, timeout: float = 30.0
+) -> list[AuditRecord]:
+    """Wait until AUDIT holds at least ``count`` records; return them all."""
+    async with asyncio.timeout(timeout):
+        while (await js.stream_info(subjects.AUDIT_STREAM)).state.last_seq < count:
+            await wait_for_record(js, lambda r: r.seq >= count, timeout)
+    return await audit_records(js)
+
+
+async def wait_until(condition: Callable[[], Awaitable[bool]], timeout: float = 30.0, what: str = "") -> None:
+    """Poll ``condition`` until it holds: for state with no event to wait on (stream counts)."""
+    async with asyncio.timeout(timeout):
+        delay = 0.02
+        while not await condition():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+
+async def work_count(js: JetStreamContext) -> int:
+    """How many messages WORK holds (not yet acked by an agent)."""
+    return (await js.stream_info(subjects.WORK_STREAM)).state.messages
+
+
+def process_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment an agentctl subprocess runs with, pointing at the test's server."""
+    env = dict(os.environ)
+    env.update(
+        LEDGERBUS_URL=settings.url,
+        LEDGERBUS_DB_PATH=str(settings.db_path),
+        LEDGERBUS_WORK_ACK_WAIT_S=str(settings.work_ack_wait_s),
+        LEDGERBUS_INGRESS_ACK_WAIT_S=str(settings.ingress_ack_wait_s),
+        LEDGERBUS_HEARTBEAT_INTERVAL_S=str(settings.heartbeat_interval_s),
+        LEDGERBUS_DRAIN_TIMEOUT_S=str(settings.drain_timeout_s),
+        LEDGERBUS_CLI_NAME="tester",
+        LEDGERBUS_LOG_FORMAT="json",
+        PYTHONUNBUFFERED="1",
+    )
+    for key in ("LEDGERBUS_USER", "LEDGERBUS_PASSWORD", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Proc:
+    """One agentctl subprocess, its log in a file the test can show on failure."""
+
+    name: str
+    proc: asyncio.subprocess.Process
+    log: Path
+
+    def kill9(self) -> None:
+        """SIGKILL: no cleanup, no drain, exactly what a crash looks like."""
+        self.proc.send_signal(signal.SIGKILL)
+
+    async def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait (SIGKILL if it will not stop); return the exit code."""
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.proc.wait()
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        assert self.proc.returncode is not None
+        return self.proc.returncode
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """The structured log lines the process wrote so far."""
+        lines = []
+        for line in self.log.read_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                lines.append({"event": line})
+        return lines
+
+
+@dataclass
+class Procs:
+    """Starts agentctl subprocesses for a test and stops them all at teardown."""
+
+    settings: Settings
+    tmp: Path
+    started: list[Proc] = field(default_factory=list)
+
+    async def start(self, name: str, *args: str, **env: str) -> Proc:
+        """``agentctl <args>`` as a subprocess."""
+        log = self.tmp / f"{name}-{len(self.started)}.log"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agentctl", *args,
+            env=process_env(self.settings, **env), cwd=self.tmp,
+            stdout=asyncio.subprocess.DEVNULL, stderr=log.open("wb"),
+        )
+        p = Proc(name, proc, log)
+        self.started.append(p)
+        return p
+
+    async def stop_all(self) -> None:
+        """Stop every process still running."""
+        await asyncio.gather(*(p.stop() for p in self.started), return_exceptions=True)
+
+
+async def agentctl(settings: Settings, *args: str, timeout: float = 60.0) -> tuple[int, str, str]:
+    """Run one agentctl command to completion: ``(exit code, stdout, stderr)``."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agentctl", *args, env=process_env(settings),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(timeout):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

@@ -1,0 +1,203 @@
+"""The router against a real nats-server: one audit record per message, whatever its fate;
+nothing rejected reaches WORK; the chain recomputes and survives restarts and crashes."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import nats.errors
+import pytest
+from nats.aio.client import Client
+
+from bus import chain, codec, subjects
+from bus.events import TaskCompleted, TaskStarted, TaskSubmitted, kind_of, new_id
+from bus.provision import router_consumer_config
+from bus.settings import Settings
+from router.app import Router
+from tests.conftest import RunningRouter
+from tests.support import audit_records, stored_audit, wait_for_records, wait_until, work_count
+
+CLI = subjects.principal("cli", "alice")
+AGENT = subjects.principal("agent", "worker-1")
+OTHER_AGENT = subjects.principal("agent", "worker-2")
+
+Connect = Callable[[str], Awaitable[Client]]
+
+
+async def send(nc: Client, who: subjects.Principal, event: object, kind: str | None = None) -> None:
+    """Publish an event to INGRESS as ``who`` and wait for the PubAck."""
+    kind = kind or kind_of(type(event))  # type: ignore[arg-type]
+    await nc.jetstream().publish(subjects.ingress(who, kind), codec.encode(event))
+
+
+def submitted(task_id: str, skill: str = "echo") -> TaskSubmitted:
+    return TaskSubmitted(id=new_id(), task_id=task_id, skill=skill, input={"text": task_id})
+
+
+async def test_valid_submission_yields_one_accepted_record_and_one_work_message(
+    running_router: RunningRouter, connect_as: Connect, admin: Client
+) -> None:
+    cli = await connect_as("cli")
+    await send(cli, CLI, submitted("t1"))
+    [record] = await wait_for_records(admin.jetstream(), 1)
+    assert (record.verdict, record.code, record.kind, record.key, record.principal) == (
+        "accepted", "ok", "task_submitted", "t1", "cli-alice")
+    assert await work_count(admin.jetstream()) == 1
+    msg = await admin.jetstream().get_msg(subjects.WORK_STREAM, seq=1)
+    item = codec.decode_work(msg.data)
+    assert (item.task_id, item.skill, item.input, item.audit_seq) == ("t1", "echo", {"text": "t1"}, 1)
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "code", "reason_has"),
+    [
+        ("task_submitted", b"\xff\xfe not json", "schema", "malformed"),
+        ("task_submitted", b'{"kind":"task_submitted","id":"m","task_id":"t","skill":"echo","timeout_s":"1"}',
+         "schema", "$.timeout_s"),
+        ("task_exploded", b'{"kind":"task_exploded","id":"m"}', "schema", "task_exploded"),
+        ("task_started", codec.encode(TaskSubmitted(id="m", task_id="t", skill="echo")), "kind_mismatch", "body"),
+        ("task_submitted", b"", "empty", "empty"),
+        ("task_submitted", b"{" * (300 * 1024), "too_large", "limit"),
+    ],
+)
+async def test_bad_input_yields_one_rejected_record_and_nothing_in_work(
+    running_router: RunningRouter, connect_as: Connect, admin: Client, kind: str, body: bytes, code: str,
+    reason_has: str,
+) -> None:
+    cli = await connect_as("cli")
+    await cli.jetstream().publish(f"in.cli.alice.{kind}", body)
+    # A valid message after the bad one proves the router is still serving.
+    await send(cli, CLI, submitted("after"))
+    bad, good = await wait_for_records(admin.jetstream(), 2)
+    assert (bad.verdict, bad.code, bad.principal) == ("rejected", code, "cli-alice")
+    assert reason_has.lower() in bad.reason.lower()
+    assert bad.event is None or bad.code == "kind_mismatch"
+    if bad.event is None:
+        assert bad.raw is not None and bad.raw.size == len(body)
+    assert good.accepted and good.key == "after"
+    assert await work_count(admin.jetstream()) == 1
+
+
+async def test_only_the_claimant_may_report_and_a_task_completes_once(
+    running_router: RunningRouter, connect_as: Connect, admin: Client
+) -> None:
+    cli, agent = await connect_as("cli"), await connect_as("agent")
+    await send(cli, CLI, submitted("t1"))
+    await send(cli, CLI, submitted("t1"))  # the same task id again
+    await send(agent, AGENT, TaskCompleted(id=new_id(), task_id="t1", attempt=1, output=1))  # never claimed
+    await send(agent, AGENT, TaskStarted(id=new_id(), task_id="t1", attempt=1))
+    await send(agent, OTHER_AGENT, TaskCompleted(id=new_id(), task_id="t1", attempt=1, output=2))
+    await send(agent, AGENT, TaskCompleted(id=new_id(), task_id="t1", attempt=1, output=3))
+    await send(agent, OTHER_AGENT, TaskStarted(id=new_id(), task_id="t1", attempt=2))  # too late
+    await send(agent, AGENT, TaskStarted(id=new_id(), task_id="nope", attempt=1))
+    records = await wait_for_records(admin.jetstream(), 8)
+    assert [(r.kind, r.code) for r in records] == [
+        ("task_submitted", "ok"),
+        ("task_submitted", "duplicate_task"),
+        ("task_completed", "not_claimant"),
+        ("task_started", "ok"),
+        ("task_completed", "not_claimant"),
+        ("task_completed", "ok"),
+        ("task_started", "task_terminal"),
+        ("task_started", "unknown_task"),
+    ]
+    assert await work_count(admin.jetstream()) == 1
+
+
+async def test_a_cli_may_not_send_agent_events(running_router: RunningRouter, connect_as: Connect,
+                                               admin: Client) -> None:
+    cli = await connect_as("cli")
+    await send(cli, CLI, submitted("t1"))
+    await cli.jetstream().publish("in.cli.alice.task_started",
+                                  codec.encode(TaskStarted(id=new_id(), task_id="t1", attempt=1)))
+    _, record = await wait_for_records(admin.jetstream(), 2)
+    assert (record.verdict, record.code) == ("rejected", "kind_not_allowed")
+
+
+async def test_the_hash_chain_of_many_records_recomputes(
+    running_router: RunningRouter, connect_as: Connect, admin: Client
+) -> None:
+    cli = await connect_as("cli")
+    for i in range(60):
+        if i % 7 == 3:
+            await cli.jetstream().publish("in.cli.alice.task_submitted", b"garbage %d" % i)
+        else:
+            await send(cli, CLI, submitted(f"t{i}"))
+    await wait_for_records(admin.jetstream(), 60)
+    stored = await stored_audit(admin.jetstream())
+    assert [seq for seq, _ in stored] == list(range(1, 61))
+    head = chain.verify(stored)
+    assert head.seq == 60
+    assert head.hash == codec.decode_record(stored[-1][1]).hash
+
+
+async def test_a_restarted_router_continues_the_chain_without_a_gap(
+    running_router: RunningRouter, connect_as: Connect, admin: Client
+) -> None:
+    cli = await connect_as("cli")
+    for i in range(10):
+        await send(cli, CLI, submitted(f"a{i}"))
+    await wait_for_records(admin.jetstream(), 10)
+    await running_router.stop()
+    for i in range(10):  # these wait in INGRESS while no router runs
+        await send(cli, CLI, submitted(f"b{i}"))
+    await send(cli, CLI, submitted("a3"))  # a duplicate only the recovered state can catch
+    await running_router.start()
+    records = await wait_for_records(admin.jetstream(), 21)
+    assert chain.verify(await stored_audit(admin.jetstream())).seq == 21
+    assert [r.code for r in records].count("ok") == 20
+    assert records[-1].code == "duplicate_task"
+    assert await work_count(admin.jetstream()) == 20
+
+
+async def test_a_crash_between_audit_and_ack_never_audits_a_message_twice(
+    connect_as: Connect, admin: Client, settings: Settings
+) -> None:
+    cli = await connect_as("cli")
+    for i in range(5):
+        await send(cli, CLI, submitted(f"t{i}"))
+    # The first router appends the audit records and "crashes" before dispatching or acking.
+    crashed = Router(await connect_as("router"), settings)
+    await crashed.start()
+    sub = await crashed.js.pull_subscribe(subjects.INGRESS_ALL, durable=subjects.ROUTER_CONSUMER,
+                                          stream=subjects.INGRESS_STREAM, config=router_consumer_config(settings))
+    msgs = await sub.fetch(5, timeout=5)
+    await crashed.audit_batch(msgs)
+    await crashed.nc.close()
+    assert len(await audit_records(admin.jetstream())) == 5
+    assert await work_count(admin.jetstream()) == 0
+    # The next router gets the same messages again (after AckWait) and only dispatches them.
+    replacement = RunningRouter(await connect_as("router"), settings)
+    await replacement.start()
+    js = admin.jetstream()
+
+    async def settled() -> bool:
+        return (await js.stream_info(subjects.INGRESS_STREAM)).state.messages == 0
+
+    try:
+        await wait_until(settled, what="INGRESS acked")
+    finally:
+        await replacement.stop()
+    records = await audit_records(js)
+    assert [r.key for r in records] == [f"t{i}" for i in range(5)]
+    assert await work_count(js) == 5
+
+
+@pytest.mark.parametrize("role", ["cli", "agent", "projector"])
+async def test_no_principal_but_the_router_may_write_audit_or_work(
+    running_router: RunningRouter, connect_as: Connect, admin: Client, role: str
+) -> None:
+    nc = await connect_as(role)
+    for subject in ("audit.accepted.task_submitted.t1", "work.echo"):
+        with pytest.raises(nats.errors.Error):
+            # A refused publish gets no PubAck: it times out, and the server logs the violation.
+            await nc.jetstream().publish(subject, b"{}", timeout=0.5)
+    assert (await admin.jetstream().stream_info(subjects.AUDIT_STREAM)).state.messages == 0
+    assert await work_count(admin.jetstream()) == 0
+
+
+async def test_an_agent_cannot_publish_as_a_cli(running_router: RunningRouter, connect_as: Connect) -> None:
+    agent = await connect_as("agent")
+    with pytest.raises(nats.errors.Error):
+        await agent.jetstream().publish(subjects.ingress(CLI, "task_submitted"),
+                                        codec.encode(submitted("t1")), timeout=0.5)
