@@ -44,7 +44,7 @@ async def records(
         while True:
             try:
                 msg = await sub.next_msg(timeout=idle)
-            except nats.errors.TimeoutError:
+            except TimeoutError:
                 if follow:
                     continue
                 return
@@ -60,6 +60,9 @@ class TaskView:
     """One task as its audit records tell it, folded live by ``submit --wait``."""
 
     task_id: str
+    msg_id: str
+    """The id of the submission being followed: records before its verdict are ignored,
+    so reusing a task id shows this submission's fate, not an older one's."""
     skill: str = ""
     status: str = "submitted"
     agent: str = ""
@@ -75,6 +78,7 @@ class TaskView:
     seconds: float | None = None
     notes: list[str] = field(default_factory=list)
     _submitted_at: Any = None
+    _seen_verdict: bool = False
 
     @property
     def terminal(self) -> bool:
@@ -84,8 +88,12 @@ class TaskView:
     def apply(self, record: AuditRecord) -> None:
         """Fold one of the task's audit records into the view."""
         event = record.event
+        if not self._seen_verdict:
+            if record.msg_id != self.msg_id:
+                return
+            self._seen_verdict = True
         if not record.accepted:
-            if isinstance(event, TaskSubmitted) or record.kind == "task_submitted":
+            if record.msg_id == self.msg_id:
                 self.status, self.code, self.reason = "rejected", record.code, record.reason
                 self.finished_seq = record.seq
             else:

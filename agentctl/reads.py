@@ -63,7 +63,7 @@ async def _request(nc: Any, projection: str, op: str, request: dict[str, Any]) -
         msg = await nc.request(subject, codec.encode(request), timeout=5)
     except nats.errors.NoRespondersError as exc:
         raise BusError(f"no projector answers {subject}: start `agentctl projector`, or use --db PATH") from exc
-    except nats.errors.TimeoutError as exc:
+    except TimeoutError as exc:
         raise BusError(f"the projector did not answer {subject} in 5s") from exc
     reply = json.loads(msg.data)
     if not reply.get("ok"):

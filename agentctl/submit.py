@@ -92,7 +92,7 @@ async def _submit(app: App, event: TaskSubmitted, wait: bool, timeout: float, as
             return EXIT_OK
         # The follow starts at the log's first record of this task, so it cannot miss any
         # record however late it subscribes.
-        view = TaskView(event.task_id)
+        view = TaskView(event.task_id, event.id)
         try:
             async with asyncio.timeout(timeout):
                 await _follow(js, view, show=not as_json and err.is_terminal)

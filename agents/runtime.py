@@ -112,6 +112,9 @@ class Agent:
         await stop.wait()
         await self._drain(pullers)
         beat.cancel()
+        for sub in subs.values():
+            # Before the connection drains, or the drain waits out a pull request.
+            await sub.unsubscribe()
         try:
             await kv.delete(self.instance)
         except nats.errors.Error as exc:
@@ -136,7 +139,7 @@ class Agent:
             await self._slots.acquire()
             try:
                 msgs = await sub.fetch(1, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except TimeoutError:
                 self._slots.release()
                 continue
             except nats.errors.Error as exc:
@@ -182,7 +185,7 @@ class Agent:
             try:
                 await self.js.publish(subject, data, headers=hdrs)
                 return
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
+            except (TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
                 if attempt == _REPORT_TRIES:
                     raise BusError(f"{kind_of(type(event))} not acknowledged by INGRESS: {exc}") from exc
                 await asyncio.sleep(delay)

@@ -55,6 +55,7 @@ async def _connect_once(settings: Settings, role: str, name: str, events: Connec
         password=password,
         name=name,
         connect_timeout=2,
+        drain_timeout=5,
         # Once connected, ride out server restarts rather than dying.
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,

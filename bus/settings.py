@@ -72,15 +72,14 @@ class Settings:
             raw = env.get(f"LEDGERBUS_{f.name.upper()}")
             if raw is None or raw == "":
                 continue
-            kind = type(f.default)
+            default = f.default
             try:
-                if f.name in ("user", "password"):
-                    values[f.name] = raw
-                elif kind is Path:
+                # bool is not a setting here; int before float because the defaults say which.
+                if isinstance(default, Path):
                     values[f.name] = Path(raw)
-                elif kind is int:
+                elif isinstance(default, int):
                     values[f.name] = int(raw)
-                elif kind is float:
+                elif isinstance(default, float):
                     values[f.name] = float(raw)
                 else:
                     values[f.name] = raw

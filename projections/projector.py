@@ -71,7 +71,7 @@ async def next_batch(sub: JetStreamContext.PushSubscription, size: int, wait: fl
     """Up to ``size`` messages: wait ``wait`` s for the first, then take what is already here."""
     try:
         batch = [await sub.next_msg(timeout=wait)]
-    except nats.errors.TimeoutError:
+    except TimeoutError:
         return []
     while len(batch) < size and sub.pending_msgs > 0:
         batch.append(await sub.next_msg(timeout=1))

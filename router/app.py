@@ -128,6 +128,9 @@ class Router:
                 await asyncio.sleep(0.5)
                 continue
             await self.process(msgs)
+        # Unsubscribe before the connection drains, or the drain waits out a pull request.
+        await self._sub.unsubscribe()
+        self._sub = None
         log.info("router_stopped", head_seq=self.audit.head.seq)
 
     async def process(self, msgs: list[Msg]) -> None:

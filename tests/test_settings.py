@@ -1,0 +1,37 @@
+"""Settings come from LEDGERBUS_* variables with the types their defaults have."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bus.errors import ConfigError
+from bus.settings import DEV_PASSWORDS, Settings
+
+
+def test_every_setting_is_read_from_its_variable_with_the_right_type() -> None:
+    s = Settings.from_env({
+        "LEDGERBUS_URL": "nats://a:1, nats://b:2",
+        "LEDGERBUS_DB_PATH": "/tmp/x.db",
+        "LEDGERBUS_WORK_ACK_WAIT_S": "2",
+        "LEDGERBUS_ROUTER_BATCH": "7",
+        "LEDGERBUS_USER": "alice",
+        "LEDGERBUS_PASSWORD": "s3cret",
+    })
+    assert s.servers == ["nats://a:1", "nats://b:2"]
+    assert s.db_path == Path("/tmp/x.db") and isinstance(s.db_path, Path)
+    assert s.work_ack_wait_s == 2.0 and isinstance(s.work_ack_wait_s, float)
+    assert s.router_batch == 7 and isinstance(s.router_batch, int)
+    assert s.credentials("router") == ("alice", "s3cret")
+
+
+def test_defaults_use_the_role_and_its_local_dev_password() -> None:
+    s = Settings.from_env({})
+    assert s.credentials("agent") == ("agent", DEV_PASSWORDS["agent"])
+    assert s.replace(url=None, user="bob").credentials("cli") == ("bob", "")
+
+
+def test_a_malformed_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="LEDGERBUS_ROUTER_BATCH='many'"):
+        Settings.from_env({"LEDGERBUS_ROUTER_BATCH": "many"})
