@@ -79,7 +79,8 @@ def _styled(status: str | None) -> str:
 def _duration(start: str | None, end: str | None) -> str:
     if not start or not end:
         return ""
-    return f"{(datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds():.2f}s"
+    seconds = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+    return f"{seconds * 1000:.0f}ms" if seconds < 1 else f"{seconds:.2f}s"
 
 
 @click.group(invoke_without_command=True)

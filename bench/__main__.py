@@ -1,0 +1,207 @@
+"""``python -m bench [--messages N] [--rounds R] [--tasks T]``
+
+1. Router throughput vs a bare relay. Both drain the same N preloaded submissions from
+   INGRESS through the same JetStream work: fetch, one AUDIT write and one WORK write per
+   message, ack. The relay does nothing else; the router also decodes, checks, seals the
+   hash chain and folds its state. router/relay is the cost of the router's own logic.
+2. Task latency vs a PubAck. T sequential echo tasks, submit to completed record, through
+   the router and an agent (both in this process), beside the round trip of one JetStream
+   publish on the same server.
+
+Every round uses a fresh nats-server; medians are reported because these machines are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from nats.aio.client import Client
+from rich.console import Console
+from rich.table import Table
+
+from agents.runtime import Agent
+from bus import codec, subjects
+from bus.connection import connect
+from bus.events import TaskSubmitted, new_id
+from bus.logs import configure_logging
+from bus.provision import provision, router_consumer_config
+from bus.server import NatsServer
+from bus.settings import Settings
+from plugins.echo import EchoSkill
+from router.app import Router
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = subjects.principal("cli", "bench")
+console = Console()
+
+
+async def preload(settings: Settings, n: int) -> None:
+    cli = await connect(settings, "cli")
+    js = cli.jetstream(timeout=30)
+    subject = subjects.ingress(CLI, "task_submitted")
+    futures = []
+    for i in range(n):
+        event = TaskSubmitted(id=new_id(), task_id=f"t{i}", skill="echo", input={"i": i, "text": "hello"})
+        futures.append(await js.publish_async(subject, codec.encode(event)))
+    await asyncio.gather(*futures)
+    await cli.close()
+
+
+async def drained(nc: Client, n: int) -> None:
+    js = nc.jetstream()
+    while (await js.stream_info(subjects.WORK_STREAM)).state.messages < n or (
+        await js.stream_info(subjects.INGRESS_STREAM)
+    ).state.messages:
+        await asyncio.sleep(0.01)
+
+
+async def run_router(settings: Settings, n: int) -> float:
+    nc = await connect(settings, "router")
+    router = Router(nc, settings)
+    await router.start()
+    stop = asyncio.Event()
+    start = time.perf_counter()
+    task = asyncio.create_task(router.run(stop))
+    await drained(nc, n)
+    elapsed = time.perf_counter() - start
+    stop.set()
+    await task
+    await nc.close()
+    return n / elapsed
+
+
+async def run_relay(settings: Settings, n: int) -> float:
+    """The same JetStream work as the router, and nothing else."""
+    nc = await connect(settings, "router")
+    js = nc.jetstream(timeout=30)
+    await provision(js, settings)
+    sub = await js.pull_subscribe(subjects.INGRESS_ALL, durable=subjects.ROUTER_CONSUMER,
+                                  stream=subjects.INGRESS_STREAM, config=router_consumer_config(settings))
+    start = time.perf_counter()
+    done, seq = 0, 0
+    while done < n:
+        msgs = await sub.fetch(settings.router_batch, timeout=5)
+        audits = []
+        for msg in msgs:
+            seq += 1
+            audits.append(await js.publish_async("audit.accepted.task_submitted.x", msg.data,
+                                                 headers={subjects.HDR_EXPECTED_LAST_SEQ: str(seq - 1)}))
+        await asyncio.gather(*audits)
+        works = [await js.publish_async("work.echo", msg.data, headers={subjects.HDR_MSG_ID: f"w{seq}-{i}"})
+                 for i, msg in enumerate(msgs)]
+        await asyncio.gather(*works)
+        for msg in msgs:
+            await msg.ack()
+        done += len(msgs)
+    await drained(nc, n)
+    elapsed = time.perf_counter() - start
+    await sub.unsubscribe()
+    await nc.close()
+    return n / elapsed
+
+
+async def latency(settings: Settings, tasks: int) -> tuple[list[float], list[float]]:
+    router_nc = await connect(settings, "router")
+    agent_nc = await connect(settings, "agent")
+    cli = await connect(settings, "cli")
+    router = Router(router_nc, settings)
+    await router.start()
+    stop = asyncio.Event()
+    runners = [asyncio.create_task(router.run(stop)),
+               asyncio.create_task(Agent(agent_nc, settings, "bench", {"echo": EchoSkill()}).run(stop))]
+    js = cli.jetstream(timeout=30)
+    done: dict[str, asyncio.Future[None]] = {}
+
+    async def on_record(msg) -> None:  # type: ignore[no-untyped-def]
+        record = codec.decode_record(msg.data)
+        if record.kind == "task_completed" and record.key in done:
+            done[record.key].set_result(None)
+
+    follow = await js.subscribe("audit.accepted.task_completed.*", stream=subjects.AUDIT_STREAM,
+                                ordered_consumer=True, cb=on_record)
+    subject = subjects.ingress(CLI, "task_submitted")
+    samples, acks = [], []
+    for i in range(tasks + 10):  # the first ten warm up
+        task_id = f"lat{i}"
+        done[task_id] = asyncio.get_running_loop().create_future()
+        start = time.perf_counter()
+        await js.publish(subject, codec.encode(TaskSubmitted(id=new_id(), task_id=task_id, skill="echo")))
+        ack = time.perf_counter() - start
+        await done[task_id]
+        if i >= 10:
+            samples.append(time.perf_counter() - start)
+            acks.append(ack)
+    await follow.unsubscribe()
+    stop.set()
+    await asyncio.gather(*runners)
+    for nc in (router_nc, agent_nc, cli):
+        await nc.close()
+    return samples, acks
+
+
+async def fresh_server(body):  # type: ignore[no-untyped-def]
+    with tempfile.TemporaryDirectory() as tmp:
+        async with NatsServer(Path(tmp) / "js", config=REPO / "nats.conf") as server:
+            settings = Settings(url=server.url, db_path=Path(tmp) / "p.db", connect_timeout_s=10)
+            admin = await connect(settings, "admin")
+            await provision(admin.jetstream(), settings)
+            await admin.close()
+            return await body(settings)
+
+
+async def main(messages: int, rounds: int, tasks: int) -> dict:
+    router_rates, relay_rates = [], []
+    for r in range(rounds):
+        # Alternate the order so neither side always runs on a warmer machine.
+        order = [("relay", run_relay), ("router", run_router)]
+        for name, fn in order if r % 2 else reversed(order):
+            async def body(settings: Settings, fn=fn) -> float:  # type: ignore[no-untyped-def]
+                await preload(settings, messages)
+                return await fn(settings, messages)
+            rate = await fresh_server(body)
+            (router_rates if name == "router" else relay_rates).append(rate)
+            console.print(f"round {r + 1}/{rounds}: {name:<6} {rate:>9,.0f} msg/s")
+    lat, acks = await fresh_server(lambda s: latency(s, tasks))
+    result = {
+        "messages": messages,
+        "rounds": rounds,
+        "router_msgs_per_s": statistics.median(router_rates),
+        "relay_msgs_per_s": statistics.median(relay_rates),
+        "router_over_relay": statistics.median(router_rates) / statistics.median(relay_rates),
+        "tasks": tasks,
+        "task_latency_ms_p50": statistics.median(lat) * 1000,
+        "task_latency_ms_p95": statistics.quantiles(lat, n=20)[-1] * 1000,
+        "puback_ms_p50": statistics.median(acks) * 1000,
+        "latency_over_puback": statistics.median(lat) / statistics.median(acks),
+    }
+    return result
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tasks", type=int, default=200)
+    args = parser.parse_args()
+    configure_logging("console", "error")
+    result = asyncio.run(main(args.messages, args.rounds, args.tasks))
+    table = Table("measure", "ledgerbus", "baseline (same run)", "ratio", box=None)
+    table.add_row("throughput, msg/s (median)", f"{result['router_msgs_per_s']:,.0f} router",
+                  f"{result['relay_msgs_per_s']:,.0f} bare relay", f"{result['router_over_relay']:.2f}")
+    table.add_row("task latency, ms (p50)", f"{result['task_latency_ms_p50']:.2f} submit→completed "
+                  f"(p95 {result['task_latency_ms_p95']:.2f})", f"{result['puback_ms_p50']:.2f} one PubAck",
+                  f"{result['latency_over_puback']:.1f}")
+    console.print(table)
+    out = REPO / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(result, indent=2))
+    console.print(f"[dim]written to {out / 'latest.json'}[/]")
+
+
+cli()
