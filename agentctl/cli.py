@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from agentctl.common import App, fail
@@ -37,8 +39,12 @@ def cli(ctx: click.Context, url: str | None, user: str | None, password: str | N
         settings = Settings.from_env().replace(url=url, user=user, password=password)
     except ConfigError as exc:
         fail(str(exc))
+    is_process = ctx.invoked_subcommand in PROCESSES
     if log_level is None:
-        log_level = "info" if ctx.invoked_subcommand in PROCESSES else "warning"
+        log_level = "info" if is_process else "warning"
+    if not is_process and "LEDGERBUS_CONNECT_TIMEOUT_S" not in os.environ:
+        # A person at a terminal should hear within seconds that the bus is not there.
+        settings = settings.replace(connect_timeout_s=min(settings.connect_timeout_s, 5.0))
     # Logs go to stderr, so stdout stays clean for --json.
     configure_logging(log_format, log_level)
     ctx.obj = App(settings=settings, log_format=log_format, log_level=log_level)

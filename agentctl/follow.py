@@ -39,8 +39,12 @@ async def records(
         config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, from_seq)),
     )
     try:
-        if not follow and (await sub.consumer_info()).num_pending == 0:
-            return
+        if not follow:
+            # num_pending counts only what the server has not pushed yet: the log is empty
+            # for this filter only if nothing is pending and nothing was delivered either.
+            info = await sub.consumer_info()
+            if info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq):
+                return
         while True:
             try:
                 msg = await sub.next_msg(timeout=idle)

@@ -7,6 +7,7 @@ the bus); ``--db PATH`` reads a local projection file instead. ``--json`` is for
 from __future__ import annotations
 
 import json
+import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from agentctl.follow import records
 from bus import codec, subjects
 from bus.connection import connected
 from bus.errors import BusError
-from projections import db as dbmod, queries
+from projections import db as dbmod, service
+from projections.errors import DatabaseError
 
 STATUS_STYLE = {"pending": "yellow", "running": "cyan", "completed": "green", "failed": "red", "rejected": "red",
                 "online": "green", "offline": "dim"}
@@ -35,26 +37,20 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 
 
 async def ask(app: App, projection: str, op: str, request: dict[str, Any], db_path: Path | None) -> Any:
-    """One query, to the projector over NATS or to a local database file."""
-    if db_path is not None:
-        db = await dbmod.open_db(db_path)
-        try:
-            match (projection, op):
-                case ("tasks", "list"):
-                    return await queries.list_tasks(db, request.get("status"), request.get("limit", 100))
-                case ("tasks", "get"):
-                    found = await queries.get_task(db, request["task_id"])
-                    if found is None:
-                        raise BusError(f"no task {request['task_id']}")
-                    return found
-                case ("agents", "list"):
-                    return await queries.list_agents(db)
-                case _:
-                    raise BusError(f"unknown query {projection}.{op}")
-        finally:
-            await db.close()
-    async with connected(app.settings, "cli") as nc:
-        return await _request(nc, projection, op, request)
+    """One query, to the projector over NATS or, with ``db_path``, to a local database file.
+
+    Both go through the query service's own ``answer``, so they cannot disagree.
+    """
+    if db_path is None:
+        async with connected(app.settings, "cli") as nc:
+            return await _request(nc, projection, op, request)
+    db = await dbmod.open_db(db_path)
+    try:
+        return _unwrap(await service.answer(db, subjects.query(projection, op), codec.encode(request)))
+    except sqlite3.Error as exc:
+        raise DatabaseError(f"reading {db_path}: {exc}") from exc
+    finally:
+        await db.close()
 
 
 async def _request(nc: Any, projection: str, op: str, request: dict[str, Any]) -> Any:
@@ -65,7 +61,10 @@ async def _request(nc: Any, projection: str, op: str, request: dict[str, Any]) -
         raise BusError(f"no projector answers {subject}: start `agentctl projector`, or use --db PATH") from exc
     except TimeoutError as exc:
         raise BusError(f"the projector did not answer {subject} in 5s") from exc
-    reply = json.loads(msg.data)
+    return _unwrap(json.loads(msg.data))
+
+
+def _unwrap(reply: dict[str, Any]) -> Any:
     if not reply.get("ok"):
         raise BusError(reply.get("error", "the projector refused the query"))
     return reply["data"]

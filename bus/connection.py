@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import nats
 import nats.errors
 import structlog
 from nats.aio.client import Client
@@ -18,28 +18,38 @@ log = structlog.get_logger(__name__)
 
 
 class ConnectionEvents:
-    """Collects what the server said asynchronously, so a timeout can say why.
+    """Collects what the server said asynchronously, so a failure can say why.
 
     NATS reports a permissions violation as an asynchronous error, and the request that
     caused it just times out; remembering the violation turns that into a clear error.
+    Before the first connection, errors are only remembered (the connect call reports
+    them); afterwards each one is logged once.
     """
 
     def __init__(self) -> None:
         self.violations: list[str] = []
+        self.last_error = ""
+        self.refused = asyncio.Event()
+        self.connected = False
         self.closing = False
 
     async def on_error(self, exc: Exception) -> None:
         """nats.py ``error_cb``: one log line, no traceback."""
         text = str(exc) or type(exc).__name__
+        self.last_error = text
+        if "authorization" in text.lower():
+            self.refused.set()
         if "permissions violation" in text:
             self.violations.append(text)
             log.error("nats_permission_violation", error=text)
-        else:
+        elif self.connected:
             log.warning("nats_error", error=text)
+        else:
+            log.debug("nats_connect_failed", error=text)
 
     async def on_disconnect(self) -> None:
         """nats.py ``disconnected_cb`` (quiet when we are the ones closing)."""
-        if not self.closing:
+        if self.connected and not self.closing:
             log.warning("nats_disconnected")
 
     async def on_reconnect(self) -> None:
@@ -47,49 +57,51 @@ class ConnectionEvents:
         log.info("nats_reconnected")
 
 
-async def _connect_once(settings: Settings, role: str, name: str, events: ConnectionEvents) -> Client:
-    user, password = settings.credentials(role)
-    return await nats.connect(
-        servers=settings.servers,
-        user=user,
-        password=password,
-        name=name,
-        connect_timeout=2,
-        drain_timeout=5,
-        # Once connected, ride out server restarts rather than dying.
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        allow_reconnect=True,
-        error_cb=events.on_error,
-        disconnected_cb=events.on_disconnect,
-        reconnected_cb=events.on_reconnect,
-    )
-
-
 async def connect(
     settings: Settings, role: str, name: str | None = None, events: ConnectionEvents | None = None
 ) -> Client:
-    """Connect as ``role``; retry for ``connect_timeout_s`` so processes may start before nats.
+    """Connect as ``role``, retrying for ``connect_timeout_s`` so processes may start before nats.
 
-    Authorization failures are not retried: they will not get better by waiting.
+    Once connected, the client reconnects for ever (a restarted server is ridden out).
+    Refused credentials fail at once: they will not get better by waiting.
     """
     events = events or ConnectionEvents()
-    deadline = asyncio.get_running_loop().time() + settings.connect_timeout_s
-    delay = 0.1
-    while True:
-        try:
-            return await _connect_once(settings, role, name or f"ledgerbus-{role}", events)
-        except nats.errors.Error as exc:
-            if "authorization" in str(exc).lower():
-                raise BusError(f"NATS refused the credentials of user {settings.credentials(role)[0]!r}") from exc
-            last: Exception = exc
-        except OSError as exc:
-            last = exc
-        if asyncio.get_running_loop().time() >= deadline:
-            raise BusError(f"cannot connect to {settings.url}: {last}") from last
-        log.info("nats_connect_retry", url=settings.url, error=str(last))
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 2.0)
+    user, password = settings.credentials(role)
+    nc = Client()
+    # nats.py retries the first connection too, for as long as reconnects are allowed:
+    # race it against our deadline and against a refusal.
+    connecting = asyncio.ensure_future(
+        nc.connect(
+            servers=settings.servers,
+            user=user,
+            password=password,
+            name=name or f"ledgerbus-{role}",
+            connect_timeout=2,
+            drain_timeout=5,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            allow_reconnect=True,
+            error_cb=events.on_error,
+            disconnected_cb=events.on_disconnect,
+            reconnected_cb=events.on_reconnect,
+        )
+    )
+    refused = asyncio.ensure_future(events.refused.wait())
+    done, _ = await asyncio.wait(
+        {connecting, refused}, timeout=settings.connect_timeout_s, return_when=asyncio.FIRST_COMPLETED
+    )
+    refused.cancel()
+    if connecting in done and connecting.exception() is None:
+        events.connected = True
+        return nc
+    connecting.cancel()
+    with contextlib.suppress(asyncio.CancelledError, nats.errors.Error, OSError):
+        await connecting
+    await nc.close()
+    if events.refused.is_set():
+        raise BusError(f"NATS refused the credentials of user {user!r}")
+    reason = events.last_error or (str(connecting.exception()) if connecting in done else "no answer")
+    raise BusError(f"cannot connect to {settings.url} within {settings.connect_timeout_s:g}s: {reason}")
 
 
 @asynccontextmanager
@@ -112,5 +124,5 @@ async def connected(settings: Settings, role: str, name: str | None = None) -> A
         if not nc.is_closed:
             try:
                 await nc.drain()
-            except (nats.errors.Error, asyncio.TimeoutError):
+            except (nats.errors.Error, TimeoutError):
                 await nc.close()

@@ -34,12 +34,11 @@ _RAW_HEAD_BYTES = 256
 
 @dataclass(slots=True)
 class Decision:
-    """One INGRESS message and its audit record; ``fresh`` if appended by this batch."""
+    """One INGRESS message, its audit record, and the headers its actions carry."""
 
     msg: Msg
     record: AuditRecord
     headers: dict[str, str]
-    fresh: bool
 
 
 def _headers(msg: Msg) -> dict[str, str]:
@@ -127,17 +126,37 @@ class Router:
                 log.warning("ingress_fetch_failed", error=str(exc))
                 await asyncio.sleep(0.5)
                 continue
-            await self.process(msgs)
+            try:
+                await self.process(msgs)
+            except nats.errors.Error as exc:
+                # The log is consistent whatever failed here (records are appended before
+                # anything is acted on); unacked messages come back and are settled then.
+                log.error("batch_failed", error=str(exc))
+                await self._recover_until_done(stop)
         # Unsubscribe before the connection drains, or the drain waits out a pull request.
         await self._sub.unsubscribe()
         self._sub = None
         log.info("router_stopped", head_seq=self.audit.head.seq)
+
+    async def _recover_until_done(self, stop: asyncio.Event) -> None:
+        """Rebuild state and chain head from the log, retrying while the server is away."""
+        delay = 0.2
+        while not stop.is_set():
+            try:
+                await self._recover()
+                return
+            except (nats.errors.Error, AuditAppendError) as exc:
+                log.warning("recover_retry", error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def process(self, msgs: list[Msg]) -> None:
         """Audit a batch, act on it, ack it. On an audit failure, rebuild and retry later."""
         try:
             decisions = await self.audit_batch(msgs)
         except AuditAppendError as exc:
+            # Some records of the batch may be stored: rebuild from the log, and let the
+            # whole batch come back (what was stored is then only re-dispatched).
             log.error("audit_append_failed", error=str(exc))
             for msg in msgs:
                 await msg.nak(delay=1)
@@ -155,7 +174,7 @@ class Router:
             if (seen := self.state.audited(meta.sequence.stream)) is not None:
                 # Audited before a crash, not acked: act again (idempotently), audit never twice.
                 log.info("ingress_redelivered_already_audited", ingress_seq=meta.sequence.stream, seq=seen.seq)
-                decisions.append(Decision(msg, seen, headers, fresh=False))
+                decisions.append(Decision(msg, seen, headers))
                 continue
             inbound = Inbound(
                 subject=msg.subject,
@@ -182,7 +201,7 @@ class Router:
             # Later messages of the same batch must see this one (e.g. a duplicate task id).
             self.state.apply(record)
             pending.append((record, data, out_headers))
-            decisions.append(Decision(msg, record, out_headers, fresh=True))
+            decisions.append(Decision(msg, record, out_headers))
             if rejection is not None:
                 log.info("rejected", seq=record.seq, code=code, reason=reason, principal=record.principal)
         if pending:

@@ -31,6 +31,15 @@ async def start_system(procs: Procs, admin: Client, *agents: tuple[str, str]) ->
         await wait_for_record(admin.jetstream(), joined(name))
 
 
+async def submit_until_started(settings: Settings, admin: Client, skill: str, input_json: str) -> str:
+    """Submit with agentctl (no --wait) and return the task id once an agent has claimed it."""
+    code, out, err = await agentctl(settings, "submit", skill, "--input", input_json, "--json")
+    assert code == 0, err
+    task_id: str = json.loads(out)["task_id"]
+    await wait_for_record(admin.jetstream(), lambda r: r.key == task_id and r.kind == "task_started")
+    return task_id
+
+
 async def projected(admin: Client, task_id: str, status: str = "completed") -> dict:
     """Wait until the projector's query service shows ``task_id`` in ``status``; return it."""
     found: dict = {}
@@ -106,10 +115,7 @@ async def test_an_agent_killed_mid_task_loses_nothing_and_the_task_completes_onc
     await procs.start("projector", "projector")
     doomed = await procs.start("agent-a", "agent", "--name", "agent-a", "--skills", "sleep")
     await wait_for_record(js, joined("agent-a"))
-    code, out, err = await agentctl(settings, "submit", "sleep", "--input", '{"seconds": 3}', "--json")
-    assert code == 0, err
-    task_id = json.loads(out)["task_id"]
-    await wait_for_record(js, lambda r: r.key == task_id and r.kind == "task_started")
+    task_id = await submit_until_started(settings, admin, "sleep", '{"seconds": 3}')
     await procs.start("agent-b", "agent", "--name", "agent-b", "--skills", "sleep")
     await wait_for_record(js, joined("agent-b"))
 
@@ -176,10 +182,7 @@ async def test_sigterm_drains_an_agent_it_finishes_its_task_then_leaves(
     await procs.start("router", "router")
     agent = await procs.start("sleeper-1", "agent", "--name", "sleeper-1", "--skills", "sleep")
     await wait_for_record(js, joined("sleeper-1"))
-    code, out, err = await agentctl(settings, "submit", "sleep", "--input", '{"seconds": 1.5}', "--json")
-    assert code == 0, err
-    task_id = json.loads(out)["task_id"]
-    await wait_for_record(js, lambda r: r.key == task_id and r.kind == "task_started")
+    task_id = await submit_until_started(settings, admin, "sleep", '{"seconds": 1.5}')
 
     assert await agent.stop() == 0
 
