@@ -14,7 +14,6 @@ from bus.errors import ConfigError
 from bus.logs import configure_logging
 from bus.settings import Settings
 
-
 PROCESSES = ("nats", "router", "projector", "agent")
 
 

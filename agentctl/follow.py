@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
-import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -27,7 +26,7 @@ async def records(
     from_seq: int = 1,
     follow: bool = False,
     idle: float = 1.0,
-) -> AsyncIterator[tuple[AuditRecord, bytes]]:
+) -> AsyncGenerator[tuple[AuditRecord, bytes], None]:
     """Audit records (decoded, and the stored bytes) from ``from_seq`` matching the filter.
 
     Without ``follow`` it stops at the end of the log as it was when it started.

@@ -23,7 +23,8 @@ from agentctl.follow import records
 from bus import codec, subjects
 from bus.connection import connected
 from bus.errors import BusError
-from projections import db as dbmod, service
+from projections import db as dbmod
+from projections import service
 from projections.errors import DatabaseError
 
 STATUS_STYLE = {"pending": "yellow", "running": "cyan", "completed": "green", "failed": "red", "rejected": "red",

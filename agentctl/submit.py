@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 import nats.errors
+from opentelemetry import trace
 from rich.status import Status
 
 from agentctl.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, App, cli_name, err, out, run
@@ -18,7 +19,6 @@ from bus.connection import connected
 from bus.errors import BusError, SchemaError
 from bus.events import DEFAULT_TASK_TIMEOUT_S, TaskSubmitted, kind_of, new_id
 from bus.tracing import configure_tracing
-from opentelemetry import trace
 
 
 def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any]:

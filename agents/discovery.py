@@ -32,7 +32,7 @@ def load(name: str) -> Skill:
     try:
         obj = eps[name].load()
         skill = obj() if isinstance(obj, type) else obj
-    except Exception as exc:  # a plugin may fail to import in any way; report which one
+    except Exception as exc:  # a plugin may fail to import in any way; say which
         raise AgentError(f"skill {name!r} from {eps[name].value} failed to load: {exc}") from exc
     if not isinstance(skill, Skill):
         raise AgentError(f"{eps[name].value} is not a Skill (needs name, description, async run)")

@@ -258,7 +258,7 @@ class Agent:
             result = TaskFailed(id=new_id(), task_id=item.task_id, attempt=attempt, error=error)
         except SkillError as exc:
             result = TaskFailed(id=new_id(), task_id=item.task_id, attempt=attempt, error=str(exc)[:16_384])
-        except Exception as exc:  # a plugin may raise anything; it becomes the task's error
+        except Exception as exc:  # noqa: BLE001 - a plugin may raise anything; it becomes the task's error
             tlog.exception("skill_raised")
             result = TaskFailed(
                 id=new_id(), task_id=item.task_id, attempt=attempt, error=f"{type(exc).__name__}: {exc}"[:16_384]

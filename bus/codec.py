@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from bus.errors import SchemaError
-from bus.events import AnyEvent, AuditRecord, Event, WorkItem
+from bus.events import AnyEvent, AuditRecord, WorkItem
 
 T = TypeVar("T")
 
@@ -26,7 +26,7 @@ def encode(value: Any) -> bytes:
     return _encoder.encode(value)
 
 
-def decode_event(data: bytes) -> Event:
+def decode_event(data: bytes) -> AnyEvent:
     """Strictly decode an ingress message; :class:`SchemaError` names what was wrong."""
     try:
         return _event_decoder.decode(data)

@@ -79,7 +79,7 @@ async def connect(
             connect_timeout=2,
             drain_timeout=5,
             max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
+            reconnect_time_wait=0.5,  # type: ignore[arg-type]  # annotated int, used as seconds
             allow_reconnect=True,
             error_cb=events.on_error,
             disconnected_cb=events.on_disconnect,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -44,7 +44,7 @@ class Event(
     id: Id
 
 
-class TaskSubmitted(Event, tag="task_submitted"):
+class TaskSubmitted(Event, tag="task_submitted", frozen=True):
     """A principal asks for ``skill`` to be run on ``input``."""
 
     task_id: Id
@@ -53,14 +53,14 @@ class TaskSubmitted(Event, tag="task_submitted"):
     timeout_s: Seconds = DEFAULT_TASK_TIMEOUT_S
 
 
-class TaskStarted(Event, tag="task_started"):
+class TaskStarted(Event, tag="task_started", frozen=True):
     """An agent claims a task: ``attempt`` is its JetStream delivery count."""
 
     task_id: Id
     attempt: Attempt
 
 
-class TaskProgress(Event, tag="task_progress"):
+class TaskProgress(Event, tag="task_progress", frozen=True):
     """The claimant reports progress while it works."""
 
     task_id: Id
@@ -69,7 +69,7 @@ class TaskProgress(Event, tag="task_progress"):
     fraction: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
 
 
-class TaskCompleted(Event, tag="task_completed"):
+class TaskCompleted(Event, tag="task_completed", frozen=True):
     """The claimant finished the task with ``output``."""
 
     task_id: Id
@@ -77,7 +77,7 @@ class TaskCompleted(Event, tag="task_completed"):
     output: Any = None
 
 
-class TaskFailed(Event, tag="task_failed"):
+class TaskFailed(Event, tag="task_failed", frozen=True):
     """The claimant gave up on the task; ``error`` says why."""
 
     task_id: Id
@@ -85,7 +85,7 @@ class TaskFailed(Event, tag="task_failed"):
     error: Text
 
 
-class AgentJoined(Event, tag="agent_joined"):
+class AgentJoined(Event, tag="agent_joined", frozen=True):
     """An agent process came up and advertises its skills."""
 
     instance: Id
@@ -93,22 +93,14 @@ class AgentJoined(Event, tag="agent_joined"):
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 1
 
 
-class AgentLeft(Event, tag="agent_left"):
+class AgentLeft(Event, tag="agent_left", frozen=True):
     """An agent process drained and stopped."""
 
     instance: Id
     reason: Text = ""
 
 
-AnyEvent = Union[
-    TaskSubmitted,
-    TaskStarted,
-    TaskProgress,
-    TaskCompleted,
-    TaskFailed,
-    AgentJoined,
-    AgentLeft,
-]
+AnyEvent = TaskSubmitted | TaskStarted | TaskProgress | TaskCompleted | TaskFailed | AgentJoined | AgentLeft
 """The ingress union: every message a principal may send to the router."""
 
 TASK_EVENTS = (TaskSubmitted, TaskStarted, TaskProgress, TaskCompleted, TaskFailed)

@@ -17,6 +17,7 @@ import sysconfig
 from collections import deque
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from bus.errors import ServerError
 
@@ -89,7 +90,7 @@ class NatsServer:
         args += ["-js", "-a", self.host, "-p", str(self.requested_port), "-sd", str(self.store_dir)]
         return args + list(self.extra_args)
 
-    async def start(self) -> NatsServer:
+    async def start(self) -> Self:
         """Start the server and wait until it says it is ready; return self."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.proc = await asyncio.create_subprocess_exec(
@@ -141,7 +142,7 @@ class NatsServer:
             self.requested_port = self.port
         await self.start()
 
-    async def __aenter__(self) -> NatsServer:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(

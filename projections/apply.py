@@ -12,7 +12,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import aiosqlite
 
 from bus.events import AuditRecord
-from projections import agents, db as dbmod, tasks
+from projections import agents, tasks
+from projections import db as dbmod
 from projections.errors import DatabaseError
 
 Handler = Callable[[aiosqlite.Connection, AuditRecord], Awaitable[None]]

@@ -96,6 +96,6 @@ async def dump(db: aiosqlite.Connection) -> dict[str, list[tuple[Any, ...]]]:
     """Every projection table's rows in key order: equal dumps mean equal databases."""
     out: dict[str, list[tuple[Any, ...]]] = {}
     for table, key in TABLES.items():
-        async with db.execute(f"SELECT * FROM {table} ORDER BY {key}") as cur:  # noqa: S608 - fixed names
+        async with db.execute(f"SELECT * FROM {table} ORDER BY {key}") as cur:
             out[table] = [tuple(row) for row in await cur.fetchall()]
     return out

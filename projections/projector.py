@@ -10,7 +10,6 @@ import asyncio
 from pathlib import Path
 
 import aiosqlite
-import nats.errors
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -22,7 +21,8 @@ from bus.errors import SchemaError
 from bus.events import AuditRecord
 from bus.provision import wait_for_stream
 from bus.settings import Settings
-from projections import db as dbmod, service
+from projections import db as dbmod
+from projections import service
 from projections.apply import apply_batch
 
 log = structlog.get_logger(__name__)

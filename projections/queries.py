@@ -11,7 +11,7 @@ _JSON_COLUMNS = {"input", "output", "skills"}
 
 
 def _row(row: aiosqlite.Row) -> dict[str, Any]:
-    return {k: (json.loads(row[k]) if k in _JSON_COLUMNS and row[k] is not None else row[k]) for k in row.keys()}
+    return {k: (json.loads(row[k]) if k in _JSON_COLUMNS and row[k] is not None else row[k]) for k in row.keys()}  # noqa: SIM118 - Row iterates values
 
 
 async def list_tasks(db: aiosqlite.Connection, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:

@@ -18,7 +18,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from bus import codec, subjects
-from projections import db as dbmod, queries
+from projections import db as dbmod
+from projections import queries
 from projections.errors import DatabaseError
 
 log = structlog.get_logger(__name__)

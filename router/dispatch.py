@@ -7,6 +7,7 @@ again (after a crash between dispatch and ingress ack) is de-duplicated by JetSt
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import nats.errors
 from nats.js import JetStreamContext
@@ -38,7 +39,7 @@ async def dispatch(
     Returns, per item, ``None`` if stored or the error that stopped it (WORK full, no
     connection): the caller leaves that message unacked so it is tried again.
     """
-    futures: list[asyncio.Future[object] | BaseException] = []
+    futures: list[asyncio.Future[Any] | BaseException] = []
     for item, headers in items:
         hdrs = dict(headers)
         hdrs[subjects.HDR_MSG_ID] = subjects.work_msg_id(item.task_id)
@@ -54,6 +55,6 @@ async def dispatch(
         try:
             await fut
             results.append(None)
-        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+        except (TimeoutError, nats.errors.Error) as exc:
             results.append(exc)
     return results

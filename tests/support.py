@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 

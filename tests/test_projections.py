@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from bus.events import AgentJoined, AuditRecord, Event, TaskCompleted, TaskFailed, TaskProgress, TaskStarted, TaskSubmitted
+from bus.events import (
+    AgentJoined,
+    AuditRecord,
+    Event,
+    TaskCompleted,
+    TaskFailed,
+    TaskProgress,
+    TaskStarted,
+    TaskSubmitted,
+)
 from projections import db as dbmod
 from projections.apply import apply_batch
 
@@ -39,11 +48,10 @@ def history() -> list[AuditRecord]:
 
 async def project(path: Path, batches: list[list[AuditRecord]]) -> dict:
     """Apply the batches to a fresh database, reopening it between batches like a restart."""
-    position = 0
     for batch in batches:
         db = await dbmod.open_db(path)
         try:
-            position = await apply_batch(db, batch, await dbmod.position(db))
+            await apply_batch(db, batch, await dbmod.position(db))
         finally:
             await db.close()
     db = await dbmod.open_db(path)

@@ -122,7 +122,7 @@ def test_chain_finds_a_missing_record_and_non_canonical_bytes() -> None:
 def test_a_record_rehashed_after_editing_breaks_the_next_link() -> None:
     stored = _records(3)
     rec = msgspec.structs.replace(codec.decode_record(stored[1][1]), reason="edited")
-    forged, data = chain.seal(rec, codec.decode_record(stored[0][1]).hash)
+    _, data = chain.seal(rec, codec.decode_record(stored[0][1]).hash)
     with pytest.raises(ChainError, match="seq 3: prev_hash"):
         chain.verify([stored[0], (2, data), stored[2]])
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from bus.events import Event
+from bus.events import AnyEvent
 from bus.subjects import Principal
 from router.state import RouterState
 
@@ -27,7 +27,7 @@ class Inbound:
     principal_token: str = ""
     kind_token: str = ""
     principal: Principal | None = None
-    event: Event | None = None
+    event: AnyEvent | None = None
     notes: dict[str, str] = field(default_factory=dict)
 
 
