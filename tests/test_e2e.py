@@ -191,3 +191,34 @@ async def test_sigterm_drains_an_agent_it_finishes_its_task_then_leaves(
     left = [r for r in records if r.kind == "agent_left"]
     assert len(done) == 1 and done[0].accepted and done[0].principal == "agent-sleeper-1"
     assert len(left) == 1 and left[0].seq > done[0].seq
+
+
+async def test_read_commands_show_a_task_its_history_and_live_agents(
+    procs: Procs, admin: Client, settings: Settings
+) -> None:
+    await start_system(procs, admin, ("echo-1", "echo"))
+    code, out, err = await agentctl(settings, "submit", "echo", "--input", '{"n": 7}', "--wait", "--json")
+    assert code == 0, err
+    task_id = json.loads(out)["task_id"]
+    await projected(admin, task_id)
+
+    code, out, err = await agentctl(settings, "tasks", "show", task_id, "--json")
+    assert code == 0, err
+    shown = json.loads(out)
+    assert (shown["status"], shown["output"], shown["agent"]) == ("completed", {"n": 7}, "echo-1")
+    assert [h["kind"] for h in shown["history"]] == ["task_submitted", "task_started", "task_completed"]
+
+    code, out, err = await agentctl(settings, "agents", "--json")
+    assert code == 0, err
+    [agent] = json.loads(out)
+    assert (agent["name"], agent["status"], agent["skills"], agent["replicas"], agent["tasks_completed"]) == (
+        "echo-1", "online", ["echo"], 1, 1)
+    assert agent["last_heartbeat"]
+
+    for args in (["tasks"], ["tasks", "show", task_id], ["agents"], ["events"]):
+        code, out, err = await agentctl(settings, *args)
+        assert code == 0, err
+        assert ("echo-1" in out) and not err.strip(), args
+
+    code, out, err = await agentctl(settings, "tasks", "show", "no-such-task")
+    assert code == 3 and err.strip() == "agentctl: no task no-such-task"
