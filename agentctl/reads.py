@@ -44,7 +44,7 @@ async def ask(app: App, projection: str, op: str, request: dict[str, Any], db_pa
     """
     if db_path is None:
         async with connected(app.settings, "cli") as nc:
-            return await _request(nc, projection, op, request)
+            return await request_query(nc, projection, op, request)
     db = await dbmod.open_db(db_path)
     try:
         return _unwrap(await service.answer(db, subjects.query(projection, op), codec.encode(request)))
@@ -54,7 +54,8 @@ async def ask(app: App, projection: str, op: str, request: dict[str, Any], db_pa
         await db.close()
 
 
-async def _request(nc: Any, projection: str, op: str, request: dict[str, Any]) -> Any:
+async def request_query(nc: Any, projection: str, op: str, request: dict[str, Any]) -> Any:
+    """Ask the projector (any in the queue group) one query and return its data."""
     subject = subjects.query(projection, op)
     try:
         msg = await nc.request(subject, codec.encode(request), timeout=5)
@@ -117,7 +118,7 @@ def tasks_show(app: App, task_id: str, db_path: Path | None, as_json: bool) -> N
         if db_path is not None:
             return await ask(app, "tasks", "get", {"task_id": task_id}, db_path), []
         async with connected(app.settings, "cli") as nc:
-            task = await _request(nc, "tasks", "get", {"task_id": task_id})
+            task = await request_query(nc, "tasks", "get", {"task_id": task_id})
             js = nc.jetstream(timeout=10)
             history = [codec.to_builtins(r) async for r, _ in records(js, subjects.audit_for_key(task_id))]
             return task, history
@@ -179,7 +180,7 @@ def agents(app: App, db_path: Path | None, as_json: bool) -> None:
         if db_path is not None:
             return await ask(app, "agents", "list", {}, db_path)
         async with connected(app.settings, "cli") as nc:
-            rows = await _request(nc, "agents", "list", {})
+            rows = await request_query(nc, "agents", "list", {})
             beats = await _heartbeats(nc)
         for row in rows:
             live = [b for b in beats if b["agent"] == row["name"]]

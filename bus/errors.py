@@ -28,4 +28,8 @@ class SchemaError(LedgerbusError):
 
 
 class ChainError(LedgerbusError):
-    """The audit hash chain does not recompute."""
+    """The audit hash chain does not recompute; ``seq`` is the first bad sequence."""
+
+    def __init__(self, message: str, seq: int = 0) -> None:
+        super().__init__(message)
+        self.seq = seq

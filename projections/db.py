@@ -7,6 +7,8 @@ projection of records ``1..position`` and the projector resumes at ``position + 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,12 @@ async def set_position(db: aiosqlite.Connection, seq: int) -> None:
         "ON CONFLICT (name) DO UPDATE SET position = excluded.position",
         (TRACKING_NAME, seq),
     )
+
+
+async def digest(db: aiosqlite.Connection) -> str:
+    """sha256 of the canonical dump: equal digests mean equal projection tables."""
+    canonical = json.dumps(await dump(db), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 async def dump(db: aiosqlite.Connection) -> dict[str, list[tuple[Any, ...]]]:

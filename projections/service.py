@@ -42,7 +42,12 @@ class AgentsList(msgspec.Struct, forbid_unknown_fields=True):
     """``q.agents.list``"""
 
 
+class ProjectionsDigest(msgspec.Struct, forbid_unknown_fields=True):
+    """``q.projections.digest``: the position and sha256 of every projection table."""
+
+
 REQUESTS: dict[str, type[msgspec.Struct]] = {
+    subjects.query("projections", "digest"): ProjectionsDigest,
     subjects.query("tasks", "list"): TasksList,
     subjects.query("tasks", "get"): TasksGet,
     subjects.query("agents", "list"): AgentsList,
@@ -67,6 +72,13 @@ async def answer(db: aiosqlite.Connection, subject: str, data: bytes) -> dict[st
                 return {"ok": False, "error": f"no task {task_id}", "position": await dbmod.position(db)}
         case AgentsList():
             result = await queries.list_agents(db)
+        case ProjectionsDigest():
+            # Read position and digest in one transaction, so they describe the same state.
+            await db.execute("BEGIN")
+            try:
+                result = {"position": await dbmod.position(db), "digest": await dbmod.digest(db)}
+            finally:
+                await db.execute("COMMIT")
         case _:
             return {"ok": False, "error": f"unhandled query {subject}"}
     return {"ok": True, "position": await dbmod.position(db), "data": result}

@@ -112,8 +112,9 @@ def test_chain_verifies_and_names_the_first_altered_record() -> None:
 
 def test_chain_finds_a_missing_record_and_non_canonical_bytes() -> None:
     stored = _records(4)
-    with pytest.raises(ChainError, match="seq 3: expected seq 2"):
+    with pytest.raises(ChainError, match="seq 2: missing") as missing:
         chain.verify([stored[0], *stored[2:]])
+    assert missing.value.seq == 2
     seq, data = stored[1]
     with pytest.raises(ChainError, match="seq 2: stored bytes are not canonical"):
         chain.verify([stored[0], (seq, data.replace(b'{"seq"', b'{ "seq"', 1))])

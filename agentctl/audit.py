@@ -1,0 +1,92 @@
+"""``agentctl audit verify``: is the log intact, and do the projections follow from it?"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from agentctl.common import EXIT_FAILED, EXIT_OK, App, err, out, run
+from agentctl.reads import json_option, request_query
+from bus.connection import connected
+from bus.errors import BusError
+from bus.verify import Finding, LogReport, verify_log
+from projections.verify import compare_digest, compare_file
+
+
+@click.group()
+def audit() -> None:
+    """The audit log."""
+
+
+@audit.command()
+@click.option("--db", "db_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Compare this projection file with a rebuild (default: ask the projector).")
+@click.option("--no-projections", is_flag=True, help="Check only the log, not the projections.")
+@json_option
+@click.pass_obj
+def verify(app: App, db_path: Path | None, no_projections: bool, as_json: bool) -> None:
+    """Verify the audit log: the stream is append-only, its sequences run from 1 with none
+    missing, every record's hash recomputes and links to the one before, and a projection
+    rebuilt from scratch equals the live one. Exit 0 when intact, 1 naming the first bad
+    sequence and what is wrong."""
+    show = not as_json and err.is_terminal
+
+    async def body() -> tuple[LogReport, list[Finding]]:
+        async with connected(app.settings, "cli") as nc:
+            js = nc.jetstream(timeout=10)
+            bar = Progress(TextColumn("verifying the chain"), BarColumn(), MofNCompleteColumn(),
+                           TimeRemainingColumn(), console=err, transient=True) if show else None
+            with bar if bar is not None else nullcontext():
+                task = bar.add_task("chain", total=None) if bar is not None else None
+
+                def progress(done: int, total: int) -> None:
+                    if bar is not None and task is not None:
+                        bar.update(task, completed=done, total=total)
+
+                report = await verify_log(js, progress)
+            findings = list(report.findings)
+            if not no_projections:
+                findings.append(await _projections(nc, js, db_path))
+        return report, findings
+
+    report, findings = run(body)
+    ok = all(f.ok for f in findings)
+    bad = next((f for f in findings if not f.ok), None)
+    if as_json:
+        out.print_json(data={
+            "ok": ok,
+            "head": {"seq": report.head.seq, "hash": report.head.hash},
+            "first_bad_seq": bad.seq if bad and bad.seq else None,
+            "problem": f"{bad.check}: {bad.detail}" if bad else None,
+            "checks": [{"check": f.check, "ok": f.ok, "detail": f.detail, "seq": f.seq or None} for f in findings],
+        })
+    else:
+        table = Table("check", "", "detail", box=None)
+        for f in findings:
+            table.add_row(f.check, "[green]ok[/]" if f.ok else "[red]FAILED[/]", f.detail)
+        out.print(table)
+        if ok:
+            out.print(f"[green]intact[/]: {report.head.seq} records, head {report.head.hash}")
+        else:
+            assert bad is not None
+            where = f"first bad seq {bad.seq}: " if bad.seq else ""
+            err.print(f"[red]not intact[/]: {where}{bad.check}: {bad.detail}")
+    sys.exit(EXIT_OK if ok else EXIT_FAILED)
+
+
+async def _projections(nc: Any, js: Any, db_path: Path | None) -> Finding:
+    if db_path is not None:
+        check = await compare_file(js, db_path)
+    else:
+        try:
+            live = await request_query(nc, "projections", "digest", {})
+        except BusError as exc:
+            return Finding("projections", False, f"not checked: {exc}")
+        check = await compare_digest(js, live["position"], live["digest"])
+    return Finding("projections", check.ok, check.detail)
