@@ -38,6 +38,7 @@ class Settings:
     db_path: Path = Path("var/ledgerbus.db")
     max_message_bytes: int = 256 * 1024
     duplicate_window_s: float = 120.0
+    dedup_horizon_s: float = 24 * 3600.0
     ingress_ack_wait_s: float = 30.0
     router_batch: int = 256
     work_ack_wait_s: float = 30.0

@@ -88,7 +88,7 @@ class Router:
         self.js: JetStreamContext = nc.jetstream(timeout=10)
         self.settings = settings
         self.checks = list(checks) if checks is not None else default_checks(settings.max_message_bytes)
-        self.state = RouterState()
+        self.state = RouterState(dedup_horizon_s=settings.dedup_horizon_s)
         self.audit = AuditLog(self.js, audit_mod.ChainHead())
         self._sub: JetStreamContext.PullSubscription | None = None
 
@@ -105,7 +105,7 @@ class Router:
         log.info("router_started", head_seq=self.audit.head.seq)
 
     async def _recover(self) -> None:
-        self.state = RouterState()
+        self.state = RouterState(dedup_horizon_s=self.settings.dedup_horizon_s)
         head = await audit_mod.recover(self.js, self.state)
         self.audit = AuditLog(self.js, head)
         ingress = await self.js.stream_info(subjects.INGRESS_STREAM)

@@ -7,13 +7,15 @@ running it applies each record right after sealing it. Two things live here:
   lifecycle check consults so that only the claimant's result counts, exactly once;
 - which INGRESS messages already have an audit record, so a message redelivered after
   a crash between "audit appended" and "ingress acked" is acted on again but never
-  audited twice (invariant 2).
+  audited twice (invariant 2);
+- the message ids of accepted records within the de-duplication horizon.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from bus.events import (
     AuditRecord,
@@ -44,10 +46,13 @@ class TaskState:
 class RouterState:
     """Task lifecycles and recently audited ingress messages."""
 
-    def __init__(self, audited_capacity: int = 65_536) -> None:
+    def __init__(self, audited_capacity: int = 65_536, dedup_horizon_s: float = 24 * 3600) -> None:
         self.tasks: dict[str, TaskState] = {}
         self._audited: OrderedDict[int, AuditRecord] = OrderedDict()
         self._capacity = audited_capacity
+        # message id -> (seq, time) of accepted records, oldest first, for dedup_horizon_s.
+        self._messages: OrderedDict[str, tuple[int, datetime]] = OrderedDict()
+        self._horizon = timedelta(seconds=dedup_horizon_s)
 
     def apply(self, record: AuditRecord) -> None:
         """Fold one audit record into the state."""
@@ -57,6 +62,10 @@ class RouterState:
             self._audited.popitem(last=False)
         if not record.accepted:
             return
+        if record.msg_id:
+            self._messages[record.msg_id] = (record.seq, record.at)
+            while self._messages and next(iter(self._messages.values()))[1] < record.at - self._horizon:
+                self._messages.popitem(last=False)
         match record.event:
             case TaskSubmitted(task_id=task_id, skill=skill):
                 self.tasks[task_id] = TaskState(skill=skill)
@@ -69,6 +78,11 @@ class RouterState:
                 self.tasks[task_id].status = "failed"
             case _:
                 pass
+
+    def seen_message(self, msg_id: str) -> int | None:
+        """The seq of the accepted record with this message id, within the horizon."""
+        seen = self._messages.get(msg_id)
+        return seen[0] if seen is not None else None
 
     def audited(self, ingress_seq: int) -> AuditRecord | None:
         """The audit record already written for an INGRESS message, if any."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import nats.errors
+import nats.js.errors
 import pytest
 from nats.aio.client import Client
 
@@ -201,3 +202,55 @@ async def test_an_agent_cannot_publish_as_a_cli(running_router: RunningRouter, c
     with pytest.raises(nats.errors.Error):
         await agent.jetstream().publish(subjects.ingress(CLI, "task_submitted"),
                                         codec.encode(submitted("t1")), timeout=0.5)
+
+
+async def test_client_control_headers_are_rejected_or_refused(
+    running_router: RunningRouter, connect_as: Connect, admin: Client
+) -> None:
+    cli = await connect_as("cli")
+    body = codec.encode(submitted("t1"))
+    # A Nats-* header JetStream passes through reaches the router, which rejects it.
+    await cli.jetstream().publish("in.cli.alice.task_submitted", body, headers={"Nats-Marker": "1"})
+    # JetStream itself refuses a rollup on INGRESS: the publish fails and nothing is logged.
+    with pytest.raises(nats.js.errors.APIError):
+        await cli.jetstream().publish("in.cli.alice.task_submitted", codec.encode(submitted("t2")),
+                                      headers={"Nats-Rollup": "sub"})
+    await send(cli, CLI, submitted("t3"))
+    bad, good = await wait_for_records(admin.jetstream(), 2)
+    assert (bad.code, bad.key) == ("forbidden_header", "t1")
+    assert "Nats-Marker" in bad.reason
+    assert good.accepted and good.key == "t3"
+    assert await work_count(admin.jetstream()) == 1
+
+
+async def test_a_reused_message_id_is_rejected_beyond_the_jetstream_window(
+    running_router: RunningRouter, connect_as: Connect, admin: Client
+) -> None:
+    cli = await connect_as("cli")
+    first = submitted("t1")
+    await send(cli, CLI, first)
+    # Same event id, different content, and a Nats-Msg-Id JetStream has not seen: exactly
+    # what arrives once the window has passed.
+    replay = TaskSubmitted(id=first.id, task_id="t2", skill="echo")
+    await cli.jetstream().publish("in.cli.alice.task_submitted", codec.encode(replay),
+                                  headers={subjects.HDR_MSG_ID: "another"})
+    ok, dup = await wait_for_records(admin.jetstream(), 2)
+    assert ok.accepted
+    assert (dup.code, dup.key) == ("duplicate_message", "t2")
+    assert "seq 1" in dup.reason
+    assert await work_count(admin.jetstream()) == 1
+
+
+async def test_a_restarted_router_still_knows_the_message_ids_it_accepted(
+    running_router: RunningRouter, connect_as: Connect, admin: Client
+) -> None:
+    cli = await connect_as("cli")
+    first = submitted("t1")
+    await send(cli, CLI, first)
+    await wait_for_records(admin.jetstream(), 1)
+    await running_router.stop()
+    await running_router.start()
+    await cli.jetstream().publish("in.cli.alice.task_submitted",
+                                  codec.encode(TaskSubmitted(id=first.id, task_id="t2", skill="echo")))
+    _, dup = await wait_for_records(admin.jetstream(), 2)
+    assert dup.code == "duplicate_message"

@@ -51,11 +51,20 @@ def run_checks(checks: Sequence[Check], msg: Inbound, state: RouterState) -> Rej
 
 
 def default_checks(max_message_bytes: int) -> list[Check]:
-    """The pipeline in DESIGN.md's order: size, schema, kind, lifecycle.
+    """The pipeline in DESIGN.md's order: size, schema, headers, kind, lifecycle, duplicate id.
 
     The subject is read first: it costs nothing, needs no body, and names the principal
-    on every audit record, rejected ones included.
+    on every audit record, rejected ones included. Headers are checked after decoding so
+    that their rejection still names the task it concerns.
     """
-    from router.checks import lifecycle, principal, schema, size
+    from router.checks import duplicate, headers, lifecycle, principal, schema, size
 
-    return [principal.check, size.make(max_message_bytes), schema.check, principal.check_kind_allowed, lifecycle.check]
+    return [
+        principal.check,
+        size.make(max_message_bytes),
+        schema.check,
+        headers.check,
+        principal.check_kind_allowed,
+        lifecycle.check,
+        duplicate.check,
+    ]
