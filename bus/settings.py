@@ -36,6 +36,7 @@ class Settings:
     user: str | None = None
     password: str | None = None
     db_path: Path = Path("var/ledgerbus.db")
+    policy_path: Path = Path("policy.toml")
     max_message_bytes: int = 256 * 1024
     duplicate_window_s: float = 120.0
     dedup_horizon_s: float = 24 * 3600.0

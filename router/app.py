@@ -21,9 +21,10 @@ from bus.provision import provision, router_consumer_config
 from bus.settings import Settings
 from router import audit as audit_mod
 from router.audit import AuditLog
-from router.checks import Check, Inbound, default_checks, run_checks
+from router.checks import Check, Inbound, default_checks, run_checks, secrets
 from router.dispatch import dispatch, work_item
 from router.errors import AuditAppendError
+from router.policy import PolicyFile
 from router.state import RouterState
 
 log = structlog.get_logger(__name__)
@@ -57,11 +58,16 @@ def _record_for(inbound: Inbound, code: str, reason: str, trace_id: str) -> Audi
         key = "_"
     raw = None
     if event is None:
+        # Redact the whole text before cutting the excerpt, so a secret cut in half by
+        # the cut is still recognised.
+        text, _ = secrets.redact(inbound.data.decode("utf-8", errors="replace"))
         raw = RawExcerpt(
             size=len(inbound.data),
             sha256=hashlib.sha256(inbound.data).hexdigest(),
-            head=inbound.data[:_RAW_HEAD_BYTES].decode("utf-8", errors="replace"),
+            head=text[:_RAW_HEAD_BYTES],
         )
+    if code == "ok" and inbound.secrets:
+        reason = f"redacted: {', '.join(inbound.secrets)}"
     return AuditRecord(
         seq=0,
         at=datetime.now(UTC),
@@ -71,7 +77,7 @@ def _record_for(inbound: Inbound, code: str, reason: str, trace_id: str) -> Audi
         principal=inbound.principal.token if inbound.principal is not None else "unknown",
         kind=kind,
         key=key,
-        msg_id=event.id if event is not None else inbound.headers.get(subjects.HDR_MSG_ID, "")[:64],
+        msg_id=event.id if event is not None else secrets.redact(inbound.headers.get(subjects.HDR_MSG_ID, ""))[0][:64],
         ingress_seq=inbound.ingress_seq,
         delivery=inbound.delivery,
         trace_id=trace_id,
@@ -87,7 +93,10 @@ class Router:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream(timeout=10)
         self.settings = settings
-        self.checks = list(checks) if checks is not None else default_checks(settings.max_message_bytes)
+        self.policy = PolicyFile(settings.policy_path)
+        self.checks = (
+            list(checks) if checks is not None else default_checks(settings.max_message_bytes, self.policy)
+        )
         self.state = RouterState(dedup_horizon_s=settings.dedup_horizon_s)
         self.audit = AuditLog(self.js, audit_mod.ChainHead())
         self._sub: JetStreamContext.PullSubscription | None = None
@@ -182,6 +191,7 @@ class Router:
                 headers=headers,
                 ingress_seq=meta.sequence.stream,
                 delivery=meta.num_delivered,
+                received_at=meta.timestamp.timestamp() if meta.timestamp else 0.0,
             )
             with tracer.start_as_current_span(
                 "router.check",

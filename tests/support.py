@@ -94,6 +94,7 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
     env.update(
         LEDGERBUS_URL=settings.url,
         LEDGERBUS_DB_PATH=str(settings.db_path),
+        LEDGERBUS_POLICY_PATH=str(settings.policy_path),
         LEDGERBUS_WORK_ACK_WAIT_S=str(settings.work_ack_wait_s),
         LEDGERBUS_INGRESS_ACK_WAIT_S=str(settings.ingress_ack_wait_s),
         LEDGERBUS_HEARTBEAT_INTERVAL_S=str(settings.heartbeat_interval_s),

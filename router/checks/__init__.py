@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from bus.events import AnyEvent
 from bus.subjects import Principal
+from router.policy import PolicyFile
 from router.state import RouterState
 
 
@@ -26,9 +27,12 @@ class Inbound:
     delivery: int
     principal_token: str = ""
     kind_token: str = ""
+    received_at: float = 0.0
+    """When JetStream stored the message in INGRESS (POSIX seconds)."""
     principal: Principal | None = None
     event: AnyEvent | None = None
-    notes: dict[str, str] = field(default_factory=dict)
+    secrets: list[str] = field(default_factory=list)
+    """Kinds of secret redacted from the event by the secrets scan."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,21 +54,27 @@ def run_checks(checks: Sequence[Check], msg: Inbound, state: RouterState) -> Rej
     return None
 
 
-def default_checks(max_message_bytes: int) -> list[Check]:
-    """The pipeline in DESIGN.md's order: size, schema, headers, kind, lifecycle, duplicate id.
+def default_checks(max_message_bytes: int, policy: PolicyFile) -> list[Check]:
+    """The pipeline in DESIGN.md's order: size, schema, kind, skill, claimant, duplicate id,
+    rate, secrets.
 
     The subject is read first: it costs nothing, needs no body, and names the principal
-    on every audit record, rejected ones included. Headers are checked after decoding so
-    that their rejection still names the task it concerns.
+    on every audit record, rejected ones included. Right after decoding, secrets are
+    redacted from the event, so no record (whatever its verdict) keeps one in clear.
+    Headers are checked after decoding so that their rejection still names its task.
     """
-    from router.checks import duplicate, headers, lifecycle, principal, schema, size
+    from router.checks import duplicate, headers, lifecycle, principal, rate, schema, secrets, size, skills
 
     return [
         principal.check,
         size.make(max_message_bytes),
         schema.check,
+        secrets.scan,
         headers.check,
         principal.check_kind_allowed,
+        skills.make(policy),
         lifecycle.check,
         duplicate.check,
+        rate.make(policy),
+        secrets.make(policy),
     ]

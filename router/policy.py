@@ -1,0 +1,120 @@
+"""The router's policy: ``policy.toml``, reloaded when the file changes, without a restart.
+
+Principal patterns are shell-style (``cli-*``, ``agent-echo-1``); for a principal the
+exact name wins, else the longest matching pattern. A policy file that fails to load at
+start stops the router; one that fails on reload is logged and the previous policy stays.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import msgspec
+import structlog
+
+from bus.errors import ConfigError
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+
+class RateLimit(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A token bucket: ``rate`` submissions per second on average, bursts up to ``burst``."""
+
+    rate: float
+    burst: int
+
+
+class Secrets(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What to do with a message that carries a secret: redact it, or reject the message."""
+
+    action: Literal["redact", "reject"] = "redact"
+
+
+class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Everything ``policy.toml`` may say."""
+
+    skills: dict[str, list[str]] = msgspec.field(default_factory=lambda: {"cli-*": ["*"]})
+    """principal pattern → the skill patterns it may submit"""
+    rate_limits: dict[str, RateLimit] = msgspec.field(default_factory=dict)
+    """principal pattern → its token bucket for submissions"""
+    secrets: Secrets = msgspec.field(default_factory=Secrets)
+
+    def allowed_skills(self, principal: str) -> list[str]:
+        """The skill patterns ``principal`` may submit (none if no pattern matches)."""
+        return _most_specific(self.skills, principal) or []
+
+    def may_submit(self, principal: str, skill: str) -> bool:
+        """Whether ``principal`` may ask for ``skill``."""
+        return any(fnmatch.fnmatchcase(skill, pattern) for pattern in self.allowed_skills(principal))
+
+    def rate_limit(self, principal: str) -> tuple[str, RateLimit] | None:
+        """The bucket that applies to ``principal`` and the pattern that named it."""
+        for pattern in _by_specificity(self.rate_limits, principal):
+            return pattern, self.rate_limits[pattern]
+        return None
+
+
+def _by_specificity(table: dict[str, T], principal: str) -> list[str]:
+    matching = [p for p in table if fnmatch.fnmatchcase(principal, p)]
+    return sorted(matching, key=lambda p: (p != principal, -len(p.replace("*", ""))))
+
+
+def _most_specific(table: dict[str, T], principal: str) -> T | None:
+    matching = _by_specificity(table, principal)
+    return table[matching[0]] if matching else None
+
+
+def load(path: Path) -> Policy:
+    """Read and validate a policy file; :class:`ConfigError` names what is wrong."""
+    try:
+        return msgspec.toml.decode(path.read_bytes(), type=Policy)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ConfigError(f"policy {path}: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"policy {path}: {exc.strerror}") from exc
+
+
+class PolicyFile:
+    """The policy in force: the file's contents, re-read whenever the file changes.
+
+    No file at start means the built-in defaults. A file that later fails to load, or
+    disappears, leaves the previous policy in force: deleting or breaking the file must
+    not open anything up.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp = self._file_stamp()
+        if self._stamp is None:
+            log.warning("policy_missing", path=str(path), using="built-in defaults")
+            self._policy = Policy()
+        else:
+            self._policy = load(path)  # a broken policy stops the router at start
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def current(self) -> Policy:
+        """The policy now: one stat per call, a re-read only when the file changed."""
+        stamp = self._file_stamp()
+        if stamp == self._stamp:
+            return self._policy
+        self._stamp = stamp
+        if stamp is None:
+            log.error("policy_file_gone", path=str(self.path), keeping="the previous policy")
+            return self._policy
+        try:
+            self._policy = load(self.path)
+            log.info("policy_reloaded", path=str(self.path))
+        except ConfigError as exc:
+            log.error("policy_reload_failed", error=str(exc), keeping="the previous policy")
+        return self._policy
