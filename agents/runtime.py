@@ -276,6 +276,8 @@ class Agent:
             size = len(codec.encode(event))
         except (TypeError, msgspec.EncodeError) as exc:
             return TaskFailed(id=new_id(), task_id=task_id, attempt=attempt, error=f"output is not JSON: {exc}")
+        except RecursionError:
+            return TaskFailed(id=new_id(), task_id=task_id, attempt=attempt, error="output is nested too deeply")
         if size > self.settings.max_message_bytes:
             return TaskFailed(
                 id=new_id(),

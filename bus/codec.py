@@ -26,28 +26,32 @@ def encode(value: Any) -> bytes:
     return _encoder.encode(value)
 
 
+def _decode(decoder: msgspec.json.Decoder[T], data: bytes, what: str) -> T:
+    try:
+        return decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise SchemaError(f"{what}{exc}") from exc
+    # msgspec raises these, not DecodeError, for deeply nested input and for invalid
+    # UTF-8 inside a string: unmapped, one such message would crash the decoding process.
+    except RecursionError as exc:
+        raise SchemaError(f"{what}JSON is nested too deeply") from exc
+    except UnicodeDecodeError as exc:
+        raise SchemaError(f"{what}invalid UTF-8 at byte {exc.start}") from exc
+
+
 def decode_event(data: bytes) -> AnyEvent:
     """Strictly decode an ingress message; :class:`SchemaError` names what was wrong."""
-    try:
-        return _event_decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise SchemaError(str(exc)) from exc
+    return _decode(_event_decoder, data, "")
 
 
 def decode_record(data: bytes) -> AuditRecord:
     """Decode one audit record."""
-    try:
-        return _record_decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise SchemaError(f"audit record: {exc}") from exc
+    return _decode(_record_decoder, data, "audit record: ")
 
 
 def decode_work(data: bytes) -> WorkItem:
     """Decode one dispatched work item."""
-    try:
-        return _work_decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise SchemaError(f"work item: {exc}") from exc
+    return _decode(_work_decoder, data, "work item: ")
 
 
 def to_builtins(value: Any) -> Any:

@@ -61,8 +61,8 @@ async def answer(db: aiosqlite.Connection, subject: str, data: bytes) -> dict[st
         return {"ok": False, "error": f"unknown query {subject!r}; known: {', '.join(sorted(REQUESTS))}"}
     try:
         req = msgspec.json.decode(data or b"{}", type=kind)
-    except msgspec.DecodeError as exc:
-        return {"ok": False, "error": f"bad {subject} request: {exc}"}
+    except (msgspec.DecodeError, RecursionError) as exc:
+        return {"ok": False, "error": f"bad {subject} request: {exc or 'nested too deeply'}"}
     match req:
         case TasksList(status=status, limit=limit):
             result: Any = await queries.list_tasks(db, status, limit)

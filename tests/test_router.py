@@ -3,6 +3,7 @@ nothing rejected reaches WORK; the chain recomputes and survives restarts and cr
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 import nats.errors
@@ -15,6 +16,9 @@ from bus.events import TaskCompleted, TaskStarted, TaskSubmitted, kind_of, new_i
 from bus.provision import router_consumer_config
 from bus.settings import Settings
 from router.app import Router
+from router.checks import Inbound, Rejection, default_checks
+from router.policy import PolicyFile
+from router.state import RouterState
 from tests.conftest import RunningRouter
 from tests.support import audit_records, stored_audit, wait_for_records, wait_until, work_count
 
@@ -254,3 +258,28 @@ async def test_a_restarted_router_still_knows_the_message_ids_it_accepted(
                                   codec.encode(TaskSubmitted(id=first.id, task_id="t2", skill="echo")))
     _, dup = await wait_for_records(admin.jetstream(), 2)
     assert dup.code == "duplicate_message"
+
+
+async def test_a_check_that_raises_rejects_the_message_and_the_router_lives(
+    connect_as: Connect, admin: Client, settings: Settings
+) -> None:
+    def broken(msg: Inbound, state: RouterState) -> Rejection | None:
+        raise KeyError("a bug")
+
+    checks = default_checks(settings.max_message_bytes, PolicyFile(settings.policy_path))
+    router = Router(await connect_as("router"), settings, checks=[checks[0], broken, *checks[1:]])
+    await router.start()
+    stop = asyncio.Event()
+    serving = asyncio.create_task(router.run(stop))
+    try:
+        cli = await connect_as("cli")
+        await send(cli, CLI, submitted("t1"))
+        await send(cli, CLI, submitted("t2"))
+        records = await wait_for_records(admin.jetstream(), 2)
+        assert [(r.code, r.key) for r in records] == [("internal_error", "_"), ("internal_error", "_")]
+        assert records[0].reason == "a router check failed on this message (KeyError)"
+        assert not serving.done()
+        assert await work_count(admin.jetstream()) == 0
+    finally:
+        stop.set()
+        await serving

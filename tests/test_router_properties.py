@@ -36,7 +36,12 @@ valid_submission = st.builds(
     lambda n: codec.encode(TaskSubmitted(id=f"m{n}", task_id=f"t{n}", skill="echo", input={"n": n})),
     st.integers(0, 50),
 )
-bodies = st.one_of(st.binary(max_size=300), wrong_but_well_formed, valid_submission)
+# Raw bytes spliced into a JSON string: invalid UTF-8 where a parser expects text.
+bytes_in_a_string = st.builds(
+    lambda raw, field: b'{"kind":"task_submitted","id":"m","task_id":"t","skill":"echo","' + field + b'":"' + raw + b'"}',
+    st.binary(min_size=1, max_size=8), st.sampled_from([b"id", b"skill", b"note"]),
+)
+bodies = st.one_of(st.binary(max_size=300), wrong_but_well_formed, valid_submission, bytes_in_a_string)
 messages = st.lists(st.tuples(st.sampled_from(["cli", "agent"]), kind_tokens, bodies), min_size=1, max_size=30)
 
 

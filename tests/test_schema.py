@@ -140,3 +140,19 @@ def test_subjects_keep_principal_kind_and_name_in_their_own_tokens() -> None:
             subjects.parse_ingress(bad)
     with pytest.raises(subjects.SubjectError):
         subjects.audit("accepted", "task_started", "a.b")
+
+
+def test_deeply_nested_input_is_a_schema_error_not_a_crash() -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    body = b'{"kind":"task_submitted","id":"m","task_id":"t","skill":"echo","input":{"a":' + deep + b"}}"
+    with pytest.raises(SchemaError, match="nested too deeply"):
+        codec.decode_event(body)
+    # Only Any-typed fields (input, output) can nest without limit.
+    record = b'{"event":{"kind":"task_completed","id":"m","task_id":"t","attempt":1,"output":' + deep + b"}}"
+    with pytest.raises(SchemaError, match="nested too deeply"):
+        codec.decode_record(record)
+
+
+def test_invalid_utf8_inside_a_string_is_a_schema_error_not_a_crash() -> None:
+    with pytest.raises(SchemaError, match="invalid UTF-8"):
+        codec.decode_event(b'{"kind":"task_submitted","id":"\xff\xfe","task_id":"t","skill":"echo"}')

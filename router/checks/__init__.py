@@ -10,10 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import structlog
+
 from bus.events import AnyEvent
 from bus.subjects import Principal
 from router.policy import PolicyFile
 from router.state import RouterState
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(slots=True)
@@ -47,9 +51,19 @@ Check = Callable[[Inbound, RouterState], Rejection | None]
 
 
 def run_checks(checks: Sequence[Check], msg: Inbound, state: RouterState) -> Rejection | None:
-    """Run ``checks`` in order; return the first rejection, or ``None`` if all pass."""
+    """Run ``checks`` in order; return the first rejection, or ``None`` if all pass.
+
+    A check that raises is a bug, but it must not take the router down or lose the
+    message: the message is rejected as ``internal_error`` (and so still gets its one
+    audit record), and the traceback is logged.
+    """
     for check in checks:
-        if (rejection := check(msg, state)) is not None:
+        try:
+            rejection = check(msg, state)
+        except Exception as exc:
+            log.exception("check_raised", check=getattr(check, "__module__", repr(check)), subject=msg.subject)
+            return Rejection("internal_error", f"a router check failed on this message ({type(exc).__name__})")
+        if rejection is not None:
             return rejection
     return None
 
