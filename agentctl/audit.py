@@ -13,6 +13,7 @@ from rich.table import Table
 
 from agentctl.common import EXIT_FAILED, EXIT_OK, App, err, out, run
 from agentctl.reads import json_option, request_query
+from bus import signing
 from bus.connection import connected
 from bus.errors import BusError
 from bus.verify import Finding, LogReport, verify_log
@@ -28,16 +29,21 @@ def audit() -> None:
 @click.option("--db", "db_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Compare this projection file with a rebuild (default: ask the projector).")
 @click.option("--no-projections", is_flag=True, help="Check only the log, not the projections.")
+@click.option("--pubkey", type=click.Path(dir_okay=False, path_type=Path),
+              help="The router's public key (default: next to LEDGERBUS_ROUTER_KEY_PATH, .pub).")
 @json_option
 @click.pass_obj
-def verify(app: App, db_path: Path | None, no_projections: bool, as_json: bool) -> None:
+def verify(app: App, db_path: Path | None, no_projections: bool, pubkey: Path | None, as_json: bool) -> None:
     """Verify the audit log: the stream is append-only, its sequences run from 1 with none
-    missing, every record's hash recomputes and links to the one before, and a projection
-    rebuilt from scratch equals the live one. Exit 0 when intact, 1 naming the first bad
+    missing, every record's hash recomputes and links to the one before, the router's signed
+    checkpoints are valid and regular, and a projection rebuilt from scratch equals the live one. Exit 0 when intact, 1 naming the first bad
     sequence and what is wrong."""
     show = not as_json and err.is_terminal
+    key_file = pubkey or signing.public_path(app.settings.router_key_path)
+    max_gap = app.settings.checkpoint_every + app.settings.router_batch
 
     async def body() -> tuple[LogReport, list[Finding]]:
+        public_key = signing.load_public(key_file) if (pubkey is not None or key_file.exists()) else None
         async with connected(app.settings, "cli") as nc:
             js = nc.jetstream(timeout=10)
             bar = Progress(TextColumn("verifying the chain"), BarColumn(), MofNCompleteColumn(),
@@ -49,7 +55,7 @@ def verify(app: App, db_path: Path | None, no_projections: bool, as_json: bool) 
                     if bar is not None and task is not None:
                         bar.update(task, completed=done, total=total)
 
-                report = await verify_log(js, progress)
+                report = await verify_log(js, progress, public_key, max_gap)
             findings = list(report.findings)
             if not no_projections:
                 findings.append(await _projections(nc, js, db_path))

@@ -132,6 +132,21 @@ class RawExcerpt(msgspec.Struct, frozen=True, kw_only=True):
     """The first bytes, decoded as UTF-8 with replacement, so a person can see what came."""
 
 
+class Checkpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """The router's signed statement: the chain up to ``covers_seq`` has head ``chain_head``.
+
+    Written into the log itself every so many records, as CloudTrail digests and RFC 6962
+    signed tree heads are; ``signature`` is Ed25519 over this struct's JSON with
+    ``signature=""``, by the key whose sha256 prefix is ``key_id``.
+    """
+
+    covers_seq: int
+    chain_head: str
+    prev_checkpoint_seq: int
+    key_id: str
+    signature: str = ""
+
+
 class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
     """One entry of the audit log: the router's verdict on one ingress message.
 
@@ -153,6 +168,7 @@ class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
     trace_id: str = ""
     event: AnyEvent | None = None
     raw: RawExcerpt | None = None
+    checkpoint: Checkpoint | None = None
     prev_hash: str = ""
     hash: str = ""
 

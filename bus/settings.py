@@ -37,6 +37,9 @@ class Settings:
     password: str | None = None
     db_path: Path = Path("var/ledgerbus.db")
     policy_path: Path = Path("policy.toml")
+    router_key_path: Path = Path("var/keys/router.key")
+    checkpoint_every: int = 1000
+    checkpoint_interval_s: float = 60.0
     max_message_bytes: int = 256 * 1024
     duplicate_window_s: float = 120.0
     dedup_horizon_s: float = 24 * 3600.0

@@ -1,5 +1,8 @@
 """Verifying the audit log as stored: its stream configuration, contiguity, and hash chain.
 
+The router's signed checkpoints anchor the chain: without its private key nobody can
+write a history that both chains and carries valid checkpoints at the router's spacing.
+
 Each check yields a :class:`Finding`; the first failing one names the first bad sequence
 where there is one. Reading is sequential through an ordered consumer, so a record that
 JetStream cannot read back (a byte changed on disk fails JetStream's own checksum) shows
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, RetentionPolicy, StorageType, StreamInfo
 
-from bus import chain, subjects
+from bus import chain, codec, signing, subjects
 from bus.chain import ChainHead
 from bus.errors import ChainError
 
@@ -71,8 +74,60 @@ def config_findings(info: StreamInfo) -> list[str]:
     return problems
 
 
-async def verify_log(js: JetStreamContext, on_progress: Progress | None = None) -> LogReport:
-    """Check the AUDIT stream's configuration, its contiguity from 1, and the whole chain."""
+class CheckpointWalk:
+    """Follows the signed checkpoints along the chain; remembers the first thing wrong.
+
+    Each checkpoint must cover exactly the record before it with that record's hash,
+    follow the previous checkpoint, and carry a valid signature by the router's key; and
+    no stretch of records may go longer than the router's spacing without one. A log
+    rewritten with a fresh, valid chain but without the router's key fails here.
+    """
+
+    def __init__(self, public_key: str | None, max_gap: int) -> None:
+        self.public_key = public_key
+        self.max_gap = max_gap
+        self.last_seq = 0
+        self.count = 0
+        self.problem: tuple[int, str] | None = None
+
+    def _fail(self, seq: int, detail: str) -> None:
+        if self.problem is None:
+            self.problem = (seq, detail)
+
+    def record(self, data: bytes, seq: int, before: ChainHead) -> None:
+        """Look at the record just verified at ``seq``; ``before`` is the head before it."""
+        if b'"checkpoint":{' not in data:
+            if seq - self.last_seq > self.max_gap:
+                self._fail(seq, f"seq {seq}: more than {self.max_gap} records since the last signed checkpoint")
+            return
+        cp = codec.decode_record(data).checkpoint
+        assert cp is not None
+        if (cp.covers_seq, cp.chain_head) != (before.seq, before.hash):
+            self._fail(seq, f"seq {seq}: the checkpoint does not cover the record before it")
+        elif cp.prev_checkpoint_seq != self.last_seq:
+            self._fail(seq, f"seq {seq}: the checkpoint does not follow the one at seq {self.last_seq}")
+        elif self.public_key is not None and not signing.valid(self.public_key, cp):
+            self._fail(seq, f"seq {seq}: the checkpoint's signature does not verify with the router's key")
+        self.last_seq, self.count = seq, self.count + 1
+
+    def finding(self, head: ChainHead) -> Finding:
+        """The verdict on every checkpoint seen up to ``head``."""
+        if self.problem is not None:
+            return Finding("checkpoints", False, self.problem[1], seq=self.problem[0])
+        if self.public_key is None and self.count:
+            return Finding("checkpoints", False, f"{self.count} signatures not checked: no public key given")
+        tail = head.seq - self.last_seq
+        return Finding("checkpoints", True, f"{self.count} signed checkpoints valid; {tail} records since the last")
+
+
+async def verify_log(
+    js: JetStreamContext,
+    on_progress: Progress | None = None,
+    public_key: str | None = None,
+    max_gap: int = 1000 + 256,
+) -> LogReport:
+    """Check the AUDIT stream's configuration, its contiguity from 1, the whole chain, and
+    the signed checkpoints (with ``public_key``, the router's, hex)."""
     report = LogReport()
     info = await js.stream_info(subjects.AUDIT_STREAM)
     problems = config_findings(info)
@@ -91,18 +146,22 @@ async def verify_log(js: JetStreamContext, on_progress: Progress | None = None) 
     else:
         report.findings.append(Finding("contiguity", True, f"seq 1..{state.last_seq}, nothing deleted"))
 
+    walk = CheckpointWalk(public_key, max_gap)
     try:
-        report.head = await _verify_chain(js, state.last_seq, on_progress)
+        report.head = await _verify_chain(js, state.last_seq, on_progress, walk)
         if report.head.seq < state.last_seq:
             seq = report.head.seq + 1
             raise ChainError(f"seq {seq}: missing (deleted, or unreadable on disk); read up to {report.head.seq}", seq)
         report.findings.append(Finding("hash chain", True, f"{report.head.seq} records, head {report.head.hash[:16]}…"))
     except ChainError as exc:
         report.findings.append(Finding("hash chain", False, str(exc), seq=exc.seq))
+    report.findings.append(walk.finding(report.head))
     return report
 
 
-async def _verify_chain(js: JetStreamContext, last: int, on_progress: Progress | None) -> ChainHead:
+async def _verify_chain(
+    js: JetStreamContext, last: int, on_progress: Progress | None, walk: CheckpointWalk
+) -> ChainHead:
     head = ChainHead()
     if last == 0:
         return head
@@ -116,7 +175,9 @@ async def _verify_chain(js: JetStreamContext, last: int, on_progress: Progress |
             except TimeoutError:
                 break  # nothing more will come: what is left unread is missing
             seq = msg.metadata.sequence.stream
+            before = head
             head = chain.verify([(seq, msg.data)], head)
+            walk.record(msg.data, seq, before)
             if on_progress is not None:
                 on_progress(head.seq, last)
             if msg.metadata.num_pending == 0:

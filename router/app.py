@@ -15,8 +15,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from opentelemetry import trace
 
-from bus import subjects, tracing
-from bus.events import AGENT_EVENTS, TASK_EVENTS, AuditRecord, RawExcerpt, kind_of
+from bus import signing, subjects, tracing
+from bus.events import AGENT_EVENTS, TASK_EVENTS, AuditRecord, Checkpoint, RawExcerpt, kind_of
 from bus.provision import provision, router_consumer_config
 from bus.settings import Settings
 from router import audit as audit_mod
@@ -103,6 +103,8 @@ class Router:
 
     async def start(self) -> None:
         """Provision the streams, rebuild state from the log, bind the INGRESS consumer."""
+        self.key = signing.load_or_create(self.settings.router_key_path)
+        self._last_checkpoint_at = asyncio.get_running_loop().time()
         await provision(self.js, self.settings)
         await self._recover()
         self._sub = await self.js.pull_subscribe(
@@ -130,6 +132,7 @@ class Router:
                 msgs = await self._sub.fetch(self.settings.router_batch, timeout=1.0)
             except TimeoutError:
                 # nats.py raises its own TimeoutError or asyncio's: the builtin covers both.
+                await self._checkpoint_if_due()
                 continue
             except nats.errors.Error as exc:
                 log.warning("ingress_fetch_failed", error=str(exc))
@@ -137,6 +140,7 @@ class Router:
                 continue
             try:
                 await self.process(msgs)
+                await self._checkpoint_if_due()
             except nats.errors.Error as exc:
                 # The log is consistent whatever failed here (records are appended before
                 # anything is acted on); unacked messages come back and are settled then.
@@ -146,6 +150,36 @@ class Router:
         await self._sub.unsubscribe()
         self._sub = None
         log.info("router_stopped", head_seq=self.audit.head.seq)
+
+    async def _checkpoint_if_due(self) -> None:
+        """Sign the chain head into the log every ``checkpoint_every`` records, or after
+        ``checkpoint_interval_s`` when records are waiting for one."""
+        pending = self.audit.head.seq - self.state.last_checkpoint_seq
+        now = asyncio.get_running_loop().time()
+        if pending == 0 or (
+            pending < self.settings.checkpoint_every
+            and now - self._last_checkpoint_at < self.settings.checkpoint_interval_s
+        ):
+            return
+        head = self.audit.head
+        checkpoint = signing.sign(
+            self.key,
+            Checkpoint(covers_seq=head.seq, chain_head=head.hash,
+                       prev_checkpoint_seq=self.state.last_checkpoint_seq, key_id=""),
+        )
+        record, data = self.audit.seal(AuditRecord(
+            seq=0, at=datetime.now(UTC), verdict="accepted", code="ok", reason="", principal="router",
+            kind="checkpoint", key="router", msg_id="", ingress_seq=0, delivery=0, checkpoint=checkpoint,
+        ))
+        try:
+            await self.audit.append([(record, data, {})])
+        except AuditAppendError as exc:
+            log.error("checkpoint_append_failed", error=str(exc))
+            await self._recover()
+            return
+        self.state.apply(record)
+        self._last_checkpoint_at = now
+        log.info("checkpoint", seq=record.seq, covers_seq=head.seq)
 
     async def _recover_until_done(self, stop: asyncio.Event) -> None:
         """Rebuild state and chain head from the log, retrying while the server is away."""

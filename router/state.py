@@ -8,7 +8,8 @@ running it applies each record right after sealing it. Two things live here:
 - which INGRESS messages already have an audit record, so a message redelivered after
   a crash between "audit appended" and "ingress acked" is acted on again but never
   audited twice (invariant 2);
-- the message ids of accepted records within the de-duplication horizon.
+- the message ids of accepted records within the de-duplication horizon;
+- where the last signed checkpoint is.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class RouterState:
 
     def __init__(self, audited_capacity: int = 65_536, dedup_horizon_s: float = 24 * 3600) -> None:
         self.tasks: dict[str, TaskState] = {}
+        self.last_checkpoint_seq = 0
         self._audited: OrderedDict[int, AuditRecord] = OrderedDict()
         self._capacity = audited_capacity
         # message id -> (seq, time) of accepted records, oldest first, for dedup_horizon_s.
@@ -56,6 +58,9 @@ class RouterState:
 
     def apply(self, record: AuditRecord) -> None:
         """Fold one audit record into the state."""
+        if record.checkpoint is not None:
+            self.last_checkpoint_seq = record.seq
+            return
         self._audited[record.ingress_seq] = record
         self._audited.move_to_end(record.ingress_seq)
         while len(self._audited) > self._capacity:

@@ -32,6 +32,7 @@ def settings(nats_server: NatsServer, tmp_path: Path) -> Settings:
         url=nats_server.url,
         db_path=tmp_path / "live.db",
         policy_path=tmp_path / "policy.toml",
+        router_key_path=tmp_path / "keys" / "router.key",
         work_ack_wait_s=2.0,
         ingress_ack_wait_s=2.0,
         heartbeat_interval_s=0.5,

@@ -5,22 +5,25 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import nats.js.errors
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.aio.client import Client
 from nats.js.api import StreamConfig, StreamInfo, StreamState
 
-from bus import codec, subjects
-from bus.events import TaskSubmitted, new_id
+from bus import chain, codec, signing, subjects
+from bus.events import AuditRecord, Checkpoint, TaskSubmitted, new_id
 from bus.server import NatsServer
 from bus.settings import Settings
 from bus.verify import config_findings
 from projections import db as dbmod
 from projections.rebuild import rebuild
 from tests.conftest import RunningRouter
-from tests.support import agentctl, wait_for_records
+from tests.support import agentctl, audit_records, wait_for_record, wait_for_records
 
 Connect = Callable[[str], Awaitable[Client]]
 
@@ -48,7 +51,8 @@ async def test_an_intact_log_and_projection_verify(
     code, report = await verify(settings, "--db", str(live))
     assert code == 0, report
     assert report["ok"] and report["head"]["seq"] == 5 and report["first_bad_seq"] is None
-    assert [c["check"] for c in report["checks"]] == ["stream config", "contiguity", "hash chain", "projections"]
+    assert [c["check"] for c in report["checks"]] == [
+        "stream config", "contiguity", "hash chain", "checkpoints", "projections"]
 
 
 async def test_a_byte_changed_on_disk_is_found_at_its_sequence(
@@ -110,3 +114,92 @@ def test_a_weakened_stream_configuration_is_named() -> None:
                         max_msgs=1000)
     problems = config_findings(StreamInfo(config=weak, state=StreamState(0, 0, 0, 0, 0)))
     assert [p.split(" ")[0] for p in problems] == ["deny_delete", "rollup", "max_age", "max_msgs"]
+
+
+async def router_writing_checkpoints(settings: Settings, connect_as: Connect, **changes: object) -> tuple[RunningRouter, Settings]:
+    tuned = settings.replace(**changes)
+    router = RunningRouter(await connect_as("router"), tuned)
+    await router.start()
+    return router, tuned
+
+
+async def submit_n(connect_as: Connect, admin: Client, n: int, total: int) -> list:
+    cli = await connect_as("cli")
+    for _ in range(n):
+        await cli.jetstream().publish("in.cli.alice.task_submitted",
+                                      codec.encode(TaskSubmitted(id=new_id(), task_id=new_id(), skill="echo")))
+    return await wait_for_records(admin.jetstream(), total)
+
+
+async def test_checkpoints_are_signed_every_n_records_and_verify(
+    settings: Settings, connect_as: Connect, admin: Client
+) -> None:
+    router, tuned = await router_writing_checkpoints(settings, connect_as, checkpoint_every=4, router_batch=2)
+    try:
+        # 10 submissions in batches of at most 2: a checkpoint after 4 records, and after 8.
+        records = await submit_n(connect_as, admin, 10, 12)
+    finally:
+        await router.stop()
+    checkpoints = [r for r in records if r.checkpoint is not None]
+    assert len(checkpoints) >= 2
+    for cp_record in checkpoints:
+        assert cp_record.checkpoint.covers_seq == cp_record.seq - 1  # type: ignore[union-attr]
+        assert cp_record.principal == "router" and cp_record.kind == "checkpoint"
+    code, report = await verify(tuned, "--no-projections")
+    assert code == 0, report
+    assert report["checks"][3]["detail"].startswith(f"{len(checkpoints)} signed checkpoints valid")
+
+
+async def test_a_forged_checkpoint_is_found(settings: Settings, connect_as: Connect, admin: Client) -> None:
+    router, tuned = await router_writing_checkpoints(settings, connect_as, checkpoint_every=3, router_batch=1)
+    await submit_n(connect_as, admin, 3, 4)
+    await router.stop()
+    # Someone with the router's NATS rights but not its key appends a checkpoint of their own.
+    records = await audit_records(admin.jetstream())
+    head = chain.ChainHead(records[-1].seq, records[-1].hash)
+    forged = signing.sign(Ed25519PrivateKey.generate(), Checkpoint(
+        covers_seq=head.seq, chain_head=head.hash, prev_checkpoint_seq=records[-1].seq, key_id=""))
+    forged = msgspec.structs.replace(forged, key_id=signing.key_id(signing.load_public(
+        signing.public_path(tuned.router_key_path))))
+    record, data = chain.seal(msgspec.structs.replace(records[-1], seq=head.seq + 1, checkpoint=forged), head.hash)
+    router_nc = await connect_as("router")
+    await router_nc.jetstream().publish("audit.accepted.checkpoint.router", data,
+                                        headers={subjects.HDR_EXPECTED_LAST_SEQ: str(head.seq)})
+    code, report = await verify(tuned, "--no-projections")
+    assert code == 1
+    assert report["first_bad_seq"] == record.seq
+    assert "signature does not verify" in report["problem"]
+
+
+async def test_a_history_rewritten_without_the_routers_key_is_found(
+    settings: Settings, connect_as: Connect, admin: Client
+) -> None:
+    # No router runs: the writer chains its own records correctly but cannot sign them.
+    tuned = settings.replace(checkpoint_every=3, router_batch=1)
+    writer = (await connect_as("router")).jetstream()
+    head = chain.ChainHead()
+    for i in range(1, 9):
+        rec = AuditRecord(seq=i, at=datetime.now(UTC), verdict="accepted", code="ok", reason="", principal="cli-x",
+                          kind="task_submitted", key=f"t{i}", msg_id=f"m{i}", ingress_seq=i, delivery=1,
+                          event=TaskSubmitted(id=f"m{i}", task_id=f"t{i}", skill="echo"))
+        sealed, data = chain.seal(rec, head.hash)
+        await writer.publish(f"audit.accepted.task_submitted.t{i}", data,
+                             headers={subjects.HDR_EXPECTED_LAST_SEQ: str(head.seq)})
+        head = chain.ChainHead(i, sealed.hash)
+    signing.load_or_create(tuned.router_key_path)  # the verifier has the real router's public key
+    code, report = await verify(tuned, "--no-projections")
+    assert code == 1
+    assert [c["check"] for c in report["checks"] if not c["ok"]] == ["checkpoints"]
+    assert report["first_bad_seq"] == 5  # more than 3 + 1 records with no checkpoint
+
+
+async def test_an_idle_router_checkpoints_after_its_interval(
+    settings: Settings, connect_as: Connect, admin: Client
+) -> None:
+    router, _ = await router_writing_checkpoints(settings, connect_as, checkpoint_interval_s=0.2)
+    try:
+        await submit_n(connect_as, admin, 2, 2)
+        cp = await wait_for_record(admin.jetstream(), lambda r: r.checkpoint is not None, timeout=10)
+        assert cp.checkpoint.covers_seq == 2  # type: ignore[union-attr]
+    finally:
+        await router.stop()
