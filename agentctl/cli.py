@@ -6,6 +6,7 @@ import os
 
 import click
 
+from agentctl.approvals import approve, deny
 from agentctl.audit import audit
 from agentctl.common import App, fail
 from agentctl.processes import agent, nats, projector, router
@@ -50,7 +51,7 @@ def cli(ctx: click.Context, url: str | None, user: str | None, password: str | N
     ctx.obj = App(settings=settings, log_format=log_format, log_level=log_level)
 
 
-for command in (nats, router, projector, agent, submit, tasks, events, agents, audit):
+for command in (nats, router, projector, agent, submit, approve, deny, tasks, events, agents, audit):
     cli.add_command(command)
 
 

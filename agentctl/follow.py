@@ -12,7 +12,9 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from bus import codec, subjects
 from bus.events import (
     AuditRecord,
+    TaskApproved,
     TaskCompleted,
+    TaskDenied,
     TaskFailed,
     TaskProgress,
     TaskStarted,
@@ -86,7 +88,7 @@ class TaskView:
     @property
     def terminal(self) -> bool:
         """Whether nothing more will happen to the task."""
-        return self.status in ("completed", "failed", "rejected")
+        return self.status in ("completed", "failed", "rejected", "denied")
 
     def apply(self, record: AuditRecord) -> None:
         """Fold one of the task's audit records into the view."""
@@ -105,8 +107,16 @@ class TaskView:
         agent = record.principal.removeprefix("agent-")
         match event:
             case TaskSubmitted(skill=skill):
-                self.skill, self.status, self.submitted_seq = skill, "pending", record.seq
+                held = record.code == "approval_requested"
+                self.skill, self.submitted_seq = skill, record.seq
+                self.status = "awaiting_approval" if held else "pending"
                 self._submitted_at = record.at
+            case TaskApproved():
+                self.status = "pending"
+                self.notes.append(f"approved by {record.principal}")
+            case TaskDenied(reason=reason):
+                self._finish("denied", record)
+                self.error = f"denied by {record.principal}" + (f": {reason}" if reason else "")
             case TaskStarted(attempt=attempt):
                 self.status, self.agent, self.attempts = "running", agent, self.attempts + 1
                 self.progress, self.fraction = "", None

@@ -27,7 +27,8 @@ from projections import db as dbmod
 from projections import service
 from projections.errors import DatabaseError
 
-STATUS_STYLE = {"pending": "yellow", "running": "cyan", "completed": "green", "failed": "red", "rejected": "red",
+STATUS_STYLE = {"awaiting_approval": "magenta", "pending": "yellow", "running": "cyan", "completed": "green",
+                "failed": "red", "rejected": "red", "denied": "red",
                 "online": "green", "offline": "dim"}
 
 db_option = click.option(
@@ -85,7 +86,8 @@ def _duration(start: str | None, end: str | None) -> str:
 
 
 @click.group(invoke_without_command=True)
-@click.option("--status", type=click.Choice(["pending", "running", "completed", "failed"]), help="Only these.")
+@click.option("--status", type=click.Choice(["awaiting_approval", "pending", "running", "completed", "failed", "denied"]),
+              help="Only these.")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
 @db_option
 @json_option

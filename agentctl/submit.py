@@ -130,7 +130,7 @@ def _report(view: TaskView, as_json: bool, timed_out: float | None = None) -> in
     elif timed_out is not None:
         err.print(f"[yellow]timed out[/] after {timed_out:g}s waiting for task {view.task_id} (last state: {view.status})")
     else:
-        colour = {"completed": "green", "failed": "red", "rejected": "red"}[view.status]
+        colour = {"completed": "green", "failed": "red", "rejected": "red", "denied": "red"}[view.status]
         took = f" in {view.seconds:g}s" if view.seconds is not None else ""
         by = f" by {view.agent} (attempt {view.attempts})" if view.agent else ""
         err.print(f"[{colour}]{view.status}[/] task {view.task_id} {view.skill}{by}{took}")
@@ -138,7 +138,7 @@ def _report(view: TaskView, as_json: bool, timed_out: float | None = None) -> in
             err.print(f"  [dim]{note}[/]")
         if view.status == "completed":
             out.print_json(data=view.output)
-        elif view.status == "failed":
+        elif view.status in ("failed", "denied"):
             err.print(f"  error: {view.error}")
         else:
             err.print(f"  rejected ({view.code}): {view.reason}")

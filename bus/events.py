@@ -85,6 +85,20 @@ class TaskFailed(Event, tag="task_failed", frozen=True):
     error: Text
 
 
+class TaskApproved(Event, tag="task_approved", frozen=True):
+    """An approver lets a task held for approval run."""
+
+    task_id: Id
+    reason: Text = ""
+
+
+class TaskDenied(Event, tag="task_denied", frozen=True):
+    """An approver refuses a task held for approval; it never runs."""
+
+    task_id: Id
+    reason: Text = ""
+
+
 class AgentJoined(Event, tag="agent_joined", frozen=True):
     """An agent process came up and advertises its skills."""
 
@@ -100,10 +114,13 @@ class AgentLeft(Event, tag="agent_left", frozen=True):
     reason: Text = ""
 
 
-AnyEvent = TaskSubmitted | TaskStarted | TaskProgress | TaskCompleted | TaskFailed | AgentJoined | AgentLeft
+AnyEvent = (
+    TaskSubmitted | TaskStarted | TaskProgress | TaskCompleted | TaskFailed | TaskApproved | TaskDenied
+    | AgentJoined | AgentLeft
+)
 """The ingress union: every message a principal may send to the router."""
 
-TASK_EVENTS = (TaskSubmitted, TaskStarted, TaskProgress, TaskCompleted, TaskFailed)
+TASK_EVENTS = (TaskSubmitted, TaskStarted, TaskProgress, TaskCompleted, TaskFailed, TaskApproved, TaskDenied)
 AGENT_EVENTS = (AgentJoined, AgentLeft)
 TERMINAL_EVENTS = (TaskCompleted, TaskFailed)
 
@@ -117,7 +134,7 @@ def kind_of(event_type: type[Event]) -> str:
 
 EVENT_KINDS: dict[str, type[Event]] = {
     kind_of(t): t
-    for t in (TaskSubmitted, TaskStarted, TaskProgress, TaskCompleted, TaskFailed, AgentJoined, AgentLeft)
+    for t in (*TASK_EVENTS, AgentJoined, AgentLeft)
 }
 
 Verdict = Literal["accepted", "rejected"]

@@ -5,7 +5,16 @@ from __future__ import annotations
 import aiosqlite
 
 from bus import codec, subjects
-from bus.events import AuditRecord, TaskCompleted, TaskFailed, TaskProgress, TaskStarted, TaskSubmitted
+from bus.events import (
+    AuditRecord,
+    TaskApproved,
+    TaskCompleted,
+    TaskDenied,
+    TaskFailed,
+    TaskProgress,
+    TaskStarted,
+    TaskSubmitted,
+)
 
 
 def agent_name(principal: str) -> str:
@@ -23,11 +32,22 @@ async def apply(db: aiosqlite.Connection, record: AuditRecord) -> None:
     at = record.at.isoformat()
     match record.event:
         case TaskSubmitted() as e:
+            status = "awaiting_approval" if record.code == "approval_requested" else "pending"
             await db.execute(
                 "INSERT INTO tasks (task_id, skill, input, timeout_s, status, submitted_by, submitted_at,"
-                " submitted_seq, trace_id, updated_seq) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
-                (e.task_id, e.skill, codec.encode(e.input).decode(), e.timeout_s, record.principal, at,
+                " submitted_seq, trace_id, updated_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (e.task_id, e.skill, codec.encode(e.input).decode(), e.timeout_s, status, record.principal, at,
                  record.seq, record.trace_id, record.seq),
+            )
+        case TaskApproved() as e:
+            await db.execute(
+                "UPDATE tasks SET status = 'pending', progress = ?, updated_seq = ? WHERE task_id = ?",
+                (f"approved by {record.principal}", record.seq, e.task_id),
+            )
+        case TaskDenied() as e:
+            await db.execute(
+                "UPDATE tasks SET status = 'denied', error = ?, finished_at = ?, updated_seq = ? WHERE task_id = ?",
+                (f"denied by {record.principal}" + (f": {e.reason}" if e.reason else ""), at, record.seq, e.task_id),
             )
         case TaskStarted() as e:
             await db.execute(

@@ -25,7 +25,7 @@ from router.checks import Check, Inbound, default_checks, run_checks, secrets
 from router.dispatch import dispatch, work_item
 from router.errors import AuditAppendError
 from router.policy import PolicyFile
-from router.state import RouterState
+from router.state import APPROVAL_REQUESTED, RouterState
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("ledgerbus.router")
@@ -66,12 +66,12 @@ def _record_for(inbound: Inbound, code: str, reason: str, trace_id: str) -> Audi
             sha256=hashlib.sha256(inbound.data).hexdigest(),
             head=text[:_RAW_HEAD_BYTES],
         )
-    if code == "ok" and inbound.secrets:
-        reason = f"redacted: {', '.join(inbound.secrets)}"
+    if code in ("ok", APPROVAL_REQUESTED) and inbound.secrets:
+        reason = "; ".join(filter(None, [reason, f"redacted: {', '.join(inbound.secrets)}"]))
     return AuditRecord(
         seq=0,
         at=datetime.now(UTC),
-        verdict="accepted" if code == "ok" else "rejected",
+        verdict="accepted" if code in ("ok", APPROVAL_REQUESTED) else "rejected",
         code=code,
         reason=reason,
         principal=inbound.principal.token if inbound.principal is not None else "unknown",
@@ -238,7 +238,12 @@ class Router:
                 },
             ) as span:
                 rejection = run_checks(self.checks, inbound, self.state)
-                code, reason = ("ok", "") if rejection is None else (rejection.code, rejection.reason)
+                if rejection is not None:
+                    code, reason = rejection.code, rejection.reason
+                elif inbound.held:
+                    code, reason = APPROVAL_REQUESTED, "the skill is marked dangerous: waiting for an approver"
+                else:
+                    code, reason = "ok", ""
                 span.set_attribute("ledgerbus.verdict", code)
                 record, data = self.audit.seal(_record_for(inbound, code, reason, tracing.trace_id_of_span(span)))
                 out_headers = tracing.inject()
@@ -254,7 +259,7 @@ class Router:
 
     async def act(self, decisions: list[Decision]) -> None:
         """Dispatch what the records ask for, then ack INGRESS for every settled message."""
-        work = [(d, item) for d in decisions if (item := work_item(d.record)) is not None]
+        work = [(d, item) for d in decisions if (item := work_item(d.record, self.state)) is not None]
         results = await dispatch(self.js, [(item, d.headers) for d, item in work])
         failed = {id(d) for (d, _), err in zip(work, results, strict=True) if err is not None}
         for (d, item), err in zip(work, results, strict=True):

@@ -13,21 +13,32 @@ import nats.errors
 from nats.js import JetStreamContext
 
 from bus import codec, subjects
-from bus.events import AuditRecord, TaskSubmitted, WorkItem
+from bus.events import AuditRecord, TaskApproved, TaskSubmitted, WorkItem
+from router.state import RouterState
 
 
-def work_item(record: AuditRecord) -> WorkItem | None:
-    """The work an accepted record asks for, if any."""
-    event = record.event
-    if not record.accepted or not isinstance(event, TaskSubmitted):
+def work_item(record: AuditRecord, state: RouterState) -> WorkItem | None:
+    """The work an accepted record asks for, if any: a submission that is not held, or
+    the approval of one that was (its submission is kept in the router state)."""
+    if not record.accepted or record.code != "ok":
         return None
+    match record.event:
+        case TaskSubmitted() as submission:
+            submitted_by = record.principal
+        case TaskApproved(task_id=task_id):
+            task = state.tasks.get(task_id)
+            if task is None or task.held is None:
+                return None
+            submission, submitted_by = task.held, task.submitter
+        case _:
+            return None
     return WorkItem(
-        task_id=event.task_id,
-        skill=event.skill,
-        input=event.input,
-        timeout_s=event.timeout_s,
+        task_id=submission.task_id,
+        skill=submission.skill,
+        input=submission.input,
+        timeout_s=submission.timeout_s,
         audit_seq=record.seq,
-        submitted_by=record.principal,
+        submitted_by=submitted_by,
     )
 
 

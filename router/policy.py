@@ -35,6 +35,15 @@ class Secrets(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     action: Literal["redact", "reject"] = "redact"
 
 
+class Approval(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Skills that wait for a person's approval before they run, and who may give it."""
+
+    skills: list[str] = msgspec.field(default_factory=list)
+    """skill patterns marked dangerous"""
+    approvers: list[str] = msgspec.field(default_factory=list)
+    """principal patterns that may approve or deny; nobody approves their own task"""
+
+
 class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Everything ``policy.toml`` may say."""
 
@@ -43,6 +52,15 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rate_limits: dict[str, RateLimit] = msgspec.field(default_factory=dict)
     """principal pattern → its token bucket for submissions"""
     secrets: Secrets = msgspec.field(default_factory=Secrets)
+    approval: Approval = msgspec.field(default_factory=Approval)
+
+    def needs_approval(self, skill: str) -> bool:
+        """Whether ``skill`` is marked dangerous."""
+        return any(fnmatch.fnmatchcase(skill, p) for p in self.approval.skills)
+
+    def is_approver(self, principal: str) -> bool:
+        """Whether ``principal`` may approve or deny held tasks."""
+        return any(fnmatch.fnmatchcase(principal, p) for p in self.approval.approvers)
 
     def allowed_skills(self, principal: str) -> list[str]:
         """The skill patterns ``principal`` may submit (none if no pattern matches)."""

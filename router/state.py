@@ -20,13 +20,18 @@ from datetime import datetime, timedelta
 
 from bus.events import (
     AuditRecord,
+    TaskApproved,
     TaskCompleted,
+    TaskDenied,
     TaskFailed,
     TaskStarted,
     TaskSubmitted,
 )
 
-TERMINAL = frozenset({"completed", "failed"})
+APPROVAL_REQUESTED = "approval_requested"
+"""The code of an accepted submission that waits for approval before it is dispatched."""
+
+TERMINAL = frozenset({"completed", "failed", "denied"})
 
 
 @dataclass(slots=True)
@@ -34,9 +39,12 @@ class TaskState:
     """What the router knows of one task."""
 
     skill: str
+    submitter: str = ""
     status: str = "pending"
     claimant: str = ""
     attempt: int = 0
+    held: TaskSubmitted | None = None
+    """The submission, kept while it waits for (and until it is dispatched by) approval."""
 
     @property
     def terminal(self) -> bool:
@@ -72,11 +80,22 @@ class RouterState:
             while self._messages and next(iter(self._messages.values()))[1] < record.at - self._horizon:
                 self._messages.popitem(last=False)
         match record.event:
-            case TaskSubmitted(task_id=task_id, skill=skill):
-                self.tasks[task_id] = TaskState(skill=skill)
+            case TaskSubmitted(task_id=task_id, skill=skill) as submission:
+                held = record.code == APPROVAL_REQUESTED
+                self.tasks[task_id] = TaskState(
+                    skill=skill,
+                    submitter=record.principal,
+                    status="awaiting_approval" if held else "pending",
+                    held=submission if held else None,
+                )
+            case TaskApproved(task_id=task_id):
+                self.tasks[task_id].status = "pending"
+            case TaskDenied(task_id=task_id):
+                self.tasks[task_id].status, self.tasks[task_id].held = "denied", None
             case TaskStarted(task_id=task_id, attempt=attempt):
                 task = self.tasks[task_id]
                 task.status, task.claimant, task.attempt = "running", record.principal, attempt
+                task.held = None
             case TaskCompleted(task_id=task_id):
                 self.tasks[task_id].status = "completed"
             case TaskFailed(task_id=task_id):

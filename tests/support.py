@@ -173,10 +173,12 @@ class Procs:
         await asyncio.gather(*(p.stop() for p in self.started), return_exceptions=True)
 
 
-async def agentctl(settings: Settings, *args: str, timeout: float = 60.0) -> tuple[int, str, str]:
-    """Run one agentctl command to completion: ``(exit code, stdout, stderr)``."""
+async def agentctl(
+    settings: Settings, *args: str, timeout: float = 60.0, as_user: str = "tester"
+) -> tuple[int, str, str]:
+    """Run one agentctl command to completion as CLI user ``as_user``: ``(exit code, stdout, stderr)``."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentctl", *args, env=process_env(settings),
+        sys.executable, "-m", "agentctl", *args, env=process_env(settings, LEDGERBUS_CLI_NAME=as_user),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     async with asyncio.timeout(timeout):

@@ -17,7 +17,9 @@ from bus.events import (
     AuditRecord,
     Event,
     RawExcerpt,
+    TaskApproved,
     TaskCompleted,
+    TaskDenied,
     TaskFailed,
     TaskProgress,
     TaskStarted,
@@ -31,6 +33,8 @@ EXAMPLES: dict[type[Event], Event] = {
     TaskProgress: TaskProgress(id="m3", task_id="t1", attempt=2, message="half", fraction=0.5),
     TaskCompleted: TaskCompleted(id="m4", task_id="t1", attempt=2, output={"nested": {"ok": True}}),
     TaskFailed: TaskFailed(id="m5", task_id="t1", attempt=2, error="boom"),
+    TaskApproved: TaskApproved(id="m8", task_id="t1", reason="looks fine"),
+    TaskDenied: TaskDenied(id="m9", task_id="t1"),
     AgentJoined: AgentJoined(id="m6", instance="echo-1-abcd", skills=["echo", "sleep"], concurrency=4),
     AgentLeft: AgentLeft(id="m7", instance="echo-1-abcd", reason="drained"),
 }

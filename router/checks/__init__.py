@@ -37,6 +37,8 @@ class Inbound:
     event: AnyEvent | None = None
     secrets: list[str] = field(default_factory=list)
     """Kinds of secret redacted from the event by the secrets scan."""
+    held: bool = False
+    """Accepted, but held for approval (a dangerous skill)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +72,14 @@ def run_checks(checks: Sequence[Check], msg: Inbound, state: RouterState) -> Rej
 
 def default_checks(max_message_bytes: int, policy: PolicyFile) -> list[Check]:
     """The pipeline in DESIGN.md's order: size, schema, kind, skill, claimant, duplicate id,
-    rate, secrets.
+    rate, secrets, approval.
 
     The subject is read first: it costs nothing, needs no body, and names the principal
     on every audit record, rejected ones included. Right after decoding, secrets are
     redacted from the event, so no record (whatever its verdict) keeps one in clear.
     Headers are checked after decoding so that their rejection still names its task.
     """
-    from router.checks import duplicate, headers, lifecycle, principal, rate, schema, secrets, size, skills
+    from router.checks import approval, duplicate, headers, lifecycle, principal, rate, schema, secrets, size, skills
 
     return [
         principal.check,
@@ -91,4 +93,5 @@ def default_checks(max_message_bytes: int, policy: PolicyFile) -> list[Check]:
         duplicate.check,
         rate.make(policy),
         secrets.make(policy),
+        approval.make(policy),
     ]

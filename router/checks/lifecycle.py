@@ -25,6 +25,8 @@ def check(msg: Inbound, state: RouterState) -> Rejection | None:
                 return Rejection("unknown_task", f"no task {task_id}")
             if task.terminal:
                 return Rejection("task_terminal", f"task {task_id} is already {task.status}")
+            if task.status == "awaiting_approval":
+                return Rejection("awaiting_approval", f"task {task_id} has not been approved; it was never dispatched")
             if attempt <= task.attempt:
                 return Rejection(
                     "stale_attempt", f"attempt {attempt} is not newer than the current claim's {task.attempt}"

@@ -12,7 +12,7 @@ from router.checks import Inbound, Rejection
 from router.state import RouterState
 
 ALLOWED_KINDS: dict[str, frozenset[str]] = {
-    "cli": frozenset({"task_submitted"}),
+    "cli": frozenset({"task_submitted", "task_approved", "task_denied"}),
     "agent": frozenset(
         {"task_started", "task_progress", "task_completed", "task_failed", "agent_joined", "agent_left"}
     ),

@@ -1,0 +1,39 @@
+"""Approval: submissions of skills marked dangerous wait for a person.
+
+Such a submission is accepted but *held*: its audit record has the code
+``approval_requested`` and nothing is dispatched. ``TaskApproved`` from an approver
+(policy ``[approval] approvers``) dispatches it; ``TaskDenied`` ends it, and it never
+reaches WORK. Nobody approves or denies a task they submitted themselves.
+"""
+
+from __future__ import annotations
+
+from bus.events import TaskApproved, TaskDenied, TaskSubmitted
+from router.checks import Check, Inbound, Rejection
+from router.policy import PolicyFile
+from router.state import RouterState
+
+
+def make(policy: PolicyFile) -> Check:
+    """The approval gate, reading the policy in force at each message."""
+
+    def check(msg: Inbound, state: RouterState) -> Rejection | None:
+        match msg.event:
+            case TaskSubmitted(skill=skill):
+                msg.held = policy.current().needs_approval(skill)
+            case TaskApproved(task_id=task_id) | TaskDenied(task_id=task_id):
+                task = state.tasks.get(task_id)
+                verb = "approve" if isinstance(msg.event, TaskApproved) else "deny"
+                if task is None:
+                    return Rejection("unknown_task", f"no task {task_id}")
+                if task.status != "awaiting_approval":
+                    return Rejection("not_awaiting_approval", f"task {task_id} is {task.status}, not awaiting approval")
+                if not policy.current().is_approver(msg.principal_token):
+                    return Rejection("not_an_approver", f"{msg.principal_token} may not {verb} tasks")
+                if msg.principal_token == task.submitter:
+                    return Rejection("self_approval", f"{msg.principal_token} submitted task {task_id} and may not {verb} it")
+            case _:
+                pass
+        return None
+
+    return check
