@@ -19,6 +19,7 @@ from bus.events import (
     TaskProgress,
     TaskStarted,
     TaskSubmitted,
+    TaskUsage,
 )
 
 
@@ -81,6 +82,8 @@ class TaskView:
     submitted_seq: int = 0
     finished_seq: int = 0
     seconds: float | None = None
+    tokens: int = 0
+    cost_usd: float = 0.0
     notes: list[str] = field(default_factory=list)
     _submitted_at: Any = None
     _seen_verdict: bool = False
@@ -114,6 +117,12 @@ class TaskView:
             case TaskApproved():
                 self.status = "pending"
                 self.notes.append(f"approved by {record.principal}")
+            case TaskUsage(tokens_in=tokens_in, tokens_out=tokens_out, cost_usd=cost):
+                self.tokens += tokens_in + tokens_out
+                self.cost_usd += cost
+                if record.code == "budget_exceeded":
+                    self._finish("failed", record)
+                    self.error = f"budget exceeded: {record.reason}"
             case TaskDenied(reason=reason):
                 self._finish("denied", record)
                 self.error = f"denied by {record.principal}" + (f": {reason}" if reason else "")

@@ -42,16 +42,21 @@ def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("--task-timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TASK_TIMEOUT_S,
               show_default=True, help="The deadline the agent runs the skill under.")
 @click.option("--task-id", help="Use this task id instead of a random one.")
+@click.option("--budget-tokens", type=click.IntRange(min=1), help="Fail the task once it has used this many tokens.")
+@click.option("--budget-cost", type=click.FloatRange(min=0, min_open=True),
+              help="Fail the task once it has spent this many US dollars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
 def submit(
     app: App, skill: str, input_: dict[str, Any], wait: bool, timeout: float, task_timeout: float,
-    task_id: str | None, as_json: bool,
+    task_id: str | None, budget_tokens: int | None, budget_cost: float | None, as_json: bool,
 ) -> None:
     """Submit a task for SKILL. Exit 0 when completed (or submitted, without --wait),
     1 when failed or rejected, 2 on timeout."""
     event_data = {"kind": "task_submitted", "id": new_id(), "task_id": task_id or new_id(), "skill": skill,
                   "input": input_, "timeout_s": task_timeout}
+    if budget_tokens is not None or budget_cost is not None:
+        event_data["budget"] = {"tokens": budget_tokens, "cost_usd": budget_cost}
     # Validate here with the router's own schema so a typo gets a message, not a rejection.
     try:
         event = codec.decode_event(codec.encode(event_data))

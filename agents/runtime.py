@@ -35,6 +35,7 @@ from bus.events import (
     TaskFailed,
     TaskProgress,
     TaskStarted,
+    TaskUsage,
     WorkItem,
     kind_of,
     new_id,
@@ -237,6 +238,10 @@ class Agent:
                 TaskProgress(id=new_id(), task_id=item.task_id, attempt=attempt, message=message[:16_384], fraction=fraction)
             )
 
+        async def usage(tokens_in: int, tokens_out: int, cost_usd: float, provider: str, model: str) -> None:
+            await self.report(TaskUsage(id=new_id(), task_id=item.task_id, attempt=attempt, tokens_in=tokens_in,
+                                        tokens_out=tokens_out, cost_usd=cost_usd, provider=provider, model=model))
+
         ctx = SkillContext(
             task_id=item.task_id,
             skill=skill_name,
@@ -245,6 +250,7 @@ class Agent:
             deadline=loop.time() + item.timeout_s,
             log=tlog,
             _progress=progress,
+            _usage=usage,
         )
         keepalive = asyncio.create_task(self._keep_alive(msg))
         deadline = asyncio.timeout(item.timeout_s)

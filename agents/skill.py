@@ -31,10 +31,17 @@ class SkillContext:
     """``loop.time()`` by which the skill must finish; it is cancelled then."""
     log: structlog.typing.FilteringBoundLogger
     _progress: Callable[[str, float | None], Awaitable[None]]
+    _usage: Callable[[int, int, float, str, str], Awaitable[None]]
 
     async def progress(self, message: str = "", fraction: float | None = None) -> None:
         """Report progress (recorded in the audit log, shown by ``agentctl submit --wait``)."""
         await self._progress(message, fraction)
+
+    async def usage(
+        self, tokens_in: int = 0, tokens_out: int = 0, cost_usd: float = 0.0, provider: str = "", model: str = ""
+    ) -> None:
+        """Report what the task spent (one LLM call, say); the router enforces its budget."""
+        await self._usage(tokens_in, tokens_out, cost_usd, provider, model)
 
 
 @runtime_checkable

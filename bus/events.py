@@ -44,6 +44,13 @@ class Event(
     id: Id
 
 
+class Budget(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The most a task may spend: tokens in and out together, and/or money."""
+
+    tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    cost_usd: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+
 class TaskSubmitted(Event, tag="task_submitted", frozen=True):
     """A principal asks for ``skill`` to be run on ``input``."""
 
@@ -51,6 +58,7 @@ class TaskSubmitted(Event, tag="task_submitted", frozen=True):
     skill: Skill
     input: dict[str, Any] = msgspec.field(default_factory=dict)
     timeout_s: Seconds = DEFAULT_TASK_TIMEOUT_S
+    budget: Budget | None = None
 
 
 class TaskStarted(Event, tag="task_started", frozen=True):
@@ -85,6 +93,18 @@ class TaskFailed(Event, tag="task_failed", frozen=True):
     error: Text
 
 
+class TaskUsage(Event, tag="task_usage", frozen=True):
+    """The claimant spent tokens (and money) on the task, e.g. one LLM call."""
+
+    task_id: Id
+    attempt: Attempt
+    tokens_in: Annotated[int, msgspec.Meta(ge=0)] = 0
+    tokens_out: Annotated[int, msgspec.Meta(ge=0)] = 0
+    cost_usd: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    provider: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    model: Annotated[str, msgspec.Meta(max_length=128)] = ""
+
+
 class TaskApproved(Event, tag="task_approved", frozen=True):
     """An approver lets a task held for approval run."""
 
@@ -115,12 +135,14 @@ class AgentLeft(Event, tag="agent_left", frozen=True):
 
 
 AnyEvent = (
-    TaskSubmitted | TaskStarted | TaskProgress | TaskCompleted | TaskFailed | TaskApproved | TaskDenied
+    TaskSubmitted | TaskStarted | TaskProgress | TaskCompleted | TaskFailed | TaskUsage | TaskApproved | TaskDenied
     | AgentJoined | AgentLeft
 )
 """The ingress union: every message a principal may send to the router."""
 
-TASK_EVENTS = (TaskSubmitted, TaskStarted, TaskProgress, TaskCompleted, TaskFailed, TaskApproved, TaskDenied)
+TASK_EVENTS = (
+    TaskSubmitted, TaskStarted, TaskProgress, TaskCompleted, TaskFailed, TaskUsage, TaskApproved, TaskDenied
+)
 AGENT_EVENTS = (AgentJoined, AgentLeft)
 TERMINAL_EVENTS = (TaskCompleted, TaskFailed)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiosqlite
 
-from projections.errors import DatabaseError
+from projections.errors import DatabaseError, SchemaMismatch
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tracking (
@@ -40,6 +40,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     output        TEXT,
     error         TEXT,
     trace_id      TEXT NOT NULL DEFAULT '',
+    tokens        INTEGER NOT NULL DEFAULT 0,
+    cost_usd      REAL NOT NULL DEFAULT 0,
     updated_seq   INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, submitted_seq);
@@ -60,19 +62,33 @@ CREATE TABLE IF NOT EXISTS agents (
 
 TRACKING_NAME = "audit"
 
+SCHEMA_VERSION = 2
+"""Bumped whenever SCHEMA changes; an older file is rebuilt from the log, not migrated."""
+
 # The tables a rebuild must reproduce exactly, with the key that orders a canonical dump.
 TABLES = {"tracking": "name", "tasks": "task_id", "agents": "name"}
 
 
 async def open_db(path: Path) -> aiosqlite.Connection:
-    """Open (creating if needed) a projection database with its schema."""
+    """Open (creating if needed) a projection database with its schema.
+
+    Raises :class:`SchemaMismatch` for a file made by another schema version.
+    """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None)
         db.row_factory = aiosqlite.Row
+        async with db.execute("PRAGMA user_version") as cur:
+            version = (await cur.fetchone())[0]  # type: ignore[index]
+        async with db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'tracking'") as cur:
+            populated = (await cur.fetchone())[0]  # type: ignore[index]
+        if populated and version != SCHEMA_VERSION:
+            await db.close()
+            raise SchemaMismatch(f"{path} has projection schema v{version}; this is v{SCHEMA_VERSION}")
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.executescript(SCHEMA)
+        await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except (sqlite3.Error, OSError) as exc:
         raise DatabaseError(f"cannot open projection database {path}: {exc}") from exc
     return db

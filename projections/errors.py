@@ -11,3 +11,7 @@ class ProjectionError(LedgerbusError):
 
 class DatabaseError(ProjectionError):
     """The projection database could not be opened, read or written."""
+
+
+class SchemaMismatch(DatabaseError):
+    """The database file was made by another projection schema: rebuild it from the log."""

@@ -7,6 +7,7 @@ durable consumer because the tracking row, committed with the rows, is its curso
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import aiosqlite
@@ -24,6 +25,7 @@ from bus.settings import Settings
 from projections import db as dbmod
 from projections import service
 from projections.apply import apply_batch
+from projections.errors import SchemaMismatch
 
 log = structlog.get_logger(__name__)
 
@@ -92,7 +94,17 @@ class Projector:
     async def run(self, stop: asyncio.Event) -> None:
         """Catch up, then follow the log until ``stop`` is set."""
         await wait_for_stream(self.js, subjects.AUDIT_STREAM, self.settings.connect_timeout_s)
-        self.db = await dbmod.open_db(self.db_path)
+        try:
+            self.db = await dbmod.open_db(self.db_path)
+        except SchemaMismatch as exc:
+            # Projections are disposable: set the old file aside and replay the log.
+            aside = self.db_path.with_name(f"{self.db_path.name}.old-{int(time.time())}")
+            for suffix in ("", "-wal", "-shm"):
+                old = self.db_path.with_name(self.db_path.name + suffix)
+                if old.exists():
+                    old.rename(aside.with_name(aside.name + suffix))
+            log.warning("projection_rebuild", reason=str(exc), old_file=str(aside))
+            self.db = await dbmod.open_db(self.db_path)
         try:
             self.position = await dbmod.position(self.db)
             queries = await service.serve(self.nc, self.db)

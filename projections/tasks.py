@@ -14,6 +14,7 @@ from bus.events import (
     TaskProgress,
     TaskStarted,
     TaskSubmitted,
+    TaskUsage,
 )
 
 
@@ -43,6 +44,16 @@ async def apply(db: aiosqlite.Connection, record: AuditRecord) -> None:
             await db.execute(
                 "UPDATE tasks SET status = 'pending', progress = ?, updated_seq = ? WHERE task_id = ?",
                 (f"approved by {record.principal}", record.seq, e.task_id),
+            )
+        case TaskUsage() as e:
+            failed = record.code == "budget_exceeded"
+            await db.execute(
+                "UPDATE tasks SET tokens = tokens + ?, cost_usd = cost_usd + ?,"
+                " status = CASE WHEN ? THEN 'failed' ELSE status END,"
+                " error = CASE WHEN ? THEN ? ELSE error END,"
+                " finished_at = CASE WHEN ? THEN ? ELSE finished_at END, updated_seq = ? WHERE task_id = ?",
+                (e.tokens_in + e.tokens_out, e.cost_usd, failed, failed, f"budget exceeded: {record.reason}",
+                 failed, at, record.seq, e.task_id),
             )
         case TaskDenied() as e:
             await db.execute(

@@ -25,12 +25,15 @@ from router.checks import Check, Inbound, default_checks, run_checks, secrets
 from router.dispatch import dispatch, work_item
 from router.errors import AuditAppendError
 from router.policy import PolicyFile
-from router.state import APPROVAL_REQUESTED, RouterState
+from router.state import APPROVAL_REQUESTED, BUDGET_EXCEEDED, RouterState
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("ledgerbus.router")
 
 _RAW_HEAD_BYTES = 256
+
+# Accepted records whose code also says what the acceptance did besides.
+ACCEPTED_CODES = frozenset({"ok", APPROVAL_REQUESTED, BUDGET_EXCEEDED})
 
 
 @dataclass(slots=True)
@@ -66,12 +69,12 @@ def _record_for(inbound: Inbound, code: str, reason: str, trace_id: str) -> Audi
             sha256=hashlib.sha256(inbound.data).hexdigest(),
             head=text[:_RAW_HEAD_BYTES],
         )
-    if code in ("ok", APPROVAL_REQUESTED) and inbound.secrets:
+    if code in ACCEPTED_CODES and inbound.secrets:
         reason = "; ".join(filter(None, [reason, f"redacted: {', '.join(inbound.secrets)}"]))
     return AuditRecord(
         seq=0,
         at=datetime.now(UTC),
-        verdict="accepted" if code in ("ok", APPROVAL_REQUESTED) else "rejected",
+        verdict="accepted" if code in ACCEPTED_CODES else "rejected",
         code=code,
         reason=reason,
         principal=inbound.principal.token if inbound.principal is not None else "unknown",
@@ -242,6 +245,8 @@ class Router:
                     code, reason = rejection.code, rejection.reason
                 elif inbound.held:
                     code, reason = APPROVAL_REQUESTED, "the skill is marked dangerous: waiting for an approver"
+                elif inbound.over_budget:
+                    code, reason = BUDGET_EXCEEDED, inbound.over_budget
                 else:
                     code, reason = "ok", ""
                 span.set_attribute("ledgerbus.verdict", code)

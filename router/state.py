@@ -20,13 +20,18 @@ from datetime import datetime, timedelta
 
 from bus.events import (
     AuditRecord,
+    Budget,
     TaskApproved,
     TaskCompleted,
     TaskDenied,
     TaskFailed,
     TaskStarted,
     TaskSubmitted,
+    TaskUsage,
 )
+
+BUDGET_EXCEEDED = "budget_exceeded"
+"""The code of an accepted usage report that took its task over budget: the task fails."""
 
 APPROVAL_REQUESTED = "approval_requested"
 """The code of an accepted submission that waits for approval before it is dispatched."""
@@ -45,6 +50,9 @@ class TaskState:
     attempt: int = 0
     held: TaskSubmitted | None = None
     """The submission, kept while it waits for (and until it is dispatched by) approval."""
+    budget: Budget | None = None
+    tokens: int = 0
+    cost_usd: float = 0.0
 
     @property
     def terminal(self) -> bool:
@@ -87,7 +95,14 @@ class RouterState:
                     submitter=record.principal,
                     status="awaiting_approval" if held else "pending",
                     held=submission if held else None,
+                    budget=submission.budget,
                 )
+            case TaskUsage(task_id=task_id) as usage:
+                task = self.tasks[task_id]
+                task.tokens += usage.tokens_in + usage.tokens_out
+                task.cost_usd += usage.cost_usd
+                if record.code == BUDGET_EXCEEDED:
+                    task.status = "failed"
             case TaskApproved(task_id=task_id):
                 self.tasks[task_id].status = "pending"
             case TaskDenied(task_id=task_id):

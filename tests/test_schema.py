@@ -15,6 +15,7 @@ from bus.events import (
     AgentLeft,
     AnyEvent,
     AuditRecord,
+    Budget,
     Event,
     RawExcerpt,
     TaskApproved,
@@ -24,15 +25,19 @@ from bus.events import (
     TaskProgress,
     TaskStarted,
     TaskSubmitted,
+    TaskUsage,
     WorkItem,
 )
 
 EXAMPLES: dict[type[Event], Event] = {
-    TaskSubmitted: TaskSubmitted(id="m1", task_id="t1", skill="llm.chat", input={"a": [1, 2.5, None, "x"]}, timeout_s=3),
+    TaskSubmitted: TaskSubmitted(id="m1", task_id="t1", skill="llm.chat", input={"a": [1, 2.5, None, "x"]}, timeout_s=3,
+                                 budget=Budget(tokens=1000, cost_usd=0.5)),
     TaskStarted: TaskStarted(id="m2", task_id="t1", attempt=2),
     TaskProgress: TaskProgress(id="m3", task_id="t1", attempt=2, message="half", fraction=0.5),
     TaskCompleted: TaskCompleted(id="m4", task_id="t1", attempt=2, output={"nested": {"ok": True}}),
     TaskFailed: TaskFailed(id="m5", task_id="t1", attempt=2, error="boom"),
+    TaskUsage: TaskUsage(id="m10", task_id="t1", attempt=2, tokens_in=120, tokens_out=30, cost_usd=0.002,
+                         provider="anthropic", model="claude"),
     TaskApproved: TaskApproved(id="m8", task_id="t1", reason="looks fine"),
     TaskDenied: TaskDenied(id="m9", task_id="t1"),
     AgentJoined: AgentJoined(id="m6", instance="echo-1-abcd", skills=["echo", "sleep"], concurrency=4),

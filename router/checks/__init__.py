@@ -39,6 +39,8 @@ class Inbound:
     """Kinds of secret redacted from the event by the secrets scan."""
     held: bool = False
     """Accepted, but held for approval (a dangerous skill)."""
+    over_budget: str = ""
+    """Accepted usage that takes its task over budget (and so fails it): why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,14 +74,26 @@ def run_checks(checks: Sequence[Check], msg: Inbound, state: RouterState) -> Rej
 
 def default_checks(max_message_bytes: int, policy: PolicyFile) -> list[Check]:
     """The pipeline in DESIGN.md's order: size, schema, kind, skill, claimant, duplicate id,
-    rate, secrets, approval.
+    rate, secrets, approval, budget.
 
     The subject is read first: it costs nothing, needs no body, and names the principal
     on every audit record, rejected ones included. Right after decoding, secrets are
     redacted from the event, so no record (whatever its verdict) keeps one in clear.
     Headers are checked after decoding so that their rejection still names its task.
     """
-    from router.checks import approval, duplicate, headers, lifecycle, principal, rate, schema, secrets, size, skills
+    from router.checks import (
+        approval,
+        budget,
+        duplicate,
+        headers,
+        lifecycle,
+        principal,
+        rate,
+        schema,
+        secrets,
+        size,
+        skills,
+    )
 
     return [
         principal.check,
@@ -94,4 +108,5 @@ def default_checks(max_message_bytes: int, policy: PolicyFile) -> list[Check]:
         rate.make(policy),
         secrets.make(policy),
         approval.make(policy),
+        budget.check,
     ]

@@ -7,7 +7,7 @@ This is what makes "completed exactly once" hold when work is redelivered.
 
 from __future__ import annotations
 
-from bus.events import TaskCompleted, TaskFailed, TaskProgress, TaskStarted, TaskSubmitted
+from bus.events import TaskCompleted, TaskFailed, TaskProgress, TaskStarted, TaskSubmitted, TaskUsage
 from router.checks import Inbound, Rejection
 from router.state import RouterState
 
@@ -33,7 +33,7 @@ def check(msg: Inbound, state: RouterState) -> Rejection | None:
                 )
         case TaskProgress(task_id=task_id, attempt=attempt) | TaskCompleted(
             task_id=task_id, attempt=attempt
-        ) | TaskFailed(task_id=task_id, attempt=attempt):
+        ) | TaskFailed(task_id=task_id, attempt=attempt) | TaskUsage(task_id=task_id, attempt=attempt):
             task = state.tasks.get(task_id)
             if task is None:
                 return Rejection("unknown_task", f"no task {task_id}")

@@ -14,7 +14,7 @@ from router.state import RouterState
 ALLOWED_KINDS: dict[str, frozenset[str]] = {
     "cli": frozenset({"task_submitted", "task_approved", "task_denied"}),
     "agent": frozenset(
-        {"task_started", "task_progress", "task_completed", "task_failed", "agent_joined", "agent_left"}
+        {"task_started", "task_progress", "task_completed", "task_failed", "task_usage", "agent_joined", "agent_left"}
     ),
     "projector": frozenset(),
     "router": frozenset(),
