@@ -19,7 +19,7 @@ def _decide(app: App, event: TaskApproved | TaskDenied, as_json: bool) -> None:
     who = subjects.principal("cli", cli_name())
 
     async def body() -> AuditRecord | None:
-        async with connected(app.settings, "cli", name=f"agentctl-{who.name}") as nc:
+        async with connected(app.settings, who.token, client_name=f"agentctl-{who.name}") as nc:
             js = nc.jetstream(timeout=10)
             try:
                 await js.publish(subjects.ingress(who, kind_of(type(event))), codec.encode(event),

@@ -11,7 +11,7 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from agentctl.common import EXIT_FAILED, EXIT_OK, App, err, out, run
+from agentctl.common import EXIT_FAILED, EXIT_OK, App, cli_principal, err, out, run
 from agentctl.reads import json_option, request_query
 from bus import signing
 from bus.connection import connected
@@ -44,7 +44,7 @@ def verify(app: App, db_path: Path | None, no_projections: bool, pubkey: Path | 
 
     async def body() -> tuple[LogReport, list[Finding]]:
         public_key = signing.load_public(key_file) if (pubkey is not None or key_file.exists()) else None
-        async with connected(app.settings, "cli") as nc:
+        async with connected(app.settings, cli_principal()) as nc:
             js = nc.jetstream(timeout=10)
             bar = Progress(TextColumn("verifying the chain"), BarColumn(), MofNCompleteColumn(),
                            TimeRemainingColumn(), console=err, transient=True) if show else None

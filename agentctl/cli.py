@@ -9,6 +9,7 @@ import click
 from agentctl.approvals import approve, deny
 from agentctl.audit import audit
 from agentctl.common import App, fail
+from agentctl.keys import keys
 from agentctl.processes import agent, nats, projector, router
 from agentctl.reads import agents, events, tasks
 from agentctl.submit import submit
@@ -51,7 +52,7 @@ def cli(ctx: click.Context, url: str | None, user: str | None, password: str | N
     ctx.obj = App(settings=settings, log_format=log_format, log_level=log_level)
 
 
-for command in (nats, router, projector, agent, submit, approve, deny, tasks, events, agents, audit):
+for command in (nats, router, projector, agent, submit, approve, deny, tasks, events, agents, audit, keys):
     cli.add_command(command)
 
 

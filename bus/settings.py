@@ -17,17 +17,6 @@ from bus.errors import ConfigError
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
-# Local-development passwords that match the users in nats.conf. They exist so that
-# `honcho start` works with no setup; any shared deployment sets LEDGERBUS_PASSWORD.
-DEV_PASSWORDS = {
-    "admin": "admin-local-dev",
-    "router": "router-local-dev",
-    "projector": "projector-local-dev",
-    "cli": "cli-local-dev",
-    "agent": "agent-local-dev",
-}
-
-
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a ledgerbus process needs to know about its environment."""
@@ -35,8 +24,11 @@ class Settings:
     url: str = DEFAULT_URL
     user: str | None = None
     password: str | None = None
+    auth_dir: Path = Path("var/auth")
+    """The principals' registry and credentials (``agentctl keys``; made by ``agentctl nats``)."""
     db_path: Path = Path("var/ledgerbus.db")
     policy_path: Path = Path("policy.toml")
+    policy_check_interval_s: float = 1.0
     router_key_path: Path = Path("var/keys/router.key")
     checkpoint_every: int = 1000
     checkpoint_interval_s: float = 60.0
@@ -57,12 +49,6 @@ class Settings:
     def servers(self) -> list[str]:
         """The server URLs (``LEDGERBUS_URL`` may list several, comma-separated)."""
         return [u.strip() for u in self.url.split(",") if u.strip()]
-
-    def credentials(self, role: str) -> tuple[str, str]:
-        """User and password for a process of ``role``, defaulting to the local dev users."""
-        user = self.user or role
-        password = self.password if self.password is not None else DEV_PASSWORDS.get(user, "")
-        return user, password
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` applied; ``None`` values are ignored."""

@@ -96,7 +96,7 @@ class Router:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream(timeout=10)
         self.settings = settings
-        self.policy = PolicyFile(settings.policy_path)
+        self.policy = PolicyFile(settings.policy_path, settings.policy_check_interval_s)
         self.checks = (
             list(checks) if checks is not None else default_checks(settings.max_message_bytes, self.policy)
         )

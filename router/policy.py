@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import time
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -105,8 +106,10 @@ class PolicyFile:
     not open anything up.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, check_every_s: float = 1.0) -> None:
         self.path = path
+        self.check_every_s = check_every_s
+        self._checked_at = time.monotonic()
         self._stamp = self._file_stamp()
         if self._stamp is None:
             log.warning("policy_missing", path=str(path), using="built-in defaults")
@@ -122,7 +125,12 @@ class PolicyFile:
         return st.st_mtime_ns, st.st_size
 
     def current(self) -> Policy:
-        """The policy now: one stat per call, a re-read only when the file changed."""
+        """The policy now: the file is looked at no more than every ``check_every_s`` and
+        re-read only when it changed (several checks ask for it on every message)."""
+        now = time.monotonic()
+        if now - self._checked_at < self.check_every_s:
+            return self._policy
+        self._checked_at = now
         stamp = self._file_stamp()
         if stamp == self._stamp:
             return self._policy

@@ -15,13 +15,13 @@ from bus.provision import provision
 from bus.server import NatsServer
 from bus.settings import Settings
 from router.app import Router
-from tests.support import REPO, Procs
+from tests.support import Procs, auth_dir, server_config
 
 
 @pytest.fixture
 async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
-    """A fresh JetStream server with the project's own nats.conf (users and permissions)."""
-    async with NatsServer(store_dir=tmp_path / "jetstream", config=REPO / "nats.conf") as server:
+    """A fresh JetStream server with the project's own nats.conf and test identities."""
+    async with NatsServer(store_dir=tmp_path / "jetstream", config=server_config(tmp_path / "conf")) as server:
         yield server
 
 
@@ -32,6 +32,8 @@ def settings(nats_server: NatsServer, tmp_path: Path) -> Settings:
         url=nats_server.url,
         db_path=tmp_path / "live.db",
         policy_path=tmp_path / "policy.toml",
+        policy_check_interval_s=0.0,
+        auth_dir=auth_dir(nats_server.config) if nats_server.config else tmp_path,
         router_key_path=tmp_path / "keys" / "router.key",
         work_ack_wait_s=2.0,
         ingress_ack_wait_s=2.0,
@@ -43,11 +45,19 @@ def settings(nats_server: NatsServer, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def connect_as(settings: Settings) -> AsyncIterator[Callable[[str], Awaitable[Client]]]:
-    """``await connect_as("agent")``: a connection with that role's credentials, closed after."""
+    """``await connect_as("agent-a1")``: a connection as that principal, closed after.
+
+    ``"cli"`` and ``"agent"`` connect as the test harness users that may speak as any
+    principal of that kind (see tests/support.py).
+    """
     conns: list[Client] = []
 
-    async def factory(role: str) -> Client:
-        nc = await connect(settings, role)
+    async def factory(principal: str) -> Client:
+        if principal in ("cli", "agent"):
+            user = f"harness-{principal}"
+            nc = await connect(settings.replace(user=user, password=f"{user}-pw"), principal)
+        else:
+            nc = await connect(settings, principal)
         conns.append(nc)
         return nc
 

@@ -17,9 +17,51 @@ from nats.js.api import DeliverPolicy
 
 from bus import codec, subjects
 from bus.events import AuditRecord
+from bus.identity import identity, permissions, write_local_config
 from bus.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The principals tests connect as, each a real NATS user with generated permissions.
+TEST_PRINCIPALS = [
+    identity("admin"), identity("router"), identity("projector"),
+    identity("cli", "tester"), identity("cli", "ops"), identity("cli", "carol"),
+    identity("agent", "echo-1", ["echo"]), identity("agent", "sleeper-1", ["sleep"]),
+    identity("agent", "agent-a", ["sleep"]), identity("agent", "agent-b", ["sleep"]),
+    identity("agent", "spender", ["spend"]), identity("agent", "a1", ["echo"]), identity("agent", "b1", ["sleep"]),
+]
+
+
+def _harness(kind: str) -> dict[str, Any]:
+    """A test-harness user that may speak as any principal of ``kind``.
+
+    Router tests send as many principals (alice, bob, worker-1, worker-2...) from one
+    connection, which real identities forbid by design. These users exist only in test
+    configurations; ``agentctl keys`` never makes one. The identity tests use real
+    per-principal users only.
+    """
+    perms = permissions(identity(kind, "x", ["echo"] if kind == "agent" else []))
+    user = f"harness-{kind}"
+    swap = {f"in.{kind}.x.>": f"in.{kind}.*.>", "$KV.agents.x.>": "$KV.agents.>", "_INBOX_" + f"{kind}-x.>": f"_INBOX_{user}.>"}
+    allow = [swap.get(s, s) for s in perms["publish"]["allow"] if ".WORK.skill-echo" not in s]
+    if kind == "agent":
+        allow += ["$JS.API.CONSUMER.CREATE.WORK.>", "$JS.API.CONSUMER.DURABLE.CREATE.WORK.>",
+                  "$JS.API.CONSUMER.INFO.WORK.>", "$JS.API.CONSUMER.MSG.NEXT.WORK.>", "$JS.ACK.WORK.>"]
+    return {"user": user, "password": f"{user}-pw",
+            "permissions": {"publish": {"allow": allow}, "subscribe": {"allow": [f"_INBOX_{user}.>"]}}}
+
+
+HARNESS_USERS = [_harness("cli"), _harness("agent")]
+
+
+def server_config(directory: Path) -> Path:
+    """The repo's nats.conf with test identities, self-contained in ``directory``."""
+    return write_local_config(directory, REPO / "nats.conf", TEST_PRINCIPALS, HARNESS_USERS)
+
+
+def auth_dir(config: Path) -> Path:
+    """Where :func:`server_config` put the credentials."""
+    return config.parent / "var" / "auth"
 
 
 async def stored_audit(js: JetStreamContext) -> list[tuple[int, bytes]]:
@@ -95,6 +137,7 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
         LEDGERBUS_URL=settings.url,
         LEDGERBUS_DB_PATH=str(settings.db_path),
         LEDGERBUS_POLICY_PATH=str(settings.policy_path),
+        LEDGERBUS_AUTH_DIR=str(settings.auth_dir),
         LEDGERBUS_ROUTER_KEY_PATH=str(settings.router_key_path),
         LEDGERBUS_CHECKPOINT_EVERY=str(settings.checkpoint_every),
         LEDGERBUS_ROUTER_BATCH=str(settings.router_batch),

@@ -12,7 +12,7 @@ from bus.connection import connect
 from bus.errors import BusError
 from bus.server import NatsServer
 from bus.settings import Settings
-from tests.support import REPO
+from tests.support import auth_dir, server_config
 
 
 def free_port() -> int:
@@ -22,27 +22,28 @@ def free_port() -> int:
 
 
 async def test_wrong_credentials_fail_at_once_naming_the_user(settings: Settings) -> None:
-    bad = settings.replace(user="agent", password="wrong", connect_timeout_s=30)
+    bad = settings.replace(user="agent-a1", password="wrong", connect_timeout_s=30)
     loop = asyncio.get_running_loop()
     start = loop.time()
-    with pytest.raises(BusError, match="refused the credentials of user 'agent'"):
-        await connect(bad, "agent")
+    with pytest.raises(BusError, match="refused the credentials of user 'agent-a1'"):
+        await connect(bad, "agent-a1")
     assert loop.time() - start < 10, "a refusal must not wait out the connect timeout"
 
 
 async def test_no_server_fails_within_the_connect_timeout() -> None:
-    settings = Settings(url=f"nats://127.0.0.1:{free_port()}", connect_timeout_s=1.0)
+    settings = Settings(url=f"nats://127.0.0.1:{free_port()}", connect_timeout_s=1.0, user="u", password="p")
     with pytest.raises(BusError, match="cannot connect to .* within 1s"):
         await connect(settings, "cli")
 
 
 async def test_a_process_started_before_the_server_connects_when_it_comes_up(tmp_path: Path) -> None:
     port = free_port()
-    settings = Settings(url=f"nats://127.0.0.1:{port}", connect_timeout_s=20)
-    connecting = asyncio.create_task(connect(settings, "cli"))
+    config = server_config(tmp_path / "conf")
+    settings = Settings(url=f"nats://127.0.0.1:{port}", connect_timeout_s=20, auth_dir=auth_dir(config))
+    connecting = asyncio.create_task(connect(settings, "cli-tester"))
     await asyncio.sleep(0.5)  # the point of the test: the server is not there yet
     assert not connecting.done()
-    async with NatsServer(tmp_path / "js", config=REPO / "nats.conf", port=port):
+    async with NatsServer(tmp_path / "js", config=config, port=port):
         nc = await connecting
         assert nc.is_connected
         await nc.close()

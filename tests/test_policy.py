@@ -47,7 +47,7 @@ def test_a_policy_file_is_reloaded_when_it_changes_and_a_broken_edit_keeps_the_o
     path = tmp_path / "policy.toml"
     assert PolicyFile(path).current() == Policy()  # no file: built-in defaults
     path.write_text('[skills]\n"cli-*" = ["echo"]\n')
-    policy = PolicyFile(path)
+    policy = PolicyFile(path, check_every_s=0)
     assert policy.current().allowed_skills("cli-a") == ["echo"]
     path.write_text('[skills]\n"cli-*" = ["echo", "sleep"]\n')
     os.utime(path, ns=(1, 10**18))  # a different mtime even on a coarse clock
@@ -141,3 +141,14 @@ async def test_a_secret_never_reaches_the_audit_log_in_clear(
         assert await work_count(admin.jetstream()) == (1 if action == "redact" else 0)
     finally:
         await router.stop()
+
+
+@pytest.mark.parametrize("secret", [
+    PEM, AWS_KEY, "ASIAIOSFODNN7EXAMPLE", "sk-ant-api03-" + "a" * 30, "sk-proj-" + "b" * 30, "ghp_" + "c" * 36,
+    "xoxb-" + "1" * 12, "AIza" + "d" * 35, "sk_live_" + "e" * 20,
+])
+def test_every_secret_shape_is_redacted(secret: str) -> None:
+    from router.checks.secrets import redact
+
+    text, found = redact(codec.encode({"note": f"before {secret} after"}).decode())
+    assert found and secret not in text and "before [REDACTED:" in text

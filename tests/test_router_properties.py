@@ -18,7 +18,7 @@ from bus.events import EVENT_KINDS, TaskSubmitted
 from bus.server import NatsServer
 from bus.settings import Settings
 from tests.conftest import RunningRouter
-from tests.support import REPO, stored_audit, wait_until, work_count
+from tests.support import auth_dir, server_config, stored_audit, wait_until, work_count
 
 scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=24)
 json_values = st.recursive(
@@ -47,9 +47,14 @@ messages = st.lists(st.tuples(st.sampled_from(["cli", "agent"]), kind_tokens, bo
 
 async def scenario(batch: list[tuple[str, str, bytes]]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        async with NatsServer(Path(tmp) / "js", config=REPO / "nats.conf") as server:
-            s = Settings(url=server.url, connect_timeout_s=10)
-            conns = {role: await connect(s, role) for role in ("router", "cli", "agent", "admin")}
+        config = server_config(Path(tmp) / "conf")
+        async with NatsServer(Path(tmp) / "js", config=config) as server:
+            s = Settings(url=server.url, connect_timeout_s=10, auth_dir=auth_dir(config),
+                         policy_path=Path(tmp) / "policy.toml", router_key_path=Path(tmp) / "router.key")
+            conns = {"router": await connect(s, "router"), "admin": await connect(s, "admin")}
+            for role in ("cli", "agent"):
+                user = f"harness-{role}"
+                conns[role] = await connect(s.replace(user=user, password=f"{user}-pw"), role)
             router = RunningRouter(conns["router"], s)
             await router.start()
             assert router._task is not None

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bus.errors import ConfigError
-from bus.settings import DEV_PASSWORDS, Settings
+from bus.settings import Settings
 
 
 def test_every_setting_is_read_from_its_variable_with_the_right_type() -> None:
@@ -23,13 +23,12 @@ def test_every_setting_is_read_from_its_variable_with_the_right_type() -> None:
     assert s.db_path == Path("/tmp/x.db") and isinstance(s.db_path, Path)
     assert s.work_ack_wait_s == 2.0 and isinstance(s.work_ack_wait_s, float)
     assert s.router_batch == 7 and isinstance(s.router_batch, int)
-    assert s.credentials("router") == ("alice", "s3cret")
+    assert (s.user, s.password) == ("alice", "s3cret")
 
 
-def test_defaults_use_the_role_and_its_local_dev_password() -> None:
-    s = Settings.from_env({})
-    assert s.credentials("agent") == ("agent", DEV_PASSWORDS["agent"])
-    assert s.replace(url=None, user="bob").credentials("cli") == ("bob", "")
+def test_replace_ignores_options_that_were_not_given() -> None:
+    s = Settings.from_env({}).replace(url=None, user="bob")
+    assert (s.url, s.user) == (Settings().url, "bob")
 
 
 def test_a_malformed_value_names_the_variable() -> None:

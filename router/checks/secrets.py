@@ -33,14 +33,29 @@ PATTERNS: dict[str, re.Pattern[str]] = {
 }
 
 
+# One pass over the text for every kind (scanned on every message): group names are the
+# kinds with "-" as "_".
+_ANY = re.compile("|".join(f"(?P<{name.replace('-', '_')}>{p.pattern})" for name, p in PATTERNS.items()))
+
+
+# Every pattern above contains one of these literals. Substring search is C-fast, and
+# the regex runs only on the rare message that has one (measured: the regex alone cost
+# ~45us per message, more than any other check).
+MARKERS = ("PRIVATE KEY", "AKIA", "ASIA", "sk-", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "xox", "AIza", "k_live_")
+
+
 def redact(text: str) -> tuple[str, list[str]]:
     """``text`` with every secret replaced, and the kinds of secret found (sorted)."""
+    if not any(marker in text for marker in MARKERS):
+        return text, []
     found: set[str] = set()
-    for name, pattern in PATTERNS.items():
-        text, n = pattern.subn(f"[REDACTED:{name}]", text)
-        if n:
-            found.add(name)
-    return text, sorted(found)
+
+    def replace(m: re.Match[str]) -> str:
+        name = (m.lastgroup or "secret").replace("_", "-")
+        found.add(name)
+        return f"[REDACTED:{name}]"
+
+    return _ANY.sub(replace, text), sorted(found)
 
 
 def scan(msg: Inbound, state: RouterState) -> Rejection | None:

@@ -1,0 +1,68 @@
+"""``agentctl keys``: the principals that may connect, and their credentials."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from agentctl.common import App, fail, out
+from bus.errors import LedgerbusError
+from bus.identity import CREDS_DIR, Registry, identity
+
+
+@click.group()
+def keys() -> None:
+    """Principals and their NATS credentials (in LEDGERBUS_AUTH_DIR, default var/auth)."""
+
+
+@keys.command("add")
+@click.argument("kind", type=click.Choice(["cli", "agent", "admin", "router", "projector"]))
+@click.argument("name", required=False, default="")
+@click.option("--skills", default="", help="For an agent: the skills whose work it may pull, comma-separated.")
+@click.option("--pid-file", type=click.Path(dir_okay=False, path_type=Path), default=Path("var/nats.pid"),
+              show_default=True, help="A running nats-server to reload so the change applies now.")
+@click.pass_obj
+def add(app: App, kind: str, name: str, skills: str, pid_file: Path) -> None:
+    """Add a principal (or change an agent's skills) and write its credentials file."""
+    try:
+        ident = identity(kind, name, [s.strip() for s in skills.split(",") if s.strip()])
+        registry = Registry.load(app.settings.auth_dir)
+        registry.add(ident)
+        registry.save()
+    except LedgerbusError as exc:
+        fail(str(exc))
+    creds = app.settings.auth_dir / CREDS_DIR / f"{ident.user}.json"
+    click.echo(f"{ident.user}: credentials in {creds}")
+    if pid_file.exists():
+        try:
+            os.kill(int(pid_file.read_text().strip()), signal.SIGHUP)
+            click.echo("asked nats-server to reload its configuration")
+        except (OSError, ValueError) as exc:
+            click.echo(f"could not reload nats-server ({exc}): restart it to apply", err=True)
+    else:
+        click.echo("reload nats-server to apply (no pid file at " f"{pid_file})", err=True)
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_obj
+def list_(app: App, as_json: bool) -> None:
+    """The principals that may connect (never their passwords)."""
+    try:
+        registry = Registry.load(app.settings.auth_dir)
+    except LedgerbusError as exc:
+        fail(str(exc))
+    rows: list[dict[str, str]] = [
+        {"principal": i.user, "kind": i.kind, "skills": ",".join(i.skills)} for i, _ in registry.entries.values()
+    ]
+    if as_json:
+        out.print_json(data=rows)
+        return
+    table = Table("principal", "kind", "skills", box=None)
+    for r in rows:
+        table.add_row(r["principal"], r["kind"], r["skills"])
+    out.print(table if rows else f"[dim]no principals in {app.settings.auth_dir}[/]")

@@ -1,0 +1,257 @@
+"""Identities: one NATS user per principal, with permissions that bind it to its subjects.
+
+A principal is ``admin``, ``router``, ``projector``, ``cli-<name>`` or ``agent-<name>``;
+its NATS user has the same name. What each may do is generated here, per kind:
+
+- ``agent-<name>`` publishes only on ``in.agent.<name>.>`` and its own heartbeat keys, and
+  may pull, ack and create only the WORK consumers of the skills it was given;
+- ``cli-<name>`` publishes only on ``in.cli.<name>.>``, asks the projector, reads AUDIT;
+- everyone reads only their own inbox, ``_INBOX_<principal>.>``;
+- only ``router`` writes ``audit.>`` and ``work.>``; only ``admin`` and ``router`` manage
+  streams.
+
+The registry (``principals.json``), the users file nats.conf includes (``users.conf``)
+and one credentials file per principal (``creds/<principal>.json``) live in one
+directory, ``var/auth`` by default, all readable by their owner only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import secrets
+import shlex
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from bus import subjects
+from bus.errors import ConfigError
+
+SINGLETONS = ("admin", "router", "projector")
+USERS_FILE = "users.conf"
+REGISTRY_FILE = "principals.json"
+CREDS_DIR = "creds"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A principal that may connect: its kind, name and (for agents) skills."""
+
+    kind: str
+    name: str = ""
+    skills: tuple[str, ...] = ()
+
+    @property
+    def user(self) -> str:
+        """The NATS user (and principal token)."""
+        return self.kind if self.kind in SINGLETONS else f"{self.kind}-{self.name}"
+
+    @property
+    def inbox_prefix(self) -> str:
+        """The private inbox prefix this principal's replies use."""
+        return f"_INBOX_{self.user}"
+
+
+def identity(kind: str, name: str = "", skills: Iterable[str] = ()) -> Identity:
+    """Validate and build an identity."""
+    if kind in SINGLETONS:
+        if name:
+            raise ConfigError(f"{kind} has no name")
+        return Identity(kind)
+    if kind not in ("cli", "agent"):
+        raise ConfigError(f"kind must be one of {', '.join((*SINGLETONS, 'cli', 'agent'))}, not {kind!r}")
+    try:
+        subjects.check_name(name, f"{kind} name")
+        skill_list = tuple(sorted({subjects.check_skill(s) for s in skills}))
+    except subjects.SubjectError as exc:
+        raise ConfigError(str(exc)) from exc
+    if kind == "cli" and skill_list:
+        raise ConfigError("skills are for agents")
+    return Identity(kind, name, skill_list)
+
+
+class Credentials(msgspec.Struct, frozen=True):
+    """What a process needs to connect as its principal."""
+
+    user: str
+    password: str
+    inbox_prefix: str
+
+
+_JS_INFO = "$JS.API.INFO"
+
+
+def permissions(ident: Identity) -> dict[str, Any]:
+    """The NATS permissions of one principal."""
+    inbox = f"{ident.inbox_prefix}.>"
+    if ident.kind == "admin":
+        pub = ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "q.>"]
+        sub = [inbox]
+    elif ident.kind == "router":
+        streams = ("INGRESS", "AUDIT", "WORK", "KV_agents")
+        pub = ["audit.>", "work.>", _JS_INFO, "$JS.API.STREAM.INFO.*", "$JS.FC.>",
+               *(f"$JS.API.STREAM.CREATE.{s}" for s in streams), *(f"$JS.API.STREAM.UPDATE.{s}" for s in streams),
+               "$JS.API.STREAM.MSG.GET.AUDIT", "$JS.API.DIRECT.GET.AUDIT",
+               "$JS.API.CONSUMER.CREATE.INGRESS", "$JS.API.CONSUMER.CREATE.INGRESS.>",
+               "$JS.API.CONSUMER.DURABLE.CREATE.INGRESS.>", "$JS.API.CONSUMER.INFO.INGRESS.>",
+               "$JS.API.CONSUMER.MSG.NEXT.INGRESS.>", "$JS.ACK.INGRESS.>",
+               "$JS.API.CONSUMER.CREATE.AUDIT", "$JS.API.CONSUMER.CREATE.AUDIT.>"]
+        sub = [inbox]
+    elif ident.kind == "projector":
+        pub = [_JS_INFO, "$JS.API.STREAM.INFO.AUDIT", "$JS.API.CONSUMER.CREATE.AUDIT",
+               "$JS.API.CONSUMER.CREATE.AUDIT.>", "$JS.FC.>"]
+        sub = [inbox, "q.>"]
+    elif ident.kind == "cli":
+        pub = [f"in.cli.{ident.name}.>", "q.>", _JS_INFO, "$JS.API.STREAM.INFO.AUDIT",
+               "$JS.API.STREAM.INFO.KV_agents", "$JS.API.CONSUMER.CREATE.AUDIT", "$JS.API.CONSUMER.CREATE.AUDIT.>",
+               "$JS.API.CONSUMER.INFO.AUDIT.>", "$JS.API.CONSUMER.CREATE.KV_agents",
+               "$JS.API.CONSUMER.CREATE.KV_agents.>", "$JS.API.CONSUMER.INFO.KV_agents.>",
+               "$JS.API.DIRECT.GET.KV_agents.>", "$JS.FC.>"]
+        sub = [inbox]
+    else:
+        pub = [f"in.agent.{ident.name}.>", f"$KV.agents.{ident.name}.>", _JS_INFO,
+               "$JS.API.STREAM.INFO.WORK", "$JS.API.STREAM.INFO.KV_agents"]
+        for skill in ident.skills:
+            consumer = subjects.work_consumer(skill)
+            pub += [f"$JS.API.CONSUMER.CREATE.WORK.{consumer}", f"$JS.API.CONSUMER.CREATE.WORK.{consumer}.>",
+                    f"$JS.API.CONSUMER.DURABLE.CREATE.WORK.{consumer}", f"$JS.API.CONSUMER.INFO.WORK.{consumer}",
+                    f"$JS.API.CONSUMER.MSG.NEXT.WORK.{consumer}", f"$JS.ACK.WORK.{consumer}.>"]
+        sub = [inbox]
+    perms: dict[str, Any] = {"publish": {"allow": pub}, "subscribe": {"allow": sub}}
+    if ident.kind == "projector":
+        perms["allow_responses"] = True  # answer queries on the askers' private inboxes
+    return perms
+
+
+@dataclass
+class Registry:
+    """The principals of one installation, stored under ``directory``."""
+
+    directory: Path
+    entries: dict[str, tuple[Identity, str]] = field(default_factory=dict)
+    extra_users: list[dict[str, Any]] = field(default_factory=list)
+    """Users written verbatim (test harnesses); never made by ``agentctl keys``."""
+
+    @classmethod
+    def load(cls, directory: Path) -> Registry:
+        """The registry in ``directory`` (empty if there is none yet)."""
+        reg = cls(directory)
+        path = directory / REGISTRY_FILE
+        if path.exists():
+            try:
+                data = json.loads(path.read_text())
+                for row in data["principals"]:
+                    ident = Identity(row["kind"], row.get("name", ""), tuple(row.get("skills", ())))
+                    reg.entries[ident.user] = (ident, row["password"])
+                reg.extra_users = data.get("extra_users", [])
+            except (OSError, ValueError, KeyError) as exc:
+                raise ConfigError(f"{path}: {exc}") from exc
+        return reg
+
+    def add(self, ident: Identity) -> Credentials:
+        """Add (or replace the skills of) a principal; keep its password if it had one."""
+        password = self.entries[ident.user][1] if ident.user in self.entries else secrets.token_urlsafe(24)
+        self.entries[ident.user] = (ident, password)
+        return Credentials(ident.user, password, ident.inbox_prefix)
+
+    def save(self) -> None:
+        """Write the registry, the users file and every credentials file (owner-only)."""
+        (self.directory / CREDS_DIR).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o700)
+        os.chmod(self.directory / CREDS_DIR, 0o700)
+        rows = [{"kind": i.kind, "name": i.name, "skills": list(i.skills), "password": p}
+                for i, p in self.entries.values()]
+        _write_private(self.directory / REGISTRY_FILE,
+                       json.dumps({"principals": rows, "extra_users": self.extra_users}, indent=2))
+        users = [{"user": i.user, "password": p, "permissions": permissions(i)} for i, p in self.entries.values()]
+        users += self.extra_users
+        _write_private(self.directory / USERS_FILE,
+                       "# Generated by ledgerbus (bus/identity.py); edit with `agentctl keys`.\n"
+                       f"users = {json.dumps(users, indent=2)}\n")
+        for ident, password in self.entries.values():
+            creds = Credentials(ident.user, password, ident.inbox_prefix)
+            _write_private(self.directory / CREDS_DIR / f"{ident.user}.json", msgspec.json.encode(creds).decode())
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+_AGENT_LINE = re.compile(r"^\s*[\w-]+\s*:\s*(.*\bagentctl\b.*\bagent\b.*)$")
+
+
+def procfile_agents(procfile: Path) -> list[Identity]:
+    """The agents a Procfile starts (``agentctl agent --name N --skills a,b``)."""
+    found: list[Identity] = []
+    if not procfile.exists():
+        return found
+    for line in procfile.read_text().splitlines():
+        m = _AGENT_LINE.match(line)
+        if not m:
+            continue
+        args = shlex.split(m.group(1))
+        opts = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
+        if "--name" in opts and "--skills" in opts:
+            found.append(identity("agent", opts["--name"], opts["--skills"].split(",")))
+    return found
+
+
+def ensure_local(directory: Path, cli_user: str, procfile: Path | None = None) -> bool:
+    """Make the identities a local system needs, if missing: admin, router, projector, the
+    person's CLI user and the Procfile's agents. Returns whether anything was added."""
+    reg = Registry.load(directory)
+    wanted = [identity("admin"), identity("router"), identity("projector"), identity("cli", cli_user)]
+    if procfile is not None:
+        wanted += procfile_agents(procfile)
+    missing = [i for i in wanted if i.user not in reg.entries or reg.entries[i.user][0] != i]
+    for ident in missing:
+        reg.add(ident)
+    if missing or not (directory / USERS_FILE).exists():
+        reg.save()
+        return True
+    return False
+
+
+def write_local_config(
+    directory: Path, base_config: Path, identities: Iterable[Identity], extra_users: Iterable[dict[str, Any]] = ()
+) -> Path:
+    """A copy of ``base_config`` in ``directory`` with its own ``var/auth`` holding
+    ``identities``: a self-contained server configuration (tests, benchmarks). Returns
+    the configuration's path; the credentials are in ``directory / "var" / "auth"``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / base_config.name
+    config.write_text(base_config.read_text())
+    reg = Registry.load(directory / "var" / "auth")
+    for ident in identities:
+        reg.add(ident)
+    reg.extra_users = list(extra_users)
+    reg.save()
+    return config
+
+
+async def wait_for_credentials(directory: Path, user: str, timeout: float) -> Credentials:
+    """Read ``creds/<user>.json``, waiting up to ``timeout`` for it to appear (first run)."""
+    path = directory / CREDS_DIR / f"{user}.json"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not path.exists():
+        if loop.time() >= deadline:
+            raise ConfigError(
+                f"no credentials for {user} at {path}: create them with `agentctl keys add`, "
+                "or set LEDGERBUS_USER and LEDGERBUS_PASSWORD"
+            )
+        await asyncio.sleep(0.1)
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=Credentials)
+    except (OSError, msgspec.DecodeError) as exc:
+        raise ConfigError(f"credentials {path}: {exc}") from exc
