@@ -183,6 +183,7 @@ class Checkpoint(msgspec.Struct, frozen=True, kw_only=True):
     chain_head: str
     prev_checkpoint_seq: int
     key_id: str
+    at: datetime | None = None
     signature: str = ""
 
 

@@ -165,13 +165,14 @@ class Router:
         ):
             return
         head = self.audit.head
+        stamp = datetime.now(UTC)
         checkpoint = signing.sign(
             self.key,
             Checkpoint(covers_seq=head.seq, chain_head=head.hash,
-                       prev_checkpoint_seq=self.state.last_checkpoint_seq, key_id=""),
+                       prev_checkpoint_seq=self.state.last_checkpoint_seq, key_id="", at=stamp),
         )
         record, data = self.audit.seal(AuditRecord(
-            seq=0, at=datetime.now(UTC), verdict="accepted", code="ok", reason="", principal="router",
+            seq=0, at=stamp, verdict="accepted", code="ok", reason="", principal="router",
             kind="checkpoint", key="router", msg_id="", ingress_seq=0, delivery=0, checkpoint=checkpoint,
         ))
         try:

@@ -144,6 +144,7 @@ async def test_checkpoints_are_signed_every_n_records_and_verify(
     assert len(checkpoints) >= 2
     for cp_record in checkpoints:
         assert cp_record.checkpoint.covers_seq == cp_record.seq - 1  # type: ignore[union-attr]
+        assert cp_record.checkpoint.at == cp_record.at  # type: ignore[union-attr]  # signed, not only chained
         assert cp_record.principal == "router" and cp_record.kind == "checkpoint"
     code, report = await verify(tuned, "--no-projections")
     assert code == 0, report
