@@ -135,16 +135,16 @@ class Router:
                 msgs = await self._sub.fetch(self.settings.router_batch, timeout=1.0)
             except TimeoutError:
                 # nats.py raises its own TimeoutError or asyncio's: the builtin covers both.
-                await self._checkpoint_if_due()
-                continue
+                msgs = []
             except nats.errors.Error as exc:
                 log.warning("ingress_fetch_failed", error=str(exc))
                 await asyncio.sleep(0.5)
                 continue
             try:
-                await self.process(msgs)
+                if msgs:
+                    await self.process(msgs)
                 await self._checkpoint_if_due()
-            except nats.errors.Error as exc:
+            except (nats.errors.Error, AuditAppendError) as exc:
                 # The log is consistent whatever failed here (records are appended before
                 # anything is acted on); unacked messages come back and are settled then.
                 log.error("batch_failed", error=str(exc))
