@@ -12,6 +12,7 @@ from agentctl.common import App, fail
 from agentctl.keys import keys
 from agentctl.processes import agent, nats, projector, router
 from agentctl.reads import agents, events, tasks
+from agentctl.replay import replay
 from agentctl.submit import submit
 from bus.errors import ConfigError
 from bus.logs import configure_logging
@@ -52,7 +53,7 @@ def cli(ctx: click.Context, url: str | None, user: str | None, password: str | N
     ctx.obj = App(settings=settings, log_format=log_format, log_level=log_level)
 
 
-for command in (nats, router, projector, agent, submit, approve, deny, tasks, events, agents, audit, keys):
+for command in (nats, router, projector, agent, submit, approve, deny, tasks, events, agents, audit, keys, replay):
     cli.add_command(command)
 
 
