@@ -56,22 +56,28 @@ def verify(stored: Iterable[tuple[int, bytes]], start: ChainHead = ChainHead()) 
     """
     head = start
     for seq, data in stored:
-        if seq != head.seq + 1:
-            raise ChainError(
-                f"seq {head.seq + 1}: missing (deleted, or unreadable on disk); the next record is seq {seq}",
-                head.seq + 1,
-            )
-        try:
-            record = codec.decode_record(data)
-        except codec.SchemaError as exc:
-            raise ChainError(f"seq {seq}: does not decode: {exc}", seq) from exc
-        if record.seq != seq:
-            raise ChainError(f"seq {seq}: record says it is seq {record.seq}", seq)
-        if record.prev_hash != head.hash:
-            raise ChainError(f"seq {seq}: prev_hash does not match the hash of seq {head.seq}", seq)
-        if record.hash != record_hash(head.hash, record):
-            raise ChainError(f"seq {seq}: hash does not recompute (the record was altered)", seq)
-        if codec.encode(record) != data:
-            raise ChainError(f"seq {seq}: stored bytes are not canonical (the record was altered)", seq)
-        head = ChainHead(seq, record.hash)
+        _, head = verify_next(seq, data, head)
     return head
+
+
+def verify_next(seq: int, data: bytes, head: ChainHead) -> tuple[AuditRecord, ChainHead]:
+    """Check the record stored at ``seq`` follows ``head``; return it (decoded once, for
+    callers that also fold it) and the new head. Raises :class:`ChainError`."""
+    if seq != head.seq + 1:
+        raise ChainError(
+            f"seq {head.seq + 1}: missing (deleted, or unreadable on disk); the next record is seq {seq}",
+            head.seq + 1,
+        )
+    try:
+        record = codec.decode_record(data)
+    except codec.SchemaError as exc:
+        raise ChainError(f"seq {seq}: does not decode: {exc}", seq) from exc
+    if record.seq != seq:
+        raise ChainError(f"seq {seq}: record says it is seq {record.seq}", seq)
+    if record.prev_hash != head.hash:
+        raise ChainError(f"seq {seq}: prev_hash does not match the hash of seq {head.seq}", seq)
+    if record.hash != record_hash(head.hash, record):
+        raise ChainError(f"seq {seq}: hash does not recompute (the record was altered)", seq)
+    if codec.encode(record) != data:
+        raise ChainError(f"seq {seq}: stored bytes are not canonical (the record was altered)", seq)
+    return record, ChainHead(seq, record.hash)

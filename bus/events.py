@@ -144,7 +144,6 @@ TASK_EVENTS = (
     TaskSubmitted, TaskStarted, TaskProgress, TaskCompleted, TaskFailed, TaskUsage, TaskApproved, TaskDenied
 )
 AGENT_EVENTS = (AgentJoined, AgentLeft)
-TERMINAL_EVENTS = (TaskCompleted, TaskFailed)
 
 
 def kind_of(event_type: type[Event]) -> str:

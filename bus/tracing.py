@@ -57,9 +57,3 @@ def trace_id_of_span(span: trace.Span) -> str:
     """A span's trace id as 32 hex digits, or '' for a non-recording span."""
     ctx = span.get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
-
-
-def trace_id_of(headers: Mapping[str, str] | None) -> str:
-    """The trace id a message's ``traceparent`` header names, or ''."""
-    ctx = trace.get_current_span(extract(headers)).get_span_context()
-    return format(ctx.trace_id, "032x") if ctx.is_valid else ""

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, RetentionPolicy, StorageType, StreamInfo
 
-from bus import chain, codec, signing, subjects
+from bus import chain, signing, subjects
 from bus.chain import ChainHead
 from bus.errors import ChainError
+from bus.events import AuditRecord
 
 Progress = Callable[[int, int], None]
 """Called with (records read, records in all) while the chain is checked."""
@@ -94,14 +95,13 @@ class CheckpointWalk:
         if self.problem is None:
             self.problem = (seq, detail)
 
-    def record(self, data: bytes, seq: int, before: ChainHead) -> None:
-        """Look at the record just verified at ``seq``; ``before`` is the head before it."""
-        if b'"checkpoint":{' not in data:
+    def record(self, record: AuditRecord, before: ChainHead) -> None:
+        """Look at a record just verified; ``before`` is the head before it."""
+        seq, cp = record.seq, record.checkpoint
+        if cp is None:
             if seq - self.last_seq > self.max_gap:
                 self._fail(seq, f"seq {seq}: more than {self.max_gap} records since the last signed checkpoint")
             return
-        cp = codec.decode_record(data).checkpoint
-        assert cp is not None
         if (cp.covers_seq, cp.chain_head) != (before.seq, before.hash):
             self._fail(seq, f"seq {seq}: the checkpoint does not cover the record before it")
         elif cp.prev_checkpoint_seq != self.last_seq:
@@ -176,8 +176,8 @@ async def _verify_chain(
                 break  # nothing more will come: what is left unread is missing
             seq = msg.metadata.sequence.stream
             before = head
-            head = chain.verify([(seq, msg.data)], head)
-            walk.record(msg.data, seq, before)
+            record, head = chain.verify_next(seq, msg.data, head)
+            walk.record(record, before)
             if on_progress is not None:
                 on_progress(head.seq, last)
             if msg.metadata.num_pending == 0:

@@ -17,7 +17,7 @@ import structlog
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
-from bus import chain, codec, subjects
+from bus import chain, subjects
 from bus.chain import ChainHead
 from bus.errors import ChainError
 from bus.events import AuditRecord
@@ -81,10 +81,10 @@ async def recover(js: JetStreamContext, state: RouterState) -> ChainHead:
             msg = await sub.next_msg(timeout=10)
             seq = msg.metadata.sequence.stream
             try:
-                head = chain.verify([(seq, msg.data)], head)
+                record, head = chain.verify_next(seq, msg.data, head)
             except ChainError as exc:
                 raise ChainBrokenError(f"refusing to extend a broken audit chain: {exc}") from exc
-            state.apply(codec.decode_record(msg.data))
+            state.apply(record)
     except TimeoutError as exc:
         raise AuditAppendError(f"timed out reading the audit log at seq {head.seq} of {last}") from exc
     finally:

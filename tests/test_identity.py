@@ -10,7 +10,7 @@ import nats.errors
 import pytest
 from nats.aio.client import Client
 
-from bus import codec
+from bus import codec, subjects
 from bus.connection import ConnectionEvents, connect
 from bus.errors import ConfigError
 from bus.events import TaskSubmitted, new_id
@@ -104,3 +104,31 @@ async def test_bad_names_and_kinds_are_refused_with_a_message(settings: Settings
                           (["router", "extra"], "router has no name")):
         code, _, err = await agentctl(settings, "keys", "add", *args)
         assert code == 3 and message in err, err
+
+
+@pytest.mark.parametrize("principal", ["agent-a1", "cli-carol", "projector", "router"])
+async def test_only_an_admin_may_delete_purge_or_make_streams(
+    running_router: RunningRouter, settings: Settings, admin: Client, principal: str
+) -> None:
+    events = ConnectionEvents()
+    nc = await connect(settings, principal, events=events)
+    jsm = nc.jetstream(timeout=0.5)
+    attempts: dict[str, Callable[[], Awaitable[object]]] = {
+        "delete AUDIT": lambda: jsm.delete_stream(subjects.AUDIT_STREAM),
+        "purge WORK": lambda: jsm.purge_stream(subjects.WORK_STREAM),
+        "delete the router's consumer": lambda: jsm.delete_consumer(subjects.INGRESS_STREAM, subjects.ROUTER_CONSUMER),
+    }
+    if principal != "router":  # the router provisions its own streams (docs/architecture.md)
+        attempts["make a stream"] = lambda: jsm.add_stream(name="ROGUE", subjects=["rogue.>"])
+    try:
+        for what, attempt in attempts.items():
+            with pytest.raises((TimeoutError, nats.errors.Error)):
+                await attempt()
+            assert events.violations, f"{principal} could {what}"
+            events.violations.clear()
+    finally:
+        await nc.close()
+    js = admin.jetstream()
+    names = [s.config.name for s in await js.streams_info()]
+    assert "ROGUE" not in names and {"AUDIT", "WORK", "INGRESS"} <= set(names)
+    assert (await js.consumer_info(subjects.INGRESS_STREAM, subjects.ROUTER_CONSUMER)).name == "router"

@@ -29,7 +29,6 @@ class Inbound:
     headers: dict[str, str]
     ingress_seq: int
     delivery: int
-    principal_token: str = ""
     kind_token: str = ""
     received_at: float = 0.0
     """When JetStream stored the message in INGRESS (POSIX seconds)."""
@@ -41,6 +40,11 @@ class Inbound:
     """Accepted, but held for approval (a dangerous skill)."""
     over_budget: str = ""
     """Accepted usage that takes its task over budget (and so fails it): why."""
+
+    @property
+    def principal_token(self) -> str:
+        """The sender as one word (``agent-echo-1``), once the subject check has read it."""
+        return self.principal.token if self.principal is not None else ""
 
 
 @dataclass(frozen=True, slots=True)

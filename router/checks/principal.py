@@ -25,7 +25,6 @@ def check(msg: Inbound, state: RouterState) -> Rejection | None:
     """The subject must be ``in.<principal kind>.<name>.<kind>`` with a known principal kind."""
     try:
         msg.principal, msg.kind_token = subjects.parse_ingress(msg.subject)
-        msg.principal_token = msg.principal.token
     except subjects.SubjectError as exc:
         return Rejection("bad_subject", str(exc))
     return None
