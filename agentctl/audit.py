@@ -94,5 +94,5 @@ async def _projections(nc: Any, js: Any, db_path: Path | None) -> Finding:
             live = await request_query(nc, "projections", "digest", {})
         except BusError as exc:
             return Finding("projections", False, f"not checked: {exc}")
-        check = await compare_digest(js, live["position"], live["digest"])
+        check = await compare_digest(js, live["position"], live["digest"], live.get("memory_list_cap"))
     return Finding("projections", check.ok, check.detail)

@@ -13,16 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import click
-import nats.errors
 import nats.js.errors
 from rich.table import Table
 from rich.tree import Tree
 
 from agentctl.common import App, cli_principal, out, run
 from agentctl.follow import records
-from bus import codec, subjects
+from bus import codec, query, subjects
 from bus.connection import connected
-from bus.errors import BusError
 from projections import db as dbmod
 from projections import service
 from projections.errors import DatabaseError
@@ -46,9 +44,9 @@ async def ask(app: App, projection: str, op: str, request: dict[str, Any], db_pa
     if db_path is None:
         async with connected(app.settings, cli_principal()) as nc:
             return await request_query(nc, projection, op, request)
-    db = await dbmod.open_db(db_path)
+    db = await dbmod.open_reader(db_path)
     try:
-        return _unwrap(await service.answer(db, subjects.query(projection, op), codec.encode(request)))
+        return query.unwrap(await service.answer(db, subjects.query(projection, op), codec.encode(request)))
     except sqlite3.Error as exc:
         raise DatabaseError(f"reading {db_path}: {exc}") from exc
     finally:
@@ -57,20 +55,7 @@ async def ask(app: App, projection: str, op: str, request: dict[str, Any], db_pa
 
 async def request_query(nc: Any, projection: str, op: str, request: dict[str, Any]) -> Any:
     """Ask the projector (any in the queue group) one query and return its data."""
-    subject = subjects.query(projection, op)
-    try:
-        msg = await nc.request(subject, codec.encode(request), timeout=5)
-    except nats.errors.NoRespondersError as exc:
-        raise BusError(f"no projector answers {subject}: start `agentctl projector`, or use --db PATH") from exc
-    except TimeoutError as exc:
-        raise BusError(f"the projector did not answer {subject} in 5s") from exc
-    return _unwrap(json.loads(msg.data))
-
-
-def _unwrap(reply: dict[str, Any]) -> Any:
-    if not reply.get("ok"):
-        raise BusError(reply.get("error", "the projector refused the query"))
-    return reply["data"]
+    return await query.ask(nc, projection, op, request)
 
 
 def _styled(status: str | None) -> str:

@@ -33,3 +33,11 @@ class ChainError(LedgerbusError):
     def __init__(self, message: str, seq: int = 0) -> None:
         super().__init__(message)
         self.seq = seq
+
+
+class QueryError(BusError):
+    """A projector query could not be answered, or was answered with an error."""
+
+
+class NotFound(QueryError):
+    """The projector answered: no such task, key or record (yet)."""

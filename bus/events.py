@@ -23,6 +23,8 @@ Skill = Annotated[str, msgspec.Meta(pattern=SKILL_PATTERN)]
 Attempt = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=7 * 24 * 3600)]
 Text = Annotated[str, msgspec.Meta(max_length=16_384)]
+Key = Annotated[str, msgspec.Meta(min_length=1, max_length=256, description="1-256 characters")]
+Label = Annotated[str, msgspec.Meta(max_length=128)]
 
 DEFAULT_TASK_TIMEOUT_S = 300.0
 
@@ -59,6 +61,8 @@ class TaskSubmitted(Event, tag="task_submitted", frozen=True):
     input: dict[str, Any] = msgspec.field(default_factory=dict)
     timeout_s: Seconds = DEFAULT_TASK_TIMEOUT_S
     budget: Budget | None = None
+    parent_task_id: Id | None = None
+    """Set when an agent's skill dispatches this task while running ``parent_task_id``."""
 
 
 class TaskStarted(Event, tag="task_started", frozen=True):
@@ -134,9 +138,70 @@ class AgentLeft(Event, tag="agent_left", frozen=True):
     reason: Text = ""
 
 
+MemorySection = Literal["role", "knowledge", "observation", "reasoning"]
+"""The parts of an agent's memory: ``role`` (one value), ``knowledge`` (key → value), and
+the append-only ``observation`` and ``reasoning`` lists. The current task is not written:
+it follows from the agent's own ``TaskStarted`` and results."""
+
+
+class MemoryWritten(Event, tag="memory_written", frozen=True):
+    """A write to one agent's memory, by the agent itself or by an operator.
+
+    ``knowledge`` needs ``key``; ``value`` null forgets the key. ``core`` knowledge
+    survives a wipe. ``observation`` and ``reasoning`` append ``value`` to their list;
+    ``role`` sets (or, with null, clears) the agent's role.
+    """
+
+    agent: Id
+    section: MemorySection
+    key: Key | None = None
+    value: Any = None
+    core: bool = False
+
+
+class MemoryWiped(Event, tag="memory_wiped", frozen=True):
+    """Clear an agent's current task, observations, reasoning and non-core knowledge;
+    its role and core knowledge stay."""
+
+    agent: Id
+    reason: Text = ""
+
+
+class CheckpointSaved(Event, tag="checkpoint_saved", frozen=True):
+    """Name the agent's memory as it is at this point of the log, to restore later.
+
+    ``state`` is an optional, bounded blob of the agent's own (opaque to the bus).
+    """
+
+    agent: Id
+    checkpoint_id: Id
+    label: Label = ""
+    state: Any = None
+
+
+class CheckpointRestored(Event, tag="checkpoint_restored", frozen=True):
+    """Make the agent's memory what it was when ``checkpoint_id`` was saved."""
+
+    agent: Id
+    checkpoint_id: Id
+
+
+class SharedWritten(Event, tag="shared_written", frozen=True):
+    """Set (or, with ``value`` null, delete) a key of the shared context between agents.
+
+    With ``ttl_s`` the key expires that long after the router recorded the write.
+    """
+
+    namespace: Id
+    key: Key
+    value: Any = None
+    ttl_s: Seconds | None = None
+
+
 AnyEvent = (
     TaskSubmitted | TaskStarted | TaskProgress | TaskCompleted | TaskFailed | TaskUsage | TaskApproved | TaskDenied
     | AgentJoined | AgentLeft
+    | MemoryWritten | MemoryWiped | CheckpointSaved | CheckpointRestored | SharedWritten
 )
 """The ingress union: every message a principal may send to the router."""
 
@@ -144,6 +209,8 @@ TASK_EVENTS = (
     TaskSubmitted, TaskStarted, TaskProgress, TaskCompleted, TaskFailed, TaskUsage, TaskApproved, TaskDenied
 )
 AGENT_EVENTS = (AgentJoined, AgentLeft)
+MEMORY_EVENTS = (MemoryWritten, MemoryWiped, CheckpointSaved, CheckpointRestored)
+"""Events about one agent's memory: their ``agent`` field is the audit key."""
 
 
 def kind_of(event_type: type[Event]) -> str:
@@ -155,7 +222,7 @@ def kind_of(event_type: type[Event]) -> str:
 
 EVENT_KINDS: dict[str, type[Event]] = {
     kind_of(t): t
-    for t in (*TASK_EVENTS, AgentJoined, AgentLeft)
+    for t in (*TASK_EVENTS, *AGENT_EVENTS, *MEMORY_EVENTS, SharedWritten)
 }
 
 Verdict = Literal["accepted", "rejected"]

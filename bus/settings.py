@@ -43,6 +43,10 @@ class Settings:
     agents_ttl_s: float = 30.0
     drain_timeout_s: float = 30.0
     projector_batch: int = 512
+    memory_list_cap: int = 1000
+    """Most entries an agent's observation or reasoning list keeps; older ones roll into a summary."""
+    max_checkpoint_bytes: int = 64 * 1024
+    """Largest agent state blob a memory checkpoint may carry."""
     connect_timeout_s: float = 30.0
 
     @property

@@ -1,46 +1,53 @@
-"""The ``agents`` projection: who joined, with which skills, and what they have done."""
+"""The ``agents`` projection: who joined, with which skills, and what they have done.
+
+An agent's live load (tasks it is running) is read from the tasks projection at query
+time; its role is in its memory.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import aiosqlite
 
 from bus import codec
 from bus.events import AgentJoined, AgentLeft, AuditRecord, TaskCompleted, TaskFailed
+from projections.rows import Rows
 from projections.tasks import agent_name
 
+COLUMNS = ("name", "instance", "skills", "concurrency", "status", "joined_at", "left_at", "joins",
+           "tasks_completed", "tasks_failed", "updated_seq")
 
-async def apply(db: aiosqlite.Connection, record: AuditRecord) -> None:
-    """Apply one audit record to the agents table (rejected records change nothing)."""
-    if not record.accepted:
+_KINDS = (AgentJoined, AgentLeft, TaskCompleted, TaskFailed)
+
+
+async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> None:
+    """Fold a batch of audit records into the agents table (rejected records change nothing)."""
+    mine = [r for r in records if r.accepted and isinstance(r.event, _KINDS)]
+    if not mine:
         return
-    name = agent_name(record.principal)
-    at = record.at.isoformat()
-    match record.event:
-        case AgentJoined() as e:
-            await db.execute(
-                "INSERT INTO agents (name, instance, skills, concurrency, status, joined_at, updated_seq)"
-                " VALUES (?, ?, ?, ?, 'online', ?, ?) ON CONFLICT (name) DO UPDATE SET"
-                " instance = excluded.instance, skills = excluded.skills, concurrency = excluded.concurrency,"
-                " status = 'online', joined_at = excluded.joined_at, left_at = NULL,"
-                " updated_seq = excluded.updated_seq",
-                (name, e.instance, codec.encode(e.skills).decode(), e.concurrency, at, record.seq),
-            )
-        case AgentLeft() as e:
-            # Several replicas may share a name: the agent is offline only when its
-            # latest instance leaves.
-            await db.execute(
-                "UPDATE agents SET status = 'offline', left_at = ?, updated_seq = ? WHERE name = ? AND instance = ?",
-                (at, record.seq, name, e.instance),
-            )
-        case TaskCompleted():
-            await db.execute(
-                "UPDATE agents SET tasks_completed = tasks_completed + 1, updated_seq = ? WHERE name = ?",
-                (record.seq, name),
-            )
-        case TaskFailed():
-            await db.execute(
-                "UPDATE agents SET tasks_failed = tasks_failed + 1, updated_seq = ? WHERE name = ?",
-                (record.seq, name),
-            )
-        case _:
-            pass
+    rows = Rows("agents", ("name",), COLUMNS)
+    await rows.load(db, ((agent_name(r.principal),) for r in mine))
+    for record in mine:
+        name = agent_name(record.principal)
+        row = rows.get((name,))
+        match record.event:
+            case AgentJoined() as e:
+                rows.put({
+                    "name": name, "instance": e.instance, "skills": codec.encode(e.skills).decode(),
+                    "concurrency": e.concurrency, "status": "online", "joined_at": record.at.isoformat(),
+                    "left_at": None, "joins": (row["joins"] if row else 0) + 1,
+                    "tasks_completed": row["tasks_completed"] if row else 0,
+                    "tasks_failed": row["tasks_failed"] if row else 0, "updated_seq": record.seq,
+                })
+            case AgentLeft(instance=instance) if row is not None and row["instance"] == instance:
+                # Several replicas may share a name: the agent is offline only when its
+                # latest instance leaves.
+                rows.update((name,), status="offline", left_at=record.at.isoformat(), updated_seq=record.seq)
+            case TaskCompleted() if row is not None:
+                rows.update((name,), tasks_completed=row["tasks_completed"] + 1, updated_seq=record.seq)
+            case TaskFailed() if row is not None:
+                rows.update((name,), tasks_failed=row["tasks_failed"] + 1, updated_seq=record.seq)
+            case _:
+                pass
+    await rows.store(db)

@@ -1,7 +1,8 @@
 """Applying a batch of audit records: every projection plus the tracking row, one transaction.
 
 Records at or below the tracking position are skipped, so re-delivering a batch (after
-a crash, or to a replay) changes nothing.
+a crash, or to a replay) changes nothing. Each projection folds the whole batch and
+writes it with a handful of ``executemany`` calls (see :mod:`projections.rows`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,21 @@ from collections.abc import Awaitable, Callable, Sequence
 import aiosqlite
 
 from bus.events import AuditRecord
-from projections import agents, tasks
+from projections import agents, approvals, audit_index, checkpoints, memory, shared, tasks
 from projections import db as dbmod
 from projections.errors import DatabaseError
 
-Handler = Callable[[aiosqlite.Connection, AuditRecord], Awaitable[None]]
+Projection = Callable[[aiosqlite.Connection, Sequence[AuditRecord]], Awaitable[None]]
 
-HANDLERS: tuple[Handler, ...] = (tasks.apply, agents.apply)
+PROJECTIONS: dict[str, Projection] = {
+    "tasks": tasks.apply,
+    "agents": agents.apply,
+    "approvals": approvals.apply,
+    "audit_index": audit_index.apply,
+    "memory": memory.apply,
+    "checkpoints": checkpoints.apply,
+    "shared": shared.apply,
+}
 
 
 async def apply_batch(db: aiosqlite.Connection, records: Sequence[AuditRecord], position: int) -> int:
@@ -29,9 +38,8 @@ async def apply_batch(db: aiosqlite.Connection, records: Sequence[AuditRecord], 
     try:
         await db.execute("BEGIN IMMEDIATE")
         try:
-            for record in fresh:
-                for handler in HANDLERS:
-                    await handler(db, record)
+            for project in PROJECTIONS.values():
+                await project(db, fresh)
             new_position = fresh[-1].seq
             await dbmod.set_position(db, new_position)
         except BaseException:

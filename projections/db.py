@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,30 +23,37 @@ CREATE TABLE IF NOT EXISTS tracking (
     name     TEXT PRIMARY KEY,
     position INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tasks (
-    task_id       TEXT PRIMARY KEY,
-    skill         TEXT NOT NULL,
-    input         TEXT NOT NULL,
-    timeout_s     REAL NOT NULL,
-    status        TEXT NOT NULL,
-    submitted_by  TEXT NOT NULL,
-    submitted_at  TEXT NOT NULL,
-    submitted_seq INTEGER NOT NULL,
-    agent         TEXT,
-    attempts      INTEGER NOT NULL DEFAULT 0,
-    started_at    TEXT,
-    finished_at   TEXT,
-    progress      TEXT,
-    fraction      REAL,
-    output        TEXT,
-    error         TEXT,
-    trace_id      TEXT NOT NULL DEFAULT '',
-    tokens        INTEGER NOT NULL DEFAULT 0,
-    cost_usd      REAL NOT NULL DEFAULT 0,
-    updated_seq   INTEGER NOT NULL
+    task_id        TEXT PRIMARY KEY,
+    skill          TEXT NOT NULL,
+    input          TEXT NOT NULL,
+    timeout_s      REAL NOT NULL,
+    status         TEXT NOT NULL,
+    submitted_by   TEXT NOT NULL,
+    submitted_at   TEXT NOT NULL,
+    submitted_seq  INTEGER NOT NULL,
+    parent_task_id TEXT,
+    agent          TEXT,
+    attempts       INTEGER NOT NULL DEFAULT 0,
+    started_at     TEXT,
+    finished_at    TEXT,
+    progress       TEXT,
+    fraction       REAL,
+    output         TEXT,
+    error          TEXT,
+    trace_id       TEXT NOT NULL DEFAULT '',
+    tokens         INTEGER NOT NULL DEFAULT 0,
+    cost_usd       REAL NOT NULL DEFAULT 0,
+    updated_seq    INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, submitted_seq);
 CREATE INDEX IF NOT EXISTS tasks_by_seq ON tasks (submitted_seq);
+CREATE INDEX IF NOT EXISTS tasks_by_parent ON tasks (parent_task_id) WHERE parent_task_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_by_agent ON tasks (agent, status);
 CREATE TABLE IF NOT EXISTS agents (
     name            TEXT PRIMARY KEY,
     instance        TEXT NOT NULL,
@@ -54,25 +62,168 @@ CREATE TABLE IF NOT EXISTS agents (
     status          TEXT NOT NULL,
     joined_at       TEXT NOT NULL,
     left_at         TEXT,
+    joins           INTEGER NOT NULL DEFAULT 0,
     tasks_completed INTEGER NOT NULL DEFAULT 0,
     tasks_failed    INTEGER NOT NULL DEFAULT 0,
     updated_seq     INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS approvals (
+    task_id       TEXT PRIMARY KEY,
+    skill         TEXT NOT NULL,
+    submitted_by  TEXT NOT NULL,
+    requested_at  TEXT NOT NULL,
+    requested_seq INTEGER NOT NULL,
+    status        TEXT NOT NULL,
+    decided_by    TEXT,
+    decided_at    TEXT,
+    reason        TEXT,
+    updated_seq   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS approvals_by_status ON approvals (status, requested_seq);
+CREATE TABLE IF NOT EXISTS audit_index (
+    seq       INTEGER PRIMARY KEY,
+    at        TEXT NOT NULL,
+    verdict   TEXT NOT NULL,
+    code      TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    kind      TEXT NOT NULL,
+    key       TEXT NOT NULL,
+    msg_id    TEXT NOT NULL,
+    reason    TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_key ON audit_index (key, seq);
+CREATE INDEX IF NOT EXISTS audit_by_principal ON audit_index (principal, seq);
+CREATE INDEX IF NOT EXISTS audit_by_msg_id ON audit_index (msg_id) WHERE msg_id != '';
+CREATE TABLE IF NOT EXISTS memory (
+    agent             TEXT PRIMARY KEY,
+    role              TEXT,
+    current_task      TEXT,
+    observation_first INTEGER NOT NULL DEFAULT 0,
+    observation_next  INTEGER NOT NULL DEFAULT 0,
+    reasoning_first   INTEGER NOT NULL DEFAULT 0,
+    reasoning_next    INTEGER NOT NULL DEFAULT 0,
+    wiped_seq         INTEGER,
+    restored_from     TEXT,
+    updated_seq       INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS knowledge (
+    agent       TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    value       TEXT NOT NULL,
+    core        INTEGER NOT NULL,
+    updated_seq INTEGER NOT NULL,
+    PRIMARY KEY (agent, key)
+);
+CREATE TABLE IF NOT EXISTS memory_entries (
+    agent     TEXT NOT NULL,
+    section   TEXT NOT NULL,
+    n         INTEGER NOT NULL,
+    seq       INTEGER NOT NULL,
+    at        TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    first_at  TEXT NOT NULL,
+    rolled    INTEGER NOT NULL,
+    value     TEXT,
+    PRIMARY KEY (agent, section, n)
+);
+CREATE TABLE IF NOT EXISTS snap_memory (
+    checkpoint_id     TEXT NOT NULL,
+    agent             TEXT NOT NULL,
+    role              TEXT,
+    current_task      TEXT,
+    observation_first INTEGER NOT NULL,
+    observation_next  INTEGER NOT NULL,
+    reasoning_first   INTEGER NOT NULL,
+    reasoning_next    INTEGER NOT NULL,
+    PRIMARY KEY (agent, checkpoint_id)
+);
+CREATE TABLE IF NOT EXISTS snap_knowledge (
+    checkpoint_id TEXT NOT NULL,
+    agent         TEXT NOT NULL,
+    key           TEXT NOT NULL,
+    value         TEXT NOT NULL,
+    core          INTEGER NOT NULL,
+    updated_seq   INTEGER NOT NULL,
+    PRIMARY KEY (agent, checkpoint_id, key)
+);
+CREATE TABLE IF NOT EXISTS snap_entries (
+    checkpoint_id TEXT NOT NULL,
+    agent         TEXT NOT NULL,
+    section       TEXT NOT NULL,
+    n             INTEGER NOT NULL,
+    seq           INTEGER NOT NULL,
+    at            TEXT NOT NULL,
+    first_seq     INTEGER NOT NULL,
+    first_at      TEXT NOT NULL,
+    rolled        INTEGER NOT NULL,
+    value         TEXT,
+    PRIMARY KEY (agent, checkpoint_id, section, n)
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    agent             TEXT NOT NULL,
+    checkpoint_id     TEXT NOT NULL,
+    label             TEXT NOT NULL,
+    seq               INTEGER NOT NULL,
+    at                TEXT NOT NULL,
+    saved_by          TEXT NOT NULL,
+    state             TEXT,
+    restores          INTEGER NOT NULL DEFAULT 0,
+    last_restored_seq INTEGER,
+    PRIMARY KEY (agent, checkpoint_id)
+);
+CREATE INDEX IF NOT EXISTS checkpoints_by_seq ON checkpoints (agent, seq);
+CREATE TABLE IF NOT EXISTS shared (
+    namespace   TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    value       TEXT NOT NULL,
+    written_by  TEXT NOT NULL,
+    written_at  TEXT NOT NULL,
+    expires_at  TEXT,
+    updated_seq INTEGER NOT NULL,
+    PRIMARY KEY (namespace, key)
+);
+CREATE INDEX IF NOT EXISTS shared_by_expiry ON shared (expires_at) WHERE expires_at IS NOT NULL;
 """
 
 TRACKING_NAME = "audit"
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Bumped whenever SCHEMA changes; an older file is rebuilt from the log, not migrated."""
 
-# The tables a rebuild must reproduce exactly, with the key that orders a canonical dump.
-TABLES = {"tracking": "name", "tasks": "task_id", "agents": "name"}
+DEFAULT_MEMORY_LIST_CAP = 1000
+
+# Every table a rebuild must reproduce exactly, with the columns that order a canonical dump.
+TABLES = {
+    "tracking": "name",
+    "meta": "name",
+    "tasks": "task_id",
+    "agents": "name",
+    "approvals": "task_id",
+    "audit_index": "seq",
+    "memory": "agent",
+    "knowledge": "agent, key",
+    "memory_entries": "agent, section, n",
+    "snap_memory": "agent, checkpoint_id",
+    "snap_knowledge": "agent, checkpoint_id, key",
+    "snap_entries": "agent, checkpoint_id, section, n",
+    "checkpoints": "agent, checkpoint_id",
+    "shared": "namespace, key",
+}
 
 
-async def open_db(path: Path) -> aiosqlite.Connection:
+def iso(at: datetime) -> str:
+    """A timestamp as fixed-width ISO text, so text order is time order in SQL."""
+    return at.isoformat(timespec="microseconds")
+
+
+async def open_db(path: Path, memory_list_cap: int | None = None) -> aiosqlite.Connection:
     """Open (creating if needed) a projection database with its schema.
 
-    Raises :class:`SchemaMismatch` for a file made by another schema version.
+    ``memory_list_cap`` is part of what the projection means (it decides which memory
+    entries are rolled into summaries), so it is stored in the file: a new file takes it
+    (default :data:`DEFAULT_MEMORY_LIST_CAP`), and opening a file made with another cap
+    raises :class:`SchemaMismatch`, as does a file made by another schema version.
+    ``None`` opens an existing file with whatever cap it has.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,6 +240,15 @@ async def open_db(path: Path) -> aiosqlite.Connection:
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.executescript(SCHEMA)
         await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        stored = await memory_cap(db)
+        if stored is None:
+            await db.execute(
+                "INSERT INTO meta (name, value) VALUES ('memory_list_cap', ?)",
+                (str(memory_list_cap or DEFAULT_MEMORY_LIST_CAP),),
+            )
+        elif memory_list_cap is not None and stored != memory_list_cap:
+            await db.close()
+            raise SchemaMismatch(f"{path} was built with memory_list_cap={stored}; the settings say {memory_list_cap}")
     except (sqlite3.Error, OSError) as exc:
         raise DatabaseError(f"cannot open projection database {path}: {exc}") from exc
     return db
@@ -99,6 +259,34 @@ async def position(db: aiosqlite.Connection) -> int:
     async with db.execute("SELECT position FROM tracking WHERE name = ?", (TRACKING_NAME,)) as cur:
         row = await cur.fetchone()
     return int(row[0]) if row else 0
+
+
+async def open_reader(path: Path) -> aiosqlite.Connection:
+    """Open an existing projection database read-only.
+
+    The query service reads through its own connection: in WAL mode it sees only
+    committed batches, never one the projector is half way through.
+    """
+    if not path.exists():
+        raise DatabaseError(f"no projection database at {path}")
+    try:
+        db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        db.row_factory = aiosqlite.Row
+        async with db.execute("PRAGMA user_version") as cur:
+            version = (await cur.fetchone())[0]  # type: ignore[index]
+    except sqlite3.Error as exc:
+        raise DatabaseError(f"cannot open projection database {path}: {exc}") from exc
+    if version != SCHEMA_VERSION:
+        await db.close()
+        raise SchemaMismatch(f"{path} has projection schema v{version}; this is v{SCHEMA_VERSION}")
+    return db
+
+
+async def memory_cap(db: aiosqlite.Connection) -> int | None:
+    """The memory list cap this database was built with (``None`` before it has one)."""
+    async with db.execute("SELECT value FROM meta WHERE name = 'memory_list_cap'") as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row else None
 
 
 async def set_position(db: aiosqlite.Connection, seq: int) -> None:

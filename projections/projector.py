@@ -90,12 +90,12 @@ class Projector:
         self.db_path = db_path or settings.db_path
         self.db: aiosqlite.Connection | None = None
         self.position = 0
+        self.progress = service.Progress()
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Catch up, then follow the log until ``stop`` is set."""
-        await wait_for_stream(self.js, subjects.AUDIT_STREAM, self.settings.connect_timeout_s)
+    async def _open(self) -> aiosqlite.Connection:
+        cap = self.settings.memory_list_cap
         try:
-            self.db = await dbmod.open_db(self.db_path)
+            return await dbmod.open_db(self.db_path, cap)
         except SchemaMismatch as exc:
             # Projections are disposable: set the old file aside and replay the log.
             aside = self.db_path.with_name(f"{self.db_path.name}.old-{int(time.time())}")
@@ -104,18 +104,26 @@ class Projector:
                 if old.exists():
                     old.rename(aside.with_name(aside.name + suffix))
             log.warning("projection_rebuild", reason=str(exc), old_file=str(aside))
-            self.db = await dbmod.open_db(self.db_path)
+            return await dbmod.open_db(self.db_path, cap)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Catch up, then follow the log until ``stop`` is set."""
+        await wait_for_stream(self.js, subjects.AUDIT_STREAM, self.settings.connect_timeout_s)
+        self.db = await self._open()
+        reader = await dbmod.open_reader(self.db_path)
         try:
             self.position = await dbmod.position(self.db)
-            queries = await service.serve(self.nc, self.db)
+            queries = await service.serve(self.nc, reader, self.progress)
             sub = await follow(self.js, self.position + 1)
             log.info("projector_started", db=str(self.db_path), position=self.position)
             while not stop.is_set():
                 batch = await next_batch(sub, self.settings.projector_batch, wait=0.5)
                 if batch:
                     self.position = await apply_msgs(self.db, batch, self.position)
+                    self.progress.advanced()
             await queries.unsubscribe()
             await sub.unsubscribe()
             log.info("projector_stopped", position=self.position)
         finally:
+            await reader.close()
             await self.db.close()

@@ -1,39 +1,162 @@
-"""Reads over the projection database, shared by the query service and ``agentctl --db``."""
+"""Reads over the projection database, shared by the query service and ``agentctl --db``.
+
+Times passed in (``now``) come from the caller, so the same query over the same file
+always answers the same way; only shared-context expiry depends on the clock.
+"""
 
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 import aiosqlite
 
-_JSON_COLUMNS = {"input", "output", "skills"}
+from projections.db import iso
+
+_JSON_COLUMNS = {"input", "output", "skills", "value", "role", "state"}
 
 
 def _row(row: aiosqlite.Row) -> dict[str, Any]:
     return {k: (json.loads(row[k]) if k in _JSON_COLUMNS and row[k] is not None else row[k]) for k in row.keys()}  # noqa: SIM118 - Row iterates values
 
 
-async def list_tasks(db: aiosqlite.Connection, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-    """The most recent tasks first, optionally only those in ``status``."""
-    sql = "SELECT * FROM tasks"
-    args: tuple[Any, ...] = ()
-    if status:
-        sql += " WHERE status = ?"
-        args = (status,)
-    sql += " ORDER BY submitted_seq DESC LIMIT ?"
-    async with db.execute(sql, (*args, max(1, min(limit, 10_000)))) as cur:
+async def _all(db: aiosqlite.Connection, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    async with db.execute(sql, args) as cur:
         return [_row(r) for r in await cur.fetchall()]
+
+
+async def _one(db: aiosqlite.Connection, sql: str, args: tuple[Any, ...] = ()) -> dict[str, Any] | None:
+    async with db.execute(sql, args) as cur:
+        row = await cur.fetchone()
+    return _row(row) if row is not None else None
+
+
+def _limit(limit: int) -> int:
+    return max(1, min(limit, 10_000))
+
+
+async def list_tasks(
+    db: aiosqlite.Connection, status: str | None = None, limit: int = 100, parent_task_id: str | None = None
+) -> list[dict[str, Any]]:
+    """The most recent tasks first, optionally only those in ``status`` or under a parent."""
+    where, args = [], []
+    if status:
+        where.append("status = ?")
+        args.append(status)
+    if parent_task_id:
+        where.append("parent_task_id = ?")
+        args.append(parent_task_id)
+    sql = "SELECT * FROM tasks" + (" WHERE " + " AND ".join(where) if where else "")
+    return await _all(db, sql + " ORDER BY submitted_seq DESC LIMIT ?", (*args, _limit(limit)))
 
 
 async def get_task(db: aiosqlite.Connection, task_id: str) -> dict[str, Any] | None:
-    """One task, or ``None``."""
-    async with db.execute("SELECT * FROM tasks WHERE task_id = ?", (task_id,)) as cur:
-        row = await cur.fetchone()
-    return _row(row) if row else None
+    """One task with the ids of its subtasks, or ``None``."""
+    task = await _one(db, "SELECT * FROM tasks WHERE task_id = ?", (task_id,))
+    if task is not None:
+        children = await _all(db, "SELECT task_id FROM tasks WHERE parent_task_id = ? ORDER BY submitted_seq",
+                              (task_id,))
+        task["subtasks"] = [c["task_id"] for c in children]
+    return task
 
 
 async def list_agents(db: aiosqlite.Connection) -> list[dict[str, Any]]:
-    """Every agent that ever joined, by name."""
-    async with db.execute("SELECT * FROM agents ORDER BY name") as cur:
-        return [_row(r) for r in await cur.fetchall()]
+    """Every agent that ever joined, by name, with its role and how many tasks it runs now."""
+    return await _all(
+        db,
+        "SELECT agents.*, memory.role AS role,"
+        " (SELECT count(*) FROM tasks WHERE tasks.agent = agents.name AND tasks.status = 'running') AS running"
+        " FROM agents LEFT JOIN memory ON memory.agent = agents.name ORDER BY name",
+    )
+
+
+def _entry(e: dict[str, Any]) -> dict[str, Any]:
+    if e["rolled"]:
+        return {"n": e["n"], "summary": True, "rolled": e["rolled"], "first_seq": e["first_seq"],
+                "first_at": e["first_at"], "seq": e["seq"], "at": e["at"]}
+    return {"n": e["n"], "seq": e["seq"], "at": e["at"], "value": e["value"]}
+
+
+async def get_memory(db: aiosqlite.Connection, agent: str) -> dict[str, Any]:
+    """An agent's whole memory (empty if nothing was ever written about it)."""
+    row = await _one(db, "SELECT * FROM memory WHERE agent = ?", (agent,)) or {}
+    knowledge = await _all(db, "SELECT key, value, core, updated_seq FROM knowledge WHERE agent = ? ORDER BY key",
+                           (agent,))
+    entries = await _all(db, "SELECT * FROM memory_entries WHERE agent = ? ORDER BY section, n", (agent,))
+    return {
+        "agent": agent,
+        "role": row.get("role"),
+        "current_task": row.get("current_task"),
+        "knowledge": {k["key"]: {"value": k["value"], "core": bool(k["core"]), "seq": k["updated_seq"]}
+                      for k in knowledge},
+        "observations": [_entry(e) for e in entries if e["section"] == "observation"],
+        "reasoning": [_entry(e) for e in entries if e["section"] == "reasoning"],
+        "wiped_seq": row.get("wiped_seq"),
+        "restored_from": row.get("restored_from"),
+        "updated_seq": row.get("updated_seq"),
+    }
+
+
+async def list_checkpoints(db: aiosqlite.Connection, agent: str) -> list[dict[str, Any]]:
+    """An agent's checkpoints, oldest first, with the size of the memory each holds."""
+    return await _all(
+        db,
+        "SELECT c.*,"
+        " (SELECT count(*) FROM snap_knowledge k WHERE k.agent = c.agent AND k.checkpoint_id = c.checkpoint_id)"
+        " AS knowledge,"
+        " (SELECT count(*) FROM snap_entries e WHERE e.agent = c.agent AND e.checkpoint_id = c.checkpoint_id)"
+        " AS entries"
+        " FROM checkpoints c WHERE c.agent = ? ORDER BY c.seq",
+        (agent,),
+    )
+
+
+async def get_shared(db: aiosqlite.Connection, namespace: str, key: str, now: datetime) -> dict[str, Any] | None:
+    """One shared key, unless it is absent or expired at ``now``."""
+    return await _one(
+        db,
+        "SELECT * FROM shared WHERE namespace = ? AND key = ? AND (expires_at IS NULL OR expires_at > ?)",
+        (namespace, key, iso(now)),
+    )
+
+
+async def list_shared(db: aiosqlite.Connection, namespace: str, now: datetime) -> list[dict[str, Any]]:
+    """A namespace's live keys, by key."""
+    return await _all(
+        db,
+        "SELECT * FROM shared WHERE namespace = ? AND (expires_at IS NULL OR expires_at > ?) ORDER BY key",
+        (namespace, iso(now)),
+    )
+
+
+async def list_approvals(db: aiosqlite.Connection, status: str | None = "pending") -> list[dict[str, Any]]:
+    """Held submissions, oldest first (only those in ``status``, unless it is ``None``)."""
+    if status:
+        return await _all(db, "SELECT * FROM approvals WHERE status = ? ORDER BY requested_seq", (status,))
+    return await _all(db, "SELECT * FROM approvals ORDER BY requested_seq")
+
+
+async def list_audit(
+    db: aiosqlite.Connection, key: str | None = None, principal: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Audit index rows, newest first, for a key and/or a principal."""
+    where, args = [], []
+    if key:
+        where.append("key = ?")
+        args.append(key)
+    if principal:
+        where.append("principal = ?")
+        args.append(principal)
+    sql = "SELECT * FROM audit_index" + (" WHERE " + " AND ".join(where) if where else "")
+    return await _all(db, sql + " ORDER BY seq DESC LIMIT ?", (*args, _limit(limit)))
+
+
+async def verdict(db: aiosqlite.Connection, msg_id: str) -> dict[str, Any] | None:
+    """The audit row of the accepted-or-rejected message ``msg_id``, once it is applied."""
+    return await _one(
+        db,
+        "SELECT a.seq, a.verdict, a.code, a.reason, a.kind, a.key, a.at FROM audit_index a WHERE a.msg_id = ?"
+        " ORDER BY a.seq LIMIT 1",
+        (msg_id,),
+    )

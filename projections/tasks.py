@@ -1,11 +1,17 @@
-"""The ``tasks`` projection: one row per accepted submission, following its lifecycle."""
+"""The ``tasks`` projection: one row per accepted submission, following its lifecycle.
+
+Subtasks are tasks whose ``parent_task_id`` names the task whose skill submitted them.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import aiosqlite
 
 from bus import codec, subjects
 from bus.events import (
+    TASK_EVENTS,
     AuditRecord,
     TaskApproved,
     TaskCompleted,
@@ -15,6 +21,13 @@ from bus.events import (
     TaskStarted,
     TaskSubmitted,
     TaskUsage,
+)
+from projections.rows import Rows
+
+COLUMNS = (
+    "task_id", "skill", "input", "timeout_s", "status", "submitted_by", "submitted_at", "submitted_seq",
+    "parent_task_id", "agent", "attempts", "started_at", "finished_at", "progress", "fraction", "output", "error",
+    "trace_id", "tokens", "cost_usd", "updated_seq",
 )
 
 
@@ -26,61 +39,62 @@ def agent_name(principal: str) -> str:
         return principal
 
 
-async def apply(db: aiosqlite.Connection, record: AuditRecord) -> None:
-    """Apply one audit record to the tasks table (rejected records change nothing)."""
-    if not record.accepted:
+async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> None:
+    """Fold a batch of audit records into the tasks table (rejected records change nothing)."""
+    mine = [r for r in records if r.accepted and isinstance(r.event, TASK_EVENTS)]
+    if not mine:
         return
+    rows = Rows("tasks", ("task_id",), COLUMNS)
+    await rows.load(db, ((r.event.task_id,) for r in mine if not isinstance(r.event, TaskSubmitted)))  # type: ignore[union-attr]
+    for record in mine:
+        fold(rows, record)
+    await rows.store(db)
+
+
+def fold(rows: Rows, record: AuditRecord) -> None:
+    """Apply one accepted task event to the batch's rows."""
     at = record.at.isoformat()
+    seq = record.seq
     match record.event:
         case TaskSubmitted() as e:
-            status = "awaiting_approval" if record.code == "approval_requested" else "pending"
-            await db.execute(
-                "INSERT INTO tasks (task_id, skill, input, timeout_s, status, submitted_by, submitted_at,"
-                " submitted_seq, trace_id, updated_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (e.task_id, e.skill, codec.encode(e.input).decode(), e.timeout_s, status, record.principal, at,
-                 record.seq, record.trace_id, record.seq),
-            )
-        case TaskApproved() as e:
-            await db.execute(
-                "UPDATE tasks SET status = 'pending', progress = ?, updated_seq = ? WHERE task_id = ?",
-                (f"approved by {record.principal}", record.seq, e.task_id),
-            )
-        case TaskUsage() as e:
-            failed = record.code == "budget_exceeded"
-            await db.execute(
-                "UPDATE tasks SET tokens = tokens + ?, cost_usd = cost_usd + ?,"
-                " status = CASE WHEN ? THEN 'failed' ELSE status END,"
-                " error = CASE WHEN ? THEN ? ELSE error END,"
-                " finished_at = CASE WHEN ? THEN ? ELSE finished_at END, updated_seq = ? WHERE task_id = ?",
-                (e.tokens_in + e.tokens_out, e.cost_usd, failed, failed, f"budget exceeded: {record.reason}",
-                 failed, at, record.seq, e.task_id),
-            )
-        case TaskDenied() as e:
-            await db.execute(
-                "UPDATE tasks SET status = 'denied', error = ?, finished_at = ?, updated_seq = ? WHERE task_id = ?",
-                (f"denied by {record.principal}" + (f": {e.reason}" if e.reason else ""), at, record.seq, e.task_id),
-            )
-        case TaskStarted() as e:
-            await db.execute(
-                "UPDATE tasks SET status = 'running', agent = ?, attempts = attempts + 1, started_at = ?,"
-                " progress = NULL, fraction = NULL, updated_seq = ? WHERE task_id = ?",
-                (agent_name(record.principal), at, record.seq, e.task_id),
-            )
-        case TaskProgress() as e:
-            await db.execute(
-                "UPDATE tasks SET progress = ?, fraction = ?, updated_seq = ? WHERE task_id = ?",
-                (e.message, e.fraction, record.seq, e.task_id),
-            )
-        case TaskCompleted() as e:
-            await db.execute(
-                "UPDATE tasks SET status = 'completed', output = ?, finished_at = ?, updated_seq = ?"
-                " WHERE task_id = ?",
-                (codec.encode(e.output).decode(), at, record.seq, e.task_id),
-            )
-        case TaskFailed() as e:
-            await db.execute(
-                "UPDATE tasks SET status = 'failed', error = ?, finished_at = ?, updated_seq = ? WHERE task_id = ?",
-                (e.error, at, record.seq, e.task_id),
-            )
+            rows.put({
+                "task_id": e.task_id, "skill": e.skill, "input": codec.encode(e.input).decode(),
+                "timeout_s": e.timeout_s,
+                "status": "awaiting_approval" if record.code == "approval_requested" else "pending",
+                "submitted_by": record.principal, "submitted_at": at, "submitted_seq": seq,
+                "parent_task_id": e.parent_task_id, "agent": None, "attempts": 0, "started_at": None,
+                "finished_at": None, "progress": None, "fraction": None, "output": None, "error": None,
+                "trace_id": record.trace_id, "tokens": 0, "cost_usd": 0.0, "updated_seq": seq,
+            })
+        case TaskApproved(task_id=task_id):
+            rows.update((task_id,), status="pending", progress=f"approved by {record.principal}", updated_seq=seq)
+        case TaskUsage(task_id=task_id) as e:
+            row = rows.get((task_id,))
+            if row is None:
+                return
+            changes: dict[str, object] = {
+                "tokens": row["tokens"] + e.tokens_in + e.tokens_out,
+                "cost_usd": row["cost_usd"] + e.cost_usd,
+                "updated_seq": seq,
+            }
+            if record.code == "budget_exceeded":
+                changes.update(status="failed", error=f"budget exceeded: {record.reason}", finished_at=at)
+            rows.update((task_id,), **changes)
+        case TaskDenied(task_id=task_id) as e:
+            error = f"denied by {record.principal}" + (f": {e.reason}" if e.reason else "")
+            rows.update((task_id,), status="denied", error=error, finished_at=at, updated_seq=seq)
+        case TaskStarted(task_id=task_id):
+            row = rows.get((task_id,))
+            if row is None:
+                return
+            rows.update((task_id,), status="running", agent=agent_name(record.principal),
+                        attempts=row["attempts"] + 1, started_at=at, progress=None, fraction=None, updated_seq=seq)
+        case TaskProgress(task_id=task_id) as e:
+            rows.update((task_id,), progress=e.message, fraction=e.fraction, updated_seq=seq)
+        case TaskCompleted(task_id=task_id) as e:
+            rows.update((task_id,), status="completed", output=codec.encode(e.output).decode(), finished_at=at,
+                        updated_seq=seq)
+        case TaskFailed(task_id=task_id) as e:
+            rows.update((task_id,), status="failed", error=e.error, finished_at=at, updated_seq=seq)
         case _:
             pass

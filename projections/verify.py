@@ -21,11 +21,13 @@ class ProjectionCheck:
     detail: str
 
 
-async def compare_digest(js: JetStreamContext, position: int, live_digest: str) -> ProjectionCheck:
+async def compare_digest(
+    js: JetStreamContext, position: int, live_digest: str, memory_list_cap: int | None = None
+) -> ProjectionCheck:
     """Rebuild records ``1..position`` into a scratch file and compare with ``live_digest``."""
     with tempfile.TemporaryDirectory(prefix="ledgerbus-verify-") as tmp:
         path = Path(tmp) / "rebuilt.db"
-        reached = await rebuild(js, path, until_seq=position)
+        reached = await rebuild(js, path, until_seq=position, memory_list_cap=memory_list_cap)
         db = await dbmod.open_db(path)
         try:
             rebuilt = await dbmod.digest(db)
@@ -40,16 +42,17 @@ async def compare_digest(js: JetStreamContext, position: int, live_digest: str) 
 
 async def compare_file(js: JetStreamContext, live_path: Path) -> ProjectionCheck:
     """Like :func:`compare_digest` for a local database, naming the tables that differ."""
-    live = await dbmod.open_db(live_path)
+    live = await dbmod.open_reader(live_path)
     try:
         await live.execute("BEGIN")
         position, live_dump = await dbmod.position(live), await dbmod.dump(live)
+        cap = await dbmod.memory_cap(live)
         await live.execute("COMMIT")
     finally:
         await live.close()
     with tempfile.TemporaryDirectory(prefix="ledgerbus-verify-") as tmp:
         path = Path(tmp) / "rebuilt.db"
-        await rebuild(js, path, until_seq=position)
+        await rebuild(js, path, until_seq=position, memory_list_cap=cap)
         db = await dbmod.open_db(path)
         try:
             rebuilt_dump = await dbmod.dump(db)

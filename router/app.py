@@ -16,7 +16,16 @@ from nats.js import JetStreamContext
 from opentelemetry import trace
 
 from bus import signing, subjects, tracing
-from bus.events import AGENT_EVENTS, TASK_EVENTS, AuditRecord, Checkpoint, RawExcerpt, kind_of
+from bus.events import (
+    AGENT_EVENTS,
+    MEMORY_EVENTS,
+    TASK_EVENTS,
+    AuditRecord,
+    Checkpoint,
+    RawExcerpt,
+    SharedWritten,
+    kind_of,
+)
 from bus.provision import provision, router_consumer_config
 from bus.settings import Settings
 from router import audit as audit_mod
@@ -57,6 +66,10 @@ def _record_for(inbound: Inbound, code: str, reason: str, trace_id: str) -> Audi
         key = event.task_id
     elif event is not None and isinstance(event, AGENT_EVENTS) and inbound.principal is not None:
         key = inbound.principal.name or inbound.principal.token
+    elif event is not None and isinstance(event, MEMORY_EVENTS):
+        key = event.agent
+    elif isinstance(event, SharedWritten):
+        key = event.namespace
     else:
         key = "_"
     raw = None
@@ -98,7 +111,7 @@ class Router:
         self.settings = settings
         self.policy = PolicyFile(settings.policy_path, settings.policy_check_interval_s)
         self.checks = (
-            list(checks) if checks is not None else default_checks(settings.max_message_bytes, self.policy)
+            list(checks) if checks is not None else default_checks(settings.max_message_bytes, self.policy, settings.max_checkpoint_bytes)
         )
         self.state = RouterState(dedup_horizon_s=settings.dedup_horizon_s)
         self.audit = AuditLog(self.js, audit_mod.ChainHead())

@@ -48,7 +48,7 @@ class Approval(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Everything ``policy.toml`` may say."""
 
-    skills: dict[str, list[str]] = msgspec.field(default_factory=lambda: {"cli-*": ["*"]})
+    skills: dict[str, list[str]] = msgspec.field(default_factory=lambda: {"cli-*": ["*"], "agent-*": ["*"]})
     """principal pattern → the skill patterns it may submit"""
     rate_limits: dict[str, RateLimit] = msgspec.field(default_factory=dict)
     """principal pattern → its token bucket for submissions"""

@@ -9,7 +9,8 @@ running it applies each record right after sealing it. Two things live here:
   a crash between "audit appended" and "ingress acked" is acted on again but never
   audited twice (invariant 2);
 - the message ids of accepted records within the de-duplication horizon;
-- where the last signed checkpoint is.
+- where the last signed checkpoint is;
+- which memory checkpoints each agent has (a restore must name one).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from datetime import datetime, timedelta
 from bus.events import (
     AuditRecord,
     Budget,
+    CheckpointSaved,
     TaskApproved,
     TaskCompleted,
     TaskDenied,
@@ -66,6 +68,8 @@ class RouterState:
     def __init__(self, audited_capacity: int = 65_536, dedup_horizon_s: float = 24 * 3600) -> None:
         self.tasks: dict[str, TaskState] = {}
         self.last_checkpoint_seq = 0
+        self.checkpoints: dict[str, dict[str, int]] = {}
+        """agent name → its memory checkpoints' ids → the seq that saved each"""
         self._audited: OrderedDict[int, AuditRecord] = OrderedDict()
         self._capacity = audited_capacity
         # message id -> (seq, time) of accepted records, oldest first, for dedup_horizon_s.
@@ -115,6 +119,8 @@ class RouterState:
                 self.tasks[task_id].status = "completed"
             case TaskFailed(task_id=task_id):
                 self.tasks[task_id].status = "failed"
+            case CheckpointSaved(agent=agent, checkpoint_id=cid):
+                self.checkpoints.setdefault(agent, {})[cid] = record.seq
             case _:
                 pass
 

@@ -10,7 +10,16 @@ from dataclasses import dataclass, field
 from nats.aio.client import Client
 
 from bus import codec, subjects
-from bus.events import TaskCompleted, TaskProgress, TaskStarted, TaskSubmitted, new_id
+from bus.events import (
+    CheckpointRestored,
+    CheckpointSaved,
+    MemoryWritten,
+    TaskCompleted,
+    TaskProgress,
+    TaskStarted,
+    TaskSubmitted,
+    new_id,
+)
 from bus.settings import Settings
 from tests.conftest import RunningRouter
 from tests.support import wait_for_records, work_count
@@ -69,7 +78,27 @@ CASES = [
     Case("extra subject tokens", "bad_subject", sub(), subject="in.cli.alice.task_submitted.extra"),
     Case("cli sends an agent event", "kind_not_allowed",
          codec.encode(TaskStarted(id=new_id(), task_id="t-claimed", attempt=5)), kind="task_started"),
-    Case("agent submits a task", "kind_not_allowed", sub(), role="agent", name="worker-1"),
+    Case("agent submits a skill its policy lacks", "skill_not_allowed", sub(), role="agent", name="worker-1"),
+    Case("agent writes another agent's memory", "not_memory_owner",
+         codec.encode(MemoryWritten(id=new_id(), agent="worker-2", section="observation", value="mine now")),
+         role="agent", name="worker-1", kind="memory_written"),
+    Case("knowledge write without a key", "bad_memory_write",
+         codec.encode(MemoryWritten(id=new_id(), agent="worker-1", section="knowledge", value=1)),
+         role="agent", name="worker-1", kind="memory_written"),
+    Case("core flag on an observation", "bad_memory_write",
+         codec.encode(MemoryWritten(id=new_id(), agent="worker-1", section="observation", value=1, core=True)),
+         role="agent", name="worker-1", kind="memory_written"),
+    Case("memory section that does not exist", "schema",
+         codec.encode({"kind": "memory_written", "id": "m", "agent": "worker-1", "section": "soul", "value": 1}),
+         kind="memory_written"),
+    Case("restore of a checkpoint never saved", "unknown_checkpoint",
+         codec.encode(CheckpointRestored(id=new_id(), agent="worker-1", checkpoint_id="nope")), kind="checkpoint_restored"),
+    Case("checkpoint state over the bound", "checkpoint_too_large",
+         codec.encode(CheckpointSaved(id=new_id(), agent="worker-1", checkpoint_id="big", state="x" * 70_000)),
+         kind="checkpoint_saved"),
+    Case("shared key too long", "schema",
+         codec.encode({"kind": "shared_written", "id": "m", "namespace": "team", "key": "k" * 300, "value": 1}),
+         kind="shared_written"),
     Case("client control header", "forbidden_header", sub(), headers={"Nats-Marker": "1"}),
     Case("expected-stream header", "forbidden_header", sub(), headers={"Nats-Expected-Stream": "INGRESS"}),
     Case("skill outside the policy", "skill_not_allowed", sub(skill="shell")),

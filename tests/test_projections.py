@@ -83,4 +83,4 @@ async def test_the_tasks_table_follows_each_lifecycle(tmp_path: Path) -> None:
                     ("c", "completed", 2, "null", None)]
     assert tables["tracking"] == [("audit", len(history()))]
     [agent] = tables["agents"]
-    assert agent[0] == "echo-1" and agent[-3:-1] == (2, 1)  # completed a and c, failed b
+    assert agent[0] == "echo-1" and agent[-4:-1] == (1, 2, 1)  # one join; completed a and c, failed b  # completed a and c, failed b

@@ -16,8 +16,13 @@ from bus.events import (
     AnyEvent,
     AuditRecord,
     Budget,
+    CheckpointRestored,
+    CheckpointSaved,
     Event,
+    MemoryWiped,
+    MemoryWritten,
     RawExcerpt,
+    SharedWritten,
     TaskApproved,
     TaskCompleted,
     TaskDenied,
@@ -42,6 +47,13 @@ EXAMPLES: dict[type[Event], Event] = {
     TaskDenied: TaskDenied(id="m9", task_id="t1"),
     AgentJoined: AgentJoined(id="m6", instance="echo-1-abcd", skills=["echo", "sleep"], concurrency=4),
     AgentLeft: AgentLeft(id="m7", instance="echo-1-abcd", reason="drained"),
+    MemoryWritten: MemoryWritten(id="m11", agent="echo-1", section="knowledge", key="user.name", value={"n": "Ada"},
+                                 core=True),
+    MemoryWiped: MemoryWiped(id="m12", agent="echo-1", reason="new project"),
+    CheckpointSaved: CheckpointSaved(id="m13", agent="echo-1", checkpoint_id="before-refactor", label="v1",
+                                     state={"step": 3}),
+    CheckpointRestored: CheckpointRestored(id="m14", agent="echo-1", checkpoint_id="before-refactor"),
+    SharedWritten: SharedWritten(id="m15", namespace="team", key="plan", value=["a", "b"], ttl_s=60),
 }
 
 

@@ -76,9 +76,9 @@ def run_checks(checks: Sequence[Check], msg: Inbound, state: RouterState) -> Rej
     return None
 
 
-def default_checks(max_message_bytes: int, policy: PolicyFile) -> list[Check]:
-    """The pipeline in DESIGN.md's order: size, schema, kind, skill, claimant, duplicate id,
-    rate, secrets, approval, budget.
+def default_checks(max_message_bytes: int, policy: PolicyFile, max_checkpoint_bytes: int = 64 * 1024) -> list[Check]:
+    """The pipeline in DESIGN.md's order: size, schema, kind, skill, claimant, memory owner,
+    duplicate id, rate, secrets, approval, budget.
 
     The subject is read first: it costs nothing, needs no body, and names the principal
     on every audit record, rejected ones included. Right after decoding, secrets are
@@ -91,6 +91,7 @@ def default_checks(max_message_bytes: int, policy: PolicyFile) -> list[Check]:
         duplicate,
         headers,
         lifecycle,
+        memory,
         principal,
         rate,
         schema,
@@ -108,6 +109,7 @@ def default_checks(max_message_bytes: int, policy: PolicyFile) -> list[Check]:
         principal.check_kind_allowed,
         skills.make(policy),
         lifecycle.check,
+        memory.make(max_checkpoint_bytes),
         duplicate.check,
         rate.make(policy),
         secrets.make(policy),

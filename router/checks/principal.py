@@ -11,10 +11,15 @@ from bus.events import kind_of
 from router.checks import Inbound, Rejection
 from router.state import RouterState
 
+# Memory, checkpoints and shared context: agents on their own memory, operators on any
+# agent's (the memory check tells the two apart).
+_MEMORY_KINDS = {"memory_written", "memory_wiped", "checkpoint_saved", "checkpoint_restored", "shared_written"}
+
 ALLOWED_KINDS: dict[str, frozenset[str]] = {
-    "cli": frozenset({"task_submitted", "task_approved", "task_denied"}),
+    "cli": frozenset({"task_submitted", "task_approved", "task_denied", *_MEMORY_KINDS}),
     "agent": frozenset(
-        {"task_started", "task_progress", "task_completed", "task_failed", "task_usage", "agent_joined", "agent_left"}
+        {"task_submitted", "task_started", "task_progress", "task_completed", "task_failed", "task_usage",
+         "agent_joined", "agent_left", *_MEMORY_KINDS}
     ),
     "projector": frozenset(),
     "router": frozenset(),

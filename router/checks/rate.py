@@ -1,4 +1,4 @@
-"""Rate: a token bucket per principal on task submissions, as policy sets it.
+"""Rate: a token bucket per principal on task submissions and memory writes, as policy sets it.
 
 The clock is the time JetStream stored the message in INGRESS, not the time the router
 happens to read it: a backlog drained after a router restart is not mistaken for a burst.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bus.events import TaskSubmitted
+from bus.events import CheckpointSaved, MemoryWritten, SharedWritten, TaskSubmitted
 from router.checks import Check, Inbound, Rejection
 from router.policy import PolicyFile
 from router.state import RouterState
@@ -24,12 +24,16 @@ class Bucket:
     at: float
 
 
+RATED = (TaskSubmitted, MemoryWritten, SharedWritten, CheckpointSaved)
+"""What a principal may flood the bus with: new work and new memory."""
+
+
 def make(policy: PolicyFile) -> Check:
     """A rate check with its own buckets, keyed by principal."""
     buckets: dict[str, Bucket] = {}
 
     def check(msg: Inbound, state: RouterState) -> Rejection | None:
-        if not isinstance(msg.event, TaskSubmitted):
+        if not isinstance(msg.event, RATED):
             return None
         found = policy.current().rate_limit(msg.principal_token)
         if found is None:

@@ -1,0 +1,38 @@
+"""Asking the projector: request/reply on ``q.<projection>.<op>``, from any process.
+
+Replies are ``{"ok": true, "position": N, "data": ...}`` or ``{"ok": false, "error": ...}``
+(with ``"code": "not_found"`` when the projection has no such thing);
+:func:`ask` returns the data or raises :class:`QueryError` (:class:`NotFound` when the
+projection has no such thing).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client
+
+from bus import codec, subjects
+from bus.errors import NotFound, QueryError
+
+
+async def ask(nc: Client, projection: str, op: str, request: dict[str, Any], timeout: float = 5.0) -> Any:
+    """Ask one query of any projector in the queue group and return its data."""
+    subject = subjects.query(projection, op)
+    try:
+        msg = await nc.request(subject, codec.encode(request), timeout=timeout)
+    except nats.errors.NoRespondersError as exc:
+        raise QueryError(f"no projector answers {subject}: start `agentctl projector`, or use --db PATH") from exc
+    except TimeoutError as exc:
+        raise QueryError(f"the projector did not answer {subject} in {timeout:g}s") from exc
+    return unwrap(json.loads(msg.data))
+
+
+def unwrap(reply: dict[str, Any]) -> Any:
+    """The data of a reply, or the error it carries."""
+    if not reply.get("ok"):
+        error = reply.get("error", "the projector refused the query")
+        raise (NotFound if reply.get("code") == "not_found" else QueryError)(error)
+    return reply["data"]

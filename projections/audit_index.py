@@ -1,0 +1,24 @@
+"""The ``audit_index`` projection: one row per audit record, accepted or rejected.
+
+It answers "what happened to this task / agent / message, and who did it" without
+reading the log: by ``key`` (task id, agent name, namespace), by ``principal``, and by
+``msg_id`` (which is how a writer learns its write's verdict).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import aiosqlite
+
+from bus.events import AuditRecord
+
+
+async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> None:
+    """Insert one row per record."""
+    await db.executemany(
+        "INSERT INTO audit_index (seq, at, verdict, code, principal, kind, key, msg_id, reason)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(r.seq, r.at.isoformat(), r.verdict, r.code, r.principal, r.kind, r.key, r.msg_id, r.reason)
+         for r in records],
+    )

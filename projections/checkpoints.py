@@ -1,0 +1,42 @@
+"""The ``checkpoints`` projection: each agent's memory checkpoints, and their restores.
+
+The memory a checkpoint names is copied by the memory projection (``snap_*`` tables);
+this table is the catalogue: label, log position, who saved it, the agent's own state
+blob, and how often it was restored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import aiosqlite
+
+from bus import codec
+from bus.events import AuditRecord, CheckpointRestored, CheckpointSaved
+from projections.rows import Rows
+
+COLUMNS = ("agent", "checkpoint_id", "label", "seq", "at", "saved_by", "state", "restores", "last_restored_seq")
+
+
+async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> None:
+    """Fold a batch: a save adds a row, a restore counts on it."""
+    mine = [r for r in records if r.accepted and isinstance(r.event, CheckpointSaved | CheckpointRestored)]
+    if not mine:
+        return
+    rows = Rows("checkpoints", ("agent", "checkpoint_id"), COLUMNS)
+    await rows.load(db, ((r.event.agent, r.event.checkpoint_id) for r in mine))  # type: ignore[union-attr]
+    for record in mine:
+        match record.event:
+            case CheckpointSaved() as e:
+                rows.put({
+                    "agent": e.agent, "checkpoint_id": e.checkpoint_id, "label": e.label, "seq": record.seq,
+                    "at": record.at.isoformat(), "saved_by": record.principal,
+                    "state": None if e.state is None else codec.encode(e.state).decode(),
+                    "restores": 0, "last_restored_seq": None,
+                })
+            case CheckpointRestored(agent=agent, checkpoint_id=cid):
+                row = rows.get((agent, cid))
+                if row is not None:
+                    rows.update((agent, cid), restores=row["restores"] + 1, last_restored_seq=record.seq)
+            case _:
+                pass

@@ -1,0 +1,44 @@
+"""The ``shared`` projection: context agents share, by namespace and key, with expiry.
+
+A key written with ``ttl_s`` expires at the router's time of the write plus ``ttl_s``.
+Reads never return an expired key; the rows themselves are deleted as the log's own
+clock passes their expiry (the time of the newest record applied), so a rebuild
+deletes exactly what the live projection deleted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+
+import aiosqlite
+
+from bus import codec
+from bus.events import AuditRecord, SharedWritten
+from projections.db import iso
+from projections.rows import Rows
+
+COLUMNS = ("namespace", "key", "value", "written_by", "written_at", "expires_at", "updated_seq")
+
+
+async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> None:
+    """Fold a batch of writes, then drop the keys the batch's clock has passed."""
+    mine = [r for r in records if r.accepted and isinstance(r.event, SharedWritten)]
+    if mine:
+        rows = Rows("shared", ("namespace", "key"), COLUMNS)
+        for record in mine:
+            e = record.event
+            assert isinstance(e, SharedWritten)
+            if e.value is None:
+                rows.delete((e.namespace, e.key))
+                continue
+            rows.put({
+                "namespace": e.namespace, "key": e.key, "value": codec.encode(e.value).decode(),
+                "written_by": record.principal, "written_at": iso(record.at),
+                "expires_at": None if e.ttl_s is None else iso(record.at + timedelta(seconds=e.ttl_s)),
+                "updated_seq": record.seq,
+            })
+        await rows.store(db)
+    if records:
+        now = max(r.at for r in records)
+        await db.execute("DELETE FROM shared WHERE expires_at IS NOT NULL AND expires_at <= ?", (iso(now),))
