@@ -1,55 +1,21 @@
-"""``agentctl approve`` and ``agentctl deny``: decide on a task held for approval."""
+"""``agentctl approvals``, ``approve`` and ``deny``: see and decide on tasks held for approval."""
 
 from __future__ import annotations
 
-import asyncio
-import sys
+from pathlib import Path
 
 import click
+from rich.table import Table
 
-from agentctl.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, App, cli_name, err, out, run
-from agentctl.follow import records
-from bus import codec, subjects
-from bus.connection import connected
-from bus.errors import BusError
-from bus.events import AuditRecord, TaskApproved, TaskDenied, kind_of, new_id
+from agentctl.common import App, out, run
+from agentctl.reads import ask, db_option, json_option
+from agentctl.send import send_and_report
+from bus.events import TaskApproved, TaskDenied, new_id
 
 
 def _decide(app: App, event: TaskApproved | TaskDenied, as_json: bool) -> None:
-    who = subjects.principal("cli", cli_name())
-
-    async def body() -> AuditRecord | None:
-        async with connected(app.settings, who.token, client_name=f"agentctl-{who.name}") as nc:
-            js = nc.jetstream(timeout=10)
-            try:
-                await js.publish(subjects.ingress(who, kind_of(type(event))), codec.encode(event),
-                                 headers={subjects.HDR_MSG_ID: event.id})
-            except TimeoutError as exc:
-                raise BusError("INGRESS did not acknowledge: is the router running?") from exc
-            # The router's verdict on this very message, read from the task's history.
-            follow = records(js, subjects.audit_for_key(event.task_id), follow=True)
-            try:
-                async with asyncio.timeout(30):
-                    async for record, _ in follow:
-                        if record.msg_id == event.id:
-                            return record
-            except TimeoutError:
-                return None
-            finally:
-                await follow.aclose()
-        return None
-
-    record = run(body)
-    if record is None:
-        err.print(f"no verdict from the router within 30s on {kind_of(type(event))} for {event.task_id}")
-        sys.exit(EXIT_TIMEOUT)
-    if as_json:
-        out.print_json(data=codec.to_builtins(record))
-    elif record.accepted:
-        err.print(f"[green]{'approved' if isinstance(event, TaskApproved) else 'denied'}[/] task {event.task_id}")
-    else:
-        err.print(f"[red]refused[/] ({record.code}): {record.reason}")
-    sys.exit(EXIT_OK if record.accepted else EXIT_FAILED)
+    verb = "approved" if isinstance(event, TaskApproved) else "denied"
+    send_and_report(app, event, event.task_id, as_json, lambda _: f"{verb} task {event.task_id}")
 
 
 @click.command()
@@ -70,3 +36,21 @@ def approve(app: App, task_id: str, reason: str, as_json: bool) -> None:
 def deny(app: App, task_id: str, reason: str, as_json: bool) -> None:
     """Refuse TASK_ID, held for approval: it never runs. Exit 0 when the router accepts."""
     _decide(app, TaskDenied(id=new_id(), task_id=task_id, reason=reason), as_json)
+
+
+@click.command()
+@click.option("--all", "show_all", is_flag=True, help="Decided ones too, not only those waiting.")
+@db_option
+@json_option
+@click.pass_obj
+def approvals(app: App, show_all: bool, db_path: Path | None, as_json: bool) -> None:
+    """List tasks held for approval, oldest first."""
+    rows = run(lambda: ask(app, "approvals", "list", {"status": None if show_all else "pending"}, db_path))
+    if as_json:
+        out.print_json(data=rows)
+        return
+    table = Table("task", "skill", "submitted by", "requested", "status", "decided by", "reason", box=None)
+    for r in rows:
+        table.add_row(r["task_id"], r["skill"], r["submitted_by"], r["requested_at"][:19], r["status"],
+                      r["decided_by"] or "", r["reason"] or "")
+    out.print(table if rows else "[dim]nothing waits for approval[/]")

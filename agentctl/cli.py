@@ -6,13 +6,14 @@ import os
 
 import click
 
-from agentctl.approvals import approve, deny
+from agentctl.approvals import approvals, approve, deny
 from agentctl.audit import audit
 from agentctl.common import App, fail
 from agentctl.keys import keys
+from agentctl.memory import checkpoint, memory, shared
 from agentctl.processes import agent, nats, projector, router
 from agentctl.reads import agents, events, tasks
-from agentctl.replay import replay
+from agentctl.replay import replay, snapshot
 from agentctl.submit import submit
 from bus.errors import ConfigError
 from bus.logs import configure_logging
@@ -53,7 +54,8 @@ def cli(ctx: click.Context, url: str | None, user: str | None, password: str | N
     ctx.obj = App(settings=settings, log_format=log_format, log_level=log_level)
 
 
-for command in (nats, router, projector, agent, submit, approve, deny, tasks, events, agents, audit, keys, replay):
+for command in (nats, router, projector, agent, submit, approve, deny, approvals, tasks, events, agents, memory,
+                checkpoint, shared, audit, keys, replay, snapshot):
     cli.add_command(command)
 
 

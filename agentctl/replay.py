@@ -14,6 +14,7 @@ from agentctl.common import App, cli_principal, err, out, run
 from bus.connection import connected
 from projections import db as dbmod
 from projections.rebuild import rebuild
+from projections.rebuild import snapshot as take_snapshot
 
 
 def _moment(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
@@ -32,16 +33,27 @@ def _moment(ctx: click.Context, param: click.Parameter, value: str | None) -> da
 @click.option("--until-seq", type=click.IntRange(min=1), help="Stop after this audit sequence.")
 @click.option("--until", "until_time", callback=_moment, metavar="ISO-TIME",
               help="Stop after the last record made at or before this time (UTC if no zone).")
+@click.option("--from-snapshot", "snapshot_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Start from this snapshot (agentctl snapshot) and apply only the records after it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
-def replay(app: App, db_path: Path, until_seq: int | None, until_time: datetime | None, as_json: bool) -> None:
-    """Rebuild every projection from audit sequence 1 into a new file: the state now, or as it
-    was at --until-seq N or --until TIME. At the log's head it equals the live projection."""
+def replay(app: App, db_path: Path, until_seq: int | None, until_time: datetime | None, snapshot_path: Path | None,
+           as_json: bool) -> None:
+    """Rebuild every projection from audit sequence 1 (or a snapshot) into a new file: the state
+    now, or as it was at --until-seq N or --until TIME. At the log's head it equals the live
+    projection."""
     if db_path.exists():
         raise click.BadParameter(f"{db_path} exists: replay writes a new file", param_hint="--db")
     show = not as_json and err.is_terminal
 
-    async def body() -> tuple[int, dict[str, int]]:
+    async def body() -> tuple[int, int, dict[str, int]]:
+        start = 0
+        if snapshot_path is not None:
+            snap = await dbmod.open_reader(snapshot_path)
+            try:
+                start = await dbmod.position(snap)
+            finally:
+                await snap.close()
         async with connected(app.settings, cli_principal()) as nc:
             js = nc.jetstream(timeout=10)
             bar = Progress(TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -53,18 +65,49 @@ def replay(app: App, db_path: Path, until_seq: int | None, until_time: datetime 
                     if bar is not None and task is not None:
                         bar.update(task, completed=done, total=total)
 
-                position = await rebuild(js, db_path, until_seq=until_seq, until_time=until_time,
-                                         on_progress=progress)
+                try:
+                    position = await rebuild(js, db_path, until_seq=until_seq, until_time=until_time,
+                                             on_progress=progress, memory_list_cap=app.settings.memory_list_cap,
+                                             from_snapshot=snapshot_path)
+                except ValueError as exc:
+                    raise click.UsageError(str(exc)) from exc
         db = await dbmod.open_db(db_path)
         try:
-            rows = {table: len(content) for table, content in (await dbmod.dump(db)).items()}
+            rows = await dbmod.row_counts(db)
         finally:
             await db.close()
-        return position, rows
+        return start, position, rows
 
-    position, rows = run(body)
+    start, position, rows = run(body)
     if as_json:
-        out.print_json(data={"db": str(db_path), "position": position, "rows": rows})
+        out.print_json(data={"db": str(db_path), "from_seq": start + 1, "position": position, "rows": rows})
     else:
-        counts = ", ".join(f"{n} {t}" for t, n in rows.items() if t != "tracking")
-        out.print(f"replayed audit seq 1..{position} into {db_path} ({counts})")
+        counts = ", ".join(f"{n} {t}" for t, n in rows.items() if t not in ("tracking", "meta"))
+        source = f"snapshot {snapshot_path} (seq {start}) + seq {start + 1}" if snapshot_path else "seq 1"
+        out.print(f"replayed audit {source}..{position} into {db_path} ({counts})")
+
+
+@click.command()
+@click.argument("out_path", metavar="OUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--db", "db_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The projection database to copy. [default: LEDGERBUS_DB_PATH]")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_obj
+def snapshot(app: App, out_path: Path, db_path: Path | None, as_json: bool) -> None:
+    """Write a compacted copy of the projection database, tracking row included, to OUT.
+
+    Safe while the projector runs. `agentctl replay --from-snapshot OUT` then applies only
+    the records after it."""
+    source = db_path or app.settings.db_path
+    if out_path.exists():
+        raise click.BadParameter(f"{out_path} exists: a snapshot writes a new file", param_hint="OUT")
+
+    async def body() -> int:
+        return await take_snapshot(source, out_path)
+
+    position = run(body)
+    size = out_path.stat().st_size
+    if as_json:
+        out.print_json(data={"snapshot": str(out_path), "source": str(source), "position": position, "bytes": size})
+    else:
+        out.print(f"snapshot of {source} at seq {position} written to {out_path} ({size / 1024:.0f} KiB)")

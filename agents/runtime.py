@@ -24,6 +24,7 @@ from nats.js.kv import KeyValue
 from opentelemetry import trace
 
 from agents.errors import SkillError
+from agents.memory import Memory, Shared, Tasks, Writer
 from agents.skill import Skill, SkillContext
 from bus import codec, subjects, tracing
 from bus.errors import BusError, SchemaError
@@ -246,6 +247,7 @@ class Agent:
             await self.report(TaskUsage(id=new_id(), task_id=item.task_id, attempt=attempt, tokens_in=tokens_in,
                                         tokens_out=tokens_out, cost_usd=cost_usd, provider=provider, model=model))
 
+        writer = Writer(self.nc, self.report)
         ctx = SkillContext(
             task_id=item.task_id,
             skill=skill_name,
@@ -253,6 +255,9 @@ class Agent:
             agent=self.name,
             deadline=loop.time() + item.timeout_s,
             log=tlog,
+            memory=Memory(writer, self.name),
+            shared=Shared(writer),
+            tasks=Tasks(writer, item.task_id),
             _progress=progress,
             _usage=usage,
         )

@@ -18,6 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
+from agents.memory import Memory, Shared, Tasks
+
 
 @dataclass(frozen=True, slots=True)
 class SkillContext:
@@ -30,6 +32,12 @@ class SkillContext:
     deadline: float
     """``loop.time()`` by which the skill must finish; it is cancelled then."""
     log: structlog.typing.FilteringBoundLogger
+    memory: Memory
+    """This agent's memory: knowledge, observations, reasoning, role; checkpoints."""
+    shared: Shared
+    """Context shared with other agents, by namespace and key, with optional expiry."""
+    tasks: Tasks
+    """Hand work to other agents (subtasks of this task) and read tasks."""
     _progress: Callable[[str, float | None], Awaitable[None]]
     _usage: Callable[[int, int, float, str, str], Awaitable[None]]
 

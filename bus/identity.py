@@ -4,7 +4,8 @@ A principal is ``admin``, ``router``, ``projector``, ``cli-<name>`` or ``agent-<
 its NATS user has the same name. What each may do is generated here, per kind:
 
 - ``agent-<name>`` publishes only on ``in.agent.<name>.>`` and its own heartbeat keys, and
-  may pull, ack and create only the WORK consumers of the skills it was given;
+  may pull, ack and create only the WORK consumers of the skills it was given, and asks
+  the projector only what a skill needs (its memory, shared context, tasks, verdicts);
 - ``cli-<name>`` publishes only on ``in.cli.<name>.>``, asks the projector, reads AUDIT;
 - everyone reads only their own inbox, ``_INBOX_<principal>.>``;
 - only ``router`` writes ``audit.>`` and ``work.>``; only ``admin`` and ``router`` manage
@@ -86,6 +87,13 @@ class Credentials(msgspec.Struct, frozen=True):
 
 _JS_INFO = "$JS.API.INFO"
 
+# What a skill may ask the projector (ctx.memory, ctx.shared, ctx.tasks): not the audit
+# index, the approvals or the digest, which are for operators.
+AGENT_QUERIES = (
+    subjects.query("memory", "get"), subjects.query("checkpoints", "list"), subjects.query("shared", "get"),
+    subjects.query("shared", "list"), subjects.query("tasks", "get"), subjects.query("audit", "verdict"),
+)
+
 
 def permissions(ident: Identity) -> dict[str, Any]:
     """The NATS permissions of one principal."""
@@ -116,7 +124,7 @@ def permissions(ident: Identity) -> dict[str, Any]:
         sub = [inbox]
     else:
         pub = [f"in.agent.{ident.name}.>", f"$KV.agents.{ident.name}.>", _JS_INFO,
-               "$JS.API.STREAM.INFO.WORK", "$JS.API.STREAM.INFO.KV_agents"]
+               "$JS.API.STREAM.INFO.WORK", "$JS.API.STREAM.INFO.KV_agents", *AGENT_QUERIES]
         for skill in ident.skills:
             consumer = subjects.work_consumer(skill)
             pub += [f"$JS.API.CONSUMER.CREATE.WORK.{consumer}", f"$JS.API.CONSUMER.CREATE.WORK.{consumer}.>",

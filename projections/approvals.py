@@ -38,3 +38,4 @@ async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> Non
                             decided_at=record.at.isoformat(), reason=reason, updated_seq=record.seq)
             case _:
                 pass
+    await rows.store(db)

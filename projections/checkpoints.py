@@ -40,3 +40,4 @@ async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> Non
                     rows.update((agent, cid), restores=row["restores"] + 1, last_restored_seq=record.seq)
             case _:
                 pass
+    await rows.store(db)

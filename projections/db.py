@@ -311,3 +311,12 @@ async def dump(db: aiosqlite.Connection) -> dict[str, list[tuple[Any, ...]]]:
         async with db.execute(f"SELECT * FROM {table} ORDER BY {key}") as cur:
             out[table] = [tuple(row) for row in await cur.fetchall()]
     return out
+
+
+async def row_counts(db: aiosqlite.Connection) -> dict[str, int]:
+    """How many rows each projection table holds."""
+    counts = {}
+    for table in TABLES:
+        async with db.execute(f"SELECT count(*) FROM {table}") as cur:
+            counts[table] = (await cur.fetchone())[0]  # type: ignore[index]
+    return counts

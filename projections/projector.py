@@ -91,6 +91,8 @@ class Projector:
         self.db: aiosqlite.Connection | None = None
         self.position = 0
         self.progress = service.Progress()
+        self.serving = asyncio.Event()
+        """Set once the query service is subscribed."""
 
     async def _open(self) -> aiosqlite.Connection:
         cap = self.settings.memory_list_cap
@@ -114,6 +116,8 @@ class Projector:
         try:
             self.position = await dbmod.position(self.db)
             queries = await service.serve(self.nc, reader, self.progress)
+            await self.nc.flush()
+            self.serving.set()
             sub = await follow(self.js, self.position + 1)
             log.info("projector_started", db=str(self.db_path), position=self.position)
             while not stop.is_set():

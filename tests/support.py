@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
 from bus import codec, subjects
-from bus.events import AuditRecord
+from bus.events import AuditRecord, kind_of
 from bus.identity import identity, permissions, write_local_config
 from bus.settings import Settings
 
@@ -29,6 +30,7 @@ TEST_PRINCIPALS = [
     identity("agent", "echo-1", ["echo"]), identity("agent", "sleeper-1", ["sleep"]),
     identity("agent", "agent-a", ["sleep"]), identity("agent", "agent-b", ["sleep"]),
     identity("agent", "spender", ["spend"]), identity("agent", "a1", ["echo"]), identity("agent", "b1", ["sleep"]),
+    identity("agent", "scribe-1", ["notes"]), identity("agent", "scribe-2", ["notes"]),
 ]
 
 
@@ -84,6 +86,13 @@ async def stored_audit(js: JetStreamContext) -> list[tuple[int, bytes]]:
 async def audit_records(js: JetStreamContext) -> list[AuditRecord]:
     """Every audit record, decoded, in order."""
     return [codec.decode_record(data) for _, data in await stored_audit(js)]
+
+
+async def send(nc: Client, role: str, name: str, event: Any, msg_id: str | None = None) -> None:
+    """Publish ``event`` to INGRESS as principal ``<role>-<name>`` (a harness connection may)."""
+    headers = {subjects.HDR_MSG_ID: msg_id} if msg_id else None
+    await nc.jetstream().publish(subjects.ingress(subjects.principal(role, name), kind_of(type(event))),
+                                 codec.encode(event), headers=headers)
 
 
 async def wait_for_record(
@@ -145,6 +154,8 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
         LEDGERBUS_INGRESS_ACK_WAIT_S=str(settings.ingress_ack_wait_s),
         LEDGERBUS_HEARTBEAT_INTERVAL_S=str(settings.heartbeat_interval_s),
         LEDGERBUS_DRAIN_TIMEOUT_S=str(settings.drain_timeout_s),
+        LEDGERBUS_MEMORY_LIST_CAP=str(settings.memory_list_cap),
+        LEDGERBUS_PROJECTOR_BATCH=str(settings.projector_batch),
         LEDGERBUS_CLI_NAME="tester",
         LEDGERBUS_LOG_FORMAT="json",
         PYTHONUNBUFFERED="1",

@@ -9,18 +9,13 @@ from collections.abc import Awaitable, Callable
 from nats.aio.client import Client
 
 from bus import codec, subjects
-from bus.events import TaskApproved, TaskDenied, TaskStarted, TaskSubmitted, kind_of, new_id
+from bus.events import TaskApproved, TaskDenied, TaskStarted, TaskSubmitted, new_id
 from bus.settings import Settings
 from tests.conftest import RunningRouter
-from tests.support import Procs, agentctl, wait_for_record, wait_for_records, wait_until, work_count
+from tests.support import Procs, agentctl, send, wait_for_record, wait_for_records, wait_until, work_count
 
 Connect = Callable[[str], Awaitable[Client]]
 POLICY = '[approval]\nskills = ["sleep"]\napprovers = ["cli-ops", "cli-alice"]\n'
-
-
-async def send(nc: Client, role: str, name: str, event: object) -> None:
-    who = subjects.principal(role, name)
-    await nc.jetstream().publish(subjects.ingress(who, kind_of(type(event))), codec.encode(event))  # type: ignore[arg-type]
 
 
 async def test_held_tasks_run_only_when_an_approver_other_than_the_submitter_approves(

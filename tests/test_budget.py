@@ -15,21 +15,15 @@ from nats.aio.client import Client
 
 from agents.runtime import Agent
 from agents.skill import SkillContext
-from bus import codec, subjects
-from bus.events import Budget, TaskCompleted, TaskStarted, TaskSubmitted, TaskUsage, kind_of, new_id
+from bus.events import Budget, TaskCompleted, TaskStarted, TaskSubmitted, TaskUsage, new_id
 from bus.settings import Settings
 from projections import db as dbmod
 from projections.errors import SchemaMismatch
 from projections.projector import Projector
 from tests.conftest import RunningRouter
-from tests.support import agentctl, wait_for_record, wait_for_records, wait_until
+from tests.support import agentctl, send, wait_for_record, wait_for_records, wait_until
 
 Connect = Callable[[str], Awaitable[Client]]
-
-
-async def send(nc: Client, role: str, name: str, event: Any) -> None:
-    await nc.jetstream().publish(subjects.ingress(subjects.principal(role, name), kind_of(type(event))),
-                                 codec.encode(event))
 
 
 async def test_the_report_that_crosses_the_budget_fails_the_task(

@@ -7,24 +7,17 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 from nats.aio.client import Client
 
-from bus import codec, subjects
-from bus.events import TaskCompleted, TaskStarted, TaskSubmitted, kind_of, new_id
+from bus.events import TaskCompleted, TaskStarted, TaskSubmitted, new_id
 from bus.settings import Settings
 from projections import db as dbmod
 from projections.projector import Projector
 from tests.conftest import RunningRouter
-from tests.support import agentctl, wait_for_records, wait_until
+from tests.support import agentctl, send, wait_for_records, wait_until
 
 Connect = Callable[[str], Awaitable[Client]]
-
-
-async def send(nc: Client, role: str, name: str, event: Any) -> None:
-    await nc.jetstream().publish(subjects.ingress(subjects.principal(role, name), kind_of(type(event))),
-                                 codec.encode(event))
 
 
 async def live_dump_at(settings: Settings, projector: Projector, seq: int) -> dict:
