@@ -46,7 +46,7 @@ async def ask(app: App, projection: str, op: str, request: dict[str, Any], db_pa
             return await request_query(nc, projection, op, request)
     db = await dbmod.open_reader(db_path)
     try:
-        return query.unwrap(await service.answer(db, subjects.query(projection, op), codec.encode(request)))
+        return query.unwrap(await service.answer(service.Reader(db), subjects.query(projection, op), codec.encode(request)))
     except sqlite3.Error as exc:
         raise DatabaseError(f"reading {db_path}: {exc}") from exc
     finally:

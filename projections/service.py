@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -148,10 +149,70 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+class Reader:
+    """The query side's connection: one read transaction per answer, one answer at a time.
+
+    Each answer reads its data and its position in the same transaction, so the position
+    it reports is exactly the state the data comes from, however the projector commits
+    in the meantime.
+    """
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+        self._lock = asyncio.Lock()
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A consistent view of the database until the block ends."""
+        async with self._lock:
+            await self.db.execute("BEGIN")
+            try:
+                yield self.db
+            finally:
+                await self.db.execute("COMMIT")
+
+
+NOT_FOUND = object()
+
+
+async def _read(db: aiosqlite.Connection, req: Request, now: datetime) -> Any:
+    """The data of one query, or :data:`NOT_FOUND` (with what was not found)."""
+    match req:
+        case TasksList(status=status, parent_task_id=parent, limit=limit):
+            return await queries.list_tasks(db, status, limit, parent)
+        case TasksGet(task_id=task_id):
+            return await queries.get_task(db, task_id) or (NOT_FOUND, f"no task {task_id}")
+        case AgentsList():
+            return await queries.list_agents(db)
+        case MemoryGet(agent=agent):
+            return await queries.get_memory(db, agent)
+        case CheckpointsList(agent=agent):
+            return await queries.list_checkpoints(db, agent)
+        case SharedGet(namespace=namespace, key=key):
+            return await queries.get_shared(db, namespace, key, now) or (
+                NOT_FOUND, f"no live key {key!r} in shared namespace {namespace!r}")
+        case SharedList(namespace=namespace):
+            return await queries.list_shared(db, namespace, now)
+        case ApprovalsList(status=status):
+            return await queries.list_approvals(db, status or None)
+        case AuditList(key=key, principal=principal, limit=limit):
+            return await queries.list_audit(db, key, principal, limit)
+        case AuditVerdict(msg_id=msg_id):
+            return await queries.verdict(db, msg_id) or (NOT_FOUND, f"no audit record for message {msg_id} yet")
+        case ProjectionsDigest():
+            return {"position": await dbmod.position(db), "digest": await dbmod.digest(db),
+                    "memory_list_cap": await dbmod.memory_cap(db)}
+    raise AssertionError(f"unhandled query {type(req).__name__}")
+
+
 async def answer(
-    db: aiosqlite.Connection, subject: str, data: bytes, progress: Progress | None = None, now: Clock = _now
+    reader: Reader, subject: str, data: bytes, progress: Progress | None = None, now: Clock = _now
 ) -> dict[str, Any]:
-    """The reply to one query (never raises for bad input: the reply says what was wrong)."""
+    """The reply to one query (never raises for bad input: the reply says what was wrong).
+
+    ``q.audit.verdict`` with ``wait_s`` asks again after each batch the projector commits
+    (``progress``) until the record is there or the wait is over.
+    """
     kind = REQUESTS.get(subject)
     if kind is None:
         return {"ok": False, "error": f"unknown query {subject!r}; known: {', '.join(sorted(REQUESTS))}"}
@@ -159,55 +220,20 @@ async def answer(
         req = msgspec.json.decode(data or b"{}", type=kind)
     except (msgspec.DecodeError, RecursionError) as exc:
         return {"ok": False, "error": f"bad {subject} request: {exc or 'nested too deeply'}"}
-
-    def missing(what: str) -> Callable[[], Awaitable[dict[str, Any]]]:
-        async def reply() -> dict[str, Any]:
-            return {"ok": False, "code": "not_found", "error": what, "position": await dbmod.position(db)}
-        return reply
-
-    result: Any
-    match req:
-        case TasksList(status=status, parent_task_id=parent, limit=limit):
-            result = await queries.list_tasks(db, status, limit, parent)
-        case TasksGet(task_id=task_id):
-            result = await queries.get_task(db, task_id)
-            if result is None:
-                return await missing(f"no task {task_id}")()
-        case AgentsList():
-            result = await queries.list_agents(db)
-        case MemoryGet(agent=agent):
-            result = await queries.get_memory(db, agent)
-        case CheckpointsList(agent=agent):
-            result = await queries.list_checkpoints(db, agent)
-        case SharedGet(namespace=namespace, key=key):
-            result = await queries.get_shared(db, namespace, key, now())
-            if result is None:
-                return await missing(f"no live key {key!r} in shared namespace {namespace!r}")()
-        case SharedList(namespace=namespace):
-            result = await queries.list_shared(db, namespace, now())
-        case ApprovalsList(status=status):
-            result = await queries.list_approvals(db, status or None)
-        case AuditList(key=key, principal=principal, limit=limit):
-            result = await queries.list_audit(db, key, principal, limit)
-        case AuditVerdict(msg_id=msg_id, wait_s=wait_s):
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + wait_s
-            while (result := await queries.verdict(db, msg_id)) is None:
-                left = deadline - loop.time()
-                if progress is None or left <= 0:
-                    return await missing(f"no audit record for message {msg_id} yet")()
-                await progress.wait(left)
-        case ProjectionsDigest():
-            # Read position and digest in one transaction, so they describe the same state.
-            await db.execute("BEGIN")
-            try:
-                result = {"position": await dbmod.position(db), "digest": await dbmod.digest(db),
-                          "memory_list_cap": await dbmod.memory_cap(db)}
-            finally:
-                await db.execute("COMMIT")
-        case _:
-            return {"ok": False, "error": f"unhandled query {subject}"}
-    return {"ok": True, "position": await dbmod.position(db), "data": result}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + (req.wait_s if isinstance(req, AuditVerdict) else 0.0)
+    while True:
+        async with reader.snapshot() as db:
+            result = await _read(db, req, now())
+            position = await dbmod.position(db)
+        missing = isinstance(result, tuple) and len(result) == 2 and result[0] is NOT_FOUND
+        left = deadline - loop.time()
+        if not missing or progress is None or left <= 0:
+            break
+        await progress.wait(left)
+    if missing:
+        return {"ok": False, "code": "not_found", "error": result[1], "position": position}
+    return {"ok": True, "position": position, "data": result}
 
 
 async def serve(nc: Client, db: aiosqlite.Connection, progress: Progress | None = None) -> Subscription:
@@ -217,10 +243,11 @@ async def serve(nc: Client, db: aiosqlite.Connection, progress: Progress | None 
     holds up the others.
     """
     pending: set[asyncio.Task[None]] = set()
+    reader = Reader(db)
 
     async def reply(msg: Msg) -> None:
         try:
-            body = await answer(db, msg.subject, msg.data, progress)
+            body = await answer(reader, msg.subject, msg.data, progress)
         except (DatabaseError, sqlite3.Error) as exc:
             body = {"ok": False, "error": f"projection database: {exc}"}
         if msg.reply:

@@ -1,0 +1,84 @@
+"""The query service: it answers while its projector is still catching up, and when one
+projector of the queue group dies another goes on answering."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client
+
+from bus import query, subjects
+from bus.errors import QueryError
+from bus.events import TaskSubmitted, new_id
+from bus.settings import Settings
+from projections.projector import Projector
+from tests.conftest import RunningRouter
+from tests.support import Procs, agentctl, send, wait_for_records, wait_until
+
+Connect = Callable[[str], Awaitable[Client]]
+
+
+async def test_queries_are_answered_while_the_projector_catches_up(
+    running_router: RunningRouter, connect_as: Connect, admin: Client, settings: Settings
+) -> None:
+    cli = await connect_as("cli")
+    total = 2000
+    for i in range(total):
+        await send(cli, "cli", "ops", TaskSubmitted(id=new_id(), task_id=f"t{i}", skill="echo"))
+    await wait_for_records(admin.jetstream(), total, timeout=60)
+
+    projector = Projector(await connect_as("projector"), settings.replace(projector_batch=4))
+    stop = asyncio.Event()
+    running = asyncio.create_task(projector.run(stop))
+    try:
+        await asyncio.wait_for(projector.serving.wait(), 10)
+        positions = []
+        while not positions or positions[-1] < total:
+            msg = await admin.request(subjects.query("tasks", "list"), b'{"limit": 1}', timeout=5)
+            reply = json.loads(msg.data)
+            assert reply["ok"], reply
+            positions.append(reply["position"])
+            # Position and data agree: the newest task listed is the one at that position.
+            if reply["position"]:
+                assert reply["data"][0]["submitted_seq"] == reply["position"]
+        behind = [p for p in positions if 0 < p < total]
+        assert behind, f"no answer came while catching up: {positions[:5]}..."
+        assert positions == sorted(positions)
+    finally:
+        stop.set()
+        await running
+
+
+async def test_a_second_projector_in_the_group_takes_over_when_the_first_is_killed(
+    procs: Procs, admin: Client, settings: Settings, tmp_path: Path
+) -> None:
+    await procs.start("router", "router")
+    first = await procs.start("projector-1", "projector", LEDGERBUS_DB_PATH=str(tmp_path / "one.db"))
+    second = await procs.start("projector-2", "projector", LEDGERBUS_DB_PATH=str(tmp_path / "two.db"))
+    for _ in range(3):
+        code, _, err = await agentctl(settings, "submit", "echo")
+        assert code == 0, err
+
+    async def both_answered() -> bool:
+        return await answered_by(admin) == 3
+
+    await wait_until(both_answered, what="the projectors serving three tasks")
+    first.kill9()
+    await first.proc.wait()
+    for _ in range(20):  # every one of these must be answered, by the survivor
+        assert len(await query.ask(admin, "tasks", "list", {})) == 3
+    second.kill9()
+    await second.proc.wait()
+    with pytest.raises(QueryError, match="no projector answers"):
+        await query.ask(admin, "tasks", "list", {})
+
+
+async def answered_by(admin: Client) -> int:
+    try:
+        return len(await query.ask(admin, "tasks", "list", {}))
+    except QueryError:
+        return 0
