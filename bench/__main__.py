@@ -1,4 +1,4 @@
-"""``python -m bench [--messages N] [--rounds R] [--tasks T]``
+"""``python -m bench [--only router|projections] [--messages N] [--rounds R] [--tasks T] [--events E]``
 
 1. Router throughput vs a bare relay. Both drain the same N preloaded submissions from
    INGRESS through the same JetStream work: fetch, one AUDIT write and one WORK write per
@@ -7,6 +7,8 @@
 2. Task latency vs a PubAck. T sequential echo tasks, submit to completed record, through
    the router and an agent (both in this process), beside the round trip of one JetStream
    publish on the same server.
+3. Projection rebuild rate vs raw sqlite3 executemany of the same rows, for E mixed
+   events (see bench/projections.py).
 
 Every round uses a fresh nats-server; medians are reported because these machines are noisy.
 """
@@ -26,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agents.runtime import Agent
+from bench import projections
 from bus import codec, subjects
 from bus.connection import connect
 from bus.events import TaskSubmitted, new_id
@@ -190,18 +193,28 @@ async def main(messages: int, rounds: int, tasks: int) -> dict:
 
 def cli() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=["router", "projections"], help="Run one benchmark, not both.")
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument("--events", type=int, default=100_000, help="Audit records in the projection benchmark.")
     args = parser.parse_args()
     configure_logging("console", "error")
-    result = asyncio.run(main(args.messages, args.rounds, args.tasks))
+    result: dict = {}
     table = Table("measure", "ledgerbus", "baseline (same run)", "ratio", box=None)
-    table.add_row("throughput, msg/s (median)", f"{result['router_msgs_per_s']:,.0f} router",
-                  f"{result['relay_msgs_per_s']:,.0f} bare relay", f"{result['router_over_relay']:.2f}")
-    table.add_row("task latency, ms (p50)", f"{result['task_latency_ms_p50']:.2f} submit→completed "
-                  f"(p95 {result['task_latency_ms_p95']:.2f})", f"{result['puback_ms_p50']:.2f} one PubAck",
-                  f"{result['latency_over_puback']:.1f}")
+    if args.only in (None, "router"):
+        result.update(asyncio.run(main(args.messages, args.rounds, args.tasks)))
+        table.add_row("throughput, msg/s (median)", f"{result['router_msgs_per_s']:,.0f} router",
+                      f"{result['relay_msgs_per_s']:,.0f} bare relay", f"{result['router_over_relay']:.2f}")
+        table.add_row("task latency, ms (p50)", f"{result['task_latency_ms_p50']:.2f} submit→completed "
+                      f"(p95 {result['task_latency_ms_p95']:.2f})", f"{result['puback_ms_p50']:.2f} one PubAck",
+                      f"{result['latency_over_puback']:.1f}")
+    if args.only in (None, "projections"):
+        proj = asyncio.run(projections.run(args.events, args.rounds, 1024, say=console.print))
+        result["projections"] = proj
+        table.add_row(f"projection rebuild, events/s (median, {proj['events']:,} mixed)",
+                      f"{proj['rebuild_events_per_s']:,.0f} rebuild",
+                      f"{proj['raw_events_per_s']:,.0f} raw executemany", f"{proj['rebuild_over_raw']:.2f}")
     console.print(table)
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)

@@ -12,6 +12,7 @@ import aiosqlite
 
 from bus import codec
 from bus.events import AgentJoined, AgentLeft, AuditRecord, TaskCompleted, TaskFailed
+from projections.db import iso
 from projections.rows import Rows
 from projections.tasks import agent_name
 
@@ -35,7 +36,7 @@ async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> Non
             case AgentJoined() as e:
                 rows.put({
                     "name": name, "instance": e.instance, "skills": codec.encode(e.skills).decode(),
-                    "concurrency": e.concurrency, "status": "online", "joined_at": record.at.isoformat(),
+                    "concurrency": e.concurrency, "status": "online", "joined_at": iso(record.at),
                     "left_at": None, "joins": (row["joins"] if row else 0) + 1,
                     "tasks_completed": row["tasks_completed"] if row else 0,
                     "tasks_failed": row["tasks_failed"] if row else 0, "updated_seq": record.seq,
@@ -43,7 +44,7 @@ async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> Non
             case AgentLeft(instance=instance) if row is not None and row["instance"] == instance:
                 # Several replicas may share a name: the agent is offline only when its
                 # latest instance leaves.
-                rows.update((name,), status="offline", left_at=record.at.isoformat(), updated_seq=record.seq)
+                rows.update((name,), status="offline", left_at=iso(record.at), updated_seq=record.seq)
             case TaskCompleted() if row is not None:
                 rows.update((name,), tasks_completed=row["tasks_completed"] + 1, updated_seq=record.seq)
             case TaskFailed() if row is not None:

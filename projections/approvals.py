@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import aiosqlite
 
 from bus.events import AuditRecord, TaskApproved, TaskDenied, TaskSubmitted
+from projections.db import iso
 from projections.rows import Rows
 
 COLUMNS = ("task_id", "skill", "submitted_by", "requested_at", "requested_seq", "status", "decided_by",
@@ -29,13 +30,13 @@ async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> Non
             case TaskSubmitted() as e:
                 rows.put({
                     "task_id": e.task_id, "skill": e.skill, "submitted_by": record.principal,
-                    "requested_at": record.at.isoformat(), "requested_seq": record.seq, "status": "pending",
+                    "requested_at": iso(record.at), "requested_seq": record.seq, "status": "pending",
                     "decided_by": None, "decided_at": None, "reason": None, "updated_seq": record.seq,
                 })
             case TaskApproved(task_id=task_id, reason=reason) | TaskDenied(task_id=task_id, reason=reason):
                 status = "approved" if isinstance(record.event, TaskApproved) else "denied"
                 rows.update((task_id,), status=status, decided_by=record.principal,
-                            decided_at=record.at.isoformat(), reason=reason, updated_seq=record.seq)
+                            decided_at=iso(record.at), reason=reason, updated_seq=record.seq)
             case _:
                 pass
     await rows.store(db)

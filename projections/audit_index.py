@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import aiosqlite
 
 from bus.events import AuditRecord
+from projections.db import iso
 
 
 async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> None:
@@ -19,6 +20,6 @@ async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> Non
     await db.executemany(
         "INSERT INTO audit_index (seq, at, verdict, code, principal, kind, key, msg_id, reason)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [(r.seq, r.at.isoformat(), r.verdict, r.code, r.principal, r.kind, r.key, r.msg_id, r.reason)
+        [(r.seq, iso(r.at), r.verdict, r.code, r.principal, r.kind, r.key, r.msg_id, r.reason)
          for r in records],
     )

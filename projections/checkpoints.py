@@ -13,6 +13,7 @@ import aiosqlite
 
 from bus import codec
 from bus.events import AuditRecord, CheckpointRestored, CheckpointSaved
+from projections.db import iso
 from projections.rows import Rows
 
 COLUMNS = ("agent", "checkpoint_id", "label", "seq", "at", "saved_by", "state", "restores", "last_restored_seq")
@@ -30,7 +31,7 @@ async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> Non
             case CheckpointSaved() as e:
                 rows.put({
                     "agent": e.agent, "checkpoint_id": e.checkpoint_id, "label": e.label, "seq": record.seq,
-                    "at": record.at.isoformat(), "saved_by": record.principal,
+                    "at": iso(record.at), "saved_by": record.principal,
                     "state": None if e.state is None else codec.encode(e.state).decode(),
                     "restores": 0, "last_restored_seq": None,
                 })

@@ -7,6 +7,7 @@ projection of records ``1..position`` and the projector resumes at ``position + 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sqlite3
@@ -211,8 +212,11 @@ TABLES = {
 }
 
 
+@functools.lru_cache(maxsize=8192)
 def iso(at: datetime) -> str:
-    """A timestamp as fixed-width ISO text, so text order is time order in SQL."""
+    """A timestamp as fixed-width ISO text, so text order is time order in SQL.
+
+    Cached: every projection formats the same record's time."""
     return at.isoformat(timespec="microseconds")
 
 

@@ -54,12 +54,7 @@ SQL_ROLL = (
     " FROM memory_entries WHERE agent = ? AND section = ? AND n <= ? GROUP BY agent, section"
 )
 SQL_DROP_ROLLED = "DELETE FROM memory_entries WHERE agent = ? AND section = ? AND n < ?"
-SQL_KNOW = (
-    "INSERT INTO knowledge (agent, key, value, core, updated_seq) VALUES (?, ?, ?, ?, ?)"
-    " ON CONFLICT (agent, key) DO UPDATE SET value = excluded.value, core = excluded.core,"
-    " updated_seq = excluded.updated_seq"
-)
-SQL_FORGET = "DELETE FROM knowledge WHERE agent = ? AND key = ?"
+KNOWLEDGE_COLUMNS = ("agent", "key", "value", "core", "updated_seq")
 
 
 def new_row(agent: str, seq: int) -> Row:
@@ -88,7 +83,16 @@ async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> Non
     keep = cap // 2
     rows = Rows("memory", ("agent",), COLUMNS)
     await rows.load(db, ((owner,) for owner, _ in mine))
+    # Knowledge writes are folded per key (the last write of a batch wins); list appends
+    # queue in order. Both are flushed before a wipe, checkpoint or restore, whose own
+    # statements run at once, so each sees, and leaves, exactly the log's state.
+    knowledge = Rows("knowledge", ("agent", "key"), KNOWLEDGE_COLUMNS)
     ops = Ops()
+
+    async def barrier() -> None:
+        await knowledge.flush(db)
+        await ops.flush(db)
+
     for agent, record in mine:
         row = rows.get((agent,)) or rows.put(new_row(agent, record.seq))
         seq = record.seq
@@ -101,10 +105,11 @@ async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> Non
             case MemoryWritten(section="role", value=value):
                 rows.update((agent,), role=None if value is None else codec.encode(value).decode(), updated_seq=seq)
             case MemoryWritten(section="knowledge", key=str(key), value=None):
-                ops.add(SQL_FORGET, (agent, key))
+                knowledge.delete((agent, key))
                 rows.update((agent,), updated_seq=seq)
             case MemoryWritten(section="knowledge", key=str(key), value=value, core=core):
-                ops.add(SQL_KNOW, (agent, key, codec.encode(value).decode(), int(core), seq))
+                knowledge.put({"agent": agent, "key": key, "value": codec.encode(value).decode(), "core": int(core),
+                               "updated_seq": seq})
                 rows.update((agent,), updated_seq=seq)
             case MemoryWritten(section=section, value=value) if section in LISTS:
                 n = row[f"{section}_next"]
@@ -119,12 +124,15 @@ async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> Non
                     changes[f"{section}_first"] = until
                 rows.update((agent,), **changes)
             case MemoryWiped():
+                await barrier()
                 ops.add("DELETE FROM knowledge WHERE agent = ? AND core = 0", (agent,))
                 ops.add("DELETE FROM memory_entries WHERE agent = ?", (agent,))
+                await ops.flush(db)
                 # Numbering goes on where it was, so an entry's n is never reused.
                 rows.update((agent,), current_task=None, observation_first=row["observation_next"],
                             reasoning_first=row["reasoning_next"], wiped_seq=seq, updated_seq=seq)
             case CheckpointSaved(checkpoint_id=cid):
+                await barrier()
                 ops.add(
                     f"INSERT INTO snap_memory (checkpoint_id, agent, {', '.join(SNAP_COLUMNS)})"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -134,8 +142,9 @@ async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> Non
                         f" SELECT ?, agent, {_KNOWLEDGE_COLS} FROM knowledge WHERE agent = ?", (cid, agent))
                 ops.add(f"INSERT INTO snap_entries (checkpoint_id, agent, {_ENTRY_COLS})"
                         f" SELECT ?, agent, {_ENTRY_COLS} FROM memory_entries WHERE agent = ?", (cid, agent))
+                await ops.flush(db)
             case CheckpointRestored(checkpoint_id=cid):
-                await ops.flush(db)  # the snapshot may have been saved earlier in this batch
+                await barrier()  # the snapshot may have been saved earlier in this batch
                 async with db.execute(
                     f"SELECT {', '.join(SNAP_COLUMNS)} FROM snap_memory WHERE agent = ? AND checkpoint_id = ?",
                     (agent, cid),
@@ -149,8 +158,9 @@ async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> Non
                         " FROM snap_knowledge WHERE agent = ? AND checkpoint_id = ?", (agent, cid))
                 ops.add(f"INSERT INTO memory_entries (agent, {_ENTRY_COLS}) SELECT agent, {_ENTRY_COLS}"
                         " FROM snap_entries WHERE agent = ? AND checkpoint_id = ?", (agent, cid))
+                await ops.flush(db)
                 rows.update((agent,), **dict(zip(SNAP_COLUMNS, snap, strict=True)), restored_from=cid, updated_seq=seq)
             case _:
                 pass
-    await ops.flush(db)
+    await barrier()
     await rows.store(db)

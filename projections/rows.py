@@ -94,6 +94,12 @@ class Rows:
             )
         self._dirty.clear()
 
+    async def flush(self, db: aiosqlite.Connection) -> None:
+        """Store, then forget every cached row: for when a statement outside this cache is
+        about to change the table (a wipe, a restore)."""
+        await self.store(db)
+        self._rows.clear()
+
 
 class Ops:
     """SQL statements in log order; consecutive runs of one statement go as one executemany."""

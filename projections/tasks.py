@@ -5,6 +5,7 @@ Subtasks are tasks whose ``parent_task_id`` names the task whose skill submitted
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import aiosqlite
@@ -22,6 +23,7 @@ from bus.events import (
     TaskSubmitted,
     TaskUsage,
 )
+from projections.db import iso
 from projections.rows import Rows
 
 COLUMNS = (
@@ -31,6 +33,7 @@ COLUMNS = (
 )
 
 
+@functools.lru_cache(maxsize=4096)
 def agent_name(principal: str) -> str:
     """``agent-echo-1`` → ``echo-1`` (the name people gave the agent)."""
     try:
@@ -53,7 +56,7 @@ async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> Non
 
 def fold(rows: Rows, record: AuditRecord) -> None:
     """Apply one accepted task event to the batch's rows."""
-    at = record.at.isoformat()
+    at = iso(record.at)
     seq = record.seq
     match record.event:
         case TaskSubmitted() as e:
