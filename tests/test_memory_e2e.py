@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ async def test_agents_share_delegate_checkpoint_and_a_replay_equals_the_live_pro
         {"observe": "the build is red"},
         {"reason": "so fix the build first"},
         {"share": "plan", "namespace": "team", "value": {"step": 1}},
-        {"share": "flash", "namespace": "team", "value": "gone soon", "ttl_s": 1},
+        {"share": "flash", "namespace": "team", "value": "gone soon", "ttl_s": 5},
         {"read": "flash", "namespace": "team"},
         {"recall": "user.name"},
         {"delegate": "echo", "input": {"x": 1}},
@@ -97,11 +98,12 @@ async def test_agents_share_delegate_checkpoint_and_a_replay_equals_the_live_pro
     snapshot = tmp_path / "snap.db"
     await ok_json(settings, "snapshot", str(snapshot), "--db", str(settings.db_path))
 
-    # Another agent reads what the first shared; the key with a TTL has expired by now.
+    # Another agent reads what the first shared, once the key with a TTL has expired.
+    [expires] = [r["expires_at"] for r in await ok_json(settings, "shared", "list", "team") if r["key"] == "flash"]
     await scribe.stop()
     await procs.start("scribe-2", "agent", "--name", "scribe-2", "--skills", "notes")
     await wait_for_record(js, joined("scribe-2"))
-    await asyncio.sleep(1.2)
+    await asyncio.sleep(max(0.0, (datetime.fromisoformat(expires) - datetime.now(UTC)).total_seconds()) + 0.1)
     second = await run_notes(settings, [{"read": "plan", "namespace": "team"}, {"read": "flash", "namespace": "team"},
                                         {"recall": "user.name"}])
     assert second["agent"] == "scribe-2"
