@@ -184,7 +184,9 @@ class Tasks:
     async def wait(self, task_id: str, poll_s: float = 0.2) -> dict[str, Any]:
         """Wait until ``task_id`` has ended (completed, failed or denied) and return it.
 
-        Bounded by the running task's own deadline, like everything a skill does.
+        Bounded by the running task's own deadline, like everything a skill does. The
+        waiting task holds its slot: a subtask for a skill only this agent has needs the
+        agent's concurrency to be above one.
         """
         while True:
             try:

@@ -111,7 +111,8 @@ class Router:
         self.settings = settings
         self.policy = PolicyFile(settings.policy_path, settings.policy_check_interval_s)
         self.checks = (
-            list(checks) if checks is not None else default_checks(settings.max_message_bytes, self.policy, settings.max_checkpoint_bytes)
+            list(checks) if checks is not None
+            else default_checks(settings.max_message_bytes, self.policy, settings.max_checkpoint_bytes)
         )
         self.state = RouterState(dedup_horizon_s=settings.dedup_horizon_s)
         self.audit = AuditLog(self.js, audit_mod.ChainHead())

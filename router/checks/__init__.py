@@ -76,7 +76,9 @@ def run_checks(checks: Sequence[Check], msg: Inbound, state: RouterState) -> Rej
     return None
 
 
-def default_checks(max_message_bytes: int, policy: PolicyFile, max_checkpoint_bytes: int = 64 * 1024) -> list[Check]:
+def default_checks(
+    max_message_bytes: int, policy: PolicyFile, max_checkpoint_bytes: int = 64 * 1024
+) -> list[Check]:
     """The pipeline in DESIGN.md's order: size, schema, kind, skill, claimant, memory owner,
     duplicate id, rate, secrets, approval, budget.
 
