@@ -36,19 +36,20 @@ def _limit(limit: int) -> int:
     return max(1, min(limit, 10_000))
 
 
+async def _newest(
+    db: aiosqlite.Connection, table: str, order: str, limit: int, **equal: str | None
+) -> list[dict[str, Any]]:
+    """Rows of ``table`` whose columns equal the given (non-empty) values, newest first."""
+    where = {column: value for column, value in equal.items() if value}
+    sql = f"SELECT * FROM {table}" + (" WHERE " + " AND ".join(f"{c} = ?" for c in where) if where else "")
+    return await _all(db, f"{sql} ORDER BY {order} DESC LIMIT ?", (*where.values(), _limit(limit)))
+
+
 async def list_tasks(
     db: aiosqlite.Connection, status: str | None = None, limit: int = 100, parent_task_id: str | None = None
 ) -> list[dict[str, Any]]:
     """The most recent tasks first, optionally only those in ``status`` or under a parent."""
-    where, args = [], []
-    if status:
-        where.append("status = ?")
-        args.append(status)
-    if parent_task_id:
-        where.append("parent_task_id = ?")
-        args.append(parent_task_id)
-    sql = "SELECT * FROM tasks" + (" WHERE " + " AND ".join(where) if where else "")
-    return await _all(db, sql + " ORDER BY submitted_seq DESC LIMIT ?", (*args, _limit(limit)))
+    return await _newest(db, "tasks", "submitted_seq", limit, status=status, parent_task_id=parent_task_id)
 
 
 async def get_task(db: aiosqlite.Connection, task_id: str) -> dict[str, Any] | None:
@@ -141,15 +142,7 @@ async def list_audit(
     db: aiosqlite.Connection, key: str | None = None, principal: str | None = None, limit: int = 100
 ) -> list[dict[str, Any]]:
     """Audit index rows, newest first, for a key and/or a principal."""
-    where, args = [], []
-    if key:
-        where.append("key = ?")
-        args.append(key)
-    if principal:
-        where.append("principal = ?")
-        args.append(principal)
-    sql = "SELECT * FROM audit_index" + (" WHERE " + " AND ".join(where) if where else "")
-    return await _all(db, sql + " ORDER BY seq DESC LIMIT ?", (*args, _limit(limit)))
+    return await _newest(db, "audit_index", "seq", limit, key=key, principal=principal)
 
 
 async def verdict(db: aiosqlite.Connection, msg_id: str) -> dict[str, Any] | None:
