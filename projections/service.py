@@ -124,7 +124,12 @@ REQUESTS: dict[str, type[Request]] = {
 
 
 class Progress:
-    """Lets a query wait until the projection moves past where it is now."""
+    """Lets a query wait until the projection moves past a point it has seen.
+
+    A query takes a :meth:`mark` *before* it reads, and waits on that mark: a batch
+    committed between its read and its wait has already set the mark, so the wait
+    returns at once instead of missing the news.
+    """
 
     def __init__(self) -> None:
         self._moved = asyncio.Event()
@@ -134,10 +139,14 @@ class Progress:
         self._moved.set()
         self._moved = asyncio.Event()
 
-    async def wait(self, timeout: float) -> None:
-        """Return when the next batch commits, or after ``timeout`` seconds."""
+    def mark(self) -> asyncio.Event:
+        """The event the next committed batch sets."""
+        return self._moved
+
+    async def wait(self, mark: asyncio.Event, timeout: float) -> None:
+        """Return once a batch has committed since ``mark`` was taken, or after ``timeout``."""
         try:
-            await asyncio.wait_for(self._moved.wait(), timeout)
+            await asyncio.wait_for(mark.wait(), timeout)
         except TimeoutError:
             pass
 
@@ -223,14 +232,15 @@ async def answer(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + (req.wait_s if isinstance(req, AuditVerdict) else 0.0)
     while True:
+        mark = progress.mark() if progress is not None else None
         async with reader.snapshot() as db:
             result = await _read(db, req, now())
             position = await dbmod.position(db)
         missing = isinstance(result, tuple) and len(result) == 2 and result[0] is NOT_FOUND
         left = deadline - loop.time()
-        if not missing or progress is None or left <= 0:
+        if not missing or progress is None or mark is None or left <= 0:
             break
-        await progress.wait(left)
+        await progress.wait(mark, left)
     if missing:
         return {"ok": False, "code": "not_found", "error": result[1], "position": position}
     return {"ok": True, "position": position, "data": result}

@@ -16,6 +16,7 @@ from bus.errors import QueryError
 from bus.events import TaskSubmitted, new_id
 from bus.settings import Settings
 from projections.projector import Projector
+from projections.service import Progress
 from tests.conftest import RunningRouter
 from tests.support import Procs, agentctl, send, wait_for_records, wait_until
 
@@ -82,3 +83,14 @@ async def answered_by(admin: Client) -> int:
         return len(await query.ask(admin, "tasks", "list", {}))
     except QueryError:
         return 0
+
+
+async def test_a_batch_committed_between_a_read_and_its_wait_is_not_missed() -> None:
+    # A verdict query reads (nothing yet), then waits for the next batch. If the batch
+    # commits in between, the wait must return at once, not after the whole timeout:
+    # that lost wakeup once held every memory write for 10 s.
+    progress = Progress()
+    mark = progress.mark()  # taken before the read
+    progress.advanced()     # the batch commits after the read, before the wait
+    async with asyncio.timeout(1):
+        await progress.wait(mark, 30)
