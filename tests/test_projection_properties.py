@@ -184,7 +184,7 @@ class LogBuilder:
         if any(m.status == "awaiting_approval" for m in self.tasks.values()):
             actions.append("decide")
         if any(self.checkpoints.values()):
-            actions.append("restore")
+            actions += ["restore", "restore"]
         getattr(self, f"do_{self.pick.choice(actions)}")()
 
     def do_join(self) -> None:
