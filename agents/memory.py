@@ -57,7 +57,7 @@ class Writer:
         if not wait:
             return None
         try:
-            verdict = await query.ask(
+            verdict: dict[str, Any] = await query.ask(
                 self._nc, "audit", "verdict", {"msg_id": event.id, "wait_s": VERDICT_WAIT_S},
                 timeout=VERDICT_WAIT_S + 5,
             )
@@ -65,7 +65,6 @@ class Writer:
             raise AgentError(f"no verdict on message {event.id} within {VERDICT_WAIT_S:g}s: {exc}") from exc
         if verdict["verdict"] != "accepted":
             raise WriteRejected(verdict["code"], verdict["reason"])
-        assert isinstance(verdict, dict)
         return verdict
 
     async def ask(self, projection: str, op: str, request: dict[str, Any]) -> Any:

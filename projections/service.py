@@ -15,6 +15,7 @@ import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -181,16 +182,20 @@ class Reader:
                 await self.db.execute("COMMIT")
 
 
-NOT_FOUND = object()
+@dataclass(frozen=True, slots=True)
+class Missing:
+    """A query's answer when the projection has no such thing: what was not found."""
+
+    what: str
 
 
 async def _read(db: aiosqlite.Connection, req: Request, now: datetime) -> Any:
-    """The data of one query, or :data:`NOT_FOUND` (with what was not found)."""
+    """The data of one query, or :class:`Missing`."""
     match req:
         case TasksList(status=status, parent_task_id=parent, limit=limit):
             return await queries.list_tasks(db, status, limit, parent)
         case TasksGet(task_id=task_id):
-            return await queries.get_task(db, task_id) or (NOT_FOUND, f"no task {task_id}")
+            return await queries.get_task(db, task_id) or Missing(f"no task {task_id}")
         case AgentsList():
             return await queries.list_agents(db)
         case MemoryGet(agent=agent):
@@ -198,8 +203,8 @@ async def _read(db: aiosqlite.Connection, req: Request, now: datetime) -> Any:
         case CheckpointsList(agent=agent):
             return await queries.list_checkpoints(db, agent)
         case SharedGet(namespace=namespace, key=key):
-            return await queries.get_shared(db, namespace, key, now) or (
-                NOT_FOUND, f"no live key {key!r} in shared namespace {namespace!r}")
+            return await queries.get_shared(db, namespace, key, now) or Missing(
+                f"no live key {key!r} in shared namespace {namespace!r}")
         case SharedList(namespace=namespace):
             return await queries.list_shared(db, namespace, now)
         case ApprovalsList(status=status):
@@ -207,7 +212,7 @@ async def _read(db: aiosqlite.Connection, req: Request, now: datetime) -> Any:
         case AuditList(key=key, principal=principal, limit=limit):
             return await queries.list_audit(db, key, principal, limit)
         case AuditVerdict(msg_id=msg_id):
-            return await queries.verdict(db, msg_id) or (NOT_FOUND, f"no audit record for message {msg_id} yet")
+            return await queries.verdict(db, msg_id) or Missing(f"no audit record for message {msg_id} yet")
         case ProjectionsDigest():
             return {"position": await dbmod.position(db), "digest": await dbmod.digest(db),
                     "memory_list_cap": await dbmod.memory_cap(db)}
@@ -236,13 +241,12 @@ async def answer(
         async with reader.snapshot() as db:
             result = await _read(db, req, now())
             position = await dbmod.position(db)
-        missing = isinstance(result, tuple) and len(result) == 2 and result[0] is NOT_FOUND
         left = deadline - loop.time()
-        if not missing or progress is None or mark is None or left <= 0:
+        if not isinstance(result, Missing) or progress is None or mark is None or left <= 0:
             break
         await progress.wait(mark, left)
-    if missing:
-        return {"ok": False, "code": "not_found", "error": result[1], "position": position}
+    if isinstance(result, Missing):
+        return {"ok": False, "code": "not_found", "error": result.what, "position": position}
     return {"ok": True, "position": position, "data": result}
 
 
