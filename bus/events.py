@@ -30,8 +30,14 @@ DEFAULT_TASK_TIMEOUT_S = 300.0
 
 
 def new_id() -> str:
-    """A fresh random message or task id (128 bits, URL-safe)."""
-    return secrets.token_urlsafe(16)
+    """A fresh random message or task id (128 bits, URL-safe).
+
+    Never starting with ``-``: people pass ids to ``agentctl`` as arguments, where a
+    leading dash reads as an option (one id in 64 did).
+    """
+    while (fresh := secrets.token_urlsafe(16)).startswith("-"):
+        pass
+    return fresh
 
 
 class Event(

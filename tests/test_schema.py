@@ -32,6 +32,7 @@ from bus.events import (
     TaskSubmitted,
     TaskUsage,
     WorkItem,
+    new_id,
 )
 
 EXAMPLES: dict[type[Event], Event] = {
@@ -177,3 +178,7 @@ def test_deeply_nested_input_is_a_schema_error_not_a_crash() -> None:
 def test_invalid_utf8_inside_a_string_is_a_schema_error_not_a_crash() -> None:
     with pytest.raises(SchemaError, match="invalid UTF-8"):
         codec.decode_event(b'{"kind":"task_submitted","id":"\xff\xfe","task_id":"t","skill":"echo"}')
+
+
+def test_generated_ids_never_start_with_a_dash_which_a_command_line_reads_as_an_option() -> None:
+    assert not any(new_id().startswith("-") for _ in range(5000))
