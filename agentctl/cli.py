@@ -14,7 +14,7 @@ from agentctl.memory import checkpoint, memory, shared
 from agentctl.processes import agent, nats, projector, router
 from agentctl.reads import agents, events, tasks
 from agentctl.replay import replay, snapshot
-from agentctl.submit import submit
+from agentctl.submit import cancel, submit
 from bus.errors import ConfigError
 from bus.logs import configure_logging
 from bus.settings import Settings
@@ -54,7 +54,7 @@ def cli(ctx: click.Context, url: str | None, user: str | None, password: str | N
     ctx.obj = App(settings=settings, log_format=log_format, log_level=log_level)
 
 
-for command in (nats, router, projector, agent, submit, approve, deny, approvals, tasks, events, agents, memory,
+for command in (nats, router, projector, agent, submit, cancel, approve, deny, approvals, tasks, events, agents, memory,
                 checkpoint, shared, audit, keys, replay, snapshot):
     cli.add_command(command)
 

@@ -13,10 +13,14 @@ from bus import codec, subjects
 from bus.events import (
     AuditRecord,
     TaskApproved,
+    TaskCancelled,
     TaskCompleted,
+    TaskDeadLettered,
     TaskDenied,
+    TaskDispatched,
     TaskFailed,
     TaskProgress,
+    TaskRetryScheduled,
     TaskStarted,
     TaskSubmitted,
     TaskUsage,
@@ -85,13 +89,17 @@ class TaskView:
     tokens: int = 0
     cost_usd: float = 0.0
     notes: list[str] = field(default_factory=list)
+    max_attempts: int = 1
+    failures: int = 0
     _submitted_at: Any = None
     _seen_verdict: bool = False
 
     @property
     def terminal(self) -> bool:
         """Whether nothing more will happen to the task."""
-        return self.status in ("completed", "failed", "rejected", "denied")
+        if self.status == "failed":
+            return self.max_attempts == 1  # else a retry or a dead letter follows
+        return self.status in ("completed", "rejected", "denied", "cancelled", "dead_lettered")
 
     def apply(self, record: AuditRecord) -> None:
         """Fold one of the task's audit records into the view."""
@@ -109,9 +117,10 @@ class TaskView:
             return
         agent = record.principal.removeprefix("agent-")
         match event:
-            case TaskSubmitted(skill=skill):
+            case TaskSubmitted(skill=skill, retry=retry):
                 held = record.code == "approval_requested"
                 self.skill, self.submitted_seq = skill, record.seq
+                self.max_attempts = retry.max_attempts if retry is not None else 1
                 self.status = "awaiting_approval" if held else "pending"
                 self._submitted_at = record.at
             case TaskApproved():
@@ -122,14 +131,15 @@ class TaskView:
                 self.cost_usd += cost
                 if record.code == "budget_exceeded":
                     self._finish("failed", record)
+                    self.max_attempts = 1  # a spent budget is never retried
                     self.error = f"budget exceeded: {record.reason}"
             case TaskDenied(reason=reason):
                 self._finish("denied", record)
                 self.error = f"denied by {record.principal}" + (f": {reason}" if reason else "")
-            case TaskStarted(attempt=attempt):
+            case TaskStarted(attempt=attempt, dispatch=dispatch):
                 self.status, self.agent, self.attempts = "running", agent, self.attempts + 1
                 self.progress, self.fraction = "", None
-                if attempt > 1:
+                if attempt > dispatch:
                     self.notes.append(f"attempt {attempt} on {agent} (the previous claim lapsed)")
             case TaskProgress(message=message, fraction=fraction):
                 self.progress, self.fraction = message, fraction
@@ -139,6 +149,19 @@ class TaskView:
             case TaskFailed(error=error):
                 self._finish("failed", record)
                 self.error = error
+                self.failures += 1
+            case TaskRetryScheduled(not_before=at):
+                self.status = "retrying"
+                self.notes.append(f"failed ({self.error}); retry {self.failures} at {at:%H:%M:%S}")
+            case TaskDispatched(reason=reason):
+                self.status = "pending"
+                self.notes.append(f"dispatched again ({reason})")
+            case TaskDeadLettered(reason=reason):
+                self._finish("dead_lettered", record)
+                self.error = reason
+            case TaskCancelled(reason=reason):
+                self._finish("cancelled", record)
+                self.error = reason or f"cancelled by {record.principal}"
             case _:
                 pass
 

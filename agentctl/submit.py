@@ -1,4 +1,5 @@
-"""``agentctl submit``: send a task, and with ``--wait`` follow it to its end."""
+"""``agentctl submit``: send a task or a plan, and with ``--wait`` follow it to its end;
+``agentctl cancel``: stop a task and everything under it."""
 
 from __future__ import annotations
 
@@ -10,14 +11,26 @@ from typing import Any
 import click
 import nats.errors
 from opentelemetry import trace
+from rich.live import Live
 from rich.status import Status
+from rich.table import Table
 
 from agentctl.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, App, cli_name, err, out, run
 from agentctl.follow import TaskView, records
+from agentctl.plans import PlanFileError, PlanView, read_plan
 from bus import codec, subjects, tracing
 from bus.connection import connected
 from bus.errors import BusError, SchemaError
-from bus.events import DEFAULT_TASK_TIMEOUT_S, TaskSubmitted, kind_of, new_id
+from bus.events import (
+    DEFAULT_TASK_TIMEOUT_S,
+    PLAN_SKILL,
+    PlanSubmitted,
+    TaskCancelled,
+    TaskSubmitted,
+    kind_of,
+    new_id,
+    step_task_id,
+)
 from bus.tracing import configure_tracing
 
 
@@ -34,7 +47,9 @@ def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 
 @click.command()
-@click.argument("skill")
+@click.argument("skill", required=False)
+@click.option("--plan", "plan_file", metavar="FILE",
+              help="Submit the plan in FILE (YAML or JSON; - for stdin) instead of one SKILL task.")
 @click.option("--input", "input_", callback=_json_object, metavar="JSON", help="The task input, a JSON object.")
 @click.option("--wait", is_flag=True, help="Follow the task until it completes, fails or is rejected.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
@@ -45,18 +60,40 @@ def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("--budget-tokens", type=click.IntRange(min=1), help="Fail the task once it has used this many tokens.")
 @click.option("--budget-cost", type=click.FloatRange(min=0, min_open=True),
               help="Fail the task once it has spent this many US dollars.")
+@click.option("--retries", type=click.IntRange(0, 99), default=0, show_default=True,
+              help="Run the task again this many times if it fails (then it is dead-lettered).")
+@click.option("--backoff", type=click.FloatRange(0, 86_400), default=1.0, show_default=True,
+              help="Seconds before the first retry; each next one waits twice as long.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
 def submit(
-    app: App, skill: str, input_: dict[str, Any], wait: bool, timeout: float, task_timeout: float,
-    task_id: str | None, budget_tokens: int | None, budget_cost: float | None, as_json: bool,
+    app: App, skill: str | None, plan_file: str | None, input_: dict[str, Any], wait: bool, timeout: float,
+    task_timeout: float, task_id: str | None, budget_tokens: int | None, budget_cost: float | None,
+    retries: int, backoff: float, as_json: bool,
 ) -> None:
-    """Submit a task for SKILL. Exit 0 when completed (or submitted, without --wait),
-    1 when failed or rejected, 2 on timeout."""
-    event_data = {"kind": "task_submitted", "id": new_id(), "task_id": task_id or new_id(), "skill": skill,
-                  "input": input_, "timeout_s": task_timeout}
+    """Submit a task for SKILL, or a plan (--plan FILE). Exit 0 when completed (or
+    submitted, without --wait), 1 when failed or rejected, 2 on timeout."""
+    if plan_file is not None:
+        if skill is not None:
+            raise click.UsageError("give either SKILL or --plan FILE, not both")
+        try:
+            plan = read_plan(plan_file, task_id)
+        except PlanFileError as exc:
+            raise click.BadParameter(str(exc), param_hint="--plan") from exc
+        provider = configure_tracing("agentctl")
+        try:
+            code = run(lambda: _submit_plan(app, plan, wait, timeout, as_json))
+        finally:
+            provider.shutdown()
+        sys.exit(code)
+    if skill is None:
+        raise click.UsageError("missing SKILL (or --plan FILE)")
+    event_data: dict[str, Any] = {"kind": "task_submitted", "id": new_id(), "task_id": task_id or new_id(),
+                                  "skill": skill, "input": input_, "timeout_s": task_timeout}
     if budget_tokens is not None or budget_cost is not None:
         event_data["budget"] = {"tokens": budget_tokens, "cost_usd": budget_cost}
+    if retries:
+        event_data["retry"] = {"max_attempts": retries + 1, "backoff_s": backoff}
     # Validate here with the router's own schema so a typo gets a message, not a rejection.
     try:
         event = codec.decode_event(codec.encode(event_data))
@@ -71,24 +108,30 @@ def submit(
     sys.exit(code)
 
 
+async def _publish(js: Any, event: TaskSubmitted | PlanSubmitted | TaskCancelled, skill: str) -> Any:
+    """Send one event to INGRESS as this CLI user, in a producer span; return the PubAck."""
+    who = subjects.principal("cli", cli_name())
+    subject = subjects.ingress(who, kind_of(type(event)))
+    tracer = trace.get_tracer("ledgerbus.cli")
+    with tracer.start_as_current_span(
+        "agentctl.submit",
+        kind=trace.SpanKind.PRODUCER,
+        attributes={"messaging.system": "nats", "messaging.destination.name": subject,
+                    "messaging.operation": "publish", "messaging.message.id": event.id,
+                    "ledgerbus.task_id": event.task_id, "ledgerbus.skill": skill},
+    ):
+        headers = tracing.inject({subjects.HDR_MSG_ID: event.id})
+        try:
+            return await js.publish(subject, codec.encode(event), headers=headers)
+        except nats.errors.NoRespondersError as exc:
+            raise BusError("no INGRESS stream: is the router running?") from exc
+
+
 async def _submit(app: App, event: TaskSubmitted, wait: bool, timeout: float, as_json: bool) -> int:
     who = subjects.principal("cli", cli_name())
-    subject = subjects.ingress(who, kind_of(TaskSubmitted))
     async with connected(app.settings, who.token, client_name=f"agentctl-{who.name}") as nc:
         js = nc.jetstream(timeout=10)
-        tracer = trace.get_tracer("ledgerbus.cli")
-        with tracer.start_as_current_span(
-            "agentctl.submit",
-            kind=trace.SpanKind.PRODUCER,
-            attributes={"messaging.system": "nats", "messaging.destination.name": subject,
-                        "messaging.operation": "publish", "messaging.message.id": event.id,
-                        "ledgerbus.task_id": event.task_id, "ledgerbus.skill": event.skill},
-        ):
-            headers = tracing.inject({subjects.HDR_MSG_ID: event.id})
-            try:
-                ack = await js.publish(subject, codec.encode(event), headers=headers)
-            except nats.errors.NoRespondersError as exc:
-                raise BusError("no INGRESS stream: is the router running?") from exc
+        ack = await _publish(js, event, event.skill)
         if not wait:
             if as_json:
                 out.print_json(data={"task_id": event.task_id, "status": "submitted", "ingress_seq": ack.seq})
@@ -135,7 +178,8 @@ def _report(view: TaskView, as_json: bool, timed_out: float | None = None) -> in
     elif timed_out is not None:
         err.print(f"[yellow]timed out[/] after {timed_out:g}s waiting for task {view.task_id} (last state: {view.status})")
     else:
-        colour = {"completed": "green", "failed": "red", "rejected": "red", "denied": "red"}[view.status]
+        colour = {"completed": "green", "failed": "red", "rejected": "red", "denied": "red", "cancelled": "red",
+                  "dead_lettered": "red"}[view.status]
         took = f" in {view.seconds:g}s" if view.seconds is not None else ""
         by = f" by {view.agent} (attempt {view.attempts})" if view.agent else ""
         err.print(f"[{colour}]{view.status}[/] task {view.task_id} {view.skill}{by}{took}")
@@ -143,10 +187,128 @@ def _report(view: TaskView, as_json: bool, timed_out: float | None = None) -> in
             err.print(f"  [dim]{note}[/]")
         if view.status == "completed":
             out.print_json(data=view.output)
-        elif view.status in ("failed", "denied"):
+        elif view.status in ("failed", "denied", "cancelled", "dead_lettered"):
             err.print(f"  error: {view.error}")
         else:
             err.print(f"  rejected ({view.code}): {view.reason}")
     if timed_out is not None:
         return EXIT_TIMEOUT
     return EXIT_OK if view.status == "completed" else EXIT_FAILED
+
+
+async def _submit_plan(app: App, plan: PlanSubmitted, wait: bool, timeout: float, as_json: bool) -> int:
+    who = subjects.principal("cli", cli_name())
+    async with connected(app.settings, who.token, client_name=f"agentctl-{who.name}") as nc:
+        js = nc.jetstream(timeout=10)
+        ack = await _publish(js, plan, PLAN_SKILL)
+        if not wait:
+            if as_json:
+                out.print_json(data={"task_id": plan.task_id, "status": "submitted", "ingress_seq": ack.seq,
+                                     "steps": {s.id: step_task_id(plan.task_id, s.id) for s in plan.steps}})
+            else:
+                out.print(plan.task_id)
+            return EXIT_OK
+        view = PlanView(plan)
+        live = Live(plan_table(view), console=err, refresh_per_second=8, transient=False) \
+            if not as_json and err.is_terminal else None
+        try:
+            async with asyncio.timeout(timeout):
+                if live is not None:
+                    live.start()
+                await _follow_plan(js, view, live)
+        except TimeoutError:
+            return _report_plan(view, as_json, timed_out=timeout)
+        finally:
+            if live is not None:
+                live.update(plan_table(view))
+                live.stop()
+        return _report_plan(view, as_json)
+
+
+async def _follow_plan(js: Any, view: PlanView, live: Live | None) -> None:
+    """Follow the plan's verdict, then every record of the plan and its steps from there."""
+    start = 0
+    verdicts = records(js, subjects.audit_for_key(view.plan.task_id), follow=True)
+    try:
+        async for record, _ in verdicts:
+            view.apply(record)
+            if view.status != "submitted":
+                start = record.seq
+                break
+    finally:
+        await verdicts.aclose()
+    if view.terminal:
+        return
+    follow = records(js, subjects.AUDIT_ALL, from_seq=start + 1, follow=True)
+    try:
+        async for record, _ in follow:
+            if record.key in view.keys:
+                view.apply(record)
+                if live is not None:
+                    live.update(plan_table(view))
+            if view.terminal:
+                return
+    finally:
+        await follow.aclose()
+
+
+def plan_table(view: PlanView) -> Table:
+    """The plan's steps as a table: state, agent, attempts, time, and what is going on."""
+    colour = STATUS_COLOURS.get(view.status, "white")
+    table = Table("step", "skill", "after", "prio", "state", "agent", "tries", "took", "",
+                  title=f"plan {view.plan.task_id} {view.plan.name} [{colour}]{view.status}[/]", box=None,
+                  title_justify="left")
+    for step in view.steps.values():
+        took = f"{step.seconds:.1f}s" if step.seconds is not None else ""
+        style = STATUS_COLOURS.get(step.status, "white")
+        table.add_row(step.step, step.skill, ",".join(step.deps), str(step.priority), f"[{style}]{step.status}[/]",
+                      step.agent, str(step.attempts or ""), took, step.note[:60])
+    return table
+
+
+STATUS_COLOURS = {
+    "waiting": "dim", "pending": "yellow", "unmatched": "magenta", "running": "cyan", "retrying": "yellow",
+    "completed": "green", "failed": "red", "dead_lettered": "red", "cancelled": "red", "skipped": "dim",
+    "rejected": "red", "denied": "red", "awaiting_approval": "magenta", "submitted": "white",
+}
+
+
+def _report_plan(view: PlanView, as_json: bool, timed_out: float | None = None) -> int:
+    if as_json:
+        data = view.as_json()
+        if timed_out is not None:
+            data["timed_out"] = True
+        out.print_json(data=data)
+    elif timed_out is not None:
+        err.print(f"[yellow]timed out[/] after {timed_out:g}s waiting for plan {view.plan.task_id} "
+                  f"(last state: {view.status})")
+    elif view.status == "rejected":
+        err.print(f"[red]rejected[/] plan {view.plan.task_id} ({view.code}): {view.reason}")
+    else:
+        if not err.is_terminal:
+            err.print(plan_table(view))
+        if view.status == "completed":
+            out.print_json(data=view.output)
+        else:
+            err.print(f"  error: {view.error}")
+    if timed_out is not None:
+        return EXIT_TIMEOUT
+    return EXIT_OK if view.status == "completed" else EXIT_FAILED
+
+
+@click.command()
+@click.argument("task_id")
+@click.option("--reason", default="", help="Why (recorded in the audit log).")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
+@click.pass_obj
+def cancel(app: App, task_id: str, reason: str, as_json: bool) -> None:
+    """Cancel TASK_ID and everything under it (plan steps, delegated subtasks): what has not
+    run never will, and running skills are told to stop. Exit 1 if the router refused."""
+    from agentctl.send import send_and_report
+
+    try:
+        subjects.token(task_id, "task id")
+    except subjects.SubjectError as exc:
+        raise click.BadParameter(str(exc), param_hint="TASK_ID") from exc
+    event = TaskCancelled(id=new_id(), task_id=task_id, reason=reason)
+    send_and_report(app, event, task_id, as_json, lambda record: f"cancelled {task_id}")

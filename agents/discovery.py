@@ -44,3 +44,17 @@ def load(name: str) -> Skill:
 def load_many(names: list[str]) -> dict[str, Skill]:
     """Load several skills by name."""
     return {name: load(name) for name in names}
+
+
+def capabilities() -> dict[str, frozenset[str]]:
+    """Every installed skill and the capabilities its class declares (``capabilities``),
+    without instantiating it; a skill that fails to import is left out (and logged)."""
+    found: dict[str, frozenset[str]] = {}
+    for name, ep in available().items():
+        try:
+            obj = ep.load()
+        except Exception as exc:  # noqa: BLE001 - a plugin may fail to import in any way
+            log.warning("skill_import_failed", skill=name, error=str(exc))
+            continue
+        found[name] = frozenset(getattr(obj, "capabilities", ()) or ())
+    return found

@@ -1,10 +1,13 @@
 """The agent runtime: join, heartbeat, pull work for each skill, run it, report, drain.
 
-Per task: report ``TaskStarted`` (the claim, with the JetStream delivery count as the
-attempt), run the skill under the task's deadline while telling JetStream the work is
-in progress, report ``TaskCompleted``/``TaskFailed``, and ack WORK only after that
-report's PubAck. An agent killed at any point leaves its message unacked, so WORK
-redelivers it to another replica after AckWait.
+Per task: report ``TaskStarted`` (the claim: the dispatch it answers, and the attempt,
+the dispatch's earlier claims plus the JetStream delivery count) and wait for the
+router's verdict on it (``notify.agent.<name>.claim``): a refused claim (the task was
+cancelled, finished, or claimed by a newer delivery) is dropped without running. Then
+run the skill under the task's deadline while telling JetStream the work is in progress,
+report ``TaskCompleted``/``TaskFailed``, and ack WORK only after that report's PubAck.
+An agent killed at any point leaves its message unacked, so WORK redelivers it to
+another replica after AckWait. A cancel notice stops the running skill.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from bus.events import (
     AgentJoined,
     AgentLeft,
     Event,
+    Heartbeat,
+    Notice,
     TaskCompleted,
     TaskFailed,
     TaskProgress,
@@ -50,17 +55,6 @@ tracer = trace.get_tracer("ledgerbus.agent")
 _REPORT_TRIES = 5
 
 
-class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
-    """What an agent instance writes to the ``agents`` bucket every heartbeat interval."""
-
-    agent: str
-    instance: str
-    skills: list[str]
-    concurrency: int
-    load: int
-    at: datetime
-
-
 class Agent:
     """One agent process: ``name`` is its identity, ``skills`` what it can run."""
 
@@ -71,6 +65,8 @@ class Agent:
         name: str,
         skills: dict[str, Skill],
         concurrency: int = 1,
+        capabilities: list[str] | None = None,
+        profile: str = "",
     ) -> None:
         if not skills:
             raise ValueError("an agent needs at least one skill")
@@ -86,6 +82,15 @@ class Agent:
         self.kv_key = f"{name}.{suffix}"
         self.skills = skills
         self.concurrency = concurrency
+        extra = list(capabilities or ())
+        self.capabilities = {
+            name: sorted({*(getattr(skill, "capabilities", ()) or ()), *extra}) for name, skill in skills.items()
+        }
+        """skill → what it can do: the skill's own capabilities and the agent's (profile)"""
+        self.profile = profile
+        self._claims: dict[str, asyncio.Future[Notice]] = {}
+        self._running: dict[str, asyncio.Task[Any]] = {}
+        self._loads: dict[str, int] = {}
         self._slots = asyncio.Semaphore(concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -109,9 +114,11 @@ class Agent:
             for skill in self.skills
         }
         kv = await self.js.key_value(subjects.AGENTS_BUCKET)
-        await self.report(
-            AgentJoined(id=new_id(), instance=self.instance, skills=sorted(self.skills), concurrency=self.concurrency)
-        )
+        notices = await self.nc.subscribe(subjects.notify_all(self.principal), cb=self._on_notice)
+        await self.report(AgentJoined(
+            id=new_id(), instance=self.instance, skills=sorted(self.skills), concurrency=self.concurrency,
+            capabilities={s: c for s, c in self.capabilities.items() if c}, profile=self.profile,
+        ))
         self.log.info("agent_joined", skills=sorted(self.skills), concurrency=self.concurrency)
         pullers = [asyncio.create_task(self._pull(skill, sub)) for skill, sub in subs.items()]
         beat = asyncio.create_task(self._heartbeat(kv))
@@ -121,6 +128,7 @@ class Agent:
         for sub in subs.values():
             # Before the connection drains, or the drain waits out a pull request.
             await sub.unsubscribe()
+        await notices.unsubscribe()
         try:
             await kv.delete(self.kv_key)
         except nats.errors.Error as exc:
@@ -157,6 +165,23 @@ class Agent:
             self._inflight.add(task)
             task.add_done_callback(self._done)
 
+    async def _on_notice(self, msg: Msg) -> None:
+        """A claim verdict or a cancellation from the router."""
+        try:
+            notice = msgspec.json.decode(msg.data, type=Notice)
+        except msgspec.DecodeError as exc:
+            self.log.warning("notice_undecodable", subject=msg.subject, error=str(exc))
+            return
+        if msg.subject.endswith(".claim"):
+            waiter = self._claims.get(notice.msg_id)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(notice)
+        elif msg.subject.endswith(".cancel"):
+            running = self._running.get(notice.task_id)
+            if running is not None:
+                self.log.info("task_cancel_requested", task_id=notice.task_id, reason=notice.reason)
+                running.cancel()
+
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         self._slots.release()
@@ -170,6 +195,8 @@ class Agent:
                 concurrency=self.concurrency,
                 load=self.load,
                 at=datetime.now(UTC),
+                capabilities={s: c for s, c in self.capabilities.items() if c},
+                loads={s: n for s, n in self._loads.items() if n},
             )
             try:
                 await kv.put(self.kv_key, codec.encode(beat))
@@ -207,7 +234,7 @@ class Agent:
             self.log.error("work_item_undecodable", error=str(exc))
             await msg.term()
             return
-        attempt = msg.metadata.num_delivered
+        attempt = item.attempt_base + msg.metadata.num_delivered
         with tracer.start_as_current_span(
             "agent.run",
             context=tracing.extract(msg.headers),
@@ -232,9 +259,36 @@ class Agent:
                 await msg.nak()
                 raise
 
+    async def _claim(self, item: WorkItem, attempt: int, msg: Msg, tlog: Any) -> bool:
+        """Claim the task and wait for the router's verdict: whether to run it.
+
+        A refused claim is settled for good (the message is terminated); no verdict
+        within ``claim_timeout_s`` hands the message back for a later, newer claim.
+        """
+        claim = TaskStarted(id=new_id(), task_id=item.task_id, attempt=attempt, dispatch=item.dispatch)
+        waiter: asyncio.Future[Notice] = asyncio.get_running_loop().create_future()
+        self._claims[claim.id] = waiter
+        keepalive = asyncio.create_task(self._keep_alive(msg))
+        try:
+            await self.report(claim)
+            notice = await asyncio.wait_for(waiter, self.settings.claim_timeout_s)
+        except TimeoutError:
+            tlog.warning("claim_unanswered", timeout_s=self.settings.claim_timeout_s)
+            await msg.nak()
+            return False
+        finally:
+            keepalive.cancel()
+            self._claims.pop(claim.id, None)
+        if notice.verdict != "accepted":
+            tlog.info("claim_refused", code=notice.code, reason=notice.reason)
+            await msg.term()
+            return False
+        return True
+
     async def _run(self, skill_name: str, item: WorkItem, attempt: int, msg: Msg) -> None:
         tlog = self.log.bind(task_id=item.task_id, skill=skill_name, attempt=attempt)
-        await self.report(TaskStarted(id=new_id(), task_id=item.task_id, attempt=attempt))
+        if not await self._claim(item, attempt, msg, tlog):
+            return
         tlog.info("task_started")
         loop = asyncio.get_running_loop()
 
@@ -258,16 +312,30 @@ class Agent:
             memory=Memory(writer, self.name),
             shared=Shared(writer),
             tasks=Tasks(writer, item.task_id),
+            context=item.context,
+            parent_task_id=item.parent_task_id,
+            step=item.step,
             _progress=progress,
             _usage=usage,
         )
         keepalive = asyncio.create_task(self._keep_alive(msg))
         deadline = asyncio.timeout(item.timeout_s)
         result: Event
+        running = asyncio.create_task(self.skills[skill_name].run(ctx, item.input))
+        self._running[item.task_id] = running
+        self._loads[skill_name] = self._loads.get(skill_name, 0) + 1
         try:
             async with deadline:
-                output = await self.skills[skill_name].run(ctx, item.input)
+                output = await running
             result = self._completed(item.task_id, attempt, output)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the agent is draining: the caller hands the task back
+            # The router cancelled the task: its result would not count. Settle the message.
+            tlog.info("task_cancelled")
+            await msg.term()
+            return
         except TimeoutError as exc:
             error = f"deadline exceeded: the task's timeout is {item.timeout_s:g}s" if deadline.expired() else f"TimeoutError: {exc}"
             result = TaskFailed(id=new_id(), task_id=item.task_id, attempt=attempt, error=error)
@@ -280,6 +348,10 @@ class Agent:
             )
         finally:
             keepalive.cancel()
+            self._running.pop(item.task_id, None)
+            self._loads[skill_name] -= 1
+            if not running.done():
+                running.cancel()
         await self.report(result)
         await msg.ack()
         tlog.info("task_finished", outcome=kind_of(type(result)))

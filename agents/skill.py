@@ -12,8 +12,9 @@ task's error; any other exception is reported as ``<ExceptionType>: <message>``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import structlog
@@ -40,6 +41,12 @@ class SkillContext:
     """Hand work to other agents (subtasks of this task) and read tasks."""
     _progress: Callable[[str, float | None], Awaitable[None]]
     _usage: Callable[[int, int, float, str, str], Awaitable[None]]
+    context: dict[str, Any] = field(default_factory=dict)
+    """For a plan step: the outputs of exactly the steps it depends on, by step id."""
+    parent_task_id: str | None = None
+    """The plan (or the task whose skill submitted this one), if any."""
+    step: str = ""
+    """For a plan step: its id in the plan."""
 
     async def progress(self, message: str = "", fraction: float | None = None) -> None:
         """Report progress (recorded in the audit log, shown by ``agentctl submit --wait``)."""
@@ -52,9 +59,32 @@ class SkillContext:
         await self._usage(tokens_in, tokens_out, cost_usd, provider, model)
 
 
+    async def delegate(self, skill: str, input: dict[str, Any] | None = None,
+                       timeout_s: float | None = None) -> Any:
+        """Run ``skill`` on ``input`` as a subtask of this task (on whichever agent serves it)
+        and return its output; raise :class:`agents.errors.SkillError` if it does not complete.
+
+        The subtask is an event like any other (``task_submitted`` with this task as its
+        parent), so policy bounds it and cancelling this task cancels it.
+        """
+        from agents.errors import SkillError
+
+        remaining = max(self.deadline - asyncio.get_running_loop().time(), 1.0)
+        task_id = await self.tasks.submit(skill, input or {}, timeout_s=min(timeout_s or remaining, remaining))
+        done = await self.tasks.wait(task_id)
+        if done["status"] != "completed":
+            raise SkillError(f"delegated {skill} task {task_id} {done['status']}: {done.get('error') or ''}".rstrip(": "))
+        return done.get("output")
+
+
 @runtime_checkable
 class Skill(Protocol):
-    """A unit of capability an agent can run."""
+    """A unit of capability an agent can run.
+
+    A skill may also declare ``capabilities`` (a tuple of free-form words, e.g.
+    ``("python", "testing")``): plan steps that name capabilities instead of a skill are
+    routed to the skill that provides them best.
+    """
 
     name: str
     description: str

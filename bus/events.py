@@ -25,6 +25,12 @@ Seconds = Annotated[float, msgspec.Meta(gt=0, le=7 * 24 * 3600)]
 Text = Annotated[str, msgspec.Meta(max_length=16_384)]
 Key = Annotated[str, msgspec.Meta(min_length=1, max_length=256, description="1-256 characters")]
 Label = Annotated[str, msgspec.Meta(max_length=128)]
+StepId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_]{1,32}$", description="1-32 of A-Z a-z 0-9 _")]
+Capability = Annotated[
+    str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="lowercase words with . _ -")
+]
+Priority = Annotated[int, msgspec.Meta(ge=0, le=10)]
+Dispatch = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
 
 DEFAULT_TASK_TIMEOUT_S = 300.0
 
@@ -59,6 +65,27 @@ class Budget(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     cost_usd: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
 
+class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How often a failed task is run again, and how long the router waits in between.
+
+    ``max_attempts`` counts runs that reported a failure (an agent dying mid-run is
+    JetStream's redelivery, not a retry). The n-th retry waits
+    ``min(backoff_s * backoff_factor ** (n - 1), max_backoff_s)``.
+    """
+
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 1
+    backoff_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 1.0
+    backoff_factor: Annotated[float, msgspec.Meta(ge=1, le=10)] = 2.0
+    max_backoff_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 300.0
+
+    def delay_s(self, failures: int) -> float:
+        """The wait before the run that follows the ``failures``-th failure."""
+        return min(self.backoff_s * self.backoff_factor ** max(failures - 1, 0), self.max_backoff_s)
+
+
+NO_RETRY = RetryPolicy()
+
+
 class TaskSubmitted(Event, tag="task_submitted", frozen=True):
     """A principal asks for ``skill`` to be run on ``input``."""
 
@@ -69,13 +96,70 @@ class TaskSubmitted(Event, tag="task_submitted", frozen=True):
     budget: Budget | None = None
     parent_task_id: Id | None = None
     """Set when an agent's skill dispatches this task while running ``parent_task_id``."""
+    retry: RetryPolicy | None = None
+    handoff: bool = False
+    """The parent handed its work over to this task (``ctx.handoff``) rather than delegating
+    a part of it (``ctx.delegate``)."""
+
+
+class PlanStep(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One subtask of a plan: what to run, after what, how urgently, and what if it fails.
+
+    Name either ``skill`` or the ``capabilities`` it needs (the router then picks the live
+    skill that fits best). ``on_failure``: ``fail`` fails the whole plan once the step's
+    retries are spent; ``continue`` marks it failed, skips the steps that depend on it,
+    and lets the rest of the plan run.
+    """
+
+    id: StepId
+    skill: Skill | None = None
+    capabilities: Annotated[list[Capability], msgspec.Meta(max_length=32)] = msgspec.field(default_factory=list)
+    input: dict[str, Any] = msgspec.field(default_factory=dict)
+    deps: Annotated[list[StepId], msgspec.Meta(max_length=256)] = msgspec.field(default_factory=list)
+    priority: Priority = 5
+    timeout_s: Seconds = DEFAULT_TASK_TIMEOUT_S
+    retry: RetryPolicy = NO_RETRY
+    on_failure: Literal["fail", "continue"] = "fail"
+
+
+class PlanSubmitted(Event, tag="plan_submitted", frozen=True):
+    """A graph of subtasks, run as task ``task_id``: each step becomes the subtask
+    ``<task_id>-<step id>``, dispatched once every step it depends on has completed."""
+
+    task_id: Id
+    steps: Annotated[list[PlanStep], msgspec.Meta(min_length=1, max_length=1000)]
+    name: Label = ""
+
+
+PLAN_SKILL = "plan"
+"""The ``skill`` recorded for a plan's own task (the router runs it; no agent does)."""
+
+
+def step_task_id(plan_id: str, step_id: str) -> str:
+    """The task id of a plan step: ``<plan task id>-<step id>`` (step ids have no ``-``,
+    so the split at the last ``-`` is unambiguous)."""
+    return f"{plan_id}-{step_id}"
+
+
+class TaskCancelled(Event, tag="task_cancelled", frozen=True):
+    """Stop a task and everything under it: what has not run never will, and a running
+    skill is told to stop (its result would not count)."""
+
+    task_id: Id
+    reason: Text = ""
+    skipped: bool = False
+    """Router only: a plan step not run because a step it depends on failed (and that
+    step's failure policy let the plan go on)."""
 
 
 class TaskStarted(Event, tag="task_started", frozen=True):
-    """An agent claims a task: ``attempt`` is its JetStream delivery count."""
+    """An agent claims a task: ``attempt`` counts every claim of the task so far (the
+    dispatch's ``attempt_base`` plus its JetStream delivery count); ``dispatch`` is the
+    dispatch the claim answers, so a stale redelivery of an earlier one is refused."""
 
     task_id: Id
     attempt: Attempt
+    dispatch: Dispatch = 1
 
 
 class TaskProgress(Event, tag="task_progress", frozen=True):
@@ -130,11 +214,16 @@ class TaskDenied(Event, tag="task_denied", frozen=True):
 
 
 class AgentJoined(Event, tag="agent_joined", frozen=True):
-    """An agent process came up and advertises its skills."""
+    """An agent process came up and advertises its skills, and what each can do."""
 
     instance: Id
     skills: Annotated[list[Skill], msgspec.Meta(min_length=1, max_length=256)]
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 1
+    capabilities: dict[Skill, Annotated[list[Capability], msgspec.Meta(max_length=64)]] = msgspec.field(
+        default_factory=dict
+    )
+    """skill → the free-form capabilities it provides (its own and the agent profile's)"""
+    profile: Label = ""
 
 
 class AgentLeft(Event, tag="agent_left", frozen=True):
@@ -204,16 +293,82 @@ class SharedWritten(Event, tag="shared_written", frozen=True):
     ttl_s: Seconds | None = None
 
 
+# The router's own decisions. No principal may send these: the router appends them to the
+# log (principal ``router``) before acting on them, so a restarted router knows what it did.
+
+
+class TaskDispatched(Event, tag="task_dispatched", frozen=True):
+    """The router put the task on ``work.<skill>``: a plan step whose dependencies are
+    done, or a retry. The first dispatch of a plain submission is the submission itself."""
+
+    task_id: Id
+    skill: Skill
+    dispatch: Dispatch
+    attempt_base: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Claims of the task before this dispatch: its claims count on from here."""
+    reason: Literal["ready", "retry", "matched"] = "ready"
+    score: float | None = None
+    """For a step named by capabilities: how well the chosen skill fits (1 is exact)."""
+
+
+class TaskRetryScheduled(Event, tag="task_retry_scheduled", frozen=True):
+    """The task failed with retries left: it is dispatched again at ``not_before``."""
+
+    task_id: Id
+    failures: Annotated[int, msgspec.Meta(ge=1)]
+    not_before: datetime
+
+
+class TaskDeadLettered(Event, tag="task_dead_lettered", frozen=True):
+    """The router gave up on the task: its retries are spent. Terminal."""
+
+    task_id: Id
+    failures: Annotated[int, msgspec.Meta(ge=0)]
+    reason: Text
+
+
+class AgentProposal(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An agent configuration the router suggests when no live agent can serve a step."""
+
+    name: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,47}$")]
+    skills: Annotated[list[Skill], msgspec.Meta(max_length=256)]
+    capabilities: Annotated[list[Capability], msgspec.Meta(max_length=64)] = msgspec.field(default_factory=list)
+    prompt: Text = ""
+
+
+class SkillUnmatched(Event, tag="skill_unmatched", frozen=True):
+    """No live agent offers a skill with every capability the step needs. The step waits;
+    ``proposal`` (approved with ``agentctl agents propose --approve``) would serve it."""
+
+    task_id: Id
+    capabilities: list[Capability]
+    proposal: AgentProposal
+
+
+class ProposalApproved(Event, tag="proposal_approved", frozen=True):
+    """An operator turned a proposal (the id of its ``skill_unmatched`` event) into a saved
+    agent profile named ``profile``."""
+
+    proposal_id: Id
+    profile: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,47}$")]
+
+
 AnyEvent = (
-    TaskSubmitted | TaskStarted | TaskProgress | TaskCompleted | TaskFailed | TaskUsage | TaskApproved | TaskDenied
+    TaskSubmitted | PlanSubmitted | TaskCancelled | TaskStarted | TaskProgress | TaskCompleted | TaskFailed
+    | TaskUsage | TaskApproved | TaskDenied
+    | TaskDispatched | TaskRetryScheduled | TaskDeadLettered | SkillUnmatched | ProposalApproved
     | AgentJoined | AgentLeft
     | MemoryWritten | MemoryWiped | CheckpointSaved | CheckpointRestored | SharedWritten
 )
-"""The ingress union: every message a principal may send to the router."""
+"""Every event the log may hold: what principals send, and the router's own decisions."""
 
 TASK_EVENTS = (
-    TaskSubmitted, TaskStarted, TaskProgress, TaskCompleted, TaskFailed, TaskUsage, TaskApproved, TaskDenied
+    TaskSubmitted, PlanSubmitted, TaskCancelled, TaskStarted, TaskProgress, TaskCompleted, TaskFailed, TaskUsage,
+    TaskApproved, TaskDenied, TaskDispatched, TaskRetryScheduled, TaskDeadLettered, SkillUnmatched,
 )
+"""Events about one task: their ``task_id`` is the audit key."""
+ROUTER_EVENTS = (TaskDispatched, TaskRetryScheduled, TaskDeadLettered, SkillUnmatched)
+"""Events only the router writes."""
 AGENT_EVENTS = (AgentJoined, AgentLeft)
 MEMORY_EVENTS = (MemoryWritten, MemoryWiped, CheckpointSaved, CheckpointRestored)
 """Events about one agent's memory: their ``agent`` field is the audit key."""
@@ -228,7 +383,7 @@ def kind_of(event_type: type[Event]) -> str:
 
 EVENT_KINDS: dict[str, type[Event]] = {
     kind_of(t): t
-    for t in (*TASK_EVENTS, *AGENT_EVENTS, *MEMORY_EVENTS, SharedWritten)
+    for t in (*TASK_EVENTS, *AGENT_EVENTS, *MEMORY_EVENTS, SharedWritten, ProposalApproved)
 }
 
 Verdict = Literal["accepted", "rejected"]
@@ -290,6 +445,34 @@ class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
         return self.verdict == "accepted"
 
 
+class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
+    """What an agent instance writes to the ``agents`` bucket every heartbeat interval;
+    the bucket's TTL removes an instance that stops writing."""
+
+    agent: str
+    instance: str
+    skills: list[str]
+    concurrency: int
+    load: int
+    at: datetime
+    capabilities: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    """skill → the capabilities it provides"""
+    loads: dict[str, int] = msgspec.field(default_factory=dict)
+    """skill → how many of its tasks this instance is running"""
+
+
+class Notice(msgspec.Struct, frozen=True, kw_only=True):
+    """The router's word to one agent on ``notify.agent.<name>.<topic>``: the verdict on a
+    claim it sent (``claim``), or that a task it runs was cancelled (``cancel``)."""
+
+    task_id: str
+    msg_id: str = ""
+    verdict: str = ""
+    code: str = ""
+    reason: str = ""
+    seq: int = 0
+
+
 class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
     """A task dispatched to ``work.<skill>``, pulled by an agent that has the skill."""
 
@@ -299,3 +482,9 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
     timeout_s: float
     audit_seq: int
     submitted_by: str
+    dispatch: int = 1
+    attempt_base: int = 0
+    parent_task_id: str | None = None
+    step: str = ""
+    context: dict[str, Any] = msgspec.field(default_factory=dict)
+    """A plan step's dependencies (step id → output): exactly the steps it depends on."""

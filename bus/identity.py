@@ -7,7 +7,8 @@ its NATS user has the same name. What each may do is generated here, per kind:
   may pull, ack and create only the WORK consumers of the skills it was given, and asks
   the projector only what a skill needs (its memory, shared context, tasks, verdicts);
 - ``cli-<name>`` publishes only on ``in.cli.<name>.>``, asks the projector, reads AUDIT;
-- everyone reads only their own inbox, ``_INBOX_<principal>.>``;
+- everyone reads only their own inbox, ``_INBOX_<principal>.>`` (and an agent what the
+  router tells it, ``notify.agent.<name>.>``);
 - only ``router`` writes ``audit.>`` and ``work.>``; only ``admin`` and ``router`` manage
   streams.
 
@@ -103,13 +104,15 @@ def permissions(ident: Identity) -> dict[str, Any]:
         sub = [inbox]
     elif ident.kind == "router":
         streams = ("INGRESS", "AUDIT", "WORK", "KV_agents")
-        pub = ["audit.>", "work.>", _JS_INFO, "$JS.API.STREAM.INFO.*", "$JS.FC.>",
+        pub = ["audit.>", "work.>", subjects.NOTIFY_ALL, _JS_INFO, "$JS.API.STREAM.INFO.*", "$JS.FC.>",
                *(f"$JS.API.STREAM.CREATE.{s}" for s in streams), *(f"$JS.API.STREAM.UPDATE.{s}" for s in streams),
                "$JS.API.STREAM.MSG.GET.AUDIT", "$JS.API.DIRECT.GET.AUDIT",
                "$JS.API.CONSUMER.CREATE.INGRESS", "$JS.API.CONSUMER.CREATE.INGRESS.>",
                "$JS.API.CONSUMER.DURABLE.CREATE.INGRESS.>", "$JS.API.CONSUMER.INFO.INGRESS.>",
                "$JS.API.CONSUMER.MSG.NEXT.INGRESS.>", "$JS.ACK.INGRESS.>",
-               "$JS.API.CONSUMER.CREATE.AUDIT", "$JS.API.CONSUMER.CREATE.AUDIT.>"]
+               "$JS.API.CONSUMER.CREATE.AUDIT", "$JS.API.CONSUMER.CREATE.AUDIT.>",
+               "$JS.API.CONSUMER.CREATE.KV_agents", "$JS.API.CONSUMER.CREATE.KV_agents.>",
+               "$JS.API.CONSUMER.DELETE.KV_agents.>"]
         sub = [inbox]
     elif ident.kind == "projector":
         pub = [_JS_INFO, "$JS.API.STREAM.INFO.AUDIT", "$JS.API.CONSUMER.CREATE.AUDIT",
@@ -130,7 +133,7 @@ def permissions(ident: Identity) -> dict[str, Any]:
             pub += [f"$JS.API.CONSUMER.CREATE.WORK.{consumer}", f"$JS.API.CONSUMER.CREATE.WORK.{consumer}.>",
                     f"$JS.API.CONSUMER.DURABLE.CREATE.WORK.{consumer}", f"$JS.API.CONSUMER.INFO.WORK.{consumer}",
                     f"$JS.API.CONSUMER.MSG.NEXT.WORK.{consumer}", f"$JS.ACK.WORK.{consumer}.>"]
-        sub = [inbox]
+        sub = [inbox, f"notify.agent.{ident.name}.>"]
     perms: dict[str, Any] = {"publish": {"allow": pub}, "subscribe": {"allow": sub}}
     if ident.kind == "projector":
         perms["allow_responses"] = True  # answer queries on the askers' private inboxes

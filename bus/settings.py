@@ -42,6 +42,8 @@ class Settings:
     heartbeat_interval_s: float = 5.0
     agents_ttl_s: float = 30.0
     drain_timeout_s: float = 30.0
+    claim_timeout_s: float = 30.0
+    """How long an agent waits for the router's verdict on a claim before handing the task back."""
     projector_batch: int = 512
     memory_list_cap: int = 1000
     """Most entries an agent's observation or reasoning list keeps; older ones roll into a summary."""

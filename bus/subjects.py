@@ -8,6 +8,8 @@ permissions both follow from the shapes below.
 - ``audit.<verdict>.<kind>.<key>``   AUDIT: one record per ingress message
 - ``work.<skill>``                   WORK: dispatched tasks, one pull consumer per skill
 - ``q.<projection>.<op>``            queries answered by the projector
+- ``notify.<pkind>.<pname>.<topic>`` the router's word to one principal (claim verdicts,
+                                     cancellations): core NATS, best effort
 """
 
 from __future__ import annotations
@@ -142,9 +144,25 @@ def work_consumer(skill: str) -> str:
     return "skill-" + check_skill(skill).replace(".", "_")
 
 
-def work_msg_id(task_id: str) -> str:
-    """The JetStream de-duplication id of a task's dispatch, so a re-dispatch is a no-op."""
-    return f"work-{token(task_id, 'task id')}"
+def work_msg_id(task_id: str, dispatch: int = 1) -> str:
+    """The JetStream de-duplication id of a task's dispatch, so a re-dispatch is a no-op
+    (a retry is a new dispatch, with its own id)."""
+    base = f"work-{token(task_id, 'task id')}"
+    return base if dispatch == 1 else f"{base}#{dispatch}"
+
+
+def notify(who: Principal, topic: str) -> str:
+    """Where the router tells a principal something directly (core NATS, not stored):
+    ``notify.agent.<name>.claim`` (the verdict on its claims), ``….cancel`` (stop a task)."""
+    return f"notify.{who.kind}.{who.name}.{token(topic, 'topic')}"
+
+
+def notify_all(who: Principal) -> str:
+    """Everything the router tells one principal."""
+    return f"notify.{who.kind}.{who.name}.>"
+
+
+NOTIFY_ALL: Final = "notify.>"
 
 
 def query(projection: str, op: str) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import aiosqlite
 
 from bus.events import AuditRecord
-from projections import agents, approvals, audit_index, checkpoints, memory, shared, tasks
+from projections import agents, approvals, audit_index, checkpoints, memory, proposals, shared, tasks
 from projections import db as dbmod
 from projections.errors import DatabaseError
 
@@ -27,6 +27,7 @@ PROJECTIONS: dict[str, Projection] = {
     "memory": memory.apply,
     "checkpoints": checkpoints.apply,
     "shared": shared.apply,
+    "proposals": proposals.apply,
 }
 
 

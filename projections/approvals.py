@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import aiosqlite
 
-from bus.events import AuditRecord, TaskApproved, TaskDenied, TaskSubmitted
+from bus.events import PLAN_SKILL, AuditRecord, PlanSubmitted, TaskApproved, TaskDenied, TaskSubmitted
 from projections.db import iso
 from projections.rows import Rows
 
@@ -19,17 +19,17 @@ async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> Non
     mine = [
         r for r in records
         if r.accepted and (isinstance(r.event, TaskApproved | TaskDenied)
-                           or (isinstance(r.event, TaskSubmitted) and r.code == "approval_requested"))
+                           or (isinstance(r.event, TaskSubmitted | PlanSubmitted) and r.code == "approval_requested"))
     ]
     if not mine:
         return
     rows = Rows("approvals", ("task_id",), COLUMNS)
-    await rows.load(db, ((r.event.task_id,) for r in mine if not isinstance(r.event, TaskSubmitted)))  # type: ignore[union-attr]
+    await rows.load(db, ((r.event.task_id,) for r in mine if not isinstance(r.event, TaskSubmitted | PlanSubmitted)))  # type: ignore[union-attr]
     for record in mine:
         match record.event:
-            case TaskSubmitted() as e:
+            case TaskSubmitted() | PlanSubmitted() as e:
                 rows.put({
-                    "task_id": e.task_id, "skill": e.skill, "submitted_by": record.principal,
+                    "task_id": e.task_id, "skill": e.skill if isinstance(e, TaskSubmitted) else PLAN_SKILL, "submitted_by": record.principal,
                     "requested_at": iso(record.at), "requested_seq": record.seq, "status": "pending",
                     "decided_by": None, "decided_at": None, "reason": None, "updated_seq": record.seq,
                 })

@@ -49,6 +49,12 @@ CREATE TABLE IF NOT EXISTS tasks (
     trace_id       TEXT NOT NULL DEFAULT '',
     tokens         INTEGER NOT NULL DEFAULT 0,
     cost_usd       REAL NOT NULL DEFAULT 0,
+    step           TEXT,
+    deps           TEXT,
+    needs          TEXT,
+    priority       INTEGER,
+    dispatches     INTEGER NOT NULL DEFAULT 0,
+    retry_at       TEXT,
     updated_seq    INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, submitted_seq);
@@ -184,11 +190,27 @@ CREATE TABLE IF NOT EXISTS shared (
     PRIMARY KEY (namespace, key)
 );
 CREATE INDEX IF NOT EXISTS shared_by_expiry ON shared (expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS proposals (
+    proposal_id   TEXT PRIMARY KEY,
+    task_id       TEXT NOT NULL,
+    capabilities  TEXT NOT NULL,
+    name          TEXT NOT NULL,
+    skills        TEXT NOT NULL,
+    prompt        TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    profile       TEXT,
+    proposed_at   TEXT NOT NULL,
+    proposed_seq  INTEGER NOT NULL,
+    approved_by   TEXT,
+    approved_at   TEXT,
+    updated_seq   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS proposals_by_status ON proposals (status, proposed_seq);
 """
 
 TRACKING_NAME = "audit"
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Bumped whenever SCHEMA changes; an older file is rebuilt from the log, not migrated."""
 
 DEFAULT_MEMORY_LIST_CAP = 1000
@@ -209,6 +231,7 @@ TABLES = {
     "snap_entries": "agent, checkpoint_id, section, n",
     "checkpoints": "agent, checkpoint_id",
     "shared": "namespace, key",
+    "proposals": "proposal_id",
 }
 
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import msgspec
 import nats.errors
 import structlog
 from nats.aio.client import Client
@@ -15,15 +16,22 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from opentelemetry import trace
 
-from bus import signing, subjects, tracing
+from agents import discovery
+from bus import codec, signing, subjects, tracing
 from bus.events import (
     AGENT_EVENTS,
     MEMORY_EVENTS,
     TASK_EVENTS,
     AuditRecord,
     Checkpoint,
+    Heartbeat,
+    Notice,
+    ProposalApproved,
     RawExcerpt,
     SharedWritten,
+    TaskCancelled,
+    TaskDispatched,
+    WorkItem,
     kind_of,
 )
 from bus.provision import provision, router_consumer_config
@@ -31,9 +39,10 @@ from bus.settings import Settings
 from router import audit as audit_mod
 from router.audit import AuditLog
 from router.checks import Check, Inbound, default_checks, run_checks, secrets
-from router.dispatch import dispatch, work_item
+from router.dispatch import dispatch, routed_work_item, work_item
 from router.errors import AuditAppendError
 from router.policy import PolicyFile
+from router.scheduler import LiveAgents, RouterDecision, Scheduler
 from router.state import APPROVAL_REQUESTED, BUDGET_EXCEEDED, RouterState
 
 log = structlog.get_logger(__name__)
@@ -70,6 +79,8 @@ def _record_for(inbound: Inbound, code: str, reason: str, trace_id: str) -> Audi
         key = event.agent
     elif isinstance(event, SharedWritten):
         key = event.namespace
+    elif isinstance(event, ProposalApproved):
+        key = event.proposal_id
     else:
         key = "_"
     raw = None
@@ -110,13 +121,26 @@ class Router:
         self.js: JetStreamContext = nc.jetstream(timeout=10)
         self.settings = settings
         self.policy = PolicyFile(settings.policy_path, settings.policy_check_interval_s)
+        self.installed = discovery.capabilities()
         self.checks = (
             list(checks) if checks is not None
-            else default_checks(settings.max_message_bytes, self.policy, settings.max_checkpoint_bytes)
+            else default_checks(settings.max_message_bytes, self.policy, settings.max_checkpoint_bytes,
+                                installed=self.installed.keys)
         )
         self.state = RouterState(dedup_horizon_s=settings.dedup_horizon_s)
+        self.live = LiveAgents(settings.agents_ttl_s)
+        self.scheduler = Scheduler(self.state, self.live, self.installed, settings.max_message_bytes, self._may_run)
         self.audit = AuditLog(self.js, audit_mod.ChainHead())
         self._sub: JetStreamContext.PullSubscription | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._undelivered: set[str] = set()
+        """Tasks the scheduler dispatched whose work item is not known to be in WORK."""
+
+    def _may_run(self, principal: str, skill: str) -> bool:
+        """Whether the scheduler may pick ``skill`` for a step ``principal`` submitted by
+        capabilities: the sender may submit it, and it needs no approval."""
+        policy = self.policy.current()
+        return policy.may_submit(principal, skill) and not policy.needs_approval(skill)
 
     async def start(self) -> None:
         """Provision the streams, rebuild state from the log, bind the INGRESS consumer."""
@@ -124,6 +148,7 @@ class Router:
         self._last_checkpoint_at = asyncio.get_running_loop().time()
         await provision(self.js, self.settings)
         await self._recover()
+        self._watch = asyncio.create_task(self._watch_agents())
         self._sub = await self.js.pull_subscribe(
             subjects.INGRESS_ALL,
             durable=subjects.ROUTER_CONSUMER,
@@ -136,8 +161,37 @@ class Router:
         self.state = RouterState(dedup_horizon_s=self.settings.dedup_horizon_s)
         head = await audit_mod.recover(self.js, self.state)
         self.audit = AuditLog(self.js, head)
+        self.scheduler.state = self.state
         ingress = await self.js.stream_info(subjects.INGRESS_STREAM)
         self.state.forget_acked_before(ingress.state.first_seq)
+        # Whatever was decided before a crash but not acted on is decided again from here;
+        # whatever was dispatched may not have reached WORK (a re-publish is de-duplicated).
+        self.state.dirty.update(self.state.open_tasks())
+        self._undelivered = {
+            task_id for task_id, task in self.state.tasks.items() if task.routed and task.status == "pending"
+        }
+
+    async def _watch_agents(self) -> None:
+        """Keep :attr:`live` current from the ``agents`` bucket (heartbeats, with a TTL)."""
+        while True:
+            try:
+                kv = await self.js.key_value(subjects.AGENTS_BUCKET)
+                watcher = await kv.watchall()
+                async for entry in watcher:
+                    if entry is None:
+                        continue  # the marker after the initial values
+                    if entry.operation in ("DEL", "PURGE") or not entry.value:
+                        self.live.delete(entry.key)
+                        continue
+                    try:
+                        self.live.put(entry.key, msgspec.json.decode(entry.value, type=Heartbeat))
+                    except Exception as exc:  # noqa: BLE001 - a bad heartbeat must not stop the watch
+                        log.warning("heartbeat_undecodable", key=entry.key, error=str(exc))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reconnects, server restarts: watch again
+                log.warning("agents_watch_failed", error=str(exc))
+                await asyncio.sleep(1.0)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; the batch in hand is always finished first."""
@@ -146,7 +200,7 @@ class Router:
         assert self._sub is not None
         while not stop.is_set():
             try:
-                msgs = await self._sub.fetch(self.settings.router_batch, timeout=1.0)
+                msgs = await self._sub.fetch(self.settings.router_batch, timeout=self._idle_wait())
             except TimeoutError:
                 # nats.py raises its own TimeoutError or asyncio's: the builtin covers both.
                 msgs = []
@@ -157,6 +211,7 @@ class Router:
             try:
                 if msgs:
                     await self.process(msgs)
+                await self.schedule()
                 await self._checkpoint_if_due()
             except (nats.errors.Error, AuditAppendError) as exc:
                 # The log is consistent whatever failed here (records are appended before
@@ -166,7 +221,82 @@ class Router:
         # Unsubscribe before the connection drains, or the drain waits out a pull request.
         await self._sub.unsubscribe()
         self._sub = None
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+            self._watch = None
         log.info("router_stopped", head_seq=self.audit.head.seq)
+
+    def _idle_wait(self) -> float:
+        """How long a fetch may wait for INGRESS: until the next retry is due, at most 1 s."""
+        next_due = self.state.due(datetime.now(UTC))
+        if next_due is None:
+            return 1.0
+        return min(1.0, max(0.05, (next_due - datetime.now(UTC)).total_seconds()))
+
+    async def schedule(self) -> None:
+        """Append the scheduler's decisions and act on them, until nothing more follows.
+
+        Like every record, a decision is in the log before anything acts on it. Raises
+        :class:`AuditAppendError` when the log did not take them (the caller recovers).
+        """
+        self.live.expire(datetime.now(UTC))
+        for _ in range(1000):
+            events = self.scheduler.decide(datetime.now(UTC))
+            if not events:
+                break
+            pending = [self._router_record(event) for event in events]
+            for record, _, _ in pending:
+                self.state.apply(record)
+            await self.audit.append(pending)
+            for record, _, _ in pending:
+                if isinstance(record.event, TaskDispatched):
+                    self._undelivered.add(record.event.task_id)
+                log.info("scheduled", seq=record.seq, kind=record.kind, task_id=record.key)
+            await self._notify_cancels([record for record, _, _ in pending])
+        else:
+            log.error("scheduler_did_not_settle", dirty=len(self.state.dirty))
+        await self._deliver()
+
+    def _router_record(self, event: RouterDecision) -> tuple[AuditRecord, bytes, dict[str, str]]:
+        task_id = event.task_id
+        record, data = self.audit.seal(AuditRecord(
+            seq=0, at=datetime.now(UTC), verdict="accepted", code="ok", reason="", principal="router",
+            kind=kind_of(type(event)), key=task_id, msg_id=event.id, ingress_seq=0, delivery=0, event=event,
+        ))
+        return record, data, {}
+
+    async def _deliver(self) -> None:
+        """Publish the work items of the scheduler's dispatches not yet known to be stored."""
+        if not self._undelivered:
+            return
+        items: list[tuple[WorkItem, dict[str, str]]] = [
+            (item, {}) for task_id in sorted(self._undelivered)
+            if (item := routed_work_item(task_id, self.state, 0)) is not None
+        ]
+        results = await dispatch(self.js, items)
+        self._undelivered = {item.task_id for (item, _), err in zip(items, results, strict=True) if err is not None}
+        for task_id in self._undelivered:
+            log.warning("dispatch_failed", task_id=task_id)
+
+    async def _notify(self, principal: str, topic: str, notice: Notice) -> None:
+        """Tell an agent something directly; best effort (it has fallbacks)."""
+        if not principal.startswith("agent-"):
+            return
+        try:
+            await self.nc.publish(subjects.notify(subjects.parse_principal(principal), topic), codec.encode(notice))
+        except (nats.errors.Error, subjects.SubjectError) as exc:
+            log.warning("notify_failed", principal=principal, topic=topic, error=str(exc))
+
+    async def _notify_cancels(self, records: Sequence[AuditRecord]) -> None:
+        for record in records:
+            if record.accepted and isinstance(record.event, TaskCancelled):
+                task = self.state.tasks.get(record.event.task_id)
+                if task is not None and task.claimant:
+                    await self._notify(task.claimant, "cancel", Notice(
+                        task_id=record.event.task_id, msg_id=record.msg_id, verdict=record.verdict,
+                        code="cancelled", reason=record.event.reason, seq=record.seq,
+                    ))
 
     async def _checkpoint_if_due(self) -> None:
         """Sign the chain head into the log every ``checkpoint_every`` records, or after
@@ -285,6 +415,15 @@ class Router:
         for (d, item), err in zip(work, results, strict=True):
             if err is not None:
                 log.warning("dispatch_failed", task_id=item.task_id, skill=item.skill, error=str(err))
+        for d in decisions:
+            record = d.record
+            if record.kind == "task_started" and record.event is not None:
+                # The claimant waits for this before it runs the skill.
+                await self._notify(record.principal, "claim", Notice(
+                    task_id=record.key, msg_id=record.msg_id, verdict=record.verdict, code=record.code,
+                    reason=record.reason, seq=record.seq,
+                ))
+        await self._notify_cancels([d.record for d in decisions])
         for d in decisions:
             if id(d) in failed:
                 await d.msg.nak(delay=1)

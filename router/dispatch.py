@@ -1,7 +1,9 @@
-"""Dispatch: turn accepted submissions into work items on ``work.<skill>``.
+"""Dispatch: turn accepted submissions and the scheduler's dispatches into work items on
+``work.<skill>``.
 
-Each publish carries ``Nats-Msg-Id = work-<task id>``, so dispatching the same task
-again (after a crash between dispatch and ingress ack) is de-duplicated by JetStream.
+Each publish carries ``Nats-Msg-Id = work-<task id>`` (``#<n>`` for the n-th dispatch),
+so dispatching the same task again (after a crash between dispatch and ingress ack) is
+de-duplicated by JetStream; past its window, a second copy's claim is refused.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import nats.errors
 from nats.js import JetStreamContext
 
 from bus import codec, subjects
-from bus.events import AuditRecord, TaskApproved, TaskSubmitted, WorkItem
+from bus.events import AuditRecord, TaskApproved, TaskDispatched, TaskSubmitted, WorkItem
 from router.state import RouterState
 
 
@@ -27,9 +29,11 @@ def work_item(record: AuditRecord, state: RouterState) -> WorkItem | None:
             submitted_by = record.principal
         case TaskApproved(task_id=task_id):
             task = state.tasks.get(task_id)
-            if task is None or task.held is None:
-                return None
+            if task is None or not isinstance(task.held, TaskSubmitted):
+                return None  # a plan's steps are dispatched by the scheduler
             submission, submitted_by = task.held, task.submitter
+        case TaskDispatched(task_id=task_id):
+            return routed_work_item(task_id, state, record.seq)
         case _:
             return None
     return WorkItem(
@@ -39,6 +43,34 @@ def work_item(record: AuditRecord, state: RouterState) -> WorkItem | None:
         timeout_s=submission.timeout_s,
         audit_seq=record.seq,
         submitted_by=submitted_by,
+        parent_task_id=submission.parent_task_id,
+    )
+
+
+def routed_work_item(task_id: str, state: RouterState, audit_seq: int) -> WorkItem | None:
+    """The work item of the scheduler's current dispatch of a task: a plan step (with its
+    dependencies' outputs as context) or a retry of a submission."""
+    task = state.tasks.get(task_id)
+    if task is None or task.status != "pending":
+        return None
+    if task.step is not None:
+        context = {}
+        for dep in task.deps:
+            step = state.tasks[dep].step
+            assert step is not None
+            context[step.id] = state.tasks[dep].output
+        return WorkItem(
+            task_id=task_id, skill=task.skill, input=task.step.input, timeout_s=task.step.timeout_s,
+            audit_seq=audit_seq, submitted_by=task.submitter, dispatch=task.dispatch, attempt_base=task.attempt,
+            parent_task_id=task.parent, step=task.step.id, context=context,
+        )
+    if task.submission is None:
+        return None
+    sub = task.submission
+    return WorkItem(
+        task_id=task_id, skill=task.skill, input=sub.input, timeout_s=sub.timeout_s, audit_seq=audit_seq,
+        submitted_by=task.submitter, dispatch=task.dispatch, attempt_base=task.attempt,
+        parent_task_id=sub.parent_task_id,
     )
 
 
@@ -53,7 +85,7 @@ async def dispatch(
     futures: list[asyncio.Future[Any] | BaseException] = []
     for item, headers in items:
         hdrs = dict(headers)
-        hdrs[subjects.HDR_MSG_ID] = subjects.work_msg_id(item.task_id)
+        hdrs[subjects.HDR_MSG_ID] = subjects.work_msg_id(item.task_id, item.dispatch)
         try:
             futures.append(await js.publish_async(subjects.work(item.skill), codec.encode(item), headers=hdrs))
         except nats.errors.Error as exc:

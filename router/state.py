@@ -15,21 +15,37 @@ running it applies each record right after sealing it. Two things live here:
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from bus.events import (
+    NO_RETRY,
+    PLAN_SKILL,
+    TASK_EVENTS,
+    AgentJoined,
     AuditRecord,
     Budget,
     CheckpointSaved,
+    PlanStep,
+    PlanSubmitted,
+    ProposalApproved,
+    RetryPolicy,
+    SkillUnmatched,
     TaskApproved,
+    TaskCancelled,
     TaskCompleted,
+    TaskDeadLettered,
     TaskDenied,
+    TaskDispatched,
     TaskFailed,
+    TaskRetryScheduled,
     TaskStarted,
     TaskSubmitted,
     TaskUsage,
+    step_task_id,
 )
 
 BUDGET_EXCEEDED = "budget_exceeded"
@@ -38,8 +54,9 @@ BUDGET_EXCEEDED = "budget_exceeded"
 APPROVAL_REQUESTED = "approval_requested"
 """The code of an accepted submission that waits for approval before it is dispatched."""
 
-TERMINAL = frozenset({"completed", "failed", "denied"})
-
+TERMINAL = frozenset({"completed", "failed", "denied", "cancelled", "skipped", "dead_lettered"})
+"""States in which no claim or result is accepted any more. ``failed`` may still be
+followed by a retry (a new dispatch), which the router decides, never an agent."""
 
 @dataclass(slots=True)
 class TaskState:
@@ -50,16 +67,48 @@ class TaskState:
     status: str = "pending"
     claimant: str = ""
     attempt: int = 0
-    held: TaskSubmitted | None = None
+    dispatch: int = 1
+    held: TaskSubmitted | PlanSubmitted | None = None
     """The submission, kept while it waits for (and until it is dispatched by) approval."""
     budget: Budget | None = None
     tokens: int = 0
     cost_usd: float = 0.0
+    parent: str | None = None
+    children: list[str] = field(default_factory=list)
+    retry: RetryPolicy = NO_RETRY
+    failures: int = 0
+    retry_at: datetime | None = None
+    error: str = ""
+    output: Any = None
+    """Kept for plan steps only: the context of the steps that depend on it."""
+    submission: TaskSubmitted | None = None
+    """Kept while a retry may need to dispatch the task again."""
+    plan: PlanSubmitted | None = None
+    """For a plan's parent task: the plan."""
+    step: PlanStep | None = None
+    """For a plan step: its definition."""
+    deps: tuple[str, ...] = ()
+    """For a plan step: the task ids of the steps it depends on."""
+    routed: bool = False
+    """Its current dispatch is the router's own (``task_dispatched``), not the submission's."""
 
     @property
     def terminal(self) -> bool:
-        """Whether no further result may be accepted for the task."""
+        """Whether no further claim or result may be accepted for the task."""
         return self.status in TERMINAL
+
+    @property
+    def retries_left(self) -> bool:
+        """Whether a failure of this task is followed by another run."""
+        return self.failures < self.retry.max_attempts
+
+    @property
+    def settled(self) -> bool:
+        """Whether nothing more will happen to the task: terminal, and no retry or dead
+        letter decision outstanding."""
+        if self.status == "failed":
+            return self.retry.max_attempts == 1
+        return self.terminal
 
 
 class RouterState:
@@ -70,6 +119,16 @@ class RouterState:
         self.last_checkpoint_seq = 0
         self.checkpoints: dict[str, dict[str, int]] = {}
         """agent name → its memory checkpoints' ids → the seq that saved each"""
+        self.registry: dict[str, set[str]] = {}
+        """every skill an agent has advertised → the capabilities advertised with it"""
+        self.proposals: dict[str, SkillUnmatched] = {}
+        """proposal id (the ``skill_unmatched`` event id) → the event"""
+        self.approved_proposals: set[str] = set()
+        self.unmatched: set[str] = set()
+        """Plan steps waiting for a live agent with the capabilities they need."""
+        self.dirty: set[str] = set()
+        """Tasks the scheduler should look at again (see :mod:`router.scheduler`)."""
+        self._timers: list[tuple[datetime, str]] = []
         self._audited: OrderedDict[int, AuditRecord] = OrderedDict()
         self._capacity = audited_capacity
         # message id -> (seq, time) of accepted records, oldest first, for dedup_horizon_s.
@@ -81,48 +140,131 @@ class RouterState:
         if record.checkpoint is not None:
             self.last_checkpoint_seq = record.seq
             return
-        self._audited[record.ingress_seq] = record
-        self._audited.move_to_end(record.ingress_seq)
-        while len(self._audited) > self._capacity:
-            self._audited.popitem(last=False)
+        if record.ingress_seq:
+            self._audited[record.ingress_seq] = record
+            self._audited.move_to_end(record.ingress_seq)
+            while len(self._audited) > self._capacity:
+                self._audited.popitem(last=False)
         if not record.accepted:
             return
         if record.msg_id:
             self._messages[record.msg_id] = (record.seq, record.at)
             while self._messages and next(iter(self._messages.values()))[1] < record.at - self._horizon:
                 self._messages.popitem(last=False)
-        match record.event:
+        self._fold(record)
+
+    def _touch(self, task_id: str) -> None:
+        self.dirty.add(task_id)
+        task = self.tasks.get(task_id)
+        if task is not None and task.parent is not None:
+            self.dirty.add(task.parent)
+
+    def _fold(self, record: AuditRecord) -> None:
+        event = record.event
+        match event:
             case TaskSubmitted(task_id=task_id, skill=skill) as submission:
                 held = record.code == APPROVAL_REQUESTED
+                retry = submission.retry or NO_RETRY
                 self.tasks[task_id] = TaskState(
                     skill=skill,
                     submitter=record.principal,
                     status="awaiting_approval" if held else "pending",
                     held=submission if held else None,
                     budget=submission.budget,
+                    parent=submission.parent_task_id,
+                    retry=retry,
+                    submission=submission if retry.max_attempts > 1 else None,
                 )
+                if (parent := self.tasks.get(submission.parent_task_id or "")) is not None:
+                    parent.children.append(task_id)
+            case PlanSubmitted(task_id=plan_id) as plan:
+                held = record.code == APPROVAL_REQUESTED
+                children = [step_task_id(plan_id, s.id) for s in plan.steps]
+                self.tasks[plan_id] = TaskState(
+                    skill=PLAN_SKILL, submitter=record.principal, status="awaiting_approval" if held else "running",
+                    held=plan if held else None, children=children, plan=plan,
+                )
+                for step, child in zip(plan.steps, children, strict=True):
+                    self.tasks[child] = TaskState(
+                        skill=step.skill or "", submitter=record.principal, status="waiting", parent=plan_id,
+                        dispatch=0, retry=step.retry, step=step, deps=tuple(step_task_id(plan_id, d) for d in step.deps),
+                    )
             case TaskUsage(task_id=task_id) as usage:
                 task = self.tasks[task_id]
                 task.tokens += usage.tokens_in + usage.tokens_out
                 task.cost_usd += usage.cost_usd
                 if record.code == BUDGET_EXCEEDED:
-                    task.status = "failed"
+                    task.status, task.retry, task.error = "failed", NO_RETRY, record.reason
             case TaskApproved(task_id=task_id):
-                self.tasks[task_id].status = "pending"
+                task = self.tasks[task_id]
+                task.status = "running" if task.plan is not None else "pending"
+                if task.plan is not None:
+                    task.held = None
             case TaskDenied(task_id=task_id):
                 self.tasks[task_id].status, self.tasks[task_id].held = "denied", None
             case TaskStarted(task_id=task_id, attempt=attempt):
                 task = self.tasks[task_id]
                 task.status, task.claimant, task.attempt = "running", record.principal, attempt
                 task.held = None
-            case TaskCompleted(task_id=task_id):
-                self.tasks[task_id].status = "completed"
-            case TaskFailed(task_id=task_id):
-                self.tasks[task_id].status = "failed"
+            case TaskCompleted(task_id=task_id) as done:
+                task = self.tasks[task_id]
+                task.status, task.submission = "completed", None
+                if task.step is not None:
+                    task.output = done.output
+            case TaskFailed(task_id=task_id) as failed:
+                task = self.tasks[task_id]
+                task.status, task.error = "failed", failed.error
+                task.failures += 1
+            case TaskDispatched(task_id=task_id) as dispatched:
+                task = self.tasks[task_id]
+                task.status, task.skill, task.dispatch, task.retry_at = (
+                    "pending", dispatched.skill, dispatched.dispatch, None
+                )
+                task.routed = True
+                self.unmatched.discard(task_id)
+            case TaskRetryScheduled(task_id=task_id, not_before=at):
+                task = self.tasks[task_id]
+                task.status, task.retry_at = "retrying", at
+                heapq.heappush(self._timers, (at, task_id))
+            case TaskDeadLettered(task_id=task_id, reason=reason):
+                task = self.tasks[task_id]
+                task.status, task.error, task.submission = "dead_lettered", reason, None
+            case TaskCancelled(task_id=task_id, reason=reason) as cancel:
+                task = self.tasks[task_id]
+                task.status = "skipped" if cancel.skipped else "cancelled"
+                task.error, task.submission, task.held = reason, None, None
+                self.unmatched.discard(task_id)
+            case ProposalApproved(proposal_id=proposal_id):
+                self.approved_proposals.add(proposal_id)
+            case SkillUnmatched(task_id=task_id) as unmatched:
+                self.tasks[task_id].status = "unmatched"
+                self.unmatched.add(task_id)
+                self.proposals[unmatched.id] = unmatched
+            case AgentJoined(skills=skills, capabilities=caps):
+                for skill in skills:
+                    self.registry.setdefault(skill, set()).update(caps.get(skill, ()))
             case CheckpointSaved(agent=agent, checkpoint_id=cid):
                 self.checkpoints.setdefault(agent, {})[cid] = record.seq
             case _:
-                pass
+                return
+        if isinstance(event, TASK_EVENTS):
+            self._touch(event.task_id)
+
+    def due(self, now: datetime) -> datetime | None:
+        """Mark the tasks whose retry time has come dirty; return the next retry time."""
+        while self._timers and self._timers[0][0] <= now:
+            _, task_id = heapq.heappop(self._timers)
+            self.dirty.add(task_id)
+        return self._timers[0][0] if self._timers else None
+
+    def take_dirty(self) -> list[str]:
+        """The tasks to look at again, in a stable order; the set is emptied."""
+        dirty, self.dirty = sorted(self.dirty), set()
+        return dirty
+
+    def open_tasks(self) -> list[str]:
+        """Every task something may still happen to (a router at start looks at them all)."""
+        return [task_id for task_id, task in self.tasks.items() if not task.settled]
 
     def seen_message(self, msg_id: str) -> int | None:
         """The seq of the accepted record with this message id, within the horizon."""

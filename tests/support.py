@@ -50,7 +50,8 @@ def _harness(kind: str) -> dict[str, Any]:
         allow += ["$JS.API.CONSUMER.CREATE.WORK.>", "$JS.API.CONSUMER.DURABLE.CREATE.WORK.>",
                   "$JS.API.CONSUMER.INFO.WORK.>", "$JS.API.CONSUMER.MSG.NEXT.WORK.>", "$JS.ACK.WORK.>"]
     return {"user": user, "password": f"{user}-pw",
-            "permissions": {"publish": {"allow": allow}, "subscribe": {"allow": [f"_INBOX_{user}.>"]}}}
+            "permissions": {"publish": {"allow": allow},
+                            "subscribe": {"allow": [f"_INBOX_{user}.>", *(["notify.agent.*.>"] if kind == "agent" else [])]}}}
 
 
 HARNESS_USERS = [_harness("cli"), _harness("agent")]

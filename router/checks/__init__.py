@@ -7,7 +7,7 @@ The first rejection wins; every message, whatever its fate, gets one audit recor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -77,10 +77,14 @@ def run_checks(checks: Sequence[Check], msg: Inbound, state: RouterState) -> Rej
 
 
 def default_checks(
-    max_message_bytes: int, policy: PolicyFile, max_checkpoint_bytes: int = 64 * 1024
+    max_message_bytes: int,
+    policy: PolicyFile,
+    max_checkpoint_bytes: int = 64 * 1024,
+    installed: Callable[[], Iterable[str]] = tuple,
 ) -> list[Check]:
-    """The pipeline in DESIGN.md's order: size, schema, kind, skill, claimant, memory owner,
-    duplicate id, rate, secrets, approval, budget.
+    """The pipeline in DESIGN.md's order: size, schema, kind, skill, claimant, plan, memory
+    owner, duplicate id, rate, secrets, approval, budget. ``installed`` lists the skills
+    installed beside the router (a plan may name those, and any an agent advertised).
 
     The subject is read first: it costs nothing, needs no body, and names the principal
     on every audit record, rejected ones included. Right after decoding, secrets are
@@ -94,6 +98,7 @@ def default_checks(
         headers,
         lifecycle,
         memory,
+        plan,
         principal,
         rate,
         schema,
@@ -111,6 +116,7 @@ def default_checks(
         principal.check_kind_allowed,
         skills.make(policy),
         lifecycle.check,
+        plan.make(policy, installed),
         memory.make(max_checkpoint_bytes),
         duplicate.check,
         rate.make(policy),

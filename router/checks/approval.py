@@ -1,14 +1,15 @@
 """Approval: submissions of skills marked dangerous wait for a person.
 
 Such a submission is accepted but *held*: its audit record has the code
-``approval_requested`` and nothing is dispatched. ``TaskApproved`` from an approver
+``approval_requested`` and nothing is dispatched (a plan with one such step is held
+whole). ``TaskApproved`` from an approver
 (policy ``[approval] approvers``) dispatches it; ``TaskDenied`` ends it, and it never
 reaches WORK. Nobody approves or denies a task they submitted themselves.
 """
 
 from __future__ import annotations
 
-from bus.events import TaskApproved, TaskDenied, TaskSubmitted
+from bus.events import PlanSubmitted, TaskApproved, TaskDenied, TaskSubmitted
 from router.checks import Check, Inbound, Rejection
 from router.policy import PolicyFile
 from router.state import RouterState
@@ -21,6 +22,10 @@ def make(policy: PolicyFile) -> Check:
         match msg.event:
             case TaskSubmitted(skill=skill):
                 msg.held = policy.current().needs_approval(skill)
+            case PlanSubmitted(steps=steps):
+                # One dangerous step holds the whole plan: nothing of it runs unapproved.
+                current = policy.current()
+                msg.held = any(s.skill is not None and current.needs_approval(s.skill) for s in steps)
             case TaskApproved(task_id=task_id) | TaskDenied(task_id=task_id):
                 task = state.tasks.get(task_id)
                 verb = "approve" if isinstance(msg.event, TaskApproved) else "deny"

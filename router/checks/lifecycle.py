@@ -1,7 +1,9 @@
 """Lifecycle: task events must fit the task's state as the log has it.
 
-A task id is submitted once; only the agent holding the current claim (principal and
-attempt) may report progress or a result; nothing is accepted after a terminal result.
+A task id is submitted once; a claim must answer the task's current dispatch (a stale
+redelivery of an earlier one is refused); only the agent holding the current claim
+(principal and attempt) may report progress or a result, and only while the task runs;
+nothing is accepted after a terminal result.
 This is what makes "completed exactly once" hold when work is redelivered.
 """
 
@@ -19,7 +21,7 @@ def check(msg: Inbound, state: RouterState) -> Rejection | None:
         case TaskSubmitted(task_id=task_id):
             if task_id in state.tasks:
                 return Rejection("duplicate_task", f"task {task_id} was already submitted")
-        case TaskStarted(task_id=task_id, attempt=attempt):
+        case TaskStarted(task_id=task_id, attempt=attempt, dispatch=dispatch):
             task = state.tasks.get(task_id)
             if task is None:
                 return Rejection("unknown_task", f"no task {task_id}")
@@ -27,6 +29,14 @@ def check(msg: Inbound, state: RouterState) -> Rejection | None:
                 return Rejection("task_terminal", f"task {task_id} is already {task.status}")
             if task.status == "awaiting_approval":
                 return Rejection("awaiting_approval", f"task {task_id} has not been approved; it was never dispatched")
+            if task.plan is not None:
+                return Rejection("not_dispatched", f"task {task_id} is a plan: the router runs it, no agent claims it")
+            if task.status not in ("pending", "running"):
+                return Rejection("not_dispatched", f"task {task_id} is {task.status}, not dispatched")
+            if dispatch != task.dispatch:
+                return Rejection(
+                    "stale_dispatch", f"the claim answers dispatch {dispatch}; task {task_id} is at dispatch {task.dispatch}"
+                )
             if attempt <= task.attempt:
                 return Rejection(
                     "stale_attempt", f"attempt {attempt} is not newer than the current claim's {task.attempt}"
@@ -39,6 +49,8 @@ def check(msg: Inbound, state: RouterState) -> Rejection | None:
                 return Rejection("unknown_task", f"no task {task_id}")
             if task.terminal:
                 return Rejection("task_terminal", f"task {task_id} is already {task.status}")
+            if task.status != "running":
+                return Rejection("not_claimant", f"task {task_id} is {task.status}: nobody holds a claim on it")
             if (task.claimant, task.attempt) != (who, attempt):
                 return Rejection(
                     "not_claimant",

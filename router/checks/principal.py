@@ -15,10 +15,15 @@ from router.state import RouterState
 # agent's (the memory check tells the two apart).
 _MEMORY_KINDS = {"memory_written", "memory_wiped", "checkpoint_saved", "checkpoint_restored", "shared_written"}
 
+# Nobody sends the router's own decisions (task_dispatched, task_retry_scheduled,
+# task_dead_lettered, skill_unmatched): they are not in any list below.
 ALLOWED_KINDS: dict[str, frozenset[str]] = {
-    "cli": frozenset({"task_submitted", "task_approved", "task_denied", *_MEMORY_KINDS}),
+    "cli": frozenset(
+        {"task_submitted", "plan_submitted", "task_cancelled", "task_approved", "task_denied", "proposal_approved",
+         *_MEMORY_KINDS}
+    ),
     "agent": frozenset(
-        {"task_submitted", "task_started", "task_progress", "task_completed", "task_failed", "task_usage",
+        {"task_submitted", "plan_submitted", "task_cancelled", "task_started", "task_progress", "task_completed", "task_failed", "task_usage",
          "agent_joined", "agent_left", *_MEMORY_KINDS}
     ),
     "projector": frozenset(),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bus.events import CheckpointSaved, MemoryWritten, SharedWritten, TaskSubmitted
+from bus.events import CheckpointSaved, MemoryWritten, PlanSubmitted, SharedWritten, TaskCancelled, TaskSubmitted
 from router.checks import Check, Inbound, Rejection
 from router.policy import PolicyFile
 from router.state import RouterState
@@ -24,7 +24,7 @@ class Bucket:
     at: float
 
 
-RATED = (TaskSubmitted, MemoryWritten, SharedWritten, CheckpointSaved)
+RATED = (TaskSubmitted, PlanSubmitted, TaskCancelled, MemoryWritten, SharedWritten, CheckpointSaved)
 """What a principal may flood the bus with: new work and new memory."""
 
 

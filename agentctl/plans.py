@@ -1,0 +1,195 @@
+"""Plans for ``agentctl submit --plan FILE``: reading a plan file, and following a plan run.
+
+A plan file is YAML or JSON (chosen by its suffix; ``-`` reads JSON or YAML from stdin)
+with a ``steps`` list and an optional ``name``; see docs/orchestration.md. It is decoded
+with the router's own schema, and the checks that need no bus (unique ids, known
+dependencies, no cycles) run here too, so a typo is reported before anything is sent.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from bus import codec
+from bus.errors import SchemaError
+from bus.events import (
+    AuditRecord,
+    PlanSubmitted,
+    SkillUnmatched,
+    TaskCancelled,
+    TaskCompleted,
+    TaskDeadLettered,
+    TaskDispatched,
+    TaskFailed,
+    TaskProgress,
+    TaskRetryScheduled,
+    TaskStarted,
+    new_id,
+    step_task_id,
+)
+
+
+class PlanFileError(ValueError):
+    """The plan file cannot be read or is not a valid plan; the message says where."""
+
+
+def read_plan(path: str, task_id: str | None = None) -> PlanSubmitted:
+    """Read a plan file into a :class:`PlanSubmitted` (a fresh event id, and task id
+    unless given), checked for everything that does not need the bus."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        raise PlanFileError(f"{path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)  # JSON is YAML
+    except yaml.YAMLError as exc:
+        raise PlanFileError(f"{path}: not valid YAML or JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise PlanFileError(f"{path}: a plan is a mapping with a 'steps' list, not {type(data).__name__}")
+    body = {"kind": "plan_submitted", "id": new_id(), "task_id": task_id or data.pop("task_id", None) or new_id(), **data}
+    try:
+        plan = codec.decode_event(codec.encode(body))
+    except SchemaError as exc:
+        raise PlanFileError(f"{path}: {exc}") from exc
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise PlanFileError(f"{path}: {exc}") from exc
+    assert isinstance(plan, PlanSubmitted)
+    problem = check_shape(plan)
+    if problem is not None:
+        raise PlanFileError(f"{path}: {problem}")
+    return plan
+
+
+def check_shape(plan: PlanSubmitted) -> str | None:
+    """The router's plan checks that need no state (the router repeats them)."""
+    from router.checks.plan import validate
+
+    skills = {s.skill for s in plan.steps if s.skill is not None}
+    return validate(plan, skills)  # skill names are the router's to judge: it knows the registry
+
+
+@dataclass
+class StepView:
+    """One step as the log tells it."""
+
+    step: str
+    skill: str
+    deps: list[str]
+    priority: int
+    status: str = "waiting"
+    agent: str = ""
+    attempts: int = 0
+    dispatches: int = 0
+    started: datetime | None = None
+    finished: datetime | None = None
+    note: str = ""
+
+    @property
+    def seconds(self) -> float | None:
+        """How long its last run took (or has taken so far)."""
+        if self.started is None:
+            return None
+        return ((self.finished or self.started).timestamp() - self.started.timestamp())
+
+
+@dataclass
+class PlanView:
+    """A plan and its steps, folded from their audit records (``submit --plan --wait``)."""
+
+    plan: PlanSubmitted
+    status: str = "submitted"
+    code: str = ""
+    reason: str = ""
+    output: Any = None
+    error: str = ""
+    steps: dict[str, StepView] = field(default_factory=dict)
+    keys: set[str] = field(default_factory=set)
+    submitted_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        for s in self.plan.steps:
+            tid = step_task_id(self.plan.task_id, s.id)
+            label = s.skill or "needs " + ",".join(s.capabilities)
+            self.steps[tid] = StepView(s.id, label, list(s.deps), s.priority)
+        self.keys = {self.plan.task_id, *self.steps}
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the plan has ended (or was rejected)."""
+        return self.status in ("completed", "failed", "cancelled", "rejected", "denied")
+
+    def apply(self, record: AuditRecord) -> None:
+        """Fold one record (of the plan or of one of its steps)."""
+        if record.key == self.plan.task_id:
+            self._plan_record(record)
+        elif (step := self.steps.get(record.key)) is not None and record.accepted:
+            _step_record(step, record)
+
+    def _plan_record(self, record: AuditRecord) -> None:
+        if record.msg_id == self.plan.id:
+            self.submitted_at = record.at
+            if not record.accepted:
+                self.status, self.code, self.reason = "rejected", record.code, record.reason
+            else:
+                self.status = "awaiting_approval" if record.code == "approval_requested" else "running"
+            return
+        if not record.accepted:
+            return
+        match record.event:
+            case TaskCompleted(output=output):
+                self.status, self.output, self.finished_at = "completed", output, record.at
+            case TaskFailed(error=error):
+                self.status, self.error, self.finished_at = "failed", error, record.at
+            case TaskCancelled(reason=reason):
+                self.status, self.error, self.finished_at = "cancelled", reason, record.at
+            case _ if record.kind == "task_approved":
+                self.status = "running"
+            case _ if record.kind == "task_denied":
+                self.status, self.finished_at = "denied", record.at
+
+    def as_json(self) -> dict[str, Any]:
+        """The view for ``--json``."""
+        return {
+            "task_id": self.plan.task_id, "status": self.status, "code": self.code, "reason": self.reason,
+            "output": self.output, "error": self.error,
+            "steps": {s.step: {"task_id": tid, "skill": s.skill, "status": s.status, "agent": s.agent,
+                               "attempts": s.attempts, "seconds": s.seconds, "note": s.note}
+                      for tid, s in self.steps.items()},
+        }
+
+
+def _step_record(step: StepView, record: AuditRecord) -> None:
+    match record.event:
+        case TaskDispatched(skill=skill, dispatch=dispatch):
+            step.status, step.skill, step.dispatches, step.note = "pending", skill, dispatch, ""
+        case TaskStarted():
+            step.status, step.agent = "running", record.principal.removeprefix("agent-")
+            step.attempts += 1
+            step.started, step.finished = record.at, None
+        case TaskProgress(message=message):
+            step.note = message
+        case TaskCompleted():
+            step.status, step.finished = "completed", record.at
+        case TaskFailed(error=error):
+            step.status, step.finished, step.note = "failed", record.at, error
+        case TaskRetryScheduled(not_before=at):
+            step.status, step.note = "retrying", f"retry at {at:%H:%M:%S}"
+        case TaskDeadLettered(reason=reason):
+            step.status, step.note = "dead_lettered", reason
+        case TaskCancelled(reason=reason, skipped=skipped):
+            step.status, step.note = ("skipped" if skipped else "cancelled"), reason
+            step.finished = step.finished or (record.at if step.started else None)
+        case SkillUnmatched(proposal=proposal, id=proposal_id):
+            step.status = "unmatched"
+            step.note = f"no live agent; proposal {proposal_id} ({proposal.name}: {', '.join(proposal.skills)})"
+        case _:
+            pass
+

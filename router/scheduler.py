@@ -1,0 +1,286 @@
+"""The DAG scheduler: the router's own decisions, derived from the router state alone.
+
+It is level-triggered. Every record the router folds marks the tasks it touched (and
+their parents) dirty; :meth:`Scheduler.decide` looks at the dirty tasks and returns the
+events that follow from where they are now:
+
+- a plan step whose dependencies have all completed is dispatched (``task_dispatched``),
+  highest priority first; a step whose dependency failed under ``on_failure = "continue"``
+  is skipped; a step named by capabilities goes to the live skill that fits best, or is
+  recorded as ``skill_unmatched`` (with a proposed agent) until one appears;
+- a failed task with retries left gets ``task_retry_scheduled``, and is dispatched again
+  when its time comes; with its retries spent it is dead-lettered;
+- a plan completes (with its steps' outputs) when every step has settled, and fails as
+  soon as a step with ``on_failure = "fail"`` has;
+- the open children of a task that ended without completing are cancelled.
+
+The router appends these events to the log before acting on them, folds them, and asks
+again until nothing follows. Because the decisions depend on the state and not on which
+record arrived last, a router that crashed between a record and its consequences makes
+the same decisions after folding the log at start: nothing is lost, nothing repeated.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from bus import codec
+from bus.events import (
+    AgentProposal,
+    Heartbeat,
+    SkillUnmatched,
+    TaskCancelled,
+    TaskCompleted,
+    TaskDeadLettered,
+    TaskDispatched,
+    TaskFailed,
+    TaskRetryScheduled,
+    new_id,
+)
+from router.state import RouterState, TaskState
+
+RouterDecision = (
+    TaskDispatched | TaskRetryScheduled | TaskDeadLettered | SkillUnmatched | TaskCancelled | TaskCompleted | TaskFailed
+)
+"""An event the scheduler decides; each is about one task."""
+
+GENERALIST_SKILL = "llm.chat"
+"""What a proposal falls back to when no installed skill has the capabilities."""
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """One skill as the live agents offer it."""
+
+    capabilities: frozenset[str]
+    load: float
+    """Running tasks per slot, over every live instance with the skill."""
+
+
+class LiveAgents:
+    """The agents whose heartbeats are in the ``agents`` bucket now (fed by a KV watch).
+
+    The bucket's TTL removes a silent instance's key without telling watchers, so an
+    instance whose last heartbeat is older than ``ttl_s`` is dropped here too.
+    """
+
+    def __init__(self, ttl_s: float = 30.0) -> None:
+        self._beats: dict[str, Heartbeat] = {}
+        self._ttl = timedelta(seconds=ttl_s)
+        self.changed = False
+
+    def expire(self, now: datetime) -> None:
+        """Forget instances whose heartbeat is older than the TTL."""
+        for key in [k for k, beat in self._beats.items() if beat.at < now - self._ttl]:
+            self.delete(key)
+
+    def put(self, key: str, beat: Heartbeat) -> None:
+        """An instance's heartbeat arrived."""
+        old = self._beats.get(key)
+        self._beats[key] = beat
+        if old is None or old.skills != beat.skills or old.capabilities != beat.capabilities:
+            self.changed = True
+
+    def delete(self, key: str) -> None:
+        """An instance left, or its heartbeat expired."""
+        if self._beats.pop(key, None) is not None:
+            self.changed = True
+
+    def offers(self) -> dict[str, Offer]:
+        """Every skill some live instance runs, with its capabilities and load."""
+        caps: dict[str, set[str]] = {}
+        running: dict[str, int] = {}
+        slots: dict[str, int] = {}
+        for beat in self._beats.values():
+            for skill in beat.skills:
+                caps.setdefault(skill, set()).update(beat.capabilities.get(skill, ()))
+                running[skill] = running.get(skill, 0) + beat.loads.get(skill, 0)
+                slots[skill] = slots.get(skill, 0) + max(beat.concurrency, 1)
+        return {s: Offer(frozenset(c), running[s] / slots[s]) for s, c in caps.items()}
+
+
+def match(required: Iterable[str], offers: dict[str, Offer]) -> tuple[str, float] | None:
+    """The skill that best provides every ``required`` capability, and its score.
+
+    A skill provides its own name and its advertised capabilities. Only skills that
+    provide all of them are candidates; each scores ``|required| / |provided|`` (1 is an
+    exact fit, lower means a broader skill); the best score wins, ties go to the least
+    loaded, then to the name.
+    """
+    need = set(required)
+    best: tuple[float, float, str] | None = None
+    for skill, offer in offers.items():
+        provided = offer.capabilities | {skill}
+        if not need <= provided:
+            continue
+        candidate = (-len(need) / len(provided), offer.load, skill)
+        if best is None or candidate < best:
+            best = candidate
+    return (best[2], -best[0]) if best is not None else None
+
+
+_NAME_UNSAFE = re.compile(r"[^a-z0-9_-]+")
+
+
+def propose(required: list[str], installed: dict[str, frozenset[str]]) -> AgentProposal:
+    """An agent configuration that would serve a step needing ``required``: the best
+    installed skill that provides them, else a general LLM agent told what it is for."""
+    found = match(required, {s: Offer(c, 0.0) for s, c in installed.items()})
+    name = _NAME_UNSAFE.sub("-", "-".join(sorted(required)))[:40].strip("-_") or "agent"
+    if found is not None:
+        skill, _ = found
+        prompt = f"Serve work that needs {', '.join(required)} with the {skill} skill."
+        return AgentProposal(name=f"{name}-agent", skills=[skill], capabilities=sorted(required), prompt=prompt)
+    prompt = (f"You are an agent that can {', '.join(required)}. Do the task you are given with those "
+              "capabilities, and say clearly when it is outside them.")
+    return AgentProposal(name=f"{name}-agent", skills=[GENERALIST_SKILL], capabilities=sorted(required), prompt=prompt)
+
+
+class Scheduler:
+    """Turns the router state into the router's next events (see the module docstring)."""
+
+    def __init__(
+        self,
+        state: RouterState,
+        live: LiveAgents,
+        installed: dict[str, frozenset[str]] | None = None,
+        max_output_bytes: int = 256 * 1024,
+        may_run: Callable[[str, str], bool] = lambda principal, skill: True,
+    ) -> None:
+        self.state = state
+        self.live = live
+        self.installed = installed or {}
+        self.max_output_bytes = max_output_bytes
+        self.may_run = may_run
+        """Whether a step submitted by a principal may be matched to a skill (policy)."""
+
+    def decide(self, now: datetime) -> list[RouterDecision]:
+        """The events that follow from the dirty tasks (at most one per task per call)."""
+        tasks = self.state.tasks
+        if self.live.changed:
+            self.live.changed = False
+            for task_id in self.state.unmatched:
+                self.state.dirty.add(task_id)
+                if (parent_id := tasks[task_id].parent) is not None:
+                    self.state.dirty.add(parent_id)
+        self.state.due(now)
+        out: list[RouterDecision] = []
+        touched: set[str] = set()
+
+        def emit(event: RouterDecision | None) -> None:
+            if event is not None and event.task_id not in touched:
+                touched.add(event.task_id)
+                out.append(event)
+
+        for task_id in self.state.take_dirty():
+            task = tasks.get(task_id)
+            if task is None or task_id in touched:
+                continue
+            parent = tasks.get(task.parent) if task.parent is not None else None
+            if parent is not None and _ended_badly(parent) and not task.settled:
+                emit(TaskCancelled(id=new_id(), task_id=task_id, reason=f"parent {task.parent} {parent.status}"))
+                continue
+            if task.status == "failed" and not task.settled:
+                emit(self._after_failure(task_id, task, now))
+                continue
+            if task.status == "retrying" and task.retry_at is not None and task.retry_at <= now:
+                emit(TaskDispatched(id=new_id(), task_id=task_id, skill=task.skill, dispatch=task.dispatch + 1,
+                                    attempt_base=task.attempt, reason="retry"))
+                continue
+            if task.plan is not None and task.status == "running":
+                for event in self._plan(task_id, task, touched):
+                    emit(event)
+            if _ended_badly(task):
+                for child in task.children:
+                    if not tasks[child].settled:
+                        emit(TaskCancelled(id=new_id(), task_id=child, reason=f"parent {task_id} {task.status}"))
+        return out
+
+    def _after_failure(self, task_id: str, task: TaskState, now: datetime) -> RouterDecision:
+        if task.retries_left:
+            delay = task.retry.delay_s(task.failures)
+            return TaskRetryScheduled(id=new_id(), task_id=task_id, failures=task.failures,
+                                      not_before=now + timedelta(seconds=delay))
+        reason = f"failed {task.failures} of {task.retry.max_attempts} attempts; last error: {task.error}"
+        return TaskDeadLettered(id=new_id(), task_id=task_id, failures=task.failures, reason=reason[:16_384])
+
+    def _plan(self, plan_id: str, plan: TaskState, touched: set[str]) -> list[RouterDecision]:
+        tasks = self.state.tasks
+        steps = [(cid, tasks[cid]) for cid in plan.children]
+        for _, step in steps:
+            assert step.step is not None
+            if step.settled and step.status not in ("completed", "skipped") and step.step.on_failure == "fail":
+                error = f"step {step.step.id} {step.status}: {step.error}"
+                return [TaskFailed(id=new_id(), task_id=plan_id, attempt=1, error=error[:16_384])]
+        if all(step.settled for _, step in steps):
+            return [TaskCompleted(id=new_id(), task_id=plan_id, attempt=1, output=self._aggregate(steps))]
+        out: list[RouterDecision] = []
+        ready: list[tuple[int, int, str, TaskState]] = []
+        for index, (cid, step) in enumerate(steps):
+            if cid in touched or step.status not in ("waiting", "unmatched"):
+                continue
+            deps = [tasks[d] for d in step.deps]
+            if not all(d.settled for d in deps):
+                continue
+            failed = next((d for d in deps if d.status != "completed"), None)
+            if failed is not None:
+                assert failed.step is not None
+                out.append(TaskCancelled(id=new_id(), task_id=cid, skipped=True,
+                                         reason=f"skipped: step {failed.step.id} {failed.status}"))
+                continue
+            assert step.step is not None
+            ready.append((-step.step.priority, index, cid, step))
+        offers: dict[str, Any] | None = None
+        for _, _, cid, step in sorted(ready):
+            assert step.step is not None
+            size = len(codec.encode({tasks[d].step.id: tasks[d].output for d in step.deps}))  # type: ignore[union-attr]
+            if size > 2 * self.max_output_bytes:
+                reason = (f"its dependencies' outputs are {size} bytes; a work item carries at most "
+                          f"{2 * self.max_output_bytes}")
+                out.append(TaskDeadLettered(id=new_id(), task_id=cid, failures=0, reason=reason))
+                continue
+            if step.step.skill is not None:
+                out.append(TaskDispatched(id=new_id(), task_id=cid, skill=step.step.skill,
+                                          dispatch=step.dispatch + 1, attempt_base=step.attempt))
+                continue
+            if offers is None:
+                offers = {s: o for s, o in self.live.offers().items() if self.may_run(plan.submitter, s)}
+            found = match(step.step.capabilities, offers)
+            if found is not None:
+                skill, score = found
+                out.append(TaskDispatched(id=new_id(), task_id=cid, skill=skill, dispatch=step.dispatch + 1,
+                                          attempt_base=step.attempt, reason="matched", score=round(score, 4)))
+            elif step.status != "unmatched":
+                out.append(SkillUnmatched(id=new_id(), task_id=cid, capabilities=step.step.capabilities,
+                                          proposal=propose(step.step.capabilities, self._known_capabilities())))
+        return out
+
+    def _known_capabilities(self) -> dict[str, frozenset[str]]:
+        known = dict(self.installed)
+        for skill, caps in self.state.registry.items():
+            known[skill] = known.get(skill, frozenset()) | caps
+        return known
+
+    def _aggregate(self, steps: list[tuple[str, TaskState]]) -> dict[str, Any]:
+        """The plan's output: each completed step's output, and what became of the others.
+
+        Past the message size limit the outputs are replaced by the steps' task ids (each
+        output stays readable on its own task)."""
+        outputs = {s.step.id: s.output for _, s in steps if s.status == "completed" and s.step is not None}
+        others = {s.step.id: {"status": s.status, "error": s.error}
+                  for _, s in steps if s.status != "completed" and s.step is not None}
+        result: dict[str, Any] = {"outputs": outputs, "failed": others}
+        if len(codec.encode(result)) > self.max_output_bytes:
+            result = {"outputs": {s.step.id: {"task_id": cid} for cid, s in steps
+                                  if s.status == "completed" and s.step is not None},
+                      "failed": others, "truncated": True}
+        return result
+
+
+def _ended_badly(task: TaskState) -> bool:
+    """Ended (for good) without completing: its open children are cancelled."""
+    return task.settled and task.status != "completed"
