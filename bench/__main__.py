@@ -1,4 +1,5 @@
-"""``python -m bench [--only router|projections] [--messages N] [--rounds R] [--tasks T] [--events E]``
+"""``python -m bench [--only router|projections|scaling] [--messages N] [--rounds R] [--tasks T] [--events E]
+[--sleep-tasks N] [--sleep S] [--replicas 1,2,4]``
 
 1. Router throughput vs a bare relay. Both drain the same N preloaded submissions from
    INGRESS through the same JetStream work: fetch, one AUDIT write and one WORK write per
@@ -9,6 +10,8 @@
    publish on the same server.
 3. Projection rebuild rate vs raw sqlite3 executemany of the same rows, for E mixed
    events (see bench/projections.py).
+4. Sleep-bound throughput with 2 and 4 replicas of one agent vs 1 replica: N sleep tasks
+   of S seconds, each replica concurrency 1 (see bench/scaling.py).
 
 Every round uses a fresh nats-server; medians are reported because these machines are noisy.
 """
@@ -28,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agents.runtime import Agent
-from bench import projections
+from bench import projections, scaling
 from bus import codec, subjects
 from bus.connection import connect
 from bus.events import TaskSubmitted, new_id
@@ -42,7 +45,8 @@ from router.app import Router
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = subjects.principal("cli", "bench")
-PRINCIPALS = [identity("admin"), identity("router"), identity("cli", "bench"), identity("agent", "bench", ["echo"])]
+PRINCIPALS = [identity("admin"), identity("router"), identity("cli", "bench"), identity("agent", "bench", ["echo"]),
+              scaling.PRINCIPAL]
 console = Console()
 
 
@@ -191,13 +195,28 @@ async def main(messages: int, rounds: int, tasks: int) -> dict:
     return result
 
 
+def _counts(value: str) -> list[int]:
+    """``--replicas 2,4`` → ``[1, 2, 4]``: distinct positive counts, the baseline first."""
+    try:
+        counts = {int(v) for v in value.split(",") if v.strip()}
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a list of counts: {value!r}") from exc
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"replica counts are positive: {value!r}")
+    return sorted(counts | {1})
+
+
 def cli() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["router", "projections"], help="Run one benchmark, not both.")
+    parser.add_argument("--only", choices=["router", "projections", "scaling"], help="Run one benchmark, not all.")
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--events", type=int, default=100_000, help="Audit records in the projection benchmark.")
+    parser.add_argument("--sleep-tasks", type=int, default=24, help="Sleep tasks per run in the scaling benchmark.")
+    parser.add_argument("--sleep", type=float, default=0.2, help="Seconds each sleep task sleeps.")
+    parser.add_argument("--replicas", type=_counts, default="1,2,4",
+                        help="Replica counts to compare, comma-separated; 1 (the baseline) is always run.")
     args = parser.parse_args()
     configure_logging("console", "error")
     result: dict = {}
@@ -215,6 +234,15 @@ def cli() -> None:
         table.add_row(f"projection rebuild, events/s (median, {proj['events']:,} mixed)",
                       f"{proj['rebuild_events_per_s']:,.0f} rebuild",
                       f"{proj['raw_events_per_s']:,.0f} raw executemany", f"{proj['rebuild_over_raw']:.2f}")
+    if args.only in (None, "scaling"):
+        scale = asyncio.run(scaling.run(args.sleep_tasks, args.sleep, args.replicas, args.rounds, fresh_server,
+                                        say=console.print))
+        result["scaling"] = scale
+        one = scale["tasks_per_s"]["1"]
+        for count in args.replicas[1:]:
+            table.add_row(f"sleep-bound tasks/s (median, {scale['tasks']} × {scale['sleep_s']:g} s)",
+                          f"{scale['tasks_per_s'][str(count)]:.2f} with {count} replicas", f"{one:.2f} with 1 replica",
+                          f"{scale['over_one_replica'][str(count)]:.2f}")
     console.print(table)
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
