@@ -11,7 +11,7 @@ from rich.table import Table
 
 from agentctl.common import App, fail, out
 from bus.errors import LedgerbusError
-from bus.identity import CREDS_DIR, Registry, identity
+from bus.identity import CREDS_DIR, Identity, Registry, identity
 
 
 @click.group()
@@ -29,22 +29,32 @@ def keys() -> None:
 def add(app: App, kind: str, name: str, skills: str, pid_file: Path) -> None:
     """Add a principal (or change an agent's skills) and write its credentials file."""
     try:
-        ident = identity(kind, name, [s.strip() for s in skills.split(",") if s.strip()])
-        registry = Registry.load(app.settings.auth_dir)
-        registry.add(ident)
-        registry.save()
+        add_principal(app.settings.auth_dir, identity(kind, name, [s.strip() for s in skills.split(",") if s.strip()]),
+                      pid_file)
     except LedgerbusError as exc:
         fail(str(exc))
-    creds = app.settings.auth_dir / CREDS_DIR / f"{ident.user}.json"
-    click.echo(f"{ident.user}: credentials in {creds}")
+
+
+def add_principal(auth_dir: Path, ident: Identity, pid_file: Path, *, all_to_stderr: bool = False) -> Path:
+    """Add ``ident`` to the registry in ``auth_dir`` (or change an agent's skills), write its
+    credentials file, and ask the nats-server whose pid is in ``pid_file`` to reload so it
+    applies now. Returns the credentials file; raises :class:`LedgerbusError` if nothing
+    was written. What it did is said on stdout (on stderr with ``all_to_stderr``, for
+    commands whose stdout is JSON)."""
+    registry = Registry.load(auth_dir)
+    registry.add(ident)
+    registry.save()
+    creds = auth_dir / CREDS_DIR / f"{ident.user}.json"
+    click.echo(f"{ident.user}: credentials in {creds}", err=all_to_stderr)
     if pid_file.exists():
         try:
             os.kill(int(pid_file.read_text().strip()), signal.SIGHUP)
-            click.echo("asked nats-server to reload its configuration")
+            click.echo("asked nats-server to reload its configuration", err=all_to_stderr)
         except (OSError, ValueError) as exc:
             click.echo(f"could not reload nats-server ({exc}): restart it to apply", err=True)
     else:
         click.echo("reload nats-server to apply (no pid file at " f"{pid_file})", err=True)
+    return creds
 
 
 @keys.command("list")

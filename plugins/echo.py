@@ -12,6 +12,8 @@ class EchoSkill:
 
     name = "echo"
     description = "Return the input unchanged."
+    capabilities = ("text", "echo")
+    """What plan steps naming capabilities may ask of it (the router matches on these)."""
 
     async def run(self, ctx: SkillContext, input: dict[str, Any]) -> Any:
         """Echo ``input`` back as the output."""

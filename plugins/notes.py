@@ -30,6 +30,8 @@ class NotesSkill:
 
     name = "notes"
     description = "Run a script of memory steps (observe, remember, recall, share, read, checkpoint, delegate)."
+    capabilities = ("memory", "notes")
+    """What plan steps naming capabilities may ask of it (the router matches on these)."""
 
     async def run(self, ctx: SkillContext, input: dict[str, Any]) -> Any:
         """Run each step; collect what the reading steps return."""

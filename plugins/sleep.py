@@ -14,6 +14,8 @@ class SleepSkill:
 
     name = "sleep"
     description = "Sleep for `seconds`, reporting progress; returns how long it slept."
+    capabilities = ("wait", "timer")
+    """What plan steps naming capabilities may ask of it (the router matches on these)."""
 
     async def run(self, ctx: SkillContext, input: dict[str, Any]) -> Any:
         """Sleep in steps of at most a second so progress is visible."""
