@@ -88,7 +88,9 @@ def projector(app: App, db_path: Path | None) -> None:
     serve(app, "projector", "ledgerbus-projector", body)
 
 
-def _skills(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+def _skills(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
     names = [s.strip() for s in value.split(",") if s.strip()]
     if not names:
         raise click.BadParameter("name at least one skill, e.g. --skills echo,sleep")
@@ -96,15 +98,36 @@ def _skills(ctx: click.Context, param: click.Parameter, value: str) -> list[str]
 
 
 @click.command()
-@click.option("--name", required=True, help="Agent name (its identity: in.agent-NAME.*).")
-@click.option("--skills", required=True, callback=_skills, help="Comma-separated skills to serve.")
-@click.option("--concurrency", type=click.IntRange(1, 4096), default=1, show_default=True)
+@click.option("--name", help="Agent name (its identity: in.agent-NAME.*).")
+@click.option("--skills", callback=_skills, help="Comma-separated skills to serve.")
+@click.option("--profile", "profile_name", metavar="NAME",
+              help="Run profile NAME of the profiles file (LEDGERBUS_PROFILES_PATH) as agent NAME: its skills, "
+                   "capabilities and concurrency. Instead of --name and --skills.")
+@click.option("--concurrency", type=click.IntRange(1, 4096), help="Tasks run at once.  [default: 1, or the profile's]")
 @click.pass_obj
-def agent(app: App, name: str, skills: list[str], concurrency: int) -> None:
-    """Run an agent process serving SKILLS (start more for more replicas)."""
+def agent(app: App, name: str | None, skills: list[str] | None, profile_name: str | None,
+          concurrency: int | None) -> None:
+    """Run an agent process serving SKILLS (start more for more replicas), or the agent a
+    profile describes (--profile NAME)."""
+    from agents import profiles
     from agents.discovery import load_many
     from agents.runtime import Agent
 
+    capabilities: list[str] = []
+    if profile_name is not None:
+        if name is not None or skills is not None:
+            raise click.UsageError("--profile NAME sets the agent's name and skills: give it without --name and --skills")
+        try:
+            profile = profiles.get(app.settings.profiles_path, profile_name)
+        except profiles.ProfileNotFound as exc:
+            raise click.BadParameter(str(exc), param_hint="--profile") from exc
+        except LedgerbusError as exc:
+            fail(str(exc))
+        name, skills, capabilities = profile_name, list(profile.skills), list(profile.capabilities)
+        concurrency = concurrency or profile.concurrency
+    if name is None or skills is None:
+        raise click.UsageError("give --name NAME and --skills a,b (or --profile NAME)")
+    agent_name = name
     try:
         check_name(name, "agent name")
     except SubjectError as exc:
@@ -115,6 +138,7 @@ def agent(app: App, name: str, skills: list[str], concurrency: int) -> None:
         fail(str(exc))
 
     async def body(nc: Client, stop: asyncio.Event) -> None:
-        await Agent(nc, app.settings, name, loaded, concurrency).run(stop)
+        await Agent(nc, app.settings, agent_name, loaded, concurrency or 1, capabilities=capabilities,
+                    profile=profile_name or "").run(stop)
 
-    serve(app, f"agent-{name}", f"ledgerbus-agent-{name}", body)
+    serve(app, f"agent-{agent_name}", f"ledgerbus-agent-{agent_name}", body)

@@ -19,6 +19,7 @@ from rich.tree import Tree
 
 from agentctl.common import App, cli_principal, out, run
 from agentctl.follow import records
+from agentctl.proposals import propose
 from bus import codec, query, subjects
 from bus.connection import connected
 from projections import db as dbmod
@@ -26,8 +27,11 @@ from projections import service
 from projections.errors import DatabaseError
 
 STATUS_STYLE = {"awaiting_approval": "magenta", "pending": "yellow", "running": "cyan", "completed": "green",
-                "failed": "red", "rejected": "red", "denied": "red",
-                "online": "green", "offline": "dim"}
+                "failed": "red", "rejected": "red", "denied": "red", "waiting": "dim", "unmatched": "magenta",
+                "retrying": "yellow", "dead_lettered": "red", "cancelled": "red", "skipped": "dim",
+                "submitted": "white", "online": "green", "offline": "dim"}
+TASK_STATUSES = ("awaiting_approval", "waiting", "unmatched", "pending", "running", "retrying", "completed", "failed",
+                 "dead_lettered", "cancelled", "skipped", "denied")
 
 db_option = click.option(
     "--db", "db_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -71,8 +75,7 @@ def _duration(start: str | None, end: str | None) -> str:
 
 
 @click.group(invoke_without_command=True)
-@click.option("--status", type=click.Choice(["awaiting_approval", "pending", "running", "completed", "failed", "denied"]),
-              help="Only these.")
+@click.option("--status", type=click.Choice(TASK_STATUSES), help="Only these (dead_lettered: the dead letters).")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
 @db_option
 @json_option
@@ -103,9 +106,9 @@ def tasks_show(app: App, task_id: str, db_path: Path | None, as_json: bool) -> N
 
     async def body() -> tuple[dict[str, Any], list[dict[str, Any]]]:
         if db_path is not None:
-            return await ask(app, "tasks", "get", {"task_id": task_id}, db_path), []
+            return await ask(app, "tasks", "get", {"task_id": task_id, "tree": True}, db_path), []
         async with connected(app.settings, cli_principal()) as nc:
-            task = await request_query(nc, "tasks", "get", {"task_id": task_id})
+            task = await request_query(nc, "tasks", "get", {"task_id": task_id, "tree": True})
             js = nc.jetstream(timeout=10)
             history = [codec.to_builtins(r) async for r, _ in records(js, subjects.audit_for_key(task_id))]
             return task, history
@@ -115,20 +118,47 @@ def tasks_show(app: App, task_id: str, db_path: Path | None, as_json: bool) -> N
         out.print_json(data={**task, "history": history})
         return
     tree = Tree(f"[bold]{task['task_id']}[/] {task['skill']} {_styled(task['status'])}")
-    for key in ("agent", "attempts", "submitted_by", "submitted_at", "started_at", "finished_at", "trace_id"):
-        if task.get(key) not in (None, ""):
+    for key in ("agent", "attempts", "dispatches", "submitted_by", "submitted_at", "started_at", "finished_at",
+                "retry_at", "trace_id"):
+        if task.get(key) not in (None, "", 0):
             tree.add(f"{key}: {task[key]}")
-    tree.add(f"input: {json.dumps(task['input'])}")
+    if task["skill"] != "plan":
+        tree.add(f"input: {json.dumps(task['input'])}")
     if task["status"] == "completed":
         tree.add(f"output: {json.dumps(task['output'])}")
     if task.get("error"):
         tree.add(f"[red]error: {task['error']}[/]")
+    if task.get("children"):
+        _subtree(tree.add("[bold]subtasks[/]"), task["children"])
     if history:
         log = tree.add("audit log")
         for h in history:
             mark = "" if h["verdict"] == "accepted" else f" [red]rejected ({h['code']}): {h['reason']}[/]"
             log.add(f"#{h['seq']} {h['at']} {h['kind']} by {h['principal']}{mark}")
     out.print(tree)
+
+
+def task_line(task: dict[str, Any]) -> str:
+    """One task as a tree node: step (or id), skill, state, agent, attempts, time, note."""
+    name = task.get("step") or task["task_id"]
+    skill = task["skill"] or "needs " + ",".join(task.get("needs") or [])
+    parts = [f"[bold]{name}[/]", skill, _styled(task["status"])]
+    if task.get("agent"):
+        parts.append(f"on {task['agent']}")
+    if task.get("attempts", 0) > 1:
+        parts.append(f"[yellow]{task['attempts']} attempts[/]")
+    if took := _duration(task.get("started_at"), task.get("finished_at")):
+        parts.append(took)
+    note = task.get("error") if task["status"] != "completed" else None
+    note = note or task.get("progress")
+    if note:
+        parts.append(f"[dim]{note[:80]}[/]")
+    return " ".join(parts)
+
+
+def _subtree(node: Tree, children: list[dict[str, Any]]) -> None:
+    for child in children:
+        _subtree(node.add(task_line(child)), child.get("children") or [])
 
 
 @click.command()
@@ -156,12 +186,16 @@ def events(app: App, task_id: str | None, from_seq: int, follow: bool, as_json: 
     run(body)
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @db_option
 @json_option
-@click.pass_obj
-def agents(app: App, db_path: Path | None, as_json: bool) -> None:
-    """List agents: who joined with which skills, and live heartbeats."""
+@click.pass_context
+def agents(ctx: click.Context, db_path: Path | None, as_json: bool) -> None:
+    """List agents: who joined with which skills, and live heartbeats (`agents propose`
+    for the agents the router proposes)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    app: App = ctx.obj
 
     async def body() -> list[dict[str, Any]]:
         if db_path is not None:
@@ -188,6 +222,9 @@ def agents(app: App, db_path: Path | None, as_json: bool) -> None:
         table.add_row(r["name"], _styled(r["status"]), ",".join(r["skills"]), str(r.get("replicas", "")),
                       str(r.get("load", "")), str(r["tasks_completed"]), str(r["tasks_failed"]), age)
     out.print(table if rows else "[dim]no agents[/]")
+
+
+agents.add_command(propose)
 
 
 async def _heartbeats(nc: Any) -> list[dict[str, Any]]:

@@ -15,16 +15,20 @@ from rich.live import Live
 from rich.status import Status
 from rich.table import Table
 
-from agentctl.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, App, cli_name, err, out, run
+from agentctl import pipelines
+from agentctl.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, App, cli_name, err, fail, out, run
 from agentctl.follow import TaskView, records
 from agentctl.plans import PlanFileError, PlanView, read_plan
+from agentctl.reads import STATUS_STYLE
 from bus import codec, subjects, tracing
 from bus.connection import connected
-from bus.errors import BusError, SchemaError
+from bus.errors import BusError, LedgerbusError, SchemaError
 from bus.events import (
     DEFAULT_TASK_TIMEOUT_S,
+    NO_RETRY,
     PLAN_SKILL,
     PlanSubmitted,
+    RetryPolicy,
     TaskCancelled,
     TaskSubmitted,
     kind_of,
@@ -47,9 +51,12 @@ def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 
 @click.command()
-@click.argument("skill", required=False)
+@click.argument("skill", required=False, metavar="[SKILL | REQUIREMENT]")
 @click.option("--plan", "plan_file", metavar="FILE",
               help="Submit the plan in FILE (YAML or JSON; - for stdin) instead of one SKILL task.")
+@click.option("--pipeline", type=click.Choice(sorted(pipelines.PIPELINES)),
+              help="Submit this pipeline's plan for the requirement given as the argument, its steps played by the "
+                   "role profiles of the profiles file (--task-timeout and --retries apply to each step).")
 @click.option("--input", "input_", callback=_json_object, metavar="JSON", help="The task input, a JSON object.")
 @click.option("--wait", is_flag=True, help="Follow the task until it completes, fails or is rejected.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
@@ -67,12 +74,27 @@ def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
 def submit(
-    app: App, skill: str | None, plan_file: str | None, input_: dict[str, Any], wait: bool, timeout: float,
-    task_timeout: float, task_id: str | None, budget_tokens: int | None, budget_cost: float | None,
+    app: App, skill: str | None, plan_file: str | None, pipeline: str | None, input_: dict[str, Any], wait: bool,
+    timeout: float, task_timeout: float, task_id: str | None, budget_tokens: int | None, budget_cost: float | None,
     retries: int, backoff: float, as_json: bool,
 ) -> None:
-    """Submit a task for SKILL, or a plan (--plan FILE). Exit 0 when completed (or
-    submitted, without --wait), 1 when failed or rejected, 2 on timeout."""
+    """Submit a task for SKILL, a plan (--plan FILE), or a pipeline (--pipeline NAME
+    REQUIREMENT). Exit 0 when completed (or submitted, without --wait), 1 when failed or
+    rejected, 2 on timeout."""
+    if pipeline is not None:
+        if plan_file is not None or input_:
+            raise click.UsageError("--pipeline builds its plan and inputs from the profiles: give it without --plan "
+                                   "and --input")
+        if skill is None:
+            raise click.UsageError(f"missing REQUIREMENT: agentctl submit --pipeline {pipeline} \"what to build\"")
+        retry = RetryPolicy(max_attempts=retries + 1, backoff_s=backoff) if retries else NO_RETRY
+        try:
+            plan = pipelines.plan(pipeline, skill, app.settings.profiles_path, task_id, task_timeout, retry)
+        except SchemaError as exc:
+            raise click.BadParameter(str(exc)) from exc
+        except LedgerbusError as exc:
+            fail(str(exc))
+        sys.exit(_run_plan(app, plan, wait, timeout, as_json))
     if plan_file is not None:
         if skill is not None:
             raise click.UsageError("give either SKILL or --plan FILE, not both")
@@ -80,14 +102,9 @@ def submit(
             plan = read_plan(plan_file, task_id)
         except PlanFileError as exc:
             raise click.BadParameter(str(exc), param_hint="--plan") from exc
-        provider = configure_tracing("agentctl")
-        try:
-            code = run(lambda: _submit_plan(app, plan, wait, timeout, as_json))
-        finally:
-            provider.shutdown()
-        sys.exit(code)
+        sys.exit(_run_plan(app, plan, wait, timeout, as_json))
     if skill is None:
-        raise click.UsageError("missing SKILL (or --plan FILE)")
+        raise click.UsageError("missing SKILL (or --plan FILE, or --pipeline NAME REQUIREMENT)")
     event_data: dict[str, Any] = {"kind": "task_submitted", "id": new_id(), "task_id": task_id or new_id(),
                                   "skill": skill, "input": input_, "timeout_s": task_timeout}
     if budget_tokens is not None or budget_cost is not None:
@@ -106,6 +123,15 @@ def submit(
     finally:
         provider.shutdown()
     sys.exit(code)
+
+
+def _run_plan(app: App, plan: PlanSubmitted, wait: bool, timeout: float, as_json: bool) -> int:
+    """Submit ``plan`` (and follow it, with ``wait``) under a traces provider; the exit code."""
+    provider = configure_tracing("agentctl")
+    try:
+        return run(lambda: _submit_plan(app, plan, wait, timeout, as_json))
+    finally:
+        provider.shutdown()
 
 
 async def _publish(js: Any, event: TaskSubmitted | PlanSubmitted | TaskCancelled, skill: str) -> Any:
@@ -254,23 +280,16 @@ async def _follow_plan(js: Any, view: PlanView, live: Live | None) -> None:
 
 def plan_table(view: PlanView) -> Table:
     """The plan's steps as a table: state, agent, attempts, time, and what is going on."""
-    colour = STATUS_COLOURS.get(view.status, "white")
+    colour = STATUS_STYLE.get(view.status, "white")
     table = Table("step", "skill", "after", "prio", "state", "agent", "tries", "took", "",
                   title=f"plan {view.plan.task_id} {view.plan.name} [{colour}]{view.status}[/]", box=None,
                   title_justify="left")
     for step in view.steps.values():
         took = f"{step.seconds:.1f}s" if step.seconds is not None else ""
-        style = STATUS_COLOURS.get(step.status, "white")
+        style = STATUS_STYLE.get(step.status, "white")
         table.add_row(step.step, step.skill, ",".join(step.deps), str(step.priority), f"[{style}]{step.status}[/]",
                       step.agent, str(step.attempts or ""), took, step.note[:60])
     return table
-
-
-STATUS_COLOURS = {
-    "waiting": "dim", "pending": "yellow", "unmatched": "magenta", "running": "cyan", "retrying": "yellow",
-    "completed": "green", "failed": "red", "dead_lettered": "red", "cancelled": "red", "skipped": "dim",
-    "rejected": "red", "denied": "red", "awaiting_approval": "magenta", "submitted": "white",
-}
 
 
 def _report_plan(view: PlanView, as_json: bool, timed_out: float | None = None) -> int:

@@ -33,7 +33,7 @@ from bus.events import (
 Send = Callable[[Event], Awaitable[None]]
 
 VERDICT_WAIT_S = 10.0
-TERMINAL = frozenset({"completed", "failed", "denied"})
+TERMINAL = frozenset({"completed", "failed", "denied", "cancelled", "skipped", "dead_lettered"})
 
 
 class WriteRejected(AgentError):
@@ -168,10 +168,11 @@ class Tasks:
         self._parent = parent_task_id
 
     async def submit(self, skill: str, input: dict[str, Any] | None = None,
-                     timeout_s: float = DEFAULT_TASK_TIMEOUT_S, task_id: str | None = None) -> str:
+                     timeout_s: float = DEFAULT_TASK_TIMEOUT_S, task_id: str | None = None,
+                     handoff: bool = False) -> str:
         """Submit a subtask of the running task; returns its id once the router accepted it."""
         event = TaskSubmitted(id=new_id(), task_id=task_id or new_id(), skill=skill, input=input or {},
-                              timeout_s=timeout_s, parent_task_id=self._parent)
+                              timeout_s=timeout_s, parent_task_id=self._parent, handoff=handoff)
         await self._w.write(event, True)
         return event.task_id
 

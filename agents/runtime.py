@@ -26,6 +26,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from opentelemetry import trace
 
+from agents import profiles
 from agents.errors import SkillError
 from agents.memory import Memory, Shared, Tasks, Writer
 from agents.skill import Skill, SkillContext
@@ -302,6 +303,20 @@ class Agent:
                                         tokens_out=tokens_out, cost_usd=cost_usd, provider=provider, model=model))
 
         writer = Writer(self.nc, self.report)
+        tasks = Tasks(writer, item.task_id)
+
+        async def handoff(role: str, context: dict[str, Any]) -> str:
+            if self.profile:
+                allowed = profiles.get(self.settings.profiles_path, self.profile).handoffs
+                if role not in allowed:
+                    raise SkillError(f"profile {self.profile} may hand off to {', '.join(allowed) or 'nobody'}, not {role}")
+            target = profiles.get(self.settings.profiles_path, role)
+            if not target.skills:
+                raise SkillError(f"profile {role} has no skill to hand off to")
+            payload = {"context": context, "role": role, "instructions": target.instructions,
+                       "guardrails": target.guardrails, "from": self.name}
+            return await tasks.submit(target.skills[0], payload, timeout_s=item.timeout_s, handoff=True)
+
         ctx = SkillContext(
             task_id=item.task_id,
             skill=skill_name,
@@ -311,7 +326,8 @@ class Agent:
             log=tlog,
             memory=Memory(writer, self.name),
             shared=Shared(writer),
-            tasks=Tasks(writer, item.task_id),
+            tasks=tasks,
+            _handoff=handoff,
             context=item.context,
             parent_task_id=item.parent_task_id,
             step=item.step,
@@ -382,4 +398,4 @@ class Agent:
             try:
                 await msg.in_progress()
             except nats.errors.Error as exc:
-                log.warning("in_progress_failed", error=str(exc))
+                self.log.warning("in_progress_failed", error=str(exc))

@@ -41,6 +41,7 @@ class SkillContext:
     """Hand work to other agents (subtasks of this task) and read tasks."""
     _progress: Callable[[str, float | None], Awaitable[None]]
     _usage: Callable[[int, int, float, str, str], Awaitable[None]]
+    _handoff: Callable[[str, dict[str, Any]], Awaitable[str]] | None = None
     context: dict[str, Any] = field(default_factory=dict)
     """For a plan step: the outputs of exactly the steps it depends on, by step id."""
     parent_task_id: str | None = None
@@ -75,6 +76,22 @@ class SkillContext:
         if done["status"] != "completed":
             raise SkillError(f"delegated {skill} task {task_id} {done['status']}: {done.get('error') or ''}".rstrip(": "))
         return done.get("output")
+
+
+    async def handoff(self, role: str, context: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Hand this task's work over to another role: a subtask (``handoff`` marked, this
+        task its parent) for the first skill of the profile named ``role``, with
+        ``context`` and the role's instructions as its input. Return the result as this
+        skill's output: ``{"handed_off_to": task id, "role": role}``.
+
+        An agent started from a profile may hand off only to that profile's ``handoffs``.
+        """
+        if self._handoff is None:
+            from agents.errors import SkillError
+
+            raise SkillError("handoff is not available here")
+        task_id = await self._handoff(role, context or {})
+        return {"handed_off_to": task_id, "role": role}
 
 
 @runtime_checkable

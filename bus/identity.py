@@ -103,7 +103,7 @@ def permissions(ident: Identity) -> dict[str, Any]:
         pub = ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "q.>"]
         sub = [inbox]
     elif ident.kind == "router":
-        streams = ("INGRESS", "AUDIT", "WORK", "KV_agents")
+        streams = ("INGRESS", "AUDIT", "WORK", "DEADLETTERS", "KV_agents")
         pub = ["audit.>", "work.>", subjects.NOTIFY_ALL, _JS_INFO, "$JS.API.STREAM.INFO.*", "$JS.FC.>",
                *(f"$JS.API.STREAM.CREATE.{s}" for s in streams), *(f"$JS.API.STREAM.UPDATE.{s}" for s in streams),
                "$JS.API.STREAM.MSG.GET.AUDIT", "$JS.API.DIRECT.GET.AUDIT",
@@ -112,7 +112,10 @@ def permissions(ident: Identity) -> dict[str, Any]:
                "$JS.API.CONSUMER.MSG.NEXT.INGRESS.>", "$JS.ACK.INGRESS.>",
                "$JS.API.CONSUMER.CREATE.AUDIT", "$JS.API.CONSUMER.CREATE.AUDIT.>",
                "$JS.API.CONSUMER.CREATE.KV_agents", "$JS.API.CONSUMER.CREATE.KV_agents.>",
-               "$JS.API.CONSUMER.DELETE.KV_agents.>"]
+               "$JS.API.CONSUMER.DELETE.KV_agents.>", "$JS.API.CONSUMER.INFO.KV_agents.>",
+               "$JS.API.CONSUMER.CREATE.DEADLETTERS.>", "$JS.API.CONSUMER.DURABLE.CREATE.DEADLETTERS.>",
+               "$JS.API.CONSUMER.INFO.DEADLETTERS.>", "$JS.API.CONSUMER.MSG.NEXT.DEADLETTERS.>",
+               "$JS.ACK.DEADLETTERS.>", "$JS.API.STREAM.MSG.GET.WORK", "$JS.API.STREAM.MSG.DELETE.WORK"]
         sub = [inbox]
     elif ident.kind == "projector":
         pub = [_JS_INFO, "$JS.API.STREAM.INFO.AUDIT", "$JS.API.CONSUMER.CREATE.AUDIT",

@@ -32,7 +32,7 @@ log = structlog.get_logger(__name__)
 
 
 def stream_configs(settings: Settings) -> list[StreamConfig]:
-    """The INGRESS, AUDIT and WORK stream configurations."""
+    """The INGRESS, AUDIT, WORK and DEADLETTERS stream configurations."""
     return [
         StreamConfig(
             name=subjects.INGRESS_STREAM,
@@ -64,6 +64,13 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             duplicate_window=settings.duplicate_window_s,
             description="dispatched tasks, one durable pull consumer per skill",
         ),
+        StreamConfig(
+            name=subjects.DEADLETTER_STREAM,
+            subjects=[subjects.DEADLETTER_ALL],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            description="advisories of WORK messages that reached MaxDeliver: the router dead-letters their tasks",
+        ),
     ]
 
 
@@ -75,6 +82,16 @@ def router_consumer_config(settings: Settings) -> ConsumerConfig:
         ack_wait=settings.ingress_ack_wait_s,
         max_ack_pending=max(settings.router_batch * 4, 1024),
         filter_subject=subjects.INGRESS_ALL,
+    )
+
+
+def deadletter_consumer_config() -> ConsumerConfig:
+    """The router's durable pull consumer on DEADLETTERS."""
+    return ConsumerConfig(
+        durable_name=subjects.DEADLETTER_CONSUMER,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=30,
+        filter_subject=subjects.DEADLETTER_ALL,
     )
 
 

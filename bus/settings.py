@@ -28,6 +28,8 @@ class Settings:
     """The principals' registry and credentials (``agentctl keys``; made by ``agentctl nats``)."""
     db_path: Path = Path("var/ledgerbus.db")
     policy_path: Path = Path("policy.toml")
+    profiles_path: Path = Path("profiles.toml")
+    """Agent profiles (``agentctl agent --profile NAME``), and where approved proposals are saved."""
     policy_check_interval_s: float = 1.0
     router_key_path: Path = Path("var/keys/router.key")
     checkpoint_every: int = 1000

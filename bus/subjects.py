@@ -21,6 +21,10 @@ from typing import Final
 INGRESS_STREAM: Final = "INGRESS"
 AUDIT_STREAM: Final = "AUDIT"
 WORK_STREAM: Final = "WORK"
+DEADLETTER_STREAM: Final = "DEADLETTERS"
+DEADLETTER_ALL: Final = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.WORK.*"
+"""JetStream's advisories for WORK messages delivered MaxDeliver times without an ack."""
+DEADLETTER_CONSUMER: Final = "router-deadletters"
 AGENTS_BUCKET: Final = "agents"
 
 INGRESS_ALL: Final = "in.>"

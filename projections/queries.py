@@ -12,9 +12,12 @@ from typing import Any
 
 import aiosqlite
 
+from bus.events import PLAN_SKILL
 from projections.db import iso
 
-_JSON_COLUMNS = {"input", "output", "skills", "value", "role", "state"}
+_JSON_COLUMNS = {"input", "output", "skills", "value", "role", "state", "deps", "needs", "capabilities"}
+MAX_TREE = 5000
+"""Most descendants ``get_task(tree=True)`` returns."""
 
 
 def _row(row: aiosqlite.Row) -> dict[str, Any]:
@@ -52,13 +55,31 @@ async def list_tasks(
     return await _newest(db, "tasks", "submitted_seq", limit, status=status, parent_task_id=parent_task_id)
 
 
-async def get_task(db: aiosqlite.Connection, task_id: str) -> dict[str, Any] | None:
-    """One task with the ids of its subtasks, or ``None``."""
+async def get_task(db: aiosqlite.Connection, task_id: str, tree: bool = False) -> dict[str, Any] | None:
+    """One task with the ids of its subtasks, or ``None``; with ``tree``, also every
+    descendant (``children``, nested, in submission order; at most :data:`MAX_TREE`)."""
     task = await _one(db, "SELECT * FROM tasks WHERE task_id = ?", (task_id,))
-    if task is not None:
-        children = await _all(db, "SELECT task_id FROM tasks WHERE parent_task_id = ? ORDER BY submitted_seq",
-                              (task_id,))
-        task["subtasks"] = [c["task_id"] for c in children]
+    if task is None:
+        return None
+    children = await _all(db, "SELECT task_id FROM tasks WHERE parent_task_id = ? ORDER BY submitted_seq, task_id",
+                          (task_id,))
+    task["subtasks"] = [c["task_id"] for c in children]
+    if tree:
+        rows = await _all(db, """
+            WITH RECURSIVE under(task_id) AS (
+                SELECT task_id FROM tasks WHERE parent_task_id = ?
+                UNION SELECT t.task_id FROM tasks t JOIN under u ON t.parent_task_id = u.task_id
+            )
+            SELECT * FROM tasks WHERE task_id IN (SELECT task_id FROM under LIMIT ?)
+            ORDER BY submitted_seq, task_id""", (task_id, MAX_TREE))
+        by_parent: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_parent.setdefault(row["parent_task_id"], []).append(row)
+        for row in [task, *rows]:
+            row["children"] = by_parent.get(row["task_id"], [])
+            if row["skill"] == PLAN_SKILL:  # a plan's steps in the plan's order
+                order = {step["id"]: i for i, step in enumerate(row["input"]["steps"])}
+                row["children"].sort(key=lambda c: order.get(c["step"], len(order)))
     return task
 
 
@@ -136,6 +157,18 @@ async def list_approvals(db: aiosqlite.Connection, status: str | None = "pending
     if status:
         return await _all(db, "SELECT * FROM approvals WHERE status = ? ORDER BY requested_seq", (status,))
     return await _all(db, "SELECT * FROM approvals ORDER BY requested_seq")
+
+
+async def list_proposals(
+    db: aiosqlite.Connection, status: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Agent proposals for unmatched plan steps, newest first (only those in ``status``, if given)."""
+    return await _newest(db, "proposals", "proposed_seq", limit, status=status)
+
+
+async def get_proposal(db: aiosqlite.Connection, proposal_id: str) -> dict[str, Any] | None:
+    """One proposal (``proposal_id`` is the id of its ``skill_unmatched`` event), or ``None``."""
+    return await _one(db, "SELECT * FROM proposals WHERE proposal_id = ?", (proposal_id,))
 
 
 async def list_audit(

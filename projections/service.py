@@ -50,9 +50,10 @@ class TasksList(Request, frozen=True):
 
 
 class TasksGet(Request, frozen=True):
-    """``q.tasks.get``"""
+    """``q.tasks.get``; ``tree``: with every descendant (plan steps, delegated subtasks)."""
 
     task_id: str
+    tree: bool = False
 
 
 class AgentsList(Request, frozen=True):
@@ -90,6 +91,20 @@ class ApprovalsList(Request, frozen=True):
     status: str | None = "pending"
 
 
+class ProposalsList(Request, frozen=True):
+    """``q.proposals.list``: agent proposals for unmatched plan steps, newest first
+    (``status`` ``proposed`` or ``approved``; empty for all)."""
+
+    status: str | None = None
+    limit: Limit = 100
+
+
+class ProposalsGet(Request, frozen=True):
+    """``q.proposals.get``: one proposal, by the id of its ``skill_unmatched`` event."""
+
+    proposal_id: str
+
+
 class AuditList(Request, frozen=True):
     """``q.audit.list``: the audit index, newest first, by key and/or principal."""
 
@@ -119,6 +134,8 @@ REQUESTS: dict[str, type[Request]] = {
     subjects.query("shared", "get"): SharedGet,
     subjects.query("shared", "list"): SharedList,
     subjects.query("approvals", "list"): ApprovalsList,
+    subjects.query("proposals", "list"): ProposalsList,
+    subjects.query("proposals", "get"): ProposalsGet,
     subjects.query("audit", "list"): AuditList,
     subjects.query("audit", "verdict"): AuditVerdict,
 }
@@ -194,8 +211,8 @@ async def _read(db: aiosqlite.Connection, req: Request, now: datetime) -> Any:
     match req:
         case TasksList(status=status, parent_task_id=parent, limit=limit):
             return await queries.list_tasks(db, status, limit, parent)
-        case TasksGet(task_id=task_id):
-            return await queries.get_task(db, task_id) or Missing(f"no task {task_id}")
+        case TasksGet(task_id=task_id, tree=tree):
+            return await queries.get_task(db, task_id, tree) or Missing(f"no task {task_id}")
         case AgentsList():
             return await queries.list_agents(db)
         case MemoryGet(agent=agent):
@@ -209,6 +226,10 @@ async def _read(db: aiosqlite.Connection, req: Request, now: datetime) -> Any:
             return await queries.list_shared(db, namespace, now)
         case ApprovalsList(status=status):
             return await queries.list_approvals(db, status or None)
+        case ProposalsList(status=status, limit=limit):
+            return await queries.list_proposals(db, status or None, limit)
+        case ProposalsGet(proposal_id=proposal_id):
+            return await queries.get_proposal(db, proposal_id) or Missing(f"no proposal {proposal_id}")
         case AuditList(key=key, principal=principal, limit=limit):
             return await queries.list_audit(db, key, principal, limit)
         case AuditVerdict(msg_id=msg_id):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from datetime import UTC, datetime
 
 import msgspec
 import nats.errors
+import nats.js.errors
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -18,6 +20,7 @@ from opentelemetry import trace
 
 from agents import discovery
 from bus import codec, signing, subjects, tracing
+from bus.errors import SchemaError
 from bus.events import (
     AGENT_EVENTS,
     MEMORY_EVENTS,
@@ -30,11 +33,13 @@ from bus.events import (
     RawExcerpt,
     SharedWritten,
     TaskCancelled,
+    TaskDeadLettered,
     TaskDispatched,
     WorkItem,
     kind_of,
+    new_id,
 )
-from bus.provision import provision, router_consumer_config
+from bus.provision import deadletter_consumer_config, provision, router_consumer_config
 from bus.settings import Settings
 from router import audit as audit_mod
 from router.audit import AuditLog
@@ -61,6 +66,13 @@ class Decision:
     msg: Msg
     record: AuditRecord
     headers: dict[str, str]
+
+
+class MaxDeliverAdvisory(msgspec.Struct, frozen=True):
+    """The fields of JetStream's ``io.nats.jetstream.advisory.v1.max_deliver`` we use."""
+
+    stream_seq: int
+    deliveries: int = 0
 
 
 def _headers(msg: Msg) -> dict[str, str]:
@@ -133,6 +145,9 @@ class Router:
         self.audit = AuditLog(self.js, audit_mod.ChainHead())
         self._sub: JetStreamContext.PullSubscription | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._dead: asyncio.Task[None] | None = None
+        self._dead_msgs: list[Msg] = []
+        """MaxDeliver advisories fetched, for the serving loop to act on (it alone appends)."""
         self._undelivered: set[str] = set()
         """Tasks the scheduler dispatched whose work item is not known to be in WORK."""
 
@@ -149,6 +164,11 @@ class Router:
         await provision(self.js, self.settings)
         await self._recover()
         self._watch = asyncio.create_task(self._watch_agents())
+        dead_sub = await self.js.pull_subscribe(
+            subjects.DEADLETTER_ALL, durable=subjects.DEADLETTER_CONSUMER, stream=subjects.DEADLETTER_STREAM,
+            config=deadletter_consumer_config(),
+        )
+        self._dead = asyncio.create_task(self._fetch_dead_letters(dead_sub))
         self._sub = await self.js.pull_subscribe(
             subjects.INGRESS_ALL,
             durable=subjects.ROUTER_CONSUMER,
@@ -177,16 +197,20 @@ class Router:
             try:
                 kv = await self.js.key_value(subjects.AGENTS_BUCKET)
                 watcher = await kv.watchall()
-                async for entry in watcher:
-                    if entry is None:
-                        continue  # the marker after the initial values
-                    if entry.operation in ("DEL", "PURGE") or not entry.value:
-                        self.live.delete(entry.key)
-                        continue
-                    try:
-                        self.live.put(entry.key, msgspec.json.decode(entry.value, type=Heartbeat))
-                    except Exception as exc:  # noqa: BLE001 - a bad heartbeat must not stop the watch
-                        log.warning("heartbeat_undecodable", key=entry.key, error=str(exc))
+                try:
+                    async for entry in watcher:
+                        if entry is None:
+                            continue  # the marker after the initial values
+                        if entry.operation in ("DEL", "PURGE") or not entry.value:
+                            self.live.delete(entry.key)
+                            continue
+                        try:
+                            self.live.put(entry.key, msgspec.json.decode(entry.value, type=Heartbeat))
+                        except Exception as exc:  # noqa: BLE001 - a bad heartbeat must not stop the watch
+                            log.warning("heartbeat_undecodable", key=entry.key, error=str(exc))
+                finally:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - reconnects, server restarts: watch again
@@ -212,6 +236,7 @@ class Router:
                 if msgs:
                     await self.process(msgs)
                 await self.schedule()
+                await self._dead_letters()
                 await self._checkpoint_if_due()
             except (nats.errors.Error, AuditAppendError) as exc:
                 # The log is consistent whatever failed here (records are appended before
@@ -221,6 +246,10 @@ class Router:
         # Unsubscribe before the connection drains, or the drain waits out a pull request.
         await self._sub.unsubscribe()
         self._sub = None
+        if self._dead is not None:
+            self._dead.cancel()
+            await asyncio.gather(self._dead, return_exceptions=True)
+            self._dead = None
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
@@ -257,6 +286,60 @@ class Router:
         else:
             log.error("scheduler_did_not_settle", dirty=len(self.state.dirty))
         await self._deliver()
+
+    async def _fetch_dead_letters(self, sub: JetStreamContext.PullSubscription) -> None:
+        try:
+            while True:
+                if len(self._dead_msgs) >= 64:
+                    await asyncio.sleep(0.1)
+                    continue
+                try:
+                    self._dead_msgs += await sub.fetch(16, timeout=1.0)
+                except TimeoutError:
+                    continue
+                except nats.errors.Error as exc:
+                    log.warning("deadletter_fetch_failed", error=str(exc))
+                    await asyncio.sleep(1.0)
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    async def _dead_letters(self) -> None:
+        """Dead-letter the tasks whose WORK message reached MaxDeliver with no result.
+
+        JetStream records an advisory (captured in DEADLETTERS) when it gives up
+        redelivering; the task's claimants all died or hung. The task is dead-lettered in
+        the log first, then the message is removed from WORK (it would stay for ever),
+        then the advisory is acked: a crash in between repeats only harmless steps.
+        """
+        msgs, self._dead_msgs = self._dead_msgs, []
+        for msg in msgs:
+            try:
+                advisory = msgspec.json.decode(msg.data, type=MaxDeliverAdvisory)
+                stored = await self.js.get_msg(subjects.WORK_STREAM, advisory.stream_seq)
+                item = codec.decode_work(stored.data or b"")
+            except nats.js.errors.NotFoundError:
+                await msg.ack()  # acked (or removed) since: nothing to dead-letter
+                continue
+            except (msgspec.DecodeError, SchemaError) as exc:
+                log.error("deadletter_undecodable", error=str(exc))
+                await msg.term()
+                continue
+            task = self.state.tasks.get(item.task_id)
+            if (task is not None and not task.settled and task.dispatch == item.dispatch
+                    and task.status in ("pending", "running")):
+                reason = (f"no result after {advisory.deliveries} deliveries (MaxDeliver): every claimant died or "
+                          f"went silent; last claim by {task.claimant or 'nobody'}, attempt {task.attempt}")
+                dead = TaskDeadLettered(id=new_id(), task_id=item.task_id, failures=task.failures, reason=reason)
+                record = self._router_record(dead)
+                self.state.apply(record[0])
+                await self.audit.append([record])
+                log.warning("dead_lettered", task_id=item.task_id, seq=record[0].seq, deliveries=advisory.deliveries)
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await self.js.delete_msg(subjects.WORK_STREAM, advisory.stream_seq)
+            await msg.ack()
+        if msgs:
+            await self.schedule()
 
     def _router_record(self, event: RouterDecision) -> tuple[AuditRecord, bytes, dict[str, str]]:
         task_id = event.task_id

@@ -45,6 +45,15 @@ class Approval(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """principal patterns that may approve or deny; nobody approves their own task"""
 
 
+class Delegation(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How far agents may hand work on: subtasks of subtasks, and subtasks of one task."""
+
+    max_depth: int = 4
+    """most levels of subtasks under a task a person (or plan) started"""
+    max_fanout: int = 32
+    """most subtasks one task may submit"""
+
+
 class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Everything ``policy.toml`` may say."""
 
@@ -54,6 +63,7 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """principal pattern → its token bucket for submissions"""
     secrets: Secrets = msgspec.field(default_factory=Secrets)
     approval: Approval = msgspec.field(default_factory=Approval)
+    delegation: Delegation = msgspec.field(default_factory=Delegation)
 
     def needs_approval(self, skill: str) -> bool:
         """Whether ``skill`` is marked dangerous."""

@@ -267,3 +267,105 @@ async def test_only_the_router_may_send_its_own_decisions(
         ("task_cancelled", "rejected", "bad_cancel"),
     ]
     assert rejected.reason == "only the router skips plan steps"
+
+
+class DelegatingSkill:
+    """Delegates ``input["depth"]`` levels deep, or fans out ``input["fanout"]`` subtasks."""
+
+    name = "notes"
+    description = "test: delegation"
+
+    async def run(self, ctx: SkillContext, input: dict[str, Any]) -> Any:
+        if role := input.get("handoff"):
+            return await ctx.handoff(role, {"draft": "v1"})
+        if fanout := input.get("fanout"):
+            return [await ctx.tasks.submit("echo", {"i": i}) for i in range(fanout)]
+        depth = input.get("depth", 0)
+        if depth == 0:
+            return {"leaf": ctx.task_id, "parent": ctx.parent_task_id}
+        below = await ctx.delegate("notes", {"depth": depth - 1})
+        return {"depth": depth, "below": below}
+
+
+@pytest.fixture
+async def delegation(
+    agents: FailSkill, connect_as: Connect, settings: Settings
+) -> AsyncIterator[None]:
+    """A projector (delegation waits read it) and a delegating agent, policy depth 2, fan-out 2."""
+    from projections.projector import Projector
+
+    settings.policy_path.write_text("[delegation]\nmax_depth = 2\nmax_fanout = 2\n")
+    profiles = settings.policy_path.parent / "profiles.toml"
+    profiles.write_text('[profiles.reviewer]\ninstructions = "Review the draft."\nskills = ["echo"]\n')
+    settings = settings.replace(profiles_path=profiles)
+    stop = asyncio.Event()
+    projector = Projector(await connect_as("projector"), settings)
+    tasks = [asyncio.create_task(projector.run(stop))]
+    await asyncio.wait_for(projector.serving.wait(), 10)
+    tasks.append(asyncio.create_task(Agent(await connect_as("agent-scribe-1"), settings, "scribe-1",
+                                           {"notes": DelegatingSkill()}, concurrency=8).run(stop)))
+    yield
+    stop.set()
+    await asyncio.gather(*tasks)
+
+
+async def test_delegation_returns_the_subtask_output_within_the_policy_bounds(
+    delegation: None, connect_as: Connect, admin: Client
+) -> None:
+    cli = await connect_as("cli")
+    await send(cli, "cli", "alice", TaskSubmitted(id=new_id(), task_id="ok2", skill="notes", input={"depth": 2}))
+    done = await wait_for_record(admin.jetstream(), lambda r: r.key == "ok2" and r.kind in ("task_completed", "task_failed"))
+    assert done.kind == "task_completed", done
+    output = done.event.output  # type: ignore[union-attr]
+    assert output["depth"] == 2 and output["below"]["depth"] == 1
+    leaf = output["below"]["below"]
+    records = await audit_records(admin.jetstream())
+    middle = next(r.event for r in records if r.kind == "task_submitted" and r.event.parent_task_id == "ok2")  # type: ignore[union-attr]
+    assert leaf["parent"] == middle.task_id  # type: ignore[union-attr]
+
+    await send(cli, "cli", "alice", TaskSubmitted(id=new_id(), task_id="deep3", skill="notes", input={"depth": 3}))
+    deep = await wait_for_record(admin.jetstream(), lambda r: r.key == "deep3" and r.kind in ("task_completed", "task_failed"))
+    assert deep.kind == "task_failed"
+    records = await audit_records(admin.jetstream())
+    too_deep = [r for r in records if r.code == "delegation_too_deep"]
+    assert len(too_deep) == 1 and too_deep[0].reason.endswith("would be 3 levels deep; policy allows 2")
+    assert "delegation_too_deep" in deep.event.error  # type: ignore[union-attr]
+
+    await send(cli, "cli", "alice", TaskSubmitted(id=new_id(), task_id="wide", skill="notes", input={"fanout": 3}))
+    wide = await wait_for_record(admin.jetstream(), lambda r: r.key == "wide" and r.kind in ("task_completed", "task_failed"))
+    assert wide.kind == "task_failed"
+    records = await audit_records(admin.jetstream())
+    assert [r.reason for r in records if r.code == "fanout_exceeded"] == [
+        "task wide already has 2 subtasks; policy allows 2"]
+
+
+async def test_cancelling_a_task_cancels_the_subtasks_its_skill_delegated(
+    delegation: None, connect_as: Connect, admin: Client
+) -> None:
+    cli = await connect_as("cli")
+    await send(cli, "cli", "alice", TaskSubmitted(id=new_id(), task_id="top", skill="notes", input={"depth": 2}))
+    js = admin.jetstream()
+    child = await wait_for_record(js, lambda r: r.kind == "task_submitted" and r.accepted
+                                  and r.event.parent_task_id == "top")  # type: ignore[union-attr]
+    await send(cli, "cli", "alice", TaskCancelled(id=new_id(), task_id="top"))
+    rec = await wait_for_record(js, lambda r: r.key == child.key and r.kind == "task_cancelled")
+    assert rec.principal == "router" and rec.event.reason == "parent top cancelled"  # type: ignore[union-attr]
+
+
+async def test_a_handoff_is_a_marked_subtask_for_the_roles_skill(
+    delegation: None, connect_as: Connect, admin: Client
+) -> None:
+    cli = await connect_as("cli")
+    await send(cli, "cli", "alice", TaskSubmitted(id=new_id(), task_id="draft", skill="notes",
+                                                  input={"handoff": "reviewer"}))
+    js = admin.jetstream()
+    done = await wait_for_record(js, lambda r: r.key == "draft" and r.kind in ("task_completed", "task_failed"))
+    assert done.kind == "task_completed", done
+    target = done.event.output["handed_off_to"]  # type: ignore[union-attr]
+    assert done.event.output["role"] == "reviewer"  # type: ignore[union-attr]
+    review = await wait_for_record(js, lambda r: r.key == target and r.kind == "task_completed")
+    submitted = next(r.event for r in await audit_records(js) if r.key == target and r.kind == "task_submitted")
+    assert (submitted.skill, submitted.parent_task_id, submitted.handoff) == ("echo", "draft", True)  # type: ignore[union-attr]
+    assert review.event.output["input"] == {  # type: ignore[union-attr]
+        "context": {"draft": "v1"}, "role": "reviewer", "instructions": "Review the draft.", "guardrails": [],
+        "from": "scribe-1"}

@@ -5,6 +5,10 @@ capabilities, repeats a step id, depends on a step the plan does not have (or on
 closes a cycle, names a skill no installation or agent provides or that the sender may
 not submit, or when a step's task id ``<plan id>-<step id>`` is too long or already taken.
 
+A subtask (``parent_task_id`` set) must name a task that is still open; an agent may
+add subtasks only to the task it holds the claim on; the chain of parents may be at most
+``[delegation] max_depth`` long and one task may have at most ``max_fanout`` subtasks.
+
 A proposal is approved once, and must exist. A cancel must name a task that has not ended. A CLI principal (an operator) may cancel
 any task; an agent only the tasks it submitted.
 """
@@ -13,9 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from bus.events import PlanSubmitted, ProposalApproved, TaskCancelled
+from bus.events import PlanSubmitted, ProposalApproved, TaskCancelled, TaskSubmitted
 from router.checks import Check, Inbound, Rejection
-from router.policy import PolicyFile
+from router.policy import Delegation, PolicyFile
 from router.state import RouterState, step_task_id
 
 MAX_ID = 64
@@ -95,6 +99,8 @@ def make(policy: PolicyFile, installed: Callable[[], Iterable[str]]) -> Check:
                     if step.skill is not None and not current.may_submit(msg.principal_token, step.skill):
                         return Rejection("skill_not_allowed",
                                          f"{msg.principal_token} may not submit {step.skill} (step {step.id!r})")
+            case TaskSubmitted(parent_task_id=parent_id) if parent_id is not None:
+                return _delegation(msg, state, parent_id, policy.current().delegation)
             case TaskCancelled(task_id=task_id, skipped=skipped):
                 if skipped:
                     return Rejection("bad_cancel", "only the router skips plan steps")
@@ -116,3 +122,24 @@ def make(policy: PolicyFile, installed: Callable[[], Iterable[str]]) -> Check:
         return None
 
     return check
+
+
+def _delegation(msg: Inbound, state: RouterState, parent_id: str, bounds: Delegation) -> Rejection | None:
+    parent = state.tasks.get(parent_id)
+    if parent is None:
+        return Rejection("unknown_task", f"no parent task {parent_id}")
+    if parent.settled:
+        return Rejection("task_terminal", f"parent task {parent_id} is already {parent.status}")
+    assert msg.principal is not None
+    if msg.principal.kind == "agent" and parent.claimant != msg.principal_token:
+        return Rejection("not_claimant", f"{msg.principal_token} does not hold parent task {parent_id}")
+    depth, node = 1, parent
+    while node.parent is not None and (node := state.tasks[node.parent]) is not None:
+        depth += 1
+    if depth > bounds.max_depth:
+        return Rejection("delegation_too_deep",
+                         f"a subtask of {parent_id} would be {depth} levels deep; policy allows {bounds.max_depth}")
+    if len(parent.children) >= bounds.max_fanout:
+        return Rejection("fanout_exceeded",
+                         f"task {parent_id} already has {len(parent.children)} subtasks; policy allows {bounds.max_fanout}")
+    return None
