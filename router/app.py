@@ -27,7 +27,6 @@ from bus.events import (
     TASK_EVENTS,
     AuditRecord,
     Checkpoint,
-    Heartbeat,
     Notice,
     ProposalApproved,
     RawExcerpt,
@@ -47,7 +46,7 @@ from router.checks import Check, Inbound, default_checks, run_checks, secrets
 from router.dispatch import dispatch, routed_work_item, work_item
 from router.errors import AuditAppendError
 from router.policy import PolicyFile
-from router.scheduler import LiveAgents, RouterDecision, Scheduler
+from router.scheduler import LiveAgents, RouterDecision, Scheduler, watch_agents
 from router.state import APPROVAL_REQUESTED, BUDGET_EXCEEDED, RouterState
 
 log = structlog.get_logger(__name__)
@@ -163,7 +162,7 @@ class Router:
         self._last_checkpoint_at = asyncio.get_running_loop().time()
         await provision(self.js, self.settings)
         await self._recover()
-        self._watch = asyncio.create_task(self._watch_agents())
+        self._watch = asyncio.create_task(watch_agents(self.js, self.live))
         dead_sub = await self.js.pull_subscribe(
             subjects.DEADLETTER_ALL, durable=subjects.DEADLETTER_CONSUMER, stream=subjects.DEADLETTER_STREAM,
             config=deadletter_consumer_config(),
@@ -190,32 +189,6 @@ class Router:
         self._undelivered = {
             task_id for task_id, task in self.state.tasks.items() if task.routed and task.status == "pending"
         }
-
-    async def _watch_agents(self) -> None:
-        """Keep :attr:`live` current from the ``agents`` bucket (heartbeats, with a TTL)."""
-        while True:
-            try:
-                kv = await self.js.key_value(subjects.AGENTS_BUCKET)
-                watcher = await kv.watchall()
-                try:
-                    async for entry in watcher:
-                        if entry is None:
-                            continue  # the marker after the initial values
-                        if entry.operation in ("DEL", "PURGE") or not entry.value:
-                            self.live.delete(entry.key)
-                            continue
-                        try:
-                            self.live.put(entry.key, msgspec.json.decode(entry.value, type=Heartbeat))
-                        except Exception as exc:  # noqa: BLE001 - a bad heartbeat must not stop the watch
-                            log.warning("heartbeat_undecodable", key=entry.key, error=str(exc))
-                finally:
-                    with contextlib.suppress(Exception):
-                        await watcher.stop()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - reconnects, server restarts: watch again
-                log.warning("agents_watch_failed", error=str(exc))
-                await asyncio.sleep(1.0)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; the batch in hand is always finished first."""

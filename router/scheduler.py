@@ -22,13 +22,19 @@ the same decisions after folding the log at start: nothing is lost, nothing repe
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from bus import codec
+import msgspec
+import structlog
+from nats.js import JetStreamContext
+
+from bus import codec, subjects
 from bus.events import (
     AgentProposal,
     Heartbeat,
@@ -47,6 +53,8 @@ RouterDecision = (
     TaskDispatched | TaskRetryScheduled | TaskDeadLettered | SkillUnmatched | TaskCancelled | TaskCompleted | TaskFailed
 )
 """An event the scheduler decides; each is about one task."""
+
+log = structlog.get_logger(__name__)
 
 GENERALIST_SKILL = "llm.chat"
 """What a proposal falls back to when no installed skill has the capabilities."""
@@ -284,3 +292,31 @@ class Scheduler:
 def _ended_badly(task: TaskState) -> bool:
     """Ended (for good) without completing: its open children are cancelled."""
     return task.settled and task.status != "completed"
+
+
+async def watch_agents(js: JetStreamContext, live: LiveAgents) -> None:
+    """Keep ``live`` current from the ``agents`` bucket (heartbeats, with a TTL), for ever;
+    a failed watch (reconnect, server restart) is started again."""
+    while True:
+        try:
+            kv = await js.key_value(subjects.AGENTS_BUCKET)
+            watcher = await kv.watchall()
+            try:
+                async for entry in watcher:
+                    if entry is None:
+                        continue  # the marker after the initial values
+                    if entry.operation in ("DEL", "PURGE") or not entry.value:
+                        live.delete(entry.key)
+                        continue
+                    try:
+                        live.put(entry.key, msgspec.json.decode(entry.value, type=Heartbeat))
+                    except Exception as exc:  # noqa: BLE001 - a bad heartbeat must not stop the watch
+                        log.warning("heartbeat_undecodable", key=entry.key, error=str(exc))
+            finally:
+                with contextlib.suppress(Exception):
+                    await watcher.stop()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reconnects, server restarts: watch again
+            log.warning("agents_watch_failed", error=str(exc))
+            await asyncio.sleep(1.0)
