@@ -15,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import random
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Protocol, TypeVar
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar, get_args
 
 import aiosqlite
 import pytest
@@ -31,9 +31,12 @@ from hypothesis import strategies as st
 from bus.events import (
     AGENT_EVENTS,
     MEMORY_EVENTS,
+    NO_RETRY,
+    PLAN_SKILL,
     TASK_EVENTS,
     AgentJoined,
     AgentLeft,
+    AgentProposal,
     AnyEvent,
     AuditRecord,
     Budget,
@@ -42,38 +45,58 @@ from bus.events import (
     CheckpointSaved,
     MemoryWiped,
     MemoryWritten,
+    PlanStep,
+    PlanSubmitted,
+    ProposalApproved,
+    RetryPolicy,
     SharedWritten,
+    SkillUnmatched,
     TaskApproved,
+    TaskCancelled,
     TaskCompleted,
+    TaskDeadLettered,
     TaskDenied,
+    TaskDispatched,
     TaskFailed,
     TaskProgress,
+    TaskRetryScheduled,
     TaskStarted,
     TaskSubmitted,
     TaskUsage,
     Verdict,
     kind_of,
+    step_task_id,
 )
 from projections import apply as applymod
 from projections import db as dbmod
 from projections.apply import apply_batch
+from projections.db import iso
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 CAP = 4  # memory_list_cap: small, so the generated logs roll lists into summaries
 AGENTS = ("a1", "a2", "a3")
 OPS = "cli-ops"
 BOSS = "cli-boss"  # the approver
-HELD_SKILL = "deploy"  # submissions of it are held for approval
+HELD_SKILL = "deploy"  # submissions of it (and plans with a step of it) are held for approval
+ROUTER = "router"  # the principal of the router's own decisions
 CHECKPOINT_IDS = ("c0", "c1", "c2", "c3")  # shared between agents: the key is (agent, id)
 NAMESPACES = ("ns1", "ns2")
 SHARED_KEYS = ("x", "y", "z")
 KNOWLEDGE_KEYS = ("k1", "k2", "k3")
 TTLS = (1.0, 1.0, 2.0, 2.5, 3.0, 5.0)
 GAPS_US = (1_000_000, 1_000_000, 1_000_000, 500_000, 2_000_000, 1)  # time between records, microseconds
+ROUTER_GAPS_US = (1, 200, 20_000)  # the router's decisions follow what led to them closely
+CAPABILITIES = (("summarize",), ("search", "summarize"), ("translate.fr",))  # of plan steps named by capabilities
+MATCHING_SKILLS = ("llm.chat", "echo")  # what the router finds for them when an agent has them
+STEP_RETRIES = (NO_RETRY, NO_RETRY, RetryPolicy(max_attempts=2), RetryPolicy(max_attempts=2, backoff_s=0.5),
+                RetryPolicy(max_attempts=3, backoff_s=0.5))
+TERMINAL = frozenset({"completed", "failed", "denied", "cancelled", "skipped", "dead_lettered"})  # router/state.py
+MAX_DEPTH = 4  # policy [delegation] max_depth (the default): levels of subtasks under a task
 LISTS: tuple[Literal["observation", "reasoning"], ...] = ("observation", "observation", "reasoning")
 VALUES: tuple[Any, ...] = (0, 1, -7, 2.5, True, "x", "héllo", {"a": 1}, [1, 2], {"nested": {"b": [None]}})
 
 T = TypeVar("T")
+RouterEvent = TaskDispatched | TaskRetryScheduled | TaskDeadLettered | SkillUnmatched | TaskCancelled | TaskCompleted | TaskFailed
 
 
 class Picker(Protocol):
@@ -115,17 +138,43 @@ class RandomPicker:
 
 @dataclass
 class TaskModel:
+    """One task as router/state.py folds it (statuses are the router's and the projection's)."""
+
     skill: str
     submitter: str
-    status: str  # awaiting_approval, pending, running, completed, failed, denied
-    budget: int | None
+    status: str  # awaiting_approval, waiting, unmatched, pending, running, retrying, or one of TERMINAL
+    budget: int | None = None
     claimant: str = ""
     attempt: int = 0
+    dispatch: int = 1  # a plain submission is its own first dispatch; a held one, a plan and a step have none yet
     tokens: int = 0
+    retry: RetryPolicy = NO_RETRY
+    failures: int = 0
+    retry_at: datetime | None = None
+    error: str = ""
+    output: Any = None
+    parent: str | None = None
+    children: list[str] = field(default_factory=list)
+    plan: bool = False  # a plan's own task: the router runs it, no agent claims it
+    step: PlanStep | None = None
+    deps: tuple[str, ...] = ()  # a step's dependencies, as task ids
 
     @property
     def terminal(self) -> bool:
-        return self.status in ("completed", "failed", "denied")
+        return self.status in TERMINAL
+
+    @property
+    def settled(self) -> bool:
+        """Nothing more happens to it (a failure with retries left still waits for the router)."""
+        return self.retry.max_attempts == 1 if self.status == "failed" else self.terminal
+
+    @property
+    def ended_badly(self) -> bool:
+        return self.settled and self.status != "completed"
+
+    @property
+    def claimable(self) -> bool:
+        return not self.plan and self.status in ("pending", "running")
 
 
 @dataclass
@@ -136,7 +185,10 @@ class LogBuilder:
     tasks: dict[str, TaskModel] = field(default_factory=dict)
     instances: dict[str, list[str]] = field(default_factory=dict)  # agent -> its instances, newest last
     checkpoints: dict[str, list[str]] = field(default_factory=dict)  # agent -> its checkpoint ids
+    proposals: dict[str, bool] = field(default_factory=dict)  # skill_unmatched event id -> approved
     last_router_checkpoint: int = 0
+    decisions: int = 0  # ids of the router's own events
+    task_id_of_last_claim: str = ""
 
     # -- emitting ---------------------------------------------------------------------------
 
@@ -144,11 +196,13 @@ class LogBuilder:
         self, principal: str, ev: AnyEvent, verdict: Verdict = "accepted", code: str = "ok", reason: str = ""
     ) -> None:
         seq = len(self.records) + 1
-        self.at += timedelta(microseconds=self.pick.choice(GAPS_US))
+        ingress = principal != ROUTER  # the router's own decisions come from no INGRESS message
+        self.at += timedelta(microseconds=self.pick.choice(GAPS_US if ingress else ROUTER_GAPS_US))
         self.records.append(AuditRecord(
             seq=seq, at=self.at, verdict=verdict, code=code, reason=reason, principal=principal,
-            kind=kind_of(type(ev)), key=audit_key(principal, ev), msg_id=f"m{seq}", ingress_seq=seq, delivery=1,
-            trace_id=f"tr{seq}" if isinstance(ev, TaskSubmitted) else "", event=ev,
+            kind=kind_of(type(ev)), key=audit_key(principal, ev), msg_id=ev.id, ingress_seq=seq if ingress else 0,
+            delivery=int(ingress),
+            trace_id=f"tr{seq}" if ingress and isinstance(ev, TaskSubmitted | PlanSubmitted) else "", event=ev,
         ))
 
     def reject(self, principal: str, ev: AnyEvent, code: str) -> None:
@@ -168,34 +222,190 @@ class LogBuilder:
     def mid(self) -> str:
         return f"m{len(self.records) + 1}"
 
+    def rid(self) -> str:
+        self.decisions += 1
+        return f"r{self.decisions}"
+
     def value(self) -> Any:
         return self.pick.choice(VALUES)
+
+    def where(self, test: Callable[[TaskModel], bool]) -> list[str]:
+        return [t for t, m in self.tasks.items() if test(m)]
+
+    def pick_task(self, test: Callable[[TaskModel], bool]) -> str:
+        """A task that passes ``test``; often one that failed before, so retries run out."""
+        tasks = self.where(test)
+        again = [t for t in tasks if self.tasks[t].failures]
+        return self.pick.choice(again if again and self.pick.integer(0, 3) else tasks)
+
+    # -- the router's own decisions (router/scheduler.py) -----------------------------------
+
+    def decided(self, ev: RouterEvent) -> None:
+        """Append one of the router's decisions and fold it as router/state.py does."""
+        task = self.tasks[ev.task_id]
+        match ev:
+            case TaskDispatched():
+                task.status, task.skill, task.dispatch, task.retry_at = "pending", ev.skill, ev.dispatch, None
+            case TaskRetryScheduled():
+                task.status, task.retry_at = "retrying", ev.not_before
+            case TaskDeadLettered():
+                task.status, task.error = "dead_lettered", ev.reason
+            case TaskCancelled():
+                task.status, task.error = "skipped" if ev.skipped else "cancelled", ev.reason
+            case SkillUnmatched():
+                task.status = "unmatched"
+                self.proposals[ev.id] = False
+            case TaskCompleted():
+                task.status = "completed"
+            case TaskFailed():
+                task.status, task.error = "failed", ev.error
+                task.failures += 1
+        self.emit(ROUTER, ev)
+
+    def settle(self) -> None:
+        """What the router appends after a batch: decisions until nothing more follows."""
+        for _ in range(100):
+            decisions = self.decide()
+            if not decisions:
+                return
+            for ev in decisions:
+                self.decided(ev)
+        raise AssertionError("the model's scheduler does not settle")
+
+    def decide(self) -> list[RouterEvent]:
+        """One round of Scheduler.decide, every task dirty; retries that are due and
+        unmatched steps meeting a new agent are actions of their own (do_retry, do_match)."""
+        out: list[RouterEvent] = []
+        touched: set[str] = set()
+
+        def add(ev: RouterEvent) -> None:
+            if ev.task_id not in touched:
+                touched.add(ev.task_id)
+                out.append(ev)
+
+        for task_id in sorted(self.tasks):
+            task = self.tasks[task_id]
+            if task_id in touched:
+                continue
+            parent = self.tasks[task.parent] if task.parent is not None else None
+            if parent is not None and parent.ended_badly and not task.settled:
+                add(TaskCancelled(id=self.rid(), task_id=task_id, reason=f"parent {task.parent} {parent.status}"))
+                continue
+            if task.status == "failed" and not task.settled:
+                add(self.after_failure(task_id, task))
+                continue
+            if task.plan and task.status == "running":
+                for ev in self.plan_decisions(task_id, task, touched):
+                    add(ev)
+            if task.ended_badly:
+                for child in task.children:
+                    if not self.tasks[child].settled:
+                        add(TaskCancelled(id=self.rid(), task_id=child, reason=f"parent {task_id} {task.status}"))
+        return out
+
+    def after_failure(self, task_id: str, task: TaskModel) -> RouterEvent:
+        if task.failures < task.retry.max_attempts:
+            not_before = self.at + timedelta(seconds=task.retry.delay_s(task.failures))
+            return TaskRetryScheduled(id=self.rid(), task_id=task_id, failures=task.failures, not_before=not_before)
+        reason = f"failed {task.failures} of {task.retry.max_attempts} attempts; last error: {task.error}"
+        return TaskDeadLettered(id=self.rid(), task_id=task_id, failures=task.failures, reason=reason)
+
+    def plan_decisions(self, plan_id: str, plan: TaskModel, touched: set[str]) -> list[RouterEvent]:
+        steps = [(cid, self.tasks[cid]) for cid in plan.children]
+        for _, s in steps:
+            assert s.step is not None
+            if s.settled and s.status not in ("completed", "skipped") and s.step.on_failure == "fail":
+                error = f"step {s.step.id} {s.status}: {s.error}"
+                return [TaskFailed(id=self.rid(), task_id=plan_id, attempt=1, error=error)]
+        if all(s.settled for _, s in steps):
+            output = {
+                "outputs": {s.step.id: s.output for _, s in steps if s.status == "completed" and s.step},
+                "failed": {s.step.id: {"status": s.status, "error": s.error}
+                           for _, s in steps if s.status != "completed" and s.step},
+            }
+            return [TaskCompleted(id=self.rid(), task_id=plan_id, attempt=1, output=output)]
+        out: list[RouterEvent] = []
+        ready: list[tuple[int, int, str]] = []
+        for index, (cid, s) in enumerate(steps):
+            if cid in touched or s.status not in ("waiting", "unmatched"):
+                continue
+            deps = [self.tasks[d] for d in s.deps]
+            if not all(d.settled for d in deps):
+                continue
+            if (bad := next((d for d in deps if d.status != "completed"), None)) is not None:
+                assert bad.step is not None
+                out.append(TaskCancelled(id=self.rid(), task_id=cid, skipped=True,
+                                         reason=f"skipped: step {bad.step.id} {bad.status}"))
+                continue
+            assert s.step is not None
+            ready.append((-s.step.priority, index, cid))
+        for _, _, cid in sorted(ready):
+            s = self.tasks[cid]
+            assert s.step is not None
+            if s.step.skill is not None:
+                out.append(TaskDispatched(id=self.rid(), task_id=cid, skill=s.step.skill, dispatch=s.dispatch + 1,
+                                          attempt_base=s.attempt))
+            elif s.status != "unmatched":  # an unmatched step waits for a new agent (do_match)
+                if self.pick.integer(0, 2) == 0:  # some live agent has the capabilities
+                    out.append(self.matched(cid, s))
+                else:
+                    caps = list(s.step.capabilities)
+                    name = "-".join(sorted(caps)).replace(".", "-") + "-agent"
+                    proposal = AgentProposal(name=name, skills=["llm.chat"], capabilities=sorted(caps),
+                                             prompt=f"You are an agent that can {', '.join(caps)}.")
+                    out.append(SkillUnmatched(id=self.rid(), task_id=cid, capabilities=caps, proposal=proposal))
+        return out
+
+    def matched(self, task_id: str, task: TaskModel) -> TaskDispatched:
+        return TaskDispatched(id=self.rid(), task_id=task_id, skill=self.pick.choice(MATCHING_SKILLS),
+                              dispatch=task.dispatch + 1, attempt_base=task.attempt, reason="matched",
+                              score=self.pick.choice((1.0, 0.5, 0.3333)))
 
     # -- what can happen next --------------------------------------------------------------
 
     def step(self) -> None:
-        running = [t for t, m in self.tasks.items() if m.status == "running"]
+        running = self.where(lambda m: m.claimable and m.status == "running")
         actions = ["memory", "session", "session", "burst", "shared", "shared", "reject", "reject", "join", "submit",
-                   "submit", "save", "rollback", "wipe", "router_checkpoint"]
+                   "submit", "save", "rollback", "wipe", "router_checkpoint", "plan", "plan"]
         if any(self.instances.values()):
             actions.append("leave")
-        if any(m.status in ("pending", "running") for m in self.tasks.values()):
-            actions += ["start", "start"]
+        if any(m.claimable for m in self.tasks.values()):
+            actions += ["start", "start", "work", "work"]
         if running:
-            actions += ["report", "report", "report", "subtask"]
+            actions += ["report"] * 5 + ["subtask"]
         if any(m.status == "awaiting_approval" for m in self.tasks.values()):
             actions.append("decide")
         if any(self.checkpoints.values()):
             actions += ["restore", "restore"]
+        if any(not m.settled for m in self.tasks.values()):
+            actions.append("cancel")
+        if any(m.status == "retrying" for m in self.tasks.values()):
+            actions.append("retry")
+        if any(m.claimable for m in self.tasks.values()):
+            actions.append("max_deliver")
+        if any(m.status == "unmatched" for m in self.tasks.values()):
+            actions.append("match")
+        if not all(self.proposals.values()):
+            actions.append("approve_proposal")
         getattr(self, f"do_{self.pick.choice(actions)}")()
+        # The router decides after each batch of INGRESS messages: mostly right away here,
+        # sometimes only after the next message.
+        if self.pick.integer(0, 3):
+            self.settle()
+            # and its timers wake it when a retry is due
+            for task_id in self.where(lambda m: m.status == "retrying" and m.retry_at <= self.at):  # type: ignore[operator]
+                if self.pick.integer(0, 2):
+                    self.retry(task_id)
 
     def do_join(self) -> None:
         agent = self.pick.choice(AGENTS)
+        self.join(agent, self.pick.choice((["echo"], ["echo", HELD_SKILL], [HELD_SKILL])), {})
+
+    def join(self, agent: str, skills: list[str], capabilities: dict[str, list[str]]) -> None:
         instance = f"{agent}-i{len(self.records)}"
         self.instances.setdefault(agent, []).append(instance)
-        skills = self.pick.choice((["echo"], ["echo", HELD_SKILL], [HELD_SKILL]))
         self.emit(f"agent-{agent}", AgentJoined(id=self.mid(), instance=instance, skills=skills,
-                                                concurrency=self.pick.integer(1, 3)))
+                                                concurrency=self.pick.integer(1, 3), capabilities=capabilities))
 
     def do_leave(self) -> None:
         agent = self.pick.choice([a for a in AGENTS if self.instances.get(a)])
@@ -207,45 +417,151 @@ class LogBuilder:
         task_id = f"t{len(self.tasks)}"
         skill = self.pick.choice(("echo", "echo", HELD_SKILL))
         budget = self.pick.choice((None, 20, 40))
+        retry = self.pick.choice((None, RetryPolicy(max_attempts=2, backoff_s=0.5)))
         held = skill == HELD_SKILL
-        self.tasks[task_id] = TaskModel(skill=skill, submitter=principal,
-                                        status="awaiting_approval" if held else "pending", budget=budget)
+        self.tasks[task_id] = TaskModel(skill=skill, submitter=principal, dispatch=0 if held else 1,
+                                        status="awaiting_approval" if held else "pending", budget=budget,
+                                        retry=retry or NO_RETRY, parent=parent)
+        if parent is not None:
+            self.tasks[parent].children.append(task_id)
         self.emit(principal, TaskSubmitted(
             id=self.mid(), task_id=task_id, skill=skill, input={"n": len(self.records), "v": self.value()},
             timeout_s=self.pick.choice((30.0, 300.0)), budget=None if budget is None else Budget(tokens=budget),
-            parent_task_id=parent,
+            parent_task_id=parent, retry=retry,
         ), code="approval_requested" if held else "ok")
 
     def do_submit(self) -> None:
         self._submit(OPS, None)
 
+    def depth(self, task_id: str) -> int:
+        """How many tasks are above ``task_id`` (a subtask of it would be one deeper)."""
+        parent = self.tasks[task_id].parent
+        return 0 if parent is None else 1 + self.depth(parent)
+
     def do_subtask(self) -> None:
-        parent = self.pick.choice([t for t, m in self.tasks.items() if m.status == "running"])
-        self._submit(self.tasks[parent].claimant, parent)
+        """The claimant of a running task hands part of it on (router/checks/plan.py: delegation)."""
+        parents = self.where(lambda m: m.claimable and m.status == "running")
+        parents = [t for t in parents if self.depth(t) < MAX_DEPTH]
+        if parents:
+            parent = self.pick.choice(parents)
+            self._submit(self.tasks[parent].claimant, parent)
+
+    def do_plan(self) -> None:
+        """A plan of one to four steps, each depending on some earlier ones (so a DAG)."""
+        plan_id = f"t{len(self.tasks)}"
+        steps = []
+        for i in range(self.pick.integer(1, 4)):
+            by_capabilities = self.pick.integer(0, 4) == 0
+            steps.append(PlanStep(
+                id=f"s{i}", skill=None if by_capabilities else self.pick.choice(("echo",) * 9 + (HELD_SKILL,)),
+                capabilities=list(self.pick.choice(CAPABILITIES)) if by_capabilities else [],
+                input={"i": i, "v": self.value()}, deps=[f"s{j}" for j in range(i) if self.pick.integer(0, 1)],
+                priority=self.pick.choice((5, 5, 1, 9)), timeout_s=self.pick.choice((30.0, 300.0)),
+                retry=self.pick.choice(STEP_RETRIES), on_failure=self.pick.choice(("fail", "continue", "continue")),
+            ))
+        held = any(s.skill == HELD_SKILL for s in steps)  # one dangerous step holds the whole plan
+        children = [step_task_id(plan_id, s.id) for s in steps]
+        self.tasks[plan_id] = TaskModel(skill=PLAN_SKILL, submitter=OPS, dispatch=0, plan=True, children=children,
+                                        status="awaiting_approval" if held else "running")
+        for s, child in zip(steps, children, strict=True):
+            self.tasks[child] = TaskModel(skill=s.skill or "", submitter=OPS, status="waiting", dispatch=0,
+                                          retry=s.retry, parent=plan_id, step=s,
+                                          deps=tuple(step_task_id(plan_id, d) for d in s.deps))
+        self.emit(OPS, PlanSubmitted(id=self.mid(), task_id=plan_id, steps=steps,
+                                     name=self.pick.choice(("", "nightly"))),
+                  code="approval_requested" if held else "ok")
 
     def do_decide(self) -> None:
-        task_id = self.pick.choice([t for t, m in self.tasks.items() if m.status == "awaiting_approval"])
+        task_id = self.pick.choice(self.where(lambda m: m.status == "awaiting_approval"))
+        task = self.tasks[task_id]
         reason = self.pick.choice(("", "looks fine", "too risky"))
         if self.pick.choice((True, False)):
-            self.tasks[task_id].status = "pending"
+            task.status = "running" if task.plan else "pending"
+            task.dispatch = 0 if task.plan else 1
             self.emit(BOSS, TaskApproved(id=self.mid(), task_id=task_id, reason=reason))
         else:
-            self.tasks[task_id].status = "denied"
+            task.status = "denied"
             self.emit(BOSS, TaskDenied(id=self.mid(), task_id=task_id, reason=reason))
 
+    def do_cancel(self) -> None:
+        """An operator (or the agent that submitted it) cancels a task that has not ended."""
+        task_id = self.pick.choice(self.where(lambda m: not m.settled))
+        task = self.tasks[task_id]
+        who = self.pick.choice((OPS, BOSS, *[task.submitter] * task.submitter.startswith("agent-")))
+        task.status, task.error = "cancelled", self.pick.choice(("", "no longer needed"))
+        self.emit(who, TaskCancelled(id=self.mid(), task_id=task_id, reason=task.error))
+
+    def do_retry(self) -> None:
+        """Nothing else happens until a retry falls due."""
+        self.settle()  # the router looks at everything that is dirty when a timer fires
+        retrying = self.where(lambda m: m.status == "retrying")
+        if retrying:
+            self.retry(self.pick.choice(retrying))
+
+    def retry(self, task_id: str) -> None:
+        """The router dispatches a task again when its retry is due."""
+        task = self.tasks[task_id]
+        assert task.retry_at is not None
+        self.at = max(self.at, task.retry_at)
+        self.decided(TaskDispatched(id=self.rid(), task_id=task_id, skill=task.skill, dispatch=task.dispatch + 1,
+                                    attempt_base=task.attempt, reason="retry"))
+
+    def do_max_deliver(self) -> None:
+        """Every claimant of a task's work item died or hung: JetStream gave up redelivering
+        it, and the router dead-letters the task (router.app.Router._dead_letters)."""
+        self.settle()
+        tasks = self.where(lambda m: m.claimable)
+        if tasks:
+            task_id = self.pick.choice(tasks)
+            task = self.tasks[task_id]
+            reason = f"no result after 5 deliveries (MaxDeliver); last claim by {task.claimant or 'nobody'}"
+            self.decided(TaskDeadLettered(id=self.rid(), task_id=task_id, failures=task.failures, reason=reason))
+
+    def do_match(self) -> None:
+        """An agent with the capabilities an unmatched step needs comes up."""
+        self.settle()
+        unmatched = self.where(lambda m: m.status == "unmatched")
+        if not unmatched:
+            return
+        task_id = self.pick.choice(unmatched)
+        task = self.tasks[task_id]
+        assert task.step is not None
+        if self.pick.choice((True, False)):  # it announces itself (the router goes by heartbeats)
+            self.join(self.pick.choice(AGENTS), ["llm.chat"], {"llm.chat": list(task.step.capabilities)})
+        self.decided(self.matched(task_id, task))
+
+    def do_approve_proposal(self) -> None:
+        proposal_id = self.pick.choice([p for p, approved in self.proposals.items() if not approved])
+        self.proposals[proposal_id] = True
+        self.emit(self.pick.choice((OPS, BOSS)), ProposalApproved(
+            id=self.mid(), proposal_id=proposal_id, profile=self.pick.choice(("helper", "summarizer"))))
+
+    def do_work(self) -> None:
+        """A quick run: a claim, and its result soon after (often in the same batch)."""
+        self.do_start()
+        while self.pick.integer(0, 2) == 0:
+            self.report(self.task_id_of_last_claim, ("progress", "usage"))
+        self.report(self.task_id_of_last_claim, ("usage", "complete", "fail"))
+
     def do_start(self) -> None:
-        task_id = self.pick.choice([t for t, m in self.tasks.items() if m.status in ("pending", "running")])
+        task_id = self.task_id_of_last_claim = self.pick_task(lambda m: m.claimable)
         task = self.tasks[task_id]
         agent = self.pick.choice(AGENTS)  # a redelivery may go to another agent
         task.status, task.claimant = "running", f"agent-{agent}"
-        task.attempt += self.pick.integer(1, 2)
-        self.emit(task.claimant, TaskStarted(id=self.mid(), task_id=task_id, attempt=task.attempt))
+        task.attempt += self.pick.integer(1, 2)  # claims count on across dispatches
+        self.emit(task.claimant, TaskStarted(id=self.mid(), task_id=task_id, attempt=task.attempt,
+                                             dispatch=task.dispatch))
 
     def do_report(self) -> None:
-        task_id = self.pick.choice([t for t, m in self.tasks.items() if m.status == "running"])
+        task_id = self.pick_task(lambda m: m.claimable and m.status == "running")
+        self.report(task_id, ("progress", "usage", "usage", "complete", "complete", "fail", "fail"))
+
+    def report(self, task_id: str, outcomes: Sequence[str]) -> None:
         task = self.tasks[task_id]
+        if task.status != "running":  # over budget
+            return
         who, attempt = task.claimant, task.attempt
-        match self.pick.choice(("progress", "usage", "usage", "complete", "fail")):
+        match self.pick.choice((*outcomes, *["fail"] * bool(task.failures))):  # what failed tends to fail again
             case "progress":
                 fraction = self.pick.choice((None, 0.0, 0.5, 1.0))
                 self.emit(who, TaskProgress(id=self.mid(), task_id=task_id, attempt=attempt,
@@ -255,18 +571,18 @@ class LogBuilder:
                 task.tokens += tokens_in + tokens_out
                 code, reason = "ok", ""
                 if task.budget is not None and task.tokens > task.budget:
-                    task.status = "failed"
                     code, reason = "budget_exceeded", f"{task.tokens} tokens used of a budget of {task.budget}"
+                    task.status, task.retry, task.error = "failed", NO_RETRY, reason
                 self.emit(who, TaskUsage(id=self.mid(), task_id=task_id, attempt=attempt, tokens_in=tokens_in,
                                          tokens_out=tokens_out, cost_usd=self.pick.choice((0.0, 0.25, 0.001)),
                                          provider="p", model="m"), code=code, reason=reason)
             case "complete":
-                task.status = "completed"
-                self.emit(who, TaskCompleted(id=self.mid(), task_id=task_id, attempt=attempt,
-                                             output=self.pick.choice((None, *VALUES))))
+                task.status, task.output = "completed", self.pick.choice((None, *VALUES))
+                self.emit(who, TaskCompleted(id=self.mid(), task_id=task_id, attempt=attempt, output=task.output))
             case _:
-                task.status = "failed"
-                self.emit(who, TaskFailed(id=self.mid(), task_id=task_id, attempt=attempt, error="boom"))
+                task.status, task.error = "failed", self.pick.choice(("boom", "flaky"))
+                task.failures += 1
+                self.emit(who, TaskFailed(id=self.mid(), task_id=task_id, attempt=attempt, error=task.error))
 
     def _writer(self, agent: str) -> str:
         return self.pick.choice((f"agent-{agent}", f"agent-{agent}", OPS))
@@ -362,14 +678,26 @@ class LogBuilder:
 
     def do_reject(self) -> None:
         """A message the router refuses: it must change nothing but the audit index."""
-        kinds = ["unknown_task", "not_memory_owner", "unknown_checkpoint"]
-        running = [t for t, m in self.tasks.items() if m.status == "running"]
-        terminal = [t for t, m in self.tasks.items() if m.terminal]
-        held = [t for t, m in self.tasks.items() if m.status == "awaiting_approval"]
-        pending = [t for t, m in self.tasks.items() if m.status == "pending"]
+        kinds = ["unknown_task", "not_memory_owner", "unknown_checkpoint", "bad_plan", "bad_cancel", "unknown_proposal"]
+        running = self.where(lambda m: m.claimable and m.status == "running")
+        claimable = self.where(lambda m: m.claimable)
+        claimed = self.where(lambda m: m.claimable and m.attempt > 0)
+        unclaimable = self.where(lambda m: m.status in ("waiting", "unmatched", "retrying")
+                                 or (m.plan and m.status == "running"))
+        terminal = self.where(lambda m: m.terminal)
+        settled = self.where(lambda m: m.settled)
+        open_ = self.where(lambda m: not m.settled)
+        held = self.where(lambda m: m.status == "awaiting_approval")
+        held_by_ops = [t for t in held if self.tasks[t].submitter == OPS]
+        pending = self.where(lambda m: m.status == "pending")
+        approved = [p for p, done in self.proposals.items() if done]
         saved = [a for a in AGENTS if self.checkpoints.get(a)]
         kinds += ["not_claimant"] * bool(running) + ["task_terminal"] * bool(terminal)
-        kinds += ["duplicate_task"] * bool(self.tasks) + ["awaiting_approval", "self_approval"] * bool(held)
+        kinds += ["stale_dispatch"] * bool(claimable) + ["stale_attempt"] * bool(claimed)
+        kinds += ["not_dispatched"] * bool(unclaimable) + ["cancel_settled"] * bool(settled)
+        kinds += ["not_submitter", "router_only"] * bool(open_) + ["already_approved"] * bool(approved)
+        kinds += ["duplicate_task"] * bool(self.tasks) + ["awaiting_approval"] * bool(held)
+        kinds += ["self_approval"] * bool(held_by_ops) + ["subtask_of_ended"] * bool(settled)
         kinds += ["not_awaiting_approval"] * bool(pending) + ["duplicate_checkpoint"] * bool(saved)
         agent = self.pick.choice(AGENTS)
         match self.pick.choice(kinds):
@@ -405,18 +733,72 @@ class LogBuilder:
                     TaskStarted(id=self.mid(), task_id=task_id, attempt=99),
                 )
                 self.reject(f"agent-{agent}", self.pick.choice(late), "task_terminal")
+            case "stale_dispatch":  # a redelivery of an earlier dispatch, or a claim of one not made yet
+                task_id = self.pick.choice(claimable)
+                task = self.tasks[task_id]
+                dispatch = task.dispatch - 1 if task.dispatch > 1 else task.dispatch + 1
+                self.reject(f"agent-{agent}", TaskStarted(id=self.mid(), task_id=task_id, attempt=task.attempt + 1,
+                                                          dispatch=dispatch), "stale_dispatch")
+            case "stale_attempt":
+                task_id = self.pick.choice(claimed)
+                task = self.tasks[task_id]
+                self.reject(f"agent-{agent}", TaskStarted(id=self.mid(), task_id=task_id, dispatch=task.dispatch,
+                                                          attempt=self.pick.integer(1, task.attempt)), "stale_attempt")
+            case "not_dispatched":  # a plan, or a step waiting for its dependencies, a match or a retry
+                task_id = self.pick.choice(unclaimable)
+                task = self.tasks[task_id]
+                self.reject(f"agent-{agent}", TaskStarted(id=self.mid(), task_id=task_id, attempt=task.attempt + 1,
+                                                          dispatch=max(task.dispatch, 1)), "not_dispatched")
+            case "cancel_settled":
+                task_id = self.pick.choice(settled)
+                self.reject(OPS, TaskCancelled(id=self.mid(), task_id=task_id, reason="too late"), "task_terminal")
+            case "not_submitter":
+                task_id = self.pick.choice(open_)
+                who = self.pick.choice([f"agent-{a}" for a in AGENTS if f"agent-{a}" != self.tasks[task_id].submitter])
+                self.reject(who, TaskCancelled(id=self.mid(), task_id=task_id), "not_submitter")
+            case "bad_cancel":  # only the router skips steps
+                task_id = self.pick.choice([*self.tasks, "nope"])
+                self.reject(OPS, TaskCancelled(id=self.mid(), task_id=task_id, skipped=True), "bad_cancel")
+            case "router_only":  # nobody sends the router's decisions
+                task_id = self.pick.choice(open_)
+                forged: tuple[AnyEvent, ...] = (
+                    TaskDispatched(id=self.mid(), task_id=task_id, skill="echo", dispatch=7),
+                    TaskRetryScheduled(id=self.mid(), task_id=task_id, failures=1, not_before=self.at),
+                    TaskDeadLettered(id=self.mid(), task_id=task_id, failures=1, reason="forged"),
+                    SkillUnmatched(id=self.mid(), task_id=task_id, capabilities=["search"],
+                                   proposal=AgentProposal(name="forged", skills=["echo"])),
+                )
+                self.reject(f"agent-{agent}", self.pick.choice(forged), "kind_not_allowed")
+            case "bad_plan":
+                bad = PlanSubmitted(id=self.mid(), task_id=f"bad{len(self.records)}", steps=[
+                    PlanStep(id="a", skill="echo", deps=["b"]), PlanStep(id="b", skill="echo", deps=["a"]),
+                ])
+                self.reject(OPS, bad, "bad_plan")
+            case "subtask_of_ended":
+                parent = self.pick.choice(settled)
+                late_subtask = TaskSubmitted(id=self.mid(), task_id=f"late{len(self.records)}", skill="echo",
+                                             parent_task_id=parent)
+                self.reject(self.tasks[parent].claimant or OPS, late_subtask, "task_terminal")
+            case "unknown_proposal":
+                self.reject(OPS, ProposalApproved(id=self.mid(), proposal_id="nope", profile="x"), "unknown_proposal")
+            case "already_approved":
+                proposal = self.pick.choice(approved)
+                self.reject(BOSS, ProposalApproved(id=self.mid(), proposal_id=proposal, profile="again"),
+                            "already_approved")
             case "duplicate_task":
                 task_id = self.pick.choice(list(self.tasks))
-                self.reject(OPS, TaskSubmitted(id=self.mid(), task_id=task_id, skill="other", input={"dup": True}),
-                            "duplicate_task")
+                if self.pick.choice((True, False)):
+                    dup: AnyEvent = TaskSubmitted(id=self.mid(), task_id=task_id, skill="other", input={"dup": True})
+                else:
+                    dup = PlanSubmitted(id=self.mid(), task_id=task_id, steps=[PlanStep(id="x", skill="echo")])
+                self.reject(OPS, dup, "duplicate_task")
             case "awaiting_approval":
                 task_id = self.pick.choice(held)
                 start = TaskStarted(id=self.mid(), task_id=task_id, attempt=1)
                 self.reject(f"agent-{agent}", start, "awaiting_approval")
             case "self_approval":
-                task_id = self.pick.choice(held)
-                approval = TaskApproved(id=self.mid(), task_id=task_id)
-                self.reject(self.tasks[task_id].submitter, approval, "self_approval")
+                task_id = self.pick.choice(held_by_ops)
+                self.reject(OPS, TaskApproved(id=self.mid(), task_id=task_id), "self_approval")
             case "not_awaiting_approval":
                 task_id = self.pick.choice(pending)
                 self.reject(BOSS, TaskDenied(id=self.mid(), task_id=task_id, reason="late"), "not_awaiting_approval")
@@ -427,7 +809,7 @@ class LogBuilder:
 
 
 def audit_key(principal: str, ev: AnyEvent) -> str:
-    """The audit key the router gives a record (see router.app._record_for)."""
+    """The audit key the router gives a record (see router.app._record_for and _router_record)."""
     if isinstance(ev, TASK_EVENTS):
         return ev.task_id
     if isinstance(ev, AGENT_EVENTS):
@@ -436,17 +818,53 @@ def audit_key(principal: str, ev: AnyEvent) -> str:
         return ev.agent
     if isinstance(ev, SharedWritten):
         return ev.namespace
+    if isinstance(ev, ProposalApproved):
+        return ev.proposal_id
     return "_"
 
 
-def build_log(pick: Picker, steps: int) -> list[AuditRecord]:
-    """A valid log of about ``steps`` messages (bursts add several records)."""
+def build(pick: Picker, steps: int) -> LogBuilder:
+    """A builder that has made a valid log of about ``steps`` messages (bursts and the
+    router's decisions add records); its model says what the router knows at the end."""
     builder = LogBuilder(pick)
     for _ in range(steps):
         builder.step()
     if not builder.records:
         builder.router_checkpoint()
-    return builder.records
+    return builder
+
+
+def build_log(pick: Picker, steps: int) -> list[AuditRecord]:
+    """A valid log of about ``steps`` messages."""
+    return build(pick, steps).records
+
+
+class Known(NamedTuple):
+    """What the router knows at the end of a log, which the projection must show."""
+
+    tasks: dict[str, tuple[str, str, str | None, int, str | None]]  # id: skill, status, parent, dispatches, retry_at
+    proposals: dict[str, str]  # proposal id: status
+
+
+def known(builder: LogBuilder) -> Known:
+    return Known(
+        tasks={t: (m.skill, m.status, m.parent, m.dispatch, None if m.retry_at is None else iso(m.retry_at))
+               for t, m in builder.tasks.items()},
+        proposals={p: "approved" if approved else "proposed" for p, approved in builder.proposals.items()},
+    )
+
+
+async def projected(path: Path) -> Known:
+    """What the tasks and proposals tables of the database at ``path`` say."""
+    db = await dbmod.open_db(path, CAP)
+    try:
+        async with db.execute("SELECT task_id, skill, status, parent_task_id, dispatches, retry_at FROM tasks") as cur:
+            tasks = {row[0]: tuple(row[1:]) for row in await cur.fetchall()}
+        async with db.execute("SELECT proposal_id, status FROM proposals") as cur:
+            proposals = {row[0]: row[1] for row in await cur.fetchall()}
+    finally:
+        await db.close()
+    return Known(tasks, proposals)  # type: ignore[arg-type]
 
 
 # -- how the log is delivered to the projector --------------------------------------------
@@ -483,9 +901,9 @@ def plans(draw: st.DrawFn, n: int) -> list[Step]:
 
 
 @st.composite
-def scenarios(draw: st.DrawFn) -> tuple[list[AuditRecord], list[Step]]:
-    log = build_log(DrawPicker(draw), draw(st.integers(1, 45)))
-    return log, draw(plans(len(log)))
+def scenarios(draw: st.DrawFn) -> tuple[list[AuditRecord], list[Step], Known]:
+    builder = build(DrawPicker(draw), draw(st.integers(1, 45)))
+    return builder.records, draw(plans(len(builder.records))), known(builder)
 
 
 class Killed(Exception):
@@ -629,15 +1047,41 @@ def features(log: Sequence[AuditRecord], tables: Dump) -> set[str]:
         found.add("budget exceeded")
     if any(row[8] for row in tables["tasks"]):  # parent_task_id
         found.add("subtask")
+    unmatched = set()
+    for r in log:
+        if not r.accepted:
+            continue
+        match r.event:
+            case PlanSubmitted() if r.code == "approval_requested":
+                found.add("plan held for approval")
+            case TaskCompleted() | TaskFailed() if r.principal == ROUTER:
+                found.add(f"plan {'completed' if isinstance(r.event, TaskCompleted) else 'failed'}")
+            case TaskCancelled(skipped=True):
+                found.add("step skipped")
+            case TaskCancelled():
+                found.add("cancelled by the router" if r.principal == ROUTER else "cancelled by a principal")
+            case TaskDispatched(reason="retry"):
+                found.add("dispatched again to retry")
+            case TaskDispatched(reason="matched", task_id=task_id) if task_id in unmatched:
+                found.add("matched after no match")
+            case SkillUnmatched(task_id=task_id):
+                unmatched.add(task_id)
+            case TaskStarted(dispatch=dispatch) if dispatch > 1:
+                found.add("claim of a later dispatch")
+            case TaskDeadLettered(failures=failures):
+                found.add("retries spent" if failures and r.event.reason.startswith("failed") else "max deliveries")
+            case _:
+                pass
     return found
 
 
-async def check_scenario(log: list[AuditRecord], plan: list[Step]) -> None:
+async def check_scenario(log: list[AuditRecord], plan: list[Step], expected: Known) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         whole = await project_whole(Path(tmp) / "whole.db", log)
         assert whole["tracking"] == [("audit", len(log))]
         assert [row[0] for row in whole["audit_index"]] == list(range(1, len(log) + 1))
         assert {(row[0], row[1]) for row in whole["shared"]} == shared_model(log)
+        assert await projected(Path(tmp) / "whole.db") == expected, "the projection disagrees with the router"
 
         split = await project_plan(Path(tmp) / "split.db", log, plan)
         assert split == whole
@@ -659,10 +1103,9 @@ async def check_scenario(log: list[AuditRecord], plan: list[Step]) -> None:
 )
 @given(scenarios())
 def test_batches_restarts_crashes_and_redelivery_never_change_the_projection(
-    scenario: tuple[list[AuditRecord], list[Step]],
+    scenario: tuple[list[AuditRecord], list[Step], Known],
 ) -> None:
-    log, plan = scenario
-    asyncio.run(check_scenario(log, plan))
+    asyncio.run(check_scenario(*scenario))
 
 
 # -- plain tests ---------------------------------------------------------------------------
@@ -689,15 +1132,20 @@ def test_the_generated_logs_exercise_every_feature() -> None:
         seen: set[str] = set()
         with tempfile.TemporaryDirectory() as tmp:
             for seed in range(20):
-                log = build_log(RandomPicker(seed), 45)
-                seen |= features(log, await project_whole(Path(tmp) / f"{seed}.db", log))
+                builder = build(RandomPicker(seed), 45)
+                path = Path(tmp) / f"{seed}.db"
+                seen |= features(builder.records, await project_whole(path, builder.records))
+                assert await projected(path) == known(builder)
         return seen
 
     seen = asyncio.run(run())
-    kinds = {t.__name__ for t in (*TASK_EVENTS, *AGENT_EVENTS, *MEMORY_EVENTS, SharedWritten)}
+    kinds = {t.__name__ for t in get_args(AnyEvent)}  # every kind the log may hold, ProposalApproved too
+    assert kinds >= {t.__name__ for t in (*TASK_EVENTS, *AGENT_EVENTS, *MEMORY_EVENTS, SharedWritten, ProposalApproved)}
     assert {f"accepted {k}" for k in kinds} <= seen
     assert {"rejections", "list rolled into a summary", "shared key expired", "checkpoint restored",
-            "budget exceeded", "subtask"} <= seen
+            "budget exceeded", "subtask", "plan held for approval", "plan completed", "plan failed", "step skipped",
+            "cancelled by the router", "cancelled by a principal", "dispatched again to retry",
+            "matched after no match", "claim of a later dispatch", "retries spent", "max deliveries"} <= seen
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 100])
