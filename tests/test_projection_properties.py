@@ -136,6 +136,21 @@ class RandomPicker:
 # -- the model: what the router knows, so the log only holds what it would accept ---------
 
 
+class Known(NamedTuple):
+    """What the router knows at some point of a log, which the projection must show then."""
+
+    tasks: dict[str, tuple[str, str, str | None, int, str | None]]  # id: skill, status, parent, dispatches, retry_at
+    proposals: dict[str, str]  # proposal id: status
+
+
+def known(builder: LogBuilder) -> Known:
+    return Known(
+        tasks={t: (m.skill, m.status, m.parent, m.dispatch, None if m.retry_at is None else iso(m.retry_at))
+               for t, m in builder.tasks.items()},
+        proposals={p: "approved" if approved else "proposed" for p, approved in builder.proposals.items()},
+    )
+
+
 @dataclass
 class TaskModel:
     """One task as router/state.py folds it (statuses are the router's and the projection's)."""
@@ -189,6 +204,7 @@ class LogBuilder:
     last_router_checkpoint: int = 0
     decisions: int = 0  # ids of the router's own events
     task_id_of_last_claim: str = ""
+    truth: list[Known] = field(default_factory=list)  # what the router knows after each record
 
     # -- emitting ---------------------------------------------------------------------------
 
@@ -204,6 +220,7 @@ class LogBuilder:
             delivery=int(ingress),
             trace_id=f"tr{seq}" if ingress and isinstance(ev, TaskSubmitted | PlanSubmitted) else "", event=ev,
         ))
+        self.truth.append(known(self))
 
     def reject(self, principal: str, ev: AnyEvent, code: str) -> None:
         self.emit(principal, ev, verdict="rejected", code=code, reason=f"refused: {code}")
@@ -218,6 +235,7 @@ class LogBuilder:
             key="router", msg_id="", ingress_seq=0, delivery=0, checkpoint=checkpoint,
         ))
         self.last_router_checkpoint = seq
+        self.truth.append(known(self))
 
     def mid(self) -> str:
         return f"m{len(self.records) + 1}"
@@ -839,32 +857,21 @@ def build_log(pick: Picker, steps: int) -> list[AuditRecord]:
     return build(pick, steps).records
 
 
-class Known(NamedTuple):
-    """What the router knows at the end of a log, which the projection must show."""
-
-    tasks: dict[str, tuple[str, str, str | None, int, str | None]]  # id: skill, status, parent, dispatches, retry_at
-    proposals: dict[str, str]  # proposal id: status
-
-
-def known(builder: LogBuilder) -> Known:
-    return Known(
-        tasks={t: (m.skill, m.status, m.parent, m.dispatch, None if m.retry_at is None else iso(m.retry_at))
-               for t, m in builder.tasks.items()},
-        proposals={p: "approved" if approved else "proposed" for p, approved in builder.proposals.items()},
-    )
+async def projected(db: aiosqlite.Connection) -> Known:
+    """What the tasks and proposals tables say the router knows."""
+    async with db.execute("SELECT task_id, skill, status, parent_task_id, dispatches, retry_at FROM tasks") as cur:
+        tasks = {row[0]: tuple(row[1:]) for row in await cur.fetchall()}
+    async with db.execute("SELECT proposal_id, status FROM proposals") as cur:
+        proposals = {row[0]: row[1] for row in await cur.fetchall()}
+    return Known(tasks, proposals)  # type: ignore[arg-type]
 
 
-async def projected(path: Path) -> Known:
-    """What the tasks and proposals tables of the database at ``path`` say."""
+async def projected_at(path: Path) -> Known:
     db = await dbmod.open_db(path, CAP)
     try:
-        async with db.execute("SELECT task_id, skill, status, parent_task_id, dispatches, retry_at FROM tasks") as cur:
-            tasks = {row[0]: tuple(row[1:]) for row in await cur.fetchall()}
-        async with db.execute("SELECT proposal_id, status FROM proposals") as cur:
-            proposals = {row[0]: row[1] for row in await cur.fetchall()}
+        return await projected(db)
     finally:
         await db.close()
-    return Known(tasks, proposals)  # type: ignore[arg-type]
 
 
 # -- how the log is delivered to the projector --------------------------------------------
@@ -901,9 +908,9 @@ def plans(draw: st.DrawFn, n: int) -> list[Step]:
 
 
 @st.composite
-def scenarios(draw: st.DrawFn) -> tuple[list[AuditRecord], list[Step], Known]:
+def scenarios(draw: st.DrawFn) -> tuple[list[AuditRecord], list[Step], list[Known]]:
     builder = build(DrawPicker(draw), draw(st.integers(1, 45)))
-    return builder.records, draw(plans(len(builder.records))), known(builder)
+    return builder.records, draw(plans(len(builder.records))), builder.truth
 
 
 class Killed(Exception):
@@ -949,12 +956,13 @@ async def project_whole(path: Path, log: Sequence[AuditRecord]) -> Dump:
     return await dump_of(path)
 
 
-async def project_plan(path: Path, log: Sequence[AuditRecord], plan: Sequence[Step]) -> Dump:
+async def project_plan(path: Path, log: Sequence[AuditRecord], plan: Sequence[Step], truth: Sequence[Known]) -> Dump:
     """Apply ``log`` as ``plan`` says, keeping the position in memory as the projector does.
 
     After every batch the tables must equal those of a database fed the same records one
-    at a time (the other extreme of batching), so a difference is caught where it arises,
-    before later records can hide it.
+    at a time (the other extreme of batching), and show the tasks as the router knows
+    them then (``truth``), so a difference is caught where it arises, before later
+    records can hide it.
     """
     db = await dbmod.open_db(path, CAP)
     reference = await dbmod.open_db(path.with_name(f"one-by-one-{path.name}"), CAP)
@@ -979,6 +987,7 @@ async def project_plan(path: Path, log: Sequence[AuditRecord], plan: Sequence[St
             for record in log[step.start : step.end]:
                 await apply_batch(reference, [record], record.seq - 1)
             assert await dbmod.dump(db) == await dbmod.dump(reference), f"after records {step.start + 1}..{step.end}"
+            assert await projected(db) == truth[step.end - 1], f"the router knows otherwise after record {step.end}"
             if step.stale is not None:
                 before = await dbmod.dump(db)
                 a, b = step.stale
@@ -1075,15 +1084,15 @@ def features(log: Sequence[AuditRecord], tables: Dump) -> set[str]:
     return found
 
 
-async def check_scenario(log: list[AuditRecord], plan: list[Step], expected: Known) -> None:
+async def check_scenario(log: list[AuditRecord], plan: list[Step], truth: list[Known]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         whole = await project_whole(Path(tmp) / "whole.db", log)
         assert whole["tracking"] == [("audit", len(log))]
         assert [row[0] for row in whole["audit_index"]] == list(range(1, len(log) + 1))
         assert {(row[0], row[1]) for row in whole["shared"]} == shared_model(log)
-        assert await projected(Path(tmp) / "whole.db") == expected, "the projection disagrees with the router"
+        assert await projected_at(Path(tmp) / "whole.db") == truth[-1], "the projection disagrees with the router"
 
-        split = await project_plan(Path(tmp) / "split.db", log, plan)
+        split = await project_plan(Path(tmp) / "split.db", log, plan, truth)
         assert split == whole
 
         if any(not r.accepted for r in log):
@@ -1103,7 +1112,7 @@ async def check_scenario(log: list[AuditRecord], plan: list[Step], expected: Kno
 )
 @given(scenarios())
 def test_batches_restarts_crashes_and_redelivery_never_change_the_projection(
-    scenario: tuple[list[AuditRecord], list[Step], Known],
+    scenario: tuple[list[AuditRecord], list[Step], list[Known]],
 ) -> None:
     asyncio.run(check_scenario(*scenario))
 
@@ -1126,16 +1135,25 @@ async def test_applying_the_whole_log_again_changes_nothing(tmp_path: Path) -> N
 
 
 def test_the_generated_logs_exercise_every_feature() -> None:
-    """The log builder can make every kind of record and situation the property relies on."""
+    """The log builder can make every kind of record and situation the property relies on
+    (and on these logs the projection shows what the router knows after every batch)."""
 
     async def run() -> set[str]:
         seen: set[str] = set()
         with tempfile.TemporaryDirectory() as tmp:
             for seed in range(20):
                 builder = build(RandomPicker(seed), 45)
-                path = Path(tmp) / f"{seed}.db"
-                seen |= features(builder.records, await project_whole(path, builder.records))
-                assert await projected(path) == known(builder)
+                log, sizes = builder.records, random.Random(seed)
+                db = await dbmod.open_db(Path(tmp) / f"{seed}.db", CAP)
+                try:
+                    position = 0
+                    while position < len(log):
+                        end = min(len(log), position + sizes.randint(1, 8))
+                        position = await apply_batch(db, log[position:end], position)
+                        assert await projected(db) == builder.truth[end - 1], f"seed {seed}, after record {end}"
+                    seen |= features(log, await dbmod.dump(db))
+                finally:
+                    await db.close()
         return seen
 
     seen = asyncio.run(run())
