@@ -328,7 +328,7 @@ class Router:
             return
         items: list[tuple[WorkItem, dict[str, str]]] = [
             (item, {}) for task_id in sorted(self._undelivered)
-            if (item := routed_work_item(task_id, self.state, 0)) is not None
+            if (item := routed_work_item(task_id, self.state)) is not None
         ]
         results = await dispatch(self.js, items)
         self._undelivered = {item.task_id for (item, _), err in zip(items, results, strict=True) if err is not None}

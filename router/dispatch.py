@@ -15,7 +15,7 @@ import nats.errors
 from nats.js import JetStreamContext
 
 from bus import codec, subjects
-from bus.events import AuditRecord, TaskApproved, TaskDispatched, TaskSubmitted, WorkItem
+from bus.events import AuditRecord, TaskApproved, TaskSubmitted, WorkItem
 from router.state import RouterState
 
 
@@ -32,8 +32,6 @@ def work_item(record: AuditRecord, state: RouterState) -> WorkItem | None:
             if task is None or not isinstance(task.held, TaskSubmitted):
                 return None  # a plan's steps are dispatched by the scheduler
             submission, submitted_by = task.held, task.submitter
-        case TaskDispatched(task_id=task_id):
-            return routed_work_item(task_id, state, record.seq)
         case _:
             return None
     return WorkItem(
@@ -47,7 +45,7 @@ def work_item(record: AuditRecord, state: RouterState) -> WorkItem | None:
     )
 
 
-def routed_work_item(task_id: str, state: RouterState, audit_seq: int) -> WorkItem | None:
+def routed_work_item(task_id: str, state: RouterState) -> WorkItem | None:
     """The work item of the scheduler's current dispatch of a task: a plan step (with its
     dependencies' outputs as context) or a retry of a submission."""
     task = state.tasks.get(task_id)
@@ -61,14 +59,14 @@ def routed_work_item(task_id: str, state: RouterState, audit_seq: int) -> WorkIt
             context[step.id] = state.tasks[dep].output
         return WorkItem(
             task_id=task_id, skill=task.skill, input=task.step.input, timeout_s=task.step.timeout_s,
-            audit_seq=audit_seq, submitted_by=task.submitter, dispatch=task.dispatch, attempt_base=task.attempt,
-            parent_task_id=task.parent, step=task.step.id, context=context,
+            audit_seq=task.dispatch_seq, submitted_by=task.submitter, dispatch=task.dispatch,
+            attempt_base=task.attempt, parent_task_id=task.parent, step=task.step.id, context=context,
         )
     if task.submission is None:
         return None
     sub = task.submission
     return WorkItem(
-        task_id=task_id, skill=task.skill, input=sub.input, timeout_s=sub.timeout_s, audit_seq=audit_seq,
+        task_id=task_id, skill=task.skill, input=sub.input, timeout_s=sub.timeout_s, audit_seq=task.dispatch_seq,
         submitted_by=task.submitter, dispatch=task.dispatch, attempt_base=task.attempt,
         parent_task_id=sub.parent_task_id,
     )

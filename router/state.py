@@ -89,6 +89,8 @@ class TaskState:
     """For a plan step: its definition."""
     deps: tuple[str, ...] = ()
     """For a plan step: the task ids of the steps it depends on."""
+    dispatch_seq: int = 0
+    """The audit seq of the record that made the current dispatch."""
     routed: bool = False
     """Its current dispatch is the router's own (``task_dispatched``), not the submission's."""
 
@@ -220,7 +222,7 @@ class RouterState:
                 task.status, task.skill, task.dispatch, task.retry_at = (
                     "pending", dispatched.skill, dispatched.dispatch, None
                 )
-                task.routed = True
+                task.routed, task.dispatch_seq = True, record.seq
                 self.unmatched.discard(task_id)
             case TaskRetryScheduled(task_id=task_id, not_before=at):
                 task = self.tasks[task_id]
