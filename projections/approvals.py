@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import aiosqlite
 
-from bus.events import PLAN_SKILL, AuditRecord, PlanSubmitted, TaskApproved, TaskDenied, TaskSubmitted
+from bus.events import PLAN_SKILL, AuditRecord, PlanSubmitted, TaskApproved, TaskCancelled, TaskDenied, TaskSubmitted
 from projections.db import iso
 from projections.rows import Rows
 
@@ -15,10 +15,14 @@ COLUMNS = ("task_id", "skill", "submitted_by", "requested_at", "requested_seq", 
 
 
 async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> None:
-    """Fold a batch: held submissions open a row, approvals and denials decide it."""
+    """Fold a batch: held submissions open a row, approvals and denials decide it.
+
+    A held task cancelled before anyone decided is closed as ``cancelled``, so it leaves the
+    queue people approve from.
+    """
     mine = [
         r for r in records
-        if r.accepted and (isinstance(r.event, TaskApproved | TaskDenied)
+        if r.accepted and (isinstance(r.event, TaskApproved | TaskDenied | TaskCancelled)
                            or (isinstance(r.event, TaskSubmitted | PlanSubmitted) and r.code == "approval_requested"))
     ]
     if not mine:
@@ -37,6 +41,11 @@ async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> Non
                 status = "approved" if isinstance(record.event, TaskApproved) else "denied"
                 rows.update((task_id,), status=status, decided_by=record.principal,
                             decided_at=iso(record.at), reason=reason, updated_seq=record.seq)
+            case TaskCancelled(task_id=task_id, reason=reason):
+                row = rows.get((task_id,))
+                if row is not None and row["status"] == "pending":
+                    rows.update((task_id,), status="cancelled", decided_by=record.principal,
+                                decided_at=iso(record.at), reason=reason or None, updated_seq=record.seq)
             case _:
                 pass
     await rows.store(db)

@@ -210,8 +210,10 @@ CREATE INDEX IF NOT EXISTS proposals_by_status ON proposals (status, proposed_se
 
 TRACKING_NAME = "audit"
 
-SCHEMA_VERSION = 4
-"""Bumped whenever SCHEMA changes; an older file is rebuilt from the log, not migrated."""
+SCHEMA_VERSION = 5
+"""Bumped whenever SCHEMA or what a fold writes changes; an older file is rebuilt from the
+log, not migrated. (v5: a new attempt clears the last one's end and error; a cancel clears
+a pending retry and closes a held approval.)"""
 
 DEFAULT_MEMORY_LIST_CAP = 1000
 

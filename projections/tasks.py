@@ -115,14 +115,14 @@ def fold(rows: Rows, record: AuditRecord) -> None:
                         updated_seq=seq)
         case TaskDispatched(task_id=task_id) as e:
             rows.update((task_id,), status="pending", skill=e.skill, dispatches=e.dispatch, retry_at=None,
-                        progress=None if e.reason == "ready" else f"dispatched ({e.reason})", updated_seq=seq)
+                        finished_at=None, progress=None if e.reason == "ready" else f"dispatched ({e.reason})", updated_seq=seq)
         case TaskRetryScheduled(task_id=task_id) as e:
             rows.update((task_id,), status="retrying", retry_at=iso(e.not_before), updated_seq=seq)
         case TaskDeadLettered(task_id=task_id) as e:
             rows.update((task_id,), status="dead_lettered", error=e.reason, finished_at=at, updated_seq=seq)
         case TaskCancelled(task_id=task_id) as e:
             who = "" if record.principal == "router" else f" by {record.principal}"
-            rows.update((task_id,), status="skipped" if e.skipped else "cancelled",
+            rows.update((task_id,), status="skipped" if e.skipped else "cancelled", retry_at=None,
                         error=e.reason or f"cancelled{who}", finished_at=at, updated_seq=seq)
         case SkillUnmatched(task_id=task_id) as e:
             rows.update((task_id,), status="unmatched", updated_seq=seq,
@@ -146,8 +146,10 @@ def fold(rows: Rows, record: AuditRecord) -> None:
             row = rows.get((task_id,))
             if row is None:
                 return
+            # A new attempt: what the last one left (its end, its error) no longer describes the task.
             rows.update((task_id,), status="running", agent=agent_name(record.principal),
-                        attempts=row["attempts"] + 1, started_at=at, progress=None, fraction=None, updated_seq=seq)
+                        attempts=row["attempts"] + 1, started_at=at, finished_at=None, error=None, progress=None,
+                        fraction=None, updated_seq=seq)
         case TaskProgress(task_id=task_id) as e:
             rows.update((task_id,), progress=e.message, fraction=e.fraction, updated_seq=seq)
         case TaskCompleted(task_id=task_id) as e:

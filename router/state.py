@@ -234,7 +234,7 @@ class RouterState:
             case TaskCancelled(task_id=task_id, reason=reason) as cancel:
                 task = self.tasks[task_id]
                 task.status = "skipped" if cancel.skipped else "cancelled"
-                task.error, task.submission, task.held = reason, None, None
+                task.error, task.submission, task.held, task.retry_at = reason, None, None, None
                 self.unmatched.discard(task_id)
             case ProposalApproved(proposal_id=proposal_id):
                 self.approved_proposals.add(proposal_id)

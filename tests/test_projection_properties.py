@@ -270,6 +270,7 @@ class LogBuilder:
                 task.status, task.error = "dead_lettered", ev.reason
             case TaskCancelled():
                 task.status, task.error = "skipped" if ev.skipped else "cancelled", ev.reason
+                task.retry_at = None
             case SkillUnmatched():
                 task.status = "unmatched"
                 self.proposals[ev.id] = False
@@ -506,7 +507,7 @@ class LogBuilder:
         task_id = self.pick.choice(self.where(lambda m: not m.settled))
         task = self.tasks[task_id]
         who = self.pick.choice((OPS, BOSS, *[task.submitter] * task.submitter.startswith("agent-")))
-        task.status, task.error = "cancelled", self.pick.choice(("", "no longer needed"))
+        task.status, task.error, task.retry_at = "cancelled", self.pick.choice(("", "no longer needed")), None
         self.emit(who, TaskCancelled(id=self.mid(), task_id=task_id, reason=task.error))
 
     def do_retry(self) -> None:

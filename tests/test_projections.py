@@ -11,16 +11,30 @@ from bus.events import (
     AgentJoined,
     AuditRecord,
     Event,
+    TaskCancelled,
     TaskCompleted,
+    TaskDispatched,
     TaskFailed,
     TaskProgress,
+    TaskRetryScheduled,
     TaskStarted,
     TaskSubmitted,
 )
 from projections import db as dbmod
 from projections.apply import apply_batch
+from projections.db import iso
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def records(events: list[tuple[str, str, Event]], code: dict[int, str] | None = None) -> list[AuditRecord]:
+    """Audit records for ``(principal, verdict, event)`` triples, one second apart."""
+    return [
+        AuditRecord(seq=i, at=T0 + timedelta(seconds=i), verdict=verdict,
+                    code=(code or {}).get(i, "ok" if verdict == "accepted" else "x"),
+                    reason="", principal=who, kind="k", key="k", msg_id=e.id, ingress_seq=i, delivery=1, event=e)
+        for i, (who, verdict, e) in enumerate(events, start=1)
+    ]
 
 
 def history() -> list[AuditRecord]:
@@ -39,11 +53,7 @@ def history() -> list[AuditRecord]:
         ("agent-echo-1", "accepted", TaskStarted(id="st2c", task_id="c", attempt=2)),
         ("agent-echo-1", "accepted", TaskCompleted(id="cc", task_id="c", attempt=2, output=None)),
     ]
-    return [
-        AuditRecord(seq=i, at=T0 + timedelta(seconds=i), verdict=verdict, code="ok" if verdict == "accepted" else "x",
-                    reason="", principal=who, kind="k", key="k", msg_id=e.id, ingress_seq=i, delivery=1, event=e)
-        for i, (who, verdict, e) in enumerate(events, start=1)
-    ]
+    return records(events)
 
 
 async def project(path: Path, batches: list[list[AuditRecord]]) -> dict:
@@ -84,3 +94,52 @@ async def test_the_tasks_table_follows_each_lifecycle(tmp_path: Path) -> None:
     assert tables["tracking"] == [("audit", len(history()))]
     [agent] = tables["agents"]
     assert agent[0] == "echo-1" and agent[-4:-1] == (1, 2, 1)  # one join; completed a and c, failed b  # completed a and c, failed b
+
+
+async def rows_of(path: Path, sql: str) -> list[tuple]:
+    db = await dbmod.open_db(path)
+    try:
+        async with db.execute(sql) as cur:
+            return [tuple(r) for r in await cur.fetchall()]
+    finally:
+        await db.close()
+
+
+async def test_a_retried_task_row_describes_its_current_attempt(tmp_path: Path) -> None:
+    retry_at = T0 + timedelta(minutes=5)
+    log = records([
+        ("cli-alice", "accepted", TaskSubmitted(id="s", task_id="t", skill="echo", input={})),
+        ("agent-echo-1", "accepted", TaskStarted(id="st1", task_id="t", attempt=1)),
+        ("agent-echo-1", "accepted", TaskFailed(id="f1", task_id="t", attempt=1, error="flaky")),
+        ("router", "accepted", TaskRetryScheduled(id="r1", task_id="t", failures=1, not_before=retry_at)),
+    ])
+    sql = "SELECT status, attempts, finished_at IS NULL, error, retry_at, agent FROM tasks"
+    await project(tmp_path / "p.db", [log])
+    # While it waits, the row says why (the last error) and when it goes again.
+    assert await rows_of(tmp_path / "p.db", sql) == [("retrying", 1, 0, "flaky", iso(retry_at), "echo-1")]
+    more = records([
+        *[(r.principal, r.verdict, r.event) for r in log],
+        ("router", "accepted", TaskDispatched(id="d2", task_id="t", skill="echo", dispatch=2, attempt_base=1,
+                                              reason="retry")),
+        ("agent-echo-2", "accepted", TaskStarted(id="st2", task_id="t", attempt=2)),
+    ])
+    await project(tmp_path / "q.db", [more])
+    # The second attempt runs: nothing of the first (its end, its error) is left on the row.
+    assert await rows_of(tmp_path / "q.db", sql) == [("running", 2, 1, None, None, "echo-2")]
+
+
+async def test_cancelling_clears_a_pending_retry_and_closes_a_held_approval(tmp_path: Path) -> None:
+    log = records([
+        ("cli-alice", "accepted", TaskSubmitted(id="s", task_id="t", skill="echo", input={})),
+        ("agent-echo-1", "accepted", TaskFailed(id="f1", task_id="t", attempt=1, error="flaky")),
+        ("router", "accepted", TaskRetryScheduled(id="r1", task_id="t", failures=1, not_before=T0)),
+        ("cli-alice", "accepted", TaskCancelled(id="c1", task_id="t", reason="not needed")),
+        ("cli-alice", "accepted", TaskSubmitted(id="s2", task_id="held", skill="shell", input={})),
+        ("cli-alice", "accepted", TaskCancelled(id="c2", task_id="held")),
+    ], code={5: "approval_requested"})
+    await project(tmp_path / "p.db", [log])
+    assert await rows_of(tmp_path / "p.db", "SELECT task_id, status, retry_at FROM tasks ORDER BY task_id") == [
+        ("held", "cancelled", None), ("t", "cancelled", None)]
+    # Nobody approves a task that no longer exists.
+    assert await rows_of(tmp_path / "p.db", "SELECT task_id, status, decided_by FROM approvals") == [
+        ("held", "cancelled", "cli-alice")]
