@@ -1,0 +1,248 @@
+"""Routing LLM calls: the routing file picks the provider and model, the router falls back.
+
+An agent loads one :class:`LLMRouter` from its routing file and binds it to each task's
+skill and role (:meth:`LLMRouter.bind`); the skill calls ``await ctx.llm.chat(...)``.
+A call tries the route's candidates in order, the primary first:
+
+- a retryable failure (``rate_limited``, ``timeout``, ``server``, ``malformed``) moves on
+  to the next candidate at once: another provider or model is usually the faster way to
+  an answer than waiting for this one;
+- the last candidate, rate limited with a ``retry-after``, is the exception: nothing is
+  left to move on to, so it waits that long (at most :attr:`LLMRouter.max_retry_wait_s`)
+  and is tried once more;
+- any other failure (``refused``: the request itself is wrong; ``config``) fails the call
+  at once, since another model would refuse it too or the operator has to act;
+- when every candidate failed, the error has the kind of the last failure and lists
+  every attempt with what the provider said: ``llm.chat failed: claude/claude-x:
+  rate_limited (429, retry after 2s): <the API's message>; local/qwen: server (500): ...``.
+
+Every attempt, good or failed, is reported to the bound usage sink (tokens, cost by the
+price table, latency, outcome), logged (provider, model, outcome, status, latency,
+tokens) and traced as one ``llm.chat`` span. Logs and spans carry no message contents
+and no error details (a malformed answer's excerpt is the model's text); the error
+raised to the skill does. Keys appear nowhere: providers hand them to the SDK only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any, Self
+
+import msgspec
+import structlog
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.util.types import AttributeValue
+
+from agents.llm import config
+from agents.llm.base import ChatRequest, ChatResult, Message, Provider, ProviderError, Usage, UsageSink
+from agents.llm.config import Candidate, ProviderConfig, Route, RoutingFile
+
+log = structlog.get_logger(__name__)
+
+
+class LLMRouter:
+    """The providers and routes of one routing file, shared by every task of an agent.
+
+    Providers (and their HTTP clients) are made on first use and kept until
+    :meth:`aclose`, so a provider no route reaches never needs its key. ``tracer``
+    defaults to the ``ledgerbus.llm`` tracer of the global provider; pass one to record
+    spans elsewhere (tests do).
+    """
+
+    max_retry_wait_s: float = 5.0
+    """The longest the last candidate is waited for after a rate limit."""
+
+    def __init__(self, routing: RoutingFile | None, *, path: Path | None = None,
+                 tracer: trace.Tracer | None = None) -> None:
+        self.routing = routing
+        """``None``: there is no routing file, and every call fails as ``config``."""
+        self.path = path
+        self.tracer = tracer or trace.get_tracer("ledgerbus.llm")
+        self._providers: dict[str, Provider] = {}
+
+    @classmethod
+    def from_file(cls, path: Path | None, *, tracer: trace.Tracer | None = None) -> LLMRouter:
+        """The router of the routing file at ``path``: checked now, so a mistake stops the
+        agent at start (:class:`~bus.errors.ConfigError`). No file there (or no ``path``)
+        makes a router without routes, whose calls fail until a file is written."""
+        return cls(config.load(path) if path is not None else None, path=path, tracer=tracer)
+
+    def route(self, skill: str, role: str = "") -> Route:
+        """The route for ``skill`` called by an agent in ``role``: the role's route, else
+        the skill's, else the default; a ``config`` :class:`ProviderError` if none."""
+        who = f"skill {skill!r}" + (f" (role {role!r})" if role else "")
+        if self.routing is None:
+            where = f"no routing file at {self.path}" if self.path is not None else "no routing file"
+            raise ProviderError("config", f"no LLM route for {who}: {where}; create llm.toml (or point"
+                                " LEDGERBUS_LLM_CONFIG_PATH at one) with a [default] route")
+        route = self.routing.route(skill, role)
+        if route is None:
+            raise ProviderError("config", f"no LLM route for {who} in {self.path or 'the routing file'}: add a"
+                                f" [default] route, or [skills.{config.toml_key(skill)}]")
+        return route
+
+    def bind(self, skill: str, role: str = "", usage: UsageSink | None = None) -> LLM:
+        """What a task's skill calls: routed for ``skill`` and ``role``, reporting every
+        attempt to ``usage`` (awaited in line: what it raises, the call raises). Binding
+        never fails; a missing route fails the call."""
+        return LLM(self, skill, role, usage)
+
+    def provider(self, name: str) -> Provider:
+        """The provider ``name`` of the routing file, made on first use."""
+        provider = self._providers.get(name)
+        if provider is None:
+            provider = self._providers[name] = _make(name, self._provider_config(name))
+        return provider
+
+    def _provider_config(self, name: str) -> ProviderConfig:
+        # Routes are checked against the providers at load: a miss here is a caller's mistake.
+        if self.routing is None or name not in self.routing.providers:
+            raise ProviderError("config", f"no provider {name!r} in the routing file", provider=name)
+        return self.routing.providers[name]
+
+    def system(self, name: str) -> str:
+        """The provider's type (``anthropic``, ``vllm``): the span's ``gen_ai.system``."""
+        return self._provider_config(name).type
+
+    def cost(self, model: str, tokens_in: int, tokens_out: int) -> float:
+        """A call's cost in USD by the price table (0.0 for a model without a price)."""
+        return self.routing.cost(model, tokens_in, tokens_out) if self.routing is not None else 0.0
+
+    async def aclose(self) -> None:
+        """Close every provider made so far (their HTTP clients)."""
+        providers, self._providers = list(self._providers.values()), {}
+        for provider in providers:
+            await provider.aclose()
+
+    async def warm(self) -> None:
+        """Make every configured provider now, in a worker thread. Importing an SDK takes
+        seconds; done on first use inside a running agent it would stall the event loop
+        past its WORK leases (and the task would be redelivered while it runs)."""
+        for name in self.routing.providers if self.routing is not None else ():
+            if name not in self._providers:
+                self._providers[name] = await asyncio.to_thread(_make, name, self._provider_config(name))
+
+    async def __aenter__(self) -> Self:
+        """Warm the providers (see :meth:`warm`)."""
+        await self.warm()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+def _make(name: str, settings: ProviderConfig) -> Provider:
+    """A provider of the configured type. The SDKs are imported here, on first use:
+    ``anthropic`` alone takes seconds to import, which an agent that never calls it (or
+    a vLLM-only one) should not pay at start."""
+    if settings.type == "anthropic":
+        from agents.llm.anthropic import AnthropicProvider
+
+        return AnthropicProvider(name, base_url=settings.base_url, api_key_env=settings.key_env(),
+                                 timeout_s=settings.timeout_s)
+    from agents.llm.vllm import VLLMProvider
+
+    assert settings.base_url is not None  # config.parse refuses a vllm provider without one
+    return VLLMProvider(name, base_url=settings.base_url, api_key_env=settings.key_env(),
+                        timeout_s=settings.timeout_s)
+
+
+class LLM:
+    """The router bound to one task's skill and role: ``await llm.chat("...")``."""
+
+    def __init__(self, router: LLMRouter, skill: str, role: str = "", usage: UsageSink | None = None) -> None:
+        self.router = router
+        self.skill = skill
+        self.role = role
+        self._usage = usage
+
+    def as_role(self, role: str) -> LLM:
+        """The same binding, routed as ``role`` (a pipeline step names the role it plays,
+        whichever agent runs it)."""
+        return LLM(self.router, self.skill, role, self._usage)
+
+    async def chat(self, request: ChatRequest | str, **overrides: Any) -> ChatResult:
+        """Answer ``request`` (a plain string is one user message) with the first
+        candidate of the route that succeeds; ``overrides`` replace fields of the request
+        (``system=``, ``schema=``, ``max_tokens=``...). Raises :class:`ProviderError`:
+        see the module docstring for which failures fall back and which fail at once."""
+        if isinstance(request, str):
+            request = ChatRequest(messages=[Message(role="user", content=request)])
+        if overrides:
+            request = msgspec.structs.replace(request, **overrides)
+        candidates = self.router.route(self.skill, self.role).candidates()
+        failures: list[ProviderError] = []
+        for candidate in candidates:
+            if (result := await self._try(candidate, request, failures)) is not None:
+                return result
+        last = failures[-1]
+        if last.kind == "rate_limited" and last.retry_after_s is not None:
+            # Nothing left to fall back to: the last candidate gets one more try, after the wait it asked for.
+            await asyncio.sleep(min(last.retry_after_s, self.router.max_retry_wait_s))
+            if (result := await self._try(candidates[-1], request, failures)) is not None:
+                return result
+            last = failures[-1]
+        raise ProviderError(last.kind, "llm.chat failed: " + "; ".join(str(f) for f in failures),
+                            provider=last.provider, model=last.model, retry_after_s=last.retry_after_s,
+                            status=last.status)
+
+    async def _try(self, candidate: Candidate, request: ChatRequest,
+                   failures: list[ProviderError]) -> ChatResult | None:
+        """One attempt; a retryable failure is added to ``failures`` (``None``: move on),
+        any other is raised."""
+        try:
+            return await self._attempt(candidate, request)
+        except ProviderError as error:
+            if not error.retryable:
+                raise
+            failures.append(error)
+            return None
+
+    async def _attempt(self, candidate: Candidate, request: ChatRequest) -> ChatResult:
+        """One call to one candidate: traced, logged and reported whatever its outcome."""
+        name, model = candidate.provider, candidate.model
+        max_tokens = request.max_tokens or candidate.max_tokens or config.DEFAULT_MAX_TOKENS
+        if request.temperature is None and candidate.temperature is not None:
+            request = msgspec.structs.replace(request, temperature=candidate.temperature)
+        attributes: dict[str, AttributeValue] = {
+            "gen_ai.operation.name": "chat", "gen_ai.system": self.router.system(name), "gen_ai.request.model": model,
+            "gen_ai.request.max_tokens": max_tokens, "ledgerbus.llm.provider": name, "ledgerbus.skill": self.skill,
+        }
+        # The span's status is set below: recording the exception itself would put its
+        # message (a malformed answer's excerpt: the model's text) in the trace.
+        with self.router.tracer.start_as_current_span("llm.chat", kind=SpanKind.CLIENT, attributes=attributes,
+                                                      record_exception=False, set_status_on_exception=False) as span:
+            started = time.monotonic()
+            try:
+                result = await self.router.provider(name).chat(request, model=model, max_tokens=max_tokens,
+                                                               params=candidate.params)
+            except ProviderError as error:
+                latency_s = time.monotonic() - started
+                span.set_attributes({"error.type": error.kind, "gen_ai.usage.input_tokens": 0,
+                                     "gen_ai.usage.output_tokens": 0})
+                span.set_status(Status(StatusCode.ERROR, error.attempt))
+                log.warning("llm_call_failed", skill=self.skill, role=self.role, provider=name, model=model,
+                            outcome=error.kind, status=error.status, retry_after_s=error.retry_after_s,
+                            latency_s=round(latency_s, 3))
+                await self._report(Usage(provider=name, model=model, latency_s=latency_s, outcome=error.kind))
+                raise
+            latency_s = time.monotonic() - started
+            cost = self.router.cost(model, result.tokens_in, result.tokens_out)
+            result = msgspec.structs.replace(result, cost_usd=cost, latency_s=latency_s)
+            span.set_attributes({"gen_ai.usage.input_tokens": result.tokens_in,
+                                 "gen_ai.usage.output_tokens": result.tokens_out, "ledgerbus.llm.cost_usd": cost})
+            if result.stop_reason:
+                span.set_attribute("gen_ai.response.finish_reasons", [result.stop_reason])
+            log.info("llm_call", skill=self.skill, role=self.role, provider=name, model=model, outcome="ok",
+                     latency_s=round(latency_s, 3), tokens_in=result.tokens_in, tokens_out=result.tokens_out,
+                     cost_usd=cost)
+            await self._report(Usage(provider=name, model=model, tokens_in=result.tokens_in,
+                                     tokens_out=result.tokens_out, cost_usd=cost, latency_s=latency_s))
+            return result
+
+    async def _report(self, usage: Usage) -> None:
+        if self._usage is not None:
+            await self._usage(usage)
