@@ -9,12 +9,15 @@ import click
 from agentctl.approvals import approvals, approve, deny
 from agentctl.audit import audit
 from agentctl.common import App, fail
+from agentctl.doctor import doctor
 from agentctl.keys import keys
 from agentctl.memory import checkpoint, memory, shared
 from agentctl.processes import agent, nats, projector, router
 from agentctl.reads import agents, events, tasks
 from agentctl.replay import replay, snapshot
+from agentctl.skills import skills
 from agentctl.submit import cancel, submit
+from agentctl.usage import usage
 from bus.errors import ConfigError
 from bus.logs import configure_logging
 from bus.settings import Settings
@@ -55,7 +58,7 @@ def cli(ctx: click.Context, url: str | None, user: str | None, password: str | N
 
 
 for command in (nats, router, projector, agent, submit, cancel, approve, deny, approvals, tasks, events, agents, memory,
-                checkpoint, shared, audit, keys, replay, snapshot):
+                checkpoint, shared, audit, keys, replay, snapshot, skills, usage, doctor):
     cli.add_command(command)
 
 

@@ -34,6 +34,7 @@ from bus.events import (
     new_id,
     step_task_id,
 )
+from bus.plans import validate
 
 
 class PlanFileError(ValueError):
@@ -69,8 +70,6 @@ def read_plan(path: str, task_id: str | None = None) -> PlanSubmitted:
 
 def check_shape(plan: PlanSubmitted) -> str | None:
     """The router's plan checks that need no state (the router repeats them)."""
-    from router.checks.plan import validate
-
     skills = {s.skill for s in plan.steps if s.skill is not None}
     return validate(plan, skills)  # skill names are the router's to judge: it knows the registry
 

@@ -111,9 +111,12 @@ def agent(app: App, name: str | None, skills: list[str] | None, profile_name: st
     profile describes (--profile NAME)."""
     from agents import profiles
     from agents.discovery import load_many
+    from agents.hooks import Hooks
+    from agents.llm.router import LLMRouter
     from agents.runtime import Agent
 
     capabilities: list[str] = []
+    instructions = ""
     if profile_name is not None:
         if name is not None or skills is not None:
             raise click.UsageError("--profile NAME sets the agent's name and skills: give it without --name and --skills")
@@ -124,6 +127,7 @@ def agent(app: App, name: str | None, skills: list[str] | None, profile_name: st
         except LedgerbusError as exc:
             fail(str(exc))
         name, skills, capabilities = profile_name, list(profile.skills), list(profile.capabilities)
+        instructions = profile.instructions
         concurrency = concurrency or profile.concurrency
     if name is None or skills is None:
         raise click.UsageError("give --name NAME and --skills a,b (or --profile NAME)")
@@ -134,11 +138,14 @@ def agent(app: App, name: str | None, skills: list[str] | None, profile_name: st
         raise click.BadParameter(str(exc), param_hint="--name") from exc
     try:
         loaded = load_many(skills)
+        hooks = Hooks.load(app.settings.policy_path)
+        llm = LLMRouter.from_file(app.settings.llm_config_path)
     except LedgerbusError as exc:
         fail(str(exc))
 
     async def body(nc: Client, stop: asyncio.Event) -> None:
-        await Agent(nc, app.settings, agent_name, loaded, concurrency or 1, capabilities=capabilities,
-                    profile=profile_name or "").run(stop)
+        async with llm:
+            await Agent(nc, app.settings, agent_name, loaded, concurrency or 1, capabilities=capabilities,
+                        profile=profile_name or "", hooks=hooks, llm=llm, instructions=instructions).run(stop)
 
     serve(app, f"agent-{agent_name}", f"ledgerbus-agent-{agent_name}", body)

@@ -122,7 +122,7 @@ def tasks_show(app: App, task_id: str, db_path: Path | None, as_json: bool) -> N
                 "retry_at", "trace_id"):
         if task.get(key) not in (None, "", 0):
             tree.add(f"{key}: {task[key]}")
-    if task["skill"] != "plan":
+    if task.get("kind") != "plan":
         tree.add(f"input: {json.dumps(task['input'])}")
     if task["status"] == "completed":
         tree.add(f"output: {json.dumps(task['output'])}")

@@ -25,6 +25,8 @@ from bus.events import (
     Event,
     MemoryWiped,
     MemoryWritten,
+    PlanStep,
+    PlanSubmitted,
     SharedWritten,
     TaskSubmitted,
     new_id,
@@ -173,6 +175,16 @@ class Tasks:
         """Submit a subtask of the running task; returns its id once the router accepted it."""
         event = TaskSubmitted(id=new_id(), task_id=task_id or new_id(), skill=skill, input=input or {},
                               timeout_s=timeout_s, parent_task_id=self._parent, handoff=handoff)
+        await self._w.write(event, True)
+        return event.task_id
+
+    async def submit_plan(self, steps: list[PlanStep], name: str = "", task_id: str | None = None) -> str:
+        """Submit a plan as a subtask of the running task; returns its id once accepted.
+
+        The router checks it as it checks any plan (a rejection raises :class:`WriteRejected`
+        with the router's reason, e.g. ``bad_plan: dependency cycle: a -> b -> a``)."""
+        event = PlanSubmitted(id=new_id(), task_id=task_id or new_id(), steps=steps, name=name[:128],
+                              parent_task_id=self._parent)
         await self._w.write(event, True)
         return event.task_id
 

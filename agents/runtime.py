@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import nats.errors
@@ -26,10 +26,15 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from opentelemetry import trace
 
-from agents import profiles
+if TYPE_CHECKING:
+    from agents.llm.base import Usage
+    from agents.llm.router import LLMRouter
+
+from agents import profiles, workspace
 from agents.errors import SkillError
+from agents.hooks import Hooks
 from agents.memory import Memory, Shared, Tasks, Writer
-from agents.skill import Skill, SkillContext
+from agents.skill import Skill, SkillContext, decode_input, encode_output
 from bus import codec, subjects, tracing
 from bus.errors import BusError, SchemaError
 from bus.events import (
@@ -68,6 +73,9 @@ class Agent:
         concurrency: int = 1,
         capabilities: list[str] | None = None,
         profile: str = "",
+        hooks: Hooks | None = None,
+        llm: LLMRouter | None = None,
+        instructions: str = "",
     ) -> None:
         if not skills:
             raise ValueError("an agent needs at least one skill")
@@ -89,6 +97,10 @@ class Agent:
         }
         """skill → what it can do: the skill's own capabilities and the agent's (profile)"""
         self.profile = profile
+        self.instructions = instructions
+        """the profile's instructions, handed to skills as ``ctx.instructions``"""
+        self.hooks = hooks or Hooks()
+        self.llm = llm
         self._claims: dict[str, asyncio.Future[Notice]] = {}
         self._running: dict[str, asyncio.Task[Any]] = {}
         self._loads: dict[str, int] = {}
@@ -298,9 +310,14 @@ class Agent:
                 TaskProgress(id=new_id(), task_id=item.task_id, attempt=attempt, message=message[:16_384], fraction=fraction)
             )
 
-        async def usage(tokens_in: int, tokens_out: int, cost_usd: float, provider: str, model: str) -> None:
+        async def usage(tokens_in: int, tokens_out: int, cost_usd: float, provider: str, model: str,
+                        latency_s: float = 0.0, outcome: str = "ok") -> None:
             await self.report(TaskUsage(id=new_id(), task_id=item.task_id, attempt=attempt, tokens_in=tokens_in,
-                                        tokens_out=tokens_out, cost_usd=cost_usd, provider=provider, model=model))
+                                        tokens_out=tokens_out, cost_usd=cost_usd, provider=provider[:64],
+                                        model=model[:128], latency_s=max(latency_s, 0.0), outcome=outcome[:32]))
+
+        async def llm_usage(u: Usage) -> None:
+            await usage(u.tokens_in, u.tokens_out, u.cost_usd, u.provider, u.model, u.latency_s, u.outcome)
 
         writer = Writer(self.nc, self.report)
         tasks = Tasks(writer, item.task_id)
@@ -317,6 +334,7 @@ class Agent:
                        "guardrails": target.guardrails, "from": self.name}
             return await tasks.submit(target.skills[0], payload, timeout_s=item.timeout_s, handoff=True)
 
+        place = await workspace.make(self.settings.workspace_root, self.name, item.task_id, item.context)
         ctx = SkillContext(
             task_id=item.task_id,
             skill=skill_name,
@@ -333,11 +351,16 @@ class Agent:
             step=item.step,
             _progress=progress,
             _usage=usage,
+            workspace=place,
+            role=self.profile,
+            instructions=self.instructions,
+            llm=self.llm.bind(skill_name, role=self.profile, usage=llm_usage) if self.llm is not None else None,
+            tracer=tracer,
         )
         keepalive = asyncio.create_task(self._keep_alive(msg))
         deadline = asyncio.timeout(item.timeout_s)
-        result: Event
-        running = asyncio.create_task(self.skills[skill_name].run(ctx, item.input))
+        result: Event | None = None
+        running = asyncio.create_task(self._execute(self.skills[skill_name], ctx, item.input))
         self._running[item.task_id] = running
         self._loads[skill_name] = self._loads.get(skill_name, 0) + 1
         try:
@@ -368,9 +391,19 @@ class Agent:
             self._loads[skill_name] -= 1
             if not running.done():
                 running.cancel()
+            # Also when cancelled or drained: a handed-back task starts afresh elsewhere.
+            workspace.release(place, failed=isinstance(result, TaskFailed), keep=self.settings.keep_workspaces)
+        assert result is not None  # every way out of the try without one returns or raises
         await self.report(result)
         await msg.ack()
         tlog.info("task_finished", outcome=kind_of(type(result)))
+
+    async def _execute(self, skill: Skill, ctx: SkillContext, raw: Any) -> Any:
+        """Hooks before, the input checked against the skill's type, the skill, its output
+        checked, hooks after: what the task's result is made of."""
+        raw = await self.hooks.before(ctx, raw)
+        output = encode_output(skill, await skill.run(ctx, decode_input(skill, raw)))
+        return await self.hooks.after(ctx, raw, output)
 
     def _completed(self, task_id: str, attempt: int, output: Any) -> Event:
         """A completion, unless the output cannot travel: then a failure that says why."""

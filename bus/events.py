@@ -129,6 +129,9 @@ class PlanSubmitted(Event, tag="plan_submitted", frozen=True):
     task_id: Id
     steps: Annotated[list[PlanStep], msgspec.Meta(min_length=1, max_length=1000)]
     name: Label = ""
+    parent_task_id: Id | None = None
+    """The task whose skill submitted this plan (the ``plan`` skill does), if any: the plan
+    is its subtask, bounded by ``[delegation]`` and cancelled with it."""
 
 
 PLAN_SKILL = "plan"
@@ -197,6 +200,10 @@ class TaskUsage(Event, tag="task_usage", frozen=True):
     cost_usd: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     provider: Annotated[str, msgspec.Meta(max_length=64)] = ""
     model: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    latency_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """How long the call took (failed calls are reported too, with no tokens)."""
+    outcome: Annotated[str, msgspec.Meta(max_length=32)] = "ok"
+    """``ok``, or what ended the call: ``rate_limited``, ``timeout``, ``server``, ``malformed``, ``refused``..."""
 
 
 class TaskApproved(Event, tag="task_approved", frozen=True):

@@ -17,6 +17,9 @@ from bus.errors import ConfigError
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
+KEEP_WORKSPACES = ("none", "failed", "all")
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a ledgerbus process needs to know about its environment."""
@@ -30,6 +33,12 @@ class Settings:
     policy_path: Path = Path("policy.toml")
     profiles_path: Path = Path("profiles.toml")
     """Agent profiles (``agentctl agent --profile NAME``), and where approved proposals are saved."""
+    llm_config_path: Path = Path("llm.toml")
+    """The LLM routing file: providers, models and fallbacks by skill and role (docs/skills.md)."""
+    workspace_root: Path = Path("var/workspaces")
+    """Where agents make each task's workspace (``<root>/<agent>/<task id>``)."""
+    keep_workspaces: str = "failed"
+    """Which task workspaces stay after the task ends: ``none``, ``failed`` or ``all``."""
     policy_check_interval_s: float = 1.0
     router_key_path: Path = Path("var/keys/router.key")
     checkpoint_every: int = 1000
@@ -84,4 +93,7 @@ class Settings:
                     values[f.name] = raw
             except ValueError as exc:
                 raise ConfigError(f"LEDGERBUS_{f.name.upper()}={raw!r}: {exc}") from exc
+        keep = values.get("keep_workspaces")
+        if keep is not None and keep not in KEEP_WORKSPACES:
+            raise ConfigError(f"LEDGERBUS_KEEP_WORKSPACES={keep!r}: one of {', '.join(KEEP_WORKSPACES)}")
         return cls(**values)

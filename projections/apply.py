@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import aiosqlite
 
 from bus.events import AuditRecord
-from projections import agents, approvals, audit_index, checkpoints, memory, proposals, shared, tasks
+from projections import agents, approvals, audit_index, checkpoints, memory, proposals, shared, tasks, usage
 from projections import db as dbmod
 from projections.errors import DatabaseError
 
@@ -28,6 +28,7 @@ PROJECTIONS: dict[str, Projection] = {
     "checkpoints": checkpoints.apply,
     "shared": shared.apply,
     "proposals": proposals.apply,
+    "usage": usage.apply,
 }
 
 

@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 CREATE TABLE IF NOT EXISTS tasks (
     task_id        TEXT PRIMARY KEY,
+    kind           TEXT NOT NULL,
     skill          TEXT NOT NULL,
     input          TEXT NOT NULL,
     timeout_s      REAL NOT NULL,
@@ -87,6 +88,20 @@ CREATE TABLE IF NOT EXISTS approvals (
     updated_seq   INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS approvals_by_status ON approvals (status, requested_seq);
+CREATE TABLE IF NOT EXISTS usage (
+    seq        INTEGER PRIMARY KEY,
+    at         TEXT NOT NULL,
+    task_id    TEXT NOT NULL,
+    agent      TEXT NOT NULL,
+    provider   TEXT NOT NULL,
+    model      TEXT NOT NULL,
+    tokens_in  INTEGER NOT NULL,
+    tokens_out INTEGER NOT NULL,
+    cost_usd   REAL NOT NULL,
+    latency_s  REAL NOT NULL,
+    outcome    TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_by_task ON usage (task_id, seq);
 CREATE TABLE IF NOT EXISTS audit_index (
     seq       INTEGER PRIMARY KEY,
     at        TEXT NOT NULL,
@@ -210,10 +225,11 @@ CREATE INDEX IF NOT EXISTS proposals_by_status ON proposals (status, proposed_se
 
 TRACKING_NAME = "audit"
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """Bumped whenever SCHEMA or what a fold writes changes; an older file is rebuilt from the
 log, not migrated. (v5: a new attempt clears the last one's end and error; a cancel clears
-a pending retry and closes a held approval.)"""
+a pending retry and closes a held approval. v6: ``tasks.kind`` tells plans from tasks of
+the ``plan`` skill; ``usage`` holds every LLM call.)"""
 
 DEFAULT_MEMORY_LIST_CAP = 1000
 
@@ -225,6 +241,7 @@ TABLES = {
     "agents": "name",
     "approvals": "task_id",
     "audit_index": "seq",
+    "usage": "seq",
     "memory": "agent",
     "knowledge": "agent, key",
     "memory_entries": "agent, section, n",

@@ -12,7 +12,6 @@ from typing import Any
 
 import aiosqlite
 
-from bus.events import PLAN_SKILL
 from projections.db import iso
 
 _JSON_COLUMNS = {"input", "output", "skills", "value", "role", "state", "deps", "needs", "capabilities"}
@@ -55,6 +54,14 @@ async def list_tasks(
     return await _newest(db, "tasks", "submitted_seq", limit, status=status, parent_task_id=parent_task_id)
 
 
+_UNDER = """
+    WITH RECURSIVE under(task_id) AS (
+        SELECT task_id FROM tasks WHERE parent_task_id = ?
+        UNION SELECT t.task_id FROM tasks t JOIN under u ON t.parent_task_id = u.task_id
+    )"""
+"""The ids of every task under the task bound to ``?``, as the table ``under``."""
+
+
 async def get_task(db: aiosqlite.Connection, task_id: str, tree: bool = False) -> dict[str, Any] | None:
     """One task with the ids of its subtasks, or ``None``; with ``tree``, also every
     descendant (``children``, nested, in submission order; at most :data:`MAX_TREE`)."""
@@ -65,11 +72,7 @@ async def get_task(db: aiosqlite.Connection, task_id: str, tree: bool = False) -
                           (task_id,))
     task["subtasks"] = [c["task_id"] for c in children]
     if tree:
-        rows = await _all(db, """
-            WITH RECURSIVE under(task_id) AS (
-                SELECT task_id FROM tasks WHERE parent_task_id = ?
-                UNION SELECT t.task_id FROM tasks t JOIN under u ON t.parent_task_id = u.task_id
-            )
+        rows = await _all(db, f"""{_UNDER}
             SELECT * FROM tasks WHERE task_id IN (SELECT task_id FROM under LIMIT ?)
             ORDER BY submitted_seq, task_id""", (task_id, MAX_TREE))
         by_parent: dict[str, list[dict[str, Any]]] = {}
@@ -77,7 +80,7 @@ async def get_task(db: aiosqlite.Connection, task_id: str, tree: bool = False) -
             by_parent.setdefault(row["parent_task_id"], []).append(row)
         for row in [task, *rows]:
             row["children"] = by_parent.get(row["task_id"], [])
-            if row["skill"] == PLAN_SKILL:  # a plan's steps in the plan's order
+            if row["kind"] == "plan":  # a plan's steps in the plan's order
                 order = {step["id"]: i for i, step in enumerate(row["input"]["steps"])}
                 row["children"].sort(key=lambda c: order.get(c["step"], len(order)))
     return task
@@ -176,6 +179,28 @@ async def list_audit(
 ) -> list[dict[str, Any]]:
     """Audit index rows, newest first, for a key and/or a principal."""
     return await _newest(db, "audit_index", "seq", limit, key=key, principal=principal)
+
+
+async def list_usage(
+    db: aiosqlite.Connection, task_id: str | None = None, agent: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Usage reports, newest first, for a task and/or an agent."""
+    return await _newest(db, "usage", "seq", limit, task_id=task_id, agent=agent)
+
+
+async def usage_summary(db: aiosqlite.Connection, task_id: str | None = None) -> list[dict[str, Any]]:
+    """Per provider and model: calls, failed calls, tokens, cost and latency; for one task
+    and everything under it (plan steps, subtasks), or for all tasks."""
+    head, where = "", ""
+    args: tuple[Any, ...] = ()
+    if task_id is not None:
+        head, where = _UNDER, "WHERE task_id = ? OR task_id IN (SELECT task_id FROM under LIMIT ?)"
+        args = (task_id, task_id, MAX_TREE)
+    return await _all(db, f"""{head}
+        SELECT provider, model, COUNT(*) AS calls, SUM(outcome != 'ok') AS failed,
+               SUM(tokens_in) AS tokens_in, SUM(tokens_out) AS tokens_out, ROUND(SUM(cost_usd), 6) AS cost_usd,
+               ROUND(AVG(latency_s), 3) AS mean_latency_s, ROUND(MAX(latency_s), 3) AS max_latency_s
+        FROM usage {where} GROUP BY provider, model ORDER BY cost_usd DESC, calls DESC""", args)
 
 
 async def verdict(db: aiosqlite.Connection, msg_id: str) -> dict[str, Any] | None:

@@ -120,6 +120,21 @@ class AuditVerdict(Request, frozen=True):
     wait_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_WAIT_S)] = 0.0
 
 
+class UsageList(Request, frozen=True):
+    """``q.usage.list``: usage reports, newest first, by task and/or agent."""
+
+    task_id: str | None = None
+    agent: str | None = None
+    limit: Limit = 100
+
+
+class UsageSummary(Request, frozen=True):
+    """``q.usage.summary``: calls, failures, tokens, cost and latency per provider and model
+    (of one task and its subtasks, or of everything)."""
+
+    task_id: str | None = None
+
+
 class ProjectionsDigest(Request, frozen=True):
     """``q.projections.digest``: the position and sha256 of every projection table."""
 
@@ -138,6 +153,8 @@ REQUESTS: dict[str, type[Request]] = {
     subjects.query("proposals", "get"): ProposalsGet,
     subjects.query("audit", "list"): AuditList,
     subjects.query("audit", "verdict"): AuditVerdict,
+    subjects.query("usage", "list"): UsageList,
+    subjects.query("usage", "summary"): UsageSummary,
 }
 
 
@@ -234,6 +251,10 @@ async def _read(db: aiosqlite.Connection, req: Request, now: datetime) -> Any:
             return await queries.list_audit(db, key, principal, limit)
         case AuditVerdict(msg_id=msg_id):
             return await queries.verdict(db, msg_id) or Missing(f"no audit record for message {msg_id} yet")
+        case UsageList(task_id=task_id, agent=agent, limit=limit):
+            return await queries.list_usage(db, task_id, agent, limit)
+        case UsageSummary(task_id=task_id):
+            return await queries.usage_summary(db, task_id)
         case ProjectionsDigest():
             return {"position": await dbmod.position(db), "digest": await dbmod.digest(db),
                     "memory_list_cap": await dbmod.memory_cap(db)}

@@ -38,7 +38,7 @@ from projections.db import iso
 from projections.rows import Rows
 
 COLUMNS = (
-    "task_id", "skill", "input", "timeout_s", "status", "submitted_by", "submitted_at", "submitted_seq",
+    "task_id", "kind", "skill", "input", "timeout_s", "status", "submitted_by", "submitted_at", "submitted_seq",
     "parent_task_id", "agent", "attempts", "started_at", "finished_at", "progress", "fraction", "output", "error",
     "trace_id", "tokens", "cost_usd", "step", "deps", "needs", "priority", "dispatches", "retry_at", "updated_seq",
 )
@@ -74,7 +74,7 @@ def fold(rows: Rows, record: AuditRecord) -> None:
     match record.event:
         case TaskSubmitted() as e:
             rows.put({
-                "task_id": e.task_id, "skill": e.skill, "input": codec.encode(e.input).decode(),
+                "task_id": e.task_id, "kind": "task", "skill": e.skill, "input": codec.encode(e.input).decode(),
                 "timeout_s": e.timeout_s,
                 "status": "awaiting_approval" if held else "pending",
                 "submitted_by": record.principal, "submitted_at": at, "submitted_seq": seq,
@@ -91,15 +91,15 @@ def fold(rows: Rows, record: AuditRecord) -> None:
                 "retry_at": None, "updated_seq": seq,
             }
             rows.put({
-                **common, "task_id": e.task_id, "skill": PLAN_SKILL,
+                **common, "task_id": e.task_id, "kind": "plan", "skill": PLAN_SKILL,
                 "input": codec.encode({"name": e.name, "steps": e.steps}).decode(),
                 "timeout_s": max(s.timeout_s for s in e.steps), "status": "awaiting_approval" if held else "running",
-                "parent_task_id": None, "started_at": None if held else at, "step": None, "deps": None,
+                "parent_task_id": e.parent_task_id, "started_at": None if held else at, "step": None, "deps": None,
                 "needs": None, "priority": None,
             })
             for s in e.steps:
                 rows.put({
-                    **common, "task_id": step_task_id(e.task_id, s.id), "skill": s.skill or "",
+                    **common, "task_id": step_task_id(e.task_id, s.id), "kind": "task", "skill": s.skill or "",
                     "input": codec.encode(s.input).decode(), "timeout_s": s.timeout_s, "status": "waiting",
                     "parent_task_id": e.task_id, "started_at": None, "step": s.id,
                     "deps": codec.encode(s.deps).decode(),
@@ -109,7 +109,7 @@ def fold(rows: Rows, record: AuditRecord) -> None:
             row = rows.get((task_id,))
             if row is None:
                 return
-            plan = row["skill"] == PLAN_SKILL
+            plan = row["kind"] == "plan"
             rows.update((task_id,), status="running" if plan else "pending", started_at=at if plan else None,
                         dispatches=row["dispatches"] if plan else 1, progress=f"approved by {record.principal}",
                         updated_seq=seq)

@@ -132,11 +132,13 @@ class Router:
         self.js: JetStreamContext = nc.jetstream(timeout=10)
         self.settings = settings
         self.policy = PolicyFile(settings.policy_path, settings.policy_check_interval_s)
-        self.installed = discovery.capabilities()
+        catalog = discovery.catalog()
+        self.installed = {name: info.capabilities for name, info in catalog.items()}
+        types = {name: info.input_type for name, info in catalog.items() if info.input_type is not None}
         self.checks = (
             list(checks) if checks is not None
             else default_checks(settings.max_message_bytes, self.policy, settings.max_checkpoint_bytes,
-                                installed=self.installed.keys)
+                                installed=self.installed.keys, input_types=lambda: types)
         )
         self.state = RouterState(dedup_horizon_s=settings.dedup_horizon_s)
         self.live = LiveAgents(settings.agents_ttl_s)

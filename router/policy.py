@@ -16,6 +16,7 @@ from typing import Literal, TypeVar
 import msgspec
 import structlog
 
+from bus.agent_policy import HooksPolicy, SandboxPolicy
 from bus.errors import ConfigError
 
 log = structlog.get_logger(__name__)
@@ -64,6 +65,10 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     secrets: Secrets = msgspec.field(default_factory=Secrets)
     approval: Approval = msgspec.field(default_factory=Approval)
     delegation: Delegation = msgspec.field(default_factory=Delegation)
+    hooks: HooksPolicy = msgspec.field(default_factory=HooksPolicy)
+    """read by the agents: deny rules and disabled plugin hooks (agents/hooks.py)"""
+    sandbox: SandboxPolicy = msgspec.field(default_factory=SandboxPolicy)
+    """read by the agents: the shell and python skills' allowlist, isolation and limits"""
 
     def needs_approval(self, skill: str) -> bool:
         """Whether ``skill`` is marked dangerous."""

@@ -184,8 +184,10 @@ class RouterState:
                 children = [step_task_id(plan_id, s.id) for s in plan.steps]
                 self.tasks[plan_id] = TaskState(
                     skill=PLAN_SKILL, submitter=record.principal, status="awaiting_approval" if held else "running",
-                    held=plan if held else None, children=children, plan=plan,
+                    held=plan if held else None, children=children, plan=plan, parent=plan.parent_task_id,
                 )
+                if (parent := self.tasks.get(plan.parent_task_id or "")) is not None:
+                    parent.children.append(plan_id)
                 for step, child in zip(plan.steps, children, strict=True):
                     self.tasks[child] = TaskState(
                         skill=step.skill or "", submitter=record.principal, status="waiting", parent=plan_id,

@@ -4,7 +4,9 @@ a temporary store), settings pointing at it, and connections as each principal."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,12 +28,24 @@ async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
 
 
 @pytest.fixture
-def settings(nats_server: NatsServer, tmp_path: Path) -> Settings:
+def workspace_root() -> Iterator[Path]:
+    """Where agents make task workspaces: a fresh directory the sandbox user can reach
+    (pytest's own temp dirs are private to root, and sandboxed commands run as nobody)."""
+    root = Path(tempfile.mkdtemp(prefix="ledgerbus-workspaces-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def settings(nats_server: NatsServer, tmp_path: Path, workspace_root: Path) -> Settings:
     """Settings for the test's server, with short timers so redelivery tests run fast."""
     return Settings(
         url=nats_server.url,
         db_path=tmp_path / "live.db",
         policy_path=tmp_path / "policy.toml",
+        llm_config_path=tmp_path / "llm.toml",
+        workspace_root=workspace_root,
         policy_check_interval_s=0.0,
         auth_dir=auth_dir(nats_server.config) if nats_server.config else tmp_path,
         router_key_path=tmp_path / "keys" / "router.key",

@@ -31,6 +31,8 @@ TEST_PRINCIPALS = [
     identity("agent", "agent-a", ["sleep"]), identity("agent", "agent-b", ["sleep"]),
     identity("agent", "spender", ["spend"]), identity("agent", "a1", ["echo"]), identity("agent", "b1", ["sleep"]),
     identity("agent", "scribe-1", ["notes"]), identity("agent", "scribe-2", ["notes"]),
+    identity("agent", "thinker-1", ["llm.chat", "plan", "reason"]), identity("agent", "runner-1", ["shell", "python"]),
+    identity("agent", "counter-1", ["wordcount"]),
 ]
 
 
@@ -147,6 +149,9 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
         LEDGERBUS_URL=settings.url,
         LEDGERBUS_DB_PATH=str(settings.db_path),
         LEDGERBUS_POLICY_PATH=str(settings.policy_path),
+        LEDGERBUS_LLM_CONFIG_PATH=str(settings.llm_config_path),
+        LEDGERBUS_WORKSPACE_ROOT=str(settings.workspace_root),
+        LEDGERBUS_KEEP_WORKSPACES=settings.keep_workspaces,
         LEDGERBUS_AUTH_DIR=str(settings.auth_dir),
         LEDGERBUS_ROUTER_KEY_PATH=str(settings.router_key_path),
         LEDGERBUS_CHECKPOINT_EVERY=str(settings.checkpoint_every),

@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 
-from agents import discovery, profiles
+from agents import profiles
 from bus import query
 from bus.errors import QueryError
 from bus.events import AgentJoined, AuditRecord, PlanSubmitted, SkillUnmatched
 from bus.identity import Registry
 from bus.server import NatsServer
 from bus.settings import Settings
-from tests.support import REPO, Procs, audit_records, process_env, wait_for_record, wait_until
+from tests.support import Procs, audit_records, process_env, wait_for_record, wait_until
 
 
 async def cli(settings: Settings, profiles_path: Path, *args: str, timeout: float = 60.0) -> tuple[int, str, str]:
@@ -193,20 +193,6 @@ async def test_the_sop_pipeline_plays_each_role_in_turn_with_its_profile(
     for before, after in itertools.pairwise(order):
         finished = of(records, f"sop1-{before}", "task_completed")[0].seq
         assert finished < of(records, f"sop1-{after}", "task_dispatched")[0].seq
-
-
-async def test_the_repository_role_profiles_wait_for_the_llm_chat_skill(
-    procs: Procs, admin: Client, settings: Settings
-) -> None:
-    if "llm.chat" in discovery.available():
-        pytest.skip("llm.chat is installed: the pipeline is accepted")
-    await procs.start("router", "router")
-    code, out, err = await cli(settings, REPO / "profiles.toml", "submit", "--pipeline", "sop", "a todo app",
-                               "--wait", "--json")
-    assert out, err
-    result = json.loads(out)
-    assert (code, result["status"], result["code"]) == (1, "rejected", "bad_plan")
-    assert "names unknown skill 'llm.chat'" in result["reason"]
 
 
 async def test_profile_file_errors_name_the_file_the_profile_and_the_field(settings: Settings, tmp_path: Path) -> None:

@@ -7,8 +7,9 @@ The first rejection wins; every message, whatever its fate, gets one audit recor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -81,10 +82,12 @@ def default_checks(
     policy: PolicyFile,
     max_checkpoint_bytes: int = 64 * 1024,
     installed: Callable[[], Iterable[str]] = tuple,
+    input_types: Callable[[], Mapping[str, Any]] = dict,
 ) -> list[Check]:
-    """The pipeline in DESIGN.md's order: size, schema, kind, skill, claimant, plan, memory
-    owner, duplicate id, rate, secrets, approval, budget. ``installed`` lists the skills
-    installed beside the router (a plan may name those, and any an agent advertised).
+    """The pipeline in DESIGN.md's order: size, schema, kind, skill, claimant, plan, input,
+    memory owner, duplicate id, rate, secrets, approval, budget. ``installed`` lists the
+    skills installed beside the router (a plan may name those, and any an agent
+    advertised); ``input_types`` their declared input types.
 
     The subject is read first: it costs nothing, needs no body, and names the principal
     on every audit record, rejected ones included. Right after decoding, secrets are
@@ -96,6 +99,7 @@ def default_checks(
         budget,
         duplicate,
         headers,
+        inputs,
         lifecycle,
         memory,
         plan,
@@ -117,6 +121,7 @@ def default_checks(
         skills.make(policy),
         lifecycle.check,
         plan.make(policy, installed),
+        inputs.make(input_types),
         memory.make(max_checkpoint_bytes),
         duplicate.check,
         rate.make(policy),

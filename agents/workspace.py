@@ -1,0 +1,50 @@
+"""Per-task workspaces: a directory of the task's own, where sandboxed commands run.
+
+``<workspace_root>/<agent>/<task id>/`` holds ``context/`` (one ``<step>.json`` per
+dependency output of a plan step, so commands can read them as files) and ``output/``
+(files the skill produces). A retried task starts from a fresh directory. When the task
+ends the directory is removed, unless ``LEDGERBUS_KEEP_WORKSPACES`` keeps it (``failed``,
+the default: a failed task's workspace stays for inspection; ``all``; ``none``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from bus import codec, subjects
+
+
+def path_for(root: Path, agent: str, task_id: str) -> Path:
+    """The workspace of ``task_id`` on ``agent`` (names and ids are path-safe by schema)."""
+    return root / agent / task_id
+
+
+def _make(path: Path, context: dict[str, Any]) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    (path / "context").mkdir(parents=True)
+    (path / "output").mkdir()
+    (path / "tmp").mkdir()
+    for step, output in context.items():
+        if not re.fullmatch(subjects.ID_PATTERN, step):  # step ids are path-safe by schema; never trust a path
+            continue
+        (path / "context" / f"{step}.json").write_bytes(codec.encode(output))
+
+
+async def make(root: Path, agent: str, task_id: str, context: dict[str, Any]) -> Path:
+    """Create a fresh workspace for the task, with its dependency context written out."""
+    path = path_for(root, agent, task_id)
+    await asyncio.to_thread(_make, path, context)
+    return path
+
+
+def release(path: Path, failed: bool, keep: str) -> None:
+    """Remove the workspace of an ended task unless ``keep`` says to keep it (synchronous:
+    it runs on every way out of a task, cancellation included)."""
+    if keep == "all" or (keep == "failed" and failed):
+        return
+    shutil.rmtree(path, ignore_errors=True)

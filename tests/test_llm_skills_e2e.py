@@ -1,0 +1,229 @@
+"""The LLM skills end to end: router, projector and agents as subprocesses, the agents'
+LLM calls going through the real SDKs to a fake Anthropic API served by this test.
+
+- ``llm.chat`` answers, and its usage (tokens, latency, cost) is recorded and queryable;
+- ``plan``: a canned model answer becomes a validated plan that the scheduler runs; an
+  invalid answer is retried once with the error, then the task fails saying why;
+- the SOP pipeline runs its four roles on ``llm.chat``, each reading the last;
+- ``reason``: a scripted model drives observe → reason → plan → act → validate with one
+  failed validation and a second iteration; every phase is in the audit log.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from nats.aio.client import Client
+
+from bus.settings import Settings
+from tests.fakellm import FakeLLM, answer
+from tests.support import REPO, Procs, agentctl, audit_records
+from tests.test_e2e import start_system
+from tests.test_proposals import cli
+
+ROUTING = """
+[providers.fake]
+type = "anthropic"
+base_url = "{url}"
+timeout_s = 10
+
+[prices."fake-model"]
+input = 3.0
+output = 15.0
+
+[default]
+provider = "fake"
+model = "fake-model"
+max_tokens = 512
+"""
+
+
+@pytest.fixture
+def fake(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeLLM]:
+    """A fake Anthropic API, and the routing file that sends every LLM skill to it."""
+    with FakeLLM() as llm:
+        settings.llm_config_path.write_text(ROUTING.format(url=llm.url))
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-not-a-real-key")
+        yield llm
+
+
+async def submit(settings: Settings, skill: str, input: dict[str, Any], timeout: float = 60) -> tuple[int, dict]:
+    code, out, err = await agentctl(settings, "submit", skill, "--input", json.dumps(input), "--wait", "--json",
+                                    timeout=timeout)
+    assert out, err
+    return code, json.loads(out)
+
+
+def structured(fake: FakeLLM) -> list[dict[str, Any]]:
+    """The structured requests the fake received: the forced tool's name and the prompt."""
+    return [{"tool": r.body["tool_choice"]["name"], "prompt": r.body["messages"][-1]["content"]}
+            for r in fake.requests if r.body.get("tool_choice")]
+
+
+async def test_llm_chat_answers_and_its_usage_is_recorded(
+    procs: Procs, admin: Client, settings: Settings, fake: FakeLLM
+) -> None:
+    fake.push(answer("Paris."))
+    await start_system(procs, admin, ("thinker-1", "llm.chat"))
+    code, task = await submit(settings, "llm.chat", {"prompt": "Capital of France?", "system": "Be brief."})
+    assert code == 0, task
+    assert task["output"]["text"] == "Paris.", [(r.path, r.body) for r in fake.requests]
+    assert (task["output"]["provider"], task["output"]["model"]) == ("fake", "fake-model")
+    [request] = fake.requests
+    assert request.body["system"] == "Be brief." and request.body["max_tokens"] == 512
+    # anthropic 2.x sends the key as a bearer token; older SDKs used x-api-key.
+    assert "sk-ant-test-not-a-real-key" in (request.headers.get("x-api-key"),
+                                            request.headers.get("authorization", "").removeprefix("Bearer "))
+
+    records = await audit_records(admin.jetstream())
+    [usage] = [r.event for r in records if r.kind == "task_usage"]
+    assert (usage.provider, usage.model, usage.outcome) == ("fake", "fake-model", "ok")  # type: ignore[union-attr]
+    assert usage.tokens_in > 0 and usage.tokens_out == 1 and usage.latency_s > 0  # type: ignore[union-attr]
+    assert usage.cost_usd == pytest.approx((usage.tokens_in * 3 + 15) / 1e6)  # type: ignore[union-attr]
+    assert not any("sk-ant-test" in json.dumps(r.raw or "") for r in records), "the key never reaches the log"
+
+    code, out, err = await agentctl(settings, "usage", "--task", task["task_id"], "--json")
+    assert code == 0, err
+    [row] = json.loads(out)
+    assert (row["provider"], row["calls"], row["failed"], row["tokens_out"]) == ("fake", 1, 0, 1)
+
+
+SIX = {"steps": [
+    {"id": "setup_a", "skill": "echo", "input": {"do": "setup a"}},
+    {"id": "setup_b", "skill": "echo", "input": {"do": "setup b"}},
+    {"id": "report", "skill": "echo", "input": {"do": "report"}, "deps": ["setup_a", "setup_b"], "priority": 7},
+]}
+
+
+async def test_plan_turns_a_canned_answer_into_a_plan_that_runs(
+    procs: Procs, admin: Client, settings: Settings, fake: FakeLLM
+) -> None:
+    fake.push(answer(data=SIX))
+    await start_system(procs, admin, ("thinker-1", "plan"), ("echo-1", "echo"))
+    code, task = await submit(settings, "plan", {"task": "set up two things and report", "skills": ["echo"]})
+    assert code == 0, task
+    output = task["output"]
+    assert output["status"] == "completed"
+    assert [s["id"] for s in output["steps"]] == ["setup_a", "setup_b", "report"]
+    plan_id = output["plan_task_id"]
+    report = output["output"]["outputs"]["report"]
+    assert report == {"do": "report"}
+    # The plan ran as a subtask of the plan task: the router scheduled its steps.
+    records = await audit_records(admin.jetstream())
+    [submitted] = [r for r in records if r.kind == "plan_submitted" and r.key == plan_id]
+    assert submitted.accepted and submitted.event.parent_task_id == task["task_id"]  # type: ignore[union-attr]
+    dispatched = [r.key for r in records if r.kind == "task_dispatched"]
+    assert dispatched.index(f"{plan_id}-report") > max(dispatched.index(f"{plan_id}-setup_{x}") for x in "ab")
+    # The model was shown the skills it may use, with their input schemas.
+    [asked] = structured(fake)
+    assert asked["tool"] == "plan" and "- echo: Return the input unchanged." in asked["prompt"]
+
+
+async def test_plan_retries_an_invalid_answer_once_with_the_error_then_fails_clearly(
+    procs: Procs, admin: Client, settings: Settings, fake: FakeLLM
+) -> None:
+    cycle = {"steps": [{"id": "a", "skill": "echo", "deps": ["b"]}, {"id": "b", "skill": "echo", "deps": ["a"]}]}
+    fixed = {"steps": [{"id": "a", "skill": "echo"}]}
+    fake.push(answer(data=cycle), answer(data=fixed), answer(data={"steps": []}), answer(data={"nope": 1}))
+    await start_system(procs, admin, ("thinker-1", "plan"), ("echo-1", "echo"))
+
+    code, task = await submit(settings, "plan", {"task": "one thing", "skills": ["echo"]})
+    assert code == 0, task
+    first, second = structured(fake)
+    assert "That plan is invalid: dependency cycle: a -> b -> a" in fake.requests[1].body["messages"][-1]["content"]
+    assert first["tool"] == second["tool"] == "plan"
+
+    code, task = await submit(settings, "plan", {"task": "another", "skills": ["echo"]})
+    assert code == 1
+    assert task["status"] == "failed"
+    assert task["error"].startswith("the model's plan was invalid twice; last error: Object contains unknown field")
+    assert "`nope`" in task["error"]
+    assert len(fake.requests) == 4, "one retry, no more"
+    records = await audit_records(admin.jetstream())
+    assert not [r for r in records if r.kind == "plan_submitted" and r.principal == "agent-thinker-1"][1:], (
+        "only the valid plan was ever submitted")
+
+
+def phases(iteration_one_progress: float) -> list[Any]:
+    """A scripted model: iteration 1 acts and fails validation, iteration 2 passes."""
+    return [
+        answer(data={"facts": ["the goal needs the word echoed"]}),
+        answer(data={"analysis": "ask the echo skill", "missing": ["the echo"]}),
+        answer(data={"actions": [{"skill": "echo", "input": {"word": "hello"}, "why": "get the echo"}]}),
+        answer(data={"done": False, "progress": iteration_one_progress, "feedback": "answer in capitals"}),
+        answer(data={"facts": ["echo said hello", "capitals wanted"]}),
+        answer(data={"analysis": "capitalise it"}),
+        answer(data={"actions": []}),
+        answer(data={"done": True, "progress": 1.0, "answer": "HELLO"}),
+    ]
+
+
+async def test_reason_runs_observe_reason_plan_act_validate_and_every_phase_is_audited(
+    procs: Procs, admin: Client, settings: Settings, fake: FakeLLM
+) -> None:
+    fake.push(*phases(0.5))
+    await start_system(procs, admin, ("thinker-1", "reason"), ("echo-1", "echo"))
+    code, task = await submit(settings, "reason", {"goal": "say hello loudly", "skills": ["echo"]})
+    assert code == 0, task
+    assert task["output"] == {"answer": "HELLO", "iterations": 2, "restarts": 0, "progress": 1.0}
+    assert [r["tool"] for r in structured(fake)] == ["observe", "reason", "plan", "validate"] * 2
+    # Iteration 2 was shown what iteration 1 did, the act's result and the feedback included.
+    second_observe = structured(fake)[4]["prompt"]
+    assert '"word": "hello"' in second_observe and "answer in capitals" in second_observe
+
+    records = await audit_records(admin.jetstream())
+    thoughts = [r.event.value for r in records  # type: ignore[union-attr]
+                if r.kind == "memory_written" and r.accepted and r.event.section == "reasoning"]  # type: ignore[union-attr]
+    assert [(t["iteration"], t["phase"]) for t in thoughts] == [
+        (i, p) for i in (1, 2) for p in ("observe", "reason", "plan", "act", "validate")]
+    assert thoughts[3]["output"] == [{"skill": "echo", "output": {"word": "hello"}}]
+    assert thoughts[4]["output"]["done"] is False
+    # The act was a delegated subtask of the reason task.
+    [echo] = [r for r in records if r.kind == "task_submitted" and r.event.skill == "echo"]  # type: ignore[union-attr]
+    assert echo.event.parent_task_id == task["task_id"]  # type: ignore[union-attr]
+
+
+async def test_reason_wipes_its_working_memory_once_when_stuck_then_fails_if_stuck_again(
+    procs: Procs, admin: Client, settings: Settings, fake: FakeLLM
+) -> None:
+    stuck = [answer(data={"facts": []}), answer(data={"analysis": "no idea"}), answer(data={"actions": []}),
+             answer(data={"done": False, "progress": 0.0, "feedback": "still nothing"})]
+    fake.push(*stuck * 4)
+    await start_system(procs, admin, ("thinker-1", "reason"))
+    code, task = await submit(settings, "reason", {"goal": "the impossible", "stuck_after": 2, "max_iterations": 6})
+    assert code == 1
+    assert task["error"].startswith("stuck again: no progress over 2 iterations after a fresh start (iteration 4)")
+    records = await audit_records(admin.jetstream())
+    wiped = [r for r in records if r.kind == "memory_wiped" and r.accepted]
+    assert len(wiped) == 1 and "stuck at iteration 2" in wiped[0].event.reason  # type: ignore[union-attr]
+    # After the wipe the model started from an empty working memory.
+    assert "(empty)" in structured(fake)[8]["prompt"]
+
+
+async def test_the_sop_pipeline_runs_its_four_roles_on_llm_chat_each_reading_the_last(
+    procs: Procs, admin: Client, settings: Settings, fake: FakeLLM
+) -> None:
+    roles = ["product_manager", "architect", "developer", "qa"]
+    fake.push(*[answer(f"{role} says: done") for role in roles])
+    await start_system(procs, admin, ("thinker-1", "llm.chat"))
+    code, out, err = await cli(settings, REPO / "profiles.toml", "submit", "--pipeline", "sop", "a todo app",
+                               "--wait", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert [result["output"]["outputs"][r]["text"] for r in roles] == [f"{r} says: done" for r in roles]
+    profiles = tomllib.loads((REPO / "profiles.toml").read_text())["profiles"]
+    for i, (request, role) in enumerate(zip(fake.requests, roles, strict=True)):
+        # Each role speaks with its profile's instructions and guardrails...
+        profile = profiles[role.replace("_", "-")]
+        assert request.body["system"].startswith(profile["instructions"])
+        assert profile["guardrails"][0] in request.body["system"]
+        prompt = request.body["messages"][-1]["content"]
+        assert prompt.startswith("a todo app")
+        # ... and reads exactly what the role before it wrote.
+        if i:
+            assert f"## Output of {roles[i - 1]}\n{roles[i - 1]} says: done" in prompt
+        assert all(f"## Output of {r}" not in prompt for r in roles[:max(i - 1, 0)])
