@@ -334,7 +334,15 @@ class Agent:
                        "guardrails": target.guardrails, "from": self.name}
             return await tasks.submit(target.skills[0], payload, timeout_s=item.timeout_s, handoff=True)
 
-        place = await workspace.make(self.settings.workspace_root, self.name, item.task_id, item.context)
+        try:
+            place = await workspace.make(self.settings.workspace_root, self.name, item.task_id, item.context)
+        except OSError as exc:
+            # This agent's disk, not the task, is at fault; say so rather than crash the handler.
+            tlog.error("workspace_failed", error=str(exc))
+            await self.report(TaskFailed(id=new_id(), task_id=item.task_id, attempt=attempt,
+                                         error=f"agent {self.name} cannot make the task's workspace: {exc}"[:16_384]))
+            await msg.ack()
+            return
         ctx = SkillContext(
             task_id=item.task_id,
             skill=skill_name,

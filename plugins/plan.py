@@ -26,7 +26,7 @@ from agents.llm.base import ChatRequest, ChatResult, Message, ProviderError
 from agents.llm.schema import for_type
 from agents.memory import WriteRejected
 from agents.skill import SkillContext
-from bus.events import NO_RETRY, PLAN_SKILL, PlanStep, PlanSubmitted, RetryPolicy
+from bus.events import NO_RETRY, PlanStep, PlanSubmitted, RetryPolicy
 from bus.plans import validate
 from bus.subjects import SKILL_PATTERN
 
@@ -91,8 +91,7 @@ def _skill_lines(names: list[str], infos: dict[str, discovery.SkillInfo]) -> str
         if info is None:
             lines.append(f"- {name}")
             continue
-        schema = info.describe()["input"]
-        shown = json.dumps(for_type(info.input_type)) if schema is not None else "any JSON object"
+        shown = json.dumps(for_type(info.input_type)) if info.input_type is not None else "any JSON object"
         lines.append(f"- {name}: {info.description} Input schema: {shown}")
     return "\n".join(lines)
 
@@ -182,6 +181,4 @@ def check(result: ChatResult, input: PlanInput, names: list[str], infos: dict[st
                 msgspec.convert(step.input, info.input_type, strict=False)
             except msgspec.ValidationError as exc:
                 return f"step {step.id!r}: input for {step.skill}: {exc}"
-        if step.skill == PLAN_SKILL:
-            return f"step {step.id!r}: {PLAN_SKILL!r} is not a skill a step can run"
     return ""

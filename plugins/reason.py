@@ -147,7 +147,7 @@ class Loop:
             raise SkillError(f"{phase} (iteration {iteration}): the model's answer does not match the schema: "
                              f"{exc}") from exc
 
-    async def act(self, iteration: int, steps: Steps) -> list[dict[str, Any]]:
+    async def act(self, steps: Steps) -> list[dict[str, Any]]:
         """Run each planned action as a delegated subtask; an action that fails is a result too."""
         results: list[dict[str, Any]] = []
         for action in steps.actions[: self.goal.max_actions]:
@@ -189,7 +189,7 @@ class ReasonSkill:
             await loop.record(iteration, "reason", await loop.ask(iteration, "reason"))
             steps = await loop.ask(iteration, "plan")
             await loop.record(iteration, "plan", steps)
-            await loop.record(iteration, "act", await loop.act(iteration, steps))
+            await loop.record(iteration, "act", await loop.act(steps))
             verdict: Verdict = await loop.ask(iteration, "validate")
             await loop.record(iteration, "validate", verdict)
             if verdict.done:

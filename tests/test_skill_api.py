@@ -210,3 +210,26 @@ async def test_agentctl_skills_lists_what_is_installed_with_schemas() -> None:
     _, err = await proc.communicate()
     assert proc.returncode == 1
     assert "no installed skill named 'nope'" in err.decode()
+
+
+async def test_an_agent_that_cannot_make_a_workspace_fails_the_task_clearly_and_stays_up(
+    running_router: RunningRouter, connect_as: Connect, admin: Client, settings: Settings
+) -> None:
+    blocker = settings.workspace_root / "echo-1"
+    blocker.write_text("a file where the agent's workspace directory should be")
+    stop = asyncio.Event()
+    skill = TypedSkill()
+    agent = Agent(await connect_as("agent-echo-1"), settings, "echo-1", {"echo": skill})
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        await submit(connect_as, "nowhere", {"x": 1})
+        end = await result(admin, "nowhere")
+        assert end.kind == "task_failed"
+        assert end.event.error.startswith("agent echo-1 cannot make the task's workspace: ")  # type: ignore[union-attr]
+        assert skill.seen == []
+        blocker.unlink()
+        await submit(connect_as, "somewhere", {"x": 1})
+        assert (await result(admin, "somewhere")).kind == "task_completed"
+    finally:
+        stop.set()
+        await task
