@@ -24,6 +24,18 @@ def add_trace_ids(_logger: Any, _method: str, event_dict: MutableMapping[str, An
     return event_dict
 
 
+def shared_processors() -> list[Any]:
+    """Every processor but the renderer: bound context (``task_id``, ``agent``), level,
+    time, the current span's ids, exceptions."""
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_trace_ids,
+        structlog.processors.format_exc_info,
+    ]
+
+
 def configure_logging(fmt: str = "console", level: str = "info") -> None:
     """Configure structlog for the process: ``fmt`` is ``console`` or ``json``."""
     renderer: Any = (
@@ -32,14 +44,7 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            add_trace_ids,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared_processors(), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,

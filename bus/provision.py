@@ -32,7 +32,7 @@ log = structlog.get_logger(__name__)
 
 
 def stream_configs(settings: Settings) -> list[StreamConfig]:
-    """The INGRESS, AUDIT, WORK and DEADLETTERS stream configurations."""
+    """The INGRESS, AUDIT, WORK, DEADLETTERS and TRACES stream configurations."""
     return [
         StreamConfig(
             name=subjects.INGRESS_STREAM,
@@ -70,6 +70,16 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
             description="advisories of WORK messages that reached MaxDeliver: the router dead-letters their tasks",
+        ),
+        StreamConfig(
+            name=subjects.TRACES_STREAM,
+            subjects=[subjects.TRACES_ALL],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD,
+            max_age=settings.traces_max_age_s,
+            max_bytes=settings.traces_max_bytes,
+            description="finished OpenTelemetry spans for agentctl trace; short retention, best effort",
         ),
     ]
 

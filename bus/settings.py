@@ -56,6 +56,10 @@ class Settings:
     claim_timeout_s: float = 30.0
     """How long an agent waits for the router's verdict on a claim before handing the task back."""
     projector_batch: int = 512
+    traces_max_age_s: float = 3600.0
+    """How long finished spans stay in the TRACES stream (``agentctl trace``)."""
+    traces_max_bytes: int = 256 * 1024 * 1024
+    """The TRACES stream's size cap: the oldest spans go first."""
     memory_list_cap: int = 1000
     """Most entries an agent's observation or reasoning list keeps; older ones roll into a summary."""
     max_checkpoint_bytes: int = 64 * 1024

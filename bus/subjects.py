@@ -10,6 +10,8 @@ permissions both follow from the shapes below.
 - ``q.<projection>.<op>``            queries answered by the projector
 - ``notify.<pkind>.<pname>.<topic>`` the router's word to one principal (claim verdicts,
                                      cancellations): core NATS, best effort
+- ``traces.<trace id>.<principal>``  TRACES: finished spans, published by the process that
+                                     recorded them (short retention)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ INGRESS_STREAM: Final = "INGRESS"
 AUDIT_STREAM: Final = "AUDIT"
 WORK_STREAM: Final = "WORK"
 DEADLETTER_STREAM: Final = "DEADLETTERS"
+TRACES_STREAM: Final = "TRACES"
 DEADLETTER_ALL: Final = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.WORK.*"
 """JetStream's advisories for WORK messages delivered MaxDeliver times without an ack."""
 DEADLETTER_CONSUMER: Final = "router-deadletters"
@@ -30,6 +33,7 @@ AGENTS_BUCKET: Final = "agents"
 INGRESS_ALL: Final = "in.>"
 AUDIT_ALL: Final = "audit.>"
 WORK_ALL: Final = "work.>"
+TRACES_ALL: Final = "traces.>"
 
 ROUTER_CONSUMER: Final = "router"
 PROJECTOR_QUEUE: Final = "projector"
@@ -153,6 +157,16 @@ def work_msg_id(task_id: str, dispatch: int = 1) -> str:
     (a retry is a new dispatch, with its own id)."""
     base = f"work-{token(task_id, 'task id')}"
     return base if dispatch == 1 else f"{base}#{dispatch}"
+
+
+def traces(trace_id: str, principal: str) -> str:
+    """Where ``principal`` publishes the finished spans of trace ``trace_id`` (32 hex)."""
+    return f"traces.{token(trace_id, 'trace id')}.{token(principal, 'principal')}"
+
+
+def traces_of(trace_id: str) -> str:
+    """Every span of one trace, whoever published it."""
+    return f"traces.{token(trace_id, 'trace id')}.*"
 
 
 def notify(who: Principal, topic: str) -> str:

@@ -1,44 +1,248 @@
-"""W3C trace context in NATS headers, and the tracer provider each process installs.
+"""OpenTelemetry in every process: W3C trace context in NATS headers, the providers each
+entry point installs once, and the exporter that puts finished spans on the bus.
 
-The ``traceparent`` header rides on every message, INGRESS to WORK and back, so one
-task is one trace across the CLI, the router, the agents and the projector. Spans are
-exported over OTLP only when the standard ``OTEL_EXPORTER_OTLP_*`` variables name an
-endpoint; otherwise they are recorded (so ids exist and propagate) but sent nowhere.
+The ``traceparent`` header rides on every message, INGRESS to WORK and back, and on every
+AUDIT record, so one task is one trace across the CLI, the router, the agents and the
+projector. Spans always go to the TRACES stream (``agentctl trace`` reads them there, with
+no other service running). They, and metrics, also go over OTLP, but only when the
+standard ``OTEL_EXPORTER_OTLP_*`` variables name an endpoint: with none set, nothing is
+sent anywhere else. ``OTEL_SDK_DISABLED=true`` turns all of it off; ``OTEL_TRACES_SAMPLER``
+and the other standard SDK variables apply as usual.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Mapping
+import threading
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import msgspec
+import nats.errors
+import structlog
+from nats.aio.client import Client
 from opentelemetry import context as otel_context
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from bus import subjects
+from bus.spans import SpanBatch, SpanEvent, SpanRecord
+
+log = structlog.get_logger(__name__)
 
 _propagator = TraceContextTextMapPropagator()
 
-_OTLP_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+_encoder = msgspec.json.Encoder()
+
+MAX_SPANS_PER_MESSAGE = 128
+"""Spans per TRACES message: well under NATS's payload limit with ordinary attributes."""
+_MAX_UNATTACHED = 2048
+"""Messages kept while a process has no connection yet; later ones are dropped."""
 
 
-def configure_tracing(service_name: str) -> TracerProvider:
-    """Install an SDK tracer provider for this process (call once, in the entry point)."""
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
-    if any(os.environ.get(v) for v in _OTLP_VARS):
-        protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
-            "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
-        )
-        if protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
-                OTLPSpanExporter,
-            )
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(provider)
-    return provider
+def otlp_configured(signal: str, env: Mapping[str, str] | None = None) -> bool:
+    """Whether the standard variables ask for OTLP export of ``signal`` (``traces`` or
+    ``metrics``): an endpoint is set and ``OTEL_<SIGNAL>_EXPORTER`` is not ``none``."""
+    env = os.environ if env is None else env
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    exporters = {e.strip() for e in env.get(f"OTEL_{signal.upper()}_EXPORTER", "otlp").split(",")}
+    if "otlp" not in exporters:
+        return False
+    return bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT"))
+
+
+def _protocol(signal: str, env: Mapping[str, str]) -> str:
+    return env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL") or env.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+
+
+def _otlp_span_exporter(env: Mapping[str, str]) -> SpanExporter:
+    if _protocol("traces", env) == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        return OTLPSpanExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPSpanExporter
+    return HTTPSpanExporter()
+
+
+def _otlp_metric_reader(env: Mapping[str, str]) -> MetricReader:
+    if _protocol("metrics", env) == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        return PeriodicExportingMetricReader(OTLPMetricExporter())
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HTTPMetricExporter
+    return PeriodicExportingMetricReader(HTTPMetricExporter())
+
+
+def span_record(span: ReadableSpan) -> SpanRecord:
+    """The bus form of a finished SDK span."""
+    ctx = span.get_span_context()
+    assert ctx is not None
+    parent = span.parent
+    return SpanRecord(
+        trace_id=format(ctx.trace_id, "032x"),
+        span_id=format(ctx.span_id, "016x"),
+        parent_span_id=format(parent.span_id, "016x") if parent is not None else "",
+        name=span.name,
+        kind=span.kind.value + 1,
+        start_ns=span.start_time or 0,
+        end_ns=span.end_time or 0,
+        status=span.status.status_code.value,
+        status_message=span.status.description or "",
+        attributes=dict(span.attributes or {}),
+        events=[SpanEvent(name=e.name, time_ns=e.timestamp, attributes=dict(e.attributes or {}))
+                for e in span.events],
+        scope=span.instrumentation_scope.name if span.instrumentation_scope else "",
+    )
+
+
+class BusSpanExporter(SpanExporter):
+    """Publishes finished spans to ``traces.<trace id>.<principal>``, one message per
+    trace and batch, on the process's own NATS connection.
+
+    :meth:`export` runs in the batch processor's thread: it only encodes and hands the
+    messages to the connection's event loop, never blocking on the network. Until a
+    connection is attached, messages wait (a bounded number). Publishing is best
+    effort: traces are for looking at, the audit log is the record.
+    """
+
+    def __init__(self, resource: Resource) -> None:
+        self.resource = {k: v for k, v in resource.attributes.items()}
+        self.principal = ""
+        self._nc: Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: list[tuple[str, bytes]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def attach(self, nc: Client, principal: str) -> None:
+        """Publish from now on through ``nc`` as ``principal`` (call on its event loop)."""
+        with self._lock:
+            self._nc, self._loop, self.principal = nc, asyncio.get_running_loop(), principal
+            waiting, self._waiting = self._waiting, []
+        for subject_trace, data in waiting:
+            self._send(subject_trace, data)
+
+    def detach(self) -> None:
+        """Stop publishing (the connection is closing); later spans wait again."""
+        with self._lock:
+            self._nc = self._loop = None
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        by_trace: dict[str, list[SpanRecord]] = defaultdict(list)
+        for span in spans:
+            record = span_record(span)
+            by_trace[record.trace_id].append(record)
+        messages = [
+            (trace_id, _encoder.encode(SpanBatch(resource=self.resource, spans=records[i:i + MAX_SPANS_PER_MESSAGE])))
+            for trace_id, records in by_trace.items()
+            for i in range(0, len(records), MAX_SPANS_PER_MESSAGE)
+        ]
+        with self._lock:
+            loop = self._loop
+            if loop is None:
+                room = max(0, _MAX_UNATTACHED - len(self._waiting))
+                self._waiting += messages[:room]
+                self.dropped += len(messages) - min(room, len(messages))
+                return SpanExportResult.SUCCESS
+        for message in messages:
+            try:
+                loop.call_soon_threadsafe(self._send, *message)
+            except RuntimeError:  # the loop is closed: the process is ending
+                self.dropped += 1
+        return SpanExportResult.SUCCESS
+
+    def _send(self, trace_id: str, data: bytes) -> None:
+        nc = self._nc
+        if nc is None or nc.is_closed:
+            with self._lock:
+                self._waiting.append((trace_id, data))
+            return
+        task = asyncio.ensure_future(self._publish(nc, subjects.traces(trace_id, self.principal), data))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _publish(self, nc: Client, subject: str, data: bytes) -> None:
+        try:
+            await nc.publish(subject, data)
+        except (nats.errors.Error, OSError) as exc:
+            self.dropped += 1
+            log.debug("trace_publish_failed", error=str(exc))
+
+    async def flush(self) -> None:
+        """Wait until every span handed over so far is published and the server has it."""
+        await asyncio.sleep(0)  # let call_soon_threadsafe callbacks run
+        if self._sending:
+            await asyncio.gather(*list(self._sending), return_exceptions=True)
+        if self._nc is not None and self._nc.is_connected:
+            try:
+                await self._nc.flush(timeout=5)
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.debug("trace_flush_failed", error=str(exc))
+
+    def shutdown(self) -> None:
+        self.detach()
+
+
+class Telemetry:
+    """The tracer and meter providers one process installed, and its TRACES exporter."""
+
+    def __init__(self, tracer_provider: TracerProvider | None, meter_provider: MeterProvider | None,
+                 bus: BusSpanExporter | None) -> None:
+        self.tracer_provider = tracer_provider
+        self.meter_provider = meter_provider
+        self.bus = bus
+
+    def attach(self, nc: Client, principal: str) -> None:
+        """Send spans to TRACES through ``nc`` from now on."""
+        if self.bus is not None:
+            self.bus.attach(nc, principal)
+
+    async def flush(self) -> None:
+        """Push every finished span out to TRACES now (before a connection closes)."""
+        if self.tracer_provider is None or self.bus is None:
+            return
+        await asyncio.to_thread(self.tracer_provider.force_flush, 5_000)
+        await self.bus.flush()
+        self.bus.detach()
+
+    def shutdown(self) -> None:
+        """Flush and stop the OTLP exporters (at process exit)."""
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()
+        if self.meter_provider is not None:
+            self.meter_provider.shutdown()
+
+
+def configure_telemetry(service_name: str, env: Mapping[str, str] | None = None, install: bool = True) -> Telemetry:
+    """Install this process's tracer and meter providers (call once, in the entry point;
+    ``install=False`` only builds them).
+
+    Spans are batched to TRACES (once :meth:`Telemetry.attach` names a connection) and,
+    if configured, to OTLP; metrics only ever go to OTLP.
+    """
+    env = os.environ if env is None else env
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return Telemetry(None, None, None)
+    resource = Resource.create({SERVICE_NAME: service_name})
+    tracer_provider = TracerProvider(resource=resource)
+    bus = BusSpanExporter(tracer_provider.resource)
+    tracer_provider.add_span_processor(BatchSpanProcessor(bus, schedule_delay_millis=250))
+    if otlp_configured("traces", env):
+        tracer_provider.add_span_processor(BatchSpanProcessor(_otlp_span_exporter(env)))
+    readers = [_otlp_metric_reader(env)] if otlp_configured("metrics", env) else []
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    if install:
+        trace.set_tracer_provider(tracer_provider)
+        metrics.set_meter_provider(meter_provider)
+    return Telemetry(tracer_provider, meter_provider, bus)
 
 
 def inject(headers: dict[str, str] | None = None, context: otel_context.Context | None = None) -> dict[str, str]:
@@ -53,7 +257,34 @@ def extract(headers: Mapping[str, str] | None) -> otel_context.Context:
     return _propagator.extract(dict(headers or {}))
 
 
+def traceparent(span: trace.Span) -> str:
+    """The W3C ``traceparent`` naming ``span`` as the parent ('' for a non-recording span)."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier, context=trace.set_span_in_context(span))
+    return carrier.get(subjects.HDR_TRACEPARENT, "")
+
+
+def context_of(parent: str) -> otel_context.Context:
+    """The context a ``traceparent`` string names (empty if none)."""
+    return extract({subjects.HDR_TRACEPARENT: parent} if parent else None)
+
+
 def trace_id_of_span(span: trace.Span) -> str:
     """A span's trace id as 32 hex digits, or '' for a non-recording span."""
     ctx = span.get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
+def messaging(destination: str, operation: str, message_id: str = "") -> dict[str, Any]:
+    """Span attributes after the OpenTelemetry messaging conventions, for NATS;
+    ``operation`` is ``publish``, ``receive`` or ``process``."""
+    op_type = {"publish": "send", "receive": "receive", "process": "process"}[operation]
+    attrs: dict[str, Any] = {
+        "messaging.system": "nats",
+        "messaging.destination.name": destination,
+        "messaging.operation.type": op_type,
+        "messaging.operation.name": operation,
+    }
+    if message_id:
+        attrs["messaging.message.id"] = message_id
+    return attrs
