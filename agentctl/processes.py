@@ -14,14 +14,15 @@ from agentctl.common import App, cli_name, fail, run
 from bus.connection import connected
 from bus.errors import LedgerbusError
 from bus.subjects import SubjectError, check_name
-from bus.tracing import configure_tracing
+from bus.tracing import configure_telemetry
 
 Body = Callable[[Client, asyncio.Event], Awaitable[None]]
 
 
 def serve(app: App, principal: str, service: str, body: Body) -> None:
-    """Configure traces once, connect as ``principal``, run ``body`` until SIGTERM/SIGINT."""
-    provider = configure_tracing(service)
+    """Configure telemetry once, connect as ``principal``, run ``body`` until SIGTERM/SIGINT;
+    the spans recorded go to TRACES on the same connection, the last ones before it closes."""
+    telemetry = configure_telemetry(service)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -29,12 +30,16 @@ def serve(app: App, principal: str, service: str, body: Body) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         async with connected(app.settings, principal, client_name=service) as nc:
-            await body(nc, stop)
+            telemetry.attach(nc, principal)
+            try:
+                await body(nc, stop)
+            finally:
+                await telemetry.flush()
 
     try:
         run(main)
     finally:
-        provider.shutdown()
+        telemetry.shutdown()
 
 
 @click.command(context_settings={"ignore_unknown_options": True})

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import click
 import nats.errors
+from nats.aio.client import Client
 from opentelemetry import trace
 from rich.live import Live
 from rich.status import Status
@@ -35,7 +37,7 @@ from bus.events import (
     new_id,
     step_task_id,
 )
-from bus.tracing import configure_tracing
+from bus.tracing import Telemetry, configure_telemetry
 
 
 def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any]:
@@ -117,47 +119,52 @@ def submit(
     except SchemaError as exc:
         raise click.BadParameter(str(exc)) from exc
     assert isinstance(event, TaskSubmitted)
-    provider = configure_tracing("agentctl")
-    try:
-        code = run(lambda: _submit(app, event, wait, timeout, as_json))
-    finally:
-        provider.shutdown()
-    sys.exit(code)
+    sys.exit(_traced(lambda telemetry: _submit(app, event, wait, timeout, as_json, telemetry)))
 
 
 def _run_plan(app: App, plan: PlanSubmitted, wait: bool, timeout: float, as_json: bool) -> int:
-    """Submit ``plan`` (and follow it, with ``wait``) under a traces provider; the exit code."""
-    provider = configure_tracing("agentctl")
+    """Submit ``plan`` (and follow it, with ``wait``); the exit code."""
+    return _traced(lambda telemetry: _submit_plan(app, plan, wait, timeout, as_json, telemetry))
+
+
+def _traced(body: Callable[[Telemetry], Coroutine[Any, Any, int]]) -> int:
+    """Run ``body`` with this process's telemetry installed: the submission starts the trace."""
+    telemetry = configure_telemetry("agentctl")
     try:
-        return run(lambda: _submit_plan(app, plan, wait, timeout, as_json))
+        return run(lambda: body(telemetry))
     finally:
-        provider.shutdown()
+        telemetry.shutdown()
 
 
-async def _publish(js: Any, event: TaskSubmitted | PlanSubmitted | TaskCancelled, skill: str) -> Any:
-    """Send one event to INGRESS as this CLI user, in a producer span; return the PubAck."""
+async def _publish(nc: Client, event: TaskSubmitted | PlanSubmitted, skill: str, telemetry: Telemetry) -> Any:
+    """Send one event to INGRESS as this CLI user, in the producer span that is the root
+    of the task's trace; return the PubAck. The span is on TRACES when this returns."""
     who = subjects.principal("cli", cli_name())
     subject = subjects.ingress(who, kind_of(type(event)))
     tracer = trace.get_tracer("ledgerbus.cli")
-    with tracer.start_as_current_span(
-        "agentctl.submit",
-        kind=trace.SpanKind.PRODUCER,
-        attributes={"messaging.system": "nats", "messaging.destination.name": subject,
-                    "messaging.operation": "publish", "messaging.message.id": event.id,
-                    "ledgerbus.task_id": event.task_id, "ledgerbus.skill": skill},
-    ):
-        headers = tracing.inject({subjects.HDR_MSG_ID: event.id})
-        try:
-            return await js.publish(subject, codec.encode(event), headers=headers)
-        except nats.errors.NoRespondersError as exc:
-            raise BusError("no INGRESS stream: is the router running?") from exc
+    telemetry.attach(nc, who.token)
+    try:
+        with tracer.start_as_current_span(
+            "agentctl.submit",
+            kind=trace.SpanKind.PRODUCER,
+            attributes={**tracing.messaging(subject, "publish", event.id),
+                        "ledgerbus.task_id": event.task_id, "ledgerbus.skill": skill},
+        ):
+            headers = tracing.inject({subjects.HDR_MSG_ID: event.id})
+            try:
+                return await nc.jetstream(timeout=10).publish(subject, codec.encode(event), headers=headers)
+            except nats.errors.NoRespondersError as exc:
+                raise BusError("no INGRESS stream: is the router running?") from exc
+    finally:
+        await telemetry.flush()
 
 
-async def _submit(app: App, event: TaskSubmitted, wait: bool, timeout: float, as_json: bool) -> int:
+async def _submit(app: App, event: TaskSubmitted, wait: bool, timeout: float, as_json: bool,
+                  telemetry: Telemetry) -> int:
     who = subjects.principal("cli", cli_name())
     async with connected(app.settings, who.token, client_name=f"agentctl-{who.name}") as nc:
         js = nc.jetstream(timeout=10)
-        ack = await _publish(js, event, event.skill)
+        ack = await _publish(nc, event, event.skill, telemetry)
         if not wait:
             if as_json:
                 out.print_json(data={"task_id": event.task_id, "status": "submitted", "ingress_seq": ack.seq})
@@ -222,11 +229,12 @@ def _report(view: TaskView, as_json: bool, timed_out: float | None = None) -> in
     return EXIT_OK if view.status == "completed" else EXIT_FAILED
 
 
-async def _submit_plan(app: App, plan: PlanSubmitted, wait: bool, timeout: float, as_json: bool) -> int:
+async def _submit_plan(app: App, plan: PlanSubmitted, wait: bool, timeout: float, as_json: bool,
+                       telemetry: Telemetry) -> int:
     who = subjects.principal("cli", cli_name())
     async with connected(app.settings, who.token, client_name=f"agentctl-{who.name}") as nc:
         js = nc.jetstream(timeout=10)
-        ack = await _publish(js, plan, PLAN_SKILL)
+        ack = await _publish(nc, plan, PLAN_SKILL, telemetry)
         if not wait:
             if as_json:
                 out.print_json(data={"task_id": plan.task_id, "status": "submitted", "ingress_seq": ack.seq,

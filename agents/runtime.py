@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 if TYPE_CHECKING:
     from agents.llm.base import Usage
@@ -35,7 +36,7 @@ from agents.errors import SkillError
 from agents.hooks import Hooks
 from agents.memory import Memory, Shared, Tasks, Writer
 from agents.skill import Skill, SkillContext, decode_input, encode_output
-from bus import codec, subjects, tracing
+from bus import codec, metrics, subjects, tracing
 from bus.errors import BusError, SchemaError
 from bus.events import (
     AgentJoined,
@@ -248,20 +249,22 @@ class Agent:
             await msg.term()
             return
         attempt = item.attempt_base + msg.metadata.num_delivered
-        with tracer.start_as_current_span(
-            "agent.run",
-            context=tracing.extract(msg.headers),
-            kind=trace.SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "nats",
-                "messaging.destination.name": msg.subject,
-                "messaging.operation": "process",
-                "ledgerbus.task_id": item.task_id,
-                "ledgerbus.skill": skill_name,
-                "ledgerbus.agent": self.name,
-                "ledgerbus.attempt": attempt,
-            },
-        ):
+        msg_id = (msg.headers or {}).get(subjects.HDR_MSG_ID, "")
+        with structlog.contextvars.bound_contextvars(task_id=item.task_id, agent=self.name), \
+                tracer.start_as_current_span(
+                    "agent.run",
+                    context=tracing.extract(msg.headers),
+                    kind=trace.SpanKind.CONSUMER,
+                    attributes={
+                        **tracing.messaging(msg.subject, "process", msg_id),
+                        "messaging.consumer.group.name": subjects.work_consumer(skill_name),
+                        "ledgerbus.task_id": item.task_id,
+                        "ledgerbus.skill": skill_name,
+                        "ledgerbus.agent": self.name,
+                        "ledgerbus.instance": self.instance,
+                        "ledgerbus.attempt": attempt,
+                    },
+                ):
             try:
                 await self._run(skill_name, item, attempt, msg)
             except BusError as exc:
@@ -368,6 +371,8 @@ class Agent:
         keepalive = asyncio.create_task(self._keep_alive(msg))
         deadline = asyncio.timeout(item.timeout_s)
         result: Event | None = None
+        outcome = "cancelled"
+        started = loop.time()
         running = asyncio.create_task(self._execute(self.skills[skill_name], ctx, item.input))
         self._running[item.task_id] = running
         self._loads[skill_name] = self._loads.get(skill_name, 0) + 1
@@ -394,6 +399,15 @@ class Agent:
                 id=new_id(), task_id=item.task_id, attempt=attempt, error=f"{type(exc).__name__}: {exc}"[:16_384]
             )
         finally:
+            if result is not None:
+                outcome = "completed" if isinstance(result, TaskCompleted) else "failed"
+            metrics.skill_duration.record(loop.time() - started,
+                                          {"ledgerbus.skill": skill_name, "ledgerbus.agent": self.name,
+                                           "ledgerbus.outcome": outcome})
+            span = trace.get_current_span()
+            span.set_attribute("ledgerbus.outcome", outcome)
+            if isinstance(result, TaskFailed):
+                span.set_status(Status(StatusCode.ERROR, result.error[:512]))
             keepalive.cancel()
             self._running.pop(item.task_id, None)
             self._loads[skill_name] -= 1
@@ -409,9 +423,10 @@ class Agent:
     async def _execute(self, skill: Skill, ctx: SkillContext, raw: Any) -> Any:
         """Hooks before, the input checked against the skill's type, the skill, its output
         checked, hooks after: what the task's result is made of."""
-        raw = await self.hooks.before(ctx, raw)
-        output = encode_output(skill, await skill.run(ctx, decode_input(skill, raw)))
-        return await self.hooks.after(ctx, raw, output)
+        with tracer.start_as_current_span(f"skill.run {ctx.skill}", attributes={"ledgerbus.skill": ctx.skill}):
+            raw = await self.hooks.before(ctx, raw)
+            output = encode_output(skill, await skill.run(ctx, decode_input(skill, raw)))
+            return await self.hooks.after(ctx, raw, output)
 
     def _completed(self, task_id: str, attempt: int, output: Any) -> Event:
         """A completion, unless the output cannot travel: then a failure that says why."""

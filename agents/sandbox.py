@@ -39,6 +39,8 @@ from typing import Literal
 
 import msgspec
 import structlog
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from agents.isolation import (
     SCRUBBED_PATH,
@@ -55,6 +57,7 @@ from bus.agent_policy import SandboxPolicy, read_table
 from bus.errors import ConfigError
 
 log = structlog.get_logger(__name__)
+tracer = trace.get_tracer("ledgerbus.sandbox")
 
 Limit = Literal["deadline", "cpu", "memory", "file_size", "processes", "sigkill"]
 """Which limit stopped a program (``sigkill``: killed from outside, see :func:`run`)."""
@@ -315,7 +318,32 @@ async def run(
     (the ``python`` skill's interpreter). A refusal raises :class:`SandboxError`; a program
     that fails or is stopped by a limit is a result (``exit_code``, ``killed``, ``reason``).
     Cancelling the call kills the program.
+
+    The run is a ``shell.exec`` span: the program's name and argument count, its exit
+    code, isolation and duration; never the arguments, which may carry data.
     """
+    with tracer.start_as_current_span(
+        "shell.exec",
+        attributes={"process.executable.name": Path(argv[0]).name if argv else "", "process.args_count": len(argv)},
+    ) as span:
+        result = await _run(argv, workspace=workspace, policy=policy, timeout_s=timeout_s, stdin=stdin, cwd=cwd,
+                            extra_programs=extra_programs)
+        span.set_attributes({"process.exit.code": result.exit_code, "ledgerbus.sandbox.isolation": result.isolation})
+        if result.killed or result.exit_code != 0:
+            span.set_status(Status(StatusCode.ERROR, result.reason or f"exit code {result.exit_code}"))
+        return result
+
+
+async def _run(
+    argv: list[str],
+    *,
+    workspace: Path,
+    policy: SandboxPolicy,
+    timeout_s: float | None,
+    stdin: bytes | None,
+    cwd: str,
+    extra_programs: Sequence[str],
+) -> RunResult:
     program = check_paths(argv, workspace, [*policy.programs, *extra_programs])
     level = await asyncio.to_thread(isolation, policy)
     user = sandbox_user()

@@ -16,8 +16,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
-from bus import codec, subjects
+from bus import codec, metrics, subjects, tracing
 from bus.errors import SchemaError
 from bus.events import AuditRecord
 from bus.provision import wait_for_stream
@@ -28,6 +30,7 @@ from projections.apply import apply_batch
 from projections.errors import SchemaMismatch
 
 log = structlog.get_logger(__name__)
+tracer = trace.get_tracer("ledgerbus.projector")
 
 
 def decode_batch(msgs: list[Msg]) -> list[AuditRecord]:
@@ -55,6 +58,25 @@ async def apply_msgs(db: aiosqlite.Connection, msgs: list[Msg], position: int) -
         await dbmod.set_position(db, tail)
         position = tail
     return position
+
+
+def apply_spans(msgs: list[Msg], max_age_s: float) -> list[trace.Span]:
+    """A ``projector.apply`` span for each record of the batch that carries a trace
+    context and is younger than ``max_age_s`` (older ones' traces are gone from TRACES:
+    a projector catching up on a long log does not flood it)."""
+    now = time.time()
+    spans = []
+    for msg in msgs:
+        parent = (msg.headers or {}).get(subjects.HDR_TRACEPARENT)
+        stamp = msg.metadata.timestamp
+        if not parent or (stamp is not None and now - stamp.timestamp() > max_age_s):
+            continue
+        spans.append(tracer.start_span(
+            "projector.apply", context=tracing.context_of(parent), kind=trace.SpanKind.CONSUMER,
+            attributes={**tracing.messaging(msg.subject, "process"), "ledgerbus.audit.seq": msg.metadata.sequence.stream,
+                        "ledgerbus.batch_size": len(msgs)},
+        ))
+    return spans
 
 
 async def follow(
@@ -123,7 +145,17 @@ class Projector:
             while not stop.is_set():
                 batch = await next_batch(sub, self.settings.projector_batch, wait=0.5)
                 if batch:
-                    self.position = await apply_msgs(self.db, batch, self.position)
+                    spans = apply_spans(batch, self.settings.traces_max_age_s)
+                    try:
+                        self.position = await apply_msgs(self.db, batch, self.position)
+                    except BaseException as exc:
+                        for span in spans:
+                            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                        raise
+                    finally:
+                        for span in spans:
+                            span.end()
+                    metrics.projector_applied.add(len(batch))
                     self.progress.advanced()
             await queries.unsubscribe()
             await sub.unsubscribe()

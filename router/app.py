@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 import nats.errors
@@ -17,9 +19,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from agents import discovery
-from bus import codec, signing, subjects, tracing
+from bus import codec, metrics, signing, subjects, tracing
 from bus.errors import SchemaError
 from bus.events import (
     AGENT_EVENTS,
@@ -52,6 +55,14 @@ from router.state import APPROVAL_REQUESTED, BUDGET_EXCEEDED, RouterState
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("ledgerbus.router")
 
+GAUGE_INTERVAL_S = 5.0
+"""How often the router refreshes the task and queue gauges (when metrics are exported)."""
+_gauges: dict[str, dict[tuple[tuple[str, str], ...], float]] = {"tasks": {}, "queue": {}}
+"""The latest gauge readings, replaced whole by the router and read by the exporter."""
+metrics.observe("ledgerbus.tasks", "{task}", "Tasks the router knows, by state", lambda: _gauges["tasks"])
+metrics.observe("ledgerbus.queue.depth", "{message}", "Work items queued or in flight in WORK, by skill",
+                lambda: _gauges["queue"])
+
 _RAW_HEAD_BYTES = 256
 
 # Accepted records whose code also says what the acceptance did besides.
@@ -60,11 +71,36 @@ ACCEPTED_CODES = frozenset({"ok", APPROVAL_REQUESTED, BUDGET_EXCEEDED})
 
 @dataclass(slots=True)
 class Decision:
-    """One INGRESS message, its audit record, and the headers its actions carry."""
+    """One INGRESS message, its audit record, the headers its actions carry, and the
+    span that processes it (ended once the message is settled)."""
 
     msg: Msg
     record: AuditRecord
     headers: dict[str, str]
+    span: trace.Span = trace.INVALID_SPAN
+
+    def end(self, error: str = "") -> None:
+        """End the processing span (with an error status if ``error``)."""
+        if error:
+            self.span.set_status(Status(StatusCode.ERROR, error))
+        self.span.end()
+
+
+def _trace_headers(traceparent: str) -> dict[str, str]:
+    return {subjects.HDR_TRACEPARENT: traceparent} if traceparent else {}
+
+
+def _record_attributes(record: AuditRecord) -> dict[str, Any]:
+    """Span attributes naming what an audit record says about which task."""
+    attrs: dict[str, Any] = {"ledgerbus.verdict": record.verdict, "ledgerbus.code": record.code,
+                             "ledgerbus.kind": record.kind, "ledgerbus.principal": record.principal,
+                             "ledgerbus.audit.seq": record.seq}
+    event = record.event
+    if event is not None and isinstance(event, TASK_EVENTS):
+        attrs["ledgerbus.task_id"] = event.task_id
+    if (skill := getattr(event, "skill", None)) is not None:
+        attrs["ledgerbus.skill"] = skill
+    return attrs
 
 
 class MaxDeliverAdvisory(msgspec.Struct, frozen=True):
@@ -151,6 +187,8 @@ class Router:
         """MaxDeliver advisories fetched, for the serving loop to act on (it alone appends)."""
         self._undelivered: set[str] = set()
         """Tasks the scheduler dispatched whose work item is not known to be in WORK."""
+        self._metrics = tracing.otlp_configured("metrics")
+        self._gauges_at = 0.0
 
     def _may_run(self, principal: str, skill: str) -> bool:
         """Whether the scheduler may pick ``skill`` for a step ``principal`` submitted by
@@ -213,6 +251,7 @@ class Router:
                 await self.schedule()
                 await self._dead_letters()
                 await self._checkpoint_if_due()
+                await self._refresh_gauges()
             except (nats.errors.Error, AuditAppendError) as exc:
                 # The log is consistent whatever failed here (records are appended before
                 # anything is acted on); unacked messages come back and are settled then.
@@ -230,6 +269,23 @@ class Router:
             await asyncio.gather(self._watch, return_exceptions=True)
             self._watch = None
         log.info("router_stopped", head_seq=self.audit.head.seq)
+
+    async def _refresh_gauges(self) -> None:
+        """Recount tasks by state and read WORK's depth per skill, every few seconds, when
+        metrics are exported (nothing reads them otherwise)."""
+        now = asyncio.get_running_loop().time()
+        if not self._metrics or now - self._gauges_at < GAUGE_INTERVAL_S:
+            return
+        self._gauges_at = now
+        states = Counter(task.status for task in self.state.tasks.values())
+        _gauges["tasks"] = {(("state", state),): n for state, n in states.items()}
+        try:
+            info = await self.js.stream_info(subjects.WORK_STREAM, subjects_filter=subjects.WORK_ALL)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.debug("queue_depth_unavailable", error=str(exc))
+            return
+        _gauges["queue"] = {(("skill", subject.removeprefix("work.")),): n
+                            for subject, n in (info.state.subjects or {}).items()}
 
     def _idle_wait(self) -> float:
         """How long a fetch may wait for INGRESS: until the next retry is due, at most 1 s."""
@@ -250,8 +306,8 @@ class Router:
             if not events:
                 break
             pending = [self._router_record(event) for event in events]
-            for record, _, _ in pending:
-                self.state.apply(record)
+            for record, _, headers in pending:
+                self.state.apply(record, headers.get(subjects.HDR_TRACEPARENT, ""))
             await self.audit.append(pending)
             for record, _, _ in pending:
                 if isinstance(record.event, TaskDispatched):
@@ -307,7 +363,7 @@ class Router:
                           f"went silent; last claim by {task.claimant or 'nobody'}, attempt {task.attempt}")
                 dead = TaskDeadLettered(id=new_id(), task_id=item.task_id, failures=task.failures, reason=reason)
                 record = self._router_record(dead)
-                self.state.apply(record[0])
+                self.state.apply(record[0], record[2].get(subjects.HDR_TRACEPARENT, ""))
                 await self.audit.append([record])
                 log.warning("dead_lettered", task_id=item.task_id, seq=record[0].seq, deliveries=advisory.deliveries)
             with contextlib.suppress(nats.js.errors.NotFoundError):
@@ -317,19 +373,30 @@ class Router:
             await self.schedule()
 
     def _router_record(self, event: RouterDecision) -> tuple[AuditRecord, bytes, dict[str, str]]:
+        """Seal the record of one of the router's own decisions; with its headers. A task
+        that has a trace gets the decision as a ``router.decide`` span in it, a child of
+        the record that caused it (:meth:`RouterState.cause`)."""
         task_id = event.task_id
+        kind = kind_of(type(event))
+        cause = self.state.cause(task_id)
+        span = (tracer.start_span(f"router.decide {kind}", context=tracing.context_of(cause))
+                if cause else trace.INVALID_SPAN)
         record, data = self.audit.seal(AuditRecord(
             seq=0, at=datetime.now(UTC), verdict="accepted", code="ok", reason="", principal="router",
-            kind=kind_of(type(event)), key=task_id, msg_id=event.id, ingress_seq=0, delivery=0, event=event,
+            kind=kind, key=task_id, msg_id=event.id, ingress_seq=0, delivery=0, event=event,
+            trace_id=tracing.trace_id_of_span(span),
         ))
-        return record, data, {}
+        span.set_attributes(_record_attributes(record))
+        headers = tracing.inject(context=trace.set_span_in_context(span)) if span.is_recording() else {}
+        span.end()
+        return record, data, headers
 
     async def _deliver(self) -> None:
         """Publish the work items of the scheduler's dispatches not yet known to be stored."""
         if not self._undelivered:
             return
         items: list[tuple[WorkItem, dict[str, str]]] = [
-            (item, {}) for task_id in sorted(self._undelivered)
+            (item, _trace_headers(self.state.tasks[task_id].dispatch_trace)) for task_id in sorted(self._undelivered)
             if (item := routed_work_item(task_id, self.state)) is not None
         ]
         results = await dispatch(self.js, items)
@@ -414,16 +481,28 @@ class Router:
         await self.act(decisions)
 
     async def audit_batch(self, msgs: list[Msg]) -> list[Decision]:
-        """Check every message and append one audit record for each not audited before."""
+        """Check every message and append one audit record for each not audited before.
+
+        Each message is processed in a ``router.process`` span, a child of the trace its
+        headers carry; the span ends once the message is settled (:meth:`act`).
+        """
         decisions: list[Decision] = []
         pending: list[tuple[AuditRecord, bytes, dict[str, str]]] = []
         for msg in msgs:
             meta = msg.metadata
             headers = _headers(msg)
+            span = tracer.start_span(
+                "router.process", context=tracing.extract(headers), kind=trace.SpanKind.CONSUMER,
+                attributes={**tracing.messaging(msg.subject, "process", headers.get(subjects.HDR_MSG_ID, "")),
+                            "messaging.consumer.group.name": subjects.ROUTER_CONSUMER,
+                            "ledgerbus.ingress_seq": meta.sequence.stream,
+                            "ledgerbus.delivery": meta.num_delivered},
+            )
             if (seen := self.state.audited(meta.sequence.stream)) is not None:
                 # Audited before a crash, not acked: act again (idempotently), audit never twice.
                 log.info("ingress_redelivered_already_audited", ingress_seq=meta.sequence.stream, seq=seen.seq)
-                decisions.append(Decision(msg, seen, headers))
+                span.set_attributes({"ledgerbus.redelivered": True, **_record_attributes(seen)})
+                decisions.append(Decision(msg, seen, tracing.inject(context=trace.set_span_in_context(span)), span))
                 continue
             inbound = Inbound(
                 subject=msg.subject,
@@ -433,36 +512,36 @@ class Router:
                 delivery=meta.num_delivered,
                 received_at=meta.timestamp.timestamp() if meta.timestamp else 0.0,
             )
-            with tracer.start_as_current_span(
-                "router.check",
-                context=tracing.extract(headers),
-                kind=trace.SpanKind.CONSUMER,
-                attributes={
-                    "messaging.system": "nats",
-                    "messaging.destination.name": msg.subject,
-                    "messaging.operation": "process",
-                },
-            ) as span:
+            with trace.use_span(span, end_on_exit=False):
                 rejection = run_checks(self.checks, inbound, self.state)
-                if rejection is not None:
-                    code, reason = rejection.code, rejection.reason
-                elif inbound.held:
-                    code, reason = APPROVAL_REQUESTED, "the skill is marked dangerous: waiting for an approver"
-                elif inbound.over_budget:
-                    code, reason = BUDGET_EXCEEDED, inbound.over_budget
-                else:
-                    code, reason = "ok", ""
-                span.set_attribute("ledgerbus.verdict", code)
-                record, data = self.audit.seal(_record_for(inbound, code, reason, tracing.trace_id_of_span(span)))
-                out_headers = tracing.inject()
-            # Later messages of the same batch must see this one (e.g. a duplicate task id).
-            self.state.apply(record)
-            pending.append((record, data, out_headers))
-            decisions.append(Decision(msg, record, out_headers))
             if rejection is not None:
-                log.info("rejected", seq=record.seq, code=code, reason=reason, principal=record.principal)
+                code, reason = rejection.code, rejection.reason
+            elif inbound.held:
+                code, reason = APPROVAL_REQUESTED, "the skill is marked dangerous: waiting for an approver"
+            elif inbound.over_budget:
+                code, reason = BUDGET_EXCEEDED, inbound.over_budget
+            else:
+                code, reason = "ok", ""
+            record, data = self.audit.seal(_record_for(inbound, code, reason, tracing.trace_id_of_span(span)))
+            span.set_attributes(_record_attributes(record))
+            metrics.router_messages.add(1, {"kind": record.kind, "verdict": record.verdict, "code": code})
+            if rejection is not None:
+                span.set_status(Status(StatusCode.ERROR, f"rejected: {code}: {reason}"))
+            out_headers = tracing.inject(context=trace.set_span_in_context(span))
+            # Later messages of the same batch must see this one (e.g. a duplicate task id).
+            self.state.apply(record, out_headers.get(subjects.HDR_TRACEPARENT, ""))
+            pending.append((record, data, out_headers))
+            decisions.append(Decision(msg, record, out_headers, span))
+            with trace.use_span(span, end_on_exit=False):
+                if rejection is not None:
+                    log.info("rejected", seq=record.seq, code=code, reason=reason, principal=record.principal)
         if pending:
-            await self.audit.append(pending)
+            try:
+                await self.audit.append(pending)
+            except AuditAppendError as exc:
+                for d in decisions:
+                    d.end(error=str(exc))
+                raise
         return decisions
 
     async def act(self, decisions: list[Decision]) -> None:
@@ -485,5 +564,7 @@ class Router:
         for d in decisions:
             if id(d) in failed:
                 await d.msg.nak(delay=1)
+                d.end(error="dispatch failed: the message will be processed again")
             else:
                 await d.msg.ack()
+                d.end()

@@ -13,10 +13,14 @@ from typing import Any
 
 import nats.errors
 from nats.js import JetStreamContext
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
-from bus import codec, subjects
+from bus import codec, subjects, tracing
 from bus.events import AuditRecord, TaskApproved, TaskSubmitted, WorkItem
 from router.state import RouterState
+
+tracer = trace.get_tracer("ledgerbus.router")
 
 
 def work_item(record: AuditRecord, state: RouterState) -> WorkItem | None:
@@ -78,24 +82,39 @@ async def dispatch(
     """Publish work items (pipelined) and wait for WORK to store them.
 
     Returns, per item, ``None`` if stored or the error that stopped it (WORK full, no
-    connection): the caller leaves that message unacked so it is tried again.
+    connection): the caller leaves that message unacked so it is tried again. An item
+    whose headers carry a trace context is published in a ``router.dispatch`` span of
+    that trace, which the WORK message names as the agent's parent.
     """
     futures: list[asyncio.Future[Any] | BaseException] = []
+    spans: list[trace.Span] = []
     for item, headers in items:
-        hdrs = dict(headers)
-        hdrs[subjects.HDR_MSG_ID] = subjects.work_msg_id(item.task_id, item.dispatch)
+        msg_id = subjects.work_msg_id(item.task_id, item.dispatch)
+        subject = subjects.work(item.skill)
+        span = (tracer.start_span("router.dispatch", context=tracing.extract(headers), kind=trace.SpanKind.PRODUCER,
+                                  attributes={**tracing.messaging(subject, "publish", msg_id),
+                                              "ledgerbus.task_id": item.task_id, "ledgerbus.skill": item.skill,
+                                              "ledgerbus.dispatch": item.dispatch})
+                if subjects.HDR_TRACEPARENT in headers else trace.INVALID_SPAN)
+        spans.append(span)
+        hdrs = tracing.inject(headers, context=trace.set_span_in_context(span)) if span.is_recording() else dict(headers)
+        hdrs[subjects.HDR_MSG_ID] = msg_id
         try:
-            futures.append(await js.publish_async(subjects.work(item.skill), codec.encode(item), headers=hdrs))
+            futures.append(await js.publish_async(subject, codec.encode(item), headers=hdrs))
         except nats.errors.Error as exc:
             futures.append(exc)
     results: list[BaseException | None] = []
-    for fut in futures:
+    for fut, span in zip(futures, spans, strict=True):
+        error: BaseException | None = None
         if isinstance(fut, BaseException):
-            results.append(fut)
-            continue
-        try:
-            await fut
-            results.append(None)
-        except (TimeoutError, nats.errors.Error) as exc:
-            results.append(exc)
+            error = fut
+        else:
+            try:
+                await fut
+            except (TimeoutError, nats.errors.Error) as exc:
+                error = exc
+        if error is not None:
+            span.set_status(Status(StatusCode.ERROR, f"not stored in WORK: {error}"))
+        span.end()
+        results.append(error)
     return results

@@ -93,6 +93,11 @@ class TaskState:
     """The audit seq of the record that made the current dispatch."""
     routed: bool = False
     """Its current dispatch is the router's own (``task_dispatched``), not the submission's."""
+    trace: str = ""
+    """The ``traceparent`` of the latest record about the task (for a plan, about any of
+    its steps): the router's next decision about it is a span under its cause."""
+    dispatch_trace: str = ""
+    """The ``traceparent`` of the record of its current routed dispatch."""
 
     @property
     def terminal(self) -> bool:
@@ -137,8 +142,9 @@ class RouterState:
         self._messages: OrderedDict[str, tuple[int, datetime]] = OrderedDict()
         self._horizon = timedelta(seconds=dedup_horizon_s)
 
-    def apply(self, record: AuditRecord) -> None:
-        """Fold one audit record into the state."""
+    def apply(self, record: AuditRecord, traceparent: str = "") -> None:
+        """Fold one audit record into the state; ``traceparent`` is the trace context
+        its AUDIT message carries (the span that decided it), if any."""
         if record.checkpoint is not None:
             self.last_checkpoint_seq = record.seq
             return
@@ -153,7 +159,7 @@ class RouterState:
             self._messages[record.msg_id] = (record.seq, record.at)
             while self._messages and next(iter(self._messages.values()))[1] < record.at - self._horizon:
                 self._messages.popitem(last=False)
-        self._fold(record)
+        self._fold(record, traceparent)
 
     def _touch(self, task_id: str) -> None:
         self.dirty.add(task_id)
@@ -161,7 +167,7 @@ class RouterState:
         if task is not None and task.parent is not None:
             self.dirty.add(task.parent)
 
-    def _fold(self, record: AuditRecord) -> None:
+    def _fold(self, record: AuditRecord, traceparent: str) -> None:
         event = record.event
         match event:
             case TaskSubmitted(task_id=task_id, skill=skill) as submission:
@@ -176,6 +182,7 @@ class RouterState:
                     parent=submission.parent_task_id,
                     retry=retry,
                     submission=submission if retry.max_attempts > 1 else None,
+                    trace=traceparent,
                 )
                 if (parent := self.tasks.get(submission.parent_task_id or "")) is not None:
                     parent.children.append(task_id)
@@ -185,6 +192,7 @@ class RouterState:
                 self.tasks[plan_id] = TaskState(
                     skill=PLAN_SKILL, submitter=record.principal, status="awaiting_approval" if held else "running",
                     held=plan if held else None, children=children, plan=plan, parent=plan.parent_task_id,
+                    trace=traceparent,
                 )
                 if (parent := self.tasks.get(plan.parent_task_id or "")) is not None:
                     parent.children.append(plan_id)
@@ -192,6 +200,7 @@ class RouterState:
                     self.tasks[child] = TaskState(
                         skill=step.skill or "", submitter=record.principal, status="waiting", parent=plan_id,
                         dispatch=0, retry=step.retry, step=step, deps=tuple(step_task_id(plan_id, d) for d in step.deps),
+                        trace=traceparent,
                     )
             case TaskUsage(task_id=task_id) as usage:
                 task = self.tasks[task_id]
@@ -224,7 +233,7 @@ class RouterState:
                 task.status, task.skill, task.dispatch, task.retry_at = (
                     "pending", dispatched.skill, dispatched.dispatch, None
                 )
-                task.routed, task.dispatch_seq = True, record.seq
+                task.routed, task.dispatch_seq, task.dispatch_trace = True, record.seq, traceparent
                 self.unmatched.discard(task_id)
             case TaskRetryScheduled(task_id=task_id, not_before=at):
                 task = self.tasks[task_id]
@@ -253,6 +262,27 @@ class RouterState:
                 return
         if isinstance(event, TASK_EVENTS):
             self._touch(event.task_id)
+            if traceparent:
+                self._traced(event.task_id, traceparent)
+
+    def _traced(self, task_id: str, traceparent: str) -> None:
+        task = self.tasks.get(task_id)
+        if task is None:
+            return
+        task.trace = traceparent
+        if task.step is not None and (plan := self.tasks.get(task.parent or "")) is not None:
+            plan.trace = traceparent
+
+    def cause(self, task_id: str) -> str:
+        """The ``traceparent`` a decision about ``task_id`` is traced under: the latest
+        record about it, or, for a plan step, about its plan (a finished dependency is
+        what dispatches the next step)."""
+        task = self.tasks.get(task_id)
+        if task is None:
+            return ""
+        if task.step is not None and (plan := self.tasks.get(task.parent or "")) is not None:
+            return plan.trace
+        return task.trace
 
     def due(self, now: datetime) -> datetime | None:
         """Mark the tasks whose retry time has come dirty; return the next retry time."""

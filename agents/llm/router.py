@@ -39,6 +39,7 @@ from opentelemetry.util.types import AttributeValue
 from agents.llm import config
 from agents.llm.base import ChatRequest, ChatResult, Message, Provider, ProviderError, Usage, UsageSink
 from agents.llm.config import Candidate, ProviderConfig, Route, RoutingFile
+from bus import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -224,6 +225,7 @@ class LLM:
                 span.set_attributes({"error.type": error.kind, "gen_ai.usage.input_tokens": 0,
                                      "gen_ai.usage.output_tokens": 0})
                 span.set_status(Status(StatusCode.ERROR, error.attempt))
+                metrics.llm_duration.record(latency_s, {**_metric_attrs(attributes), "error.type": error.kind})
                 log.warning("llm_call_failed", skill=self.skill, role=self.role, provider=name, model=model,
                             outcome=error.kind, status=error.status, retry_after_s=error.retry_after_s,
                             latency_s=round(latency_s, 3))
@@ -236,6 +238,10 @@ class LLM:
                                  "gen_ai.usage.output_tokens": result.tokens_out, "ledgerbus.llm.cost_usd": cost})
             if result.stop_reason:
                 span.set_attribute("gen_ai.response.finish_reasons", [result.stop_reason])
+            common = _metric_attrs(attributes)
+            metrics.llm_duration.record(latency_s, common)
+            metrics.llm_token_usage.record(result.tokens_in, {**common, "gen_ai.token.type": "input"})
+            metrics.llm_token_usage.record(result.tokens_out, {**common, "gen_ai.token.type": "output"})
             log.info("llm_call", skill=self.skill, role=self.role, provider=name, model=model, outcome="ok",
                      latency_s=round(latency_s, 3), tokens_in=result.tokens_in, tokens_out=result.tokens_out,
                      cost_usd=cost)
@@ -246,3 +252,9 @@ class LLM:
     async def _report(self, usage: Usage) -> None:
         if self._usage is not None:
             await self._usage(usage)
+
+
+def _metric_attrs(span_attributes: dict[str, AttributeValue]) -> dict[str, AttributeValue]:
+    """The low-cardinality attributes of an LLM call's metrics, from its span's."""
+    keys = ("gen_ai.operation.name", "gen_ai.system", "gen_ai.request.model", "ledgerbus.skill")
+    return {k: span_attributes[k] for k in keys if k in span_attributes}

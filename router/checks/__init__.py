@@ -7,11 +7,14 @@ The first rejection wins; every message, whatever its fate, gets one audit recor
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from bus.events import AnyEvent
 from bus.subjects import Principal
@@ -19,6 +22,7 @@ from router.policy import PolicyFile
 from router.state import RouterState
 
 log = structlog.get_logger(__name__)
+tracer = trace.get_tracer("ledgerbus.router")
 
 
 @dataclass(slots=True)
@@ -59,21 +63,38 @@ class Rejection:
 Check = Callable[[Inbound, RouterState], Rejection | None]
 
 
+@functools.cache
+def check_name(check: Check) -> str:
+    """A check's name in spans and logs: its module (``size``), plus the function's name
+    when a module has more than one (``secrets.scan``)."""
+    module = getattr(check, "__module__", "") or ""
+    name = module.rsplit(".", 1)[-1] or repr(check)
+    func = getattr(check, "__name__", "check")
+    return name if func == "check" else f"{name}.{func}"
+
+
 def run_checks(checks: Sequence[Check], msg: Inbound, state: RouterState) -> Rejection | None:
-    """Run ``checks`` in order; return the first rejection, or ``None`` if all pass.
+    """Run ``checks`` in order, each in its own ``router.check`` span; return the first
+    rejection, or ``None`` if all pass.
 
     A check that raises is a bug, but it must not take the router down or lose the
     message: the message is rejected as ``internal_error`` (and so still gets its one
     audit record), and the traceback is logged.
     """
     for check in checks:
-        try:
-            rejection = check(msg, state)
-        except Exception as exc:
-            log.exception("check_raised", check=getattr(check, "__module__", repr(check)), subject=msg.subject)
-            return Rejection("internal_error", f"a router check failed on this message ({type(exc).__name__})")
-        if rejection is not None:
-            return rejection
+        name = check_name(check)
+        with tracer.start_as_current_span(f"router.check {name}", attributes={"ledgerbus.check": name},
+                                          record_exception=False, set_status_on_exception=False) as span:
+            try:
+                rejection = check(msg, state)
+            except Exception as exc:
+                log.exception("check_raised", check=name, subject=msg.subject)
+                rejection = Rejection("internal_error", f"a router check failed on this message ({type(exc).__name__})")
+                span.record_exception(exc)
+            if rejection is not None:
+                span.set_attribute("ledgerbus.code", rejection.code)
+                span.set_status(Status(StatusCode.ERROR, f"{rejection.code}: {rejection.reason}"))
+                return rejection
     return None
 
 
