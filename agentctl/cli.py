@@ -17,6 +17,8 @@ from agentctl.reads import agents, events, tasks
 from agentctl.replay import replay, snapshot
 from agentctl.skills import skills
 from agentctl.submit import cancel, submit
+from agentctl.top import top
+from agentctl.traces import trace_cmd
 from agentctl.usage import usage
 from bus.errors import ConfigError
 from bus.logs import configure_logging
@@ -58,7 +60,7 @@ def cli(ctx: click.Context, url: str | None, user: str | None, password: str | N
 
 
 for command in (nats, router, projector, agent, submit, cancel, approve, deny, approvals, tasks, events, agents, memory,
-                checkpoint, shared, audit, keys, replay, snapshot, skills, usage, doctor):
+                checkpoint, shared, audit, keys, replay, snapshot, skills, usage, doctor, top, trace_cmd):
     cli.add_command(command)
 
 

@@ -6,6 +6,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -38,16 +39,31 @@ async def records(
 
     Without ``follow`` it stops at the end of the log as it was when it started.
     """
+    async for msg in messages(js, subjects.AUDIT_STREAM, filter_subject, from_seq, follow, idle):
+        yield codec.decode_record(msg.data), msg.data
+
+
+async def messages(
+    js: JetStreamContext,
+    stream: str,
+    filter_subject: str,
+    from_seq: int = 1,
+    follow: bool = False,
+    idle: float = 1.0,
+) -> AsyncGenerator[Msg, None]:
+    """The messages of ``stream`` from ``from_seq`` matching the filter, through an ordered
+    consumer. Without ``follow`` it stops at the end of the stream as it was when it started.
+    """
     sub = await js.subscribe(
         filter_subject,
-        stream=subjects.AUDIT_STREAM,
+        stream=stream,
         ordered_consumer=True,
         config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, from_seq)),
     )
     try:
         if not follow:
-            # num_pending counts only what the server has not pushed yet: the log is empty
-            # for this filter only if nothing is pending and nothing was delivered either.
+            # num_pending counts only what the server has not pushed yet: the stream is
+            # empty for this filter only if nothing is pending and nothing was delivered.
             info = await sub.consumer_info()
             if info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq):
                 return
@@ -58,7 +74,7 @@ async def records(
                 if follow:
                     continue
                 return
-            yield codec.decode_record(msg.data), msg.data
+            yield msg
             if not follow and msg.metadata.num_pending == 0:
                 return
     finally:

@@ -166,7 +166,8 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
         LEDGERBUS_LOG_FORMAT="json",
         PYTHONUNBUFFERED="1",
     )
-    for key in ("LEDGERBUS_USER", "LEDGERBUS_PASSWORD", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+    # Telemetry goes where a test says, never where the machine running it is set up to send.
+    for key in [k for k in env if k.startswith("OTEL_")] + ["LEDGERBUS_USER", "LEDGERBUS_PASSWORD"]:
         env.pop(key, None)
     env.update(extra)
     return env
@@ -234,11 +235,13 @@ class Procs:
 
 
 async def agentctl(
-    settings: Settings, *args: str, timeout: float = 60.0, as_user: str = "tester"
+    settings: Settings, *args: str, timeout: float = 60.0, as_user: str = "tester", env: dict[str, str] | None = None
 ) -> tuple[int, str, str]:
-    """Run one agentctl command to completion as CLI user ``as_user``: ``(exit code, stdout, stderr)``."""
+    """Run one agentctl command to completion as CLI user ``as_user`` (``env`` added to its
+    environment): ``(exit code, stdout, stderr)``."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentctl", *args, env=process_env(settings, LEDGERBUS_CLI_NAME=as_user),
+        sys.executable, "-m", "agentctl", *args,
+        env=process_env(settings, LEDGERBUS_CLI_NAME=as_user, **(env or {})),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     async with asyncio.timeout(timeout):

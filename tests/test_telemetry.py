@@ -1,0 +1,190 @@
+"""Telemetry pieces on their own: which exporters the OTEL_* settings make, log lines that
+carry their span's ids, spans on the bus and back, and the waterfall's tree."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+import structlog
+from nats.aio.client import Client
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.trace import Status, StatusCode
+from rich.console import Console
+
+from agentctl.traces import build_tree, read_trace, render
+from bus import logs, subjects, tracing
+from bus.spans import STATUS_ERROR, SpanBatch, SpanRecord, decode_batch, to_otlp_json
+
+
+def exporters(telemetry: tracing.Telemetry) -> list[str]:
+    assert telemetry.tracer_provider is not None
+    processors = telemetry.tracer_provider._active_span_processor._span_processors
+    return [type(p.span_exporter).__module__ + "." + type(p.span_exporter).__name__  # type: ignore[attr-defined]
+            for p in processors]
+
+
+def test_with_no_endpoint_only_the_bus_exporter_exists() -> None:
+    telemetry = tracing.configure_telemetry("test", env={}, install=False)
+    try:
+        assert exporters(telemetry) == ["bus.tracing.BusSpanExporter"]
+        assert telemetry.meter_provider is not None
+        assert not telemetry.meter_provider._metric_readers
+        assert not tracing.otlp_configured("traces", {}) and not tracing.otlp_configured("metrics", {})
+    finally:
+        telemetry.shutdown()
+
+
+@pytest.mark.parametrize(("env", "module"), [
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}, "opentelemetry.exporter.otlp.proto.http"),
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:9/v1/traces"}, "opentelemetry.exporter.otlp.proto.http"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+     "opentelemetry.exporter.otlp.proto.grpc"),
+])
+def test_the_standard_variables_choose_the_otlp_exporter(env: dict[str, str], module: str) -> None:
+    telemetry = tracing.configure_telemetry("test", env=env, install=False)
+    try:
+        found = exporters(telemetry)
+        assert found[0] == "bus.tracing.BusSpanExporter"
+        assert len(found) == 2 and found[1].startswith(module)
+        # A traces-only endpoint leaves metrics where they were: unexported.
+        wanted = 1 if "OTEL_EXPORTER_OTLP_ENDPOINT" in env else 0
+        assert telemetry.meter_provider is not None and len(telemetry.meter_provider._metric_readers) == wanted
+    finally:
+        # Not shutdown(): the exporters would send their last batch to the (closed) port.
+        assert telemetry.tracer_provider is not None
+        for processor in telemetry.tracer_provider._active_span_processor._span_processors:
+            processor.span_exporter.shutdown()  # type: ignore[attr-defined]
+        if telemetry.meter_provider is not None:
+            telemetry.meter_provider.shutdown()  # nothing was recorded through it: nothing to send
+
+
+@pytest.mark.parametrize("env", [
+    {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"},
+    {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_SDK_DISABLED": "true"},
+])
+def test_exporters_can_be_turned_off(env: dict[str, str]) -> None:
+    assert not tracing.otlp_configured("traces", env) and not tracing.otlp_configured("metrics", env)
+    telemetry = tracing.configure_telemetry("test", env=env, install=False)
+    try:
+        if env.get("OTEL_SDK_DISABLED"):
+            assert telemetry.tracer_provider is None and telemetry.bus is None
+        else:
+            assert exporters(telemetry) == ["bus.tracing.BusSpanExporter"]
+    finally:
+        telemetry.shutdown()
+
+
+@pytest.fixture
+def provider() -> Iterator[TracerProvider]:
+    yield TracerProvider(resource=Resource.create({"service.name": "unit"}))
+
+
+def test_every_log_line_inside_a_span_carries_its_ids(provider: TracerProvider) -> None:
+    capture = structlog.testing.LogCapture()
+    structlog.configure(processors=[*logs.shared_processors(), capture])
+    try:
+        log = structlog.get_logger("unit")
+        tracer = provider.get_tracer("unit")
+        log.info("outside")
+        with tracer.start_as_current_span("outer") as outer:
+            log.info("in_outer")
+            with structlog.contextvars.bound_contextvars(task_id="t1", agent="a1"), \
+                    tracer.start_as_current_span("inner") as inner:
+                log.info("in_inner")
+            log.info("back_in_outer")
+    finally:
+        structlog.reset_defaults()
+    lines = {entry["event"]: entry for entry in capture.entries}
+    assert "trace_id" not in lines["outside"] and "span_id" not in lines["outside"]
+    for event, span in (("in_outer", outer), ("in_inner", inner), ("back_in_outer", outer)):
+        ctx = span.get_span_context()
+        assert lines[event]["trace_id"] == format(ctx.trace_id, "032x")
+        assert lines[event]["span_id"] == format(ctx.span_id, "016x")
+    assert lines["in_inner"]["task_id"] == "t1" and lines["in_inner"]["agent"] == "a1"
+    assert "task_id" not in lines["back_in_outer"]
+
+
+def finished(provider: TracerProvider) -> tuple[tracing.BusSpanExporter, list[SpanRecord]]:
+    """Record a small tree into a bus exporter that is not attached to a connection yet."""
+    bus = tracing.BusSpanExporter(provider.resource)
+    provider.add_span_processor(SimpleSpanProcessor(bus))
+    tracer = provider.get_tracer("unit")
+    with tracer.start_as_current_span("root", attributes={"n": 1, "f": 0.5, "ok": True, "tags": ("a", "b")}):
+        with tracer.start_as_current_span("slow"):
+            pass
+        with tracer.start_as_current_span("broken") as broken:
+            broken.set_status(Status(StatusCode.ERROR, "it broke"))
+    spans = [s for _, data in bus._waiting for s in decode_batch(data).spans]
+    return bus, spans
+
+
+def test_spans_wait_for_a_connection_and_convert_to_otlp_json(provider: TracerProvider) -> None:
+    bus, spans = finished(provider)
+    assert [s.name for s in spans] == ["slow", "broken", "root"]
+    root = spans[2]
+    assert not root.parent_span_id and {s.parent_span_id for s in spans[:2]} == {root.span_id}
+    assert root.attributes == {"n": 1, "f": 0.5, "ok": True, "tags": ["a", "b"]}
+    assert spans[1].status == STATUS_ERROR and spans[1].status_message == "it broke"
+    otlp = to_otlp_json([SpanBatch(resource=bus.resource, spans=spans)])
+    [resource_spans] = otlp["resourceSpans"]
+    assert {"key": "service.name", "value": {"stringValue": "unit"}} in resource_spans["resource"]["attributes"]
+    [scope] = resource_spans["scopeSpans"]
+    by_name = {s["name"]: s for s in scope["spans"]}
+    assert by_name["root"]["traceId"] == root.trace_id and len(root.trace_id) == 32
+    assert "parentSpanId" not in by_name["root"] and by_name["slow"]["parentSpanId"] == root.span_id
+    assert by_name["root"]["kind"] == 1  # SPAN_KIND_INTERNAL
+    assert {"key": "n", "value": {"intValue": "1"}} in by_name["root"]["attributes"]
+    assert {"key": "tags", "value": {"arrayValue": {"values": [{"stringValue": "a"}, {"stringValue": "b"}]}}} \
+        in by_name["root"]["attributes"]
+    assert by_name["broken"]["status"] == {"code": 2, "message": "it broke"}
+    assert int(by_name["root"]["endTimeUnixNano"]) >= int(by_name["root"]["startTimeUnixNano"])
+
+
+def span(span_id: str, parent: str, start: int, end: int, name: str = "", error: bool = False) -> SpanRecord:
+    return SpanRecord(trace_id="a" * 32, span_id=span_id.ljust(16, "0"), parent_span_id=parent.ljust(16, "0")
+                      if parent else "", name=name or span_id, kind=1, start_ns=start, end_ns=end,
+                      status=STATUS_ERROR if error else 0)
+
+
+def test_the_tree_follows_parents_and_the_critical_path_follows_the_last_subtree() -> None:
+    batches = [
+        SpanBatch(resource={"service.name": "cli"}, spans=[span("root", "", 0, 10)]),
+        # "early" itself ends first, but its child ends last: the path goes through it.
+        SpanBatch(resource={"service.name": "router"}, spans=[
+            span("early", "root", 1, 3), span("late", "root", 2, 40), span("deep", "early", 3, 90),
+            span("check1", "early", 1, 2, "router.check size"), span("check2", "early", 2, 3, "router.check rate"),
+            span("lost", "nothere", 5, 6, "orphan", error=True),
+        ]),
+        SpanBatch(resource={"service.name": "router"}, spans=[span("late", "root", 2, 40)]),  # published twice
+    ]
+    tree = build_tree("a" * 32, batches)
+    assert tree.count == 7 and tree.services == ["cli", "router"]
+    assert [n.span.name for n in tree.critical_path()] == ["root", "early", "deep"]
+    orphan = next(n for n in tree.walk() if n.span.name == "orphan")
+    assert orphan.orphan and orphan in tree.roots
+    console = Console(width=160, record=True)
+    console.print(render(tree, "t1"))
+    text = console.export_text()
+    assert "router.check ×2 passed" in text and "router.check size" not in text
+    assert "parent not in TRACES" in text and "critical path: root → early → deep" in text
+    console = Console(width=160, record=True)
+    console.print(render(tree, "t1", every_check=True))
+    assert "router.check size" in console.export_text()
+
+
+async def test_spans_published_on_the_bus_read_back_by_trace(admin: Client, running_router: object,
+                                                             provider: TracerProvider) -> None:
+    # The router fixture provisions TRACES; admin publishes as "admin".
+    bus, spans = finished(provider)
+    bus.attach(admin, "admin")
+    await bus.flush()
+    js = admin.jetstream()
+    info = await js.stream_info(subjects.TRACES_STREAM)
+    assert info.state.messages >= 1
+    batches = await asyncio.wait_for(read_trace(js, spans[0].trace_id), 10)
+    assert sorted(s.span_id for b in batches for s in b.spans) == sorted(s.span_id for s in spans)
+    assert batches[0].service == "unit"
