@@ -192,7 +192,7 @@ def render(tree: TraceTree, task_id: str, every_check: bool = False, width: int 
     bar = max(BAR_MIN, min(BAR_MAX, width - min(names, 70) - services - 9 - 1 - 8))
     table = Table(title=title, title_justify="left", box=None, pad_edge=False, show_edge=False)
     table.add_column("", min_width=1, no_wrap=True)
-    table.add_column("span", no_wrap=True, overflow="ellipsis", max_width=max(20, width - services - bar - 18))
+    table.add_column("span", overflow="fold", max_width=max(20, width - services - bar - 18))
     table.add_column("service", no_wrap=True)
     table.add_column("duration", justify="right", no_wrap=True, min_width=8)
     table.add_column(f"0 … {_duration(total)}", no_wrap=True, min_width=bar)

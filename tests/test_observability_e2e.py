@@ -16,9 +16,11 @@ import pytest
 from nats.aio.client import Client
 
 from bus.settings import Settings
+from tests.fakellm import FakeLLM, answer
 from tests.otlp import OTLPReceiver, ReceivedSpan
 from tests.support import Procs, agentctl, audit_records, wait_for_record, wait_until
 from tests.test_e2e import joined
+from tests.test_llm_skills_e2e import fake  # noqa: F401 - the fixture: a fake Anthropic API
 from tests.test_shell_e2e import POLICY
 
 PLAN = """\
@@ -26,6 +28,7 @@ name: traced
 steps:
   - {id: greet, skill: echo, input: {text: hello}}
   - {id: list, skill: shell, input: {argv: [echo, traced]}, deps: [greet]}
+  - {id: think, skill: llm.chat, input: {prompt: "Say hi"}, deps: [greet]}
 """
 
 
@@ -39,7 +42,8 @@ async def start_traced_system(procs: Procs, admin: Client, env: dict[str, str]) 
     await procs.start("projector", "projector", **env)
     await procs.start("echo-1", "agent", "--name", "echo-1", "--skills", "echo", **env)
     await procs.start("runner-1", "agent", "--name", "runner-1", "--skills", "shell,python", **env)
-    for name in ("echo-1", "runner-1"):
+    await procs.start("thinker-1", "agent", "--name", "thinker-1", "--skills", "llm.chat", **env)
+    for name in ("echo-1", "runner-1", "thinker-1"):
         await wait_for_record(admin.jetstream(), joined(name))
 
 
@@ -59,8 +63,9 @@ def children(spans: list[ReceivedSpan], parent: ReceivedSpan) -> list[ReceivedSp
 
 
 async def test_one_plan_is_one_trace_across_every_process(procs: Procs, settings: Settings, admin: Client,
-                                                          tmp_path: Path) -> None:
+                                                          tmp_path: Path, fake: FakeLLM) -> None:  # noqa: F811
     settings.policy_path.write_text(POLICY)
+    fake.push(answer("hi"))
     with OTLPReceiver() as receiver:
         env = otel_env(receiver)
         await start_traced_system(procs, admin, env)
@@ -94,7 +99,7 @@ async def test_one_plan_is_one_trace_across_every_process(procs: Procs, settings
     assert (root.service, root.name) == ("agentctl", "agentctl.submit")
     services = {s.service for s in spans}
     assert {"agentctl", "ledgerbus-router", "ledgerbus-projector", "ledgerbus-agent-echo-1",
-            "ledgerbus-agent-runner-1"} <= services
+            "ledgerbus-agent-runner-1", "ledgerbus-agent-thinker-1"} <= services
     names = {s.name for s in spans}
     assert {"router.process", "audit.append", "router.dispatch", "agent.run", "projector.apply",
             "shell.exec"} <= names
@@ -109,7 +114,7 @@ async def test_one_plan_is_one_trace_across_every_process(procs: Procs, settings
     assert process.attributes["ledgerbus.task_id"] == "traced"
     by_id = {s.span_id: s for s in spans}
     runs = {s.attributes["ledgerbus.task_id"]: s for s in spans if s.name == "agent.run"}
-    assert set(runs) == {"traced-greet", "traced-list"}
+    assert set(runs) == {"traced-greet", "traced-list", "traced-think"}
     decides = {}
     for task_id, run in runs.items():
         dispatch = by_id[run.parent_span_id]
@@ -125,12 +130,18 @@ async def test_one_plan_is_one_trace_across_every_process(procs: Procs, settings
     # step's completion the second, the second's completion ends the plan.
     assert decides["traced-greet"].parent_span_id == process.span_id
     assert decides["traced-list"].parent_span_id == completion("traced-greet").span_id
+    assert decides["traced-think"].parent_span_id == completion("traced-greet").span_id
     [done] = [s for s in spans if s.name == "router.decide task_completed"]
-    assert done.parent_span_id == completion("traced-list").span_id
+    assert done.parent_span_id in {completion("traced-list").span_id, completion("traced-think").span_id}
     assert runs["traced-greet"].attributes["ledgerbus.agent"] == "echo-1"
     shell = next(s for s in spans if s.name == "shell.exec")
     assert by_id[by_id[shell.parent_span_id].parent_span_id] == runs["traced-list"]
     assert shell.attributes["process.executable.name"] == "echo"
+    # The LLM call is a client span under the skill, with its model and tokens.
+    [llm] = [s for s in spans if s.name == "llm.chat"]
+    assert llm.kind == 3 and by_id[by_id[llm.parent_span_id].parent_span_id] == runs["traced-think"]
+    assert llm.attributes["gen_ai.system"] == "anthropic" and llm.attributes["gen_ai.request.model"] == "fake-model"
+    assert llm.attributes["gen_ai.usage.input_tokens"] > 0 and llm.attributes["gen_ai.usage.output_tokens"] == 1
     # The agents' reports come back through the router, into the projector.
     completions = [s for s in spans if s.name == "router.process" and s.attributes["ledgerbus.kind"] == "task_completed"]
     assert {by_id[c.parent_span_id].name for c in completions} == {"agent.run"}
@@ -144,8 +155,8 @@ async def test_one_plan_is_one_trace_across_every_process(procs: Procs, settings
     assert refused.code in failing[0].status_message
 
     # Metrics went out on the same settings.
-    assert {"ledgerbus.router.messages", "ledgerbus.skill.duration", "ledgerbus.projector.records"} \
-        <= receiver.metric_names
+    assert {"ledgerbus.router.messages", "ledgerbus.skill.duration", "ledgerbus.projector.records",
+            "gen_ai.client.token.usage", "gen_ai.client.operation.duration"} <= receiver.metric_names
 
     # The same tree from the TRACES stream, with no collector at all.
     code, out, err = await agentctl(settings, "trace", "traced", "--json")
