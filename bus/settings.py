@@ -18,6 +18,7 @@ from bus.errors import ConfigError
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
 KEEP_WORKSPACES = ("none", "failed", "all")
+TRACE_CHECKS = ("all", "failed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,8 @@ class Settings:
     """How long finished spans stay in the TRACES stream (``agentctl trace``)."""
     traces_max_bytes: int = 256 * 1024 * 1024
     """The TRACES stream's size cap: the oldest spans go first."""
+    trace_checks: str = "all"
+    """Which router checks get a span: ``all``, or only the one that ``failed`` a message."""
     memory_list_cap: int = 1000
     """Most entries an agent's observation or reasoning list keeps; older ones roll into a summary."""
     max_checkpoint_bytes: int = 64 * 1024
@@ -97,6 +100,8 @@ class Settings:
                     values[f.name] = raw
             except ValueError as exc:
                 raise ConfigError(f"LEDGERBUS_{f.name.upper()}={raw!r}: {exc}") from exc
+        if values.get("trace_checks", "all") not in TRACE_CHECKS:
+            raise ConfigError(f"LEDGERBUS_TRACE_CHECKS={values['trace_checks']!r}: one of {', '.join(TRACE_CHECKS)}")
         keep = values.get("keep_workspaces")
         if keep is not None and keep not in KEEP_WORKSPACES:
             raise ConfigError(f"LEDGERBUS_KEEP_WORKSPACES={keep!r}: one of {', '.join(KEEP_WORKSPACES)}")

@@ -43,6 +43,8 @@ _encoder = msgspec.json.Encoder()
 
 MAX_SPANS_PER_MESSAGE = 128
 """Spans per TRACES message: well under NATS's payload limit with ordinary attributes."""
+BUS_QUEUE = 32_768
+"""Finished spans waiting for the TRACES exporter; beyond it the SDK drops them (and says so)."""
 _MAX_UNATTACHED = 2048
 """Messages kept while a process has no connection yet; later ones are dropped."""
 
@@ -234,7 +236,8 @@ def configure_telemetry(service_name: str, env: Mapping[str, str] | None = None,
     resource = Resource.create({SERVICE_NAME: service_name})
     tracer_provider = TracerProvider(resource=resource)
     bus = BusSpanExporter(tracer_provider.resource)
-    tracer_provider.add_span_processor(BatchSpanProcessor(bus, schedule_delay_millis=250))
+    # A larger queue than the SDK's 2,048: a busy router finishes a span per check.
+    tracer_provider.add_span_processor(BatchSpanProcessor(bus, schedule_delay_millis=250, max_queue_size=BUS_QUEUE))
     if otlp_configured("traces", env):
         tracer_provider.add_span_processor(BatchSpanProcessor(_otlp_span_exporter(env)))
     readers = [_otlp_metric_reader(env)] if otlp_configured("metrics", env) else []

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import msgspec
 import nats.errors
@@ -25,15 +22,9 @@ from agents import discovery
 from bus import codec, metrics, signing, subjects, tracing
 from bus.errors import SchemaError
 from bus.events import (
-    AGENT_EVENTS,
-    MEMORY_EVENTS,
-    TASK_EVENTS,
     AuditRecord,
     Checkpoint,
     Notice,
-    ProposalApproved,
-    RawExcerpt,
-    SharedWritten,
     TaskCancelled,
     TaskDeadLettered,
     TaskDispatched,
@@ -45,10 +36,11 @@ from bus.provision import deadletter_consumer_config, provision, router_consumer
 from bus.settings import Settings
 from router import audit as audit_mod
 from router.audit import AuditLog
-from router.checks import Check, Inbound, default_checks, run_checks, secrets
+from router.checks import Check, Inbound, default_checks, run_checks
 from router.dispatch import dispatch, routed_work_item, work_item
 from router.errors import AuditAppendError
 from router.policy import PolicyFile
+from router.records import Decision, record_attributes, record_for, trace_headers
 from router.scheduler import LiveAgents, RouterDecision, Scheduler, watch_agents
 from router.state import APPROVAL_REQUESTED, BUDGET_EXCEEDED, RouterState
 
@@ -63,45 +55,6 @@ metrics.observe("ledgerbus.tasks", "{task}", "Tasks the router knows, by state",
 metrics.observe("ledgerbus.queue.depth", "{message}", "Work items queued or in flight in WORK, by skill",
                 lambda: _gauges["queue"])
 
-_RAW_HEAD_BYTES = 256
-
-# Accepted records whose code also says what the acceptance did besides.
-ACCEPTED_CODES = frozenset({"ok", APPROVAL_REQUESTED, BUDGET_EXCEEDED})
-
-
-@dataclass(slots=True)
-class Decision:
-    """One INGRESS message, its audit record, the headers its actions carry, and the
-    span that processes it (ended once the message is settled)."""
-
-    msg: Msg
-    record: AuditRecord
-    headers: dict[str, str]
-    span: trace.Span = trace.INVALID_SPAN
-
-    def end(self, error: str = "") -> None:
-        """End the processing span (with an error status if ``error``)."""
-        if error:
-            self.span.set_status(Status(StatusCode.ERROR, error))
-        self.span.end()
-
-
-def _trace_headers(traceparent: str) -> dict[str, str]:
-    return {subjects.HDR_TRACEPARENT: traceparent} if traceparent else {}
-
-
-def _record_attributes(record: AuditRecord) -> dict[str, Any]:
-    """Span attributes naming what an audit record says about which task."""
-    attrs: dict[str, Any] = {"ledgerbus.verdict": record.verdict, "ledgerbus.code": record.code,
-                             "ledgerbus.kind": record.kind, "ledgerbus.principal": record.principal,
-                             "ledgerbus.audit.seq": record.seq}
-    event = record.event
-    if event is not None and isinstance(event, TASK_EVENTS):
-        attrs["ledgerbus.task_id"] = event.task_id
-    if (skill := getattr(event, "skill", None)) is not None:
-        attrs["ledgerbus.skill"] = skill
-    return attrs
-
 
 class MaxDeliverAdvisory(msgspec.Struct, frozen=True):
     """The fields of JetStream's ``io.nats.jetstream.advisory.v1.max_deliver`` we use."""
@@ -112,52 +65,6 @@ class MaxDeliverAdvisory(msgspec.Struct, frozen=True):
 
 def _headers(msg: Msg) -> dict[str, str]:
     return dict(msg.headers or {})
-
-
-def _record_for(inbound: Inbound, code: str, reason: str, trace_id: str) -> AuditRecord:
-    """Build the (unsealed) audit record of one checked message."""
-    event = inbound.event
-    kind = kind_of(type(event)) if event is not None else "unknown"
-    if event is not None and isinstance(event, TASK_EVENTS):
-        key = event.task_id
-    elif event is not None and isinstance(event, AGENT_EVENTS) and inbound.principal is not None:
-        key = inbound.principal.name or inbound.principal.token
-    elif event is not None and isinstance(event, MEMORY_EVENTS):
-        key = event.agent
-    elif isinstance(event, SharedWritten):
-        key = event.namespace
-    elif isinstance(event, ProposalApproved):
-        key = event.proposal_id
-    else:
-        key = "_"
-    raw = None
-    if event is None:
-        # Redact the whole text before cutting the excerpt, so a secret cut in half by
-        # the cut is still recognised.
-        text, _ = secrets.redact(inbound.data.decode("utf-8", errors="replace"))
-        raw = RawExcerpt(
-            size=len(inbound.data),
-            sha256=hashlib.sha256(inbound.data).hexdigest(),
-            head=text[:_RAW_HEAD_BYTES],
-        )
-    if code in ACCEPTED_CODES and inbound.secrets:
-        reason = "; ".join(filter(None, [reason, f"redacted: {', '.join(inbound.secrets)}"]))
-    return AuditRecord(
-        seq=0,
-        at=datetime.now(UTC),
-        verdict="accepted" if code in ACCEPTED_CODES else "rejected",
-        code=code,
-        reason=reason,
-        principal=inbound.principal.token if inbound.principal is not None else "unknown",
-        kind=kind,
-        key=key,
-        msg_id=event.id if event is not None else secrets.redact(inbound.headers.get(subjects.HDR_MSG_ID, ""))[0][:64],
-        ingress_seq=inbound.ingress_seq,
-        delivery=inbound.delivery,
-        trace_id=trace_id,
-        event=event,
-        raw=raw,
-    )
 
 
 class Router:
@@ -386,8 +293,10 @@ class Router:
             kind=kind, key=task_id, msg_id=event.id, ingress_seq=0, delivery=0, event=event,
             trace_id=tracing.trace_id_of_span(span),
         ))
-        span.set_attributes(_record_attributes(record))
-        headers = tracing.inject(context=trace.set_span_in_context(span)) if span.is_recording() else {}
+        span.set_attributes(record_attributes(record))
+        # An unsampled span still propagates (flagged unsampled), so the agent does not start
+        # a trace of its own; with no cause there is no context and no header.
+        headers = tracing.inject(context=trace.set_span_in_context(span))
         span.end()
         return record, data, headers
 
@@ -396,7 +305,7 @@ class Router:
         if not self._undelivered:
             return
         items: list[tuple[WorkItem, dict[str, str]]] = [
-            (item, _trace_headers(self.state.tasks[task_id].dispatch_trace)) for task_id in sorted(self._undelivered)
+            (item, trace_headers(self.state.tasks[task_id].dispatch_trace)) for task_id in sorted(self._undelivered)
             if (item := routed_work_item(task_id, self.state)) is not None
         ]
         results = await dispatch(self.js, items)
@@ -501,7 +410,7 @@ class Router:
             if (seen := self.state.audited(meta.sequence.stream)) is not None:
                 # Audited before a crash, not acked: act again (idempotently), audit never twice.
                 log.info("ingress_redelivered_already_audited", ingress_seq=meta.sequence.stream, seq=seen.seq)
-                span.set_attributes({"ledgerbus.redelivered": True, **_record_attributes(seen)})
+                span.set_attributes({"ledgerbus.redelivered": True, **record_attributes(seen)})
                 decisions.append(Decision(msg, seen, tracing.inject(context=trace.set_span_in_context(span)), span))
                 continue
             inbound = Inbound(
@@ -513,7 +422,7 @@ class Router:
                 received_at=meta.timestamp.timestamp() if meta.timestamp else 0.0,
             )
             with trace.use_span(span, end_on_exit=False):
-                rejection = run_checks(self.checks, inbound, self.state)
+                rejection = run_checks(self.checks, inbound, self.state, self.settings.trace_checks == "all")
             if rejection is not None:
                 code, reason = rejection.code, rejection.reason
             elif inbound.held:
@@ -522,8 +431,8 @@ class Router:
                 code, reason = BUDGET_EXCEEDED, inbound.over_budget
             else:
                 code, reason = "ok", ""
-            record, data = self.audit.seal(_record_for(inbound, code, reason, tracing.trace_id_of_span(span)))
-            span.set_attributes(_record_attributes(record))
+            record, data = self.audit.seal(record_for(inbound, code, reason, tracing.trace_id_of_span(span)))
+            span.set_attributes(record_attributes(record))
             metrics.router_messages.add(1, {"kind": record.kind, "verdict": record.verdict, "code": code})
             if rejection is not None:
                 span.set_status(Status(StatusCode.ERROR, f"rejected: {code}: {reason}"))

@@ -97,7 +97,7 @@ async def dispatch(
                                               "ledgerbus.dispatch": item.dispatch})
                 if subjects.HDR_TRACEPARENT in headers else trace.INVALID_SPAN)
         spans.append(span)
-        hdrs = tracing.inject(headers, context=trace.set_span_in_context(span)) if span.is_recording() else dict(headers)
+        hdrs = tracing.inject(headers, context=trace.set_span_in_context(span))
         hdrs[subjects.HDR_MSG_ID] = msg_id
         try:
             futures.append(await js.publish_async(subject, codec.encode(item), headers=hdrs))

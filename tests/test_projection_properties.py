@@ -828,7 +828,7 @@ class LogBuilder:
 
 
 def audit_key(principal: str, ev: AnyEvent) -> str:
-    """The audit key the router gives a record (see router.app._record_for and _router_record)."""
+    """The audit key the router gives a record (see router.records.record_for and router.app._router_record)."""
     if isinstance(ev, TASK_EVENTS):
         return ev.task_id
     if isinstance(ev, AGENT_EVENTS):

@@ -54,12 +54,8 @@ def test_the_standard_variables_choose_the_otlp_exporter(env: dict[str, str], mo
         wanted = 1 if "OTEL_EXPORTER_OTLP_ENDPOINT" in env else 0
         assert telemetry.meter_provider is not None and len(telemetry.meter_provider._metric_readers) == wanted
     finally:
-        # Not shutdown(): the exporters would send their last batch to the (closed) port.
-        assert telemetry.tracer_provider is not None
-        for processor in telemetry.tracer_provider._active_span_processor._span_processors:
-            processor.span_exporter.shutdown()  # type: ignore[attr-defined]
-        if telemetry.meter_provider is not None:
-            telemetry.meter_provider.shutdown()  # nothing was recorded through it: nothing to send
+        # Nothing was recorded through these providers (not installed): nothing to send.
+        telemetry.shutdown()
 
 
 @pytest.mark.parametrize("env", [
@@ -188,3 +184,56 @@ async def test_spans_published_on_the_bus_read_back_by_trace(admin: Client, runn
     batches = await asyncio.wait_for(read_trace(js, spans[0].trace_id), 10)
     assert sorted(s.span_id for b in batches for s in b.spans) == sorted(s.span_id for s in spans)
     assert batches[0].service == "unit"
+
+
+def test_each_check_is_a_span_and_failed_keeps_only_the_rejecting_one(
+    provider: TracerProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from router import checks
+    from router.checks import Inbound, Rejection, run_checks
+    from router.state import RouterState
+
+    memory = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    monkeypatch.setattr(checks, "tracer", provider.get_tracer("ledgerbus.router"))
+
+    def size(msg: Inbound, state: RouterState) -> Rejection | None:
+        return None
+
+    def lifecycle(msg: Inbound, state: RouterState) -> Rejection | None:
+        return Rejection("duplicate_task", "task t1 was already submitted")
+
+    def never(msg: Inbound, state: RouterState) -> Rejection | None:
+        raise AssertionError("the first rejection wins")
+
+    # Named by module and function: these are test_telemetry.size and test_telemetry.lifecycle.
+    first, second = (f"router.check {checks.check_name(c)}" for c in (size, lifecycle))
+    for passing, wanted in ((True, [first, second]), (False, [second])):
+        memory.clear()
+        msg = Inbound(subject="in.cli.alice.task_submitted", data=b"{}", headers={}, ingress_seq=1, delivery=1)
+        with provider.get_tracer("unit").start_as_current_span("router.process"):
+            rejection = run_checks([size, lifecycle, never], msg, RouterState(), trace_passing=passing)
+        assert rejection is not None and rejection.code == "duplicate_task"
+        spans = [s for s in memory.get_finished_spans() if s.name.startswith("router.check")]
+        assert [s.name for s in spans] == wanted
+        assert spans[-1].status.status_code == StatusCode.ERROR
+        assert spans[-1].status.description == "duplicate_task: task t1 was already submitted"
+        assert spans[-1].attributes is not None and spans[-1].attributes["ledgerbus.code"] == "duplicate_task"
+        process = next(s for s in memory.get_finished_spans() if s.name == "router.process")
+        assert all(s.parent is not None and s.parent.span_id == process.context.span_id for s in spans)
+    # Unsampled (no recording span around): the checks make no span at all.
+    memory.clear()
+    run_checks([size, lifecycle], Inbound(subject="x", data=b"", headers={}, ingress_seq=1, delivery=1), RouterState())
+    assert memory.get_finished_spans() == ()
+
+
+def test_trace_checks_is_all_or_failed() -> None:
+    from bus.errors import ConfigError
+    from bus.settings import Settings
+
+    assert Settings.from_env({}).trace_checks == "all"
+    assert Settings.from_env({"LEDGERBUS_TRACE_CHECKS": "failed"}).trace_checks == "failed"
+    with pytest.raises(ConfigError, match="LEDGERBUS_TRACE_CHECKS='some': one of all, failed"):
+        Settings.from_env({"LEDGERBUS_TRACE_CHECKS": "some"})
