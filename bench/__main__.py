@@ -5,6 +5,10 @@
    INGRESS through the same JetStream work: fetch, one AUDIT write and one WORK write per
    message, ack. The relay does nothing else; the router also decodes, checks, seals the
    hash chain and folds its state. router/relay is the cost of the router's own logic.
+   The router also runs traced as in production (every span recorded and published to
+   TRACES, flushed before the clock stops), with a span per check and with
+   LEDGERBUS_TRACE_CHECKS=failed; the plain run is untraced (spans not sampled), so
+   traced/untraced is the cost of tracing.
 2. Task latency vs a PubAck. T sequential echo tasks, submit to completed record, through
    the router and an agent (both in this process), beside the round trip of one JetStream
    publish on the same server.
@@ -27,6 +31,11 @@ import time
 from pathlib import Path
 
 from nats.aio.client import Client
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler, SamplingResult
 from rich.console import Console
 from rich.table import Table
 
@@ -40,6 +49,7 @@ from bus.logs import configure_logging
 from bus.provision import provision, router_consumer_config
 from bus.server import NatsServer
 from bus.settings import Settings
+from bus.tracing import BUS_QUEUE, BusSpanExporter
 from plugins.echo import EchoSkill
 from router.app import Router
 
@@ -70,19 +80,56 @@ async def drained(nc: Client, n: int) -> None:
         await asyncio.sleep(0.01)
 
 
-async def run_router(settings: Settings, n: int) -> float:
+class Switch(Sampler):
+    """Samples everything while ``on``, nothing otherwise: one tracer provider per process
+    (OpenTelemetry allows no other) serves the traced and the untraced runs."""
+
+    on = False
+
+    def should_sample(self, *args, **kwargs) -> SamplingResult:  # type: ignore[no-untyped-def]
+        return (ALWAYS_ON if self.on else ALWAYS_OFF).should_sample(*args, **kwargs)
+
+    def get_description(self) -> str:
+        return "bench switch"
+
+
+SWITCH = Switch()
+PROVIDER = TracerProvider(sampler=SWITCH, resource=Resource.create({"service.name": "ledgerbus-router"}))
+EXPORTER = BusSpanExporter(PROVIDER.resource)
+# As configure_telemetry sets it up.
+PROVIDER.add_span_processor(BatchSpanProcessor(EXPORTER, schedule_delay_millis=250, max_queue_size=BUS_QUEUE))
+
+
+async def run_router(settings: Settings, n: int, traced: bool = False, checks: str = "all") -> float:
+    settings = settings.replace(trace_checks=checks)
     nc = await connect(settings, "router")
     router = Router(nc, settings)
     await router.start()
+    SWITCH.on = traced
+    if traced:
+        EXPORTER.attach(nc, "router")
     stop = asyncio.Event()
     start = time.perf_counter()
     task = asyncio.create_task(router.run(stop))
     await drained(nc, n)
+    if traced:
+        await asyncio.to_thread(PROVIDER.force_flush)
+        await EXPORTER.flush()
     elapsed = time.perf_counter() - start
+    SWITCH.on = False
     stop.set()
     await task
+    EXPORTER.detach()
     await nc.close()
     return n / elapsed
+
+
+async def run_traced_router(settings: Settings, n: int) -> float:
+    return await run_router(settings, n, traced=True)
+
+
+async def run_traced_failed_checks(settings: Settings, n: int) -> float:
+    return await run_router(settings, n, traced=True, checks="failed")
 
 
 async def run_relay(settings: Settings, n: int) -> float:
@@ -168,17 +215,20 @@ async def fresh_server(body):  # type: ignore[no-untyped-def]
 
 
 async def main(messages: int, rounds: int, tasks: int) -> dict:
-    router_rates, relay_rates = [], []
+    rates: dict[str, list[float]] = {"router": [], "relay": [], "traced": [], "traced-f": []}
+    trace.set_tracer_provider(PROVIDER)
     for r in range(rounds):
         # Alternate the order so neither side always runs on a warmer machine.
-        order = [("relay", run_relay), ("router", run_router)]
+        order = [("relay", run_relay), ("router", run_router), ("traced", run_traced_router),
+                 ("traced-f", run_traced_failed_checks)]
         for name, fn in order if r % 2 else reversed(order):
             async def body(settings: Settings, fn=fn) -> float:  # type: ignore[no-untyped-def]
                 await preload(settings, messages)
                 return await fn(settings, messages)
             rate = await fresh_server(body)
-            (router_rates if name == "router" else relay_rates).append(rate)
-            console.print(f"round {r + 1}/{rounds}: {name:<6} {rate:>9,.0f} msg/s")
+            rates[name].append(rate)
+            console.print(f"round {r + 1}/{rounds}: {name:<8} {rate:>9,.0f} msg/s")
+    router_rates, relay_rates, traced_rates = rates["router"], rates["relay"], rates["traced"]
     lat, acks = await fresh_server(lambda s: latency(s, tasks))
     result = {
         "messages": messages,
@@ -186,6 +236,10 @@ async def main(messages: int, rounds: int, tasks: int) -> dict:
         "router_msgs_per_s": statistics.median(router_rates),
         "relay_msgs_per_s": statistics.median(relay_rates),
         "router_over_relay": statistics.median(router_rates) / statistics.median(relay_rates),
+        "traced_router_msgs_per_s": statistics.median(traced_rates),
+        "traced_over_untraced": statistics.median(traced_rates) / statistics.median(router_rates),
+        "traced_failed_checks_msgs_per_s": statistics.median(rates["traced-f"]),
+        "traced_failed_checks_over_untraced": statistics.median(rates["traced-f"]) / statistics.median(router_rates),
         "tasks": tasks,
         "task_latency_ms_p50": statistics.median(lat) * 1000,
         "task_latency_ms_p95": statistics.quantiles(lat, n=20)[-1] * 1000,
@@ -225,6 +279,11 @@ def cli() -> None:
         result.update(asyncio.run(main(args.messages, args.rounds, args.tasks)))
         table.add_row("throughput, msg/s (median)", f"{result['router_msgs_per_s']:,.0f} router",
                       f"{result['relay_msgs_per_s']:,.0f} bare relay", f"{result['router_over_relay']:.2f}")
+        table.add_row("traced throughput, msg/s (median)", f"{result['traced_router_msgs_per_s']:,.0f} router, traced",
+                      f"{result['router_msgs_per_s']:,.0f} router, untraced", f"{result['traced_over_untraced']:.2f}")
+        table.add_row("traced, failed checks only", f"{result['traced_failed_checks_msgs_per_s']:,.0f} router, traced",
+                      f"{result['router_msgs_per_s']:,.0f} router, untraced",
+                      f"{result['traced_failed_checks_over_untraced']:.2f}")
         table.add_row("task latency, ms (p50)", f"{result['task_latency_ms_p50']:.2f} submit→completed "
                       f"(p95 {result['task_latency_ms_p95']:.2f})", f"{result['puback_ms_p50']:.2f} one PubAck",
                       f"{result['latency_over_puback']:.1f}")
