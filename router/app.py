@@ -164,6 +164,8 @@ class Router:
                 # anything is acted on); unacked messages come back and are settled then.
                 log.error("batch_failed", error=str(exc))
                 await self._recover_until_done(stop)
+        # The last metrics export (at exit) reads the state as it is now, not 5 s ago.
+        await self._refresh_gauges(force=True)
         # Unsubscribe before the connection drains, or the drain waits out a pull request.
         await self._sub.unsubscribe()
         self._sub = None
@@ -177,11 +179,11 @@ class Router:
             self._watch = None
         log.info("router_stopped", head_seq=self.audit.head.seq)
 
-    async def _refresh_gauges(self) -> None:
-        """Recount tasks by state and read WORK's depth per skill, every few seconds, when
-        metrics are exported (nothing reads them otherwise)."""
+    async def _refresh_gauges(self, force: bool = False) -> None:
+        """Recount tasks by state and read WORK's depth per skill, every few seconds (now,
+        with ``force``), when metrics are exported (nothing reads them otherwise)."""
         now = asyncio.get_running_loop().time()
-        if not self._metrics or now - self._gauges_at < GAUGE_INTERVAL_S:
+        if not self._metrics or (now - self._gauges_at < GAUGE_INTERVAL_S and not force):
             return
         self._gauges_at = now
         states = Counter(task.status for task in self.state.tasks.values())

@@ -155,7 +155,7 @@ async def test_one_plan_is_one_trace_across_every_process(procs: Procs, settings
     assert refused.code in failing[0].status_message
 
     # Metrics went out on the same settings.
-    assert {"ledgerbus.router.messages", "ledgerbus.skill.duration", "ledgerbus.projector.records",
+    assert {"ledgerbus.router.messages", "ledgerbus.skill.duration", "ledgerbus.projector.records", "ledgerbus.tasks",
             "gen_ai.client.token.usage", "gen_ai.client.operation.duration"} <= receiver.metric_names
 
     # The same tree from the TRACES stream, with no collector at all.
