@@ -71,11 +71,14 @@ def nats(config: Path, store_dir: Path, pid_file: Path, server_args: tuple[str, 
 @click.command()
 @click.pass_obj
 def router(app: App) -> None:
-    """Run the router: checks, audit log, dispatch."""
+    """Run the router: checks, audit log, dispatch. Start more than one for standbys: only
+    the holder of the leader lease serves, another takes over when it lapses."""
     from router.app import Router
+    from router.lease import Lease
 
     async def body(nc: Client, stop: asyncio.Event) -> None:
-        await Router(nc, app.settings).run(stop)
+        lease = Lease(nc.jetstream(timeout=10), app.settings.router_lease_s)
+        await Router(nc, app.settings, lease=lease).run(stop)
 
     serve(app, "router", "ledgerbus-router", body)
 

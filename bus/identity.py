@@ -105,7 +105,7 @@ def permissions(ident: Identity) -> dict[str, Any]:
         pub = ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "q.>"]
         sub = [inbox]
     elif ident.kind == "router":
-        streams = ("INGRESS", "AUDIT", "WORK", "DEADLETTERS", "TRACES", "KV_agents")
+        streams = ("INGRESS", "AUDIT", "WORK", "DEADLETTERS", "TRACES", "KV_agents", "KV_router")
         pub = ["audit.>", "work.>", subjects.NOTIFY_ALL, _JS_INFO, "$JS.API.STREAM.INFO.*", "$JS.FC.>",
                *(f"$JS.API.STREAM.CREATE.{s}" for s in streams), *(f"$JS.API.STREAM.UPDATE.{s}" for s in streams),
                "$JS.API.STREAM.MSG.GET.AUDIT", "$JS.API.DIRECT.GET.AUDIT",
@@ -117,7 +117,8 @@ def permissions(ident: Identity) -> dict[str, Any]:
                "$JS.API.CONSUMER.DELETE.KV_agents.>", "$JS.API.CONSUMER.INFO.KV_agents.>",
                "$JS.API.CONSUMER.CREATE.DEADLETTERS.>", "$JS.API.CONSUMER.DURABLE.CREATE.DEADLETTERS.>",
                "$JS.API.CONSUMER.INFO.DEADLETTERS.>", "$JS.API.CONSUMER.MSG.NEXT.DEADLETTERS.>",
-               "$JS.ACK.DEADLETTERS.>", "$JS.API.STREAM.MSG.GET.WORK", "$JS.API.STREAM.MSG.DELETE.WORK"]
+               "$JS.ACK.DEADLETTERS.>", "$JS.API.STREAM.MSG.GET.WORK", "$JS.API.STREAM.MSG.DELETE.WORK",
+               f"$KV.{subjects.ROUTER_BUCKET}.>", "$JS.API.DIRECT.GET.KV_router.>", "$JS.API.STREAM.MSG.GET.KV_router"]
         sub = [inbox]
     elif ident.kind == "projector":
         pub = [_JS_INFO, "$JS.API.STREAM.INFO.AUDIT", "$JS.API.CONSUMER.CREATE.AUDIT",

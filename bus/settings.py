@@ -49,6 +49,8 @@ class Settings:
     dedup_horizon_s: float = 24 * 3600.0
     ingress_ack_wait_s: float = 30.0
     router_batch: int = 256
+    router_lease_s: float = 10.0
+    """The leader lease: a standby router takes over this long after the leader stops renewing."""
     work_ack_wait_s: float = 30.0
     work_max_deliver: int = 5
     heartbeat_interval_s: float = 5.0

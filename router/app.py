@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -39,6 +38,8 @@ from router.audit import AuditLog
 from router.checks import Check, Inbound, default_checks, run_checks
 from router.dispatch import dispatch, routed_work_item, work_item
 from router.errors import AuditAppendError
+from router.gauges import Gauges
+from router.lease import Lease
 from router.policy import PolicyFile
 from router.records import Decision, record_attributes, record_for, trace_headers
 from router.scheduler import LiveAgents, RouterDecision, Scheduler, watch_agents
@@ -46,15 +47,6 @@ from router.state import APPROVAL_REQUESTED, BUDGET_EXCEEDED, RouterState
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("ledgerbus.router")
-
-GAUGE_INTERVAL_S = 5.0
-"""How often the router refreshes the task and queue gauges (when metrics are exported)."""
-_gauges: dict[str, dict[tuple[tuple[str, str], ...], float]] = {"tasks": {}, "queue": {}}
-"""The latest gauge readings, replaced whole by the router and read by the exporter."""
-metrics.observe("ledgerbus.tasks", "{task}", "Tasks the router knows, by state", lambda: _gauges["tasks"])
-metrics.observe("ledgerbus.queue.depth", "{message}", "Work items queued or in flight in WORK, by skill",
-                lambda: _gauges["queue"])
-
 
 class MaxDeliverAdvisory(msgspec.Struct, frozen=True):
     """The fields of JetStream's ``io.nats.jetstream.advisory.v1.max_deliver`` we use."""
@@ -70,8 +62,11 @@ def _headers(msg: Msg) -> dict[str, str]:
 class Router:
     """Wires the pipeline to the bus. ``checks`` may be replaced (tests, policy plugins)."""
 
-    def __init__(self, nc: Client, settings: Settings, checks: Sequence[Check] | None = None) -> None:
+    def __init__(self, nc: Client, settings: Settings, checks: Sequence[Check] | None = None,
+                 lease: Lease | None = None) -> None:
         self.nc = nc
+        self.lease = lease
+        """With a lease, this router serves only while it is the leader (``agentctl router``)."""
         self.js: JetStreamContext = nc.jetstream(timeout=10)
         self.settings = settings
         self.policy = PolicyFile(settings.policy_path, settings.policy_check_interval_s)
@@ -94,8 +89,7 @@ class Router:
         """MaxDeliver advisories fetched, for the serving loop to act on (it alone appends)."""
         self._undelivered: set[str] = set()
         """Tasks the scheduler dispatched whose work item is not known to be in WORK."""
-        self._metrics = tracing.otlp_configured("metrics")
-        self._gauges_at = 0.0
+        self.gauges = Gauges(self.js, tracing.otlp_configured("metrics"))
 
     def _may_run(self, principal: str, skill: str) -> bool:
         """Whether the scheduler may pick ``skill`` for a step ``principal`` submitted by
@@ -138,11 +132,44 @@ class Router:
         }
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until ``stop`` is set; the batch in hand is always finished first."""
-        if self._sub is None:
-            await self.start()
-        assert self._sub is not None
+        """Serve until ``stop`` is set; the batch in hand is always finished first.
+
+        With a :class:`Lease`, wait as a standby until this process holds it, serve while
+        it does, and go back to waiting if it is lost (a pause, a partition): the log is
+        read again on every takeover, so nothing a former leader wrote is missed.
+        """
         while not stop.is_set():
+            if self.lease is not None and not await self.lease.acquire(stop):
+                break
+            lost = asyncio.Event()
+            keeper = asyncio.create_task(self.lease.keep(lost)) if self.lease is not None else None
+            try:
+                if self._sub is None:
+                    await self.start()
+                await self._serve(stop, lost)
+            finally:
+                if keeper is not None:
+                    keeper.cancel()
+                    await asyncio.gather(keeper, return_exceptions=True)
+                if stop.is_set():
+                    # The last metrics export (at exit) reads the state as it is now.
+                    await self.gauges.refresh(self.state, force=True)
+                await self._unbind()
+            if self.lease is None:
+                break
+            if not stop.is_set():
+                self.lease.drop()
+                log.warning("stepped_down", instance=self.lease.instance, head_seq=self.audit.head.seq)
+        if self.lease is not None:
+            await self.lease.release()
+        log.info("router_stopped", head_seq=self.audit.head.seq)
+
+    def _leading(self, stop: asyncio.Event, lost: asyncio.Event) -> bool:
+        return not stop.is_set() and not lost.is_set() and (self.lease is None or self.lease.held)
+
+    async def _serve(self, stop: asyncio.Event, lost: asyncio.Event) -> None:
+        assert self._sub is not None
+        while self._leading(stop, lost):
             try:
                 msgs = await self._sub.fetch(self.settings.router_batch, timeout=self._idle_wait())
             except TimeoutError:
@@ -152,23 +179,32 @@ class Router:
                 log.warning("ingress_fetch_failed", error=str(exc))
                 await asyncio.sleep(0.5)
                 continue
+            if not self._leading(stop, lost) and not stop.is_set():
+                # The lease went while this fetch waited: the next leader takes them now.
+                for msg in msgs:
+                    with contextlib.suppress(nats.errors.Error):
+                        await msg.nak()
+                return
             try:
                 if msgs:
                     await self.process(msgs)
                 await self.schedule()
                 await self._dead_letters()
                 await self._checkpoint_if_due()
-                await self._refresh_gauges()
+                await self.gauges.refresh(self.state)
             except (nats.errors.Error, AuditAppendError) as exc:
                 # The log is consistent whatever failed here (records are appended before
                 # anything is acted on); unacked messages come back and are settled then.
                 log.error("batch_failed", error=str(exc))
                 await self._recover_until_done(stop)
-        # The last metrics export (at exit) reads the state as it is now, not 5 s ago.
-        await self._refresh_gauges(force=True)
-        # Unsubscribe before the connection drains, or the drain waits out a pull request.
-        await self._sub.unsubscribe()
-        self._sub = None
+
+    async def _unbind(self) -> None:
+        """Let go of INGRESS and stop the watchers (before the connection drains, or the
+        drain waits out a pull request)."""
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
         if self._dead is not None:
             self._dead.cancel()
             await asyncio.gather(self._dead, return_exceptions=True)
@@ -177,24 +213,6 @@ class Router:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
             self._watch = None
-        log.info("router_stopped", head_seq=self.audit.head.seq)
-
-    async def _refresh_gauges(self, force: bool = False) -> None:
-        """Recount tasks by state and read WORK's depth per skill, every few seconds (now,
-        with ``force``), when metrics are exported (nothing reads them otherwise)."""
-        now = asyncio.get_running_loop().time()
-        if not self._metrics or (now - self._gauges_at < GAUGE_INTERVAL_S and not force):
-            return
-        self._gauges_at = now
-        states = Counter(task.status for task in self.state.tasks.values())
-        _gauges["tasks"] = {(("state", state),): n for state, n in states.items()}
-        try:
-            info = await self.js.stream_info(subjects.WORK_STREAM, subjects_filter=subjects.WORK_ALL)
-        except (nats.errors.Error, TimeoutError) as exc:
-            log.debug("queue_depth_unavailable", error=str(exc))
-            return
-        _gauges["queue"] = {(("skill", subject.removeprefix("work.")),): n
-                            for subject, n in (info.state.subjects or {}).items()}
 
     def _idle_wait(self) -> float:
         """How long a fetch may wait for INGRESS: until the next retry is due, at most 1 s."""

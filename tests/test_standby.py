@@ -1,0 +1,131 @@
+"""A standby router takes over when the leader's lease lapses, and the audit chain goes
+on without a gap or a fork: the leader killed under load, and the leader paused past its
+lease and woken after a standby took over (it must not write, and goes back to waiting)."""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+from nats.aio.client import Client
+
+from bus import chain
+from bus.events import TaskSubmitted, new_id
+from bus.settings import Settings
+from tests.support import Proc, Procs, audit_records, send, stored_audit, wait_for_record, wait_until
+from tests.test_e2e import joined
+
+Connect = Callable[[str], Awaitable[Client]]
+LEASE = {"LEDGERBUS_ROUTER_LEASE_S": "2"}
+
+
+def logged(proc: Proc, event: str) -> bool:
+    return any(line.get("event") == event for line in proc.log_lines())
+
+
+async def wait_logged(proc: Proc, event: str, timeout: float = 30.0) -> None:
+    async def seen() -> bool:
+        return logged(proc, event)
+
+    await wait_until(seen, timeout, what=f"{proc.name} logging {event}")
+
+
+async def leader_and_standby(procs: Procs, admin: Client) -> tuple[Proc, Proc]:
+    leader = await procs.start("router-a", "router", **LEASE)
+    await wait_logged(leader, "lease_acquired")
+    standby = await procs.start("router-b", "router", **LEASE)
+    await wait_logged(standby, "standby")
+    await procs.start("echo-1", "agent", "--name", "echo-1", "--skills", "echo", "--concurrency", "4")
+    await wait_for_record(admin.jetstream(), joined("echo-1"))
+    return leader, standby
+
+
+async def submit(cli: Client, task_ids: list[str]) -> None:
+    for task_id in task_ids:
+        await send(cli, "cli", "alice", TaskSubmitted(id=new_id(), task_id=task_id, skill="echo", input={"n": task_id}))
+
+
+async def all_completed(admin: Client, task_ids: list[str], timeout: float = 60.0) -> Counter[str]:
+    """Wait until every task has an accepted completion; return the count per task."""
+    wanted = set(task_ids)
+
+    async def done() -> bool:
+        records = await audit_records(admin.jetstream())
+        return wanted <= {r.key for r in records if r.accepted and r.kind == "task_completed"}
+
+    await wait_until(done, timeout, what="every task completed")
+    records = await audit_records(admin.jetstream())
+    return Counter(r.key for r in records if r.accepted and r.kind == "task_completed" and r.key in wanted)
+
+
+async def assert_one_unbroken_chain(admin: Client) -> None:
+    stored = await stored_audit(admin.jetstream())
+    head = chain.verify(stored)  # raises naming the first record out of place
+    assert head.seq == len(stored)
+
+
+async def test_killing_the_leader_under_load_hands_over_without_loss_or_fork(
+    procs: Procs, settings: Settings, connect_as: Connect, admin: Client
+) -> None:
+    leader, standby = await leader_and_standby(procs, admin)
+    cli = await connect_as("cli")
+    task_ids = [f"load-{i}" for i in range(60)]
+    await submit(cli, task_ids[:30])
+    await wait_for_record(admin.jetstream(), lambda r: r.kind == "task_completed" and r.accepted, timeout=30)
+    leader.kill9()  # mid-load: some of the 30 done, some not
+    await submit(cli, task_ids[30:])  # INGRESS takes them while nobody leads
+    counts = await all_completed(admin, task_ids)
+    assert set(counts.values()) == {1}, {k: n for k, n in counts.items() if n != 1}
+    assert logged(standby, "lease_acquired")
+    await assert_one_unbroken_chain(admin)
+
+
+async def test_a_paused_leader_steps_down_and_never_writes_after_the_takeover(
+    procs: Procs, settings: Settings, connect_as: Connect, admin: Client
+) -> None:
+    leader, standby = await leader_and_standby(procs, admin)
+    cli = await connect_as("cli")
+    await submit(cli, ["before"])
+    await all_completed(admin, ["before"])
+
+    leader.proc.send_signal(signal.SIGSTOP)  # longer than the lease: the standby takes over
+    try:
+        await wait_logged(standby, "lease_acquired", timeout=30)
+        await submit(cli, [f"during-{i}" for i in range(10)])
+        await all_completed(admin, [f"during-{i}" for i in range(10)])
+        head_at_wake = (await admin.jetstream().stream_info("AUDIT")).state.last_seq
+    finally:
+        leader.proc.send_signal(signal.SIGCONT)
+    await wait_logged(leader, "stepped_down", timeout=30)
+    # It went back to waiting for the lease, alive.
+    await wait_logged(leader, "standby")
+    assert leader.proc.returncode is None
+
+    after = [f"after-{i}" for i in range(10)]
+    await submit(cli, after)
+    counts = await all_completed(admin, ["before", *(f"during-{i}" for i in range(10)), *after])
+    assert set(counts.values()) == {1}, counts
+    await assert_one_unbroken_chain(admin)
+    # Whatever the woken leader had in hand, it did not decide anything after the takeover.
+    woke = [line for line in leader.log_lines() if line.get("event") in ("scheduled", "rejected")]
+    assert all(line.get("seq", 0) <= head_at_wake for line in woke), woke
+
+
+
+async def test_the_lease_is_one_holder_at_a_time_and_a_lost_one_stays_lost(connect_as: Connect) -> None:
+    from router.lease import Lease
+
+    nc = await connect_as("router")
+    first, second = Lease(nc.jetstream(), 30, "first"), Lease(nc.jetstream(), 30, "second")
+    assert await first.try_acquire() and first.held
+    assert not await second.try_acquire() and not second.held
+    assert await second.holder() == "first"
+    assert await first.renew() and first.held
+    await first.release()  # a clean stop: the next may take it at once
+    assert not first.held
+    assert await second.try_acquire() and await second.holder() == "second"
+    # A holder that was paused while another took over cannot write its way back.
+    first.revision = 1  # its last write, long since overwritten
+    assert not await first.renew() and not first.held
+    assert await second.renew() and await second.holder() == "second"
