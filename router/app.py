@@ -48,6 +48,7 @@ from router.state import APPROVAL_REQUESTED, BUDGET_EXCEEDED, RouterState
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("ledgerbus.router")
 
+
 class MaxDeliverAdvisory(msgspec.Struct, frozen=True):
     """The fields of JetStream's ``io.nats.jetstream.advisory.v1.max_deliver`` we use."""
 
