@@ -110,6 +110,9 @@ async def test_one_plan_is_one_trace_across_every_process(procs: Procs, settings
     [process] = children(spans, root)
     assert process.name == "router.process" and process.kind == 5  # CONSUMER
     assert process.attributes["messaging.system"] == "nats"
+    # The message id travels: the CLI's event id is what the router processed.
+    assert process.attributes["messaging.message.id"] == root.attributes["messaging.message.id"]
+    assert process.attributes["messaging.destination.name"] == root.attributes["messaging.destination.name"]
     assert process.attributes["ledgerbus.verdict"] == "accepted"
     assert process.attributes["ledgerbus.task_id"] == "traced"
     by_id = {s.span_id: s for s in spans}
@@ -134,6 +137,8 @@ async def test_one_plan_is_one_trace_across_every_process(procs: Procs, settings
     [done] = [s for s in spans if s.name == "router.decide task_completed"]
     assert done.parent_span_id in {completion("traced-list").span_id, completion("traced-think").span_id}
     assert runs["traced-greet"].attributes["ledgerbus.agent"] == "echo-1"
+    assert runs["traced-greet"].attributes["messaging.message.id"] == "work-traced-greet"
+    assert runs["traced-greet"].attributes["messaging.destination.name"] == "work.echo"
     shell = next(s for s in spans if s.name == "shell.exec")
     assert by_id[by_id[shell.parent_span_id].parent_span_id] == runs["traced-list"]
     assert shell.attributes["process.executable.name"] == "echo"
