@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -11,8 +12,9 @@ import click
 from nats.aio.client import Client
 
 from agentctl.common import App, cli_name, fail, run
+from bus import failpoints
 from bus.connection import connected
-from bus.errors import LedgerbusError
+from bus.errors import ConfigError, LedgerbusError
 from bus.subjects import SubjectError, check_name
 from bus.tracing import configure_telemetry
 
@@ -21,7 +23,12 @@ Body = Callable[[Client, asyncio.Event], Awaitable[None]]
 
 def serve(app: App, principal: str, service: str, body: Body) -> None:
     """Configure telemetry once, connect as ``principal``, run ``body`` until SIGTERM/SIGINT;
-    the spans recorded go to TRACES on the same connection, the last ones before it closes."""
+    the spans recorded go to TRACES on the same connection, the last ones before it closes.
+    Fail points named in ``LEDGERBUS_FAILPOINTS`` are armed first (the chaos suite's)."""
+    try:
+        failpoints.arm(os.environ)
+    except ConfigError as exc:
+        fail(str(exc))
     telemetry = configure_telemetry(service)
 
     async def main() -> None:

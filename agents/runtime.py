@@ -36,7 +36,7 @@ from agents.errors import SkillError
 from agents.hooks import Hooks
 from agents.memory import Memory, Shared, Tasks, Writer
 from agents.skill import Skill, SkillContext, decode_input, encode_output
-from bus import codec, metrics, subjects, tracing
+from bus import codec, failpoints, metrics, subjects, tracing
 from bus.errors import BusError, SchemaError
 from bus.events import (
     AgentJoined,
@@ -416,6 +416,7 @@ class Agent:
             # Also when cancelled or drained: a handed-back task starts afresh elsewhere.
             workspace.release(place, failed=isinstance(result, TaskFailed), keep=self.settings.keep_workspaces)
         assert result is not None  # every way out of the try without one returns or raises
+        failpoints.reached("agent.skill_done")
         await self.report(result)
         await msg.ack()
         tlog.info("task_finished", outcome=kind_of(type(result)))
@@ -449,7 +450,7 @@ class Agent:
     async def _keep_alive(self, msg: Msg) -> None:
         # Tell JetStream we still hold the message, well inside AckWait.
         interval = max(self.settings.work_ack_wait_s / 3, 0.1)
-        while True:
+        while not failpoints.disabled("agent.keepalive"):
             await asyncio.sleep(interval)
             try:
                 await msg.in_progress()

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import aiosqlite
 
+from bus import failpoints
 from bus.events import AuditRecord
 from projections import agents, approvals, audit_index, checkpoints, memory, proposals, shared, tasks, usage
 from projections import db as dbmod
@@ -44,6 +45,7 @@ async def apply_batch(db: aiosqlite.Connection, records: Sequence[AuditRecord], 
                 await project(db, fresh)
             new_position = fresh[-1].seq
             await dbmod.set_position(db, new_position)
+            failpoints.reached("projector.applied")
         except BaseException:
             await db.execute("ROLLBACK")
             raise

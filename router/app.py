@@ -18,7 +18,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from agents import discovery
-from bus import codec, metrics, signing, subjects, tracing
+from bus import codec, failpoints, metrics, signing, subjects, tracing
 from bus.errors import SchemaError
 from bus.events import (
     AuditRecord,
@@ -188,6 +188,7 @@ class Router:
                 return
             try:
                 if msgs:
+                    failpoints.reached("router.fetched")
                     await self.process(msgs)
                 await self.schedule()
                 await self._dead_letters()
@@ -408,6 +409,7 @@ class Router:
                 await msg.nak(delay=1)
             await self._recover()
             return
+        failpoints.reached("router.appended")
         await self.act(decisions)
 
     async def audit_batch(self, msgs: list[Msg]) -> list[Decision]:
@@ -491,6 +493,7 @@ class Router:
                     reason=record.reason, seq=record.seq,
                 ))
         await self._notify_cancels([d.record for d in decisions])
+        failpoints.reached("router.dispatched")
         for d in decisions:
             if id(d) in failed:
                 await d.msg.nak(delay=1)
