@@ -73,7 +73,7 @@ class NatsServer:
         self.ready_timeout = ready_timeout
         self.port: int | None = None
         self.proc: asyncio.subprocess.Process | None = None
-        self.log_tail: deque[str] = deque(maxlen=200)
+        self.log_tail: deque[str] = deque(maxlen=2000)
         self._reader: asyncio.Task[None] | None = None
         self._reloaded = asyncio.Event()
 
