@@ -338,7 +338,8 @@ class Agent:
             return await tasks.submit(target.skills[0], payload, timeout_s=item.timeout_s, handoff=True)
 
         try:
-            place = await workspace.make(self.settings.workspace_root, self.name, item.task_id, item.context)
+            place = await workspace.make(self.settings.workspace_root, self.name, item.task_id, attempt,
+                                         item.context)
         except OSError as exc:
             # This agent's disk, not the task, is at fault; say so rather than crash the handler.
             tlog.error("workspace_failed", error=str(exc))

@@ -1,15 +1,18 @@
-"""Per-task workspaces: a directory of the task's own, where sandboxed commands run.
+"""Per-attempt workspaces: a directory of the task's own, where sandboxed commands run.
 
-``<workspace_root>/<agent>/<task id>/`` holds ``context/`` (one ``<step>.json`` per
-dependency output of a plan step, so commands can read them as files) and ``output/``
-(files the skill produces). A retried task starts from a fresh directory. When the task
-ends the directory is removed, unless ``LEDGERBUS_KEEP_WORKSPACES`` keeps it (``failed``,
-the default: a failed task's workspace stays for inspection; ``all``; ``none``).
+``<workspace_root>/<agent>/<task id>/<attempt>/`` holds ``context/`` (one ``<step>.json``
+per dependency output of a plan step, so commands can read them as files) and ``output/``
+(files the skill produces). Each attempt has its own: a task redelivered to the same agent
+while an earlier attempt still runs (a skill that outlived AckWait) must not share, or
+delete, the other's files. When the attempt ends its directory is removed, unless
+``LEDGERBUS_KEEP_WORKSPACES`` keeps it (``failed``, the default: a failed attempt's
+workspace stays for inspection; ``all``; ``none``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 from pathlib import Path
@@ -18,9 +21,10 @@ from typing import Any
 from bus import codec, subjects
 
 
-def path_for(root: Path, agent: str, task_id: str) -> Path:
-    """The workspace of ``task_id`` on ``agent`` (names and ids are path-safe by schema)."""
-    return root / agent / task_id
+def path_for(root: Path, agent: str, task_id: str, attempt: int) -> Path:
+    """The workspace of ``task_id``'s ``attempt`` on ``agent`` (names and ids are path-safe
+    by schema)."""
+    return root / agent / task_id / str(attempt)
 
 
 def _make(path: Path, context: dict[str, Any]) -> None:
@@ -35,16 +39,19 @@ def _make(path: Path, context: dict[str, Any]) -> None:
         (path / "context" / f"{step}.json").write_bytes(codec.encode(output))
 
 
-async def make(root: Path, agent: str, task_id: str, context: dict[str, Any]) -> Path:
-    """Create a fresh workspace for the task, with its dependency context written out."""
-    path = path_for(root, agent, task_id)
+async def make(root: Path, agent: str, task_id: str, attempt: int, context: dict[str, Any]) -> Path:
+    """Create a fresh workspace for the attempt, with its dependency context written out."""
+    path = path_for(root, agent, task_id, attempt)
     await asyncio.to_thread(_make, path, context)
     return path
 
 
 def release(path: Path, failed: bool, keep: str) -> None:
-    """Remove the workspace of an ended task unless ``keep`` says to keep it (synchronous:
-    it runs on every way out of a task, cancellation included)."""
+    """Remove the workspace of an ended attempt unless ``keep`` says to keep it, and the
+    task's directory once no attempt is left in it (synchronous: it runs on every way out
+    of a task, cancellation included)."""
     if keep == "all" or (keep == "failed" and failed):
         return
     shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):  # another attempt's, or a kept one, is still there
+        path.parent.rmdir()

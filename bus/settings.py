@@ -37,7 +37,7 @@ class Settings:
     llm_config_path: Path = Path("llm.toml")
     """The LLM routing file: providers, models and fallbacks by skill and role (docs/skills.md)."""
     workspace_root: Path = Path("var/workspaces")
-    """Where agents make each task's workspace (``<root>/<agent>/<task id>``)."""
+    """Where agents make each task's workspace (``<root>/<agent>/<task id>/<attempt>``)."""
     keep_workspaces: str = "failed"
     """Which task workspaces stay after the task ends: ``none``, ``failed`` or ``all``."""
     policy_check_interval_s: float = 1.0
