@@ -162,9 +162,10 @@ async def test_a_task_gets_a_fresh_workspace_with_its_context_removed_after_it_c
     end = await result(admin, "ws")
     assert end.kind == "task_completed", end
     assert typed.context_files == {"a": [], "b": [], "c": ["a.json", "b.json"]}
-    assert {p.name for p in typed.workspaces} == {"ws-a", "ws-b", "ws-c"}
-    assert all(p.parent == settings.workspace_root / "echo-1" for p in typed.workspaces)
-    assert not any(p.exists() for p in typed.workspaces), "completed tasks leave no workspace behind"
+    # <root>/<agent>/<task id>/<attempt>: each step's first attempt.
+    assert {(p.parent.name, p.name) for p in typed.workspaces} == {("ws-a", "1"), ("ws-b", "1"), ("ws-c", "1")}
+    assert all(p.parent.parent == settings.workspace_root / "echo-1" for p in typed.workspaces)
+    assert not any(p.parent.exists() for p in typed.workspaces), "completed tasks leave no workspace behind"
 
 
 async def test_a_failed_task_keeps_its_workspace_for_inspection(
@@ -178,7 +179,7 @@ async def test_a_failed_task_keeps_its_workspace_for_inspection(
         await submit(connect_as, "kept", {"x": 99})
         end = await result(admin, "kept")
         assert (end.kind, end.event.error) == ("task_failed", "RuntimeError: skill broke")  # type: ignore[union-attr]
-        kept = settings.workspace_root / "echo-1" / "kept"
+        kept = settings.workspace_root / "echo-1" / "kept" / "1"
         assert (kept / "output" / "result.txt").read_text() == "99"
     finally:
         stop.set()
