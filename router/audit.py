@@ -8,8 +8,6 @@ all acks awaited), which keeps the chain strict without one round trip per recor
 
 from __future__ import annotations
 
-import asyncio
-
 import msgspec
 import nats.errors
 import nats.js.errors
@@ -21,6 +19,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from bus import chain, subjects, tracing
 from bus.chain import ChainHead
+from bus.connection import pub_acks
 from bus.errors import ChainError
 from bus.events import AuditRecord
 from router.errors import AuditAppendError, ChainBrokenError
@@ -66,7 +65,7 @@ class AuditLog:
                     hdrs[subjects.HDR_EXPECTED_LAST_SEQ] = str(record.seq - 1)
                     subject = subjects.audit(record.verdict, record.kind, record.key)
                     futures.append(await self.js.publish_async(subject, data, headers=hdrs))
-                acks = await asyncio.gather(*futures, return_exceptions=True)
+                acks = await pub_acks(futures)
             except nats.errors.Error as exc:
                 raise AuditAppendError(f"audit publish failed: {exc}") from exc
             for (record, _, _), ack in zip(batch, acks, strict=True):

@@ -17,6 +17,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from bus import codec, subjects, tracing
+from bus.connection import pub_acks
 from bus.events import AuditRecord, TaskApproved, TaskSubmitted, WorkItem
 from router.state import RouterState
 
@@ -82,9 +83,10 @@ async def dispatch(
     """Publish work items (pipelined) and wait for WORK to store them.
 
     Returns, per item, ``None`` if stored or the error that stopped it (WORK full, no
-    connection): the caller leaves that message unacked so it is tried again. An item
-    whose headers carry a trace context is published in a ``router.dispatch`` span of
-    that trace, which the WORK message names as the agent's parent.
+    connection, no PubAck in time): the caller leaves that message unacked so it is tried
+    again. An item whose headers carry a trace context is published in a
+    ``router.dispatch`` span of that trace, which the WORK message names as the agent's
+    parent.
     """
     futures: list[asyncio.Future[Any] | BaseException] = []
     spans: list[trace.Span] = []
@@ -103,16 +105,12 @@ async def dispatch(
             futures.append(await js.publish_async(subject, codec.encode(item), headers=hdrs))
         except nats.errors.Error as exc:
             futures.append(exc)
+    published = [f for f in futures if not isinstance(f, BaseException)]
+    acks = iter(await pub_acks(published))
     results: list[BaseException | None] = []
     for fut, span in zip(futures, spans, strict=True):
-        error: BaseException | None = None
-        if isinstance(fut, BaseException):
-            error = fut
-        else:
-            try:
-                await fut
-            except (TimeoutError, nats.errors.Error) as exc:
-                error = exc
+        outcome = fut if isinstance(fut, BaseException) else next(acks)
+        error = outcome if isinstance(outcome, BaseException) else None
         if error is not None:
             span.set_status(Status(StatusCode.ERROR, f"not stored in WORK: {error}"))
         span.end()

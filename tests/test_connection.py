@@ -1,4 +1,5 @@
-"""Connecting: processes may start before the server; refused or absent servers fail clearly."""
+"""Connecting: processes may start before the server; refused or absent servers fail clearly;
+a PubAck that never comes does not hang its publisher."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import asyncio
 import socket
 from pathlib import Path
 
+import nats.errors
 import pytest
 
-from bus.connection import connect
+from bus.connection import connect, pub_acks
 from bus.errors import BusError
 from bus.server import NatsServer
 from bus.settings import Settings
@@ -47,3 +49,15 @@ async def test_a_process_started_before_the_server_connects_when_it_comes_up(tmp
         nc = await connecting
         assert nc.is_connected
         await nc.close()
+
+
+async def test_a_pipelined_publish_whose_puback_never_comes_times_out_instead_of_hanging() -> None:
+    loop = asyncio.get_running_loop()
+    acked, refused, lost = loop.create_future(), loop.create_future(), loop.create_future()
+    acked.set_result("ack")
+    refused.set_exception(nats.errors.NoRespondersError())
+    stored, no_stream, no_answer = await pub_acks([acked, refused, lost], timeout=0.05)
+    assert stored == "ack"
+    assert isinstance(no_stream, nats.errors.NoRespondersError)
+    assert isinstance(no_answer, TimeoutError)
+    assert lost.cancelled()  # its place in the client's window of pending publishes is freed
