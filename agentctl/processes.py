@@ -84,7 +84,7 @@ def router(app: App) -> None:
     from router.lease import Lease
 
     async def body(nc: Client, stop: asyncio.Event) -> None:
-        lease = Lease(nc.jetstream(timeout=10), app.settings.router_lease_s)
+        lease = Lease(nc.jetstream(timeout=10), app.settings.router_lease_s, replicas=app.settings.stream_replicas)
         await Router(nc, app.settings, lease=lease).run(stop)
 
     serve(app, "router", "ledgerbus-router", body)

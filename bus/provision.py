@@ -2,12 +2,17 @@
 
 Run by the router at start (it is the one principal allowed to manage these streams)
 and by tests. Re-running is harmless: existing streams are updated to the settings here,
-so a changed setting takes effect on the next router start.
+so a changed setting takes effect on the next router start. That includes the number of
+replicas (``LEDGERBUS_STREAM_REPLICAS``): on a cluster JetStream adds or drops the copies
+of a stream, and of its consumers, in place, so streams made at R1 become R3 by restarting
+the router with 3. On a cluster still forming (no meta leader yet, or not every node known
+to be online), provisioning waits for it for up to ``connect_timeout_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 
 import nats.errors
@@ -32,13 +37,15 @@ log = structlog.get_logger(__name__)
 
 
 def stream_configs(settings: Settings) -> list[StreamConfig]:
-    """The INGRESS, AUDIT, WORK, DEADLETTERS and TRACES stream configurations."""
+    """The INGRESS, AUDIT, WORK, DEADLETTERS and TRACES stream configurations, each with
+    ``stream_replicas`` copies."""
     return [
         StreamConfig(
             name=subjects.INGRESS_STREAM,
             subjects=[subjects.INGRESS_ALL],
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
+            num_replicas=settings.stream_replicas,
             duplicate_window=settings.duplicate_window_s,
             max_msg_size=settings.max_message_bytes * 4,
             description="every message to the router; a PubAck means durably received",
@@ -48,6 +55,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             subjects=[subjects.AUDIT_ALL],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
+            num_replicas=settings.stream_replicas,
             deny_delete=True,
             deny_purge=True,
             allow_rollup_hdrs=False,
@@ -60,6 +68,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             subjects=[subjects.WORK_ALL],
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
+            num_replicas=settings.stream_replicas,
             discard=DiscardPolicy.NEW,
             duplicate_window=settings.duplicate_window_s,
             description="dispatched tasks, one durable pull consumer per skill",
@@ -69,6 +78,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             subjects=[subjects.DEADLETTER_ALL],
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
+            num_replicas=settings.stream_replicas,
             description="advisories of WORK messages that reached MaxDeliver: the router dead-letters their tasks",
         ),
         StreamConfig(
@@ -76,6 +86,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             subjects=[subjects.TRACES_ALL],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
+            num_replicas=settings.stream_replicas,
             discard=DiscardPolicy.OLD,
             max_age=settings.traces_max_age_s,
             max_bytes=settings.traces_max_bytes,
@@ -116,32 +127,98 @@ def work_consumer_config(settings: Settings, skill: str) -> ConsumerConfig:
     )
 
 
+STREAM_NAME_IN_USE = 10058
+"""JetStream's error code for a stream (or bucket) that exists with another configuration."""
+_NO_SUITABLE_PEERS = 10005
+"""JetStream's error code for replicas it cannot place: on a cluster still forming, not every
+node is known to be online yet."""
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a JetStream API error passes by itself: a cluster still forming or electing
+    has no meta leader yet (503, no answer) or cannot place replicas yet."""
+    if isinstance(exc, nats.js.errors.ServiceUnavailableError | nats.errors.NoRespondersError | TimeoutError):
+        return True
+    return isinstance(exc, nats.js.errors.APIError) and exc.err_code == _NO_SUITABLE_PEERS
+
+
+async def _retrying(step: Callable[[], Awaitable[None]], settings: Settings, what: str) -> None:
+    """``step()``, again while it fails transiently, for up to ``connect_timeout_s``: the
+    router may start while the cluster it provisions on is still forming."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.connect_timeout_s
+    delay = 0.1
+    while True:
+        try:
+            return await step()
+        except (nats.errors.Error, TimeoutError) as exc:
+            if not transient(exc) or loop.time() >= deadline:
+                raise
+            log.info("provision_waiting", what=what, error=str(exc))
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
 async def provision(js: JetStreamContext, settings: Settings) -> None:
     """Create or update every stream and the ``agents`` bucket."""
-    for config in stream_configs(settings):
+
+    async def stream(config: StreamConfig) -> None:
         try:
             await js.add_stream(config)
-        except nats.js.errors.BadRequestError:
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != STREAM_NAME_IN_USE:
+                raise
             # The stream exists with other settings: bring it to ours.
             await js.update_stream(config)
-        except nats.errors.Error as exc:
-            raise BusError(f"cannot provision stream {config.name}: {exc}") from exc
-    try:
-        await js.create_key_value(
-            KeyValueConfig(
-                bucket=subjects.AGENTS_BUCKET,
-                ttl=settings.agents_ttl_s,
-                history=1,
-                storage=StorageType.FILE,
-                direct=True,
-                description="agent heartbeats and live load",
+
+    async def agents_bucket() -> None:
+        try:
+            await js.create_key_value(
+                KeyValueConfig(
+                    bucket=subjects.AGENTS_BUCKET,
+                    ttl=settings.agents_ttl_s,
+                    history=1,
+                    storage=StorageType.FILE,
+                    direct=True,
+                    replicas=settings.stream_replicas,
+                    description="agent heartbeats and live load",
+                )
             )
-        )
-    except nats.js.errors.BadRequestError:
-        log.debug("agents_bucket_exists")
-    except nats.errors.Error as exc:
-        raise BusError(f"cannot provision bucket {subjects.AGENTS_BUCKET}: {exc}") from exc
-    log.info("provisioned", streams=[c.name for c in stream_configs(settings)], bucket=subjects.AGENTS_BUCKET)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != STREAM_NAME_IN_USE:
+                raise
+            # It exists: it keeps the TTL it was made with, but follows the replica count.
+            await ensure_replicas(js, f"KV_{subjects.AGENTS_BUCKET}", settings.stream_replicas)
+
+    for config in stream_configs(settings):
+        try:
+            await _retrying(functools.partial(stream, config), settings, f"stream {config.name}")
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot provision stream {config.name}: {exc}{_replicas_hint(settings)}") from exc
+    try:
+        await _retrying(agents_bucket, settings, f"bucket {subjects.AGENTS_BUCKET}")
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise BusError(f"cannot provision bucket {subjects.AGENTS_BUCKET}: {exc}{_replicas_hint(settings)}") from exc
+    log.info("provisioned", streams=[c.name for c in stream_configs(settings)], bucket=subjects.AGENTS_BUCKET,
+             replicas=settings.stream_replicas)
+
+
+def _replicas_hint(settings: Settings) -> str:
+    # The server's own words for R3 on one server ("replicas > 1 not supported in
+    # non-clustered mode") do not name the setting that asked for it.
+    if settings.stream_replicas == 1:
+        return ""
+    return (f" (LEDGERBUS_STREAM_REPLICAS={settings.stream_replicas} needs a JetStream cluster of at least "
+            f"{settings.stream_replicas} servers, see docs/deployment.md)")
+
+
+async def ensure_replicas(js: JetStreamContext, stream: str, replicas: int) -> None:
+    """Bring an existing stream (a bucket's) to ``replicas`` copies, leaving the rest of its
+    configuration as it was made."""
+    info = await js.stream_info(stream)
+    if (info.config.num_replicas or 1) != replicas:
+        await js.update_stream(info.config, num_replicas=replicas)
+        log.info("replicas_changed", stream=stream, replicas=replicas)
 
 
 async def wait_for_stream(

@@ -19,6 +19,8 @@ DEFAULT_URL = "nats://127.0.0.1:4222"
 
 KEEP_WORKSPACES = ("none", "failed", "all")
 TRACE_CHECKS = ("all", "failed")
+MAX_REPLICAS = 5
+"""JetStream keeps at most five copies of a stream."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +72,9 @@ class Settings:
     max_checkpoint_bytes: int = 64 * 1024
     """Largest agent state blob a memory checkpoint may carry."""
     connect_timeout_s: float = 30.0
+    stream_replicas: int = 1
+    """Copies JetStream keeps of every stream and bucket: 1 on one server, 3 on a three-node
+    cluster (docs/deployment.md), so that losing one server loses no acknowledged write."""
 
     @property
     def servers(self) -> list[str]:
@@ -107,4 +112,8 @@ class Settings:
         keep = values.get("keep_workspaces")
         if keep is not None and keep not in KEEP_WORKSPACES:
             raise ConfigError(f"LEDGERBUS_KEEP_WORKSPACES={keep!r}: one of {', '.join(KEEP_WORKSPACES)}")
+        replicas = values.get("stream_replicas", 1)
+        if not 1 <= replicas <= MAX_REPLICAS:
+            raise ConfigError(f"LEDGERBUS_STREAM_REPLICAS={replicas}: from 1 to {MAX_REPLICAS} "
+                              "(1 on one server, 3 on a three-node cluster)")
         return cls(**values)

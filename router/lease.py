@@ -34,6 +34,7 @@ from nats.js.kv import KeyValue
 
 from bus import subjects
 from bus.errors import BusError
+from bus.provision import STREAM_NAME_IN_USE, ensure_replicas, transient
 
 log = structlog.get_logger(__name__)
 
@@ -57,9 +58,11 @@ def instance_id() -> str:
 class Lease:
     """The router's leader lease in the ``router`` bucket (``ttl_s`` long)."""
 
-    def __init__(self, js: JetStreamContext, ttl_s: float, instance: str | None = None) -> None:
+    def __init__(self, js: JetStreamContext, ttl_s: float, instance: str | None = None, replicas: int = 1) -> None:
         self.js = js
         self.ttl_s = ttl_s
+        self.replicas = replicas
+        """Copies of the bucket (``stream_replicas``): on a cluster the lease must outlive a server."""
         self.instance = instance or instance_id()
         self.revision = 0
         self.renewed_at = 0.0
@@ -67,17 +70,24 @@ class Lease:
         self._value = msgspec.json.encode(Holder(self.instance, socket.gethostname(), os.getpid()))
 
     async def bucket(self) -> KeyValue:
-        """The ``router`` bucket, made with this lease's TTL if it does not exist yet."""
+        """The ``router`` bucket, made with this lease's TTL and replicas if it does not exist
+        yet; an existing one keeps its TTL but is brought to this lease's replicas."""
         if self._kv is None:
             try:
                 self._kv = await self.js.create_key_value(KeyValueConfig(
                     bucket=subjects.ROUTER_BUCKET, ttl=self.ttl_s, history=1, storage=StorageType.FILE,
-                    direct=True, description="the router's leader lease: key leader, TTL = the lease",
+                    direct=True, replicas=self.replicas,
+                    description="the router's leader lease: key leader, TTL = the lease",
                 ))
-            except nats.js.errors.BadRequestError:
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != STREAM_NAME_IN_USE:
+                    raise  # a cluster still placing replicas: acquire() tries again
                 # It exists (made by an earlier router, perhaps with another TTL: that one holds).
+                await ensure_replicas(self.js, f"KV_{subjects.ROUTER_BUCKET}", self.replicas)
                 self._kv = await self.js.key_value(subjects.ROUTER_BUCKET)
             except nats.errors.Error as exc:
+                if transient(exc):
+                    raise  # no meta leader yet: acquire() tries again
                 raise BusError(f"cannot provision bucket {subjects.ROUTER_BUCKET}: {exc}") from exc
         return self._kv
 

@@ -162,6 +162,7 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
         LEDGERBUS_DRAIN_TIMEOUT_S=str(settings.drain_timeout_s),
         LEDGERBUS_MEMORY_LIST_CAP=str(settings.memory_list_cap),
         LEDGERBUS_PROJECTOR_BATCH=str(settings.projector_batch),
+        LEDGERBUS_STREAM_REPLICAS=str(settings.stream_replicas),
         # A router restarted after kill -9 waits for the dead one's lease: keep that short.
         LEDGERBUS_ROUTER_LEASE_S="3",
         LEDGERBUS_CLI_NAME="tester",

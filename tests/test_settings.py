@@ -34,3 +34,13 @@ def test_replace_ignores_options_that_were_not_given() -> None:
 def test_a_malformed_value_names_the_variable() -> None:
     with pytest.raises(ConfigError, match="LEDGERBUS_ROUTER_BATCH='many'"):
         Settings.from_env({"LEDGERBUS_ROUTER_BATCH": "many"})
+
+
+def test_stream_replicas_are_one_to_five_and_a_bad_count_names_the_variable() -> None:
+    assert Settings.from_env({}).stream_replicas == 1
+    assert Settings.from_env({"LEDGERBUS_STREAM_REPLICAS": "3"}).stream_replicas == 3
+    for bad in ("0", "6", "-1"):
+        with pytest.raises(ConfigError, match=f"LEDGERBUS_STREAM_REPLICAS={bad}: from 1 to 5"):
+            Settings.from_env({"LEDGERBUS_STREAM_REPLICAS": bad})
+    with pytest.raises(ConfigError, match="LEDGERBUS_STREAM_REPLICAS='three'"):
+        Settings.from_env({"LEDGERBUS_STREAM_REPLICAS": "three"})
