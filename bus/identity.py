@@ -22,12 +22,14 @@ directory, ``var/auth`` by default, all readable by their owner only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import os
 import re
 import secrets
 import shlex
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,20 +239,57 @@ def procfile_agents(procfile: Path) -> list[Identity]:
     return found
 
 
+_USERS_INCLUDE = re.compile(r"""^\s*include\s+["']?([^"'\s]*\b""" + re.escape(USERS_FILE) + r")", re.MULTILINE)
+
+
+def users_dir(config: Path) -> Path:
+    """The directory of the users file a server configuration includes: ``var/auth``
+    beside nats.conf, the repo's ``var/auth`` for a node of ``nats-cluster/`` (which
+    includes ``../var/auth/users.conf``). ``agentctl nats`` makes the identities there."""
+    try:
+        m = _USERS_INCLUDE.search(config.read_text())
+    except OSError as exc:
+        raise ConfigError(f"no nats-server configuration at {config}: {exc.strerror}") from exc
+    if m is None:
+        return config.parent / "var" / "auth"
+    return Path(os.path.normpath(config.parent / m.group(1))).parent
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    # The three nodes of a one-machine cluster start together and share one registry: without
+    # the lock each would make its own passwords for the same principals.
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def ensure_local(directory: Path, cli_user: str, procfile: Path | None = None) -> bool:
     """Make the identities a local system needs, if missing: admin, router, projector, the
     person's CLI user and the Procfile's agents. Returns whether anything was added."""
+    with _locked(directory):
+        reg = Registry.load(directory)
+        wanted = [identity("admin"), identity("router"), identity("projector"), identity("cli", cli_user)]
+        if procfile is not None:
+            wanted += procfile_agents(procfile)
+        missing = [i for i in wanted if i.user not in reg.entries or reg.entries[i.user][0] != i]
+        for ident in missing:
+            reg.add(ident)
+        if missing or not (directory / USERS_FILE).exists() or reg.stale():
+            reg.save()
+            return True
+        return False
+
+
+def write_users(directory: Path, identities: Iterable[Identity], extra_users: Iterable[dict[str, Any]] = ()) -> None:
+    """Add ``identities`` (and ``extra_users`` verbatim) to the registry in ``directory``
+    and write its users file and credentials: the auth of a test or benchmark server."""
     reg = Registry.load(directory)
-    wanted = [identity("admin"), identity("router"), identity("projector"), identity("cli", cli_user)]
-    if procfile is not None:
-        wanted += procfile_agents(procfile)
-    missing = [i for i in wanted if i.user not in reg.entries or reg.entries[i.user][0] != i]
-    for ident in missing:
+    for ident in identities:
         reg.add(ident)
-    if missing or not (directory / USERS_FILE).exists() or reg.stale():
-        reg.save()
-        return True
-    return False
+    reg.extra_users = list(extra_users)
+    reg.save()
 
 
 def write_local_config(
@@ -262,11 +301,7 @@ def write_local_config(
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / base_config.name
     config.write_text(base_config.read_text())
-    reg = Registry.load(directory / "var" / "auth")
-    for ident in identities:
-        reg.add(ident)
-    reg.extra_users = list(extra_users)
-    reg.save()
+    write_users(users_dir(config), identities, extra_users)
     return config
 
 

@@ -76,6 +76,9 @@ class NatsServer:
         self.log_tail: deque[str] = deque(maxlen=2000)
         self._reader: asyncio.Task[None] | None = None
         self._reloaded = asyncio.Event()
+        self._logged = asyncio.Condition()
+        """Notified for every line the server logs after it is ready, and when it exits."""
+        self._exited = False
 
     @property
     def url(self) -> str:
@@ -116,6 +119,7 @@ class NatsServer:
         if self.port is None:
             raise ServerError("nats-server did not say which port it listens on")
         # Keep draining the log so the server never blocks on a full pipe.
+        self._exited = False
         self._reader = asyncio.create_task(self._drain(self.proc.stderr))
         return self
 
@@ -124,6 +128,26 @@ class NatsServer:
             self.log_tail.append(line.decode(errors="replace").rstrip())
             if _RELOADED in line:
                 self._reloaded.set()
+            async with self._logged:
+                self._logged.notify_all()
+        async with self._logged:
+            self._exited = True
+            self._logged.notify_all()
+
+    async def wait_for_log(self, text: str, timeout: float = 10.0) -> None:
+        """Wait until the server has logged a line containing ``text`` (a cluster node says
+        it listens for routes only after "Server is ready"); raise if it exits first."""
+        def seen() -> bool:
+            return self._exited or any(text in line for line in self.log_tail)
+
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._logged:
+                    await self._logged.wait_for(seen)
+        except TimeoutError as exc:
+            raise ServerError(f"nats-server did not log {text!r}:\n" + "\n".join(self.log_tail)) from exc
+        if not any(text in line for line in self.log_tail):
+            raise ServerError("nats-server exited during start:\n" + "\n".join(self.log_tail))
 
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         """Stop the server (SIGKILL with ``sig=signal.SIGKILL``) and wait for it to exit."""
