@@ -1,5 +1,5 @@
-"""``python -m bench [--only router|projections|scaling] [--messages N] [--rounds R] [--tasks T] [--events E]
-[--sleep-tasks N] [--sleep S] [--replicas 1,2,4]``
+"""``python -m bench [--only router|projections|scaling|fsync] [--messages N] [--rounds R] [--tasks T]
+[--events E] [--sleep-tasks N] [--sleep S] [--replicas 1,2,4] [--fsync-messages N] [--fsync-sequential M]``
 
 1. Router throughput vs a bare relay. Both drain the same N preloaded submissions from
    INGRESS through the same JetStream work: fetch, one AUDIT write and one WORK write per
@@ -16,8 +16,11 @@
    events (see bench/projections.py).
 4. Sleep-bound throughput with 2 and 4 replicas of one agent vs 1 replica: N sleep tasks
    of S seconds, each replica concurrency 1 (see bench/scaling.py).
+5. What fsyncing every write costs: publish throughput and PubAck latency to INGRESS with
+   ``sync_interval`` by default and ``always``, on one server and on the three-node cluster
+   of nats-cluster/ (R3), vs one server by default (see bench/fsync.py).
 
-Every round uses a fresh nats-server; medians are reported because these machines are noisy.
+Every round uses a fresh nats-server (or cluster); medians are reported because these machines are noisy.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agents.runtime import Agent
-from bench import projections, scaling
+from bench import fsync, projections, scaling
 from bus import codec, subjects
 from bus.connection import connect
 from bus.events import TaskSubmitted, new_id
@@ -262,7 +265,8 @@ def _counts(value: str) -> list[int]:
 
 def cli() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["router", "projections", "scaling"], help="Run one benchmark, not all.")
+    parser.add_argument("--only", choices=["router", "projections", "scaling", "fsync"],
+                        help="Run one benchmark, not all.")
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=200)
@@ -271,6 +275,10 @@ def cli() -> None:
     parser.add_argument("--sleep", type=float, default=0.2, help="Seconds each sleep task sleeps.")
     parser.add_argument("--replicas", type=_counts, default="1,2,4",
                         help="Replica counts to compare, comma-separated; 1 (the baseline) is always run.")
+    parser.add_argument("--fsync-messages", type=int, default=20_000,
+                        help="Messages published pipelined per configuration in the fsync benchmark.")
+    parser.add_argument("--fsync-sequential", type=int, default=300,
+                        help="Messages then published one at a time, for the PubAck latency.")
     args = parser.parse_args()
     configure_logging("console", "error")
     result: dict = {}
@@ -302,6 +310,19 @@ def cli() -> None:
             table.add_row(f"sleep-bound tasks/s (median, {scale['tasks']} × {scale['sleep_s']:g} s)",
                           f"{scale['tasks_per_s'][str(count)]:.2f} with {count} replicas", f"{one:.2f} with 1 replica",
                           f"{scale['over_one_replica'][str(count)]:.2f}")
+    if args.only in (None, "fsync"):
+        sync = asyncio.run(fsync.run(args.fsync_messages, args.fsync_sequential, args.rounds, PRINCIPALS, REPO,
+                                     say=console.print))
+        result["fsync"] = sync
+        base = f"{sync['msgs_per_s']['single-default']:,.0f} one server, default sync"
+        base_rtt = f"{sync['puback_ms_p50']['single-default']:.2f} one server, default sync"
+        for name, label in (("single-always", "one server, sync always"),
+                            ("cluster-default", "3 nodes R3, default sync"),
+                            ("cluster-always", "3 nodes R3, sync always")):
+            table.add_row("publish throughput, msg/s (median)", f"{sync['msgs_per_s'][name]:,.0f} {label}", base,
+                          f"{sync['throughput_over_single_default'][name]:.2f}")
+            table.add_row("PubAck latency, ms (p50)", f"{sync['puback_ms_p50'][name]:.2f} {label}", base_rtt,
+                          f"{sync['puback_over_single_default'][name]:.2f}")
     console.print(table)
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
