@@ -1,4 +1,4 @@
-"""The chaos suite: ``pytest -m chaos tests/chaos`` (left out of the default run, which
+"""The chaos suite: ``pytest -m chaos tests/chaos -n 0`` (left out of the default run, which
 runs the short version in tests/test_chaos.py). ``LEDGERBUS_CHAOS_SEED=N`` replays a seed;
 ``LEDGERBUS_CHAOS_REPORT=FILE`` appends each run's report to FILE as one JSON line."""
 

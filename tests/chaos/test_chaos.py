@@ -1,6 +1,6 @@
-"""The chaos suite (``pytest -m chaos tests/chaos``): every fault kind alone, then random
+"""The chaos suite (``pytest -m chaos tests/chaos -n 0``): every fault kind alone, then random
 schedules of all of them. Each test prints its seed and schedule; a failing seed replays
-with ``LEDGERBUS_CHAOS_SEED=N pytest -m chaos tests/chaos -k NAME``."""
+with ``LEDGERBUS_CHAOS_SEED=N pytest -m chaos tests/chaos -n 0 -k NAME``."""
 
 from __future__ import annotations
 
