@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -39,8 +41,11 @@ async def records(
 
     Without ``follow`` it stops at the end of the log as it was when it started.
     """
-    async for msg in messages(js, subjects.AUDIT_STREAM, filter_subject, from_seq, follow, idle):
-        yield codec.decode_record(msg.data), msg.data
+    # Closed here, not left to the event loop's finalizer: that would unsubscribe after the
+    # connection began draining, and print a traceback on the way out of the command.
+    async with contextlib.aclosing(messages(js, subjects.AUDIT_STREAM, filter_subject, from_seq, follow, idle)) as msgs:
+        async for msg in msgs:
+            yield codec.decode_record(msg.data), msg.data
 
 
 async def messages(
@@ -78,7 +83,8 @@ async def messages(
             if not follow and msg.metadata.num_pending == 0:
                 return
     finally:
-        await sub.unsubscribe()
+        with contextlib.suppress(nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
+            await sub.unsubscribe()  # a closing connection takes its subscriptions with it
 
 
 @dataclass
