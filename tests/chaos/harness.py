@@ -536,7 +536,11 @@ class System:
         await wait_until(_logged(armed, "standby"), 30, what="the armed router waiting")
         await leader.stop()
         self.routers = [armed]
-        await self.wait_leader()
+
+        async def leads_or_died() -> bool:  # it may reach its fail point before we look
+            return armed.proc.returncode is not None or await self._holder_pid() == armed.proc.pid
+
+        await wait_until(leads_or_died, 30, what="the armed router leading")
         self.routers.append(await self._router(leader.name))
         await asyncio.wait_for(armed.proc.wait(), 60)
         self._strike()
