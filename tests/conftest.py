@@ -17,7 +17,7 @@ from bus.provision import provision
 from bus.server import NatsServer
 from bus.settings import Settings
 from router.app import Router
-from tests.support import Procs, auth_dir, server_config
+from tests.support import Procs, auth_dir, server_config, suite_settings
 
 
 @pytest.fixture
@@ -40,21 +40,8 @@ def workspace_root() -> Iterator[Path]:
 @pytest.fixture
 def settings(nats_server: NatsServer, tmp_path: Path, workspace_root: Path) -> Settings:
     """Settings for the test's server, with short timers so redelivery tests run fast."""
-    return Settings(
-        url=nats_server.url,
-        db_path=tmp_path / "live.db",
-        policy_path=tmp_path / "policy.toml",
-        llm_config_path=tmp_path / "llm.toml",
-        workspace_root=workspace_root,
-        policy_check_interval_s=0.0,
-        auth_dir=auth_dir(nats_server.config) if nats_server.config else tmp_path,
-        router_key_path=tmp_path / "keys" / "router.key",
-        work_ack_wait_s=2.0,
-        ingress_ack_wait_s=2.0,
-        heartbeat_interval_s=0.5,
-        drain_timeout_s=5.0,
-        connect_timeout_s=10.0,
-    )
+    return suite_settings(nats_server.url, tmp_path, workspace_root,
+                          auth_dir(nats_server.config) if nats_server.config else tmp_path)
 
 
 @pytest.fixture

@@ -142,6 +142,26 @@ async def work_count(js: JetStreamContext) -> int:
     return (await js.stream_info(subjects.WORK_STREAM)).state.messages
 
 
+def suite_settings(url: str, tmp: Path, workspace_root: Path, auth: Path, **changes: Any) -> Settings:
+    """The settings of a test's processes: its server, files in its temporary directory,
+    and short timers so that redelivery tests run fast (``changes`` on top)."""
+    return Settings(
+        url=url,
+        db_path=tmp / "live.db",
+        policy_path=tmp / "policy.toml",
+        llm_config_path=tmp / "llm.toml",
+        workspace_root=workspace_root,
+        policy_check_interval_s=0.0,
+        auth_dir=auth,
+        router_key_path=tmp / "keys" / "router.key",
+        work_ack_wait_s=2.0,
+        ingress_ack_wait_s=2.0,
+        heartbeat_interval_s=0.5,
+        drain_timeout_s=5.0,
+        connect_timeout_s=10.0,
+    ).replace(**changes)
+
+
 def process_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment an agentctl subprocess runs with, pointing at the test's server."""
     env = dict(os.environ)
@@ -250,4 +270,6 @@ async def agentctl(
     async with asyncio.timeout(timeout):
         out, err = await proc.communicate()
     assert proc.returncode is not None
+    # Whatever happened, a person sees a message from agentctl, never a Python traceback.
+    assert b"Traceback" not in err and b"never retrieved" not in err, err.decode()
     return proc.returncode, out.decode(), err.decode()

@@ -52,6 +52,7 @@ from tests.support import (
     Procs,
     auth_dir,
     stored_audit,
+    suite_settings,
     wait_for_record,
     wait_until,
 )
@@ -75,24 +76,12 @@ async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
 @pytest.fixture
 def settings(cluster: NatsCluster, tmp_path: Path, workspace_root: Path) -> Settings:
     """The suite's settings (tests/conftest.py) with the cluster's three URLs and three replicas."""
-    return Settings(
-        url=cluster.url,
-        stream_replicas=3,
-        auth_dir=cluster.auth_dir,
-        db_path=tmp_path / "live.db",
-        policy_path=tmp_path / "policy.toml",
-        llm_config_path=tmp_path / "llm.toml",
-        workspace_root=workspace_root,
-        policy_check_interval_s=0.0,
-        router_key_path=tmp_path / "keys" / "router.key",
+    return suite_settings(
+        cluster.url, tmp_path, workspace_root, cluster.auth_dir, stream_replicas=3,
         # Longer than an election (up to ~9 s here), so a task whose in-progress acks went
         # unanswered while WORK's consumer had no leader is not run a second time while the
         # first run goes on. Short enough that a task whose report failed comes back soon.
         work_ack_wait_s=10.0,
-        ingress_ack_wait_s=2.0,
-        heartbeat_interval_s=0.5,
-        drain_timeout_s=5.0,
-        connect_timeout_s=10.0,
     )
 
 

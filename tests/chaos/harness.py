@@ -53,7 +53,7 @@ from bus.server import NatsServer
 from bus.settings import Settings
 from router.lease import Holder
 from router.state import RouterState
-from tests.support import Proc, Procs, agentctl, audit_records, auth_dir, server_config, wait_until
+from tests.support import Proc, Procs, agentctl, audit_records, auth_dir, server_config, suite_settings, wait_until
 
 LEASE_S = 2.0
 ACK_WAIT_S = 2.0
@@ -292,13 +292,8 @@ class System:
     async def start(self) -> None:
         await self.server.start()
         assert self.server.config is not None
-        self.settings = Settings(
-            url=self.server.url, db_path=self.tmp / "live.db", policy_path=self.tmp / "policy.toml",
-            llm_config_path=self.tmp / "llm.toml", workspace_root=self.workspace_root, policy_check_interval_s=0.0,
-            auth_dir=auth_dir(self.server.config), router_key_path=self.tmp / "keys" / "router.key",
-            work_ack_wait_s=ACK_WAIT_S, ingress_ack_wait_s=ACK_WAIT_S, heartbeat_interval_s=0.5,
-            drain_timeout_s=5.0, connect_timeout_s=10.0,
-        )
+        self.settings = suite_settings(self.server.url, self.tmp, self.workspace_root, auth_dir(self.server.config),
+                                       work_ack_wait_s=ACK_WAIT_S, ingress_ack_wait_s=ACK_WAIT_S)
         self.procs = Procs(self.settings, self.tmp)
         self.admin = await connect(self.settings, "admin")
         await provision(self.admin.jetstream(), self.settings)
