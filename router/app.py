@@ -34,8 +34,10 @@ from bus.events import (
 from bus.provision import deadletter_consumer_config, provision, router_consumer_config
 from bus.settings import Settings
 from router import audit as audit_mod
+from router import deadletters
 from router.audit import AuditLog
 from router.checks import Check, Inbound, default_checks, run_checks
+from router.deadletters import MaxDeliverAdvisory
 from router.dispatch import dispatch, routed_work_item, work_item
 from router.errors import AuditAppendError
 from router.gauges import Gauges
@@ -47,13 +49,6 @@ from router.state import APPROVAL_REQUESTED, BUDGET_EXCEEDED, RouterState
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("ledgerbus.router")
-
-
-class MaxDeliverAdvisory(msgspec.Struct, frozen=True):
-    """The fields of JetStream's ``io.nats.jetstream.advisory.v1.max_deliver`` we use."""
-
-    stream_seq: int
-    deliveries: int = 0
 
 
 def _headers(msg: Msg) -> dict[str, str]:
@@ -109,7 +104,7 @@ class Router:
             subjects.DEADLETTER_ALL, durable=subjects.DEADLETTER_CONSUMER, stream=subjects.DEADLETTER_STREAM,
             config=deadletter_consumer_config(),
         )
-        self._dead = asyncio.create_task(self._fetch_dead_letters(dead_sub))
+        self._dead = asyncio.create_task(deadletters.fetch(dead_sub, self._dead_msgs))
         self._sub = await self.js.pull_subscribe(
             subjects.INGRESS_ALL,
             durable=subjects.ROUTER_CONSUMER,
@@ -247,23 +242,6 @@ class Router:
             log.error("scheduler_did_not_settle", dirty=len(self.state.dirty))
         await self._deliver()
 
-    async def _fetch_dead_letters(self, sub: JetStreamContext.PullSubscription) -> None:
-        try:
-            while True:
-                if len(self._dead_msgs) >= 64:
-                    await asyncio.sleep(0.1)
-                    continue
-                try:
-                    self._dead_msgs += await sub.fetch(16, timeout=1.0)
-                except TimeoutError:
-                    continue
-                except nats.errors.Error as exc:
-                    log.warning("deadletter_fetch_failed", error=str(exc))
-                    await asyncio.sleep(1.0)
-        finally:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
-
     async def _dead_letters(self) -> None:
         """Dead-letter the tasks whose WORK message reached MaxDeliver with no result.
 
@@ -272,7 +250,8 @@ class Router:
         the log first, then the message is removed from WORK (it would stay for ever),
         then the advisory is acked: a crash in between repeats only harmless steps.
         """
-        msgs, self._dead_msgs = self._dead_msgs, []
+        msgs = self._dead_msgs[:]
+        del self._dead_msgs[:]  # the same list the fetcher fills
         for msg in msgs:
             try:
                 advisory = msgspec.json.decode(msg.data, type=MaxDeliverAdvisory)
