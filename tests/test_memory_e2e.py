@@ -78,7 +78,9 @@ async def test_agents_share_delegate_checkpoint_and_a_replay_equals_the_live_pro
         {"observe": "the build is red"},
         {"reason": "so fix the build first"},
         {"share": "plan", "namespace": "team", "value": {"step": 1}},
-        {"share": "flash", "namespace": "team", "value": "gone soon", "ttl_s": 5},
+        # Long enough to still be listed a few commands later on a loaded machine (5 s was
+        # not, with one test per core); the test waits for it to expire all the same.
+        {"share": "flash", "namespace": "team", "value": "gone soon", "ttl_s": 12},
         {"read": "flash", "namespace": "team"},
         {"recall": "user.name"},
         {"delegate": "echo", "input": {"x": 1}},
