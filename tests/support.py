@@ -221,6 +221,18 @@ class Proc:
         assert self.proc.returncode is not None
         return self.proc.returncode
 
+    def logged(self, event: str) -> bool:
+        """Whether the process has logged ``event`` so far."""
+        return any(line.get("event") == event for line in self.log_lines())
+
+    async def wait_logged(self, event: str, timeout: float = 30.0) -> None:
+        """Wait until the process logs ``event``."""
+
+        async def seen() -> bool:
+            return self.logged(event)
+
+        await wait_until(seen, timeout, what=f"{self.name} logging {event}")
+
     def log_lines(self) -> list[dict[str, Any]]:
         """The structured log lines the process wrote so far."""
         lines = []

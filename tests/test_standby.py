@@ -20,22 +20,11 @@ Connect = Callable[[str], Awaitable[Client]]
 LEASE = {"LEDGERBUS_ROUTER_LEASE_S": "2"}
 
 
-def logged(proc: Proc, event: str) -> bool:
-    return any(line.get("event") == event for line in proc.log_lines())
-
-
-async def wait_logged(proc: Proc, event: str, timeout: float = 30.0) -> None:
-    async def seen() -> bool:
-        return logged(proc, event)
-
-    await wait_until(seen, timeout, what=f"{proc.name} logging {event}")
-
-
 async def leader_and_standby(procs: Procs, admin: Client) -> tuple[Proc, Proc]:
     leader = await procs.start("router-a", "router", **LEASE)
-    await wait_logged(leader, "lease_acquired")
+    await leader.wait_logged("lease_acquired")
     standby = await procs.start("router-b", "router", **LEASE)
-    await wait_logged(standby, "standby")
+    await standby.wait_logged("standby")
     await procs.start("echo-1", "agent", "--name", "echo-1", "--skills", "echo", "--concurrency", "4")
     await wait_for_record(admin.jetstream(), joined("echo-1"))
     return leader, standby
@@ -77,7 +66,7 @@ async def test_killing_the_leader_under_load_hands_over_without_loss_or_fork(
     await submit(cli, task_ids[30:])  # INGRESS takes them while nobody leads
     counts = await all_completed(admin, task_ids)
     assert set(counts.values()) == {1}, {k: n for k, n in counts.items() if n != 1}
-    assert logged(standby, "lease_acquired")
+    assert standby.logged("lease_acquired")
     await assert_one_unbroken_chain(admin)
 
 
@@ -91,15 +80,15 @@ async def test_a_paused_leader_steps_down_and_never_writes_after_the_takeover(
 
     leader.proc.send_signal(signal.SIGSTOP)  # longer than the lease: the standby takes over
     try:
-        await wait_logged(standby, "lease_acquired", timeout=30)
+        await standby.wait_logged("lease_acquired", timeout=30)
         await submit(cli, [f"during-{i}" for i in range(10)])
         await all_completed(admin, [f"during-{i}" for i in range(10)])
         head_at_wake = (await admin.jetstream().stream_info("AUDIT")).state.last_seq
     finally:
         leader.proc.send_signal(signal.SIGCONT)
-    await wait_logged(leader, "stepped_down", timeout=30)
+    await leader.wait_logged("stepped_down", timeout=30)
     # It went back to waiting for the lease, alive.
-    await wait_logged(leader, "standby")
+    await leader.wait_logged("standby")
     assert leader.proc.returncode is None
 
     after = [f"after-{i}" for i in range(10)]

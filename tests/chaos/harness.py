@@ -478,7 +478,7 @@ class System:
                     await asyncio.sleep(max(0.0, fault.hold_s - (time.monotonic() - start)))
                 finally:
                     old.proc.send_signal(signal.SIGCONT)
-                await wait_until(_logged(old, "stepped_down"), 30, what="the paused leader stepping down")
+                await old.wait_logged("stepped_down")
             case "projector_crash":
                 note = await self._projector_crash(fault.hit)
             case "server_kill":
@@ -528,7 +528,7 @@ class System:
         standby = next(r for r in self.routers if r is not leader and r.proc.returncode is None)
         await standby.stop()
         armed = await self._router(standby.name, LEDGERBUS_FAILPOINTS=f"{point}=kill@{hit}")
-        await wait_until(_logged(armed, "standby"), 30, what="the armed router waiting")
+        await armed.wait_logged("standby")
         await leader.stop()
         self.routers = [armed]
 
@@ -610,13 +610,6 @@ class System:
         assert self.procs is not None
         return [f"{p.name} (exit {p.proc.returncode})" for p in self.procs.started
                 if p.proc.returncode not in (None, 0, -signal.SIGKILL, -signal.SIGTERM)]
-
-
-def _logged(proc: Proc, event: str) -> Callable[[], Awaitable[bool]]:
-    async def seen() -> bool:
-        return any(line.get("event") == event for line in proc.log_lines())
-
-    return seen
 
 
 def _connected(*ncs: Client) -> Callable[[], Awaitable[bool]]:
