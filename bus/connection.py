@@ -166,3 +166,12 @@ async def pub_acks(futures: Sequence[asyncio.Future[T]], timeout: float = PUBACK
         else:
             results.append(fut.result())
     return results
+
+
+def cancel_requested() -> bool:
+    """Whether the running task has been asked to stop. A background loop around nats.py
+    calls checks this each turn: a cancellation that lands inside nats.py can come out as
+    its TimeoutError (or another error), which such a loop would take as "try again" and so
+    never stop, holding up whoever awaits it."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -15,6 +15,8 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from bus.connection import cancel_requested
+
 log = structlog.get_logger(__name__)
 
 BACKLOG = 64
@@ -31,7 +33,7 @@ class MaxDeliverAdvisory(msgspec.Struct, frozen=True):
 async def fetch(sub: JetStreamContext.PullSubscription, into: list[Msg]) -> None:
     """Fetch advisories into ``into`` until cancelled (then unsubscribe)."""
     try:
-        while True:
+        while not cancel_requested():
             if len(into) >= BACKLOG:
                 await asyncio.sleep(0.1)
                 continue

@@ -35,6 +35,7 @@ import structlog
 from nats.js import JetStreamContext
 
 from bus import codec, subjects
+from bus.connection import cancel_requested
 from bus.events import (
     AgentProposal,
     Heartbeat,
@@ -296,8 +297,8 @@ def _ended_badly(task: TaskState) -> bool:
 
 async def watch_agents(js: JetStreamContext, live: LiveAgents) -> None:
     """Keep ``live`` current from the ``agents`` bucket (heartbeats, with a TTL), for ever;
-    a failed watch (reconnect, server restart) is started again."""
-    while True:
+    a failed watch (reconnect, server restart) is started again, until cancelled."""
+    while not cancel_requested():
         try:
             kv = await js.key_value(subjects.AGENTS_BUCKET)
             watcher = await kv.watchall()

@@ -4,13 +4,14 @@ a PubAck that never comes does not hang its publisher."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from pathlib import Path
 
 import nats.errors
 import pytest
 
-from bus.connection import connect, pub_acks
+from bus.connection import cancel_requested, connect, pub_acks
 from bus.errors import BusError
 from bus.server import NatsServer
 from bus.settings import Settings
@@ -61,3 +62,28 @@ async def test_a_pipelined_publish_whose_puback_never_comes_times_out_instead_of
     assert isinstance(no_stream, nats.errors.NoRespondersError)
     assert isinstance(no_answer, TimeoutError)
     assert lost.cancelled()  # its place in the client's window of pending publishes is freed
+
+
+async def test_a_loop_whose_cancellation_is_swallowed_still_stops() -> None:
+    # What nats.py can do to a cancellation that lands inside a call: turn it into its
+    # TimeoutError. A retry loop that only relied on CancelledError would spin for ever.
+    async def swallowing_call() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise nats.errors.TimeoutError from None
+
+    turns = 0
+
+    async def background() -> None:
+        nonlocal turns
+        while not cancel_requested():
+            turns += 1
+            with contextlib.suppress(nats.errors.TimeoutError):
+                await swallowing_call()
+
+    task = asyncio.create_task(background())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 2)
+    assert task.done() and turns == 1
