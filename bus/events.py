@@ -49,6 +49,7 @@ def new_id() -> str:
 class Event(
     msgspec.Struct,
     frozen=True,
+    gc=False,
     kw_only=True,
     tag_field="kind",
     forbid_unknown_fields=True,
@@ -421,7 +422,7 @@ class Checkpoint(msgspec.Struct, frozen=True, kw_only=True):
     signature: str = ""
 
 
-class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
+class AuditRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One entry of the audit log: the router's verdict on one ingress message.
 
     ``hash = sha256(prev_hash || canonical bytes of this record with hash="")``; see
