@@ -39,7 +39,7 @@ from bus.events import (
     TaskUsage,
 )
 from projections import db as dbmod
-from projections.apply import apply_batch
+from projections.apply import Applier
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 AGENTS = [f"worker-{i}" for i in range(10)]
@@ -99,17 +99,15 @@ def mixed_log(n: int) -> list[bytes]:
 
 
 async def rebuild_file(path: Path, log: list[bytes], batch: int) -> float:
-    """Decode and apply ``log`` in batches into a new database; return the seconds taken."""
-    db = await dbmod.open_db(path)
-    try:
+    """Decode and apply ``log`` in batches into a new database, as ``agentctl replay`` does
+    with what it reads (an :class:`Applier` and its writer process); return the seconds
+    taken, from the first record decoded to the last batch committed."""
+    async with await Applier.open(path) as applier:
         start = time.perf_counter()
-        position = 0
         for i in range(0, len(log), batch):
-            records = [codec.decode_record(data) for data in log[i : i + batch]]
-            position = await apply_batch(db, records, position)
+            await applier.submit([codec.decode_record(data) for data in log[i : i + batch]])
+        await applier.drain()
         elapsed = time.perf_counter() - start
-    finally:
-        await db.close()
     return elapsed
 
 

@@ -70,11 +70,15 @@ def arm(env: Mapping[str, str]) -> None:
     _kills, _off = parse(env.get(ENV, ""))
 
 
-def reached(name: str) -> None:
-    """The process is at fail point ``name``: die here if a test armed it for this hit."""
+def reached(name: str, also: int | None = None) -> None:
+    """The process is at fail point ``name``: die here if a test armed it for this hit
+    (and first kill process ``also``, when two processes make up one: the projector and
+    its writer)."""
     if _kills and name in _kills:
         _kills[name] -= 1
         if _kills[name] == 0:
+            if also is not None:
+                os.kill(also, signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
 
 

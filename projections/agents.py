@@ -8,27 +8,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import aiosqlite
-
 from bus import codec
 from bus.events import AgentJoined, AgentLeft, AuditRecord, TaskCompleted, TaskFailed
+from projections.batch import Batch
 from projections.db import iso
-from projections.rows import Rows
 from projections.tasks import agent_name
 
 COLUMNS = ("name", "instance", "skills", "concurrency", "status", "joined_at", "left_at", "joins",
            "tasks_completed", "tasks_failed", "updated_seq")
 
-_KINDS = (AgentJoined, AgentLeft, TaskCompleted, TaskFailed)
+_KINDS = frozenset((AgentJoined, AgentLeft, TaskCompleted, TaskFailed))
 
 
-async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> None:
+async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
     """Fold a batch of audit records into the agents table (rejected records change nothing)."""
-    mine = [r for r in records if r.accepted and isinstance(r.event, _KINDS)]
+    mine = [r for r in records if r.verdict == "accepted" and type(r.event) in _KINDS]
     if not mine:
         return
-    rows = Rows("agents", ("name",), COLUMNS)
-    await rows.load(db, ((agent_name(r.principal),) for r in mine))
+    rows = batch.rows("agents", ("name",), COLUMNS)
+    await rows.load(batch.fetch, ((agent_name(r.principal),) for r in mine))
     for record in mine:
         name = agent_name(record.principal)
         row = rows.get((name,))
@@ -51,4 +49,4 @@ async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> Non
                 rows.update((name,), tasks_failed=row["tasks_failed"] + 1, updated_seq=record.seq)
             case _:
                 pass
-    await rows.store(db)
+    rows.store(batch.plan)

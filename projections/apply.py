@@ -1,14 +1,24 @@
 """Applying a batch of audit records: every projection plus the tracking row, one transaction.
 
 Records at or below the tracking position are skipped, so re-delivering a batch (after
-a crash, or to a replay) changes nothing. Each projection folds the whole batch and
-writes it with a handful of ``executemany`` calls (see :mod:`projections.rows`).
+a crash, or to a replay) changes nothing. Each projection folds the whole batch into a
+:class:`~projections.rows.Plan` (a handful of ``executemany`` runs, see
+:mod:`projections.rows`), and the plan is executed in one transaction that ends with the
+tracking row. Two ways to execute it:
+
+- :func:`apply_batch` folds with a fresh state and executes the plan on the caller's
+  connection, then returns: simple, and what the tests of each projection use;
+- :class:`Applier` (the projector, ``agentctl replay``) keeps its caches between batches
+  and hands each plan to a writer process (:mod:`projections.writer`), folding the next
+  batch while SQLite writes the last: the two run on separate cores.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Self
 
 import aiosqlite
 
@@ -16,9 +26,12 @@ from bus import failpoints
 from bus.events import AuditRecord
 from projections import agents, approvals, audit_index, checkpoints, memory, proposals, shared, tasks, usage
 from projections import db as dbmod
+from projections.batch import Batch, State
 from projections.errors import DatabaseError
+from projections.rows import Fetch, Plan
+from projections.writer import Writer
 
-Projection = Callable[[aiosqlite.Connection, Sequence[AuditRecord]], Awaitable[None]]
+Projection = Callable[[Batch, Sequence[AuditRecord]], Awaitable[None]]
 
 PROJECTIONS: dict[str, Projection] = {
     "tasks": tasks.apply,
@@ -33,18 +46,39 @@ PROJECTIONS: dict[str, Projection] = {
 }
 
 
+async def fold(state: State, records: Sequence[AuditRecord], tail: int) -> Plan:
+    """The plan that applies ``records`` (all after the tracking position) and moves the
+    tracking row to ``tail``."""
+    plan = Plan(tail)
+    batch = Batch(state, plan)
+    for project in PROJECTIONS.values():
+        await project(batch, records)
+    return plan
+
+
+def fetcher(db: aiosqlite.Connection) -> Fetch:
+    """Reads through ``db``."""
+
+    async def fetch(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        async with db.execute(sql, params) as cur:
+            return [tuple(row) for row in await cur.fetchall()]
+
+    return fetch
+
+
 async def apply_batch(db: aiosqlite.Connection, records: Sequence[AuditRecord], position: int) -> int:
-    """Apply the records after ``position`` in one transaction; return the new position."""
+    """Apply the records after ``position`` in one transaction on ``db``; return the new position."""
     fresh = [r for r in records if r.seq > position]
     if not fresh:
         return position
+    state = State(fetcher(db), await dbmod.memory_cap(db) or dbmod.DEFAULT_MEMORY_LIST_CAP)
+    plan = await fold(state, fresh, fresh[-1].seq)
     try:
         await db.execute("BEGIN IMMEDIATE")
         try:
-            for project in PROJECTIONS.values():
-                await project(db, fresh)
-            new_position = fresh[-1].seq
-            await dbmod.set_position(db, new_position)
+            for sql, params in plan.steps:
+                await db.executemany(sql, params)
+            await dbmod.set_position(db, plan.position)
             failpoints.reached("projector.applied")
         except BaseException:
             await db.execute("ROLLBACK")
@@ -52,4 +86,94 @@ async def apply_batch(db: aiosqlite.Connection, records: Sequence[AuditRecord], 
         await db.execute("COMMIT")
     except sqlite3.Error as exc:
         raise DatabaseError(f"applying AUDIT {fresh[0].seq}..{fresh[-1].seq}: {exc}") from exc
-    return new_position
+    return plan.position
+
+
+class Applier:
+    """Applies batches to the projection database at ``path`` through a writer process.
+
+    :meth:`submit` folds a batch and hands its plan over; :meth:`drain` waits until
+    everything handed over is committed. At most two plans are in flight: folding batch
+    *n* waits for *n − 2*, so the rows that batch *n − 1* changes are in the caches and
+    every other row in the file is as it will be. ``position`` is the last record folded,
+    ``committed`` the tracking row the file holds.
+    """
+
+    def __init__(self, path: Path, reader: aiosqlite.Connection, memory_cap: int, position: int,
+                 cache_limit: int | None = None) -> None:
+        self.path = path
+        self.reader = reader
+        self.writer = Writer(path)
+        self.position = position
+        self.committed = position
+        self._state_args: dict[str, Any] = {"memory_cap": memory_cap}
+        if cache_limit is not None:
+            self._state_args["cache_limit"] = cache_limit
+        self._state: State | None = None
+
+    @classmethod
+    async def open(cls, path: Path, memory_cap: int | None = None, cache_limit: int | None = None) -> Applier:
+        """Open (creating if needed) the database at ``path`` and start its writer."""
+        db = await dbmod.open_db(path, memory_cap)
+        try:
+            cap = await dbmod.memory_cap(db) or dbmod.DEFAULT_MEMORY_LIST_CAP
+            position = await dbmod.position(db)
+        except BaseException:
+            await db.close()
+            raise
+        applier = cls(path, db, cap, position, cache_limit)
+        try:
+            await applier.writer.start()
+        except BaseException:
+            await db.close()
+            raise
+        return applier
+
+    async def close(self) -> None:
+        """Wait for the plans in flight, stop the writer, close the reader."""
+        try:
+            await self.writer.stop()
+        finally:
+            await self.reader.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if exc[0] is not None:
+            await self.writer.kill()  # what was handed over may not be committed: never mind
+        await self.close()
+
+    def _fresh_state(self) -> State:
+        return State(fetcher(self.reader), settle=self._settle, **self._state_args)
+
+    async def _settle(self) -> None:
+        await self.drain()
+
+    async def submit(self, records: Sequence[AuditRecord], tail: int | None = None) -> None:
+        """Fold the records after ``position`` and hand their plan to the writer; with
+        ``tail`` (the stream sequence of the batch's last message), the tracking row
+        moves there even if the last records did not decode."""
+        fresh = [r for r in records if r.seq > self.position]
+        end = max(fresh[-1].seq if fresh else self.position, tail or 0)
+        if end <= self.position:
+            return
+        while self.writer.in_flight > 1:
+            self.committed = await self.writer.acked()
+        if self._state is None:
+            self._state = self._fresh_state()
+        state = self._state
+        state.trim()
+        try:
+            plan = await fold(state, fresh, end)
+        except BaseException:
+            self._state = None  # the caches hold half a batch: start afresh
+            raise
+        await self.writer.send(plan)
+        self.position = end
+
+    async def drain(self) -> int:
+        """Wait until every plan handed over is committed; return the committed position."""
+        while self.writer.in_flight:
+            self.committed = await self.writer.acked()
+        return self.committed

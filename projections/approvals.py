@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import aiosqlite
-
 from bus.events import PLAN_SKILL, AuditRecord, PlanSubmitted, TaskApproved, TaskCancelled, TaskDenied, TaskSubmitted
+from projections.batch import Batch
 from projections.db import iso
-from projections.rows import Rows
+from projections.rows import reads
 
 COLUMNS = ("task_id", "skill", "submitted_by", "requested_at", "requested_seq", "status", "decided_by",
            "decided_at", "reason", "updated_seq")
 
 
-async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> None:
+_DECISIONS = frozenset((TaskApproved, TaskDenied, TaskCancelled))
+_REQUESTS = frozenset((TaskSubmitted, PlanSubmitted))
+
+
+async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
     """Fold a batch: held submissions open a row, approvals and denials decide it.
 
     A held task cancelled before anyone decided is closed as ``cancelled``, so it leaves the
@@ -22,13 +25,13 @@ async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> Non
     """
     mine = [
         r for r in records
-        if r.accepted and (isinstance(r.event, TaskApproved | TaskDenied | TaskCancelled)
-                           or (isinstance(r.event, TaskSubmitted | PlanSubmitted) and r.code == "approval_requested"))
+        if r.verdict == "accepted" and (type(r.event) in _DECISIONS
+                                        or (r.code == "approval_requested" and type(r.event) in _REQUESTS))
     ]
     if not mine:
         return
-    rows = Rows("approvals", ("task_id",), COLUMNS)
-    await rows.load(db, ((r.event.task_id,) for r in mine if not isinstance(r.event, TaskSubmitted | PlanSubmitted)))  # type: ignore[union-attr]
+    rows = batch.rows("approvals", ("task_id",), COLUMNS)
+    await rows.load(batch.fetch, reads(((r.event.task_id,), type(r.event) in _REQUESTS) for r in mine))  # type: ignore[union-attr]
     for record in mine:
         match record.event:
             case TaskSubmitted() | PlanSubmitted() as e:
@@ -48,4 +51,4 @@ async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> Non
                                 decided_at=iso(record.at), reason=reason or None, updated_seq=record.seq)
             case _:
                 pass
-    await rows.store(db)
+    rows.store(batch.plan)

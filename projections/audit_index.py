@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import aiosqlite
-
 from bus.events import AuditRecord
+from projections.batch import Batch
 from projections.db import iso
 
 
-async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> None:
+async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
     """Insert one row per record."""
-    await db.executemany(
+    batch.plan.add_many(
         "INSERT INTO audit_index (seq, at, verdict, code, principal, kind, key, msg_id, reason)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [(r.seq, iso(r.at), r.verdict, r.code, r.principal, r.kind, r.key, r.msg_id, r.reason)

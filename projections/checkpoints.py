@@ -9,23 +9,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import aiosqlite
-
 from bus import codec
 from bus.events import AuditRecord, CheckpointRestored, CheckpointSaved
+from projections.batch import Batch
 from projections.db import iso
-from projections.rows import Rows
+from projections.rows import reads
 
 COLUMNS = ("agent", "checkpoint_id", "label", "seq", "at", "saved_by", "state", "restores", "last_restored_seq")
 
 
-async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> None:
+_KINDS = frozenset((CheckpointSaved, CheckpointRestored))
+
+
+async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
     """Fold a batch: a save adds a row, a restore counts on it."""
-    mine = [r for r in records if r.accepted and isinstance(r.event, CheckpointSaved | CheckpointRestored)]
+    mine = [r for r in records if r.verdict == "accepted" and type(r.event) in _KINDS]
     if not mine:
         return
-    rows = Rows("checkpoints", ("agent", "checkpoint_id"), COLUMNS)
-    await rows.load(db, ((r.event.agent, r.event.checkpoint_id) for r in mine))  # type: ignore[union-attr]
+    rows = batch.rows("checkpoints", ("agent", "checkpoint_id"), COLUMNS)
+    await rows.load(batch.fetch, reads(((r.event.agent, r.event.checkpoint_id), type(r.event) is CheckpointSaved)  # type: ignore[union-attr]
+                                       for r in mine))
     for record in mine:
         match record.event:
             case CheckpointSaved() as e:
@@ -41,4 +44,4 @@ async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> Non
                     rows.update((agent, cid), restores=row["restores"] + 1, last_restored_seq=record.seq)
             case _:
                 pass
-    await rows.store(db)
+    rows.store(batch.plan)

@@ -224,6 +224,10 @@ CREATE INDEX IF NOT EXISTS proposals_by_status ON proposals (status, proposed_se
 """
 
 TRACKING_NAME = "audit"
+SQL_SET_POSITION = (
+    f"INSERT INTO tracking (name, position) VALUES ('{TRACKING_NAME}', ?) "
+    "ON CONFLICT (name) DO UPDATE SET position = excluded.position"
+)
 
 SCHEMA_VERSION = 6
 """Bumped whenever SCHEMA or what a fold writes changes; an older file is rebuilt from the
@@ -337,11 +341,7 @@ async def memory_cap(db: aiosqlite.Connection) -> int | None:
 
 async def set_position(db: aiosqlite.Connection, seq: int) -> None:
     """Write the tracking row (inside the caller's transaction)."""
-    await db.execute(
-        "INSERT INTO tracking (name, position) VALUES (?, ?) "
-        "ON CONFLICT (name) DO UPDATE SET position = excluded.position",
-        (TRACKING_NAME, seq),
-    )
+    await db.execute(SQL_SET_POSITION, (seq,))
 
 
 async def digest(db: aiosqlite.Connection) -> str:

@@ -16,8 +16,7 @@ the same places.
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import aiosqlite
+from typing import Any
 
 from bus import codec
 from bus.events import (
@@ -31,7 +30,8 @@ from bus.events import (
     TaskStarted,
 )
 from projections import db as dbmod
-from projections.rows import Ops, Row, Rows
+from projections.batch import Batch
+from projections.rows import Row, Rows
 from projections.tasks import agent_name
 
 COLUMNS = ("agent", "role", "current_task", "observation_first", "observation_next", "reasoning_first",
@@ -39,8 +39,8 @@ COLUMNS = ("agent", "role", "current_task", "observation_first", "observation_ne
 SNAP_COLUMNS = ("role", "current_task", "observation_first", "observation_next", "reasoning_first", "reasoning_next")
 LISTS = ("observation", "reasoning")
 
-_MEMORY_EVENTS = (MemoryWritten, MemoryWiped, CheckpointSaved, CheckpointRestored)
-_TASK_EVENTS = (TaskStarted, TaskCompleted, TaskFailed)
+_MEMORY_EVENTS = frozenset((MemoryWritten, MemoryWiped, CheckpointSaved, CheckpointRestored))
+_TASK_EVENTS = frozenset((TaskStarted, TaskCompleted, TaskFailed))
 
 _ENTRY_COLS = "section, n, seq, at, first_seq, first_at, rolled, value"
 _KNOWLEDGE_COLS = "key, value, core, updated_seq"
@@ -55,6 +55,16 @@ SQL_ROLL = (
 )
 SQL_DROP_ROLLED = "DELETE FROM memory_entries WHERE agent = ? AND section = ? AND n < ?"
 KNOWLEDGE_COLUMNS = ("agent", "key", "value", "core", "updated_seq")
+SQL_SNAP_MEMORY = (f"INSERT INTO snap_memory (checkpoint_id, agent, {', '.join(SNAP_COLUMNS)})"
+                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+SQL_SNAP_KNOWLEDGE = (f"INSERT INTO snap_knowledge (checkpoint_id, agent, {_KNOWLEDGE_COLS})"
+                      f" SELECT ?, agent, {_KNOWLEDGE_COLS} FROM knowledge WHERE agent = ?")
+SQL_SNAP_ENTRIES = (f"INSERT INTO snap_entries (checkpoint_id, agent, {_ENTRY_COLS})"
+                    f" SELECT ?, agent, {_ENTRY_COLS} FROM memory_entries WHERE agent = ?")
+SQL_RESTORE_KNOWLEDGE = (f"INSERT INTO knowledge (agent, {_KNOWLEDGE_COLS}) SELECT agent, {_KNOWLEDGE_COLS}"
+                         " FROM snap_knowledge WHERE agent = ? AND checkpoint_id = ?")
+SQL_RESTORE_ENTRIES = (f"INSERT INTO memory_entries (agent, {_ENTRY_COLS}) SELECT agent, {_ENTRY_COLS}"
+                       " FROM snap_entries WHERE agent = ? AND checkpoint_id = ?")
 
 
 def new_row(agent: str, seq: int) -> Row:
@@ -65,102 +75,100 @@ def new_row(agent: str, seq: int) -> Row:
 
 def _owner(record: AuditRecord) -> str | None:
     """Whose memory the record changes, if anybody's."""
-    if not record.accepted:
+    kind = type(record.event)
+    if record.verdict != "accepted":
         return None
-    if isinstance(record.event, _MEMORY_EVENTS):
-        return record.event.agent
-    if isinstance(record.event, _TASK_EVENTS) and record.principal.startswith("agent-"):
+    if kind in _MEMORY_EVENTS:
+        return record.event.agent  # type: ignore[union-attr]
+    if kind in _TASK_EVENTS and record.principal.startswith("agent-"):
         return agent_name(record.principal)
     return None
 
 
-async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> None:
+async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
     """Fold a batch into the memory tables, in log order."""
     mine = [(owner, r) for r in records if (owner := _owner(r)) is not None]
     if not mine:
         return
-    cap = await dbmod.memory_cap(db) or dbmod.DEFAULT_MEMORY_LIST_CAP
+    cap = batch.state.memory_cap
     keep = cap // 2
-    rows = Rows("memory", ("agent",), COLUMNS)
-    await rows.load(db, ((owner,) for owner, _ in mine))
+    plan = batch.plan
+    rows = batch.rows("memory", ("agent",), COLUMNS)
+    await rows.load(batch.fetch, ((owner,) for owner, _ in mine))
     # Knowledge writes are folded per key (the last write of a batch wins); list appends
-    # queue in order. Both are flushed before a wipe, checkpoint or restore, whose own
-    # statements run at once, so each sees, and leaves, exactly the log's state.
+    # go to the plan in order. Knowledge is stored before a wipe, checkpoint or restore,
+    # whose own statements follow, so each sees, and leaves, exactly the log's state.
     knowledge = Rows("knowledge", ("agent", "key"), KNOWLEDGE_COLUMNS)
-    ops = Ops()
-
-    async def barrier() -> None:
-        await knowledge.flush(db)
-        await ops.flush(db)
-
     for agent, record in mine:
         row = rows.get((agent,)) or rows.put(new_row(agent, record.seq))
         seq = record.seq
-        match record.event:
-            case TaskStarted(task_id=task_id):
-                rows.update((agent,), current_task=task_id, updated_seq=seq)
-            case TaskCompleted(task_id=task_id) | TaskFailed(task_id=task_id):
-                if row["current_task"] == task_id:
-                    rows.update((agent,), current_task=None, updated_seq=seq)
-            case MemoryWritten(section="role", value=value):
-                rows.update((agent,), role=None if value is None else codec.encode(value).decode(), updated_seq=seq)
-            case MemoryWritten(section="knowledge", key=str(key), value=None):
-                knowledge.delete((agent, key))
-                rows.update((agent,), updated_seq=seq)
-            case MemoryWritten(section="knowledge", key=str(key), value=value, core=core):
-                knowledge.put({"agent": agent, "key": key, "value": codec.encode(value).decode(), "core": int(core),
-                               "updated_seq": seq})
-                rows.update((agent,), updated_seq=seq)
-            case MemoryWritten(section=section, value=value) if section in LISTS:
+        event = record.event
+        kind = type(event)
+        if kind is MemoryWritten:
+            assert isinstance(event, MemoryWritten)
+            section, key, value = event.section, event.key, event.value
+            if section in LISTS:
                 n = row[f"{section}_next"]
                 at = dbmod.iso(record.at)
-                ops.add(SQL_APPEND, (agent, section, n, seq, at, seq, at, codec.encode(value).decode()))
+                plan.add(SQL_APPEND, (agent, section, n, seq, at, seq, at, codec.encode(value).decode()))
                 first = row[f"{section}_first"]
                 changes = {f"{section}_next": n + 1, "updated_seq": seq}
                 if n + 1 - first > cap:
                     until = n - keep  # entries first..until become one summary at `until`
-                    ops.add(SQL_ROLL, (until, agent, section, until))
-                    ops.add(SQL_DROP_ROLLED, (agent, section, until))
+                    plan.add(SQL_ROLL, (until, agent, section, until))
+                    plan.add(SQL_DROP_ROLLED, (agent, section, until))
                     changes[f"{section}_first"] = until
                 rows.update((agent,), **changes)
-            case MemoryWiped():
-                await barrier()
-                ops.add("DELETE FROM knowledge WHERE agent = ? AND core = 0", (agent,))
-                ops.add("DELETE FROM memory_entries WHERE agent = ?", (agent,))
-                await ops.flush(db)
-                # Numbering goes on where it was, so an entry's n is never reused.
-                rows.update((agent,), current_task=None, observation_first=row["observation_next"],
-                            reasoning_first=row["reasoning_next"], wiped_seq=seq, updated_seq=seq)
-            case CheckpointSaved(checkpoint_id=cid):
-                await barrier()
-                ops.add(
-                    f"INSERT INTO snap_memory (checkpoint_id, agent, {', '.join(SNAP_COLUMNS)})"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (cid, agent, *(row[c] for c in SNAP_COLUMNS)),
-                )
-                ops.add(f"INSERT INTO snap_knowledge (checkpoint_id, agent, {_KNOWLEDGE_COLS})"
-                        f" SELECT ?, agent, {_KNOWLEDGE_COLS} FROM knowledge WHERE agent = ?", (cid, agent))
-                ops.add(f"INSERT INTO snap_entries (checkpoint_id, agent, {_ENTRY_COLS})"
-                        f" SELECT ?, agent, {_ENTRY_COLS} FROM memory_entries WHERE agent = ?", (cid, agent))
-                await ops.flush(db)
-            case CheckpointRestored(checkpoint_id=cid):
-                await barrier()  # the snapshot may have been saved earlier in this batch
-                async with db.execute(
-                    f"SELECT {', '.join(SNAP_COLUMNS)} FROM snap_memory WHERE agent = ? AND checkpoint_id = ?",
-                    (agent, cid),
-                ) as cur:
-                    snap = await cur.fetchone()
-                if snap is None:
-                    continue  # the router refuses such a restore; a projection never guesses
-                ops.add("DELETE FROM knowledge WHERE agent = ?", (agent,))
-                ops.add("DELETE FROM memory_entries WHERE agent = ?", (agent,))
-                ops.add(f"INSERT INTO knowledge (agent, {_KNOWLEDGE_COLS}) SELECT agent, {_KNOWLEDGE_COLS}"
-                        " FROM snap_knowledge WHERE agent = ? AND checkpoint_id = ?", (agent, cid))
-                ops.add(f"INSERT INTO memory_entries (agent, {_ENTRY_COLS}) SELECT agent, {_ENTRY_COLS}"
-                        " FROM snap_entries WHERE agent = ? AND checkpoint_id = ?", (agent, cid))
-                await ops.flush(db)
-                rows.update((agent,), **dict(zip(SNAP_COLUMNS, snap, strict=True)), restored_from=cid, updated_seq=seq)
-            case _:
-                pass
-    await barrier()
-    await rows.store(db)
+            elif section == "knowledge" and isinstance(key, str):
+                if value is None:
+                    knowledge.delete((agent, key))
+                else:
+                    knowledge.put({"agent": agent, "key": key, "value": codec.encode(value).decode(),
+                                   "core": int(event.core), "updated_seq": seq})
+                rows.update((agent,), updated_seq=seq)
+            elif section == "role":
+                rows.update((agent,), role=None if value is None else codec.encode(value).decode(), updated_seq=seq)
+        elif kind is TaskStarted:
+            rows.update((agent,), current_task=event.task_id, updated_seq=seq)  # type: ignore[union-attr]
+        elif kind is TaskCompleted or kind is TaskFailed:
+            if row["current_task"] == event.task_id:  # type: ignore[union-attr]
+                rows.update((agent,), current_task=None, updated_seq=seq)
+        elif kind is MemoryWiped:
+            knowledge.store(plan)
+            plan.add("DELETE FROM knowledge WHERE agent = ? AND core = 0", (agent,))
+            plan.add("DELETE FROM memory_entries WHERE agent = ?", (agent,))
+            # Numbering goes on where it was, so an entry's n is never reused.
+            rows.update((agent,), current_task=None, observation_first=row["observation_next"],
+                        reasoning_first=row["reasoning_next"], wiped_seq=seq, updated_seq=seq)
+        elif kind is CheckpointSaved:
+            cid = event.checkpoint_id  # type: ignore[union-attr]
+            knowledge.store(plan)
+            snap = tuple(row[c] for c in SNAP_COLUMNS)
+            plan.add(SQL_SNAP_MEMORY, (cid, agent, *snap))
+            plan.add(SQL_SNAP_KNOWLEDGE, (cid, agent))
+            plan.add(SQL_SNAP_ENTRIES, (cid, agent))
+            batch.saved[(agent, cid)] = snap
+        elif kind is CheckpointRestored:
+            cid = event.checkpoint_id  # type: ignore[union-attr]
+            saved = await _saved(batch, agent, cid)
+            if saved is None:
+                continue  # the router refuses such a restore; a projection never guesses
+            knowledge.store(plan)
+            plan.add("DELETE FROM knowledge WHERE agent = ?", (agent,))
+            plan.add("DELETE FROM memory_entries WHERE agent = ?", (agent,))
+            plan.add(SQL_RESTORE_KNOWLEDGE, (agent, cid))
+            plan.add(SQL_RESTORE_ENTRIES, (agent, cid))
+            rows.update((agent,), **dict(zip(SNAP_COLUMNS, saved, strict=True)), restored_from=cid, updated_seq=seq)
+    knowledge.store(plan)
+    rows.store(plan)
+
+
+async def _saved(batch: Batch, agent: str, cid: str) -> tuple[Any, ...] | None:
+    """The memory row checkpoint ``cid`` saved: from this batch, or from the file once
+    every earlier batch is committed (restores are rare; this is the one read that waits)."""
+    if (agent, cid) in batch.saved:
+        return batch.saved[(agent, cid)]  # type: ignore[no-any-return]
+    await batch.state.settle()
+    found = await batch.fetch(
+        f"SELECT {', '.join(SNAP_COLUMNS)} FROM snap_memory WHERE agent = ? AND checkpoint_id = ?", (agent, cid))
+    return tuple(found[0]) if found else None

@@ -26,7 +26,7 @@ from bus.provision import wait_for_stream
 from bus.settings import Settings
 from projections import db as dbmod
 from projections import service
-from projections.apply import apply_batch
+from projections.apply import Applier
 from projections.errors import SchemaMismatch
 
 log = structlog.get_logger(__name__)
@@ -49,15 +49,10 @@ def decode_batch(msgs: list[Msg]) -> list[AuditRecord]:
     return records
 
 
-async def apply_msgs(db: aiosqlite.Connection, msgs: list[Msg], position: int) -> int:
-    """Apply a batch of AUDIT messages after ``position``; return the new position."""
-    position = await apply_batch(db, decode_batch(msgs), position)
-    tail = msgs[-1].metadata.sequence.stream
-    if tail > position:
-        # Undecodable records at the end of the batch: move the cursor past them too.
-        await dbmod.set_position(db, tail)
-        position = tail
-    return position
+async def submit_msgs(applier: Applier, msgs: list[Msg]) -> None:
+    """Hand a batch of AUDIT messages to ``applier``; undecodable records at its end move
+    the tracking row past them too."""
+    await applier.submit(decode_batch(msgs), tail=msgs[-1].metadata.sequence.stream)
 
 
 def apply_spans(msgs: list[Msg], max_age_s: float) -> list[trace.Span]:
@@ -110,16 +105,17 @@ class Projector:
         self.js = nc.jetstream(timeout=10)
         self.settings = settings
         self.db_path = db_path or settings.db_path
-        self.db: aiosqlite.Connection | None = None
+        self.applier: Applier | None = None
         self.position = 0
+        """The last record committed to the database."""
         self.progress = service.Progress()
         self.serving = asyncio.Event()
         """Set once the query service is subscribed."""
 
-    async def _open(self) -> aiosqlite.Connection:
+    async def _open(self) -> Applier:
         cap = self.settings.memory_list_cap
         try:
-            return await dbmod.open_db(self.db_path, cap)
+            return await Applier.open(self.db_path, cap)
         except SchemaMismatch as exc:
             # Projections are disposable: set the old file aside and replay the log.
             aside = self.db_path.with_name(f"{self.db_path.name}.old-{int(time.time())}")
@@ -128,38 +124,53 @@ class Projector:
                 if old.exists():
                     old.rename(aside.with_name(aside.name + suffix))
             log.warning("projection_rebuild", reason=str(exc), old_file=str(aside))
-            return await dbmod.open_db(self.db_path, cap)
+            return await Applier.open(self.db_path, cap)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Catch up, then follow the log until ``stop`` is set."""
+        """Catch up, then follow the log until ``stop`` is set.
+
+        While it catches up, it folds each batch while the writer process commits the
+        one before; once it has what the stream holds, it waits for the commit, so
+        queries see every record it has received.
+        """
         await wait_for_stream(self.js, subjects.AUDIT_STREAM, self.settings.connect_timeout_s)
-        self.db = await self._open()
-        reader = await dbmod.open_reader(self.db_path)
-        try:
-            self.position = await dbmod.position(self.db)
-            queries = await service.serve(self.nc, reader, self.progress)
-            await self.nc.flush()
-            self.serving.set()
-            sub = await follow(self.js, self.position + 1)
-            log.info("projector_started", db=str(self.db_path), position=self.position)
-            while not stop.is_set():
-                batch = await next_batch(sub, self.settings.projector_batch, wait=0.5)
-                if batch:
-                    spans = apply_spans(batch, self.settings.traces_max_age_s)
-                    try:
-                        self.position = await apply_msgs(self.db, batch, self.position)
-                    except BaseException as exc:
-                        for span in spans:
-                            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-                        raise
-                    finally:
-                        for span in spans:
-                            span.end()
-                    metrics.projector_applied.add(len(batch))
-                    self.progress.advanced()
-            await queries.unsubscribe()
-            await sub.unsubscribe()
-            log.info("projector_stopped", position=self.position)
-        finally:
-            await reader.close()
-            await self.db.close()
+        self.applier = applier = await self._open()
+        async with applier:  # on an error, the writer is killed: nothing half done commits
+            reader = await dbmod.open_reader(self.db_path)
+            try:
+                await self._follow(applier, reader, stop)
+            finally:
+                await reader.close()
+
+    async def _follow(self, applier: Applier, reader: aiosqlite.Connection, stop: asyncio.Event) -> None:
+        self.position = applier.committed
+        queries = await service.serve(self.nc, reader, self.progress)
+        await self.nc.flush()
+        self.serving.set()
+        sub = await follow(self.js, self.position + 1)
+        log.info("projector_started", db=str(self.db_path), position=self.position)
+        while not stop.is_set():
+            batch = await next_batch(sub, self.settings.projector_batch, wait=0.5)
+            if batch:
+                spans = apply_spans(batch, self.settings.traces_max_age_s)
+                try:
+                    await submit_msgs(applier, batch)
+                    if spans or sub.pending_msgs == 0:
+                        await applier.drain()
+                except BaseException as exc:
+                    for span in spans:
+                        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                    raise
+                finally:
+                    for span in spans:
+                        span.end()
+                metrics.projector_applied.add(len(batch))
+            elif applier.writer.in_flight:
+                await applier.drain()
+            if applier.committed > self.position:
+                self.position = applier.committed
+                self.progress.advanced()
+        await queries.unsubscribe()
+        await sub.unsubscribe()
+        self.position = await applier.drain()
+        log.info("projector_stopped", position=self.position)

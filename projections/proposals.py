@@ -5,24 +5,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import aiosqlite
-
 from bus import codec
 from bus.events import AuditRecord, ProposalApproved, SkillUnmatched
+from projections.batch import Batch
 from projections.db import iso
-from projections.rows import Rows
 
 COLUMNS = ("proposal_id", "task_id", "capabilities", "name", "skills", "prompt", "status", "profile",
            "proposed_at", "proposed_seq", "approved_by", "approved_at", "updated_seq")
 
 
-async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> None:
+_KINDS = frozenset((SkillUnmatched, ProposalApproved))
+
+
+async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
     """Fold a batch: an unmatched step opens a proposal, an approval closes it."""
-    mine = [r for r in records if r.accepted and isinstance(r.event, SkillUnmatched | ProposalApproved)]
+    mine = [r for r in records if r.verdict == "accepted" and type(r.event) in _KINDS]
     if not mine:
         return
-    rows = Rows("proposals", ("proposal_id",), COLUMNS)
-    await rows.load(db, ((r.event.proposal_id,) for r in mine if isinstance(r.event, ProposalApproved)))
+    rows = batch.rows("proposals", ("proposal_id",), COLUMNS)
+    await rows.load(batch.fetch, ((r.event.proposal_id,) for r in mine if isinstance(r.event, ProposalApproved)))
     for record in mine:
         match record.event:
             case SkillUnmatched() as e:
@@ -38,4 +39,4 @@ async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> Non
                             approved_at=iso(record.at), updated_seq=record.seq)
             case _:
                 pass
-    await rows.store(db)
+    rows.store(batch.plan)

@@ -20,8 +20,9 @@ from nats.js import JetStreamContext
 from bus import codec, subjects
 from bus.errors import SchemaError
 from projections import db as dbmod
+from projections.apply import Applier
 from projections.errors import DatabaseError
-from projections.projector import apply_msgs, follow, next_batch
+from projections.projector import follow, next_batch, submit_msgs
 
 Progress = Callable[[int, int], None]
 """Called with (records applied, records to apply) as the rebuild goes."""
@@ -106,8 +107,7 @@ async def rebuild(
     position = 0
     if from_snapshot is not None:
         position = await _start_from(path, from_snapshot, until_seq, until_time)
-    db = await dbmod.open_db(path, memory_list_cap if from_snapshot is None else None)
-    try:
+    async with await Applier.open(path, memory_list_cap if from_snapshot is None else None) as applier:
         if last <= position:
             return position
         sub = await follow(js, position + 1)
@@ -120,13 +120,12 @@ async def rebuild(
                 if until_time is not None:
                     msgs, cut = _before(msgs, until_time)
                 if msgs:
-                    position = await apply_msgs(db, msgs, position)
+                    await submit_msgs(applier, msgs)
+                    position = applier.position
                 if on_progress is not None:
                     on_progress(position, last)
                 if cut:
                     break
         finally:
             await sub.unsubscribe()
-    finally:
-        await db.close()
-    return position
+        return await applier.drain()

@@ -1,32 +1,75 @@
 """Batch writing: how a projection turns a batch of records into few SQL statements.
 
-Two shapes, because projections have two kinds of rows:
+A projection does not write to SQLite as it folds: it adds statements to the batch's
+:class:`Plan`, and the plan is executed afterwards in one transaction (in this process,
+or by the writer process: see :mod:`projections.writer`). Two shapes of rows:
 
 - :class:`Rows` is for rows that events *change* (a task, an agent, an approval): the rows
   a batch touches are loaded in one query, every record of the batch is folded into them
   in memory, in log order, and each changed row is written once with ``executemany``.
-  A task submitted, started and completed within one batch costs one row write.
-- :class:`Ops` is for statements that must run in log order (appends, deletes, copies):
-  it queues them, and consecutive runs of the same statement go to SQLite as one
-  ``executemany``.
+  A task submitted, started and completed within one batch costs one row write. The
+  rows stay cached between batches (the projector is the only writer of its file), so
+  a task that started in the last batch and ends in this one costs no read.
+- Statements that must run in log order (appends, deletes, copies) go straight into the
+  plan, where consecutive runs of the same statement become one ``executemany``.
 
 Either way the result is exactly what applying the records one by one would give.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
-import aiosqlite
-
 Row = dict[str, Any]
+Fetch = Callable[[str, Sequence[Any]], Awaitable[list[tuple[Any, ...]]]]
+"""Run a SELECT against the committed database and return its rows."""
 
 _CHUNK = 400  # keys per SELECT, well under SQLite's bound-parameter limit
 
 
+class Plan:
+    """A batch's statements in log order; consecutive runs of one statement go as one
+    ``executemany``. ``position`` is the tracking row the transaction ends with."""
+
+    def __init__(self, position: int = 0) -> None:
+        self.position = position
+        self.steps: list[tuple[str, list[Sequence[Any]]]] = []
+
+    def add(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """Queue one statement."""
+        if self.steps and self.steps[-1][0] == sql:
+            self.steps[-1][1].append(params)
+        else:
+            self.steps.append((sql, [params]))
+
+    def add_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        """Queue one statement for each of ``params``."""
+        if not params:
+            return
+        if self.steps and self.steps[-1][0] == sql:
+            self.steps[-1][1].extend(params)
+        else:
+            self.steps.append((sql, list(params)))
+
+    def __len__(self) -> int:
+        return sum(len(params) for _, params in self.steps)
+
+
+def reads(refs: Iterable[tuple[tuple[Any, ...], bool]]) -> list[tuple[Any, ...]]:
+    """From ``(key, creates)`` pairs in log order, the keys a batch must load: those whose
+    first record reads the row. A row the batch creates first is put whole, so whatever
+    the file holds for it does not matter."""
+    first: dict[tuple[Any, ...], bool] = {}
+    for key, creates in refs:
+        if key not in first:
+            first[key] = not creates
+    return [key for key, read in first.items() if read]
+
+
 class Rows:
-    """The rows of one table a batch touches: loaded once, folded in memory, stored once."""
+    """The rows of one table that batches touch: loaded once, folded in memory, written
+    once per batch, and kept between batches up to a bound."""
 
     def __init__(self, table: str, key: Sequence[str], columns: Sequence[str]) -> None:
         self.table = table
@@ -34,26 +77,33 @@ class Rows:
         self.columns = tuple(columns)
         self._rows: dict[tuple[Any, ...], Row | None] = {}
         self._dirty: set[tuple[Any, ...]] = set()
-
-    async def load(self, db: aiosqlite.Connection, keys: Iterable[tuple[Any, ...]]) -> None:
-        """Read the stored rows for ``keys`` (absent ones stay absent)."""
-        wanted = [k for k in dict.fromkeys(keys) if k not in self._rows]
-        for k in wanted:
-            self._rows[k] = None
+        self._last: set[tuple[Any, ...]] = set()
         cols = ", ".join(self.columns)
+        self._select = f"SELECT {cols} FROM {self.table} WHERE "
+        self._upsert = (f"INSERT OR REPLACE INTO {self.table} ({cols})"
+                        f" VALUES ({', '.join('?' * len(self.columns))})")
+        self._delete = f"DELETE FROM {self.table} WHERE {' AND '.join(f'{c} = ?' for c in self.key)}"
+
+    async def load(self, fetch: Fetch, keys: Iterable[tuple[Any, ...]]) -> None:
+        """Read the stored rows for the ``keys`` not cached yet (absent ones stay absent)."""
+        rows = self._rows
+        wanted = [k for k in dict.fromkeys(keys) if k not in rows]
+        if not wanted:
+            return
+        for k in wanted:
+            rows[k] = None
         width = len(self.key)
-        for i in range(0, len(wanted), _CHUNK // width):
-            chunk = wanted[i : i + _CHUNK // width]
+        step = _CHUNK // width
+        for i in range(0, len(wanted), step):
+            chunk = wanted[i : i + step]
             if width == 1:
                 where = f"{self.key[0]} IN ({', '.join('?' * len(chunk))})"
             else:
                 one = "(" + ", ".join("?" * width) + ")"
                 where = f"({', '.join(self.key)}) IN (VALUES {', '.join([one] * len(chunk))})"
-            args = [part for k in chunk for part in k]
-            async with db.execute(f"SELECT {cols} FROM {self.table} WHERE {where}", args) as cur:
-                for found in await cur.fetchall():
-                    row = dict(zip(self.columns, found, strict=True))
-                    self._rows[tuple(row[c] for c in self.key)] = row
+            for found in await fetch(self._select + where, [part for k in chunk for part in k]):
+                row = dict(zip(self.columns, found, strict=True))
+                rows[tuple(row[c] for c in self.key)] = row
 
     def get(self, key: tuple[Any, ...]) -> Row | None:
         """The row as the batch has it so far (``None``: absent or deleted)."""
@@ -79,46 +129,31 @@ class Rows:
         self._rows[key] = None
         self._dirty.add(key)
 
-    async def store(self, db: aiosqlite.Connection) -> None:
-        """Write every changed row: one ``executemany`` for the upserts, one for deletes."""
-        upserts = [self._rows[k] for k in self._dirty if self._rows[k] is not None]
-        deletes = [k for k in self._dirty if self._rows[k] is None]
-        if deletes:
-            where = " AND ".join(f"{c} = ?" for c in self.key)
-            await db.executemany(f"DELETE FROM {self.table} WHERE {where}", deletes)
-        if upserts:
-            marks = ", ".join("?" * len(self.columns))
-            await db.executemany(
-                f"INSERT OR REPLACE INTO {self.table} ({', '.join(self.columns)}) VALUES ({marks})",
-                [tuple(row[c] for c in self.columns) for row in upserts if row is not None],
-            )
-        self._dirty.clear()
+    def store(self, plan: Plan) -> None:
+        """Add every changed row to ``plan``: one ``executemany`` for the deletes, one for
+        the upserts."""
+        rows = self._rows
+        deletes = [k for k in self._dirty if rows[k] is None]
+        plan.add_many(self._delete, deletes)
+        columns = self.columns
+        plan.add_many(self._upsert, [tuple([row[c] for c in columns]) for k in self._dirty
+                                     if (row := rows[k]) is not None])
+        self._last = self._dirty
+        self._dirty = set()
 
-    async def flush(self, db: aiosqlite.Connection) -> None:
-        """Store, then forget every cached row: for when a statement outside this cache is
-        about to change the table (a wipe, a restore)."""
-        await self.store(db)
+    def forget(self) -> None:
+        """Drop every cached row: for a table that statements outside this cache are about
+        to change (a wipe, a restore)."""
         self._rows.clear()
 
+    def trim(self, limit: int) -> None:
+        """Past ``limit`` cached rows, keep only those the last stored batch changed.
 
-class Ops:
-    """SQL statements in log order; consecutive runs of one statement go as one executemany."""
+        Those must stay: that batch may not be committed yet, so the file may not show
+        them. Every other row is in the file as cached, and is read again if needed.
+        """
+        if len(self._rows) > limit:
+            self._rows = {k: self._rows[k] for k in self._last}
 
-    def __init__(self) -> None:
-        self._runs: list[tuple[str, list[Sequence[Any]]]] = []
-
-    def add(self, sql: str, params: Sequence[Any] = ()) -> None:
-        """Queue one statement."""
-        if self._runs and self._runs[-1][0] == sql:
-            self._runs[-1][1].append(params)
-        else:
-            self._runs.append((sql, [params]))
-
-    async def flush(self, db: aiosqlite.Connection) -> None:
-        """Run everything queued, in order."""
-        runs, self._runs = self._runs, []
-        for sql, params in runs:
-            if len(params) == 1:
-                await db.execute(sql, params[0])
-            else:
-                await db.executemany(sql, params)
+    def __len__(self) -> int:
+        return len(self._rows)

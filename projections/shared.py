@@ -11,19 +11,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import timedelta
 
-import aiosqlite
-
 from bus import codec
 from bus.events import AuditRecord, SharedWritten
+from projections.batch import Batch
 from projections.db import iso
 from projections.rows import Rows
 
 COLUMNS = ("namespace", "key", "value", "written_by", "written_at", "expires_at", "updated_seq")
 
 
-async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> None:
+async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
     """Fold a batch of writes, then drop the keys the batch's clock has passed."""
-    mine = [r for r in records if r.accepted and isinstance(r.event, SharedWritten)]
+    mine = [r for r in records if r.verdict == "accepted" and type(r.event) is SharedWritten]
     if mine:
         rows = Rows("shared", ("namespace", "key"), COLUMNS)
         for record in mine:
@@ -38,7 +37,7 @@ async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> Non
                 "expires_at": None if e.ttl_s is None else iso(record.at + timedelta(seconds=e.ttl_s)),
                 "updated_seq": record.seq,
             })
-        await rows.store(db)
+        rows.store(batch.plan)
     if records:
         now = max(r.at for r in records)
-        await db.execute("DELETE FROM shared WHERE expires_at IS NOT NULL AND expires_at <= ?", (iso(now),))
+        batch.plan.add("DELETE FROM shared WHERE expires_at IS NOT NULL AND expires_at <= ?", (iso(now),))

@@ -9,9 +9,8 @@ router's own decisions (dispatch, retry, dead letter, skip, no match) move them 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-
-import aiosqlite
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from bus import codec, subjects
 from bus.events import (
@@ -34,8 +33,9 @@ from bus.events import (
     TaskUsage,
     step_task_id,
 )
+from projections.batch import Batch
 from projections.db import iso
-from projections.rows import Rows
+from projections.rows import Rows, reads
 
 COLUMNS = (
     "task_id", "kind", "skill", "input", "timeout_s", "status", "submitted_by", "submitted_at", "submitted_seq",
@@ -54,108 +54,166 @@ def agent_name(principal: str) -> str:
         return principal
 
 
-async def apply(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> None:
+_KINDS = frozenset(TASK_EVENTS)
+_CREATES = frozenset((TaskSubmitted, PlanSubmitted))
+
+
+async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
     """Fold a batch of audit records into the tasks table (rejected records change nothing)."""
-    mine = [r for r in records if r.accepted and isinstance(r.event, TASK_EVENTS)]
+    mine = [r for r in records if r.verdict == "accepted" and type(r.event) in _KINDS]
     if not mine:
         return
-    rows = Rows("tasks", ("task_id",), COLUMNS)
-    await rows.load(db, ((r.event.task_id,) for r in mine if not isinstance(r.event, TaskSubmitted | PlanSubmitted)))  # type: ignore[union-attr]
+    rows = batch.rows("tasks", ("task_id",), COLUMNS)
+    await rows.load(batch.fetch, reads(_refs(mine)))
     for record in mine:
-        fold(rows, record)
-    await rows.store(db)
+        _FOLDS[type(record.event)](rows, record, record.event)
+    rows.store(batch.plan)
 
 
-def fold(rows: Rows, record: AuditRecord) -> None:
-    """Apply one accepted task event to the batch's rows."""
+def _refs(records: Sequence[AuditRecord]) -> Iterator[tuple[tuple[str], bool]]:
+    """Each record's task, and whether the record creates it (a plan creates its steps too)."""
+    for r in records:
+        e = r.event
+        yield (e.task_id,), type(e) in _CREATES  # type: ignore[union-attr]
+        if type(e) is PlanSubmitted:
+            for s in e.steps:
+                yield (step_task_id(e.task_id, s.id),), True
+
+
+def _submitted(rows: Rows, record: AuditRecord, e: TaskSubmitted) -> None:
+    held = record.code == "approval_requested"
+    seq = record.seq
+    rows.put({
+        "task_id": e.task_id, "kind": "task", "skill": e.skill, "input": codec.encode(e.input).decode(),
+        "timeout_s": e.timeout_s,
+        "status": "awaiting_approval" if held else "pending",
+        "submitted_by": record.principal, "submitted_at": iso(record.at), "submitted_seq": seq,
+        "parent_task_id": e.parent_task_id, "agent": None, "attempts": 0, "started_at": None,
+        "finished_at": None, "progress": None, "fraction": None, "output": None, "error": None,
+        "trace_id": record.trace_id, "tokens": 0, "cost_usd": 0.0, **_STEP_DEFAULTS,
+        "dispatches": 0 if held else 1, "updated_seq": seq,
+    })
+
+
+def _plan_submitted(rows: Rows, record: AuditRecord, e: PlanSubmitted) -> None:
+    held = record.code == "approval_requested"
     at = iso(record.at)
     seq = record.seq
-    held = record.code == "approval_requested"
-    match record.event:
-        case TaskSubmitted() as e:
-            rows.put({
-                "task_id": e.task_id, "kind": "task", "skill": e.skill, "input": codec.encode(e.input).decode(),
-                "timeout_s": e.timeout_s,
-                "status": "awaiting_approval" if held else "pending",
-                "submitted_by": record.principal, "submitted_at": at, "submitted_seq": seq,
-                "parent_task_id": e.parent_task_id, "agent": None, "attempts": 0, "started_at": None,
-                "finished_at": None, "progress": None, "fraction": None, "output": None, "error": None,
-                "trace_id": record.trace_id, "tokens": 0, "cost_usd": 0.0, **_STEP_DEFAULTS,
-                "dispatches": 0 if held else 1, "updated_seq": seq,
-            })
-        case PlanSubmitted() as e:
-            common = {
-                "submitted_by": record.principal, "submitted_at": at, "submitted_seq": seq, "agent": None,
-                "attempts": 0, "finished_at": None, "progress": None, "fraction": None, "output": None,
-                "error": None, "trace_id": record.trace_id, "tokens": 0, "cost_usd": 0.0, "dispatches": 0,
-                "retry_at": None, "updated_seq": seq,
-            }
-            rows.put({
-                **common, "task_id": e.task_id, "kind": "plan", "skill": PLAN_SKILL,
-                "input": codec.encode({"name": e.name, "steps": e.steps}).decode(),
-                "timeout_s": max(s.timeout_s for s in e.steps), "status": "awaiting_approval" if held else "running",
-                "parent_task_id": e.parent_task_id, "started_at": None if held else at, "step": None, "deps": None,
-                "needs": None, "priority": None,
-            })
-            for s in e.steps:
-                rows.put({
-                    **common, "task_id": step_task_id(e.task_id, s.id), "kind": "task", "skill": s.skill or "",
-                    "input": codec.encode(s.input).decode(), "timeout_s": s.timeout_s, "status": "waiting",
-                    "parent_task_id": e.task_id, "started_at": None, "step": s.id,
-                    "deps": codec.encode(s.deps).decode(),
-                    "needs": codec.encode(s.capabilities).decode() if s.capabilities else None, "priority": s.priority,
-                })
-        case TaskApproved(task_id=task_id):
-            row = rows.get((task_id,))
-            if row is None:
-                return
-            plan = row["kind"] == "plan"
-            rows.update((task_id,), status="running" if plan else "pending", started_at=at if plan else None,
-                        dispatches=row["dispatches"] if plan else 1, progress=f"approved by {record.principal}",
-                        updated_seq=seq)
-        case TaskDispatched(task_id=task_id) as e:
-            rows.update((task_id,), status="pending", skill=e.skill, dispatches=e.dispatch, retry_at=None,
-                        finished_at=None, progress=None if e.reason == "ready" else f"dispatched ({e.reason})", updated_seq=seq)
-        case TaskRetryScheduled(task_id=task_id) as e:
-            rows.update((task_id,), status="retrying", retry_at=iso(e.not_before), updated_seq=seq)
-        case TaskDeadLettered(task_id=task_id) as e:
-            rows.update((task_id,), status="dead_lettered", error=e.reason, finished_at=at, updated_seq=seq)
-        case TaskCancelled(task_id=task_id) as e:
-            who = "" if record.principal == "router" else f" by {record.principal}"
-            rows.update((task_id,), status="skipped" if e.skipped else "cancelled", retry_at=None,
-                        error=e.reason or f"cancelled{who}", finished_at=at, updated_seq=seq)
-        case SkillUnmatched(task_id=task_id) as e:
-            rows.update((task_id,), status="unmatched", updated_seq=seq,
-                        progress=f"no live agent offers {', '.join(e.capabilities)} (proposal {e.id})")
-        case TaskUsage(task_id=task_id) as e:
-            row = rows.get((task_id,))
-            if row is None:
-                return
-            changes: dict[str, object] = {
-                "tokens": row["tokens"] + e.tokens_in + e.tokens_out,
-                "cost_usd": row["cost_usd"] + e.cost_usd,
-                "updated_seq": seq,
-            }
-            if record.code == "budget_exceeded":
-                changes.update(status="failed", error=f"budget exceeded: {record.reason}", finished_at=at)
-            rows.update((task_id,), **changes)
-        case TaskDenied(task_id=task_id) as e:
-            error = f"denied by {record.principal}" + (f": {e.reason}" if e.reason else "")
-            rows.update((task_id,), status="denied", error=error, finished_at=at, updated_seq=seq)
-        case TaskStarted(task_id=task_id):
-            row = rows.get((task_id,))
-            if row is None:
-                return
-            # A new attempt: what the last one left (its end, its error) no longer describes the task.
-            rows.update((task_id,), status="running", agent=agent_name(record.principal),
-                        attempts=row["attempts"] + 1, started_at=at, finished_at=None, error=None, progress=None,
-                        fraction=None, updated_seq=seq)
-        case TaskProgress(task_id=task_id) as e:
-            rows.update((task_id,), progress=e.message, fraction=e.fraction, updated_seq=seq)
-        case TaskCompleted(task_id=task_id) as e:
-            rows.update((task_id,), status="completed", output=codec.encode(e.output).decode(), finished_at=at,
-                        updated_seq=seq)
-        case TaskFailed(task_id=task_id) as e:
-            rows.update((task_id,), status="failed", error=e.error, finished_at=at, updated_seq=seq)
-        case _:
-            pass
+    common = {
+        "submitted_by": record.principal, "submitted_at": at, "submitted_seq": seq, "agent": None,
+        "attempts": 0, "finished_at": None, "progress": None, "fraction": None, "output": None,
+        "error": None, "trace_id": record.trace_id, "tokens": 0, "cost_usd": 0.0, "dispatches": 0,
+        "retry_at": None, "updated_seq": seq,
+    }
+    rows.put({
+        **common, "task_id": e.task_id, "kind": "plan", "skill": PLAN_SKILL,
+        "input": codec.encode({"name": e.name, "steps": e.steps}).decode(),
+        "timeout_s": max(s.timeout_s for s in e.steps), "status": "awaiting_approval" if held else "running",
+        "parent_task_id": e.parent_task_id, "started_at": None if held else at, "step": None, "deps": None,
+        "needs": None, "priority": None,
+    })
+    for s in e.steps:
+        rows.put({
+            **common, "task_id": step_task_id(e.task_id, s.id), "kind": "task", "skill": s.skill or "",
+            "input": codec.encode(s.input).decode(), "timeout_s": s.timeout_s, "status": "waiting",
+            "parent_task_id": e.task_id, "started_at": None, "step": s.id,
+            "deps": codec.encode(s.deps).decode(),
+            "needs": codec.encode(s.capabilities).decode() if s.capabilities else None, "priority": s.priority,
+        })
+
+
+def _approved(rows: Rows, record: AuditRecord, e: TaskApproved) -> None:
+    row = rows.get((e.task_id,))
+    if row is None:
+        return
+    plan = row["kind"] == "plan"
+    rows.update((e.task_id,), status="running" if plan else "pending", started_at=iso(record.at) if plan else None,
+                dispatches=row["dispatches"] if plan else 1, progress=f"approved by {record.principal}",
+                updated_seq=record.seq)
+
+
+def _dispatched(rows: Rows, record: AuditRecord, e: TaskDispatched) -> None:
+    rows.update((e.task_id,), status="pending", skill=e.skill, dispatches=e.dispatch, retry_at=None,
+                finished_at=None, progress=None if e.reason == "ready" else f"dispatched ({e.reason})",
+                updated_seq=record.seq)
+
+
+def _retry_scheduled(rows: Rows, record: AuditRecord, e: TaskRetryScheduled) -> None:
+    rows.update((e.task_id,), status="retrying", retry_at=iso(e.not_before), updated_seq=record.seq)
+
+
+def _dead_lettered(rows: Rows, record: AuditRecord, e: TaskDeadLettered) -> None:
+    rows.update((e.task_id,), status="dead_lettered", error=e.reason, finished_at=iso(record.at),
+                updated_seq=record.seq)
+
+
+def _cancelled(rows: Rows, record: AuditRecord, e: TaskCancelled) -> None:
+    who = "" if record.principal == "router" else f" by {record.principal}"
+    rows.update((e.task_id,), status="skipped" if e.skipped else "cancelled", retry_at=None,
+                error=e.reason or f"cancelled{who}", finished_at=iso(record.at), updated_seq=record.seq)
+
+
+def _unmatched(rows: Rows, record: AuditRecord, e: SkillUnmatched) -> None:
+    rows.update((e.task_id,), status="unmatched", updated_seq=record.seq,
+                progress=f"no live agent offers {', '.join(e.capabilities)} (proposal {e.id})")
+
+
+def _usage(rows: Rows, record: AuditRecord, e: TaskUsage) -> None:
+    row = rows.get((e.task_id,))
+    if row is None:
+        return
+    changes: dict[str, object] = {
+        "tokens": row["tokens"] + e.tokens_in + e.tokens_out,
+        "cost_usd": row["cost_usd"] + e.cost_usd,
+        "updated_seq": record.seq,
+    }
+    if record.code == "budget_exceeded":
+        changes.update(status="failed", error=f"budget exceeded: {record.reason}", finished_at=iso(record.at))
+    rows.update((e.task_id,), **changes)
+
+
+def _denied(rows: Rows, record: AuditRecord, e: TaskDenied) -> None:
+    error = f"denied by {record.principal}" + (f": {e.reason}" if e.reason else "")
+    rows.update((e.task_id,), status="denied", error=error, finished_at=iso(record.at), updated_seq=record.seq)
+
+
+def _started(rows: Rows, record: AuditRecord, e: TaskStarted) -> None:
+    row = rows.get((e.task_id,))
+    if row is None:
+        return
+    # A new attempt: what the last one left (its end, its error) no longer describes the task.
+    rows.update((e.task_id,), status="running", agent=agent_name(record.principal),
+                attempts=row["attempts"] + 1, started_at=iso(record.at), finished_at=None, error=None, progress=None,
+                fraction=None, updated_seq=record.seq)
+
+
+def _progress(rows: Rows, record: AuditRecord, e: TaskProgress) -> None:
+    rows.update((e.task_id,), progress=e.message, fraction=e.fraction, updated_seq=record.seq)
+
+
+def _completed(rows: Rows, record: AuditRecord, e: TaskCompleted) -> None:
+    rows.update((e.task_id,), status="completed", output=codec.encode(e.output).decode(),
+                finished_at=iso(record.at), updated_seq=record.seq)
+
+
+def _failed(rows: Rows, record: AuditRecord, e: TaskFailed) -> None:
+    rows.update((e.task_id,), status="failed", error=e.error, finished_at=iso(record.at), updated_seq=record.seq)
+
+
+_FOLDS: dict[type, Callable[[Rows, AuditRecord, Any], None]] = {
+    TaskSubmitted: _submitted,
+    PlanSubmitted: _plan_submitted,
+    TaskApproved: _approved,
+    TaskDispatched: _dispatched,
+    TaskRetryScheduled: _retry_scheduled,
+    TaskDeadLettered: _dead_lettered,
+    TaskCancelled: _cancelled,
+    SkillUnmatched: _unmatched,
+    TaskUsage: _usage,
+    TaskDenied: _denied,
+    TaskStarted: _started,
+    TaskProgress: _progress,
+    TaskCompleted: _completed,
+    TaskFailed: _failed,
+}
+assert set(_FOLDS) == _KINDS, "every task event has a fold"

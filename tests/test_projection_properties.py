@@ -918,7 +918,7 @@ class Killed(Exception):
     """The projector died in the middle of a batch."""
 
 
-async def _die(db: aiosqlite.Connection, records: Sequence[AuditRecord]) -> None:
+async def _die(batch: object, records: Sequence[AuditRecord]) -> None:
     raise Killed
 
 

@@ -1,0 +1,220 @@
+"""The projection writer: a child process that executes plans on the projection database.
+
+SQLite binds every row of an ``executemany`` holding Python's GIL, so a writer thread
+and a folding thread in one process take turns on one core, and each waits out the
+other's switch interval: measured, that is slower than no overlap at all. A process has
+its own GIL: the projector folds batch *n + 1* while this process writes batch *n*.
+
+Protocol, over the child's stdin and stdout: frames of a 4-byte big-endian length and
+a msgpack body. The parent sends ``[position, [[sql, [params, ...]], ...]]``; the child
+runs the statements and the tracking row (``position``) in one transaction and answers
+``[position, null]``, or ``[position, "what went wrong"]`` and exits. It answers
+``[-1, null]`` once the database is open. End of input (the parent closed the pipe, or
+died) ends the child; a plan half received is never applied.
+
+Run as ``python -m projections.writer PATH``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import queue
+import sqlite3
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+import msgspec
+
+from bus import failpoints
+from bus.errors import ConfigError
+from projections.db import SQL_SET_POSITION
+from projections.errors import DatabaseError
+from projections.rows import Plan
+
+_HEADER = struct.Struct(">I")
+READY = -1
+
+
+def _read_frame(stream: IO[bytes]) -> bytes | None:
+    """One frame's body, or ``None`` at end of input (a partial frame counts as the end)."""
+    head = stream.read(_HEADER.size)
+    if len(head) < _HEADER.size:
+        return None
+    (size,) = _HEADER.unpack(head)
+    body = stream.read(size)
+    return body if len(body) == size else None
+
+
+def _write_frame(stream: IO[bytes], body: bytes) -> None:
+    stream.write(_HEADER.pack(len(body)) + body)
+    stream.flush()
+
+
+# -- the child -------------------------------------------------------------------------------
+
+
+def _execute(conn: sqlite3.Connection, position: int, steps: list[list[Any]]) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for sql, params in steps:
+            conn.executemany(sql, params)
+        conn.execute(SQL_SET_POSITION, (position,))
+        # The projector is this process and its parent: a crash here kills both.
+        failpoints.reached("projector.applied", also=os.getppid())
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def main(argv: list[str]) -> int:
+    """Apply the plans read from stdin to the database ``argv[0]``, answering on stdout."""
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    try:
+        failpoints.arm(os.environ)
+    except ConfigError as exc:
+        print(f"projection writer: {exc}", file=sys.stderr)
+        return 2
+    encode = msgspec.msgpack.Encoder().encode
+    decode = msgspec.msgpack.Decoder(tuple[int, list[tuple[str, list[tuple[Any, ...]]]]]).decode
+    try:
+        conn = sqlite3.connect(argv[0], isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=10000")
+    except sqlite3.Error as exc:
+        _write_frame(out, encode([READY, f"cannot open {argv[0]}: {exc}"]))
+        return 1
+    _write_frame(out, encode([READY, None]))
+    while (body := _read_frame(inp)) is not None:
+        position, steps = decode(body)
+        try:
+            _execute(conn, position, steps)  # type: ignore[arg-type]
+        except sqlite3.Error as exc:
+            _write_frame(out, encode([position, f"applying up to AUDIT {position}: {exc}"]))
+            return 1
+        _write_frame(out, encode([position, None]))
+    conn.close()
+    return 0
+
+
+# -- the parent ------------------------------------------------------------------------------
+
+
+PIPE_SIZE = 1 << 20
+
+
+def _widen(pipe: IO[bytes] | None) -> None:
+    """Make the pipe hold a whole plan (on Linux, up to ``fs.pipe-max-size``): a plan then
+    goes over in one write, where a 64 KiB pipe takes one write and one handover of the
+    GIL per 64 KiB, each a wait for the folding thread."""
+    if pipe is None or not hasattr(fcntl, "F_SETPIPE_SZ"):
+        return
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+
+
+class Writer:
+    """The parent's end: starts the child, sends it plans, reads its answers.
+
+    Frames go to the child from a thread, so handing a plan over never waits for the
+    child to finish the one before (the pipe holds far less than a plan).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.in_flight = 0
+        """Plans sent and not yet answered."""
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._sender: threading.Thread | None = None
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._decode = msgspec.msgpack.Decoder(tuple[int, str | None]).decode
+
+    async def start(self) -> None:
+        """Start the child and wait until it has the database open."""
+        self._proc = await asyncio.to_thread(
+            subprocess.Popen, [sys.executable, "-m", "projections.writer", str(self.path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )
+        _widen(self._proc.stdin)
+        self._sender = threading.Thread(target=self._send_loop, name="projection-writer-sender", daemon=True)
+        self._sender.start()
+        await self._answer()
+
+    def _send_loop(self) -> None:
+        assert self._proc is not None and self._proc.stdin is not None
+        stdin = self._proc.stdin
+        try:
+            while (frame := self._outbox.get()) is not None:
+                stdin.write(frame)
+                stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # the child is gone: the next answer says how
+        finally:
+            with contextlib.suppress(OSError):
+                stdin.close()
+
+    async def send(self, plan: Plan) -> None:
+        """Hand ``plan`` to the child (it runs once the plans before it are done)."""
+        if self._proc is None:
+            raise DatabaseError("the projection writer is not running")
+        body = self._encode([plan.position, plan.steps])
+        self._outbox.put(_HEADER.pack(len(body)) + body)
+        self.in_flight += 1
+
+    async def acked(self) -> int:
+        """Wait for the oldest plan in flight to commit; return its position.
+
+        Raises :class:`DatabaseError` if it failed or the child died.
+        """
+        position = await self._answer()
+        self.in_flight -= 1
+        return position
+
+    async def _answer(self) -> int:
+        assert self._proc is not None and self._proc.stdout is not None
+        body = await asyncio.to_thread(_read_frame, self._proc.stdout)
+        if body is None:
+            code = await asyncio.to_thread(self._proc.wait)
+            self._proc = None
+            raise DatabaseError(f"the projection writer for {self.path} died (exit {code})")
+        position, error = self._decode(body)
+        if error is not None:
+            raise DatabaseError(error)
+        return position
+
+    async def stop(self) -> None:
+        """Wait for the plans in flight, then end the child."""
+        if self._proc is None:
+            return
+        try:
+            while self.in_flight:
+                await self.acked()
+        finally:
+            await self.kill(gently=True)
+
+    async def kill(self, gently: bool = False) -> None:
+        """End the child: by closing its input (``gently``, it finishes what it read), or
+        with SIGKILL (a plan it is applying is rolled back)."""
+        proc, self._proc = self._proc, None
+        self._outbox.put(None)
+        if proc is None:
+            return
+        if not gently:
+            proc.kill()
+        await asyncio.to_thread(proc.wait)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        self.in_flight = 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
