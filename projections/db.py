@@ -11,11 +11,12 @@ import functools
 import hashlib
 import json
 import sqlite3
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import msgspec
 
 from projections.errors import DatabaseError, SchemaMismatch
 
@@ -258,12 +259,22 @@ TABLES = {
 }
 
 
+_encode_json = msgspec.json.Encoder().encode
+
+
 @functools.lru_cache(maxsize=8192)
 def iso(at: datetime) -> str:
-    """A timestamp as fixed-width ISO text, so text order is time order in SQL.
+    """A timestamp as fixed-width ISO text, so text order is time order in SQL: what
+    ``at.isoformat(timespec="microseconds")`` gives, made from msgspec's RFC 3339 text
+    (a twentieth of the time, and a rebuild formats every record's).
 
     Cached: every projection formats the same record's time."""
-    return at.isoformat(timespec="microseconds")
+    if at.tzinfo is not UTC:  # RFC 3339 has no seconds in an offset; msgspec drops them
+        return at.isoformat(timespec="microseconds")
+    text = _encode_json(at)[1:-1].decode()
+    if len(text) == 19 or text[19] != ".":
+        text = f"{text[:19]}.000000{text[19:]}"
+    return f"{text[:-1]}+00:00" if text[-1] == "Z" else text
 
 
 async def open_db(path: Path, memory_list_cap: int | None = None) -> aiosqlite.Connection:
