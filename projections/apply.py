@@ -28,8 +28,12 @@ from projections import agents, approvals, audit_index, checkpoints, memory, pro
 from projections import db as dbmod
 from projections.batch import Batch, State
 from projections.errors import DatabaseError
-from projections.rows import Fetch, Plan
+from projections.rows import REMEMBER, Fetch, Plan
 from projections.writer import Writer
+
+DEPTH = 4
+"""Plans in flight by default."""
+MAX_DEPTH = REMEMBER
 
 Projection = Callable[[Batch, Sequence[AuditRecord]], Awaitable[None]]
 
@@ -93,14 +97,18 @@ class Applier:
     """Applies batches to the projection database at ``path`` through a writer process.
 
     :meth:`submit` folds a batch and hands its plan over; :meth:`drain` waits until
-    everything handed over is committed. At most two plans are in flight: folding batch
-    *n* waits for *n − 2*, so the rows that batch *n − 1* changes are in the caches and
-    every other row in the file is as it will be. ``position`` is the last record folded,
-    ``committed`` the tracking row the file holds.
+    everything handed over is committed. At most ``depth`` plans are in flight: folding
+    batch *n* waits for *n − depth*, and the caches keep every row that the batches
+    since then changed, so every other row in the file is as it will be. More than one
+    in flight smooths out the two processes' uneven pace. ``position`` is the last
+    record folded, ``committed`` the tracking row the file holds.
     """
 
     def __init__(self, path: Path, reader: aiosqlite.Connection, memory_cap: int, position: int,
-                 cache_limit: int | None = None) -> None:
+                 cache_limit: int | None = None, depth: int = DEPTH) -> None:
+        if not 1 <= depth <= MAX_DEPTH:
+            raise ValueError(f"depth {depth}: 1 to {MAX_DEPTH} plans may be in flight")
+        self.depth = depth
         self.path = path
         self.reader = reader
         self.writer = Writer(path)
@@ -112,7 +120,8 @@ class Applier:
         self._state: State | None = None
 
     @classmethod
-    async def open(cls, path: Path, memory_cap: int | None = None, cache_limit: int | None = None) -> Applier:
+    async def open(cls, path: Path, memory_cap: int | None = None, cache_limit: int | None = None,
+                   depth: int = DEPTH) -> Applier:
         """Open (creating if needed) the database at ``path`` and start its writer."""
         db = await dbmod.open_db(path, memory_cap)
         try:
@@ -121,7 +130,7 @@ class Applier:
         except BaseException:
             await db.close()
             raise
-        applier = cls(path, db, cap, position, cache_limit)
+        applier = cls(path, db, cap, position, cache_limit, depth)
         try:
             await applier.writer.start()
         except BaseException:
@@ -158,12 +167,12 @@ class Applier:
         end = max(fresh[-1].seq if fresh else self.position, tail or 0)
         if end <= self.position:
             return
-        while self.writer.in_flight > 1:
+        while self.writer.in_flight >= self.depth:
             self.committed = await self.writer.acked()
         if self._state is None:
             self._state = self._fresh_state()
         state = self._state
-        state.trim()
+        state.trim(self.writer.in_flight)
         try:
             plan = await fold(state, fresh, end)
         except BaseException:

@@ -45,10 +45,11 @@ class State:
             rows = self._tables[table] = Rows(table, key, columns)
         return rows
 
-    def trim(self) -> None:
-        """Bound the caches (call between batches)."""
+    def trim(self, uncommitted: int) -> None:
+        """Bound the caches (call between batches), keeping the rows that the last
+        ``uncommitted`` batches changed."""
         for rows in self._tables.values():
-            rows.trim(self.cache_limit)
+            rows.trim(self.cache_limit, uncommitted)
 
     def cached(self) -> int:
         """How many rows are cached, over all tables."""

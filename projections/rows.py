@@ -18,6 +18,7 @@ Either way the result is exactly what applying the records one by one would give
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
@@ -26,6 +27,8 @@ Fetch = Callable[[str, Sequence[Any]], Awaitable[list[tuple[Any, ...]]]]
 """Run a SELECT against the committed database and return its rows."""
 
 _CHUNK = 400  # keys per SELECT, well under SQLite's bound-parameter limit
+REMEMBER = 16
+"""Stores whose changed keys a cache remembers: more plans than this may not be in flight."""
 
 
 class Plan:
@@ -77,7 +80,7 @@ class Rows:
         self.columns = tuple(columns)
         self._rows: dict[tuple[Any, ...], Row | None] = {}
         self._dirty: set[tuple[Any, ...]] = set()
-        self._last: set[tuple[Any, ...]] = set()
+        self._stored: deque[set[tuple[Any, ...]]] = deque(maxlen=REMEMBER)
         cols = ", ".join(self.columns)
         self._select = f"SELECT {cols} FROM {self.table} WHERE "
         self._upsert = (f"INSERT OR REPLACE INTO {self.table} ({cols})"
@@ -138,7 +141,7 @@ class Rows:
         columns = self.columns
         plan.add_many(self._upsert, [tuple([row[c] for c in columns]) for k in self._dirty
                                      if (row := rows[k]) is not None])
-        self._last = self._dirty
+        self._stored.append(self._dirty)
         self._dirty = set()
 
     def forget(self) -> None:
@@ -146,14 +149,16 @@ class Rows:
         to change (a wipe, a restore)."""
         self._rows.clear()
 
-    def trim(self, limit: int) -> None:
-        """Past ``limit`` cached rows, keep only those the last stored batch changed.
+    def trim(self, limit: int, keep: int) -> None:
+        """Past ``limit`` cached rows, keep only those the last ``keep`` stores changed.
 
-        Those must stay: that batch may not be committed yet, so the file may not show
+        Those must stay: their batches may not be committed yet, so the file may not show
         them. Every other row is in the file as cached, and is read again if needed.
         """
         if len(self._rows) > limit:
-            self._rows = {k: self._rows[k] for k in self._last}
+            rows = self._rows
+            recent = list(self._stored)[max(0, len(self._stored) - keep) :]
+            self._rows = {k: rows[k] for stored in recent for k in stored}
 
     def __len__(self) -> int:
         return len(self._rows)

@@ -27,6 +27,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -89,6 +90,8 @@ def main(argv: list[str]) -> int:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=10000")
+        # The parent checkpoints beside this process (Checkpointer); this is the backstop.
+        conn.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
     except sqlite3.Error as exc:
         _write_frame(out, encode([READY, f"cannot open {argv[0]}: {exc}"]))
         return 1
@@ -109,6 +112,55 @@ def main(argv: list[str]) -> int:
 
 
 PIPE_SIZE = 1 << 20
+BACKSTOP_PAGES = 10_000
+"""WAL pages after which the writer checkpoints on its own (40 MB at 4 KiB pages)."""
+
+
+class Checkpointer:
+    """Copies the WAL into the database file from a thread of the parent process, so the
+    writer's commits do not wait for it.
+
+    With SQLite's default, the commit that takes the WAL past 1,000 pages also copies
+    them into the file and syncs it: measured, a sixth of a rebuild's writing. A
+    ``PASSIVE`` checkpoint from another connection runs while the writer appends (it
+    copies what is committed and leaves the rest), and holds no GIL while it works.
+    """
+
+    def __init__(self, path: Path, interval_s: float = 0.05) -> None:
+        self.path = path
+        self.interval_s = interval_s
+        self._wanted = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="projection-checkpointer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def poke(self) -> None:
+        """Something was committed: checkpoint soon."""
+        self._wanted.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wanted.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error:
+            return  # the writer's backstop checkpoints instead
+        try:
+            while True:
+                self._wanted.wait()
+                if self._stopping:
+                    return
+                self._wanted.clear()
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                time.sleep(self.interval_s)
+        finally:
+            conn.close()
 
 
 def _widen(pipe: IO[bytes] | None) -> None:
@@ -137,6 +189,7 @@ class Writer:
         self._sender: threading.Thread | None = None
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(tuple[int, str | None]).decode
+        self._checkpointer: Checkpointer | None = None
 
     async def start(self) -> None:
         """Start the child and wait until it has the database open."""
@@ -148,6 +201,8 @@ class Writer:
         self._sender = threading.Thread(target=self._send_loop, name="projection-writer-sender", daemon=True)
         self._sender.start()
         await self._answer()
+        self._checkpointer = Checkpointer(self.path)
+        self._checkpointer.start()
 
     def _send_loop(self) -> None:
         assert self._proc is not None and self._proc.stdin is not None
@@ -177,6 +232,8 @@ class Writer:
         """
         position = await self._answer()
         self.in_flight -= 1
+        if self._checkpointer is not None:
+            self._checkpointer.poke()
         return position
 
     async def _answer(self) -> int:
@@ -206,6 +263,9 @@ class Writer:
         with SIGKILL (a plan it is applying is rolled back)."""
         proc, self._proc = self._proc, None
         self._outbox.put(None)
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            await asyncio.to_thread(checkpointer.stop)
         if proc is None:
             return
         if not gently:
