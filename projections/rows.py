@@ -144,21 +144,18 @@ class Rows:
         self._stored.append(self._dirty)
         self._dirty = set()
 
-    def forget(self) -> None:
-        """Drop every cached row: for a table that statements outside this cache are about
-        to change (a wipe, a restore)."""
-        self._rows.clear()
-
     def trim(self, limit: int, keep: int) -> None:
         """Past ``limit`` cached rows, keep only those the last ``keep`` stores changed.
 
         Those must stay: their batches may not be committed yet, so the file may not show
-        them. Every other row is in the file as cached, and is read again if needed.
+        them. Every other row is in the file as cached, and is read again if needed. (A
+        key those stores changed that is gone already went at an earlier trim, when its
+        batch was committed.)
         """
         if len(self._rows) > limit:
             rows = self._rows
             recent = list(self._stored)[max(0, len(self._stored) - keep) :]
-            self._rows = {k: rows[k] for stored in recent for k in stored}
+            self._rows = {k: rows[k] for stored in recent for k in stored if k in rows}
 
     def __len__(self) -> int:
         return len(self._rows)
