@@ -154,10 +154,7 @@ class Applier:
         await self.close()
 
     def _fresh_state(self) -> State:
-        return State(fetcher(self.reader), settle=self._settle, **self._state_args)
-
-    async def _settle(self) -> None:
-        await self.drain()
+        return State(fetcher(self.reader), **self._state_args)
 
     async def submit(self, records: Sequence[AuditRecord], tail: int | None = None) -> None:
         """Fold the records after ``position`` and hand their plan to the writer; with
@@ -172,7 +169,7 @@ class Applier:
         if self._state is None:
             self._state = self._fresh_state()
         state = self._state
-        state.trim(self.writer.in_flight)
+        state.trim(self.writer.in_flight, self.committed)
         try:
             plan = await fold(state, fresh, end)
         except BaseException:

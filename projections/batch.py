@@ -10,7 +10,7 @@ property tests speak for both.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from projections.rows import Fetch, Plan, Rows
@@ -19,24 +19,21 @@ CACHE_LIMIT = 50_000
 """Rows per table kept between batches (see :meth:`Rows.trim`)."""
 
 
-async def _settled() -> None:
-    return None
-
-
 class State:
-    """Cached rows per table, and the committed file to read the rest from.
+    """Cached rows per table, the checkpoints saved in batches not yet committed, and the
+    committed file to read the rest from.
 
-    ``settle`` waits until every plan handed over so far is committed: a read that must
-    see what an earlier batch wrote in SQL (not through a cache) waits for it first.
+    Everything a batch still in flight wrote is in here (its rows in the caches, its
+    checkpoints in :attr:`saved`), so a read of the file never has to wait for the writer.
     """
 
-    def __init__(self, fetch: Fetch, memory_cap: int, settle: Callable[[], Awaitable[None]] = _settled,
-                 cache_limit: int = CACHE_LIMIT) -> None:
+    def __init__(self, fetch: Fetch, memory_cap: int, cache_limit: int = CACHE_LIMIT) -> None:
         self.fetch = fetch
-        self.settle = settle
         self.memory_cap = memory_cap
         self.cache_limit = cache_limit
         self._tables: dict[str, Rows] = {}
+        self.saved: dict[tuple[str, str], tuple[int, tuple[Any, ...]]] = {}
+        """(agent, checkpoint id) → (the position of the plan that saves it, the memory row it saves)"""
 
     def rows(self, table: str, key: Sequence[str], columns: Sequence[str]) -> Rows:
         """The cached rows of ``table`` (made on first use)."""
@@ -45,11 +42,13 @@ class State:
             rows = self._tables[table] = Rows(table, key, columns)
         return rows
 
-    def trim(self, uncommitted: int) -> None:
+    def trim(self, uncommitted: int, committed: int) -> None:
         """Bound the caches (call between batches), keeping the rows that the last
-        ``uncommitted`` batches changed."""
+        ``uncommitted`` batches changed, and the checkpoints saved after ``committed``."""
         for rows in self._tables.values():
             rows.trim(self.cache_limit, uncommitted)
+        if self.saved:
+            self.saved = {k: v for k, v in self.saved.items() if v[0] > committed}
 
     def cached(self) -> int:
         """How many rows are cached, over all tables."""
@@ -57,14 +56,12 @@ class State:
 
 
 class Batch:
-    """One batch being folded: the state, the plan, and what the batch itself saved."""
+    """One batch being folded: the state and the plan."""
 
     def __init__(self, state: State, plan: Plan) -> None:
         self.state = state
         self.plan = plan
         self.fetch = state.fetch
-        self.saved: dict[Any, Any] = {}
-        """Checkpoints saved in this batch (not yet in the file): (agent, id) → memory row."""
 
     def rows(self, table: str, key: Sequence[str], columns: Sequence[str]) -> Rows:
         return self.state.rows(table, key, columns)

@@ -147,7 +147,7 @@ async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
             plan.add(SQL_SNAP_MEMORY, (cid, agent, *snap))
             plan.add(SQL_SNAP_KNOWLEDGE, (cid, agent))
             plan.add(SQL_SNAP_ENTRIES, (cid, agent))
-            batch.saved[(agent, cid)] = snap
+            batch.state.saved[(agent, cid)] = (plan.position, snap)
         elif kind is CheckpointRestored:
             cid = event.checkpoint_id  # type: ignore[union-attr]
             saved = await _saved(batch, agent, cid)
@@ -164,11 +164,10 @@ async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
 
 
 async def _saved(batch: Batch, agent: str, cid: str) -> tuple[Any, ...] | None:
-    """The memory row checkpoint ``cid`` saved: from this batch, or from the file once
-    every earlier batch is committed (restores are rare; this is the one read that waits)."""
-    if (agent, cid) in batch.saved:
-        return batch.saved[(agent, cid)]  # type: ignore[no-any-return]
-    await batch.state.settle()
+    """The memory row checkpoint ``cid`` saved: kept by the state while the batch that
+    saved it may not be committed, else in the file."""
+    if (agent, cid) in batch.state.saved:
+        return batch.state.saved[(agent, cid)][1]
     found = await batch.fetch(
         f"SELECT {', '.join(SNAP_COLUMNS)} FROM snap_memory WHERE agent = ? AND checkpoint_id = ?", (agent, cid))
     return tuple(found[0]) if found else None
