@@ -28,8 +28,8 @@ from projections import agents, approvals, audit_index, checkpoints, memory, pro
 from projections import db as dbmod
 from projections.batch import Batch, State
 from projections.errors import DatabaseError
+from projections.pipeline import Writer
 from projections.rows import REMEMBER, Fetch, Plan
-from projections.writer import Writer
 
 DEPTH = 4
 """Plans in flight by default."""

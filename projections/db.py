@@ -19,6 +19,7 @@ import aiosqlite
 import msgspec
 
 from projections.errors import DatabaseError, SchemaMismatch
+from projections.writer import SQL_SET_POSITION, TRACKING_NAME
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tracking (
@@ -224,11 +225,6 @@ CREATE TABLE IF NOT EXISTS proposals (
 CREATE INDEX IF NOT EXISTS proposals_by_status ON proposals (status, proposed_seq);
 """
 
-TRACKING_NAME = "audit"
-SQL_SET_POSITION = (
-    f"INSERT INTO tracking (name, position) VALUES ('{TRACKING_NAME}', ?) "
-    "ON CONFLICT (name) DO UPDATE SET position = excluded.position"
-)
 
 SCHEMA_VERSION = 6
 """Bumped whenever SCHEMA or what a fold writes changes; an older file is rebuilt from the

@@ -227,3 +227,41 @@ def test_iso_is_isoformat() -> None:
         assert dbmod.iso.__wrapped__(at) == at.isoformat(timespec="microseconds")
 
     check()
+
+
+async def test_the_writer_leaves_signals_to_the_projector_and_ends_with_it(tmp_path: Path) -> None:
+    """A Ctrl-C for the process group does not kill the writer mid-plan (the projector
+    handles it); a projector that dies without a word closes the pipe, and the writer ends."""
+    path = tmp_path / "p.db"
+    async with await Applier.open(path, CAP) as applier:
+        assert applier.writer._proc is not None
+        applier.writer._proc.send_signal(signal.SIGINT)
+        applier.writer._proc.send_signal(signal.SIGTERM)
+        log = build_log(RandomPicker(2), 30)
+        await applier.submit(log)
+        assert await applier.drain() == len(log)
+    script = textwrap.dedent(f"""
+        import asyncio, os
+        from pathlib import Path
+        from projections.apply import Applier
+
+        async def main():
+            applier = await Applier.open(Path({str(tmp_path / "q.db")!r}), 4)
+            print(applier.writer._proc.pid, flush=True)
+            os._exit(3)
+
+        asyncio.run(main())
+    """)
+    proc = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", script], capture_output=True, text=True,
+                                   timeout=60, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 3, proc.stderr
+    pid = int(proc.stdout.strip())
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the writer outlived its projector")
