@@ -301,6 +301,7 @@ def cli() -> None:
         table.add_row(f"projection rebuild, events/s (median, {proj['events']:,} mixed)",
                       f"{proj['rebuild_events_per_s']:,.0f} rebuild",
                       f"{proj['raw_events_per_s']:,.0f} raw executemany", f"{proj['rebuild_over_raw']:.2f}")
+        table.add_row("  each round's own ratio (median)", "", "", f"{proj['median_round_ratio']:.2f}")
     if args.only in (None, "scaling"):
         scale = asyncio.run(scaling.run(args.sleep_tasks, args.sleep, args.replicas, args.rounds, fresh_server,
                                         say=console.print))
