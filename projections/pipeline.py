@@ -85,7 +85,7 @@ class Writer:
     """The parent's end: starts the child, sends it plans, reads its answers.
 
     Frames go to the child from a thread, so handing a plan over never waits for the
-    child to finish the one before (the pipe holds far less than a plan).
+    child to finish the one before (a plan may be larger than the pipe holds).
     """
 
     def __init__(self, path: Path) -> None:
@@ -108,7 +108,11 @@ class Writer:
         _widen(self._proc.stdin)
         self._sender = threading.Thread(target=self._send_loop, name="projection-writer-sender", daemon=True)
         self._sender.start()
-        await self._answer()
+        try:
+            await self._answer()
+        except BaseException:
+            await self.kill()
+            raise
         self._checkpointer = Checkpointer(self.path)
         self._checkpointer.start()
 
@@ -149,6 +153,7 @@ class Writer:
         body = await asyncio.to_thread(read_frame, self._proc.stdout)
         if body is None:
             code = await asyncio.to_thread(self._proc.wait)
+            self._proc.stdout.close()
             self._proc = None
             raise DatabaseError(f"the projection writer for {self.path} died (exit {code})")
         position, error = self._decode(body)
@@ -158,10 +163,8 @@ class Writer:
 
     async def stop(self) -> None:
         """Wait for the plans in flight, then end the child."""
-        if self._proc is None:
-            return
         try:
-            while self.in_flight:
+            while self.in_flight and self._proc is not None:
                 await self.acked()
         finally:
             await self.kill(gently=True)

@@ -265,3 +265,12 @@ async def test_the_writer_leaves_signals_to_the_projector_and_ends_with_it(tmp_p
     else:
         os.kill(pid, signal.SIGKILL)
         pytest.fail("the writer outlived its projector")
+
+
+async def test_a_writer_that_cannot_open_the_file_says_which(tmp_path: Path) -> None:
+    from projections.pipeline import Writer
+
+    writer = Writer(tmp_path / "no such dir" / "p.db")
+    with pytest.raises(DatabaseError, match="cannot open .*no such dir/p.db"):
+        await writer.start()
+    assert writer._proc is None and writer._checkpointer is None, "nothing left running"
