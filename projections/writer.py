@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
     try:
         failpoints.arm(os.environ)
     except ConfigError as exc:
-        print(f"projection writer: {exc}", file=sys.stderr)
+        sys.stderr.write(f"projection writer: {exc}\n")
         return 2
     encode = msgspec.msgpack.Encoder().encode
     decode = msgspec.msgpack.Decoder(tuple[int, list[tuple[str, list[tuple[Any, ...]]]]]).decode
