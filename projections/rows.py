@@ -55,9 +55,6 @@ class Plan:
         else:
             self.steps.append((sql, list(params)))
 
-    def __len__(self) -> int:
-        return sum(len(params) for _, params in self.steps)
-
 
 def reads(refs: Iterable[tuple[tuple[Any, ...], bool]]) -> list[tuple[Any, ...]]:
     """From ``(key, creates)`` pairs in log order, the keys a batch must load: those whose
