@@ -18,15 +18,28 @@ from bus import codec, subjects
 from bus.errors import NotFound, QueryError
 
 
-async def ask(nc: Client, projection: str, op: str, request: dict[str, Any], timeout: float = 5.0) -> Any:
-    """Ask one query of any projector in the queue group and return its data."""
+async def ask(nc: Client, projection: str, op: str, request: dict[str, Any], timeout: float = 5.0,
+              tries: int = 2) -> Any:
+    """Ask one query of any projector in the queue group and return its data.
+
+    A request that reaches a projector as it dies dies with it: for a moment after a
+    projector is killed, nats-server still routes to its member of the queue group. So a
+    query that gets no answer in ``timeout`` is asked again, up to ``tries`` times, of
+    whichever projectors are left (queries only read: asking twice is harmless).
+    """
+    if tries < 1:
+        raise ValueError(f"tries={tries}: a query is asked at least once")
     subject = subjects.query(projection, op)
-    try:
-        msg = await nc.request(subject, codec.encode(request), timeout=timeout)
-    except nats.errors.NoRespondersError as exc:
-        raise QueryError(f"no projector answers {subject}: start `agentctl projector`, or use --db PATH") from exc
-    except TimeoutError as exc:
-        raise QueryError(f"the projector did not answer {subject} in {timeout:g}s") from exc
+    for attempt in range(1, tries + 1):
+        try:
+            msg = await nc.request(subject, codec.encode(request), timeout=timeout)
+            break
+        except nats.errors.NoRespondersError as exc:
+            raise QueryError(f"no projector answers {subject}: start `agentctl projector`, or use --db PATH") from exc
+        except TimeoutError as exc:
+            if attempt == tries:
+                raise QueryError(f"the projector did not answer {subject} in {timeout:g}s"
+                                 f" ({tries} tries)") from exc
     return unwrap(json.loads(msg.data))
 
 

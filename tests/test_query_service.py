@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from bus import query, subjects
 from bus.errors import QueryError
@@ -77,6 +78,28 @@ async def test_a_second_projector_in_the_group_takes_over_when_the_first_is_kill
     await second.proc.wait()
     with pytest.raises(QueryError, match="no projector answers"):
         await query.ask(admin, "tasks", "list", {})
+
+
+async def test_a_query_lost_with_a_dying_projector_is_asked_again(admin: Client, connect_as: Connect) -> None:
+    """The request the server routed to a projector that was dying gets no answer; the
+    second try reaches one that answers (here: one member that drops the first request)."""
+    asked = []
+
+    async def flaky(msg: Msg) -> None:
+        asked.append(msg.data)
+        if len(asked) % 2 == 0:
+            await msg.respond(b'{"ok": true, "position": 7, "data": ["answered"]}')
+
+    projector = await connect_as("projector")
+    sub = await projector.subscribe(subjects.query("tasks", "list"), queue="projector", cb=flaky)
+    try:
+        await projector.flush()
+        assert await query.ask(admin, "tasks", "list", {"limit": 1}, timeout=0.5) == ["answered"]
+        assert len(asked) == 2 and asked[0] == asked[1]
+        with pytest.raises(QueryError, match=r"did not answer q\.tasks\.list in 0\.5s \(1 tries\)"):
+            await query.ask(admin, "tasks", "list", {}, timeout=0.5, tries=1)
+    finally:
+        await sub.unsubscribe()
 
 
 async def answered_by(admin: Client) -> int:
