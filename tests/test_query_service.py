@@ -94,10 +94,11 @@ async def test_a_query_lost_with_a_dying_projector_is_asked_again(admin: Client,
     sub = await projector.subscribe(subjects.query("tasks", "list"), queue="projector", cb=flaky)
     try:
         await projector.flush()
-        assert await query.ask(admin, "tasks", "list", {"limit": 1}, timeout=0.5) == ["answered"]
+        # A timeout a loaded machine cannot miss for the try that is answered.
+        assert await query.ask(admin, "tasks", "list", {"limit": 1}, timeout=2) == ["answered"]
         assert len(asked) == 2 and asked[0] == asked[1]
         with pytest.raises(QueryError, match=r"did not answer q\.tasks\.list in 0\.5s \(1 tries\)"):
-            await query.ask(admin, "tasks", "list", {}, timeout=0.5, tries=1)
+            await query.ask(admin, "tasks", "list", {}, timeout=0.5, tries=1)  # the third request: dropped
     finally:
         await sub.unsubscribe()
 
