@@ -22,11 +22,10 @@ from typing import Any, Self
 
 import aiosqlite
 
-from bus import failpoints
 from bus.events import AuditRecord
 from projections import agents, approvals, audit_index, checkpoints, memory, proposals, shared, tasks, usage
 from projections import db as dbmod
-from projections.batch import Batch, State
+from projections.batch import CACHE_LIMIT, Batch, State
 from projections.errors import DatabaseError
 from projections.pipeline import Writer
 from projections.rows import REMEMBER, Fetch, Plan
@@ -83,7 +82,6 @@ async def apply_batch(db: aiosqlite.Connection, records: Sequence[AuditRecord], 
             for sql, params in plan.steps:
                 await db.executemany(sql, params)
             await dbmod.set_position(db, plan.position)
-            failpoints.reached("projector.applied")
         except BaseException:
             await db.execute("ROLLBACK")
             raise
@@ -114,9 +112,8 @@ class Applier:
         self.writer = Writer(path)
         self.position = position
         self.committed = position
-        self._state_args: dict[str, Any] = {"memory_cap": memory_cap}
-        if cache_limit is not None:
-            self._state_args["cache_limit"] = cache_limit
+        self.memory_cap = memory_cap
+        self.cache_limit = CACHE_LIMIT if cache_limit is None else cache_limit
         self._state: State | None = None
 
     @classmethod
@@ -153,9 +150,6 @@ class Applier:
             await self.writer.kill()  # what was handed over may not be committed: never mind
         await self.close()
 
-    def _fresh_state(self) -> State:
-        return State(fetcher(self.reader), **self._state_args)
-
     async def submit(self, records: Sequence[AuditRecord], tail: int | None = None) -> None:
         """Fold the records after ``position`` and hand their plan to the writer; with
         ``tail`` (the stream sequence of the batch's last message), the tracking row
@@ -167,7 +161,7 @@ class Applier:
         while self.writer.in_flight >= self.depth:
             self.committed = await self.writer.acked()
         if self._state is None:
-            self._state = self._fresh_state()
+            self._state = State(fetcher(self.reader), self.memory_cap, self.cache_limit)
         state = self._state
         state.trim(self.writer.in_flight, self.committed)
         try:

@@ -105,7 +105,6 @@ class Projector:
         self.js = nc.jetstream(timeout=10)
         self.settings = settings
         self.db_path = db_path or settings.db_path
-        self.applier: Applier | None = None
         self.position = 0
         """The last record committed to the database."""
         self.progress = service.Progress()
@@ -134,7 +133,7 @@ class Projector:
         queries see every record it has received.
         """
         await wait_for_stream(self.js, subjects.AUDIT_STREAM, self.settings.connect_timeout_s)
-        self.applier = applier = await self._open()
+        applier = await self._open()
         async with applier:  # on an error, the writer is killed: nothing half done commits
             reader = await dbmod.open_reader(self.db_path)
             try:
@@ -164,10 +163,10 @@ class Projector:
                 finally:
                     for span in spans:
                         span.end()
-                metrics.projector_applied.add(len(batch))
             elif applier.writer.in_flight:
                 await applier.drain()
             if applier.committed > self.position:
+                metrics.projector_applied.add(applier.committed - self.position)
                 self.position = applier.committed
                 self.progress.advanced()
         await queries.unsubscribe()
