@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Annotated
 
 import msgspec
 
 from agents.errors import AgentError
+from bus.problems import explain
 from bus.subjects import NAME_PATTERN, SKILL_PATTERN
 
 ProfileName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN, description="an agent name: a-z 0-9 _ -")]
@@ -61,7 +61,6 @@ class ProfilesFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 _NEW_FILE = ("# Agent profiles: `agentctl agent --profile NAME` runs one; `agentctl agents propose --approve ID`\n"
              "# adds one. See docs/orchestration-profiles.md.\n")
-_AT = re.compile(r" - at `\$(.*)`$")
 
 
 def parse(data: bytes, path: Path) -> ProfilesFile:
@@ -71,24 +70,22 @@ def parse(data: bytes, path: Path) -> ProfilesFile:
     except msgspec.ValidationError as exc:
         raise ProfileError(f"profiles {path}: {_locate(data, exc)}") from exc
     except msgspec.DecodeError as exc:
-        raise ProfileError(f"profiles {path}: not valid TOML: {exc}") from exc
+        raise ProfileError(f"profiles {path}: {explain(exc, 'TOML')}") from exc
 
 
 def _locate(data: bytes, exc: msgspec.ValidationError) -> str:
     """The error with the profile's name in its path: msgspec says ``$.profiles[...]``
     for any of them, so find the one that fails and say which."""
-    message = str(exc)
-    if "$.profiles[...]" not in message:
-        return message
+    problem = explain(exc)
+    if not problem.path.startswith("$.profiles[...]"):
+        return problem.at("")
     raw = msgspec.toml.decode(data)
     for name, body in (raw.get("profiles") or {}).items():
         try:
             msgspec.convert(body, Profile)
         except msgspec.ValidationError as inner:
-            text = str(inner)
-            at = _AT.search(text)
-            return f"{text[:at.start()] if at else text} - at `profiles.{name}{at.group(1) if at else ''}`"
-    return message
+            return explain(inner).at(f"profiles.{name}")
+    return problem.at("")
 
 
 def load(path: Path, missing_ok: bool = False) -> ProfilesFile:

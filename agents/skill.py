@@ -30,6 +30,7 @@ from opentelemetry import trace
 
 from agents.errors import SkillError
 from agents.memory import Memory, Shared, Tasks
+from bus.problems import explain
 
 if TYPE_CHECKING:
     from agents.llm.router import LLM
@@ -175,7 +176,7 @@ def decode_input(skill: object, raw: Any) -> Any:
     try:
         return msgspec.convert(raw, wanted, strict=False)
     except msgspec.ValidationError as exc:
-        raise InputError(f"input does not match {getattr(skill, 'name', '?')}'s schema: {exc}") from exc
+        raise InputError(f"input does not match {getattr(skill, 'name', '?')}'s schema: {explain(exc)}") from exc
 
 
 def encode_output(skill: object, output: Any) -> Any:
@@ -185,7 +186,8 @@ def encode_output(skill: object, output: Any) -> Any:
         try:
             output = msgspec.convert(msgspec.to_builtins(output), wanted)
         except msgspec.ValidationError as exc:
-            raise SkillError(f"{getattr(skill, 'name', '?')} returned output that does not match its schema: {exc}") from exc
+            raise SkillError(f"{getattr(skill, 'name', '?')} returned output that does not match its schema: "
+                             f"{explain(exc)}") from exc
     try:
         return msgspec.to_builtins(output)
     except TypeError as exc:

@@ -16,6 +16,7 @@ from typing import Annotated, Literal, TypeVar
 import msgspec
 
 from bus.errors import ConfigError
+from bus.problems import explain
 
 T = TypeVar("T")
 
@@ -97,4 +98,4 @@ def read_table(path: Path, name: str, kind: type[T]) -> T:
     try:
         return msgspec.convert(table, kind)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"policy {path} [{name}]: {str(exc).replace('`$', f'`{name}')}") from exc
+        raise ConfigError(f"policy {path} [{name}]: {explain(exc).at(name)}") from exc

@@ -12,6 +12,7 @@ import msgspec
 
 from bus.errors import SchemaError
 from bus.events import AnyEvent, AuditRecord, WorkItem
+from bus.problems import explain
 
 T = TypeVar("T")
 
@@ -27,16 +28,14 @@ def encode(value: Any) -> bytes:
 
 
 def _decode(decoder: msgspec.json.Decoder[T], data: bytes, what: str) -> T:
+    # msgspec raises RecursionError, not DecodeError, for deeply nested input, and some
+    # releases UnicodeDecodeError for invalid UTF-8 inside a string: unmapped, one such
+    # message would crash the decoding process.
     try:
         return decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise SchemaError(f"{what}{exc}") from exc
-    # msgspec raises these, not DecodeError, for deeply nested input and for invalid
-    # UTF-8 inside a string: unmapped, one such message would crash the decoding process.
-    except RecursionError as exc:
-        raise SchemaError(f"{what}JSON is nested too deeply") from exc
-    except UnicodeDecodeError as exc:
-        raise SchemaError(f"{what}invalid UTF-8 at byte {exc.start}") from exc
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
+        problem = explain(exc)
+        raise SchemaError(f"{what}{problem}", problem) from exc
 
 
 def decode_event(data: bytes) -> AnyEvent:

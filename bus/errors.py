@@ -6,6 +6,8 @@ Each package has its own root error under :class:`LedgerbusError`; third-party e
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class LedgerbusError(Exception):
     """Root of every error ledgerbus raises on purpose."""
@@ -24,7 +26,15 @@ class ServerError(BusError):
 
 
 class SchemaError(LedgerbusError):
-    """Bytes did not decode as the expected message type; the message names the path."""
+    """Bytes did not decode as the expected message type; the message names the path.
+
+    ``problem`` (a :class:`bus.problems.Problem`, when the error came from decoding) says
+    the same for machines: its kind and path.
+    """
+
+    def __init__(self, message: str, problem: Any = None) -> None:
+        super().__init__(message)
+        self.problem = problem
 
 
 class ChainError(LedgerbusError):

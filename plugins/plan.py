@@ -28,6 +28,7 @@ from agents.memory import WriteRejected
 from agents.skill import SkillContext
 from bus.events import NO_RETRY, PlanStep, PlanSubmitted, RetryPolicy
 from bus.plans import validate
+from bus.problems import explain
 from bus.subjects import SKILL_PATTERN
 
 _StepId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_]{1,32}$", description="a-z A-Z 0-9 _, at most 32")]
@@ -168,7 +169,7 @@ def check(result: ChatResult, input: PlanInput, names: list[str], infos: dict[st
         # Through the event's own schema: the same patterns and bounds the router applies.
         plan = msgspec.convert({"id": "x", "task_id": "draft", "steps": msgspec.to_builtins(steps)}, PlanSubmitted)
     except msgspec.ValidationError as exc:
-        return str(exc)
+        return str(explain(exc))
     if len(plan.steps) > input.max_steps:
         return f"the plan has {len(plan.steps)} steps; at most {input.max_steps} are allowed"
     problem = validate(plan, names)
@@ -180,5 +181,5 @@ def check(result: ChatResult, input: PlanInput, names: list[str], infos: dict[st
             try:
                 msgspec.convert(step.input, info.input_type, strict=False)
             except msgspec.ValidationError as exc:
-                return f"step {step.id!r}: input for {step.skill}: {exc}"
+                return f"step {step.id!r}: input for {step.skill}: {explain(exc)}"
     return ""

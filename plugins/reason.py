@@ -30,6 +30,7 @@ from agents.errors import SkillError
 from agents.llm.base import ChatRequest, Message, ProviderError
 from agents.llm.schema import for_type
 from agents.skill import SkillContext
+from bus.problems import explain
 from bus.subjects import SKILL_PATTERN
 
 Phase = Literal["observe", "reason", "plan", "act", "validate"]
@@ -145,7 +146,7 @@ class Loop:
             return msgspec.convert(result.data, kind)
         except msgspec.ValidationError as exc:
             raise SkillError(f"{phase} (iteration {iteration}): the model's answer does not match the schema: "
-                             f"{exc}") from exc
+                             f"{explain(exc)}") from exc
 
     async def act(self, steps: Steps) -> list[dict[str, Any]]:
         """Run each planned action as a delegated subtask; an action that fails is a result too."""

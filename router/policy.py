@@ -18,6 +18,7 @@ import structlog
 
 from bus.agent_policy import HooksPolicy, SandboxPolicy
 from bus.errors import ConfigError
+from bus.problems import explain
 
 log = structlog.get_logger(__name__)
 
@@ -108,7 +109,7 @@ def load(path: Path) -> Policy:
     try:
         return msgspec.toml.decode(path.read_bytes(), type=Policy)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ConfigError(f"policy {path}: {exc}") from exc
+        raise ConfigError(f"policy {path}: {explain(exc, 'TOML')}") from exc
     except OSError as exc:
         raise ConfigError(f"policy {path}: {exc.strerror}") from exc
 

@@ -94,7 +94,7 @@ async def test_exit_codes_say_failed_rejected_and_timed_out(procs: Procs, admin:
     # The skill declares its input type: the router rejects the task before anything runs.
     result = json.loads(out)
     assert (result["status"], result["code"]) == ("rejected", "invalid_input")
-    assert "sleep's schema: Expected `float`, got `str` - at `$.seconds`" in result["reason"]
+    assert "sleep's schema: expected float, got str - at `$.seconds`" in result["reason"]
 
     code, _, err = await agentctl(settings, "submit", "sleep", "--input", '{"seconds":0}', "--task-id", "dup", "--wait")
     assert code == 0, err

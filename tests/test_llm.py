@@ -365,7 +365,7 @@ async def test_a_skill_without_a_route_and_no_default_is_a_config_error(tmp_path
     ('[providers.p]\ntype = "anthropic"\ntimeout = 5\n', "unknown field `timeout` - at `providers.p`"),
     ('[providers.p]\ntype = "anthropic"\n[roles.architect]\nprovider = "p"\nmodel = "m"\nmax_token = 5\n',
      "unknown field `max_token` - at `roles.architect`"),
-    ('[providers.p]\ntype = "openai"\n', "Invalid enum value 'openai' - at `providers.p.type`"),
+    ('[providers.p]\ntype = "openai"\n', "not one of the allowed values: 'openai' - at `providers.p.type`"),
     ('[providers.p]\ntype = "vllm"\n', "providers.p: a vllm provider needs base_url"),
     ('[providers.p]\ntype = "anthropic"\n[default]\nprovider = "p"\nmodel = "m"\nparams = { stream = true }\n',
      "default.params: stream is set by the router"),

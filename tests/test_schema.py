@@ -116,8 +116,8 @@ def test_audit_record_and_work_item_round_trip() -> None:
         (b'{"kind":"task_submitted","id":"m","task_id":"t","skill":"Echo Skill"}', "$.skill"),
         (b'{"kind":"task_submitted","id":"m","task_id":"t","skill":"echo","input":[]}', "$.input"),
         (b'{"id":"m","task_id":"t"}', "kind"),
-        (b"\xff\xfe", "malformed"),
-        (b"", "truncated"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b"", "ends too soon"),
     ],
 )
 def test_bad_messages_are_rejected_naming_what_is_wrong(data: bytes, path_or_words: str) -> None:
@@ -200,7 +200,7 @@ def test_deeply_nested_input_is_a_schema_error_not_a_crash() -> None:
 
 
 def test_invalid_utf8_inside_a_string_is_a_schema_error_not_a_crash() -> None:
-    with pytest.raises(SchemaError, match="invalid UTF-8"):
+    with pytest.raises(SchemaError, match="not valid UTF-8"):
         codec.decode_event(b'{"kind":"task_submitted","id":"\xff\xfe","task_id":"t","skill":"echo"}')
 
 

@@ -118,7 +118,7 @@ async def test_the_agent_checks_the_input_type_before_the_skill_runs(
     end = await result(admin, "bad")
     assert end.kind == "task_failed"
     assert end.event.error == (  # type: ignore[union-attr]
-        "input does not match echo's schema: Expected `int` >= 0 - at `$.y`")
+        "input does not match echo's schema: expected int >= 0 - at `$.y`")
     assert typed.seen == [], "the skill never ran"
 
 
@@ -135,7 +135,7 @@ async def test_a_typed_skill_gets_its_struct_and_its_output_is_checked(
     end = await result(admin, "badout")
     assert end.kind == "task_failed"
     assert end.event.error.startswith(  # type: ignore[union-attr]
-        "echo returned output that does not match its schema: Expected `int`, got `str` - at `$.total`")
+        "echo returned output that does not match its schema: expected int, got str - at `$.total`")
 
 
 async def test_hooks_veto_and_a_broken_hook_fails_the_task_naming_it(

@@ -62,7 +62,7 @@ async def test_the_example_skill_package_installs_and_runs_through_the_bus(
     # Only the agent knows the skill's type: it refuses a bad input before the skill runs.
     code, task = await submit({"text": 5})
     assert (code, task["status"]) == (1, "failed")
-    assert task["error"] == "input does not match wordcount's schema: Expected `str`, got `int` - at `$.text`"
+    assert task["error"] == "input does not match wordcount's schema: expected str, got int - at `$.text`"
     # The package's hook vetoes an empty text.
     code, task = await submit({"text": "   "})
     assert task["error"] == "vetoed by hook wordcount-trim: there is nothing to count"

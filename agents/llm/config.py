@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from bus.errors import ConfigError
+from bus.problems import explain
 
 DEFAULT_MAX_TOKENS = 1024
 """A route's ``max_tokens`` when it does not say."""
@@ -118,8 +119,7 @@ class RoutingFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 _TABLES: dict[str, type[msgspec.Struct]] = {"providers": ProviderConfig, "prices": Price, "skills": Route,
                                             "roles": Route}
-_IN_TABLE = re.compile(r" - at `\$\.(\w+)\[\.\.\.\](.*)`$")
-_AT = re.compile(r" - at `\$\.?(.*)`$")
+_IN_TABLE = re.compile(r"^\$\.(\w+)\[\.\.\.\]")
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -141,7 +141,7 @@ def parse(data: bytes, path: Path) -> RoutingFile:
     except msgspec.ValidationError as exc:
         raise ConfigError(f"LLM routing file {path}: {_locate(data, exc)}") from exc
     except msgspec.DecodeError as exc:
-        raise ConfigError(f"LLM routing file {path}: not valid TOML: {exc}") from exc
+        raise ConfigError(f"LLM routing file {path}: {explain(exc, 'TOML')}") from exc
     problems = _problems(config)
     if problems:
         raise ConfigError(f"LLM routing file {path}: " + "; ".join(problems))
@@ -169,24 +169,20 @@ def _problems(config: RoutingFile) -> list[str]:
 
 
 def _locate(data: bytes, exc: msgspec.ValidationError) -> str:
-    """msgspec's error with a TOML path: it says ``$.providers[...]`` for any entry of a
+    """The error with a TOML path: msgspec says ``$.providers[...]`` for any entry of a
     table, so find the entry that fails and name it (``providers.claude.typo``)."""
-    message = str(exc)
-    match = _IN_TABLE.search(message)
+    problem = explain(exc)
+    match = _IN_TABLE.match(problem.path)
     if match is None:
-        at = _AT.search(message)
-        return f"{message[:at.start()]} - at `{at.group(1)}`" if at else message
+        return problem.at("")
     table = match.group(1)
     raw = msgspec.toml.decode(data)
     for name, body in (raw.get(table) or {}).items():
         try:
             msgspec.convert(body, _TABLES[table])
         except msgspec.ValidationError as inner:
-            text = str(inner)
-            at = _AT.search(text)
-            head, tail = (text[:at.start()], at.group(1)) if at else (text, "")
-            return f"{head} - at `{table}.{toml_key(name)}{'.' if tail and not tail.startswith('[') else ''}{tail}`"
-    return message
+            return explain(inner).at(f"{table}.{toml_key(name)}")
+    return problem.at("")
 
 
 def toml_key(name: str) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from bus.events import PlanSubmitted, TaskSubmitted
+from bus.problems import explain
 from router.checks import Check, Inbound, Rejection
 from router.state import RouterState
 
@@ -26,7 +27,7 @@ def problem(types: Mapping[str, Any], skill: str, value: Any) -> str | None:
     try:
         msgspec.convert(value, wanted, strict=False)
     except msgspec.ValidationError as exc:
-        return f"input does not match {skill}'s schema: {exc}"
+        return f"input does not match {skill}'s schema: {explain(exc)}"
     return None
 
 
