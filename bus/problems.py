@@ -21,7 +21,7 @@ _AT = re.compile(r"^(?P<text>.*?) - at `(?P<path>[^`]*)`$", re.DOTALL)
 _EXPECTED = re.compile(r"^Expected `(?P<want>[^`]+)`(?:, got `(?P<got>[^`]+)`)?(?P<bound>.*)$", re.DOTALL)
 _MISSING = re.compile(r"^Object missing required field `(?P<name>[^`]+)`$")
 _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<name>[^`]+)`$")
-_ENUM = re.compile(r"^Invalid enum value (?P<value>.+)$", re.DOTALL)
+_ENUM = re.compile(r"^Invalid (?:enum )?value (?P<value>'.+)$", re.DOTALL)
 _MALFORMED = re.compile(r"^JSON is malformed: (?P<why>.*)$", re.DOTALL)
 _BYTE = re.compile(r"\(byte (\d+)\)")
 
@@ -65,7 +65,7 @@ def explain(exc: BaseException, document: str = "JSON") -> Problem:
         return Problem("missing_field", f"missing required field `{m['name']}`", path)
     if (m := _UNKNOWN.match(text)) is not None:
         return Problem("unknown_field", f"unknown field `{m['name']}`", path)
-    if (m := _ENUM.match(text)) is not None:
+    if isinstance(exc, msgspec.ValidationError) and (m := _ENUM.match(text)) is not None:
         return Problem("bad_value", f"not one of the allowed values: {m['value']}", path)
     if text.startswith("Number out of range"):
         return Problem("out_of_range", "number out of range", path)

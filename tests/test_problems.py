@@ -26,9 +26,13 @@ class Shape(msgspec.Struct, forbid_unknown_fields=True):
     text: str = ""
 
 
+class Tagged(msgspec.Struct, tag="yes", tag_field="kind"):
+    a: int
+
+
 def problem_of(data: bytes) -> Problem:
     with pytest.raises((msgspec.DecodeError, UnicodeDecodeError, RecursionError)) as caught:
-        msgspec.json.decode(data, type=Shape)
+        msgspec.json.decode(data, type=Tagged if b'"kind"' in data else Shape)
     return explain(caught.value)
 
 
@@ -40,6 +44,7 @@ def problem_of(data: bytes) -> Problem:
     (b'{"x":1,"nested":{"k":{}}}', "missing_field", "missing required field `x`", "$.nested[...]"),
     (b'{"x":1,"zz":2}', "unknown_field", "unknown field `zz`", ""),
     (b'{"x":1,"choice":"r"}', "bad_value", "not one of the allowed values: 'r'", "$.choice"),
+    (b'{"kind":"nope","a":1}', "bad_value", "not one of the allowed values: 'nope'", "$.kind"),
     (b'{"x":1,"items":[1,"a"]}', "type", "expected int, got str", "$.items[1]"),
     (b'{"x":1e999}', "out_of_range", "number out of range", "$.x"),
     (b'{"x":1', "json", "not valid JSON: it ends too soon", ""),
