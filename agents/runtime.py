@@ -1,7 +1,8 @@
 """The agent runtime: join, heartbeat, pull work for each skill, run it, report, drain.
 
-Per task: report ``TaskStarted`` (the claim: the dispatch it answers, and the attempt,
-the dispatch's earlier claims plus the JetStream delivery count) and wait for the
+Per task: report ``TaskStarted`` (the claim: the dispatch it answers, the token its work
+item carried, which proves the delivery, and the attempt, the dispatch's earlier claims
+plus the JetStream delivery count) and wait for the
 router's verdict on it (``notify.agent.<name>.claim``): a refused claim (the task was
 cancelled, finished, or claimed by a newer delivery) is dropped without running. Then
 run the skill under the task's deadline while telling JetStream the work is in progress,
@@ -281,7 +282,8 @@ class Agent:
         A refused claim is settled for good (the message is terminated); no verdict
         within ``claim_timeout_s`` hands the message back for a later, newer claim.
         """
-        claim = TaskStarted(id=new_id(), task_id=item.task_id, attempt=attempt, dispatch=item.dispatch)
+        claim = TaskStarted(id=new_id(), task_id=item.task_id, attempt=attempt, dispatch=item.dispatch,
+                            token=item.token)
         waiter: asyncio.Future[Notice] = asyncio.get_running_loop().create_future()
         self._claims[claim.id] = waiter
         keepalive = asyncio.create_task(self._keep_alive(msg))

@@ -164,6 +164,9 @@ class TaskStarted(Event, tag="task_started", frozen=True):
     task_id: Id
     attempt: Attempt
     dispatch: Dispatch = 1
+    token: Annotated[str, msgspec.Meta(max_length=96)] = ""
+    """The claim token the work item carried: proof that the claimant received this
+    dispatch (router/claims.py). Its audit record keeps only its fingerprint."""
 
 
 class TaskProgress(Event, tag="task_progress", frozen=True):
@@ -496,3 +499,5 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
     step: str = ""
     context: dict[str, Any] = msgspec.field(default_factory=dict)
     """A plan step's dependencies (step id → output): exactly the steps it depends on."""
+    token: str = ""
+    """The claim token of this dispatch, which the claim must present (router/claims.py)."""

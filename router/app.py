@@ -37,6 +37,7 @@ from router import audit as audit_mod
 from router import deadletters
 from router.audit import AuditLog
 from router.checks import Check, Inbound, default_checks, run_checks
+from router.claims import AgentSkills, ClaimTokens
 from router.deadletters import MaxDeliverAdvisory
 from router.dispatch import dispatch, routed_work_item, work_item
 from router.errors import AuditAppendError
@@ -66,13 +67,17 @@ class Router:
         self.js: JetStreamContext = nc.jetstream(timeout=10)
         self.settings = settings
         self.policy = PolicyFile(settings.policy_path, settings.policy_check_interval_s)
+        self.tokens = ClaimTokens()
+        """Claim tokens, from the router's key once :meth:`start` has loaded it."""
+        self.agent_skills = AgentSkills(settings.auth_dir, settings.policy_check_interval_s)
         catalog = discovery.catalog()
         self.installed = {name: info.capabilities for name, info in catalog.items()}
         types = {name: info.input_type for name, info in catalog.items() if info.input_type is not None}
         self.checks = (
             list(checks) if checks is not None
             else default_checks(settings.max_message_bytes, self.policy, settings.max_checkpoint_bytes,
-                                installed=self.installed.keys, input_types=lambda: types)
+                                installed=self.installed.keys, input_types=lambda: types,
+                                tokens=self.tokens, agent_skills=self.agent_skills.of)
         )
         self.state = RouterState(dedup_horizon_s=settings.dedup_horizon_s)
         self.live = LiveAgents(settings.agents_ttl_s)
@@ -96,6 +101,7 @@ class Router:
     async def start(self) -> None:
         """Provision the streams, rebuild state from the log, bind the INGRESS consumer."""
         self.key = signing.load_or_create(self.settings.router_key_path)
+        self.tokens.use_key(self.key)
         self._last_checkpoint_at = asyncio.get_running_loop().time()
         await provision(self.js, self.settings)
         await self._recover()
@@ -307,7 +313,7 @@ class Router:
             return
         items: list[tuple[WorkItem, dict[str, str]]] = [
             (item, trace_headers(self.state.tasks[task_id].dispatch_trace)) for task_id in sorted(self._undelivered)
-            if (item := routed_work_item(task_id, self.state)) is not None
+            if (item := routed_work_item(task_id, self.state, self.tokens)) is not None
         ]
         results = await dispatch(self.js, items)
         self._undelivered = {item.task_id for (item, _), err in zip(items, results, strict=True) if err is not None}
@@ -457,7 +463,7 @@ class Router:
 
     async def act(self, decisions: list[Decision]) -> None:
         """Dispatch what the records ask for, then ack INGRESS for every settled message."""
-        work = [(d, item) for d in decisions if (item := work_item(d.record, self.state)) is not None]
+        work = [(d, item) for d in decisions if (item := work_item(d.record, self.state, self.tokens)) is not None]
         results = await dispatch(self.js, [(item, d.headers) for d, item in work])
         failed = {id(d) for (d, _), err in zip(work, results, strict=True) if err is not None}
         for (d, item), err in zip(work, results, strict=True):

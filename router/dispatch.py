@@ -19,14 +19,16 @@ from opentelemetry.trace import Status, StatusCode
 from bus import codec, subjects, tracing
 from bus.connection import pub_acks
 from bus.events import AuditRecord, TaskApproved, TaskSubmitted, WorkItem
+from router.claims import ClaimTokens
 from router.state import RouterState
 
 tracer = trace.get_tracer("ledgerbus.router")
 
 
-def work_item(record: AuditRecord, state: RouterState) -> WorkItem | None:
+def work_item(record: AuditRecord, state: RouterState, tokens: ClaimTokens) -> WorkItem | None:
     """The work an accepted record asks for, if any: a submission that is not held, or
-    the approval of one that was (its submission is kept in the router state)."""
+    the approval of one that was (its submission is kept in the router state). It carries
+    the claim token of its dispatch (the first)."""
     if not record.accepted or record.code != "ok":
         return None
     match record.event:
@@ -47,10 +49,11 @@ def work_item(record: AuditRecord, state: RouterState) -> WorkItem | None:
         audit_seq=record.seq,
         submitted_by=submitted_by,
         parent_task_id=submission.parent_task_id,
+        token=tokens.token(submission.task_id, 1),
     )
 
 
-def routed_work_item(task_id: str, state: RouterState) -> WorkItem | None:
+def routed_work_item(task_id: str, state: RouterState, tokens: ClaimTokens) -> WorkItem | None:
     """The work item of the scheduler's current dispatch of a task: a plan step (with its
     dependencies' outputs as context) or a retry of a submission."""
     task = state.tasks.get(task_id)
@@ -66,6 +69,7 @@ def routed_work_item(task_id: str, state: RouterState) -> WorkItem | None:
             task_id=task_id, skill=task.skill, input=task.step.input, timeout_s=task.step.timeout_s,
             audit_seq=task.dispatch_seq, submitted_by=task.submitter, dispatch=task.dispatch,
             attempt_base=task.attempt, parent_task_id=task.parent, step=task.step.id, context=context,
+            token=tokens.token(task_id, task.dispatch),
         )
     if task.submission is None:
         return None
@@ -73,7 +77,7 @@ def routed_work_item(task_id: str, state: RouterState) -> WorkItem | None:
     return WorkItem(
         task_id=task_id, skill=task.skill, input=sub.input, timeout_s=sub.timeout_s, audit_seq=task.dispatch_seq,
         submitted_by=task.submitter, dispatch=task.dispatch, attempt_base=task.attempt,
-        parent_task_id=sub.parent_task_id,
+        parent_task_id=sub.parent_task_id, token=tokens.token(task_id, task.dispatch),
     )
 
 

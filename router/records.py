@@ -4,10 +4,12 @@ span attributes; the :class:`Decision` that carries a message from audit to sett
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 from nats.aio.msg import Msg
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
@@ -21,12 +23,15 @@ from bus.events import (
     ProposalApproved,
     RawExcerpt,
     SharedWritten,
+    TaskStarted,
     kind_of,
 )
 from router.checks import Inbound, secrets
+from router.claims import fingerprint
 from router.state import APPROVAL_REQUESTED, BUDGET_EXCEEDED
 
 _RAW_HEAD_BYTES = 256
+_TOKEN_FIELD = re.compile(r'("token"\s*:\s*)"[^"]*"?')
 
 # Accepted records whose code also says what the acceptance did besides.
 ACCEPTED_CODES = frozenset({"ok", APPROVAL_REQUESTED, BUDGET_EXCEEDED})
@@ -82,11 +87,16 @@ def record_for(inbound: Inbound, code: str, reason: str, trace_id: str) -> Audit
         key = event.proposal_id
     else:
         key = "_"
+    if isinstance(event, TaskStarted) and event.token:
+        # The token proves a delivery; the log keeps its fingerprint, never the token,
+        # so nobody who reads AUDIT (operators, the projector) could present it.
+        event = msgspec.structs.replace(event, token=fingerprint(event.token))
     raw = None
     if event is None:
         # Redact the whole text before cutting the excerpt, so a secret cut in half by
         # the cut is still recognised.
         text, _ = secrets.redact(inbound.data.decode("utf-8", errors="replace"))
+        text = _TOKEN_FIELD.sub(r'\1"[claim token]"', text)
         raw = RawExcerpt(
             size=len(inbound.data),
             sha256=hashlib.sha256(inbound.data).hexdigest(),

@@ -16,10 +16,11 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
-from bus import codec, subjects
-from bus.events import AuditRecord, kind_of
-from bus.identity import identity, permissions, write_local_config
+from bus import codec, signing, subjects
+from bus.events import AuditRecord, TaskStarted, kind_of, new_id
+from bus.identity import Registry, identity, permissions, write_local_config
 from bus.settings import Settings
+from router.claims import ClaimTokens
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,6 +97,27 @@ async def send(nc: Client, role: str, name: str, event: Any, msg_id: str | None 
     headers = {subjects.HDR_MSG_ID: msg_id} if msg_id else None
     await nc.jetstream().publish(subjects.ingress(subjects.principal(role, name), kind_of(type(event))),
                                  codec.encode(event), headers=headers)
+
+
+def register_agent(settings: Settings, name: str, skills: list[str]) -> None:
+    """Record in the identity registry that ``agent-<name>`` was given ``skills`` (added to
+    any it has), as ``agentctl keys add`` does: the router refuses a claim for a skill its
+    sender was not given."""
+    registry = Registry.load(settings.auth_dir)
+    held = registry.entries.get(f"agent-{name}")
+    registry.add(identity("agent", name, {*skills, *(held[0].skills if held else ())}))
+    registry.save()
+
+
+def claim(settings: Settings, name: str, task_id: str, skill: str, attempt: int = 1, dispatch: int = 1,
+          msg_id: str | None = None) -> TaskStarted:
+    """A claim by ``agent-<name>`` of a task it received: the token is the one the router put
+    in the dispatch's work item (made from the test router's key, as the router makes it),
+    and the sender is registered with the skill."""
+    register_agent(settings, name, [skill])
+    tokens = ClaimTokens(signing.load_or_create(settings.router_key_path))
+    return TaskStarted(id=msg_id or new_id(), task_id=task_id, attempt=attempt, dispatch=dispatch,
+                       token=tokens.token(task_id, dispatch))
 
 
 async def wait_for_record(

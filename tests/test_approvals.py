@@ -12,7 +12,7 @@ from bus import codec, subjects
 from bus.events import TaskApproved, TaskDenied, TaskStarted, TaskSubmitted, new_id
 from bus.settings import Settings
 from tests.conftest import RunningRouter
-from tests.support import Procs, agentctl, send, wait_for_record, wait_for_records, wait_until, work_count
+from tests.support import Procs, agentctl, claim, send, wait_for_record, wait_for_records, wait_until, work_count
 
 Connect = Callable[[str], Awaitable[Client]]
 POLICY = '[approval]\nskills = ["sleep"]\napprovers = ["cli-ops", "cli-alice"]\n'
@@ -30,12 +30,12 @@ async def test_held_tasks_run_only_when_an_approver_other_than_the_submitter_app
             ("cli", "alice", TaskSubmitted(id=new_id(), task_id="t1", skill="sleep", input={"seconds": 0})),
             ("cli", "alice", TaskApproved(id=new_id(), task_id="t1")),
             ("cli", "bob", TaskApproved(id=new_id(), task_id="t1")),
-            ("agent", "w1", TaskStarted(id=new_id(), task_id="t1", attempt=1)),
+            ("agent", "w1", claim(settings, "w1", "t1", "sleep")),
             ("cli", "ops", TaskApproved(id=new_id(), task_id="t1", reason="ok")),
             ("cli", "ops", TaskApproved(id=new_id(), task_id="t1")),
             ("cli", "alice", TaskSubmitted(id=new_id(), task_id="t2", skill="sleep")),
             ("cli", "ops", TaskDenied(id=new_id(), task_id="t2", reason="not today")),
-            ("agent", "w1", TaskStarted(id=new_id(), task_id="t2", attempt=1)),
+            ("agent", "w1", claim(settings, "w1", "t2", "sleep")),
             ("cli", "alice", TaskSubmitted(id=new_id(), task_id="t3", skill="echo")),
             ("cli", "ops", TaskDenied(id=new_id(), task_id="nope")),
         ]

@@ -21,27 +21,27 @@ from projections import db as dbmod
 from projections.errors import SchemaMismatch
 from projections.projector import Projector
 from tests.conftest import RunningRouter
-from tests.support import agentctl, send, wait_for_record, wait_for_records, wait_until
+from tests.support import agentctl, claim, send, wait_for_record, wait_for_records, wait_until
 
 Connect = Callable[[str], Awaitable[Client]]
 
 
 async def test_the_report_that_crosses_the_budget_fails_the_task(
-    running_router: RunningRouter, connect_as: Connect, admin: Client
+    running_router: RunningRouter, connect_as: Connect, admin: Client, settings: Settings
 ) -> None:
     cli, agent = await connect_as("cli"), await connect_as("agent")
     steps = [
         ("cli", "a", TaskSubmitted(id=new_id(), task_id="t1", skill="echo", budget=Budget(tokens=100))),
-        ("agent", "w1", TaskStarted(id=new_id(), task_id="t1", attempt=1)),
+        ("agent", "w1", claim(settings, "w1", "t1", "echo")),
         ("agent", "w1", TaskUsage(id=new_id(), task_id="t1", attempt=1, tokens_in=40, tokens_out=20)),
         ("agent", "w2", TaskUsage(id=new_id(), task_id="t1", attempt=1, tokens_in=500)),
         ("agent", "w1", TaskUsage(id=new_id(), task_id="t1", attempt=1, tokens_in=30, tokens_out=20)),
         ("agent", "w1", TaskCompleted(id=new_id(), task_id="t1", attempt=1, output="done anyway")),
         ("cli", "a", TaskSubmitted(id=new_id(), task_id="t2", skill="echo", budget=Budget(cost_usd=0.01))),
-        ("agent", "w1", TaskStarted(id=new_id(), task_id="t2", attempt=1)),
+        ("agent", "w1", claim(settings, "w1", "t2", "echo")),
         ("agent", "w1", TaskUsage(id=new_id(), task_id="t2", attempt=1, cost_usd=0.02)),
         ("cli", "a", TaskSubmitted(id=new_id(), task_id="t3", skill="echo")),
-        ("agent", "w1", TaskStarted(id=new_id(), task_id="t3", attempt=1)),
+        ("agent", "w1", claim(settings, "w1", "t3", "echo")),
         ("agent", "w1", TaskUsage(id=new_id(), task_id="t3", attempt=1, tokens_in=10**9)),
     ]
     for role, name, event in steps:

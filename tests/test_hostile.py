@@ -22,7 +22,7 @@ from bus.events import (
 )
 from bus.settings import Settings
 from tests.conftest import RunningRouter
-from tests.support import wait_for_records, work_count
+from tests.support import claim, wait_for_records, work_count
 
 Connect = Callable[[str], Awaitable[Client]]
 SETUP_ID = "setup-submission"
@@ -113,6 +113,15 @@ CASES = [
          role="agent", name="worker-2", kind="task_progress"),
     Case("stale claim", "stale_attempt", codec.encode(TaskStarted(id=new_id(), task_id="t-claimed", attempt=1)),
          role="agent", name="worker-2", kind="task_started"),
+    Case("claim without its work item's token", "not_delivered",
+         codec.encode(TaskStarted(id=new_id(), task_id="t-claimed", attempt=5)),
+         role="agent", name="worker-1", kind="task_started"),
+    Case("claim with a made-up token", "not_delivered",
+         codec.encode(TaskStarted(id=new_id(), task_id="t-claimed", attempt=5, token="A" * 43)),
+         role="agent", name="worker-1", kind="task_started"),
+    Case("claim by an agent never given the skill", "skill_not_held",
+         codec.encode(TaskStarted(id=new_id(), task_id="t-claimed", attempt=6)),
+         role="agent", name="worker-3", kind="task_started"),
     Case("result for an unknown task", "unknown_task",
          codec.encode(TaskCompleted(id=new_id(), task_id="no-such-task", attempt=1)),
          role="agent", name="worker-1", kind="task_completed"),
@@ -137,7 +146,7 @@ async def test_every_hostile_input_gets_its_code_one_record_and_the_router_keeps
     try:
         setup = [
             ("cli", "alice", TaskSubmitted(id=SETUP_ID, task_id="t-claimed", skill="echo")),
-            ("agent", "worker-1", TaskStarted(id=new_id(), task_id="t-claimed", attempt=1)),
+            ("agent", "worker-1", claim(settings, "worker-1", "t-claimed", "echo")),
         ]
         for role, name, event in setup:
             await conns[role].jetstream().publish(

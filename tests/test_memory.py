@@ -24,7 +24,7 @@ from bus.events import (
 from bus.settings import Settings
 from projections.projector import Projector
 from tests.conftest import RunningRouter
-from tests.support import send, wait_until
+from tests.support import claim, send, wait_until
 
 Connect = Callable[[str], Awaitable[Client]]
 
@@ -82,7 +82,7 @@ async def test_wipe_keeps_role_and_core_knowledge_and_restore_brings_back_the_ch
             await w("agent", "a1", write("a1", "observation", {"saw": i}))
         await w("agent", "a1", write("a1", "reasoning", "so: three things"))
         await w("cli", "ops", TaskSubmitted(id=new_id(), task_id="t1", skill="echo"))
-        await w("agent", "a1", TaskStarted(id=new_id(), task_id="t1", attempt=1))
+        await w("agent", "a1", claim(settings, "a1", "t1", "echo"))
         saved = await w("agent", "a1", CheckpointSaved(id=new_id(), agent="a1", checkpoint_id="cp1", label="before",
                                                        state={"cursor": 7}))
         assert saved["verdict"] == "accepted"

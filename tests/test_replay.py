@@ -15,7 +15,7 @@ from bus.settings import Settings
 from projections import db as dbmod
 from projections.projector import Projector
 from tests.conftest import RunningRouter
-from tests.support import agentctl, send, wait_for_records, wait_until
+from tests.support import agentctl, claim, send, wait_for_records, wait_until
 
 Connect = Callable[[str], Awaitable[Client]]
 
@@ -52,7 +52,7 @@ async def test_replay_until_a_sequence_or_a_time_equals_the_live_state_back_then
     try:
         for t in ("a", "b"):
             await send(cli, "cli", "alice", TaskSubmitted(id=new_id(), task_id=t, skill="echo", input={"t": t}))
-        await send(agent, "agent", "w1", TaskStarted(id=new_id(), task_id="a", attempt=1))
+        await send(agent, "agent", "w1", claim(settings, "w1", "a", "echo"))
         then = await wait_for_records(admin.jetstream(), 3)
         head_then, moment = then[-1].seq, then[-1].at
         live_then = await live_dump_at(settings, projector, head_then)

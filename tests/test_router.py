@@ -20,7 +20,7 @@ from router.checks import Inbound, Rejection, default_checks
 from router.policy import PolicyFile
 from router.state import RouterState
 from tests.conftest import RunningRouter
-from tests.support import audit_records, stored_audit, wait_for_records, wait_until, work_count
+from tests.support import audit_records, claim, stored_audit, wait_for_records, wait_until, work_count
 
 CLI = subjects.principal("cli", "alice")
 AGENT = subjects.principal("agent", "worker-1")
@@ -56,7 +56,7 @@ async def test_valid_submission_yields_one_accepted_record_and_one_work_message(
 @pytest.mark.parametrize(
     ("kind", "body", "code", "reason_has"),
     [
-        ("task_submitted", b"\xff\xfe not json", "schema", "malformed"),
+        ("task_submitted", b"\xff\xfe not json", "schema", "not valid JSON"),
         ("task_submitted", b'{"kind":"task_submitted","id":"m","task_id":"t","skill":"echo","timeout_s":"1"}',
          "schema", "$.timeout_s"),
         ("task_exploded", b'{"kind":"task_exploded","id":"m"}', "schema", "task_exploded"),
@@ -84,16 +84,16 @@ async def test_bad_input_yields_one_rejected_record_and_nothing_in_work(
 
 
 async def test_only_the_claimant_may_report_and_a_task_completes_once(
-    running_router: RunningRouter, connect_as: Connect, admin: Client
+    running_router: RunningRouter, connect_as: Connect, admin: Client, settings: Settings
 ) -> None:
     cli, agent = await connect_as("cli"), await connect_as("agent")
     await send(cli, CLI, submitted("t1"))
     await send(cli, CLI, submitted("t1"))  # the same task id again
     await send(agent, AGENT, TaskCompleted(id=new_id(), task_id="t1", attempt=1, output=1))  # never claimed
-    await send(agent, AGENT, TaskStarted(id=new_id(), task_id="t1", attempt=1))
+    await send(agent, AGENT, claim(settings, "worker-1", "t1", "echo"))
     await send(agent, OTHER_AGENT, TaskCompleted(id=new_id(), task_id="t1", attempt=1, output=2))
     await send(agent, AGENT, TaskCompleted(id=new_id(), task_id="t1", attempt=1, output=3))
-    await send(agent, OTHER_AGENT, TaskStarted(id=new_id(), task_id="t1", attempt=2))  # too late
+    await send(agent, OTHER_AGENT, claim(settings, "worker-2", "t1", "echo", attempt=2))  # too late
     await send(agent, AGENT, TaskStarted(id=new_id(), task_id="nope", attempt=1))
     records = await wait_for_records(admin.jetstream(), 8)
     assert [(r.kind, r.code) for r in records] == [

@@ -19,6 +19,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from bus.events import AnyEvent
 from bus.subjects import Principal
+from router.claims import ClaimTokens
 from router.policy import PolicyFile
 from router.state import RouterState
 
@@ -120,11 +121,15 @@ def default_checks(
     max_checkpoint_bytes: int = 64 * 1024,
     installed: Callable[[], Iterable[str]] = tuple,
     input_types: Callable[[], Mapping[str, Any]] = dict,
+    tokens: ClaimTokens | None = None,
+    agent_skills: Callable[[str, str], frozenset[str] | None] = lambda principal, skill: None,
 ) -> list[Check]:
     """The pipeline in DESIGN.md's order: size, schema, kind, skill, claimant, plan, input,
     memory owner, duplicate id, rate, secrets, approval, budget. ``installed`` lists the
     skills installed beside the router (a plan may name those, and any an agent
-    advertised); ``input_types`` their declared input types.
+    advertised); ``input_types`` their declared input types; ``tokens`` checks that a
+    claim presents its work item's token and ``agent_skills`` that its sender was given
+    the skill (without them, every claim is refused).
 
     The subject is read first: it costs nothing, needs no body, and names the principal
     on every audit record, rejected ones included. Right after decoding, secrets are
@@ -156,7 +161,7 @@ def default_checks(
         headers.check,
         principal.check_kind_allowed,
         skills.make(policy),
-        lifecycle.check,
+        lifecycle.make(tokens or ClaimTokens(), agent_skills),
         plan.make(policy, installed),
         inputs.make(input_types),
         memory.make(max_checkpoint_bytes),

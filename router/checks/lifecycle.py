@@ -5,17 +5,53 @@ redelivery of an earlier one is refused); only the agent holding the current cla
 (principal and attempt) may report progress or a result, and only while the task runs;
 nothing is accepted after a terminal result.
 This is what makes "completed exactly once" hold when work is redelivered.
+
+A claim must also prove its delivery: it presents the token its work item carried
+(``not_delivered`` otherwise), and its sender's identity must have been given the task's
+skill (``skill_not_held``). A newer attempt number alone supersedes nobody: only a
+replica that received a redelivery of the same dispatch holds its token.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from bus.events import TaskCompleted, TaskFailed, TaskProgress, TaskStarted, TaskSubmitted, TaskUsage
-from router.checks import Inbound, Rejection
+from router.checks import Check, Inbound, Rejection
+from router.claims import ClaimTokens
 from router.state import RouterState
 
 
-def check(msg: Inbound, state: RouterState) -> Rejection | None:
-    """Reject task events that do not follow from the task's current state."""
+def make(tokens: ClaimTokens, agent_skills: Callable[[str, str], frozenset[str] | None]) -> Check:
+    """The lifecycle check, with the router's claim tokens and the registry's skills."""
+
+    def check(msg: Inbound, state: RouterState) -> Rejection | None:
+        """Reject task events that do not follow from the task's current state."""
+        rejection = _follows(msg, state)
+        if rejection is None and isinstance(msg.event, TaskStarted):
+            rejection = _delivered(msg.principal_token, msg.event, state, tokens, agent_skills)
+        return rejection
+
+    return check
+
+
+def _delivered(who: str, claim: TaskStarted, state: RouterState, tokens: ClaimTokens,
+               agent_skills: Callable[[str, str], frozenset[str] | None]) -> Rejection | None:
+    """A claim that fits the task's state: is its sender one that may hold the skill and
+    that received this dispatch?"""
+    skill = state.tasks[claim.task_id].skill
+    held = agent_skills(who, skill)
+    if held is None or skill not in held:
+        given = "is not a registered agent" if held is None else f"was given {', '.join(sorted(held)) or 'no skills'}"
+        return Rejection("skill_not_held", f"{who} {given}, not {skill}: it cannot have received task {claim.task_id}")
+    if not tokens.valid(claim.task_id, claim.dispatch, claim.token):
+        what = "carries no claim token" if not claim.token else "presents a claim token that is not this dispatch's"
+        return Rejection("not_delivered", f"the claim {what}: {who} did not receive dispatch {claim.dispatch} "
+                                          f"of task {claim.task_id}")
+    return None
+
+
+def _follows(msg: Inbound, state: RouterState) -> Rejection | None:
     who = msg.principal_token
     match msg.event:
         case TaskSubmitted(task_id=task_id):
