@@ -1,18 +1,26 @@
-"""Duplicate JSON keys: found at any depth and under any escaping, and named by their path
-(a parser differential otherwise: msgspec keeps the last key, a reader of the raw bytes
-may see the first)."""
+"""Duplicate JSON keys: found at any depth and under any escaping, named by their path, and
+refused by the router at ingress as ``invalid_json`` (a parser differential otherwise:
+msgspec keeps the last key, a reader of the raw bytes may see the first)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nats.aio.client import Client
 
-from bus import codec, jsonkeys
+from bus import codec, jsonkeys, subjects
 from bus.events import TaskSubmitted, new_id
+from router.checks import Inbound, schema
+from router.state import RouterState
+from tests.conftest import RunningRouter
+from tests.support import wait_for_records, work_count
+
+Connect = Callable[[str], Awaitable[Client]]
 
 HEAD = b'{"kind":"task_submitted","id":"m1","task_id":"t1",'
 
@@ -168,3 +176,66 @@ def _has_duplicate(text: str) -> bool:
 def test_the_detector_agrees_with_a_reference_parser_on_any_json(value: Any, ascii_only: bool, spaced: bool) -> None:
     text = _render(value, ascii_only, spaced)
     assert (jsonkeys.duplicate_key(text.encode()) is not None) == _has_duplicate(text), text
+
+
+def _inbound(body: bytes) -> Inbound:
+    return Inbound(subject="in.cli.alice.task_submitted", data=body, headers={}, ingress_seq=1, delivery=1)
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b'{"kind":"task_submitted","id":"\xff\xfe","id":"m"}', "schema"),
+        (b'{"kind":"task_submitted","id":"m","id":', "schema"),
+        (HEAD + b'"skill":"echo","skill":"sleep","bogus":1}', "schema"),
+        (HEAD + b'"skill":"echo","skill":"sleep"}', "invalid_json"),
+    ],
+)
+def test_the_schema_check_keeps_its_code_for_bodies_that_do_not_decode(body: bytes, code: str) -> None:
+    msg = _inbound(body)
+    rejection = schema.check(msg, RouterState())
+    assert rejection is not None and rejection.code == code
+    assert msg.event is None
+
+
+def test_a_secret_used_as_a_key_is_redacted_from_the_reason() -> None:
+    secret = "sk-ant-api03-" + "x" * 40
+    body = HEAD + f'"skill":"echo","input":{{"{secret}":1,"{secret}":2}}}}'.encode()
+    rejection = schema.check(_inbound(body), RouterState())
+    assert rejection is not None and rejection.code == "invalid_json"
+    assert secret not in rejection.reason and "REDACTED" in rejection.reason
+
+
+@pytest.mark.parametrize(
+    ("body", "path"),
+    [
+        (b'{"kind":"task_submitted","id":"%s","task_id":"dup","skill":"echo","input":{"seconds":0},"skill":"sleep"}',
+         "$.skill"),
+        (b'{"kind":"task_submitted","id":"%s","task_id":"dup","skill":"echo",'
+         b'"input":{"items":[{"name":"a"},{"name":"b"},{"name":"c","name":"d"}]}}',
+         "$.input.items[2].name"),
+    ],
+)
+async def test_the_router_rejects_a_duplicate_key_with_one_record_and_keeps_serving(
+    running_router: RunningRouter, connect_as: Connect, admin: Client, body: bytes, path: str
+) -> None:
+    cli = await connect_as("cli")
+    js = cli.jetstream()
+    body = body % new_id().encode()
+    await js.publish(subjects.ingress(subjects.principal("cli", "alice"), "task_submitted"), body)
+    after = TaskSubmitted(id=new_id(), task_id="after", skill="echo")
+    await js.publish(subjects.ingress(subjects.principal("cli", "alice"), "task_submitted"), codec.encode(after))
+
+    records = await wait_for_records(admin.jetstream(), 2)
+    assert len(records) == 2, "one record for the refused message, one for the next"
+    bad, good = records
+    assert (bad.verdict, bad.code, bad.principal) == ("rejected", "invalid_json", "cli-alice")
+    assert path in bad.reason
+    assert [r for r in records if path in r.reason] == [bad]
+    # Recorded as the bytes that came in, not as either reading of them.
+    assert bad.event is None and bad.raw is not None and bad.raw.size == len(body)
+    assert good.accepted and good.key == "after"
+    # Only the valid message reached WORK, and it is the one that followed.
+    assert await work_count(admin.jetstream()) == 1
+    item = codec.decode_work((await admin.jetstream().get_msg(subjects.WORK_STREAM, seq=1)).data)
+    assert (item.task_id, item.skill) == ("after", "echo")
