@@ -13,10 +13,10 @@ from rich.table import Table
 
 from agentctl.common import EXIT_FAILED, EXIT_OK, App, cli_principal, err, out, run
 from agentctl.reads import json_option, request_query
-from bus import signing
+from bus import anchor, signing
 from bus.connection import connected
 from bus.errors import BusError
-from bus.verify import Finding, LogReport, verify_log
+from bus.verify import AnchorResult, Finding, LogReport, verify_log
 from projections.verify import compare_digest, compare_file
 
 
@@ -31,15 +31,21 @@ def audit() -> None:
 @click.option("--no-projections", is_flag=True, help="Check only the log, not the projections.")
 @click.option("--pubkey", type=click.Path(dir_okay=False, path_type=Path),
               help="The router's public key (default: next to LEDGERBUS_ROUTER_KEY_PATH, .pub).")
+@click.option("--anchor", "anchor_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="A copy of the chain's anchor to compare the log with (default: next to "
+                   "LEDGERBUS_ROUTER_KEY_PATH, .anchor, if it is there), besides the chain bucket.")
 @json_option
 @click.pass_obj
-def verify(app: App, db_path: Path | None, no_projections: bool, pubkey: Path | None, as_json: bool) -> None:
+def verify(app: App, db_path: Path | None, no_projections: bool, pubkey: Path | None, anchor_path: Path | None,
+           as_json: bool) -> None:
     """Verify the audit log: the stream is append-only, its sequences run from 1 with none
     missing, every record's hash recomputes and links to the one before, the router's signed
-    checkpoints are valid and regular, and a projection rebuilt from scratch equals the live one. Exit 0 when intact, 1 naming the first bad
-    sequence and what is wrong."""
+    checkpoints are valid and regular, the stream still holds the last checkpoint anchored
+    outside it (no restarted chain), and a projection rebuilt from scratch equals the live
+    one. Exit 0 when intact, 1 naming the first bad sequence and what is wrong."""
     show = not as_json and err.is_terminal
     key_file = pubkey or signing.public_path(app.settings.router_key_path)
+    anchor_file = anchor_path or anchor.file_path(app.settings.router_key_path)
     max_gap = app.settings.checkpoint_every + app.settings.router_batch
 
     async def body() -> tuple[LogReport, list[Finding]]:
@@ -55,7 +61,10 @@ def verify(app: App, db_path: Path | None, no_projections: bool, pubkey: Path | 
                     if bar is not None and task is not None:
                         bar.update(task, completed=done, total=total)
 
-                report = await verify_log(js, progress, public_key, max_gap)
+                anchors = [await anchor.read_bucket_for_verify(js)]
+                if (in_file := anchor.read_file_for_verify(anchor_file, required=anchor_path is not None)) is not None:
+                    anchors.append(in_file)
+                report = await verify_log(js, progress, public_key, max_gap, anchors)
             findings = list(report.findings)
             if not no_projections:
                 findings.append(await _projections(nc, js, db_path))
@@ -71,6 +80,9 @@ def verify(app: App, db_path: Path | None, no_projections: bool, pubkey: Path | 
             "first_bad_seq": bad.seq if bad and bad.seq else None,
             "problem": f"{bad.check}: {bad.detail}" if bad else None,
             "checks": [{"check": f.check, "ok": f.ok, "detail": f.detail, "seq": f.seq or None} for f in findings],
+            "restarted": report.restarted,
+            "anchors": [_anchor_json(a) for a in report.anchors],
+            "restarts": [{"seq": r.seq, "reason": r.reason} for r in report.restarts],
         })
     else:
         table = Table("check", "", "detail", box=None)
@@ -84,6 +96,22 @@ def verify(app: App, db_path: Path | None, no_projections: bool, pubkey: Path | 
             where = f"first bad seq {bad.seq}: " if bad.seq else ""
             err.print(f"[red]not intact[/]: {where}{bad.check}: {bad.detail}")
     sys.exit(EXIT_OK if ok else EXIT_FAILED)
+
+
+def _anchor_json(result: AnchorResult) -> dict[str, Any]:
+    """One anchor as ``--json`` shows it: where it was read, what it names, and the verdict."""
+    found = result.anchor
+    cp = found.checkpoint if found is not None else None
+    return {
+        "source": result.source, "ok": result.ok, "detail": result.detail, "seq": result.seq or None,
+        "restarted": result.restarted,
+        "checkpoint_seq": found.seq if found is not None else None,
+        "covers_seq": cp.covers_seq if cp is not None else None,
+        "chain_head": cp.chain_head if cp is not None else None,
+        "key_id": cp.key_id if cp is not None else None,
+        "signed_at": cp.at.isoformat() if cp is not None and cp.at is not None else None,
+        "stream_created": found.stream_created.isoformat() if found is not None and found.stream_created else None,
+    }
 
 
 async def _projections(nc: Any, js: Any, db_path: Path | None) -> Finding:

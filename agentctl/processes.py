@@ -91,16 +91,21 @@ def nats(node: str | None, config: Path | None, store_dir: Path | None, pid_file
 
 
 @click.command()
+@click.option("--accept-new-chain", is_flag=True,
+              help="Once, after the audit log was reset on purpose: start even though the log no longer holds "
+                   "the last checkpoint anchored outside it, and record the break in the new chain. "
+                   "Do not leave it in a Procfile.")
 @click.pass_obj
-def router(app: App) -> None:
+def router(app: App, accept_new_chain: bool) -> None:
     """Run the router: checks, audit log, dispatch. Start more than one for standbys: only
-    the holder of the leader lease serves, another takes over when it lapses."""
+    the holder of the leader lease serves, another takes over when it lapses. It refuses to
+    start a new chain where its key has signed checkpoints before (docs/security.md)."""
     from router.app import Router
     from router.lease import Lease
 
     async def body(nc: Client, stop: asyncio.Event) -> None:
         lease = Lease(nc.jetstream(timeout=10), app.settings.router_lease_s, replicas=app.settings.stream_replicas)
-        await Router(nc, app.settings, lease=lease).run(stop)
+        await Router(nc, app.settings, lease=lease, accept_new_chain=accept_new_chain).run(stop)
 
     serve(app, "router", "ledgerbus-router", body)
 

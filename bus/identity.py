@@ -9,8 +9,8 @@ its NATS user has the same name. What each may do is generated here, per kind:
 - ``cli-<name>`` publishes only on ``in.cli.<name>.>``, asks the projector, reads AUDIT;
 - everyone reads only their own inbox, ``_INBOX_<principal>.>`` (and an agent what the
   router tells it, ``notify.agent.<name>.>``);
-- only ``router`` writes ``audit.>`` and ``work.>``; only ``admin`` and ``router`` manage
-  streams;
+- only ``router`` writes ``audit.>`` and ``work.>`` and the chain's anchor (the ``chain``
+  bucket, which ``cli-<name>`` may read); only ``admin`` and ``router`` manage streams;
 - everyone publishes the spans it records on ``traces.*.<principal>``, and only there, so
   a span's publisher is known; ``cli-<name>`` reads TRACES (``agentctl trace``).
 
@@ -91,6 +91,7 @@ class Credentials(msgspec.Struct, frozen=True):
 
 
 _JS_INFO = "$JS.API.INFO"
+_CHAIN_HEAD = subjects.kv_subject(subjects.CHAIN_BUCKET, subjects.CHAIN_HEAD_KEY)
 
 # What a skill may ask the projector (ctx.memory, ctx.shared, ctx.tasks): not the audit
 # index, the approvals or the digest, which are for operators.
@@ -107,7 +108,8 @@ def permissions(ident: Identity) -> dict[str, Any]:
         pub = ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "q.>"]
         sub = [inbox]
     elif ident.kind == "router":
-        streams = ("INGRESS", "AUDIT", "WORK", "DEADLETTERS", "TRACES", "KV_agents", "KV_router")
+        chain = subjects.kv_stream(subjects.CHAIN_BUCKET)
+        streams = ("INGRESS", "AUDIT", "WORK", "DEADLETTERS", "TRACES", "KV_agents", "KV_router", chain)
         pub = ["audit.>", "work.>", subjects.NOTIFY_ALL, _JS_INFO, "$JS.API.STREAM.INFO.*", "$JS.FC.>",
                *(f"$JS.API.STREAM.CREATE.{s}" for s in streams), *(f"$JS.API.STREAM.UPDATE.{s}" for s in streams),
                "$JS.API.STREAM.MSG.GET.AUDIT", "$JS.API.DIRECT.GET.AUDIT",
@@ -120,7 +122,9 @@ def permissions(ident: Identity) -> dict[str, Any]:
                "$JS.API.CONSUMER.CREATE.DEADLETTERS.>", "$JS.API.CONSUMER.DURABLE.CREATE.DEADLETTERS.>",
                "$JS.API.CONSUMER.INFO.DEADLETTERS.>", "$JS.API.CONSUMER.MSG.NEXT.DEADLETTERS.>",
                "$JS.ACK.DEADLETTERS.>", "$JS.API.STREAM.MSG.GET.WORK", "$JS.API.STREAM.MSG.DELETE.WORK",
-               f"$KV.{subjects.ROUTER_BUCKET}.>", "$JS.API.DIRECT.GET.KV_router.>", "$JS.API.STREAM.MSG.GET.KV_router"]
+               f"$KV.{subjects.ROUTER_BUCKET}.>", "$JS.API.DIRECT.GET.KV_router.>", "$JS.API.STREAM.MSG.GET.KV_router",
+               # The chain's anchor: one key, written and read back, nothing else in the bucket.
+               _CHAIN_HEAD, f"$JS.API.DIRECT.GET.{chain}.{_CHAIN_HEAD}"]
         sub = [inbox]
     elif ident.kind == "projector":
         pub = [_JS_INFO, "$JS.API.STREAM.INFO.AUDIT", "$JS.API.CONSUMER.CREATE.AUDIT",
@@ -133,7 +137,10 @@ def permissions(ident: Identity) -> dict[str, Any]:
                "$JS.API.CONSUMER.CREATE.KV_agents.>", "$JS.API.CONSUMER.INFO.KV_agents.>",
                "$JS.API.DIRECT.GET.KV_agents.>", "$JS.FC.>", "$JS.API.STREAM.INFO.WORK",
                "$JS.API.STREAM.INFO.TRACES", "$JS.API.CONSUMER.CREATE.TRACES", "$JS.API.CONSUMER.CREATE.TRACES.>",
-               "$JS.API.CONSUMER.INFO.TRACES.>"]
+               "$JS.API.CONSUMER.INFO.TRACES.>",
+               # audit verify compares the log with the chain's anchor (read only).
+               f"$JS.API.STREAM.INFO.{subjects.kv_stream(subjects.CHAIN_BUCKET)}",
+               f"$JS.API.DIRECT.GET.{subjects.kv_stream(subjects.CHAIN_BUCKET)}.{_CHAIN_HEAD}"]
         sub = [inbox]
     else:
         pub = [f"in.agent.{ident.name}.>", f"$KV.agents.{ident.name}.>", _JS_INFO,

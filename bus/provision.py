@@ -159,8 +159,21 @@ async def _retrying(step: Callable[[], Awaitable[None]], settings: Settings, wha
         delay = min(delay * 2, 1.0)
 
 
+def chain_bucket_config(settings: Settings) -> KeyValueConfig:
+    """The ``chain`` bucket: the anchor of the audit chain (``bus/anchor.py``). No TTL, and
+    history, so the anchors before the newest stay to be looked at."""
+    return KeyValueConfig(
+        bucket=subjects.CHAIN_BUCKET,
+        history=subjects.CHAIN_HISTORY,
+        storage=StorageType.FILE,
+        direct=True,
+        replicas=settings.stream_replicas,
+        description="the audit chain's anchor: the router's last signed checkpoint",
+    )
+
+
 async def provision(js: JetStreamContext, settings: Settings) -> None:
-    """Create or update every stream and the ``agents`` bucket."""
+    """Create or update every stream and the ``agents`` and ``chain`` buckets."""
 
     async def stream(config: StreamConfig) -> None:
         try:
@@ -171,36 +184,37 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
             # The stream exists with other settings: bring it to ours.
             await js.update_stream(config)
 
-    async def agents_bucket() -> None:
+    async def bucket(config: KeyValueConfig) -> None:
         try:
-            await js.create_key_value(
-                KeyValueConfig(
-                    bucket=subjects.AGENTS_BUCKET,
-                    ttl=settings.agents_ttl_s,
-                    history=1,
-                    storage=StorageType.FILE,
-                    direct=True,
-                    replicas=settings.stream_replicas,
-                    description="agent heartbeats and live load",
-                )
-            )
+            await js.create_key_value(config)
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != STREAM_NAME_IN_USE:
                 raise
             # It exists: it keeps the TTL it was made with, but follows the replica count.
-            await ensure_replicas(js, f"KV_{subjects.AGENTS_BUCKET}", settings.stream_replicas)
+            await ensure_replicas(js, subjects.kv_stream(config.bucket), settings.stream_replicas)
+
+    agents = KeyValueConfig(
+        bucket=subjects.AGENTS_BUCKET,
+        ttl=settings.agents_ttl_s,
+        history=1,
+        storage=StorageType.FILE,
+        direct=True,
+        replicas=settings.stream_replicas,
+        description="agent heartbeats and live load",
+    )
 
     for config in stream_configs(settings):
         try:
             await _retrying(functools.partial(stream, config), settings, f"stream {config.name}")
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot provision stream {config.name}: {exc}{_replicas_hint(settings)}") from exc
-    try:
-        await _retrying(agents_bucket, settings, f"bucket {subjects.AGENTS_BUCKET}")
-    except (nats.errors.Error, TimeoutError) as exc:
-        raise BusError(f"cannot provision bucket {subjects.AGENTS_BUCKET}: {exc}{_replicas_hint(settings)}") from exc
-    log.info("provisioned", streams=[c.name for c in stream_configs(settings)], bucket=subjects.AGENTS_BUCKET,
-             replicas=settings.stream_replicas)
+    for kv in (agents, chain_bucket_config(settings)):
+        try:
+            await _retrying(functools.partial(bucket, kv), settings, f"bucket {kv.bucket}")
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot provision bucket {kv.bucket}: {exc}{_replicas_hint(settings)}") from exc
+    log.info("provisioned", streams=[c.name for c in stream_configs(settings)],
+             buckets=[subjects.AGENTS_BUCKET, subjects.CHAIN_BUCKET], replicas=settings.stream_replicas)
 
 
 def _replicas_hint(settings: Settings) -> str:

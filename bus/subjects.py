@@ -32,6 +32,11 @@ AGENTS_BUCKET: Final = "agents"
 ROUTER_BUCKET: Final = "router"
 """The router's leader lease (key ``leader``; the bucket's TTL is the lease)."""
 ROUTER_LEADER_KEY: Final = "leader"
+CHAIN_BUCKET: Final = "chain"
+"""The chain's anchor outside AUDIT: the router's last signed checkpoint (``bus/anchor.py``)."""
+CHAIN_HEAD_KEY: Final = "head"
+CHAIN_HISTORY: Final = 16
+"""How many anchors, the newest and those before it, the ``chain`` bucket keeps (no TTL)."""
 
 INGRESS_ALL: Final = "in.>"
 AUDIT_ALL: Final = "audit.>"
@@ -192,3 +197,13 @@ def query(projection: str, op: str) -> str:
 
 
 QUERY_ALL: Final = "q.>"
+
+
+def kv_stream(bucket: str) -> str:
+    """The stream JetStream keeps a KV bucket in."""
+    return f"KV_{bucket}"
+
+
+def kv_subject(bucket: str, key: str) -> str:
+    """The subject a KV bucket stores ``key`` under (what a put publishes on)."""
+    return f"$KV.{bucket}.{key}"

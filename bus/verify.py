@@ -2,6 +2,9 @@
 
 The router's signed checkpoints anchor the chain: without its private key nobody can
 write a history that both chains and carries valid checkpoints at the router's spacing.
+The last of them is also kept outside the stream (:mod:`bus.anchor`), so a log deleted
+or replaced whole, which would otherwise verify as a fresh chain, is reported as a chain
+that restarted.
 
 Each check yields a :class:`Finding`; the first failing one names the first bad sequence
 where there is one. Reading is sequential through an ordered consumer, so a record that
@@ -12,13 +15,14 @@ fails the hash chain.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from dataclasses import dataclass, field
 
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, RetentionPolicy, StorageType, StreamInfo
 
-from bus import chain, signing, subjects
+from bus import anchor, chain, signing, subjects
 from bus.chain import ChainHead
 from bus.errors import ChainError
 from bus.events import AuditRecord
@@ -37,12 +41,37 @@ class Finding:
     seq: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class AnchorResult:
+    """One place the chain's anchor is kept, what it held, and what the stream says to it."""
+
+    source: str
+    anchor: anchor.Anchor | None
+    ok: bool
+    detail: str
+    seq: int = 0
+    superseded_at: int = 0
+    """The restart record that superseded this anchor, 0 if none did."""
+    restarted: bool = False
+    """Whether the stream restarted since this anchor (refused, or accepted by an operator)."""
+
+
 @dataclass(slots=True)
 class LogReport:
     """Everything :func:`verify_log` found, in the order it checked."""
 
     findings: list[Finding] = field(default_factory=list)
     head: ChainHead = field(default_factory=ChainHead)
+    anchors: list[AnchorResult] = field(default_factory=list)
+    """Each anchor read, and whether the stream still holds it."""
+    restarts: list[AuditRecord] = field(default_factory=list)
+    """The records with which an operator accepted a new chain (``--accept-new-chain``)."""
+
+    @property
+    def restarted(self) -> bool:
+        """Whether the chain restarted: an anchor the stream no longer holds, or a restart
+        an operator accepted."""
+        return bool(self.restarts) or any(r.restarted for r in self.anchors)
 
     @property
     def ok(self) -> bool:
@@ -125,9 +154,11 @@ async def verify_log(
     on_progress: Progress | None = None,
     public_key: str | None = None,
     max_gap: int = 1000 + 256,
+    anchors: Sequence[anchor.Read] = (),
 ) -> LogReport:
-    """Check the AUDIT stream's configuration, its contiguity from 1, the whole chain, and
-    the signed checkpoints (with ``public_key``, the router's, hex)."""
+    """Check the AUDIT stream's configuration, its contiguity from 1, the whole chain, the
+    signed checkpoints (with ``public_key``, the router's, hex), and that the stream still
+    holds the checkpoint each of ``anchors`` names."""
     report = LogReport()
     info = await js.stream_info(subjects.AUDIT_STREAM)
     problems = config_findings(info)
@@ -147,8 +178,9 @@ async def verify_log(
         report.findings.append(Finding("contiguity", True, f"seq 1..{state.last_seq}, nothing deleted"))
 
     walk = CheckpointWalk(public_key, max_gap)
+    watch = anchor.Watch.of(a.anchor for a in anchors if a.anchor is not None)
     try:
-        report.head = await _verify_chain(js, state.last_seq, on_progress, walk)
+        report.head = await _verify_chain(js, state.last_seq, on_progress, walk, watch)
         if report.head.seq < state.last_seq:
             seq = report.head.seq + 1
             raise ChainError(f"seq {seq}: missing (deleted, or unreadable on disk); read up to {report.head.seq}", seq)
@@ -156,11 +188,48 @@ async def verify_log(
     except ChainError as exc:
         report.findings.append(Finding("hash chain", False, str(exc), seq=exc.seq))
     report.findings.append(walk.finding(report.head))
+    report.restarts = list(watch.restarts)
+    report.anchors = [_compare(read, report.head, state.last_seq, watch, info.created, public_key) for read in anchors]
+    report.findings.append(_anchor_finding(report))
     return report
 
 
+def _compare(read: anchor.Read, head: ChainHead, last_seq: int, watch: anchor.Watch, created: datetime | None,
+             public_key: str | None) -> AnchorResult:
+    if read.anchor is None:
+        if read.problem:
+            return AnchorResult(read.source, None, False, read.problem)
+        return AnchorResult(read.source, None, True, f"no anchor in {read.source} yet")
+    cp = read.anchor.checkpoint
+    if public_key is not None and not signing.valid(public_key, cp):
+        return AnchorResult(read.source, read.anchor, False,
+                            f"the anchor in {read.source} is not signed by the router's key (key {cp.key_id})")
+    if head.seq < read.anchor.seq <= last_seq:
+        return AnchorResult(read.source, read.anchor, False,
+                            f"not compared with {read.source}: the chain breaks before seq {read.anchor.seq}")
+    found = anchor.compare(read.anchor, head, watch, created, read.source)
+    return AnchorResult(read.source, read.anchor, found.ok, found.detail, found.seq, found.superseded_at,
+                        restarted=not found.ok or bool(found.superseded_at))
+
+
+def _anchor_finding(report: LogReport) -> Finding:
+    """One finding over every anchor read, and every restart an operator accepted."""
+    bad = [r for r in report.anchors if not r.ok]
+    if bad:
+        return Finding("anchor", False, "; ".join(r.detail for r in bad), seq=min((r.seq for r in bad if r.seq),
+                                                                                   default=0))
+    details = [r.detail for r in report.anchors if r.anchor is not None]
+    superseded = {r.superseded_at for r in report.anchors}
+    details += [f"the chain restarted at seq {r.seq}, accepted by the operator: {r.reason}"
+                for r in report.restarts if r.seq not in superseded]
+    if not details:
+        sources = ", ".join(r.source for r in report.anchors) or "no anchor given"
+        details.append(f"no anchor to compare with ({sources})")
+    return Finding("anchor", True, "; ".join(details))
+
+
 async def _verify_chain(
-    js: JetStreamContext, last: int, on_progress: Progress | None, walk: CheckpointWalk
+    js: JetStreamContext, last: int, on_progress: Progress | None, walk: CheckpointWalk, watch: anchor.Watch
 ) -> ChainHead:
     head = ChainHead()
     if last == 0:
@@ -178,6 +247,7 @@ async def _verify_chain(
             before = head
             record, head = chain.verify_next(seq, msg.data, head)
             walk.record(record, before)
+            watch.record(record)
             if on_progress is not None:
                 on_progress(head.seq, last)
             if msg.metadata.num_pending == 0:

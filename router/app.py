@@ -18,7 +18,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from agents import discovery
-from bus import codec, failpoints, metrics, signing, subjects, tracing
+from bus import anchor, codec, failpoints, metrics, signing, subjects, tracing
 from bus.errors import SchemaError
 from bus.events import (
     AuditRecord,
@@ -36,11 +36,12 @@ from bus.settings import Settings
 from router import audit as audit_mod
 from router import deadletters
 from router.audit import AuditLog
+from router.anchors import Anchors
 from router.checks import Check, Inbound, default_checks, run_checks
 from router.claims import AgentSkills, ClaimTokens
 from router.deadletters import MaxDeliverAdvisory
 from router.dispatch import dispatch, routed_work_item, work_item
-from router.errors import AuditAppendError
+from router.errors import AuditAppendError, ChainRestartedError
 from router.gauges import Gauges
 from router.lease import Lease
 from router.policy import PolicyFile
@@ -60,10 +61,14 @@ class Router:
     """Wires the pipeline to the bus. ``checks`` may be replaced (tests, policy plugins)."""
 
     def __init__(self, nc: Client, settings: Settings, checks: Sequence[Check] | None = None,
-                 lease: Lease | None = None) -> None:
+                 lease: Lease | None = None, accept_new_chain: bool = False) -> None:
         self.nc = nc
         self.lease = lease
         """With a lease, this router serves only while it is the leader (``agentctl router``)."""
+        self.accept_new_chain = accept_new_chain
+        """At the first start only: a stream that no longer holds the anchored checkpoint is
+        accepted as a new chain (the break recorded in it) instead of refused."""
+        self._stream_created: datetime | None = None
         self.js: JetStreamContext = nc.jetstream(timeout=10)
         self.settings = settings
         self.policy = PolicyFile(settings.policy_path, settings.policy_check_interval_s)
@@ -102,9 +107,20 @@ class Router:
         """Provision the streams, rebuild state from the log, bind the INGRESS consumer."""
         self.key = signing.load_or_create(self.settings.router_key_path)
         self.tokens.use_key(self.key)
+        self.anchors = Anchors(self.js, self.key, self.settings.router_key_path)
         self._last_checkpoint_at = asyncio.get_running_loop().time()
         await provision(self.js, self.settings)
-        await self._recover()
+        await self.anchors.load()
+        try:
+            await self._recover()
+        finally:
+            # Accepting a new chain is for this start only: a log lost later is refused again.
+            self.accept_new_chain = False
+        if self.state.last_checkpoint is not None:
+            # Once per start, whatever the log held: the anchor follows a restored stream, and
+            # a file that cannot be written stops the router here rather than at a checkpoint.
+            await self.anchors.write(self.state.last_checkpoint_seq, self.state.last_checkpoint,
+                                     self._stream_created, strict=True)
         self._watch = asyncio.create_task(watch_agents(self.js, self.live))
         dead_sub = await self.js.pull_subscribe(
             subjects.DEADLETTER_ALL, durable=subjects.DEADLETTER_CONSUMER, stream=subjects.DEADLETTER_STREAM,
@@ -121,9 +137,12 @@ class Router:
 
     async def _recover(self) -> None:
         self.state = RouterState(dedup_horizon_s=self.settings.dedup_horizon_s)
-        head = await audit_mod.recover(self.js, self.state)
+        watch = self.anchors.watch()
+        head = await audit_mod.recover(self.js, self.state, watch)
+        self._stream_created = (await self.js.stream_info(subjects.AUDIT_STREAM)).created
         self.audit = AuditLog(self.js, head)
         self.scheduler.state = self.state
+        await self._check_anchors(head, watch)
         ingress = await self.js.stream_info(subjects.INGRESS_STREAM)
         self.state.forget_acked_before(ingress.state.first_seq)
         # Whatever was decided before a crash but not acted on is decided again from here;
@@ -132,6 +151,23 @@ class Router:
         self._undelivered = {
             task_id for task_id, task in self.state.tasks.items() if task.routed and task.status == "pending"
         }
+
+    async def _check_anchors(self, head: audit_mod.ChainHead, watch: anchor.Watch) -> None:
+        """Refuse a stream that no longer holds a checkpoint this key anchored outside it;
+        with ``accept_new_chain``, append the break instead, as a signed checkpoint record
+        naming every anchor it supersedes (the anchors then move to it)."""
+        broken = self.anchors.broken(head, watch, self._stream_created, self.accept_new_chain)
+        if not broken:
+            return
+        if not self.accept_new_chain:
+            raise ChainRestartedError(
+                f"refusing to start a new audit chain: {broken[0][2].detail}. If the log was reset on purpose, "
+                "start the router once with --accept-new-chain (the break is recorded in the new chain), "
+                "see docs/security.md"
+            )
+        record = await self._append_checkpoint(
+            code=anchor.RESTART_CODE, reason=anchor.restart_reason((source, a) for source, a, _ in broken))
+        log.warning("chain_restart_accepted", seq=record.seq, superseded=[a.token for _, a, _ in broken])
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; the batch in hand is always finished first.
@@ -349,6 +385,17 @@ class Router:
             and now - self._last_checkpoint_at < self.settings.checkpoint_interval_s
         ):
             return
+        try:
+            await self._append_checkpoint()
+        except AuditAppendError as exc:
+            log.error("checkpoint_append_failed", error=str(exc))
+            await self._recover()
+            return
+        self._last_checkpoint_at = now
+
+    async def _append_checkpoint(self, code: str = "ok", reason: str = "") -> AuditRecord:
+        """Sign the chain head, append it as the next record, and anchor it outside the log.
+        Raises :class:`AuditAppendError` if the log did not take it (nothing is anchored)."""
         head = self.audit.head
         stamp = datetime.now(UTC)
         checkpoint = signing.sign(
@@ -357,18 +404,14 @@ class Router:
                        prev_checkpoint_seq=self.state.last_checkpoint_seq, key_id="", at=stamp),
         )
         record, data = self.audit.seal(AuditRecord(
-            seq=0, at=stamp, verdict="accepted", code="ok", reason="", principal="router",
+            seq=0, at=stamp, verdict="accepted", code=code, reason=reason, principal="router",
             kind="checkpoint", key="router", msg_id="", ingress_seq=0, delivery=0, checkpoint=checkpoint,
         ))
-        try:
-            await self.audit.append([(record, data, {})])
-        except AuditAppendError as exc:
-            log.error("checkpoint_append_failed", error=str(exc))
-            await self._recover()
-            return
+        await self.audit.append([(record, data, {})])
         self.state.apply(record)
-        self._last_checkpoint_at = now
         log.info("checkpoint", seq=record.seq, covers_seq=head.seq)
+        await self.anchors.write(record.seq, checkpoint, self._stream_created)
+        return record
 
     async def _recover_until_done(self, stop: asyncio.Event) -> None:
         """Rebuild state and chain head from the log, retrying while the server is away."""

@@ -17,7 +17,7 @@ from nats.js.api import DeliverPolicy
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from bus import chain, subjects, tracing
+from bus import anchor, chain, subjects, tracing
 from bus.chain import ChainHead
 from bus.connection import pub_acks
 from bus.errors import ChainError
@@ -83,8 +83,9 @@ class AuditLog:
                 span.end()
 
 
-async def recover(js: JetStreamContext, state: RouterState) -> ChainHead:
-    """Fold the whole audit log into ``state`` and return the chain head, verifying the chain.
+async def recover(js: JetStreamContext, state: RouterState, watch: anchor.Watch | None = None) -> ChainHead:
+    """Fold the whole audit log into ``state`` and return the chain head, verifying the chain;
+    ``watch`` sees every record (what the chain's anchor is compared with).
 
     A broken chain stops the router: extending it would make tampering look legitimate.
     """
@@ -108,6 +109,8 @@ async def recover(js: JetStreamContext, state: RouterState) -> ChainHead:
             except ChainError as exc:
                 raise ChainBrokenError(f"refusing to extend a broken audit chain: {exc}") from exc
             state.apply(record, (msg.headers or {}).get(subjects.HDR_TRACEPARENT, ""))
+            if watch is not None:
+                watch.record(record)
     except TimeoutError as exc:
         raise AuditAppendError(f"timed out reading the audit log at seq {head.seq} of {last}") from exc
     finally:

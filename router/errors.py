@@ -19,3 +19,8 @@ class AuditAppendError(RouterError):
 
 class ChainBrokenError(RouterError):
     """The stored audit chain does not verify; the router refuses to extend it."""
+
+
+class ChainRestartedError(RouterError):
+    """The AUDIT stream no longer holds a checkpoint this router's key signed and anchored
+    outside it (deleted, replaced, cut short): the router refuses to start a new chain."""

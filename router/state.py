@@ -28,6 +28,7 @@ from bus.events import (
     AgentJoined,
     AuditRecord,
     Budget,
+    Checkpoint,
     CheckpointSaved,
     PlanStep,
     PlanSubmitted,
@@ -124,6 +125,8 @@ class RouterState:
     def __init__(self, audited_capacity: int = 65_536, dedup_horizon_s: float = 24 * 3600) -> None:
         self.tasks: dict[str, TaskState] = {}
         self.last_checkpoint_seq = 0
+        self.last_checkpoint: Checkpoint | None = None
+        """The newest signed checkpoint in the log (the one the chain's anchor names)."""
         self.checkpoints: dict[str, dict[str, int]] = {}
         """agent name → its memory checkpoints' ids → the seq that saved each"""
         self.registry: dict[str, set[str]] = {}
@@ -146,7 +149,7 @@ class RouterState:
         """Fold one audit record into the state; ``traceparent`` is the trace context
         its AUDIT message carries (the span that decided it), if any."""
         if record.checkpoint is not None:
-            self.last_checkpoint_seq = record.seq
+            self.last_checkpoint_seq, self.last_checkpoint = record.seq, record.checkpoint
             return
         if record.ingress_seq:
             self._audited[record.ingress_seq] = record

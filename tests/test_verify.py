@@ -52,7 +52,7 @@ async def test_an_intact_log_and_projection_verify(
     assert code == 0, report
     assert report["ok"] and report["head"]["seq"] == 5 and report["first_bad_seq"] is None
     assert [c["check"] for c in report["checks"]] == [
-        "stream config", "contiguity", "hash chain", "checkpoints", "projections"]
+        "stream config", "contiguity", "hash chain", "checkpoints", "anchor", "projections"]
 
 
 async def test_a_byte_changed_on_disk_is_found_at_its_sequence(
