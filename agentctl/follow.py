@@ -150,7 +150,8 @@ class TaskView:
                 held = record.code == "approval_requested"
                 self.skill, self.submitted_seq = skill, record.seq
                 self.max_attempts = retry.max_attempts if retry is not None else 1
-                self.status = "awaiting_approval" if held else "waiting" if record.code == "awaiting_match" else "pending"
+                waits = record.code == "awaiting_match"
+                self.status = "awaiting_approval" if held else "waiting" if waits else "pending"
                 self._submitted_at = record.at
                 if record.code != "ok":
                     # Accepted with a word for the submitter: nobody serves the skill
