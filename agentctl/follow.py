@@ -15,6 +15,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from bus import codec, subjects
 from bus.events import (
     AuditRecord,
+    SkillUnmatched,
     TaskApproved,
     TaskCancelled,
     TaskCompleted,
@@ -113,6 +114,12 @@ class TaskView:
     notes: list[str] = field(default_factory=list)
     max_attempts: int = 1
     failures: int = 0
+    warnings: list[str] = field(default_factory=list)
+    """What the submitter should know at once while it waits: that nobody serves the
+    skill, that an agent was proposed for it (``submit --wait`` prints each as it comes)."""
+    unserved: bool = False
+    """No agent served the skill when it was submitted (and none has claimed it since)."""
+    proposal_id: str = ""
     _submitted_at: Any = None
     _seen_verdict: bool = False
 
@@ -143,8 +150,21 @@ class TaskView:
                 held = record.code == "approval_requested"
                 self.skill, self.submitted_seq = skill, record.seq
                 self.max_attempts = retry.max_attempts if retry is not None else 1
-                self.status = "awaiting_approval" if held else "pending"
+                waits = record.code == "awaiting_match"
+                self.status = "awaiting_approval" if held else "waiting" if waits else "pending"
                 self._submitted_at = record.at
+                if record.code != "ok":
+                    # Accepted with a word for the submitter: nobody serves the skill
+                    # (no_agent, awaiting_match), or it waits for an approver.
+                    self.code, self.reason = record.code, record.reason
+                    self.unserved = record.code in ("no_agent", "awaiting_match")
+                    self.warnings.append(record.reason)
+            case SkillUnmatched(id=proposal_id, proposal=proposal):
+                self.status, self.proposal_id = "unmatched", proposal_id
+                self.warnings.append(
+                    f"proposal {proposal_id}: an agent {proposal.name} with skills {', '.join(proposal.skills)} "
+                    f"would serve it; approve it with `agentctl agents propose --approve {proposal_id}`, then "
+                    f"start it with `agentctl agent --profile {proposal.name}`")
             case TaskApproved():
                 self.status = "pending"
                 self.notes.append(f"approved by {record.principal}")
@@ -160,6 +180,7 @@ class TaskView:
                 self.error = f"denied by {record.principal}" + (f": {reason}" if reason else "")
             case TaskStarted(attempt=attempt, dispatch=dispatch):
                 self.status, self.agent, self.attempts = "running", agent, self.attempts + 1
+                self.unserved = False
                 self.progress, self.fraction = "", None
                 if attempt > dispatch:
                     self.notes.append(f"attempt {attempt} on {agent} (the previous claim lapsed)")
@@ -175,6 +196,9 @@ class TaskView:
             case TaskRetryScheduled(not_before=at):
                 self.status = "retrying"
                 self.notes.append(f"failed ({self.error}); retry {self.failures} at {at:%H:%M:%S}")
+            case TaskDispatched(reason="matched", skill=skill):
+                self.status = "pending"
+                self.notes.append(f"matched to the live skill {skill}")
             case TaskDispatched(reason=reason):
                 self.status = "pending"
                 self.notes.append(f"dispatched again ({reason})")

@@ -1,5 +1,6 @@
-"""``agentctl agents propose``: the agents the router proposed for plan steps that no live
-agent could serve, and approving one.
+"""``agentctl agents propose``: the agents the router proposed for plan steps (and, under
+policy ``[tasks] unserved = "propose"``, submissions) that no live agent could serve, and
+approving one.
 
 When a step names capabilities no live agent offers, the router records ``skill_unmatched``
 with a proposed agent (a name, skills, capabilities, instructions) and the step waits.
@@ -42,7 +43,7 @@ from bus.identity import Registry, identity
 @click.pass_obj
 def propose(app: App, proposal_id: str | None, profile_name: str | None, pid_file: Path, db_path: Path | None,
             as_json: bool) -> None:
-    """List the agents the router proposed for unmatched plan steps, newest first; with
+    """List the agents the router proposed for unmatched plan steps and submissions, newest first; with
     --approve ID, approve one. Exit 1 if the router refused the approval."""
     if proposal_id is None:
         if profile_name is not None:

@@ -14,6 +14,7 @@ import nats.errors
 from nats.aio.client import Client
 from opentelemetry import trace
 from rich.live import Live
+from rich.markup import escape
 from rich.status import Status
 from rich.table import Table
 
@@ -60,7 +61,8 @@ def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) 
               help="Submit this pipeline's plan for the requirement given as the argument, its steps played by the "
                    "role profiles of the profiles file (--task-timeout and --retries apply to each step).")
 @click.option("--input", "input_", callback=_json_object, metavar="JSON", help="The task input, a JSON object.")
-@click.option("--wait", is_flag=True, help="Follow the task until it completes, fails or is rejected.")
+@click.option("--wait", is_flag=True, help="Follow the task until it completes, fails or is rejected; says at once "
+              "when no agent serves its skill (and which agent was proposed), and keeps waiting for one.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="With --wait: give up (exit 2) after this many seconds.")
 @click.option("--task-timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TASK_TIMEOUT_S,
@@ -187,9 +189,14 @@ async def _follow(js: Any, view: TaskView, show: bool) -> None:
     if status:
         status.start()
     follow = records(js, subjects.audit_for_key(view.task_id), follow=True)
+    shown = 0
     try:
         async for record, _ in follow:
             view.apply(record)
+            # Said at once, not at the end: nobody serving the skill is why a wait would be long.
+            for warning in view.warnings[shown:]:
+                err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+            shown = len(view.warnings)
             if status:
                 detail = f" on {view.agent}" if view.agent else ""
                 prog = f" - {view.progress}" if view.progress else ""
@@ -209,7 +216,9 @@ def _report(view: TaskView, as_json: bool, timed_out: float | None = None) -> in
             data["timed_out"] = True
         out.print_json(data=data)
     elif timed_out is not None:
-        err.print(f"[yellow]timed out[/] after {timed_out:g}s waiting for task {view.task_id} (last state: {view.status})")
+        unserved = f"; no agent serves {view.skill}" if view.unserved else ""
+        err.print(f"[yellow]timed out[/] after {timed_out:g}s waiting for task {view.task_id} "
+                  f"(last state: {view.status}{escape(unserved)})")
     else:
         colour = {"completed": "green", "failed": "red", "rejected": "red", "denied": "red", "cancelled": "red",
                   "dead_lettered": "red"}[view.status]

@@ -310,7 +310,8 @@ class SharedWritten(Event, tag="shared_written", frozen=True):
 
 class TaskDispatched(Event, tag="task_dispatched", frozen=True):
     """The router put the task on ``work.<skill>``: a plan step whose dependencies are
-    done, or a retry. The first dispatch of a plain submission is the submission itself."""
+    done, a submission held for a match (``awaiting_match``) once a live skill provides it,
+    or a retry. The first dispatch of a plain submission is the submission itself."""
 
     task_id: Id
     skill: Skill
@@ -348,8 +349,9 @@ class AgentProposal(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 
 class SkillUnmatched(Event, tag="skill_unmatched", frozen=True):
-    """No live agent offers a skill with every capability the step needs. The step waits;
-    ``proposal`` (approved with ``agentctl agents propose --approve``) would serve it."""
+    """No live agent offers a skill with every capability the step needs (for a submission
+    held for a match, its skill's name). It waits; ``proposal`` (approved with
+    ``agentctl agents propose --approve``) would serve it."""
 
     task_id: Id
     capabilities: list[Capability]

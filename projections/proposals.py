@@ -1,5 +1,6 @@
 """The ``proposals`` projection: agent configurations the router proposed when no live agent
-could serve a plan step (``skill_unmatched``), and which an operator approved."""
+could serve a plan step, or a submission of a skill nobody serves under policy
+``[tasks] unserved = "propose"`` (``skill_unmatched``), and which an operator approved."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ _KINDS = frozenset((SkillUnmatched, ProposalApproved))
 
 
 async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
-    """Fold a batch: an unmatched step opens a proposal, an approval closes it."""
+    """Fold a batch: an unmatched step or submission opens a proposal, an approval closes it."""
     mine = [r for r in records if r.verdict == "accepted" and type(r.event) in _KINDS]
     if not mine:
         return

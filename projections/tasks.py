@@ -4,6 +4,8 @@ Subtasks are tasks whose ``parent_task_id`` names the task whose skill submitted
 or the plan they are a step of. A plan is a row with skill ``plan`` (its input is the
 plan), and each of its steps a row with its ``step`` id, ``deps`` and ``priority``; the
 router's own decisions (dispatch, retry, dead letter, skip, no match) move them along.
+A submission whose skill nobody served (code ``no_agent`` or ``awaiting_match``) shows why
+in ``progress`` until an agent claims it.
 """
 
 from __future__ import annotations
@@ -82,16 +84,20 @@ def _refs(records: Sequence[AuditRecord]) -> Iterator[tuple[tuple[str], bool]]:
 
 def _submitted(rows: Rows, record: AuditRecord, e: TaskSubmitted) -> None:
     held = record.code == "approval_requested"
+    # Nobody served the skill: queued all the same (no_agent), or held for the router to
+    # match it (awaiting_match). Either way the row says so until an agent claims it.
+    waits = record.code == "awaiting_match"
+    unserved = waits or record.code == "no_agent"
     seq = record.seq
     rows.put({
         "task_id": e.task_id, "kind": "task", "skill": e.skill, "input": codec.encode(e.input).decode(),
         "timeout_s": e.timeout_s,
-        "status": "awaiting_approval" if held else "pending",
+        "status": "awaiting_approval" if held else "waiting" if waits else "pending",
         "submitted_by": record.principal, "submitted_at": iso(record.at), "submitted_seq": seq,
         "parent_task_id": e.parent_task_id, "agent": None, "attempts": 0, "started_at": None,
-        "finished_at": None, "progress": None, "fraction": None, "output": None, "error": None,
-        "trace_id": record.trace_id, "tokens": 0, "cost_usd": 0.0, **_STEP_DEFAULTS,
-        "dispatches": 0 if held else 1, "updated_seq": seq,
+        "finished_at": None, "progress": record.reason if unserved else None, "fraction": None, "output": None,
+        "error": None, "trace_id": record.trace_id, "tokens": 0, "cost_usd": 0.0, **_STEP_DEFAULTS,
+        "dispatches": 0 if held or waits else 1, "updated_seq": seq,
     })
 
 

@@ -47,7 +47,7 @@ from router.lease import Lease
 from router.policy import PolicyFile
 from router.records import Decision, record_attributes, record_for, trace_headers
 from router.scheduler import LiveAgents, RouterDecision, Scheduler, watch_agents
-from router.state import APPROVAL_REQUESTED, BUDGET_EXCEEDED, RouterState
+from router.state import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT, RouterState
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("ledgerbus.router")
@@ -78,14 +78,15 @@ class Router:
         catalog = discovery.catalog()
         self.installed = {name: info.capabilities for name, info in catalog.items()}
         types = {name: info.input_type for name, info in catalog.items() if info.input_type is not None}
+        self.live = LiveAgents(settings.agents_ttl_s)
         self.checks = (
             list(checks) if checks is not None
             else default_checks(settings.max_message_bytes, self.policy, settings.max_checkpoint_bytes,
                                 installed=self.installed.keys, input_types=lambda: types,
-                                tokens=self.tokens, agent_skills=self.agent_skills.of)
+                                tokens=self.tokens, agent_skills=self.agent_skills.of,
+                                live_skills=self.live.skills, agents_ttl_s=settings.agents_ttl_s)
         )
         self.state = RouterState(dedup_horizon_s=settings.dedup_horizon_s)
-        self.live = LiveAgents(settings.agents_ttl_s)
         self.scheduler = Scheduler(self.state, self.live, self.installed, settings.max_message_bytes, self._may_run)
         self.audit = AuditLog(self.js, audit_mod.ChainHead())
         self._sub: JetStreamContext.PullSubscription | None = None
@@ -121,7 +122,7 @@ class Router:
             # a file that cannot be written stops the router here rather than at a checkpoint.
             await self.anchors.write(self.state.last_checkpoint_seq, self.state.last_checkpoint,
                                      self._stream_created, strict=True)
-        self._watch = asyncio.create_task(watch_agents(self.js, self.live))
+        await self._watch_agents()
         dead_sub = await self.js.pull_subscribe(
             subjects.DEADLETTER_ALL, durable=subjects.DEADLETTER_CONSUMER, stream=subjects.DEADLETTER_STREAM,
             config=deadletter_consumer_config(),
@@ -134,6 +135,19 @@ class Router:
             config=router_consumer_config(self.settings),
         )
         log.info("router_started", head_seq=self.audit.head.seq)
+
+    async def _watch_agents(self) -> None:
+        """Start following the agents' heartbeats, and read the ones there now before
+        serving: a submission checked in the first moments must not be told that nobody
+        serves a skill a live agent offers only because the watch had not caught up."""
+        ready = asyncio.Event()
+        self._watch = asyncio.create_task(watch_agents(self.js, self.live, ready))
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout_s):
+                await ready.wait()
+        except TimeoutError:
+            # Serve anyway: a late watch makes at worst a needless warning, never a loss.
+            log.warning("agents_watch_not_ready", waited_s=self.settings.connect_timeout_s)
 
     async def _recover(self) -> None:
         self.state = RouterState(dedup_horizon_s=self.settings.dedup_horizon_s)
@@ -478,11 +492,16 @@ class Router:
                 code, reason = rejection.code, rejection.reason
             elif inbound.held:
                 code, reason = APPROVAL_REQUESTED, "the skill is marked dangerous: waiting for an approver"
+                if inbound.unserved:
+                    reason = f"{reason}; {inbound.unserved}"
             elif inbound.over_budget:
                 code, reason = BUDGET_EXCEEDED, inbound.over_budget
+            elif inbound.unserved:
+                code, reason = AWAITING_MATCH if inbound.await_match else NO_AGENT, inbound.unserved
             else:
                 code, reason = "ok", ""
-            record, data = self.audit.seal(record_for(inbound, code, reason, tracing.trace_id_of_span(span)))
+            record, data = self.audit.seal(record_for(inbound, code, reason, tracing.trace_id_of_span(span),
+                                                         accepted=rejection is None))
             span.set_attributes(record_attributes(record))
             metrics.router_messages.add(1, {"kind": record.kind, "verdict": record.verdict, "code": code})
             if rejection is not None:

@@ -20,7 +20,7 @@ from bus import codec, subjects, tracing
 from bus.connection import pub_acks
 from bus.events import AuditRecord, TaskApproved, TaskSubmitted, WorkItem
 from router.claims import ClaimTokens
-from router.state import RouterState
+from router.state import NO_AGENT, RouterState
 
 tracer = trace.get_tracer("ledgerbus.router")
 
@@ -28,8 +28,10 @@ tracer = trace.get_tracer("ledgerbus.router")
 def work_item(record: AuditRecord, state: RouterState, tokens: ClaimTokens) -> WorkItem | None:
     """The work an accepted record asks for, if any: a submission that is not held, or
     the approval of one that was (its submission is kept in the router state). It carries
-    the claim token of its dispatch (the first)."""
-    if not record.accepted or record.code != "ok":
+    the claim token of its dispatch (the first). A submission nobody serves (``no_agent``)
+    goes to WORK all the same and waits there for an agent with its skill; one held for a
+    match is the scheduler's to dispatch."""
+    if not record.accepted or record.code not in ("ok", NO_AGENT):
         return None
     match record.event:
         case TaskSubmitted() as submission:

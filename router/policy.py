@@ -56,6 +56,16 @@ class Delegation(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """most subtasks one task may submit"""
 
 
+class Tasks(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What becomes of a submission whose skill nobody serves: no skill of that name is
+    installed beside the router and no live agent (heartbeat) offers it."""
+
+    unserved: Literal["warn", "reject", "propose"] = "warn"
+    """``warn``: accepted with code ``no_agent`` (it waits in WORK for an agent with the
+    skill); ``reject``: rejected with ``no_agent``; ``propose``: accepted with code
+    ``awaiting_match``, held until a live skill provides it, with a proposed agent"""
+
+
 class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Everything ``policy.toml`` may say."""
 
@@ -66,6 +76,7 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     secrets: Secrets = msgspec.field(default_factory=Secrets)
     approval: Approval = msgspec.field(default_factory=Approval)
     delegation: Delegation = msgspec.field(default_factory=Delegation)
+    tasks: Tasks = msgspec.field(default_factory=Tasks)
     hooks: HooksPolicy = msgspec.field(default_factory=HooksPolicy)
     """read by the agents: deny rules and disabled plugin hooks (agents/hooks.py)"""
     sandbox: SandboxPolicy = msgspec.field(default_factory=SandboxPolicy)

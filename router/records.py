@@ -28,13 +28,9 @@ from bus.events import (
 )
 from router.checks import Inbound, secrets
 from router.claims import fingerprint
-from router.state import APPROVAL_REQUESTED, BUDGET_EXCEEDED
 
 _RAW_HEAD_BYTES = 256
 _TOKEN_FIELD = re.compile(r'("token"\s*:\s*)"[^"]*"?')
-
-# Accepted records whose code also says what the acceptance did besides.
-ACCEPTED_CODES = frozenset({"ok", APPROVAL_REQUESTED, BUDGET_EXCEEDED})
 
 
 @dataclass(slots=True)
@@ -71,8 +67,10 @@ def record_attributes(record: AuditRecord) -> dict[str, Any]:
     return attrs
 
 
-def record_for(inbound: Inbound, code: str, reason: str, trace_id: str) -> AuditRecord:
-    """Build the (unsealed) audit record of one checked message."""
+def record_for(inbound: Inbound, code: str, reason: str, trace_id: str, accepted: bool) -> AuditRecord:
+    """Build the (unsealed) audit record of one checked message. ``accepted`` is whether no
+    check rejected it: the code alone cannot say (``no_agent`` is a warning on an accepted
+    submission, or a rejection, as policy says)."""
     event = inbound.event
     kind = kind_of(type(event)) if event is not None else "unknown"
     if event is not None and isinstance(event, TASK_EVENTS):
@@ -102,12 +100,12 @@ def record_for(inbound: Inbound, code: str, reason: str, trace_id: str) -> Audit
             sha256=hashlib.sha256(inbound.data).hexdigest(),
             head=text[:_RAW_HEAD_BYTES],
         )
-    if code in ACCEPTED_CODES and inbound.secrets:
+    if accepted and inbound.secrets:
         reason = "; ".join(filter(None, [reason, f"redacted: {', '.join(inbound.secrets)}"]))
     return AuditRecord(
         seq=0,
         at=datetime.now(UTC),
-        verdict="accepted" if code in ACCEPTED_CODES else "rejected",
+        verdict="accepted" if accepted else "rejected",
         code=code,
         reason=reason,
         principal=inbound.principal.token if inbound.principal is not None else "unknown",

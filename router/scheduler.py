@@ -8,6 +8,9 @@ events that follow from where they are now:
   highest priority first; a step whose dependency failed under ``on_failure = "continue"``
   is skipped; a step named by capabilities goes to the live skill that fits best, or is
   recorded as ``skill_unmatched`` (with a proposed agent) until one appears;
+- a submission held for a match (code ``awaiting_match``: nobody served its skill) goes,
+  in the same way, to the live skill that provides its skill best, or waits as
+  ``skill_unmatched`` with a proposed agent;
 - a failed task with retries left gets ``task_retry_scheduled``, and is dispatched again
   when its time comes; with its retries spent it is dead-lettered;
 - a plan completes (with its steps' outputs) when every step has settled, and fails as
@@ -98,6 +101,10 @@ class LiveAgents:
         """An instance left, or its heartbeat expired."""
         if self._beats.pop(key, None) is not None:
             self.changed = True
+
+    def skills(self) -> set[str]:
+        """Every skill some live instance runs (cheaper than :meth:`offers`: no loads)."""
+        return {skill for beat in self._beats.values() for skill in beat.skills}
 
     def offers(self) -> dict[str, Offer]:
         """Every skill some live instance runs, with its capabilities and load."""
@@ -200,6 +207,9 @@ class Scheduler:
                 emit(TaskDispatched(id=new_id(), task_id=task_id, skill=task.skill, dispatch=task.dispatch + 1,
                                     attempt_base=task.attempt, reason="retry"))
                 continue
+            if task.step is None and task.plan is None and task.status in ("waiting", "unmatched"):
+                emit(self._match_submission(task_id, task))
+                continue
             if task.plan is not None and task.status == "running":
                 for event in self._plan(task_id, task, touched):
                     emit(event)
@@ -268,6 +278,20 @@ class Scheduler:
                                           proposal=propose(step.step.capabilities, self._known_capabilities())))
         return out
 
+    def _match_submission(self, task_id: str, task: TaskState) -> RouterDecision | None:
+        """A submission held for a match: its skill's name is the one capability it needs."""
+        need = [task.skill]
+        offers = {s: o for s, o in self.live.offers().items() if self.may_run(task.submitter, s)}
+        found = match(need, offers)
+        if found is not None:
+            skill, score = found
+            return TaskDispatched(id=new_id(), task_id=task_id, skill=skill, dispatch=task.dispatch + 1,
+                                  attempt_base=task.attempt, reason="matched", score=round(score, 4))
+        if task.status == "unmatched":
+            return None  # proposed already: it waits for the live set to change
+        return SkillUnmatched(id=new_id(), task_id=task_id, capabilities=need,
+                              proposal=propose(need, self._known_capabilities()))
+
     def _known_capabilities(self) -> dict[str, frozenset[str]]:
         known = dict(self.installed)
         for skill, caps in self.state.registry.items():
@@ -295,9 +319,10 @@ def _ended_badly(task: TaskState) -> bool:
     return task.settled and task.status != "completed"
 
 
-async def watch_agents(js: JetStreamContext, live: LiveAgents) -> None:
+async def watch_agents(js: JetStreamContext, live: LiveAgents, ready: asyncio.Event | None = None) -> None:
     """Keep ``live`` current from the ``agents`` bucket (heartbeats, with a TTL), for ever;
-    a failed watch (reconnect, server restart) is started again, until cancelled."""
+    a failed watch (reconnect, server restart) is started again, until cancelled.
+    ``ready`` is set once the bucket's values at the start have all been read."""
     while not cancel_requested():
         try:
             kv = await js.key_value(subjects.AGENTS_BUCKET)
@@ -305,6 +330,8 @@ async def watch_agents(js: JetStreamContext, live: LiveAgents) -> None:
             try:
                 async for entry in watcher:
                     if entry is None:
+                        if ready is not None:
+                            ready.set()
                         continue  # the marker after the initial values
                     if entry.operation in ("DEL", "PURGE") or not entry.value:
                         live.delete(entry.key)

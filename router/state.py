@@ -55,6 +55,16 @@ BUDGET_EXCEEDED = "budget_exceeded"
 APPROVAL_REQUESTED = "approval_requested"
 """The code of an accepted submission that waits for approval before it is dispatched."""
 
+NO_AGENT = "no_agent"
+"""The code of a submission whose skill nobody serves (not installed beside the router, no
+live agent offers it): accepted and put on WORK, where it waits for an agent with the skill
+(policy ``[tasks] unserved = "warn"``), or rejected (``"reject"``)."""
+
+AWAITING_MATCH = "awaiting_match"
+"""The code of an accepted submission whose skill nobody serves, held for the scheduler
+(policy ``[tasks] unserved = "propose"``): it is dispatched to the live skill that provides
+it best, and until one does it waits as ``skill_unmatched`` with a proposed agent."""
+
 TERMINAL = frozenset({"completed", "failed", "denied", "cancelled", "skipped", "dead_lettered"})
 """States in which no claim or result is accepted any more. ``failed`` may still be
 followed by a retry (a new dispatch), which the router decides, never an agent."""
@@ -134,8 +144,12 @@ class RouterState:
         self.proposals: dict[str, SkillUnmatched] = {}
         """proposal id (the ``skill_unmatched`` event id) → the event"""
         self.approved_proposals: set[str] = set()
+        self.joined_at: dict[str, datetime] = {}
+        """skill → when an agent advertising it last joined (its heartbeat may not have
+        reached the router's watch yet: see :mod:`router.checks.unserved`)"""
         self.unmatched: set[str] = set()
-        """Plan steps waiting for a live agent with the capabilities they need."""
+        """Plan steps, and submissions held for a match, waiting for a live agent with the
+        capabilities they need."""
         self.dirty: set[str] = set()
         """Tasks the scheduler should look at again (see :mod:`router.scheduler`)."""
         self._timers: list[tuple[datetime, str]] = []
@@ -175,16 +189,20 @@ class RouterState:
         match event:
             case TaskSubmitted(task_id=task_id, skill=skill) as submission:
                 held = record.code == APPROVAL_REQUESTED
+                # Held for a match: the scheduler dispatches it (from the kept submission)
+                # once a live skill provides it, as it does a plan step named by capabilities.
+                waits = record.code == AWAITING_MATCH
                 retry = submission.retry or NO_RETRY
                 self.tasks[task_id] = TaskState(
                     skill=skill,
                     submitter=record.principal,
-                    status="awaiting_approval" if held else "pending",
+                    status="awaiting_approval" if held else "waiting" if waits else "pending",
+                    dispatch=0 if waits else 1,
                     held=submission if held else None,
                     budget=submission.budget,
                     parent=submission.parent_task_id,
                     retry=retry,
-                    submission=submission if retry.max_attempts > 1 else None,
+                    submission=submission if retry.max_attempts > 1 or waits else None,
                     trace=traceparent,
                 )
                 if (parent := self.tasks.get(submission.parent_task_id or "")) is not None:
@@ -259,6 +277,7 @@ class RouterState:
             case AgentJoined(skills=skills, capabilities=caps):
                 for skill in skills:
                     self.registry.setdefault(skill, set()).update(caps.get(skill, ()))
+                    self.joined_at[skill] = record.at
             case CheckpointSaved(agent=agent, checkpoint_id=cid):
                 self.checkpoints.setdefault(agent, {})[cid] = record.seq
             case _:

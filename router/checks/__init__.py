@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,10 @@ class Inbound:
     """Accepted, but held for approval (a dangerous skill)."""
     over_budget: str = ""
     """Accepted usage that takes its task over budget (and so fails it): why."""
+    unserved: str = ""
+    """Accepted, but nobody serves the submission's skill: why (see :mod:`router.checks.unserved`)."""
+    await_match: bool = False
+    """Accepted, but held for the scheduler to match it to a live skill (and propose an agent)."""
 
     @property
     def principal_token(self) -> str:
@@ -119,17 +123,21 @@ def default_checks(
     max_message_bytes: int,
     policy: PolicyFile,
     max_checkpoint_bytes: int = 64 * 1024,
-    installed: Callable[[], Iterable[str]] = tuple,
+    installed: Callable[[], Collection[str]] = tuple,
     input_types: Callable[[], Mapping[str, Any]] = dict,
     tokens: ClaimTokens | None = None,
     agent_skills: Callable[[str, str], frozenset[str] | None] = lambda principal, skill: None,
+    live_skills: Callable[[], Collection[str]] = tuple,
+    agents_ttl_s: float = 30.0,
 ) -> list[Check]:
     """The pipeline in DESIGN.md's order: size, schema, kind, skill, claimant, plan, input,
-    memory owner, duplicate id, rate, secrets, approval, budget. ``installed`` lists the
-    skills installed beside the router (a plan may name those, and any an agent
-    advertised); ``input_types`` their declared input types; ``tokens`` checks that a
-    claim presents its work item's token and ``agent_skills`` that its sender was given
-    the skill (without them, every claim is refused).
+    memory owner, duplicate id, rate, secrets, approval, budget, and last whether anyone
+    serves the skill. ``installed`` lists the skills installed beside the router (a plan
+    may name those, and any an agent advertised); ``input_types`` their declared input
+    types; ``tokens`` checks that a claim presents its work item's token and
+    ``agent_skills`` that its sender was given the skill (without them, every claim is
+    refused); ``live_skills`` the skills the live agents offer (heartbeats younger than
+    ``agents_ttl_s``).
 
     The subject is read first: it costs nothing, needs no body, and names the principal
     on every audit record, rejected ones included. Right after decoding, secrets are
@@ -151,6 +159,7 @@ def default_checks(
         secrets,
         size,
         skills,
+        unserved,
     )
 
     return [
@@ -170,4 +179,6 @@ def default_checks(
         secrets.make(policy),
         approval.make(policy),
         budget.check,
+        # Last: a sender refused for any other reason hears that reason, not this one.
+        unserved.make(policy, installed, live_skills, agents_ttl_s),
     ]
