@@ -12,7 +12,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from bus import codec, subjects
+from bus import codec, lifecycle, subjects
 from bus.events import (
     AuditRecord,
     SkillUnmatched,
@@ -29,6 +29,7 @@ from bus.events import (
     TaskSubmitted,
     TaskUsage,
 )
+from bus.lifecycle import AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT, Shape, Status
 
 
 async def records(
@@ -97,7 +98,7 @@ class TaskView:
     """The id of the submission being followed: records before its verdict are ignored,
     so reusing a task id shows this submission's fate, not an older one's."""
     skill: str = ""
-    status: str = "submitted"
+    status: Status = Status.SUBMITTED
     agent: str = ""
     attempts: int = 0
     progress: str = ""
@@ -125,10 +126,9 @@ class TaskView:
 
     @property
     def terminal(self) -> bool:
-        """Whether nothing more will happen to the task."""
-        if self.status == "failed":
-            return self.max_attempts == 1  # else a retry or a dead letter follows
-        return self.status in ("completed", "rejected", "denied", "cancelled", "dead_lettered")
+        """Whether nothing more will happen to the task (a failure with attempts left is
+        followed by a retry or a dead letter)."""
+        return lifecycle.settled(self.status, self.max_attempts > 1)
 
     def apply(self, record: AuditRecord) -> None:
         """Fold one of the task's audit records into the view."""
@@ -139,7 +139,7 @@ class TaskView:
             self._seen_verdict = True
         if not record.accepted:
             if record.msg_id == self.msg_id:
-                self.status, self.code, self.reason = "rejected", record.code, record.reason
+                self.status, self.code, self.reason = lifecycle.created(record, Shape.TASK), record.code, record.reason
                 self.finished_seq = record.seq
             else:
                 self.notes.append(f"seq {record.seq}: {record.principal} {record.kind} rejected: {record.reason}")
@@ -147,39 +147,36 @@ class TaskView:
         agent = record.principal.removeprefix("agent-")
         match event:
             case TaskSubmitted(skill=skill, retry=retry):
-                held = record.code == "approval_requested"
                 self.skill, self.submitted_seq = skill, record.seq
                 self.max_attempts = retry.max_attempts if retry is not None else 1
-                waits = record.code == "awaiting_match"
-                self.status = "awaiting_approval" if held else "waiting" if waits else "pending"
+                self.status = lifecycle.created(record, Shape.TASK)
                 self._submitted_at = record.at
                 if record.code != "ok":
                     # Accepted with a word for the submitter: nobody serves the skill
                     # (no_agent, awaiting_match), or it waits for an approver.
                     self.code, self.reason = record.code, record.reason
-                    self.unserved = record.code in ("no_agent", "awaiting_match")
+                    self.unserved = record.code in (NO_AGENT, AWAITING_MATCH)
                     self.warnings.append(record.reason)
             case SkillUnmatched(id=proposal_id, proposal=proposal):
-                self.status, self.proposal_id = "unmatched", proposal_id
+                self.proposal_id = proposal_id
                 self.warnings.append(
                     f"proposal {proposal_id}: an agent {proposal.name} with skills {', '.join(proposal.skills)} "
                     f"would serve it; approve it with `agentctl agents propose --approve {proposal_id}`, then "
                     f"start it with `agentctl agent --profile {proposal.name}`")
             case TaskApproved():
-                self.status = "pending"
                 self.notes.append(f"approved by {record.principal}")
             case TaskUsage(tokens_in=tokens_in, tokens_out=tokens_out, cost_usd=cost):
                 self.tokens += tokens_in + tokens_out
                 self.cost_usd += cost
-                if record.code == "budget_exceeded":
-                    self._finish("failed", record)
+                if record.code == BUDGET_EXCEEDED:
+                    self._finish(record)
                     self.max_attempts = 1  # a spent budget is never retried
                     self.error = f"budget exceeded: {record.reason}"
             case TaskDenied(reason=reason):
-                self._finish("denied", record)
+                self._finish(record)
                 self.error = f"denied by {record.principal}" + (f": {reason}" if reason else "")
             case TaskStarted(attempt=attempt, dispatch=dispatch):
-                self.status, self.agent, self.attempts = "running", agent, self.attempts + 1
+                self.agent, self.attempts = agent, self.attempts + 1
                 self.unserved = False
                 self.progress, self.fraction = "", None
                 if attempt > dispatch:
@@ -187,32 +184,31 @@ class TaskView:
             case TaskProgress(message=message, fraction=fraction):
                 self.progress, self.fraction = message, fraction
             case TaskCompleted(output=output):
-                self._finish("completed", record)
+                self._finish(record)
                 self.output = output
             case TaskFailed(error=error):
-                self._finish("failed", record)
+                self._finish(record)
                 self.error = error
                 self.failures += 1
             case TaskRetryScheduled(not_before=at):
-                self.status = "retrying"
                 self.notes.append(f"failed ({self.error}); retry {self.failures} at {at:%H:%M:%S}")
             case TaskDispatched(reason="matched", skill=skill):
-                self.status = "pending"
                 self.notes.append(f"matched to the live skill {skill}")
             case TaskDispatched(reason=reason):
-                self.status = "pending"
                 self.notes.append(f"dispatched again ({reason})")
             case TaskDeadLettered(reason=reason):
-                self._finish("dead_lettered", record)
+                self._finish(record)
                 self.error = reason
             case TaskCancelled(reason=reason):
-                self._finish("cancelled", record)
+                self._finish(record)
                 self.error = reason or f"cancelled by {record.principal}"
             case _:
                 pass
+        if not isinstance(event, TaskSubmitted):
+            self.status = lifecycle.after(self.status, record, Shape.TASK)
 
-    def _finish(self, status: str, record: AuditRecord) -> None:
-        self.status, self.finished_seq = status, record.seq
+    def _finish(self, record: AuditRecord) -> None:
+        self.finished_seq = record.seq
         if self._submitted_at is not None:
             self.seconds = round((record.at - self._submitted_at).total_seconds(), 3)
 

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 import yaml
 
-from bus import codec
+from bus import codec, lifecycle
 from bus.errors import SchemaError
 from bus.events import (
     AuditRecord,
@@ -26,6 +26,7 @@ from bus.events import (
     TaskCancelled,
     TaskCompleted,
     TaskDeadLettered,
+    TaskDenied,
     TaskDispatched,
     TaskFailed,
     TaskProgress,
@@ -34,6 +35,7 @@ from bus.events import (
     new_id,
     step_task_id,
 )
+from bus.lifecycle import Shape, Status
 from bus.plans import validate
 
 
@@ -82,7 +84,7 @@ class StepView:
     skill: str
     deps: list[str]
     priority: int
-    status: str = "waiting"
+    status: Status = Status.WAITING
     agent: str = ""
     attempts: int = 0
     dispatches: int = 0
@@ -103,7 +105,7 @@ class PlanView:
     """A plan and its steps, folded from their audit records (``submit --plan --wait``)."""
 
     plan: PlanSubmitted
-    status: str = "submitted"
+    status: Status = Status.SUBMITTED
     code: str = ""
     reason: str = ""
     output: Any = None
@@ -122,8 +124,8 @@ class PlanView:
 
     @property
     def terminal(self) -> bool:
-        """Whether the plan has ended (or was rejected)."""
-        return self.status in ("completed", "failed", "cancelled", "rejected", "denied")
+        """Whether the plan has ended (or was rejected): a plan is never retried."""
+        return lifecycle.settled(self.status, retries_left=False)
 
     def apply(self, record: AuditRecord) -> None:
         """Fold one record (of the plan or of one of its steps)."""
@@ -135,24 +137,20 @@ class PlanView:
     def _plan_record(self, record: AuditRecord) -> None:
         if record.msg_id == self.plan.id:
             self.submitted_at = record.at
+            self.status = lifecycle.created(record, Shape.PLAN)
             if not record.accepted:
-                self.status, self.code, self.reason = "rejected", record.code, record.reason
-            else:
-                self.status = "awaiting_approval" if record.code == "approval_requested" else "running"
+                self.code, self.reason = record.code, record.reason
             return
         if not record.accepted:
             return
+        self.status = lifecycle.after(self.status, record, Shape.PLAN)
         match record.event:
             case TaskCompleted(output=output):
-                self.status, self.output, self.finished_at = "completed", output, record.at
-            case TaskFailed(error=error):
-                self.status, self.error, self.finished_at = "failed", error, record.at
-            case TaskCancelled(reason=reason):
-                self.status, self.error, self.finished_at = "cancelled", reason, record.at
-            case _ if record.kind == "task_approved":
-                self.status = "running"
-            case _ if record.kind == "task_denied":
-                self.status, self.finished_at = "denied", record.at
+                self.output, self.finished_at = output, record.at
+            case TaskFailed(error=error) | TaskCancelled(reason=error):
+                self.error, self.finished_at = error, record.at
+            case TaskDenied():
+                self.finished_at = record.at
 
     def as_json(self) -> dict[str, Any]:
         """The view for ``--json``."""
@@ -166,28 +164,28 @@ class PlanView:
 
 
 def _step_record(step: StepView, record: AuditRecord) -> None:
+    step.status = lifecycle.after(step.status, record, Shape.STEP)
     match record.event:
         case TaskDispatched(skill=skill, dispatch=dispatch):
-            step.status, step.skill, step.dispatches, step.note = "pending", skill, dispatch, ""
+            step.skill, step.dispatches, step.note = skill, dispatch, ""
         case TaskStarted():
-            step.status, step.agent = "running", record.principal.removeprefix("agent-")
+            step.agent = record.principal.removeprefix("agent-")
             step.attempts += 1
             step.started, step.finished = record.at, None
         case TaskProgress(message=message):
             step.note = message
         case TaskCompleted():
-            step.status, step.finished = "completed", record.at
+            step.finished = record.at
         case TaskFailed(error=error):
-            step.status, step.finished, step.note = "failed", record.at, error
+            step.finished, step.note = record.at, error
         case TaskRetryScheduled(not_before=at):
-            step.status, step.note = "retrying", f"retry at {at:%H:%M:%S}"
+            step.note = f"retry at {at:%H:%M:%S}"
         case TaskDeadLettered(reason=reason):
-            step.status, step.note = "dead_lettered", reason
-        case TaskCancelled(reason=reason, skipped=skipped):
-            step.status, step.note = ("skipped" if skipped else "cancelled"), reason
+            step.note = reason
+        case TaskCancelled(reason=reason):
+            step.note = reason
             step.finished = step.finished or (record.at if step.started else None)
         case SkillUnmatched(proposal=proposal, id=proposal_id):
-            step.status = "unmatched"
             step.note = f"no live agent; proposal {proposal_id} ({proposal.name}: {', '.join(proposal.skills)})"
         case _:
             pass

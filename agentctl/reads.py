@@ -22,16 +22,21 @@ from agentctl.follow import records
 from agentctl.proposals import propose
 from bus import codec, query, subjects
 from bus.connection import connected
+from bus.lifecycle import Status
 from projections import db as dbmod
 from projections import service
 from projections.errors import DatabaseError
 
-STATUS_STYLE = {"awaiting_approval": "magenta", "pending": "yellow", "running": "cyan", "completed": "green",
-                "failed": "red", "rejected": "red", "denied": "red", "waiting": "dim", "unmatched": "magenta",
-                "retrying": "yellow", "dead_lettered": "red", "cancelled": "red", "skipped": "dim",
-                "submitted": "white", "online": "green", "offline": "dim"}
-TASK_STATUSES = ("awaiting_approval", "waiting", "unmatched", "pending", "running", "retrying", "completed", "failed",
-                 "dead_lettered", "cancelled", "skipped", "denied")
+STATUS_STYLE: dict[str, str] = {
+    Status.SUBMITTED: "white", Status.AWAITING_APPROVAL: "magenta", Status.WAITING: "dim",
+    Status.UNMATCHED: "magenta", Status.PENDING: "yellow", Status.RUNNING: "cyan", Status.RETRYING: "yellow",
+    Status.COMPLETED: "green", Status.FAILED: "red", Status.DENIED: "red", Status.CANCELLED: "red",
+    Status.SKIPPED: "dim", Status.DEAD_LETTERED: "red", Status.REJECTED: "red",
+    "online": "green", "offline": "dim",
+}
+"""How each task status (and agent state) is drawn; every :class:`Status` has one."""
+TASK_STATUSES = tuple(s.value for s in Status if s not in (Status.SUBMITTED, Status.REJECTED))
+"""The statuses a task row can have (``tasks --status``)."""
 
 db_option = click.option(
     "--db", "db_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -124,7 +129,7 @@ def tasks_show(app: App, task_id: str, db_path: Path | None, as_json: bool) -> N
             tree.add(f"{key}: {task[key]}")
     if task.get("kind") != "plan":
         tree.add(f"input: {json.dumps(task['input'])}")
-    if task["status"] == "completed":
+    if task["status"] == Status.COMPLETED:
         tree.add(f"output: {json.dumps(task['output'])}")
     if task.get("error"):
         tree.add(f"[red]error: {task['error']}[/]")
@@ -149,7 +154,7 @@ def task_line(task: dict[str, Any]) -> str:
         parts.append(f"[yellow]{task['attempts']} attempts[/]")
     if took := _duration(task.get("started_at"), task.get("finished_at")):
         parts.append(took)
-    note = task.get("error") if task["status"] != "completed" else None
+    note = task.get("error") if task["status"] != Status.COMPLETED else None
     note = note or task.get("progress")
     if note:
         parts.append(f"[dim]{note[:80]}[/]")

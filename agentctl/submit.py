@@ -24,6 +24,7 @@ from agentctl.follow import TaskView, records
 from agentctl.plans import PlanFileError, PlanView, read_plan
 from agentctl.reads import STATUS_STYLE
 from bus import codec, subjects, tracing
+from bus.lifecycle import Status as TaskStatus
 from bus.connection import connected
 from bus.errors import BusError, LedgerbusError, SchemaError
 from bus.events import (
@@ -220,22 +221,21 @@ def _report(view: TaskView, as_json: bool, timed_out: float | None = None) -> in
         err.print(f"[yellow]timed out[/] after {timed_out:g}s waiting for task {view.task_id} "
                   f"(last state: {view.status}{escape(unserved)})")
     else:
-        colour = {"completed": "green", "failed": "red", "rejected": "red", "denied": "red", "cancelled": "red",
-                  "dead_lettered": "red"}[view.status]
+        colour = STATUS_STYLE[view.status]
         took = f" in {view.seconds:g}s" if view.seconds is not None else ""
         by = f" by {view.agent} (attempt {view.attempts})" if view.agent else ""
         err.print(f"[{colour}]{view.status}[/] task {view.task_id} {view.skill}{by}{took}")
         for note in view.notes:
             err.print(f"  [dim]{note}[/]")
-        if view.status == "completed":
+        if view.status is TaskStatus.COMPLETED:
             out.print_json(data=view.output)
-        elif view.status in ("failed", "denied", "cancelled", "dead_lettered"):
+        elif view.status is not TaskStatus.REJECTED:
             err.print(f"  error: {view.error}")
         else:
             err.print(f"  rejected ({view.code}): {view.reason}")
     if timed_out is not None:
         return EXIT_TIMEOUT
-    return EXIT_OK if view.status == "completed" else EXIT_FAILED
+    return EXIT_OK if view.status is TaskStatus.COMPLETED else EXIT_FAILED
 
 
 async def _submit_plan(app: App, plan: PlanSubmitted, wait: bool, timeout: float, as_json: bool,
@@ -318,18 +318,18 @@ def _report_plan(view: PlanView, as_json: bool, timed_out: float | None = None) 
     elif timed_out is not None:
         err.print(f"[yellow]timed out[/] after {timed_out:g}s waiting for plan {view.plan.task_id} "
                   f"(last state: {view.status})")
-    elif view.status == "rejected":
+    elif view.status is TaskStatus.REJECTED:
         err.print(f"[red]rejected[/] plan {view.plan.task_id} ({view.code}): {view.reason}")
     else:
         if not err.is_terminal:
             err.print(plan_table(view))
-        if view.status == "completed":
+        if view.status is TaskStatus.COMPLETED:
             out.print_json(data=view.output)
         else:
             err.print(f"  error: {view.error}")
     if timed_out is not None:
         return EXIT_TIMEOUT
-    return EXIT_OK if view.status == "completed" else EXIT_FAILED
+    return EXIT_OK if view.status is TaskStatus.COMPLETED else EXIT_FAILED
 
 
 @click.command()

@@ -35,15 +35,16 @@ from rich.text import Text
 
 from agentctl.common import App, cli_principal, out, run
 from agentctl.follow import records
-from bus import codec, subjects
+from bus import codec, lifecycle, subjects
 from bus.connection import connected
 from bus.errors import BusError, SchemaError
-from bus.events import AuditRecord, Heartbeat, TaskDeadLettered, TaskFailed, TaskUsage
+from bus.events import TASK_EVENTS, AuditRecord, Heartbeat, PlanSubmitted, TaskDeadLettered, TaskFailed, TaskSubmitted
+from bus.lifecycle import BUDGET_EXCEEDED, Shape, Status
 
 RECENT_S = 5.0
 """The span of the "now" rate beside the window's average."""
 FAILURES_SHOWN = 10
-OUTCOMES = ("submitted", "completed", "failed", "dead_lettered", "rejected")
+OUTCOMES = (Status.SUBMITTED, Status.COMPLETED, Status.FAILED, Status.DEAD_LETTERED, Status.REJECTED)
 
 _heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
 
@@ -69,7 +70,7 @@ class Failure:
 @dataclass(frozen=True)
 class _Tally:
     at: datetime
-    outcome: str
+    outcome: Status
     code: str = ""
 
 
@@ -138,22 +139,26 @@ class Stats:
         """Count one audit record."""
         self.last_seq = max(self.last_seq, record.seq)
         if not record.accepted:
-            self._tallies.append(_Tally(record.at, "rejected", record.code))
+            self._tallies.append(_Tally(record.at, Status.REJECTED, record.code))
             return
         event = record.event
-        if record.kind in ("task_submitted", "plan_submitted"):
-            self._tallies.append(_Tally(record.at, "submitted"))
-        elif record.kind == "task_completed":
-            self._tallies.append(_Tally(record.at, "completed"))
-        elif isinstance(event, TaskFailed):
-            self._fail(record, "failed", event.task_id, record.kind, event.error)
-        elif isinstance(event, TaskDeadLettered):
-            self._fail(record, "dead_lettered", event.task_id, record.kind, event.reason)
-        elif isinstance(event, TaskUsage) and record.code == "budget_exceeded":
-            # The usage report that spends the budget is what fails the task (no task_failed follows).
-            self._fail(record, "failed", event.task_id, "budget_exceeded", record.reason)
+        if isinstance(event, TaskSubmitted | PlanSubmitted):
+            self._tallies.append(_Tally(record.at, Status.SUBMITTED))
+            return
+        if not isinstance(event, TASK_EVENTS):
+            return
+        # What the record does to its task, as the router and the projection see it.
+        match lifecycle.after(Status.RUNNING, record, Shape.TASK):
+            case Status.COMPLETED:
+                self._tallies.append(_Tally(record.at, Status.COMPLETED))
+            case Status.FAILED | Status.DEAD_LETTERED as outcome:
+                # A usage report that spends the budget is what fails its task (no task_failed follows).
+                kind = BUDGET_EXCEEDED if record.code == BUDGET_EXCEEDED else record.kind
+                error = (event.error if isinstance(event, TaskFailed)
+                         else event.reason if isinstance(event, TaskDeadLettered) else record.reason)
+                self._fail(record, outcome, event.task_id, kind, error)
 
-    def _fail(self, record: AuditRecord, outcome: str, task_id: str, kind: str, error: str) -> None:
+    def _fail(self, record: AuditRecord, outcome: Status, task_id: str, kind: str, error: str) -> None:
         self._tallies.append(_Tally(record.at, outcome))
         self._failures.append(Failure(record.at, record.seq, task_id, kind, record.principal, error))
 
@@ -169,22 +174,22 @@ class Stats:
                  queues: dict[str, int] | None = None) -> Snapshot:
         """The window ending at ``now``, with the agents' heartbeats and queue depths read at ``now``."""
         self.expire(now)
-        counts = dict.fromkeys(OUTCOMES, 0)
-        counts.update(Counter(t.outcome for t in self._tallies))
-        rejections = Counter(t.code for t in self._tallies if t.outcome == "rejected")
+        counts: dict[str, int] = {str(outcome): 0 for outcome in OUTCOMES}
+        counts.update(Counter(str(t.outcome) for t in self._tallies))
+        rejections = Counter(t.code for t in self._tallies if t.outcome is Status.REJECTED)
         recent_span = min(RECENT_S, self.window_s)
         recent_start = now - timedelta(seconds=recent_span)
         recent = 0
         for tally in reversed(self._tallies):
             if tally.at < recent_start:
                 break
-            recent += tally.outcome == "completed"
+            recent += tally.outcome is Status.COMPLETED
         return Snapshot(
             at=now, window_s=self.window_s,
             agents=sorted(agents or [], key=lambda hb: (hb.agent, hb.instance)),
             queues=dict(sorted((queues or {}).items())),
             counts=counts,
-            per_second=counts["completed"] / self.window_s,
+            per_second=counts[Status.COMPLETED] / self.window_s,
             per_second_recent=recent / recent_span,
             rejections=dict(sorted(rejections.items(), key=lambda kv: (-kv[1], kv[0]))),
             failures=list(reversed(self._failures)),

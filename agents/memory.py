@@ -31,11 +31,11 @@ from bus.events import (
     TaskSubmitted,
     new_id,
 )
+from bus.lifecycle import TERMINAL
 
 Send = Callable[[Event], Awaitable[None]]
 
 VERDICT_WAIT_S = 10.0
-TERMINAL = frozenset({"completed", "failed", "denied", "cancelled", "skipped", "dead_lettered"})
 
 
 class WriteRejected(AgentError):

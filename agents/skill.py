@@ -30,6 +30,7 @@ from opentelemetry import trace
 
 from agents.errors import SkillError
 from agents.memory import Memory, Shared, Tasks
+from bus.lifecycle import Status
 from bus.problems import explain
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ class SkillContext:
         remaining = max(self.remaining(), 1.0)
         task_id = await self.tasks.submit(skill, input or {}, timeout_s=min(timeout_s or remaining, remaining))
         done = await self.tasks.wait(task_id)
-        if done["status"] != "completed":
+        if done["status"] != Status.COMPLETED:
             raise SkillError(f"delegated {skill} task {task_id} {done['status']}: {done.get('error') or ''}".rstrip(": "))
         return done.get("output")
 

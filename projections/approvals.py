@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from bus.events import PLAN_SKILL, AuditRecord, PlanSubmitted, TaskApproved, TaskCancelled, TaskDenied, TaskSubmitted
+from bus.lifecycle import APPROVAL_REQUESTED
 from projections.batch import Batch
 from projections.db import iso
 from projections.rows import reads
@@ -26,7 +27,7 @@ async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
     mine = [
         r for r in records
         if r.verdict == "accepted" and (type(r.event) in _DECISIONS
-                                        or (r.code == "approval_requested" and type(r.event) in _REQUESTS))
+                                        or (r.code == APPROVAL_REQUESTED and type(r.event) in _REQUESTS))
     ]
     if not mine:
         return

@@ -14,7 +14,7 @@ import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from bus import codec, subjects
+from bus import codec, lifecycle, subjects
 from bus.events import (
     PLAN_SKILL,
     TASK_EVENTS,
@@ -35,6 +35,7 @@ from bus.events import (
     TaskUsage,
     step_task_id,
 )
+from bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT, Shape, Status
 from projections.batch import Batch
 from projections.db import iso
 from projections.rows import Rows, reads
@@ -68,8 +69,18 @@ async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
     rows = batch.rows("tasks", ("task_id",), COLUMNS)
     await rows.load(batch.fetch, reads(_refs(mine)))
     for record in mine:
-        _FOLDS[type(record.event)](rows, record, record.event)
+        event = record.event
+        _FOLDS[type(event)](rows, record, event)
+        if type(event) not in _CREATES and (row := rows.get((event.task_id,))) is not None:  # type: ignore[union-attr]
+            # One definition of what each record does to a status: bus/lifecycle.py.
+            status = lifecycle.after(Status(row["status"]), record, _shape(row))
+            if status != row["status"]:
+                rows.update((row["task_id"],), status=str(status))
     rows.store(batch.plan)
+
+
+def _shape(row: dict[str, Any]) -> Shape:
+    return Shape.PLAN if row["kind"] == "plan" else Shape.STEP if row["step"] is not None else Shape.TASK
 
 
 def _refs(records: Sequence[AuditRecord]) -> Iterator[tuple[tuple[str], bool]]:
@@ -83,16 +94,16 @@ def _refs(records: Sequence[AuditRecord]) -> Iterator[tuple[tuple[str], bool]]:
 
 
 def _submitted(rows: Rows, record: AuditRecord, e: TaskSubmitted) -> None:
-    held = record.code == "approval_requested"
+    held = record.code == APPROVAL_REQUESTED
     # Nobody served the skill: queued all the same (no_agent), or held for the router to
     # match it (awaiting_match). Either way the row says so until an agent claims it.
-    waits = record.code == "awaiting_match"
-    unserved = waits or record.code == "no_agent"
+    waits = record.code == AWAITING_MATCH
+    unserved = waits or record.code == NO_AGENT
     seq = record.seq
     rows.put({
         "task_id": e.task_id, "kind": "task", "skill": e.skill, "input": codec.encode(e.input).decode(),
         "timeout_s": e.timeout_s,
-        "status": "awaiting_approval" if held else "waiting" if waits else "pending",
+        "status": str(lifecycle.created(record, Shape.TASK)),
         "submitted_by": record.principal, "submitted_at": iso(record.at), "submitted_seq": seq,
         "parent_task_id": e.parent_task_id, "agent": None, "attempts": 0, "started_at": None,
         "finished_at": None, "progress": record.reason if unserved else None, "fraction": None, "output": None,
@@ -102,7 +113,7 @@ def _submitted(rows: Rows, record: AuditRecord, e: TaskSubmitted) -> None:
 
 
 def _plan_submitted(rows: Rows, record: AuditRecord, e: PlanSubmitted) -> None:
-    held = record.code == "approval_requested"
+    held = record.code == APPROVAL_REQUESTED
     at = iso(record.at)
     seq = record.seq
     common = {
@@ -114,14 +125,15 @@ def _plan_submitted(rows: Rows, record: AuditRecord, e: PlanSubmitted) -> None:
     rows.put({
         **common, "task_id": e.task_id, "kind": "plan", "skill": PLAN_SKILL,
         "input": codec.encode({"name": e.name, "steps": e.steps}).decode(),
-        "timeout_s": max(s.timeout_s for s in e.steps), "status": "awaiting_approval" if held else "running",
+        "timeout_s": max(s.timeout_s for s in e.steps), "status": str(lifecycle.created(record, Shape.PLAN)),
         "parent_task_id": e.parent_task_id, "started_at": None if held else at, "step": None, "deps": None,
         "needs": None, "priority": None,
     })
     for s in e.steps:
         rows.put({
             **common, "task_id": step_task_id(e.task_id, s.id), "kind": "task", "skill": s.skill or "",
-            "input": codec.encode(s.input).decode(), "timeout_s": s.timeout_s, "status": "waiting",
+            "input": codec.encode(s.input).decode(), "timeout_s": s.timeout_s,
+            "status": str(lifecycle.created(record, Shape.STEP)),
             "parent_task_id": e.task_id, "started_at": None, "step": s.id,
             "deps": codec.encode(s.deps).decode(),
             "needs": codec.encode(s.capabilities).decode() if s.capabilities else None, "priority": s.priority,
@@ -133,34 +145,34 @@ def _approved(rows: Rows, record: AuditRecord, e: TaskApproved) -> None:
     if row is None:
         return
     plan = row["kind"] == "plan"
-    rows.update((e.task_id,), status="running" if plan else "pending", started_at=iso(record.at) if plan else None,
+    rows.update((e.task_id,), started_at=iso(record.at) if plan else None,
                 dispatches=row["dispatches"] if plan else 1, progress=f"approved by {record.principal}",
                 updated_seq=record.seq)
 
 
 def _dispatched(rows: Rows, record: AuditRecord, e: TaskDispatched) -> None:
-    rows.update((e.task_id,), status="pending", skill=e.skill, dispatches=e.dispatch, retry_at=None,
+    rows.update((e.task_id,), skill=e.skill, dispatches=e.dispatch, retry_at=None,
                 finished_at=None, progress=None if e.reason == "ready" else f"dispatched ({e.reason})",
                 updated_seq=record.seq)
 
 
 def _retry_scheduled(rows: Rows, record: AuditRecord, e: TaskRetryScheduled) -> None:
-    rows.update((e.task_id,), status="retrying", retry_at=iso(e.not_before), updated_seq=record.seq)
+    rows.update((e.task_id,), retry_at=iso(e.not_before), updated_seq=record.seq)
 
 
 def _dead_lettered(rows: Rows, record: AuditRecord, e: TaskDeadLettered) -> None:
-    rows.update((e.task_id,), status="dead_lettered", error=e.reason, finished_at=iso(record.at),
+    rows.update((e.task_id,), error=e.reason, finished_at=iso(record.at),
                 updated_seq=record.seq)
 
 
 def _cancelled(rows: Rows, record: AuditRecord, e: TaskCancelled) -> None:
     who = "" if record.principal == "router" else f" by {record.principal}"
-    rows.update((e.task_id,), status="skipped" if e.skipped else "cancelled", retry_at=None,
+    rows.update((e.task_id,), retry_at=None,
                 error=e.reason or f"cancelled{who}", finished_at=iso(record.at), updated_seq=record.seq)
 
 
 def _unmatched(rows: Rows, record: AuditRecord, e: SkillUnmatched) -> None:
-    rows.update((e.task_id,), status="unmatched", updated_seq=record.seq,
+    rows.update((e.task_id,), updated_seq=record.seq,
                 progress=f"no live agent offers {', '.join(e.capabilities)} (proposal {e.id})")
 
 
@@ -173,14 +185,14 @@ def _usage(rows: Rows, record: AuditRecord, e: TaskUsage) -> None:
         "cost_usd": row["cost_usd"] + e.cost_usd,
         "updated_seq": record.seq,
     }
-    if record.code == "budget_exceeded":
-        changes.update(status="failed", error=f"budget exceeded: {record.reason}", finished_at=iso(record.at))
+    if record.code == BUDGET_EXCEEDED:
+        changes.update(error=f"budget exceeded: {record.reason}", finished_at=iso(record.at))
     rows.update((e.task_id,), **changes)
 
 
 def _denied(rows: Rows, record: AuditRecord, e: TaskDenied) -> None:
     error = f"denied by {record.principal}" + (f": {e.reason}" if e.reason else "")
-    rows.update((e.task_id,), status="denied", error=error, finished_at=iso(record.at), updated_seq=record.seq)
+    rows.update((e.task_id,), error=error, finished_at=iso(record.at), updated_seq=record.seq)
 
 
 def _started(rows: Rows, record: AuditRecord, e: TaskStarted) -> None:
@@ -188,7 +200,7 @@ def _started(rows: Rows, record: AuditRecord, e: TaskStarted) -> None:
     if row is None:
         return
     # A new attempt: what the last one left (its end, its error) no longer describes the task.
-    rows.update((e.task_id,), status="running", agent=agent_name(record.principal),
+    rows.update((e.task_id,), agent=agent_name(record.principal),
                 attempts=row["attempts"] + 1, started_at=iso(record.at), finished_at=None, error=None, progress=None,
                 fraction=None, updated_seq=record.seq)
 
@@ -198,12 +210,12 @@ def _progress(rows: Rows, record: AuditRecord, e: TaskProgress) -> None:
 
 
 def _completed(rows: Rows, record: AuditRecord, e: TaskCompleted) -> None:
-    rows.update((e.task_id,), status="completed", output=codec.encode(e.output).decode(),
+    rows.update((e.task_id,), output=codec.encode(e.output).decode(),
                 finished_at=iso(record.at), updated_seq=record.seq)
 
 
 def _failed(rows: Rows, record: AuditRecord, e: TaskFailed) -> None:
-    rows.update((e.task_id,), status="failed", error=e.error, finished_at=iso(record.at), updated_seq=record.seq)
+    rows.update((e.task_id,), error=e.error, finished_at=iso(record.at), updated_seq=record.seq)
 
 
 _FOLDS: dict[type, Callable[[Rows, AuditRecord, Any], None]] = {

@@ -47,7 +47,9 @@ from router.lease import Lease
 from router.policy import PolicyFile
 from router.records import Decision, record_attributes, record_for, trace_headers
 from router.scheduler import LiveAgents, RouterDecision, Scheduler, watch_agents
-from router.state import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT, RouterState
+from bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT
+from bus.lifecycle import Status as TaskStatus
+from router.state import RouterState
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("ledgerbus.router")
@@ -163,7 +165,7 @@ class Router:
         # whatever was dispatched may not have reached WORK (a re-publish is de-duplicated).
         self.state.dirty.update(self.state.open_tasks())
         self._undelivered = {
-            task_id for task_id, task in self.state.tasks.items() if task.routed and task.status == "pending"
+            task_id for task_id, task in self.state.tasks.items() if task.routed and task.status is TaskStatus.PENDING
         }
 
     async def _check_anchors(self, head: audit_mod.ChainHead, watch: anchor.Watch) -> None:
@@ -322,7 +324,7 @@ class Router:
                 continue
             task = self.state.tasks.get(item.task_id)
             if (task is not None and not task.settled and task.dispatch == item.dispatch
-                    and task.status in ("pending", "running")):
+                    and task.status in (TaskStatus.PENDING, TaskStatus.RUNNING)):
                 reason = (f"no result after {advisory.deliveries} deliveries (MaxDeliver): every claimant died or "
                           f"went silent; last claim by {task.claimant or 'nobody'}, attempt {task.attempt}")
                 dead = TaskDeadLettered(id=new_id(), task_id=item.task_id, failures=task.failures, reason=reason)

@@ -20,7 +20,9 @@ from bus import codec, subjects, tracing
 from bus.connection import pub_acks
 from bus.events import AuditRecord, TaskApproved, TaskSubmitted, WorkItem
 from router.claims import ClaimTokens
-from router.state import NO_AGENT, RouterState
+from bus import lifecycle
+from bus.lifecycle import NO_AGENT
+from router.state import RouterState, StepState, TaskState
 
 tracer = trace.get_tracer("ledgerbus.router")
 
@@ -38,7 +40,7 @@ def work_item(record: AuditRecord, state: RouterState, tokens: ClaimTokens) -> W
             submitted_by = record.principal
         case TaskApproved(task_id=task_id):
             task = state.tasks.get(task_id)
-            if task is None or not isinstance(task.held, TaskSubmitted):
+            if not isinstance(task, TaskState) or task.held is None:
                 return None  # a plan's steps are dispatched by the scheduler
             submission, submitted_by = task.held, task.submitter
         case _:
@@ -58,29 +60,24 @@ def work_item(record: AuditRecord, state: RouterState, tokens: ClaimTokens) -> W
 def routed_work_item(task_id: str, state: RouterState, tokens: ClaimTokens) -> WorkItem | None:
     """The work item of the scheduler's current dispatch of a task: a plan step (with its
     dependencies' outputs as context) or a retry of a submission."""
-    task = state.tasks.get(task_id)
-    if task is None or task.status != "pending":
-        return None
-    if task.step is not None:
-        context = {}
-        for dep in task.deps:
-            step = state.tasks[dep].step
-            assert step is not None
-            context[step.id] = state.tasks[dep].output
-        return WorkItem(
-            task_id=task_id, skill=task.skill, input=task.step.input, timeout_s=task.step.timeout_s,
-            audit_seq=task.dispatch_seq, submitted_by=task.submitter, dispatch=task.dispatch,
-            attempt_base=task.attempt, parent_task_id=task.parent, step=task.step.id, context=context,
-            token=tokens.token(task_id, task.dispatch),
-        )
-    if task.submission is None:
-        return None
-    sub = task.submission
-    return WorkItem(
-        task_id=task_id, skill=task.skill, input=sub.input, timeout_s=sub.timeout_s, audit_seq=task.dispatch_seq,
-        submitted_by=task.submitter, dispatch=task.dispatch, attempt_base=task.attempt,
-        parent_task_id=sub.parent_task_id, token=tokens.token(task_id, task.dispatch),
-    )
+    match state.tasks.get(task_id):
+        case StepState(status=lifecycle.Status.PENDING, step=step, deps=deps) as task:
+            context = {dep.step.id: dep.output for dep in map(state.tasks.__getitem__, deps)
+                       if isinstance(dep, StepState)}
+            return WorkItem(
+                task_id=task_id, skill=task.skill, input=step.input, timeout_s=step.timeout_s,
+                audit_seq=task.dispatch_seq, submitted_by=task.submitter, dispatch=task.dispatch,
+                attempt_base=task.attempt, parent_task_id=task.parent, step=step.id, context=context,
+                token=tokens.token(task_id, task.dispatch),
+            )
+        case TaskState(status=lifecycle.Status.PENDING, submission=TaskSubmitted() as sub) as task:
+            return WorkItem(
+                task_id=task_id, skill=task.skill, input=sub.input, timeout_s=sub.timeout_s,
+                audit_seq=task.dispatch_seq, submitted_by=task.submitter, dispatch=task.dispatch,
+                attempt_base=task.attempt, parent_task_id=sub.parent_task_id,
+                token=tokens.token(task_id, task.dispatch),
+            )
+    return None
 
 
 async def dispatch(

@@ -51,7 +51,8 @@ from bus.events import (
     TaskRetryScheduled,
     new_id,
 )
-from router.state import RouterState, TaskState
+from bus.lifecycle import Status
+from router.state import AnyTask, PlanState, RouterState, StepState, TaskState
 
 RouterDecision = (
     TaskDispatched | TaskRetryScheduled | TaskDeadLettered | SkillUnmatched | TaskCancelled | TaskCompleted | TaskFailed
@@ -200,17 +201,17 @@ class Scheduler:
             if parent is not None and _ended_badly(parent) and not task.settled:
                 emit(TaskCancelled(id=new_id(), task_id=task_id, reason=f"parent {task.parent} {parent.status}"))
                 continue
-            if task.status == "failed" and not task.settled:
+            if task.status is Status.FAILED and not task.settled:
                 emit(self._after_failure(task_id, task, now))
                 continue
-            if task.status == "retrying" and task.retry_at is not None and task.retry_at <= now:
+            if task.status is Status.RETRYING and task.retry_at is not None and task.retry_at <= now:
                 emit(TaskDispatched(id=new_id(), task_id=task_id, skill=task.skill, dispatch=task.dispatch + 1,
                                     attempt_base=task.attempt, reason="retry"))
                 continue
-            if task.step is None and task.plan is None and task.status in ("waiting", "unmatched"):
+            if isinstance(task, TaskState) and task.status in _UNDISPATCHED:
                 emit(self._match_submission(task_id, task))
                 continue
-            if task.plan is not None and task.status == "running":
+            if isinstance(task, PlanState) and task.status is Status.RUNNING:
                 for event in self._plan(task_id, task, touched):
                     emit(event)
             if _ended_badly(task):
@@ -219,7 +220,7 @@ class Scheduler:
                         emit(TaskCancelled(id=new_id(), task_id=child, reason=f"parent {task_id} {task.status}"))
         return out
 
-    def _after_failure(self, task_id: str, task: TaskState, now: datetime) -> RouterDecision:
+    def _after_failure(self, task_id: str, task: AnyTask, now: datetime) -> RouterDecision:
         if task.retries_left:
             delay = task.retry.delay_s(task.failures)
             return TaskRetryScheduled(id=new_id(), task_id=task_id, failures=task.failures,
@@ -227,36 +228,33 @@ class Scheduler:
         reason = f"failed {task.failures} of {task.retry.max_attempts} attempts; last error: {task.error}"
         return TaskDeadLettered(id=new_id(), task_id=task_id, failures=task.failures, reason=reason[:16_384])
 
-    def _plan(self, plan_id: str, plan: TaskState, touched: set[str]) -> list[RouterDecision]:
+    def _plan(self, plan_id: str, plan: PlanState, touched: set[str]) -> list[RouterDecision]:
         tasks = self.state.tasks
-        steps = [(cid, tasks[cid]) for cid in plan.children]
+        steps = [(cid, step) for cid in plan.children if isinstance(step := tasks[cid], StepState)]
         for _, step in steps:
-            assert step.step is not None
-            if step.settled and step.status not in ("completed", "skipped") and step.step.on_failure == "fail":
+            if step.settled and step.status not in _FINE and step.step.on_failure == "fail":
                 error = f"step {step.step.id} {step.status}: {step.error}"
                 return [TaskFailed(id=new_id(), task_id=plan_id, attempt=1, error=error[:16_384])]
         if all(step.settled for _, step in steps):
             return [TaskCompleted(id=new_id(), task_id=plan_id, attempt=1, output=self._aggregate(steps))]
         out: list[RouterDecision] = []
-        ready: list[tuple[int, int, str, TaskState]] = []
+        ready: list[tuple[int, int, str, StepState]] = []
         for index, (cid, step) in enumerate(steps):
-            if cid in touched or step.status not in ("waiting", "unmatched"):
+            if cid in touched or step.status not in _UNDISPATCHED:
                 continue
-            deps = [tasks[d] for d in step.deps]
+            deps = [d for d in map(tasks.__getitem__, step.deps) if isinstance(d, StepState)]
             if not all(d.settled for d in deps):
                 continue
-            failed = next((d for d in deps if d.status != "completed"), None)
+            failed = next((d for d in deps if d.status is not Status.COMPLETED), None)
             if failed is not None:
-                assert failed.step is not None
                 out.append(TaskCancelled(id=new_id(), task_id=cid, skipped=True,
                                          reason=f"skipped: step {failed.step.id} {failed.status}"))
                 continue
-            assert step.step is not None
             ready.append((-step.step.priority, index, cid, step))
         offers: dict[str, Any] | None = None
         for _, _, cid, step in sorted(ready):
-            assert step.step is not None
-            size = len(codec.encode({tasks[d].step.id: tasks[d].output for d in step.deps}))  # type: ignore[union-attr]
+            deps = [d for d in map(tasks.__getitem__, step.deps) if isinstance(d, StepState)]
+            size = len(codec.encode({d.step.id: d.output for d in deps}))
             if size > 2 * self.max_output_bytes:
                 reason = (f"its dependencies' outputs are {size} bytes; a work item carries at most "
                           f"{2 * self.max_output_bytes}")
@@ -273,7 +271,7 @@ class Scheduler:
                 skill, score = found
                 out.append(TaskDispatched(id=new_id(), task_id=cid, skill=skill, dispatch=step.dispatch + 1,
                                           attempt_base=step.attempt, reason="matched", score=round(score, 4)))
-            elif step.status != "unmatched":
+            elif step.status is not Status.UNMATCHED:
                 out.append(SkillUnmatched(id=new_id(), task_id=cid, capabilities=step.step.capabilities,
                                           proposal=propose(step.step.capabilities, self._known_capabilities())))
         return out
@@ -287,7 +285,7 @@ class Scheduler:
             skill, score = found
             return TaskDispatched(id=new_id(), task_id=task_id, skill=skill, dispatch=task.dispatch + 1,
                                   attempt_base=task.attempt, reason="matched", score=round(score, 4))
-        if task.status == "unmatched":
+        if task.status is Status.UNMATCHED:
             return None  # proposed already: it waits for the live set to change
         return SkillUnmatched(id=new_id(), task_id=task_id, capabilities=need,
                               proposal=propose(need, self._known_capabilities()))
@@ -298,25 +296,31 @@ class Scheduler:
             known[skill] = known.get(skill, frozenset()) | caps
         return known
 
-    def _aggregate(self, steps: list[tuple[str, TaskState]]) -> dict[str, Any]:
+    def _aggregate(self, steps: list[tuple[str, StepState]]) -> dict[str, Any]:
         """The plan's output: each completed step's output, and what became of the others.
 
         Past the message size limit the outputs are replaced by the steps' task ids (each
         output stays readable on its own task)."""
-        outputs = {s.step.id: s.output for _, s in steps if s.status == "completed" and s.step is not None}
-        others = {s.step.id: {"status": s.status, "error": s.error}
-                  for _, s in steps if s.status != "completed" and s.step is not None}
+        outputs = {s.step.id: s.output for _, s in steps if s.status is Status.COMPLETED}
+        others = {s.step.id: {"status": str(s.status), "error": s.error}
+                  for _, s in steps if s.status is not Status.COMPLETED}
         result: dict[str, Any] = {"outputs": outputs, "failed": others}
         if len(codec.encode(result)) > self.max_output_bytes:
             result = {"outputs": {s.step.id: {"task_id": cid} for cid, s in steps
-                                  if s.status == "completed" and s.step is not None},
+                                  if s.status is Status.COMPLETED},
                       "failed": others, "truncated": True}
         return result
 
 
-def _ended_badly(task: TaskState) -> bool:
+def _ended_badly(task: AnyTask) -> bool:
     """Ended (for good) without completing: its open children are cancelled."""
-    return task.settled and task.status != "completed"
+    return task.settled and task.status is not Status.COMPLETED
+
+
+_UNDISPATCHED = frozenset({Status.WAITING, Status.UNMATCHED})
+"""Statuses of a step or held submission the scheduler may dispatch (or propose for)."""
+_FINE = frozenset({Status.COMPLETED, Status.SKIPPED})
+"""Settled statuses of a step that do not fail its plan."""
 
 
 async def watch_agents(js: JetStreamContext, live: LiveAgents, ready: asyncio.Event | None = None) -> None:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 from bus.events import (
     NO_RETRY,
@@ -42,45 +43,27 @@ from bus.events import (
     TaskDenied,
     TaskDispatched,
     TaskFailed,
+    TaskProgress,
     TaskRetryScheduled,
     TaskStarted,
     TaskSubmitted,
     TaskUsage,
     step_task_id,
 )
+from bus import lifecycle
+from bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, TERMINAL, Shape, Status
 
-BUDGET_EXCEEDED = "budget_exceeded"
-"""The code of an accepted usage report that took its task over budget: the task fails."""
-
-APPROVAL_REQUESTED = "approval_requested"
-"""The code of an accepted submission that waits for approval before it is dispatched."""
-
-NO_AGENT = "no_agent"
-"""The code of a submission whose skill nobody serves (not installed beside the router, no
-live agent offers it): accepted and put on WORK, where it waits for an agent with the skill
-(policy ``[tasks] unserved = "warn"``), or rejected (``"reject"``)."""
-
-AWAITING_MATCH = "awaiting_match"
-"""The code of an accepted submission whose skill nobody serves, held for the scheduler
-(policy ``[tasks] unserved = "propose"``): it is dispatched to the live skill that provides
-it best, and until one does it waits as ``skill_unmatched`` with a proposed agent."""
-
-TERMINAL = frozenset({"completed", "failed", "denied", "cancelled", "skipped", "dead_lettered"})
-"""States in which no claim or result is accepted any more. ``failed`` may still be
-followed by a retry (a new dispatch), which the router decides, never an agent."""
 
 @dataclass(slots=True)
-class TaskState:
-    """What the router knows of one task."""
+class _Task:
+    """What the router knows of any task; the three shapes below add their own."""
 
     skill: str
     submitter: str = ""
-    status: str = "pending"
+    status: Status = Status.PENDING
     claimant: str = ""
     attempt: int = 0
     dispatch: int = 1
-    held: TaskSubmitted | PlanSubmitted | None = None
-    """The submission, kept while it waits for (and until it is dispatched by) approval."""
     budget: Budget | None = None
     tokens: int = 0
     cost_usd: float = 0.0
@@ -90,16 +73,6 @@ class TaskState:
     failures: int = 0
     retry_at: datetime | None = None
     error: str = ""
-    output: Any = None
-    """Kept for plan steps only: the context of the steps that depend on it."""
-    submission: TaskSubmitted | None = None
-    """Kept while a retry may need to dispatch the task again."""
-    plan: PlanSubmitted | None = None
-    """For a plan's parent task: the plan."""
-    step: PlanStep | None = None
-    """For a plan step: its definition."""
-    deps: tuple[str, ...] = ()
-    """For a plan step: the task ids of the steps it depends on."""
     dispatch_seq: int = 0
     """The audit seq of the record that made the current dispatch."""
     routed: bool = False
@@ -109,6 +82,8 @@ class TaskState:
     its steps): the router's next decision about it is a span under its cause."""
     dispatch_trace: str = ""
     """The ``traceparent`` of the record of its current routed dispatch."""
+
+    shape: ClassVar[Shape]
 
     @property
     def terminal(self) -> bool:
@@ -124,16 +99,54 @@ class TaskState:
     def settled(self) -> bool:
         """Whether nothing more will happen to the task: terminal, and no retry or dead
         letter decision outstanding."""
-        if self.status == "failed":
-            return self.retry.max_attempts == 1
-        return self.terminal
+        return lifecycle.settled(self.status, self.retry.max_attempts > 1)
+
+
+@dataclass(slots=True)
+class TaskState(_Task):
+    """A task submitted on its own (``task_submitted``)."""
+
+    held: TaskSubmitted | None = None
+    """The submission, kept while it waits for (and until it is dispatched by) approval."""
+    submission: TaskSubmitted | None = None
+    """Kept while a retry, or a match, may need to dispatch the task again."""
+
+    shape: ClassVar[Shape] = Shape.TASK
+
+
+@dataclass(slots=True, kw_only=True)
+class PlanState(_Task):
+    """A plan: the router runs it, no agent claims it; its children are its steps."""
+
+    plan: PlanSubmitted
+    held: PlanSubmitted | None = None
+    """The plan, kept while it waits for approval."""
+
+    shape: ClassVar[Shape] = Shape.PLAN
+
+
+@dataclass(slots=True, kw_only=True)
+class StepState(_Task):
+    """One step of a plan, dispatched by the scheduler once its dependencies completed."""
+
+    step: PlanStep
+    deps: tuple[str, ...] = ()
+    """The task ids of the steps it depends on."""
+    output: Any = None
+    """The context of the steps that depend on it."""
+
+    shape: ClassVar[Shape] = Shape.STEP
+
+
+AnyTask = TaskState | PlanState | StepState
+"""A task of any shape: ``match`` or ``isinstance`` on it narrows to the one in hand."""
 
 
 class RouterState:
     """Task lifecycles and recently audited ingress messages."""
 
     def __init__(self, audited_capacity: int = 65_536, dedup_horizon_s: float = 24 * 3600) -> None:
-        self.tasks: dict[str, TaskState] = {}
+        self.tasks: dict[str, AnyTask] = {}
         self.last_checkpoint_seq = 0
         self.last_checkpoint: Checkpoint | None = None
         """The newest signed checkpoint in the log (the one the chain's anchor names)."""
@@ -153,6 +166,8 @@ class RouterState:
         self.dirty: set[str] = set()
         """Tasks the scheduler should look at again (see :mod:`router.scheduler`)."""
         self._timers: list[tuple[datetime, str]] = []
+        self._traceparent = ""
+        """The trace context of the record being folded (see :meth:`apply`)."""
         self._audited: OrderedDict[int, AuditRecord] = OrderedDict()
         self._capacity = audited_capacity
         # message id -> (seq, time) of accepted records, oldest first, for dedup_horizon_s.
@@ -162,6 +177,7 @@ class RouterState:
     def apply(self, record: AuditRecord, traceparent: str = "") -> None:
         """Fold one audit record into the state; ``traceparent`` is the trace context
         its AUDIT message carries (the span that decided it), if any."""
+        self._traceparent = traceparent
         if record.checkpoint is not None:
             self.last_checkpoint_seq, self.last_checkpoint = record.seq, record.checkpoint
             return
@@ -186,113 +202,133 @@ class RouterState:
 
     def _fold(self, record: AuditRecord, traceparent: str) -> None:
         event = record.event
-        match event:
-            case TaskSubmitted(task_id=task_id, skill=skill) as submission:
-                held = record.code == APPROVAL_REQUESTED
-                # Held for a match: the scheduler dispatches it (from the kept submission)
-                # once a live skill provides it, as it does a plan step named by capabilities.
-                waits = record.code == AWAITING_MATCH
-                retry = submission.retry or NO_RETRY
-                self.tasks[task_id] = TaskState(
-                    skill=skill,
-                    submitter=record.principal,
-                    status="awaiting_approval" if held else "waiting" if waits else "pending",
-                    dispatch=0 if waits else 1,
-                    held=submission if held else None,
-                    budget=submission.budget,
-                    parent=submission.parent_task_id,
-                    retry=retry,
-                    submission=submission if retry.max_attempts > 1 or waits else None,
-                    trace=traceparent,
-                )
-                if (parent := self.tasks.get(submission.parent_task_id or "")) is not None:
-                    parent.children.append(task_id)
-            case PlanSubmitted(task_id=plan_id) as plan:
-                held = record.code == APPROVAL_REQUESTED
-                children = [step_task_id(plan_id, s.id) for s in plan.steps]
-                self.tasks[plan_id] = TaskState(
-                    skill=PLAN_SKILL, submitter=record.principal, status="awaiting_approval" if held else "running",
-                    held=plan if held else None, children=children, plan=plan, parent=plan.parent_task_id,
-                    trace=traceparent,
-                )
-                if (parent := self.tasks.get(plan.parent_task_id or "")) is not None:
-                    parent.children.append(plan_id)
-                for step, child in zip(plan.steps, children, strict=True):
-                    self.tasks[child] = TaskState(
-                        skill=step.skill or "", submitter=record.principal, status="waiting", parent=plan_id,
-                        dispatch=0, retry=step.retry, step=step, deps=tuple(step_task_id(plan_id, d) for d in step.deps),
-                        trace=traceparent,
-                    )
-            case TaskUsage(task_id=task_id) as usage:
-                task = self.tasks[task_id]
-                task.tokens += usage.tokens_in + usage.tokens_out
-                task.cost_usd += usage.cost_usd
-                if record.code == BUDGET_EXCEEDED:
-                    task.status, task.retry, task.error = "failed", NO_RETRY, record.reason
-            case TaskApproved(task_id=task_id):
-                task = self.tasks[task_id]
-                task.status = "running" if task.plan is not None else "pending"
-                if task.plan is not None:
-                    task.held = None
-            case TaskDenied(task_id=task_id):
-                self.tasks[task_id].status, self.tasks[task_id].held = "denied", None
-            case TaskStarted(task_id=task_id, attempt=attempt):
-                task = self.tasks[task_id]
-                task.status, task.claimant, task.attempt = "running", record.principal, attempt
-                task.held = None
-            case TaskCompleted(task_id=task_id) as done:
-                task = self.tasks[task_id]
-                task.status, task.submission = "completed", None
-                if task.step is not None:
-                    task.output = done.output
-            case TaskFailed(task_id=task_id) as failed:
-                task = self.tasks[task_id]
-                task.status, task.error = "failed", failed.error
-                task.failures += 1
-            case TaskDispatched(task_id=task_id) as dispatched:
-                task = self.tasks[task_id]
-                task.status, task.skill, task.dispatch, task.retry_at = (
-                    "pending", dispatched.skill, dispatched.dispatch, None
-                )
-                task.routed, task.dispatch_seq, task.dispatch_trace = True, record.seq, traceparent
-                self.unmatched.discard(task_id)
-            case TaskRetryScheduled(task_id=task_id, not_before=at):
-                task = self.tasks[task_id]
-                task.status, task.retry_at = "retrying", at
-                heapq.heappush(self._timers, (at, task_id))
-            case TaskDeadLettered(task_id=task_id, reason=reason):
-                task = self.tasks[task_id]
-                task.status, task.error, task.submission = "dead_lettered", reason, None
-            case TaskCancelled(task_id=task_id, reason=reason) as cancel:
-                task = self.tasks[task_id]
-                task.status = "skipped" if cancel.skipped else "cancelled"
-                task.error, task.submission, task.held, task.retry_at = reason, None, None, None
-                self.unmatched.discard(task_id)
-            case ProposalApproved(proposal_id=proposal_id):
-                self.approved_proposals.add(proposal_id)
-            case SkillUnmatched(task_id=task_id) as unmatched:
-                self.tasks[task_id].status = "unmatched"
-                self.unmatched.add(task_id)
-                self.proposals[unmatched.id] = unmatched
-            case AgentJoined(skills=skills, capabilities=caps):
-                for skill in skills:
-                    self.registry.setdefault(skill, set()).update(caps.get(skill, ()))
-                    self.joined_at[skill] = record.at
-            case CheckpointSaved(agent=agent, checkpoint_id=cid):
-                self.checkpoints.setdefault(agent, {})[cid] = record.seq
-            case _:
-                return
+        fold = _FOLDS.get(type(event))
+        if fold is None:
+            return
+        fold(self, record, event)
         if isinstance(event, TASK_EVENTS):
+            task = self.tasks.get(event.task_id)
+            if task is not None and type(event) not in _CREATES:
+                # One definition of what each record does to a status: bus/lifecycle.py.
+                task.status = lifecycle.after(task.status, record, task.shape)
             self._touch(event.task_id)
             if traceparent:
                 self._traced(event.task_id, traceparent)
+
+    def _submitted(self, record: AuditRecord, submission: TaskSubmitted) -> None:
+        held = record.code == APPROVAL_REQUESTED
+        # Held for a match: the scheduler dispatches it (from the kept submission) once a
+        # live skill provides it, as it does a plan step named by capabilities.
+        waits = record.code == AWAITING_MATCH
+        retry = submission.retry or NO_RETRY
+        self.tasks[submission.task_id] = TaskState(
+            skill=submission.skill, submitter=record.principal, status=lifecycle.created(record, Shape.TASK),
+            dispatch=0 if waits else 1, held=submission if held else None, budget=submission.budget,
+            parent=submission.parent_task_id, retry=retry,
+            submission=submission if retry.max_attempts > 1 or waits else None, trace=self._traceparent,
+        )
+        if (parent := self.tasks.get(submission.parent_task_id or "")) is not None:
+            parent.children.append(submission.task_id)
+
+    def _plan_submitted(self, record: AuditRecord, plan: PlanSubmitted) -> None:
+        plan_id = plan.task_id
+        children = [step_task_id(plan_id, s.id) for s in plan.steps]
+        trace = self._traceparent
+        self.tasks[plan_id] = PlanState(
+            skill=PLAN_SKILL, submitter=record.principal, status=lifecycle.created(record, Shape.PLAN),
+            held=plan if record.code == APPROVAL_REQUESTED else None, children=children, plan=plan,
+            parent=plan.parent_task_id, trace=trace,
+        )
+        if (parent := self.tasks.get(plan.parent_task_id or "")) is not None:
+            parent.children.append(plan_id)
+        for step, child in zip(plan.steps, children, strict=True):
+            self.tasks[child] = StepState(
+                skill=step.skill or "", submitter=record.principal, status=lifecycle.created(record, Shape.STEP),
+                parent=plan_id, dispatch=0, retry=step.retry, step=step,
+                deps=tuple(step_task_id(plan_id, d) for d in step.deps), trace=trace,
+            )
+
+    def _usage(self, record: AuditRecord, usage: TaskUsage) -> None:
+        task = self.tasks[usage.task_id]
+        task.tokens += usage.tokens_in + usage.tokens_out
+        task.cost_usd += usage.cost_usd
+        if record.code == BUDGET_EXCEEDED:
+            task.retry, task.error = NO_RETRY, record.reason
+
+    def _approved(self, record: AuditRecord, approved: TaskApproved) -> None:
+        task = self.tasks[approved.task_id]
+        if isinstance(task, PlanState):
+            task.held = None
+
+    def _denied(self, record: AuditRecord, denied: TaskDenied) -> None:
+        task = self.tasks[denied.task_id]
+        if isinstance(task, TaskState | PlanState):
+            task.held = None
+
+    def _started(self, record: AuditRecord, claim: TaskStarted) -> None:
+        task = self.tasks[claim.task_id]
+        task.claimant, task.attempt = record.principal, claim.attempt
+        if isinstance(task, TaskState):
+            task.held = None
+
+    def _completed(self, record: AuditRecord, done: TaskCompleted) -> None:
+        task = self.tasks[done.task_id]
+        if isinstance(task, TaskState):
+            task.submission = None
+        elif isinstance(task, StepState):
+            task.output = done.output
+
+    def _failed(self, record: AuditRecord, failed: TaskFailed) -> None:
+        task = self.tasks[failed.task_id]
+        task.error = failed.error
+        task.failures += 1
+
+    def _dispatched(self, record: AuditRecord, dispatched: TaskDispatched) -> None:
+        task = self.tasks[dispatched.task_id]
+        task.skill, task.dispatch, task.retry_at = dispatched.skill, dispatched.dispatch, None
+        task.routed, task.dispatch_seq, task.dispatch_trace = True, record.seq, self._traceparent
+        self.unmatched.discard(dispatched.task_id)
+
+    def _retry_scheduled(self, record: AuditRecord, retry: TaskRetryScheduled) -> None:
+        self.tasks[retry.task_id].retry_at = retry.not_before
+        heapq.heappush(self._timers, (retry.not_before, retry.task_id))
+
+    def _dead_lettered(self, record: AuditRecord, dead: TaskDeadLettered) -> None:
+        task = self.tasks[dead.task_id]
+        task.error = dead.reason
+        if isinstance(task, TaskState):
+            task.submission = None
+
+    def _cancelled(self, record: AuditRecord, cancel: TaskCancelled) -> None:
+        task = self.tasks[cancel.task_id]
+        task.error, task.retry_at = cancel.reason, None
+        if isinstance(task, TaskState):
+            task.submission, task.held = None, None
+        elif isinstance(task, PlanState):
+            task.held = None
+        self.unmatched.discard(cancel.task_id)
+
+    def _unmatched(self, record: AuditRecord, unmatched: SkillUnmatched) -> None:
+        self.unmatched.add(unmatched.task_id)
+        self.proposals[unmatched.id] = unmatched
+
+    def _proposal_approved(self, record: AuditRecord, approved: ProposalApproved) -> None:
+        self.approved_proposals.add(approved.proposal_id)
+
+    def _joined(self, record: AuditRecord, joined: AgentJoined) -> None:
+        for skill in joined.skills:
+            self.registry.setdefault(skill, set()).update(joined.capabilities.get(skill, ()))
+            self.joined_at[skill] = record.at
+
+    def _checkpoint_saved(self, record: AuditRecord, saved: CheckpointSaved) -> None:
+        self.checkpoints.setdefault(saved.agent, {})[saved.checkpoint_id] = record.seq
 
     def _traced(self, task_id: str, traceparent: str) -> None:
         task = self.tasks.get(task_id)
         if task is None:
             return
         task.trace = traceparent
-        if task.step is not None and (plan := self.tasks.get(task.parent or "")) is not None:
+        if isinstance(task, StepState) and (plan := self.tasks.get(task.parent or "")) is not None:
             plan.trace = traceparent
 
     def cause(self, task_id: str) -> str:
@@ -302,7 +338,7 @@ class RouterState:
         task = self.tasks.get(task_id)
         if task is None:
             return ""
-        if task.step is not None and (plan := self.tasks.get(task.parent or "")) is not None:
+        if isinstance(task, StepState) and (plan := self.tasks.get(task.parent or "")) is not None:
             return plan.trace
         return task.trace
 
@@ -335,3 +371,33 @@ class RouterState:
         """Drop records of INGRESS messages that are gone (acked) from the stream."""
         for seq in [s for s in self._audited if s < ingress_first_seq]:
             del self._audited[seq]
+
+
+_Fold = Callable[[RouterState, AuditRecord, Any], None]
+_FOLDS: dict[type, _Fold] = {
+    TaskSubmitted: RouterState._submitted,
+    PlanSubmitted: RouterState._plan_submitted,
+    TaskUsage: RouterState._usage,
+    TaskApproved: RouterState._approved,
+    TaskDenied: RouterState._denied,
+    TaskStarted: RouterState._started,
+    TaskCompleted: RouterState._completed,
+    TaskFailed: RouterState._failed,
+    TaskDispatched: RouterState._dispatched,
+    TaskRetryScheduled: RouterState._retry_scheduled,
+    TaskDeadLettered: RouterState._dead_lettered,
+    TaskCancelled: RouterState._cancelled,
+    SkillUnmatched: RouterState._unmatched,
+    ProposalApproved: RouterState._proposal_approved,
+    AgentJoined: RouterState._joined,
+    CheckpointSaved: RouterState._checkpoint_saved,
+}
+"""Event type → what an accepted record of it does to the state besides the task's status
+(which :func:`bus.lifecycle.after` decides); a type not here changes nothing. Every task
+event has an entry (tests/test_lifecycle.py checks), and each handler is small."""
+
+_UNCHANGED = frozenset({TaskProgress})
+"""Task events that change nothing the router keeps (the projection shows them)."""
+
+_CREATES = frozenset({TaskSubmitted, PlanSubmitted})
+"""Records that create their task (its status comes from :func:`bus.lifecycle.created`)."""

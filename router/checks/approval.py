@@ -10,6 +10,7 @@ reaches WORK. Nobody approves or denies a task they submitted themselves.
 from __future__ import annotations
 
 from bus.events import PlanSubmitted, TaskApproved, TaskDenied, TaskSubmitted
+from bus.lifecycle import Status
 from router.checks import Check, Inbound, Rejection
 from router.policy import PolicyFile
 from router.state import RouterState
@@ -31,7 +32,7 @@ def make(policy: PolicyFile) -> Check:
                 verb = "approve" if isinstance(msg.event, TaskApproved) else "deny"
                 if task is None:
                     return Rejection("unknown_task", f"no task {task_id}")
-                if task.status != "awaiting_approval":
+                if task.status is not Status.AWAITING_APPROVAL:
                     return Rejection("not_awaiting_approval", f"task {task_id} is {task.status}, not awaiting approval")
                 if not policy.current().is_approver(msg.principal_token):
                     return Rejection("not_an_approver", f"{msg.principal_token} may not {verb} tasks")

@@ -17,9 +17,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bus.events import TaskCompleted, TaskFailed, TaskProgress, TaskStarted, TaskSubmitted, TaskUsage
+from bus.lifecycle import Status
 from router.checks import Check, Inbound, Rejection
 from router.claims import ClaimTokens
-from router.state import RouterState
+from router.state import PlanState, RouterState
 
 
 def make(tokens: ClaimTokens, agent_skills: Callable[[str, str], frozenset[str] | None]) -> Check:
@@ -63,11 +64,11 @@ def _follows(msg: Inbound, state: RouterState) -> Rejection | None:
                 return Rejection("unknown_task", f"no task {task_id}")
             if task.terminal:
                 return Rejection("task_terminal", f"task {task_id} is already {task.status}")
-            if task.status == "awaiting_approval":
+            if task.status is Status.AWAITING_APPROVAL:
                 return Rejection("awaiting_approval", f"task {task_id} has not been approved; it was never dispatched")
-            if task.plan is not None:
+            if isinstance(task, PlanState):
                 return Rejection("not_dispatched", f"task {task_id} is a plan: the router runs it, no agent claims it")
-            if task.status not in ("pending", "running"):
+            if task.status not in (Status.PENDING, Status.RUNNING):
                 return Rejection("not_dispatched", f"task {task_id} is {task.status}, not dispatched")
             if dispatch != task.dispatch:
                 return Rejection(
@@ -85,7 +86,7 @@ def _follows(msg: Inbound, state: RouterState) -> Rejection | None:
                 return Rejection("unknown_task", f"no task {task_id}")
             if task.terminal:
                 return Rejection("task_terminal", f"task {task_id} is already {task.status}")
-            if task.status != "running":
+            if task.status is not Status.RUNNING:
                 return Rejection("not_claimant", f"task {task_id} is {task.status}: nobody holds a claim on it")
             if (task.claimant, task.attempt) != (who, attempt):
                 return Rejection(

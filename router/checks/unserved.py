@@ -28,7 +28,8 @@ from datetime import UTC, datetime, timedelta
 from bus.events import TaskSubmitted
 from router.checks import Check, Inbound, Rejection
 from router.policy import PolicyFile
-from router.state import NO_AGENT, RouterState
+from bus.lifecycle import NO_AGENT
+from router.state import RouterState
 
 _MAX_CAPABILITY = 64
 """A skill proposed on is needed as a capability (bus.events.Capability), at most this long."""
