@@ -1,0 +1,142 @@
+"""Secret scanning: what it catches and what it leaves alone, measured on two corpora
+(tests/secrets_corpus.py), and, through the real bus, that no secret a client sends
+reaches AUDIT, WORK or the projection file in clear."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import nats.js.errors
+import pytest
+from nats.aio.client import Client
+from nats.js.client import JetStreamContext
+
+from bus import codec, redaction, subjects
+from bus.events import new_id
+from bus.settings import Settings
+from tests.secrets_corpus import fakes, ordinary, wire
+from tests.support import Procs, agentctl, stored_audit, wait_for_records, wait_until
+from tests.test_e2e import projected, start_system
+
+# AWS's own documentation pair and a password (made up).
+AWS_ID = "AKIAIOSFODNN7EXAMPLE"
+AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+PASSWORD = "Tr0ub4dor&3-horse"
+
+
+# --- the corpora ---------------------------------------------------------------------------
+
+
+def test_ordinary_payloads_pass_untouched() -> None:
+    corpus = ordinary()
+    flagged = [(category, data, redaction.find(data)) for category, data in corpus if redaction.find(data)]
+    sizes = Counter(category for category, _ in corpus)
+    print(f"\nordinary corpus: {len(corpus)} messages, {sum(len(d) for _, d in corpus):,} bytes, "  # noqa: T201
+          f"{len(flagged)} flagged ({len(flagged) / len(corpus):.2%}); by category {dict(sizes)}")
+    assert not flagged, [(c, [(f.kind, d[max(0, f.start - 40):f.end]) for f in found]) for c, d, found in flagged]
+
+
+def test_every_fake_secret_is_redacted_and_the_message_still_decodes() -> None:
+    corpus = fakes()
+    missed: list[tuple[str, str]] = []
+    for fake in corpus:
+        redacted, kinds = redaction.redact_bytes(wire(fake.payload))
+        missed += [(fake.setting, s) for s in fake.secrets if s.encode() in redacted]
+        assert set(kinds) & set(fake.kinds), (fake.setting, kinds)
+        assert set(kinds) <= set(redaction.KINDS)
+        codec.decode_event(redacted)  # still a valid submission: the secret is gone, not the message
+    caught = len(corpus) - len({setting for setting, _ in missed})
+    print(f"\nfake secrets: {len(corpus)} in {len({f.setting for f in corpus})} settings, "  # noqa: T201
+          f"{caught} redacted ({caught / len(corpus):.1%})")
+    assert not missed
+
+
+def test_redacting_twice_finds_nothing_new() -> None:
+    for fake in fakes()[::7]:
+        once, _ = redaction.redact_bytes(wire(fake.payload))
+        assert redaction.find(once) == [], once
+
+
+def test_digests_and_uuids_are_secrets_only_under_a_key_like_name() -> None:
+    digest = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    uuid = "3f1c2a9e-7b4d-4e8a-9c1f-0d2e5b6a7c8d"
+    plain = {"sha256": digest, "commit": digest[:40], "request_id": uuid, "id": new_id(), "blob": AWS_SECRET}
+    assert redaction.find(wire(plain)) == []
+    keyed, kinds = redaction.redact_bytes(wire({"client_secret": digest, "session_token": uuid}))
+    assert digest.encode() not in keyed and uuid.encode() not in keyed and kinds == ["password", "secret"]
+
+
+@pytest.mark.parametrize(("text", "kept"), [
+    ("password = getpass.getpass()", True),               # code, not a value
+    ("credentials: GoogleCredentials | None = None", True),  # a type annotation
+    ('{"password": "${DB_PASSWORD}", "token": "<token>"}', True),  # placeholders
+    ('{"tokenizer": "cl100k_base", "max_tokens": 512, "secretName": "db-creds"}', True),
+    ("https://user@example.com:8443/x?page=2", True),     # a URL without a password
+    ("password: hunter2x", False),
+    ("Authorization: Bearer Zx81kQm2Lp7Rt5Vw", False),
+    ("mysql://root:s3cr3t-pw@db/app", False),
+])
+def test_the_name_rule_reads_code_placeholders_and_values_apart(text: str, kept: bool) -> None:
+    assert (redaction.redact(text)[1] == []) is kept, redaction.redact(text)
+
+
+# --- through the real bus ------------------------------------------------------------------
+
+
+async def stored(js: JetStreamContext, stream: str) -> bytes:
+    """Every message ``stream`` holds as stored, headers and body, concatenated (read by
+    sequence: a work-queue stream takes no ordered consumer)."""
+    state = (await js.stream_info(stream)).state
+    out: list[bytes] = []
+    for seq in range(state.first_seq, state.last_seq + 1) if state.messages else ():
+        try:
+            msg = await js.get_msg(stream, seq)
+        except nats.js.errors.NotFoundError:
+            continue  # acked from a work queue
+        out.append(json.dumps(msg.headers or {}).encode() + (msg.data or b""))
+    return b"\n".join(out)
+
+
+def assert_clean(where: str, data: bytes, *secrets: str) -> None:
+    leaked = [s for s in secrets if s.encode() in data]
+    assert not leaked, f"{where} holds {leaked} in clear"
+
+
+async def test_an_aws_key_pair_and_a_password_reach_no_record_work_item_or_projection(
+    procs: Procs, admin: Client, settings: Settings
+) -> None:
+    await start_system(procs, admin, ("echo-1", "echo"))
+    given = {
+        "note": f"deploy with id {AWS_ID} and secret {AWS_SECRET}",
+        "aws": {"access_key_id": AWS_ID, "secret_access_key": AWS_SECRET},
+        "env": f"AWS_ACCESS_KEY_ID={AWS_ID}\nAWS_SECRET_ACCESS_KEY={AWS_SECRET}\n",
+        "db": {"user": "app", "password": PASSWORD},
+    }
+    code, out, err = await agentctl(settings, "submit", "echo", "--input", json.dumps(given), "--wait", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["status"] == "completed"
+    assert result["output"]["db"] == {"user": "app", "password": "[REDACTED:password]"}
+    assert_clean("the echoed output", out.encode(), AWS_ID, AWS_SECRET, PASSWORD)
+    # No agent serves this skill: its work item stays in WORK to be read.
+    code, out, err = await agentctl(settings, "submit", "unserved", "--input", json.dumps(given), "--json")
+    assert code == 0, err
+    js = admin.jetstream()
+    await wait_until(lambda: _has_messages(js, subjects.WORK_STREAM), what="the unserved work item in WORK")
+
+    work = await stored(js, subjects.WORK_STREAM)
+    assert b"[REDACTED:aws-secret-access-key]" in work
+    assert_clean("WORK", work, AWS_ID, AWS_SECRET, PASSWORD)
+    records = b"".join(data for _, data in await stored_audit(js))
+    assert records.count(b"[REDACTED:password]") >= 3  # the submission, the completion, the queued one
+    assert_clean("AUDIT", records, AWS_ID, AWS_SECRET, PASSWORD)
+    await projected(admin, result["task_id"])
+    db_files = sorted(Path(settings.db_path).parent.glob(Path(settings.db_path).name + "*"))
+    assert db_files
+    assert_clean("the projection", b"".join(f.read_bytes() for f in db_files), AWS_ID, AWS_SECRET, PASSWORD)
+
+
+async def _has_messages(js: JetStreamContext, stream: str) -> bool:
+    return (await js.stream_info(stream)).state.messages > 0
