@@ -1,11 +1,12 @@
 """Secret scanning: what it catches and what it leaves alone, measured on two corpora
 (tests/secrets_corpus.py), and, through the real bus, that no secret a client sends
-reaches AUDIT, WORK or the projection file in clear."""
+reaches AUDIT, WORK, the projection file or TRACES in clear."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import nats.js.errors
@@ -13,17 +14,22 @@ import pytest
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 
-from bus import codec, redaction, subjects
-from bus.events import new_id
+from bus import codec, redaction, subjects, tracing
+from bus.events import TaskSubmitted, new_id
 from bus.settings import Settings
 from tests.secrets_corpus import fakes, ordinary, wire
 from tests.support import Procs, agentctl, stored_audit, wait_for_records, wait_until
 from tests.test_e2e import projected, start_system
 
-# AWS's own documentation pair and a password (made up).
+Connect = Callable[[str], Awaitable[Client]]
+
+# AWS's own documentation pair, a password, and provider shapes (all made up).
 AWS_ID = "AKIAIOSFODNN7EXAMPLE"
 AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 PASSWORD = "Tr0ub4dor&3-horse"
+GH_TOKEN = "ghp_" + "R8d2Kq0Lw7Zx4Nf1Vb6Tm9Yc3Hs5Pa0Ej2Gu"
+SLACK_TOKEN = "xoxb-190283746501-8Hq2LmZx0Rt4"
+ANTHROPIC_KEY = "sk-ant-api03-" + "Zq9Xw8Vu7Ts6Rq5Po4Nm3Lk2Jh1Gf0EdCbA-_x9Yz"
 
 
 # --- the corpora ---------------------------------------------------------------------------
@@ -80,6 +86,13 @@ def test_digests_and_uuids_are_secrets_only_under_a_key_like_name() -> None:
 ])
 def test_the_name_rule_reads_code_placeholders_and_values_apart(text: str, kept: bool) -> None:
     assert (redaction.redact(text)[1] == []) is kept, redaction.redact(text)
+
+
+def test_span_attributes_a_client_chose_are_redacted() -> None:
+    attrs = tracing.messaging(f"in.cli.alice.{SLACK_TOKEN}", "process", GH_TOKEN, from_client=True)
+    assert attrs["messaging.message.id"] == "[REDACTED:github-token]"
+    assert attrs["messaging.destination.name"] == "in.cli.alice.[REDACTED:slack-token]"
+    assert tracing.messaging("work.echo", "publish", "work-t1")["messaging.message.id"] == "work-t1"
 
 
 # --- through the real bus ------------------------------------------------------------------
@@ -140,3 +153,29 @@ async def test_an_aws_key_pair_and_a_password_reach_no_record_work_item_or_proje
 
 async def _has_messages(js: JetStreamContext, stream: str) -> bool:
     return (await js.stream_info(stream)).state.messages > 0
+
+
+async def test_a_secret_in_a_message_id_a_subject_or_a_field_name_reaches_no_span_or_record(
+    procs: Procs, admin: Client, connect_as: Connect
+) -> None:
+    router = await procs.start("router", "router")  # tracing on, as it ships: spans go to TRACES
+    cli = (await connect_as("cli")).jetstream()
+    submission = TaskSubmitted(id=new_id(), task_id="traced-secret", skill="echo")
+    await cli.publish("in.cli.alice.task_submitted", codec.encode(submission), headers={subjects.HDR_MSG_ID: GH_TOKEN})
+    other = TaskSubmitted(id=new_id(), task_id="t2", skill="echo")
+    await cli.publish(f"in.cli.alice.{SLACK_TOKEN}", codec.encode(other))
+    field_named_by_a_key = b'{"kind":"task_submitted","id":"x1","task_id":"t3","skill":"echo","%s":1}'
+    await cli.publish("in.cli.alice.task_submitted", field_named_by_a_key % ANTHROPIC_KEY.encode())
+    accepted, mismatched, unknown_field = await wait_for_records(admin.jetstream(), 3)
+    assert accepted.code == "ok" and mismatched.verdict == unknown_field.verdict == "rejected"
+    assert "[REDACTED:anthropic-api-key]" in unknown_field.reason
+    await router.stop()  # a stopping process flushes its spans to TRACES
+
+    js = admin.jetstream()
+    traces = await stored(js, subjects.TRACES_STREAM)
+    assert b"router.process" in traces
+    assert b'"messaging.message.id":"[REDACTED:github-token]"' in traces
+    assert b"in.cli.alice.[REDACTED:slack-token]" in traces
+    assert_clean("TRACES", traces, GH_TOKEN, SLACK_TOKEN, ANTHROPIC_KEY)
+    assert_clean("AUDIT", await stored(js, subjects.AUDIT_STREAM), GH_TOKEN, SLACK_TOKEN,
+                 ANTHROPIC_KEY)
