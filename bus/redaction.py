@@ -147,16 +147,17 @@ _TAIL = (rb"(?:\\?[\"'])?[ \t]*(?:=>|:=|[:=])[ \t]*(?P<scheme>(?:bearer|basic|to
          rb"(?:\\\"(?P<v2>[^\"\\]*)\\\"|\"(?P<v1>(?:[^\"\\]|\\.)*)\"|'(?P<v3>[^'\\]*)'"
          rb"|(?P<v4>[^\s\"'\\,;&|<>(){}\[\]`]+))")
 
-# (name expression, password-like): password-like names take shorter, plainer values.
-_NAMES: tuple[tuple[bytes, re.Pattern[bytes], bool], ...] = tuple(
-    (marker, re.compile(rb"(?P<name>" + marker + rest + rb")" + _TAIL), pw) for marker, rest, pw in (
-        (b"pass", rb"(?:word|wd|phrase)?", True),
-        (b"pwd", b"", True),
-        (b"secret", b"", True),
-        (b"token", b"", False),
-        (b"credential", b"s?", False),
-        (b"auth", rb"(?:orization)?", False),
-        (b"key", b"", False),
+# (marker, name expression, password-like, kind): password-like names take shorter,
+# plainer values (a person chose them).
+_NAMES: tuple[tuple[bytes, re.Pattern[bytes], bool, str], ...] = tuple(
+    (marker, re.compile(rb"(?P<name>" + marker + rest + rb")" + _TAIL), pw, kind) for marker, rest, pw, kind in (
+        (b"pass", rb"(?:word|wd|phrase)?", True, "password"),
+        (b"pwd", b"", True, "password"),
+        (b"secret", b"", True, "secret"),
+        (b"token", b"", False, "secret"),
+        (b"credential", b"s?", False, "secret"),
+        (b"auth", rb"(?:orization)?", False, "secret"),
+        (b"key", b"", False, "secret"),
     ))
 
 # "key" alone is a map key, a memory key, an S3 object key: only these compounds are secret.
@@ -239,7 +240,7 @@ def looks_secret(value: bytes, password_like: bool, quoted: bool, schemed: bool 
 
 
 def _named(data: bytes, low: bytes, present: set[bytes] | None) -> Iterator[Finding]:
-    for marker, pattern, password_like in _NAMES:
+    for marker, pattern, password_like, kind in _NAMES:
         if present is not None and marker not in present:
             continue
         for m in pattern.finditer(low):
@@ -261,7 +262,7 @@ def _named(data: bytes, low: bytes, present: set[bytes] | None) -> Iterator[Find
             if group == "v4" and data[end:end + 1] in (b"(", b"["):
                 continue  # a call or a subscript: code
             if looks_secret(data[start:end], password_like, group != "v4", schemed):
-                yield Finding(start, end, "password" if password_like else "secret")
+                yield Finding(start, end, kind)
 
 
 # --- the scan ---------------------------------------------------------------------------
@@ -270,7 +271,7 @@ def _named(data: bytes, low: bytes, present: set[bytes] | None) -> Iterator[Find
 # can match (measured: under 1 us on a message id, 5 on a 300-byte message, where starting
 # all 16 rules costs 10); on a long one it is slower than the rules' own literal searches
 # (18 against 0.6 ns per byte per rule), so there every rule runs.
-_MARKERS = sorted({m for markers, _ in _SHAPES for m in markers} | {marker for marker, _, _ in _NAMES})
+_MARKERS = sorted({m for markers, _ in _SHAPES for m in markers} | {marker for marker, _, _, _ in _NAMES})
 # Factored by first byte ("a(?:kia|sia|iza|uth)|..."): a quarter faster than a flat list.
 _MARKER = re.compile(b"|".join(
     re.escape(first) + b"(?:" + b"|".join(re.escape(m[1:]) for m in sorted(group, key=len, reverse=True)) + b")"
