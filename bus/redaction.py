@@ -57,8 +57,10 @@ class Finding(NamedTuple):
 # match (see :func:`find`).
 
 _SHAPES: tuple[tuple[tuple[bytes, ...], re.Pattern[bytes]], ...] = tuple((markers, re.compile(p)) for markers, p in (
+    # To the END line, or else to the end of the string (an escape is one unit, so the
+    # replacement never eats the backslash of an escaped quote and breaks the JSON).
     ((b"-----begin ",), rb"-----BEGIN (?P<private_key>[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----"
-                       rb"(?:[^\"]*?-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|[^\"]*))"),
+                       rb"(?:(?:[^\"\\]|\\.)*?-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|(?:[^\"\\]|\\.)*))"),
     ((b"akia", b"asia", b"aiza"),
      rb"A(?:(?P<aws_access_key_id>(?:KIA|SIA)[0-9A-Z]{16}(?![0-9A-Za-z]))|(?P<google_api_key>Iza[0-9A-Za-z_-]{35}))"),
     ((b"sk-",), rb"sk-(?:(?P<anthropic_api_key>ant-[A-Za-z0-9_-]{20,})|(?P<openai_api_key>[A-Za-z0-9_-]{20,}))"),
@@ -139,13 +141,15 @@ def _aws_secret_near(data: bytes, key_id: Finding) -> Iterator[Finding]:
 
 
 # --- key-like names ---------------------------------------------------------------------
-# After the name: its closing quote (maybe escaped: JSON inside a string), a separator,
-# an optional auth scheme, then the value: quoted as in JSON (v1), JSON inside a string
-# (v2) or single quotes (v3), or bare up to a delimiter (v4), as in a .env file, a
-# command line or a query string. Matched on the lowercased text.
-_TAIL = (rb"(?:\\?[\"'])?[ \t]*(?:=>|:=|[:=])[ \t]*(?P<scheme>(?:bearer|basic|token)[ \t]+)?"
-         rb"(?:\\\"(?P<v2>[^\"\\]*)\\\"|\"(?P<v1>(?:[^\"\\]|\\.)*)\"|'(?P<v3>[^'\\]*)'"
-         rb"|(?P<v4>[^\s\"'\\,;&|<>(){}\[\]`]+))")
+# After the name, either a JSON key's closing quote, a colon and the string value (v1: an
+# unescaped quote after a name closes a JSON string, and only a key's is followed by a
+# colon, so v1 never spans JSON structure), or, inside a string, an optional closing quote
+# (escaped, for JSON in a string, or single), a separator, an optional auth scheme and the
+# value: JSON in a string (v2), single-quoted (v3) or bare up to a delimiter (v4), as in
+# a .env file, a command line or a query string. Matched on the lowercased text.
+_TAIL = (rb"(?:\"[ \t]*:[ \t]*\"(?P<v1>(?:[^\"\\]|\\.)*)\""
+         rb"|(?:\\[\"']|')?[ \t]*(?:=>|:=|[:=])[ \t]*(?P<scheme>(?:bearer|basic|token)[ \t]+)?"
+         rb"(?:\\\"(?P<v2>[^\"\\]*)\\\"|'(?P<v3>[^'\\]*)'|(?P<v4>[^\s\"'\\,;&|<>(){}\[\]`]+)))")
 
 # (marker, name expression, password-like, kind): password-like names take shorter,
 # plainer values (a person chose them).

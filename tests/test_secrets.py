@@ -9,8 +9,11 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import msgspec
 import nats.js.errors
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 
@@ -63,6 +66,25 @@ def test_redacting_twice_finds_nothing_new() -> None:
     for fake in fakes()[::7]:
         once, _ = redaction.redact_bytes(wire(fake.payload))
         assert redaction.find(once) == [], once
+
+
+# Pieces that make the rules fire, and the characters JSON escapes, mixed with any text.
+_PIECES = st.sampled_from([
+    "password", "Password", "api_key", "token", "secret", "Authorization", "=", ":", ": ", '"', "'", "\\", "\n",
+    " ", ",", "Bearer ", "://u:", "@", "Tr0ub4dor&3x", "12345678901", AWS_ID, AWS_SECRET,
+    "ghp_R8d2Kq0Lw7Zx4Nf1Vb6Tm9Yc3Hs5Pa0Ej2Gu", "-----BEGIN RSA PRIVATE KEY-----", "MIIEowIBAAKCAQEA7bq",
+    "-----END RSA PRIVATE KEY-----", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkw.c2lnbmF0dXJl",
+])
+_TEXTS = st.lists(_PIECES | st.text(max_size=8), max_size=12).map("".join)
+_JSON = st.recursive(_TEXTS | st.integers(), lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(_TEXTS, inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON)
+def test_redacting_any_json_leaves_valid_json(value: object) -> None:
+    redacted, _ = redaction.redact_bytes(codec.encode(value))
+    msgspec.json.decode(redacted)
 
 
 def test_digests_and_uuids_are_secrets_only_under_a_key_like_name() -> None:
