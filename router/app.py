@@ -469,7 +469,8 @@ class Router:
             headers = _headers(msg)
             span = tracer.start_span(
                 "router.process", context=tracing.extract(headers), kind=trace.SpanKind.CONSUMER,
-                attributes={**tracing.messaging(msg.subject, "process", headers.get(subjects.HDR_MSG_ID, "")),
+                attributes={**tracing.messaging(msg.subject, "process", headers.get(subjects.HDR_MSG_ID, ""),
+                                                from_client=True),
                             "messaging.consumer.group.name": subjects.ROUTER_CONSUMER,
                             "ledgerbus.ingress_seq": meta.sequence.stream,
                             "ledgerbus.delivery": meta.num_delivered},
@@ -507,7 +508,7 @@ class Router:
             span.set_attributes(record_attributes(record))
             metrics.router_messages.add(1, {"kind": record.kind, "verdict": record.verdict, "code": code})
             if rejection is not None:
-                span.set_status(Status(StatusCode.ERROR, f"rejected: {code}: {reason}"))
+                span.set_status(Status(StatusCode.ERROR, f"rejected: {code}: {record.reason}"))
             out_headers = tracing.inject(context=trace.set_span_in_context(span))
             # Later messages of the same batch must see this one (e.g. a duplicate task id).
             self.state.apply(record, out_headers.get(subjects.HDR_TRACEPARENT, ""))
@@ -515,7 +516,7 @@ class Router:
             decisions.append(Decision(msg, record, out_headers, span))
             with trace.use_span(span, end_on_exit=False):
                 if rejection is not None:
-                    log.info("rejected", seq=record.seq, code=code, reason=reason, principal=record.principal)
+                    log.info("rejected", seq=record.seq, code=code, reason=record.reason, principal=record.principal)
         if pending:
             try:
                 await self.audit.append(pending)

@@ -102,6 +102,8 @@ def record_for(inbound: Inbound, code: str, reason: str, trace_id: str, accepted
         )
     if accepted and inbound.secrets:
         reason = "; ".join(filter(None, [reason, f"redacted: {', '.join(inbound.secrets)}"]))
+    # A reason can quote the client: an unknown field's name, the subject's kind token.
+    reason = secrets.redact(reason)[0]
     return AuditRecord(
         seq=0,
         at=datetime.now(UTC),

@@ -18,6 +18,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from bus.events import AnyEvent
+from bus.redaction import scrub
 from bus.subjects import Principal
 from router.claims import ClaimTokens
 from router.policy import PolicyFile
@@ -115,7 +116,9 @@ def _check_span(name: str, started: int, rejection: Rejection | None, error: Exc
         span.record_exception(error)
     if rejection is not None:
         span.set_attribute("ledgerbus.code", rejection.code)
-        span.set_status(Status(StatusCode.ERROR, f"{rejection.code}: {rejection.reason}"))
+        # A reason can quote the client (a field name, a subject token): redacted as the
+        # audit record's is.
+        span.set_status(Status(StatusCode.ERROR, f"{rejection.code}: {scrub(rejection.reason)}"))
     span.end()
 
 
