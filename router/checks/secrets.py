@@ -13,30 +13,43 @@ with :func:`redact`.
 
 from __future__ import annotations
 
+import msgspec
+
 from bus import codec
 from bus.errors import SchemaError
+from bus.events import TaskStarted
 from bus.redaction import redact, redact_bytes
-from router.checks import Check, Inbound, Rejection
+from router.checks import Check, Inbound, Learned, Rejection, learned
 from router.policy import PolicyFile
 from router.state import RouterState
 
 __all__ = ["make", "redact", "scan"]
 
 
-def scan(msg: Inbound, state: RouterState) -> Rejection | None:
-    """Redact secrets from the decoded event; reject only if redaction breaks the event."""
-    assert msg.event is not None
-    data, found = redact_bytes(codec.encode(msg.event))
+def scan(msg: Inbound, state: RouterState) -> Rejection | Learned | None:
+    """Redact secrets from the decoded event; reject only if redaction breaks the event.
+
+    A claim's token is left out of the scan: it is a random value under a key-like name,
+    so it looks like a secret, and it is one, but one the protocol needs (the lifecycle
+    check compares it) and that no record keeps (its record holds a fingerprint).
+    """
+    event = msg.event
+    assert event is not None
+    token = event.token if isinstance(event, TaskStarted) else ""
+    if token:
+        event = msgspec.structs.replace(event, token="")
+    data, found = redact_bytes(codec.encode(event))
     if not found:
         return None
-    msg.secrets = found
     try:
-        msg.event = codec.decode_event(data)
+        redacted = codec.decode_event(data)
+        if token and isinstance(redacted, TaskStarted):
+            redacted = msgspec.structs.replace(redacted, token=token)
+        return learned(event=redacted, secrets=tuple(found))
     except SchemaError:
         # The secret sat in a field the schema constrains: keep only the redacted bytes.
-        msg.event, msg.data = None, data
-        return Rejection("secret_detected", f"the message carries {', '.join(found)} where it cannot be redacted")
-    return None
+        return Rejection("secret_detected", f"the message carries {', '.join(found)} where it cannot be redacted",
+                         learned={"event": None, "data": data, "secrets": tuple(found)})
 
 
 def make(policy: PolicyFile) -> Check:
