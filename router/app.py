@@ -89,7 +89,7 @@ class Router:
                                 live_skills=self.live.skills, agents_ttl_s=settings.agents_ttl_s)
         )
         self.state = RouterState(dedup_horizon_s=settings.dedup_horizon_s)
-        self.scheduler = Scheduler(self.state, self.live, self.installed, settings.max_message_bytes, self._may_run)
+        self.scheduler = Scheduler(self.live, self.installed, settings.max_message_bytes, self._may_run)
         self.audit = AuditLog(self.js, audit_mod.ChainHead())
         self._sub: JetStreamContext.PullSubscription | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -157,7 +157,6 @@ class Router:
         head = await audit_mod.recover(self.js, self.state, watch)
         self._stream_created = (await self.js.stream_info(subjects.AUDIT_STREAM)).created
         self.audit = AuditLog(self.js, head)
-        self.scheduler.state = self.state
         await self._check_anchors(head, watch)
         ingress = await self.js.stream_info(subjects.INGRESS_STREAM)
         self.state.forget_acked_before(ingress.state.first_seq)
@@ -284,7 +283,7 @@ class Router:
         """
         self.live.expire(datetime.now(UTC))
         for _ in range(1000):
-            events = self.scheduler.decide(datetime.now(UTC))
+            events = self.scheduler.decide(self.state, datetime.now(UTC))
             if not events:
                 break
             pending = [self._router_record(event) for event in events]
@@ -490,7 +489,7 @@ class Router:
                 received_at=meta.timestamp.timestamp() if meta.timestamp else 0.0,
             )
             with trace.use_span(span, end_on_exit=False):
-                rejection = run_checks(self.checks, inbound, self.state, self.settings.trace_checks == "all")
+                inbound, rejection = run_checks(self.checks, inbound, self.state, self.settings.trace_checks == "all")
             if rejection is not None:
                 code, reason = rejection.code, rejection.reason
             elif inbound.held:

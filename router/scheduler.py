@@ -162,29 +162,28 @@ class Scheduler:
 
     def __init__(
         self,
-        state: RouterState,
         live: LiveAgents,
         installed: dict[str, frozenset[str]] | None = None,
         max_output_bytes: int = 256 * 1024,
         may_run: Callable[[str, str], bool] = lambda principal, skill: True,
     ) -> None:
-        self.state = state
         self.live = live
         self.installed = installed or {}
         self.max_output_bytes = max_output_bytes
         self.may_run = may_run
         """Whether a step submitted by a principal may be matched to a skill (policy)."""
 
-    def decide(self, now: datetime) -> list[RouterDecision]:
-        """The events that follow from the dirty tasks (at most one per task per call)."""
-        tasks = self.state.tasks
+    def decide(self, state: RouterState, now: datetime) -> list[RouterDecision]:
+        """The events that follow from ``state``'s dirty tasks (at most one per task per
+        call). The state is the caller's: the scheduler keeps none of its own."""
+        tasks = state.tasks
         if self.live.changed:
             self.live.changed = False
-            for task_id in self.state.unmatched:
-                self.state.dirty.add(task_id)
+            for task_id in state.unmatched:
+                state.dirty.add(task_id)
                 if (parent_id := tasks[task_id].parent) is not None:
-                    self.state.dirty.add(parent_id)
-        self.state.due(now)
+                    state.dirty.add(parent_id)
+        state.due(now)
         out: list[RouterDecision] = []
         touched: set[str] = set()
 
@@ -193,7 +192,7 @@ class Scheduler:
                 touched.add(event.task_id)
                 out.append(event)
 
-        for task_id in self.state.take_dirty():
+        for task_id in state.take_dirty():
             task = tasks.get(task_id)
             if task is None or task_id in touched:
                 continue
@@ -209,10 +208,10 @@ class Scheduler:
                                     attempt_base=task.attempt, reason="retry"))
                 continue
             if isinstance(task, TaskState) and task.status in _UNDISPATCHED:
-                emit(self._match_submission(task_id, task))
+                emit(self._match_submission(state, task_id, task))
                 continue
             if isinstance(task, PlanState) and task.status is Status.RUNNING:
-                for event in self._plan(task_id, task, touched):
+                for event in self._plan(state, task_id, task, touched):
                     emit(event)
             if _ended_badly(task):
                 for child in task.children:
@@ -228,8 +227,8 @@ class Scheduler:
         reason = f"failed {task.failures} of {task.retry.max_attempts} attempts; last error: {task.error}"
         return TaskDeadLettered(id=new_id(), task_id=task_id, failures=task.failures, reason=reason[:16_384])
 
-    def _plan(self, plan_id: str, plan: PlanState, touched: set[str]) -> list[RouterDecision]:
-        tasks = self.state.tasks
+    def _plan(self, state: RouterState, plan_id: str, plan: PlanState, touched: set[str]) -> list[RouterDecision]:
+        tasks = state.tasks
         steps = [(cid, step) for cid in plan.children if isinstance(step := tasks[cid], StepState)]
         for _, step in steps:
             if step.settled and step.status not in _FINE and step.step.on_failure == "fail":
@@ -273,10 +272,10 @@ class Scheduler:
                                           attempt_base=step.attempt, reason="matched", score=round(score, 4)))
             elif step.status is not Status.UNMATCHED:
                 out.append(SkillUnmatched(id=new_id(), task_id=cid, capabilities=step.step.capabilities,
-                                          proposal=propose(step.step.capabilities, self._known_capabilities())))
+                                          proposal=propose(step.step.capabilities, self._known_capabilities(state))))
         return out
 
-    def _match_submission(self, task_id: str, task: TaskState) -> RouterDecision | None:
+    def _match_submission(self, state: RouterState, task_id: str, task: TaskState) -> RouterDecision | None:
         """A submission held for a match: its skill's name is the one capability it needs."""
         need = [task.skill]
         offers = {s: o for s, o in self.live.offers().items() if self.may_run(task.submitter, s)}
@@ -288,11 +287,11 @@ class Scheduler:
         if task.status is Status.UNMATCHED:
             return None  # proposed already: it waits for the live set to change
         return SkillUnmatched(id=new_id(), task_id=task_id, capabilities=need,
-                              proposal=propose(need, self._known_capabilities()))
+                              proposal=propose(need, self._known_capabilities(state)))
 
-    def _known_capabilities(self) -> dict[str, frozenset[str]]:
+    def _known_capabilities(self, state: RouterState) -> dict[str, frozenset[str]]:
         known = dict(self.installed)
-        for skill, caps in self.state.registry.items():
+        for skill, caps in state.registry.items():
             known[skill] = known.get(skill, frozenset()) | caps
         return known
 

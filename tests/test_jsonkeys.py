@@ -15,7 +15,7 @@ from nats.aio.client import Client
 
 from bus import codec, jsonkeys, subjects
 from bus.events import TaskSubmitted, new_id
-from router.checks import Inbound, schema
+from router.checks import Inbound, Rejection, schema
 from router.state import RouterState
 from tests.conftest import RunningRouter
 from tests.support import wait_for_records, work_count
@@ -194,7 +194,7 @@ def _inbound(body: bytes) -> Inbound:
 def test_the_schema_check_keeps_its_code_for_bodies_that_do_not_decode(body: bytes, code: str) -> None:
     msg = _inbound(body)
     rejection = schema.check(msg, RouterState())
-    assert rejection is not None and rejection.code == code
+    assert isinstance(rejection, Rejection) and rejection.code == code
     assert msg.event is None
 
 
@@ -202,7 +202,7 @@ def test_a_secret_used_as_a_key_is_redacted_from_the_reason() -> None:
     secret = "sk-ant-api03-" + "x" * 40
     body = HEAD + f'"skill":"echo","input":{{"{secret}":1,"{secret}":2}}}}'.encode()
     rejection = schema.check(_inbound(body), RouterState())
-    assert rejection is not None and rejection.code == "invalid_json"
+    assert isinstance(rejection, Rejection) and rejection.code == "invalid_json"
     assert secret not in rejection.reason and "REDACTED" in rejection.reason
 
 

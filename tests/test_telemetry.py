@@ -214,7 +214,7 @@ def test_each_check_is_a_span_and_failed_keeps_only_the_rejecting_one(
         memory.clear()
         msg = Inbound(subject="in.cli.alice.task_submitted", data=b"{}", headers={}, ingress_seq=1, delivery=1)
         with provider.get_tracer("unit").start_as_current_span("router.process"):
-            rejection = run_checks([size, lifecycle, never], msg, RouterState(), trace_passing=passing)
+            _, rejection = run_checks([size, lifecycle, never], msg, RouterState(), trace_passing=passing)
         assert rejection is not None and rejection.code == "duplicate_task"
         spans = [s for s in memory.get_finished_spans() if s.name.startswith("router.check")]
         assert [s.name for s in spans] == wanted

@@ -1,12 +1,17 @@
 """The check pipeline: one module per check, run in a fixed order on every message.
 
 A check takes the :class:`Inbound` message and the router state and returns ``None`` to
-pass it on or a :class:`Rejection` with a machine-readable code and a reason for people.
-The first rejection wins; every message, whatever its fate, gets one audit record.
+pass it on, :class:`Learned` to pass it on with what it found out (the decoded event, the
+secrets it redacted, that the task is held...), or a :class:`Rejection` with a
+machine-readable code and a reason for people. Checks never change the message they are
+given: :func:`run_checks` makes the next one from what each learned, so a check reads
+exactly what the checks before it decided. The first rejection wins; every message,
+whatever its fate, gets one audit record.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -28,9 +33,9 @@ log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("ledgerbus.router")
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Inbound:
-    """One INGRESS message as the checks see it; checks fill in what they learn."""
+    """One INGRESS message as the checks see it, with what the checks before learned."""
 
     subject: str
     data: bytes
@@ -42,7 +47,7 @@ class Inbound:
     """When JetStream stored the message in INGRESS (POSIX seconds)."""
     principal: Principal | None = None
     event: AnyEvent | None = None
-    secrets: list[str] = field(default_factory=list)
+    secrets: tuple[str, ...] = ()
     """Kinds of secret redacted from the event by the secrets scan."""
     held: bool = False
     """Accepted, but held for approval (a dangerous skill)."""
@@ -61,13 +66,27 @@ class Inbound:
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
-    """Why a message was rejected: ``code`` for machines, ``reason`` for people."""
+    """Why a message was rejected: ``code`` for machines, ``reason`` for people; and what
+    the rejecting check learned that the record must show (the redacted bytes)."""
 
     code: str
     reason: str
+    learned: Mapping[str, Any] = field(default_factory=dict)
 
 
-Check = Callable[[Inbound, RouterState], Rejection | None]
+@dataclass(frozen=True, slots=True)
+class Learned:
+    """What a passing check found out, as new values of :class:`Inbound` fields."""
+
+    changes: Mapping[str, Any]
+
+
+def learned(**changes: Any) -> Learned:
+    """``return learned(event=..., secrets=...)`` from a check that found something out."""
+    return Learned(changes)
+
+
+Check = Callable[[Inbound, RouterState], Rejection | Learned | None]
 
 
 @functools.cache
@@ -80,8 +99,11 @@ def check_name(check: Check) -> str:
     return name if func == "check" else f"{name}.{func}"
 
 
-def run_checks(checks: Sequence[Check], msg: Inbound, state: RouterState, trace_passing: bool = True) -> Rejection | None:
-    """Run ``checks`` in order; return the first rejection, or ``None`` if all pass.
+def run_checks(
+    checks: Sequence[Check], msg: Inbound, state: RouterState, trace_passing: bool = True
+) -> tuple[Inbound, Rejection | None]:
+    """Run ``checks`` in order; return the message with all they learned, and the first
+    rejection (``None`` if all pass).
 
     When the current span records (the message's ``router.process``), each check becomes a
     ``router.check <name>`` span under it, a rejecting one with an error status; with
@@ -98,16 +120,19 @@ def run_checks(checks: Sequence[Check], msg: Inbound, state: RouterState, trace_
         started = time.time_ns() if traced else 0
         error: Exception | None = None
         try:
-            rejection = check(msg, state)
+            outcome = check(msg, state)
         except Exception as exc:
-            log.exception("check_raised", check=check_name(check), subject=msg.subject)
-            rejection = Rejection("internal_error", f"a router check failed on this message ({type(exc).__name__})")
+            log.exception("check_raised", check=check_name(check), subject=scrub(msg.subject))
+            outcome = Rejection("internal_error", f"a router check failed on this message ({type(exc).__name__})")
             error = exc
+        rejection = outcome if isinstance(outcome, Rejection) else None
         if traced and (trace_passing or rejection is not None):
             _check_span(check_name(check), started, rejection, error)
-        if rejection is not None:
-            return rejection
-    return None
+        if isinstance(outcome, Learned):
+            msg = dataclasses.replace(msg, **outcome.changes)
+        elif rejection is not None:
+            return (dataclasses.replace(msg, **rejection.learned) if rejection.learned else msg), rejection
+    return msg, None
 
 
 def _check_span(name: str, started: int, rejection: Rejection | None, error: Exception | None) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from bus.events import PlanSubmitted, TaskApproved, TaskDenied, TaskSubmitted
 from bus.lifecycle import Status
-from router.checks import Check, Inbound, Rejection
+from router.checks import Check, Inbound, Learned, Rejection, learned
 from router.policy import PolicyFile
 from router.state import RouterState
 
@@ -19,14 +19,15 @@ from router.state import RouterState
 def make(policy: PolicyFile) -> Check:
     """The approval gate, reading the policy in force at each message."""
 
-    def check(msg: Inbound, state: RouterState) -> Rejection | None:
+    def check(msg: Inbound, state: RouterState) -> Rejection | Learned | None:
         match msg.event:
             case TaskSubmitted(skill=skill):
-                msg.held = policy.current().needs_approval(skill)
+                return learned(held=True) if policy.current().needs_approval(skill) else None
             case PlanSubmitted(steps=steps):
                 # One dangerous step holds the whole plan: nothing of it runs unapproved.
                 current = policy.current()
-                msg.held = any(s.skill is not None and current.needs_approval(s.skill) for s in steps)
+                held = any(s.skill is not None and current.needs_approval(s.skill) for s in steps)
+                return learned(held=True) if held else None
             case TaskApproved(task_id=task_id) | TaskDenied(task_id=task_id):
                 task = state.tasks.get(task_id)
                 verb = "approve" if isinstance(msg.event, TaskApproved) else "deny"

@@ -9,11 +9,11 @@ that record fails the task. Whatever its claimant sends afterwards is refused as
 from __future__ import annotations
 
 from bus.events import TaskUsage
-from router.checks import Inbound, Rejection
+from router.checks import Inbound, Learned, learned
 from router.state import RouterState
 
 
-def check(msg: Inbound, state: RouterState) -> Rejection | None:
+def check(msg: Inbound, state: RouterState) -> Learned | None:
     """Mark a usage report that takes its task over budget."""
     if not isinstance(msg.event, TaskUsage):
         return None
@@ -24,7 +24,7 @@ def check(msg: Inbound, state: RouterState) -> Rejection | None:
     cost = task.cost_usd + msg.event.cost_usd
     budget = task.budget
     if budget.tokens is not None and tokens > budget.tokens:
-        msg.over_budget = f"{tokens} tokens used of a budget of {budget.tokens}: the task fails"
-    elif budget.cost_usd is not None and cost > budget.cost_usd:
-        msg.over_budget = f"${cost:.4f} spent of a budget of ${budget.cost_usd:.4f}: the task fails"
+        return learned(over_budget=f"{tokens} tokens used of a budget of {budget.tokens}: the task fails")
+    if budget.cost_usd is not None and cost > budget.cost_usd:
+        return learned(over_budget=f"${cost:.4f} spent of a budget of ${budget.cost_usd:.4f}: the task fails")
     return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bus import subjects
 from bus.events import kind_of
-from router.checks import Inbound, Rejection
+from router.checks import Inbound, Learned, Rejection, learned
 from router.state import RouterState
 
 # Memory, checkpoints and shared context: agents on their own memory, operators on any
@@ -31,13 +31,13 @@ ALLOWED_KINDS: dict[str, frozenset[str]] = {
 }
 
 
-def check(msg: Inbound, state: RouterState) -> Rejection | None:
+def check(msg: Inbound, state: RouterState) -> Rejection | Learned:
     """The subject must be ``in.<principal kind>.<name>.<kind>`` with a known principal kind."""
     try:
-        msg.principal, msg.kind_token = subjects.parse_ingress(msg.subject)
+        principal, kind_token = subjects.parse_ingress(msg.subject)
     except subjects.SubjectError as exc:
         return Rejection("bad_subject", str(exc))
-    return None
+    return learned(principal=principal, kind_token=kind_token)
 
 
 def check_kind_allowed(msg: Inbound, state: RouterState) -> Rejection | None:

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 from bus import codec, jsonkeys
 from bus.errors import SchemaError
-from router.checks import Inbound, Rejection, secrets
+from router.checks import Inbound, Learned, Rejection, learned, secrets
 from router.state import RouterState
 
 
-def check(msg: Inbound, state: RouterState) -> Rejection | None:
+def check(msg: Inbound, state: RouterState) -> Rejection | Learned:
     """Decode the body; on failure the reason names the offending path.
 
     The duplicate-key scan runs only on a body that decoded, so it sees well-formed JSON
     and invalid UTF-8 or JSON keep their ``schema`` rejection. A body with a duplicate
-    is refused before ``msg.event`` is set: its record then keeps an excerpt of the
+    is refused before the event is learned: its record then keeps an excerpt of the
     bytes as sent, not msgspec's last-key-wins reading of them.
     """
     try:
@@ -26,5 +26,4 @@ def check(msg: Inbound, state: RouterState) -> Rejection | None:
         # The path quotes the sender's key: redact it like every other text we record.
         reason, _ = secrets.redact(f"duplicate key at {path}: an object may name a key only once")
         return Rejection("invalid_json", reason)
-    msg.event = event
-    return None
+    return learned(event=event)

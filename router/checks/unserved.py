@@ -26,7 +26,7 @@ from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 
 from bus.events import TaskSubmitted
-from router.checks import Check, Inbound, Rejection
+from router.checks import Check, Inbound, Learned, Rejection, learned
 from router.policy import PolicyFile
 from bus.lifecycle import NO_AGENT
 from router.state import RouterState
@@ -49,7 +49,7 @@ def make(
     ``joined_within_s`` ago (the heartbeat TTL) counts as live."""
     recent = timedelta(seconds=joined_within_s)
 
-    def check(msg: Inbound, state: RouterState) -> Rejection | None:
+    def check(msg: Inbound, state: RouterState) -> Rejection | Learned | None:
         if not isinstance(msg.event, TaskSubmitted):
             return None
         skill = msg.event.skill
@@ -70,10 +70,8 @@ def make(
         if mode == "reject":
             return Rejection(NO_AGENT, why)
         if mode == "propose" and len(skill) <= _MAX_CAPABILITY:
-            msg.await_match = True
-            msg.unserved = f"{why}; it waits for a live skill that provides {skill}, and an agent is proposed"
-        else:
-            msg.unserved = f"{why}; it waits in WORK until an agent with {skill} starts"
-        return None
+            return learned(await_match=True,
+                           unserved=f"{why}; it waits for a live skill that provides {skill}, and an agent is proposed")
+        return learned(unserved=f"{why}; it waits in WORK until an agent with {skill} starts")
 
     return check
