@@ -196,10 +196,11 @@ class Registry:
             try:
                 data = json.loads(path.read_text())
                 for row in data["principals"]:
-                    ident = Identity(row["kind"], row.get("name", ""), tuple(row.get("skills", ())))
+                    # Validated again: the names become subject tokens in permissions.
+                    ident = identity(row["kind"], row.get("name", ""), row.get("skills", ()))
                     reg.entries[ident.user] = (ident, row["password"])
                 reg.extra_users = data.get("extra_users", [])
-            except (OSError, ValueError, KeyError) as exc:
+            except (OSError, ValueError, KeyError, ConfigError) as exc:
                 raise ConfigError(f"{path}: {exc}") from exc
         return reg
 

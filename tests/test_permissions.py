@@ -6,10 +6,14 @@ bus/subjects.py changed no principal's rights."""
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
+import pytest
+
 from bus import identity as identity_mod
-from bus.identity import Identity, Registry, identity
+from bus.errors import ConfigError
+from bus.identity import REGISTRY_FILE, Identity, Registry, identity
 
 GOLDEN = Path(__file__).parent / "golden" / "users.conf"
 
@@ -37,6 +41,14 @@ def test_a_registry_saved_and_loaded_back_makes_the_same_users_file(tmp_path: Pa
     registry(IDENTITIES, tmp_path).save()
     assert (tmp_path / "users.conf").read_text() == GOLDEN.read_text()
     assert Registry.load(tmp_path).users_conf() == GOLDEN.read_text()
+
+
+def test_a_registry_row_whose_name_is_not_a_subject_token_is_refused(tmp_path: Path) -> None:
+    # Hand-edited: "*" would have become in.agent.*.>, speaking as every agent.
+    row = {"kind": "agent", "name": "*", "skills": ["echo"], "password": "pw"}
+    (tmp_path / REGISTRY_FILE).write_text(json.dumps({"principals": [row]}))
+    with pytest.raises(ConfigError, match=REGISTRY_FILE):
+        Registry.load(tmp_path)
 
 
 def test_identity_types_no_subject_of_its_own() -> None:
