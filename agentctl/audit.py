@@ -15,7 +15,7 @@ from agentctl.common import EXIT_FAILED, EXIT_OK, App, cli_principal, err, out, 
 from agentctl.reads import json_option, request_query
 from bus import anchor, signing
 from bus.connection import connected
-from bus.errors import BusError
+from bus.errors import BusError, UnreadableRecord
 from bus.verify import AnchorResult, Finding, LogReport, verify_log
 from projections.verify import compare_digest, compare_file
 
@@ -115,12 +115,16 @@ def _anchor_json(result: AnchorResult) -> dict[str, Any]:
 
 
 async def _projections(nc: Any, js: Any, db_path: Path | None) -> Finding:
-    if db_path is not None:
-        check = await compare_file(js, db_path)
-    else:
-        try:
-            live = await request_query(nc, "projections", "digest", {})
-        except BusError as exc:
-            return Finding("projections", False, f"not checked: {exc}")
-        check = await compare_digest(js, live["position"], live["digest"], live.get("memory_list_cap"))
+    try:
+        if db_path is not None:
+            check = await compare_file(js, db_path)
+        else:
+            try:
+                live = await request_query(nc, "projections", "digest", {})
+            except BusError as exc:
+                return Finding("projections", False, f"not checked: {exc}")
+            check = await compare_digest(js, live["position"], live["digest"], live.get("memory_list_cap"))
+    except UnreadableRecord as exc:
+        # The projection holds a record this agentctl cannot rebuild (a newer projector's).
+        return Finding("projections", False, f"not checked: {exc}", seq=exc.seq)
     return Finding("projections", check.ok, check.detail)

@@ -41,13 +41,14 @@ async def records(
 ) -> AsyncGenerator[tuple[AuditRecord, bytes], None]:
     """Audit records (decoded, and the stored bytes) from ``from_seq`` matching the filter.
 
-    Without ``follow`` it stops at the end of the log as it was when it started.
+    Without ``follow`` it stops at the end of the log as it was when it started. A record
+    this version cannot decode ends it with :class:`bus.errors.UnreadableRecord`.
     """
     # Closed here, not left to the event loop's finalizer: that would unsubscribe after the
     # connection began draining, and print a traceback on the way out of the command.
     async with contextlib.aclosing(messages(js, subjects.AUDIT_STREAM, filter_subject, from_seq, follow, idle)) as msgs:
         async for msg in msgs:
-            yield codec.decode_record(msg.data), msg.data
+            yield codec.read_record(msg.metadata.sequence.stream, msg.data), msg.data
 
 
 async def messages(

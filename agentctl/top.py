@@ -37,7 +37,7 @@ from agentctl.common import App, cli_principal, out, run
 from agentctl.follow import records
 from bus import codec, lifecycle, subjects
 from bus.connection import connected
-from bus.errors import BusError, SchemaError
+from bus.errors import BusError, UnreadableRecord
 from bus.events import TASK_EVENTS, AuditRecord, Heartbeat, PlanSubmitted, TaskDeadLettered, TaskFailed, TaskSubmitted
 from bus.lifecycle import BUDGET_EXCEEDED, Shape, Status
 
@@ -375,13 +375,19 @@ def top(app: App, interval: float, window: float, once: bool, as_json: bool) -> 
 
 async def _live(js: JetStreamContext, stats: Stats, start: int, interval: float) -> None:
     """Follow the log into ``stats`` and redraw every ``interval`` until SIGINT or SIGTERM."""
-    unreadable: list[str] = []
+    unreadable: list[UnreadableRecord] = []
+    stop = asyncio.Event()
 
     async def on_record(msg: Msg) -> None:
+        if unreadable:
+            return
         try:
-            stats.add(codec.decode_record(msg.data))
-        except SchemaError as exc:
-            unreadable.append(f"seq {msg.metadata.sequence.stream}: {exc}")
+            stats.add(codec.read_record(msg.metadata.sequence.stream, msg.data))
+        except UnreadableRecord as exc:
+            # Counting on past it would show numbers that lack it: stop and say why, as
+            # every reader of the log does.
+            unreadable.append(exc)
+            stop.set()
 
     # Errors before the first screen (rights, no stream) end the command; after it, a
     # failed refresh is shown and retried, so a server restart does not end the dashboard.
@@ -392,7 +398,6 @@ async def _live(js: JetStreamContext, stats: Stats, start: int, interval: float)
         subjects.AUDIT_ALL, stream=subjects.AUDIT_STREAM, ordered_consumer=True, cb=on_record,
         config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start),
     )
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -408,9 +413,9 @@ async def _live(js: JetStreamContext, stats: Stats, start: int, interval: float)
                 except nats.errors.Error as exc:
                     problem = f"refresh failed: {exc or type(exc).__name__}"
                     snap = stats.snapshot(datetime.now(UTC), snap.agents, snap.queues)
-                if unreadable:
-                    problem = f"{problem}  unreadable audit record {unreadable[-1]}".strip()
                 live.update(render(snap, problem), refresh=True)
+        if unreadable:
+            raise unreadable[0]
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

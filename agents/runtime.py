@@ -90,7 +90,7 @@ class Agent:
         self.instance = f"{name}-{suffix}"
         # The heartbeat key is <name>.<suffix>, so an agent's permissions can cover its own
         # keys ($KV.agents.<name>.>) and no other agent's.
-        self.kv_key = f"{name}.{suffix}"
+        self.kv_key = subjects.heartbeat_key(name, suffix)
         self.skills = skills
         self.concurrency = concurrency
         extra = list(capabilities or ())

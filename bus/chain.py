@@ -52,7 +52,8 @@ def verify(stored: Iterable[tuple[int, bytes]], start: ChainHead = ChainHead()) 
     """Recompute the chain over ``(stream seq, stored bytes)`` pairs, in order.
 
     Returns the head after the last record, or raises :class:`ChainError` naming the
-    first sequence that is out of place, altered, or does not link to the one before.
+    first sequence that is out of place, altered, or does not link to the one before
+    (:class:`~bus.errors.UnreadableRecord` for one this version cannot decode).
     """
     head = start
     for seq, data in stored:
@@ -62,16 +63,15 @@ def verify(stored: Iterable[tuple[int, bytes]], start: ChainHead = ChainHead()) 
 
 def verify_next(seq: int, data: bytes, head: ChainHead) -> tuple[AuditRecord, ChainHead]:
     """Check the record stored at ``seq`` follows ``head``; return it (decoded once, for
-    callers that also fold it) and the new head. Raises :class:`ChainError`."""
+    callers that also fold it) and the new head. Raises :class:`ChainError`, or
+    :class:`~bus.errors.UnreadableRecord` for a record this version cannot decode: its
+    chain may be intact, but nothing past it can be checked (or folded) here."""
     if seq != head.seq + 1:
         raise ChainError(
             f"seq {head.seq + 1}: missing (deleted, or unreadable on disk); the next record is seq {seq}",
             head.seq + 1,
         )
-    try:
-        record = codec.decode_record(data)
-    except codec.SchemaError as exc:
-        raise ChainError(f"seq {seq}: does not decode: {exc}", seq) from exc
+    record = codec.read_record(seq, data)
     if record.seq != seq:
         raise ChainError(f"seq {seq}: record says it is seq {record.seq}", seq)
     if record.prev_hash != head.hash:

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from bus.errors import SchemaError
+from bus.errors import SchemaError, UnreadableRecord
 from bus.events import AnyEvent, AuditRecord, WorkItem
 from bus.problems import explain
 
@@ -44,8 +44,41 @@ def decode_event(data: bytes) -> AnyEvent:
 
 
 def decode_record(data: bytes) -> AuditRecord:
-    """Decode one audit record."""
+    """Decode one audit record (one read from the log: :func:`read_record`)."""
     return _decode(_record_decoder, data, "audit record: ")
+
+
+DAMAGED = frozenset({"json", "utf8", "too_deep"})
+"""The kinds of :class:`bus.problems.Problem` that mean bytes are not a record at all.
+
+Any other problem in a stored record (an unknown field, an event kind or ``Literal``
+value this version does not know, a type it does not expect) means another version of
+the schema wrote it: the router stores nothing its own decoder does not read back
+(:func:`bus.chain.seal`), and schemas only grow, so it is a newer one."""
+
+
+def read_record(seq: int, data: bytes) -> AuditRecord:
+    """Decode the record stored at AUDIT ``seq``, for a reader of the log.
+
+    Every reader goes through here, and none skips what it cannot read: a record folded by
+    one process and skipped by another would make their states differ in silence (a live
+    projection and its rebuild, a router and its standby). :class:`UnreadableRecord`
+    names the sequence, the JSON path and the likely cause; a record of a newer schema
+    means this process must be upgraded before it reads on (docs/architecture.md,
+    "Schema evolution").
+    """
+    try:
+        return _record_decoder.decode(data)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
+        problem = explain(exc)
+        newer = problem.kind not in DAMAGED
+        cause = (
+            "probably written by a newer ledgerbus: upgrade this process (readers before writers, "
+            "see docs/architecture.md, Schema evolution)"
+            if newer else "the stored bytes are damaged or not a router's: run `agentctl audit verify`"
+        )
+        where = f"{problem.message} - at `{problem.path or '$'}`"  # the whole record too has a path
+        raise UnreadableRecord(f"AUDIT seq {seq} cannot be read: {where}; {cause}", problem, seq, newer) from exc
 
 
 def decode_work(data: bytes) -> WorkItem:

@@ -37,6 +37,19 @@ class SchemaError(LedgerbusError):
         self.problem = problem
 
 
+class UnreadableRecord(SchemaError):
+    """A record stored in AUDIT that this process cannot decode; ``seq`` names it.
+
+    ``newer`` is whether it looks written by a newer ledgerbus (a field or a value this
+    version does not know): the reader must be upgraded, not the record skipped.
+    """
+
+    def __init__(self, message: str, problem: Any, seq: int, newer: bool) -> None:
+        super().__init__(message, problem)
+        self.seq = seq
+        self.newer = newer
+
+
 class ChainError(LedgerbusError):
     """The audit hash chain does not recompute; ``seq`` is the first bad sequence."""
 

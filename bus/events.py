@@ -4,6 +4,11 @@ Messages sent to the router (the ingress union :data:`AnyEvent`) are tagged by `
 and decoded strictly: unknown fields, wrong types and out-of-range values are errors
 that name the offending path. Schemas only grow: a new field always has a default.
 
+The log's own structs (:class:`AuditRecord` and what it holds) forbid unknown fields
+too, so a reader meeting a record of a newer schema stops and names it
+(:func:`bus.codec.read_record`) instead of folding part of it: see "Schema evolution" in
+docs/architecture.md.
+
 The router's own output is :class:`AuditRecord` (one per ingress message, hash-chained)
 and :class:`WorkItem` (a task dispatched to ``work.<skill>``).
 """
@@ -402,7 +407,7 @@ EVENT_KINDS: dict[str, type[Event]] = {
 Verdict = Literal["accepted", "rejected"]
 
 
-class RawExcerpt(msgspec.Struct, frozen=True, kw_only=True):
+class RawExcerpt(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What the audit log keeps of a message that could not be decoded."""
 
     size: int
@@ -411,7 +416,7 @@ class RawExcerpt(msgspec.Struct, frozen=True, kw_only=True):
     """The first bytes, decoded as UTF-8 with replacement, so a person can see what came."""
 
 
-class Checkpoint(msgspec.Struct, frozen=True, kw_only=True):
+class Checkpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The router's signed statement: the chain up to ``covers_seq`` has head ``chain_head``.
 
     Written into the log itself every so many records, as CloudTrail digests and RFC 6962
@@ -427,7 +432,7 @@ class Checkpoint(msgspec.Struct, frozen=True, kw_only=True):
     signature: str = ""
 
 
-class AuditRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+class AuditRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=True):
     """One entry of the audit log: the router's verdict on one ingress message.
 
     ``hash = sha256(prev_hash || canonical bytes of this record with hash="")``; see

@@ -61,7 +61,12 @@ class Identity:
     @property
     def inbox_prefix(self) -> str:
         """The private inbox prefix this principal's replies use."""
-        return f"_INBOX_{self.user}"
+        return subjects.inbox_prefix(self.user)
+
+    @property
+    def principal(self) -> subjects.Principal:
+        """The principal whose ingress and notify subjects a cli or agent identity owns."""
+        return subjects.Principal(self.kind, self.name)
 
 
 def identity(kind: str, name: str = "", skills: Iterable[str] = ()) -> Identity:
@@ -90,8 +95,11 @@ class Credentials(msgspec.Struct, frozen=True):
     inbox_prefix: str
 
 
-_JS_INFO = "$JS.API.INFO"
 _CHAIN_HEAD = subjects.kv_subject(subjects.CHAIN_BUCKET, subjects.CHAIN_HEAD_KEY)
+_KV_AGENTS = subjects.kv_stream(subjects.AGENTS_BUCKET)
+_KV_ROUTER = subjects.kv_stream(subjects.ROUTER_BUCKET)
+_KV_CHAIN = subjects.kv_stream(subjects.CHAIN_BUCKET)
+_ANY, _REST = subjects.WILDCARD, subjects.FULL_WILDCARD
 
 # What a skill may ask the projector (ctx.memory, ctx.shared, ctx.tasks): not the audit
 # index, the approvals or the digest, which are for operators.
@@ -101,57 +109,69 @@ AGENT_QUERIES = (
 )
 
 
+def _follows(stream: str) -> list[str]:
+    """What reading ``stream`` through an ordered consumer takes: creating the consumer,
+    by the old API and the named one."""
+    return [subjects.js_consumer_create(stream), subjects.js_consumer_create(stream, _REST)]
+
+
+def _pulls(stream: str, consumer: str | None = None) -> list[str]:
+    """What pulling from the durable ``consumer`` of ``stream`` (None: any of its
+    consumers) takes: binding to it, pulling, and acking what it delivers."""
+    name, acks = ((_REST,), (_REST,)) if consumer is None else ((consumer,), (consumer, _REST))
+    return [subjects.js_consumer_durable_create(stream, *name), subjects.js_consumer_info(stream, *name),
+            subjects.js_consumer_next(stream, *name), subjects.js_ack(stream, *acks)]
+
+
 def permissions(ident: Identity) -> dict[str, Any]:
     """The NATS permissions of one principal."""
-    inbox = f"{ident.inbox_prefix}.>"
+    inbox = subjects.inbox_all(ident.user)
     if ident.kind == "admin":
-        pub = ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "q.>"]
+        pub = [subjects.JS_API_ALL, subjects.JS_ACK_ALL, subjects.JS_FC_ALL, subjects.QUERY_ALL]
         sub = [inbox]
     elif ident.kind == "router":
-        chain = subjects.kv_stream(subjects.CHAIN_BUCKET)
-        streams = ("INGRESS", "AUDIT", "WORK", "DEADLETTERS", "TRACES", "KV_agents", "KV_router", chain)
-        pub = ["audit.>", "work.>", subjects.NOTIFY_ALL, _JS_INFO, "$JS.API.STREAM.INFO.*", "$JS.FC.>",
-               *(f"$JS.API.STREAM.CREATE.{s}" for s in streams), *(f"$JS.API.STREAM.UPDATE.{s}" for s in streams),
-               "$JS.API.STREAM.MSG.GET.AUDIT", "$JS.API.DIRECT.GET.AUDIT",
-               "$JS.API.CONSUMER.CREATE.INGRESS", "$JS.API.CONSUMER.CREATE.INGRESS.>",
-               "$JS.API.CONSUMER.DURABLE.CREATE.INGRESS.>", "$JS.API.CONSUMER.INFO.INGRESS.>",
-               "$JS.API.CONSUMER.MSG.NEXT.INGRESS.>", "$JS.ACK.INGRESS.>",
-               "$JS.API.CONSUMER.CREATE.AUDIT", "$JS.API.CONSUMER.CREATE.AUDIT.>",
-               "$JS.API.CONSUMER.CREATE.KV_agents", "$JS.API.CONSUMER.CREATE.KV_agents.>",
-               "$JS.API.CONSUMER.DELETE.KV_agents.>", "$JS.API.CONSUMER.INFO.KV_agents.>",
-               "$JS.API.CONSUMER.CREATE.DEADLETTERS.>", "$JS.API.CONSUMER.DURABLE.CREATE.DEADLETTERS.>",
-               "$JS.API.CONSUMER.INFO.DEADLETTERS.>", "$JS.API.CONSUMER.MSG.NEXT.DEADLETTERS.>",
-               "$JS.ACK.DEADLETTERS.>", "$JS.API.STREAM.MSG.GET.WORK", "$JS.API.STREAM.MSG.DELETE.WORK",
-               f"$KV.{subjects.ROUTER_BUCKET}.>", "$JS.API.DIRECT.GET.KV_router.>", "$JS.API.STREAM.MSG.GET.KV_router",
+        streams = (subjects.INGRESS_STREAM, subjects.AUDIT_STREAM, subjects.WORK_STREAM, subjects.DEADLETTER_STREAM,
+                   subjects.TRACES_STREAM, _KV_AGENTS, _KV_ROUTER, _KV_CHAIN)
+        pub = [subjects.AUDIT_ALL, subjects.WORK_ALL, subjects.NOTIFY_ALL, subjects.JS_API_INFO,
+               subjects.js_stream_info(_ANY), subjects.JS_FC_ALL,
+               *(subjects.js_stream_create(s) for s in streams), *(subjects.js_stream_update(s) for s in streams),
+               subjects.js_stream_msg_get(subjects.AUDIT_STREAM), subjects.js_direct_get(subjects.AUDIT_STREAM),
+               *_follows(subjects.INGRESS_STREAM), *_pulls(subjects.INGRESS_STREAM),
+               *_follows(subjects.AUDIT_STREAM), *_follows(_KV_AGENTS),
+               subjects.js_consumer_delete(_KV_AGENTS, _REST), subjects.js_consumer_info(_KV_AGENTS, _REST),
+               subjects.js_consumer_create(subjects.DEADLETTER_STREAM, _REST), *_pulls(subjects.DEADLETTER_STREAM),
+               subjects.js_stream_msg_get(subjects.WORK_STREAM), subjects.js_stream_msg_delete(subjects.WORK_STREAM),
+               subjects.kv_subject(subjects.ROUTER_BUCKET, _REST), subjects.js_direct_get(_KV_ROUTER, _REST),
+               subjects.js_stream_msg_get(_KV_ROUTER),
                # The chain's anchor: one key, written and read back, nothing else in the bucket.
-               _CHAIN_HEAD, f"$JS.API.DIRECT.GET.{chain}.{_CHAIN_HEAD}"]
+               _CHAIN_HEAD, subjects.js_direct_get(_KV_CHAIN, _CHAIN_HEAD)]
         sub = [inbox]
     elif ident.kind == "projector":
-        pub = [_JS_INFO, "$JS.API.STREAM.INFO.AUDIT", "$JS.API.CONSUMER.CREATE.AUDIT",
-               "$JS.API.CONSUMER.CREATE.AUDIT.>", "$JS.FC.>"]
-        sub = [inbox, "q.>"]
+        pub = [subjects.JS_API_INFO, subjects.js_stream_info(subjects.AUDIT_STREAM),
+               *_follows(subjects.AUDIT_STREAM), subjects.JS_FC_ALL]
+        sub = [inbox, subjects.QUERY_ALL]
     elif ident.kind == "cli":
-        pub = [f"in.cli.{ident.name}.>", "q.>", _JS_INFO, "$JS.API.STREAM.INFO.AUDIT",
-               "$JS.API.STREAM.INFO.KV_agents", "$JS.API.CONSUMER.CREATE.AUDIT", "$JS.API.CONSUMER.CREATE.AUDIT.>",
-               "$JS.API.CONSUMER.INFO.AUDIT.>", "$JS.API.CONSUMER.CREATE.KV_agents",
-               "$JS.API.CONSUMER.CREATE.KV_agents.>", "$JS.API.CONSUMER.INFO.KV_agents.>",
-               "$JS.API.DIRECT.GET.KV_agents.>", "$JS.FC.>", "$JS.API.STREAM.INFO.WORK",
-               "$JS.API.STREAM.INFO.TRACES", "$JS.API.CONSUMER.CREATE.TRACES", "$JS.API.CONSUMER.CREATE.TRACES.>",
-               "$JS.API.CONSUMER.INFO.TRACES.>",
+        pub = [subjects.ingress_all(ident.principal), subjects.QUERY_ALL, subjects.JS_API_INFO,
+               subjects.js_stream_info(subjects.AUDIT_STREAM), subjects.js_stream_info(_KV_AGENTS),
+               *_follows(subjects.AUDIT_STREAM), subjects.js_consumer_info(subjects.AUDIT_STREAM, _REST),
+               *_follows(_KV_AGENTS), subjects.js_consumer_info(_KV_AGENTS, _REST),
+               subjects.js_direct_get(_KV_AGENTS, _REST), subjects.JS_FC_ALL,
+               subjects.js_stream_info(subjects.WORK_STREAM), subjects.js_stream_info(subjects.TRACES_STREAM),
+               *_follows(subjects.TRACES_STREAM), subjects.js_consumer_info(subjects.TRACES_STREAM, _REST),
                # audit verify compares the log with the chain's anchor (read only).
-               f"$JS.API.STREAM.INFO.{subjects.kv_stream(subjects.CHAIN_BUCKET)}",
-               f"$JS.API.DIRECT.GET.{subjects.kv_stream(subjects.CHAIN_BUCKET)}.{_CHAIN_HEAD}"]
+               subjects.js_stream_info(_KV_CHAIN), subjects.js_direct_get(_KV_CHAIN, _CHAIN_HEAD)]
         sub = [inbox]
     else:
-        pub = [f"in.agent.{ident.name}.>", f"$KV.agents.{ident.name}.>", _JS_INFO,
-               "$JS.API.STREAM.INFO.WORK", "$JS.API.STREAM.INFO.KV_agents", *AGENT_QUERIES]
+        pub = [subjects.ingress_all(ident.principal),
+               subjects.kv_subject(subjects.AGENTS_BUCKET, subjects.heartbeat_keys(ident.name)), subjects.JS_API_INFO,
+               subjects.js_stream_info(subjects.WORK_STREAM), subjects.js_stream_info(_KV_AGENTS), *AGENT_QUERIES]
         for skill in ident.skills:
             consumer = subjects.work_consumer(skill)
-            pub += [f"$JS.API.CONSUMER.CREATE.WORK.{consumer}", f"$JS.API.CONSUMER.CREATE.WORK.{consumer}.>",
-                    f"$JS.API.CONSUMER.DURABLE.CREATE.WORK.{consumer}", f"$JS.API.CONSUMER.INFO.WORK.{consumer}",
-                    f"$JS.API.CONSUMER.MSG.NEXT.WORK.{consumer}", f"$JS.ACK.WORK.{consumer}.>"]
-        sub = [inbox, f"notify.agent.{ident.name}.>"]
-    pub.append(f"traces.*.{ident.user}")
+            pub += [subjects.js_consumer_create(subjects.WORK_STREAM, consumer),
+                    subjects.js_consumer_create(subjects.WORK_STREAM, consumer, _REST),
+                    *_pulls(subjects.WORK_STREAM, consumer)]
+        sub = [inbox, subjects.notify_all(ident.principal)]
+    pub.append(subjects.traces_by(ident.user))
     perms: dict[str, Any] = {"publish": {"allow": pub}, "subscribe": {"allow": sub}}
     if ident.kind == "projector":
         perms["allow_responses"] = True  # answer queries on the askers' private inboxes
@@ -176,10 +196,11 @@ class Registry:
             try:
                 data = json.loads(path.read_text())
                 for row in data["principals"]:
-                    ident = Identity(row["kind"], row.get("name", ""), tuple(row.get("skills", ())))
+                    # Validated again: the names become subject tokens in permissions.
+                    ident = identity(row["kind"], row.get("name", ""), row.get("skills", ()))
                     reg.entries[ident.user] = (ident, row["password"])
                 reg.extra_users = data.get("extra_users", [])
-            except (OSError, ValueError, KeyError) as exc:
+            except (OSError, ValueError, KeyError, ConfigError) as exc:
                 raise ConfigError(f"{path}: {exc}") from exc
         return reg
 

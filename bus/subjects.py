@@ -207,3 +207,122 @@ def kv_stream(bucket: str) -> str:
 def kv_subject(bucket: str, key: str) -> str:
     """The subject a KV bucket stores ``key`` under (what a put publishes on)."""
     return f"$KV.{bucket}.{key}"
+
+
+def heartbeat_key(agent: str, suffix: str) -> str:
+    """The ``agents`` bucket key of one instance of ``agent``: ``<name>.<suffix>``, so the
+    agent's permissions can cover its own instances' keys (:func:`heartbeat_keys`) and no
+    other agent's."""
+    return f"{check_name(agent, 'agent name')}.{token(suffix, 'instance suffix')}"
+
+
+def heartbeat_keys(agent: str) -> str:
+    """Every ``agents`` bucket key :func:`heartbeat_key` makes for ``agent``."""
+    return f"{check_name(agent, 'agent name')}.{FULL_WILDCARD}"
+
+
+# Wildcards, for the patterns below that grant or filter more than one subject.
+WILDCARD: Final = "*"
+"""Matches any one token."""
+FULL_WILDCARD: Final = ">"
+"""Matches one or more tokens, at the end of a pattern only."""
+
+
+def ingress_all(who: Principal) -> str:
+    """Everything one principal may send: ``in.<kind>.<name>.>``."""
+    return f"in.{who.kind}.{who.name}.{FULL_WILDCARD}"
+
+
+def traces_by(principal: str) -> str:
+    """Every span batch ``principal`` publishes, whatever the trace (:func:`traces`)."""
+    return f"traces.{WILDCARD}.{token(principal, 'principal')}"
+
+
+def inbox_prefix(user: str) -> str:
+    """The private inbox prefix of NATS user ``user``: replies to it come only there."""
+    return f"_INBOX_{token(user, 'user')}"
+
+
+def inbox_all(user: str) -> str:
+    """Every reply subject under :func:`inbox_prefix`."""
+    return f"{inbox_prefix(user)}.{FULL_WILDCARD}"
+
+
+# The JetStream API and its flow subjects, as permissions name them: the API subject of
+# an operation followed by the tokens it addresses (a stream, a consumer, a filter, or a
+# wildcard). https://docs.nats.io/reference/reference-protocols/nats_api_reference
+
+JS_API_ALL: Final = "$JS.API.>"
+"""Every JetStream API operation: stream and consumer management (admin only)."""
+JS_API_INFO: Final = "$JS.API.INFO"
+"""The account's JetStream information, which every client library asks first."""
+JS_ACK_ALL: Final = "$JS.ACK.>"
+JS_FC_ALL: Final = "$JS.FC.>"
+"""Flow control replies, which push and ordered consumers send."""
+
+
+def _api(operation: str, stream: str, rest: tuple[str, ...]) -> str:
+    return ".".join(("$JS.API", operation, stream, *rest))
+
+
+def js_stream_info(stream: str) -> str:
+    """Read a stream's configuration and state (``stream`` may be :data:`WILDCARD`)."""
+    return _api("STREAM.INFO", stream, ())
+
+
+def js_stream_create(stream: str) -> str:
+    """Create ``stream``."""
+    return _api("STREAM.CREATE", stream, ())
+
+
+def js_stream_update(stream: str) -> str:
+    """Change ``stream``'s configuration."""
+    return _api("STREAM.UPDATE", stream, ())
+
+
+def js_stream_msg_get(stream: str) -> str:
+    """Read one message of ``stream`` by sequence or last-by-subject."""
+    return _api("STREAM.MSG.GET", stream, ())
+
+
+def js_stream_msg_delete(stream: str) -> str:
+    """Delete one message of ``stream``."""
+    return _api("STREAM.MSG.DELETE", stream, ())
+
+
+def js_direct_get(stream: str, *rest: str) -> str:
+    """Direct get from ``stream`` (``rest``: the subject asked for, as last-by-subject does)."""
+    return _api("DIRECT.GET", stream, rest)
+
+
+def js_consumer_create(stream: str, *rest: str) -> str:
+    """Create a consumer on ``stream``: bare (an ephemeral, old API), or ``rest`` = the
+    consumer's name and, for a filtered one, its filter subject."""
+    return _api("CONSUMER.CREATE", stream, rest)
+
+
+def js_consumer_durable_create(stream: str, *rest: str) -> str:
+    """Create a durable consumer on ``stream`` (the older API; ``rest``: its name)."""
+    return _api("CONSUMER.DURABLE.CREATE", stream, rest)
+
+
+def js_consumer_info(stream: str, *rest: str) -> str:
+    """Read a consumer's state (``rest``: its name)."""
+    return _api("CONSUMER.INFO", stream, rest)
+
+
+def js_consumer_delete(stream: str, *rest: str) -> str:
+    """Delete a consumer (``rest``: its name)."""
+    return _api("CONSUMER.DELETE", stream, rest)
+
+
+def js_consumer_next(stream: str, *rest: str) -> str:
+    """Pull the next messages of a pull consumer (``rest``: its name)."""
+    return _api("CONSUMER.MSG.NEXT", stream, rest)
+
+
+def js_ack(stream: str, *rest: str) -> str:
+    """Acknowledge messages of ``stream`` (``rest``: the consumer, and usually a wildcard
+    for the delivery tokens that follow)."""
+    return ".".join(("$JS.ACK", stream, *rest))
+

@@ -24,7 +24,7 @@ from nats.js.api import DeliverPolicy, RetentionPolicy, StorageType, StreamInfo
 
 from bus import anchor, chain, signing, subjects
 from bus.chain import ChainHead
-from bus.errors import ChainError
+from bus.errors import ChainError, UnreadableRecord
 from bus.events import AuditRecord
 
 Progress = Callable[[int, int], None]
@@ -187,6 +187,8 @@ async def verify_log(
         report.findings.append(Finding("hash chain", True, f"{report.head.seq} records, head {report.head.hash[:16]}…"))
     except ChainError as exc:
         report.findings.append(Finding("hash chain", False, str(exc), seq=exc.seq))
+    except UnreadableRecord as exc:
+        report.findings.append(Finding("hash chain", False, f"{exc}; not checked past it", seq=exc.seq))
     report.findings.append(walk.finding(report.head))
     report.restarts = list(watch.restarts)
     report.anchors = [_compare(read, report.head, state.last_seq, watch, info.created, public_key) for read in anchors]

@@ -150,14 +150,12 @@ class Applier:
             await self.writer.kill()  # what was handed over may not be committed: never mind
         await self.close()
 
-    async def submit(self, records: Sequence[AuditRecord], tail: int | None = None) -> None:
-        """Fold the records after ``position`` and hand their plan to the writer; with
-        ``tail`` (the stream sequence of the batch's last message), the tracking row
-        moves there even if the last records did not decode."""
+    async def submit(self, records: Sequence[AuditRecord]) -> None:
+        """Fold the records after ``position`` and hand their plan to the writer."""
         fresh = [r for r in records if r.seq > self.position]
-        end = max(fresh[-1].seq if fresh else self.position, tail or 0)
-        if end <= self.position:
+        if not fresh:
             return
+        end = fresh[-1].seq
         while self.writer.in_flight >= self.depth:
             self.committed = await self.writer.acked()
         if self._state is None:

@@ -20,8 +20,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from bus import codec, metrics, subjects, tracing
-from bus.errors import SchemaError
-from bus.events import AuditRecord
+from bus.errors import UnreadableRecord
 from bus.provision import wait_for_stream
 from bus.settings import Settings
 from projections import db as dbmod
@@ -33,26 +32,24 @@ log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("ledgerbus.projector")
 
 
-def decode_batch(msgs: list[Msg]) -> list[AuditRecord]:
-    """Decode AUDIT messages; a record that does not decode is logged and skipped.
+async def submit_msgs(applier: Applier, msgs: list[Msg]) -> None:
+    """Decode a batch of AUDIT messages and hand the records to ``applier``.
 
-    Only the router writes AUDIT, so this means a bug or a tampered store:
-    ``agentctl audit verify`` names it; the projection carries on past it, the same
-    way in every rebuild.
+    A record this version cannot decode stops the fold, never skips it: skipped here and
+    applied by an upgraded rebuild, it would make the two projections differ in silence.
+    The records before it are applied and committed, so the tracking row stands just
+    before it and an upgraded projector resumes there; then :class:`UnreadableRecord`
+    (its sequence, JSON path and likely cause) is raised.
     """
     records = []
     for msg in msgs:
         try:
-            records.append(codec.decode_record(msg.data))
-        except SchemaError as exc:
-            log.error("audit_record_undecodable", seq=msg.metadata.sequence.stream, error=str(exc))
-    return records
-
-
-async def submit_msgs(applier: Applier, msgs: list[Msg]) -> None:
-    """Hand a batch of AUDIT messages to ``applier``; undecodable records at its end move
-    the tracking row past them too."""
-    await applier.submit(decode_batch(msgs), tail=msgs[-1].metadata.sequence.stream)
+            records.append(codec.read_record(msg.metadata.sequence.stream, msg.data))
+        except UnreadableRecord:
+            await applier.submit(records)
+            await applier.drain()
+            raise
+    await applier.submit(records)
 
 
 def apply_spans(msgs: list[Msg], max_age_s: float) -> list[trace.Span]:
@@ -156,6 +153,13 @@ class Projector:
                     await submit_msgs(applier, batch)
                     if spans or sub.pending_msgs == 0:
                         await applier.drain()
+                except UnreadableRecord as exc:
+                    self.position = applier.committed
+                    log.error("audit_record_unreadable", seq=exc.seq, path=exc.problem.path, position=self.position,
+                              newer=exc.newer, error=str(exc))
+                    for span in spans:
+                        span.set_status(Status(StatusCode.ERROR, str(exc)))
+                    raise
                 except BaseException as exc:
                     for span in spans:
                         span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))

@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from bus import codec, subjects
-from bus.errors import SchemaError
+from bus.errors import UnreadableRecord
 from projections import db as dbmod
 from projections.apply import Applier
 from projections.errors import DatabaseError
@@ -29,13 +29,10 @@ Progress = Callable[[int, int], None]
 
 
 def _before(msgs: list[Msg], until_time: datetime) -> tuple[list[Msg], bool]:
-    """The messages recorded at or before ``until_time``, and whether the cut fell here."""
+    """The messages recorded at or before ``until_time``, and whether the cut fell here
+    (:class:`UnreadableRecord` for a record it cannot tell, before the cut)."""
     for i, msg in enumerate(msgs):
-        try:
-            at = codec.decode_record(msg.data).at
-        except SchemaError:
-            continue  # skipped by the projection anyway
-        if at > until_time:
+        if codec.read_record(msg.metadata.sequence.stream, msg.data).at > until_time:
             return msgs[:i], True
     return msgs, False
 
@@ -99,9 +96,31 @@ async def rebuild(
     ``from_snapshot`` it starts as a copy of that snapshot and applies only the records
     after the snapshot's position. Returns the position reached, which the database's
     tracking row also holds.
+
+    A record this version cannot decode stops it with :class:`UnreadableRecord` (its
+    sequence and likely cause), and ``path`` is removed: a rebuild that could not reach
+    its target is not the projection asked for (``until_seq`` before that record is).
     """
     if path.exists():
         raise FileExistsError(f"{path} exists; a rebuild writes a new database")
+    try:
+        return await _rebuild(js, path, until_seq, until_time, batch, on_progress, memory_list_cap, from_snapshot)
+    except UnreadableRecord:
+        for suffix in ("", "-wal", "-shm"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+        raise
+
+
+async def _rebuild(
+    js: JetStreamContext,
+    path: Path,
+    until_seq: int | None,
+    until_time: datetime | None,
+    batch: int,
+    on_progress: Progress | None,
+    memory_list_cap: int | None,
+    from_snapshot: Path | None,
+) -> int:
     info = await js.stream_info(subjects.AUDIT_STREAM)
     last = info.state.last_seq if until_seq is None else min(until_seq, info.state.last_seq)
     position = 0

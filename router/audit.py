@@ -20,9 +20,9 @@ from opentelemetry.trace import Status, StatusCode
 from bus import anchor, chain, subjects, tracing
 from bus.chain import ChainHead
 from bus.connection import pub_acks
-from bus.errors import ChainError
+from bus.errors import ChainError, UnreadableRecord
 from bus.events import AuditRecord
-from router.errors import AuditAppendError, ChainBrokenError
+from router.errors import AuditAppendError, ChainBrokenError, LogUnreadableError
 from router.state import RouterState
 
 log = structlog.get_logger(__name__)
@@ -88,6 +88,7 @@ async def recover(js: JetStreamContext, state: RouterState, watch: anchor.Watch 
     ``watch`` sees every record (what the chain's anchor is compared with).
 
     A broken chain stops the router: extending it would make tampering look legitimate.
+    So does a record it cannot decode (:class:`LogUnreadableError`, naming its sequence).
     """
     info = await js.stream_info(subjects.AUDIT_STREAM)
     last = info.state.last_seq
@@ -108,6 +109,11 @@ async def recover(js: JetStreamContext, state: RouterState, watch: anchor.Watch 
                 record, head = chain.verify_next(seq, msg.data, head)
             except ChainError as exc:
                 raise ChainBrokenError(f"refusing to extend a broken audit chain: {exc}") from exc
+            except UnreadableRecord as exc:
+                # Folding around it would leave the state without what it decided (a
+                # dispatch, a claim), and appending after it would extend a chain this
+                # router cannot check.
+                raise LogUnreadableError(f"refusing to serve: {exc}") from exc
             state.apply(record, (msg.headers or {}).get(subjects.HDR_TRACEPARENT, ""))
             if watch is not None:
                 watch.record(record)

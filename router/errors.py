@@ -21,6 +21,11 @@ class ChainBrokenError(RouterError):
     """The stored audit chain does not verify; the router refuses to extend it."""
 
 
+class LogUnreadableError(RouterError):
+    """A record of the audit log does not decode with this router's schema (a newer
+    ledgerbus wrote it): the router refuses to serve, since its state would lack it."""
+
+
 class ChainRestartedError(RouterError):
     """The AUDIT stream no longer holds a checkpoint this router's key signed and anchored
     outside it (deleted, replaced, cut short): the router refuses to start a new chain."""

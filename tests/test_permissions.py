@@ -1,0 +1,65 @@
+"""The permissions nats.conf enforces are generated, not typed: the users file for a given
+registry stays byte for byte what it was when bus/identity.py spelled every subject out
+by hand (tests/golden/users.conf, written by that code), so building the subjects in
+bus/subjects.py changed no principal's rights."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+from bus import identity as identity_mod
+from bus.errors import ConfigError
+from bus.identity import REGISTRY_FILE, Identity, Registry, identity
+
+GOLDEN = Path(__file__).parent / "golden" / "users.conf"
+
+# Every kind of principal; agents with no skill, one, and several (a dotted one among them).
+IDENTITIES = [
+    identity("admin"), identity("router"), identity("projector"), identity("cli", "alice"),
+    identity("cli", "ops_2"), identity("agent", "lonely"), identity("agent", "echo-1", ["echo"]),
+    identity("agent", "thinker-1", ["llm.chat", "plan", "a1.b-2.c.d", "reason"]),
+]
+
+
+def registry(identities: list[Identity], directory: Path = Path("/nonexistent")) -> Registry:
+    """A registry of ``identities`` with fixed passwords, so its users file is reproducible."""
+    reg = Registry(directory)
+    for i, ident in enumerate(identities):
+        reg.entries[ident.user] = (ident, f"pw-{i}")
+    return reg
+
+
+def test_the_users_file_is_byte_for_byte_what_the_hand_written_permissions_made() -> None:
+    assert registry(IDENTITIES).users_conf() == GOLDEN.read_text()
+
+
+def test_a_registry_saved_and_loaded_back_makes_the_same_users_file(tmp_path: Path) -> None:
+    registry(IDENTITIES, tmp_path).save()
+    assert (tmp_path / "users.conf").read_text() == GOLDEN.read_text()
+    assert Registry.load(tmp_path).users_conf() == GOLDEN.read_text()
+
+
+def test_a_registry_row_whose_name_is_not_a_subject_token_is_refused(tmp_path: Path) -> None:
+    # Hand-edited: "*" would have become in.agent.*.>, speaking as every agent.
+    row = {"kind": "agent", "name": "*", "skills": ["echo"], "password": "pw"}
+    (tmp_path / REGISTRY_FILE).write_text(json.dumps({"principals": [row]}))
+    with pytest.raises(ConfigError, match=REGISTRY_FILE):
+        Registry.load(tmp_path)
+
+
+def test_identity_types_no_subject_of_its_own() -> None:
+    # Subjects, streams and API patterns come from bus/subjects.py; a literal here would
+    # be a second spelling that can drift from the one the code publishes on.
+    tree = ast.parse(Path(identity_mod.__file__).read_text())
+    shapes = ("$JS", "$KV", "_INBOX", "in.", "audit.", "work.", "notify.", "q.", "traces.", "KV_")
+    streams = {"INGRESS", "AUDIT", "WORK", "DEADLETTERS", "TRACES"}
+    literals = [
+        node.value for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        and (node.value.startswith(shapes) or node.value in streams)
+    ]
+    assert literals == []
