@@ -1,5 +1,6 @@
-"""``python -m bench [--only router|projections|scaling|fsync] [--messages N] [--rounds R] [--tasks T]
-[--events E] [--sleep-tasks N] [--sleep S] [--replicas 1,2,4] [--fsync-messages N] [--fsync-sequential M]``
+"""``python -m bench [--only router|projections|scaling|fsync|e2e] [--messages N] [--rounds R] [--tasks T]
+[--events E] [--sleep-tasks N] [--sleep S] [--replicas 1,2,4] [--fsync-messages N] [--fsync-sequential M]
+[--e2e-tasks N] [--e2e-samples M] [--profile] [--plot PNG] [--write-docs [--docs MD]]``
 
 1. Router throughput vs a bare relay. Both drain the same N preloaded submissions from
    INGRESS through the same JetStream work: fetch, one AUDIT write and one WORK write per
@@ -19,6 +20,9 @@
 5. What fsyncing every write costs: publish throughput and PubAck latency to INGRESS with
    ``sync_interval`` by default and ``always``, on one server and on the three-node cluster
    of nats-cluster/ (R3), vs one server by default (see bench/fsync.py).
+6. The whole system as a user compares it: ``honcho start`` as shipped (traced, and with
+   OTEL_SDK_DISABLED=true) beside Celery with Redis, N no-op tasks pipelined and M one at a
+   time, rounds alternating (see bench/e2e.py; needs ``uv sync --extra bench``).
 
 Every round uses a fresh nats-server (or cluster); medians are reported because these machines are noisy.
 """
@@ -28,7 +32,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +50,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agents.runtime import Agent
-from bench import fsync, projections, scaling
+from bench import e2e, e2e_report, fsync, projections, scaling
 from bus import codec, subjects
 from bus.connection import connect
 from bus.events import TaskSubmitted, new_id
@@ -265,7 +272,7 @@ def _counts(value: str) -> list[int]:
 
 def cli() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["router", "projections", "scaling", "fsync"],
+    parser.add_argument("--only", choices=["router", "projections", "scaling", "fsync", "e2e"],
                         help="Run one benchmark, not all.")
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
@@ -279,6 +286,19 @@ def cli() -> None:
                         help="Messages published pipelined per configuration in the fsync benchmark.")
     parser.add_argument("--fsync-sequential", type=int, default=300,
                         help="Messages then published one at a time, for the PubAck latency.")
+    parser.add_argument("--e2e-tasks", type=int, default=5000,
+                        help="No-op tasks pipelined per system and round in the end-to-end benchmark.")
+    parser.add_argument("--e2e-samples", type=int, default=300,
+                        help="Tasks then run one at a time per system and round, for the latency percentiles.")
+    parser.add_argument("--profile", action="store_true",
+                        help="End-to-end: one more traced ledgerbus run with py-spy on the leading router; "
+                             "prints the profile's top lines (raw stacks in bench/results/router-profile.txt).")
+    parser.add_argument("--plot", type=Path, default=REPO / "docs" / "benchmarks-e2e.png",
+                        help="Where the end-to-end benchmark draws its plot.  [default: docs/benchmarks-e2e.png]")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="Write the end-to-end results into their section of the --docs page.")
+    parser.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md",
+                        help="The page --write-docs updates.  [default: docs/benchmarks.md]")
     args = parser.parse_args()
     configure_logging("console", "error")
     result: dict = {}
@@ -324,6 +344,23 @@ def cli() -> None:
                           f"{sync['throughput_over_single_default'][name]:.2f}")
             table.add_row("PubAck latency, ms (p50)", f"{sync['puback_ms_p50'][name]:.2f} {label}", base_rtt,
                           f"{sync['puback_over_single_default'][name]:.2f}")
+    if args.only in (None, "e2e"):
+        profile = REPO / "bench" / "results" / "router-profile.txt" if args.profile else None
+        ends = e2e.run(REPO, args.e2e_tasks, args.e2e_samples, args.rounds, profile, say=console.print)
+        ends["machine"] = e2e_report.machine()
+        ends["command"] = " ".join(["python -m bench", *map(shlex.quote, sys.argv[1:])])
+        result["e2e"] = ends
+        for row in e2e_report.rows(ends):
+            table.add_row(*row)
+        why_not = e2e_report.plot(ends, args.plot)
+        console.print(why_not or f"[dim]plot written to {args.plot}[/]")
+        if "profile" in ends:
+            console.print("router profile, top functions by own samples:")
+            console.print("\n".join(e2e_report.profile_lines(ends["profile"])), markup=False, highlight=False)
+        if args.write_docs:
+            link = None if why_not else Path(os.path.relpath(args.plot, args.docs.parent)).as_posix()
+            e2e_report.write_docs(args.docs, e2e_report.section(ends, ends["command"], link))
+            console.print(f"[dim]{args.docs} updated[/]")
     console.print(table)
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)

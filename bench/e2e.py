@@ -1,0 +1,579 @@
+"""The task path end to end, as shipped, beside Celery: ``python -m bench --only e2e``.
+
+ledgerbus runs as a user starts it: ``honcho start`` in a temporary copy of the
+repository's Procfile, nats.conf, policy.toml, llm.toml and profiles.toml (the processes
+keep their state in ``var/`` under their working directory), with two changes only:
+
+- policy.toml gets an exact entry lifting the rate limit of the producing CLI user
+  (``cli-bench``), so the rate check still runs for every submission but never rejects;
+- the Procfile's ``agentctl nats`` line gets ``--port N``, a free loopback port, and every
+  process ``LEDGERBUS_URL`` to match, so that runs do not collide with a system on 4222
+  (nats.conf's ``listen`` is a fixed port; nats-server's command line overrides it).
+
+The processes get the caller's environment less every ``LEDGERBUS_*`` and ``OTEL_*``
+variable, so the shipped defaults apply whatever the shell says; tracing is on, as shipped.
+Once every agent of the Procfile has joined (their ``agent_joined`` records on AUDIT, read
+as the CLI user), a client connected as ``cli-bench``:
+
+1. warms up with ten ``echo`` tasks one at a time;
+2. latency: submits one ``echo`` task, waits for its accepted ``task_completed`` record on
+   AUDIT, and repeats (``samples`` times): p50 and p99 of submit → completed seen;
+3. throughput: subscribes to the ``task_completed`` records, publishes ``tasks``
+   ``TaskSubmitted`` to ``in.cli.bench.task_submitted`` pipelined (as ``agentctl submit``
+   does, ``Nats-Msg-Id`` = the message id), and stops the clock at the last completed.
+
+Then SIGINT to honcho (Ctrl-C), which stops every process; anything left running from the
+project directory is reported, and killed. The same again with ``OTEL_SDK_DISABLED=true``
+(docs/observability.md: no tracing and no metrics at all), as the untraced reference.
+
+Celery 5 with Redis on loopback, in the same run: a fresh ``redis-server`` (Debian's
+package) on a free port without persistence, one worker ``celery -A bench.celery_app
+worker --pool prefork --concurrency 2 --without-gossip --without-mingle --without-heartbeat``,
+and the same steps: ten warm-up ``noop.delay().get()``, then ``samples`` one at a time, then
+``tasks`` ``noop.delay()`` followed by ``.get()`` on each.
+
+Each round runs the three in turn, the order reversed every other round; medians of the
+rounds are reported. ``--profile`` adds one more traced ledgerbus run, not counted, with
+py-spy sampling the leading router during the throughput step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sysconfig
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+
+from bus import codec, subjects
+from bus.connection import connect, pub_acks
+from bus.events import TaskSubmitted, new_id
+from bus.identity import procfile_agents
+from bus.settings import Settings
+from router import policy as router_policy
+
+SHIPPED = ("Procfile", "nats.conf", "policy.toml", "llm.toml", "profiles.toml")
+CLI_NAME = "bench"
+CLI = subjects.principal("cli", CLI_NAME)
+WARMUP = 10
+SCRIPTS = Path(sysconfig.get_path("scripts"))
+"""The virtual environment's bin/: honcho, agentctl, celery and py-spy come from there."""
+SYSTEMS = ("ledgerbus", "ledgerbus-untraced", "celery")
+LABELS = {"ledgerbus": "ledgerbus, as shipped (traced)", "ledgerbus-untraced": "ledgerbus, OTEL_SDK_DISABLED=true",
+          "celery": "Celery + Redis, prefork, concurrency 2"}
+_NATS_LINE = re.compile(r"^(nats:\s*agentctl nats)\s*$", re.MULTILINE)
+_LEADER = re.compile(r"lease_acquired.*\binstance=\S*?-(\d+)-[0-9a-f]{6}\b")
+
+
+class BenchError(Exception):
+    """A run could not be measured (a process did not start, a task was rejected...)."""
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (the kernel picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentile(samples: list[float], pct: int) -> float:
+    """The ``pct``-th percentile of ``samples`` (inclusive method: within their range)."""
+    if len(samples) < 2:
+        return samples[0]
+    return statistics.quantiles(samples, n=100, method="inclusive")[pct - 1]
+
+
+# -- processes ---------------------------------------------------------------------------
+
+
+def _pids(predicate: Callable[[int], bool]) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if predicate(int(entry.name)):
+                    found.append(int(entry.name))
+    return found
+
+
+def _cwd_under(directory: Path) -> Callable[[int], bool]:
+    root = directory.resolve()
+
+    def check(pid: int) -> bool:
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+        return cwd == root or root in cwd.parents
+
+    return check
+
+
+def _in_session(sid: int) -> Callable[[int], bool]:
+    def check(pid: int) -> bool:
+        # Field 6 of /proc/PID/stat; the command name (field 2) may hold spaces, so count from ")".
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[3]) == sid
+
+    return check
+
+
+def _reap(pids: list[int], what: str) -> list[str]:
+    """Kill what outlived its supervisor (by pid: only processes this benchmark started) and
+    say so; wait until they are gone."""
+    notes = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            notes.append(f"orphan of {what} left running, killed: pid {pid} {cmd[:80]}")
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)  # SIGKILLed processes that are not our children: nothing to wait on
+    return notes
+
+
+def _stop(proc: subprocess.Popen[Any], sig: signal.Signals, timeout: float, what: str) -> list[str]:
+    """Signal ``proc``'s process group, wait for it, kill the group if it will not go."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=timeout)
+        return []
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return [f"{what} did not stop within {timeout:g} s of {sig.name}: killed"]
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+# -- ledgerbus -----------------------------------------------------------------------------
+
+
+def lift_rate_limit(text: str, principal: str) -> str:
+    """policy.toml with an exact rate-limit entry for ``principal`` that never runs dry."""
+    header = "[rate_limits]\n"
+    if text.count(header) != 1:
+        raise BenchError("policy.toml has no single [rate_limits] table to lift the producer's limit in")
+    return text.replace(header, f'{header}"{principal}" = {{ rate = 1e9, burst = 1000000000 }}\n', 1)
+
+
+def with_port(procfile: str, port: int) -> str:
+    """The Procfile with ``--port`` passed through ``agentctl nats`` to nats-server."""
+    text, found = _NATS_LINE.subn(rf"\1 --port {port}", procfile)
+    if found != 1:
+        raise BenchError("the Procfile has no single `nats: agentctl nats` line to give a port to")
+    return text
+
+
+class System:
+    """``honcho start`` in a temporary copy of the project's shipped files (see the module)."""
+
+    def __init__(self, repo: Path, traced: bool) -> None:
+        self.repo = repo
+        self.traced = traced
+        self._tmp = tempfile.TemporaryDirectory(prefix="ledgerbus-e2e-")
+        self.dir = Path(self._tmp.name)
+        self.log_path = self.dir / "honcho.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        port = free_port()
+        self.url = f"nats://127.0.0.1:{port}"
+        self.settings = Settings(url=self.url, auth_dir=self.dir / "var" / "auth", connect_timeout_s=120)
+        for name in SHIPPED:
+            shutil.copy2(repo / name, self.dir / name)
+        policy = self.dir / "policy.toml"
+        policy.write_text(lift_rate_limit(policy.read_text(), CLI.token))
+        limit = router_policy.load(policy).rate_limit(CLI.token)
+        if limit is None or limit[0] != CLI.token:
+            raise BenchError(f"the lifted rate limit does not apply to {CLI.token}")
+        procfile = self.dir / "Procfile"
+        procfile.write_text(with_port(procfile.read_text(), port))
+        self.agents = {ident.name for ident in procfile_agents(procfile)}
+
+    def env(self) -> dict[str, str]:
+        """The caller's environment without ledgerbus or OpenTelemetry settings, plus the URL."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LEDGERBUS_", "OTEL_"))}
+        env["PATH"] = f"{SCRIPTS}{os.pathsep}{env.get('PATH', '')}"
+        env["LEDGERBUS_URL"] = self.url
+        env["LEDGERBUS_CLI_NAME"] = CLI_NAME  # agentctl nats makes this user's credentials
+        if not self.traced:
+            env["OTEL_SDK_DISABLED"] = "true"
+        return env
+
+    def start(self) -> None:
+        """Start honcho in its own process group (Ctrl-C in a terminal reaches only it)."""
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen([str(SCRIPTS / "honcho"), "start"], cwd=self.dir, env=self.env(),
+                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def leader_pid(self) -> int | None:
+        """The pid of the router holding the lease, from its ``lease_acquired`` log line."""
+        found = _LEADER.findall(self.log_path.read_text(errors="replace"))
+        return int(found[-1]) if found else None
+
+    def stop(self) -> list[str]:
+        """SIGINT to honcho, as Ctrl-C; what honcho had to kill and what outlived it."""
+        notes: list[str] = []
+        if self.proc is not None:
+            notes += _stop(self.proc, signal.SIGINT, 60, "honcho")
+            self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        killed = sorted(set(re.findall(r"sending SIGKILL to (\S+) \(pid", self.log_path.read_text(errors="replace"))))
+        if killed:
+            notes.append(f"honcho SIGKILLed {', '.join(killed)} (still running 5 s after its SIGTERM)")
+        notes += _reap(_pids(_cwd_under(self.dir)), "honcho")
+        return notes
+
+    def close(self) -> None:
+        """Remove the project copy (its var/ with the JetStream store and the database)."""
+        self._tmp.cleanup()
+
+
+async def _audit_ready(js: JetStreamContext, deadline: float) -> None:
+    # The router provisions the streams once it holds the lease; nothing announces it to a
+    # CLI user, so ask until AUDIT exists.
+    while True:
+        try:
+            await js.stream_info(subjects.AUDIT_STREAM)
+            return
+        except nats.js.errors.NotFoundError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def _joined(js: JetStreamContext, agents: set[str], timeout: float) -> None:
+    """Wait until every agent named has an accepted ``agent_joined`` record on AUDIT."""
+    await _audit_ready(js, time.monotonic() + timeout)
+    sub = await js.subscribe("audit.accepted.agent_joined.*", stream=subjects.AUDIT_STREAM, ordered_consumer=True)
+    seen: set[str] = set()
+    try:
+        async with asyncio.timeout(timeout):
+            while not agents <= seen:
+                seen.add((await sub.next_msg(timeout=timeout)).subject.rsplit(".", 1)[1])
+    finally:
+        await sub.unsubscribe()
+
+
+class Completions:
+    """Accepted ``task_completed`` records as they reach the client, by task id, and any
+    rejection or failure, which ends the run with its reason."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[str, asyncio.Future[float]] = {}
+        self.count = 0
+        self.target = 0
+        self.all_done: asyncio.Future[float] | None = None
+        self.failed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def on_completed(self, msg: Msg) -> None:
+        now = time.perf_counter()
+        task_id = msg.subject.rsplit(".", 1)[1]  # audit.accepted.task_completed.<task id>
+        fut = self.waiting.pop(task_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(now)
+        self.count += 1
+        if self.all_done is not None and self.count >= self.target and not self.all_done.done():
+            self.all_done.set_result(now)
+
+    async def on_bad(self, msg: Msg) -> None:
+        if not self.failed.done():
+            record = codec.decode_record(msg.data)
+            self.failed.set_result(f"{msg.subject}: {record.reason or record.event}")
+
+    async def until(self, fut: asyncio.Future[float], timeout: float) -> float:
+        """The time ``fut`` completed, unless a task failed or was rejected first."""
+        either: set[asyncio.Future[Any]] = {fut, self.failed}
+        done, _ = await asyncio.wait(either, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if self.failed in done:
+            raise BenchError(f"a task did not complete: {self.failed.result()}")
+        if fut not in done:
+            raise BenchError(f"no completion within {timeout:g} s ({self.count} completed so far)")
+        return fut.result()
+
+
+def _submission(task_id: str) -> tuple[bytes, dict[str, str]]:
+    event = TaskSubmitted(id=new_id(), task_id=task_id, skill="echo", input={"text": "hello"})
+    return codec.encode(event), {subjects.HDR_MSG_ID: event.id}
+
+
+async def _measure(system: System, tasks: int, samples: int, profile: Path | None,
+                   say: Callable[[str], None]) -> dict[str, Any]:
+    cli = await connect(system.settings, CLI.token)
+    js = cli.jetstream(timeout=30)
+    loop = asyncio.get_running_loop()
+    subject = subjects.ingress(CLI, "task_submitted")
+    started = time.monotonic()
+    await _joined(js, system.agents, timeout=180)
+    say(f"  {len(system.agents)} agents joined {time.monotonic() - started:.1f} s after honcho start")
+    done = Completions()
+    subs = [await js.subscribe("audit.accepted.task_completed.*", stream=subjects.AUDIT_STREAM,
+                               ordered_consumer=True, deliver_policy=DeliverPolicy.NEW, cb=done.on_completed)]
+    for bad in ("audit.rejected.>", "audit.accepted.task_failed.*"):
+        subs.append(await js.subscribe(bad, stream=subjects.AUDIT_STREAM, ordered_consumer=True,
+                                       deliver_policy=DeliverPolicy.NEW, cb=done.on_bad))
+    try:
+        latencies = []
+        for i in range(WARMUP + samples):
+            task_id = f"lat{i}"
+            done.waiting[task_id] = fut = loop.create_future()
+            data, headers = _submission(task_id)
+            start = time.perf_counter()
+            await js.publish(subject, data, headers=headers)
+            end = await done.until(fut, timeout=60)
+            if i >= WARMUP:
+                latencies.append(end - start)
+        payloads = [_submission(f"t{i}") for i in range(tasks)]
+        done.count, done.target = 0, tasks
+        done.all_done = loop.create_future()
+        spy = _start_profiler(system, profile, say) if profile else None
+        start = time.perf_counter()
+        acks = [await js.publish_async(subject, data, headers=headers) for data, headers in payloads]
+        failed = [a for a in await pub_acks(acks, timeout=60) if isinstance(a, BaseException)]
+        submitted = time.perf_counter() - start
+        if failed:
+            raise BenchError(f"{len(failed)} of {tasks} submissions got no PubAck: {failed[0]}")
+        end = await done.until(done.all_done, timeout=120 + tasks * 0.1)
+        result: dict[str, Any] = {}
+        if spy is not None and profile is not None:
+            result["profile"] = _stop_profiler(spy, profile, say)
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()
+        await cli.close()
+    elapsed = end - start
+    return result | {
+        "tasks_per_s": tasks / elapsed,
+        "seconds": elapsed,
+        "submitted_per_s": tasks / submitted,
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+    }
+
+
+def run_ledgerbus(repo: Path, tasks: int, samples: int, traced: bool, say: Callable[[str], None],
+                  profile: Path | None = None) -> dict[str, Any]:
+    """One run of the shipped system under honcho: latency, then throughput."""
+    system = System(repo, traced)
+    try:
+        system.start()
+        try:
+            result = asyncio.run(_measure(system, tasks, samples, profile, say))
+        except (BenchError, TimeoutError, OSError, nats.errors.Error) as exc:
+            raise BenchError(f"ledgerbus run failed: {exc}\n--- honcho log, last lines ---\n"
+                             f"{_tail(system.log_path)}") from exc
+        finally:
+            notes = system.stop()
+        result["notes"] = notes
+        return result
+    finally:
+        system.close()
+
+
+# -- profile -------------------------------------------------------------------------------
+
+
+def _start_profiler(system: System, out: Path, say: Callable[[str], None]) -> subprocess.Popen[bytes] | None:
+    pid = system.leader_pid()
+    spy = SCRIPTS / "py-spy"
+    if pid is None or not spy.exists():
+        say(f"  profile: {'no leading router found in the honcho log' if pid is None else 'py-spy not installed'}"
+            " - going on without it")
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # --nonblocking: read the router's stacks without pausing it, so sampling does not slow it.
+    return subprocess.Popen([str(spy), "record", "--pid", str(pid), "--format", "raw", "--rate", "100",
+                             "--nonblocking", "-o", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=(out.with_suffix(".log")).open("wb"), start_new_session=True)
+
+
+def _stop_profiler(spy: subprocess.Popen[bytes], out: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    _stop(spy, signal.SIGINT, 30, "py-spy")
+    if spy.returncode != 0 or not out.exists() or not out.stat().st_size:
+        say(f"  profile: py-spy failed (exit {spy.returncode}; it needs ptrace, e.g. root or "
+            f"CAP_SYS_PTRACE): {_tail(out.with_suffix('.log'), 3)} - going on without it")
+        return {"error": _tail(out.with_suffix(".log"), 3)}
+    return top_functions(out.read_text())
+
+
+def top_functions(collapsed: str, lines: int = 15) -> dict[str, Any]:
+    """The functions most often on top of the stack (self) in py-spy's raw (collapsed)
+    output, with the share of samples each was anywhere on the stack (total)."""
+    own: dict[str, int] = {}
+    anywhere: dict[str, int] = {}
+    samples = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        samples += count
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            anywhere[frame] = anywhere.get(frame, 0) + count
+    top = sorted(own, key=own.__getitem__, reverse=True)[:lines]
+    return {"samples": samples, "top": [{"function": f, "self_pct": 100 * own[f] / max(samples, 1),
+                                         "total_pct": 100 * anywhere[f] / max(samples, 1)} for f in top]}
+
+
+# -- Celery --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A fresh ``redis-server`` on a free loopback port, no persistence; yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BenchError("redis-server not found (Debian: apt-get install -y redis-server)")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp:
+        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                 "--dir", tmp, "--daemonize", "no"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        assert proc.stdout is not None
+        try:
+            # Read its log until it says it is ready (no sleeps); a timer ends a silent hang.
+            watchdog = threading.Timer(30, proc.kill)
+            watchdog.start()
+            lines = []
+            for raw in proc.stdout:
+                lines.append(raw.decode(errors="replace").rstrip())
+                if b"Ready to accept connections" in raw:
+                    break
+            watchdog.cancel()
+            if proc.poll() is not None:
+                raise BenchError("redis-server did not start:\n" + "\n".join(lines[-10:]))
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            _stop(proc, signal.SIGTERM, 30, "redis-server")
+
+
+def run_celery(repo: Path, tasks: int, samples: int, say: Callable[[str], None]) -> dict[str, Any]:
+    """One run of Celery with Redis: latency, then throughput, as for ledgerbus."""
+    from bench.celery_app import NOOP, URL_VARIABLE, make_app
+
+    with redis_server() as url, tempfile.TemporaryDirectory(prefix="bench-celery-") as tmp:
+        log = Path(tmp) / "worker.log"
+        env = dict(os.environ, PATH=f"{SCRIPTS}{os.pathsep}{os.environ.get('PATH', '')}",
+                   PYTHONPATH=str(repo), **{URL_VARIABLE: url})
+        with log.open("wb") as out:
+            worker = subprocess.Popen(
+                [str(SCRIPTS / "celery"), "-A", "bench.celery_app", "worker", "--pool", "prefork", "--concurrency", "2",
+                 "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning"],
+                cwd=repo, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        app = make_app(url)
+        noop = app.tasks[NOOP]
+        notes: list[str] = []
+        try:
+            started = time.monotonic()
+            # The first task completes once the worker consumes: that is its readiness.
+            noop.delay().get(timeout=180)
+            say(f"  worker answered {time.monotonic() - started:.1f} s after its start")
+            latencies = []
+            for i in range(WARMUP + samples):
+                start = time.perf_counter()
+                noop.delay().get(timeout=60)
+                if i >= WARMUP:
+                    latencies.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            results = [noop.delay() for _ in range(tasks)]
+            submitted = time.perf_counter() - start
+            for result in results:
+                result.get(timeout=120 + tasks * 0.1)
+            elapsed = time.perf_counter() - start
+        except Exception as exc:  # Celery's and Redis's errors have no common root
+            raise BenchError(f"Celery run failed: {exc!r}\n--- worker log ---\n{_tail(log)}") from exc
+        finally:
+            app.close()
+            notes += _stop(worker, signal.SIGTERM, 60, "celery worker")  # warm shutdown
+            notes += _reap(_pids(_in_session(worker.pid)), "the celery worker")
+    return {"tasks_per_s": tasks / elapsed, "seconds": elapsed, "submitted_per_s": tasks / submitted,
+            "p50_ms": statistics.median(latencies) * 1000, "p99_ms": percentile(latencies, 99) * 1000,
+            "notes": notes}
+
+
+def celery_missing() -> str | None:
+    """Why the Celery side cannot run here, or None."""
+    try:
+        import celery  # noqa: F401
+        import redis  # noqa: F401
+    except ImportError as exc:
+        return f"{exc.name} is not installed (uv sync --extra bench)"
+    if shutil.which("redis-server") is None:
+        return "redis-server is not on PATH (Debian: apt-get install -y redis-server)"
+    return None
+
+
+# -- rounds --------------------------------------------------------------------------------
+
+
+def run(repo: Path, tasks: int, samples: int, rounds: int, profile: Path | None = None,
+        say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every system ``rounds`` times, alternating; medians, ratios, and each round."""
+    skip = celery_missing()
+    if skip:
+        say(f"[bold]Celery side skipped[/]: {skip}. ledgerbus is still measured.")
+    systems = [s for s in SYSTEMS if s != "celery" or not skip]
+    per_round: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+    for r in range(rounds):
+        for name in systems if r % 2 == 0 else list(reversed(systems)):
+            say(f"round {r + 1}/{rounds}: {name} ...")
+            if name == "celery":
+                found = run_celery(repo, tasks, samples, say)
+            else:
+                found = run_ledgerbus(repo, tasks, samples, traced=name == "ledgerbus", say=say)
+            per_round[name].append(found)
+            say(f"round {r + 1}/{rounds}: {name:<18} {found['tasks_per_s']:>8,.0f} tasks/s   "
+                f"p50 {found['p50_ms']:6.2f} ms   p99 {found['p99_ms']:6.2f} ms")
+            for note in found["notes"]:
+                say(f"  [yellow]note[/]: {note}")
+    medians = {s: {k: statistics.median(x[k] for x in found) for k in ("tasks_per_s", "p50_ms", "p99_ms")}
+               for s, found in per_round.items()}
+    result: dict[str, Any] = {
+        "tasks": tasks, "latency_samples": samples, "rounds": rounds,
+        "median": medians,
+        "rounds_detail": per_round,
+        "traced_over_untraced": medians["ledgerbus"]["tasks_per_s"] / medians["ledgerbus-untraced"]["tasks_per_s"],
+        "celery_skipped": skip,
+    }
+    if not skip:
+        celery = medians["celery"]
+        result["ledgerbus_over_celery"] = {
+            "tasks_per_s": medians["ledgerbus"]["tasks_per_s"] / celery["tasks_per_s"],
+            "untraced_tasks_per_s": medians["ledgerbus-untraced"]["tasks_per_s"] / celery["tasks_per_s"],
+            "p50_ms": medians["ledgerbus"]["p50_ms"] / celery["p50_ms"],
+            "p99_ms": medians["ledgerbus"]["p99_ms"] / celery["p99_ms"],
+        }
+    if profile is not None:
+        say("profile: one more traced ledgerbus run (not counted), py-spy on the leading router ...")
+        found = run_ledgerbus(repo, tasks, samples, traced=True, say=say, profile=profile)
+        result["profile"] = found.get("profile", {"error": "no profile taken"}) | {
+            "file": str(profile), "tasks_per_s": found["tasks_per_s"]}
+    return result

