@@ -86,9 +86,6 @@ AWAITING_MATCH = "awaiting_match"
 """The code of an accepted submission whose skill nobody serves, held until a live skill
 provides it (policy ``[tasks] unserved = "propose"``)."""
 
-ACCEPTED_CODES = frozenset({"ok", APPROVAL_REQUESTED, BUDGET_EXCEEDED, NO_AGENT, AWAITING_MATCH})
-"""Codes of accepted records: ``ok``, or what the acceptance did besides."""
-
 
 def settled(status: Status, retries_left: bool) -> bool:
     """Whether nothing more will happen to a task: terminal, and (for a failure) no retry
