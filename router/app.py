@@ -18,11 +18,12 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from agents import discovery
-from bus import anchor, codec, failpoints, metrics, signing, subjects, tracing
+from bus import codec, failpoints, metrics, signing, subjects, tracing
 from bus.errors import SchemaError
+from bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT
+from bus.lifecycle import Status as TaskStatus
 from bus.events import (
     AuditRecord,
-    Checkpoint,
     Notice,
     TaskCancelled,
     TaskDeadLettered,
@@ -36,27 +37,21 @@ from bus.settings import Settings
 from router import audit as audit_mod
 from router import deadletters
 from router.audit import AuditLog
-from router.anchors import Anchors
+from router.checkpoints import Checkpoints
 from router.checks import Check, Inbound, default_checks, run_checks
 from router.claims import AgentSkills, ClaimTokens
 from router.deadletters import MaxDeliverAdvisory
 from router.dispatch import dispatch, routed_work_item, work_item
-from router.errors import AuditAppendError, ChainRestartedError
+from router.errors import AuditAppendError
 from router.gauges import Gauges
 from router.lease import Lease
 from router.policy import PolicyFile
 from router.records import Decision, record_attributes, record_for, trace_headers
 from router.scheduler import LiveAgents, RouterDecision, Scheduler, watch_agents
-from bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT
-from bus.lifecycle import Status as TaskStatus
 from router.state import RouterState
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("ledgerbus.router")
-
-
-def _headers(msg: Msg) -> dict[str, str]:
-    return dict(msg.headers or {})
 
 
 class Router:
@@ -70,7 +65,6 @@ class Router:
         self.accept_new_chain = accept_new_chain
         """At the first start only: a stream that no longer holds the anchored checkpoint is
         accepted as a new chain (the break recorded in it) instead of refused."""
-        self._stream_created: datetime | None = None
         self.js: JetStreamContext = nc.jetstream(timeout=10)
         self.settings = settings
         self.policy = PolicyFile(settings.policy_path, settings.policy_check_interval_s)
@@ -108,22 +102,17 @@ class Router:
 
     async def start(self) -> None:
         """Provision the streams, rebuild state from the log, bind the INGRESS consumer."""
-        self.key = signing.load_or_create(self.settings.router_key_path)
-        self.tokens.use_key(self.key)
-        self.anchors = Anchors(self.js, self.key, self.settings.router_key_path)
-        self._last_checkpoint_at = asyncio.get_running_loop().time()
+        key = signing.load_or_create(self.settings.router_key_path)
+        self.tokens.use_key(key)
+        self.checkpoints = Checkpoints(self.js, self.settings, key, asyncio.get_running_loop().time())
         await provision(self.js, self.settings)
-        await self.anchors.load()
+        await self.checkpoints.anchors.load()
         try:
             await self._recover()
         finally:
             # Accepting a new chain is for this start only: a log lost later is refused again.
             self.accept_new_chain = False
-        if self.state.last_checkpoint is not None:
-            # Once per start, whatever the log held: the anchor follows a restored stream, and
-            # a file that cannot be written stops the router here rather than at a checkpoint.
-            await self.anchors.write(self.state.last_checkpoint_seq, self.state.last_checkpoint,
-                                     self._stream_created, strict=True)
+        await self.checkpoints.anchor_head(self.state)
         await self._watch_agents()
         dead_sub = await self.js.pull_subscribe(
             subjects.DEADLETTER_ALL, durable=subjects.DEADLETTER_CONSUMER, stream=subjects.DEADLETTER_STREAM,
@@ -153,11 +142,11 @@ class Router:
 
     async def _recover(self) -> None:
         self.state = RouterState(dedup_horizon_s=self.settings.dedup_horizon_s)
-        watch = self.anchors.watch()
+        watch = self.checkpoints.anchors.watch()
         head = await audit_mod.recover(self.js, self.state, watch)
-        self._stream_created = (await self.js.stream_info(subjects.AUDIT_STREAM)).created
+        self.checkpoints.stream_created = (await self.js.stream_info(subjects.AUDIT_STREAM)).created
         self.audit = AuditLog(self.js, head)
-        await self._check_anchors(head, watch)
+        await self.checkpoints.check_anchors(head, watch, self.audit, self.state, self.accept_new_chain)
         ingress = await self.js.stream_info(subjects.INGRESS_STREAM)
         self.state.forget_acked_before(ingress.state.first_seq)
         # Whatever was decided before a crash but not acted on is decided again from here;
@@ -166,23 +155,6 @@ class Router:
         self._undelivered = {
             task_id for task_id, task in self.state.tasks.items() if task.routed and task.status is TaskStatus.PENDING
         }
-
-    async def _check_anchors(self, head: audit_mod.ChainHead, watch: anchor.Watch) -> None:
-        """Refuse a stream that no longer holds a checkpoint this key anchored outside it;
-        with ``accept_new_chain``, append the break instead, as a signed checkpoint record
-        naming every anchor it supersedes (the anchors then move to it)."""
-        broken = self.anchors.broken(head, watch, self._stream_created, self.accept_new_chain)
-        if not broken:
-            return
-        if not self.accept_new_chain:
-            raise ChainRestartedError(
-                f"refusing to start a new audit chain: {broken[0][2].detail}. If the log was reset on purpose, "
-                "start the router once with --accept-new-chain (the break is recorded in the new chain), "
-                "see docs/security.md"
-            )
-        record = await self._append_checkpoint(
-            code=anchor.RESTART_CODE, reason=anchor.restart_reason((source, a) for source, a, _ in broken))
-        log.warning("chain_restart_accepted", seq=record.seq, superseded=[a.token for _, a, _ in broken])
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; the batch in hand is always finished first.
@@ -391,42 +363,17 @@ class Router:
                     ))
 
     async def _checkpoint_if_due(self) -> None:
-        """Sign the chain head into the log every ``checkpoint_every`` records, or after
-        ``checkpoint_interval_s`` when records are waiting for one."""
-        pending = self.audit.head.seq - self.state.last_checkpoint_seq
+        """Sign the chain head into the log when it is due (:class:`Checkpoints`)."""
         now = asyncio.get_running_loop().time()
-        if pending == 0 or (
-            pending < self.settings.checkpoint_every
-            and now - self._last_checkpoint_at < self.settings.checkpoint_interval_s
-        ):
+        if not self.checkpoints.due(self.audit.head.seq, self.state, now):
             return
         try:
-            await self._append_checkpoint()
+            await self.checkpoints.append(self.audit, self.state)
         except AuditAppendError as exc:
             log.error("checkpoint_append_failed", error=str(exc))
             await self._recover()
             return
-        self._last_checkpoint_at = now
-
-    async def _append_checkpoint(self, code: str = "ok", reason: str = "") -> AuditRecord:
-        """Sign the chain head, append it as the next record, and anchor it outside the log.
-        Raises :class:`AuditAppendError` if the log did not take it (nothing is anchored)."""
-        head = self.audit.head
-        stamp = datetime.now(UTC)
-        checkpoint = signing.sign(
-            self.key,
-            Checkpoint(covers_seq=head.seq, chain_head=head.hash,
-                       prev_checkpoint_seq=self.state.last_checkpoint_seq, key_id="", at=stamp),
-        )
-        record, data = self.audit.seal(AuditRecord(
-            seq=0, at=stamp, verdict="accepted", code=code, reason=reason, principal="router",
-            kind="checkpoint", key="router", msg_id="", ingress_seq=0, delivery=0, checkpoint=checkpoint,
-        ))
-        await self.audit.append([(record, data, {})])
-        self.state.apply(record)
-        log.info("checkpoint", seq=record.seq, covers_seq=head.seq)
-        await self.anchors.write(record.seq, checkpoint, self._stream_created)
-        return record
+        self.checkpoints.last_at = now
 
     async def _recover_until_done(self, stop: asyncio.Event) -> None:
         """Rebuild state and chain head from the log, retrying while the server is away."""
@@ -465,7 +412,7 @@ class Router:
         pending: list[tuple[AuditRecord, bytes, dict[str, str]]] = []
         for msg in msgs:
             meta = msg.metadata
-            headers = _headers(msg)
+            headers = dict(msg.headers or {})
             span = tracer.start_span(
                 "router.process", context=tracing.extract(headers), kind=trace.SpanKind.CONSUMER,
                 attributes={**tracing.messaging(msg.subject, "process", headers.get(subjects.HDR_MSG_ID, ""),

@@ -1,0 +1,87 @@
+"""Signed checkpoints: the router signs the chain head into the log every so many records
+or seconds, and keeps the last one outside the log as well (the anchor), so that a log
+deleted or replaced is refused rather than extended (docs/security.md)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nats.js import JetStreamContext
+
+from bus import anchor, signing
+from bus.events import AuditRecord, Checkpoint
+from bus.settings import Settings
+from router.anchors import Anchors
+from router.audit import AuditLog, ChainHead
+from router.errors import ChainRestartedError
+from router.state import RouterState
+
+log = structlog.get_logger(__name__)
+
+
+class Checkpoints:
+    """When to sign the chain head, how, and the anchors that follow each signature."""
+
+    def __init__(self, js: JetStreamContext, settings: Settings, key: Ed25519PrivateKey, now: float) -> None:
+        self.key = key
+        self.every = settings.checkpoint_every
+        self.interval_s = settings.checkpoint_interval_s
+        self.anchors = Anchors(js, key, settings.router_key_path)
+        self.last_at = now
+        """When the last checkpoint was appended (the event loop's clock)."""
+        self.stream_created: datetime | None = None
+        """The AUDIT stream's creation time, as last read (the anchors name the stream by it)."""
+
+    def due(self, head_seq: int, state: RouterState, now: float) -> bool:
+        """Whether records are waiting to be signed, ``checkpoint_every`` of them or for
+        ``checkpoint_interval_s``."""
+        pending = head_seq - state.last_checkpoint_seq
+        return pending > 0 and (pending >= self.every or now - self.last_at >= self.interval_s)
+
+    async def append(self, audit: AuditLog, state: RouterState, code: str = "ok", reason: str = "") -> AuditRecord:
+        """Sign the chain head, append it as the next record, and anchor it outside the log.
+        Raises :class:`AuditAppendError` if the log did not take it (nothing is anchored)."""
+        head = audit.head
+        stamp = datetime.now(UTC)
+        checkpoint = signing.sign(
+            self.key,
+            Checkpoint(covers_seq=head.seq, chain_head=head.hash,
+                       prev_checkpoint_seq=state.last_checkpoint_seq, key_id="", at=stamp),
+        )
+        record, data = audit.seal(AuditRecord(
+            seq=0, at=stamp, verdict="accepted", code=code, reason=reason, principal="router",
+            kind="checkpoint", key="router", msg_id="", ingress_seq=0, delivery=0, checkpoint=checkpoint,
+        ))
+        await audit.append([(record, data, {})])
+        state.apply(record)
+        log.info("checkpoint", seq=record.seq, covers_seq=head.seq)
+        await self.anchors.write(record.seq, checkpoint, self.stream_created)
+        return record
+
+    async def check_anchors(self, head: ChainHead, watch: anchor.Watch, audit: AuditLog, state: RouterState,
+                            accept_new_chain: bool) -> None:
+        """Refuse a stream that no longer holds a checkpoint this key anchored outside it;
+        with ``accept_new_chain``, append the break instead, as a signed checkpoint record
+        naming every anchor it supersedes (the anchors then move to it)."""
+        broken = self.anchors.broken(head, watch, self.stream_created, accept_new_chain)
+        if not broken:
+            return
+        if not accept_new_chain:
+            raise ChainRestartedError(
+                f"refusing to start a new audit chain: {broken[0][2].detail}. If the log was reset on purpose, "
+                "start the router once with --accept-new-chain (the break is recorded in the new chain), "
+                "see docs/security.md"
+            )
+        record = await self.append(audit, state, code=anchor.RESTART_CODE,
+                                   reason=anchor.restart_reason((source, a) for source, a, _ in broken))
+        log.warning("chain_restart_accepted", seq=record.seq, superseded=[a.token for _, a, _ in broken])
+
+    async def anchor_head(self, state: RouterState) -> None:
+        """Write the log's newest checkpoint to the anchors, once per start: the anchor
+        follows a restored stream, and a file that cannot be written stops the router here
+        rather than at its next checkpoint."""
+        if state.last_checkpoint is not None:
+            await self.anchors.write(state.last_checkpoint_seq, state.last_checkpoint, self.stream_created,
+                                     strict=True)
