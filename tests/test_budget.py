@@ -15,7 +15,7 @@ from nats.aio.client import Client
 
 from agents.runtime import Agent
 from agents.skill import SkillContext
-from bus.events import Budget, TaskCompleted, TaskStarted, TaskSubmitted, TaskUsage, new_id
+from bus.events import Budget, TaskCompleted, TaskSubmitted, TaskUsage, new_id
 from bus.settings import Settings
 from projections import db as dbmod
 from projections.errors import SchemaMismatch

@@ -17,7 +17,6 @@ from bus.events import (
     Event,
     MemoryWiped,
     MemoryWritten,
-    TaskStarted,
     TaskSubmitted,
     new_id,
 )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from nats.aio.client import Client
 
-from bus.events import TaskCompleted, TaskStarted, TaskSubmitted, new_id
+from bus.events import TaskCompleted, TaskSubmitted, new_id
 from bus.settings import Settings
 from projections import db as dbmod
 from projections.projector import Projector
