@@ -125,7 +125,7 @@ class PlanView:
     @property
     def terminal(self) -> bool:
         """Whether the plan has ended (or was rejected): a plan is never retried."""
-        return lifecycle.settled(self.status, retries_left=False)
+        return lifecycle.settled(self.status, retryable=False)
 
     def apply(self, record: AuditRecord) -> None:
         """Fold one record (of the plan or of one of its steps)."""

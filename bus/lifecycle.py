@@ -87,11 +87,12 @@ AWAITING_MATCH = "awaiting_match"
 provides it (policy ``[tasks] unserved = "propose"``)."""
 
 
-def settled(status: Status, retries_left: bool) -> bool:
+def settled(status: Status, retryable: bool) -> bool:
     """Whether nothing more will happen to a task: terminal, and (for a failure) no retry
-    or dead letter decision outstanding."""
+    or dead letter decision outstanding. ``retryable``: the task may run more than once
+    (``max_attempts > 1``), so each of its failures is followed by one of those decisions."""
     if status is Status.FAILED:
-        return not retries_left
+        return not retryable
     return status in TERMINAL
 
 
