@@ -132,6 +132,45 @@ def _in_session(sid: int) -> Callable[[int], bool]:
     return check
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (fields 14 and 15 of /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _process_name(pid: int) -> str:
+    """What a process of the system is: its Procfile role as far as the command line says."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    words = [a.decode(errors="replace") for a in argv if a]
+    if any("nats-server" in w for w in words):
+        return "nats-server"
+    if "agentctl" in " ".join(words):
+        rest = words[next(i for i, w in enumerate(words) if w.endswith("agentctl")) + 1:] if any(
+            w.endswith("agentctl") for w in words) else words
+        if rest and rest[0] == "agent" and "--name" in rest:
+            return f"agent {rest[rest.index('--name') + 1]}"
+        return " ".join(rest[:1]) or "agentctl"
+    return Path(words[0]).name if words else str(pid)
+
+
+def cpu_by_process(directory: Path) -> dict[int, tuple[str, float]]:
+    """pid → (name, CPU seconds so far) for every process working under ``directory``."""
+    found: dict[int, tuple[str, float]] = {}
+    for pid in _pids(_cwd_under(directory)):
+        with contextlib.suppress(OSError, ValueError):
+            found[pid] = (_process_name(pid), _cpu_seconds(pid))
+    return found
+
+
+def cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+              tasks: int) -> dict[str, float]:
+    """CPU milliseconds per task by process name between two snapshots (replicas summed)."""
+    spent: dict[str, float] = {}
+    for pid, (name, seconds) in after.items():
+        spent[name] = spent.get(name, 0.0) + (seconds - before.get(pid, (name, 0.0))[1]) * 1000 / tasks
+    return dict(sorted(spent.items(), key=lambda kv: -kv[1]))
+
+
 def _reap(pids: list[int], what: str) -> list[str]:
     """Kill what outlived its supervisor (by pid: only processes this benchmark started) and
     say so; wait until they are gone."""
@@ -351,6 +390,7 @@ async def _measure(system: System, tasks: int, samples: int, profile: Path | Non
         done.count, done.target = 0, tasks
         done.all_done = loop.create_future()
         spy = _start_profiler(system, profile, say) if profile else None
+        cpu_before = cpu_by_process(system.dir)
         start = time.perf_counter()
         acks = [await js.publish_async(subject, data, headers=headers) for data, headers in payloads]
         failed = [a for a in await pub_acks(acks, timeout=60) if isinstance(a, BaseException)]
@@ -359,6 +399,7 @@ async def _measure(system: System, tasks: int, samples: int, profile: Path | Non
             raise BenchError(f"{len(failed)} of {tasks} submissions got no PubAck: {failed[0]}")
         end = await done.until(done.all_done, timeout=120 + tasks * 0.1)
         result: dict[str, Any] = {}
+        result["cpu_ms_per_task"] = cpu_spent(cpu_before, cpu_by_process(system.dir), tasks)
         if spy is not None and profile is not None:
             result["profile"] = _stop_profiler(spy, profile, say)
     finally:
@@ -552,6 +593,8 @@ def run(repo: Path, tasks: int, samples: int, rounds: int, profile: Path | None 
             per_round[name].append(found)
             say(f"round {r + 1}/{rounds}: {name:<18} {found['tasks_per_s']:>8,.0f} tasks/s   "
                 f"p50 {found['p50_ms']:6.2f} ms   p99 {found['p99_ms']:6.2f} ms")
+            if found.get("cpu_ms_per_task"):
+                say("  CPU ms per task: " + ", ".join(f"{k} {v:.2f}" for k, v in found["cpu_ms_per_task"].items()))
             for note in found["notes"]:
                 say(f"  [yellow]note[/]: {note}")
     medians = {s: {k: statistics.median(x[k] for x in found) for k in ("tasks_per_s", "p50_ms", "p99_ms")}
