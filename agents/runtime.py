@@ -61,6 +61,10 @@ log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("ledgerbus.agent")
 
 _REPORT_TRIES = 5
+_FETCH_MAX = 64
+"""Most work items one pull request asks for."""
+_BATCH_WAIT_S = 0.005
+"""How long a batch request right after an item waits when nothing more is queued."""
 
 
 class Agent:
@@ -164,21 +168,49 @@ class Agent:
             await asyncio.gather(*still, return_exceptions=True)
 
     async def _pull(self, skill: str, sub: JetStreamContext.PullSubscription) -> None:
+        """Fetch this skill's work: one item as soon as it is there, then in one request
+        whatever else is already waiting, up to the free slots.
+
+        The long poll asks for one item only, because nats-py's ``fetch(n)`` waits for the
+        n-th item (or its timeout) once the first came: a lone task would wait out the
+        poll. Right after an item, a batch request asks for as many as there are free
+        slots (up to this skill's share of the agent's concurrency: the slots are shared
+        by every skill's puller), answered at once from what is queued, or within
+        ``_BATCH_WAIT_S`` when nothing is; the slots of items not delivered go back.
+        """
+        share = max(1, min(_FETCH_MAX, self.concurrency // len(self.skills)))
         while not self._stopping.is_set():
             await self._slots.acquire()
-            try:
-                msgs = await sub.fetch(1, timeout=1.0)
-            except TimeoutError:
-                self._slots.release()
+            if not await self._fetch(skill, sub, 1, 1.0):
                 continue
-            except nats.errors.Error as exc:
+            taken = 0
+            while taken < share - 1 and not self._slots.locked():
+                await self._slots.acquire()  # free: does not wait
+                taken += 1
+            if taken:
+                await self._fetch(skill, sub, taken, _BATCH_WAIT_S)
+
+    async def _fetch(self, skill: str, sub: JetStreamContext.PullSubscription, n: int, wait: float) -> int:
+        """Fetch up to ``n`` items (their slots are held), start each, give back the slots of
+        those that did not come; how many came."""
+        try:
+            msgs = await sub.fetch(n, timeout=wait)
+        except TimeoutError:
+            msgs = []
+        except nats.errors.Error as exc:
+            self.log.warning("work_fetch_failed", skill=skill, error=str(exc))
+            msgs = []
+            for _ in range(n):
                 self._slots.release()
-                self.log.warning("work_fetch_failed", skill=skill, error=str(exc))
-                await asyncio.sleep(0.5)
-                continue
-            task = asyncio.create_task(self._handle(skill, msgs[0]))
+            await asyncio.sleep(0.5)
+            return 0
+        for _ in range(n - len(msgs)):
+            self._slots.release()
+        for msg in msgs:
+            task = asyncio.create_task(self._handle(skill, msg))
             self._inflight.add(task)
             task.add_done_callback(self._done)
+        return len(msgs)
 
     async def _on_notice(self, msg: Msg) -> None:
         """A claim verdict or a cancellation from the router."""
@@ -307,7 +339,7 @@ class Agent:
         tlog = self.log.bind(task_id=item.task_id, skill=skill_name, attempt=attempt)
         if not await self._claim(item, attempt, msg, tlog):
             return
-        tlog.info("task_started")
+        tlog.debug("task_started")
         loop = asyncio.get_running_loop()
 
         async def progress(message: str, fraction: float | None) -> None:
@@ -340,8 +372,8 @@ class Agent:
             return await tasks.submit(target.skills[0], payload, timeout_s=item.timeout_s, handoff=True)
 
         try:
-            place = await workspace.make(self.settings.workspace_root, self.name, item.task_id, attempt,
-                                         item.context)
+            place = (await workspace.make(self.settings.workspace_root, self.name, item.task_id, attempt, item.context)
+                     if workspace.wanted(self.skills[skill_name]) else None)
         except OSError as exc:
             # This agent's disk, not the task, is at fault; say so rather than crash the handler.
             tlog.error("workspace_failed", error=str(exc))
@@ -365,7 +397,7 @@ class Agent:
             step=item.step,
             _progress=progress,
             _usage=usage,
-            workspace=place,
+            workspace=place or workspace.NONE,
             role=self.profile,
             instructions=self.instructions,
             llm=self.llm.bind(skill_name, role=self.profile, usage=llm_usage) if self.llm is not None else None,
@@ -417,7 +449,8 @@ class Agent:
             if not running.done():
                 running.cancel()
             # Also when cancelled or drained: a handed-back task starts afresh elsewhere.
-            workspace.release(place, failed=isinstance(result, TaskFailed), keep=self.settings.keep_workspaces)
+            if place is not None:
+                workspace.release(place, failed=isinstance(result, TaskFailed), keep=self.settings.keep_workspaces)
         assert result is not None  # every way out of the try without one returns or raises
         failpoints.reached("agent.skill_done")
         await self.report(result)
@@ -426,11 +459,12 @@ class Agent:
 
     async def _execute(self, skill: Skill, ctx: SkillContext, raw: Any) -> Any:
         """Hooks before, the input checked against the skill's type, the skill, its output
-        checked, hooks after: what the task's result is made of."""
-        with tracer.start_as_current_span(f"skill.run {ctx.skill}", attributes={"ledgerbus.skill": ctx.skill}):
-            raw = await self.hooks.before(ctx, raw)
-            output = encode_output(skill, await skill.run(ctx, decode_input(skill, raw)))
-            return await self.hooks.after(ctx, raw, output)
+        checked, hooks after: what the task's result is made of. In the ``agent.run`` span
+        (one span per hop): the skill's own spans, an LLM call or a sandboxed process, are
+        its children."""
+        raw = await self.hooks.before(ctx, raw)
+        output = encode_output(skill, await skill.run(ctx, decode_input(skill, raw)))
+        return await self.hooks.after(ctx, raw, output)
 
     def _completed(self, task_id: str, attempt: int, output: Any) -> Event:
         """A completion, unless the output cannot travel: then a failure that says why."""

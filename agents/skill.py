@@ -147,7 +147,10 @@ class Skill(Protocol):
     - ``capabilities``: a tuple of free-form words (``("python", "testing")``); plan steps
       that name capabilities instead of a skill are routed to the skill that fits best;
     - ``input_type`` / ``output_type``: msgspec Structs (or any type msgspec can convert
-      to) for the input ``run`` receives and the output it returns.
+      to) for the input ``run`` receives and the output it returns;
+    - ``uses_workspace = False``: the skill writes no files and runs no commands, so its
+      attempts get no workspace directory (``ctx.workspace`` then names a path that does
+      not exist); the default, ``True``, makes one per attempt.
     """
 
     name: str

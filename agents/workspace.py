@@ -21,6 +21,18 @@ from typing import Any
 from bus import codec, subjects
 
 
+NONE = Path("/nonexistent/ledgerbus-no-workspace")
+"""``ctx.workspace`` of a skill that said it uses none: a path nothing can be written to."""
+
+
+def wanted(skill: object) -> bool:
+    """Whether a skill needs a workspace: unless it declares ``uses_workspace = False`` (no
+    files, no commands: echo, the LLM skills), every attempt gets one, made before it runs
+    and removed after. Making and removing four directories costs a no-op task more than
+    the rest of its agent-side work."""
+    return bool(getattr(skill, "uses_workspace", True))
+
+
 def path_for(root: Path, agent: str, task_id: str, attempt: int) -> Path:
     """The workspace of ``task_id``'s ``attempt`` on ``agent`` (names and ids are path-safe
     by schema)."""

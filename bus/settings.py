@@ -65,8 +65,9 @@ class Settings:
     """How long finished spans stay in the TRACES stream (``agentctl trace``)."""
     traces_max_bytes: int = 256 * 1024 * 1024
     """The TRACES stream's size cap: the oldest spans go first."""
-    trace_checks: str = "all"
-    """Which router checks get a span: ``all``, or only the one that ``failed`` a message."""
+    trace_checks: str = "failed"
+    """Which router checks get a span: only the one that ``failed`` a message, or ``all``
+    (one span per check: a debugging aid, most of what tracing would cost the router)."""
     memory_list_cap: int = 1000
     """Most entries an agent's observation or reasoning list keeps; older ones roll into a summary."""
     max_checkpoint_bytes: int = 64 * 1024
@@ -107,7 +108,7 @@ class Settings:
                     values[f.name] = raw
             except ValueError as exc:
                 raise ConfigError(f"LEDGERBUS_{f.name.upper()}={raw!r}: {exc}") from exc
-        if values.get("trace_checks", "all") not in TRACE_CHECKS:
+        if values.get("trace_checks", "failed") not in TRACE_CHECKS:
             raise ConfigError(f"LEDGERBUS_TRACE_CHECKS={values['trace_checks']!r}: one of {', '.join(TRACE_CHECKS)}")
         keep = values.get("keep_workspaces")
         if keep is not None and keep not in KEEP_WORKSPACES:

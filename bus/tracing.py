@@ -130,8 +130,8 @@ class BusSpanExporter(SpanExporter):
         with self._lock:
             self._nc, self._loop, self.principal = nc, asyncio.get_running_loop(), principal
             waiting, self._waiting = self._waiting, []
-        for subject_trace, data in waiting:
-            self._send(subject_trace, data)
+        if waiting:
+            self._send(waiting)
 
     def detach(self) -> None:
         """Stop publishing (the connection is closing); later spans wait again."""
@@ -155,29 +155,32 @@ class BusSpanExporter(SpanExporter):
                 self._waiting += messages[:room]
                 self.dropped += len(messages) - min(room, len(messages))
                 return SpanExportResult.SUCCESS
-        for message in messages:
-            try:
-                loop.call_soon_threadsafe(self._send, *message)
-            except RuntimeError:  # the loop is closed: the process is ending
-                self.dropped += 1
+        # One hand-over per batch, not per message: the serving loop wakes once, and the
+        # connection writes the whole batch in one go.
+        try:
+            loop.call_soon_threadsafe(self._send, messages)
+        except RuntimeError:  # the loop is closed: the process is ending
+            self.dropped += len(messages)
         return SpanExportResult.SUCCESS
 
-    def _send(self, trace_id: str, data: bytes) -> None:
+    def _send(self, messages: list[tuple[str, bytes]]) -> None:
         nc = self._nc
         if nc is None or nc.is_closed:
             with self._lock:
-                self._waiting.append((trace_id, data))
+                self._waiting += messages
             return
-        task = asyncio.ensure_future(self._publish(nc, subjects.traces(trace_id, self.principal), data))
+        task = asyncio.ensure_future(self._publish(nc, messages))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    async def _publish(self, nc: Client, subject: str, data: bytes) -> None:
-        try:
-            await nc.publish(subject, data)
-        except (nats.errors.Error, OSError) as exc:
-            self.dropped += 1
-            log.debug("trace_publish_failed", error=str(exc))
+    async def _publish(self, nc: Client, messages: list[tuple[str, bytes]]) -> None:
+        for n, (trace_id, data) in enumerate(messages):
+            try:
+                await nc.publish(subjects.traces(trace_id, self.principal), data)
+            except (nats.errors.Error, OSError) as exc:
+                self.dropped += len(messages) - n
+                log.debug("trace_publish_failed", error=str(exc))
+                return
 
     async def flush(self) -> None:
         """Wait until every span handed over so far is published and the server has it."""

@@ -12,6 +12,8 @@ class EchoSkill:
 
     name = "echo"
     description = "Return the input unchanged."
+    uses_workspace = False
+    """No files, no commands: its attempts get no workspace directory."""
     capabilities = ("text", "echo")
     """What plan steps naming capabilities may ask of it (the router matches on these)."""
 

@@ -86,6 +86,8 @@ class ChatSkill:
 
     name = "llm.chat"
     description = "One LLM chat completion (prompt or messages; optional JSON schema) through the routing file."
+    uses_workspace = False
+    """No files, no commands: its attempts get no workspace directory."""
     capabilities = ("llm", "chat", "writing")
     input_type = ChatInput
     output_type = ChatOutput

@@ -30,6 +30,8 @@ class NotesSkill:
 
     name = "notes"
     description = "Run a script of memory steps (observe, remember, recall, share, read, checkpoint, delegate)."
+    uses_workspace = False
+    """No files, no commands: its attempts get no workspace directory."""
     capabilities = ("memory", "notes")
     """What plan steps naming capabilities may ask of it (the router matches on these)."""
 

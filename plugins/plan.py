@@ -102,6 +102,8 @@ class PlanSkill:
 
     name = "plan"
     description = "Decompose a task into a plan of skills with dependencies (LLM structured output), then run it."
+    uses_workspace = False
+    """No files, no commands: its attempts get no workspace directory."""
     capabilities = ("planning", "decomposition")
     input_type = PlanInput
     output_type = PlanOutput

@@ -176,6 +176,8 @@ class ReasonSkill:
 
     name = "reason"
     description = "Reach a goal by Observe/Reason/Plan/Act/Validate iterations (LLM), acting through other skills."
+    uses_workspace = False
+    """No files, no commands: its attempts get no workspace directory."""
     capabilities = ("reasoning", "problem-solving")
     input_type = ReasonInput
     output_type = ReasonOutput

@@ -27,6 +27,8 @@ class SleepSkill:
 
     name = "sleep"
     description = "Sleep for `seconds`, reporting progress; returns how long it slept."
+    uses_workspace = False
+    """No files, no commands: its attempts get no workspace directory."""
     capabilities = ("wait", "timer")
     """What plan steps naming capabilities may ask of it (the router matches on these)."""
     input_type = SleepInput

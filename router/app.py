@@ -478,6 +478,7 @@ class Router:
         results = await dispatch(self.js, [(item, d.headers) for d, item in work])
         failed = {id(d) for (d, _), err in zip(work, results, strict=True) if err is not None}
         for (d, item), err in zip(work, results, strict=True):
+            d.span.set_attribute("ledgerbus.work.subject", subjects.work(item.skill))
             if err is not None:
                 log.warning("dispatch_failed", task_id=item.task_id, skill=item.skill, error=str(err))
         for d in decisions:

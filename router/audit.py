@@ -14,10 +14,8 @@ import nats.js.errors
 import structlog
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
-from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
 
-from bus import anchor, chain, subjects, tracing
+from bus import anchor, chain, subjects
 from bus.chain import ChainHead
 from bus.connection import pub_acks
 from bus.errors import ChainError, UnreadableRecord
@@ -26,7 +24,6 @@ from router.errors import AuditAppendError, ChainBrokenError, LogUnreadableError
 from router.state import RouterState
 
 log = structlog.get_logger(__name__)
-tracer = trace.get_tracer("ledgerbus.router")
 
 
 class AuditLog:
@@ -46,41 +43,24 @@ class AuditLog:
     async def append(self, batch: list[tuple[AuditRecord, bytes, dict[str, str]]]) -> None:
         """Store sealed records (with their headers) in order; raise if any is not the next.
 
-        A record whose headers carry a trace context gets an ``audit.append`` span in that
-        trace, from the first publish of the batch to the last acknowledgement.
+        No span of its own: the append is part of the hop of the message it records
+        (``router.process``, which ends after the acknowledgement), one span per hop.
         """
         futures = []
-        spans = [
-            tracer.start_span("audit.append", context=tracing.extract(headers), kind=trace.SpanKind.PRODUCER,
-                              attributes={**tracing.messaging(subjects.audit(record.verdict, record.kind, record.key),
-                                                              "publish", record.msg_id),
-                                          "ledgerbus.audit.seq": record.seq, "ledgerbus.kind": record.kind})
-            for record, _, headers in batch if subjects.HDR_TRACEPARENT in headers
-        ]
-        error: AuditAppendError | None = None
         try:
-            try:
-                for record, data, headers in batch:
-                    hdrs = dict(headers)
-                    hdrs[subjects.HDR_EXPECTED_LAST_SEQ] = str(record.seq - 1)
-                    subject = subjects.audit(record.verdict, record.kind, record.key)
-                    futures.append(await self.js.publish_async(subject, data, headers=hdrs))
-                acks = await pub_acks(futures)
-            except nats.errors.Error as exc:
-                raise AuditAppendError(f"audit publish failed: {exc}") from exc
-            for (record, _, _), ack in zip(batch, acks, strict=True):
-                if isinstance(ack, BaseException):
-                    raise AuditAppendError(f"audit seq {record.seq} not stored: {ack}") from ack
-                if ack.seq != record.seq:
-                    raise AuditAppendError(f"audit record stored at seq {ack.seq}, expected {record.seq}")
-        except AuditAppendError as exc:
-            error = exc
-            raise
-        finally:
-            for span in spans:
-                if error is not None:
-                    span.set_status(Status(StatusCode.ERROR, str(error)))
-                span.end()
+            for record, data, headers in batch:
+                hdrs = dict(headers)
+                hdrs[subjects.HDR_EXPECTED_LAST_SEQ] = str(record.seq - 1)
+                subject = subjects.audit(record.verdict, record.kind, record.key)
+                futures.append(await self.js.publish_async(subject, data, headers=hdrs))
+            acks = await pub_acks(futures)
+        except nats.errors.Error as exc:
+            raise AuditAppendError(f"audit publish failed: {exc}") from exc
+        for (record, _, _), ack in zip(batch, acks, strict=True):
+            if isinstance(ack, BaseException):
+                raise AuditAppendError(f"audit seq {record.seq} not stored: {ack}") from ack
+            if ack.seq != record.seq:
+                raise AuditAppendError(f"audit record stored at seq {ack.seq}, expected {record.seq}")
 
 
 async def recover(js: JetStreamContext, state: RouterState, watch: anchor.Watch | None = None) -> ChainHead:

@@ -13,18 +13,14 @@ from typing import Any
 
 import nats.errors
 from nats.js import JetStreamContext
-from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
 
-from bus import codec, subjects, tracing
+from bus import codec, subjects
 from bus.connection import pub_acks
 from bus.events import AuditRecord, TaskApproved, TaskSubmitted, WorkItem
 from router.claims import ClaimTokens
 from bus import lifecycle
 from bus.lifecycle import NO_AGENT
 from router.state import RouterState, StepState, TaskState
-
-tracer = trace.get_tracer("ledgerbus.router")
 
 
 def work_item(record: AuditRecord, state: RouterState, tokens: ClaimTokens) -> WorkItem | None:
@@ -87,35 +83,22 @@ async def dispatch(
 
     Returns, per item, ``None`` if stored or the error that stopped it (WORK full, no
     connection, no PubAck in time): the caller leaves that message unacked so it is tried
-    again. An item whose headers carry a trace context is published in a
-    ``router.dispatch`` span of that trace, which the WORK message names as the agent's
-    parent.
+    again. The headers given carry the trace context of the hop that decided the dispatch
+    (``router.process`` or ``router.decide``), which the WORK message names as the agent's
+    parent: the publish has no span of its own (one span per hop).
     """
     futures: list[asyncio.Future[Any] | BaseException] = []
-    spans: list[trace.Span] = []
     for item, headers in items:
-        msg_id = subjects.work_msg_id(item.task_id, item.dispatch)
-        subject = subjects.work(item.skill)
-        span = (tracer.start_span("router.dispatch", context=tracing.extract(headers), kind=trace.SpanKind.PRODUCER,
-                                  attributes={**tracing.messaging(subject, "publish", msg_id),
-                                              "ledgerbus.task_id": item.task_id, "ledgerbus.skill": item.skill,
-                                              "ledgerbus.dispatch": item.dispatch})
-                if subjects.HDR_TRACEPARENT in headers else trace.INVALID_SPAN)
-        spans.append(span)
-        hdrs = tracing.inject(headers, context=trace.set_span_in_context(span))
-        hdrs[subjects.HDR_MSG_ID] = msg_id
+        hdrs = dict(headers)
+        hdrs[subjects.HDR_MSG_ID] = subjects.work_msg_id(item.task_id, item.dispatch)
         try:
-            futures.append(await js.publish_async(subject, codec.encode(item), headers=hdrs))
+            futures.append(await js.publish_async(subjects.work(item.skill), codec.encode(item), headers=hdrs))
         except nats.errors.Error as exc:
             futures.append(exc)
     published = [f for f in futures if not isinstance(f, BaseException)]
     acks = iter(await pub_acks(published))
     results: list[BaseException | None] = []
-    for fut, span in zip(futures, spans, strict=True):
+    for fut in futures:
         outcome = fut if isinstance(fut, BaseException) else next(acks)
-        error = outcome if isinstance(outcome, BaseException) else None
-        if error is not None:
-            span.set_status(Status(StatusCode.ERROR, f"not stored in WORK: {error}"))
-        span.end()
-        results.append(error)
+        results.append(outcome if isinstance(outcome, BaseException) else None)
     return results

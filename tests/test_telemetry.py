@@ -233,7 +233,7 @@ def test_trace_checks_is_all_or_failed() -> None:
     from bus.errors import ConfigError
     from bus.settings import Settings
 
-    assert Settings.from_env({}).trace_checks == "all"
-    assert Settings.from_env({"LEDGERBUS_TRACE_CHECKS": "failed"}).trace_checks == "failed"
+    assert Settings.from_env({}).trace_checks == "failed"
+    assert Settings.from_env({"LEDGERBUS_TRACE_CHECKS": "all"}).trace_checks == "all"
     with pytest.raises(ConfigError, match="LEDGERBUS_TRACE_CHECKS='some': one of all, failed"):
         Settings.from_env({"LEDGERBUS_TRACE_CHECKS": "some"})
