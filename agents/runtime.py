@@ -339,7 +339,7 @@ class Agent:
         tlog = self.log.bind(task_id=item.task_id, skill=skill_name, attempt=attempt)
         if not await self._claim(item, attempt, msg, tlog):
             return
-        tlog.debug("task_started")
+        tlog.info("task_started")
         loop = asyncio.get_running_loop()
 
         async def progress(message: str, fraction: float | None) -> None:
