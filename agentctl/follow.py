@@ -15,6 +15,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from bus import codec, lifecycle, subjects
 from bus.events import (
     AuditRecord,
+    Claim,
     SkillUnmatched,
     TaskApproved,
     TaskCancelled,
@@ -176,12 +177,9 @@ class TaskView:
             case TaskDenied(reason=reason):
                 self._finish(record)
                 self.error = f"denied by {record.principal}" + (f": {reason}" if reason else "")
-            case TaskStarted(attempt=attempt, dispatch=dispatch):
-                self.agent, self.attempts = agent, self.attempts + 1
-                self.unserved = False
-                self.progress, self.fraction = "", None
-                if attempt > dispatch:
-                    self.notes.append(f"attempt {attempt} on {agent} (the previous claim lapsed)")
+            case TaskStarted() | TaskCompleted(claim=Claim()) | TaskFailed(claim=Claim()):
+                self._claimed(agent, record.event)
+        match record.event:
             case TaskProgress(message=message, fraction=fraction):
                 self.progress, self.fraction = message, fraction
             case TaskCompleted(output=output):
@@ -207,6 +205,16 @@ class TaskView:
                 pass
         if not isinstance(event, TaskSubmitted):
             self.status = lifecycle.after(self.status, record, Shape.TASK)
+
+    def _claimed(self, agent: str, event: Any) -> None:
+        """A claim: a ``task_started``, or a result that carries its claim."""
+        claim = lifecycle.claim_of(event)
+        assert claim is not None
+        self.agent, self.attempts = agent, self.attempts + 1
+        self.unserved = False
+        self.progress, self.fraction = "", None
+        if claim.attempt > claim.dispatch:
+            self.notes.append(f"attempt {claim.attempt} on {agent} (the previous claim lapsed)")
 
     def _finish(self, record: AuditRecord) -> None:
         self.finished_seq = record.seq

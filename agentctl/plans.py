@@ -21,6 +21,7 @@ from bus import codec, lifecycle
 from bus.errors import SchemaError
 from bus.events import (
     AuditRecord,
+    Claim,
     PlanSubmitted,
     SkillUnmatched,
     TaskCancelled,
@@ -168,10 +169,12 @@ def _step_record(step: StepView, record: AuditRecord) -> None:
     match record.event:
         case TaskDispatched(skill=skill, dispatch=dispatch):
             step.skill, step.dispatches, step.note = skill, dispatch, ""
-        case TaskStarted():
+        case TaskStarted() | TaskCompleted(claim=Claim()) | TaskFailed(claim=Claim()):
+            # A result that carries its claim starts the attempt it ends.
             step.agent = record.principal.removeprefix("agent-")
             step.attempts += 1
             step.started, step.finished = record.at, None
+    match record.event:
         case TaskProgress(message=message):
             step.note = message
         case TaskCompleted():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from datetime import UTC, datetime
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -41,6 +42,7 @@ from bus import codec, failpoints, metrics, subjects, tracing
 from bus.errors import BusError, SchemaError
 from bus.events import (
     AgentJoined,
+    Claim,
     AgentLeft,
     Event,
     Heartbeat,
@@ -337,26 +339,36 @@ class Agent:
 
     async def _run(self, skill_name: str, item: WorkItem, attempt: int, msg: Msg) -> None:
         tlog = self.log.bind(task_id=item.task_id, skill=skill_name, attempt=attempt)
-        if not await self._claim(item, attempt, msg, tlog):
-            return
+        claim = _Claim(self, item, attempt, msg, tlog)
+        if getattr(self.skills[skill_name], "claim_first", True):
+            if not await claim.send():
+                return
+        else:
+            claim.send_after(self.settings.claim_after_s)
         tlog.info("task_started")
         loop = asyncio.get_running_loop()
 
+        async def report(event: Event, headers: dict[str, str] | None = None) -> None:
+            # Nothing the skill sends counts before its claim: the claim goes first.
+            if not await claim.send():
+                raise SkillError(f"the claim on task {item.task_id} was refused: its reports do not count")
+            await self.report(event, headers)
+
         async def progress(message: str, fraction: float | None) -> None:
-            await self.report(
+            await report(
                 TaskProgress(id=new_id(), task_id=item.task_id, attempt=attempt, message=message[:16_384], fraction=fraction)
             )
 
         async def usage(tokens_in: int, tokens_out: int, cost_usd: float, provider: str, model: str,
                         latency_s: float = 0.0, outcome: str = "ok") -> None:
-            await self.report(TaskUsage(id=new_id(), task_id=item.task_id, attempt=attempt, tokens_in=tokens_in,
+            await report(TaskUsage(id=new_id(), task_id=item.task_id, attempt=attempt, tokens_in=tokens_in,
                                         tokens_out=tokens_out, cost_usd=cost_usd, provider=provider[:64],
                                         model=model[:128], latency_s=max(latency_s, 0.0), outcome=outcome[:32]))
 
         async def llm_usage(u: Usage) -> None:
             await usage(u.tokens_in, u.tokens_out, u.cost_usd, u.provider, u.model, u.latency_s, u.outcome)
 
-        writer = Writer(self.nc, self.report)
+        writer = Writer(self.nc, report)
         tasks = Tasks(writer, item.task_id)
 
         async def handoff(role: str, context: dict[str, Any]) -> str:
@@ -377,9 +389,12 @@ class Agent:
         except OSError as exc:
             # This agent's disk, not the task, is at fault; say so rather than crash the handler.
             tlog.error("workspace_failed", error=str(exc))
-            await self.report(TaskFailed(id=new_id(), task_id=item.task_id, attempt=attempt,
-                                         error=f"agent {self.name} cannot make the task's workspace: {exc}"[:16_384]))
-            await msg.ack()
+            failed = await claim.result(TaskFailed(
+                id=new_id(), task_id=item.task_id, attempt=attempt,
+                error=f"agent {self.name} cannot make the task's workspace: {exc}"[:16_384]))
+            if failed is not None:
+                await self.report(failed)
+                await msg.ack()
             return
         ctx = SkillContext(
             task_id=item.task_id,
@@ -405,10 +420,11 @@ class Agent:
         )
         keepalive = asyncio.create_task(self._keep_alive(msg))
         deadline = asyncio.timeout(item.timeout_s)
-        result: Event | None = None
+        result: TaskCompleted | TaskFailed | None = None
         outcome = "cancelled"
         started = loop.time()
         running = asyncio.create_task(self._execute(self.skills[skill_name], ctx, item.input))
+        claim.on_refused = running.cancel  # a late claim refused: the skill's work does not count
         self._running[item.task_id] = running
         self._loads[skill_name] = self._loads.get(skill_name, 0) + 1
         try:
@@ -418,7 +434,10 @@ class Agent:
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
+                claim.abandon()
                 raise  # the agent is draining: the caller hands the task back
+            if claim.refused:
+                return  # the refused (or unanswered) claim settled the message
             # The router cancelled the task: its result would not count. Settle the message.
             tlog.info("task_cancelled")
             await msg.term()
@@ -453,7 +472,10 @@ class Agent:
                 workspace.release(place, failed=isinstance(result, TaskFailed), keep=self.settings.keep_workspaces)
         assert result is not None  # every way out of the try without one returns or raises
         failpoints.reached("agent.skill_done")
-        await self.report(result)
+        settled = await claim.result(result)
+        if settled is None:
+            return  # the claim was refused, or never answered: the message is settled
+        await self.report(settled)
         await msg.ack()
         tlog.info("task_finished", outcome=kind_of(type(result)))
 
@@ -466,9 +488,9 @@ class Agent:
         output = encode_output(skill, await skill.run(ctx, decode_input(skill, raw)))
         return await self.hooks.after(ctx, raw, output)
 
-    def _completed(self, task_id: str, attempt: int, output: Any) -> Event:
+    def _completed(self, task_id: str, attempt: int, output: Any) -> TaskCompleted | TaskFailed:
         """A completion, unless the output cannot travel: then a failure that says why."""
-        event: Event = TaskCompleted(id=new_id(), task_id=task_id, attempt=attempt, output=output)
+        event = TaskCompleted(id=new_id(), task_id=task_id, attempt=attempt, output=output)
         try:
             size = len(codec.encode(event))
         except (TypeError, msgspec.EncodeError) as exc:
@@ -493,3 +515,62 @@ class Agent:
                 await msg.in_progress()
             except nats.errors.Error as exc:
                 self.log.warning("in_progress_failed", error=str(exc))
+
+
+class _Claim:
+    """The claim of one attempt, sent when its skill says: before the skill runs
+    (``claim_first``, the default), or once the skill has run ``claim_after_s``, or not at
+    all, carried by a result that came sooner (one message, one record, one router hop
+    fewer: docs/architecture.md, "Claim and result together"). Whatever the skill sends
+    meanwhile (progress, usage, memory, subtasks) waits for the claim to be accepted."""
+
+    def __init__(self, agent: Agent, item: WorkItem, attempt: int, msg: Msg, tlog: Any) -> None:
+        self._agent, self._item, self._attempt, self._msg, self._log = agent, item, attempt, msg, tlog
+        self._sent: asyncio.Task[bool] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.on_refused: Callable[[], Any] | None = None
+        """Called when the router refuses the claim (or never answers) while the skill runs."""
+
+    @property
+    def refused(self) -> bool:
+        """Whether the claim was sent and not accepted (``Agent._claim`` settled the message)."""
+        sent = self._sent
+        return sent is not None and sent.done() and not sent.cancelled() and sent.exception() is None \
+            and not sent.result()
+
+    def send_after(self, delay: float) -> None:
+        """Send the claim in ``delay`` seconds unless a result carries it first."""
+        self._timer = asyncio.get_running_loop().call_later(delay, self._start)
+
+    def _start(self) -> asyncio.Task[bool]:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._sent is None:
+            self._sent = asyncio.create_task(self._agent._claim(self._item, self._attempt, self._msg, self._log))
+            self._sent.add_done_callback(self._settled)
+        return self._sent
+
+    def _settled(self, sent: asyncio.Task[bool]) -> None:
+        if self.refused and self.on_refused is not None:
+            self.on_refused()
+
+    async def send(self) -> bool:
+        """Send the claim now unless it was sent; whether the router accepted it."""
+        return await self._start()
+
+    async def result(self, result: TaskCompleted | TaskFailed) -> TaskCompleted | TaskFailed | None:
+        """The result to report: carrying the claim if it was never sent, as it is once the
+        claim was accepted, ``None`` if the claim was refused or never answered."""
+        if self._sent is None:
+            self.abandon()
+            return msgspec.structs.replace(result, claim=Claim(dispatch=self._item.dispatch, token=self._item.token))
+        return result if await self._sent else None
+
+    def abandon(self) -> None:
+        """Send no claim after all (the agent is draining, or a result carries it)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._sent is not None and not self._sent.done():
+            self._sent.cancel()

@@ -183,20 +183,35 @@ class TaskProgress(Event, tag="task_progress", frozen=True):
     fraction: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
 
 
+class Claim(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A claim carried by a result (``TaskCompleted.claim``, ``TaskFailed.claim``): what a
+    ``TaskStarted`` would have said, for a task that finished before its agent sent one
+    (docs/architecture.md, "Claim and result together"). The result's ``attempt`` is the
+    claim's attempt."""
+
+    dispatch: Dispatch = 1
+    token: Annotated[str, msgspec.Meta(max_length=96)] = ""
+    """As ``TaskStarted.token``; the audit record keeps only its fingerprint."""
+
+
 class TaskCompleted(Event, tag="task_completed", frozen=True):
-    """The claimant finished the task with ``output``."""
+    """The claimant finished the task with ``output``; with ``claim``, the sender claims
+    the task and completes it in one message (the router checks both)."""
 
     task_id: Id
     attempt: Attempt
     output: Any = None
+    claim: Claim | None = None
 
 
 class TaskFailed(Event, tag="task_failed", frozen=True):
-    """The claimant gave up on the task; ``error`` says why."""
+    """The claimant gave up on the task; ``error`` says why. ``claim`` as for
+    :class:`TaskCompleted`."""
 
     task_id: Id
     attempt: Attempt
     error: Text
+    claim: Claim | None = None
 
 
 class TaskUsage(Event, tag="task_usage", frozen=True):

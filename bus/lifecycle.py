@@ -79,6 +79,9 @@ APPROVAL_REQUESTED = "approval_requested"
 """The code of an accepted submission that waits for approval before it is dispatched."""
 BUDGET_EXCEEDED = "budget_exceeded"
 """The code of an accepted usage report that took its task over budget: the task fails."""
+CLAIMED = "claimed"
+"""The flag of a result that carries its claim (``task_completed claimed``): a task that
+finished before its agent sent ``task_started`` is claimed and settled by one record."""
 NO_AGENT = "no_agent"
 """The code of a submission whose skill nobody serves: accepted and queued in WORK all the
 same (policy ``[tasks] unserved = "warn"``), or rejected (``"reject"``)."""
@@ -179,12 +182,16 @@ TRANSITIONS: tuple[Transition, ...] = (
     _T(Status.UNMATCHED, "task_cancelled", Status.CANCELLED, _TASKS),
     _T(Status.UNMATCHED, "task_cancelled skipped", Status.SKIPPED, frozenset({Shape.STEP})),
     _T(Status.PENDING, "task_started", Status.RUNNING, _TASKS),
+    _T(Status.PENDING, f"task_completed {CLAIMED}", Status.COMPLETED, _TASKS),
+    _T(Status.PENDING, f"task_failed {CLAIMED}", Status.FAILED, _TASKS),
     _T(Status.PENDING, "task_dispatched", Status.PENDING, _TASKS),
     _T(Status.PENDING, "task_cancelled", Status.CANCELLED, _TASKS),
     _T(Status.PENDING, "task_dead_lettered", Status.DEAD_LETTERED, _TASKS),
     _T(Status.RUNNING, "task_started", Status.RUNNING, _TASKS),
     _T(Status.RUNNING, "task_completed", Status.COMPLETED),
     _T(Status.RUNNING, "task_failed", Status.FAILED),
+    _T(Status.RUNNING, f"task_completed {CLAIMED}", Status.COMPLETED, _TASKS),
+    _T(Status.RUNNING, f"task_failed {CLAIMED}", Status.FAILED, _TASKS),
     _T(Status.RUNNING, f"task_usage {BUDGET_EXCEEDED}", Status.FAILED, _TASKS),
     _T(Status.RUNNING, "task_cancelled", Status.CANCELLED),
     _T(Status.RUNNING, "task_dead_lettered", Status.DEAD_LETTERED, _TASKS),
@@ -197,6 +204,17 @@ TRANSITIONS: tuple[Transition, ...] = (
 :func:`created`; a rejected record moves nothing."""
 
 
+def claim_of(event: object) -> TaskStarted | None:
+    """The claim a message makes: a ``TaskStarted``, or the one a result carries
+    (``TaskCompleted.claim``), as the ``TaskStarted`` it stands for."""
+    if isinstance(event, TaskStarted):
+        return event
+    if isinstance(event, TaskCompleted | TaskFailed) and event.claim is not None:
+        return TaskStarted(id=event.id, task_id=event.task_id, attempt=event.attempt,
+                           dispatch=event.claim.dispatch, token=event.claim.token)
+    return None
+
+
 def on_label(record: AuditRecord) -> str:
     """The ``on`` of the :class:`Transition` a record makes: its kind, with the code or
     flag that decides where it leads."""
@@ -206,6 +224,8 @@ def on_label(record: AuditRecord) -> str:
         return f"{kind} {BUDGET_EXCEEDED}"
     if isinstance(event, TaskCancelled) and event.skipped:
         return f"{kind} skipped"
+    if isinstance(event, TaskCompleted | TaskFailed) and event.claim is not None:
+        return f"{kind} {CLAIMED}"
     return kind
 
 

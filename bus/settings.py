@@ -60,6 +60,9 @@ class Settings:
     drain_timeout_s: float = 30.0
     claim_timeout_s: float = 30.0
     """How long an agent waits for the router's verdict on a claim before handing the task back."""
+    claim_after_s: float = 0.05
+    """How long a skill that runs before its claim (``claim_first = False``) may run before
+    the agent sends the claim; one that finishes sooner sends its result with its claim."""
     projector_batch: int = 512
     traces_max_age_s: float = 3600.0
     """How long finished spans stay in the TRACES stream (``agentctl trace``)."""

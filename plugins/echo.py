@@ -14,6 +14,8 @@ class EchoSkill:
     description = "Return the input unchanged."
     uses_workspace = False
     """No files, no commands: its attempts get no workspace directory."""
+    claim_first = False
+    """No side effects: it may run before its claim is accepted (its result carries the claim)."""
     capabilities = ("text", "echo")
     """What plan steps naming capabilities may ask of it (the router matches on these)."""
 

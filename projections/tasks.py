@@ -209,12 +209,20 @@ def _progress(rows: Rows, record: AuditRecord, e: TaskProgress) -> None:
     rows.update((e.task_id,), progress=e.message, fraction=e.fraction, updated_seq=record.seq)
 
 
+def _claimed(rows: Rows, record: AuditRecord, e: TaskCompleted | TaskFailed) -> None:
+    """A result that carries its claim starts the attempt it ends (folded first)."""
+    if (claim := lifecycle.claim_of(e)) is not None:
+        _started(rows, record, claim)
+
+
 def _completed(rows: Rows, record: AuditRecord, e: TaskCompleted) -> None:
+    _claimed(rows, record, e)
     rows.update((e.task_id,), output=codec.encode(e.output).decode(),
                 finished_at=iso(record.at), updated_seq=record.seq)
 
 
 def _failed(rows: Rows, record: AuditRecord, e: TaskFailed) -> None:
+    _claimed(rows, record, e)
     rows.update((e.task_id,), error=e.error, finished_at=iso(record.at), updated_seq=record.seq)
 
 

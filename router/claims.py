@@ -28,11 +28,15 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TypeVar
+
+import msgspec
 
 import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from bus.events import TaskCompleted, TaskFailed, TaskStarted
 from bus.identity import REGISTRY_FILE
 
 log = structlog.get_logger(__name__)
@@ -71,6 +75,27 @@ def fingerprint(token: str) -> str:
     """What a claim's audit record keeps of its token: enough to see that two claims
     presented the same one (a redelivery), nothing that could be presented again."""
     return "sha256:" + hashlib.sha256(token.encode()).hexdigest()[:32] if token else ""
+
+
+E = TypeVar("E")
+
+
+def token_of(event: object) -> str:
+    """The claim token a message presents: a ``TaskStarted``'s, or a result's claim's."""
+    if isinstance(event, TaskStarted):
+        return event.token
+    if isinstance(event, TaskCompleted | TaskFailed) and event.claim is not None:
+        return event.claim.token
+    return ""
+
+
+def with_token(event: E, token: str) -> E:
+    """``event`` with the claim token it presents replaced by ``token`` (see :func:`token_of`)."""
+    if isinstance(event, TaskStarted):
+        return msgspec.structs.replace(event, token=token)  # type: ignore[return-value]
+    if isinstance(event, TaskCompleted | TaskFailed) and event.claim is not None:
+        return msgspec.structs.replace(event, claim=msgspec.structs.replace(event.claim, token=token))  # type: ignore[return-value]
+    return event
 
 
 class AgentSkills:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import msgspec
 from nats.aio.msg import Msg
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
@@ -23,11 +22,10 @@ from bus.events import (
     ProposalApproved,
     RawExcerpt,
     SharedWritten,
-    TaskStarted,
     kind_of,
 )
 from router.checks import Inbound, secrets
-from router.claims import fingerprint
+from router.claims import fingerprint, token_of, with_token
 
 _RAW_HEAD_BYTES = 256
 _TOKEN_FIELD = re.compile(r'("token"\s*:\s*)"[^"]*"?')
@@ -85,10 +83,10 @@ def record_for(inbound: Inbound, code: str, reason: str, trace_id: str, accepted
         key = event.proposal_id
     else:
         key = "_"
-    if isinstance(event, TaskStarted) and event.token:
+    if event is not None and (token := token_of(event)):
         # The token proves a delivery; the log keeps its fingerprint, never the token,
         # so nobody who reads AUDIT (operators, the projector) could present it.
-        event = msgspec.structs.replace(event, token=fingerprint(event.token))
+        event = with_token(event, fingerprint(token))
     raw = None
     if event is None:
         # Redact the whole text before cutting the excerpt, so a secret cut in half by

@@ -271,7 +271,13 @@ class RouterState:
         if isinstance(task, TaskState):
             task.held = None
 
+    def _claimed(self, record: AuditRecord, result: TaskCompleted | TaskFailed) -> None:
+        """A result that carries its claim is the claim too (folded first)."""
+        if (claim := lifecycle.claim_of(result)) is not None:
+            self._started(record, claim)
+
     def _completed(self, record: AuditRecord, done: TaskCompleted) -> None:
+        self._claimed(record, done)
         task = self.tasks[done.task_id]
         if isinstance(task, TaskState):
             task.submission = None
@@ -279,6 +285,7 @@ class RouterState:
             task.output = done.output
 
     def _failed(self, record: AuditRecord, failed: TaskFailed) -> None:
+        self._claimed(record, failed)
         task = self.tasks[failed.task_id]
         task.error = failed.error
         task.failures += 1

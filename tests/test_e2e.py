@@ -10,7 +10,7 @@ import nats.errors
 from nats.aio.client import Client
 
 from bus import codec, subjects
-from bus.events import AuditRecord
+from bus.events import AuditRecord, TaskCompleted
 from bus.settings import Settings
 from projections import db as dbmod
 from projections.rebuild import rebuild
@@ -78,8 +78,12 @@ async def test_submit_wait_json_returns_the_completed_task_with_echoed_output(
         "completed", "echo", {"text": "hello"}, "cli-tester")
 
     history = [r for r in await audit_records(admin.jetstream()) if r.key == task_id]
-    assert [(r.kind, r.verdict) for r in history] == [
-        ("task_submitted", "accepted"), ("task_started", "accepted"), ("task_completed", "accepted")]
+    # echo finishes before its claim is due (claim_first = False): its result carries the
+    # claim, one message and one record for both; the record keeps the token's fingerprint.
+    assert [(r.kind, r.verdict) for r in history] == [("task_submitted", "accepted"), ("task_completed", "accepted")]
+    done = history[1].event
+    assert isinstance(done, TaskCompleted) and done.claim is not None and done.claim.dispatch == 1
+    assert done.claim.token.startswith("sha256:")
     assert len({r.trace_id for r in history}) == 1 and history[0].trace_id, "one trace follows the task"
 
     code, out, _ = await agentctl(settings, "events", "--task", task_id, "--json")
@@ -209,7 +213,7 @@ async def test_read_commands_show_a_task_its_history_and_live_agents(
     assert code == 0, err
     shown = json.loads(out)
     assert (shown["status"], shown["output"], shown["agent"]) == ("completed", {"n": 7}, "echo-1")
-    assert [h["kind"] for h in shown["history"]] == ["task_submitted", "task_started", "task_completed"]
+    assert [h["kind"] for h in shown["history"]] == ["task_submitted", "task_completed"]
 
     code, out, err = await agentctl(settings, "agents", "--json")
     assert code == 0, err

@@ -18,6 +18,7 @@ from agentctl.follow import TaskView
 from agentctl.plans import PlanView
 from bus import lifecycle
 from bus.events import (
+    Claim,
     TASK_EVENTS,
     AgentProposal,
     AuditRecord,
@@ -55,12 +56,13 @@ def record(event: object, code: str = "ok", verdict: str = "accepted") -> AuditR
 def example(on: str) -> AuditRecord:
     """A record that makes the move named ``on`` (its kind, with a code or a flag)."""
     kind, _, detail = on.partition(" ")
+    claim = Claim(dispatch=1, token="sha256:x") if detail == lifecycle.CLAIMED else None
     events = {
         "task_approved": TaskApproved(id="m", task_id="t"),
         "task_denied": TaskDenied(id="m", task_id="t"),
         "task_started": TaskStarted(id="m", task_id="t", attempt=1),
-        "task_completed": TaskCompleted(id="m", task_id="t", attempt=1),
-        "task_failed": TaskFailed(id="m", task_id="t", attempt=1, error="e"),
+        "task_completed": TaskCompleted(id="m", task_id="t", attempt=1, claim=claim),
+        "task_failed": TaskFailed(id="m", task_id="t", attempt=1, error="e", claim=claim),
         "task_usage": TaskUsage(id="m", task_id="t", attempt=1),
         "task_dispatched": TaskDispatched(id="m", task_id="t", skill="echo", dispatch=2),
         "task_retry_scheduled": TaskRetryScheduled(id="m", task_id="t", failures=1, not_before=AT),

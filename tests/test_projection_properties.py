@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from bus.events import (
     AGENT_EVENTS,
+    Claim,
     MEMORY_EVENTS,
     NO_RETRY,
     PLAN_SKILL,
@@ -389,7 +390,7 @@ class LogBuilder:
         if any(self.instances.values()):
             actions.append("leave")
         if any(m.claimable for m in self.tasks.values()):
-            actions += ["start", "start", "work", "work"]
+            actions += ["start", "start", "work", "work", "quick", "quick"]
         if running:
             actions += ["report"] * 5 + ["subtask"]
         if any(m.status == "awaiting_approval" for m in self.tasks.values()):
@@ -561,6 +562,24 @@ class LogBuilder:
         while self.pick.integer(0, 2) == 0:
             self.report(self.task_id_of_last_claim, ("progress", "usage"))
         self.report(self.task_id_of_last_claim, ("usage", "complete", "fail"))
+
+    def do_quick(self) -> None:
+        """A task that finished before its claim was sent: one result carrying the claim
+        (agents/runtime.py ``claim_first = False``), from pending or over a lapsed claim."""
+        task_id = self.pick_task(lambda m: m.claimable)
+        task = self.tasks[task_id]
+        task.claimant = f"agent-{self.pick.choice(AGENTS)}"
+        task.attempt += self.pick.integer(1, 2)
+        claim = Claim(dispatch=task.dispatch, token=f"sha256:{task_id}")
+        if self.pick.integer(0, 2):
+            task.status, task.output = "completed", self.pick.choice((None, *VALUES))
+            self.emit(task.claimant, TaskCompleted(id=self.mid(), task_id=task_id, attempt=task.attempt,
+                                                   output=task.output, claim=claim))
+        else:
+            task.status, task.error = "failed", "quick failure"
+            task.failures += 1
+            self.emit(task.claimant, TaskFailed(id=self.mid(), task_id=task_id, attempt=task.attempt,
+                                                error=task.error, claim=claim))
 
     def do_start(self) -> None:
         task_id = self.task_id_of_last_claim = self.pick_task(lambda m: m.claimable)

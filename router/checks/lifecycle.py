@@ -6,6 +6,10 @@ redelivery of an earlier one is refused); only the agent holding the current cla
 nothing is accepted after a terminal result.
 This is what makes "completed exactly once" hold when work is redelivered.
 
+A result may carry its claim (``TaskCompleted.claim``): it is checked as that claim
+first, then as a result of the claimant it makes (docs/architecture.md, "Claim and
+result together").
+
 A claim must also prove its delivery: it presents the token its work item carried
 (``not_delivered`` otherwise), and its sender's identity must have been given the task's
 skill (``skill_not_held``). A newer attempt number alone supersedes nobody: only a
@@ -14,10 +18,11 @@ replica that received a redelivery of the same dispatch holds its token.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from bus.events import TaskCompleted, TaskFailed, TaskProgress, TaskStarted, TaskSubmitted, TaskUsage
-from bus.lifecycle import Status
+from bus.lifecycle import Status, claim_of
 from router.checks import Check, Inbound, Rejection
 from router.claims import ClaimTokens
 from router.state import PlanState, RouterState
@@ -28,9 +33,14 @@ def make(tokens: ClaimTokens, agent_skills: Callable[[str, str], frozenset[str] 
 
     def check(msg: Inbound, state: RouterState) -> Rejection | None:
         """Reject task events that do not follow from the task's current state."""
-        rejection = _follows(msg, state)
-        if rejection is None and isinstance(msg.event, TaskStarted):
-            rejection = _delivered(msg.principal_token, msg.event, state, tokens, agent_skills)
+        claim = claim_of(msg.event)
+        if claim is not None:
+            # A result carrying its claim is checked as that claim: its claimant is its sender.
+            rejection = _follows(dataclasses.replace(msg, event=claim), state)
+        else:
+            rejection = _follows(msg, state)
+        if rejection is None and claim is not None:
+            rejection = _delivered(msg.principal_token, claim, state, tokens, agent_skills)
         return rejection
 
     return check

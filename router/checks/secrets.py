@@ -13,11 +13,10 @@ with :func:`redact`.
 
 from __future__ import annotations
 
-import msgspec
 
 from bus import codec
 from bus.errors import SchemaError
-from bus.events import TaskStarted
+from router.claims import token_of, with_token
 from bus.redaction import redact, redact_bytes
 from router.checks import Check, Inbound, Learned, Rejection, learned
 from router.policy import PolicyFile
@@ -29,22 +28,22 @@ __all__ = ["make", "redact", "scan"]
 def scan(msg: Inbound, state: RouterState) -> Rejection | Learned | None:
     """Redact secrets from the decoded event; reject only if redaction breaks the event.
 
-    A claim's token is left out of the scan: it is a random value under a key-like name,
+    A claim's token (a ``TaskStarted``'s, or a result's claim's) is left out of the scan: it is a random value under a key-like name,
     so it looks like a secret, and it is one, but one the protocol needs (the lifecycle
     check compares it) and that no record keeps (its record holds a fingerprint).
     """
     event = msg.event
     assert event is not None
-    token = event.token if isinstance(event, TaskStarted) else ""
+    token = token_of(event)
     if token:
-        event = msgspec.structs.replace(event, token="")
+        event = with_token(event, "")
     data, found = redact_bytes(codec.encode(event))
     if not found:
         return None
     try:
         redacted = codec.decode_event(data)
-        if token and isinstance(redacted, TaskStarted):
-            redacted = msgspec.structs.replace(redacted, token=token)
+        if token:
+            redacted = with_token(redacted, token)
         return learned(event=redacted, secrets=tuple(found))
     except SchemaError:
         # The secret sat in a field the schema constrains: keep only the redacted bytes.
