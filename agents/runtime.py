@@ -345,7 +345,6 @@ class Agent:
                 return
         else:
             claim.send_after(self.settings.claim_after_s)
-        tlog.info("task_started")
         loop = asyncio.get_running_loop()
 
         async def report(event: Event, headers: dict[str, str] | None = None) -> None:
@@ -552,7 +551,13 @@ class _Claim:
         return self._sent
 
     def _settled(self, sent: asyncio.Task[bool]) -> None:
-        if self.refused and self.on_refused is not None:
+        if sent.cancelled() or sent.exception() is not None:
+            return
+        if sent.result():
+            # The log line of the claim's record: a task whose result carries its claim has
+            # only its ``task_finished`` line.
+            self._log.info("task_started")
+        elif self.on_refused is not None:
             self.on_refused()
 
     async def send(self) -> bool:

@@ -144,6 +144,10 @@ def _process_name(pid: int) -> str:
     words = [a.decode(errors="replace") for a in argv if a]
     if any("nats-server" in w for w in words):
         return "nats-server"
+    if any(w.endswith("honcho") for w in words):
+        return "honcho"
+    if "projections.writer" in " ".join(words) or any(w.endswith("writer.py") for w in words):
+        return "projector writer"
     if "agentctl" in " ".join(words):
         rest = words[next(i for i, w in enumerate(words) if w.endswith("agentctl")) + 1:] if any(
             w.endswith("agentctl") for w in words) else words

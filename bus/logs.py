@@ -11,6 +11,7 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any
 
+import msgspec
 import structlog
 from opentelemetry import trace
 
@@ -36,12 +37,43 @@ def shared_processors() -> list[Any]:
     ]
 
 
+_json = msgspec.json.Encoder()
+
+
+def render_json(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> str:
+    """One JSON line; a value JSON cannot hold is written as its ``str``."""
+    return _json.encode({k: v if isinstance(v, str | int | float | bool | None) else _plain(v)
+                         for k, v in event_dict.items()}).decode()
+
+
+def _plain(value: Any) -> Any:
+    try:
+        return msgspec.to_builtins(value)
+    except TypeError:
+        return str(value)
+
+
+def render_plain(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> str:
+    """The console layout (``time [level] event  key=value ...``) without colours or
+    alignment work: what a log collector or ``honcho`` gets when stderr is no terminal.
+    structlog's ConsoleRenderer took 60 µs a line; an agent logs two lines per task."""
+    event = event_dict.pop("event", "")
+    level = event_dict.pop("level", "")
+    stamp = event_dict.pop("timestamp", "")
+    exc = event_dict.pop("exception", None)
+    pairs = " ".join(f"{k}={v}" if isinstance(v, str) and v and " " not in v and "=" not in v else f"{k}={v!r}"
+                     for k, v in sorted(event_dict.items()))
+    line = f"{stamp} [{level:<9}] {event:<30} {pairs}".rstrip()
+    return f"{line}\n{exc}" if exc else line
+
+
 def configure_logging(fmt: str = "console", level: str = "info") -> None:
-    """Configure structlog for the process: ``fmt`` is ``console`` or ``json``."""
+    """Configure structlog for the process: ``fmt`` is ``console`` (coloured at a
+    terminal, plain otherwise) or ``json``."""
     renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        render_json if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=True) if sys.stderr.isatty()
+        else render_plain
     )
     structlog.configure(
         processors=[*shared_processors(), renderer],

@@ -52,13 +52,29 @@ async def submit_msgs(applier: Applier, msgs: list[Msg]) -> None:
     await applier.submit(records)
 
 
+_SETTLING = frozenset(("task_completed", "task_failed", "task_cancelled", "task_dead_lettered", "task_denied"))
+"""Kinds whose record settles a task: what a person waiting on it looks for."""
+
+
+def _outcome(subject: str) -> bool:
+    """Whether an AUDIT subject (``audit.<verdict>.<kind>.<key>``) is a rejection or a
+    record that settles a task."""
+    parts = subject.split(".", 3)
+    return len(parts) > 2 and (parts[1] == "rejected" or parts[2] in _SETTLING)
+
+
 def apply_spans(msgs: list[Msg], max_age_s: float) -> list[trace.Span]:
-    """A ``projector.apply`` span for each record of the batch that carries a trace
-    context and is younger than ``max_age_s`` (older ones' traces are gone from TRACES:
-    a projector catching up on a long log does not flood it)."""
+    """A ``projector.apply`` span for each record of the batch that is a task's outcome (a
+    result, a cancel, a dead letter, a denial, or a rejection: the moment it becomes
+    visible to ``agentctl tasks``), carries a trace context and is younger than
+    ``max_age_s`` (older ones' traces are gone from TRACES: a projector catching up on a
+    long log does not flood it). One span per record would make the projector a third of
+    what a traced task costs it."""
     now = time.time()
     spans = []
     for msg in msgs:
+        if not _outcome(msg.subject):
+            continue
         parent = (msg.headers or {}).get(subjects.HDR_TRACEPARENT)
         stamp = msg.metadata.timestamp
         if not parent or (stamp is not None and now - stamp.timestamp() > max_age_s):
