@@ -20,6 +20,7 @@ from rich.text import Text
 from agentctl.common import EXIT_FAILED, App, cli_name, fail, out, run
 from agentctl.follow import messages, records
 from bus import subjects
+from bus.tracing import DEFAULT_TRACE_RATE
 from bus.connection import connected
 from bus.spans import SpanBatch, SpanRecord, decode_batch, to_otlp_json, unique
 
@@ -255,7 +256,9 @@ def trace_cmd(app: App, ident: str, as_json: bool, every_check: bool) -> None:
     task_id, trace_id, batches = run(body)
     if not batches:
         fail(f"no spans of trace {trace_id} on TRACES: they are kept for "
-             f"{app.settings.traces_max_age_s:g} s, and arrive within a second of ending", EXIT_FAILED)
+             f"{app.settings.traces_max_age_s:g} s and arrive within a second of ending, and a trace is "
+             f"recorded only while the process that starts it starts at most LEDGERBUS_TRACE_RATE a second "
+             f"(default {DEFAULT_TRACE_RATE:g}; inf records every one)", EXIT_FAILED)
     if as_json:
         out.print_json(data=to_otlp_json(batches))
         return

@@ -6,8 +6,14 @@ AUDIT record, so one task is one trace across the CLI, the router, the agents an
 projector. Spans always go to the TRACES stream (``agentctl trace`` reads them there, with
 no other service running). They, and metrics, also go over OTLP, but only when the
 standard ``OTEL_EXPORTER_OTLP_*`` variables name an endpoint: with none set, nothing is
-sent anywhere else. ``OTEL_SDK_DISABLED=true`` turns all of it off; ``OTEL_TRACES_SAMPLER``
-and the other standard SDK variables apply as usual.
+sent anywhere else. ``OTEL_SDK_DISABLED=true`` turns all of it off.
+
+Sampling: a trace that arrives (a ``traceparent`` header) is recorded as its sender decided;
+a process starting a trace of its own (``agentctl submit``, or the router for a message that
+came without one) records it while it starts no more than ``LEDGERBUS_TRACE_RATE`` traces a
+second (default 50, ``inf`` for every one): every task of a quiet system is traced, and
+under load tracing costs a bounded share. ``OTEL_TRACES_SAMPLER`` (and its ``_ARG``), when
+set, replaces this rule, as the SDK documents.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,9 +37,11 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import Decision, ParentBased, Sampler, SamplingResult
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from bus import subjects
+from bus.errors import ConfigError
 from bus.redaction import scrub
 from bus.spans import SpanBatch, SpanEvent, SpanRecord
 
@@ -81,6 +90,54 @@ def _otlp_metric_reader(env: Mapping[str, str]) -> MetricReader:
         return PeriodicExportingMetricReader(OTLPMetricExporter())
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HTTPMetricExporter
     return PeriodicExportingMetricReader(HTTPMetricExporter())
+
+
+DEFAULT_TRACE_RATE = 50.0
+"""New traces a process starts per second at most, unless ``LEDGERBUS_TRACE_RATE`` says."""
+
+
+class RateLimited(Sampler):
+    """Samples new traces while fewer than ``per_second`` were sampled in the last second
+    (a token bucket holding one second's worth), drops the others: Jaeger's
+    "ratelimiting" sampler. Used for root spans only (:func:`sampler`)."""
+
+    def __init__(self, per_second: float) -> None:
+        self.per_second = per_second
+        self._tokens = max(per_second, 1.0) if per_second > 0 else 0.0
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def should_sample(self, parent_context: Any, trace_id: int, name: str, kind: Any = None,  # noqa: PLR0913
+                      attributes: Any = None, links: Any = None, trace_state: Any = None) -> SamplingResult:
+        if self.per_second == float("inf"):
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(max(self.per_second, 1.0), self._tokens + (now - self._last) * self.per_second)
+            self._last = now
+            sampled = self._tokens >= 1.0
+            if sampled:
+                self._tokens -= 1.0
+        return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes) if sampled else SamplingResult(Decision.DROP)
+
+    def get_description(self) -> str:
+        return f"RateLimited{{{self.per_second:g}/s}}"
+
+
+def sampler(env: Mapping[str, str]) -> Sampler | None:
+    """The sampler a process's provider gets: ``None`` (the SDK reads ``OTEL_TRACES_SAMPLER``)
+    when that variable is set, else a parent-based one whose roots are :class:`RateLimited`
+    at ``LEDGERBUS_TRACE_RATE``."""
+    if env.get("OTEL_TRACES_SAMPLER"):
+        return None
+    raw = env.get("LEDGERBUS_TRACE_RATE", "").strip()
+    try:
+        rate = float(raw) if raw else DEFAULT_TRACE_RATE
+    except ValueError as exc:
+        raise ConfigError(f"LEDGERBUS_TRACE_RATE={raw!r}: a number of traces a second, or inf") from exc
+    if not rate >= 0:
+        raise ConfigError(f"LEDGERBUS_TRACE_RATE={raw!r}: a number of traces a second, or inf")
+    return ParentBased(root=RateLimited(rate))
 
 
 def span_record(span: ReadableSpan) -> SpanRecord:
@@ -238,7 +295,7 @@ def configure_telemetry(service_name: str, env: Mapping[str, str] | None = None,
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return Telemetry(None, None, None)
     resource = Resource.create({SERVICE_NAME: service_name})
-    tracer_provider = TracerProvider(resource=resource)
+    tracer_provider = TracerProvider(resource=resource, sampler=sampler(env))
     bus = BusSpanExporter(tracer_provider.resource)
     # A larger queue than the SDK's 2,048: a busy router finishes a span per check.
     tracer_provider.add_span_processor(BatchSpanProcessor(bus, schedule_delay_millis=250, max_queue_size=BUS_QUEUE))

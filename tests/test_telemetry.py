@@ -237,3 +237,33 @@ def test_trace_checks_is_all_or_failed() -> None:
     assert Settings.from_env({"LEDGERBUS_TRACE_CHECKS": "all"}).trace_checks == "all"
     with pytest.raises(ConfigError, match="LEDGERBUS_TRACE_CHECKS='some': one of all, failed"):
         Settings.from_env({"LEDGERBUS_TRACE_CHECKS": "some"})
+
+
+def test_new_traces_are_rate_limited_and_arriving_ones_follow_their_sender() -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    from bus.errors import ConfigError
+    from bus.tracing import RateLimited, sampler
+
+    provider = TracerProvider(sampler=sampler({"LEDGERBUS_TRACE_RATE": "5"}))
+    tracer = provider.get_tracer("t")
+    burst = [tracer.start_span("root") for _ in range(50)]
+    assert sum(s.is_recording() for s in burst) == 5, "a burst gets one second's worth of new traces"
+    # A trace that arrives is recorded as its sender decided, whatever the rate.
+    for flags, recording in ((TraceFlags.SAMPLED, True), (TraceFlags.DEFAULT, False)):
+        parent = NonRecordingSpan(SpanContext(trace_id=7, span_id=9, is_remote=True, trace_flags=TraceFlags(flags)))
+        child = tracer.start_span("child", context=trace.set_span_in_context(parent))
+        assert child.is_recording() is recording
+    # Tokens come back with time.
+    limited = RateLimited(1000)
+    assert sum(limited.should_sample(None, 1, "x").decision.is_sampled() for _ in range(2000)) in range(1000, 1100)
+    assert sampler({"LEDGERBUS_TRACE_RATE": "inf"}).get_description().startswith("ParentBased")  # type: ignore[union-attr]
+    assert RateLimited(float("inf")).should_sample(None, 1, "x").decision.is_sampled()
+    assert not RateLimited(0).should_sample(None, 1, "x").decision.is_sampled()
+    assert sampler({"OTEL_TRACES_SAMPLER": "always_on"}) is None, "the standard variable wins"
+    with pytest.raises(ConfigError, match="LEDGERBUS_TRACE_RATE='lots'"):
+        sampler({"LEDGERBUS_TRACE_RATE": "lots"})
+    with pytest.raises(ConfigError, match="LEDGERBUS_TRACE_RATE='-1'"):
+        sampler({"LEDGERBUS_TRACE_RATE": "-1"})
