@@ -46,6 +46,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sysconfig
@@ -75,8 +76,10 @@ CLI = subjects.principal("cli", CLI_NAME)
 WARMUP = 10
 SCRIPTS = Path(sysconfig.get_path("scripts"))
 """The virtual environment's bin/: honcho, agentctl, celery and py-spy come from there."""
-SYSTEMS = ("ledgerbus", "ledgerbus-untraced", "celery")
-LABELS = {"ledgerbus": "ledgerbus, as shipped (traced)", "ledgerbus-untraced": "ledgerbus, OTEL_SDK_DISABLED=true",
+SYSTEMS = ("ledgerbus", "ledgerbus-every-trace", "ledgerbus-untraced", "celery")
+LABELS = {"ledgerbus": "ledgerbus, as shipped (traced, ≤ 50 new traces/s)",
+          "ledgerbus-every-trace": "ledgerbus, every task traced (LEDGERBUS_TRACE_RATE=inf)",
+          "ledgerbus-untraced": "ledgerbus, OTEL_SDK_DISABLED=true",
           "celery": "Celery + Redis, prefork, concurrency 2"}
 _NATS_LINE = re.compile(r"^(nats:\s*agentctl nats)\s*$", re.MULTILINE)
 _LEADER = re.compile(r"lease_acquired.*\binstance=\S*?-(\d+)-[0-9a-f]{6}\b")
@@ -232,9 +235,10 @@ def with_port(procfile: str, port: int) -> str:
 class System:
     """``honcho start`` in a temporary copy of the project's shipped files (see the module)."""
 
-    def __init__(self, repo: Path, traced: bool) -> None:
+    def __init__(self, repo: Path, traced: bool, every_trace: bool = False) -> None:
         self.repo = repo
         self.traced = traced
+        self.every_trace = every_trace
         self._tmp = tempfile.TemporaryDirectory(prefix="ledgerbus-e2e-")
         self.dir = Path(self._tmp.name)
         self.log_path = self.dir / "honcho.log"
@@ -262,6 +266,8 @@ class System:
         env["LEDGERBUS_CLI_NAME"] = CLI_NAME  # agentctl nats makes this user's credentials
         if not self.traced:
             env["OTEL_SDK_DISABLED"] = "true"
+        elif self.every_trace:
+            env["LEDGERBUS_TRACE_RATE"] = "inf"
         return env
 
     def start(self) -> None:
@@ -359,6 +365,22 @@ class Completions:
         return fut.result()
 
 
+async def _projected(db: Path, tasks: int, timeout: float) -> float:
+    """When the projection's tasks table first showed all ``tasks`` throughput tasks
+    completed (read-only, as ``agentctl tasks`` reads it), by ``time.perf_counter``."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+            [(count,)] = conn.execute("SELECT count(*) FROM tasks WHERE task_id GLOB 't[0-9]*' AND status = ?",
+                                      ("completed",)).fetchall()
+        now = time.perf_counter()
+        if count >= tasks:
+            return now
+        if now > deadline:
+            raise BenchError(f"the projection showed {count} of {tasks} tasks completed {timeout:g} s after the last")
+        await asyncio.sleep(0.02)
+
+
 def _submission(task_id: str) -> tuple[bytes, dict[str, str]]:
     event = TaskSubmitted(id=new_id(), task_id=task_id, skill="echo", input={"text": "hello"})
     return codec.encode(event), {subjects.HDR_MSG_ID: event.id}
@@ -402,7 +424,8 @@ async def _measure(system: System, tasks: int, samples: int, profile: Path | Non
         if failed:
             raise BenchError(f"{len(failed)} of {tasks} submissions got no PubAck: {failed[0]}")
         end = await done.until(done.all_done, timeout=120 + tasks * 0.1)
-        result: dict[str, Any] = {}
+        projected = await _projected(system.dir / "var" / "ledgerbus.db", tasks, timeout=60)
+        result: dict[str, Any] = {"projection_lag_s": projected - end}
         result["cpu_ms_per_task"] = cpu_spent(cpu_before, cpu_by_process(system.dir), tasks)
         if spy is not None and profile is not None:
             result["profile"] = _stop_profiler(spy, profile, say)
@@ -421,9 +444,9 @@ async def _measure(system: System, tasks: int, samples: int, profile: Path | Non
 
 
 def run_ledgerbus(repo: Path, tasks: int, samples: int, traced: bool, say: Callable[[str], None],
-                  profile: Path | None = None) -> dict[str, Any]:
+                  profile: Path | None = None, every_trace: bool = False) -> dict[str, Any]:
     """One run of the shipped system under honcho: latency, then throughput."""
-    system = System(repo, traced)
+    system = System(repo, traced, every_trace)
     try:
         system.start()
         try:
@@ -564,6 +587,13 @@ def run_celery(repo: Path, tasks: int, samples: int, say: Callable[[str], None])
             "notes": notes}
 
 
+def _median_cpu(rounds: list[dict[str, Any]]) -> dict[str, float]:
+    """Per process, the median over the rounds of its CPU milliseconds per task."""
+    names = {name for r in rounds for name in r.get("cpu_ms_per_task", {})}
+    cpu = {name: statistics.median(r.get("cpu_ms_per_task", {}).get(name, 0.0) for r in rounds) for name in names}
+    return dict(sorted(((k, v) for k, v in cpu.items() if v >= 0.01), key=lambda kv: -kv[1]))
+
+
 def celery_missing() -> str | None:
     """Why the Celery side cannot run here, or None."""
     try:
@@ -593,10 +623,14 @@ def run(repo: Path, tasks: int, samples: int, rounds: int, profile: Path | None 
             if name == "celery":
                 found = run_celery(repo, tasks, samples, say)
             else:
-                found = run_ledgerbus(repo, tasks, samples, traced=name == "ledgerbus", say=say)
+                found = run_ledgerbus(repo, tasks, samples, traced=name != "ledgerbus-untraced", say=say,
+                                      every_trace=name == "ledgerbus-every-trace")
             per_round[name].append(found)
             say(f"round {r + 1}/{rounds}: {name:<18} {found['tasks_per_s']:>8,.0f} tasks/s   "
                 f"p50 {found['p50_ms']:6.2f} ms   p99 {found['p99_ms']:6.2f} ms")
+            if "projection_lag_s" in found:
+                say(f"  the projection showed all {tasks:,} completed {found['projection_lag_s'] * 1000:.0f} ms "
+                    "after the client saw the last")
             if found.get("cpu_ms_per_task"):
                 say("  CPU ms per task: " + ", ".join(f"{k} {v:.2f}" for k, v in found["cpu_ms_per_task"].items()))
             for note in found["notes"]:
@@ -608,6 +642,11 @@ def run(repo: Path, tasks: int, samples: int, rounds: int, profile: Path | None 
         "median": medians,
         "rounds_detail": per_round,
         "traced_over_untraced": medians["ledgerbus"]["tasks_per_s"] / medians["ledgerbus-untraced"]["tasks_per_s"],
+        "every_trace_over_untraced": (medians["ledgerbus-every-trace"]["tasks_per_s"]
+                                      / medians["ledgerbus-untraced"]["tasks_per_s"]),
+        "cpu_ms_per_task": {s: _median_cpu(found) for s, found in per_round.items() if s != "celery"},
+        "projection_lag_s": {s: statistics.median(r["projection_lag_s"] for r in found)
+                             for s, found in per_round.items() if s != "celery"},
         "celery_skipped": skip,
     }
     if not skip:
