@@ -18,7 +18,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from agents import discovery
-from bus import codec, failpoints, metrics, signing, subjects, tracing
+from bus import codec, failpoints, metrics, pull, signing, subjects, tracing
 from bus.errors import SchemaError
 from bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT
 from bus.lifecycle import Status as TaskStatus
@@ -85,7 +85,7 @@ class Router:
         self.state = RouterState(dedup_horizon_s=settings.dedup_horizon_s)
         self.scheduler = Scheduler(self.live, self.installed, settings.max_message_bytes, self._may_run)
         self.audit = AuditLog(self.js, audit_mod.ChainHead())
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._sub: pull.Puller | None = None
         self._watch: asyncio.Task[None] | None = None
         self._dead: asyncio.Task[None] | None = None
         self._dead_msgs: list[Msg] = []
@@ -119,12 +119,8 @@ class Router:
             config=deadletter_consumer_config(),
         )
         self._dead = asyncio.create_task(deadletters.fetch(dead_sub, self._dead_msgs))
-        self._sub = await self.js.pull_subscribe(
-            subjects.INGRESS_ALL,
-            durable=subjects.ROUTER_CONSUMER,
-            stream=subjects.INGRESS_STREAM,
-            config=router_consumer_config(self.settings),
-        )
+        self._sub = await pull.durable(self.nc, self.js, subjects.INGRESS_STREAM,
+                                       router_consumer_config(self.settings))
         log.info("router_started", head_seq=self.audit.head.seq)
 
     async def _watch_agents(self) -> None:
@@ -196,10 +192,9 @@ class Router:
         assert self._sub is not None
         while self._leading(stop, lost):
             try:
-                msgs = await self._sub.fetch(self.settings.router_batch, timeout=self._idle_wait())
-            except TimeoutError:
-                # nats.py raises its own TimeoutError or asyncio's: the builtin covers both.
-                msgs = []
+                # Not nats-py's fetch, which can hold a lone message for the whole wait
+                # (bus/pull.py says when).
+                msgs = await self._sub.pull(self.settings.router_batch, self._idle_wait())
             except nats.errors.Error as exc:
                 log.warning("ingress_fetch_failed", error=str(exc))
                 await asyncio.sleep(0.5)
@@ -229,7 +224,7 @@ class Router:
         drain waits out a pull request)."""
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
+                await self._sub.close()
             self._sub = None
         if self._dead is not None:
             self._dead.cancel()

@@ -1,0 +1,91 @@
+"""bus/pull.py against a real server: a pull hands over a message as soon as it comes, takes
+what is pending at once, skips an old request's status, and keeps an old request's messages.
+
+The waits here are long (seconds) and the checks are "well before the wait ran out": what is
+tested is which event ends a pull, not how fast the machine is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from nats.aio.client import Client
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from bus import pull
+
+STREAM = "PULLTEST"
+WAIT = 5.0
+
+
+@pytest.fixture
+async def puller(admin: Client) -> pull.Puller:
+    js = admin.jetstream()
+    await js.add_stream(name=STREAM, subjects=["q.pulltest.>"])
+    config = ConsumerConfig(durable_name="p", ack_policy=AckPolicy.EXPLICIT, ack_wait=60)
+    return await pull.durable(admin, js, STREAM, config)
+
+
+async def publish(nc: Client, *bodies: bytes) -> None:
+    js = nc.jetstream()
+    for body in bodies:
+        await js.publish("q.pulltest.x", body)  # q.> is a subject admin may publish to
+
+
+async def test_a_lone_message_ends_the_wait(admin: Client, puller: pull.Puller) -> None:
+    started = time.monotonic()
+    waiting = asyncio.create_task(puller.pull(256, WAIT))
+    await asyncio.sleep(0.3)
+    await publish(admin, b"lone")
+    msgs = await waiting
+    assert [m.data for m in msgs] == [b"lone"]
+    assert time.monotonic() - started < WAIT / 2, "the pull waited for more than the first message"
+    await msgs[0].ack()
+
+
+async def test_pending_messages_come_at_once_up_to_the_batch(admin: Client, puller: pull.Puller) -> None:
+    await publish(admin, *[str(i).encode() for i in range(10)])
+    started = time.monotonic()
+    first = await puller.pull(4, WAIT)
+    rest = await puller.pull(100, WAIT)
+    assert [m.data for m in first + rest] == [str(i).encode() for i in range(10)]
+    assert time.monotonic() - started < WAIT / 2
+    for msg in first + rest:
+        assert msg.metadata.num_delivered == 1
+        await msg.ack()
+
+
+async def test_nothing_comes_empty_after_the_wait(puller: pull.Puller) -> None:
+    started = time.monotonic()
+    assert await puller.pull(256, 0.3) == []
+    assert time.monotonic() - started >= 0.25
+
+
+async def test_an_old_requests_status_is_skipped_and_its_messages_kept(admin: Client, puller: pull.Puller) -> None:
+    """What a client leaves behind when it gives up on a request: the request's status, or
+    a message it still brings in, arriving during a later pull. nats-py's fetch took such a
+    status for its new request's answer, then held the next message for the whole wait."""
+    old = f"{puller._prefix}.old"  # a request this puller made earlier and stopped waiting for
+    await admin.publish(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.p", json.dumps({"batch": 1, "expires": 300_000_000}).encode(),
+                        reply=old)
+    started = time.monotonic()
+    waiting = asyncio.create_task(puller.pull(256, WAIT))
+    await asyncio.sleep(0.6)  # the old request's 408 came while the pull waits
+    await publish(admin, b"after")
+    msgs = await waiting
+    assert [m.data for m in msgs] == [b"after"]
+    assert time.monotonic() - started < WAIT / 2
+
+    # An old request that is still open takes the next message; the next pull has it.
+    await admin.publish(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.p", json.dumps({"batch": 1, "expires": 10_000_000_000}).encode(),
+                        reply=old)
+    await asyncio.sleep(0.2)
+    await publish(admin, b"to the old request")
+    await asyncio.sleep(0.2)
+    kept = await puller.pull(256, WAIT)
+    assert [m.data for m in kept] == [b"to the old request"]
+    await kept[0].ack_sync()
+    assert (await admin.jetstream().consumer_info(STREAM, "p")).num_ack_pending == 1  # "after", not acked
