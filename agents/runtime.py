@@ -14,6 +14,7 @@ another replica after AckWait. A cancel notice stops the running skill.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from datetime import UTC, datetime
 from collections.abc import Callable
@@ -65,6 +66,8 @@ tracer = trace.get_tracer("ledgerbus.agent")
 _REPORT_TRIES = 5
 _FETCH_MAX = 64
 """Most work items one pull request asks for."""
+_POLL_S = 1.0
+"""How long one request for a skill's next work item waits on the server (a long poll)."""
 _BATCH_WAIT_S = 0.005
 """How long a batch request right after an item waits when nothing more is queued."""
 
@@ -175,44 +178,80 @@ class Agent:
 
         The long poll asks for one item only, because nats-py's ``fetch(n)`` waits for the
         n-th item (or its timeout) once the first came: a lone task would wait out the
-        poll. Right after an item, a batch request asks for as many as there are free
-        slots (up to this skill's share of the agent's concurrency: the slots are shared
-        by every skill's puller), answered at once from what is queued, or within
-        ``_BATCH_WAIT_S`` when nothing is; the slots of items not delivered go back.
+        poll. It waits for a free slot but does not hold one: every skill's poll is out at
+        once however few slots the agent has. (Holding a slot through an idle poll made a
+        one-slot agent with two skills serve each skill half the time: a task for the other
+        waited up to the whole poll, ``_POLL_S``.) So when polls of several skills bring an
+        item at the same moment for the last slot, the later ones wait for a slot here,
+        kept alive with ``in_progress``: at most one item per other skill, never started
+        beyond the agent's concurrency. Right after an item, a batch request asks for as
+        many as there are free slots (up to this skill's share of the agent's concurrency),
+        answered at once from what is queued, or within ``_BATCH_WAIT_S`` when nothing is;
+        those slots are held before it asks, and given back for items that did not come.
         """
         share = max(1, min(_FETCH_MAX, self.concurrency // len(self.skills)))
         while not self._stopping.is_set():
-            await self._slots.acquire()
-            if not await self._fetch(skill, sub, 1, 1.0):
+            async with self._slots:
+                pass  # until a slot is free, without taking it
+            first = await self._fetch(skill, sub, 1, _POLL_S)
+            if not first or not await self._take_slot(first[0]):
                 continue
+            self._start(skill, first[0])
             taken = 0
             while taken < share - 1 and not self._slots.locked():
                 await self._slots.acquire()  # free: does not wait
                 taken += 1
             if taken:
-                await self._fetch(skill, sub, taken, _BATCH_WAIT_S)
+                more = await self._fetch(skill, sub, taken, _BATCH_WAIT_S)
+                for _ in range(taken - len(more)):
+                    self._slots.release()
+                for msg in more:
+                    self._start(skill, msg)
 
-    async def _fetch(self, skill: str, sub: JetStreamContext.PullSubscription, n: int, wait: float) -> int:
-        """Fetch up to ``n`` items (their slots are held), start each, give back the slots of
-        those that did not come; how many came."""
+    async def _take_slot(self, msg: Msg) -> bool:
+        """A slot for an item the long poll brought: at once if one is free, else when one
+        frees (the item kept alive meanwhile); ``False`` (the item handed back) if the
+        agent starts draining first."""
+        if not self._slots.locked():
+            await self._slots.acquire()
+            return True
+        keep = asyncio.create_task(self._keep_alive(msg))
+        acquire = asyncio.create_task(self._slots.acquire())
+        stopping = asyncio.create_task(self._stopping.wait())
         try:
-            msgs = await sub.fetch(n, timeout=wait)
+            await asyncio.wait({acquire, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            keep.cancel()
+            stopping.cancel()
+            if not acquire.done():
+                acquire.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await acquire
+        acquired = acquire.done() and not acquire.cancelled()
+        if acquired and not self._stopping.is_set():
+            return True
+        if acquired:
+            self._slots.release()
+        with contextlib.suppress(nats.errors.Error):
+            await msg.nak()
+        return False
+
+    async def _fetch(self, skill: str, sub: JetStreamContext.PullSubscription, n: int, wait: float) -> list[Msg]:
+        """Up to ``n`` work items within ``wait`` seconds; none when the fetch failed."""
+        try:
+            return await sub.fetch(n, timeout=wait)
         except TimeoutError:
-            msgs = []
+            return []
         except nats.errors.Error as exc:
             self.log.warning("work_fetch_failed", skill=skill, error=str(exc))
-            msgs = []
-            for _ in range(n):
-                self._slots.release()
             await asyncio.sleep(0.5)
-            return 0
-        for _ in range(n - len(msgs)):
-            self._slots.release()
-        for msg in msgs:
-            task = asyncio.create_task(self._handle(skill, msg))
-            self._inflight.add(task)
-            task.add_done_callback(self._done)
-        return len(msgs)
+            return []
+
+    def _start(self, skill: str, msg: Msg) -> None:
+        """Run one work item in the slot held for it (given back when it ends)."""
+        task = asyncio.create_task(self._handle(skill, msg))
+        self._inflight.add(task)
+        task.add_done_callback(self._done)
 
     async def _on_notice(self, msg: Msg) -> None:
         """A claim verdict or a cancellation from the router."""

@@ -1,0 +1,98 @@
+"""How an agent pulls work for several skills with fewer slots than skills: every skill's
+long poll is out at once (a task does not wait for another skill's idle poll to end), and
+the agent never runs more tasks at once than its concurrency.
+
+The long poll is made 5 s here and a task must finish well inside it: what is tested is
+which event ends the wait, not the machine's speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from nats.aio.client import Client
+
+from agents import runtime
+from agents.runtime import Agent
+from agents.skill import SkillContext
+from bus.events import AuditRecord, TaskSubmitted, new_id
+from bus.settings import Settings
+from tests.conftest import RunningRouter
+from tests.support import send, wait_for_record
+
+Connect = Callable[[str], Awaitable[Client]]
+POLL = 5.0
+
+
+class Counted:
+    """Sleeps ``input["seconds"]``; counts how many of its kind run at once."""
+
+    claim_first = False
+    uses_workspace = False
+
+    def __init__(self, name: str, running: list[int]) -> None:
+        self.name = name
+        self.description = f"test skill {name}"
+        self.running = running
+
+    async def run(self, ctx: SkillContext, input: dict[str, Any]) -> Any:
+        self.running[0] += 1
+        self.running[1] = max(self.running[1], self.running[0])
+        try:
+            await asyncio.sleep(input.get("seconds", 0))
+        finally:
+            self.running[0] -= 1
+        return input
+
+
+@pytest.fixture
+async def one_slot(running_router: RunningRouter, connect_as: Connect, settings: Settings,
+                   monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[int]]:
+    """An agent with two skills and one slot; yields [running now, most at once]."""
+    monkeypatch.setattr(runtime, "_POLL_S", POLL)
+    running = [0, 0]
+    stop = asyncio.Event()
+    agent = Agent(await connect_as("agent-runner-1"), settings, "runner-1",
+                  {"shell": Counted("shell", running), "python": Counted("python", running)}, concurrency=1)
+    task = asyncio.create_task(agent.run(stop))
+    await wait_for_record((await connect_as("admin")).jetstream(), lambda r: r.kind == "agent_joined")
+    await asyncio.sleep(0.5)  # every poll is out
+    yield running
+    stop.set()
+    await task
+
+
+def ended(task_id: str) -> Callable[[AuditRecord], bool]:
+    return lambda r: r.key == task_id and r.kind in ("task_completed", "task_failed")
+
+
+async def submit(cli: Client, task_id: str, skill: str, seconds: float = 0) -> None:
+    await send(cli, "cli", "alice", TaskSubmitted(id=new_id(), task_id=task_id, skill=skill,
+                                                  input={"seconds": seconds}))
+
+
+async def test_a_task_does_not_wait_for_another_skills_idle_poll(one_slot: list[int], connect_as: Connect,
+                                                                admin: Client) -> None:
+    cli = await connect_as("cli")
+    # The same skill twice in a row, then the other: when a poll held the only slot, the
+    # second task of a skill waited for the other skill's poll to expire.
+    for i, skill in enumerate(["shell", "shell", "shell", "python", "python", "shell"]):
+        started = time.monotonic()
+        await submit(cli, f"t{i}", skill)
+        done = await wait_for_record(admin.jetstream(), ended(f"t{i}"), timeout=3 * POLL)
+        assert done.accepted and done.kind == "task_completed"
+        assert time.monotonic() - started < POLL / 2, f"task {i} ({skill}) waited for a poll to expire"
+
+
+async def test_never_more_tasks_at_once_than_slots(one_slot: list[int], connect_as: Connect, admin: Client) -> None:
+    cli = await connect_as("cli")
+    await submit(cli, "a", "shell", seconds=1.0)
+    await submit(cli, "b", "python", seconds=0.2)  # its poll brings it while "a" holds the slot
+    for task_id in ("a", "b"):
+        done = await wait_for_record(admin.jetstream(), ended(task_id), timeout=3 * POLL)
+        assert done.accepted and done.kind == "task_completed"
+    assert one_slot == [0, 1]
