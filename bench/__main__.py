@@ -51,12 +51,13 @@ from rich.table import Table
 
 from agents.runtime import Agent
 from bench import e2e, e2e_report, fsync, projections, scaling
-from bus import codec, subjects
+from bus import codec, pull, subjects
 from bus.connection import connect
 from bus.events import TaskSubmitted, new_id
 from bus.identity import identity, write_local_config
 from bus.logs import configure_logging
 from bus.provision import provision, router_consumer_config
+from bus.publish import Publisher
 from bus.server import NatsServer
 from bus.settings import Settings
 from bus.tracing import BUS_QUEUE, BusSpanExporter
@@ -143,31 +144,30 @@ async def run_traced_failed_checks(settings: Settings, n: int) -> float:
 
 
 async def run_relay(settings: Settings, n: int) -> float:
-    """The same JetStream work as the router, and nothing else."""
+    """The same JetStream work as the router, with the same client code (``bus/pull.py``,
+    ``bus/publish.py``), and nothing else."""
     nc = await connect(settings, "router")
     js = nc.jetstream(timeout=30)
     await provision(js, settings)
-    sub = await js.pull_subscribe(subjects.INGRESS_ALL, durable=subjects.ROUTER_CONSUMER,
-                                  stream=subjects.INGRESS_STREAM, config=router_consumer_config(settings))
+    puller = await pull.durable(nc, js, subjects.INGRESS_STREAM, router_consumer_config(settings))
+    publisher = await Publisher(nc).start()
     start = time.perf_counter()
     done, seq = 0, 0
     while done < n:
-        msgs = await sub.fetch(settings.router_batch, timeout=5)
+        msgs = await puller.pull(settings.router_batch, 5)
         audits = []
         for msg in msgs:
             seq += 1
-            audits.append(await js.publish_async("audit.accepted.task_submitted.x", msg.data,
-                                                 headers={subjects.HDR_EXPECTED_LAST_SEQ: str(seq - 1)}))
-        await asyncio.gather(*audits)
-        works = [await js.publish_async("work.echo", msg.data, headers={subjects.HDR_MSG_ID: f"w{seq}-{i}"})
-                 for i, msg in enumerate(msgs)]
-        await asyncio.gather(*works)
+            audits.append(("audit.accepted.task_submitted.x", msg.data, {subjects.HDR_EXPECTED_LAST_SEQ: str(seq - 1)}))
+        await publisher.publish(audits)
+        await publisher.publish([("work.echo", msg.data, {subjects.HDR_MSG_ID: f"w{seq}-{i}"})
+                                 for i, msg in enumerate(msgs)])
         for msg in msgs:
             await msg.ack()
         done += len(msgs)
     await drained(nc, n)
     elapsed = time.perf_counter() - start
-    await sub.unsubscribe()
+    await puller.close()
     await nc.close()
     return n / elapsed
 

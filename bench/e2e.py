@@ -64,9 +64,10 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
 from bus import codec, subjects
-from bus.connection import connect, pub_acks
+from bus.connection import connect
 from bus.events import TaskSubmitted, new_id
 from bus.identity import procfile_agents
+from bus.publish import Publisher
 from bus.settings import Settings
 from router import policy as router_policy
 
@@ -418,8 +419,9 @@ async def _measure(system: System, tasks: int, samples: int, profile: Path | Non
         spy = _start_profiler(system, profile, say) if profile else None
         cpu_before = cpu_by_process(system.dir)
         start = time.perf_counter()
-        acks = [await js.publish_async(subject, data, headers=headers) for data, headers in payloads]
-        failed = [a for a in await pub_acks(acks, timeout=60) if isinstance(a, BaseException)]
+        publisher = await Publisher(cli).start()
+        acks = await publisher.publish([(subject, data, headers) for data, headers in payloads], timeout=60)
+        failed = [a for a in acks if isinstance(a, BaseException)]
         submitted = time.perf_counter() - start
         if failed:
             raise BenchError(f"{len(failed)} of {tasks} submissions got no PubAck: {failed[0]}")

@@ -29,10 +29,11 @@ from typing import Any
 
 from bus import codec, subjects
 from bus.cluster import NatsCluster
-from bus.connection import connect, pub_acks
+from bus.connection import connect
 from bus.events import TaskSubmitted, new_id
 from bus.identity import Identity, write_local_config
 from bus.provision import provision
+from bus.publish import Publisher
 from bus.server import NatsServer
 from bus.settings import Settings
 
@@ -56,8 +57,9 @@ async def _publish(settings: Settings, messages: int, sequential: int) -> tuple[
 
     await js.publish(subject, payload(-1))  # the stream leader is known and the route warm
     start = time.perf_counter()
-    futures = [await js.publish_async(subject, payload(i)) for i in range(messages)]
-    failed = [a for a in await pub_acks(futures) if isinstance(a, BaseException)]
+    publisher = await Publisher(cli).start()
+    acks = await publisher.publish([(subject, payload(i), None) for i in range(messages)])
+    failed = [a for a in acks if isinstance(a, BaseException)]
     elapsed = time.perf_counter() - start
     if failed:
         raise RuntimeError(f"{len(failed)} of {messages} publishes failed: {failed[0]}")

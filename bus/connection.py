@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TypeVar
 
 import nats.errors
 import structlog
@@ -18,13 +17,11 @@ from bus.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-T = TypeVar("T")
 
 PUBACK_TIMEOUT_S = 10.0
 """How long a pipelined publish waits for its PubAck (the JetStream API timeout the
-processes use). nats.py's ``publish_async`` futures have no deadline of their own, and
-the ack of a message whose server died before answering (kill -9, a cluster node lost
-with a stream leader) never comes."""
+processes use; ``bus/publish.py``): the ack of a message whose server died before
+answering (kill -9, a cluster node lost with a stream leader) never comes."""
 
 
 class ConnectionEvents:
@@ -146,26 +143,6 @@ async def connected(settings: Settings, principal: str, client_name: str | None 
                 await nc.drain()
             except (nats.errors.Error, TimeoutError):
                 await nc.close()
-
-
-async def pub_acks(futures: Sequence[asyncio.Future[T]], timeout: float = PUBACK_TIMEOUT_S) -> list[T | BaseException]:
-    """The outcome of each pipelined publish, like ``gather(..., return_exceptions=True)``,
-    but a PubAck still missing after ``timeout`` is a :class:`TimeoutError` and its future
-    is cancelled, which frees its place in nats.py's window of pending publishes."""
-    if not futures:
-        return []
-    _, pending = await asyncio.wait(futures, timeout=timeout)
-    for fut in pending:
-        fut.cancel()
-    results: list[T | BaseException] = []
-    for fut in futures:
-        if fut in pending:
-            results.append(TimeoutError(f"no PubAck within {timeout:g}s"))
-        elif (exc := fut.exception()) is not None:
-            results.append(exc)
-        else:
-            results.append(fut.result())
-    return results
 
 
 def cancel_requested() -> bool:

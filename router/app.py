@@ -32,6 +32,7 @@ from bus.events import (
     kind_of,
     new_id,
 )
+from bus.publish import Publisher
 from bus.provision import deadletter_consumer_config, provision, router_consumer_config
 from bus.settings import Settings
 from router import audit as audit_mod
@@ -84,7 +85,8 @@ class Router:
         )
         self.state = RouterState(dedup_horizon_s=settings.dedup_horizon_s)
         self.scheduler = Scheduler(self.live, self.installed, settings.max_message_bytes, self._may_run)
-        self.audit = AuditLog(self.js, audit_mod.ChainHead())
+        self.publisher = Publisher(nc)
+        self.audit = AuditLog(self.publisher, audit_mod.ChainHead())
         self._sub: pull.Puller | None = None
         self._watch: asyncio.Task[None] | None = None
         self._dead: asyncio.Task[None] | None = None
@@ -106,6 +108,7 @@ class Router:
         self.tokens.use_key(key)
         self.checkpoints = Checkpoints(self.js, self.settings, key, asyncio.get_running_loop().time())
         await provision(self.js, self.settings)
+        await self.publisher.start()
         await self.checkpoints.anchors.load()
         try:
             await self._recover()
@@ -141,7 +144,7 @@ class Router:
         watch = self.checkpoints.anchors.watch()
         head = await audit_mod.recover(self.js, self.state, watch)
         self.checkpoints.stream_created = (await self.js.stream_info(subjects.AUDIT_STREAM)).created
-        self.audit = AuditLog(self.js, head)
+        self.audit = AuditLog(self.publisher, head)
         await self.checkpoints.check_anchors(head, watch, self.audit, self.state, self.accept_new_chain)
         ingress = await self.js.stream_info(subjects.INGRESS_STREAM)
         self.state.forget_acked_before(ingress.state.first_seq)
@@ -333,7 +336,7 @@ class Router:
             (item, trace_headers(self.state.tasks[task_id].dispatch_trace)) for task_id in sorted(self._undelivered)
             if (item := routed_work_item(task_id, self.state, self.tokens)) is not None
         ]
-        results = await dispatch(self.js, items)
+        results = await dispatch(self.publisher, items)
         self._undelivered = {item.task_id for (item, _), err in zip(items, results, strict=True) if err is not None}
         for task_id in self._undelivered:
             log.warning("dispatch_failed", task_id=task_id)
@@ -470,7 +473,7 @@ class Router:
     async def act(self, decisions: list[Decision]) -> None:
         """Dispatch what the records ask for, then ack INGRESS for every settled message."""
         work = [(d, item) for d in decisions if (item := work_item(d.record, self.state, self.tokens)) is not None]
-        results = await dispatch(self.js, [(item, d.headers) for d, item in work])
+        results = await dispatch(self.publisher, [(item, d.headers) for d, item in work])
         failed = {id(d) for (d, _), err in zip(work, results, strict=True) if err is not None}
         for (d, item), err in zip(work, results, strict=True):
             d.span.set_attribute("ledgerbus.work.subject", subjects.work(item.skill))

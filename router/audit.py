@@ -9,17 +9,15 @@ all acks awaited), which keeps the chain strict without one round trip per recor
 from __future__ import annotations
 
 import msgspec
-import nats.errors
-import nats.js.errors
 import structlog
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
 from bus import anchor, chain, subjects
 from bus.chain import ChainHead
-from bus.connection import pub_acks
 from bus.errors import ChainError, UnreadableRecord
 from bus.events import AuditRecord
+from bus.publish import Publisher
 from router.errors import AuditAppendError, ChainBrokenError, LogUnreadableError
 from router.state import RouterState
 
@@ -29,8 +27,8 @@ log = structlog.get_logger(__name__)
 class AuditLog:
     """Appends sealed records after the current chain head."""
 
-    def __init__(self, js: JetStreamContext, head: ChainHead) -> None:
-        self.js = js
+    def __init__(self, publisher: Publisher, head: ChainHead) -> None:
+        self.publisher = publisher
         self.head = head
 
     def seal(self, record: AuditRecord) -> tuple[AuditRecord, bytes]:
@@ -46,16 +44,12 @@ class AuditLog:
         No span of its own: the append is part of the hop of the message it records
         (``router.process``, which ends after the acknowledgement), one span per hop.
         """
-        futures = []
-        try:
-            for record, data, headers in batch:
-                hdrs = dict(headers)
-                hdrs[subjects.HDR_EXPECTED_LAST_SEQ] = str(record.seq - 1)
-                subject = subjects.audit(record.verdict, record.kind, record.key)
-                futures.append(await self.js.publish_async(subject, data, headers=hdrs))
-            acks = await pub_acks(futures)
-        except nats.errors.Error as exc:
-            raise AuditAppendError(f"audit publish failed: {exc}") from exc
+        messages = []
+        for record, data, headers in batch:
+            hdrs = dict(headers)
+            hdrs[subjects.HDR_EXPECTED_LAST_SEQ] = str(record.seq - 1)
+            messages.append((subjects.audit(record.verdict, record.kind, record.key), data, hdrs))
+        acks = await self.publisher.publish(messages)
         for (record, _, _), ack in zip(batch, acks, strict=True):
             if isinstance(ack, BaseException):
                 raise AuditAppendError(f"audit seq {record.seq} not stored: {ack}") from ack

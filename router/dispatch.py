@@ -8,14 +8,10 @@ de-duplicated by JetStream; past its window, a second copy's claim is refused.
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
 
-import nats.errors
-from nats.js import JetStreamContext
 
 from bus import codec, subjects
-from bus.connection import pub_acks
+from bus.publish import Publisher
 from bus.events import AuditRecord, TaskApproved, TaskSubmitted, WorkItem
 from router.claims import ClaimTokens
 from bus import lifecycle
@@ -77,7 +73,7 @@ def routed_work_item(task_id: str, state: RouterState, tokens: ClaimTokens) -> W
 
 
 async def dispatch(
-    js: JetStreamContext, items: list[tuple[WorkItem, dict[str, str]]]
+    publisher: Publisher, items: list[tuple[WorkItem, dict[str, str]]]
 ) -> list[BaseException | None]:
     """Publish work items (pipelined) and wait for WORK to store them.
 
@@ -87,18 +83,9 @@ async def dispatch(
     (``router.process`` or ``router.decide``), which the WORK message names as the agent's
     parent: the publish has no span of its own (one span per hop).
     """
-    futures: list[asyncio.Future[Any] | BaseException] = []
+    messages = []
     for item, headers in items:
         hdrs = dict(headers)
         hdrs[subjects.HDR_MSG_ID] = subjects.work_msg_id(item.task_id, item.dispatch)
-        try:
-            futures.append(await js.publish_async(subjects.work(item.skill), codec.encode(item), headers=hdrs))
-        except nats.errors.Error as exc:
-            futures.append(exc)
-    published = [f for f in futures if not isinstance(f, BaseException)]
-    acks = iter(await pub_acks(published))
-    results: list[BaseException | None] = []
-    for fut in futures:
-        outcome = fut if isinstance(fut, BaseException) else next(acks)
-        results.append(outcome if isinstance(outcome, BaseException) else None)
-    return results
+        messages.append((subjects.work(item.skill), codec.encode(item), hdrs))
+    return [outcome if isinstance(outcome, BaseException) else None for outcome in await publisher.publish(messages)]

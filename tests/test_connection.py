@@ -11,7 +11,7 @@ from pathlib import Path
 import nats.errors
 import pytest
 
-from bus.connection import cancel_requested, connect, pub_acks
+from bus.connection import cancel_requested, connect
 from bus.errors import BusError
 from bus.server import NatsServer
 from bus.settings import Settings
@@ -50,18 +50,6 @@ async def test_a_process_started_before_the_server_connects_when_it_comes_up(tmp
         nc = await connecting
         assert nc.is_connected
         await nc.close()
-
-
-async def test_a_pipelined_publish_whose_puback_never_comes_times_out_instead_of_hanging() -> None:
-    loop = asyncio.get_running_loop()
-    acked, refused, lost = loop.create_future(), loop.create_future(), loop.create_future()
-    acked.set_result("ack")
-    refused.set_exception(nats.errors.NoRespondersError())
-    stored, no_stream, no_answer = await pub_acks([acked, refused, lost], timeout=0.05)
-    assert stored == "ack"
-    assert isinstance(no_stream, nats.errors.NoRespondersError)
-    assert isinstance(no_answer, TimeoutError)
-    assert lost.cancelled()  # its place in the client's window of pending publishes is freed
 
 
 async def test_a_loop_whose_cancellation_is_swallowed_still_stops() -> None:

@@ -1,0 +1,116 @@
+"""Pipelined JetStream publishes, acknowledged per batch.
+
+The router appends a batch of records to AUDIT and then a batch of work items to WORK, and
+waits for each batch's PubAcks once. nats-py's ``publish_async`` does the same one message
+at a time, at a cost the router's profile showed (a NUID, random bytes from the OS, a
+semaphore under ``wait_for`` and a future per message); and an error PubAck (a wrong
+expected sequence, a full stream) raises inside its reply handler, so the caller's future
+never resolves and the error shows as a timeout. Measured in bench's bare relay (fetch, one
+AUDIT and one WORK publish per message, ack), same run: 4,650 msg/s with ``publish_async``,
+6,670 with this.
+
+Every publish has its own reply subject under one subscription; a reply names its message,
+a late one (after its batch timed out) is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import Sequence
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import Header, PubAck
+
+from bus.connection import PUBACK_TIMEOUT_S
+
+_NO_RESPONDERS = "503"
+
+Outcome = PubAck | BaseException
+
+
+class _Batch:
+    def __init__(self, size: int) -> None:
+        self.results: list[Outcome | None] = [None] * size
+        self.missing = size
+        self.done = asyncio.get_running_loop().create_future()
+
+    def settle(self, index: int, outcome: Outcome) -> None:
+        if self.results[index] is None:
+            self.results[index] = outcome
+            self.missing -= 1
+            if self.missing == 0 and not self.done.done():
+                self.done.set_result(None)
+
+
+class Publisher:
+    """Publishes to JetStream over one connection; batches may overlap."""
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox()
+        self._ids = itertools.count()
+        self._waiting: dict[str, tuple[_Batch, int]] = {}
+        self._sub: Subscription | None = None
+
+    async def start(self) -> Publisher:
+        """Subscribe to the replies (once; a second call does nothing)."""
+        if self._sub is None:
+            self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._replied)
+        return self
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            await sub.unsubscribe()
+
+    async def publish(self, messages: Sequence[tuple[str, bytes, dict[str, str] | None]],
+                      timeout: float = PUBACK_TIMEOUT_S) -> list[Outcome]:
+        """Publish ``(subject, data, headers)`` in order without waiting between them, then
+        wait for every PubAck; per message its :class:`PubAck` or the error that stopped
+        it (the server's, a lost connection, :class:`TimeoutError` after ``timeout``)."""
+        if not messages:
+            return []
+        assert self._sub is not None, "Publisher.start() first"
+        batch = _Batch(len(messages))
+        tokens = []
+        for index, (subject, data, headers) in enumerate(messages):
+            token = str(next(self._ids))
+            self._waiting[token] = (batch, index)
+            tokens.append(token)
+            try:
+                await self._nc.publish(subject, data, reply=f"{self._prefix}.{token}", headers=headers)
+            except nats.errors.Error as exc:
+                del self._waiting[token]
+                batch.settle(index, exc)
+        try:
+            await asyncio.wait_for(asyncio.shield(batch.done), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            for token in tokens:
+                self._waiting.pop(token, None)
+        return [TimeoutError(f"no PubAck within {timeout:g}s") if r is None else r for r in batch.results]
+
+    async def _replied(self, msg: Msg) -> None:
+        entry = self._waiting.pop(msg.subject[len(self._prefix) + 1:], None)
+        if entry is not None:
+            batch, index = entry
+            batch.settle(index, _outcome(msg))
+
+
+def _outcome(msg: Msg) -> Outcome:
+    if msg.headers and msg.headers.get(Header.STATUS) == _NO_RESPONDERS:
+        return nats.js.errors.NoStreamResponseError()
+    try:
+        reply = json.loads(msg.data)
+        if "error" in reply:
+            nats.js.errors.APIError.from_error(reply["error"])  # raises the error's own class
+        return PubAck.from_response(reply)
+    except (nats.js.errors.APIError, ValueError, TypeError, KeyError) as exc:
+        return exc
