@@ -122,7 +122,9 @@ async def test_an_agent_killed_mid_task_loses_nothing_and_the_task_completes_onc
     await procs.start("projector", "projector")
     doomed = await procs.start("agent-a", "agent", "--name", "agent-a", "--skills", "sleep")
     await wait_for_record(js, joined("agent-a"))
-    task_id = await submit_until_started(settings, admin, "sleep", '{"seconds": 3}')
+    # Long enough that agent-b starts and joins before it ends, on a loaded machine too
+    # (with 3 s, agent-a once finished first under the full suite).
+    task_id = await submit_until_started(settings, admin, "sleep", '{"seconds": 8}')
     await procs.start("agent-b", "agent", "--name", "agent-b", "--skills", "sleep")
     await wait_for_record(js, joined("agent-b"))
 
