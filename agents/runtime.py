@@ -14,7 +14,6 @@ another replica after AckWait. A cancel notice stops the running skill.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 from datetime import UTC, datetime
 from collections.abc import Callable
@@ -37,9 +36,10 @@ if TYPE_CHECKING:
 from agents import profiles, workspace
 from agents.errors import SkillError
 from agents.hooks import Hooks
+from agents.intake import Intake, keep_alive
 from agents.memory import Memory, Shared, Tasks, Writer
 from agents.skill import Skill, SkillContext, decode_input, encode_output
-from bus import codec, failpoints, metrics, subjects, tracing
+from bus import codec, failpoints, metrics, pull, subjects, tracing
 from bus.errors import BusError, SchemaError
 from bus.events import (
     AgentJoined,
@@ -64,12 +64,6 @@ log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("ledgerbus.agent")
 
 _REPORT_TRIES = 5
-_FETCH_MAX = 64
-"""Most work items one pull request asks for."""
-_POLL_S = 1.0
-"""How long one request for a skill's next work item waits on the server (a long poll)."""
-_BATCH_WAIT_S = 0.005
-"""How long a batch request right after an item waits when nothing more is queued."""
 
 
 class Agent:
@@ -115,28 +109,19 @@ class Agent:
         self._claims: dict[str, asyncio.Future[Notice]] = {}
         self._running: dict[str, asyncio.Task[Any]] = {}
         self._loads: dict[str, int] = {}
-        self._slots = asyncio.Semaphore(concurrency)
-        self._inflight: set[asyncio.Task[None]] = set()
-        self._stopping = asyncio.Event()
         self.log = log.bind(agent=name, instance=self.instance)
+        self.intake = Intake(concurrency, len(skills), self._handle, self._keep_alive, self.log)
 
     @property
     def load(self) -> int:
         """How many tasks this instance is running now."""
-        return len(self._inflight)
+        return len(self.intake.running)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then drain: finish (or hand back) what is in hand."""
         await wait_for_stream(self.js, subjects.WORK_STREAM, self.settings.connect_timeout_s)
-        subs = {
-            skill: await self.js.pull_subscribe(
-                subjects.work(skill),
-                durable=subjects.work_consumer(skill),
-                stream=subjects.WORK_STREAM,
-                config=work_consumer_config(self.settings, skill),
-            )
-            for skill in self.skills
-        }
+        subs = {skill: await pull.durable(self.nc, self.js, subjects.WORK_STREAM, work_consumer_config(self.settings, skill))
+                for skill in self.skills}
         kv = await self.js.key_value(subjects.AGENTS_BUCKET)
         notices = await self.nc.subscribe(subjects.notify_all(self.principal), cb=self._on_notice)
         await self.report(AgentJoined(
@@ -144,14 +129,13 @@ class Agent:
             capabilities={s: c for s, c in self.capabilities.items() if c}, profile=self.profile,
         ))
         self.log.info("agent_joined", skills=sorted(self.skills), concurrency=self.concurrency)
-        pullers = [asyncio.create_task(self._pull(skill, sub)) for skill, sub in subs.items()]
+        pullers = [asyncio.create_task(self.intake.pull(skill, sub)) for skill, sub in subs.items()]
         beat = asyncio.create_task(self._heartbeat(kv))
         await stop.wait()
-        await self._drain(pullers)
+        await self.intake.drain(pullers, self.settings.drain_timeout_s)
         beat.cancel()
         for sub in subs.values():
-            # Before the connection drains, or the drain waits out a pull request.
-            await sub.unsubscribe()
+            await sub.close()
         await notices.unsubscribe()
         try:
             await kv.delete(self.kv_key)
@@ -159,99 +143,6 @@ class Agent:
             self.log.warning("heartbeat_delete_failed", error=str(exc))
         await self.report(AgentLeft(id=new_id(), instance=self.instance, reason="drained"))
         self.log.info("agent_left")
-
-    async def _drain(self, pullers: list[asyncio.Task[None]]) -> None:
-        # Stop pulling first (each puller finishes its current short fetch), then give the
-        # running tasks the drain timeout; whatever is still running is handed back.
-        self._stopping.set()
-        await asyncio.gather(*pullers, return_exceptions=True)
-        if self._inflight:
-            self.log.info("agent_draining", running=len(self._inflight))
-            _, still = await asyncio.wait(set(self._inflight), timeout=self.settings.drain_timeout_s)
-            for task in still:
-                task.cancel()
-            await asyncio.gather(*still, return_exceptions=True)
-
-    async def _pull(self, skill: str, sub: JetStreamContext.PullSubscription) -> None:
-        """Fetch this skill's work: one item as soon as it is there, then in one request
-        whatever else is already waiting, up to the free slots.
-
-        The long poll asks for one item only, because nats-py's ``fetch(n)`` waits for the
-        n-th item (or its timeout) once the first came: a lone task would wait out the
-        poll. It waits for a free slot but does not hold one: every skill's poll is out at
-        once however few slots the agent has. (Holding a slot through an idle poll made a
-        one-slot agent with two skills serve each skill half the time: a task for the other
-        waited up to the whole poll, ``_POLL_S``.) So when polls of several skills bring an
-        item at the same moment for the last slot, the later ones wait for a slot here,
-        kept alive with ``in_progress``: at most one item per other skill, never started
-        beyond the agent's concurrency. Right after an item, a batch request asks for as
-        many as there are free slots (up to this skill's share of the agent's concurrency),
-        answered at once from what is queued, or within ``_BATCH_WAIT_S`` when nothing is;
-        those slots are held before it asks, and given back for items that did not come.
-        """
-        share = max(1, min(_FETCH_MAX, self.concurrency // len(self.skills)))
-        while not self._stopping.is_set():
-            async with self._slots:
-                pass  # until a slot is free, without taking it
-            first = await self._fetch(skill, sub, 1, _POLL_S)
-            if not first or not await self._take_slot(first[0]):
-                continue
-            self._start(skill, first[0])
-            taken = 0
-            while taken < share - 1 and not self._slots.locked():
-                await self._slots.acquire()  # free: does not wait
-                taken += 1
-            if taken:
-                more = await self._fetch(skill, sub, taken, _BATCH_WAIT_S)
-                for _ in range(taken - len(more)):
-                    self._slots.release()
-                for msg in more:
-                    self._start(skill, msg)
-
-    async def _take_slot(self, msg: Msg) -> bool:
-        """A slot for an item the long poll brought: at once if one is free, else when one
-        frees (the item kept alive meanwhile); ``False`` (the item handed back) if the
-        agent starts draining first."""
-        if not self._slots.locked():
-            await self._slots.acquire()
-            return True
-        keep = asyncio.create_task(self._keep_alive(msg))
-        acquire = asyncio.create_task(self._slots.acquire())
-        stopping = asyncio.create_task(self._stopping.wait())
-        try:
-            await asyncio.wait({acquire, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            keep.cancel()
-            stopping.cancel()
-            if not acquire.done():
-                acquire.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await acquire
-        acquired = acquire.done() and not acquire.cancelled()
-        if acquired and not self._stopping.is_set():
-            return True
-        if acquired:
-            self._slots.release()
-        with contextlib.suppress(nats.errors.Error):
-            await msg.nak()
-        return False
-
-    async def _fetch(self, skill: str, sub: JetStreamContext.PullSubscription, n: int, wait: float) -> list[Msg]:
-        """Up to ``n`` work items within ``wait`` seconds; none when the fetch failed."""
-        try:
-            return await sub.fetch(n, timeout=wait)
-        except TimeoutError:
-            return []
-        except nats.errors.Error as exc:
-            self.log.warning("work_fetch_failed", skill=skill, error=str(exc))
-            await asyncio.sleep(0.5)
-            return []
-
-    def _start(self, skill: str, msg: Msg) -> None:
-        """Run one work item in the slot held for it (given back when it ends)."""
-        task = asyncio.create_task(self._handle(skill, msg))
-        self._inflight.add(task)
-        task.add_done_callback(self._done)
 
     async def _on_notice(self, msg: Msg) -> None:
         """A claim verdict or a cancellation from the router."""
@@ -269,10 +160,6 @@ class Agent:
             if running is not None:
                 self.log.info("task_cancel_requested", task_id=notice.task_id, reason=notice.reason)
                 running.cancel()
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
-        self._slots.release()
 
     async def _heartbeat(self, kv: KeyValue) -> None:
         while True:
@@ -545,14 +432,7 @@ class Agent:
         return event
 
     async def _keep_alive(self, msg: Msg) -> None:
-        # Tell JetStream we still hold the message, well inside AckWait.
-        interval = max(self.settings.work_ack_wait_s / 3, 0.1)
-        while not failpoints.disabled("agent.keepalive"):
-            await asyncio.sleep(interval)
-            try:
-                await msg.in_progress()
-            except nats.errors.Error as exc:
-                self.log.warning("in_progress_failed", error=str(exc))
+        await keep_alive(msg, self.settings.work_ack_wait_s, self.log)
 
 
 class _Claim:

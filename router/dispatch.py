@@ -8,8 +8,6 @@ de-duplicated by JetStream; past its window, a second copy's claim is refused.
 
 from __future__ import annotations
 
-
-
 from bus import codec, subjects
 from bus.publish import Publisher
 from bus.events import AuditRecord, TaskApproved, TaskSubmitted, WorkItem

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
-from agents import runtime
+from agents import intake
 from agents.runtime import Agent
 from agents.skill import SkillContext
 from bus.events import AuditRecord, TaskSubmitted, new_id
@@ -53,7 +53,7 @@ class Counted:
 async def one_slot(running_router: RunningRouter, connect_as: Connect, settings: Settings,
                    monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[int]]:
     """An agent with two skills and one slot; yields [running now, most at once]."""
-    monkeypatch.setattr(runtime, "_POLL_S", POLL)
+    monkeypatch.setattr(intake, "POLL_S", POLL)
     running = [0, 0]
     stop = asyncio.Event()
     agent = Agent(await connect_as("agent-runner-1"), settings, "runner-1",

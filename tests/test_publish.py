@@ -37,6 +37,7 @@ async def test_each_message_of_a_batch_gets_its_own_outcome(admin: Client, conne
     assert isinstance(no_answer, TimeoutError)
     assert time.monotonic() - started >= 0.9
     assert (await silent.next_msg(timeout=1)).data == b"{}"
+    assert not publisher._waiting, "a timed-out batch leaves nothing behind (a late reply is dropped)"
 
     # Without a message that goes unanswered, the batch ends with its last PubAck.
     started = time.monotonic()

@@ -1,0 +1,141 @@
+"""An agent's intake: how work comes in, and how many items run at once.
+
+One long poll per skill on that skill's WORK consumer (``bus/pull.py``), the agent's
+slots (its concurrency) shared by every skill, the running items, and the drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import nats.errors
+from nats.aio.msg import Msg
+
+from bus import failpoints
+from bus.pull import Puller
+
+FETCH_MAX = 64
+"""Most work items one pull request asks for."""
+POLL_S = 1.0
+"""How long one request for a skill's next work item waits on the server (a long poll)."""
+BATCH_WAIT_S = 0.005
+"""How long a batch request right after an item waits when nothing more is queued."""
+
+
+async def keep_alive(msg: Msg, ack_wait_s: float, log: Any) -> None:
+    """Tell JetStream, until cancelled, that the message is still held, well inside AckWait."""
+    interval = max(ack_wait_s / 3, 0.1)
+    while not failpoints.disabled("agent.keepalive"):
+        await asyncio.sleep(interval)
+        try:
+            await msg.in_progress()
+        except nats.errors.Error as exc:
+            log.warning("in_progress_failed", error=str(exc))
+
+
+class Intake:
+    """Pulls each skill's work and runs it with ``run(skill, msg)``, at most ``concurrency``
+    items at once; ``keep(msg)`` keeps an item alive while it waits for a slot."""
+
+    def __init__(self, concurrency: int, skills: int, run: Callable[[str, Msg], Coroutine[Any, Any, None]],
+                 keep: Callable[[Msg], Coroutine[Any, Any, None]], log: Any) -> None:
+        self._share = max(1, min(FETCH_MAX, concurrency // skills))
+        self._slots = asyncio.Semaphore(concurrency)
+        self._run, self._keep, self._log = run, keep, log
+        self.running: set[asyncio.Task[None]] = set()
+        self.stopping = asyncio.Event()
+
+    async def pull(self, skill: str, puller: Puller) -> None:
+        """Take this skill's work until draining: one item as soon as it is there, then in
+        one request whatever else is already waiting, up to the free slots.
+
+        The long poll waits for a free slot but does not hold one: every skill's poll is
+        out at once however few slots the agent has. (Holding a slot through an idle poll
+        made a one-slot agent with two skills serve each skill half the time: a task for
+        the other waited up to the whole poll, ``POLL_S``.) So when polls of several skills
+        bring an item at the same moment for the last slot, the later ones wait for a slot,
+        kept alive: at most one item per other skill, never run beyond the concurrency.
+        Right after an item, a batch request asks for as many as there are free slots (up
+        to this skill's share of the concurrency), answered at once from what is queued, or
+        within ``BATCH_WAIT_S`` when nothing is; those slots are held before it asks, and
+        given back for items that did not come.
+        """
+        while not self.stopping.is_set():
+            async with self._slots:
+                pass  # until a slot is free, without taking it
+            first = await self._fetch(skill, puller, 1, POLL_S)
+            if not first or not await self._take_slot(first[0]):
+                continue
+            self._start(skill, first[0])
+            taken = 0
+            while taken < self._share - 1 and not self._slots.locked():
+                await self._slots.acquire()  # free: does not wait
+                taken += 1
+            if taken:
+                more = await self._fetch(skill, puller, taken, BATCH_WAIT_S)
+                for _ in range(taken - len(more)):
+                    self._slots.release()
+                for msg in more:
+                    self._start(skill, msg)
+
+    async def drain(self, pullers: list[asyncio.Task[None]], timeout: float) -> None:
+        """Stop pulling (each puller ends its current poll), give the running items
+        ``timeout``, then cancel what still runs (it hands its item back)."""
+        self.stopping.set()
+        await asyncio.gather(*pullers, return_exceptions=True)
+        if self.running:
+            self._log.info("agent_draining", running=len(self.running))
+            _, still = await asyncio.wait(set(self.running), timeout=timeout)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+
+    async def _take_slot(self, msg: Msg) -> bool:
+        """A slot for an item the long poll brought: at once if one is free, else when one
+        frees (the item kept alive meanwhile); ``False`` (the item handed back) if the
+        agent starts draining first."""
+        if not self._slots.locked():
+            await self._slots.acquire()
+            return True
+        keep = asyncio.create_task(self._keep(msg))
+        acquire = asyncio.create_task(self._slots.acquire())
+        stopping = asyncio.create_task(self.stopping.wait())
+        try:
+            await asyncio.wait({acquire, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            keep.cancel()
+            stopping.cancel()
+            if not acquire.done():
+                acquire.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await acquire
+        acquired = acquire.done() and not acquire.cancelled()
+        if acquired and not self.stopping.is_set():
+            return True
+        if acquired:
+            self._slots.release()
+        with contextlib.suppress(nats.errors.Error):
+            await msg.nak()
+        return False
+
+    async def _fetch(self, skill: str, puller: Puller, n: int, wait: float) -> list[Msg]:
+        """Up to ``n`` work items within ``wait`` seconds; none when the pull failed."""
+        try:
+            return await puller.pull(n, wait)
+        except nats.errors.Error as exc:
+            self._log.warning("work_fetch_failed", skill=skill, error=str(exc))
+            await asyncio.sleep(0.5)
+            return []
+
+    def _start(self, skill: str, msg: Msg) -> None:
+        """Run one work item in the slot held for it (given back when it ends)."""
+        task = asyncio.create_task(self._run(skill, msg))
+        self.running.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.running.discard(task)
+        self._slots.release()
