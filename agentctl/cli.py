@@ -11,6 +11,7 @@ from agentctl.audit import audit
 from agentctl.common import App, fail
 from agentctl.doctor import doctor
 from agentctl.keys import keys
+from agentctl.match import match
 from agentctl.memory import checkpoint, memory, shared
 from agentctl.processes import agent, nats, projector, router
 from agentctl.reads import agents, events, tasks
@@ -60,7 +61,7 @@ def cli(ctx: click.Context, url: str | None, user: str | None, password: str | N
 
 
 for command in (nats, router, projector, agent, submit, cancel, approve, deny, approvals, tasks, events, agents, memory,
-                checkpoint, shared, audit, keys, replay, snapshot, skills, usage, doctor, top, trace_cmd):
+                checkpoint, shared, audit, keys, replay, snapshot, skills, usage, doctor, top, trace_cmd, match):
     cli.add_command(command)
 
 

@@ -32,7 +32,7 @@ STATUS_STYLE: dict[str, str] = {
     Status.UNMATCHED: "magenta", Status.PENDING: "yellow", Status.RUNNING: "cyan", Status.RETRYING: "yellow",
     Status.COMPLETED: "green", Status.FAILED: "red", Status.DENIED: "red", Status.CANCELLED: "red",
     Status.SKIPPED: "dim", Status.DEAD_LETTERED: "red", Status.REJECTED: "red",
-    "online": "green", "offline": "dim",
+    "online": "green", "offline": "dim", "lost": "red",
 }
 """How each task status (and agent state) is drawn; every :class:`Status` has one."""
 TASK_STATUSES = tuple(s.value for s in Status if s not in (Status.SUBMITTED, Status.REJECTED))
@@ -139,8 +139,23 @@ def tasks_show(app: App, task_id: str, db_path: Path | None, as_json: bool) -> N
         log = tree.add("audit log")
         for h in history:
             mark = "" if h["verdict"] == "accepted" else f" [red]rejected ({h['code']}): {h['reason']}[/]"
-            log.add(f"#{h['seq']} {h['at']} {h['kind']} by {h['principal']}{mark}")
+            log.add(f"#{h['seq']} {h['at']} {h['kind']} by {h['principal']}{_detail(h)}{mark}")
     out.print(tree)
+
+
+def _detail(record: dict[str, Any]) -> str:
+    """What a history line adds for the records whose fields matter at a glance: where a
+    dispatch went and why (the match's score), why a task waits or was cancelled."""
+    event = record.get("event") or {}
+    if record["kind"] == "task_dispatched":
+        where = f"to {event['agent']}" if event.get("agent") else f"to any agent with {event.get('skill')}"
+        score = f", score {event['score']:g}" if event.get("score") is not None else ""
+        return f": {where} ({event.get('reason', 'ready')}{score})"
+    if record["kind"] == "skill_unmatched":
+        return f": no live agent provides {', '.join(event.get('capabilities', []))}"
+    if record["kind"] == "task_cancelled" and event.get("reason"):
+        return f": {event['reason']}"
+    return ""
 
 
 def task_line(task: dict[str, Any]) -> str:
@@ -207,7 +222,7 @@ def agents(ctx: click.Context, db_path: Path | None, as_json: bool) -> None:
             return await ask(app, "agents", "list", {}, db_path)
         async with connected(app.settings, cli_principal()) as nc:
             rows = await request_query(nc, "agents", "list", {})
-            beats = await _heartbeats(nc)
+            beats = await heartbeats(nc)
         for row in rows:
             live = [b for b in beats if b["agent"] == row["name"]]
             row["replicas"] = len(live)
@@ -232,7 +247,8 @@ def agents(ctx: click.Context, db_path: Path | None, as_json: bool) -> None:
 agents.add_command(propose)
 
 
-async def _heartbeats(nc: Any) -> list[dict[str, Any]]:
+async def heartbeats(nc: Any) -> list[dict[str, Any]]:
+    """Every heartbeat in the ``agents`` bucket now (one per live instance, as JSON)."""
     js = nc.jetstream(timeout=10)
     try:
         kv = await js.key_value(subjects.AGENTS_BUCKET)

@@ -57,13 +57,17 @@ from bus.events import (
     kind_of,
     new_id,
 )
-from bus.provision import wait_for_stream, work_consumer_config
+from bus.provision import assigned_consumer_config, wait_for_stream, work_consumer_config
 from bus.settings import Settings
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("ledgerbus.agent")
 
 _REPORT_TRIES = 5
+
+
+ASSIGNED = ""
+"""The intake's name for the work assigned to this agent (any of its skills)."""
 
 
 class Agent:
@@ -110,7 +114,7 @@ class Agent:
         self._running: dict[str, asyncio.Task[Any]] = {}
         self._loads: dict[str, int] = {}
         self.log = log.bind(agent=name, instance=self.instance)
-        self.intake = Intake(concurrency, len(skills), self._handle, self._keep_alive, self.log)
+        self.intake = Intake(concurrency, len(skills) + 1, self._handle, self._keep_alive, self.log)
 
     @property
     def load(self) -> int:
@@ -122,6 +126,9 @@ class Agent:
         await wait_for_stream(self.js, subjects.WORK_STREAM, self.settings.connect_timeout_s)
         subs = {skill: await pull.durable(self.nc, self.js, subjects.WORK_STREAM, work_consumer_config(self.settings, skill))
                 for skill in self.skills}
+        # Work the router assigned to this agent (a step matched to it, in priority order).
+        subs[ASSIGNED] = await pull.durable(self.nc, self.js, subjects.WORK_STREAM,
+                                            assigned_consumer_config(self.settings, self.name))
         kv = await self.js.key_value(subjects.AGENTS_BUCKET)
         notices = await self.nc.subscribe(subjects.notify_all(self.principal), cb=self._on_notice)
         await self.report(AgentJoined(
@@ -209,6 +216,14 @@ class Agent:
             self.log.error("work_item_undecodable", error=str(exc))
             await msg.term()
             return
+        if skill_name == ASSIGNED:
+            skill_name = item.skill
+            if skill_name not in self.skills:
+                # Assigned while an earlier process of this name offered it: the router hands
+                # it on once the heartbeat shows the skill is gone.
+                self.log.error("assigned_skill_not_served", task_id=item.task_id, skill=skill_name)
+                await msg.term()
+                return
         attempt = item.attempt_base + msg.metadata.num_delivered
         msg_id = (msg.headers or {}).get(subjects.HDR_MSG_ID, "")
         with structlog.contextvars.bound_contextvars(task_id=item.task_id, agent=self.name), \
@@ -218,7 +233,8 @@ class Agent:
                     kind=trace.SpanKind.CONSUMER,
                     attributes={
                         **tracing.messaging(msg.subject, "process", msg_id),
-                        "messaging.consumer.group.name": subjects.work_consumer(skill_name),
+                        "messaging.consumer.group.name": (subjects.assigned_consumer(self.name) if item.agent
+                                                          else subjects.work_consumer(skill_name)),
                         "ledgerbus.task_id": item.task_id,
                         "ledgerbus.skill": skill_name,
                         "ledgerbus.agent": self.name,

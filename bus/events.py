@@ -258,10 +258,16 @@ class AgentJoined(Event, tag="agent_joined", frozen=True):
 
 
 class AgentLeft(Event, tag="agent_left", frozen=True):
-    """An agent process drained and stopped."""
+    """An agent instance left: it drained and stopped (sent by the agent, ``reason
+    "drained"``), or the router saw its heartbeat lapse (sent by the router, ``reason
+    "heartbeat_expired"``, naming the ``agent``). ``remaining``: the instances of the
+    agent still live, as the router saw them (``-1``: not counted, the agent's own record)."""
 
     instance: Id
     reason: Text = ""
+    agent: Annotated[str, msgspec.Meta(pattern=r"^([a-z0-9][a-z0-9_-]{0,47})?$")] = ""
+    """The agent that left, when the router records it; empty: the sender."""
+    remaining: Annotated[int, msgspec.Meta(ge=-1)] = -1
 
 
 MemorySection = Literal["role", "knowledge", "observation", "reasoning"]
@@ -329,18 +335,27 @@ class SharedWritten(Event, tag="shared_written", frozen=True):
 
 
 class TaskDispatched(Event, tag="task_dispatched", frozen=True):
-    """The router put the task on ``work.<skill>``: a plan step whose dependencies are
-    done, a submission held for a match (``awaiting_match``) once a live skill provides it,
-    or a retry. The first dispatch of a plain submission is the submission itself."""
+    """The router put the task in WORK: a plan step whose dependencies are done, a
+    submission held for a match (``awaiting_match``) once a live agent provides it, a
+    retry, or work handed on from an agent whose every instance left (``reassigned``).
+    The first dispatch of a plain submission is the submission itself.
+
+    With ``agent`` set the work was assigned to that agent (all its live instances, a
+    pool) on ``assign.<agent>.<skill>``, which only it may pull; empty, it went to the
+    skill's shared queue ``work.<skill>``. See docs/orchestration.md, "Where work goes"."""
 
     task_id: Id
     skill: Skill
     dispatch: Dispatch
     attempt_base: Annotated[int, msgspec.Meta(ge=0)] = 0
     """Claims of the task before this dispatch: its claims count on from here."""
-    reason: Literal["ready", "retry", "matched"] = "ready"
+    reason: Literal["ready", "retry", "matched", "reassigned"] = "ready"
     score: float | None = None
-    """For a step named by capabilities: how well the chosen skill fits (1 is exact)."""
+    """How well the chosen agent's skill fits what the task needs: ``|needed| /
+    |provided|`` (1 is exact; see :func:`router.scheduler.match`)."""
+    agent: Annotated[str, msgspec.Meta(pattern=r"^([a-z0-9][a-z0-9_-]{0,47})?$")] = ""
+    """The agent (pool of its live instances) the work is assigned to; empty: any agent
+    with the skill."""
 
 
 class TaskRetryScheduled(Event, tag="task_retry_scheduled", frozen=True):
@@ -401,7 +416,7 @@ TASK_EVENTS = (
 )
 """Events about one task: their ``task_id`` is the audit key."""
 ROUTER_EVENTS = (TaskDispatched, TaskRetryScheduled, TaskDeadLettered, SkillUnmatched)
-"""Events only the router writes."""
+"""Events only the router writes (and ``agent_left`` naming an ``agent``: a lapsed heartbeat)."""
 AGENT_EVENTS = (AgentJoined, AgentLeft)
 MEMORY_EVENTS = (MemoryWritten, MemoryWiped, CheckpointSaved, CheckpointRestored)
 """Events about one agent's memory: their ``agent`` field is the audit key."""
@@ -523,3 +538,6 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
     """A plan step's dependencies (step id → output): exactly the steps it depends on."""
     token: str = ""
     """The claim token of this dispatch, which the claim must present (router/claims.py)."""
+    agent: str = ""
+    """The agent it was assigned to (``assign.<agent>.<skill>``); empty: the skill's
+    shared queue (``work.<skill>``)."""

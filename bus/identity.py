@@ -4,12 +4,13 @@ A principal is ``admin``, ``router``, ``projector``, ``cli-<name>`` or ``agent-<
 its NATS user has the same name. What each may do is generated here, per kind:
 
 - ``agent-<name>`` publishes only on ``in.agent.<name>.>`` and its own heartbeat keys, and
-  may pull, ack and create only the WORK consumers of the skills it was given, and asks
+  may pull, ack and create only the WORK consumers of the skills it was given and of the
+  work assigned to it (``assign.<name>.>``), each with its own filter, and asks
   the projector only what a skill needs (its memory, shared context, tasks, verdicts);
 - ``cli-<name>`` publishes only on ``in.cli.<name>.>``, asks the projector, reads AUDIT;
 - everyone reads only their own inbox, ``_INBOX_<principal>.>`` (and an agent what the
   router tells it, ``notify.agent.<name>.>``);
-- only ``router`` writes ``audit.>`` and ``work.>`` and the chain's anchor (the ``chain``
+- only ``router`` writes ``audit.>``, ``work.>`` and ``assign.>`` and the chain's anchor (the ``chain``
   bucket, which ``cli-<name>`` may read); only ``admin`` and ``router`` manage streams;
 - everyone publishes the spans it records on ``traces.*.<principal>``, and only there, so
   a span's publisher is known; ``cli-<name>`` reads TRACES (``agentctl trace``).
@@ -115,11 +116,13 @@ def _follows(stream: str) -> list[str]:
     return [subjects.js_consumer_create(stream), subjects.js_consumer_create(stream, _REST)]
 
 
-def _pulls(stream: str, consumer: str | None = None) -> list[str]:
+def _pulls(stream: str, consumer: str | None = None, create: bool = True) -> list[str]:
     """What pulling from the durable ``consumer`` of ``stream`` (None: any of its
-    consumers) takes: binding to it, pulling, and acking what it delivers."""
+    consumers) takes: binding to it (``create``: creating it with the legacy durable API,
+    whose filter the server does not check), pulling, and acking what it delivers."""
     name, acks = ((_REST,), (_REST,)) if consumer is None else ((consumer,), (consumer, _REST))
-    return [subjects.js_consumer_durable_create(stream, *name), subjects.js_consumer_info(stream, *name),
+    made = [subjects.js_consumer_durable_create(stream, *name)] if create else []
+    return [*made, subjects.js_consumer_info(stream, *name),
             subjects.js_consumer_next(stream, *name), subjects.js_ack(stream, *acks)]
 
 
@@ -132,7 +135,7 @@ def permissions(ident: Identity) -> dict[str, Any]:
     elif ident.kind == "router":
         streams = (subjects.INGRESS_STREAM, subjects.AUDIT_STREAM, subjects.WORK_STREAM, subjects.DEADLETTER_STREAM,
                    subjects.TRACES_STREAM, _KV_AGENTS, _KV_ROUTER, _KV_CHAIN)
-        pub = [subjects.AUDIT_ALL, subjects.WORK_ALL, subjects.NOTIFY_ALL, subjects.JS_API_INFO,
+        pub = [subjects.AUDIT_ALL, subjects.WORK_ALL, subjects.ASSIGN_ALL, subjects.NOTIFY_ALL, subjects.JS_API_INFO,
                subjects.js_stream_info(_ANY), subjects.JS_FC_ALL,
                *(subjects.js_stream_create(s) for s in streams), *(subjects.js_stream_update(s) for s in streams),
                subjects.js_stream_msg_get(subjects.AUDIT_STREAM), subjects.js_direct_get(subjects.AUDIT_STREAM),
@@ -165,11 +168,15 @@ def permissions(ident: Identity) -> dict[str, Any]:
         pub = [subjects.ingress_all(ident.principal),
                subjects.kv_subject(subjects.AGENTS_BUCKET, subjects.heartbeat_keys(ident.name)), subjects.JS_API_INFO,
                subjects.js_stream_info(subjects.WORK_STREAM), subjects.js_stream_info(_KV_AGENTS), *AGENT_QUERIES]
-        for skill in ident.skills:
-            consumer = subjects.work_consumer(skill)
-            pub += [subjects.js_consumer_create(subjects.WORK_STREAM, consumer),
-                    subjects.js_consumer_create(subjects.WORK_STREAM, consumer, _REST),
-                    *_pulls(subjects.WORK_STREAM, consumer)]
+        # A WORK consumer is created only through the API subject that names its filter (the
+        # server checks it against the configuration), so each consumer reads only its queue:
+        # the skills' shared queues, and the work assigned to this agent, which no other
+        # identity may read.
+        queues = [(subjects.work_consumer(skill), subjects.work(skill)) for skill in ident.skills]
+        queues.append((subjects.assigned_consumer(ident.name), subjects.assigned_all(ident.name)))
+        for consumer, filter_subject in queues:
+            pub += [subjects.js_consumer_create(subjects.WORK_STREAM, consumer, filter_subject),
+                    *_pulls(subjects.WORK_STREAM, consumer, create=False)]
         sub = [inbox, subjects.notify_all(ident.principal)]
     pub.append(subjects.traces_by(ident.user))
     perms: dict[str, Any] = {"publish": {"allow": pub}, "subscribe": {"allow": sub}}

@@ -187,6 +187,7 @@ TRANSITIONS: tuple[Transition, ...] = (
     _T(Status.PENDING, "task_dispatched", Status.PENDING, _TASKS),
     _T(Status.PENDING, "task_cancelled", Status.CANCELLED, _TASKS),
     _T(Status.PENDING, "task_dead_lettered", Status.DEAD_LETTERED, _TASKS),
+    _T(Status.PENDING, "skill_unmatched", Status.UNMATCHED, _TASKS),
     _T(Status.RUNNING, "task_started", Status.RUNNING, _TASKS),
     _T(Status.RUNNING, "task_completed", Status.COMPLETED),
     _T(Status.RUNNING, "task_failed", Status.FAILED),
@@ -195,10 +196,13 @@ TRANSITIONS: tuple[Transition, ...] = (
     _T(Status.RUNNING, f"task_usage {BUDGET_EXCEEDED}", Status.FAILED, _TASKS),
     _T(Status.RUNNING, "task_cancelled", Status.CANCELLED),
     _T(Status.RUNNING, "task_dead_lettered", Status.DEAD_LETTERED, _TASKS),
+    _T(Status.RUNNING, "task_dispatched", Status.PENDING, _TASKS),
+    _T(Status.RUNNING, "skill_unmatched", Status.UNMATCHED, _TASKS),
     _T(Status.FAILED, "task_retry_scheduled", Status.RETRYING, _TASKS),
     _T(Status.FAILED, "task_dead_lettered", Status.DEAD_LETTERED, _TASKS),
     _T(Status.RETRYING, "task_dispatched", Status.PENDING, _TASKS),
     _T(Status.RETRYING, "task_cancelled", Status.CANCELLED, _TASKS),
+    _T(Status.RETRYING, "skill_unmatched", Status.UNMATCHED, _TASKS),
 )
 """Every move the router makes. The statuses a task is created in come from
 :func:`created`; a rejected record moves nothing."""

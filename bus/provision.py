@@ -65,13 +65,13 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=subjects.WORK_STREAM,
-            subjects=[subjects.WORK_ALL],
+            subjects=[subjects.WORK_ALL, subjects.ASSIGN_ALL],
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
             num_replicas=settings.stream_replicas,
             discard=DiscardPolicy.NEW,
             duplicate_window=settings.duplicate_window_s,
-            description="dispatched tasks, one durable pull consumer per skill",
+            description="dispatched tasks: a shared consumer per skill, and one per agent for work assigned to it",
         ),
         StreamConfig(
             name=subjects.DEADLETTER_STREAM,
@@ -117,13 +117,31 @@ def deadletter_consumer_config() -> ConsumerConfig:
 
 
 def work_consumer_config(settings: Settings, skill: str) -> ConsumerConfig:
-    """The durable pull consumer shared by every agent replica with ``skill``."""
+    """The durable pull consumer shared by every agent replica with ``skill``.
+
+    Named (not only durable), so nats.py creates it with the filtered API subject
+    ``$JS.API.CONSUMER.CREATE.WORK.<name>.<filter>``, whose filter the server checks against
+    the configuration: that is the only create an agent's permissions allow, so no agent
+    can make a consumer of a skill's name that reads another subject."""
     return ConsumerConfig(
+        name=subjects.work_consumer(skill),
         durable_name=subjects.work_consumer(skill),
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=settings.work_ack_wait_s,
         max_deliver=settings.work_max_deliver,
         filter_subject=subjects.work(skill),
+    )
+
+
+def assigned_consumer_config(settings: Settings, agent: str) -> ConsumerConfig:
+    """The durable pull consumer of the work assigned to ``agent``, shared by its instances."""
+    return ConsumerConfig(
+        name=subjects.assigned_consumer(agent),
+        durable_name=subjects.assigned_consumer(agent),
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=settings.work_ack_wait_s,
+        max_deliver=settings.work_max_deliver,
+        filter_subject=subjects.assigned_all(agent),
     )
 
 

@@ -6,7 +6,11 @@ permissions both follow from the shapes below.
 - ``in.<pkind>.<pname>.<kind>``      INGRESS: every message to the router, from principal
                                      ``<pkind>-<pname>`` (e.g. ``in.agent.echo-1.task_started``)
 - ``audit.<verdict>.<kind>.<key>``   AUDIT: one record per ingress message
-- ``work.<skill>``                   WORK: dispatched tasks, one pull consumer per skill
+- ``work.<skill>``                   WORK: tasks for any agent with the skill, one pull
+                                     consumer per skill, shared by those agents
+- ``assign.<agent>.<skill>``         WORK: tasks assigned to one agent (its live instances,
+                                     a pool), one pull consumer per agent that only it may
+                                     read (a skill never makes an ``assign.`` subject)
 - ``q.<projection>.<op>``            queries answered by the projector
 - ``notify.<pkind>.<pname>.<topic>`` the router's word to one principal (claim verdicts,
                                      cancellations): core NATS, best effort
@@ -41,6 +45,7 @@ CHAIN_HISTORY: Final = 16
 INGRESS_ALL: Final = "in.>"
 AUDIT_ALL: Final = "audit.>"
 WORK_ALL: Final = "work.>"
+ASSIGN_ALL: Final = "assign.>"
 TRACES_ALL: Final = "traces.>"
 
 ROUTER_CONSUMER: Final = "router"
@@ -158,6 +163,22 @@ def work_consumer(skill: str) -> str:
     mapping is one to one.
     """
     return "skill-" + check_skill(skill).replace(".", "_")
+
+
+def assigned(agent: str, skill: str) -> str:
+    """The subject of work assigned to ``agent`` (every live instance of it) for ``skill``."""
+    return f"assign.{check_name(agent, 'agent name')}.{check_skill(skill)}"
+
+
+def assigned_all(agent: str) -> str:
+    """Every subject :func:`assigned` makes for ``agent``: its one consumer's filter."""
+    return f"assign.{check_name(agent, 'agent name')}.{FULL_WILDCARD}"
+
+
+def assigned_consumer(agent: str) -> str:
+    """The durable consumer of the work assigned to ``agent``, shared by its instances
+    (agent names are unique and may not contain '.', so the mapping is one to one)."""
+    return "assigned-" + check_name(agent, "agent name")
 
 
 def work_msg_id(task_id: str, dispatch: int = 1) -> str:

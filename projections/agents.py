@@ -20,15 +20,22 @@ COLUMNS = ("name", "instance", "skills", "concurrency", "status", "joined_at", "
 _KINDS = frozenset((AgentJoined, AgentLeft, TaskCompleted, TaskFailed))
 
 
+def _name(record: AuditRecord) -> str:
+    """The agent a record is about: its sender, or the one the router says left."""
+    if isinstance(record.event, AgentLeft) and record.event.agent:
+        return record.event.agent
+    return agent_name(record.principal)
+
+
 async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
     """Fold a batch of audit records into the agents table (rejected records change nothing)."""
     mine = [r for r in records if r.verdict == "accepted" and type(r.event) in _KINDS]
     if not mine:
         return
     rows = batch.rows("agents", ("name",), COLUMNS)
-    await rows.load(batch.fetch, ((agent_name(r.principal),) for r in mine))
+    await rows.load(batch.fetch, ((_name(r),) for r in mine))
     for record in mine:
-        name = agent_name(record.principal)
+        name = _name(record)
         row = rows.get((name,))
         match record.event:
             case AgentJoined() as e:
@@ -39,10 +46,12 @@ async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
                     "tasks_completed": row["tasks_completed"] if row else 0,
                     "tasks_failed": row["tasks_failed"] if row else 0, "updated_seq": record.seq,
                 })
-            case AgentLeft(instance=instance) if row is not None and row["instance"] == instance:
+            case AgentLeft(instance=instance, remaining=remaining) as e if (
+                    row is not None and row["instance"] == instance and remaining <= 0):
                 # Several replicas may share a name: the agent is offline only when its
-                # latest instance leaves.
-                rows.update((name,), status="offline", left_at=iso(record.at), updated_seq=record.seq)
+                # latest instance leaves; "lost" when the router saw its heartbeat lapse.
+                status = "lost" if e.reason == "heartbeat_expired" else "offline"
+                rows.update((name,), status=status, left_at=iso(record.at), updated_seq=record.seq)
             case TaskCompleted() if row is not None:
                 rows.update((name,), tasks_completed=row["tasks_completed"] + 1, updated_seq=record.seq)
             case TaskFailed() if row is not None:

@@ -151,9 +151,11 @@ def _approved(rows: Rows, record: AuditRecord, e: TaskApproved) -> None:
 
 
 def _dispatched(rows: Rows, record: AuditRecord, e: TaskDispatched) -> None:
+    where = f" to {e.agent}" if e.agent else ""
+    score = f", score {e.score:g}" if e.score is not None and e.reason != "retry" else ""
+    progress = None if e.reason == "ready" and not e.agent else f"dispatched{where} ({e.reason}{score})"
     rows.update((e.task_id,), skill=e.skill, dispatches=e.dispatch, retry_at=None,
-                finished_at=None, progress=None if e.reason == "ready" else f"dispatched ({e.reason})",
-                updated_seq=record.seq)
+                finished_at=None, progress=progress, updated_seq=record.seq)
 
 
 def _retry_scheduled(rows: Rows, record: AuditRecord, e: TaskRetryScheduled) -> None:

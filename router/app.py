@@ -23,6 +23,7 @@ from bus.errors import SchemaError
 from bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT
 from bus.lifecycle import Status as TaskStatus
 from bus.events import (
+    AgentLeft,
     AuditRecord,
     Notice,
     TaskCancelled,
@@ -42,7 +43,7 @@ from router.checkpoints import Checkpoints
 from router.checks import Check, Inbound, default_checks, run_checks
 from router.claims import AgentSkills, ClaimTokens
 from router.deadletters import MaxDeliverAdvisory
-from router.dispatch import dispatch, routed_work_item, work_item
+from router.dispatch import dispatch, routed_work_item, work_item, work_subject
 from router.errors import AuditAppendError
 from router.gauges import Gauges
 from router.lease import Lease
@@ -151,6 +152,7 @@ class Router:
         # Whatever was decided before a crash but not acted on is decided again from here;
         # whatever was dispatched may not have reached WORK (a re-publish is de-duplicated).
         self.state.dirty.update(self.state.open_tasks())
+        self.live.changed = True  # work assigned to agents no longer live is handed on
         self._undelivered = {
             task_id for task_id, task in self.state.tasks.items() if task.routed and task.status is TaskStatus.PENDING
         }
@@ -252,6 +254,7 @@ class Router:
         :class:`AuditAppendError` when the log did not take them (the caller recovers).
         """
         self.live.expire(datetime.now(UTC))
+        await self._record_lapsed()
         for _ in range(1000):
             events = self.scheduler.decide(self.state, datetime.now(UTC))
             if not events:
@@ -268,6 +271,23 @@ class Router:
         else:
             log.error("scheduler_did_not_settle", dirty=len(self.state.dirty))
         await self._deliver()
+
+    async def _record_lapsed(self) -> None:
+        """Record ``agent_left`` (``heartbeat_expired``) for each instance whose heartbeat
+        lapsed: it stopped without draining (killed, crashed, cut off). An agent that
+        drains records its own ``agent_left``, so a deleted key is not recorded here."""
+        lapsed, self.live.lapsed = self.live.lapsed, []
+        if not lapsed:
+            return
+        pending = [self._router_record(AgentLeft(
+            id=new_id(), instance=beat.instance, agent=beat.agent, reason="heartbeat_expired",
+            remaining=remaining)) for beat, remaining in lapsed]
+        for record, _, _ in pending:
+            self.state.apply(record)
+        await self.audit.append(pending)
+        for record, _, _ in pending:
+            log.warning("agent_lapsed", seq=record.seq, agent=record.key, instance=record.event.instance,  # type: ignore[union-attr]
+                        remaining=record.event.remaining)  # type: ignore[union-attr]
 
     async def _dead_letters(self) -> None:
         """Dead-letter the tasks whose WORK message reached MaxDeliver with no result.
@@ -307,13 +327,14 @@ class Router:
         if msgs:
             await self.schedule()
 
-    def _router_record(self, event: RouterDecision) -> tuple[AuditRecord, bytes, dict[str, str]]:
+    def _router_record(self, event: RouterDecision | AgentLeft) -> tuple[AuditRecord, bytes, dict[str, str]]:
         """Seal the record of one of the router's own decisions; with its headers. A task
         that has a trace gets the decision as a ``router.decide`` span in it, a child of
-        the record that caused it (:meth:`RouterState.cause`)."""
-        task_id = event.task_id
+        the record that caused it (:meth:`RouterState.cause`). An ``agent_left`` is about
+        the agent (its key), and has no cause to trace under."""
+        task_id = event.agent if isinstance(event, AgentLeft) else event.task_id
         kind = kind_of(type(event))
-        cause = self.state.cause(task_id)
+        cause = "" if isinstance(event, AgentLeft) else self.state.cause(task_id)
         span = (tracer.start_span(f"router.decide {kind}", context=tracing.context_of(cause))
                 if cause else trace.INVALID_SPAN)
         record, data = self.audit.seal(AuditRecord(
@@ -332,8 +353,11 @@ class Router:
         """Publish the work items of the scheduler's dispatches not yet known to be stored."""
         if not self._undelivered:
             return
+        # In the order the scheduler decided them (highest priority first): a queue is
+        # delivered in the order it was published.
+        order = sorted(self._undelivered, key=lambda task_id: (self.state.tasks[task_id].dispatch_seq, task_id))
         items: list[tuple[WorkItem, dict[str, str]]] = [
-            (item, trace_headers(self.state.tasks[task_id].dispatch_trace)) for task_id in sorted(self._undelivered)
+            (item, trace_headers(self.state.tasks[task_id].dispatch_trace)) for task_id in order
             if (item := routed_work_item(task_id, self.state, self.tokens)) is not None
         ]
         results = await dispatch(self.publisher, items)
@@ -476,7 +500,7 @@ class Router:
         results = await dispatch(self.publisher, [(item, d.headers) for d, item in work])
         failed = {id(d) for (d, _), err in zip(work, results, strict=True) if err is not None}
         for (d, item), err in zip(work, results, strict=True):
-            d.span.set_attribute("ledgerbus.work.subject", subjects.work(item.skill))
+            d.span.set_attribute("ledgerbus.work.subject", work_subject(item))
             if err is not None:
                 log.warning("dispatch_failed", task_id=item.task_id, skill=item.skill, error=str(err))
         for d in decisions:

@@ -58,16 +58,21 @@ def routed_work_item(task_id: str, state: RouterState, tokens: ClaimTokens) -> W
                 task_id=task_id, skill=task.skill, input=step.input, timeout_s=step.timeout_s,
                 audit_seq=task.dispatch_seq, submitted_by=task.submitter, dispatch=task.dispatch,
                 attempt_base=task.attempt, parent_task_id=task.parent, step=step.id, context=context,
-                token=tokens.token(task_id, task.dispatch),
+                token=tokens.token(task_id, task.dispatch), agent=task.agent,
             )
         case TaskState(status=lifecycle.Status.PENDING, submission=TaskSubmitted() as sub) as task:
             return WorkItem(
                 task_id=task_id, skill=task.skill, input=sub.input, timeout_s=sub.timeout_s,
                 audit_seq=task.dispatch_seq, submitted_by=task.submitter, dispatch=task.dispatch,
                 attempt_base=task.attempt, parent_task_id=sub.parent_task_id,
-                token=tokens.token(task_id, task.dispatch),
+                token=tokens.token(task_id, task.dispatch), agent=task.agent,
             )
     return None
+
+
+def work_subject(item: WorkItem) -> str:
+    """Where a work item goes: the queue of the agent it was assigned to, or its skill's."""
+    return subjects.assigned(item.agent, item.skill) if item.agent else subjects.work(item.skill)
 
 
 async def dispatch(
@@ -85,5 +90,5 @@ async def dispatch(
     for item, headers in items:
         hdrs = dict(headers)
         hdrs[subjects.HDR_MSG_ID] = subjects.work_msg_id(item.task_id, item.dispatch)
-        messages.append((subjects.work(item.skill), codec.encode(item), hdrs))
+        messages.append((work_subject(item), codec.encode(item), hdrs))
     return [outcome if isinstance(outcome, BaseException) else None for outcome in await publisher.publish(messages)]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from bus.connection import cancel_requested
 from bus.events import (
     AgentProposal,
     Heartbeat,
+    PlanStep,
     SkillUnmatched,
     TaskCancelled,
     TaskCompleted,
@@ -63,81 +65,136 @@ log = structlog.get_logger(__name__)
 
 GENERALIST_SKILL = "llm.chat"
 """What a proposal falls back to when no installed skill has the capabilities."""
+AGING_S = 30.0
+"""A task waiting for its agent gains one priority level every ``AGING_S`` seconds, so a
+priority-0 step waits at most about 10 × ``AGING_S`` behind a stream of priority-10 work."""
+DEFAULT_PRIORITY = 5
+"""The priority of work that names none (a submission held for a match)."""
 
 
 @dataclass(frozen=True, slots=True)
-class Offer:
-    """One skill as the live agents offer it."""
+class Pool:
+    """One agent as the router sees it: every live instance of that name (its replicas),
+    their slots together, and the skills they offer with the capabilities of each."""
 
-    capabilities: frozenset[str]
-    load: float
-    """Running tasks per slot, over every live instance with the skill."""
+    agent: str
+    slots: int
+    skills: dict[str, frozenset[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Fit:
+    """One agent's skill that provides what a task needs, and how well (see :func:`fits`)."""
+
+    agent: str
+    skill: str
+    score: float
+    """``|needed| / |provided|``: 1 is an exact fit, lower a broader skill."""
+    provided: frozenset[str]
+    free: int
+    """Slots of the agent not held by work assigned to it."""
+    slots: int
 
 
 class LiveAgents:
     """The agents whose heartbeats are in the ``agents`` bucket now (fed by a KV watch).
 
     The bucket's TTL removes a silent instance's key without telling watchers, so an
-    instance whose last heartbeat is older than ``ttl_s`` is dropped here too.
+    instance whose last heartbeat is older than ``ttl_s`` is dropped here too, and noted
+    in :attr:`lapsed` for the router to record (``agent_left``, ``heartbeat_expired``).
     """
 
     def __init__(self, ttl_s: float = 30.0) -> None:
         self._beats: dict[str, Heartbeat] = {}
         self._ttl = timedelta(seconds=ttl_s)
         self.changed = False
+        self.lapsed: list[tuple[Heartbeat, int]] = []
+        """Instances whose heartbeat expired, with how many of their agent remain live."""
+        self.ready = False
+        """Whether the bucket's values at the start have all been read: until then an
+        agent not seen may still be live, and its work is not handed on."""
 
     def expire(self, now: datetime) -> None:
         """Forget instances whose heartbeat is older than the TTL."""
         for key in [k for k, beat in self._beats.items() if beat.at < now - self._ttl]:
-            self.delete(key)
+            self.delete(key, lapsed=True)
 
     def put(self, key: str, beat: Heartbeat) -> None:
         """An instance's heartbeat arrived."""
         old = self._beats.get(key)
         self._beats[key] = beat
-        if old is None or old.skills != beat.skills or old.capabilities != beat.capabilities:
+        if (old is None or old.skills != beat.skills or old.capabilities != beat.capabilities
+                or old.concurrency != beat.concurrency):
             self.changed = True
 
-    def delete(self, key: str) -> None:
-        """An instance left, or its heartbeat expired."""
-        if self._beats.pop(key, None) is not None:
+    def delete(self, key: str, lapsed: bool = False) -> None:
+        """An instance left (its key was deleted: it stopped), or its heartbeat expired."""
+        beat = self._beats.pop(key, None)
+        if beat is not None:
             self.changed = True
+            if lapsed:
+                remaining = sum(1 for b in self._beats.values() if b.agent == beat.agent)
+                self.lapsed.append((beat, remaining))
 
     def skills(self) -> set[str]:
-        """Every skill some live instance runs (cheaper than :meth:`offers`: no loads)."""
+        """Every skill some live instance runs (cheaper than :meth:`pools`)."""
         return {skill for beat in self._beats.values() for skill in beat.skills}
 
-    def offers(self) -> dict[str, Offer]:
-        """Every skill some live instance runs, with its capabilities and load."""
-        caps: dict[str, set[str]] = {}
-        running: dict[str, int] = {}
+    def pools(self) -> dict[str, Pool]:
+        """Every live agent, its instances taken together."""
         slots: dict[str, int] = {}
+        skills: dict[str, dict[str, set[str]]] = {}
         for beat in self._beats.values():
+            slots[beat.agent] = slots.get(beat.agent, 0) + max(beat.concurrency, 1)
+            mine = skills.setdefault(beat.agent, {})
             for skill in beat.skills:
-                caps.setdefault(skill, set()).update(beat.capabilities.get(skill, ()))
-                running[skill] = running.get(skill, 0) + beat.loads.get(skill, 0)
-                slots[skill] = slots.get(skill, 0) + max(beat.concurrency, 1)
-        return {s: Offer(frozenset(c), running[s] / slots[s]) for s, c in caps.items()}
+                mine.setdefault(skill, set()).update(beat.capabilities.get(skill, ()))
+        return {agent: Pool(agent, slots[agent], {s: frozenset(c) for s, c in skills[agent].items()})
+                for agent in slots}
 
 
-def match(required: Iterable[str], offers: dict[str, Offer]) -> tuple[str, float] | None:
-    """The skill that best provides every ``required`` capability, and its score.
+def fits(required: Iterable[str], pools: dict[str, Pool], held: Callable[[str], int] = lambda agent: 0,
+         skill: str | None = None, allowed: Callable[[str], bool] = lambda skill: True) -> list[Fit]:
+    """Every live agent's skill that provides all of ``required``, best first.
 
-    A skill provides its own name and its advertised capabilities. Only skills that
-    provide all of them are candidates; each scores ``|required| / |provided|`` (1 is an
-    exact fit, lower means a broader skill); the best score wins, ties go to the least
-    loaded, then to the name.
+    A skill provides its own name and the capabilities advertised with it. Each fit scores
+    ``|required| / |provided|`` (1 is an exact fit; a broader skill scores lower, so a
+    specialist wins over a generalist); ties go to the agent with the most free slots
+    (``held(agent)``: its slots taken by work assigned to it), then to the name. ``skill``:
+    only that skill (a step that names one). ``allowed``: the skills the submitter may run.
     """
     need = set(required)
-    best: tuple[float, float, str] | None = None
-    for skill, offer in offers.items():
-        provided = offer.capabilities | {skill}
-        if not need <= provided:
-            continue
-        candidate = (-len(need) / len(provided), offer.load, skill)
-        if best is None or candidate < best:
-            best = candidate
-    return (best[2], -best[0]) if best is not None else None
+    out: list[Fit] = []
+    for agent, pool in pools.items():
+        for name, caps in pool.skills.items():
+            provided = caps | {name}
+            if (skill is not None and name != skill) or not need <= provided or not allowed(name):
+                continue
+            out.append(Fit(agent, name, len(need) / len(provided), frozenset(provided),
+                           pool.slots - held(agent), pool.slots))
+    out.sort(key=lambda f: (-f.score, -f.free / f.slots, f.agent, f.skill))
+    return out
+
+
+def match(required: Iterable[str], offers: dict[str, frozenset[str]]) -> tuple[str, float] | None:
+    """The installed skill (name → capabilities) that best provides every ``required``
+    capability, and its score (as :func:`fits` scores agents), for a proposal."""
+    pools = {"": Pool("", 1, dict(offers))}
+    found = fits(required, pools)
+    return (found[0].skill, found[0].score) if found else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Wanted:
+    """A task ready to be assigned to an agent, as the scheduler collects them."""
+
+    task_id: str
+    need: list[str]
+    skill: str | None
+    priority: int
+    submitter: str
+    reason: str
+    step: PlanStep | None = None
 
 
 _NAME_UNSAFE = re.compile(r"[^a-z0-9_-]+")
@@ -146,7 +203,7 @@ _NAME_UNSAFE = re.compile(r"[^a-z0-9_-]+")
 def propose(required: list[str], installed: dict[str, frozenset[str]]) -> AgentProposal:
     """An agent configuration that would serve a step needing ``required``: the best
     installed skill that provides them, else a general LLM agent told what it is for."""
-    found = match(required, {s: Offer(c, 0.0) for s, c in installed.items()})
+    found = match(required, installed)
     name = _NAME_UNSAFE.sub("-", "-".join(sorted(required)))[:40].strip("-_") or "agent"
     if found is not None:
         skill, _ = found
@@ -166,12 +223,15 @@ class Scheduler:
         installed: dict[str, frozenset[str]] | None = None,
         max_output_bytes: int = 256 * 1024,
         may_run: Callable[[str, str], bool] = lambda principal, skill: True,
+        aging_s: float = AGING_S,
     ) -> None:
         self.live = live
         self.installed = installed or {}
         self.max_output_bytes = max_output_bytes
         self.may_run = may_run
         """Whether a step submitted by a principal may be matched to a skill (policy)."""
+        self.aging_s = aging_s
+        """A task waiting for its agent gains one priority level every ``aging_s``."""
 
     def decide(self, state: RouterState, now: datetime) -> list[RouterDecision]:
         """The events that follow from ``state``'s dirty tasks (at most one per task per
@@ -179,13 +239,11 @@ class Scheduler:
         tasks = state.tasks
         if self.live.changed:
             self.live.changed = False
-            for task_id in state.unmatched:
-                state.dirty.add(task_id)
-                if (parent_id := tasks[task_id].parent) is not None:
-                    state.dirty.add(parent_id)
+            self._live_changed(state)
         state.due(now)
         out: list[RouterDecision] = []
         touched: set[str] = set()
+        wanted: list[_Wanted] = []
 
         def emit(event: RouterDecision | None) -> None:
             if event is not None and event.task_id not in touched:
@@ -200,23 +258,105 @@ class Scheduler:
             if parent is not None and _ended_badly(parent) and not task.settled:
                 emit(TaskCancelled(id=new_id(), task_id=task_id, reason=f"parent {task.parent} {parent.status}"))
                 continue
+            if (parent is not None and not task.settled and task.parent_dispatch
+                    and parent.dispatch > task.parent_dispatch):
+                emit(TaskCancelled(id=new_id(), task_id=task_id, reason=(
+                    f"submitted by dispatch {task.parent_dispatch} of {task.parent}, which dispatch "
+                    f"{parent.dispatch} superseded")))
+                continue
             if task.status is Status.FAILED and not task.settled:
                 emit(self._after_failure(task_id, task, now))
                 continue
             if task.status is Status.RETRYING and task.retry_at is not None and task.retry_at <= now:
-                emit(TaskDispatched(id=new_id(), task_id=task_id, skill=task.skill, dispatch=task.dispatch + 1,
-                                    attempt_base=task.attempt, reason="retry"))
+                if isinstance(task, StepState) or (isinstance(task, TaskState) and task.matched):
+                    wanted.append(self._wanted(task_id, task, "retry"))
+                else:  # a plain submission: its skill's shared queue, as it first went
+                    emit(TaskDispatched(id=new_id(), task_id=task_id, skill=task.skill, dispatch=task.dispatch + 1,
+                                        attempt_base=task.attempt, reason="retry"))
+                continue
+            if task_id in state.orphaned and task.status in (Status.PENDING, Status.RUNNING):
+                wanted.append(self._wanted(task_id, task, "reassigned"))
                 continue
             if isinstance(task, TaskState) and task.status in _UNDISPATCHED:
-                emit(self._match_submission(state, task_id, task))
+                wanted.append(self._wanted(task_id, task, "matched"))
                 continue
             if isinstance(task, PlanState) and task.status is Status.RUNNING:
-                for event in self._plan(state, task_id, task, touched):
+                events, ready = self._plan(state, task_id, task, touched)
+                for event in events:
                     emit(event)
+                wanted += ready
             if _ended_badly(task):
                 for child in task.children:
                     if not tasks[child].settled:
                         emit(TaskCancelled(id=new_id(), task_id=child, reason=f"parent {task_id} {task.status}"))
+        for event in self._assign(state, [w for w in wanted if w.task_id not in touched], now):
+            emit(event)
+        return out
+
+    def _live_changed(self, state: RouterState) -> None:
+        """Agents came, left or changed: what waits for one is looked at again, and work
+        assigned to an agent that no longer offers its skill is handed on."""
+        for task_id in state.unmatched:
+            state.dirty.add(task_id)
+            if (parent_id := state.tasks[task_id].parent) is not None:
+                state.dirty.add(parent_id)
+        state.wake_held()
+        if not self.live.ready:
+            return
+        pools = self.live.pools()
+        for agent, assigned in state.inflight.items():
+            pool = pools.get(agent)
+            for task_id in assigned:
+                if pool is None or state.tasks[task_id].skill not in pool.skills:
+                    state.orphaned.add(task_id)
+                    state.dirty.add(task_id)
+
+    def _wanted(self, task_id: str, task: AnyTask, reason: str) -> _Wanted:
+        """What assigning ``task`` takes: the capabilities a step names, else its skill."""
+        if isinstance(task, StepState):
+            step = task.step
+            if step.skill is not None:
+                return _Wanted(task_id, [step.skill], step.skill, step.priority, task.submitter, reason, step)
+            return _Wanted(task_id, list(step.capabilities), None, step.priority, task.submitter, reason, step)
+        # A submission held for a match: its skill's name is the one capability it needs.
+        return _Wanted(task_id, [task.skill], None, DEFAULT_PRIORITY, task.submitter, reason)
+
+    def _assign(self, state: RouterState, wanted: list[_Wanted], now: datetime) -> list[RouterDecision]:
+        """Assign ready work to the agents that fit it best, highest effective priority
+        first, each agent at most as much as it has slots (work assigned to it and not
+        finished holds one); what does not fit now waits for a slot of its agent
+        (``state.held``), and what no live agent fits is ``skill_unmatched``.
+
+        Effective priority is the priority plus one for every ``aging_s`` the task has
+        waited, so lower-priority work waits a bounded time behind a stream of higher."""
+        if not wanted:
+            return []
+        pools = self.live.pools()
+        taken: dict[str, int] = {agent: len(state.inflight.get(agent, ())) for agent in pools}
+
+        def rank(w: _Wanted) -> tuple[int, datetime, str]:
+            since = state.ready_since.setdefault(w.task_id, now)
+            return -(w.priority + int((now - since).total_seconds() // self.aging_s)), since, w.task_id
+
+        out: list[RouterDecision] = []
+        for w in sorted(wanted, key=rank):
+            task = state.tasks[w.task_id]
+            allowed = ((lambda skill: True) if w.skill is not None
+                       else functools.partial(self.may_run, w.submitter))
+            found = fits(w.need, pools, taken.__getitem__, w.skill, allowed)
+            if not found:
+                if task.status is not Status.UNMATCHED:
+                    out.append(SkillUnmatched(id=new_id(), task_id=w.task_id, capabilities=w.need,
+                                              proposal=propose(w.need, self._known_capabilities(state))))
+                continue
+            best = found[0]
+            if best.free <= 0:
+                state.held.setdefault(best.agent, set()).add(w.task_id)
+                continue
+            taken[best.agent] += 1
+            out.append(TaskDispatched(id=new_id(), task_id=w.task_id, skill=best.skill, dispatch=task.dispatch + 1,
+                                      attempt_base=task.attempt, reason=w.reason,  # type: ignore[arg-type]
+                                      score=round(best.score, 4), agent=best.agent))
         return out
 
     def _after_failure(self, task_id: str, task: AnyTask, now: datetime) -> RouterDecision:
@@ -227,18 +367,21 @@ class Scheduler:
         reason = f"failed {task.failures} of {task.retry.max_attempts} attempts; last error: {task.error}"
         return TaskDeadLettered(id=new_id(), task_id=task_id, failures=task.failures, reason=reason[:16_384])
 
-    def _plan(self, state: RouterState, plan_id: str, plan: PlanState, touched: set[str]) -> list[RouterDecision]:
+    def _plan(self, state: RouterState, plan_id: str, plan: PlanState,
+              touched: set[str]) -> tuple[list[RouterDecision], list[_Wanted]]:
+        """What follows for a running plan: its end, skipped steps, and the steps ready to
+        be assigned (returned, for :meth:`_assign` to order with every other plan's)."""
         tasks = state.tasks
         steps = [(cid, step) for cid in plan.children if isinstance(step := tasks[cid], StepState)]
         for _, step in steps:
             if step.settled and step.status not in _FINE and step.step.on_failure == "fail":
                 error = f"step {step.step.id} {step.status}: {step.error}"
-                return [TaskFailed(id=new_id(), task_id=plan_id, attempt=1, error=error[:16_384])]
+                return [TaskFailed(id=new_id(), task_id=plan_id, attempt=1, error=error[:16_384])], []
         if all(step.settled for _, step in steps):
-            return [TaskCompleted(id=new_id(), task_id=plan_id, attempt=1, output=self._aggregate(steps))]
+            return [TaskCompleted(id=new_id(), task_id=plan_id, attempt=1, output=self._aggregate(steps))], []
         out: list[RouterDecision] = []
-        ready: list[tuple[int, int, str, StepState]] = []
-        for index, (cid, step) in enumerate(steps):
+        ready: list[_Wanted] = []
+        for cid, step in steps:
             if cid in touched or step.status not in _UNDISPATCHED:
                 continue
             deps = [d for d in map(tasks.__getitem__, step.deps) if isinstance(d, StepState)]
@@ -249,45 +392,14 @@ class Scheduler:
                 out.append(TaskCancelled(id=new_id(), task_id=cid, skipped=True,
                                          reason=f"skipped: step {failed.step.id} {failed.status}"))
                 continue
-            ready.append((-step.step.priority, index, cid, step))
-        offers: dict[str, Any] | None = None
-        for _, _, cid, step in sorted(ready):
-            deps = [d for d in map(tasks.__getitem__, step.deps) if isinstance(d, StepState)]
             size = len(codec.encode({d.step.id: d.output for d in deps}))
             if size > 2 * self.max_output_bytes:
                 reason = (f"its dependencies' outputs are {size} bytes; a work item carries at most "
                           f"{2 * self.max_output_bytes}")
                 out.append(TaskDeadLettered(id=new_id(), task_id=cid, failures=0, reason=reason))
                 continue
-            if step.step.skill is not None:
-                out.append(TaskDispatched(id=new_id(), task_id=cid, skill=step.step.skill,
-                                          dispatch=step.dispatch + 1, attempt_base=step.attempt))
-                continue
-            if offers is None:
-                offers = {s: o for s, o in self.live.offers().items() if self.may_run(plan.submitter, s)}
-            found = match(step.step.capabilities, offers)
-            if found is not None:
-                skill, score = found
-                out.append(TaskDispatched(id=new_id(), task_id=cid, skill=skill, dispatch=step.dispatch + 1,
-                                          attempt_base=step.attempt, reason="matched", score=round(score, 4)))
-            elif step.status is not Status.UNMATCHED:
-                out.append(SkillUnmatched(id=new_id(), task_id=cid, capabilities=step.step.capabilities,
-                                          proposal=propose(step.step.capabilities, self._known_capabilities(state))))
-        return out
-
-    def _match_submission(self, state: RouterState, task_id: str, task: TaskState) -> RouterDecision | None:
-        """A submission held for a match: its skill's name is the one capability it needs."""
-        need = [task.skill]
-        offers = {s: o for s, o in self.live.offers().items() if self.may_run(task.submitter, s)}
-        found = match(need, offers)
-        if found is not None:
-            skill, score = found
-            return TaskDispatched(id=new_id(), task_id=task_id, skill=skill, dispatch=task.dispatch + 1,
-                                  attempt_base=task.attempt, reason="matched", score=round(score, 4))
-        if task.status is Status.UNMATCHED:
-            return None  # proposed already: it waits for the live set to change
-        return SkillUnmatched(id=new_id(), task_id=task_id, capabilities=need,
-                              proposal=propose(need, self._known_capabilities(state)))
+            ready.append(self._wanted(cid, step, "matched" if step.step.skill is None else "ready"))
+        return out, ready
 
     def _known_capabilities(self, state: RouterState) -> dict[str, frozenset[str]]:
         known = dict(self.installed)
@@ -333,6 +445,7 @@ async def watch_agents(js: JetStreamContext, live: LiveAgents, ready: asyncio.Ev
             try:
                 async for entry in watcher:
                     if entry is None:
+                        live.ready = live.changed = True
                         if ready is not None:
                             ready.set()
                         continue  # the marker after the initial values

@@ -10,7 +10,9 @@ running it applies each record right after sealing it. Two things live here:
   audited twice (invariant 2);
 - the message ids of accepted records within the de-duplication horizon;
 - where the last signed checkpoint is;
-- which memory checkpoints each agent has (a restore must name one).
+- which memory checkpoints each agent has (a restore must name one);
+- the work assigned to each agent that has not finished (``inflight``), which bounds what
+  the scheduler assigns to it (docs/orchestration.md, "Where work goes").
 """
 
 from __future__ import annotations
@@ -82,6 +84,11 @@ class _Task:
     its steps): the router's next decision about it is a span under its cause."""
     dispatch_trace: str = ""
     """The ``traceparent`` of the record of its current routed dispatch."""
+    agent: str = ""
+    """The agent its current dispatch is assigned to; empty: a skill's shared queue."""
+    parent_dispatch: int = 0
+    """The dispatch of its parent when a skill submitted it (a subtask): a later dispatch of
+    the parent supersedes the attempt that made it, and it is cancelled."""
 
     shape: ClassVar[Shape]
 
@@ -110,6 +117,9 @@ class TaskState(_Task):
     """The submission, kept while it waits for (and until it is dispatched by) approval."""
     submission: TaskSubmitted | None = None
     """Kept while a retry, or a match, may need to dispatch the task again."""
+    matched: bool = False
+    """Held for a match at submission (``awaiting_match``): every dispatch of it is
+    assigned to the agent that fits it, not to its skill's shared queue."""
 
     shape: ClassVar[Shape] = Shape.TASK
 
@@ -165,6 +175,17 @@ class RouterState:
         capabilities they need."""
         self.dirty: set[str] = set()
         """Tasks the scheduler should look at again (see :mod:`router.scheduler`)."""
+        self.inflight: dict[str, set[str]] = {}
+        """agent → the tasks assigned to it that are dispatched or running"""
+        self.held: dict[str, set[str]] = {}
+        """agent → ready tasks the scheduler matched to it that wait for a free slot there
+        (the scheduler's; looked at again when one of its assigned tasks ends)"""
+        self.ready_since: dict[str, datetime] = {}
+        """When the scheduler first found a task ready and could not dispatch it: its
+        priority grows with the wait (the scheduler's; a new router starts the clocks anew)"""
+        self.orphaned: set[str] = set()
+        """Tasks assigned to an agent that no longer offers their skill (every instance
+        left): the scheduler hands them on."""
         self._timers: list[tuple[datetime, str]] = []
         self._traceparent = ""
         """The trace context of the record being folded (see :meth:`apply`)."""
@@ -211,9 +232,25 @@ class RouterState:
             if task is not None and type(event) not in _CREATES:
                 # One definition of what each record does to a status: bus/lifecycle.py.
                 task.status = lifecycle.after(task.status, record, task.shape)
+                if task.agent and task.status not in _ASSIGNED:
+                    self._release(event.task_id, task)
             self._touch(event.task_id)
             if traceparent:
                 self._traced(event.task_id, traceparent)
+
+    def _release(self, task_id: str, task: AnyTask) -> None:
+        """The task no longer holds a slot of the agent it was assigned to: what waits for
+        one there is looked at again."""
+        agent, task.agent = task.agent, ""
+        self.inflight.get(agent, set()).discard(task_id)
+        self.orphaned.discard(task_id)
+        self.wake_held(agent)
+
+    def wake_held(self, agent: str | None = None) -> None:
+        """Mark the tasks waiting for a slot (of ``agent``, or of any) dirty, with their plans."""
+        for name in [agent] if agent is not None else list(self.held):
+            for task_id in self.held.pop(name, ()):
+                self._touch(task_id)
 
     def _submitted(self, record: AuditRecord, submission: TaskSubmitted) -> None:
         held = record.code == APPROVAL_REQUESTED
@@ -226,9 +263,11 @@ class RouterState:
             dispatch=0 if waits else 1, held=submission if held else None, budget=submission.budget,
             parent=submission.parent_task_id, retry=retry,
             submission=submission if retry.max_attempts > 1 or waits else None, trace=self._traceparent,
+            matched=waits,
         )
         if (parent := self.tasks.get(submission.parent_task_id or "")) is not None:
             parent.children.append(submission.task_id)
+            self.tasks[submission.task_id].parent_dispatch = parent.dispatch
 
     def _plan_submitted(self, record: AuditRecord, plan: PlanSubmitted) -> None:
         plan_id = plan.task_id
@@ -241,6 +280,7 @@ class RouterState:
         )
         if (parent := self.tasks.get(plan.parent_task_id or "")) is not None:
             parent.children.append(plan_id)
+            self.tasks[plan_id].parent_dispatch = parent.dispatch
         for step, child in zip(plan.steps, children, strict=True):
             self.tasks[child] = StepState(
                 skill=step.skill or "", submitter=record.principal, status=lifecycle.created(record, Shape.STEP),
@@ -295,6 +335,14 @@ class RouterState:
         task.skill, task.dispatch, task.retry_at = dispatched.skill, dispatched.dispatch, None
         task.routed, task.dispatch_seq, task.dispatch_trace = True, record.seq, self._traceparent
         self.unmatched.discard(dispatched.task_id)
+        self.ready_since.pop(dispatched.task_id, None)
+        if task.agent:
+            self._release(dispatched.task_id, task)
+        if dispatched.agent:
+            task.agent = dispatched.agent
+            self.inflight.setdefault(dispatched.agent, set()).add(dispatched.task_id)
+        for child in task.children:
+            self.dirty.add(child)  # a subtask of a superseded attempt is cancelled
 
     def _retry_scheduled(self, record: AuditRecord, retry: TaskRetryScheduled) -> None:
         self.tasks[retry.task_id].retry_at = retry.not_before
@@ -316,6 +364,9 @@ class RouterState:
         self.unmatched.discard(cancel.task_id)
 
     def _unmatched(self, record: AuditRecord, unmatched: SkillUnmatched) -> None:
+        task = self.tasks[unmatched.task_id]
+        if task.agent:
+            self._release(unmatched.task_id, task)
         self.unmatched.add(unmatched.task_id)
         self.proposals[unmatched.id] = unmatched
 
@@ -408,3 +459,7 @@ _UNCHANGED = frozenset({TaskProgress})
 
 _CREATES = frozenset({TaskSubmitted, PlanSubmitted})
 """Records that create their task (its status comes from :func:`bus.lifecycle.created`)."""
+
+_ASSIGNED = frozenset({Status.PENDING, Status.RUNNING})
+"""Statuses in which a task assigned to an agent holds one of its slots."""
+

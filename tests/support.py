@@ -34,6 +34,8 @@ TEST_PRINCIPALS = [
     identity("agent", "scribe-1", ["notes"]), identity("agent", "scribe-2", ["notes"]),
     identity("agent", "thinker-1", ["llm.chat", "plan", "reason"]), identity("agent", "runner-1", ["shell", "python"]),
     identity("agent", "counter-1", ["wordcount"]),
+    identity("agent", "frontend", ["echo"]), identity("agent", "backend", ["echo"]),
+    identity("agent", "delegator", ["delegate"]),
 ]
 
 
@@ -179,6 +181,7 @@ def suite_settings(url: str, tmp: Path, workspace_root: Path, auth: Path, **chan
         work_ack_wait_s=2.0,
         ingress_ack_wait_s=2.0,
         heartbeat_interval_s=0.5,
+        agents_ttl_s=4.0,
         drain_timeout_s=5.0,
         connect_timeout_s=10.0,
     ).replace(**changes)
@@ -201,6 +204,7 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
         LEDGERBUS_WORK_ACK_WAIT_S=str(settings.work_ack_wait_s),
         LEDGERBUS_INGRESS_ACK_WAIT_S=str(settings.ingress_ack_wait_s),
         LEDGERBUS_HEARTBEAT_INTERVAL_S=str(settings.heartbeat_interval_s),
+        LEDGERBUS_AGENTS_TTL_S=str(settings.agents_ttl_s),
         LEDGERBUS_DRAIN_TIMEOUT_S=str(settings.drain_timeout_s),
         LEDGERBUS_MEMORY_LIST_CAP=str(settings.memory_list_cap),
         LEDGERBUS_PROJECTOR_BATCH=str(settings.projector_batch),

@@ -138,7 +138,8 @@ async def test_one_plan_is_one_trace_across_every_process(procs: Procs, settings
     assert done.parent_span_id in {completion("traced-list").span_id, completion("traced-think").span_id}
     assert runs["traced-greet"].attributes["ledgerbus.agent"] == "echo-1"
     assert runs["traced-greet"].attributes["messaging.message.id"] == "work-traced-greet"
-    assert runs["traced-greet"].attributes["messaging.destination.name"] == "work.echo"
+    # A plan step is assigned to the agent it was matched to: its queue, not the skill's.
+    assert runs["traced-greet"].attributes["messaging.destination.name"] == "assign.echo-1.echo"
     shell = next(s for s in spans if s.name == "shell.exec")
     assert by_id[shell.parent_span_id] == runs["traced-list"]
     assert shell.attributes["process.executable.name"] == "echo"

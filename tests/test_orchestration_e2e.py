@@ -134,20 +134,24 @@ async def test_a_step_whose_agent_dies_is_redelivered_to_another_replica_and_com
     first = await procs.start("agent-a", "agent", "--name", "agent-a", "--skills", "sleep")
     js = admin.jetstream()
     await wait_for_record(js, lambda r: r.kind == "agent_joined")
+    # Two replicas of one agent: the step is assigned to the agent, so either may run it.
+    # (An agent with no replica left has its work handed on to another agent instead:
+    # tests/test_targeted_dispatch.py.)
     plan = PlanSubmitted(id=new_id(), task_id="doomed", steps=[
         PlanStep(id="long", skill="sleep", input={"seconds": 2}),
         PlanStep(id="then", skill="sleep", input={"seconds": 0}, deps=["long"]),
     ])
     await send(await connect_as("cli"), "cli", "alice", plan)
     await wait_for_record(js, lambda r: r.key == "doomed-long" and r.kind == "task_started")
+    await procs.start("agent-a-2", "agent", "--name", "agent-a", "--skills", "sleep")
     first.kill9()
     await first.proc.wait()
-    await procs.start("agent-b", "agent", "--name", "agent-b", "--skills", "sleep")
     end = await wait_for_record(js, lambda r: r.key == "doomed" and r.kind in ("task_completed", "task_failed"), 60)
     assert end.kind == "task_completed"
     records = await audit_records(js)
     claims = accepted(records, "doomed-long", "task_started")
-    assert [(c.principal, c.event.attempt) for c in claims] == [("agent-agent-a", 1), ("agent-agent-b", 2)]  # type: ignore[union-attr]
+    assert [(c.principal, c.event.attempt) for c in claims] == [("agent-agent-a", 1), ("agent-agent-a", 2)]  # type: ignore[union-attr]
+    assert claims[0].event.id != claims[1].event.id  # type: ignore[union-attr]
     assert len(accepted(records, "doomed-long", "task_completed")) == 1
     assert len(accepted(records, "doomed-long", "task_dispatched")) == 1  # redelivery, not a retry
     assert Counter(r.key for r in records if r.kind == "task_completed" and r.accepted) == {
@@ -165,15 +169,21 @@ async def test_a_task_whose_claimants_all_die_is_dead_lettered_after_max_deliver
         PlanStep(id="never", skill="sleep", input={"seconds": 0}, deps=["hang"]),
     ])
     await send(await connect_as("cli"), "cli", "alice", plan)
-    for attempt, name in ((1, "agent-a"), (2, "agent-b")):
-        agent = await procs.start(name, "agent", "--name", name, "--skills", "sleep", LEDGERBUS_WORK_MAX_DELIVER="2")
+    # Every claimant is a replica of one agent (the step is assigned to it): each dies
+    # after its claim, the next replica already up, so the agent never leaves (an agent
+    # with no replica left would have its work handed on instead).
+    agent = await procs.start("sleeper-1", "agent", "--name", "sleeper-1", "--skills", "sleep",
+                              LEDGERBUS_WORK_MAX_DELIVER="2")
+    for attempt in (1, 2):
         await wait_for_record(js, lambda r, n=attempt: r.key == "cursed-hang" and r.kind == "task_started"
                               and r.accepted and r.event.attempt == n)  # type: ignore[union-attr]
+        following = await procs.start(f"sleeper-1-{attempt + 1}", "agent", "--name", "sleeper-1", "--skills",
+                                      "sleep", LEDGERBUS_WORK_MAX_DELIVER="2")
         agent.kill9()
         await agent.proc.wait()
-    # JetStream gives up on the message when it would deliver it a third time: to the next
-    # replica that asks for work.
-    await procs.start("sleeper-1", "agent", "--name", "sleeper-1", "--skills", "sleep", LEDGERBUS_WORK_MAX_DELIVER="2")
+        agent = following
+    # JetStream gives up on the message when it would deliver it a third time: to the
+    # replica now asking for work.
     dead = await wait_for_record(js, lambda r: r.key == "cursed-hang" and r.kind == "task_dead_lettered", 30)
     assert dead.principal == "router"
     assert dead.event.reason.startswith("no result after 2 deliveries (MaxDeliver)")  # type: ignore[union-attr]

@@ -1,7 +1,10 @@
 """The permissions nats.conf enforces are generated, not typed: the users file for a given
-registry stays byte for byte what it was when bus/identity.py spelled every subject out
-by hand (tests/golden/users.conf, written by that code), so building the subjects in
-bus/subjects.py changed no principal's rights."""
+registry stays byte for byte tests/golden/users.conf, first written when bus/identity.py
+spelled every subject out by hand, so building the subjects in bus/subjects.py changed no
+principal's rights. Changed on purpose since, and reviewed line by line: work assigned to
+one agent (``assign.<name>.>``, its own consumer), and WORK consumers created only through
+the API subject that names their filter (no legacy durable create, whose filter the server
+does not check)."""
 
 from __future__ import annotations
 

@@ -12,8 +12,10 @@ result together").
 
 A claim must also prove its delivery: it presents the token its work item carried
 (``not_delivered`` otherwise), and its sender's identity must have been given the task's
-skill (``skill_not_held``). A newer attempt number alone supersedes nobody: only a
-replica that received a redelivery of the same dispatch holds its token.
+skill (``skill_not_held``), and work assigned to one agent is claimed only by that
+agent's instances (``not_assigned``; NATS permissions already keep its queue from every
+other identity). A newer attempt number alone supersedes nobody: only a replica that
+received a redelivery of the same dispatch holds its token.
 """
 
 from __future__ import annotations
@@ -50,7 +52,11 @@ def _delivered(who: str, claim: TaskStarted, state: RouterState, tokens: ClaimTo
                agent_skills: Callable[[str, str], frozenset[str] | None]) -> Rejection | None:
     """A claim that fits the task's state: is its sender one that may hold the skill and
     that received this dispatch?"""
-    skill = state.tasks[claim.task_id].skill
+    task = state.tasks[claim.task_id]
+    skill = task.skill
+    if task.agent and who != f"agent-{task.agent}":
+        return Rejection("not_assigned", f"task {claim.task_id} dispatch {task.dispatch} is assigned to agent "
+                                         f"{task.agent}, not {who}")
     held = agent_skills(who, skill)
     if held is None or skill not in held:
         given = "is not a registered agent" if held is None else f"was given {', '.join(sorted(held)) or 'no skills'}"

@@ -7,7 +7,7 @@ decides whether that kind of principal may send that kind of message at all.
 from __future__ import annotations
 
 from bus import subjects
-from bus.events import kind_of
+from bus.events import AgentLeft, kind_of
 from router.checks import Inbound, Learned, Rejection, learned
 from router.state import RouterState
 
@@ -48,4 +48,7 @@ def check_kind_allowed(msg: Inbound, state: RouterState) -> Rejection | None:
         return Rejection("kind_mismatch", f"subject says {msg.kind_token!r} but the body is {kind!r}")
     if kind not in ALLOWED_KINDS.get(msg.principal.kind, frozenset()):
         return Rejection("kind_not_allowed", f"a {msg.principal.kind} principal may not send {kind}")
+    if isinstance(msg.event, AgentLeft) and msg.event.agent not in ("", msg.principal.name):
+        # Only the router says another agent left (its heartbeat lapsed).
+        return Rejection("kind_not_allowed", f"agent {msg.principal.name} may not say that agent {msg.event.agent} left")
     return None
