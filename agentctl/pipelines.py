@@ -5,8 +5,11 @@ steps are roles, each played by the agent profile of the same name.
 other: ``product_manager`` (what to build) → ``architect`` (how) → ``developer`` (the
 code) → ``qa`` (does it work). Each step runs the first skill of its role's profile
 (``product-manager``, ``architect``, ``developer``, ``qa`` in the profiles file) with the
-input ``{"requirement", "role", "instructions", "guardrails", "handoffs"}`` taken from
-the profile; the plan's context hands each step the output of the one before it.
+input ``{"requirement", "role", "instructions", "guardrails", "handoffs", "checks"}`` taken
+from the profile, on the agent of that name when it is live (``role``), else on the best fit
+for the skill, which plays the role from the input. Each step depends on every step before
+it, so its context holds the outputs of all earlier roles (the pipeline's memory, which
+spans all its agents); ``llm.chat`` bounds what of it goes into the prompt.
 """
 
 from __future__ import annotations
@@ -51,10 +54,11 @@ def plan(
     for step_id, role in roles:
         profile = known[role]
         steps.append(PlanStep(
-            id=step_id, skill=profile.skills[0], deps=[steps[-1].id] if steps else [], timeout_s=timeout_s,
-            retry=retry,
+            id=step_id, skill=profile.skills[0], deps=[s.id for s in steps], timeout_s=timeout_s,
+            retry=retry, role=role,
             input={"requirement": requirement, "role": role, "instructions": profile.instructions,
-                   "guardrails": list(profile.guardrails), "handoffs": list(profile.handoffs)},
+                   "guardrails": list(profile.guardrails), "handoffs": list(profile.handoffs),
+                   **({"checks": codec.to_builtins(profile.checks)} if profile.checks is not None else {})},
         ))
     event = PlanSubmitted(id=new_id(), task_id=task_id or new_id(), steps=steps, name=f"{pipeline}: {requirement}"[:128])
     # Through the router's own schema, so an oversized requirement or a bad task id is said here.

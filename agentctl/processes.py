@@ -15,6 +15,7 @@ from agentctl.common import App, cli_name, fail, run
 from bus import failpoints
 from bus.connection import connected
 from bus.errors import ConfigError, LedgerbusError
+from bus.settings import Settings
 from bus.subjects import SubjectError, check_name
 from bus.tracing import configure_telemetry
 
@@ -47,6 +48,13 @@ def serve(app: App, principal: str, service: str, body: Body) -> None:
         run(main)
     finally:
         telemetry.shutdown()
+
+
+def _profile_skills(name: str) -> list[str]:
+    """The skills of profile ``name`` in the profiles file (for its identity)."""
+    from agents import profiles
+
+    return list(profiles.get(Settings.from_env().profiles_path, name).skills)
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
@@ -82,7 +90,7 @@ def nats(node: str | None, config: Path | None, store_dir: Path | None, pid_file
     pid_file = pid_file or Path("var") / (f"{node}.pid" if node else "nats.pid")
     try:
         auth = users_dir(config)
-        if ensure_local(auth, cli_name(), Path("Procfile")):
+        if ensure_local(auth, cli_name(), Path("Procfile"), _profile_skills):
             click.echo(f"agentctl: wrote local identities to {auth}", err=True)
         pid_file.parent.mkdir(parents=True, exist_ok=True)
         exec_server(config, store_dir, ("-P", str(pid_file), *server_args))
@@ -135,52 +143,65 @@ def _skills(ctx: click.Context, param: click.Parameter, value: str | None) -> li
 @click.command()
 @click.option("--name", help="Agent name (its identity: in.agent-NAME.*).")
 @click.option("--skills", callback=_skills, help="Comma-separated skills to serve.")
-@click.option("--profile", "profile_name", metavar="NAME",
+@click.option("--profile", "profile_names", metavar="NAME", multiple=True,
               help="Run profile NAME of the profiles file (LEDGERBUS_PROFILES_PATH) as agent NAME: its skills, "
-                   "capabilities and concurrency. Instead of --name and --skills.")
+                   "capabilities and concurrency. Instead of --name and --skills. Repeat it to run a team: "
+                   "several agents in one process, each with its own identity and connection.")
 @click.option("--concurrency", type=click.IntRange(1, 4096), help="Tasks run at once.  [default: 1, or the profile's]")
 @click.pass_obj
-def agent(app: App, name: str | None, skills: list[str] | None, profile_name: str | None,
+def agent(app: App, name: str | None, skills: list[str] | None, profile_names: tuple[str, ...],
           concurrency: int | None) -> None:
-    """Run an agent process serving SKILLS (start more for more replicas), or the agent a
-    profile describes (--profile NAME)."""
+    """Run an agent process serving SKILLS (start more for more replicas), or the agents
+    profiles describe (--profile NAME, repeated for a team in one process)."""
     from agents import profiles
     from agents.discovery import load_many
     from agents.hooks import Hooks
     from agents.llm.router import LLMRouter
     from agents.runtime import Agent
 
-    capabilities: list[str] = []
-    instructions = ""
-    if profile_name is not None:
+    # (name, skills, capabilities, instructions, concurrency, profile) per agent to run.
+    specs: list[tuple[str, list[str], list[str], str, int, str]] = []
+    if profile_names:
         if name is not None or skills is not None:
             raise click.UsageError("--profile NAME sets the agent's name and skills: give it without --name and --skills")
-        try:
-            profile = profiles.get(app.settings.profiles_path, profile_name)
-        except profiles.ProfileNotFound as exc:
-            raise click.BadParameter(str(exc), param_hint="--profile") from exc
-        except LedgerbusError as exc:
-            fail(str(exc))
-        name, skills, capabilities = profile_name, list(profile.skills), list(profile.capabilities)
-        instructions = profile.instructions
-        concurrency = concurrency or profile.concurrency
-    if name is None or skills is None:
+        for profile_name in dict.fromkeys(profile_names):
+            try:
+                profile = profiles.get(app.settings.profiles_path, profile_name)
+            except profiles.ProfileNotFound as exc:
+                raise click.BadParameter(str(exc), param_hint="--profile") from exc
+            except LedgerbusError as exc:
+                fail(str(exc))
+            specs.append((profile_name, list(profile.skills), list(profile.capabilities), profile.instructions,
+                          concurrency or profile.concurrency, profile_name))
+    elif name is None or skills is None:
         raise click.UsageError("give --name NAME and --skills a,b (or --profile NAME)")
-    agent_name = name
+    else:
+        try:
+            check_name(name, "agent name")
+        except SubjectError as exc:
+            raise click.BadParameter(str(exc), param_hint="--name") from exc
+        specs.append((name, skills, [], "", concurrency or 1, ""))
     try:
-        check_name(name, "agent name")
-    except SubjectError as exc:
-        raise click.BadParameter(str(exc), param_hint="--name") from exc
-    try:
-        loaded = load_many(skills)
+        loaded = {spec[0]: load_many(spec[1]) for spec in specs}
         hooks = Hooks.load(app.settings.policy_path)
         llm = LLMRouter.from_file(app.settings.llm_config_path)
     except LedgerbusError as exc:
         fail(str(exc))
 
+    def make(nc: Client, spec: tuple[str, list[str], list[str], str, int, str]) -> Agent:
+        agent_name, _, capabilities, instructions, slots, profile_name = spec
+        return Agent(nc, app.settings, agent_name, loaded[agent_name], slots, capabilities=capabilities,
+                     profile=profile_name, hooks=hooks, llm=llm, instructions=instructions)
+
+    async def one(spec: tuple[str, list[str], list[str], str, int, str], stop: asyncio.Event) -> None:
+        async with connected(app.settings, f"agent-{spec[0]}", client_name=f"ledgerbus-agent-{spec[0]}") as nc:
+            await make(nc, spec).run(stop)
+
     async def body(nc: Client, stop: asyncio.Event) -> None:
         async with llm:
-            await Agent(nc, app.settings, agent_name, loaded, concurrency or 1, capabilities=capabilities,
-                        profile=profile_name or "", hooks=hooks, llm=llm, instructions=instructions).run(stop)
+            # The first agent serves on the process's own connection (its spans go out on
+            # it); each other member of a team has a connection of its own identity.
+            await asyncio.gather(make(nc, specs[0]).run(stop), *(one(spec, stop) for spec in specs[1:]))
 
+    agent_name = specs[0][0]
     serve(app, f"agent-{agent_name}", f"ledgerbus-agent-{agent_name}", body)

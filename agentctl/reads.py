@@ -151,6 +151,8 @@ def _detail(record: dict[str, Any]) -> str:
         where = f"to {event['agent']}" if event.get("agent") else f"to any agent with {event.get('skill')}"
         score = f", score {event['score']:g}" if event.get("score") is not None else ""
         return f": {where} ({event.get('reason', 'ready')}{score})"
+    if record["kind"] == "handoff":
+        return f": from {event.get('from_role') or '?'} ({event.get('from_task')}) to {event.get('to_role') or '?'}"
     if record["kind"] == "skill_unmatched":
         return f": no live agent provides {', '.join(event.get('capabilities', []))}"
     if record["kind"] == "task_cancelled" and event.get("reason"):

@@ -10,6 +10,9 @@ A profile says what an agent started with ``agentctl agent --profile NAME`` serv
     guardrails = ["Never push to main"] # optional: rules its instructions must not break
     concurrency = 2                     # optional, default 1
 
+    [profiles.developer.checks]         # optional: guardrails checked on its output
+    must_not_match = ['(?i)password *=']  # (agents/guardrails.py)
+
 The file is decoded strictly (unknown fields are errors); every error names the file and
 the profile. :func:`add` appends a profile (an approved proposal) without touching the
 profiles already there, and never replaces one.
@@ -25,6 +28,7 @@ from typing import Annotated
 import msgspec
 
 from agents.errors import AgentError
+from agents.guardrails import Checks
 from bus.problems import explain
 from bus.subjects import NAME_PATTERN, SKILL_PATTERN
 
@@ -51,6 +55,8 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     handoffs: Annotated[list[ProfileName], msgspec.Meta(max_length=64)] = msgspec.field(default_factory=list)
     guardrails: Annotated[list[_Rule], msgspec.Meta(max_length=64)] = msgspec.field(default_factory=list)
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 1
+    checks: Checks | None = None
+    """The part of the guardrails a machine holds the output to (:mod:`agents.guardrails`)."""
 
 
 class ProfilesFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -321,7 +321,8 @@ class Agent:
             if not target.skills:
                 raise SkillError(f"profile {role} has no skill to hand off to")
             payload = {"context": context, "role": role, "instructions": target.instructions,
-                       "guardrails": target.guardrails, "from": self.name}
+                       "guardrails": target.guardrails, "from": self.name,
+                       **({"checks": codec.to_builtins(target.checks)} if target.checks is not None else {})}
             return await tasks.submit(target.skills[0], payload, timeout_s=item.timeout_s, handoff=True)
 
         try:

@@ -126,6 +126,10 @@ class PlanStep(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     timeout_s: Seconds = DEFAULT_TASK_TIMEOUT_S
     retry: RetryPolicy = NO_RETRY
     on_failure: Literal["fail", "continue"] = "fail"
+    role: Annotated[str, msgspec.Meta(pattern=r"^([a-z0-9][a-z0-9_-]{0,47})?$")] = ""
+    """The agent profile the step plays (a pipeline's role): the agent of that name serves
+    it when it is live and offers the step's skill, else the best fit, which plays the role
+    from the step's input (its instructions and model route)."""
 
 
 class PlanSubmitted(Event, tag="plan_submitted", frozen=True):
@@ -358,6 +362,19 @@ class TaskDispatched(Event, tag="task_dispatched", frozen=True):
     with the skill."""
 
 
+class Handoff(Event, tag="handoff", frozen=True):
+    """Work passed from one role to the next: task ``task_id`` takes over from
+    ``from_task``. The router records it before it dispatches a pipeline step that plays a
+    role after another role's step, and after it accepts a subtask a skill handed its work
+    to (``ctx.handoff``: ``task_submitted`` with ``handoff``)."""
+
+    task_id: Id
+    from_task: Id
+    from_role: Label = ""
+    """The role (or agent) handing over."""
+    to_role: Label = ""
+
+
 class TaskRetryScheduled(Event, tag="task_retry_scheduled", frozen=True):
     """The task failed with retries left: it is dispatched again at ``not_before``."""
 
@@ -404,7 +421,7 @@ class ProposalApproved(Event, tag="proposal_approved", frozen=True):
 AnyEvent = (
     TaskSubmitted | PlanSubmitted | TaskCancelled | TaskStarted | TaskProgress | TaskCompleted | TaskFailed
     | TaskUsage | TaskApproved | TaskDenied
-    | TaskDispatched | TaskRetryScheduled | TaskDeadLettered | SkillUnmatched | ProposalApproved
+    | TaskDispatched | TaskRetryScheduled | TaskDeadLettered | SkillUnmatched | Handoff | ProposalApproved
     | AgentJoined | AgentLeft
     | MemoryWritten | MemoryWiped | CheckpointSaved | CheckpointRestored | SharedWritten
 )
@@ -412,10 +429,10 @@ AnyEvent = (
 
 TASK_EVENTS = (
     TaskSubmitted, PlanSubmitted, TaskCancelled, TaskStarted, TaskProgress, TaskCompleted, TaskFailed, TaskUsage,
-    TaskApproved, TaskDenied, TaskDispatched, TaskRetryScheduled, TaskDeadLettered, SkillUnmatched,
+    TaskApproved, TaskDenied, TaskDispatched, TaskRetryScheduled, TaskDeadLettered, SkillUnmatched, Handoff,
 )
 """Events about one task: their ``task_id`` is the audit key."""
-ROUTER_EVENTS = (TaskDispatched, TaskRetryScheduled, TaskDeadLettered, SkillUnmatched)
+ROUTER_EVENTS = (TaskDispatched, TaskRetryScheduled, TaskDeadLettered, SkillUnmatched, Handoff)
 """Events only the router writes (and ``agent_left`` naming an ``agent``: a lapsed heartbeat)."""
 AGENT_EVENTS = (AgentJoined, AgentLeft)
 MEMORY_EVENTS = (MemoryWritten, MemoryWiped, CheckpointSaved, CheckpointRestored)

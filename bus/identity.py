@@ -30,7 +30,7 @@ import os
 import re
 import secrets
 import shlex
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,8 +258,9 @@ def _write_private(path: Path, text: str) -> None:
 _AGENT_LINE = re.compile(r"^\s*[\w-]+\s*:\s*(.*\bagentctl\b.*\bagent\b.*)$")
 
 
-def procfile_agents(procfile: Path) -> list[Identity]:
-    """The agents a Procfile starts (``agentctl agent --name N --skills a,b``)."""
+def procfile_agents(procfile: Path, profile_skills: Callable[[str], list[str]] | None = None) -> list[Identity]:
+    """The agents a Procfile starts: ``agentctl agent --name N --skills a,b``, and, given
+    ``profile_skills`` (a profile's name → its skills), each ``--profile NAME`` of a line."""
     found: list[Identity] = []
     if not procfile.exists():
         return found
@@ -271,6 +272,9 @@ def procfile_agents(procfile: Path) -> list[Identity]:
         opts = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
         if "--name" in opts and "--skills" in opts:
             found.append(identity("agent", opts["--name"], opts["--skills"].split(",")))
+        if profile_skills is not None:
+            found += [identity("agent", args[i + 1], profile_skills(args[i + 1]))
+                      for i in range(len(args) - 1) if args[i] == "--profile"]
     return found
 
 
@@ -300,14 +304,16 @@ def _locked(directory: Path) -> Iterator[None]:
         yield
 
 
-def ensure_local(directory: Path, cli_user: str, procfile: Path | None = None) -> bool:
+def ensure_local(directory: Path, cli_user: str, procfile: Path | None = None,
+                 profile_skills: Callable[[str], list[str]] | None = None) -> bool:
     """Make the identities a local system needs, if missing: admin, router, projector, the
-    person's CLI user and the Procfile's agents. Returns whether anything was added."""
+    person's CLI user and the Procfile's agents (``profile_skills``: see
+    :func:`procfile_agents`). Returns whether anything was added."""
     with _locked(directory):
         reg = Registry.load(directory)
         wanted = [identity("admin"), identity("router"), identity("projector"), identity("cli", cli_user)]
         if procfile is not None:
-            wanted += procfile_agents(procfile)
+            wanted += procfile_agents(procfile, profile_skills)
         missing = [i for i in wanted if i.user not in reg.entries or reg.entries[i.user][0] != i]
         for ident in missing:
             reg.add(ident)

@@ -2,8 +2,9 @@
 
 The input is a prompt (or a conversation), and optionally a system prompt and a JSON
 schema for structured output. Role pipelines and handoffs give it a ``requirement``
-with the role's ``instructions`` and ``guardrails`` instead: the instructions (and the
-profile's, for an agent started with ``--profile``) become the system prompt, the
+with the role's ``instructions`` and ``guardrails`` instead: the role's instructions (not
+the serving agent's profile's, unless it is that role) become the system prompt, and its
+model route is the role's, the
 guardrails rules under it, and the outputs of the steps this one depends on (plan
 context) or the handed-off ``context`` follow the prompt, each under its own heading.
 """
@@ -15,7 +16,9 @@ from typing import Annotated, Any
 
 import msgspec
 
+from agents import guardrails
 from agents.errors import SkillError
+from agents.guardrails import Checks
 from agents.llm.base import ChatRequest, Message, ProviderError
 from agents.skill import InputError, SkillContext
 
@@ -41,6 +44,9 @@ class ChatInput(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """what a handoff carried over"""
     sender: str = msgspec.field(default="", name="from")
     """who handed off (a handoff's ``from``)"""
+    checks: Checks | None = None
+    """the role's guardrails a machine checks on the answer (:mod:`agents.guardrails`): an
+    answer that breaks them fails the task, with the problems as its error"""
 
 
 class ChatOutput(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -55,8 +61,13 @@ class ChatOutput(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 def system_prompt(ctx: SkillContext, inp: ChatInput) -> str:
-    """The profile's instructions, the input's instructions and system prompt, then the rules."""
-    parts = [p for p in dict.fromkeys((ctx.instructions, inp.instructions, inp.system)) if p]
+    """The profile's instructions, the input's instructions and system prompt, then the rules.
+
+    A step that plays a role (``inp.role``) speaks with that role's instructions only: the
+    serving agent's own profile is left out unless it is that role, so a role never runs
+    with another role's prompt, whichever agent serves it."""
+    own = ctx.instructions if not inp.role or inp.role == ctx.role else ""
+    parts = [p for p in dict.fromkeys((own, inp.instructions, inp.system)) if p]
     if inp.guardrails:
         parts.append("Rules you must keep:\n" + "\n".join(f"- {g}" for g in inp.guardrails))
     return "\n\n".join(parts)
@@ -68,14 +79,36 @@ def _render(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, indent=2, ensure_ascii=False)
 
 
+CONTEXT_CHARS = 48_000
+"""At most this many characters of earlier steps' outputs go into a prompt (a pipeline's
+memory of every earlier role): the newest in full first; the oldest are shortened, the cut
+marked, when the whole would pass it."""
+
+
+def bounded_context(context: dict[str, Any], budget: int = CONTEXT_CHARS) -> list[tuple[str, str]]:
+    """Each earlier step's output as text, in order, within ``budget`` characters together:
+    newer outputs are kept whole first, older ones keep their beginning and say what was cut."""
+    kept: list[tuple[str, str]] = []
+    for step, output in reversed(list(context.items())):
+        text = _render(output)
+        if len(text) > budget:
+            cut = len(text) - budget
+            text = text[:budget] + f"\n[... {cut} of {len(text)} characters left out: the prompt's context budget]"
+            budget = 0
+        else:
+            budget -= len(text)
+        kept.append((step, text))
+    return kept[::-1]
+
+
 def user_prompt(ctx: SkillContext, inp: ChatInput) -> str:
     """The prompt (or requirement), then each input it builds on under its own heading."""
     head = inp.prompt or inp.requirement
     parts = [head] if head else []
     if inp.requirement and inp.prompt:
         parts.append(f"## Requirement\n{inp.requirement}")
-    for step, output in ctx.context.items():
-        parts.append(f"## Output of {step}\n{_render(output)}")
+    for step, text in bounded_context(ctx.context):
+        parts.append(f"## Output of {step}\n{text}")
     if inp.context:
         parts.append(f"## Handed over by {inp.sender or 'another agent'}\n{_render(inp.context)}")
     return "\n\n".join(parts)
@@ -103,11 +136,14 @@ class ChatSkill:
         request = ChatRequest(messages=messages, system=system_prompt(ctx, input), max_tokens=input.max_tokens,
                               temperature=input.temperature, schema=input.schema)
         llm = ctx.require_llm()
-        if input.role and not ctx.role:
+        if input.role and input.role != ctx.role:
             llm = llm.as_role(input.role)  # a pipeline step plays its role's route, on any agent
         try:
             result = await llm.chat(request)
         except ProviderError as exc:
             raise SkillError(str(exc)) from exc
+        problems = await guardrails.check(ctx, result.text, input.guardrails, input.checks)
+        if problems:
+            raise SkillError(f"the {input.role or 'answer'}'s guardrails are not kept: " + "; ".join(problems))
         return ChatOutput(text=result.text, data=result.data, provider=result.provider, model=result.model,
                           tokens_in=result.tokens_in, tokens_out=result.tokens_out)

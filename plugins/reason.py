@@ -26,7 +26,9 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from agents import guardrails
 from agents.errors import SkillError
+from agents.guardrails import Checks
 from agents.llm.base import ChatRequest, Message, ProviderError
 from agents.llm.schema import for_type
 from agents.skill import SkillContext
@@ -100,6 +102,10 @@ class ReasonInput(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     stuck_after: Annotated[int, msgspec.Meta(ge=1, le=50)] = 2
     """iterations without progress after which the agent counts as stuck"""
     max_actions: Annotated[int, msgspec.Meta(ge=0, le=8)] = 4
+    guardrails: list[Annotated[str, msgspec.Meta(max_length=4096)]] = msgspec.field(default_factory=list)
+    """rules the answer keeps (in words, for the validator)"""
+    checks: Checks | None = None
+    """the gate Validate's answer must pass (:mod:`agents.guardrails`), as a role's output does"""
 
 
 class ReasonOutput(msgspec.Struct, frozen=True, kw_only=True):
@@ -194,6 +200,13 @@ class ReasonSkill:
             await loop.record(iteration, "plan", steps)
             await loop.record(iteration, "act", await loop.act(steps))
             verdict: Verdict = await loop.ask(iteration, "validate")
+            if verdict.done:
+                # The model's "done" passes the same gate as a role's output before it counts.
+                text = verdict.answer if isinstance(verdict.answer, str) else json.dumps(verdict.answer)
+                problems = await guardrails.check(ctx, text, input.guardrails, input.checks)
+                if problems:
+                    verdict = msgspec.structs.replace(
+                        verdict, done=False, feedback="the answer breaks its guardrails: " + "; ".join(problems))
             await loop.record(iteration, "validate", verdict)
             if verdict.done:
                 return ReasonOutput(answer=verdict.answer, iterations=iteration, restarts=restarts,

@@ -27,6 +27,7 @@ from bus.events import (
     TaskDeadLettered,
     TaskDenied,
     TaskDispatched,
+    Handoff,
     TaskFailed,
     TaskProgress,
     TaskRetryScheduled,
@@ -158,6 +159,11 @@ def _dispatched(rows: Rows, record: AuditRecord, e: TaskDispatched) -> None:
                 finished_at=None, progress=progress, updated_seq=record.seq)
 
 
+def _handed_off(rows: Rows, record: AuditRecord, e: Handoff) -> None:
+    who = e.from_role or e.from_task
+    rows.update((e.task_id,), progress=f"handed over by {who} ({e.from_task})", updated_seq=record.seq)
+
+
 def _retry_scheduled(rows: Rows, record: AuditRecord, e: TaskRetryScheduled) -> None:
     rows.update((e.task_id,), retry_at=iso(e.not_before), updated_seq=record.seq)
 
@@ -233,6 +239,7 @@ _FOLDS: dict[type, Callable[[Rows, AuditRecord, Any], None]] = {
     PlanSubmitted: _plan_submitted,
     TaskApproved: _approved,
     TaskDispatched: _dispatched,
+    Handoff: _handed_off,
     TaskRetryScheduled: _retry_scheduled,
     TaskDeadLettered: _dead_lettered,
     TaskCancelled: _cancelled,

@@ -42,8 +42,8 @@ from bus import codec, subjects
 from bus.connection import cancel_requested
 from bus.events import (
     AgentProposal,
+    Handoff,
     Heartbeat,
-    PlanStep,
     SkillUnmatched,
     TaskCancelled,
     TaskCompleted,
@@ -52,12 +52,14 @@ from bus.events import (
     TaskFailed,
     TaskRetryScheduled,
     new_id,
+    step_task_id,
 )
 from bus.lifecycle import Status
 from router.state import AnyTask, PlanState, RouterState, StepState, TaskState
 
 RouterDecision = (
     TaskDispatched | TaskRetryScheduled | TaskDeadLettered | SkillUnmatched | TaskCancelled | TaskCompleted | TaskFailed
+    | Handoff
 )
 """An event the scheduler decides; each is about one task."""
 
@@ -154,7 +156,8 @@ class LiveAgents:
 
 
 def fits(required: Iterable[str], pools: dict[str, Pool], held: Callable[[str], int] = lambda agent: 0,
-         skill: str | None = None, allowed: Callable[[str], bool] = lambda skill: True) -> list[Fit]:
+         skill: str | None = None, allowed: Callable[[str], bool] = lambda skill: True,
+         prefer: str = "") -> list[Fit]:
     """Every live agent's skill that provides all of ``required``, best first.
 
     A skill provides its own name and the capabilities advertised with it. Each fit scores
@@ -162,6 +165,7 @@ def fits(required: Iterable[str], pools: dict[str, Pool], held: Callable[[str], 
     specialist wins over a generalist); ties go to the agent with the most free slots
     (``held(agent)``: its slots taken by work assigned to it), then to the name. ``skill``:
     only that skill (a step that names one). ``allowed``: the skills the submitter may run.
+    ``prefer``: an agent that goes first whenever it fits (the agent of the role a step plays).
     """
     need = set(required)
     out: list[Fit] = []
@@ -172,7 +176,7 @@ def fits(required: Iterable[str], pools: dict[str, Pool], held: Callable[[str], 
                 continue
             out.append(Fit(agent, name, len(need) / len(provided), frozenset(provided),
                            pool.slots - held(agent), pool.slots))
-    out.sort(key=lambda f: (-f.score, -f.free / f.slots, f.agent, f.skill))
+    out.sort(key=lambda f: (f.agent != prefer, -f.score, -f.free / f.slots, f.agent, f.skill))
     return out
 
 
@@ -194,7 +198,7 @@ class _Wanted:
     priority: int
     submitter: str
     reason: str
-    step: PlanStep | None = None
+    role: str = ""
 
 
 _NAME_UNSAFE = re.compile(r"[^a-z0-9_-]+")
@@ -264,6 +268,11 @@ class Scheduler:
                     f"submitted by dispatch {task.parent_dispatch} of {task.parent}, which dispatch "
                     f"{parent.dispatch} superseded")))
                 continue
+            if isinstance(task, TaskState) and task.handoff is not None and not task.handed:
+                sender, role = task.handoff
+                emit(Handoff(id=new_id(), task_id=task_id, from_task=task.parent or "", from_role=sender[:128],
+                             to_role=role[:128]))
+                continue
             if task.status is Status.FAILED and not task.settled:
                 emit(self._after_failure(task_id, task, now))
                 continue
@@ -316,8 +325,8 @@ class Scheduler:
         if isinstance(task, StepState):
             step = task.step
             if step.skill is not None:
-                return _Wanted(task_id, [step.skill], step.skill, step.priority, task.submitter, reason, step)
-            return _Wanted(task_id, list(step.capabilities), None, step.priority, task.submitter, reason, step)
+                return _Wanted(task_id, [step.skill], step.skill, step.priority, task.submitter, reason, step.role)
+            return _Wanted(task_id, list(step.capabilities), None, step.priority, task.submitter, reason, step.role)
         # A submission held for a match: its skill's name is the one capability it needs.
         return _Wanted(task_id, [task.skill], None, DEFAULT_PRIORITY, task.submitter, reason)
 
@@ -343,7 +352,7 @@ class Scheduler:
             task = state.tasks[w.task_id]
             allowed = ((lambda skill: True) if w.skill is not None
                        else functools.partial(self.may_run, w.submitter))
-            found = fits(w.need, pools, taken.__getitem__, w.skill, allowed)
+            found = fits(w.need, pools, taken.__getitem__, w.skill, allowed, prefer=w.role)
             if not found:
                 if task.status is not Status.UNMATCHED:
                     out.append(SkillUnmatched(id=new_id(), task_id=w.task_id, capabilities=w.need,
@@ -397,6 +406,12 @@ class Scheduler:
                 reason = (f"its dependencies' outputs are {size} bytes; a work item carries at most "
                           f"{2 * self.max_output_bytes}")
                 out.append(TaskDeadLettered(id=new_id(), task_id=cid, failures=0, reason=reason))
+                continue
+            before = [d for d in deps if d.step.role]
+            if step.step.role and before and not step.handed:
+                # A role takes over from the role before it: recorded before its dispatch.
+                out.append(Handoff(id=new_id(), task_id=cid, from_task=step_task_id(plan_id, before[-1].step.id),
+                                   from_role=before[-1].step.role, to_role=step.step.role))
                 continue
             ready.append(self._wanted(cid, step, "matched" if step.step.skill is None else "ready"))
         return out, ready

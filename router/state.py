@@ -33,6 +33,7 @@ from bus.events import (
     Budget,
     Checkpoint,
     CheckpointSaved,
+    Handoff,
     PlanStep,
     PlanSubmitted,
     ProposalApproved,
@@ -89,6 +90,8 @@ class _Task:
     parent_dispatch: int = 0
     """The dispatch of its parent when a skill submitted it (a subtask): a later dispatch of
     the parent supersedes the attempt that made it, and it is cancelled."""
+    handed: bool = False
+    """Its ``handoff`` is recorded (a role step, or a subtask a skill handed its work to)."""
 
     shape: ClassVar[Shape]
 
@@ -120,6 +123,9 @@ class TaskState(_Task):
     matched: bool = False
     """Held for a match at submission (``awaiting_match``): every dispatch of it is
     assigned to the agent that fits it, not to its skill's shared queue."""
+    handoff: tuple[str, str] | None = None
+    """Handed over by its parent's skill (``ctx.handoff``): (from, to role), until the
+    router records the ``handoff``."""
 
     shape: ClassVar[Shape] = Shape.TASK
 
@@ -264,6 +270,8 @@ class RouterState:
             parent=submission.parent_task_id, retry=retry,
             submission=submission if retry.max_attempts > 1 or waits else None, trace=self._traceparent,
             matched=waits,
+            handoff=(str(submission.input.get("from", "")), str(submission.input.get("role", "")))
+            if submission.handoff and submission.parent_task_id else None,
         )
         if (parent := self.tasks.get(submission.parent_task_id or "")) is not None:
             parent.children.append(submission.task_id)
@@ -343,6 +351,9 @@ class RouterState:
             self.inflight.setdefault(dispatched.agent, set()).add(dispatched.task_id)
         for child in task.children:
             self.dirty.add(child)  # a subtask of a superseded attempt is cancelled
+
+    def _handed_off(self, record: AuditRecord, handoff: Handoff) -> None:
+        self.tasks[handoff.task_id].handed = True
 
     def _retry_scheduled(self, record: AuditRecord, retry: TaskRetryScheduled) -> None:
         self.tasks[retry.task_id].retry_at = retry.not_before
@@ -442,6 +453,7 @@ _FOLDS: dict[type, _Fold] = {
     TaskCompleted: RouterState._completed,
     TaskFailed: RouterState._failed,
     TaskDispatched: RouterState._dispatched,
+    Handoff: RouterState._handed_off,
     TaskRetryScheduled: RouterState._retry_scheduled,
     TaskDeadLettered: RouterState._dead_lettered,
     TaskCancelled: RouterState._cancelled,

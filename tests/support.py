@@ -34,7 +34,10 @@ TEST_PRINCIPALS = [
     identity("agent", "scribe-1", ["notes"]), identity("agent", "scribe-2", ["notes"]),
     identity("agent", "thinker-1", ["llm.chat", "plan", "reason"]), identity("agent", "runner-1", ["shell", "python"]),
     identity("agent", "counter-1", ["wordcount"]),
-    identity("agent", "frontend", ["echo"]), identity("agent", "backend", ["echo"]),
+    identity("agent", "frontend", ["echo", "llm.chat"]), identity("agent", "backend", ["echo", "llm.chat"]),
+    identity("agent", "devops", ["llm.chat"]), identity("agent", "testing", ["llm.chat"]),
+    identity("agent", "product-manager", ["llm.chat"]), identity("agent", "architect", ["llm.chat"]),
+    identity("agent", "developer", ["llm.chat"]), identity("agent", "qa", ["llm.chat"]),
     identity("agent", "delegator", ["delegate"]),
 ]
 

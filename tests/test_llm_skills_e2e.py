@@ -21,8 +21,8 @@ from nats.aio.client import Client
 
 from bus.settings import Settings
 from tests.fakellm import FakeLLM, answer
-from tests.support import REPO, Procs, agentctl, audit_records
-from tests.test_e2e import start_system
+from tests.support import REPO, Procs, agentctl, audit_records, wait_for_record
+from tests.test_e2e import joined, start_system
 from tests.test_proposals import cli
 
 ROUTING = """
@@ -38,6 +38,14 @@ output = 15.0
 [default]
 provider = "fake"
 model = "fake-model"
+max_tokens = 512
+"""
+
+
+ROLE_ROUTE = """
+[roles."product-manager"]
+provider = "fake"
+model = "pm-model"
 max_tokens = 512
 """
 
@@ -204,26 +212,138 @@ async def test_reason_wipes_its_working_memory_once_when_stuck_then_fails_if_stu
     assert "(empty)" in structured(fake)[8]["prompt"]
 
 
-async def test_the_sop_pipeline_runs_its_four_roles_on_llm_chat_each_reading_the_last(
+ROLES = ["product_manager", "architect", "developer", "qa"]
+PROFILES = tomllib.loads((REPO / "profiles.toml").read_text())["profiles"]
+
+
+def pm_answer(text: str = "product_manager says: done") -> Any:
+    """The product manager's answer, keeping its checked guardrail (profiles.toml)."""
+    return answer(f"{text}\nAcceptance criteria: each todo can be added, listed and removed.")
+
+
+async def test_the_sop_pipeline_runs_each_role_on_its_agent_with_the_memory_of_every_earlier_role(
     procs: Procs, admin: Client, settings: Settings, fake: FakeLLM
 ) -> None:
-    roles = ["product_manager", "architect", "developer", "qa"]
-    fake.push(*[answer(f"{role} says: done") for role in roles])
+    fake.push(pm_answer(), *[answer(f"{role} says: done") for role in ROLES[1:]])
     await start_system(procs, admin, ("thinker-1", "llm.chat"))
+    env = {"LEDGERBUS_PROFILES_PATH": str(REPO / "profiles.toml")}
+    await procs.start("team", "agent", *[a for r in ROLES for a in ("--profile", r.replace("_", "-"))], **env)
+    js = admin.jetstream()
+    for role in ROLES:
+        await wait_for_record(js, joined(role.replace("_", "-")))
     code, out, err = await cli(settings, REPO / "profiles.toml", "submit", "--pipeline", "sop", "a todo app",
                                "--wait", "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert [result["output"]["outputs"][r]["text"] for r in roles] == [f"{r} says: done" for r in roles]
-    profiles = tomllib.loads((REPO / "profiles.toml").read_text())["profiles"]
-    for i, (request, role) in enumerate(zip(fake.requests, roles, strict=True)):
-        # Each role speaks with its profile's instructions and guardrails...
-        profile = profiles[role.replace("_", "-")]
+    outputs = result["output"]["outputs"]
+    assert outputs["product_manager"]["text"].startswith("product_manager says: done")
+    assert [outputs[r]["text"] for r in ROLES[1:]] == [f"{r} says: done" for r in ROLES[1:]]
+    records = await audit_records(js)
+    plan_id = result["task_id"]
+    for i, (request, role) in enumerate(zip(fake.requests, ROLES, strict=True)):
+        # Each role runs on its own agent (the team's), not on the generalist thinker-1...
+        [done] = [r for r in records if r.key == f"{plan_id}-{role}" and r.kind == "task_completed" and r.accepted]
+        assert done.principal == f"agent-{role.replace('_', '-')}"
+        # ... speaks with its profile's instructions and guardrails...
+        profile = PROFILES[role.replace("_", "-")]
         assert request.body["system"].startswith(profile["instructions"])
         assert profile["guardrails"][0] in request.body["system"]
         prompt = request.body["messages"][-1]["content"]
         assert prompt.startswith("a todo app")
-        # ... and reads exactly what the role before it wrote.
+        # ... and reads what every role before it wrote (the pipeline's memory), in order.
+        for earlier in ROLES[:i]:
+            assert f"## Output of {earlier}\n{earlier} says: done" in prompt, (role, earlier)
+        # Each role took over from the one before it: a handoff record, before its dispatch.
         if i:
-            assert f"## Output of {roles[i - 1]}\n{roles[i - 1]} says: done" in prompt
-        assert all(f"## Output of {r}" not in prompt for r in roles[:max(i - 1, 0)])
+            [handoff] = [r for r in records if r.key == f"{plan_id}-{role}" and r.kind == "handoff"]
+            assert (handoff.event.from_role, handoff.event.to_role) == (  # type: ignore[union-attr]
+                ROLES[i - 1].replace("_", "-"), role.replace("_", "-"))
+            assert handoff.event.from_task == f"{plan_id}-{ROLES[i - 1]}"  # type: ignore[union-attr]
+            [dispatch] = [r for r in records if r.key == f"{plan_id}-{role}" and r.kind == "task_dispatched"]
+            assert handoff.seq < dispatch.seq
+    code, out, err = await agentctl(settings, "tasks", "show", f"{plan_id}-architect", env={"COLUMNS": "200"})
+    assert code == 0, err
+    assert f"handoff by router: from product-manager ({plan_id}-product_manager) to architect" in out, out
+
+
+async def test_a_role_served_by_another_roles_agent_speaks_with_its_own_instructions_and_route(
+    procs: Procs, admin: Client, settings: Settings, fake: FakeLLM
+) -> None:
+    # The product manager's route has a model of its own; only the developer's agent runs.
+    settings.llm_config_path.write_text(ROUTING.format(url=fake.url) + ROLE_ROUTE.format(url=fake.url))
+    fake.push(pm_answer(), *[answer(f"{role} says: done") for role in ROLES[1:]])
+    await start_system(procs, admin)
+    await procs.start("developer", "agent", "--profile", "developer",
+                      LEDGERBUS_PROFILES_PATH=str(REPO / "profiles.toml"))
+    await wait_for_record(admin.jetstream(), joined("developer"))
+    code, out, err = await cli(settings, REPO / "profiles.toml", "submit", "--pipeline", "sop", "a todo app",
+                               "--wait", "--json")
+    assert code == 0, err
+    first = fake.requests[0]
+    assert first.body["system"].startswith(PROFILES["product-manager"]["instructions"])
+    assert PROFILES["developer"]["instructions"] not in first.body["system"]
+    assert first.body["model"] == "pm-model"
+    developer = fake.requests[2]
+    assert developer.body["system"].startswith(PROFILES["developer"]["instructions"])
+    assert developer.body["model"] == "fake-model"
+
+
+async def test_a_role_whose_output_breaks_its_checked_guardrails_fails_and_is_retried_with_the_reason(
+    procs: Procs, admin: Client, settings: Settings, fake: FakeLLM
+) -> None:
+    # The product manager forgets its acceptance criteria once; the developer leaks a password once.
+    fake.push(answer("a brief with no criteria"), pm_answer(), answer("architect says: done"),
+              answer('DB_PASSWORD = "hunter2hunter2"'), answer("developer says: done"), answer("qa says: done"))
+    await start_system(procs, admin, ("thinker-1", "llm.chat"))
+    code, out, err = await cli(settings, REPO / "profiles.toml", "submit", "--pipeline", "sop", "a todo app",
+                               "--retries", "2", "--wait", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["output"]["outputs"]["developer"]["text"] == "developer says: done"
+    records = await audit_records(admin.jetstream())
+    failed = {r.key.rsplit("-", 1)[-1]: r.event.error for r in records  # type: ignore[union-attr]
+              if r.kind == "task_failed" and r.accepted and r.principal.startswith("agent-")}
+    assert failed["product_manager"] == (
+        "the product-manager's guardrails are not kept: the output does not contain 'acceptance criteria'")
+    assert failed["developer"].startswith("the developer's guardrails are not kept: the output matches")
+    assert "hunter2" in failed["developer"]  # where it matched, so a person can find it
+
+
+SPECIALIST = {"api_design": "backend", "ui_design": "frontend", "api": "backend", "ui": "frontend",
+              "tests": "testing", "deploy": "devops"}
+
+
+async def test_the_flask_react_example_runs_each_step_on_its_specialist_in_three_waves(
+    procs: Procs, admin: Client, settings: Settings, fake: FakeLLM
+) -> None:
+    # thinker-1 also serves llm.chat: a step must not land on it for lack of targeting.
+    await start_system(procs, admin, ("thinker-1", "llm.chat"))
+    await procs.start("team", "agent", "--profile", "backend", "--profile", "frontend", "--profile", "devops",
+                      "--profile", "testing", LEDGERBUS_PROFILES_PATH=str(REPO / "profiles.toml"))
+    js = admin.jetstream()
+    for name in ("backend", "frontend", "devops", "testing"):
+        await wait_for_record(js, joined(name))
+    code, out, err = await cli(settings, REPO / "profiles.toml", "submit", "--plan",
+                               str(REPO / "examples" / "flask-react.yaml"), "--wait", "--json")
+    assert code == 0, err
+    plan_id = json.loads(out)["task_id"]
+    records = await audit_records(js)
+
+    def one(step: str, kind: str) -> Any:
+        [record] = [r for r in records if r.key == f"{plan_id}-{step}" and r.kind == kind and r.accepted]
+        return record
+
+    for step, agent in SPECIALIST.items():
+        assert one(step, "task_dispatched").event.agent == agent, step
+        assert one(step, "task_completed").principal == f"agent-{agent}", step
+    # Waves [api_design, ui_design] -> [api, ui] -> [tests, deploy]: a step is dispatched
+    # only after the steps it depends on completed, and the steps of a wave run together.
+    waves = [("api_design", "ui_design"), ("api", "ui"), ("tests", "deploy")]
+    assert max(one(s, "task_dispatched").seq for s in waves[0]) < min(one(s, "task_dispatched").seq for s in waves[1])
+    assert max(one(s, "task_completed").seq for s in waves[1]) < min(one(s, "task_dispatched").seq for s in waves[2])
+    for step, dep in (("api", "api_design"), ("ui", "ui_design")):
+        assert one(dep, "task_completed").seq < one(step, "task_dispatched").seq
+    # Each speaks with its specialist's instructions.
+    systems = [r.body["system"] for r in fake.requests]
+    for agent in ("backend", "frontend", "devops", "testing"):
+        assert any(s.startswith(PROFILES[agent]["instructions"]) for s in systems), agent

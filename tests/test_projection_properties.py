@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from bus.events import (
     AGENT_EVENTS,
     Claim,
+    Handoff,
     MEMORY_EVENTS,
     NO_RETRY,
     PLAN_SKILL,
@@ -465,6 +466,9 @@ class LogBuilder:
         if parents:
             parent = self.pick.choice(parents)
             self._submit(self.tasks[parent].claimant, parent)
+            if self.pick.choice((True, False)):  # handed over (ctx.handoff): the router records it
+                self.emit(ROUTER, Handoff(id=self.rid(), task_id=f"t{len(self.tasks) - 1}", from_task=parent,
+                                          from_role="writer", to_role="reviewer"))
 
     def do_plan(self) -> None:
         """A plan of one to four steps, each depending on some earlier ones (so a DAG)."""

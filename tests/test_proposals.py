@@ -185,9 +185,12 @@ async def test_the_sop_pipeline_plays_each_role_in_turn_with_its_profile(
     records = await audit_records(js)
     [submitted] = of(records, "sop1", "plan_submitted")
     assert isinstance(submitted.event, PlanSubmitted)
-    assert [(s.id, s.skill, s.deps) for s in submitted.event.steps] == [
-        ("product_manager", "echo", []), ("architect", "echo", ["product_manager"]),
-        ("developer", "echo", ["architect"]), ("qa", "echo", ["developer"])]
+    # Each role depends on every role before it: its context is the pipeline's memory.
+    assert [(s.id, s.skill, s.deps, s.role) for s in submitted.event.steps] == [
+        ("product_manager", "echo", [], "product-manager"),
+        ("architect", "echo", ["product_manager"], "architect"),
+        ("developer", "echo", ["product_manager", "architect"], "developer"),
+        ("qa", "echo", ["product_manager", "architect", "developer"], "qa")]
     # A chain: each role starts only once the role before it has finished.
     order = ["product_manager", "architect", "developer", "qa"]
     for before, after in itertools.pairwise(order):

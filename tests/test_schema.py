@@ -20,6 +20,7 @@ from bus.events import (
     CheckpointRestored,
     CheckpointSaved,
     Event,
+    Handoff,
     MemoryWiped,
     MemoryWritten,
     PlanStep,
@@ -79,6 +80,8 @@ EXAMPLES: dict[type[Event], Event] = {
     SkillUnmatched: SkillUnmatched(id="m21", task_id="p1-test", capabilities=["python"], proposal=AgentProposal(
         name="python-agent", skills=["llm.chat"], capabilities=["python"], prompt="You write Python.")),
     ProposalApproved: ProposalApproved(id="m22", proposal_id="m21", profile="python-agent"),
+    Handoff: Handoff(id="m23", task_id="sop-architect", from_task="sop-product_manager", from_role="product-manager",
+                     to_role="architect"),
 }
 
 
