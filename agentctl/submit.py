@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import click
+import msgspec
 import nats.errors
 from nats.aio.client import Client
 from opentelemetry import trace
@@ -28,6 +29,7 @@ from bus.lifecycle import Status as TaskStatus
 from bus.connection import connected
 from bus.errors import BusError, LedgerbusError, SchemaError
 from bus.events import (
+    Budget,
     DEFAULT_TASK_TIMEOUT_S,
     NO_RETRY,
     PLAN_SKILL,
@@ -69,9 +71,11 @@ def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("--task-timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TASK_TIMEOUT_S,
               show_default=True, help="The deadline the agent runs the skill under.")
 @click.option("--task-id", help="Use this task id instead of a random one.")
-@click.option("--budget-tokens", type=click.IntRange(min=1), help="Fail the task once it has used this many tokens.")
+@click.option("--budget-tokens", type=click.IntRange(min=1),
+              help="The most tokens the task (or plan, or pipeline) and everything under it may use: it stops "
+                   "once they have, and an LLM call that could cross it is not made.")
 @click.option("--budget-cost", type=click.FloatRange(min=0, min_open=True),
-              help="Fail the task once it has spent this many US dollars.")
+              help="The same in US dollars (needs prices in the routing file).")
 @click.option("--retries", type=click.IntRange(0, 99), default=0, show_default=True,
               help="Run the task again this many times if it fails (then it is dead-lettered).")
 @click.option("--backoff", type=click.FloatRange(0, 86_400), default=1.0, show_default=True,
@@ -86,6 +90,8 @@ def submit(
     """Submit a task for SKILL, a plan (--plan FILE), or a pipeline (--pipeline NAME
     REQUIREMENT). Exit 0 when completed (or submitted, without --wait), 1 when failed or
     rejected, 2 on timeout."""
+    if budget_cost is not None:
+        _check_prices(app)
     if pipeline is not None:
         if plan_file is not None or input_:
             raise click.UsageError("--pipeline builds its plan and inputs from the profiles: give it without --plan "
@@ -99,7 +105,7 @@ def submit(
             raise click.BadParameter(str(exc)) from exc
         except LedgerbusError as exc:
             fail(str(exc))
-        sys.exit(_run_plan(app, plan, wait, timeout, as_json))
+        sys.exit(_run_plan(app, _with_budget(plan, budget_tokens, budget_cost), wait, timeout, as_json))
     if plan_file is not None:
         if skill is not None:
             raise click.UsageError("give either SKILL or --plan FILE, not both")
@@ -107,7 +113,10 @@ def submit(
             plan = read_plan(plan_file, task_id)
         except PlanFileError as exc:
             raise click.BadParameter(str(exc), param_hint="--plan") from exc
-        sys.exit(_run_plan(app, plan, wait, timeout, as_json))
+        if plan.budget is not None and (budget_tokens is not None or budget_cost is not None):
+            raise click.UsageError(f"{plan_file} sets the plan's budget already: drop --budget-tokens/--budget-cost "
+                                   "or the file's `budget`")
+        sys.exit(_run_plan(app, _with_budget(plan, budget_tokens, budget_cost), wait, timeout, as_json))
     if skill is None:
         raise click.UsageError("missing SKILL (or --plan FILE, or --pipeline NAME REQUIREMENT)")
     event_data: dict[str, Any] = {"kind": "task_submitted", "id": new_id(), "task_id": task_id or new_id(),
@@ -123,6 +132,28 @@ def submit(
         raise click.BadParameter(str(exc)) from exc
     assert isinstance(event, TaskSubmitted)
     sys.exit(_traced(lambda telemetry: _submit(app, event, wait, timeout, as_json, telemetry)))
+
+
+def _check_prices(app: App) -> None:
+    """Refuse a cost budget nothing could reach: with no prices in the routing file, every
+    call costs $0 (the tokens are still counted: use --budget-tokens)."""
+    from agents.llm import config
+
+    try:
+        routing = config.load(app.settings.llm_config_path)
+    except LedgerbusError as exc:
+        fail(str(exc))
+    if routing is None or not routing.prices:
+        raise click.UsageError(f"--budget-cost needs prices: {app.settings.llm_config_path} has no [prices.MODEL] "
+                               "table, so every call costs $0 and the budget could never be reached (use "
+                               "--budget-tokens, or add prices)")
+
+
+def _with_budget(plan: PlanSubmitted, tokens: int | None, cost: float | None) -> PlanSubmitted:
+    """``plan`` with the budget the flags give (it covers every step and what is under them)."""
+    if tokens is None and cost is None:
+        return plan
+    return msgspec.structs.replace(plan, budget=Budget(tokens=tokens, cost_usd=cost))
 
 
 def _run_plan(app: App, plan: PlanSubmitted, wait: bool, timeout: float, as_json: bool) -> int:

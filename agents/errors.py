@@ -15,3 +15,7 @@ class SkillNotFound(AgentError):
 
 class SkillError(AgentError):
     """A skill failed in a way it wants reported as the task's error, as written."""
+
+
+class BudgetError(SkillError):
+    """An LLM call was not made: at its most it would cross the budget over the task."""

@@ -42,6 +42,7 @@ from agents.skill import Skill, SkillContext, decode_input, encode_output
 from bus import codec, failpoints, metrics, pull, subjects, tracing
 from bus.errors import BusError, SchemaError
 from bus.events import (
+    Budget,
     AgentJoined,
     Claim,
     AgentLeft,
@@ -300,8 +301,19 @@ class Agent:
                 TaskProgress(id=new_id(), task_id=item.task_id, attempt=attempt, message=message[:16_384], fraction=fraction)
             )
 
+        spent = [0, 0.0]  # tokens and cost this attempt reported: what is left is checked against it
+
+        def budget_left() -> tuple[Budget | None, str]:
+            left = item.budget_left
+            if left is None:
+                return None, ""
+            return Budget(tokens=None if left.tokens is None else left.tokens - int(spent[0]),
+                          cost_usd=None if left.cost_usd is None else left.cost_usd - spent[1]), item.budget_owner
+
         async def usage(tokens_in: int, tokens_out: int, cost_usd: float, provider: str, model: str,
                         latency_s: float = 0.0, outcome: str = "ok") -> None:
+            spent[0] += tokens_in + tokens_out
+            spent[1] += cost_usd
             await report(TaskUsage(id=new_id(), task_id=item.task_id, attempt=attempt, tokens_in=tokens_in,
                                         tokens_out=tokens_out, cost_usd=cost_usd, provider=provider[:64],
                                         model=model[:128], latency_s=max(latency_s, 0.0), outcome=outcome[:32]))
@@ -357,7 +369,8 @@ class Agent:
             workspace=place or workspace.NONE,
             role=self.profile,
             instructions=self.instructions,
-            llm=self.llm.bind(skill_name, role=self.profile, usage=llm_usage) if self.llm is not None else None,
+            llm=(self.llm.bind(skill_name, role=self.profile, usage=llm_usage, budget=budget_left)
+                 if self.llm is not None else None),
             tracer=tracer,
         )
         keepalive = asyncio.create_task(self._keep_alive(msg))

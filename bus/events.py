@@ -65,7 +65,8 @@ class Event(
 
 
 class Budget(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The most a task may spend: tokens in and out together, and/or money."""
+    """The most a task may spend: tokens in and out together, and/or money. It covers the
+    task's tree: the task itself and every subtask, plan and step under it."""
 
     tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
     cost_usd: Annotated[float, msgspec.Meta(gt=0)] | None = None
@@ -142,6 +143,8 @@ class PlanSubmitted(Event, tag="plan_submitted", frozen=True):
     parent_task_id: Id | None = None
     """The task whose skill submitted this plan (the ``plan`` skill does), if any: the plan
     is its subtask, bounded by ``[delegation]`` and cancelled with it."""
+    budget: Budget | None = None
+    """The most the plan may spend, every step and everything under them together."""
 
 
 PLAN_SKILL = "plan"
@@ -558,3 +561,8 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
     agent: str = ""
     """The agent it was assigned to (``assign.<agent>.<skill>``); empty: the skill's
     shared queue (``work.<skill>``)."""
+    budget_left: Budget | None = None
+    """What the budgets over this task (its own and its ancestors') had left when it was
+    dispatched, the tightest of them: an LLM call that would cross it is not made."""
+    budget_owner: str = ""
+    """The task whose budget ``budget_left`` is."""

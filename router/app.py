@@ -27,6 +27,7 @@ from bus.events import (
     AuditRecord,
     Notice,
     TaskCancelled,
+    TaskFailed,
     TaskDeadLettered,
     TaskDispatched,
     WorkItem,
@@ -376,12 +377,15 @@ class Router:
 
     async def _notify_cancels(self, records: Sequence[AuditRecord]) -> None:
         for record in records:
-            if record.accepted and isinstance(record.event, TaskCancelled):
+            # A cancel, or the router failing a task an agent runs (its tree's budget spent).
+            if record.accepted and (isinstance(record.event, TaskCancelled) or (
+                    record.principal == "router" and isinstance(record.event, TaskFailed))):
                 task = self.state.tasks.get(record.event.task_id)
                 if task is not None and task.claimant:
                     await self._notify(task.claimant, "cancel", Notice(
                         task_id=record.event.task_id, msg_id=record.msg_id, verdict=record.verdict,
-                        code="cancelled", reason=record.event.reason, seq=record.seq,
+                        code="cancelled", seq=record.seq,
+                        reason=record.event.reason if isinstance(record.event, TaskCancelled) else record.event.error,
                     ))
 
     async def _checkpoint_if_due(self) -> None:

@@ -35,6 +35,7 @@ def work_item(record: AuditRecord, state: RouterState, tokens: ClaimTokens) -> W
             submission, submitted_by = task.held, task.submitter
         case _:
             return None
+    budget_left, owner = state.budget_left(submission.task_id)
     return WorkItem(
         task_id=submission.task_id,
         skill=submission.skill,
@@ -44,12 +45,14 @@ def work_item(record: AuditRecord, state: RouterState, tokens: ClaimTokens) -> W
         submitted_by=submitted_by,
         parent_task_id=submission.parent_task_id,
         token=tokens.token(submission.task_id, 1),
+        budget_left=budget_left, budget_owner=owner,
     )
 
 
 def routed_work_item(task_id: str, state: RouterState, tokens: ClaimTokens) -> WorkItem | None:
     """The work item of the scheduler's current dispatch of a task: a plan step (with its
     dependencies' outputs as context) or a retry of a submission."""
+    budget_left, owner = state.budget_left(task_id)
     match state.tasks.get(task_id):
         case StepState(status=lifecycle.Status.PENDING, step=step, deps=deps) as task:
             context = {dep.step.id: dep.output for dep in map(state.tasks.__getitem__, deps)
@@ -59,6 +62,7 @@ def routed_work_item(task_id: str, state: RouterState, tokens: ClaimTokens) -> W
                 audit_seq=task.dispatch_seq, submitted_by=task.submitter, dispatch=task.dispatch,
                 attempt_base=task.attempt, parent_task_id=task.parent, step=step.id, context=context,
                 token=tokens.token(task_id, task.dispatch), agent=task.agent,
+                budget_left=budget_left, budget_owner=owner,
             )
         case TaskState(status=lifecycle.Status.PENDING, submission=TaskSubmitted() as sub) as task:
             return WorkItem(
@@ -66,6 +70,7 @@ def routed_work_item(task_id: str, state: RouterState, tokens: ClaimTokens) -> W
                 audit_seq=task.dispatch_seq, submitted_by=task.submitter, dispatch=task.dispatch,
                 attempt_base=task.attempt, parent_task_id=sub.parent_task_id,
                 token=tokens.token(task_id, task.dispatch), agent=task.agent,
+                budget_left=budget_left, budget_owner=owner,
             )
     return None
 

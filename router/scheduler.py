@@ -273,6 +273,13 @@ class Scheduler:
                 emit(Handoff(id=new_id(), task_id=task_id, from_task=task.parent or "", from_role=sender[:128],
                              to_role=role[:128]))
                 continue
+            if task.over_budget and not task.terminal:
+                emit(self._stop_over_budget(task_id, task))
+                continue
+            if task.over_budget and task.status is Status.COMPLETED:
+                for child in task.children:  # done, but its tree still spends: stop what runs under it
+                    if not tasks[child].settled:
+                        emit(TaskCancelled(id=new_id(), task_id=child, reason=task.over_budget))
             if task.status is Status.FAILED and not task.settled:
                 emit(self._after_failure(task_id, task, now))
                 continue
@@ -367,6 +374,14 @@ class Scheduler:
                                       attempt_base=task.attempt, reason=w.reason,  # type: ignore[arg-type]
                                       score=round(best.score, 4), agent=best.agent))
         return out
+
+    def _stop_over_budget(self, task_id: str, task: AnyTask) -> RouterDecision:
+        """A task whose tree spent more than its budget: a running one (or a plan) fails,
+        anything else is cancelled; its open subtasks are cancelled after it."""
+        error = f"budget exceeded: {task.over_budget}"[:16_384]
+        if task.status is Status.RUNNING:
+            return TaskFailed(id=new_id(), task_id=task_id, attempt=max(task.attempt, 1), error=error)
+        return TaskCancelled(id=new_id(), task_id=task_id, reason=error)
 
     def _after_failure(self, task_id: str, task: AnyTask, now: datetime) -> RouterDecision:
         if task.retries_left:

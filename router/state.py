@@ -92,6 +92,11 @@ class _Task:
     the parent supersedes the attempt that made it, and it is cancelled."""
     handed: bool = False
     """Its ``handoff`` is recorded (a role step, or a subtask a skill handed its work to)."""
+    tree_tokens: int = 0
+    """Tokens used by the task and everything under it (what its budget covers)."""
+    tree_cost_usd: float = 0.0
+    over_budget: str = ""
+    """Why its tree went over its budget: it stops (the scheduler fails or cancels it)."""
 
     shape: ClassVar[Shape]
 
@@ -284,7 +289,7 @@ class RouterState:
         self.tasks[plan_id] = PlanState(
             skill=PLAN_SKILL, submitter=record.principal, status=lifecycle.created(record, Shape.PLAN),
             held=plan if record.code == APPROVAL_REQUESTED else None, children=children, plan=plan,
-            parent=plan.parent_task_id, trace=trace,
+            parent=plan.parent_task_id, trace=trace, budget=plan.budget,
         )
         if (parent := self.tasks.get(plan.parent_task_id or "")) is not None:
             parent.children.append(plan_id)
@@ -298,10 +303,47 @@ class RouterState:
 
     def _usage(self, record: AuditRecord, usage: TaskUsage) -> None:
         task = self.tasks[usage.task_id]
-        task.tokens += usage.tokens_in + usage.tokens_out
+        tokens = usage.tokens_in + usage.tokens_out
+        task.tokens += tokens
         task.cost_usd += usage.cost_usd
+        for _, node in self.lineage(usage.task_id):
+            node.tree_tokens += tokens
+            node.tree_cost_usd += usage.cost_usd
         if record.code == BUDGET_EXCEEDED:
             task.retry, task.error = NO_RETRY, record.reason
+            # The lowest task over its budget stops with everything under it.
+            owner = next(((tid, node) for tid, node in self.lineage(usage.task_id) if over(node)), None)
+            if owner is not None and owner[0] != usage.task_id:
+                owner[1].over_budget, owner[1].retry = record.reason, NO_RETRY
+                self.dirty.add(owner[0])
+
+    def lineage(self, task_id: str) -> list[tuple[str, AnyTask]]:
+        """The task and its ancestors, nearest first (each with its id)."""
+        out: list[tuple[str, AnyTask]] = []
+        current: str | None = task_id
+        while current is not None and (node := self.tasks.get(current)) is not None and len(out) < 64:
+            out.append((current, node))
+            current = node.parent
+        return out
+
+    def budget_left(self, task_id: str) -> tuple[Budget | None, str]:
+        """The tightest of the budgets over a task (its own and its ancestors'), as what is
+        left of it now, and whose it is; ``(None, "")`` when no budget covers it."""
+        tokens: tuple[int, str] | None = None
+        cost: tuple[float, str] | None = None
+        for tid, node in self.lineage(task_id):
+            if node.budget is None:
+                continue
+            if node.budget.tokens is not None and (tokens is None or node.budget.tokens - node.tree_tokens < tokens[0]):
+                tokens = (node.budget.tokens - node.tree_tokens, tid)
+            if node.budget.cost_usd is not None and (
+                    cost is None or node.budget.cost_usd - node.tree_cost_usd < cost[0]):
+                cost = (node.budget.cost_usd - node.tree_cost_usd, tid)
+        if tokens is None and cost is None:
+            return None, ""
+        left = Budget(tokens=max(tokens[0], 1) if tokens else None,
+                      cost_usd=max(cost[0], 1e-9) if cost else None)
+        return left, (tokens or cost or (0, ""))[1]
 
     def _approved(self, record: AuditRecord, approved: TaskApproved) -> None:
         task = self.tasks[approved.task_id]
@@ -471,6 +513,13 @@ _UNCHANGED = frozenset({TaskProgress})
 
 _CREATES = frozenset({TaskSubmitted, PlanSubmitted})
 """Records that create their task (its status comes from :func:`bus.lifecycle.created`)."""
+
+def over(task: _Task) -> bool:
+    """Whether the task's tree has spent more than its budget."""
+    budget = task.budget
+    return budget is not None and ((budget.tokens is not None and task.tree_tokens > budget.tokens)
+                                   or (budget.cost_usd is not None and task.tree_cost_usd > budget.cost_usd))
+
 
 _ASSIGNED = frozenset({Status.PENDING, Status.RUNNING})
 """Statuses in which a task assigned to an agent holds one of its slots."""

@@ -26,7 +26,9 @@ raised to the skill does. Keys appear nowhere: providers hand them to the SDK on
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
@@ -36,10 +38,15 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
+from agents.errors import BudgetError
 from agents.llm import config
 from agents.llm.base import ChatRequest, ChatResult, Message, Provider, ProviderError, Usage, UsageSink
 from agents.llm.config import Candidate, ProviderConfig, Route, RoutingFile
 from bus import metrics
+from bus.events import Budget
+
+BudgetLeft = Callable[[], tuple[Budget | None, str]]
+"""What is left of the budget over a task now, and whose budget it is (``None``: none)."""
 
 log = structlog.get_logger(__name__)
 
@@ -85,11 +92,13 @@ class LLMRouter:
                                 f" [default] route, or [skills.{config.toml_key(skill)}]")
         return route
 
-    def bind(self, skill: str, role: str = "", usage: UsageSink | None = None) -> LLM:
+    def bind(self, skill: str, role: str = "", usage: UsageSink | None = None,
+             budget: BudgetLeft | None = None) -> LLM:
         """What a task's skill calls: routed for ``skill`` and ``role``, reporting every
-        attempt to ``usage`` (awaited in line: what it raises, the call raises). Binding
+        attempt to ``usage`` (awaited in line: what it raises, the call raises), and held
+        to ``budget`` (what is left of the budget over the task, and whose it is). Binding
         never fails; a missing route fails the call."""
-        return LLM(self, skill, role, usage)
+        return LLM(self, skill, role, usage, budget)
 
     def provider(self, name: str) -> Provider:
         """The provider ``name`` of the routing file, made on first use."""
@@ -154,16 +163,39 @@ def _make(name: str, settings: ProviderConfig) -> Provider:
 class LLM:
     """The router bound to one task's skill and role: ``await llm.chat("...")``."""
 
-    def __init__(self, router: LLMRouter, skill: str, role: str = "", usage: UsageSink | None = None) -> None:
+    def __init__(self, router: LLMRouter, skill: str, role: str = "", usage: UsageSink | None = None,
+                 budget: BudgetLeft | None = None) -> None:
         self.router = router
         self.skill = skill
         self.role = role
         self._usage = usage
+        self._budget = budget
 
     def as_role(self, role: str) -> LLM:
         """The same binding, routed as ``role`` (a pipeline step names the role it plays,
         whichever agent runs it)."""
-        return LLM(self.router, self.skill, role, self._usage)
+        return LLM(self.router, self.skill, role, self._usage, self._budget)
+
+    def _check_budget(self, request: ChatRequest, model: str, max_tokens: int) -> None:
+        """Refuse a call that could cross the budget over the task: its prompt (estimated
+        at four characters a token) and its most output (``max_tokens``), priced by the
+        price table for a cost budget. The router still counts what calls really use."""
+        if self._budget is None:
+            return
+        left, owner = self._budget()
+        if left is None:
+            return
+        chars = len(request.system or "") + sum(len(m.content) if isinstance(m.content, str) else
+                                                 len(json.dumps(m.content)) for m in request.messages)
+        prompt = -(-chars // 4)
+        most = prompt + max_tokens
+        if left.tokens is not None and most > left.tokens:
+            raise BudgetError(f"not calling {model}: the call may use {most} tokens (about {prompt} in, at most "
+                              f"{max_tokens} out) and the budget of task {owner} has {max(left.tokens, 0)} left")
+        cost = self.router.cost(model, prompt, max_tokens)
+        if left.cost_usd is not None and cost > left.cost_usd:
+            raise BudgetError(f"not calling {model}: the call may cost ${cost:.4f} and the budget of task {owner} "
+                              f"has ${max(left.cost_usd, 0):.4f} left")
 
     async def chat(self, request: ChatRequest | str, **overrides: Any) -> ChatResult:
         """Answer ``request`` (a plain string is one user message) with the first
@@ -206,6 +238,7 @@ class LLM:
         """One call to one candidate: traced, logged and reported whatever its outcome."""
         name, model = candidate.provider, candidate.model
         max_tokens = request.max_tokens or candidate.max_tokens or config.DEFAULT_MAX_TOKENS
+        self._check_budget(request, model, max_tokens)
         if request.temperature is None and candidate.temperature is not None:
             request = msgspec.structs.replace(request, temperature=candidate.temperature)
         attributes: dict[str, AttributeValue] = {
