@@ -414,11 +414,13 @@ class SkillUnmatched(Event, tag="skill_unmatched", frozen=True):
 
 
 class ProposalApproved(Event, tag="proposal_approved", frozen=True):
-    """An operator turned a proposal (the id of its ``skill_unmatched`` event) into a saved
-    agent profile named ``profile``."""
+    """An operator turned a proposal (the id of its ``skill_unmatched`` event) into an
+    agent profile named ``profile``: saved in the profiles file (``saved``), or for this run
+    only (kept under ``var/proposals``, not in the project's profiles)."""
 
     proposal_id: Id
     profile: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,47}$")]
+    saved: bool = True
 
 
 AnyEvent = (

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from bus.events import AgentJoined, AuditRecord, PlanSubmitted, SkillUnmatched
 from bus.identity import Registry
 from bus.server import NatsServer
 from bus.settings import Settings
+from tests.fakellm import FakeLLM, answer
 from tests.support import Procs, audit_records, process_env, wait_for_record, wait_until
 
 
@@ -131,6 +134,66 @@ async def test_an_unmatched_step_waits_for_its_approved_proposal_then_runs_on_th
     code, out, _ = await cli(settings, profiles_path, "agents", "propose", "--json")
     [row] = json.loads(out)
     assert (row["status"], row["profile"], row["approved_by"]) == ("approved", "wait-agent", "cli-tester")
+
+
+PROPOSALS_ROUTING = """
+[providers.fake]
+type = "anthropic"
+base_url = "{url}"
+timeout_s = 10
+
+[skills.proposals]
+provider = "fake"
+model = "fake-model"
+max_tokens = 600
+"""
+
+
+async def test_a_one_off_approval_takes_its_instructions_from_the_llm_and_starts_the_agent_the_step_waits_for(
+    procs: Procs, admin: Client, settings: Settings, nats_server: NatsServer, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    js = admin.jetstream()
+    profiles_path = tmp_path / "profiles.toml"
+    env = {"LEDGERBUS_PROFILES_PATH": str(profiles_path)}
+    await procs.start("router", "router", **env)
+    await procs.start("projector", "projector", **env)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("steps:\n  - {id: nap, capabilities: [wait], input: {seconds: 0}}\n")
+    code, _, err = await cli(settings, profiles_path, "submit", "--plan", str(plan), "--task-id", "once", "--json")
+    assert code == 0, err
+    unmatched = await wait_for_record(js, lambda r: r.key == "once-nap" and r.kind == "skill_unmatched")
+    await projected(admin, unmatched)
+    pid_file = tmp_path / "nats.pid"
+    assert nats_server.proc is not None
+    pid_file.write_text(str(nats_server.proc.pid))
+    with FakeLLM() as fake:
+        fake.push(answer("You wait for the time a step asks, then say you are done."))
+        settings.llm_config_path.write_text(PROPOSALS_ROUTING.format(url=fake.url))
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-not-a-real-key")
+        code, out, err = await cli(settings, profiles_path, "agents", "propose", "--approve", unmatched.event.id,
+                                   "--once", "--start", "--pid-file", str(pid_file), "--json")
+        assert code == 0, err
+        [request] = fake.requests
+    approval = json.loads(out)
+    started = approval["started"]["pid"]
+    try:
+        assert approval["saved"] is False and approval["instructions_from"] == "the LLM route for proposals"
+        assert "wait" in request.body["messages"][-1]["content"]
+        # One-off: the project's profiles file is untouched; the run's copy has the LLM's words.
+        assert not profiles_path.exists()
+        kept = tmp_path / "var" / "proposals" / "wait-agent.toml"
+        assert profiles.get(kept, "wait-agent").instructions == (
+            "You wait for the time a step asks, then say you are done.")
+        approved = await wait_for_record(js, lambda r: r.kind == "proposal_approved")
+        assert approved.event.saved is False  # type: ignore[union-attr]
+        # --start: the agent comes up by itself, and the waiting step runs on it.
+        end = await wait_for_record(js, lambda r: r.key == "once" and r.kind in ("task_completed", "task_failed"), 60)
+        assert end.kind == "task_completed", end
+        [done] = of(await audit_records(js), "once-nap", "task_completed")
+        assert done.principal == "agent-wait-agent"
+    finally:
+        os.kill(started, signal.SIGTERM)
 
 
 ROLE_PROFILES = """
