@@ -393,7 +393,7 @@ def test_the_example_routing_file_loads_and_its_commented_routes_are_valid() -> 
     uncommented = "\n".join(line[2:] for line in examples.splitlines()[1:]
                             if line.startswith("# ") and not line.startswith("# A route"))
     extended = llm_config.parse((head + uncommented).encode(), REPO / "llm.toml")
-    assert set(extended.skills) == {"llm.chat"} and set(extended.roles) == {"architect"}
+    assert set(extended.skills) == {"llm.chat", "proposals"} and set(extended.roles) == {"architect"}
 
 
 # -- Keys, logs, spans -----------------------------------------------------------------------------

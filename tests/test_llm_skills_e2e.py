@@ -308,6 +308,27 @@ async def test_a_role_whose_output_breaks_its_checked_guardrails_fails_and_is_re
     assert failed["developer"].startswith("the developer's guardrails are not kept: the output matches")
     assert "hunter2" in failed["developer"]  # where it matched, so a person can find it
 
+    # A validator skill judges an answer against the guardrails in words: its "no" fails
+    # the answer with its reason, and the retry's "yes" lets it through.
+    asked = len(fake.requests)
+    fake.push(answer("Why did the chicken cross the road?"),
+              answer(data={"ok": False, "problems": ["it tells a joke"]}),
+              answer("The road is 7 m wide."), answer(data={"ok": True, "problems": []}))
+    code, out, err = await agentctl(settings, "submit", "llm.chat", "--input", json.dumps({
+        "prompt": "How wide is the road?", "guardrails": ["No jokes."], "checks": {"validator": "llm.chat"}}),
+        "--retries", "1", "--backoff", "0.1", "--wait", "--json", timeout=60)
+    assert code == 0, out + err
+    task = json.loads(out)
+    assert task["output"]["text"] == "The road is 7 m wide."
+    records = await audit_records(admin.jetstream())
+    [judged] = [r for r in records if r.kind == "task_failed" and r.key == task["task_id"] and r.accepted]
+    assert judged.event.error == (  # type: ignore[union-attr]
+        "the answer's guardrails are not kept: the validator llm.chat: it tells a joke")
+    # The validator's judgement is a subtask of the answer it judged, in the log and the tree.
+    assert len([r for r in records if r.kind == "task_submitted"
+                and r.event.parent_task_id == task["task_id"]]) == 2  # type: ignore[union-attr]
+    assert "No jokes." in fake.requests[asked + 1].body["messages"][-1]["content"]
+
 
 SPECIALIST = {"api_design": "backend", "ui_design": "frontend", "api": "backend", "ui": "frontend",
               "tests": "testing", "deploy": "devops"}
@@ -347,26 +368,3 @@ async def test_the_flask_react_example_runs_each_step_on_its_specialist_in_three
     systems = [r.body["system"] for r in fake.requests]
     for agent in ("backend", "frontend", "devops", "testing"):
         assert any(s.startswith(PROFILES[agent]["instructions"]) for s in systems), agent
-
-
-async def test_a_validator_skill_judges_an_answer_against_the_guardrails_and_a_no_fails_it(
-    procs: Procs, admin: Client, settings: Settings, fake: FakeLLM
-) -> None:
-    fake.push(answer("Why did the chicken cross the road?"),
-              answer(data={"ok": False, "problems": ["it tells a joke"]}),
-              answer("The road is 7 m wide."), answer(data={"ok": True, "problems": []}))
-    await start_system(procs, admin, ("thinker-1", "llm.chat"))
-    code, out, err = await agentctl(settings, "submit", "llm.chat", "--input", json.dumps({
-        "prompt": "How wide is the road?", "guardrails": ["No jokes."], "checks": {"validator": "llm.chat"}}),
-        "--retries", "1", "--backoff", "0.1", "--wait", "--json", timeout=60)
-    assert code == 0, out + err
-    task = json.loads(out)
-    assert task["output"]["text"] == "The road is 7 m wide."
-    records = await audit_records(admin.jetstream())
-    [failed] = [r for r in records if r.kind == "task_failed" and r.key == task["task_id"] and r.accepted]
-    assert failed.event.error == (  # type: ignore[union-attr]
-        "the answer's guardrails are not kept: the validator llm.chat: it tells a joke")
-    # The validator's judgement is a subtask of the answer it judged, in the log and the tree.
-    validations = [r for r in records if r.kind == "task_submitted" and r.event.parent_task_id == task["task_id"]]  # type: ignore[union-attr]
-    assert len(validations) == 2
-    assert "No jokes." in fake.requests[1].body["messages"][-1]["content"]

@@ -92,10 +92,24 @@ async def _keys(kv: Any) -> list[str]:
         return []
 
 
-async def test_a_step_named_by_capabilities_runs_only_on_the_agent_the_match_chose(
+async def test_agentctl_match_shows_the_candidates_and_a_step_runs_only_on_the_agent_the_match_chose(
     procs: Procs, settings: Settings, tmp_path: Path, connect_as: Connect, admin: Client
 ) -> None:
     await start_specialists(procs, settings, tmp_path, admin)
+    # Before submitting: where a step would go, and why.
+    code, out, err = await agentctl(settings, "match", "--capabilities", "frontend,react", "--json")
+    assert code == 0, err
+    found = json.loads(out)
+    assert [(c["agent"], c["skill"], c["score"]) for c in found["candidates"]] == [("frontend", "echo", 0.5)]
+    code, out, err = await agentctl(settings, "match", "echo", "--json")
+    assert code == 0, err
+    # Any of the three serves echo; the generalist (echo only) fits it best.
+    assert [c["agent"] for c in json.loads(out)["candidates"]] == ["echo-1", "backend", "frontend"]
+    code, out, err = await agentctl(settings, "match", "--capabilities", "kubernetes")
+    assert code == 1
+    assert "no live agent provides kubernetes" in err
+    assert "Traceback" not in err
+
     steps = [
         *(PlanStep(id=f"ui{i}", capabilities=["frontend", "react"], input={"i": i}) for i in range(4)),
         *(PlanStep(id=f"api{i}", capabilities=["backend"], input={"i": i}) for i in range(4)),
@@ -119,24 +133,6 @@ async def test_a_step_named_by_capabilities_runs_only_on_the_agent_the_match_cho
     code, out, err = await agentctl(settings, "tasks", "show", "app-ui0", env={"COLUMNS": "200"})
     assert code == 0, err
     assert "task_dispatched by router: to frontend (matched, score 0.5)" in out, out
-
-
-async def test_agentctl_match_shows_the_candidates_and_their_scores_before_submitting(
-    procs: Procs, settings: Settings, tmp_path: Path, admin: Client
-) -> None:
-    await start_specialists(procs, settings, tmp_path, admin)
-    code, out, err = await agentctl(settings, "match", "--capabilities", "frontend,react", "--json")
-    assert code == 0, err
-    found = json.loads(out)
-    assert [(c["agent"], c["skill"], c["score"]) for c in found["candidates"]] == [("frontend", "echo", 0.5)]
-    code, out, err = await agentctl(settings, "match", "echo", "--json")
-    assert code == 0, err
-    # Any of the three serves echo; the generalist (echo only) fits it exactly.
-    assert [c["agent"] for c in json.loads(out)["candidates"]] == ["echo-1", "backend", "frontend"]
-    code, out, err = await agentctl(settings, "match", "--capabilities", "kubernetes")
-    assert code == 1
-    assert "no live agent provides kubernetes" in err
-    assert "Traceback" not in err
 
 
 async def test_no_agent_can_read_the_work_assigned_to_another(running_router: RunningRouter,
@@ -246,6 +242,7 @@ async def test_an_agent_whose_heartbeat_lapses_is_recorded_gone_and_its_work_han
 
     rows = await asyncio.wait_for(lost(), 30)
     assert rows["agent-b"]["status"] == "online"
+    await agentctl(settings, "cancel", "lapse")  # agent-b stops the 30 s sleep: a quick teardown
 
 
 class DelegateThenFail:
