@@ -299,17 +299,19 @@ class Procs:
 
 
 async def agentctl(
-    settings: Settings, *args: str, timeout: float = 60.0, as_user: str = "tester", env: dict[str, str] | None = None
+    settings: Settings, *args: str, timeout: float = 60.0, as_user: str = "tester", env: dict[str, str] | None = None,
+    stdin: str | None = None,
 ) -> tuple[int, str, str]:
     """Run one agentctl command to completion as CLI user ``as_user`` (``env`` added to its
-    environment): ``(exit code, stdout, stderr)``."""
+    environment, ``stdin`` its input): ``(exit code, stdout, stderr)``."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agentctl", *args,
         env=process_env(settings, LEDGERBUS_CLI_NAME=as_user, **(env or {})),
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     async with asyncio.timeout(timeout):
-        out, err = await proc.communicate()
+        out, err = await proc.communicate(None if stdin is None else stdin.encode())
     assert proc.returncode is not None
     # Whatever happened, a person sees a message from agentctl, never a Python traceback.
     assert b"Traceback" not in err and b"never retrieved" not in err, err.decode()

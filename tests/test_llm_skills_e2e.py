@@ -99,6 +99,21 @@ async def test_llm_chat_answers_and_its_usage_is_recorded(
     [row] = json.loads(out)
     assert (row["provider"], row["calls"], row["failed"], row["tokens_out"]) == ("fake", 1, 0, 1)
 
+    # Earlier steps' outputs past the context budget: the newest whole, the oldest summarised.
+    first, second = "brief " * 50, "design " * 35
+    fake.push(answer(first), answer(second), answer("SUMMARY OF THE BRIEF"), answer("built"))
+    plan = {"steps": [
+        {"id": "s1", "skill": "llm.chat", "input": {"prompt": "brief"}},
+        {"id": "s2", "skill": "llm.chat", "input": {"prompt": "design"}, "deps": ["s1"]},
+        {"id": "s3", "skill": "llm.chat", "input": {"prompt": "build", "context_chars": 400}, "deps": ["s1", "s2"]}]}
+    code, out, err = await agentctl(settings, "submit", "--plan", "-", "--wait", "--json", stdin=json.dumps(plan))
+    assert code == 0, out + err
+    summarise, build = fake.requests[-2], fake.requests[-1]
+    assert first.strip() in summarise.body["messages"][-1]["content"]
+    prompt = build.body["messages"][-1]["content"]
+    assert "## Summary of s1\nSUMMARY OF THE BRIEF" in prompt
+    assert f"## Output of s2\n{second}" in prompt and first not in prompt
+
 
 SIX = {"steps": [
     {"id": "setup_a", "skill": "echo", "input": {"do": "setup a"}},
@@ -193,6 +208,21 @@ async def test_reason_runs_observe_reason_plan_act_validate_and_every_phase_is_a
     # The act was a delegated subtask of the reason task.
     [echo] = [r for r in records if r.kind == "task_submitted" and r.event.skill == "echo"]  # type: ignore[union-attr]
     assert echo.event.parent_task_id == task["task_id"]  # type: ignore[union-attr]
+
+    # Validate is the same gate as a role's output: a "done" whose answer breaks the checks
+    # is not done, and what it broke is the next iteration's feedback.
+    fake.push(answer(data={"facts": []}), answer(data={"analysis": "greet"}), answer(data={"actions": []}),
+              answer(data={"done": True, "progress": 1.0, "answer": "HELLO THERE"}),
+              answer(data={"facts": ["too long"]}), answer(data={"analysis": "shorter"}), answer(data={"actions": []}),
+              answer(data={"done": True, "progress": 1.0, "answer": "HI"}))
+    code, gated = await submit(settings, "reason", {"goal": "greet briefly", "checks": {"max_chars": 5}})
+    assert code == 0, gated
+    assert (gated["output"]["answer"], gated["output"]["iterations"]) == ("HI", 2)
+    records = await audit_records(admin.jetstream())
+    verdicts = [r.event.value["output"] for r in records if r.kind == "memory_written" and r.accepted  # type: ignore[union-attr]
+                and r.event.section == "reasoning" and r.event.value["phase"] == "validate"]  # type: ignore[union-attr]
+    assert verdicts[-2]["done"] is False
+    assert verdicts[-2]["feedback"] == "the answer breaks its guardrails: the output is 11 characters, more than 5"
 
 
 async def test_reason_wipes_its_working_memory_once_when_stuck_then_fails_if_stuck_again(
