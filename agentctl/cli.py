@@ -2,33 +2,51 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import click
 
-from agentctl.approvals import approvals, approve, deny
-from agentctl.audit import audit
 from agentctl.common import App, fail
-from agentctl.doctor import doctor
-from agentctl.keys import keys
-from agentctl.match import match
-from agentctl.memory import checkpoint, memory, shared
-from agentctl.processes import agent, nats, projector, router
-from agentctl.reads import agents, events, tasks
-from agentctl.replay import replay, snapshot
-from agentctl.skills import skills
-from agentctl.submit import cancel, submit
-from agentctl.top import top
-from agentctl.traces import trace_cmd
-from agentctl.usage import usage
 from bus.errors import ConfigError
 from bus.logs import configure_logging
 from bus.settings import Settings
 
 PROCESSES = ("nats", "router", "projector", "agent")
 
+COMMANDS: dict[str, str] = {
+    "nats": "agentctl.processes:nats", "router": "agentctl.processes:router",
+    "projector": "agentctl.processes:projector", "agent": "agentctl.processes:agent",
+    "submit": "agentctl.submit:submit", "cancel": "agentctl.submit:cancel",
+    "approve": "agentctl.approvals:approve", "deny": "agentctl.approvals:deny",
+    "approvals": "agentctl.approvals:approvals", "tasks": "agentctl.reads:tasks", "events": "agentctl.reads:events",
+    "agents": "agentctl.reads:agents", "match": "agentctl.match:match", "memory": "agentctl.memory:memory",
+    "checkpoint": "agentctl.memory:checkpoint", "shared": "agentctl.memory:shared", "audit": "agentctl.audit:audit",
+    "keys": "agentctl.keys:keys", "replay": "agentctl.replay:replay", "snapshot": "agentctl.replay:snapshot",
+    "skills": "agentctl.skills:skills", "usage": "agentctl.usage:usage", "doctor": "agentctl.doctor:doctor",
+    "top": "agentctl.top:top", "trace": "agentctl.traces:trace_cmd",
+}
+"""Every command, and where it lives: a command's module is imported only when it runs
+(or for ``--help``), so ``agentctl tasks`` does not pay for ``replay``'s imports."""
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use (click's documented pattern)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        command = getattr(importlib.import_module(module), attr)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--url", envvar="LEDGERBUS_URL", help="NATS server URL(s), comma-separated. [env LEDGERBUS_URL]")
 @click.option("--user", envvar="LEDGERBUS_USER", help="NATS user (default: the command's role). [env LEDGERBUS_USER]")
 @click.option("--password", envvar="LEDGERBUS_PASSWORD", help="NATS password. [env LEDGERBUS_PASSWORD]")
@@ -58,11 +76,6 @@ def cli(ctx: click.Context, url: str | None, user: str | None, password: str | N
     # Logs go to stderr, so stdout stays clean for --json.
     configure_logging(log_format, log_level)
     ctx.obj = App(settings=settings, log_format=log_format, log_level=log_level)
-
-
-for command in (nats, router, projector, agent, submit, cancel, approve, deny, approvals, tasks, events, agents, memory,
-                checkpoint, shared, audit, keys, replay, snapshot, skills, usage, doctor, top, trace_cmd, match):
-    cli.add_command(command)
 
 
 def main() -> None:

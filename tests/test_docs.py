@@ -15,7 +15,11 @@ README = (REPO / "README.md").read_text()
 
 def _commands(group: click.Group, prefix: str = "agentctl") -> list[str]:
     names = []
-    for name, command in group.commands.items():
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        assert command is not None, name
+        assert command.name == name or name == "trace", f"{name} loads command {command.name}"
         names.append(f"{prefix} {name}")
         if isinstance(command, click.Group):
             names += _commands(command, f"{prefix} {name}")
