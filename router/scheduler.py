@@ -4,15 +4,22 @@ It is level-triggered. Every record the router folds marks the tasks it touched 
 their parents) dirty; :meth:`Scheduler.decide` looks at the dirty tasks and returns the
 events that follow from where they are now:
 
-- a plan step whose dependencies have all completed is dispatched (``task_dispatched``),
-  highest priority first; a step whose dependency failed under ``on_failure = "continue"``
-  is skipped; a step named by capabilities goes to the live skill that fits best, or is
-  recorded as ``skill_unmatched`` (with a proposed agent) until one appears;
+- a plan step whose dependencies have all completed is assigned to the live agent that
+  fits it best (``task_dispatched`` naming the agent; a step playing a role prefers that
+  role's agent), highest effective priority first, each agent at most its slots' worth;
+  what does not fit waits for a slot there; a step no live agent fits is recorded as
+  ``skill_unmatched`` (with a proposed agent) until one appears; a step whose dependency
+  failed under ``on_failure = "continue"`` is skipped; a role's step after another
+  role's gets a ``handoff`` first;
 - a submission held for a match (code ``awaiting_match``: nobody served its skill) goes,
-  in the same way, to the live skill that provides its skill best, or waits as
+  in the same way, to the live agent that provides its skill best, or waits as
   ``skill_unmatched`` with a proposed agent;
+- work assigned to an agent that no longer offers its skill (every instance left) is
+  assigned again (``reassigned``); a subtask submitted by a superseded attempt of its
+  parent is cancelled;
 - a failed task with retries left gets ``task_retry_scheduled``, and is dispatched again
   when its time comes; with its retries spent it is dead-lettered;
+- a task whose tree spent more than its budget stops (fails, or is cancelled);
 - a plan completes (with its steps' outputs) when every step has settled, and fails as
   soon as a step with ``on_failure = "fail"`` has;
 - the open children of a task that ended without completing are cancelled.
