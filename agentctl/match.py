@@ -20,7 +20,7 @@ from agentctl.common import EXIT_FAILED, App, cli_principal, fail, out, run
 from agentctl.reads import heartbeats, json_option
 from bus.connection import connected
 from bus.events import Heartbeat
-from router.scheduler import LiveAgents, fits
+from router.live import LiveAgents, fits
 
 
 def _csv(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str]:

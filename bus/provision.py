@@ -117,31 +117,27 @@ def deadletter_consumer_config() -> ConsumerConfig:
 
 
 def work_consumer_config(settings: Settings, skill: str) -> ConsumerConfig:
-    """The durable pull consumer shared by every agent replica with ``skill``.
-
-    Named (not only durable), so nats.py creates it with the filtered API subject
-    ``$JS.API.CONSUMER.CREATE.WORK.<name>.<filter>``, whose filter the server checks against
-    the configuration: that is the only create an agent's permissions allow, so no agent
-    can make a consumer of a skill's name that reads another subject."""
-    return ConsumerConfig(
-        name=subjects.work_consumer(skill),
-        durable_name=subjects.work_consumer(skill),
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=settings.work_ack_wait_s,
-        max_deliver=settings.work_max_deliver,
-        filter_subject=subjects.work(skill),
-    )
+    """The durable pull consumer shared by every agent replica with ``skill``."""
+    return _work_consumer(settings, subjects.work_consumer(skill), subjects.work(skill))
 
 
 def assigned_consumer_config(settings: Settings, agent: str) -> ConsumerConfig:
     """The durable pull consumer of the work assigned to ``agent``, shared by its instances."""
+    return _work_consumer(settings, subjects.assigned_consumer(agent), subjects.assigned_all(agent))
+
+
+def _work_consumer(settings: Settings, name: str, filter_subject: str) -> ConsumerConfig:
+    """A WORK consumer. Named (not only durable), so nats.py creates it with the filtered API
+    subject ``$JS.API.CONSUMER.CREATE.WORK.<name>.<filter>``, whose filter the server checks
+    against the configuration: that is the only create an agent's permissions allow, so no
+    agent can make a consumer of another's name that reads another subject."""
     return ConsumerConfig(
-        name=subjects.assigned_consumer(agent),
-        durable_name=subjects.assigned_consumer(agent),
+        name=name,
+        durable_name=name,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=settings.work_ack_wait_s,
         max_deliver=settings.work_max_deliver,
-        filter_subject=subjects.assigned_all(agent),
+        filter_subject=filter_subject,
     )
 
 

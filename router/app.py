@@ -30,7 +30,6 @@ from bus.events import (
     TaskFailed,
     TaskDeadLettered,
     TaskDispatched,
-    WorkItem,
     kind_of,
     new_id,
 )
@@ -44,13 +43,14 @@ from router.checkpoints import Checkpoints
 from router.checks import Check, Inbound, default_checks, run_checks
 from router.claims import AgentSkills, ClaimTokens
 from router.deadletters import MaxDeliverAdvisory
-from router.dispatch import dispatch, routed_work_item, work_item, work_subject
+from router.dispatch import deliver, dispatch, work_item, work_subject
 from router.errors import AuditAppendError
 from router.gauges import Gauges
 from router.lease import Lease
 from router.policy import PolicyFile
-from router.records import Decision, record_attributes, record_for, trace_headers
-from router.scheduler import LiveAgents, RouterDecision, Scheduler, watch_agents
+from router.records import Decision, record_attributes, record_for
+from router.live import LiveAgents, start_watch
+from router.scheduler import RouterDecision, Scheduler
 from router.state import RouterState
 
 log = structlog.get_logger(__name__)
@@ -118,7 +118,7 @@ class Router:
             # Accepting a new chain is for this start only: a log lost later is refused again.
             self.accept_new_chain = False
         await self.checkpoints.anchor_head(self.state)
-        await self._watch_agents()
+        self._watch = await start_watch(self.js, self.live, self.settings.connect_timeout_s)
         dead_sub = await self.js.pull_subscribe(
             subjects.DEADLETTER_ALL, durable=subjects.DEADLETTER_CONSUMER, stream=subjects.DEADLETTER_STREAM,
             config=deadletter_consumer_config(),
@@ -127,19 +127,6 @@ class Router:
         self._sub = await pull.durable(self.nc, self.js, subjects.INGRESS_STREAM,
                                        router_consumer_config(self.settings))
         log.info("router_started", head_seq=self.audit.head.seq)
-
-    async def _watch_agents(self) -> None:
-        """Start following the agents' heartbeats, and read the ones there now before
-        serving: a submission checked in the first moments must not be told that nobody
-        serves a skill a live agent offers only because the watch had not caught up."""
-        ready = asyncio.Event()
-        self._watch = asyncio.create_task(watch_agents(self.js, self.live, ready))
-        try:
-            async with asyncio.timeout(self.settings.connect_timeout_s):
-                await ready.wait()
-        except TimeoutError:
-            # Serve anyway: a late watch makes at worst a needless warning, never a loss.
-            log.warning("agents_watch_not_ready", waited_s=self.settings.connect_timeout_s)
 
     async def _recover(self) -> None:
         self.state = RouterState(dedup_horizon_s=self.settings.dedup_horizon_s)
@@ -352,19 +339,7 @@ class Router:
 
     async def _deliver(self) -> None:
         """Publish the work items of the scheduler's dispatches not yet known to be stored."""
-        if not self._undelivered:
-            return
-        # In the order the scheduler decided them (highest priority first): a queue is
-        # delivered in the order it was published.
-        order = sorted(self._undelivered, key=lambda task_id: (self.state.tasks[task_id].dispatch_seq, task_id))
-        items: list[tuple[WorkItem, dict[str, str]]] = [
-            (item, trace_headers(self.state.tasks[task_id].dispatch_trace)) for task_id in order
-            if (item := routed_work_item(task_id, self.state, self.tokens)) is not None
-        ]
-        results = await dispatch(self.publisher, items)
-        self._undelivered = {item.task_id for (item, _), err in zip(items, results, strict=True) if err is not None}
-        for task_id in self._undelivered:
-            log.warning("dispatch_failed", task_id=task_id)
+        self._undelivered = await deliver(self.publisher, self.state, self.tokens, self._undelivered)
 
     async def _notify(self, principal: str, topic: str, notice: Notice) -> None:
         """Tell an agent something directly; best effort (it has fallbacks)."""

@@ -1,5 +1,5 @@
 """Dispatch: turn accepted submissions and the scheduler's dispatches into work items on
-``work.<skill>``.
+``work.<skill>`` (a skill's shared queue) or ``assign.<agent>.<skill>`` (an assigned agent's).
 
 Each publish carries ``Nats-Msg-Id = work-<task id>`` (``#<n>`` for the n-th dispatch),
 so dispatching the same task again (after a crash between dispatch and ingress ack) is
@@ -8,13 +8,19 @@ de-duplicated by JetStream; past its window, a second copy's claim is refused.
 
 from __future__ import annotations
 
+import structlog
+
 from bus import codec, subjects
 from bus.publish import Publisher
 from bus.events import AuditRecord, TaskApproved, TaskSubmitted, WorkItem
 from router.claims import ClaimTokens
 from bus import lifecycle
 from bus.lifecycle import NO_AGENT
-from router.state import RouterState, StepState, TaskState
+from router.state import RouterState
+from router.records import trace_headers
+from router.tasks import StepState, TaskState
+
+log = structlog.get_logger(__name__)
 
 
 def work_item(record: AuditRecord, state: RouterState, tokens: ClaimTokens) -> WorkItem | None:
@@ -97,3 +103,21 @@ async def dispatch(
         hdrs[subjects.HDR_MSG_ID] = subjects.work_msg_id(item.task_id, item.dispatch)
         messages.append((work_subject(item), codec.encode(item), hdrs))
     return [outcome if isinstance(outcome, BaseException) else None for outcome in await publisher.publish(messages)]
+
+
+async def deliver(publisher: Publisher, state: RouterState, tokens: ClaimTokens, undelivered: set[str]) -> set[str]:
+    """Publish the work items of the router's own dispatches of ``undelivered`` tasks, in
+    the order they were decided (highest priority first: a queue is delivered in the order
+    it was published); return the tasks whose item is not known to be stored."""
+    if not undelivered:
+        return undelivered
+    order = sorted(undelivered, key=lambda task_id: (state.tasks[task_id].dispatch_seq, task_id))
+    items: list[tuple[WorkItem, dict[str, str]]] = [
+        (item, trace_headers(state.tasks[task_id].dispatch_trace)) for task_id in order
+        if (item := routed_work_item(task_id, state, tokens)) is not None
+    ]
+    results = await dispatch(publisher, items)
+    failed = {item.task_id for (item, _), err in zip(items, results, strict=True) if err is not None}
+    for task_id in failed:
+        log.warning("dispatch_failed", task_id=task_id)
+    return failed

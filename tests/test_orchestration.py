@@ -369,3 +369,8 @@ async def test_a_handoff_is_a_marked_subtask_for_the_roles_skill(
     assert review.event.output["input"] == {  # type: ignore[union-attr]
         "context": {"draft": "v1"}, "role": "reviewer", "instructions": "Review the draft.", "guardrails": [],
         "from": "scribe-1"}
+    # The router records the handoff as an event of its own, linking the two tasks.
+    handoff = await wait_for_record(js, lambda r: r.key == target and r.kind == "handoff")
+    assert handoff.principal == "router"
+    assert (handoff.event.from_task, handoff.event.from_role, handoff.event.to_role) == (  # type: ignore[union-attr]
+        "draft", "scribe-1", "reviewer")

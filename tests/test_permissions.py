@@ -66,3 +66,20 @@ def test_identity_types_no_subject_of_its_own() -> None:
         and (node.value.startswith(shapes) or node.value in streams)
     ]
     assert literals == []
+
+
+def test_the_repositorys_procfile_makes_an_identity_for_every_agent_it_starts_the_team_included(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agentctl.processes import _profile_skills
+    from bus.identity import ensure_local
+    from tests.support import REPO
+
+    monkeypatch.setenv("LEDGERBUS_PROFILES_PATH", str(REPO / "profiles.toml"))
+    assert ensure_local(tmp_path, "ada", REPO / "Procfile", _profile_skills)
+    entries = Registry.load(tmp_path).entries
+    agents = {user: set(ident.skills) for user, (ident, _) in entries.items() if ident.kind == "agent"}
+    team = ("product-manager", "architect", "developer", "qa", "backend", "frontend", "devops", "testing")
+    assert {f"agent-{name}": {"llm.chat"} for name in team}.items() <= agents.items()
+    assert agents["agent-echo-1"] == {"echo"} and agents["agent-thinker-1"] == {"llm.chat", "plan", "reason"}
+    assert not ensure_local(tmp_path, "ada", REPO / "Procfile", _profile_skills), "nothing more to add"

@@ -61,20 +61,29 @@ def of(records: list[AuditRecord], key: str, kind: str) -> list[AuditRecord]:
     return [r for r in records if r.key == key and r.kind == kind and r.accepted]
 
 
-async def test_an_unmatched_step_waits_for_its_approved_proposal_then_runs_on_the_proposed_agent(
-    procs: Procs, admin: Client, settings: Settings, nats_server: NatsServer, tmp_path: Path
-) -> None:
-    js = admin.jetstream()
+async def nap_waiting_for_a_timer(procs: Procs, admin: Client, settings: Settings, tmp_path: Path,
+                                  task_id: str) -> tuple[Path, dict[str, str], AuditRecord]:
+    """Router and projector with a profiles file of their own (not made yet), and plan
+    ``task_id`` whose one step needs a timer nobody serves: the profiles file, the processes'
+    environment, and the step's ``skill_unmatched`` record."""
     profiles_path = tmp_path / "profiles.toml"
     env = {"LEDGERBUS_PROFILES_PATH": str(profiles_path)}
     await procs.start("router", "router", **env)
     await procs.start("projector", "projector", **env)
     plan = tmp_path / "plan.yaml"
     plan.write_text("name: needs a timer\nsteps:\n  - {id: nap, capabilities: [wait], input: {seconds: 0}}\n")
-    code, _, err = await cli(settings, profiles_path, "submit", "--plan", str(plan), "--task-id", "naps", "--json")
+    code, _, err = await cli(settings, profiles_path, "submit", "--plan", str(plan), "--task-id", task_id, "--json")
     assert code == 0, err
+    unmatched = await wait_for_record(admin.jetstream(),
+                                      lambda r: r.key == f"{task_id}-nap" and r.kind == "skill_unmatched")
+    return profiles_path, env, unmatched
 
-    unmatched = await wait_for_record(js, lambda r: r.key == "naps-nap" and r.kind == "skill_unmatched")
+
+async def test_an_unmatched_step_waits_for_its_approved_proposal_then_runs_on_the_proposed_agent(
+    procs: Procs, admin: Client, settings: Settings, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    js = admin.jetstream()
+    profiles_path, env, unmatched = await nap_waiting_for_a_timer(procs, admin, settings, tmp_path, "naps")
     assert isinstance(unmatched.event, SkillUnmatched)
     proposal = unmatched.event.proposal
     # The installed sleep skill declares ("wait", "timer"), so the proposal is an agent serving it.
@@ -100,6 +109,8 @@ async def test_an_unmatched_step_waits_for_its_approved_proposal_then_runs_on_th
     assert (approval["profile"], approval["record"]["verdict"], approval["record"]["kind"]) == (
         "wait-agent", "accepted", "proposal_approved")
     assert "asked nats-server to reload its configuration" in err
+    # No LLM route here: the proposal's own template, said in one line.
+    assert "instructions from the proposal's template (" in err
 
     # Nothing ran before the approval: the step only waited.
     records = await audit_records(js)
@@ -154,15 +165,7 @@ async def test_a_one_off_approval_takes_its_instructions_from_the_llm_and_starts
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     js = admin.jetstream()
-    profiles_path = tmp_path / "profiles.toml"
-    env = {"LEDGERBUS_PROFILES_PATH": str(profiles_path)}
-    await procs.start("router", "router", **env)
-    await procs.start("projector", "projector", **env)
-    plan = tmp_path / "plan.yaml"
-    plan.write_text("steps:\n  - {id: nap, capabilities: [wait], input: {seconds: 0}}\n")
-    code, _, err = await cli(settings, profiles_path, "submit", "--plan", str(plan), "--task-id", "once", "--json")
-    assert code == 0, err
-    unmatched = await wait_for_record(js, lambda r: r.key == "once-nap" and r.kind == "skill_unmatched")
+    profiles_path, _, unmatched = await nap_waiting_for_a_timer(procs, admin, settings, tmp_path, "once")
     await projected(admin, unmatched)
     pid_file = tmp_path / "nats.pid"
     assert nats_server.proc is not None

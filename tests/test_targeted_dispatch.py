@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from agents.errors import SkillError
 from agents.runtime import Agent
 from agents.skill import SkillContext
-from bus import subjects
+from bus import codec, subjects
 from bus.events import (
     AgentLeft,
     AuditRecord,
@@ -33,12 +35,14 @@ from bus.events import (
     RetryPolicy,
     TaskCompleted,
     TaskDispatched,
+    TaskStarted,
     TaskSubmitted,
     kind_of,
     new_id,
 )
 from bus.settings import Settings
-from router.scheduler import LiveAgents, Scheduler
+from router.live import LiveAgents
+from router.scheduler import Scheduler
 from router.state import RouterState
 from tests.conftest import RunningRouter
 from tests.support import Procs, agentctl, audit_records, send, wait_for_record
@@ -136,28 +140,58 @@ async def test_agentctl_match_shows_the_candidates_and_a_step_runs_only_on_the_a
 
 
 async def test_no_agent_can_read_the_work_assigned_to_another(running_router: RunningRouter,
-                                                               connect_as: Connect) -> None:
+                                                               connect_as: Connect, admin: Client) -> None:
     nc = await connect_as("agent-echo-1")
     js = nc.jetstream(timeout=2)
-    other = ConsumerConfig(name="assigned-frontend", durable_name="assigned-frontend", ack_policy=AckPolicy.EXPLICIT,
-                           filter_subject=subjects.assigned_all("frontend"))
-    with pytest.raises(Exception):  # noqa: B017 - a permissions violation: no answer, or an error
-        await js.add_consumer(subjects.WORK_STREAM, config=other)
-    # Its own consumer's name, with another agent's filter: the server checks the filter
-    # against the one the permitted API subject names.
-    sneaky = ConsumerConfig(name="assigned-echo-1", durable_name="assigned-echo-1", ack_policy=AckPolicy.EXPLICIT,
-                            filter_subject=subjects.assigned_all("frontend"))
-    with pytest.raises(Exception):  # noqa: B017
-        await js.add_consumer(subjects.WORK_STREAM, config=sneaky)
+
+    async def refused(name: str, filter_subject: str) -> None:
+        """The create is a permissions violation (the server answers nothing, so the request
+        times out), and no such consumer exists afterwards."""
+        config = ConsumerConfig(name=name, durable_name=name, ack_policy=AckPolicy.EXPLICIT,
+                                filter_subject=filter_subject)
+        with pytest.raises(nats.errors.TimeoutError):
+            await js.add_consumer(subjects.WORK_STREAM, config=config)
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await admin.jetstream().consumer_info(subjects.WORK_STREAM, name)
+
+    await refused("assigned-frontend", subjects.assigned_all("frontend"))
+    # Its own consumer's name, with another agent's filter: only the API subject that names
+    # its own filter is allowed, and the server checks the body's filter against it.
+    await refused("assigned-echo-1", subjects.assigned_all("frontend"))
     # A skill's shared queue under the name of another skill's consumer: refused the same way.
-    wrong = ConsumerConfig(name="skill-echo", durable_name="skill-echo", ack_policy=AckPolicy.EXPLICIT,
-                           filter_subject=subjects.work("shell"))
-    with pytest.raises(Exception):  # noqa: B017
-        await js.add_consumer(subjects.WORK_STREAM, config=wrong)
+    await refused("skill-echo", subjects.work("shell"))
     # Its own queue, as the runtime makes it, is allowed.
     mine = ConsumerConfig(name="assigned-echo-1", durable_name="assigned-echo-1", ack_policy=AckPolicy.EXPLICIT,
                           filter_subject=subjects.assigned_all("echo-1"))
     await js.add_consumer(subjects.WORK_STREAM, config=mine)
+    assert (await admin.jetstream().consumer_info(subjects.WORK_STREAM, "assigned-echo-1")).config.filter_subject \
+        == "assign.echo-1.>"
+
+
+async def test_a_claim_on_another_agents_work_and_saying_another_agent_left_are_refused_and_audited(
+    running_router: RunningRouter, connect_as: Connect, admin: Client
+) -> None:
+    agent = await connect_as("agent")  # the harness: may speak as any agent
+    kv = await agent.jetstream().key_value(subjects.AGENTS_BUCKET)
+    await kv.put(subjects.heartbeat_key("frontend", "i1"), codec.encode(Heartbeat(
+        agent="frontend", instance="i1", skills=["echo"], concurrency=1, load=0, at=datetime.now(UTC))))
+    await send(await connect_as("cli"), "cli", "tester",
+               PlanSubmitted(id=new_id(), task_id="theirs", steps=[PlanStep(id="s", skill="echo")]))
+    js = admin.jetstream()
+    dispatched = await wait_for_record(js, lambda r: r.key == "theirs-s" and r.kind == "task_dispatched")
+    assert isinstance(dispatched.event, TaskDispatched) and dispatched.event.agent == "frontend"
+    # echo-1 was given echo, but the work is frontend's: refused before its token is looked at.
+    await send(agent, "agent", "echo-1", TaskStarted(id=new_id(), task_id="theirs-s", attempt=1,
+                                                      dispatch=dispatched.event.dispatch, token="guessed"))
+    claim = await wait_for_record(js, lambda r: r.key == "theirs-s" and r.kind == "task_started")
+    assert (claim.verdict, claim.code) == ("rejected", "not_assigned")
+    assert "assigned to agent frontend, not agent-echo-1" in claim.reason
+    # Only the router says that another agent left.
+    await send(agent, "agent", "echo-1", AgentLeft(id=new_id(), instance="i1", agent="frontend",
+                                                    reason="heartbeat_expired"))
+    left = await wait_for_record(js, lambda r: r.kind == "agent_left" and r.principal == "agent-echo-1")
+    assert (left.verdict, left.code) == ("rejected", "kind_not_allowed")
+    assert "may not say that agent frontend left" in left.reason
 
 
 async def test_a_one_slot_agent_runs_ready_steps_highest_priority_first(

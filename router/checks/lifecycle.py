@@ -27,7 +27,8 @@ from bus.events import TaskCompleted, TaskFailed, TaskProgress, TaskStarted, Tas
 from bus.lifecycle import Status, claim_of
 from router.checks import Check, Inbound, Rejection
 from router.claims import ClaimTokens
-from router.state import PlanState, RouterState
+from router.state import RouterState
+from router.tasks import PlanState
 
 
 def make(tokens: ClaimTokens, agent_skills: Callable[[str, str], frozenset[str] | None]) -> Check:
