@@ -1,5 +1,5 @@
-"""``python -m agentctl``."""
+"""``python -m ledgerbus.agentctl``."""
 
-from agentctl.cli import main
+from ledgerbus.agentctl.cli import main
 
 main()

@@ -7,10 +7,10 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from agentctl.common import App, out, run
-from agentctl.reads import ask, db_option, json_option
-from agentctl.send import send_and_report
-from bus.events import TaskApproved, TaskDenied, new_id
+from ledgerbus.agentctl.common import App, out, run
+from ledgerbus.agentctl.reads import ask, db_option, json_option
+from ledgerbus.agentctl.send import send_and_report
+from ledgerbus.bus.events import TaskApproved, TaskDenied, new_id
 
 
 def _decide(app: App, event: TaskApproved | TaskDenied, as_json: bool) -> None:

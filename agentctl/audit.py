@@ -11,13 +11,13 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from agentctl.common import EXIT_FAILED, EXIT_OK, App, cli_principal, err, out, run
-from agentctl.reads import json_option, request_query
-from bus import anchor, signing
-from bus.connection import connected
-from bus.errors import BusError, UnreadableRecord
-from bus.verify import AnchorResult, Finding, LogReport, verify_log
-from projections.verify import compare_digest, compare_file
+from ledgerbus.agentctl.common import EXIT_FAILED, EXIT_OK, App, cli_principal, err, out, run
+from ledgerbus.agentctl.reads import json_option, request_query
+from ledgerbus.bus import anchor, signing
+from ledgerbus.bus.connection import connected
+from ledgerbus.bus.errors import BusError, UnreadableRecord
+from ledgerbus.bus.verify import AnchorResult, Finding, LogReport, verify_log
+from ledgerbus.projections.verify import compare_digest, compare_file
 
 
 @click.group()

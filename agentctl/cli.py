@@ -7,24 +7,24 @@ import os
 
 import click
 
-from agentctl.common import App, fail
-from bus.errors import ConfigError
-from bus.logs import configure_logging
-from bus.settings import Settings
+from ledgerbus.agentctl.common import App, fail
+from ledgerbus.bus.errors import ConfigError
+from ledgerbus.bus.logs import configure_logging
+from ledgerbus.bus.settings import Settings
 
 PROCESSES = ("nats", "router", "projector", "agent")
 
 COMMANDS: dict[str, str] = {
-    "nats": "agentctl.processes:nats", "router": "agentctl.processes:router",
-    "projector": "agentctl.processes:projector", "agent": "agentctl.processes:agent",
-    "submit": "agentctl.submit:submit", "cancel": "agentctl.submit:cancel",
-    "approve": "agentctl.approvals:approve", "deny": "agentctl.approvals:deny",
-    "approvals": "agentctl.approvals:approvals", "tasks": "agentctl.reads:tasks", "events": "agentctl.reads:events",
-    "agents": "agentctl.reads:agents", "match": "agentctl.match:match", "memory": "agentctl.memory:memory",
-    "checkpoint": "agentctl.memory:checkpoint", "shared": "agentctl.memory:shared", "audit": "agentctl.audit:audit",
-    "keys": "agentctl.keys:keys", "replay": "agentctl.replay:replay", "snapshot": "agentctl.replay:snapshot",
-    "skills": "agentctl.skills:skills", "usage": "agentctl.usage:usage", "doctor": "agentctl.doctor:doctor",
-    "top": "agentctl.top:top", "trace": "agentctl.traces:trace_cmd",
+    "nats": "ledgerbus.agentctl.processes:nats", "router": "ledgerbus.agentctl.processes:router",
+    "projector": "ledgerbus.agentctl.processes:projector", "agent": "ledgerbus.agentctl.processes:agent",
+    "submit": "ledgerbus.agentctl.submit:submit", "cancel": "ledgerbus.agentctl.submit:cancel",
+    "approve": "ledgerbus.agentctl.approvals:approve", "deny": "ledgerbus.agentctl.approvals:deny",
+    "approvals": "ledgerbus.agentctl.approvals:approvals", "tasks": "ledgerbus.agentctl.reads:tasks", "events": "ledgerbus.agentctl.reads:events",
+    "agents": "ledgerbus.agentctl.reads:agents", "match": "ledgerbus.agentctl.match:match", "memory": "ledgerbus.agentctl.memory:memory",
+    "checkpoint": "ledgerbus.agentctl.memory:checkpoint", "shared": "ledgerbus.agentctl.memory:shared", "audit": "ledgerbus.agentctl.audit:audit",
+    "keys": "ledgerbus.agentctl.keys:keys", "replay": "ledgerbus.agentctl.replay:replay", "snapshot": "ledgerbus.agentctl.replay:snapshot",
+    "skills": "ledgerbus.agentctl.skills:skills", "usage": "ledgerbus.agentctl.usage:usage", "doctor": "ledgerbus.agentctl.doctor:doctor",
+    "top": "ledgerbus.agentctl.top:top", "trace": "ledgerbus.agentctl.traces:trace_cmd",
 }
 """Every command, and where it lives: a command's module is imported only when it runs
 (or for ``--help``), so ``agentctl tasks`` does not pay for ``replay``'s imports."""

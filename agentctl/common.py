@@ -14,8 +14,8 @@ import click
 import nats.errors
 from rich.console import Console
 
-from bus.errors import LedgerbusError
-from bus.settings import Settings
+from ledgerbus.bus.errors import LedgerbusError
+from ledgerbus.bus.settings import Settings
 
 T = TypeVar("T")
 

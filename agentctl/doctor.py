@@ -15,8 +15,8 @@ from typing import Any, Literal
 import click
 from rich.table import Table
 
-from agentctl.common import EXIT_FAILED, App, cli_principal, out
-from bus.errors import LedgerbusError
+from ledgerbus.agentctl.common import EXIT_FAILED, App, cli_principal, out
+from ledgerbus.bus.errors import LedgerbusError
 
 Level = Literal["ok", "warn", "fail"]
 STYLE = {"ok": "green", "warn": "yellow", "fail": "red"}
@@ -33,7 +33,7 @@ class Finding:
 
 
 def _server() -> Finding:
-    from bus.server import nats_server_binary
+    from ledgerbus.bus.server import nats_server_binary
 
     try:
         return Finding("nats-server", "ok", str(nats_server_binary()))
@@ -42,7 +42,7 @@ def _server() -> Finding:
 
 
 async def _bus(app: App) -> Finding:
-    from bus.connection import connected
+    from ledgerbus.bus.connection import connected
 
     settings = app.settings.replace(connect_timeout_s=min(app.settings.connect_timeout_s, 3.0))
     try:
@@ -53,8 +53,8 @@ async def _bus(app: App) -> Finding:
 
 
 def _policy(app: App) -> list[Finding]:
-    from agents import hooks, isolation, sandbox
-    from router.policy import load
+    from ledgerbus.agents import hooks, isolation, sandbox
+    from ledgerbus.router.policy import load
 
     path = app.settings.policy_path
     findings = []
@@ -89,7 +89,7 @@ def _policy(app: App) -> list[Finding]:
 
 
 def _llm(app: App) -> list[Finding]:
-    from agents.llm import config
+    from ledgerbus.agents.llm import config
 
     path = app.settings.llm_config_path
     try:
@@ -113,7 +113,7 @@ def _llm(app: App) -> list[Finding]:
 
 
 def _skills() -> list[Finding]:
-    from agents import discovery
+    from ledgerbus.agents import discovery
 
     available = discovery.available()
     loaded = discovery.catalog()

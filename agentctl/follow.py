@@ -12,8 +12,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from bus import codec, lifecycle, subjects
-from bus.events import (
+from ledgerbus.bus import codec, lifecycle, subjects
+from ledgerbus.bus.events import (
     AuditRecord,
     Claim,
     SkillUnmatched,
@@ -30,7 +30,7 @@ from bus.events import (
     TaskSubmitted,
     TaskUsage,
 )
-from bus.lifecycle import AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT, Shape, Status
+from ledgerbus.bus.lifecycle import AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT, Shape, Status
 
 
 async def records(

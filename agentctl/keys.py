@@ -9,9 +9,9 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from agentctl.common import App, fail, out
-from bus.errors import LedgerbusError
-from bus.identity import CREDS_DIR, Identity, Registry, identity
+from ledgerbus.agentctl.common import App, fail, out
+from ledgerbus.bus.errors import LedgerbusError
+from ledgerbus.bus.identity import CREDS_DIR, Identity, Registry, identity
 
 
 @click.group()

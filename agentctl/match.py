@@ -16,11 +16,11 @@ import click
 import msgspec
 from rich.table import Table
 
-from agentctl.common import EXIT_FAILED, App, cli_principal, fail, out, run
-from agentctl.reads import heartbeats, json_option
-from bus.connection import connected
-from bus.events import Heartbeat
-from router.live import LiveAgents, fits
+from ledgerbus.agentctl.common import EXIT_FAILED, App, cli_principal, fail, out, run
+from ledgerbus.agentctl.reads import heartbeats, json_option
+from ledgerbus.bus.connection import connected
+from ledgerbus.bus.events import Heartbeat
+from ledgerbus.router.live import LiveAgents, fits
 
 
 def _csv(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str]:

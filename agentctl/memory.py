@@ -14,10 +14,10 @@ import click
 from rich.table import Table
 from rich.tree import Tree
 
-from agentctl.common import App, out, run
-from agentctl.reads import ask, db_option, json_option
-from agentctl.send import send_and_report
-from bus.events import (
+from ledgerbus.agentctl.common import App, out, run
+from ledgerbus.agentctl.reads import ask, db_option, json_option
+from ledgerbus.agentctl.send import send_and_report
+from ledgerbus.bus.events import (
     CheckpointRestored,
     CheckpointSaved,
     MemoryWiped,

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import msgspec
 
-from agents import profiles
-from bus import codec
-from bus.errors import SchemaError
-from bus.events import DEFAULT_TASK_TIMEOUT_S, NO_RETRY, PlanStep, PlanSubmitted, RetryPolicy, new_id
+from ledgerbus.agents import profiles
+from ledgerbus.bus import codec
+from ledgerbus.bus.errors import SchemaError
+from ledgerbus.bus.events import DEFAULT_TASK_TIMEOUT_S, NO_RETRY, PlanStep, PlanSubmitted, RetryPolicy, new_id
 
 PIPELINES: dict[str, tuple[tuple[str, str], ...]] = {
     "sop": (("product_manager", "product-manager"), ("architect", "architect"), ("developer", "developer"),

@@ -17,9 +17,9 @@ from typing import Any
 import msgspec
 import yaml
 
-from bus import codec, lifecycle
-from bus.errors import SchemaError
-from bus.events import (
+from ledgerbus.bus import codec, lifecycle
+from ledgerbus.bus.errors import SchemaError
+from ledgerbus.bus.events import (
     AuditRecord,
     Claim,
     PlanSubmitted,
@@ -36,8 +36,8 @@ from bus.events import (
     new_id,
     step_task_id,
 )
-from bus.lifecycle import Shape, Status
-from bus.plans import validate
+from ledgerbus.bus.lifecycle import Shape, Status
+from ledgerbus.bus.plans import validate
 
 
 class PlanFileError(ValueError):

@@ -11,13 +11,13 @@ from pathlib import Path
 import click
 from nats.aio.client import Client
 
-from agentctl.common import App, cli_name, fail, run
-from bus import failpoints
-from bus.connection import connected
-from bus.errors import ConfigError, LedgerbusError
-from bus.settings import Settings
-from bus.subjects import SubjectError, check_name
-from bus.tracing import configure_telemetry
+from ledgerbus.agentctl.common import App, cli_name, fail, run
+from ledgerbus.bus import failpoints
+from ledgerbus.bus.connection import connected
+from ledgerbus.bus.errors import ConfigError, LedgerbusError
+from ledgerbus.bus.settings import Settings
+from ledgerbus.bus.subjects import SubjectError, check_name
+from ledgerbus.bus.tracing import configure_telemetry
 
 Body = Callable[[Client, asyncio.Event], Awaitable[None]]
 
@@ -52,7 +52,7 @@ def serve(app: App, principal: str, service: str, body: Body) -> None:
 
 def _profile_skills(name: str) -> list[str]:
     """The skills of profile ``name`` in the profiles file (for its identity)."""
-    from agents import profiles
+    from ledgerbus.agents import profiles
 
     return list(profiles.get(Settings.from_env().profiles_path, name).skills)
 
@@ -77,8 +77,8 @@ def nats(node: str | None, config: Path | None, store_dir: Path | None, pid_file
     admin, router, projector, your CLI user, and the agents the Procfile starts. The
     nodes of a cluster on one machine share them; on several, copy var/auth to each.
     """
-    from bus.identity import ensure_local, users_dir
-    from bus.server import exec_server
+    from ledgerbus.bus.identity import ensure_local, users_dir
+    from ledgerbus.bus.server import exec_server
 
     if node is not None:
         try:
@@ -108,8 +108,8 @@ def router(app: App, accept_new_chain: bool) -> None:
     """Run the router: checks, audit log, dispatch. Start more than one for standbys: only
     the holder of the leader lease serves, another takes over when it lapses. It refuses to
     start a new chain where its key has signed checkpoints before (docs/security.md)."""
-    from router.app import Router
-    from router.lease import Lease
+    from ledgerbus.router.app import Router
+    from ledgerbus.router.lease import Lease
 
     async def body(nc: Client, stop: asyncio.Event) -> None:
         lease = Lease(nc.jetstream(timeout=10), app.settings.router_lease_s, replicas=app.settings.stream_replicas)
@@ -123,7 +123,7 @@ def router(app: App, accept_new_chain: bool) -> None:
 @click.pass_obj
 def projector(app: App, db_path: Path | None) -> None:
     """Run the projector: AUDIT into SQLite, and the query service."""
-    from projections.projector import Projector
+    from ledgerbus.projections.projector import Projector
 
     async def body(nc: Client, stop: asyncio.Event) -> None:
         await Projector(nc, app.settings, db_path).run(stop)
@@ -153,11 +153,11 @@ def agent(app: App, name: str | None, skills: list[str] | None, profile_names: t
           concurrency: int | None) -> None:
     """Run an agent process serving SKILLS (start more for more replicas), or the agents
     profiles describe (--profile NAME, repeated for a team in one process)."""
-    from agents import profiles
-    from agents.discovery import load_many
-    from agents.hooks import Hooks
-    from agents.llm.router import LLMRouter
-    from agents.runtime import Agent
+    from ledgerbus.agents import profiles
+    from ledgerbus.agents.discovery import load_many
+    from ledgerbus.agents.hooks import Hooks
+    from ledgerbus.agents.llm.router import LLMRouter
+    from ledgerbus.agents.runtime import Agent
 
     # (name, skills, capabilities, instructions, concurrency, profile) per agent to run.
     specs: list[tuple[str, list[str], list[str], str, int, str]] = []

@@ -27,14 +27,14 @@ import click
 import msgspec
 from rich.table import Column, Table
 
-from agentctl.common import EXIT_BUS, EXIT_FAILED, EXIT_TIMEOUT, App, err, fail, out, run
-from agentctl.keys import add_principal
-from agentctl.send import VERDICT_TIMEOUT_S, send
-from agents import profiles
-from bus import codec, subjects
-from bus.errors import LedgerbusError, NotFound, SchemaError
-from bus.events import ProposalApproved, new_id
-from bus.identity import Registry, identity
+from ledgerbus.agentctl.common import EXIT_BUS, EXIT_FAILED, EXIT_TIMEOUT, App, err, fail, out, run
+from ledgerbus.agentctl.keys import add_principal
+from ledgerbus.agentctl.send import VERDICT_TIMEOUT_S, send
+from ledgerbus.agents import profiles
+from ledgerbus.bus import codec, subjects
+from ledgerbus.bus.errors import LedgerbusError, NotFound, SchemaError
+from ledgerbus.bus.events import ProposalApproved, new_id
+from ledgerbus.bus.identity import Registry, identity
 
 
 @click.command("propose")
@@ -69,7 +69,7 @@ def propose(app: App, proposal_id: str | None, profile_name: str | None, pid_fil
 
 
 def _list(app: App, db_path: Path | None, as_json: bool) -> None:
-    from agentctl.reads import ask
+    from ledgerbus.agentctl.reads import ask
 
     rows = run(lambda: ask(app, "proposals", "list", {}, db_path))
     if as_json:
@@ -95,8 +95,8 @@ def draft_instructions(app: App, proposal: dict[str, Any]) -> tuple[str, str]:
     """The proposed agent's instructions, and where they came from: the LLM route for
     proposals, else (no route, no key, a failed call: said in the second value) the
     proposal's template."""
-    from agents.llm.base import ChatRequest, Message, ProviderError
-    from agents.llm.router import LLMRouter
+    from ledgerbus.agents.llm.base import ChatRequest, Message, ProviderError
+    from ledgerbus.agents.llm.router import LLMRouter
 
     template = str(proposal["prompt"])
     try:
@@ -137,14 +137,14 @@ def _start_agent(app: App, name: str, profiles_path: Path) -> tuple[int, Path]:
     log_path = logs / f"agent-{name}.log"
     env = {**os.environ, "LEDGERBUS_PROFILES_PATH": str(profiles_path)}
     with log_path.open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "agentctl", "agent", "--profile", name], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "ledgerbus.agentctl", "agent", "--profile", name], env=env,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     return proc.pid, log_path
 
 
 def _approve(app: App, proposal_id: str, profile_name: str | None, pid_file: Path, once: bool, start: bool,
              as_json: bool) -> None:
-    from agentctl.reads import ask
+    from ledgerbus.agentctl.reads import ask
 
     try:
         subjects.token(proposal_id, "proposal id")

@@ -17,15 +17,15 @@ import nats.js.errors
 from rich.table import Table
 from rich.tree import Tree
 
-from agentctl.common import App, cli_principal, out, run
-from agentctl.follow import records
-from agentctl.proposals import propose
-from bus import codec, query, subjects
-from bus.connection import connected
-from bus.lifecycle import Status
-from projections import db as dbmod
-from projections import service
-from projections.errors import DatabaseError
+from ledgerbus.agentctl.common import App, cli_principal, out, run
+from ledgerbus.agentctl.follow import records
+from ledgerbus.agentctl.proposals import propose
+from ledgerbus.bus import codec, query, subjects
+from ledgerbus.bus.connection import connected
+from ledgerbus.bus.lifecycle import Status
+from ledgerbus.projections import db as dbmod
+from ledgerbus.projections import service
+from ledgerbus.projections.errors import DatabaseError
 
 STATUS_STYLE: dict[str, str] = {
     Status.SUBMITTED: "white", Status.AWAITING_APPROVAL: "magenta", Status.WAITING: "dim",

@@ -10,11 +10,11 @@ from pathlib import Path
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from agentctl.common import App, cli_principal, err, out, run
-from bus.connection import connected
-from projections import db as dbmod
-from projections.rebuild import rebuild
-from projections.rebuild import snapshot as take_snapshot
+from ledgerbus.agentctl.common import App, cli_principal, err, out, run
+from ledgerbus.bus.connection import connected
+from ledgerbus.projections import db as dbmod
+from ledgerbus.projections.rebuild import rebuild
+from ledgerbus.projections.rebuild import snapshot as take_snapshot
 
 
 def _moment(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:

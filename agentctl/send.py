@@ -13,12 +13,12 @@ from collections.abc import Callable
 import click
 import nats.errors
 
-from agentctl.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, App, cli_name, err, out, run
-from agentctl.follow import records
-from bus import codec, subjects
-from bus.connection import connected
-from bus.errors import BusError, SchemaError
-from bus.events import AuditRecord, Event, kind_of
+from ledgerbus.agentctl.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, App, cli_name, err, out, run
+from ledgerbus.agentctl.follow import records
+from ledgerbus.bus import codec, subjects
+from ledgerbus.bus.connection import connected
+from ledgerbus.bus.errors import BusError, SchemaError
+from ledgerbus.bus.events import AuditRecord, Event, kind_of
 
 VERDICT_TIMEOUT_S = 30.0
 

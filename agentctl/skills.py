@@ -9,8 +9,8 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.tree import Tree
 
-from agentctl.common import EXIT_FAILED, fail, out
-from agents import discovery, hooks
+from ledgerbus.agentctl.common import EXIT_FAILED, fail, out
+from ledgerbus.agents import discovery, hooks
 
 
 @click.command()

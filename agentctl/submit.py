@@ -19,16 +19,16 @@ from rich.markup import escape
 from rich.status import Status
 from rich.table import Table
 
-from agentctl import pipelines
-from agentctl.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, App, cli_name, err, fail, out, run
-from agentctl.follow import TaskView, records
-from agentctl.plans import PlanFileError, PlanView, read_plan
-from agentctl.reads import STATUS_STYLE
-from bus import codec, subjects, tracing
-from bus.lifecycle import Status as TaskStatus
-from bus.connection import connected
-from bus.errors import BusError, LedgerbusError, SchemaError
-from bus.events import (
+from ledgerbus.agentctl import pipelines
+from ledgerbus.agentctl.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, App, cli_name, err, fail, out, run
+from ledgerbus.agentctl.follow import TaskView, records
+from ledgerbus.agentctl.plans import PlanFileError, PlanView, read_plan
+from ledgerbus.agentctl.reads import STATUS_STYLE
+from ledgerbus.bus import codec, subjects, tracing
+from ledgerbus.bus.lifecycle import Status as TaskStatus
+from ledgerbus.bus.connection import connected
+from ledgerbus.bus.errors import BusError, LedgerbusError, SchemaError
+from ledgerbus.bus.events import (
     Budget,
     DEFAULT_TASK_TIMEOUT_S,
     NO_RETRY,
@@ -41,7 +41,7 @@ from bus.events import (
     new_id,
     step_task_id,
 )
-from bus.tracing import Telemetry, configure_telemetry
+from ledgerbus.bus.tracing import Telemetry, configure_telemetry
 
 
 def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any]:
@@ -137,7 +137,7 @@ def submit(
 def _check_prices(app: App) -> None:
     """Refuse a cost budget nothing could reach: with no prices in the routing file, every
     call costs $0 (the tokens are still counted: use --budget-tokens)."""
-    from agents.llm import config
+    from ledgerbus.agents.llm import config
 
     try:
         routing = config.load(app.settings.llm_config_path)
@@ -371,7 +371,7 @@ def _report_plan(view: PlanView, as_json: bool, timed_out: float | None = None) 
 def cancel(app: App, task_id: str, reason: str, as_json: bool) -> None:
     """Cancel TASK_ID and everything under it (plan steps, delegated subtasks): what has not
     run never will, and running skills are told to stop. Exit 1 if the router refused."""
-    from agentctl.send import send_and_report
+    from ledgerbus.agentctl.send import send_and_report
 
     try:
         subjects.token(task_id, "task id")

@@ -33,13 +33,13 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from agentctl.common import App, cli_principal, out, run
-from agentctl.follow import records
-from bus import codec, lifecycle, subjects
-from bus.connection import connected
-from bus.errors import BusError, UnreadableRecord
-from bus.events import TASK_EVENTS, AuditRecord, Heartbeat, PlanSubmitted, TaskDeadLettered, TaskFailed, TaskSubmitted
-from bus.lifecycle import BUDGET_EXCEEDED, Shape, Status
+from ledgerbus.agentctl.common import App, cli_principal, out, run
+from ledgerbus.agentctl.follow import records
+from ledgerbus.bus import codec, lifecycle, subjects
+from ledgerbus.bus.connection import connected
+from ledgerbus.bus.errors import BusError, UnreadableRecord
+from ledgerbus.bus.events import TASK_EVENTS, AuditRecord, Heartbeat, PlanSubmitted, TaskDeadLettered, TaskFailed, TaskSubmitted
+from ledgerbus.bus.lifecycle import BUDGET_EXCEEDED, Shape, Status
 
 RECENT_S = 5.0
 """The span of the "now" rate beside the window's average."""

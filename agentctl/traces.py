@@ -17,12 +17,12 @@ from nats.js import JetStreamContext
 from rich.table import Table
 from rich.text import Text
 
-from agentctl.common import EXIT_FAILED, App, cli_name, fail, out, run
-from agentctl.follow import messages, records
-from bus import subjects
-from bus.tracing import DEFAULT_TRACE_RATE
-from bus.connection import connected
-from bus.spans import SpanBatch, SpanRecord, decode_batch, to_otlp_json, unique
+from ledgerbus.agentctl.common import EXIT_FAILED, App, cli_name, fail, out, run
+from ledgerbus.agentctl.follow import messages, records
+from ledgerbus.bus import subjects
+from ledgerbus.bus.tracing import DEFAULT_TRACE_RATE
+from ledgerbus.bus.connection import connected
+from ledgerbus.bus.spans import SpanBatch, SpanRecord, decode_batch, to_otlp_json, unique
 
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 _SERVICE_COLOURS = ("cyan", "magenta", "green", "blue", "yellow", "bright_cyan", "bright_magenta", "bright_green")

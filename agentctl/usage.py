@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from agentctl.common import App, out, run
-from agentctl.reads import ask, db_option, json_option
+from ledgerbus.agentctl.common import App, out, run
+from ledgerbus.agentctl.reads import ask, db_option, json_option
 
 
 @click.command()

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from nats.aio.msg import Msg
 
-from bus.events import Claim, TaskCompleted, TaskFailed, WorkItem
+from ledgerbus.bus.events import Claim, TaskCompleted, TaskFailed, WorkItem
 
 if TYPE_CHECKING:
-    from agents.runtime import Agent
+    from ledgerbus.agents.runtime import Agent
 
 
 class AttemptClaim:

@@ -12,8 +12,8 @@ from typing import Any
 
 import structlog
 
-from agents.errors import AgentError, SkillNotFound
-from agents.skill import Skill, input_type, output_type, schemas
+from ledgerbus.agents.errors import AgentError, SkillNotFound
+from ledgerbus.agents.skill import Skill, input_type, output_type, schemas
 
 log = structlog.get_logger(__name__)
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 
 if TYPE_CHECKING:
-    from agents.skill import SkillContext
+    from ledgerbus.agents.skill import SkillContext
 
 _Phrase = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
 

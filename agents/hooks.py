@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 import structlog
 
-from agents.errors import AgentError, SkillError
-from bus.agent_policy import DenyRule, HooksPolicy, read_table
-from bus.errors import ConfigError
+from ledgerbus.agents.errors import AgentError, SkillError
+from ledgerbus.bus.agent_policy import DenyRule, HooksPolicy, read_table
+from ledgerbus.bus.errors import ConfigError
 
 if TYPE_CHECKING:
-    from agents.skill import SkillContext
+    from ledgerbus.agents.skill import SkillContext
 
 log = structlog.get_logger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any
 import nats.errors
 from nats.aio.msg import Msg
 
-from bus import failpoints
-from bus.pull import Puller
+from ledgerbus.bus import failpoints
+from ledgerbus.bus.pull import Puller
 
 FETCH_MAX = 64
 """Most work items one pull request asks for."""

@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from agents.errors import SkillError
-from bus.agent_policy import SandboxPolicy
+from ledgerbus.agents.errors import SkillError
+from ledgerbus.bus.agent_policy import SandboxPolicy
 
 Isolation = Literal["bwrap", "rlimits"]
 

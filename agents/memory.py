@@ -15,10 +15,10 @@ from typing import Any
 
 from nats.aio.client import Client
 
-from agents.errors import AgentError
-from bus import query
-from bus.errors import NotFound
-from bus.events import (
+from ledgerbus.agents.errors import AgentError
+from ledgerbus.bus import query
+from ledgerbus.bus.errors import NotFound
+from ledgerbus.bus.events import (
     DEFAULT_TASK_TIMEOUT_S,
     CheckpointRestored,
     CheckpointSaved,
@@ -31,7 +31,7 @@ from bus.events import (
     TaskSubmitted,
     new_id,
 )
-from bus.lifecycle import TERMINAL
+from ledgerbus.bus.lifecycle import TERMINAL
 
 Send = Callable[[Event], Awaitable[None]]
 

@@ -27,10 +27,10 @@ from typing import Annotated
 
 import msgspec
 
-from agents.errors import AgentError
-from agents.guardrails import Checks
-from bus.problems import explain
-from bus.subjects import NAME_PATTERN, SKILL_PATTERN
+from ledgerbus.agents.errors import AgentError
+from ledgerbus.agents.guardrails import Checks
+from ledgerbus.bus.problems import explain
+from ledgerbus.bus.subjects import NAME_PATTERN, SKILL_PATTERN
 
 ProfileName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN, description="an agent name: a-z 0-9 _ -")]
 _Skill = Annotated[str, msgspec.Meta(pattern=SKILL_PATTERN)]

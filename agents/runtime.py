@@ -29,19 +29,19 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 if TYPE_CHECKING:
-    from agents.llm.base import Usage
-    from agents.llm.router import LLMRouter
+    from ledgerbus.agents.llm.base import Usage
+    from ledgerbus.agents.llm.router import LLMRouter
 
-from agents import profiles, workspace
-from agents.errors import SkillError
-from agents.hooks import Hooks
-from agents.intake import Intake, keep_alive
-from agents.memory import Memory, Shared, Tasks, Writer
-from agents.claim import AttemptClaim
-from agents.skill import Skill, SkillContext, decode_input, encode_output
-from bus import codec, failpoints, metrics, pull, subjects, tracing
-from bus.errors import BusError, SchemaError
-from bus.events import (
+from ledgerbus.agents import profiles, workspace
+from ledgerbus.agents.errors import SkillError
+from ledgerbus.agents.hooks import Hooks
+from ledgerbus.agents.intake import Intake, keep_alive
+from ledgerbus.agents.memory import Memory, Shared, Tasks, Writer
+from ledgerbus.agents.claim import AttemptClaim
+from ledgerbus.agents.skill import Skill, SkillContext, decode_input, encode_output
+from ledgerbus.bus import codec, failpoints, metrics, pull, subjects, tracing
+from ledgerbus.bus.errors import BusError, SchemaError
+from ledgerbus.bus.events import (
     Budget,
     AgentJoined,
     AgentLeft,
@@ -57,8 +57,8 @@ from bus.events import (
     kind_of,
     new_id,
 )
-from bus.provision import assigned_consumer_config, wait_for_stream, work_consumer_config
-from bus.settings import Settings
+from ledgerbus.bus.provision import assigned_consumer_config, wait_for_stream, work_consumer_config
+from ledgerbus.bus.settings import Settings
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("ledgerbus.agent")

@@ -42,7 +42,7 @@ import structlog
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from agents.isolation import (
+from ledgerbus.agents.isolation import (
     SCRUBBED_PATH,
     Isolation,
     SandboxError,
@@ -53,8 +53,8 @@ from agents.isolation import (
     sandbox_user,
     unreachable,
 )
-from bus.agent_policy import SandboxPolicy, read_table
-from bus.errors import ConfigError
+from ledgerbus.bus.agent_policy import SandboxPolicy, read_table
+from ledgerbus.bus.errors import ConfigError
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("ledgerbus.sandbox")

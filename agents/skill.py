@@ -4,7 +4,7 @@ A skill is any object with a ``name``, a ``description`` and an async ``run(ctx,
 returning a JSON-able result. Register it in the ``ledgerbus.skills`` entry-point group::
 
     [project.entry-points."ledgerbus.skills"]
-    echo = "plugins.echo:EchoSkill"
+    echo = "ledgerbus.plugins.echo:EchoSkill"
 
 A skill may declare its ``input_type`` (a msgspec Struct): the task's input is then
 checked against it before anything runs (by the router when the skill is installed beside
@@ -28,13 +28,13 @@ import msgspec
 import structlog
 from opentelemetry import trace
 
-from agents.errors import SkillError
-from agents.memory import Memory, Shared, Tasks
-from bus.lifecycle import Status
-from bus.problems import explain
+from ledgerbus.agents.errors import SkillError
+from ledgerbus.agents.memory import Memory, Shared, Tasks
+from ledgerbus.bus.lifecycle import Status
+from ledgerbus.bus.problems import explain
 
 if TYPE_CHECKING:
-    from agents.llm.router import LLM
+    from ledgerbus.agents.llm.router import LLM
 
 
 class InputError(SkillError):

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from bus import codec, subjects
+from ledgerbus.bus import codec, subjects
 
 
 NONE = Path("/nonexistent/ledgerbus-no-workspace")

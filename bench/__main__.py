@@ -49,20 +49,20 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler, Sam
 from rich.console import Console
 from rich.table import Table
 
-from agents.runtime import Agent
+from ledgerbus.agents.runtime import Agent
 from bench import e2e, e2e_report, fsync, projections, scaling
-from bus import codec, pull, subjects
-from bus.connection import connect
-from bus.events import TaskSubmitted, new_id
-from bus.identity import identity, write_local_config
-from bus.logs import configure_logging
-from bus.provision import provision, router_consumer_config
-from bus.publish import Publisher
-from bus.server import NatsServer
-from bus.settings import Settings
-from bus.tracing import BUS_QUEUE, BusSpanExporter
-from plugins.echo import EchoSkill
-from router.app import Router
+from ledgerbus.bus import codec, pull, subjects
+from ledgerbus.bus.connection import connect
+from ledgerbus.bus.events import TaskSubmitted, new_id
+from ledgerbus.bus.identity import identity, write_local_config
+from ledgerbus.bus.logs import configure_logging
+from ledgerbus.bus.provision import provision, router_consumer_config
+from ledgerbus.bus.publish import Publisher
+from ledgerbus.bus.server import NatsServer
+from ledgerbus.bus.settings import Settings
+from ledgerbus.bus.tracing import BUS_QUEUE, BusSpanExporter
+from ledgerbus.plugins.echo import EchoSkill
+from ledgerbus.router.app import Router
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = subjects.principal("cli", "bench")

@@ -63,13 +63,13 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
-from bus import codec, subjects
-from bus.connection import connect
-from bus.events import TaskSubmitted, new_id
-from bus.identity import procfile_agents
-from bus.publish import Publisher
-from bus.settings import Settings
-from router import policy as router_policy
+from ledgerbus.bus import codec, subjects
+from ledgerbus.bus.connection import connect
+from ledgerbus.bus.events import TaskSubmitted, new_id
+from ledgerbus.bus.identity import procfile_agents
+from ledgerbus.bus.publish import Publisher
+from ledgerbus.bus.settings import Settings
+from ledgerbus.router import policy as router_policy
 
 SHIPPED = ("Procfile", "nats.conf", "policy.toml", "llm.toml", "profiles.toml")
 CLI_NAME = "bench"

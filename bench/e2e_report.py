@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.e2e import LABELS, SYSTEMS
-from bus.server import nats_server_binary
+from ledgerbus.bus.server import nats_server_binary
 
 BEGIN = "<!-- e2e:begin -->"
 END = "<!-- e2e:end -->"

@@ -27,15 +27,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bus import codec, subjects
-from bus.cluster import NatsCluster
-from bus.connection import connect
-from bus.events import TaskSubmitted, new_id
-from bus.identity import Identity, write_local_config
-from bus.provision import provision
-from bus.publish import Publisher
-from bus.server import NatsServer
-from bus.settings import Settings
+from ledgerbus.bus import codec, subjects
+from ledgerbus.bus.cluster import NatsCluster
+from ledgerbus.bus.connection import connect
+from ledgerbus.bus.events import TaskSubmitted, new_id
+from ledgerbus.bus.identity import Identity, write_local_config
+from ledgerbus.bus.provision import provision
+from ledgerbus.bus.publish import Publisher
+from ledgerbus.bus.server import NatsServer
+from ledgerbus.bus.settings import Settings
 
 CLI = subjects.principal("cli", "bench")
 CONFIGS = ("single-default", "single-always", "cluster-default", "cluster-always")

@@ -20,8 +20,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bus import codec
-from bus.events import (
+from ledgerbus.bus import codec
+from ledgerbus.bus.events import (
     AgentJoined,
     AuditRecord,
     CheckpointRestored,
@@ -38,8 +38,8 @@ from bus.events import (
     TaskSubmitted,
     TaskUsage,
 )
-from projections import db as dbmod
-from projections.apply import Applier
+from ledgerbus.projections import db as dbmod
+from ledgerbus.projections.apply import Applier
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 AGENTS = [f"worker-{i}" for i in range(10)]

@@ -25,14 +25,14 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from agents.runtime import Agent
-from bus import codec, subjects
-from bus.connection import connect
-from bus.events import AgentJoined, TaskSubmitted, new_id
-from bus.identity import identity
-from bus.settings import Settings
-from plugins.sleep import SleepSkill
-from router.app import Router
+from ledgerbus.agents.runtime import Agent
+from ledgerbus.bus import codec, subjects
+from ledgerbus.bus.connection import connect
+from ledgerbus.bus.events import AgentJoined, TaskSubmitted, new_id
+from ledgerbus.bus.identity import identity
+from ledgerbus.bus.settings import Settings
+from ledgerbus.plugins.sleep import SleepSkill
+from ledgerbus.router.app import Router
 
 AGENT = "sleeper"
 PRINCIPAL = identity("agent", AGENT, ["sleep"])

@@ -23,12 +23,12 @@ import time
 import timeit
 from pathlib import Path
 
-from bus import codec
-from bus.events import TaskSubmitted
-from bus.redaction import find
-from router.checks import Inbound
-from router.checks.secrets import scan
-from router.state import RouterState
+from ledgerbus.bus import codec
+from ledgerbus.bus.events import TaskSubmitted
+from ledgerbus.bus.redaction import find
+from ledgerbus.router.checks import Inbound
+from ledgerbus.router.checks.secrets import scan
+from ledgerbus.router.state import RouterState
 
 _PROSE = (
     "The quarterly report summarises revenue by region. Europe grew by 4.2 percent while "

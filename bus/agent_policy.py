@@ -15,8 +15,8 @@ from typing import Annotated, Literal, TypeVar
 
 import msgspec
 
-from bus.errors import ConfigError
-from bus.problems import explain
+from ledgerbus.bus.errors import ConfigError
+from ledgerbus.bus.problems import explain
 
 T = TypeVar("T")
 

@@ -29,10 +29,10 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 
-from bus import codec, subjects
-from bus.chain import ChainHead
-from bus.errors import ConfigError
-from bus.events import AuditRecord, Checkpoint
+from ledgerbus.bus import codec, subjects
+from ledgerbus.bus.chain import ChainHead
+from ledgerbus.bus.errors import ConfigError
+from ledgerbus.bus.events import AuditRecord, Checkpoint
 
 RESTART_CODE = "chain_restarted"
 """The ``code`` of the checkpoint record with which an operator accepted a new chain."""

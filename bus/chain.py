@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import msgspec
 
-from bus import codec
-from bus.errors import ChainError
-from bus.events import AuditRecord
+from ledgerbus.bus import codec
+from ledgerbus.bus.errors import ChainError
+from ledgerbus.bus.events import AuditRecord
 
 GENESIS = "0" * 64
 

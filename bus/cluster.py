@@ -23,11 +23,11 @@ from typing import Any, Self
 import nats.errors
 from nats.js import JetStreamContext
 
-from bus.connection import connected
-from bus.errors import ServerError
-from bus.identity import Identity, users_dir, write_users
-from bus.server import NatsServer
-from bus.settings import Settings
+from ledgerbus.bus.connection import connected
+from ledgerbus.bus.errors import ServerError
+from ledgerbus.bus.identity import Identity, users_dir, write_users
+from ledgerbus.bus.server import NatsServer
+from ledgerbus.bus.settings import Settings
 
 NODES = ("n1", "n2", "n3")
 SHIPPED_CLIENT_PORTS = {"n1": 4222, "n2": 4223, "n3": 4224}

@@ -10,9 +10,9 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from bus.errors import SchemaError, UnreadableRecord
-from bus.events import AnyEvent, AuditRecord, WorkItem
-from bus.problems import explain
+from ledgerbus.bus.errors import SchemaError, UnreadableRecord
+from ledgerbus.bus.events import AnyEvent, AuditRecord, WorkItem
+from ledgerbus.bus.problems import explain
 
 T = TypeVar("T")
 

@@ -11,9 +11,9 @@ import nats.errors
 import structlog
 from nats.aio.client import Client
 
-from bus.errors import BusError
-from bus.identity import Credentials, wait_for_credentials
-from bus.settings import Settings
+from ledgerbus.bus.errors import BusError
+from ledgerbus.bus.identity import Credentials, wait_for_credentials
+from ledgerbus.bus.settings import Settings
 
 log = structlog.get_logger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from bus.subjects import ID_PATTERN, SKILL_PATTERN
+from ledgerbus.bus.subjects import ID_PATTERN, SKILL_PATTERN
 
 Id = Annotated[str, msgspec.Meta(pattern=ID_PATTERN, description="1-64 of A-Z a-z 0-9 _ -")]
 Skill = Annotated[str, msgspec.Meta(pattern=SKILL_PATTERN)]

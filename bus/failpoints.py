@@ -35,7 +35,7 @@ import os
 import signal
 from collections.abc import Mapping
 
-from bus.errors import ConfigError
+from ledgerbus.bus.errors import ConfigError
 
 ENV = "LEDGERBUS_FAILPOINTS"
 POINTS = ("router.fetched", "router.appended", "router.dispatched", "projector.applied", "agent.skill_done",

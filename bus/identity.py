@@ -37,8 +37,8 @@ from typing import Any
 
 import msgspec
 
-from bus import subjects
-from bus.errors import ConfigError
+from ledgerbus.bus import subjects
+from ledgerbus.bus.errors import ConfigError
 
 SINGLETONS = ("admin", "router", "projector")
 USERS_FILE = "users.conf"

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import NamedTuple
 
-from bus.events import (
+from ledgerbus.bus.events import (
     AuditRecord,
     SkillUnmatched,
     TaskApproved,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from bus.events import PlanSubmitted, step_task_id
+from ledgerbus.bus.events import PlanSubmitted, step_task_id
 
 MAX_ID = 64
 

@@ -29,9 +29,9 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from bus import subjects
-from bus.errors import BusError
-from bus.settings import Settings
+from ledgerbus.bus import subjects
+from ledgerbus.bus.errors import BusError
+from ledgerbus.bus.settings import Settings
 
 log = structlog.get_logger(__name__)
 

@@ -27,7 +27,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import Header, PubAck
 
-from bus.connection import PUBACK_TIMEOUT_S
+from ledgerbus.bus.connection import PUBACK_TIMEOUT_S
 
 _NO_RESPONDERS = "503"
 

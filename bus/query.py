@@ -14,8 +14,8 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client
 
-from bus import codec, subjects
-from bus.errors import NotFound, QueryError
+from ledgerbus.bus import codec, subjects
+from ledgerbus.bus.errors import NotFound, QueryError
 
 
 async def ask(nc: Client, projection: str, op: str, request: dict[str, Any], timeout: float = 5.0,

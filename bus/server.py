@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from bus.errors import ServerError
+from ledgerbus.bus.errors import ServerError
 
 _LISTENING = re.compile(rb"Listening for client connections on (\S+):(\d+)")
 _READY = b"Server is ready"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bus.errors import ConfigError
+from ledgerbus.bus.errors import ConfigError
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 

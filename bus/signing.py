@@ -15,9 +15,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from bus import codec
-from bus.errors import ConfigError
-from bus.events import Checkpoint
+from ledgerbus.bus import codec
+from ledgerbus.bus.errors import ConfigError
+from ledgerbus.bus.events import Checkpoint
 
 
 def public_path(key_path: Path) -> Path:

@@ -40,10 +40,10 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import Decision, ParentBased, Sampler, SamplingResult
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from bus import subjects
-from bus.errors import ConfigError
-from bus.redaction import scrub
-from bus.spans import SpanBatch, SpanEvent, SpanRecord
+from ledgerbus.bus import subjects
+from ledgerbus.bus.errors import ConfigError
+from ledgerbus.bus.redaction import scrub
+from ledgerbus.bus.spans import SpanBatch, SpanEvent, SpanRecord
 
 log = structlog.get_logger(__name__)
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, RetentionPolicy, StorageType, StreamInfo
 
-from bus import anchor, chain, signing, subjects
-from bus.chain import ChainHead
-from bus.errors import ChainError, UnreadableRecord
-from bus.events import AuditRecord
+from ledgerbus.bus import anchor, chain, signing, subjects
+from ledgerbus.bus.chain import ChainHead
+from ledgerbus.bus.errors import ChainError, UnreadableRecord
+from ledgerbus.bus.events import AuditRecord
 
 Progress = Callable[[int, int], None]
 """Called with (records read, records in all) while the chain is checked."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agents.skill import SkillContext
+from ledgerbus.agents.skill import SkillContext
 
 
 class EchoSkill:

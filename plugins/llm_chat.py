@@ -17,12 +17,12 @@ from typing import Annotated, Any
 
 import msgspec
 
-from agents import guardrails
-from agents.errors import SkillError
-from agents.guardrails import Checks
-from agents.llm.base import ChatRequest, Message, ProviderError
-from agents.llm.router import LLM
-from agents.skill import InputError, SkillContext
+from ledgerbus.agents import guardrails
+from ledgerbus.agents.errors import SkillError
+from ledgerbus.agents.guardrails import Checks
+from ledgerbus.agents.llm.base import ChatRequest, Message, ProviderError
+from ledgerbus.agents.llm.router import LLM
+from ledgerbus.agents.skill import InputError, SkillContext
 
 _Text = Annotated[str, msgspec.Meta(max_length=200_000)]
 

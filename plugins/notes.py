@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from agents.errors import SkillError
-from agents.skill import SkillContext
+from ledgerbus.agents.errors import SkillError
+from ledgerbus.agents.skill import SkillContext
 
 _VERBS = ("observe", "reason", "remember", "recall", "share", "read", "checkpoint", "delegate")
 

@@ -20,16 +20,16 @@ from typing import Annotated, Any
 
 import msgspec
 
-from agents import discovery
-from agents.errors import SkillError
-from agents.llm.base import ChatRequest, ChatResult, Message, ProviderError
-from agents.llm.schema import for_type
-from agents.memory import WriteRejected
-from agents.skill import SkillContext
-from bus.events import NO_RETRY, PlanStep, PlanSubmitted, RetryPolicy
-from bus.plans import validate
-from bus.problems import explain
-from bus.subjects import SKILL_PATTERN
+from ledgerbus.agents import discovery
+from ledgerbus.agents.errors import SkillError
+from ledgerbus.agents.llm.base import ChatRequest, ChatResult, Message, ProviderError
+from ledgerbus.agents.llm.schema import for_type
+from ledgerbus.agents.memory import WriteRejected
+from ledgerbus.agents.skill import SkillContext
+from ledgerbus.bus.events import NO_RETRY, PlanStep, PlanSubmitted, RetryPolicy
+from ledgerbus.bus.plans import validate
+from ledgerbus.bus.problems import explain
+from ledgerbus.bus.subjects import SKILL_PATTERN
 
 _StepId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_]{1,32}$", description="a-z A-Z 0-9 _, at most 32")]
 

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agents.errors import SkillError
-from agents.isolation import SCRUBBED_PATH, unreachable
-from plugins.shell import COMMON_FIELDS, SandboxedSkill, WorkspaceContext, check_fields
+from ledgerbus.agents.errors import SkillError
+from ledgerbus.agents.isolation import SCRUBBED_PATH, unreachable
+from ledgerbus.plugins.shell import COMMON_FIELDS, SandboxedSkill, WorkspaceContext, check_fields
 
 
 def sandbox_python() -> str:

@@ -26,14 +26,14 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from agents import guardrails
-from agents.errors import SkillError
-from agents.guardrails import Checks
-from agents.llm.base import ChatRequest, Message, ProviderError
-from agents.llm.schema import for_type
-from agents.skill import SkillContext
-from bus.problems import explain
-from bus.subjects import SKILL_PATTERN
+from ledgerbus.agents import guardrails
+from ledgerbus.agents.errors import SkillError
+from ledgerbus.agents.guardrails import Checks
+from ledgerbus.agents.llm.base import ChatRequest, Message, ProviderError
+from ledgerbus.agents.llm.schema import for_type
+from ledgerbus.agents.skill import SkillContext
+from ledgerbus.bus.problems import explain
+from ledgerbus.bus.subjects import SKILL_PATTERN
 
 Phase = Literal["observe", "reason", "plan", "act", "validate"]
 

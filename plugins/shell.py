@@ -19,11 +19,11 @@ from typing import Any, Protocol
 
 import structlog
 
-from agents import sandbox
-from agents.errors import SkillError
-from agents.sandbox import SandboxPolicyFile
-from bus.agent_policy import SandboxPolicy
-from bus.settings import Settings
+from ledgerbus.agents import sandbox
+from ledgerbus.agents.errors import SkillError
+from ledgerbus.agents.sandbox import SandboxPolicyFile
+from ledgerbus.bus.agent_policy import SandboxPolicy
+from ledgerbus.bus.settings import Settings
 
 COMMON_FIELDS = ("stdin", "timeout_s", "check")
 """Input fields every sandboxed skill takes."""

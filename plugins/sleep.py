@@ -7,7 +7,7 @@ from typing import Annotated
 
 import msgspec
 
-from agents.skill import SkillContext
+from ledgerbus.agents.skill import SkillContext
 
 
 class SleepInput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bus import codec
-from bus.events import AgentJoined, AgentLeft, AuditRecord, TaskCompleted, TaskFailed
-from projections.batch import Batch
-from projections.db import iso
-from projections.tasks import agent_name
+from ledgerbus.bus import codec
+from ledgerbus.bus.events import AgentJoined, AgentLeft, AuditRecord, TaskCompleted, TaskFailed
+from ledgerbus.projections.batch import Batch
+from ledgerbus.projections.db import iso
+from ledgerbus.projections.tasks import agent_name
 
 COLUMNS = ("name", "instance", "skills", "concurrency", "status", "joined_at", "left_at", "joins",
            "tasks_completed", "tasks_failed", "updated_seq")

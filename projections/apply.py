@@ -22,13 +22,13 @@ from typing import Any, Self
 
 import aiosqlite
 
-from bus.events import AuditRecord
-from projections import agents, approvals, audit_index, checkpoints, memory, proposals, shared, tasks, usage
-from projections import db as dbmod
-from projections.batch import CACHE_LIMIT, Batch, State
-from projections.errors import DatabaseError
-from projections.pipeline import Writer
-from projections.rows import REMEMBER, Fetch, Plan
+from ledgerbus.bus.events import AuditRecord
+from ledgerbus.projections import agents, approvals, audit_index, checkpoints, memory, proposals, shared, tasks, usage
+from ledgerbus.projections import db as dbmod
+from ledgerbus.projections.batch import CACHE_LIMIT, Batch, State
+from ledgerbus.projections.errors import DatabaseError
+from ledgerbus.projections.pipeline import Writer
+from ledgerbus.projections.rows import REMEMBER, Fetch, Plan
 
 DEPTH = 4
 """Plans in flight by default."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bus.events import PLAN_SKILL, AuditRecord, PlanSubmitted, TaskApproved, TaskCancelled, TaskDenied, TaskSubmitted
-from bus.lifecycle import APPROVAL_REQUESTED
-from projections.batch import Batch
-from projections.db import iso
-from projections.rows import reads
+from ledgerbus.bus.events import PLAN_SKILL, AuditRecord, PlanSubmitted, TaskApproved, TaskCancelled, TaskDenied, TaskSubmitted
+from ledgerbus.bus.lifecycle import APPROVAL_REQUESTED
+from ledgerbus.projections.batch import Batch
+from ledgerbus.projections.db import iso
+from ledgerbus.projections.rows import reads
 
 COLUMNS = ("task_id", "skill", "submitted_by", "requested_at", "requested_seq", "status", "decided_by",
            "decided_at", "reason", "updated_seq")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bus.events import AuditRecord
-from projections.batch import Batch
-from projections.db import iso
+from ledgerbus.bus.events import AuditRecord
+from ledgerbus.projections.batch import Batch
+from ledgerbus.projections.db import iso
 
 
 async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from projections.rows import Fetch, Plan, Rows
+from ledgerbus.projections.rows import Fetch, Plan, Rows
 
 CACHE_LIMIT = 50_000
 """Rows per table kept between batches (see :meth:`Rows.trim`)."""

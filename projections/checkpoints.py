@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bus import codec
-from bus.events import AuditRecord, CheckpointRestored, CheckpointSaved
-from projections.batch import Batch
-from projections.db import iso
-from projections.rows import reads
+from ledgerbus.bus import codec
+from ledgerbus.bus.events import AuditRecord, CheckpointRestored, CheckpointSaved
+from ledgerbus.projections.batch import Batch
+from ledgerbus.projections.db import iso
+from ledgerbus.projections.rows import reads
 
 COLUMNS = ("agent", "checkpoint_id", "label", "seq", "at", "saved_by", "state", "restores", "last_restored_seq")
 

@@ -18,8 +18,8 @@ from typing import Any
 import aiosqlite
 import msgspec
 
-from projections.errors import DatabaseError, SchemaMismatch
-from projections.writer import SQL_SET_POSITION, TRACKING_NAME
+from ledgerbus.projections.errors import DatabaseError, SchemaMismatch
+from ledgerbus.projections.writer import SQL_SET_POSITION, TRACKING_NAME
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tracking (

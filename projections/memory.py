@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from bus import codec
-from bus.events import (
+from ledgerbus.bus import codec
+from ledgerbus.bus.events import (
     AuditRecord,
     CheckpointRestored,
     CheckpointSaved,
@@ -29,10 +29,10 @@ from bus.events import (
     TaskFailed,
     TaskStarted,
 )
-from projections import db as dbmod
-from projections.batch import Batch
-from projections.rows import Row, Rows
-from projections.tasks import agent_name
+from ledgerbus.projections import db as dbmod
+from ledgerbus.projections.batch import Batch
+from ledgerbus.projections.rows import Row, Rows
+from ledgerbus.projections.tasks import agent_name
 
 COLUMNS = ("agent", "role", "current_task", "observation_first", "observation_next", "reasoning_first",
            "reasoning_next", "wiped_seq", "restored_from", "updated_seq")

@@ -17,9 +17,9 @@ from typing import IO
 
 import msgspec
 
-from projections.errors import DatabaseError
-from projections.rows import Plan
-from projections.writer import HEADER, read_frame
+from ledgerbus.projections.errors import DatabaseError
+from ledgerbus.projections.rows import Plan
+from ledgerbus.projections.writer import HEADER, read_frame
 
 PIPE_SIZE = 1 << 20
 
@@ -102,7 +102,7 @@ class Writer:
     async def start(self) -> None:
         """Start the child and wait until it has the database open."""
         self._proc = await asyncio.to_thread(
-            subprocess.Popen, [sys.executable, "-m", "projections.writer", str(self.path)],
+            subprocess.Popen, [sys.executable, "-m", "ledgerbus.projections.writer", str(self.path)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         )
         _widen(self._proc.stdin)

@@ -19,14 +19,14 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from bus import codec, metrics, subjects, tracing
-from bus.errors import UnreadableRecord
-from bus.provision import wait_for_stream
-from bus.settings import Settings
-from projections import db as dbmod
-from projections import service
-from projections.apply import Applier
-from projections.errors import SchemaMismatch
+from ledgerbus.bus import codec, metrics, subjects, tracing
+from ledgerbus.bus.errors import UnreadableRecord
+from ledgerbus.bus.provision import wait_for_stream
+from ledgerbus.bus.settings import Settings
+from ledgerbus.projections import db as dbmod
+from ledgerbus.projections import service
+from ledgerbus.projections.apply import Applier
+from ledgerbus.projections.errors import SchemaMismatch
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("ledgerbus.projector")

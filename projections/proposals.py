@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bus import codec
-from bus.events import AuditRecord, ProposalApproved, SkillUnmatched
-from projections.batch import Batch
-from projections.db import iso
+from ledgerbus.bus import codec
+from ledgerbus.bus.events import AuditRecord, ProposalApproved, SkillUnmatched
+from ledgerbus.projections.batch import Batch
+from ledgerbus.projections.db import iso
 
 COLUMNS = ("proposal_id", "task_id", "capabilities", "name", "skills", "prompt", "status", "profile",
            "proposed_at", "proposed_seq", "approved_by", "approved_at", "updated_seq")

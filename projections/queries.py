@@ -12,7 +12,7 @@ from typing import Any
 
 import aiosqlite
 
-from projections.db import iso
+from ledgerbus.projections.db import iso
 
 _JSON_COLUMNS = {"input", "output", "skills", "value", "role", "state", "deps", "needs", "capabilities"}
 MAX_TREE = 5000

@@ -17,12 +17,12 @@ from pathlib import Path
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from bus import codec, subjects
-from bus.errors import UnreadableRecord
-from projections import db as dbmod
-from projections.apply import Applier
-from projections.errors import DatabaseError
-from projections.projector import follow, next_batch, submit_msgs
+from ledgerbus.bus import codec, subjects
+from ledgerbus.bus.errors import UnreadableRecord
+from ledgerbus.projections import db as dbmod
+from ledgerbus.projections.apply import Applier
+from ledgerbus.projections.errors import DatabaseError
+from ledgerbus.projections.projector import follow, next_batch, submit_msgs
 
 Progress = Callable[[int, int], None]
 """Called with (records applied, records to apply) as the rebuild goes."""

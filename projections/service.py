@@ -26,10 +26,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from bus import codec, subjects
-from projections import db as dbmod
-from projections import queries
-from projections.errors import DatabaseError
+from ledgerbus.bus import codec, subjects
+from ledgerbus.projections import db as dbmod
+from ledgerbus.projections import queries
+from ledgerbus.projections.errors import DatabaseError
 
 log = structlog.get_logger(__name__)
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import timedelta
 
-from bus import codec
-from bus.events import AuditRecord, SharedWritten
-from projections.batch import Batch
-from projections.db import iso
-from projections.rows import Rows
+from ledgerbus.bus import codec
+from ledgerbus.bus.events import AuditRecord, SharedWritten
+from ledgerbus.projections.batch import Batch
+from ledgerbus.projections.db import iso
+from ledgerbus.projections.rows import Rows
 
 COLUMNS = ("namespace", "key", "value", "written_by", "written_at", "expires_at", "updated_seq")
 

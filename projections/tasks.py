@@ -14,8 +14,8 @@ import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from bus import codec, lifecycle, subjects
-from bus.events import (
+from ledgerbus.bus import codec, lifecycle, subjects
+from ledgerbus.bus.events import (
     PLAN_SKILL,
     TASK_EVENTS,
     AuditRecord,
@@ -36,10 +36,10 @@ from bus.events import (
     TaskUsage,
     step_task_id,
 )
-from bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT, Shape, Status
-from projections.batch import Batch
-from projections.db import iso
-from projections.rows import Rows, reads
+from ledgerbus.bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT, Shape, Status
+from ledgerbus.projections.batch import Batch
+from ledgerbus.projections.db import iso
+from ledgerbus.projections.rows import Rows, reads
 
 COLUMNS = (
     "task_id", "kind", "skill", "input", "timeout_s", "status", "submitted_by", "submitted_at", "submitted_seq",

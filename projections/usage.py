@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bus.events import AuditRecord, TaskUsage
-from projections.batch import Batch
-from projections.db import iso
-from projections.tasks import agent_name
+from ledgerbus.bus.events import AuditRecord, TaskUsage
+from ledgerbus.projections.batch import Batch
+from ledgerbus.projections.db import iso
+from ledgerbus.projections.tasks import agent_name
 
 
 async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from nats.js import JetStreamContext
 
-from projections import db as dbmod
-from projections.rebuild import rebuild
+from ledgerbus.projections import db as dbmod
+from ledgerbus.projections.rebuild import rebuild
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,8 +27,8 @@ from typing import IO, Any
 
 import msgspec
 
-from bus import failpoints
-from bus.errors import ConfigError
+from ledgerbus.bus import failpoints
+from ledgerbus.bus.errors import ConfigError
 
 HEADER = struct.Struct(">I")
 READY = -1

@@ -10,9 +10,9 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
 
-from bus import anchor, signing
-from bus.chain import ChainHead
-from bus.events import Checkpoint
+from ledgerbus.bus import anchor, signing
+from ledgerbus.bus.chain import ChainHead
+from ledgerbus.bus.events import Checkpoint
 
 log = structlog.get_logger(__name__)
 

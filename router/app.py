@@ -17,12 +17,12 @@ from nats.js import JetStreamContext
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from agents import discovery
-from bus import codec, failpoints, metrics, pull, signing, subjects, tracing
-from bus.errors import SchemaError
-from bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT
-from bus.lifecycle import Status as TaskStatus
-from bus.events import (
+from ledgerbus.agents import discovery
+from ledgerbus.bus import codec, failpoints, metrics, pull, signing, subjects, tracing
+from ledgerbus.bus.errors import SchemaError
+from ledgerbus.bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT
+from ledgerbus.bus.lifecycle import Status as TaskStatus
+from ledgerbus.bus.events import (
     AgentLeft,
     AuditRecord,
     Notice,
@@ -33,25 +33,25 @@ from bus.events import (
     kind_of,
     new_id,
 )
-from bus.publish import Publisher
-from bus.provision import deadletter_consumer_config, provision, router_consumer_config
-from bus.settings import Settings
-from router import audit as audit_mod
-from router import deadletters
-from router.audit import AuditLog
-from router.checkpoints import Checkpoints
-from router.checks import Check, Inbound, default_checks, run_checks
-from router.claims import AgentSkills, ClaimTokens
-from router.deadletters import MaxDeliverAdvisory
-from router.dispatch import deliver, dispatch, work_item, work_subject
-from router.errors import AuditAppendError
-from router.gauges import Gauges
-from router.lease import Lease
-from router.policy import PolicyFile
-from router.records import Decision, record_attributes, record_for
-from router.live import LiveAgents, start_watch
-from router.scheduler import RouterDecision, Scheduler
-from router.state import RouterState
+from ledgerbus.bus.publish import Publisher
+from ledgerbus.bus.provision import deadletter_consumer_config, provision, router_consumer_config
+from ledgerbus.bus.settings import Settings
+from ledgerbus.router import audit as audit_mod
+from ledgerbus.router import deadletters
+from ledgerbus.router.audit import AuditLog
+from ledgerbus.router.checkpoints import Checkpoints
+from ledgerbus.router.checks import Check, Inbound, default_checks, run_checks
+from ledgerbus.router.claims import AgentSkills, ClaimTokens
+from ledgerbus.router.deadletters import MaxDeliverAdvisory
+from ledgerbus.router.dispatch import deliver, dispatch, work_item, work_subject
+from ledgerbus.router.errors import AuditAppendError
+from ledgerbus.router.gauges import Gauges
+from ledgerbus.router.lease import Lease
+from ledgerbus.router.policy import PolicyFile
+from ledgerbus.router.records import Decision, record_attributes, record_for
+from ledgerbus.router.live import LiveAgents, start_watch
+from ledgerbus.router.scheduler import RouterDecision, Scheduler
+from ledgerbus.router.state import RouterState
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("ledgerbus.router")

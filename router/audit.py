@@ -13,13 +13,13 @@ import structlog
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
-from bus import anchor, chain, subjects
-from bus.chain import ChainHead
-from bus.errors import ChainError, UnreadableRecord
-from bus.events import AuditRecord
-from bus.publish import Publisher
-from router.errors import AuditAppendError, ChainBrokenError, LogUnreadableError
-from router.state import RouterState
+from ledgerbus.bus import anchor, chain, subjects
+from ledgerbus.bus.chain import ChainHead
+from ledgerbus.bus.errors import ChainError, UnreadableRecord
+from ledgerbus.bus.events import AuditRecord
+from ledgerbus.bus.publish import Publisher
+from ledgerbus.router.errors import AuditAppendError, ChainBrokenError, LogUnreadableError
+from ledgerbus.router.state import RouterState
 
 log = structlog.get_logger(__name__)
 

@@ -10,13 +10,13 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
 
-from bus import anchor, signing
-from bus.events import AuditRecord, Checkpoint
-from bus.settings import Settings
-from router.anchors import Anchors
-from router.audit import AuditLog, ChainHead
-from router.errors import ChainRestartedError
-from router.state import RouterState
+from ledgerbus.bus import anchor, signing
+from ledgerbus.bus.events import AuditRecord, Checkpoint
+from ledgerbus.bus.settings import Settings
+from ledgerbus.router.anchors import Anchors
+from ledgerbus.router.audit import AuditLog, ChainHead
+from ledgerbus.router.errors import ChainRestartedError
+from ledgerbus.router.state import RouterState
 
 log = structlog.get_logger(__name__)
 

@@ -36,8 +36,8 @@ import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bus.events import TaskCompleted, TaskFailed, TaskStarted
-from bus.identity import REGISTRY_FILE
+from ledgerbus.bus.events import TaskCompleted, TaskFailed, TaskStarted
+from ledgerbus.bus.identity import REGISTRY_FILE
 
 log = structlog.get_logger(__name__)
 

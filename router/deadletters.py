@@ -15,7 +15,7 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from bus.connection import cancel_requested
+from ledgerbus.bus.connection import cancel_requested
 
 log = structlog.get_logger(__name__)
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import structlog
 
-from bus import codec, subjects
-from bus.publish import Publisher
-from bus.events import AuditRecord, TaskApproved, TaskSubmitted, WorkItem
-from router.claims import ClaimTokens
-from bus import lifecycle
-from bus.lifecycle import NO_AGENT
-from router.state import RouterState
-from router.records import trace_headers
-from router.tasks import StepState, TaskState
+from ledgerbus.bus import codec, subjects
+from ledgerbus.bus.publish import Publisher
+from ledgerbus.bus.events import AuditRecord, TaskApproved, TaskSubmitted, WorkItem
+from ledgerbus.router.claims import ClaimTokens
+from ledgerbus.bus import lifecycle
+from ledgerbus.bus.lifecycle import NO_AGENT
+from ledgerbus.router.state import RouterState
+from ledgerbus.router.records import trace_headers
+from ledgerbus.router.tasks import StepState, TaskState
 
 log = structlog.get_logger(__name__)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bus.errors import LedgerbusError
+from ledgerbus.bus.errors import LedgerbusError
 
 
 class RouterError(LedgerbusError):

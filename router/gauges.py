@@ -10,8 +10,8 @@ import nats.errors
 import structlog
 from nats.js import JetStreamContext
 
-from bus import metrics, subjects
-from router.state import RouterState
+from ledgerbus.bus import metrics, subjects
+from ledgerbus.router.state import RouterState
 
 log = structlog.get_logger(__name__)
 

@@ -32,9 +32,9 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from bus import subjects
-from bus.errors import BusError
-from bus.provision import STREAM_NAME_IN_USE, ensure_replicas, transient
+from ledgerbus.bus import subjects
+from ledgerbus.bus.errors import BusError
+from ledgerbus.bus.provision import STREAM_NAME_IN_USE, ensure_replicas, transient
 
 log = structlog.get_logger(__name__)
 

@@ -17,9 +17,9 @@ import msgspec
 import structlog
 from nats.js import JetStreamContext
 
-from bus import subjects
-from bus.connection import cancel_requested
-from bus.events import Heartbeat
+from ledgerbus.bus import subjects
+from ledgerbus.bus.connection import cancel_requested
+from ledgerbus.bus.events import Heartbeat
 
 log = structlog.get_logger(__name__)
 

@@ -16,9 +16,9 @@ from typing import Literal, TypeVar
 import msgspec
 import structlog
 
-from bus.agent_policy import HooksPolicy, SandboxPolicy
-from bus.errors import ConfigError
-from bus.problems import explain
+from ledgerbus.bus.agent_policy import HooksPolicy, SandboxPolicy
+from ledgerbus.bus.errors import ConfigError
+from ledgerbus.bus.problems import explain
 
 log = structlog.get_logger(__name__)
 

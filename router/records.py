@@ -13,8 +13,8 @@ from nats.aio.msg import Msg
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from bus import subjects
-from bus.events import (
+from ledgerbus.bus import subjects
+from ledgerbus.bus.events import (
     AGENT_EVENTS,
     MEMORY_EVENTS,
     TASK_EVENTS,
@@ -24,8 +24,8 @@ from bus.events import (
     SharedWritten,
     kind_of,
 )
-from router.checks import Inbound, secrets
-from router.claims import fingerprint, token_of, with_token
+from ledgerbus.router.checks import Inbound, secrets
+from ledgerbus.router.claims import fingerprint, token_of, with_token
 
 _RAW_HEAD_BYTES = 256
 _TOKEN_FIELD = re.compile(r'("token"\s*:\s*)"[^"]*"?')

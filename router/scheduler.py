@@ -41,8 +41,8 @@ from typing import Any
 
 import structlog
 
-from bus import codec
-from bus.events import (
+from ledgerbus.bus import codec
+from ledgerbus.bus.events import (
     AgentProposal,
     Handoff,
     SkillUnmatched,
@@ -55,10 +55,10 @@ from bus.events import (
     new_id,
     step_task_id,
 )
-from bus.lifecycle import Status
-from router.live import LiveAgents, fits, match
-from router.state import RouterState
-from router.tasks import AnyTask, PlanState, StepState, TaskState
+from ledgerbus.bus.lifecycle import Status
+from ledgerbus.router.live import LiveAgents, fits, match
+from ledgerbus.router.state import RouterState
+from ledgerbus.router.tasks import AnyTask, PlanState, StepState, TaskState
 
 RouterDecision = (
     TaskDispatched | TaskRetryScheduled | TaskDeadLettered | SkillUnmatched | TaskCancelled | TaskCompleted | TaskFailed

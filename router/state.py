@@ -23,7 +23,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from bus.events import (
+from ledgerbus.bus.events import (
     NO_RETRY,
     PLAN_SKILL,
     TASK_EVENTS,
@@ -50,9 +50,9 @@ from bus.events import (
     TaskUsage,
     step_task_id,
 )
-from bus import lifecycle
-from bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, Shape, Status
-from router.tasks import AnyTask, PlanState, StepState, TaskState, over
+from ledgerbus.bus import lifecycle
+from ledgerbus.bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, Shape, Status
+from ledgerbus.router.tasks import AnyTask, PlanState, StepState, TaskState, over
 
 
 class RouterState:

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
 
-from bus import lifecycle
-from bus.events import NO_RETRY, Budget, PlanStep, PlanSubmitted, RetryPolicy, TaskSubmitted
-from bus.lifecycle import TERMINAL, Shape, Status
+from ledgerbus.bus import lifecycle
+from ledgerbus.bus.events import NO_RETRY, Budget, PlanStep, PlanSubmitted, RetryPolicy, TaskSubmitted
+from ledgerbus.bus.lifecycle import TERMINAL, Shape, Status
 
 
 @dataclass(slots=True)

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 
-from bus.connection import connect
-from bus.provision import provision
-from bus.server import NatsServer
-from bus.settings import Settings
-from router.app import Router
+from ledgerbus.bus.connection import connect
+from ledgerbus.bus.provision import provision
+from ledgerbus.bus.server import NatsServer
+from ledgerbus.bus.settings import Settings
+from ledgerbus.router.app import Router
 from tests.support import Procs, auth_dir, server_config, suite_settings
 
 

@@ -27,8 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bus import codec
-from bus.events import MemoryWritten, PlanStep, PlanSubmitted, TaskCompleted, TaskSubmitted
+from ledgerbus.bus import codec
+from ledgerbus.bus.events import MemoryWritten, PlanStep, PlanSubmitted, TaskCompleted, TaskSubmitted
 
 SEED = 20240601
 ALNUM = string.ascii_letters + string.digits

@@ -16,11 +16,11 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
-from bus import codec, signing, subjects
-from bus.events import AuditRecord, TaskStarted, kind_of, new_id
-from bus.identity import Registry, identity, permissions, write_local_config
-from bus.settings import Settings
-from router.claims import ClaimTokens
+from ledgerbus.bus import codec, signing, subjects
+from ledgerbus.bus.events import AuditRecord, TaskStarted, kind_of, new_id
+from ledgerbus.bus.identity import Registry, identity, permissions, write_local_config
+from ledgerbus.bus.settings import Settings
+from ledgerbus.router.claims import ClaimTokens
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -285,7 +285,7 @@ class Procs:
         """``agentctl <args>`` as a subprocess."""
         log = self.tmp / f"{name}-{len(self.started)}.log"
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agentctl", *args,
+            sys.executable, "-m", "ledgerbus.agentctl", *args,
             env=process_env(self.settings, **env), cwd=self.tmp,
             stdout=asyncio.subprocess.DEVNULL, stderr=log.open("wb"),
         )
@@ -305,7 +305,7 @@ async def agentctl(
     """Run one agentctl command to completion as CLI user ``as_user`` (``env`` added to its
     environment, ``stdin`` its input): ``(exit code, stdout, stderr)``."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentctl", *args,
+        sys.executable, "-m", "ledgerbus.agentctl", *args,
         env=process_env(settings, LEDGERBUS_CLI_NAME=as_user, **(env or {})),
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
-from agents import intake
-from agents.runtime import Agent
-from agents.skill import SkillContext
-from bus.events import AuditRecord, TaskSubmitted, new_id
-from bus.settings import Settings
+from ledgerbus.agents import intake
+from ledgerbus.agents.runtime import Agent
+from ledgerbus.agents.skill import SkillContext
+from ledgerbus.bus.events import AuditRecord, TaskSubmitted, new_id
+from ledgerbus.bus.settings import Settings
 from tests.conftest import RunningRouter
 from tests.support import send, wait_for_record
 

@@ -15,12 +15,12 @@ import pytest
 from nats.aio.client import Client
 from structlog.testing import capture_logs
 
-from bus import anchor, chain, codec, subjects
-from bus.events import AuditRecord, TaskSubmitted, new_id
-from bus.provision import provision
-from bus.settings import Settings
-from router.app import Router
-from router.errors import ChainRestartedError
+from ledgerbus.bus import anchor, chain, codec, subjects
+from ledgerbus.bus.events import AuditRecord, TaskSubmitted, new_id
+from ledgerbus.bus.provision import provision
+from ledgerbus.bus.settings import Settings
+from ledgerbus.router.app import Router
+from ledgerbus.router.errors import ChainRestartedError
 from tests.conftest import RunningRouter
 from tests.support import Procs, agentctl, wait_for_record, wait_until
 

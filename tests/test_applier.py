@@ -27,11 +27,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from bus.events import AuditRecord
-from projections import db as dbmod
-from projections.apply import MAX_DEPTH, Applier
-from projections.errors import DatabaseError
-from projections.rows import Plan
+from ledgerbus.bus.events import AuditRecord
+from ledgerbus.projections import db as dbmod
+from ledgerbus.projections.apply import MAX_DEPTH, Applier
+from ledgerbus.projections.errors import DatabaseError
+from ledgerbus.projections.rows import Plan
 from tests.test_projection_properties import CAP, DrawPicker, RandomPicker, build, build_log, dump_of, project_whole
 
 
@@ -175,7 +175,7 @@ async def test_the_failpoint_in_the_writers_transaction_kills_the_projector_with
     script = textwrap.dedent(f"""
         import asyncio
         from pathlib import Path
-        from projections.apply import Applier
+        from ledgerbus.projections.apply import Applier
         from tests.test_projection_properties import CAP, RandomPicker, build_log
 
         async def main():
@@ -243,7 +243,7 @@ async def test_the_writer_leaves_signals_to_the_projector_and_ends_with_it(tmp_p
     script = textwrap.dedent(f"""
         import asyncio, os
         from pathlib import Path
-        from projections.apply import Applier
+        from ledgerbus.projections.apply import Applier
 
         async def main():
             applier = await Applier.open(Path({str(tmp_path / "q.db")!r}), 4)
@@ -268,7 +268,7 @@ async def test_the_writer_leaves_signals_to_the_projector_and_ends_with_it(tmp_p
 
 
 async def test_a_writer_that_cannot_open_the_file_says_which(tmp_path: Path) -> None:
-    from projections.pipeline import Writer
+    from ledgerbus.projections.pipeline import Writer
 
     writer = Writer(tmp_path / "no such dir" / "p.db")
     with pytest.raises(DatabaseError, match="cannot open .*no such dir/p.db"):

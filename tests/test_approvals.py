@@ -8,9 +8,9 @@ from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client
 
-from bus import codec, subjects
-from bus.events import TaskApproved, TaskDenied, TaskSubmitted, new_id
-from bus.settings import Settings
+from ledgerbus.bus import codec, subjects
+from ledgerbus.bus.events import TaskApproved, TaskDenied, TaskSubmitted, new_id
+from ledgerbus.bus.settings import Settings
 from tests.conftest import RunningRouter
 from tests.support import Procs, agentctl, claim, send, wait_for_record, wait_for_records, wait_until, work_count
 

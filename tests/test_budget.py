@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
-from agents.runtime import Agent
-from agents.skill import SkillContext
-from bus.events import Budget, TaskCompleted, TaskSubmitted, TaskUsage, new_id
-from bus.settings import Settings
-from projections import db as dbmod
-from projections.errors import SchemaMismatch
-from projections.projector import Projector
+from ledgerbus.agents.runtime import Agent
+from ledgerbus.agents.skill import SkillContext
+from ledgerbus.bus.events import Budget, TaskCompleted, TaskSubmitted, TaskUsage, new_id
+from ledgerbus.bus.settings import Settings
+from ledgerbus.projections import db as dbmod
+from ledgerbus.projections.errors import SchemaMismatch
+from ledgerbus.projections.projector import Projector
 from tests.conftest import RunningRouter
 from tests.support import agentctl, claim, send, wait_for_record, wait_for_records, wait_until
 

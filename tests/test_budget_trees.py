@@ -15,7 +15,7 @@ from typing import Any
 
 from nats.aio.client import Client
 
-from bus.settings import Settings
+from ledgerbus.bus.settings import Settings
 from tests.fakellm import FakeLLM, answer
 from tests.support import REPO, Procs, agentctl, audit_records
 from tests.test_e2e import start_system

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
-from agents.runtime import Agent
-from agents.skill import SkillContext
-from bus.events import AuditRecord, Claim, TaskCancelled, TaskCompleted, TaskSubmitted, new_id
-from bus import signing
-from bus.settings import Settings
-from router.claims import ClaimTokens
+from ledgerbus.agents.runtime import Agent
+from ledgerbus.agents.skill import SkillContext
+from ledgerbus.bus.events import AuditRecord, Claim, TaskCancelled, TaskCompleted, TaskSubmitted, new_id
+from ledgerbus.bus import signing
+from ledgerbus.bus.settings import Settings
+from ledgerbus.router.claims import ClaimTokens
 from tests.conftest import RunningRouter
 from tests.support import audit_records, register_agent, send, wait_for_record
 

@@ -13,10 +13,10 @@ from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client
 
-from bus import codec, signing, subjects
-from bus.events import AuditRecord, TaskCompleted, TaskStarted, TaskSubmitted, new_id
-from bus.settings import Settings
-from router.claims import ClaimTokens, fingerprint
+from ledgerbus.bus import codec, signing, subjects
+from ledgerbus.bus.events import AuditRecord, TaskCompleted, TaskStarted, TaskSubmitted, new_id
+from ledgerbus.bus.settings import Settings
+from ledgerbus.router.claims import ClaimTokens, fingerprint
 from tests.support import (
     Procs,
     agentctl,

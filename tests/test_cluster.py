@@ -34,17 +34,17 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from bus import chain, codec, query, subjects
-from bus.cluster import NODES, SHIPPED_CLIENT_PORTS, SHIPPED_CLUSTER_PORTS, NatsCluster
-from bus.connection import connect
-from bus.errors import BusError
-from bus.events import TaskSubmitted, new_id
-from bus.identity import users_dir
-from bus.provision import STREAM_NAME_IN_USE, provision, transient
-from bus.server import NatsServer
-from bus.settings import Settings
-from projections.verify import compare_digest
-from router.lease import Lease
+from ledgerbus.bus import chain, codec, query, subjects
+from ledgerbus.bus.cluster import NODES, SHIPPED_CLIENT_PORTS, SHIPPED_CLUSTER_PORTS, NatsCluster
+from ledgerbus.bus.connection import connect
+from ledgerbus.bus.errors import BusError
+from ledgerbus.bus.events import TaskSubmitted, new_id
+from ledgerbus.bus.identity import users_dir
+from ledgerbus.bus.provision import STREAM_NAME_IN_USE, provision, transient
+from ledgerbus.bus.server import NatsServer
+from ledgerbus.bus.settings import Settings
+from ledgerbus.projections.verify import compare_digest
+from ledgerbus.router.lease import Lease
 from tests.support import (
     HARNESS_USERS,
     REPO,

@@ -11,10 +11,10 @@ from pathlib import Path
 import nats.errors
 import pytest
 
-from bus.connection import cancel_requested, connect
-from bus.errors import BusError
-from bus.server import NatsServer
-from bus.settings import Settings
+from ledgerbus.bus.connection import cancel_requested, connect
+from ledgerbus.bus.errors import BusError
+from ledgerbus.bus.server import NatsServer
+from ledgerbus.bus.settings import Settings
 from tests.support import auth_dir, server_config
 
 

@@ -6,8 +6,8 @@ import dataclasses
 
 import click
 
-from agentctl.cli import cli
-from bus.settings import Settings
+from ledgerbus.agentctl.cli import cli
+from ledgerbus.bus.settings import Settings
 from tests.support import REPO
 
 README = (REPO / "README.md").read_text()

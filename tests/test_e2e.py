@@ -9,11 +9,11 @@ from pathlib import Path
 import nats.errors
 from nats.aio.client import Client
 
-from bus import codec, subjects
-from bus.events import AuditRecord, TaskCompleted
-from bus.settings import Settings
-from projections import db as dbmod
-from projections.rebuild import rebuild
+from ledgerbus.bus import codec, subjects
+from ledgerbus.bus.events import AuditRecord, TaskCompleted
+from ledgerbus.bus.settings import Settings
+from ledgerbus.projections import db as dbmod
+from ledgerbus.projections.rebuild import rebuild
 from tests.support import Procs, agentctl, audit_records, wait_for_record, wait_until
 
 

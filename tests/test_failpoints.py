@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from bus import failpoints
-from bus.errors import ConfigError
-from bus.settings import Settings
+from ledgerbus.bus import failpoints
+from ledgerbus.bus.errors import ConfigError
+from ledgerbus.bus.settings import Settings
 from tests.support import agentctl
 
 
@@ -30,7 +30,7 @@ def test_a_malformed_spec_names_the_item_that_is_wrong(spec: str) -> None:
 
 
 def test_an_armed_point_kills_the_process_at_the_nth_hit_only() -> None:
-    script = ("import sys; from bus import failpoints; failpoints.arm({'LEDGERBUS_FAILPOINTS': 'router.fetched=kill@3'})\n"
+    script = ("import sys; from ledgerbus.bus import failpoints; failpoints.arm({'LEDGERBUS_FAILPOINTS': 'router.fetched=kill@3'})\n"
               "for i in range(1, 6):\n    print(i, flush=True); failpoints.reached('router.fetched')\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert done.returncode == -signal.SIGKILL

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 from nats.aio.client import Client
 
-from bus import codec, subjects
-from bus.events import (
+from ledgerbus.bus import codec, subjects
+from ledgerbus.bus.events import (
     CheckpointRestored,
     CheckpointSaved,
     MemoryWritten,
@@ -20,7 +20,7 @@ from bus.events import (
     TaskSubmitted,
     new_id,
 )
-from bus.settings import Settings
+from ledgerbus.bus.settings import Settings
 from tests.conftest import RunningRouter
 from tests.support import claim, wait_for_records, work_count
 

@@ -10,13 +10,13 @@ import nats.errors
 import pytest
 from nats.aio.client import Client
 
-from bus import codec, subjects
-from bus.connection import ConnectionEvents, connect
-from bus.errors import ConfigError
-from bus.events import TaskSubmitted, new_id
-from bus.identity import Registry
-from bus.server import NatsServer
-from bus.settings import Settings
+from ledgerbus.bus import codec, subjects
+from ledgerbus.bus.connection import ConnectionEvents, connect
+from ledgerbus.bus.errors import ConfigError
+from ledgerbus.bus.events import TaskSubmitted, new_id
+from ledgerbus.bus.identity import Registry
+from ledgerbus.bus.server import NatsServer
+from ledgerbus.bus.settings import Settings
 from tests.conftest import RunningRouter
 from tests.support import agentctl, wait_for_records, work_count
 

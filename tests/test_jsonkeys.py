@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client
 
-from bus import codec, jsonkeys, subjects
-from bus.events import TaskSubmitted, new_id
-from router.checks import Inbound, Rejection, schema
-from router.state import RouterState
+from ledgerbus.bus import codec, jsonkeys, subjects
+from ledgerbus.bus.events import TaskSubmitted, new_id
+from ledgerbus.router.checks import Inbound, Rejection, schema
+from ledgerbus.router.state import RouterState
 from tests.conftest import RunningRouter
 from tests.support import wait_for_records, work_count
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agentctl.follow import TaskView
-from agentctl.plans import PlanView
-from bus import lifecycle
-from bus.events import (
+from ledgerbus.agentctl.follow import TaskView
+from ledgerbus.agentctl.plans import PlanView
+from ledgerbus.bus import lifecycle
+from ledgerbus.bus.events import (
     Claim,
     TASK_EVENTS,
     AgentProposal,
@@ -36,12 +36,12 @@ from bus.events import (
     TaskSubmitted,
     TaskUsage,
 )
-from bus.lifecycle import TRANSITIONS, Shape, Status
-from projections import db as dbmod
-from projections import tasks as tasks_projection
-from projections.apply import apply_batch
-from router import state as router_state
-from router.state import RouterState
+from ledgerbus.bus.lifecycle import TRANSITIONS, Shape, Status
+from ledgerbus.projections import db as dbmod
+from ledgerbus.projections import tasks as tasks_projection
+from ledgerbus.projections.apply import apply_batch
+from ledgerbus.router import state as router_state
+from ledgerbus.router.state import RouterState
 from tests.test_projection_properties import CAP, DrawPicker, RandomPicker, build
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,7 +103,7 @@ def test_the_diagram_in_the_architecture_page_is_the_one_the_code_makes() -> Non
 
 
 def test_every_status_is_drawn_in_the_terminal() -> None:
-    from agentctl.reads import STATUS_STYLE
+    from ledgerbus.agentctl.reads import STATUS_STYLE
 
     assert {str(s) for s in Status} <= set(STATUS_STYLE)
 

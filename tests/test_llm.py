@@ -21,12 +21,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode, Tracer
 
-from agents.llm import ChatRequest, LLMRouter, Message, ProviderError, Usage
-from agents.llm import config as llm_config
-from agents.llm.anthropic import AnthropicProvider
-from agents.llm.base import Provider
-from agents.llm.vllm import VLLMProvider
-from bus.errors import ConfigError
+from ledgerbus.agents.llm import ChatRequest, LLMRouter, Message, ProviderError, Usage
+from ledgerbus.agents.llm import config as llm_config
+from ledgerbus.agents.llm.anthropic import AnthropicProvider
+from ledgerbus.agents.llm.base import Provider
+from ledgerbus.agents.llm.vllm import VLLMProvider
+from ledgerbus.bus.errors import ConfigError
 from tests.fakellm import FakeLLM, Reply, answer, hang, malformed, status
 
 SECRET = "sk-ant-test-0123456789-never-show-me"

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
-from bus.settings import Settings
+from ledgerbus.bus.settings import Settings
 from tests.fakellm import FakeLLM, answer
 from tests.support import REPO, Procs, agentctl, audit_records, wait_for_record
 from tests.test_e2e import joined, start_system

@@ -10,8 +10,8 @@ from typing import Any
 
 from nats.aio.client import Client
 
-from bus import query
-from bus.events import (
+from ledgerbus.bus import query
+from ledgerbus.bus.events import (
     CheckpointRestored,
     CheckpointSaved,
     Event,
@@ -20,8 +20,8 @@ from bus.events import (
     TaskSubmitted,
     new_id,
 )
-from bus.settings import Settings
-from projections.projector import Projector
+from ledgerbus.bus.settings import Settings
+from ledgerbus.projections.projector import Projector
 from tests.conftest import RunningRouter
 from tests.support import claim, send, wait_until
 

@@ -12,9 +12,9 @@ from typing import Any
 
 from nats.aio.client import Client
 
-from bus import query, subjects
-from bus.settings import Settings
-from projections import db as dbmod
+from ledgerbus.bus import query, subjects
+from ledgerbus.bus.settings import Settings
+from ledgerbus.projections import db as dbmod
 from tests.support import Procs, agentctl, wait_for_record, wait_until
 from tests.test_e2e import joined
 

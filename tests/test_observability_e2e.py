@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 
-from bus.settings import Settings
+from ledgerbus.bus.settings import Settings
 from tests.fakellm import FakeLLM, answer
 from tests.otlp import OTLPReceiver, ReceivedSpan
 from tests.support import Procs, agentctl, audit_records, wait_for_record, wait_until

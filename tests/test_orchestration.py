@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
-from agents.errors import SkillError
-from agents.runtime import Agent
-from agents.skill import SkillContext
-from bus.events import (
+from ledgerbus.agents.errors import SkillError
+from ledgerbus.agents.runtime import Agent
+from ledgerbus.agents.skill import SkillContext
+from ledgerbus.bus.events import (
     AuditRecord,
     PlanStep,
     PlanSubmitted,
@@ -29,7 +29,7 @@ from bus.events import (
     TaskSubmitted,
     new_id,
 )
-from bus.settings import Settings
+from ledgerbus.bus.settings import Settings
 from tests.conftest import RunningRouter
 from tests.support import agentctl, audit_records, send, wait_for_record
 
@@ -253,7 +253,7 @@ async def test_a_plain_task_with_retries_is_dead_lettered_after_its_last_attempt
 async def test_only_the_router_may_send_its_own_decisions(
     running_router: RunningRouter, connect_as: Connect, admin: Client
 ) -> None:
-    from bus.events import TaskDispatched
+    from ledgerbus.bus.events import TaskDispatched
 
     cli, agent = await connect_as("cli"), await connect_as("agent")
     await send(cli, "cli", "alice", TaskSubmitted(id=new_id(), task_id="t1", skill="echo"))
@@ -292,7 +292,7 @@ async def delegation(
     agents: FailSkill, connect_as: Connect, settings: Settings
 ) -> AsyncIterator[None]:
     """A projector (delegation waits read it) and a delegating agent, policy depth 2, fan-out 2."""
-    from projections.projector import Projector
+    from ledgerbus.projections.projector import Projector
 
     settings.policy_path.write_text("[delegation]\nmax_depth = 2\nmax_fanout = 2\n")
     profiles = settings.policy_path.parent / "profiles.toml"

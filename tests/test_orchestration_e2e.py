@@ -13,8 +13,8 @@ from typing import Any
 
 from nats.aio.client import Client
 
-from bus.events import AuditRecord, PlanStep, PlanSubmitted, new_id
-from bus.settings import Settings
+from ledgerbus.bus.events import AuditRecord, PlanStep, PlanSubmitted, new_id
+from ledgerbus.bus.settings import Settings
 from tests.support import Procs, agentctl, audit_records, send, wait_for_record
 
 Connect = Callable[[str], Awaitable[Client]]

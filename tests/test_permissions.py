@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from bus import identity as identity_mod
-from bus.errors import ConfigError
-from bus.identity import REGISTRY_FILE, Identity, Registry, identity
+from ledgerbus.bus import identity as identity_mod
+from ledgerbus.bus.errors import ConfigError
+from ledgerbus.bus.identity import REGISTRY_FILE, Identity, Registry, identity
 
 GOLDEN = Path(__file__).parent / "golden" / "users.conf"
 
@@ -71,8 +71,8 @@ def test_identity_types_no_subject_of_its_own() -> None:
 def test_the_repositorys_procfile_makes_an_identity_for_every_agent_it_starts_the_team_included(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from agentctl.processes import _profile_skills
-    from bus.identity import ensure_local
+    from ledgerbus.agentctl.processes import _profile_skills
+    from ledgerbus.bus.identity import ensure_local
     from tests.support import REPO
 
     monkeypatch.setenv("LEDGERBUS_PROFILES_PATH", str(REPO / "profiles.toml"))

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 
-from bus import codec, subjects
-from bus.errors import ConfigError
-from bus.events import TaskSubmitted, new_id
-from bus.settings import Settings
-from router.policy import Policy, PolicyFile, RateLimit, load
+from ledgerbus.bus import codec, subjects
+from ledgerbus.bus.errors import ConfigError
+from ledgerbus.bus.events import TaskSubmitted, new_id
+from ledgerbus.bus.settings import Settings
+from ledgerbus.router.policy import Policy, PolicyFile, RateLimit, load
 from tests.conftest import RunningRouter
 from tests.support import stored_audit, wait_for_records, work_count
 
@@ -148,7 +148,7 @@ async def test_a_secret_never_reaches_the_audit_log_in_clear(
     "xoxb-" + "1" * 12, "AIza" + "d" * 35, "sk_live_" + "e" * 20,
 ])
 def test_every_secret_shape_is_redacted(secret: str) -> None:
-    from router.checks.secrets import redact
+    from ledgerbus.router.checks.secrets import redact
 
     text, found = redact(codec.encode({"note": f"before {secret} after"}).decode())
     assert found and secret not in text and "before [REDACTED:" in text

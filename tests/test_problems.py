@@ -11,9 +11,9 @@ from typing import Annotated, Literal
 import msgspec
 import pytest
 
-from bus import codec
-from bus.errors import SchemaError
-from bus.problems import Problem, explain
+from ledgerbus.bus import codec
+from ledgerbus.bus.errors import SchemaError
+from ledgerbus.bus.problems import Problem, explain
 
 
 class Shape(msgspec.Struct, forbid_unknown_fields=True):

@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from bus.events import (
+from ledgerbus.bus.events import (
     AGENT_EVENTS,
     Claim,
     Handoff,
@@ -69,10 +69,10 @@ from bus.events import (
     kind_of,
     step_task_id,
 )
-from projections import apply as applymod
-from projections import db as dbmod
-from projections.apply import apply_batch
-from projections.db import iso
+from ledgerbus.projections import apply as applymod
+from ledgerbus.projections import db as dbmod
+from ledgerbus.projections.apply import apply_batch
+from ledgerbus.projections.db import iso
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 CAP = 4  # memory_list_cap: small, so the generated logs roll lists into summaries

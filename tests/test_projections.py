@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bus.events import (
+from ledgerbus.bus.events import (
     AgentJoined,
     AuditRecord,
     Event,
@@ -20,9 +20,9 @@ from bus.events import (
     TaskStarted,
     TaskSubmitted,
 )
-from projections import db as dbmod
-from projections.apply import apply_batch
-from projections.db import iso
+from ledgerbus.projections import db as dbmod
+from ledgerbus.projections.apply import apply_batch
+from ledgerbus.projections.db import iso
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 
-from agents import profiles
-from bus import query
-from bus.errors import QueryError
-from bus.events import AgentJoined, AuditRecord, PlanSubmitted, SkillUnmatched
-from bus.identity import Registry
-from bus.server import NatsServer
-from bus.settings import Settings
+from ledgerbus.agents import profiles
+from ledgerbus.bus import query
+from ledgerbus.bus.errors import QueryError
+from ledgerbus.bus.events import AgentJoined, AuditRecord, PlanSubmitted, SkillUnmatched
+from ledgerbus.bus.identity import Registry
+from ledgerbus.bus.server import NatsServer
+from ledgerbus.bus.settings import Settings
 from tests.fakellm import FakeLLM, answer
 from tests.support import Procs, audit_records, process_env, wait_for_record, wait_until
 
@@ -34,7 +34,7 @@ async def cli(settings: Settings, profiles_path: Path, *args: str, timeout: floa
     """``agentctl ARGS`` as CLI user ``tester`` with this profiles file, in its directory
     (so a relative ``var/nats.pid`` is never the repository's)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentctl", *args, cwd=profiles_path.parent,
+        sys.executable, "-m", "ledgerbus.agentctl", *args, cwd=profiles_path.parent,
         env=process_env(settings, LEDGERBUS_PROFILES_PATH=str(profiles_path)),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )

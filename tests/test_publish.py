@@ -11,8 +11,8 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.js.api import PubAck
 
-from bus import subjects
-from bus.publish import Publisher
+from ledgerbus.bus import subjects
+from ledgerbus.bus.publish import Publisher
 
 Connect = Callable[[str], Awaitable[Client]]
 

@@ -15,7 +15,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from bus import pull
+from ledgerbus.bus import pull
 
 STREAM = "PULLTEST"
 WAIT = 5.0

@@ -13,12 +13,12 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bus import query, subjects
-from bus.errors import QueryError
-from bus.events import TaskSubmitted, new_id
-from bus.settings import Settings
-from projections.projector import Projector
-from projections.service import Progress
+from ledgerbus.bus import query, subjects
+from ledgerbus.bus.errors import QueryError
+from ledgerbus.bus.events import TaskSubmitted, new_id
+from ledgerbus.bus.settings import Settings
+from ledgerbus.projections.projector import Projector
+from ledgerbus.projections.service import Progress
 from tests.conftest import RunningRouter
 from tests.support import Procs, agentctl, send, wait_for_records, wait_until
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from nats.aio.client import Client
 
-from bus.events import TaskCompleted, TaskSubmitted, new_id
-from bus.settings import Settings
-from projections import db as dbmod
-from projections.projector import Projector
+from ledgerbus.bus.events import TaskCompleted, TaskSubmitted, new_id
+from ledgerbus.bus.settings import Settings
+from ledgerbus.projections import db as dbmod
+from ledgerbus.projections.projector import Projector
 from tests.conftest import RunningRouter
 from tests.support import agentctl, claim, send, wait_for_records, wait_until
 

@@ -11,14 +11,14 @@ import nats.js.errors
 import pytest
 from nats.aio.client import Client
 
-from bus import chain, codec, subjects
-from bus.events import TaskCompleted, TaskStarted, TaskSubmitted, kind_of, new_id
-from bus.provision import router_consumer_config
-from bus.settings import Settings
-from router.app import Router
-from router.checks import Inbound, Rejection, default_checks
-from router.policy import PolicyFile
-from router.state import RouterState
+from ledgerbus.bus import chain, codec, subjects
+from ledgerbus.bus.events import TaskCompleted, TaskStarted, TaskSubmitted, kind_of, new_id
+from ledgerbus.bus.provision import router_consumer_config
+from ledgerbus.bus.settings import Settings
+from ledgerbus.router.app import Router
+from ledgerbus.router.checks import Inbound, Rejection, default_checks
+from ledgerbus.router.policy import PolicyFile
+from ledgerbus.router.state import RouterState
 from tests.conftest import RunningRouter
 from tests.support import audit_records, claim, stored_audit, wait_for_records, wait_until, work_count
 

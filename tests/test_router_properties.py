@@ -12,11 +12,11 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bus import chain, codec, subjects
-from bus.connection import connect
-from bus.events import EVENT_KINDS, TaskSubmitted
-from bus.server import NatsServer
-from bus.settings import Settings
+from ledgerbus.bus import chain, codec, subjects
+from ledgerbus.bus.connection import connect
+from ledgerbus.bus.events import EVENT_KINDS, TaskSubmitted
+from ledgerbus.bus.server import NatsServer
+from ledgerbus.bus.settings import Settings
 from tests.conftest import RunningRouter
 from tests.support import auth_dir, server_config, stored_audit, wait_until, work_count
 

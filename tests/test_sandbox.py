@@ -24,13 +24,13 @@ import msgspec
 import pytest
 import structlog
 
-from agents.errors import SkillError
-from agents.isolation import SCRUBBED_PATH, SandboxError, describe, isolation, probe_bwrap, sandbox_user
-from agents.sandbox import check_paths, load_policy, run
-from bus.agent_policy import DEFAULT_PROGRAMS, SandboxPolicy
-from bus.errors import ConfigError
-from plugins.python import PythonSkill, sandbox_python
-from plugins.shell import ShellSkill
+from ledgerbus.agents.errors import SkillError
+from ledgerbus.agents.isolation import SCRUBBED_PATH, SandboxError, describe, isolation, probe_bwrap, sandbox_user
+from ledgerbus.agents.sandbox import check_paths, load_policy, run
+from ledgerbus.bus.agent_policy import DEFAULT_PROGRAMS, SandboxPolicy
+from ledgerbus.bus.errors import ConfigError
+from ledgerbus.plugins.python import PythonSkill, sandbox_python
+from ledgerbus.plugins.shell import ShellSkill
 
 
 @dataclass

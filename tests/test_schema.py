@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
-from bus import chain, codec, subjects
-from bus.errors import ChainError, SchemaError
-from bus.events import (
+from ledgerbus.bus import chain, codec, subjects
+from ledgerbus.bus.errors import ChainError, SchemaError
+from ledgerbus.bus.events import (
     AgentJoined,
     AgentLeft,
     AgentProposal,

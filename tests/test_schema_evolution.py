@@ -21,15 +21,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from nats.aio.client import Client
 
-from bus import chain, codec, subjects
-from bus.errors import UnreadableRecord
-from bus.events import AuditRecord, Budget, RetryPolicy, TaskSubmitted, new_id
-from bus.settings import Settings
-from projections import db as dbmod
-from projections.projector import Projector
-from projections.rebuild import rebuild
-from router.app import Router
-from router.errors import LogUnreadableError
+from ledgerbus.bus import chain, codec, subjects
+from ledgerbus.bus.errors import UnreadableRecord
+from ledgerbus.bus.events import AuditRecord, Budget, RetryPolicy, TaskSubmitted, new_id
+from ledgerbus.bus.settings import Settings
+from ledgerbus.projections import db as dbmod
+from ledgerbus.projections.projector import Projector
+from ledgerbus.projections.rebuild import rebuild
+from ledgerbus.router.app import Router
+from ledgerbus.router.errors import LogUnreadableError
 from tests.conftest import RunningRouter
 from tests.support import Procs, agentctl, audit_records, send, wait_for_records
 

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 
-from bus import codec, redaction, subjects, tracing
-from bus.events import TaskSubmitted, new_id
-from bus.settings import Settings
+from ledgerbus.bus import codec, redaction, subjects, tracing
+from ledgerbus.bus.events import TaskSubmitted, new_id
+from ledgerbus.bus.settings import Settings
 from tests.secrets_corpus import fakes, ordinary, wire
 from tests.support import Procs, agentctl, stored_audit, wait_for_records, wait_until
 from tests.test_e2e import projected, start_system

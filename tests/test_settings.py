@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bus.errors import ConfigError
-from bus.settings import Settings
+from ledgerbus.bus.errors import ConfigError
+from ledgerbus.bus.settings import Settings
 
 
 def test_every_setting_is_read_from_its_variable_with_the_right_type() -> None:

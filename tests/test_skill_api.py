@@ -14,11 +14,11 @@ import msgspec
 import pytest
 from nats.aio.client import Client
 
-from agents.hooks import DenyHook, DenyRule, Hooks, Veto
-from agents.runtime import Agent
-from agents.skill import SkillContext
-from bus.events import AuditRecord, PlanStep, PlanSubmitted, TaskSubmitted, new_id
-from bus.settings import Settings
+from ledgerbus.agents.hooks import DenyHook, DenyRule, Hooks, Veto
+from ledgerbus.agents.runtime import Agent
+from ledgerbus.agents.skill import SkillContext
+from ledgerbus.bus.events import AuditRecord, PlanStep, PlanSubmitted, TaskSubmitted, new_id
+from ledgerbus.bus.settings import Settings
 from tests.conftest import RunningRouter
 from tests.support import REPO, send, wait_for_record
 
@@ -194,7 +194,7 @@ async def test_veto_is_a_skill_error_with_the_reason() -> None:
 
 async def test_agentctl_skills_lists_what_is_installed_with_schemas() -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentctl", "skills", "--json", cwd=REPO,
+        sys.executable, "-m", "ledgerbus.agentctl", "skills", "--json", cwd=REPO,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
@@ -203,10 +203,10 @@ async def test_agentctl_skills_lists_what_is_installed_with_schemas() -> None:
     sleep = listed["sleep"]
     assert sleep["input"]["$defs"]["SleepInput"]["properties"]["seconds"]["maximum"] == 86_400
     assert sleep["output"]["$defs"]["SleepOutput"]["required"] == ["slept"]
-    assert listed["echo"]["input"] is None and "plugins.echo:EchoSkill" in listed["echo"]["source"]
+    assert listed["echo"]["input"] is None and "ledgerbus.plugins.echo:EchoSkill" in listed["echo"]["source"]
 
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentctl", "skills", "nope", cwd=REPO,
+        sys.executable, "-m", "ledgerbus.agentctl", "skills", "nope", cwd=REPO,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     _, err = await proc.communicate()
     assert proc.returncode == 1

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 
-from bus.settings import Settings
+from ledgerbus.bus.settings import Settings
 from tests.support import REPO, Procs, agentctl, wait_for_record
 from tests.test_e2e import joined
 
@@ -38,7 +38,7 @@ async def test_the_example_skill_package_installs_and_runs_through_the_bus(
 ) -> None:
     env = {"PYTHONPATH": str(site)}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentctl", "skills", "wordcount", "--json", env={**os.environ, **env},
+        sys.executable, "-m", "ledgerbus.agentctl", "skills", "wordcount", "--json", env={**os.environ, **env},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()

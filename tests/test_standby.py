@@ -10,9 +10,9 @@ from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client
 
-from bus import chain
-from bus.events import TaskSubmitted, new_id
-from bus.settings import Settings
+from ledgerbus.bus import chain
+from ledgerbus.bus.events import TaskSubmitted, new_id
+from ledgerbus.bus.settings import Settings
 from tests.support import Proc, Procs, audit_records, send, stored_audit, wait_for_record, wait_until
 from tests.test_e2e import joined
 
@@ -103,7 +103,7 @@ async def test_a_paused_leader_steps_down_and_never_writes_after_the_takeover(
 
 
 async def test_the_lease_is_one_holder_at_a_time_and_a_lost_one_stays_lost(connect_as: Connect) -> None:
-    from router.lease import Lease
+    from ledgerbus.router.lease import Lease
 
     nc = await connect_as("router")
     first, second = Lease(nc.jetstream(), 30, "first"), Lease(nc.jetstream(), 30, "second")

@@ -22,11 +22,11 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from agents.errors import SkillError
-from agents.runtime import Agent
-from agents.skill import SkillContext
-from bus import codec, subjects
-from bus.events import (
+from ledgerbus.agents.errors import SkillError
+from ledgerbus.agents.runtime import Agent
+from ledgerbus.agents.skill import SkillContext
+from ledgerbus.bus import codec, subjects
+from ledgerbus.bus.events import (
     AgentLeft,
     AuditRecord,
     Heartbeat,
@@ -40,10 +40,10 @@ from bus.events import (
     kind_of,
     new_id,
 )
-from bus.settings import Settings
-from router.live import LiveAgents
-from router.scheduler import Scheduler
-from router.state import RouterState
+from ledgerbus.bus.settings import Settings
+from ledgerbus.router.live import LiveAgents
+from ledgerbus.router.scheduler import Scheduler
+from ledgerbus.router.state import RouterState
 from tests.conftest import RunningRouter
 from tests.support import Procs, agentctl, audit_records, send, wait_for_record
 

@@ -15,9 +15,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import Status, StatusCode
 from rich.console import Console
 
-from agentctl.traces import build_tree, read_trace, render
-from bus import logs, subjects, tracing
-from bus.spans import STATUS_ERROR, SpanBatch, SpanRecord, decode_batch, to_otlp_json
+from ledgerbus.agentctl.traces import build_tree, read_trace, render
+from ledgerbus.bus import logs, subjects, tracing
+from ledgerbus.bus.spans import STATUS_ERROR, SpanBatch, SpanRecord, decode_batch, to_otlp_json
 
 
 def exporters(telemetry: tracing.Telemetry) -> list[str]:
@@ -30,7 +30,7 @@ def exporters(telemetry: tracing.Telemetry) -> list[str]:
 def test_with_no_endpoint_only_the_bus_exporter_exists() -> None:
     telemetry = tracing.configure_telemetry("test", env={}, install=False)
     try:
-        assert exporters(telemetry) == ["bus.tracing.BusSpanExporter"]
+        assert exporters(telemetry) == ["ledgerbus.bus.tracing.BusSpanExporter"]
         assert telemetry.meter_provider is not None
         assert not telemetry.meter_provider._metric_readers
         assert not tracing.otlp_configured("traces", {}) and not tracing.otlp_configured("metrics", {})
@@ -48,7 +48,7 @@ def test_the_standard_variables_choose_the_otlp_exporter(env: dict[str, str], mo
     telemetry = tracing.configure_telemetry("test", env=env, install=False)
     try:
         found = exporters(telemetry)
-        assert found[0] == "bus.tracing.BusSpanExporter"
+        assert found[0] == "ledgerbus.bus.tracing.BusSpanExporter"
         assert len(found) == 2 and found[1].startswith(module)
         # A traces-only endpoint leaves metrics where they were: unexported.
         wanted = 1 if "OTEL_EXPORTER_OTLP_ENDPOINT" in env else 0
@@ -69,7 +69,7 @@ def test_exporters_can_be_turned_off(env: dict[str, str]) -> None:
         if env.get("OTEL_SDK_DISABLED"):
             assert telemetry.tracer_provider is None and telemetry.bus is None
         else:
-            assert exporters(telemetry) == ["bus.tracing.BusSpanExporter"]
+            assert exporters(telemetry) == ["ledgerbus.bus.tracing.BusSpanExporter"]
     finally:
         telemetry.shutdown()
 
@@ -191,9 +191,9 @@ def test_each_check_is_a_span_and_failed_keeps_only_the_rejecting_one(
 ) -> None:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from router import checks
-    from router.checks import Inbound, Rejection, run_checks
-    from router.state import RouterState
+    from ledgerbus.router import checks
+    from ledgerbus.router.checks import Inbound, Rejection, run_checks
+    from ledgerbus.router.state import RouterState
 
     memory = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(memory))
@@ -230,8 +230,8 @@ def test_each_check_is_a_span_and_failed_keeps_only_the_rejecting_one(
 
 
 def test_trace_checks_is_all_or_failed() -> None:
-    from bus.errors import ConfigError
-    from bus.settings import Settings
+    from ledgerbus.bus.errors import ConfigError
+    from ledgerbus.bus.settings import Settings
 
     assert Settings.from_env({}).trace_checks == "failed"
     assert Settings.from_env({"LEDGERBUS_TRACE_CHECKS": "all"}).trace_checks == "all"
@@ -244,8 +244,8 @@ def test_new_traces_are_rate_limited_and_arriving_ones_follow_their_sender() -> 
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
-    from bus.errors import ConfigError
-    from bus.tracing import RateLimited, sampler
+    from ledgerbus.bus.errors import ConfigError
+    from ledgerbus.bus.tracing import RateLimited, sampler
 
     provider = TracerProvider(sampler=sampler({"LEDGERBUS_TRACE_RATE": "5"}))
     tracer = provider.get_tracer("t")

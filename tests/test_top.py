@@ -14,9 +14,9 @@ import msgspec
 from nats.aio.client import Client
 from rich.console import Console
 
-from agentctl.top import Stats, render
-from bus import subjects
-from bus.events import (
+from ledgerbus.agentctl.top import Stats, render
+from ledgerbus.bus import subjects
+from ledgerbus.bus.events import (
     AuditRecord,
     Event,
     Heartbeat,
@@ -29,7 +29,7 @@ from bus.events import (
     kind_of,
     new_id,
 )
-from bus.settings import Settings
+from ledgerbus.bus.settings import Settings
 from tests.conftest import RunningRouter
 from tests.support import Procs, agentctl, process_env, wait_for_record, wait_until
 
@@ -231,7 +231,7 @@ async def test_the_live_dashboard_follows_the_log_and_ctrl_c_ends_it_cleanly(
     # TTY_COMPATIBLE makes rich draw as on a terminal, so each screen shows as it is drawn.
     env = process_env(settings, LEDGERBUS_CLI_NAME="tester", TTY_COMPATIBLE="1", TERM="xterm", COLUMNS="160")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentctl", "top", "--interval", "0.2", env=env,
+        sys.executable, "-m", "ledgerbus.agentctl", "top", "--interval", "0.2", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     screen = b""
@@ -261,7 +261,7 @@ async def test_the_live_dashboard_follows_the_log_and_ctrl_c_ends_it_cleanly(
 async def test_top_without_a_server_says_so_in_one_line(settings: Settings) -> None:
     env = process_env(settings, LEDGERBUS_URL="nats://127.0.0.1:1", LEDGERBUS_CONNECT_TIMEOUT_S="1")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentctl", "top", "--json", env=env,
+        sys.executable, "-m", "ledgerbus.agentctl", "top", "--json", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     async with asyncio.timeout(60):
         out, err = await proc.communicate()

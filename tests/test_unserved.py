@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 
-from bus import codec, subjects
-from bus.events import AgentJoined, Heartbeat, SkillUnmatched, TaskDispatched, TaskSubmitted, new_id
-from bus.server import NatsServer
-from bus.settings import Settings
+from ledgerbus.bus import codec, subjects
+from ledgerbus.bus.events import AgentJoined, Heartbeat, SkillUnmatched, TaskDispatched, TaskSubmitted, new_id
+from ledgerbus.bus.server import NatsServer
+from ledgerbus.bus.settings import Settings
 from tests.conftest import RunningRouter
 from tests.support import (
     REPO,
@@ -82,7 +82,7 @@ class Waiting:
     @classmethod
     async def start(cls, settings: Settings, *args: str, **env: str) -> Waiting:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agentctl", "submit", *args, "--wait", "--timeout", WAIT_TIMEOUT,
+            sys.executable, "-m", "ledgerbus.agentctl", "submit", *args, "--wait", "--timeout", WAIT_TIMEOUT,
             env=process_env(settings, **env), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
         return cls(proc)

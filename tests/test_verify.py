@@ -15,13 +15,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.aio.client import Client
 from nats.js.api import StreamConfig, StreamInfo, StreamState
 
-from bus import chain, codec, signing, subjects
-from bus.events import AuditRecord, Checkpoint, TaskSubmitted, new_id
-from bus.server import NatsServer
-from bus.settings import Settings
-from bus.verify import config_findings
-from projections import db as dbmod
-from projections.rebuild import rebuild
+from ledgerbus.bus import chain, codec, signing, subjects
+from ledgerbus.bus.events import AuditRecord, Checkpoint, TaskSubmitted, new_id
+from ledgerbus.bus.server import NatsServer
+from ledgerbus.bus.settings import Settings
+from ledgerbus.bus.verify import config_findings
+from ledgerbus.projections import db as dbmod
+from ledgerbus.projections.rebuild import rebuild
 from tests.conftest import RunningRouter
 from tests.support import agentctl, audit_records, wait_for_record, wait_for_records
 

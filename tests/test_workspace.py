@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agents import workspace
+from ledgerbus.agents import workspace
 
 
 async def test_two_attempts_of_one_task_on_one_agent_never_share_a_workspace(tmp_path: Path) -> None:

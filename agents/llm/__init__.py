@@ -5,7 +5,7 @@
 SDKs are imported only when a route first reaches them.
 """
 
-from agents.llm.base import ChatRequest, ChatResult, Message, ProviderError, Usage, UsageSink
-from agents.llm.router import LLM, LLMRouter
+from ledgerbus.agents.llm.base import ChatRequest, ChatResult, Message, ProviderError, Usage, UsageSink
+from ledgerbus.agents.llm.router import LLM, LLMRouter
 
 __all__ = ["LLM", "ChatRequest", "ChatResult", "LLMRouter", "Message", "ProviderError", "Usage", "UsageSink"]

@@ -23,7 +23,7 @@ import anthropic
 import msgspec
 from anthropic import types as api
 
-from agents.llm.base import ChatRequest, ChatResult, Message, ProviderError, excerpt, status_error
+from ledgerbus.agents.llm.base import ChatRequest, ChatResult, Message, ProviderError, excerpt, status_error
 
 _STRUCTURED_TOOL = "Give your answer by calling this tool: its input is the answer, as JSON matching the schema."
 

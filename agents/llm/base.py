@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
-from agents.errors import AgentError
+from ledgerbus.agents.errors import AgentError
 
 
 class Message(msgspec.Struct, frozen=True):

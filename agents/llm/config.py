@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from bus.errors import ConfigError
-from bus.problems import explain
+from ledgerbus.bus.errors import ConfigError
+from ledgerbus.bus.problems import explain
 
 DEFAULT_MAX_TOKENS = 1024
 """A route's ``max_tokens`` when it does not say."""

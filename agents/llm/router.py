@@ -38,12 +38,12 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
-from agents.errors import BudgetError
-from agents.llm import config
-from agents.llm.base import ChatRequest, ChatResult, Message, Provider, ProviderError, Usage, UsageSink
-from agents.llm.config import Candidate, ProviderConfig, Route, RoutingFile
-from bus import metrics
-from bus.events import Budget
+from ledgerbus.agents.errors import BudgetError
+from ledgerbus.agents.llm import config
+from ledgerbus.agents.llm.base import ChatRequest, ChatResult, Message, Provider, ProviderError, Usage, UsageSink
+from ledgerbus.agents.llm.config import Candidate, ProviderConfig, Route, RoutingFile
+from ledgerbus.bus import metrics
+from ledgerbus.bus.events import Budget
 
 BudgetLeft = Callable[[], tuple[Budget | None, str]]
 """What is left of the budget over a task now, and whose budget it is (``None``: none)."""
@@ -149,11 +149,11 @@ def _make(name: str, settings: ProviderConfig) -> Provider:
     ``anthropic`` alone takes seconds to import, which an agent that never calls it (or
     a vLLM-only one) should not pay at start."""
     if settings.type == "anthropic":
-        from agents.llm.anthropic import AnthropicProvider
+        from ledgerbus.agents.llm.anthropic import AnthropicProvider
 
         return AnthropicProvider(name, base_url=settings.base_url, api_key_env=settings.key_env(),
                                  timeout_s=settings.timeout_s)
-    from agents.llm.vllm import VLLMProvider
+    from ledgerbus.agents.llm.vllm import VLLMProvider
 
     assert settings.base_url is not None  # config.parse refuses a vllm provider without one
     return VLLMProvider(name, base_url=settings.base_url, api_key_env=settings.key_env(),

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from agents.errors import AgentError
+from ledgerbus.agents.errors import AgentError
 
 
 def inline(schema: dict[str, Any]) -> dict[str, Any]:

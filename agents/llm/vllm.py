@@ -21,7 +21,7 @@ import openai
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 from openai.types.shared_params import ResponseFormatJSONSchema
 
-from agents.llm.base import ChatRequest, ChatResult, Message, ProviderError, excerpt, status_error
+from ledgerbus.agents.llm.base import ChatRequest, ChatResult, Message, ProviderError, excerpt, status_error
 
 _NO_KEY = "EMPTY"
 

@@ -22,12 +22,12 @@ import structlog
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from bus.events import AnyEvent
-from bus.redaction import scrub
-from bus.subjects import Principal
-from router.claims import ClaimTokens
-from router.policy import PolicyFile
-from router.state import RouterState
+from ledgerbus.bus.events import AnyEvent
+from ledgerbus.bus.redaction import scrub
+from ledgerbus.bus.subjects import Principal
+from ledgerbus.router.claims import ClaimTokens
+from ledgerbus.router.policy import PolicyFile
+from ledgerbus.router.state import RouterState
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("ledgerbus.router")
@@ -172,7 +172,7 @@ def default_checks(
     redacted from the event, so no record (whatever its verdict) keeps one in clear.
     Headers are checked after decoding so that their rejection still names its task.
     """
-    from router.checks import (
+    from ledgerbus.router.checks import (
         approval,
         budget,
         duplicate,

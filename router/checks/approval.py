@@ -9,11 +9,11 @@ reaches WORK. Nobody approves or denies a task they submitted themselves.
 
 from __future__ import annotations
 
-from bus.events import PlanSubmitted, TaskApproved, TaskDenied, TaskSubmitted
-from bus.lifecycle import Status
-from router.checks import Check, Inbound, Learned, Rejection, learned
-from router.policy import PolicyFile
-from router.state import RouterState
+from ledgerbus.bus.events import PlanSubmitted, TaskApproved, TaskDenied, TaskSubmitted
+from ledgerbus.bus.lifecycle import Status
+from ledgerbus.router.checks import Check, Inbound, Learned, Rejection, learned
+from ledgerbus.router.policy import PolicyFile
+from ledgerbus.router.state import RouterState
 
 
 def make(policy: PolicyFile) -> Check:

@@ -13,9 +13,9 @@ left at dispatch (``WorkItem.budget_left``), so most crossings never happen.
 
 from __future__ import annotations
 
-from bus.events import TaskUsage
-from router.checks import Inbound, Learned, learned
-from router.state import RouterState
+from ledgerbus.bus.events import TaskUsage
+from ledgerbus.router.checks import Inbound, Learned, learned
+from ledgerbus.router.state import RouterState
 
 
 def check(msg: Inbound, state: RouterState) -> Learned | None:

@@ -7,8 +7,8 @@ router remembers the ids it saw, for ``dedup_horizon_s``, from the log itself.
 
 from __future__ import annotations
 
-from router.checks import Inbound, Rejection
-from router.state import RouterState
+from ledgerbus.router.checks import Inbound, Rejection
+from ledgerbus.router.state import RouterState
 
 
 def check(msg: Inbound, state: RouterState) -> Rejection | None:

@@ -8,9 +8,9 @@ steer how the router's own writes are stored.
 
 from __future__ import annotations
 
-from bus import subjects
-from router.checks import Inbound, Rejection
-from router.state import RouterState
+from ledgerbus.bus import subjects
+from ledgerbus.router.checks import Inbound, Rejection
+from ledgerbus.router.state import RouterState
 
 ALLOWED = frozenset(
     h.lower() for h in (subjects.HDR_MSG_ID, subjects.HDR_TRACEPARENT, subjects.HDR_TRACESTATE, "baggage")

@@ -13,10 +13,10 @@ from typing import Any
 
 import msgspec
 
-from bus.events import PlanSubmitted, TaskSubmitted
-from bus.problems import explain
-from router.checks import Check, Inbound, Rejection
-from router.state import RouterState
+from ledgerbus.bus.events import PlanSubmitted, TaskSubmitted
+from ledgerbus.bus.problems import explain
+from ledgerbus.router.checks import Check, Inbound, Rejection
+from ledgerbus.router.state import RouterState
 
 
 def problem(types: Mapping[str, Any], skill: str, value: Any) -> str | None:

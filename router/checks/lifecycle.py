@@ -23,12 +23,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from bus.events import TaskCompleted, TaskFailed, TaskProgress, TaskStarted, TaskSubmitted, TaskUsage
-from bus.lifecycle import Status, claim_of
-from router.checks import Check, Inbound, Rejection
-from router.claims import ClaimTokens
-from router.state import RouterState
-from router.tasks import PlanState
+from ledgerbus.bus.events import TaskCompleted, TaskFailed, TaskProgress, TaskStarted, TaskSubmitted, TaskUsage
+from ledgerbus.bus.lifecycle import Status, claim_of
+from ledgerbus.router.checks import Check, Inbound, Rejection
+from ledgerbus.router.claims import ClaimTokens
+from ledgerbus.router.state import RouterState
+from ledgerbus.router.tasks import PlanState
 
 
 def make(tokens: ClaimTokens, agent_skills: Callable[[str, str], frozenset[str] | None]) -> Check:

@@ -8,10 +8,10 @@ stays within the configured bound; a restore names a checkpoint of that agent.
 
 from __future__ import annotations
 
-from bus import codec
-from bus.events import CheckpointRestored, CheckpointSaved, MemoryWiped, MemoryWritten
-from router.checks import Check, Inbound, Rejection
-from router.state import RouterState
+from ledgerbus.bus import codec
+from ledgerbus.bus.events import CheckpointRestored, CheckpointSaved, MemoryWiped, MemoryWritten
+from ledgerbus.router.checks import Check, Inbound, Rejection
+from ledgerbus.router.state import RouterState
 
 
 def make(max_state_bytes: int) -> Check:

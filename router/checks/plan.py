@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from bus.events import PlanSubmitted, ProposalApproved, TaskCancelled, TaskSubmitted
-from bus.plans import validate
-from router.checks import Check, Inbound, Rejection
-from router.policy import Delegation, PolicyFile
-from router.state import RouterState, step_task_id
+from ledgerbus.bus.events import PlanSubmitted, ProposalApproved, TaskCancelled, TaskSubmitted
+from ledgerbus.bus.plans import validate
+from ledgerbus.router.checks import Check, Inbound, Rejection
+from ledgerbus.router.policy import Delegation, PolicyFile
+from ledgerbus.router.state import RouterState, step_task_id
 
 
 def make(policy: PolicyFile, installed: Callable[[], Iterable[str]]) -> Check:

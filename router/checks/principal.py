@@ -6,10 +6,10 @@ decides whether that kind of principal may send that kind of message at all.
 
 from __future__ import annotations
 
-from bus import subjects
-from bus.events import AgentLeft, kind_of
-from router.checks import Inbound, Learned, Rejection, learned
-from router.state import RouterState
+from ledgerbus.bus import subjects
+from ledgerbus.bus.events import AgentLeft, kind_of
+from ledgerbus.router.checks import Inbound, Learned, Rejection, learned
+from ledgerbus.router.state import RouterState
 
 # Memory, checkpoints and shared context: agents on their own memory, operators on any
 # agent's (the memory check tells the two apart).

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bus.events import CheckpointSaved, MemoryWritten, PlanSubmitted, SharedWritten, TaskCancelled, TaskSubmitted
-from router.checks import Check, Inbound, Rejection
-from router.policy import PolicyFile
-from router.state import RouterState
+from ledgerbus.bus.events import CheckpointSaved, MemoryWritten, PlanSubmitted, SharedWritten, TaskCancelled, TaskSubmitted
+from ledgerbus.router.checks import Check, Inbound, Rejection
+from ledgerbus.router.policy import PolicyFile
+from ledgerbus.router.state import RouterState
 
 
 @dataclass(slots=True)

@@ -3,10 +3,10 @@ key twice in any object (see :mod:`bus.jsonkeys`)."""
 
 from __future__ import annotations
 
-from bus import codec, jsonkeys
-from bus.errors import SchemaError
-from router.checks import Inbound, Learned, Rejection, learned, secrets
-from router.state import RouterState
+from ledgerbus.bus import codec, jsonkeys
+from ledgerbus.bus.errors import SchemaError
+from ledgerbus.router.checks import Inbound, Learned, Rejection, learned, secrets
+from ledgerbus.router.state import RouterState
 
 
 def check(msg: Inbound, state: RouterState) -> Rejection | Learned:

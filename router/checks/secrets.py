@@ -14,13 +14,13 @@ with :func:`redact`.
 from __future__ import annotations
 
 
-from bus import codec
-from bus.errors import SchemaError
-from router.claims import token_of, with_token
-from bus.redaction import redact, redact_bytes
-from router.checks import Check, Inbound, Learned, Rejection, learned
-from router.policy import PolicyFile
-from router.state import RouterState
+from ledgerbus.bus import codec
+from ledgerbus.bus.errors import SchemaError
+from ledgerbus.router.claims import token_of, with_token
+from ledgerbus.bus.redaction import redact, redact_bytes
+from ledgerbus.router.checks import Check, Inbound, Learned, Rejection, learned
+from ledgerbus.router.policy import PolicyFile
+from ledgerbus.router.state import RouterState
 
 __all__ = ["make", "redact", "scan"]
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from router.checks import Check, Inbound, Rejection
-from router.state import RouterState
+from ledgerbus.router.checks import Check, Inbound, Rejection
+from ledgerbus.router.state import RouterState
 
 
 def make(max_bytes: int) -> Check:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from bus.events import TaskSubmitted
-from router.checks import Check, Inbound, Rejection
-from router.policy import PolicyFile
-from router.state import RouterState
+from ledgerbus.bus.events import TaskSubmitted
+from ledgerbus.router.checks import Check, Inbound, Rejection
+from ledgerbus.router.policy import PolicyFile
+from ledgerbus.router.state import RouterState
 
 
 def make(policy: PolicyFile) -> Check:

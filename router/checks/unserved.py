@@ -25,11 +25,11 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 
-from bus.events import TaskSubmitted
-from router.checks import Check, Inbound, Learned, Rejection, learned
-from router.policy import PolicyFile
-from bus.lifecycle import NO_AGENT
-from router.state import RouterState
+from ledgerbus.bus.events import TaskSubmitted
+from ledgerbus.router.checks import Check, Inbound, Learned, Rejection, learned
+from ledgerbus.router.policy import PolicyFile
+from ledgerbus.bus.lifecycle import NO_AGENT
+from ledgerbus.router.state import RouterState
 
 _MAX_CAPABILITY = 64
 """A skill proposed on is needed as a capability (bus.events.Capability), at most this long."""

@@ -45,14 +45,14 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 
-from bus import codec, subjects
-from bus.connection import connect
-from bus.events import AuditRecord, PlanStep, PlanSubmitted, TaskSubmitted, kind_of, new_id
-from bus.provision import provision
-from bus.server import NatsServer
-from bus.settings import Settings
-from router.lease import Holder
-from router.state import RouterState
+from ledgerbus.bus import codec, subjects
+from ledgerbus.bus.connection import connect
+from ledgerbus.bus.events import AuditRecord, PlanStep, PlanSubmitted, TaskSubmitted, kind_of, new_id
+from ledgerbus.bus.provision import provision
+from ledgerbus.bus.server import NatsServer
+from ledgerbus.bus.settings import Settings
+from ledgerbus.router.lease import Holder
+from ledgerbus.router.state import RouterState
 from tests.support import Proc, Procs, agentctl, audit_records, auth_dir, server_config, suite_settings, wait_until
 
 LEASE_S = 2.0
@@ -421,7 +421,7 @@ class System:
         await wait_until(done, timeout, what=f"{len(ids)} tasks settled")
 
     async def projector_position(self) -> int:
-        from projections import db as dbmod
+        from ledgerbus.projections import db as dbmod
 
         if not self.settings.db_path.exists():
             return 0

@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-from agents.hooks import Veto
-from agents.skill import SkillContext
+from ledgerbus.agents.hooks import Veto
+from ledgerbus.agents.skill import SkillContext
 
 
 class Text(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

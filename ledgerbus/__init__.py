@@ -1,0 +1,1 @@
+"""ledgerbus: an event-sourced NATS JetStream message bus for multi-agent systems."""
