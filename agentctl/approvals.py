@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.table import Table
 
-from ledgerbus.agentctl.common import App, out, run
-from ledgerbus.agentctl.reads import ask, db_option, json_option
+from ledgerbus.agentctl.common import App, open_bus, out, run
+from ledgerbus.agentctl.reads import db_option, json_option
 from ledgerbus.agentctl.send import send_and_report
-from ledgerbus.bus.events import TaskApproved, TaskDenied, new_id
+from ledgerbus.bus.events import AuditRecord
+from ledgerbus.client import Bus
 
 
-def _decide(app: App, event: TaskApproved | TaskDenied, as_json: bool) -> None:
-    verb = "approved" if isinstance(event, TaskApproved) else "denied"
-    send_and_report(app, event, event.task_id, as_json, lambda _: f"{verb} task {event.task_id}")
+def _decide(app: App, verb: str, task_id: str, reason: str, as_json: bool) -> None:
+    def decide(bus: Bus) -> Awaitable[AuditRecord]:
+        return bus.approve(task_id, reason) if verb == "approved" else bus.deny(task_id, reason)
+
+    send_and_report(app, decide, task_id, as_json, lambda record: f"{verb} task {record.key}")
 
 
 @click.command()
@@ -25,7 +30,7 @@ def _decide(app: App, event: TaskApproved | TaskDenied, as_json: bool) -> None:
 @click.pass_obj
 def approve(app: App, task_id: str, reason: str, as_json: bool) -> None:
     """Let TASK_ID, held for approval, run. Exit 0 when the router accepts the approval."""
-    _decide(app, TaskApproved(id=new_id(), task_id=task_id, reason=reason), as_json)
+    _decide(app, "approved", task_id, reason, as_json)
 
 
 @click.command()
@@ -35,7 +40,7 @@ def approve(app: App, task_id: str, reason: str, as_json: bool) -> None:
 @click.pass_obj
 def deny(app: App, task_id: str, reason: str, as_json: bool) -> None:
     """Refuse TASK_ID, held for approval: it never runs. Exit 0 when the router accepts."""
-    _decide(app, TaskDenied(id=new_id(), task_id=task_id, reason=reason), as_json)
+    _decide(app, "denied", task_id, reason, as_json)
 
 
 @click.command()
@@ -45,7 +50,11 @@ def deny(app: App, task_id: str, reason: str, as_json: bool) -> None:
 @click.pass_obj
 def approvals(app: App, show_all: bool, db_path: Path | None, as_json: bool) -> None:
     """List tasks held for approval, oldest first."""
-    rows = run(lambda: ask(app, "approvals", "list", {"status": None if show_all else "pending"}, db_path))
+    async def body() -> list[dict[str, Any]]:
+        async with open_bus(app, db_path) as bus:
+            return await bus.approvals(pending_only=not show_all)
+
+    rows = run(body)
     if as_json:
         out.print_json(data=rows)
         return

@@ -12,8 +12,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ledgerbus.agentctl.common import EXIT_FAILED, EXIT_OK, App, cli_principal, err, out, run
-from ledgerbus.agentctl.reads import json_option, request_query
-from ledgerbus.bus import anchor, signing
+from ledgerbus.agentctl.reads import json_option
+from ledgerbus.bus import anchor, query, signing
 from ledgerbus.bus.connection import connected
 from ledgerbus.bus.errors import BusError, UnreadableRecord
 from ledgerbus.bus.verify import AnchorResult, Finding, LogReport, verify_log
@@ -120,7 +120,7 @@ async def _projections(nc: Any, js: Any, db_path: Path | None) -> Finding:
             check = await compare_file(js, db_path)
         else:
             try:
-                live = await request_query(nc, "projections", "digest", {})
+                live = await query.ask(nc, "projections", "digest", {})
             except BusError as exc:
                 return Finding("projections", False, f"not checked: {exc}")
             check = await compare_digest(js, live["position"], live["digest"], live.get("memory_list_cap"))

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import getpass
-import re
+import os
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 import nats.errors
 from rich.console import Console
 
 from ledgerbus.bus.errors import LedgerbusError
+from ledgerbus.bus.identity import cli_name
 from ledgerbus.bus.settings import Settings
+
+if TYPE_CHECKING:
+    from ledgerbus.client import Bus
 
 T = TypeVar("T")
 
@@ -24,7 +29,9 @@ EXIT_FAILED = 1
 EXIT_TIMEOUT = 2
 EXIT_BUS = 3
 
-out = Console(highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True,
+              # Piped, rich would assume 80 columns and squeeze tables: a script gets whole lines.
+              width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 1000)
 err = Console(stderr=True, highlight=False)
 
 
@@ -55,15 +62,17 @@ def run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
         fail("interrupted", 130)
 
 
+@asynccontextmanager
+async def open_bus(app: App, db_path: Path | None = None) -> AsyncIterator[Bus]:
+    """The client (:mod:`ledgerbus.client`) every command works through, as this CLI user;
+    with ``db_path`` it reads that projection file instead of asking the projector."""
+    from ledgerbus.client import connect
+
+    async with connect(settings=app.settings, db=db_path, span_name="agentctl.submit",
+                       client_name=f"agentctl-{cli_name()}") as bus:
+        yield bus
+
+
 def cli_principal() -> str:
     """The principal (and NATS user) this CLI acts as: ``cli-<name>``."""
     return f"cli-{cli_name()}"
-
-
-def cli_name() -> str:
-    """The name this CLI user acts as: ``LEDGERBUS_CLI_NAME`` or the login name, made safe."""
-    import os
-
-    raw = os.environ.get("LEDGERBUS_CLI_NAME") or getpass.getuser() or "user"
-    name = re.sub(r"[^a-z0-9_-]+", "-", raw.lower()).strip("-_")[:48]
-    return name or "user"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import click
@@ -98,7 +99,7 @@ def _llm(app: App) -> list[Finding]:
         return [Finding("llm routing", "fail", str(exc))]
     if routing is None:
         return [Finding("llm routing", "warn", f"{path} is missing: LLM skills (llm.chat, plan, reason) fail until "
-                        "it exists (see llm.toml in the repository)")]
+                        "it exists (`agentctl init` writes one)")]
     findings = [Finding("llm routing", "ok", f"{path}: {len(routing.providers)} providers, "
                         f"{len(routing.skills)} skill and {len(routing.roles)} role routes")]
     for name, provider in sorted(routing.providers.items()):
@@ -110,6 +111,14 @@ def _llm(app: App) -> list[Finding]:
         findings.append(Finding(f"llm provider {name}", level,
                                 f"{provider.type} at {where}; {env} is {'set' if has_key else 'not set'}"))
     return findings
+
+
+def _project(app: App) -> Finding:
+    from ledgerbus.bus.home import MARKERS, outside_hint
+
+    if app.settings.home is None:
+        return Finding("project", "warn", f"none found from {Path.cwd()}{outside_hint(None)}")
+    return Finding("project", "ok", f"{app.settings.home} ({' and '.join(MARKERS)} found there)")
 
 
 def _skills() -> list[Finding]:
@@ -129,7 +138,7 @@ def _skills() -> list[Finding]:
 def doctor(app: App, as_json: bool) -> None:
     """Check this installation: nats-server, the bus, policy, sandbox isolation, hooks,
     LLM routing and keys, skills. Exits 1 if a check fails."""
-    findings = [_server(), asyncio.run(_bus(app)), *_policy(app), *_llm(app), *_skills()]
+    findings = [_project(app), _server(), asyncio.run(_bus(app)), *_policy(app), *_llm(app), *_skills()]
     if as_json:
         out.print_json(data=[asdict(f) for f in findings])
     else:

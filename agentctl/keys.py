@@ -30,7 +30,7 @@ def add(app: App, kind: str, name: str, skills: str, pid_file: Path) -> None:
     """Add a principal (or change an agent's skills) and write its credentials file."""
     try:
         add_principal(app.settings.auth_dir, identity(kind, name, [s.strip() for s in skills.split(",") if s.strip()]),
-                      pid_file)
+                      app.settings.in_home(pid_file))
     except LedgerbusError as exc:
         fail(str(exc))
 

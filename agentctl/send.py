@@ -1,65 +1,62 @@
-"""Sending one event as the CLI user and reporting the router's verdict on it.
+"""Sending one request as the CLI user and reporting the router's verdict on it.
 
-The verdict is read from the audit log itself (the records for the event's key after
-the log's head at sending time), so it needs no projector.
+The verdict is read from the audit log itself (the records for the request's key after
+the log's head at sending time), so it needs no projector: :meth:`ledgerbus.client.Bus.send`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import click
-import nats.errors
 
-from ledgerbus.agentctl.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, App, cli_name, err, out, run
-from ledgerbus.agentctl.follow import records
-from ledgerbus.bus import codec, subjects
-from ledgerbus.bus.connection import connected
-from ledgerbus.bus.errors import BusError, SchemaError
+from ledgerbus.agentctl.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, App, err, open_bus, out, run
+from ledgerbus.bus import codec
+from ledgerbus.bus.errors import SchemaError
 from ledgerbus.bus.events import AuditRecord, Event, kind_of
+from ledgerbus.client import VERDICT_TIMEOUT_S, Bus, Refused
 
-VERDICT_TIMEOUT_S = 30.0
+Request = Event | Callable[[Bus], Awaitable[AuditRecord]]
+"""An event to send as it is, or a client call that sends one (``bus.cancel(...)``)."""
 
 
 async def send(app: App, event: Event, key: str) -> AuditRecord | None:
-    """Publish ``event`` to INGRESS and return its audit record (``None`` on timeout)."""
-    who = subjects.principal("cli", cli_name())
-    async with connected(app.settings, who.token, client_name=f"agentctl-{who.name}") as nc:
-        js = nc.jetstream(timeout=10)
-        head = (await js.stream_info(subjects.AUDIT_STREAM)).state.last_seq
+    """Publish ``event`` to INGRESS and return its audit record, accepted or refused
+    (``None`` without a verdict in :data:`VERDICT_TIMEOUT_S`)."""
+    return await _verdict(app, lambda bus: bus.send(event, key))
+
+
+async def _verdict(app: App, call: Callable[[Bus], Awaitable[AuditRecord]]) -> AuditRecord | None:
+    async with open_bus(app) as bus:
         try:
-            await js.publish(subjects.ingress(who, kind_of(type(event))), codec.encode(event),
-                             headers={subjects.HDR_MSG_ID: event.id})
-        except (TimeoutError, nats.errors.NoRespondersError) as exc:
-            raise BusError("INGRESS did not acknowledge: is the router running?") from exc
-        follow = records(js, subjects.audit_for_key(key), from_seq=head + 1, follow=True)
-        try:
-            async with asyncio.timeout(VERDICT_TIMEOUT_S):
-                async for record, _ in follow:
-                    if record.msg_id == event.id:
-                        return record
+            return await call(bus)
+        except Refused as exc:
+            return exc.record
         except TimeoutError:
             return None
-        finally:
-            await follow.aclose()
-    return None
 
 
-def send_and_report(app: App, event: Event, key: str, as_json: bool, done: Callable[[AuditRecord], str]) -> None:
+def send_and_report(app: App, request: Request, key: str, as_json: bool, done: Callable[[AuditRecord], str]) -> None:
     """Send, print the outcome (``done(record)`` when accepted) and exit 0, 1 or 2.
 
-    The event is first checked against the router's own schema, so a typo gets a usage
+    An event is first checked against the router's own schema, so a typo gets a usage
     error here rather than a rejection in the log.
     """
-    try:
-        codec.decode_event(codec.encode(event))
-    except SchemaError as exc:
-        raise click.UsageError(str(exc)) from exc
-    record = run(lambda: send(app, event, key))
+    if isinstance(request, Event):
+        try:
+            codec.decode_event(codec.encode(request))
+        except SchemaError as exc:
+            raise click.UsageError(str(exc)) from exc
+        event = request
+        what = kind_of(type(request))
+        call: Callable[[Bus], Awaitable[AuditRecord]] = lambda bus: bus.send(event, key)  # noqa: E731
+    else:
+        call, what = request, "the request"
+
+    record = run(lambda: _verdict(app, call))
     if record is None:
-        err.print(f"no verdict from the router within {VERDICT_TIMEOUT_S:g}s on {kind_of(type(event))} for {key}")
+        err.print(f"no verdict from the router within {VERDICT_TIMEOUT_S:g}s on {what} for {key}")
         sys.exit(EXIT_TIMEOUT)
     if as_json:
         out.print_json(data=codec.to_builtins(record))

@@ -11,37 +11,29 @@ from typing import Any
 
 import click
 import msgspec
-import nats.errors
-from nats.aio.client import Client
-from opentelemetry import trace
 from rich.live import Live
 from rich.markup import escape
 from rich.status import Status
 from rich.table import Table
 
 from ledgerbus.agentctl import pipelines
-from ledgerbus.agentctl.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, App, cli_name, err, fail, out, run
-from ledgerbus.agentctl.follow import TaskView, records
-from ledgerbus.agentctl.plans import PlanFileError, PlanView, read_plan
+from ledgerbus.agentctl.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, App, err, fail, open_bus, out, run
+from ledgerbus.bus.follow import TaskView
+from ledgerbus.bus.plan_view import PlanFileError, PlanView, read_plan
 from ledgerbus.agentctl.reads import STATUS_STYLE
-from ledgerbus.bus import codec, subjects, tracing
 from ledgerbus.bus.lifecycle import Status as TaskStatus
-from ledgerbus.bus.connection import connected
-from ledgerbus.bus.errors import BusError, LedgerbusError, SchemaError
+from ledgerbus.bus.errors import LedgerbusError, SchemaError
 from ledgerbus.bus.events import (
     Budget,
     DEFAULT_TASK_TIMEOUT_S,
     NO_RETRY,
-    PLAN_SKILL,
     PlanSubmitted,
     RetryPolicy,
-    TaskCancelled,
     TaskSubmitted,
-    kind_of,
-    new_id,
     step_task_id,
 )
 from ledgerbus.bus.tracing import Telemetry, configure_telemetry
+from ledgerbus.client import Bus, TaskHandle, task_submission
 
 
 def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any]:
@@ -119,18 +111,12 @@ def submit(
         sys.exit(_run_plan(app, _with_budget(plan, budget_tokens, budget_cost), wait, timeout, as_json))
     if skill is None:
         raise click.UsageError("missing SKILL (or --plan FILE, or --pipeline NAME REQUIREMENT)")
-    event_data: dict[str, Any] = {"kind": "task_submitted", "id": new_id(), "task_id": task_id or new_id(),
-                                  "skill": skill, "input": input_, "timeout_s": task_timeout}
-    if budget_tokens is not None or budget_cost is not None:
-        event_data["budget"] = {"tokens": budget_tokens, "cost_usd": budget_cost}
-    if retries:
-        event_data["retry"] = {"max_attempts": retries + 1, "backoff_s": backoff}
-    # Validate here with the router's own schema so a typo gets a message, not a rejection.
+    # Checked here with the router's own schema so a typo gets a message, not a rejection.
     try:
-        event = codec.decode_event(codec.encode(event_data))
+        event = task_submission(skill, input_, task_id=task_id, timeout_s=task_timeout, retries=retries,
+                                backoff_s=backoff, budget_tokens=budget_tokens, budget_cost_usd=budget_cost)
     except SchemaError as exc:
         raise click.BadParameter(str(exc)) from exc
-    assert isinstance(event, TaskSubmitted)
     sys.exit(_traced(lambda telemetry: _submit(app, event, wait, timeout, as_json, telemetry)))
 
 
@@ -170,61 +156,47 @@ def _traced(body: Callable[[Telemetry], Coroutine[Any, Any, int]]) -> int:
         telemetry.shutdown()
 
 
-async def _publish(nc: Client, event: TaskSubmitted | PlanSubmitted, skill: str, telemetry: Telemetry) -> Any:
-    """Send one event to INGRESS as this CLI user, in the producer span that is the root
-    of the task's trace; return the PubAck. The span is on TRACES when this returns."""
-    who = subjects.principal("cli", cli_name())
-    subject = subjects.ingress(who, kind_of(type(event)))
-    tracer = trace.get_tracer("ledgerbus.cli")
-    telemetry.attach(nc, who.token)
-    try:
-        with tracer.start_as_current_span(
-            "agentctl.submit",
-            kind=trace.SpanKind.PRODUCER,
-            attributes={**tracing.messaging(subject, "publish", event.id),
-                        "ledgerbus.task_id": event.task_id, "ledgerbus.skill": skill},
-        ):
-            headers = tracing.inject({subjects.HDR_MSG_ID: event.id})
-            try:
-                return await nc.jetstream(timeout=10).publish(subject, codec.encode(event), headers=headers)
-            except nats.errors.NoRespondersError as exc:
-                raise BusError("no INGRESS stream: is the router running?") from exc
-    finally:
-        await telemetry.flush()
-
-
 async def _submit(app: App, event: TaskSubmitted, wait: bool, timeout: float, as_json: bool,
                   telemetry: Telemetry) -> int:
-    who = subjects.principal("cli", cli_name())
-    async with connected(app.settings, who.token, client_name=f"agentctl-{who.name}") as nc:
-        js = nc.jetstream(timeout=10)
-        ack = await _publish(nc, event, event.skill, telemetry)
+    async with open_bus(app) as bus:
+        handle = await _send(bus, event, telemetry)
         if not wait:
             if as_json:
-                out.print_json(data={"task_id": event.task_id, "status": "submitted", "ingress_seq": ack.seq})
+                out.print_json(data={"task_id": event.task_id, "status": "submitted", "ingress_seq": handle.ingress_seq})
             else:
                 out.print(event.task_id)
             return EXIT_OK
         # The follow starts at the log's first record of this task, so it cannot miss any
         # record however late it subscribes.
-        view = TaskView(event.task_id, event.id)
+        view = TaskView(event.task_id, event.id, skill=event.skill)
         try:
             async with asyncio.timeout(timeout):
-                await _follow(js, view, show=not as_json and err.is_terminal)
+                view = await _follow(handle, show=not as_json and err.is_terminal)
         except TimeoutError:
             return _report(view, as_json, timed_out=timeout)
         return _report(view, as_json)
 
 
-async def _follow(js: Any, view: TaskView, show: bool) -> None:
-    status = Status(f"task {view.task_id}: submitted", console=err) if show else None
+async def _send(bus: Bus, event: TaskSubmitted | PlanSubmitted, telemetry: Telemetry) -> TaskHandle:
+    """Send the submission through the client, in this process's telemetry: the producer
+    span that roots the task's trace is on TRACES when this returns."""
+    telemetry.attach(bus.nc, bus.principal.token)
+    try:
+        return await bus.send_submission(event)
+    finally:
+        await telemetry.flush()
+
+
+async def _follow(handle: TaskHandle, show: bool) -> TaskView:
+    status = Status(f"task {handle.task_id}: submitted", console=err) if show else None
     if status:
         status.start()
-    follow = records(js, subjects.audit_for_key(view.task_id), follow=True)
     shown = 0
+    view: TaskView | None = None
     try:
-        async for record, _ in follow:
-            view.apply(record)
+        async for followed in handle.watch():
+            assert isinstance(followed, TaskView)
+            view = followed
             # Said at once, not at the end: nobody serving the skill is why a wait would be long.
             for warning in view.warnings[shown:]:
                 err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
@@ -233,12 +205,11 @@ async def _follow(js: Any, view: TaskView, show: bool) -> None:
                 detail = f" on {view.agent}" if view.agent else ""
                 prog = f" - {view.progress}" if view.progress else ""
                 status.update(f"task {view.task_id}: {view.status}{detail}{prog}")
-            if view.terminal:
-                return
     finally:
-        await follow.aclose()
         if status:
             status.stop()
+    assert view is not None
+    return view
 
 
 def _report(view: TaskView, as_json: bool, timed_out: float | None = None) -> int:
@@ -271,13 +242,11 @@ def _report(view: TaskView, as_json: bool, timed_out: float | None = None) -> in
 
 async def _submit_plan(app: App, plan: PlanSubmitted, wait: bool, timeout: float, as_json: bool,
                        telemetry: Telemetry) -> int:
-    who = subjects.principal("cli", cli_name())
-    async with connected(app.settings, who.token, client_name=f"agentctl-{who.name}") as nc:
-        js = nc.jetstream(timeout=10)
-        ack = await _publish(nc, plan, PLAN_SKILL, telemetry)
+    async with open_bus(app) as bus:
+        handle = await _send(bus, plan, telemetry)
         if not wait:
             if as_json:
-                out.print_json(data={"task_id": plan.task_id, "status": "submitted", "ingress_seq": ack.seq,
+                out.print_json(data={"task_id": plan.task_id, "status": "submitted", "ingress_seq": handle.ingress_seq,
                                      "steps": {s.id: step_task_id(plan.task_id, s.id) for s in plan.steps}})
             else:
                 out.print(plan.task_id)
@@ -289,7 +258,11 @@ async def _submit_plan(app: App, plan: PlanSubmitted, wait: bool, timeout: float
             async with asyncio.timeout(timeout):
                 if live is not None:
                     live.start()
-                await _follow_plan(js, view, live)
+                async for followed in handle.watch():
+                    assert isinstance(followed, PlanView)
+                    view = followed
+                    if live is not None:
+                        live.update(plan_table(view))
         except TimeoutError:
             return _report_plan(view, as_json, timed_out=timeout)
         finally:
@@ -297,33 +270,6 @@ async def _submit_plan(app: App, plan: PlanSubmitted, wait: bool, timeout: float
                 live.update(plan_table(view))
                 live.stop()
         return _report_plan(view, as_json)
-
-
-async def _follow_plan(js: Any, view: PlanView, live: Live | None) -> None:
-    """Follow the plan's verdict, then every record of the plan and its steps from there."""
-    start = 0
-    verdicts = records(js, subjects.audit_for_key(view.plan.task_id), follow=True)
-    try:
-        async for record, _ in verdicts:
-            view.apply(record)
-            if view.status != "submitted":
-                start = record.seq
-                break
-    finally:
-        await verdicts.aclose()
-    if view.terminal:
-        return
-    follow = records(js, subjects.AUDIT_ALL, from_seq=start + 1, follow=True)
-    try:
-        async for record, _ in follow:
-            if record.key in view.keys:
-                view.apply(record)
-                if live is not None:
-                    live.update(plan_table(view))
-            if view.terminal:
-                return
-    finally:
-        await follow.aclose()
 
 
 def plan_table(view: PlanView) -> Table:
@@ -373,9 +319,4 @@ def cancel(app: App, task_id: str, reason: str, as_json: bool) -> None:
     run never will, and running skills are told to stop. Exit 1 if the router refused."""
     from ledgerbus.agentctl.send import send_and_report
 
-    try:
-        subjects.token(task_id, "task id")
-    except subjects.SubjectError as exc:
-        raise click.BadParameter(str(exc), param_hint="TASK_ID") from exc
-    event = TaskCancelled(id=new_id(), task_id=task_id, reason=reason)
-    send_and_report(app, event, task_id, as_json, lambda record: f"cancelled {task_id}")
+    send_and_report(app, lambda bus: bus.cancel(task_id, reason), task_id, as_json, lambda r: f"cancelled {r.key}")

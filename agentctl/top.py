@@ -34,7 +34,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ledgerbus.agentctl.common import App, cli_principal, out, run
-from ledgerbus.agentctl.follow import records
+from ledgerbus.bus.follow import records
 from ledgerbus.bus import codec, lifecycle, subjects
 from ledgerbus.bus.connection import connected
 from ledgerbus.bus.errors import BusError, UnreadableRecord

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ledgerbus.agentctl.common import EXIT_FAILED, App, cli_name, fail, out, run
-from ledgerbus.agentctl.follow import messages, records
+from ledgerbus.bus.follow import messages, records
 from ledgerbus.bus import subjects
 from ledgerbus.bus.tracing import DEFAULT_TRACE_RATE
 from ledgerbus.bus.connection import connected

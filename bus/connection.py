@@ -11,7 +11,8 @@ import nats.errors
 import structlog
 from nats.aio.client import Client
 
-from ledgerbus.bus.errors import BusError
+from ledgerbus.bus.errors import BusError, ConfigError
+from ledgerbus.bus.home import outside_hint
 from ledgerbus.bus.identity import Credentials, wait_for_credentials
 from ledgerbus.bus.settings import Settings
 
@@ -68,7 +69,10 @@ async def credentials(settings: Settings, principal: str) -> Credentials:
     """``LEDGERBUS_USER``/``LEDGERBUS_PASSWORD`` if set, else the principal's credentials file."""
     if settings.user:
         return Credentials(settings.user, settings.password or "", f"_INBOX_{settings.user}")
-    return await wait_for_credentials(settings.auth_dir, principal, settings.connect_timeout_s)
+    try:
+        return await wait_for_credentials(settings.auth_dir, principal, settings.connect_timeout_s)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{outside_hint(settings.home)}") from exc
 
 
 async def connect(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import getpass
 import json
 import os
 import re
@@ -362,3 +363,11 @@ async def wait_for_credentials(directory: Path, user: str, timeout: float) -> Cr
         return msgspec.json.decode(path.read_bytes(), type=Credentials)
     except (OSError, msgspec.DecodeError) as exc:
         raise ConfigError(f"credentials {path}: {exc}") from exc
+
+
+def cli_name() -> str:
+    """The name a CLI user acts as (principal ``cli-<name>``): ``LEDGERBUS_CLI_NAME`` or
+    the login name, made safe."""
+    raw = os.environ.get("LEDGERBUS_CLI_NAME") or getpass.getuser() or "user"
+    name = re.sub(r"[^a-z0-9_-]+", "-", raw.lower()).strip("-_")[:48]
+    return name or "user"

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ledgerbus.bus.errors import ConfigError
+from ledgerbus.bus.home import find_home
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
@@ -27,6 +28,9 @@ MAX_REPLICAS = 5
 class Settings:
     """Everything a ledgerbus process needs to know about its environment."""
 
+    home: Path | None = None
+    """The project directory (:mod:`bus.home`) the relative paths below were resolved
+    against by :meth:`from_env`; ``None`` outside any project (they stay relative)."""
     url: str = DEFAULT_URL
     user: str | None = None
     password: str | None = None
@@ -95,6 +99,8 @@ class Settings:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
+            if f.name == "home":
+                continue
             raw = env.get(f"LEDGERBUS_{f.name.upper()}")
             if raw is None or raw == "":
                 continue
@@ -120,4 +126,16 @@ class Settings:
         if not 1 <= replicas <= MAX_REPLICAS:
             raise ConfigError(f"LEDGERBUS_STREAM_REPLICAS={replicas}: from 1 to {MAX_REPLICAS} "
                               "(1 on one server, 3 on a three-node cluster)")
-        return cls(**values)
+        return cls(**values).at_home(find_home(env=env))
+
+    def at_home(self, home: Path | None) -> Settings:
+        """A copy whose relative paths resolve against the project ``home``."""
+        if home is None:
+            return self
+        moved: dict[str, Any] = {f.name: home / value for f in dataclasses.fields(self)
+                 if isinstance(value := getattr(self, f.name), Path) and not value.is_absolute()}
+        return dataclasses.replace(self, home=home, **moved)
+
+    def in_home(self, path: Path) -> Path:
+        """``path`` resolved against the project, if there is one."""
+        return path if self.home is None or path.is_absolute() else self.home / path

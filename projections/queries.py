@@ -39,19 +39,33 @@ def _limit(limit: int) -> int:
 
 
 async def _newest(
-    db: aiosqlite.Connection, table: str, order: str, limit: int, **equal: str | None
+    db: aiosqlite.Connection, table: str, order: str, limit: int, before: int | None = None, **equal: str | None
 ) -> list[dict[str, Any]]:
-    """Rows of ``table`` whose columns equal the given (non-empty) values, newest first."""
-    where = {column: value for column, value in equal.items() if value}
-    sql = f"SELECT * FROM {table}" + (" WHERE " + " AND ".join(f"{c} = ?" for c in where) if where else "")
-    return await _all(db, f"{sql} ORDER BY {order} DESC LIMIT ?", (*where.values(), _limit(limit)))
+    """Rows of ``table`` whose columns equal the given (non-empty) values, newest first
+    (only those whose ``order`` column is below ``before``, when given: the next page)."""
+    where: list[tuple[str, str | int]] = [(f"{column} = ?", value) for column, value in equal.items() if value]
+    if before is not None:
+        where.append((f"{order} < ?", before))
+    sql = f"SELECT * FROM {table}" + (" WHERE " + " AND ".join(c for c, _ in where) if where else "")
+    return await _all(db, f"{sql} ORDER BY {order} DESC LIMIT ?", (*(v for _, v in where), _limit(limit)))
 
 
 async def list_tasks(
-    db: aiosqlite.Connection, status: str | None = None, limit: int = 100, parent_task_id: str | None = None
+    db: aiosqlite.Connection, status: str | None = None, limit: int = 100, parent_task_id: str | None = None, *,
+    skill: str | None = None, agent: str | None = None, submitted_by: str | None = None, before_seq: int | None = None,
 ) -> list[dict[str, Any]]:
-    """The most recent tasks first, optionally only those in ``status`` or under a parent."""
-    return await _newest(db, "tasks", "submitted_seq", limit, status=status, parent_task_id=parent_task_id)
+    """The most recent tasks first, optionally only those in ``status``, under a parent, of
+    a skill, run by an agent or submitted by a principal; ``before_seq`` pages on."""
+    return await _newest(db, "tasks", "submitted_seq", limit, before_seq, status=status, parent_task_id=parent_task_id,
+                         skill=skill, agent=agent, submitted_by=submitted_by)
+
+
+async def resolve_task(db: aiosqlite.Connection, prefix: str, limit: int = 10) -> list[str]:
+    """The ids of the tasks whose id starts with ``prefix`` (a range on the primary key,
+    case-sensitive as ids are), in id order."""
+    rows = await _all(db, "SELECT task_id FROM tasks WHERE task_id >= ? AND task_id < ? ORDER BY task_id LIMIT ?",
+                      (prefix, prefix + "\U0010ffff", limit))
+    return [r["task_id"] for r in rows]
 
 
 _UNDER = """

@@ -47,6 +47,20 @@ class TasksList(Request, frozen=True):
     status: str | None = None
     parent_task_id: str | None = None
     limit: Limit = 100
+    skill: str | None = None
+    agent: str | None = None
+    submitted_by: str | None = None
+    before_seq: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """The cursor: only tasks submitted before this log position (the ``submitted_seq`` of
+    the last row of the previous page)."""
+
+
+class TasksResolve(Request, frozen=True):
+    """``q.tasks.resolve``: the ids of the tasks whose id starts with ``prefix`` (at most
+    ``limit``, oldest first), so that people may type a unique prefix of an id."""
+
+    prefix: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
 
 
 class TasksGet(Request, frozen=True):
@@ -143,6 +157,7 @@ REQUESTS: dict[str, type[Request]] = {
     subjects.query("projections", "digest"): ProjectionsDigest,
     subjects.query("tasks", "list"): TasksList,
     subjects.query("tasks", "get"): TasksGet,
+    subjects.query("tasks", "resolve"): TasksResolve,
     subjects.query("agents", "list"): AgentsList,
     subjects.query("memory", "get"): MemoryGet,
     subjects.query("checkpoints", "list"): CheckpointsList,
@@ -226,8 +241,12 @@ class Missing:
 async def _read(db: aiosqlite.Connection, req: Request, now: datetime) -> Any:
     """The data of one query, or :class:`Missing`."""
     match req:
-        case TasksList(status=status, parent_task_id=parent, limit=limit):
-            return await queries.list_tasks(db, status, limit, parent)
+        case TasksList(status=status, parent_task_id=parent, limit=limit, skill=skill, agent=agent,
+                       submitted_by=submitted_by, before_seq=before_seq):
+            return await queries.list_tasks(db, status, limit, parent, skill=skill, agent=agent,
+                                            submitted_by=submitted_by, before_seq=before_seq)
+        case TasksResolve(prefix=prefix, limit=limit):
+            return await queries.resolve_task(db, prefix, limit)
         case TasksGet(task_id=task_id, tree=tree):
             return await queries.get_task(db, task_id, tree) or Missing(f"no task {task_id}")
         case AgentsList():

@@ -230,4 +230,4 @@ async def test_read_commands_show_a_task_its_history_and_live_agents(
         assert ("echo-1" in out) and not err.strip(), args
 
     code, out, err = await agentctl(settings, "tasks", "show", "no-such-task")
-    assert code == 3 and err.strip() == "agentctl: no task no-such-task"
+    assert code == 2 and err.strip() == "agentctl: no task no-such-task: neither the projection nor the audit log knows it"

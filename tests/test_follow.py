@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client
 
-from ledgerbus.agentctl.follow import records
+from ledgerbus.bus.follow import records
 from ledgerbus.bus import codec, subjects
 from ledgerbus.bus.events import TaskSubmitted, new_id
 from tests.conftest import RunningRouter

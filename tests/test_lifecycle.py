@@ -14,8 +14,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ledgerbus.agentctl.follow import TaskView
-from ledgerbus.agentctl.plans import PlanView
+from ledgerbus.bus.follow import TaskView
+from ledgerbus.bus.plan_view import PlanView
 from ledgerbus.bus import lifecycle
 from ledgerbus.bus.events import (
     Claim,
