@@ -10,6 +10,7 @@ import click
 from rich.table import Table
 
 from ledgerbus.agentctl.common import App, open_bus, out, run
+from ledgerbus.agentctl.complete import task_ids
 from ledgerbus.agentctl.reads import db_option, json_option
 from ledgerbus.agentctl.send import send_and_report
 from ledgerbus.bus.events import AuditRecord
@@ -24,7 +25,7 @@ def _decide(app: App, verb: str, task_id: str, reason: str, as_json: bool) -> No
 
 
 @click.command()
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=task_ids)
 @click.option("--reason", default="", help="Recorded with the decision.")
 @click.option("--json", "as_json", is_flag=True, help="Print the router's audit record as JSON.")
 @click.pass_obj
@@ -34,7 +35,7 @@ def approve(app: App, task_id: str, reason: str, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=task_ids)
 @click.option("--reason", default="", help="Recorded with the decision.")
 @click.option("--json", "as_json", is_flag=True, help="Print the router's audit record as JSON.")
 @click.pass_obj

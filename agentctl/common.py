@@ -15,7 +15,7 @@ import click
 import nats.errors
 from rich.console import Console
 
-from ledgerbus.bus.errors import LedgerbusError
+from ledgerbus.bus.errors import LedgerbusError, NotFound
 from ledgerbus.bus.identity import cli_name
 from ledgerbus.bus.settings import Settings
 
@@ -54,6 +54,8 @@ def run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run an async command body, turning known errors into one-line messages."""
     try:
         return asyncio.run(coro_fn())
+    except NotFound as exc:  # an id (or prefix) nobody knows is bad usage, not a bus failure
+        fail(str(exc), EXIT_TIMEOUT)
     except LedgerbusError as exc:
         fail(str(exc))
     except nats.errors.Error as exc:

@@ -17,6 +17,7 @@ import msgspec
 from rich.table import Table
 
 from ledgerbus.agentctl.common import EXIT_FAILED, App, fail, open_bus, out, run
+from ledgerbus.agentctl.complete import skill_names
 from ledgerbus.agentctl.reads import json_option
 from ledgerbus.bus.events import Heartbeat
 from ledgerbus.router.live import LiveAgents, fits
@@ -27,7 +28,7 @@ def _csv(ctx: click.Context, param: click.Parameter, value: str | None) -> list[
 
 
 @click.command("match")
-@click.argument("skill", required=False)
+@click.argument("skill", required=False, shell_complete=skill_names)
 @click.option("--capabilities", callback=_csv, metavar="A,B",
               help="The capabilities the step needs (as a plan step's `capabilities`).")
 @json_option

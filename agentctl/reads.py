@@ -7,8 +7,8 @@ the bus); ``--db PATH`` reads a local projection file instead. ``--json`` is for
 from __future__ import annotations
 
 import json
-import sys
 import sqlite3
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,13 +17,13 @@ import click
 from rich.table import Table
 from rich.tree import Tree
 
-from ledgerbus.agentctl.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, App, err, fail, open_bus, out, run
+from ledgerbus.agentctl.common import EXIT_FAILED, EXIT_OK, App, err, open_bus, out, run
+from ledgerbus.agentctl.complete import task_ids
 from ledgerbus.agentctl.proposals import propose
 from ledgerbus.bus import codec
-from ledgerbus.bus.errors import NotFound
 from ledgerbus.bus.lifecycle import Status
-from ledgerbus.projections.errors import DatabaseError
 from ledgerbus.client import Page
+from ledgerbus.projections.errors import DatabaseError
 
 STATUS_STYLE: dict[str, str] = {
     Status.SUBMITTED: "white", Status.AWAITING_APPROVAL: "magenta", Status.WAITING: "dim",
@@ -114,7 +114,7 @@ def id_column(table: Table, header: str, rows: list[dict[str, Any]], key: str = 
 
 
 @tasks.command("show")
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=task_ids)
 @db_option
 @json_option
 @click.pass_obj
@@ -124,10 +124,7 @@ def tasks_show(app: App, task_id: str, db_path: Path | None, as_json: bool) -> N
 
     async def body() -> dict[str, Any]:
         async with open_bus(app, db_path) as bus:
-            try:
-                return await bus.get(task_id, tree=True, history=db_path is None)
-            except NotFound as exc:
-                fail(str(exc), EXIT_TIMEOUT)
+            return await bus.get(task_id, tree=True, history=db_path is None)
 
     task = run(body)
     history = task.pop("history", [])
@@ -200,7 +197,7 @@ def _subtree(node: Tree, children: list[dict[str, Any]]) -> None:
 
 
 @click.command()
-@click.option("--task", "task_id", help="Only this task's records.")
+@click.option("--task", "task_id", shell_complete=task_ids, help="Only this task's records.")
 @click.option("--from-seq", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new records as they are appended.")
 @json_option

@@ -10,11 +10,12 @@ from rich.table import Table
 from rich.tree import Tree
 
 from ledgerbus.agentctl.common import EXIT_FAILED, fail, out
+from ledgerbus.agentctl.complete import skill_names
 from ledgerbus.agents import discovery, hooks
 
 
 @click.command()
-@click.argument("name", required=False)
+@click.argument("name", required=False, shell_complete=skill_names)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def skills(name: str | None, as_json: bool) -> None:
     """List the installed skills (entry-point group ledgerbus.skills) and hooks, or show

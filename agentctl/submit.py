@@ -18,20 +18,21 @@ from rich.table import Table
 
 from ledgerbus.agentctl import pipelines
 from ledgerbus.agentctl.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, App, err, fail, open_bus, out, run
-from ledgerbus.bus.follow import TaskView
-from ledgerbus.bus.plan_view import PlanFileError, PlanView, read_plan
+from ledgerbus.agentctl.complete import skill_names, task_ids
 from ledgerbus.agentctl.reads import STATUS_STYLE
-from ledgerbus.bus.lifecycle import Status as TaskStatus
 from ledgerbus.bus.errors import LedgerbusError, SchemaError
 from ledgerbus.bus.events import (
-    Budget,
     DEFAULT_TASK_TIMEOUT_S,
     NO_RETRY,
+    Budget,
     PlanSubmitted,
     RetryPolicy,
     TaskSubmitted,
     step_task_id,
 )
+from ledgerbus.bus.follow import TaskView
+from ledgerbus.bus.lifecycle import Status as TaskStatus
+from ledgerbus.bus.plan_view import PlanFileError, PlanView, read_plan
 from ledgerbus.bus.tracing import Telemetry, configure_telemetry
 from ledgerbus.client import Bus, TaskHandle, task_submission
 
@@ -49,7 +50,7 @@ def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 
 @click.command()
-@click.argument("skill", required=False, metavar="[SKILL | REQUIREMENT]")
+@click.argument("skill", required=False, metavar="[SKILL | REQUIREMENT]", shell_complete=skill_names)
 @click.option("--plan", "plan_file", metavar="FILE",
               help="Submit the plan in FILE (YAML or JSON; - for stdin) instead of one SKILL task.")
 @click.option("--pipeline", type=click.Choice(sorted(pipelines.PIPELINES)),
@@ -310,7 +311,7 @@ def _report_plan(view: PlanView, as_json: bool, timed_out: float | None = None) 
 
 
 @click.command()
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=task_ids)
 @click.option("--reason", default="", help="Why (recorded in the audit log).")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
 @click.pass_obj

@@ -34,11 +34,19 @@ from rich.table import Table
 from rich.text import Text
 
 from ledgerbus.agentctl.common import App, cli_principal, out, run
-from ledgerbus.bus.follow import records
 from ledgerbus.bus import codec, lifecycle, subjects
 from ledgerbus.bus.connection import connected
 from ledgerbus.bus.errors import BusError, UnreadableRecord
-from ledgerbus.bus.events import TASK_EVENTS, AuditRecord, Heartbeat, PlanSubmitted, TaskDeadLettered, TaskFailed, TaskSubmitted
+from ledgerbus.bus.events import (
+    TASK_EVENTS,
+    AuditRecord,
+    Heartbeat,
+    PlanSubmitted,
+    TaskDeadLettered,
+    TaskFailed,
+    TaskSubmitted,
+)
+from ledgerbus.bus.follow import records
 from ledgerbus.bus.lifecycle import BUDGET_EXCEEDED, Shape, Status
 
 RECENT_S = 5.0

@@ -18,11 +18,12 @@ from rich.table import Table
 from rich.text import Text
 
 from ledgerbus.agentctl.common import EXIT_FAILED, App, cli_name, fail, out, run
-from ledgerbus.bus.follow import messages, records
+from ledgerbus.agentctl.complete import task_ids
 from ledgerbus.bus import subjects
-from ledgerbus.bus.tracing import DEFAULT_TRACE_RATE
 from ledgerbus.bus.connection import connected
+from ledgerbus.bus.follow import messages, records
 from ledgerbus.bus.spans import SpanBatch, SpanRecord, decode_batch, to_otlp_json, unique
+from ledgerbus.bus.tracing import DEFAULT_TRACE_RATE
 
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 _SERVICE_COLOURS = ("cyan", "magenta", "green", "blue", "yellow", "bright_cyan", "bright_magenta", "bright_green")
@@ -227,7 +228,7 @@ async def read_trace(js: JetStreamContext, trace_id: str) -> list[SpanBatch]:
 
 
 @click.command("trace")
-@click.argument("ident", metavar="TASK_ID|TRACE_ID")
+@click.argument("ident", metavar="TASK_ID|TRACE_ID", shell_complete=task_ids)
 @click.option("--json", "as_json", is_flag=True, help="Print the spans as OTLP/JSON (Jaeger's UI loads it).")
 @click.option("--all-checks", "every_check", is_flag=True,
               help="One row per router check (passing checks of a message share a row by default).")

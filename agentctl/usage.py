@@ -8,11 +8,12 @@ import click
 from rich.table import Table
 
 from ledgerbus.agentctl.common import App, out, run
+from ledgerbus.agentctl.complete import task_ids
 from ledgerbus.agentctl.reads import ask, db_option, json_option
 
 
 @click.command()
-@click.option("--task", "task_id", help="Only this task and everything under it (plan steps, subtasks).")
+@click.option("--task", "task_id", shell_complete=task_ids, help="Only this task and everything under it (plan steps, subtasks).")
 @click.option("--calls", is_flag=True, help="List the calls themselves, newest first, instead of totals.")
 @click.option("--agent", help="With --calls: only this agent's calls.")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True, help="With --calls.")

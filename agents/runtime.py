@@ -33,18 +33,18 @@ if TYPE_CHECKING:
     from ledgerbus.agents.llm.router import LLMRouter
 
 from ledgerbus.agents import profiles, workspace
+from ledgerbus.agents.claim import AttemptClaim
 from ledgerbus.agents.errors import SkillError
 from ledgerbus.agents.hooks import Hooks
 from ledgerbus.agents.intake import Intake, keep_alive
 from ledgerbus.agents.memory import Memory, Shared, Tasks, Writer
-from ledgerbus.agents.claim import AttemptClaim
 from ledgerbus.agents.skill import Skill, SkillContext, decode_input, encode_output
 from ledgerbus.bus import codec, failpoints, metrics, pull, subjects, tracing
 from ledgerbus.bus.errors import BusError, SchemaError
 from ledgerbus.bus.events import (
-    Budget,
     AgentJoined,
     AgentLeft,
+    Budget,
     Event,
     Heartbeat,
     Notice,

@@ -20,7 +20,6 @@ from typing import Any
 
 from ledgerbus.bus import codec, subjects
 
-
 NONE = Path("/nonexistent/ledgerbus-no-workspace")
 """``ctx.workspace`` of a skill that said it uses none: a path nothing can be written to."""
 

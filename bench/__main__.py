@@ -49,8 +49,8 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler, Sam
 from rich.console import Console
 from rich.table import Table
 
-from ledgerbus.agents.runtime import Agent
 from bench import e2e, e2e_report, fsync, projections, scaling
+from ledgerbus.agents.runtime import Agent
 from ledgerbus.bus import codec, pull, subjects
 from ledgerbus.bus.connection import connect
 from ledgerbus.bus.events import TaskSubmitted, new_id

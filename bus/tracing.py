@@ -76,9 +76,17 @@ def _protocol(signal: str, env: Mapping[str, str]) -> str:
         "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
 
 
+def _grpc_missing(exc: ImportError) -> ConfigError:
+    return ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL=grpc needs the gRPC exporter: pip install 'ledgerbus[otlp-grpc]' "
+                       f"(or use http/protobuf, the default) ({exc})")
+
+
 def _otlp_span_exporter(env: Mapping[str, str]) -> SpanExporter:
     if _protocol("traces", env) == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        except ImportError as exc:
+            raise _grpc_missing(exc) from exc
         return OTLPSpanExporter()
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPSpanExporter
     return HTTPSpanExporter()
@@ -86,7 +94,10 @@ def _otlp_span_exporter(env: Mapping[str, str]) -> SpanExporter:
 
 def _otlp_metric_reader(env: Mapping[str, str]) -> MetricReader:
     if _protocol("metrics", env) == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        except ImportError as exc:
+            raise _grpc_missing(exc) from exc
         return PeriodicExportingMetricReader(OTLPMetricExporter())
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HTTPMetricExporter
     return PeriodicExportingMetricReader(HTTPMetricExporter())

@@ -16,8 +16,8 @@ fails the hash chain.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, RetentionPolicy, StorageType, StreamInfo

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ledgerbus.bus.events import PLAN_SKILL, AuditRecord, PlanSubmitted, TaskApproved, TaskCancelled, TaskDenied, TaskSubmitted
+from ledgerbus.bus.events import (
+    PLAN_SKILL,
+    AuditRecord,
+    PlanSubmitted,
+    TaskApproved,
+    TaskCancelled,
+    TaskDenied,
+    TaskSubmitted,
+)
 from ledgerbus.bus.lifecycle import APPROVAL_REQUESTED
 from ledgerbus.projections.batch import Batch
 from ledgerbus.projections.db import iso

@@ -20,21 +20,21 @@ from opentelemetry.trace import Status, StatusCode
 from ledgerbus.agents import discovery
 from ledgerbus.bus import codec, failpoints, metrics, pull, signing, subjects, tracing
 from ledgerbus.bus.errors import SchemaError
-from ledgerbus.bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT
-from ledgerbus.bus.lifecycle import Status as TaskStatus
 from ledgerbus.bus.events import (
     AgentLeft,
     AuditRecord,
     Notice,
     TaskCancelled,
-    TaskFailed,
     TaskDeadLettered,
     TaskDispatched,
+    TaskFailed,
     kind_of,
     new_id,
 )
-from ledgerbus.bus.publish import Publisher
+from ledgerbus.bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT
+from ledgerbus.bus.lifecycle import Status as TaskStatus
 from ledgerbus.bus.provision import deadletter_consumer_config, provision, router_consumer_config
+from ledgerbus.bus.publish import Publisher
 from ledgerbus.bus.settings import Settings
 from ledgerbus.router import audit as audit_mod
 from ledgerbus.router import deadletters
@@ -47,9 +47,9 @@ from ledgerbus.router.dispatch import deliver, dispatch, work_item, work_subject
 from ledgerbus.router.errors import AuditAppendError
 from ledgerbus.router.gauges import Gauges
 from ledgerbus.router.lease import Lease
+from ledgerbus.router.live import LiveAgents, start_watch
 from ledgerbus.router.policy import PolicyFile
 from ledgerbus.router.records import Decision, record_attributes, record_for
-from ledgerbus.router.live import LiveAgents, start_watch
 from ledgerbus.router.scheduler import RouterDecision, Scheduler
 from ledgerbus.router.state import RouterState
 

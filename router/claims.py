@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import msgspec
-
 import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey

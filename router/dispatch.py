@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import structlog
 
-from ledgerbus.bus import codec, subjects
-from ledgerbus.bus.publish import Publisher
+from ledgerbus.bus import codec, lifecycle, subjects
 from ledgerbus.bus.events import AuditRecord, TaskApproved, TaskSubmitted, WorkItem
-from ledgerbus.router.claims import ClaimTokens
-from ledgerbus.bus import lifecycle
 from ledgerbus.bus.lifecycle import NO_AGENT
-from ledgerbus.router.state import RouterState
+from ledgerbus.bus.publish import Publisher
+from ledgerbus.router.claims import ClaimTokens
 from ledgerbus.router.records import trace_headers
+from ledgerbus.router.state import RouterState
 from ledgerbus.router.tasks import StepState, TaskState
 
 log = structlog.get_logger(__name__)

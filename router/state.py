@@ -23,6 +23,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+from ledgerbus.bus import lifecycle
 from ledgerbus.bus.events import (
     NO_RETRY,
     PLAN_SKILL,
@@ -50,7 +51,6 @@ from ledgerbus.bus.events import (
     TaskUsage,
     step_task_id,
 )
-from ledgerbus.bus import lifecycle
 from ledgerbus.bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, Shape, Status
 from ledgerbus.router.tasks import AnyTask, PlanState, StepState, TaskState, over
 

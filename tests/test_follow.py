@@ -6,9 +6,9 @@ from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client
 
-from ledgerbus.bus.follow import records
 from ledgerbus.bus import codec, subjects
 from ledgerbus.bus.events import TaskSubmitted, new_id
+from ledgerbus.bus.follow import records
 from tests.conftest import RunningRouter
 from tests.support import wait_for_records
 

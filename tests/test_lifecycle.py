@@ -14,14 +14,12 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ledgerbus.bus.follow import TaskView
-from ledgerbus.bus.plan_view import PlanView
 from ledgerbus.bus import lifecycle
 from ledgerbus.bus.events import (
-    Claim,
     TASK_EVENTS,
     AgentProposal,
     AuditRecord,
+    Claim,
     PlanSubmitted,
     SkillUnmatched,
     TaskApproved,
@@ -36,7 +34,9 @@ from ledgerbus.bus.events import (
     TaskSubmitted,
     TaskUsage,
 )
+from ledgerbus.bus.follow import TaskView
 from ledgerbus.bus.lifecycle import TRANSITIONS, Shape, Status
+from ledgerbus.bus.plan_view import PlanView
 from ledgerbus.projections import db as dbmod
 from ledgerbus.projections import tasks as tasks_projection
 from ledgerbus.projections.apply import apply_batch

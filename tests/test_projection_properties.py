@@ -30,8 +30,6 @@ from hypothesis import strategies as st
 
 from ledgerbus.bus.events import (
     AGENT_EVENTS,
-    Claim,
-    Handoff,
     MEMORY_EVENTS,
     NO_RETRY,
     PLAN_SKILL,
@@ -45,6 +43,8 @@ from ledgerbus.bus.events import (
     Checkpoint,
     CheckpointRestored,
     CheckpointSaved,
+    Claim,
+    Handoff,
     MemoryWiped,
     MemoryWritten,
     PlanStep,

@@ -44,3 +44,33 @@ def test_stream_replicas_are_one_to_five_and_a_bad_count_names_the_variable() ->
             Settings.from_env({"LEDGERBUS_STREAM_REPLICAS": bad})
     with pytest.raises(ConfigError, match="LEDGERBUS_STREAM_REPLICAS='three'"):
         Settings.from_env({"LEDGERBUS_STREAM_REPLICAS": "three"})
+
+
+def test_commands_find_their_project_as_git_finds_a_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ledgerbus.agentctl.init import write_project
+    from ledgerbus.bus.home import find_home
+
+    project = tmp_path / "proj"
+    write_project(project)
+    deep = project / "a" / "b"
+    deep.mkdir(parents=True)
+    monkeypatch.chdir(deep)
+    assert find_home(env={}) == project.resolve()
+    settings = Settings.from_env({})
+    assert settings.home == project.resolve()
+    assert settings.policy_path == project.resolve() / "policy.toml"
+    assert settings.auth_dir == project.resolve() / "var" / "auth"
+    # An absolute path stays as given; LEDGERBUS_HOME names a project from anywhere.
+    assert Settings.from_env({"LEDGERBUS_DB_PATH": "/data/x.db"}).db_path == Path("/data/x.db")
+    monkeypatch.chdir(tmp_path)
+    assert find_home(env={}) is None and Settings.from_env({}).policy_path == Path("policy.toml")
+    assert Settings.from_env({"LEDGERBUS_HOME": str(project)}).llm_config_path == project.resolve() / "llm.toml"
+    with pytest.raises(ConfigError, match="LEDGERBUS_HOME=.*not a ledgerbus project .*agentctl init"):
+        Settings.from_env({"LEDGERBUS_HOME": str(tmp_path)})
+    # init never overwrites a project's files unless told to.
+    (project / "policy.toml").write_text("# mine\n")
+    with pytest.raises(FileExistsError, match="Procfile, nats.conf, policy.toml"):
+        write_project(project)
+    assert (project / "policy.toml").read_text() == "# mine\n"
+    write_project(project, force=True)
+    assert (project / "policy.toml").read_text() == (Path(__file__).parents[1] / "policy.toml").read_text()

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ledgerbus.bus.events import CheckpointSaved, MemoryWritten, PlanSubmitted, SharedWritten, TaskCancelled, TaskSubmitted
+from ledgerbus.bus.events import (
+    CheckpointSaved,
+    MemoryWritten,
+    PlanSubmitted,
+    SharedWritten,
+    TaskCancelled,
+    TaskSubmitted,
+)
 from ledgerbus.router.checks import Check, Inbound, Rejection
 from ledgerbus.router.policy import PolicyFile
 from ledgerbus.router.state import RouterState

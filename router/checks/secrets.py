@@ -13,12 +13,11 @@ with :func:`redact`.
 
 from __future__ import annotations
 
-
 from ledgerbus.bus import codec
 from ledgerbus.bus.errors import SchemaError
-from ledgerbus.router.claims import token_of, with_token
 from ledgerbus.bus.redaction import redact, redact_bytes
 from ledgerbus.router.checks import Check, Inbound, Learned, Rejection, learned
+from ledgerbus.router.claims import token_of, with_token
 from ledgerbus.router.policy import PolicyFile
 from ledgerbus.router.state import RouterState
 

@@ -26,9 +26,9 @@ from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 
 from ledgerbus.bus.events import TaskSubmitted
+from ledgerbus.bus.lifecycle import NO_AGENT
 from ledgerbus.router.checks import Check, Inbound, Learned, Rejection, learned
 from ledgerbus.router.policy import PolicyFile
-from ledgerbus.bus.lifecycle import NO_AGENT
 from ledgerbus.router.state import RouterState
 
 _MAX_CAPABILITY = 64
