@@ -41,7 +41,7 @@ def test_nothing_imports_the_top_level_folders_by_their_bare_names() -> None:
 
 
 def _uv() -> str:
-    uv = shutil.which("uv")
+    uv = os.environ.get("UV") or shutil.which("uv")  # `uv run` names itself in UV
     assert uv, "uv is not on PATH (.ci/run and the README install it)"
     return uv
 
