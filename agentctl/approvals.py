@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ledgerbus.agentctl.common import App, open_bus, out, run
 from ledgerbus.agentctl.complete import task_ids
-from ledgerbus.agentctl.reads import db_option, json_option
+from ledgerbus.agentctl.reads import db_option, id_column, json_option
 from ledgerbus.agentctl.send import send_and_report
 from ledgerbus.bus.events import AuditRecord
 from ledgerbus.client import Bus
@@ -59,7 +59,10 @@ def approvals(app: App, show_all: bool, db_path: Path | None, as_json: bool) -> 
     if as_json:
         out.print_json(data=rows)
         return
-    table = Table("task", "skill", "submitted by", "requested", "status", "decided by", "reason", box=None)
+    table = Table(box=None)
+    id_column(table, "task", rows)
+    for name in ("skill", "submitted by", "requested", "status", "decided by", "reason"):
+        table.add_column(name)
     for r in rows:
         table.add_row(r["task_id"], r["skill"], r["submitted_by"], r["requested_at"][:19], r["status"],
                       r["decided_by"] or "", r["reason"] or "")

@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from ledgerbus.agentctl.common import App, out, run
-from ledgerbus.agentctl.reads import ask, db_option, json_option
+from ledgerbus.agentctl.reads import ask, db_option, id_column, json_option
 from ledgerbus.agentctl.send import send_and_report
 from ledgerbus.bus.events import (
     CheckpointRestored,
@@ -152,7 +152,10 @@ def checkpoint_list(app: App, agent: str, db_path: Path | None, as_json: bool) -
     if as_json:
         out.print_json(data=rows)
         return
-    table = Table("id", "label", "seq", "saved at", "by", "knowledge", "entries", "state", "restored", box=None)
+    table = Table(box=None)
+    id_column(table, "id", rows, key="checkpoint_id")
+    for name in ("label", "seq", "saved at", "by", "knowledge", "entries", "state", "restored"):
+        table.add_column(name)
     for r in rows:
         table.add_row(r["checkpoint_id"], r["label"], str(r["seq"]), r["at"][:19], r["saved_by"], str(r["knowledge"]),
                       str(r["entries"]), "yes" if r["state"] is not None else "", str(r["restores"] or ""))

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from ledgerbus.agentctl.common import App, out, run
 from ledgerbus.agentctl.complete import task_ids
-from ledgerbus.agentctl.reads import ask, db_option, json_option
+from ledgerbus.agentctl.reads import ask, db_option, id_column, json_option
 
 
 @click.command()
@@ -28,7 +28,10 @@ def usage(app: App, task_id: str | None, calls: bool, agent: str | None, limit: 
         if as_json:
             out.print_json(data=rows)
             return
-        table = Table("at", "task", "agent", "provider", "model", "in", "out", "cost $", "latency", "outcome", box=None)
+        table = Table("at", box=None)
+        id_column(table, "task", rows)
+        for name in ("agent", "provider", "model", "in", "out", "cost $", "latency", "outcome"):
+            table.add_column(name)
         for r in rows:
             outcome = r["outcome"] if r["outcome"] == "ok" else f"[red]{r['outcome']}[/]"
             table.add_row(r["at"][:19], r["task_id"], r["agent"], r["provider"], r["model"], str(r["tokens_in"]),

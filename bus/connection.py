@@ -145,8 +145,9 @@ async def connected(settings: Settings, principal: str, client_name: str | None 
         if not nc.is_closed:
             try:
                 await nc.drain()
-            except (nats.errors.Error, TimeoutError):
-                await nc.close()
+            except (nats.errors.Error, TimeoutError, OSError):
+                with contextlib.suppress(nats.errors.Error, OSError):  # the server is gone: nothing to close
+                    await nc.close()
 
 
 def cancel_requested() -> bool:
