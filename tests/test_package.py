@@ -56,11 +56,11 @@ def _run(args: list[str], timeout: float = 300, **kwargs: object) -> str:
 
 @pytest.fixture
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv with the wheel built from this checkout (through its sdist) and
+    """A fresh venv with the wheel built from this checkout and
     openai-agents, every version pinned by uv.lock; its bin/ directory."""
     root = tmp_path_factory.mktemp("installed")
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
-    _run([_uv(), "build", "--out-dir", str(root / "dist"), str(REPO)], env=env)
+    _run([_uv(), "build", "--wheel", "--out-dir", str(root / "dist"), str(REPO)], env=env)
     [wheel] = (root / "dist").glob("ledgerbus-*.whl")
     constraints = root / "constraints.txt"
     constraints.write_text(_run([_uv(), "export", "--frozen", "--no-hashes", "--no-emit-project", "--extra", "test",
@@ -108,11 +108,11 @@ def _run_a_project(installed: Path, tmp_path: Path) -> None:
     conf = project / "nats.conf"
     conf.write_text(re.sub(r"(?m)^listen: .*$", f"listen: 127.0.0.1:{port}", conf.read_text()))
     env["LEDGERBUS_URL"] = f"nats://127.0.0.1:{port}"
-    # The shipped Procfile but the team (its eight LLM agents are not needed here, and cost
-    # a loaded machine seconds to start).
+    # The shipped Procfile's bus, routers, projector and echo agent, their command lines as
+    # shipped (the LLM agents are not needed here, and cost a loaded machine seconds to start).
     procfile = project / "Procfile"
     procfile.write_text("".join(line for line in procfile.read_text().splitlines(keepends=True)
-                                if line.strip() and not line.startswith(("#", "agent-team:"))))
+                                if line.startswith(("nats:", "router:", "router-standby:", "projector:", "agent-echo:"))))
     deep = project / "src" / "deep"
     deep.mkdir(parents=True)
     log = (tmp_path / "honcho.log").open("w")
