@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import click
+import structlog
 from nats.aio.client import Client
 
 from ledgerbus.agentctl.common import App, cli_name, fail, run
@@ -133,6 +134,12 @@ def projector(app: App, db_path: Path | None) -> None:
     serve(app, "projector", "ledgerbus-projector", body)
 
 
+def _warmed(task: asyncio.Task[None]) -> None:
+    """Say why the providers could not be made ahead (the first call will say it again)."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        structlog.get_logger("ledgerbus.agent").warning("llm_warm_failed", error=str(exc))
+
+
 def _skills(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
     if value is None:
         return None
@@ -201,6 +208,11 @@ def agent(app: App, name: str | None, skills: list[str] | None, profile_names: t
 
     async def body(nc: Client, stop: asyncio.Event) -> None:
         async with llm:
+            if any(getattr(skill, "uses_llm", False) for skills in loaded.values() for skill in skills.values()):
+                # The SDKs take seconds to import: in the background, after the agent has
+                # joined, not before; an agent without LLM skills never imports them.
+                warming = asyncio.create_task(llm.warm())
+                warming.add_done_callback(_warmed)
             # The first agent serves on the process's own connection (its spans go out on
             # it); each other member of a team has a connection of its own identity.
             await asyncio.gather(make(nc, specs[0]).run(stop), *(one(spec, stop) for spec in specs[1:]))

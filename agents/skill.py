@@ -150,7 +150,10 @@ class Skill(Protocol):
       to) for the input ``run`` receives and the output it returns;
     - ``uses_workspace = False``: the skill writes no files and runs no commands, so its
       attempts get no workspace directory (``ctx.workspace`` then names a path that does
-      not exist); the default, ``True``, makes one per attempt.
+      not exist); the default, ``True``, makes one per attempt;
+    - ``uses_llm = True``: the skill calls ``ctx.llm``, so its agent makes the LLM
+      providers (imports their SDKs, seconds) in the background once it has joined. A skill
+      that does not say so may still call ``ctx.llm``: its first call makes the provider.
     """
 
     name: str

@@ -155,6 +155,7 @@ class ChatSkill:
     uses_workspace = False
     """No files, no commands: its attempts get no workspace directory."""
     capabilities = ("llm", "chat", "writing")
+    uses_llm = True  # the agent imports the LLM SDKs ahead, in the background
     input_type = ChatInput
     output_type = ChatOutput
 

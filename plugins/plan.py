@@ -105,6 +105,7 @@ class PlanSkill:
     uses_workspace = False
     """No files, no commands: its attempts get no workspace directory."""
     capabilities = ("planning", "decomposition")
+    uses_llm = True  # the agent imports the LLM SDKs ahead, in the background
     input_type = PlanInput
     output_type = PlanOutput
 

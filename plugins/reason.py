@@ -185,6 +185,7 @@ class ReasonSkill:
     uses_workspace = False
     """No files, no commands: its attempts get no workspace directory."""
     capabilities = ("reasoning", "problem-solving")
+    uses_llm = True  # the agent imports the LLM SDKs ahead, in the background
     input_type = ReasonInput
     output_type = ReasonOutput
 

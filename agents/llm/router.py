@@ -70,6 +70,7 @@ class LLMRouter:
         self.path = path
         self.tracer = tracer or trace.get_tracer("ledgerbus.llm")
         self._providers: dict[str, Provider] = {}
+        self._making: dict[str, asyncio.Future[Provider]] = {}
 
     @classmethod
     def from_file(cls, path: Path | None, *, tracer: trace.Tracer | None = None) -> LLMRouter:
@@ -101,11 +102,32 @@ class LLMRouter:
         return LLM(self, skill, role, usage, budget)
 
     def provider(self, name: str) -> Provider:
-        """The provider ``name`` of the routing file, made on first use."""
+        """The provider ``name`` of the routing file, made on first use (in this thread:
+        inside a running agent, :meth:`ready` instead)."""
         provider = self._providers.get(name)
         if provider is None:
             provider = self._providers[name] = _make(name, self._provider_config(name))
         return provider
+
+    async def ready(self, name: str) -> Provider:
+        """The provider ``name``, made on first use in a worker thread: importing an SDK
+        takes seconds, which in the event loop would stall a running agent past its WORK
+        leases (and its tasks would be redelivered while they run). Callers at the same
+        time share the one import."""
+        provider = self._providers.get(name)
+        if provider is not None:
+            return provider
+        making = self._making.get(name)
+        if making is None:
+            config = self._provider_config(name)
+            making = self._making[name] = asyncio.ensure_future(asyncio.to_thread(_make, name, config))
+        try:
+            provider = await asyncio.shield(making)
+        finally:
+            if making.done():
+                self._making.pop(name, None)
+        self._providers.setdefault(name, provider)
+        return self._providers[name]
 
     def _provider_config(self, name: str) -> ProviderConfig:
         # Routes are checked against the providers at load: a miss here is a caller's mistake.
@@ -128,16 +150,14 @@ class LLMRouter:
             await provider.aclose()
 
     async def warm(self) -> None:
-        """Make every configured provider now, in a worker thread. Importing an SDK takes
-        seconds; done on first use inside a running agent it would stall the event loop
-        past its WORK leases (and the task would be redelivered while it runs)."""
+        """Make every configured provider now (each in a worker thread, :meth:`ready`), so
+        that the first call does not wait for its SDK's import."""
         for name in self.routing.providers if self.routing is not None else ():
-            if name not in self._providers:
-                self._providers[name] = await asyncio.to_thread(_make, name, self._provider_config(name))
+            await self.ready(name)
 
     async def __aenter__(self) -> Self:
-        """Warm the providers (see :meth:`warm`)."""
-        await self.warm()
+        """Nothing to open: providers are made on first use (:meth:`ready`) or by :meth:`warm`;
+        the block's end closes them."""
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -251,8 +271,8 @@ class LLM:
                                                       record_exception=False, set_status_on_exception=False) as span:
             started = time.monotonic()
             try:
-                result = await self.router.provider(name).chat(request, model=model, max_tokens=max_tokens,
-                                                               params=candidate.params)
+                provider = await self.router.ready(name)
+                result = await provider.chat(request, model=model, max_tokens=max_tokens, params=candidate.params)
             except ProviderError as error:
                 latency_s = time.monotonic() - started
                 span.set_attributes({"error.type": error.kind, "gen_ai.usage.input_tokens": 0,
