@@ -29,10 +29,14 @@ EXIT_FAILED = 1
 EXIT_TIMEOUT = 2
 EXIT_BUS = 3
 
-out = Console(highlight=False, soft_wrap=True,
-              # Piped, rich would assume 80 columns and squeeze tables: a script gets whole lines.
-              width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 1000)
-err = Console(stderr=True, highlight=False)
+def _width(stream: Any) -> int | None:
+    """Piped, rich would assume 80 columns, squeeze tables and wrap lines: a script or a log
+    gets whole lines (``COLUMNS`` still wins)."""
+    return None if stream.isatty() or "COLUMNS" in os.environ else 1000
+
+
+out = Console(highlight=False, soft_wrap=True, width=_width(sys.stdout))
+err = Console(stderr=True, highlight=False, width=_width(sys.stderr))
 
 
 @dataclass

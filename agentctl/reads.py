@@ -20,7 +20,6 @@ from rich.tree import Tree
 from ledgerbus.agentctl.common import EXIT_FAILED, EXIT_OK, App, err, open_bus, out, run
 from ledgerbus.agentctl.complete import task_ids
 from ledgerbus.agentctl.proposals import propose
-from ledgerbus.bus import codec
 from ledgerbus.bus.lifecycle import Status
 from ledgerbus.client import Page
 from ledgerbus.projections.errors import DatabaseError
@@ -207,9 +206,9 @@ def events(app: App, task_id: str | None, from_seq: int, follow: bool, as_json: 
 
     async def body() -> None:
         async with open_bus(app) as bus:
-            async for record in bus.events(task_id, from_seq=from_seq, follow=follow):
+            async for record, data in bus.stored(task_id, from_seq=from_seq, follow=follow):
                 if as_json:
-                    click.echo(codec.encode(record).decode())
+                    click.echo(data.decode())  # the stored bytes, exactly as they were hashed
                     continue
                 verdict = "[green]ok[/]" if record.accepted else f"[red]{record.code}[/]"
                 detail = f"  [dim]{record.reason}[/]" if record.reason else ""

@@ -172,7 +172,7 @@ async def _submit(app: App, event: TaskSubmitted, wait: bool, timeout: float, as
         view = TaskView(event.task_id, event.id, skill=event.skill)
         try:
             async with asyncio.timeout(timeout):
-                view = await _follow(handle, show=not as_json and err.is_terminal)
+                await _follow(handle, view, show=not as_json and err.is_terminal)
         except TimeoutError:
             return _report(view, as_json, timed_out=timeout)
         return _report(view, as_json)
@@ -188,16 +188,15 @@ async def _send(bus: Bus, event: TaskSubmitted | PlanSubmitted, telemetry: Telem
         await telemetry.flush()
 
 
-async def _follow(handle: TaskHandle, show: bool) -> TaskView:
+async def _follow(handle: TaskHandle, view: TaskView, show: bool) -> None:
+    """Fold the task's records into ``view`` until it ends (on a timeout, ``view`` is where
+    it was), saying its warnings at once and, at a terminal, its state as it changes."""
     status = Status(f"task {handle.task_id}: submitted", console=err) if show else None
     if status:
         status.start()
     shown = 0
-    view: TaskView | None = None
     try:
-        async for followed in handle.watch():
-            assert isinstance(followed, TaskView)
-            view = followed
+        async for _ in handle.watch(view):
             # Said at once, not at the end: nobody serving the skill is why a wait would be long.
             for warning in view.warnings[shown:]:
                 err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
@@ -209,8 +208,6 @@ async def _follow(handle: TaskHandle, show: bool) -> TaskView:
     finally:
         if status:
             status.stop()
-    assert view is not None
-    return view
 
 
 def _report(view: TaskView, as_json: bool, timed_out: float | None = None) -> int:
@@ -259,9 +256,7 @@ async def _submit_plan(app: App, plan: PlanSubmitted, wait: bool, timeout: float
             async with asyncio.timeout(timeout):
                 if live is not None:
                     live.start()
-                async for followed in handle.watch():
-                    assert isinstance(followed, PlanView)
-                    view = followed
+                async for _ in handle.watch(view):
                     if live is not None:
                         live.update(plan_table(view))
         except TimeoutError:

@@ -227,17 +227,23 @@ class TaskHandle:
     def __repr__(self) -> str:
         return f"<TaskHandle {self.kind} {self.task_id}>"
 
-    async def watch(self) -> AsyncIterator[TaskView | PlanView]:
-        """The task's live view after each of its audit records (a plan's view also after
-        each record of its steps), until it ends. The log is read from this submission's
-        first record, so nothing is missed however late this starts."""
-        js = self._bus.nc.jetstream(timeout=10)
+    def view(self) -> TaskView | PlanView:
+        """A new view of this submission, as :meth:`watch` folds its records into."""
         if isinstance(self.submission, ev.PlanSubmitted):
-            plan = PlanView(self.submission)
-            async for view in _follow_plan(js, plan):
-                yield view
+            return PlanView(self.submission)
+        return TaskView(self.submission.task_id, self.submission.id, skill=self.submission.skill)
+
+    async def watch(self, view: TaskView | PlanView | None = None) -> AsyncIterator[TaskView | PlanView]:
+        """The task's live view (``view``, else a new one) after each of its audit records
+        (a plan's also after each record of its steps), until it ends. The log is read from
+        this submission's first record, so nothing is missed however late this starts."""
+        js = self._bus.nc.jetstream(timeout=10)
+        view = view if view is not None else self.view()
+        if isinstance(view, PlanView):
+            async for plan in _follow_plan(js, view):
+                yield plan
             return
-        task = TaskView(self.submission.task_id, self.submission.id, skill=self.submission.skill)
+        task = view
         async with contextlib.aclosing(records(js, subjects.audit_for_key(task.task_id), follow=True)) as follow:
             async for record, _ in follow:
                 task.apply(record)
@@ -484,11 +490,17 @@ class Bus:
                      follow: bool = False) -> AsyncIterator[ev.AuditRecord]:
         """Audit records (of one task, or all) from ``from_seq``; with ``follow`` it waits
         for new ones instead of stopping at the end of the log."""
+        async for record, _ in self.stored(task_id, from_seq=from_seq, follow=follow):
+            yield record
+
+    async def stored(self, task_id: str | None = None, *, from_seq: int = 1,
+                     follow: bool = False) -> AsyncIterator[tuple[ev.AuditRecord, bytes]]:
+        """:meth:`events`, each with the bytes stored in the log (exactly what was hashed)."""
         filt = subjects.audit_for_key(task_id) if task_id else subjects.AUDIT_ALL
         async with contextlib.aclosing(records(self.nc.jetstream(timeout=10), filt, from_seq=from_seq,
                                                follow=follow)) as found:
-            async for record, _ in found:
-                yield record
+            async for record, data in found:
+                yield record, data
 
     async def agents(self) -> Rows:
         """Every agent that ever joined, with its status, skills and counts, and for live
@@ -556,7 +568,7 @@ class _LateHandle(TaskHandle):
         placeholder = ev.TaskSubmitted(id=submission_id or "", task_id=task_id, skill="unknown")
         super().__init__(bus, placeholder, 0)
 
-    async def watch(self) -> AsyncIterator[TaskView | PlanView]:
+    async def watch(self, view: TaskView | PlanView | None = None) -> AsyncIterator[TaskView | PlanView]:
         js = self._bus.nc.jetstream(timeout=10)
         async with contextlib.aclosing(records(js, subjects.audit_for_key(self.task_id), follow=True)) as found:
             async for record, _ in found:
@@ -565,8 +577,8 @@ class _LateHandle(TaskHandle):
                         not self.submission.id or record.msg_id == self.submission.id):
                     self.submission = event
                     break
-        async for view in TaskHandle.watch(self):
-            yield view
+        async for followed in TaskHandle.watch(self, view):
+            yield followed
 
 
 def _rejected_task(task_id: str, found: list[ev.AuditRecord]) -> Row:

@@ -76,6 +76,7 @@ async def test_the_client_submits_waits_reads_and_decides(procs: Procs, admin: C
         kinds = [r.kind async for r in bus.events("client-held-ok")]
         assert kinds[:2] == ["task_submitted", "task_approved"] and kinds[-1] == "task_completed", kinds
         assert {a["name"]: a["replicas"] for a in await bus.agents()} == {"echo-1": 1, "sleeper-1": 1}
+        stored = [data.decode() async for _, data in bus.stored("client-echo-1")]
 
         # A cancelled task, and a handle on a task someone else submitted.
         code, out, err = await agentctl(settings, "submit", "sleep", "--input", '{"seconds": 0}', "--task-id",
@@ -91,6 +92,8 @@ async def test_the_client_submits_waits_reads_and_decides(procs: Procs, admin: C
     assert code == 1 and json.loads(out)["status"] == "rejected", err
     code, out, err = await agentctl(settings, "tasks", "show", "client-bad")
     assert code == 1 and "rejected (invalid_input)" in out, err
+    code, out, err = await agentctl(settings, "events", "--task", "client-echo-1", "--json")
+    assert code == 0 and out.splitlines() == stored, err  # the stored bytes, exactly as hashed
     code, out, err = await agentctl(settings, "tasks", "--skill", "sleep", env={"COLUMNS": "60"})
     assert code == 0 and "client-held-ok" in out and "client-other" in out, err
     code, out, err = await agentctl(settings, "cancel", "client-held")
