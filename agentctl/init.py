@@ -50,3 +50,6 @@ def init(directory: Path, force: bool) -> None:
     err.print(f"[green]wrote a ledgerbus project in {where}[/]\n"
               f"  cd {where} && honcho start      [dim]# the whole system[/]\n"
               "  agentctl submit echo --input '{\"text\": \"hi\"}' --wait      [dim]# from anywhere inside it[/]")
+    if shutil.which("honcho") is None:
+        err.print("[yellow]honcho is not installed here:[/] pip install 'ledgerbus\\[local]' (or run each line of "
+                  "the Procfile yourself)")
