@@ -12,7 +12,7 @@ from ledgerbus.bus.errors import ConfigError
 from ledgerbus.bus.logs import configure_logging
 from ledgerbus.bus.settings import Settings
 
-PROCESSES = ("nats", "router", "projector", "agent")
+PROCESSES = ("nats", "router", "projector", "agent", "web")
 
 COMMANDS: dict[str, str] = {
     "nats": "ledgerbus.agentctl.processes:nats", "router": "ledgerbus.agentctl.processes:router",
@@ -24,7 +24,8 @@ COMMANDS: dict[str, str] = {
     "checkpoint": "ledgerbus.agentctl.memory:checkpoint", "shared": "ledgerbus.agentctl.memory:shared", "audit": "ledgerbus.agentctl.audit:audit",
     "keys": "ledgerbus.agentctl.keys:keys", "replay": "ledgerbus.agentctl.replay:replay", "snapshot": "ledgerbus.agentctl.replay:snapshot",
     "skills": "ledgerbus.agentctl.skills:skills", "usage": "ledgerbus.agentctl.usage:usage", "doctor": "ledgerbus.agentctl.doctor:doctor",
-    "top": "ledgerbus.agentctl.top:top", "init": "ledgerbus.agentctl.init:init", "trace": "ledgerbus.agentctl.traces:trace_cmd",
+    "top": "ledgerbus.agentctl.top:top", "init": "ledgerbus.agentctl.init:init",
+    "web": "ledgerbus.agentctl.web:web", "trace": "ledgerbus.agentctl.traces:trace_cmd",
 }
 """Every command, and where it lives: a command's module is imported only when it runs
 (or for ``--help``), so ``agentctl tasks`` does not pay for ``replay``'s imports."""

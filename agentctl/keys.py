@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ledgerbus.agentctl.common import App, fail, out
+from ledgerbus.agentctl.common import EXIT_FAILED, App, fail, out
 from ledgerbus.bus.errors import LedgerbusError
 from ledgerbus.bus.identity import CREDS_DIR, Identity, Registry, identity
 
@@ -76,3 +76,67 @@ def list_(app: App, as_json: bool) -> None:
     for r in rows:
         table.add_row(r["principal"], r["kind"], r["skills"])
     out.print(table if rows else f"[dim]no principals in {app.settings.auth_dir}[/]")
+
+
+@keys.group("token")
+def token() -> None:
+    """Bearer tokens for the HTTP API (`agentctl web`), each bound to one CLI principal."""
+
+
+@token.command("add")
+@click.argument("name")
+@click.option("--note", default="", help="What the token is for (shown by `keys token list`).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_obj
+def token_add(app: App, name: str, note: str, as_json: bool) -> None:
+    """Issue a token that acts as cli-NAME (whose credentials must exist). It is printed
+    once: only its hash and the credentials sealed under it are kept."""
+    from ledgerbus.bus import tokens
+
+    principal = name if name.startswith("cli-") else f"cli-{name}"
+    try:
+        value = tokens.issue(app.settings.auth_dir, principal, note)
+    except LedgerbusError as exc:
+        fail(str(exc))
+    if as_json:
+        out.print_json(data={"token": value, "principal": principal, "id": tokens.parse(value)[0]})
+    else:
+        click.echo(value)
+        click.echo(f"acts as {principal}; shown once (revoke: agentctl keys token revoke {tokens.parse(value)[0]})",
+                   err=True)
+
+
+@token.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_obj
+def token_list(app: App, as_json: bool) -> None:
+    """The tokens issued (id, principal, when, note; never the token)."""
+    from ledgerbus.bus import tokens
+
+    try:
+        rows = [tokens.describe(t) for t in tokens.load(app.settings.auth_dir).values()]
+    except LedgerbusError as exc:
+        fail(str(exc))
+    if as_json:
+        out.print_json(data=rows)
+        return
+    table = Table("id", "principal", "created", "note", box=None)
+    for r in rows:
+        table.add_row(r["id"], r["principal"], r["created_at"][:19], r["note"])
+    out.print(table if rows else "[dim]no tokens[/]")
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@click.pass_obj
+def token_revoke(app: App, token_id: str) -> None:
+    """Revoke a token (its id, or the token): the gateway refuses it from its next request."""
+    from ledgerbus.bus import tokens
+
+    try:
+        gone = tokens.revoke(app.settings.auth_dir, token_id)
+    except LedgerbusError as exc:
+        fail(str(exc))
+    if gone is None:
+        fail(f"no token {token_id}", EXIT_FAILED)
+    click.echo(f"revoked token {gone.id} of {gone.principal}", err=True)

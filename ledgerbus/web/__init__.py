@@ -1,0 +1,1 @@
+"""The HTTP gateway (``agentctl web``): the client's calls over HTTP, docs/web.md."""

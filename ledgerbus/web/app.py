@@ -1,0 +1,334 @@
+"""The HTTP API: what :mod:`ledgerbus.client` does, for programs that do not speak NATS.
+
+Each request carries a bearer token (``agentctl keys token add NAME``) bound to one CLI
+principal; the gateway acts as that principal with the credentials the token unseals
+(:mod:`ledgerbus.bus.tokens`), on a NATS connection of that principal's own. So what it
+sends is checked and audited by the router under the identity of the user who asked; the
+gateway has no identity of its own to lend. Errors are JSON ``{"code", "message"}`` with
+the status that fits; a malformed request is a 422 naming the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Annotated, Any, Literal
+
+import nats.errors
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ledgerbus.bus import codec, tokens
+from ledgerbus.bus.errors import BusError, LedgerbusError, NotFound, QueryError, SchemaError
+from ledgerbus.bus.events import DEFAULT_TASK_TIMEOUT_S, PlanSubmitted, TaskSubmitted
+from ledgerbus.bus.follow import TaskView
+from ledgerbus.bus.plan_view import PlanView
+from ledgerbus.bus.settings import Settings
+from ledgerbus.client import Bus, Refused, connect
+
+Id = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,128}$", description="A task id, or a unique prefix of one")]
+
+
+class ApiError(Exception):
+    """An error the API answers with: a status, a code and a message."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.extra = status, code, message, extra
+
+
+class Problem(BaseModel):
+    """Every error's body."""
+
+    code: str
+    message: str
+
+
+class TaskIn(BaseModel):
+    """A task to submit (``POST /tasks``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    skill: str = Field(min_length=1, max_length=128, pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    input: dict[str, Any] = Field(default_factory=dict)
+    task_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,128}$")
+    timeout_s: float = Field(default=DEFAULT_TASK_TIMEOUT_S, gt=0, le=86_400)
+    retries: int = Field(default=0, ge=0, le=99)
+    backoff_s: float = Field(default=1.0, ge=0, le=86_400)
+    budget_tokens: int | None = Field(default=None, ge=1)
+    budget_cost_usd: float | None = Field(default=None, gt=0)
+
+
+class PlanIn(BaseModel):
+    """A plan to submit (``POST /plans``): its steps as docs/orchestration.md describes them."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: list[dict[str, Any]] = Field(min_length=1, max_length=1000)
+    name: str = ""
+    task_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,128}$")
+    budget: dict[str, Any] | None = None
+
+
+class Decision(BaseModel):
+    """Why (recorded with the decision)."""
+
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(default="", max_length=4096)
+
+
+class Submitted(BaseModel):
+    """A submission INGRESS holds; the router decides after (follow ``/tasks/{id}/events``)."""
+
+    task_id: str
+    status: Literal["submitted"] = "submitted"
+    ingress_seq: int
+
+
+class Page(BaseModel):
+    """Tasks, newest first; pass ``next`` as ``before`` for the next page."""
+
+    items: list[dict[str, Any]]
+    next: int | None
+
+
+class Sessions:
+    """One client per token in use, on a connection of the token's principal."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stack = AsyncExitStack()
+        self._buses: dict[str, Bus] = {}
+        self._lock = asyncio.Lock()
+        self._tokens: dict[str, tokens.Token] = {}
+        self._mtime: float | None = None
+
+    def _current(self) -> dict[str, tokens.Token]:
+        """The token file as it is now (re-read when it changes: a revocation is at once)."""
+        path = self.settings.auth_dir / tokens.TOKENS_FILE
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            mtime = None
+        if mtime != self._mtime:
+            self._tokens, self._mtime = tokens.load(self.settings.auth_dir), mtime
+        return self._tokens
+
+    async def bus_for(self, token: str) -> Bus:
+        """The client acting as the token's principal; 401 for any token that opens nothing."""
+        opened = tokens.open_token(self._current(), token)
+        if opened is None:
+            raise ApiError(401, "unauthorized", "the bearer token is not valid (unknown, revoked or malformed)")
+        entry, creds = opened
+        async with self._lock:
+            bus = self._buses.get(entry.id)
+            if bus is None:
+                settings = self.settings.replace(user=creds.user, password=creds.password,
+                                                 connect_timeout_s=min(self.settings.connect_timeout_s, 5.0))
+                bus = await self._stack.enter_async_context(
+                    connect(settings=settings, name=entry.principal.removeprefix("cli-"), span_name="web.submit",
+                            client_name=f"ledgerbus-web-{entry.principal}"))
+                self._buses[entry.id] = bus
+            return bus
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+
+async def caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Bus:
+    """The client acting as the bearer token's principal (the dependency of every call)."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise ApiError(401, "unauthorized", "send `Authorization: Bearer <token>` (agentctl keys token add NAME)")
+    sessions: Sessions = request.app.state.sessions
+    try:
+        return await sessions.bus_for(token.strip())
+    except LedgerbusError as exc:
+        raise ApiError(503, "bus_unavailable", str(exc)) from exc
+
+
+Caller = Annotated[Bus, Depends(caller)]
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The gateway's ASGI app for ``settings`` (the project's auth dir holds the tokens)."""
+    sessions = Sessions(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await sessions.close()
+
+    app = FastAPI(title="ledgerbus", version="1", lifespan=lifespan,
+                  description="The ledgerbus HTTP API: tasks, plans, approvals, agents and the audit log, "
+                              "each request as the principal its bearer token is bound to.",
+                  responses={401: {"model": Problem}, 422: {"model": Problem}})
+    app.state.sessions = sessions
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse({"code": exc.code, "message": exc.message, **exc.extra}, status_code=exc.status,
+                            headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"field": ".".join(str(p) for p in e.get("loc", ())), "message": e.get("msg", "")}
+                  for e in exc.errors()]
+        first = errors[0] if errors else {"field": "", "message": "invalid request"}
+        return JSONResponse({"code": "invalid_request", "message": f"{first['field']}: {first['message']}",
+                             "errors": errors}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"code": "not_found" if exc.status_code == 404 else "http_error",
+                             "message": str(exc.detail)}, status_code=exc.status_code)
+
+    async def call(body: Callable[[], Awaitable[Any]]) -> Any:
+        """Run one client call, turning the client's errors into the API's."""
+        try:
+            return await body()
+        except SchemaError as exc:
+            raise ApiError(422, "invalid_request", str(exc)) from exc
+        except NotFound as exc:
+            raise ApiError(404, "not_found", str(exc)) from exc
+        except Refused as exc:
+            raise ApiError(409, exc.record.code, exc.record.reason, audit_seq=exc.record.seq) from exc
+        except TimeoutError as exc:
+            raise ApiError(504, "timeout", "no verdict from the router in time") from exc
+        except (QueryError, BusError, nats.errors.Error) as exc:
+            raise ApiError(503, "bus_unavailable", str(exc) or type(exc).__name__) from exc
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, bool]:
+        """The gateway process is up."""
+        return {"ok": True}
+
+    @app.get("/readyz", tags=["health"], responses={503: {"model": Problem}})
+    async def readyz() -> dict[str, bool]:
+        """The gateway reaches the NATS server (it can serve requests)."""
+        host, _, port = settings.servers[0].rpartition("//")[2].rpartition(":")
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host or "127.0.0.1", int(port or 4222)), 2)
+            writer.close()
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise ApiError(503, "bus_unavailable", f"{settings.servers[0]}: {exc}") from exc
+        return {"ok": True}
+
+    @app.post("/tasks", status_code=202, tags=["tasks"], response_model=Submitted)
+    async def submit_task(task: TaskIn, bus: Caller) -> Submitted:
+        """Submit a task; the router decides after (``GET /tasks/{id}`` or its events)."""
+        handle = await call(lambda: bus.submit(
+            task.skill, task.input, task_id=task.task_id, timeout_s=task.timeout_s, retries=task.retries,
+            backoff_s=task.backoff_s, budget_tokens=task.budget_tokens, budget_cost_usd=task.budget_cost_usd))
+        return Submitted(task_id=handle.task_id, ingress_seq=handle.ingress_seq)
+
+    @app.post("/plans", status_code=202, tags=["tasks"], response_model=Submitted)
+    async def submit_plan(plan: PlanIn, bus: Caller) -> Submitted:
+        """Submit a plan (a DAG of steps)."""
+        body = plan.model_dump(exclude_none=True)
+        handle = await call(lambda: bus.submit_plan(body))
+        return Submitted(task_id=handle.task_id, ingress_seq=handle.ingress_seq)
+
+    @app.get("/tasks", tags=["tasks"], response_model=Page)
+    async def list_tasks(
+        bus: Caller, status: str | None = None, skill: str | None = None, agent: str | None = None,
+        submitted_by: str | None = None, parent: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50, before: Annotated[int | None, Query(ge=1)] = None,
+    ) -> Page:
+        """Tasks, newest first, filtered; ``before`` is the previous page's ``next``."""
+        page = await call(lambda: bus.list(status=status, skill=skill, agent=agent, submitted_by=submitted_by,
+                                           parent=parent, limit=limit, before=before))
+        return Page(items=page.items, next=page.next)
+
+    @app.get("/tasks/{task_id}", tags=["tasks"], responses={404: {"model": Problem}})
+    async def get_task(task_id: Id, bus: Caller, history: bool = False) -> dict[str, Any]:
+        """One task with its subtasks (``children``), and with ``history`` its audit records."""
+        task: dict[str, Any] = await call(lambda: bus.get(task_id, tree=True, history=history))
+        return task
+
+    def decision(verb: Literal["cancel", "approve", "deny"]) -> Callable[..., Awaitable[dict[str, Any]]]:
+        async def decide(task_id: Id, bus: Caller, body: Decision | None = None) -> dict[str, Any]:
+            method = {"cancel": bus.cancel, "approve": bus.approve, "deny": bus.deny}[verb]
+            record = await call(lambda: method(task_id, (body or Decision()).reason))
+            data: dict[str, Any] = codec.to_builtins(record)
+            return data
+        decide.__doc__ = {"cancel": "Cancel the task and everything under it.",
+                          "approve": "Let a task held for approval run.",
+                          "deny": "Refuse a task held for approval."}[verb]
+        return decide
+
+    for verb in ("cancel", "approve", "deny"):
+        app.post(f"/tasks/{{task_id}}/{verb}", tags=["tasks"], name=f"{verb}_task",
+                 responses={404: {"model": Problem}, 409: {"model": Problem}})(decision(verb))  # type: ignore[arg-type]
+
+    @app.get("/tasks/{task_id}/events", tags=["tasks"], response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}}})
+    async def task_events(task_id: Id, bus: Caller) -> StreamingResponse:
+        """The task's audit records as server-sent events (``event: record``, the stored
+        JSON as ``data``), from its first record, until the task ends."""
+        full = await call(lambda: bus.resolve(task_id))
+
+        async def stream() -> AsyncIterator[bytes]:
+            view: TaskView | PlanView | None = None
+            async for record, data in bus.stored(full, follow=True):
+                event = record.event
+                if view is None and isinstance(event, PlanSubmitted):
+                    view = PlanView(event)
+                elif view is None and isinstance(event, TaskSubmitted):
+                    view = TaskView(full, record.msg_id, skill=event.skill)
+                if view is not None:
+                    view.apply(record)
+                yield b"event: record\nid: %d\ndata: " % record.seq + data + b"\n\n"
+                if view is not None and view.terminal:
+                    break
+            yield b"event: end\ndata: {}\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/agents", tags=["agents"])
+    async def agents(bus: Caller) -> list[dict[str, Any]]:
+        """Every agent that joined: status, skills, counts; live ones' replicas, load, heartbeat."""
+        rows: list[dict[str, Any]] = await call(bus.agents)
+        return rows
+
+    @app.get("/approvals", tags=["tasks"])
+    async def approvals(bus: Caller, all: bool = False) -> list[dict[str, Any]]:
+        """Tasks held for approval, oldest first (decided ones too, with ``all``)."""
+        rows: list[dict[str, Any]] = await call(lambda: bus.approvals(pending_only=not all))
+        return rows
+
+    @app.get("/agents/{agent}/memory", tags=["agents"])
+    async def memory(agent: Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9_-]{0,47}$")], bus: Caller) -> dict[str, Any]:
+        """An agent's memory: role, knowledge, observations, reasoning, current task."""
+        row: dict[str, Any] = await call(lambda: bus.memory(agent))
+        return row
+
+    @app.get("/agents/{agent}/checkpoints", tags=["agents"])
+    async def checkpoints(agent: Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9_-]{0,47}$")],
+                          bus: Caller) -> list[dict[str, Any]]:
+        """An agent's memory checkpoints."""
+        rows: list[dict[str, Any]] = await call(lambda: bus.checkpoints(agent))
+        return rows
+
+    @app.get("/audit", tags=["audit"])
+    async def audit(bus: Caller, from_seq: Annotated[int, Query(ge=1)] = 1,
+                    limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
+        """Audit records from ``from_seq``, at most ``limit``, each as stored."""
+
+        async def read() -> list[dict[str, Any]]:
+            found: list[dict[str, Any]] = []
+            async for _, data in bus.stored(from_seq=from_seq):
+                found.append(json.loads(data))
+                if len(found) >= limit:
+                    break
+            return found
+
+        return await call(read)
+
+    return app
