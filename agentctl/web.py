@@ -8,8 +8,10 @@ from ledgerbus.agentctl.common import App, fail
 
 
 @click.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port (0: any free one).")
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="LEDGERBUS_WEB_HOST",
+              help="Address to listen on.  [env LEDGERBUS_WEB_HOST]")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, envvar="LEDGERBUS_WEB_PORT",
+              help="Port (0: any free one).  [env LEDGERBUS_WEB_PORT]")
 @click.pass_obj
 def web(app: App, host: str, port: int) -> None:
     """Run the HTTP API gateway: every request acts as the CLI principal its bearer token

@@ -265,6 +265,7 @@ class System:
         env["PATH"] = f"{SCRIPTS}{os.pathsep}{env.get('PATH', '')}"
         env["LEDGERBUS_URL"] = self.url
         env["LEDGERBUS_CLI_NAME"] = CLI_NAME  # agentctl nats makes this user's credentials
+        env["LEDGERBUS_WEB_PORT"] = "0"  # the HTTP API on any free port: never 8080 taken by someone else
         if not self.traced:
             env["OTEL_SDK_DISABLED"] = "true"
         elif self.every_trace:

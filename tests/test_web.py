@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
+from pathlib import Path
 
 import httpx2 as httpx
 from nats.aio.client import Client
@@ -112,6 +114,16 @@ async def test_the_api_acts_as_the_tokens_principal_and_answers_errors_as_json(
             ("task_submitted", "cli-tester", "accepted"), ("task_approved", "cli-tester", "rejected"),
             ("task_approved", "cli-ops", "accepted")]
         assert [r["code"] for r in decided] == ["approval_requested", "not_an_approver", "ok"]
+
+        # A schema-driven fuzz run (schemathesis) finds no 500 and no answer its schema does not allow.
+        fuzz = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "st"), "run", f"{base}/openapi.json", "-H", f"Authorization: Bearer {tester}",
+            "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
+            "response_schema_conformance", "--max-examples", "3", "--generation-deterministic", "--phases", "coverage",
+            "--request-timeout", "20", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        report, _ = await fuzz.communicate()
+        assert fuzz.returncode == 0, report.decode()[-20000:]
+        assert "Tested: 15" in report.decode() and "Coverage" in report.decode(), report.decode()[-3000:]
 
         # Revoked: refused from the next request on.
         code, _, err = await agentctl(settings, "keys", "token", "revoke", tokens.parse(ops)[0])

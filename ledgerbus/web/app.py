@@ -186,6 +186,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # a body that is not JSON: bad input, like any other
+            return JSONResponse({"code": "invalid_request", "message": f"body: {exc.detail}"}, status_code=422)
         return JSONResponse({"code": "not_found" if exc.status_code == 404 else "http_error",
                              "message": str(exc.detail)}, status_code=exc.status_code)
 
@@ -268,11 +270,11 @@ def create_app(settings: Settings) -> FastAPI:
                  responses={404: {"model": Problem}, 409: {"model": Problem}})(decision(verb))  # type: ignore[arg-type]
 
     @app.get("/tasks/{task_id}/events", tags=["tasks"], response_class=StreamingResponse,
-             responses={200: {"content": {"text/event-stream": {}}}})
+             responses={200: {"content": {"text/event-stream": {}}}, 404: {"model": Problem}})
     async def task_events(task_id: Id, bus: Caller) -> StreamingResponse:
         """The task's audit records as server-sent events (``event: record``, the stored
         JSON as ``data``), from its first record, until the task ends."""
-        full = await call(lambda: bus.resolve(task_id))
+        full = (await call(lambda: bus.get(task_id, tree=False)))["task_id"]  # 404 for an id nobody knows
 
         async def stream() -> AsyncIterator[bytes]:
             view: TaskView | PlanView | None = None
