@@ -96,12 +96,12 @@ class Page(BaseModel):
 
 
 class Sessions:
-    """One client per token in use, on a connection of the token's principal."""
+    """One client per token in use, on a connection of the token's principal; a token's
+    connection is closed once the token is revoked."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._stack = AsyncExitStack()
-        self._buses: dict[str, Bus] = {}
+        self._open: dict[str, tuple[Bus, AsyncExitStack]] = {}
         self._lock = asyncio.Lock()
         self._tokens: dict[str, tokens.Token] = {}
         self._mtime: float | None = None
@@ -119,23 +119,29 @@ class Sessions:
 
     async def bus_for(self, token: str) -> Bus:
         """The client acting as the token's principal; 401 for any token that opens nothing."""
-        opened = tokens.open_token(self._current(), token)
+        current = self._current()
+        async with self._lock:
+            for gone in [i for i in self._open if i not in current]:  # revoked: its connection goes too
+                await self._open.pop(gone)[1].aclose()
+        opened = tokens.open_token(current, token)
         if opened is None:
             raise ApiError(401, "unauthorized", "the bearer token is not valid (unknown, revoked or malformed)")
         entry, creds = opened
         async with self._lock:
-            bus = self._buses.get(entry.id)
-            if bus is None:
+            if entry.id not in self._open:
                 settings = self.settings.replace(user=creds.user, password=creds.password,
                                                  connect_timeout_s=min(self.settings.connect_timeout_s, 5.0))
-                bus = await self._stack.enter_async_context(
+                stack = AsyncExitStack()
+                bus = await stack.enter_async_context(
                     connect(settings=settings, name=entry.principal.removeprefix("cli-"), span_name="web.submit",
                             client_name=f"ledgerbus-web-{entry.principal}"))
-                self._buses[entry.id] = bus
-            return bus
+                self._open[entry.id] = (bus, stack)
+            return self._open[entry.id][0]
 
     async def close(self) -> None:
-        await self._stack.aclose()
+        """Drain every connection (the gateway is stopping)."""
+        while self._open:
+            await self._open.popitem()[1][1].aclose()
 
 
 async def caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Bus:
