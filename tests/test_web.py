@@ -98,7 +98,8 @@ async def test_the_api_acts_as_the_tokens_principal_and_answers_errors_as_json(
         await http.post("/tasks", json={"skill": "sleep", "input": {"seconds": 0}, "task_id": "web-held"},
                         headers=as_tester)
         for _ in range(100):
-            if [a["task_id"] for a in (await http.get("/approvals", headers=as_ops)).json()] == ["web-held"]:
+            held = await http.get("/approvals", headers=as_ops)  # 503 while the projector starts
+            if held.status_code == 200 and [a["task_id"] for a in held.json()] == ["web-held"]:
                 break
             await asyncio.sleep(0.1)
         r = await http.post("/tasks/web-held/approve", json={"reason": "mine"}, headers=as_tester)
