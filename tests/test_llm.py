@@ -514,34 +514,3 @@ async def test_the_fake_runs_as_a_process_that_announces_its_url(tmp_path: Path)
     finally:
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 10) == 0
-
-
-async def test_warm_makes_each_provider_once_on_a_lowest_priority_thread_and_a_call_shares_it(
-    tmp_path: Path, fakes: Callable[..., FakeLLM]
-) -> None:
-    import os
-    import threading
-
-    from ledgerbus.agents.llm import router as routing
-
-    fake = fakes(answer("Hi"))
-    made: list[tuple[str, str, int]] = []
-    real = routing._make
-
-    def spy(name: str, settings: object) -> object:
-        made.append((name, threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
-        return real(name, settings)  # type: ignore[arg-type]
-
-    routing._make = spy  # type: ignore[assignment]
-    try:
-        async with router_for(tmp_path, vllm("local", fake), anthropic("claude", fake), route("local", "qwen")) as router:
-            assert made == []  # entering makes nothing: an agent joins first
-            warming = asyncio.create_task(router.warm())
-            await asyncio.sleep(0)  # the warm-up has begun making the first provider, `local`
-            result = await router.bind("plan").chat("one")  # which this call waits for, not makes again
-            await warming
-    finally:
-        routing._make = real  # type: ignore[assignment]
-    assert result.text == "Hi"
-    assert sorted(n for n, _, _ in made) == ["claude", "local"]  # once each
-    assert all(thread.startswith("llm-warm") and nice == 19 for _, thread, nice in made), made

@@ -26,11 +26,7 @@ raised to the skill does. Keys appear nowhere: providers hand them to the SDK on
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import json
-import os
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -154,23 +150,10 @@ class LLMRouter:
             await provider.aclose()
 
     async def warm(self) -> None:
-        """Make every configured provider now, so that the first call does not wait for
-        its SDK's import: one after another on a thread of their own whose CPU priority is
-        the lowest (``nice`` 19, Linux), so that an agent warming up beside a busy router
-        and agents takes only CPU nobody else wants. A call meanwhile shares the import."""
-        names = [n for n in (self.routing.providers if self.routing is not None else ()) if n not in self._providers]
-        if not names:
-            return
-        loop = asyncio.get_running_loop()
-        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llm-warm", initializer=_lowest_priority)
-        try:
-            for name in names:
-                if name not in self._providers and name not in self._making:
-                    self._making[name] = asyncio.ensure_future(
-                        loop.run_in_executor(pool, _make, name, self._provider_config(name)))
-                await self.ready(name)
-        finally:
-            pool.shutdown(wait=False)  # never blocks the loop: a cancelled warm-up's import finishes alone
+        """Make every configured provider now (each in a worker thread, :meth:`ready`), so
+        that the first call does not wait for its SDK's import."""
+        for name in self.routing.providers if self.routing is not None else ():
+            await self.ready(name)
 
     async def __aenter__(self) -> Self:
         """Nothing to open: providers are made on first use (:meth:`ready`) or by :meth:`warm`;
@@ -179,12 +162,6 @@ class LLMRouter:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-
-def _lowest_priority() -> None:
-    """Give the calling thread the lowest CPU priority (Linux: a thread's nice is its own)."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def _make(name: str, settings: ProviderConfig) -> Provider:
