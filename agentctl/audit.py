@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -13,11 +12,10 @@ from rich.table import Table
 
 from ledgerbus.agentctl.common import EXIT_FAILED, EXIT_OK, App, cli_principal, err, out, run
 from ledgerbus.agentctl.reads import json_option
-from ledgerbus.bus import anchor, query, signing
+from ledgerbus.bus import anchor, signing
 from ledgerbus.bus.connection import connected
-from ledgerbus.bus.errors import BusError, UnreadableRecord
-from ledgerbus.bus.verify import AnchorResult, Finding, LogReport, verify_log
-from ledgerbus.projections.verify import compare_digest, compare_file
+from ledgerbus.bus.verify import Finding, LogReport
+from ledgerbus.projections import integrity
 
 
 @click.group()
@@ -48,12 +46,12 @@ def verify(app: App, db_path: Path | None, no_projections: bool, pubkey: Path | 
     anchor_file = anchor_path or anchor.file_path(app.settings.router_key_path)
     max_gap = app.settings.checkpoint_every + app.settings.router_batch
 
+    bar = Progress(TextColumn("verifying the chain"), BarColumn(), MofNCompleteColumn(),
+                   TimeRemainingColumn(), console=err, transient=True) if show else None
+
     async def body() -> tuple[LogReport, list[Finding]]:
         public_key = signing.load_public(key_file) if (pubkey is not None or key_file.exists()) else None
         async with connected(app.settings, cli_principal()) as nc:
-            js = nc.jetstream(timeout=10)
-            bar = Progress(TextColumn("verifying the chain"), BarColumn(), MofNCompleteColumn(),
-                           TimeRemainingColumn(), console=err, transient=True) if show else None
             with bar if bar is not None else nullcontext():
                 task = bar.add_task("chain", total=None) if bar is not None else None
 
@@ -61,29 +59,15 @@ def verify(app: App, db_path: Path | None, no_projections: bool, pubkey: Path | 
                     if bar is not None and task is not None:
                         bar.update(task, completed=done, total=total)
 
-                anchors = [await anchor.read_bucket_for_verify(js)]
-                if (in_file := anchor.read_file_for_verify(anchor_file, required=anchor_path is not None)) is not None:
-                    anchors.append(in_file)
-                report = await verify_log(js, progress, public_key, max_gap, anchors)
-            findings = list(report.findings)
-            if not no_projections:
-                findings.append(await _projections(nc, js, db_path))
-        return report, findings
+                return await integrity.check(nc, public_key=public_key, max_gap=max_gap, anchor_file=anchor_file,
+                                             anchor_required=anchor_path is not None, projections=not no_projections,
+                                             db_path=db_path, progress=progress)
 
     report, findings = run(body)
     ok = all(f.ok for f in findings)
     bad = next((f for f in findings if not f.ok), None)
     if as_json:
-        out.print_json(data={
-            "ok": ok,
-            "head": {"seq": report.head.seq, "hash": report.head.hash},
-            "first_bad_seq": bad.seq if bad and bad.seq else None,
-            "problem": f"{bad.check}: {bad.detail}" if bad else None,
-            "checks": [{"check": f.check, "ok": f.ok, "detail": f.detail, "seq": f.seq or None} for f in findings],
-            "restarted": report.restarted,
-            "anchors": [_anchor_json(a) for a in report.anchors],
-            "restarts": [{"seq": r.seq, "reason": r.reason} for r in report.restarts],
-        })
+        out.print_json(data=integrity.as_json(report, findings))
     else:
         table = Table("check", "", "detail", box=None)
         for f in findings:
@@ -96,35 +80,3 @@ def verify(app: App, db_path: Path | None, no_projections: bool, pubkey: Path | 
             where = f"first bad seq {bad.seq}: " if bad.seq else ""
             err.print(f"[red]not intact[/]: {where}{bad.check}: {bad.detail}")
     sys.exit(EXIT_OK if ok else EXIT_FAILED)
-
-
-def _anchor_json(result: AnchorResult) -> dict[str, Any]:
-    """One anchor as ``--json`` shows it: where it was read, what it names, and the verdict."""
-    found = result.anchor
-    cp = found.checkpoint if found is not None else None
-    return {
-        "source": result.source, "ok": result.ok, "detail": result.detail, "seq": result.seq or None,
-        "restarted": result.restarted,
-        "checkpoint_seq": found.seq if found is not None else None,
-        "covers_seq": cp.covers_seq if cp is not None else None,
-        "chain_head": cp.chain_head if cp is not None else None,
-        "key_id": cp.key_id if cp is not None else None,
-        "signed_at": cp.at.isoformat() if cp is not None and cp.at is not None else None,
-        "stream_created": found.stream_created.isoformat() if found is not None and found.stream_created else None,
-    }
-
-
-async def _projections(nc: Any, js: Any, db_path: Path | None) -> Finding:
-    try:
-        if db_path is not None:
-            check = await compare_file(js, db_path)
-        else:
-            try:
-                live = await query.ask(nc, "projections", "digest", {})
-            except BusError as exc:
-                return Finding("projections", False, f"not checked: {exc}")
-            check = await compare_digest(js, live["position"], live["digest"], live.get("memory_list_cap"))
-    except UnreadableRecord as exc:
-        # The projection holds a record this agentctl cannot rebuild (a newer projector's).
-        return Finding("projections", False, f"not checked: {exc}", seq=exc.seq)
-    return Finding("projections", check.ok, check.detail)

@@ -9,11 +9,9 @@ the spans as OTLP/JSON.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 import click
 import msgspec
-from nats.js import JetStreamContext
 from rich.table import Table
 from rich.text import Text
 
@@ -21,86 +19,14 @@ from ledgerbus.agentctl.common import EXIT_FAILED, App, cli_name, fail, out, run
 from ledgerbus.agentctl.complete import task_ids
 from ledgerbus.bus import subjects
 from ledgerbus.bus.connection import connected
-from ledgerbus.bus.follow import messages, records
-from ledgerbus.bus.spans import SpanBatch, SpanRecord, decode_batch, to_otlp_json, unique
+from ledgerbus.bus.spans import SpanBatch, SpanRecord, to_otlp_json
+from ledgerbus.bus.trace_tree import Node, TraceTree, build_tree, read_trace, trace_id_of
 from ledgerbus.bus.tracing import DEFAULT_TRACE_RATE
 
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 _SERVICE_COLOURS = ("cyan", "magenta", "green", "blue", "yellow", "bright_cyan", "bright_magenta", "bright_green")
 BAR_MIN, BAR_MAX = 12, 60
 """The timeline column's width: what the terminal leaves after the other columns."""
-
-
-@dataclass
-class Node:
-    """A span in the tree, with its service and children in start order."""
-
-    span: SpanRecord
-    service: str
-    children: list[Node] = field(default_factory=list)
-    critical: bool = False
-    orphan: bool = False
-    """Its parent is not among the spans read (not published yet, or expired)."""
-
-
-@dataclass
-class TraceTree:
-    """The spans of one trace arranged by parent links."""
-
-    trace_id: str
-    roots: list[Node]
-    count: int
-    services: list[str]
-
-    @property
-    def start_ns(self) -> int:
-        return min(n.span.start_ns for n in self.walk()) if self.count else 0
-
-    @property
-    def end_ns(self) -> int:
-        return max(n.span.end_ns for n in self.walk()) if self.count else 0
-
-    def walk(self) -> list[Node]:
-        """Every node, depth first, children in start order."""
-        order: list[Node] = []
-        stack = list(reversed(self.roots))
-        while stack:
-            node = stack.pop()
-            order.append(node)
-            stack.extend(reversed(node.children))
-        return order
-
-    def critical_path(self) -> list[Node]:
-        """From the root, each time the child whose subtree ends last: the chain of work
-        that decided when the whole was done."""
-        ends: dict[str, int] = {}
-        for node in reversed(self.walk()):  # children before their parents
-            ends[node.span.span_id] = max([node.span.end_ns, *(ends[c.span.span_id] for c in node.children)])
-        path: list[Node] = []
-        candidates = [n for n in self.roots if not n.orphan] or self.roots
-        while candidates:
-            node = max(candidates, key=lambda n: (ends[n.span.span_id], -n.span.start_ns))
-            path.append(node)
-            candidates = node.children
-        return path
-
-
-def build_tree(trace_id: str, batches: list[SpanBatch]) -> TraceTree:
-    """Arrange the spans read from TRACES into a tree and mark its critical path."""
-    pairs = unique(batches)
-    nodes = {span.span_id: Node(span, service) for service, span in pairs}
-    roots: list[Node] = []
-    for node in nodes.values():
-        parent = nodes.get(node.span.parent_span_id) if node.span.parent_span_id else None
-        if parent is None:
-            node.orphan = bool(node.span.parent_span_id)
-            roots.append(node)
-        else:
-            parent.children.append(node)
-    tree = TraceTree(trace_id, roots, len(nodes), sorted({service for service, _ in pairs}))
-    for node in tree.critical_path():
-        node.critical = True
-    return tree
 
 
 def detail(span: SpanRecord) -> str:
@@ -206,25 +132,6 @@ def render(tree: TraceTree, task_id: str, every_check: bool = False, width: int 
                      + f"  ({_duration(path[-1].span.end_ns - path[0].span.start_ns) if path else '0'})")
     table.caption_justify = "left"
     return table
-
-
-async def trace_id_of(js: JetStreamContext, task_id: str) -> str:
-    """The trace a task belongs to: the one its first audit record names."""
-    async for record, _ in records(js, subjects.audit_for_key(task_id)):
-        if record.trace_id:
-            return record.trace_id
-    return ""
-
-
-async def read_trace(js: JetStreamContext, trace_id: str) -> list[SpanBatch]:
-    """Every span batch of one trace on TRACES (undecodable messages are skipped)."""
-    batches = []
-    async for msg in messages(js, subjects.TRACES_STREAM, subjects.traces_of(trace_id)):
-        try:
-            batches.append(decode_batch(msg.data))
-        except msgspec.DecodeError:
-            continue
-    return batches
 
 
 @click.command("trace")

@@ -15,7 +15,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import Status, StatusCode
 from rich.console import Console
 
-from ledgerbus.agentctl.traces import build_tree, read_trace, render
+from ledgerbus.agentctl.traces import render
+from ledgerbus.bus.trace_tree import build_tree, read_trace
 from ledgerbus.bus import logs, subjects, tracing
 from ledgerbus.bus.spans import STATUS_ERROR, SpanBatch, SpanRecord, decode_batch, to_otlp_json
 
