@@ -86,9 +86,12 @@ def token() -> None:
 @token.command("add")
 @click.argument("name")
 @click.option("--note", default="", help="What the token is for (shown by `keys token list`).")
+@click.option("--link", is_flag=True,
+              help="Print a sign-in link to the control center instead (the token rides in the link's fragment, "
+                   "which the browser never sends).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_obj
-def token_add(app: App, name: str, note: str, as_json: bool) -> None:
+def token_add(app: App, name: str, note: str, link: bool, as_json: bool) -> None:
     """Issue a token that acts as cli-NAME (whose credentials must exist). It is printed
     once: only its hash and the credentials sealed under it are kept."""
     from ledgerbus.bus import tokens
@@ -100,6 +103,10 @@ def token_add(app: App, name: str, note: str, as_json: bool) -> None:
         fail(str(exc))
     if as_json:
         out.print_json(data={"token": value, "principal": principal, "id": tokens.parse(value)[0]})
+    elif link:
+        host = os.environ.get("LEDGERBUS_WEB_HOST", "127.0.0.1")
+        click.echo(f"http://{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:"
+                   f"{os.environ.get('LEDGERBUS_WEB_PORT', '8080')}/#token={value}")
     else:
         click.echo(value)
         click.echo(f"acts as {principal}; shown once (revoke: agentctl keys token revoke {tokens.parse(value)[0]})",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ledgerbus.agentctl.common import App, fail
+from ledgerbus.bus.tracing import configure_telemetry
 
 
 @click.command()
@@ -22,5 +23,9 @@ def web(app: App, host: str, port: int) -> None:
         from ledgerbus.web.app import create_app
     except ImportError as exc:
         fail(f"the gateway needs its extra: pip install 'ledgerbus[web]' ({exc})")
-    uvicorn.run(create_app(app.settings), host=host, port=port, log_level=app.log_level, access_log=False,
-                lifespan="on")
+    telemetry = configure_telemetry("ledgerbus-web")
+    try:
+        uvicorn.run(create_app(app.settings, telemetry), host=host, port=port, log_level=app.log_level,
+                    access_log=False, lifespan="on")
+    finally:
+        telemetry.shutdown()

@@ -51,6 +51,11 @@ def read_plan(path: str, task_id: str | None = None) -> PlanSubmitted:
         text = sys.stdin.read() if path == "-" else Path(path).read_text()
     except OSError as exc:
         raise PlanFileError(f"{path}: {exc.strerror}") from exc
+    return parse_plan(text, path, task_id)
+
+
+def parse_plan(text: str, path: str = "plan", task_id: str | None = None) -> PlanSubmitted:
+    """:func:`read_plan` for a plan file's text (``path`` names it in errors)."""
     try:
         data = yaml.safe_load(text)  # JSON is YAML
     except yaml.YAMLError as exc:

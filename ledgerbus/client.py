@@ -478,12 +478,13 @@ class Bus:
     async def list(
         self, *, status: str | None = None, skill: str | None = None, agent: str | None = None,
         submitted_by: str | None = None, parent: str | None = None, limit: int = 50, before: int | None = None,
+        top_level: bool = False,
     ) -> Page:
-        """Tasks, newest first, filtered; ``before`` is the cursor of the page before
-        (:attr:`Page.next`)."""
+        """Tasks, newest first, filtered (``top_level``: only those with no parent);
+        ``before`` is the cursor of the page before (:attr:`Page.next`)."""
         rows: Rows = await self.query("tasks", "list", {
             "status": status, "skill": skill, "agent": agent, "submitted_by": submitted_by, "parent_task_id": parent,
-            "limit": limit, "before_seq": before})
+            "limit": limit, "before_seq": before, **({"top_level": True} if top_level else {})})
         return Page(rows, rows[-1]["submitted_seq"] if len(rows) == limit and rows else None)
 
     async def events(self, task_id: str | None = None, *, from_seq: int = 1,

@@ -39,11 +39,14 @@ def _limit(limit: int) -> int:
 
 
 async def _newest(
-    db: aiosqlite.Connection, table: str, order: str, limit: int, before: int | None = None, **equal: str | None
+    db: aiosqlite.Connection, table: str, order: str, limit: int, before: int | None = None,
+    absent: tuple[str, ...] = (), **equal: str | None
 ) -> list[dict[str, Any]]:
-    """Rows of ``table`` whose columns equal the given (non-empty) values, newest first
-    (only those whose ``order`` column is below ``before``, when given: the next page)."""
-    where: list[tuple[str, str | int]] = [(f"{column} = ?", value) for column, value in equal.items() if value]
+    """Rows of ``table`` whose columns equal the given (non-empty) values and whose
+    ``absent`` columns are NULL, newest first (only those whose ``order`` column is below
+    ``before``, when given: the next page)."""
+    where: list[tuple[str, str | int | None]] = [(f"{column} = ?", value) for column, value in equal.items() if value]
+    where += [(f"{column} IS ?", None) for column in absent]
     if before is not None:
         where.append((f"{order} < ?", before))
     sql = f"SELECT * FROM {table}" + (" WHERE " + " AND ".join(c for c, _ in where) if where else "")
@@ -53,11 +56,14 @@ async def _newest(
 async def list_tasks(
     db: aiosqlite.Connection, status: str | None = None, limit: int = 100, parent_task_id: str | None = None, *,
     skill: str | None = None, agent: str | None = None, submitted_by: str | None = None, before_seq: int | None = None,
+    top_level: bool = False,
 ) -> list[dict[str, Any]]:
-    """The most recent tasks first, optionally only those in ``status``, under a parent, of
-    a skill, run by an agent or submitted by a principal; ``before_seq`` pages on."""
-    return await _newest(db, "tasks", "submitted_seq", limit, before_seq, status=status, parent_task_id=parent_task_id,
-                         skill=skill, agent=agent, submitted_by=submitted_by)
+    """The most recent tasks first, optionally only those in ``status``, under a parent (or
+    with ``top_level`` under none), of a skill, run by an agent or submitted by a
+    principal; ``before_seq`` pages on."""
+    return await _newest(db, "tasks", "submitted_seq", limit, before_seq, ("parent_task_id",) if top_level else (),
+                         status=status, parent_task_id=parent_task_id, skill=skill, agent=agent,
+                         submitted_by=submitted_by)
 
 
 async def resolve_task(db: aiosqlite.Connection, prefix: str, limit: int = 10) -> list[str]:

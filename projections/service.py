@@ -53,6 +53,8 @@ class TasksList(Request, frozen=True):
     before_seq: Annotated[int, msgspec.Meta(ge=1)] | None = None
     """The cursor: only tasks submitted before this log position (the ``submitted_seq`` of
     the last row of the previous page)."""
+    top_level: bool = False
+    """Only tasks with no parent: submissions and plans, not their steps and subtasks."""
 
 
 class TasksResolve(Request, frozen=True):
@@ -242,9 +244,9 @@ async def _read(db: aiosqlite.Connection, req: Request, now: datetime) -> Any:
     """The data of one query, or :class:`Missing`."""
     match req:
         case TasksList(status=status, parent_task_id=parent, limit=limit, skill=skill, agent=agent,
-                       submitted_by=submitted_by, before_seq=before_seq):
+                       submitted_by=submitted_by, before_seq=before_seq, top_level=top_level):
             return await queries.list_tasks(db, status, limit, parent, skill=skill, agent=agent,
-                                            submitted_by=submitted_by, before_seq=before_seq)
+                                            submitted_by=submitted_by, before_seq=before_seq, top_level=top_level)
         case TasksResolve(prefix=prefix, limit=limit):
             return await queries.resolve_task(db, prefix, limit)
         case TasksGet(task_id=task_id, tree=tree):

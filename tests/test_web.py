@@ -26,6 +26,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+async def wait_until_healthy(base: str) -> None:
+    """Until the gateway at ``base`` answers ``/healthz``."""
+    async with httpx.AsyncClient(base_url=base, timeout=5) as http:
+        for _ in range(300):
+            try:
+                if (await http.get("/healthz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"the gateway at {base} did not start")
+
+
 async def test_the_api_acts_as_the_tokens_principal_and_answers_errors_as_json(
     procs: Procs, admin: Client, settings: Settings
 ) -> None:
@@ -41,13 +54,8 @@ async def test_the_api_acts_as_the_tokens_principal_and_answers_errors_as_json(
     await procs.start("web", "web", "--port", str(port))
     base = f"http://127.0.0.1:{port}"
 
+    await wait_until_healthy(base)
     async with httpx.AsyncClient(base_url=base, timeout=30) as http:
-        for _ in range(200):
-            try:
-                if (await http.get("/healthz")).status_code == 200:
-                    break
-            except httpx.TransportError:
-                await asyncio.sleep(0.1)
         assert (await http.get("/readyz")).json() == {"ok": True}
         spec = (await http.get("/openapi.json")).json()
         assert {"/tasks", "/tasks/{task_id}", "/plans", "/agents", "/tasks/{task_id}/events"} <= set(spec["paths"])
@@ -116,6 +124,8 @@ async def test_the_api_acts_as_the_tokens_principal_and_answers_errors_as_json(
             ("task_approved", "cli-ops", "accepted")]
         assert [r["code"] for r in decided] == ["approval_requested", "not_an_approver", "ok"]
 
+        await _the_control_centers_calls(http, as_tester, as_ops)
+
         # A schema-driven fuzz run (schemathesis) finds no 500 and no answer its schema does not allow.
         fuzz = await asyncio.create_subprocess_exec(
             str(Path(sys.executable).parent / "st"), "run", f"{base}/openapi.json", "-H", f"Authorization: Bearer {tester}",
@@ -124,7 +134,8 @@ async def test_the_api_acts_as_the_tokens_principal_and_answers_errors_as_json(
             "--request-timeout", "20", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         report, _ = await fuzz.communicate()
         assert fuzz.returncode == 0, report.decode()[-20000:]
-        assert "Tested: 15" in report.decode() and "Coverage" in report.decode(), report.decode()[-3000:]
+        operations = sum(len(methods) for methods in spec["paths"].values())
+        assert f"Tested: {operations}" in report.decode() and "Coverage" in report.decode(), report.decode()[-3000:]
 
         # Revoked: refused from the next request on.
         code, _, err = await agentctl(settings, "keys", "token", "revoke", tokens.parse(ops)[0])
@@ -163,3 +174,82 @@ def test_a_token_opens_only_its_own_principals_credentials(tmp_path) -> None:  #
         tokens.issue(tmp_path, "cli-carol")
     assert tokens.revoke(tmp_path, alice) is not None and tokens.open_token(tokens.load(tmp_path), alice) is None
     assert tokens.open_token(tokens.load(tmp_path), bob) is not None
+
+
+async def _the_control_centers_calls(http: httpx.AsyncClient, as_tester: dict[str, str], as_ops: dict[str, str]) -> None:
+    """The calls the control center makes beyond the client's: who am I, skills, plan
+    checks, top-level lists, traces, the audit log newest first and filtered, verify,
+    and an agent's memory checkpointed, wiped and restored."""
+    assert (await http.get("/me", headers=as_tester)).json() == {"principal": "cli-tester", "name": "tester"}
+    skills = {s["name"]: s for s in (await http.get("/skills", headers=as_tester)).json()}
+    assert {"echo", "sleep"} <= set(skills)
+    assert "seconds" in skills["sleep"]["input"]["$defs"]["SleepInput"]["properties"]
+
+    text = "steps:\n  - {id: a, skill: echo, input: {n: 1}}\n  - {id: b, skill: echo, deps: [a]}\n"
+    plan = (await http.post("/plans/check", json={"text": text}, headers=as_tester)).json()
+    assert [(s["id"], s["deps"]) for s in plan["steps"]] == [("a", []), ("b", ["a"])] and "task_id" not in plan
+    for bad, says in (("steps:\n  - {id: a, skill: echo, deps: [nope]}\n", "nope"), ("steps: [\n", "not valid YAML"),
+                      ("- just a list\n", "a plan is a mapping")):
+        r = await http.post("/plans/check", json={"text": bad}, headers=as_tester)
+        assert r.status_code == 422 and r.json()["code"] == "invalid_plan" and says in r.json()["message"], r.text
+
+    r = await http.post("/plans", json={**plan, "task_id": "web-plan"}, headers=as_tester)
+    assert r.status_code == 202, r.text
+    for _ in range(100):
+        got = (await http.get("/tasks/web-plan", headers=as_tester)).json()
+        if got.get("status") == "completed":
+            break
+        await asyncio.sleep(0.1)
+    assert [(c["step"], c["status"]) for c in got["children"]] == [("a", "completed"), ("b", "completed")], got
+    top = [t["task_id"] for t in (await http.get("/tasks", params={"top_level": True}, headers=as_tester)).json()["items"]]
+    assert "web-plan" in top and not any(t.startswith("web-plan-") for t in top), top
+    steps = (await http.get("/tasks", params={"parent": "web-plan"}, headers=as_tester)).json()["items"]
+    assert sorted(t["step"] for t in steps) == ["a", "b"]
+
+    for _ in range(100):  # spans reach TRACES in batches, a quarter of a second apart
+        trace = (await http.get("/tasks/web-plan/trace", headers=as_tester)).json()
+        names = {(s["name"], s["service"]) for s in trace["spans"]}
+        hops = {("web.submit", "ledgerbus-web"), ("router.process", "ledgerbus-router"),
+                ("agent.run", "ledgerbus-agent-echo-1"), ("projector.apply", "ledgerbus-projector")}
+        if hops <= names:
+            break
+        await asyncio.sleep(0.1)
+    assert hops <= names, names
+    assert trace["spans"][0]["depth"] == 0 and any(s["critical"] for s in trace["spans"])
+    assert all(s["depth"] == 0 or s["parent_span_id"] for s in trace["spans"])
+
+    newest = (await http.get("/audit", params={"order": "desc", "limit": 3}, headers=as_ops)).json()
+    seqs = [r["seq"] for r in newest]
+    assert seqs == sorted(seqs, reverse=True) and seqs[0] - seqs[-1] == 2, seqs
+    older = (await http.get("/audit", params={"order": "desc", "limit": 2, "before": seqs[-1]}, headers=as_ops)).json()
+    assert [r["seq"] for r in older] == [seqs[-1] - 1, seqs[-1] - 2]
+    done = (await http.get("/audit", params={"order": "desc", "kind": "task_completed", "key": "web-plan",
+                                             "limit": 10}, headers=as_ops)).json()
+    assert [(r["kind"], r["key"]) for r in done] == [("task_completed", "web-plan")]  # its steps are keys of their own
+    r = await http.get("/audit", params={"key": "web-pl"}, headers=as_ops)  # web-plan, web-plan-a, web-plan-b
+    assert r.status_code == 404 and "ambiguous" in r.json()["message"], r.text
+    mine = (await http.get("/audit", params={"principal": "cli-tester", "verdict": "rejected", "limit": 1000},
+                           headers=as_ops)).json()
+    assert mine and all((r["principal"], r["verdict"]) == ("cli-tester", "rejected") for r in mine)
+    r = await http.get("/audit", params={"kind": "Not A Kind"}, headers=as_ops)
+    assert r.status_code == 422 and r.json()["message"].startswith("query.kind"), r.text
+
+    verdict = (await http.get("/audit/verify", headers=as_ops)).json()
+    assert verdict["ok"] is True, verdict
+    assert {c["check"] for c in verdict["checks"]} >= {"hash chain", "contiguity", "projections"}
+
+    saved = await http.post("/agents/echo-1/checkpoints", json={"label": "calm", "checkpoint_id": "web-cp"},
+                            headers=as_ops)
+    assert saved.status_code == 200 and saved.json()["event"]["checkpoint_id"] == "web-cp", saved.text
+    wiped = await http.post("/agents/echo-1/memory/wipe", json={"reason": "stuck"}, headers=as_ops)
+    assert wiped.status_code == 200 and (wiped.json()["kind"], wiped.json()["principal"]) == ("memory_wiped", "cli-ops")
+    restored = await http.post("/agents/echo-1/checkpoints/web-cp/restore", headers=as_ops)
+    assert restored.status_code == 200 and restored.json()["kind"] == "checkpoint_restored", restored.text
+    r = await http.post("/agents/echo-1/checkpoints/no-such-cp/restore", headers=as_ops)
+    assert r.status_code == 409 and r.json()["audit_seq"] > restored.json()["seq"], r.text  # refused, and audited
+    for _ in range(100):
+        points = (await http.get("/agents/echo-1/checkpoints", headers=as_ops)).json()
+        if points and points[0]["restores"] == 1:
+            break
+        await asyncio.sleep(0.1)
+    assert [(p["checkpoint_id"], p["label"], p["restores"]) for p in points] == [("web-cp", "calm", 1)]

@@ -14,22 +14,40 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal
 
 import nats.errors
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ledgerbus.bus import codec, tokens
+from ledgerbus.agents import discovery
+from ledgerbus.bus import anchor, codec, signing, subjects, tokens
 from ledgerbus.bus.errors import BusError, LedgerbusError, NotFound, QueryError, SchemaError
-from ledgerbus.bus.events import DEFAULT_TASK_TIMEOUT_S, PlanSubmitted, TaskSubmitted
-from ledgerbus.bus.follow import TaskView
-from ledgerbus.bus.plan_view import PlanView
+from ledgerbus.bus.events import (
+    DEFAULT_TASK_TIMEOUT_S,
+    CheckpointRestored,
+    CheckpointSaved,
+    MemoryWiped,
+    PlanSubmitted,
+    TaskSubmitted,
+    new_id,
+)
+from ledgerbus.bus.follow import TaskView, records
+from ledgerbus.bus.plan_view import PlanFileError, PlanView, parse_plan
 from ledgerbus.bus.settings import Settings
+from ledgerbus.bus.trace_tree import build_tree, read_trace
+from ledgerbus.bus.tracing import Telemetry
 from ledgerbus.client import Bus, Refused, connect
+from ledgerbus.projections import integrity
+
+STATIC = FilePath(__file__).parent / "static"
+"""The control center: plain HTML, CSS and JavaScript, served as they are (no build step)."""
+AgentName = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9_-]{0,47}$", description="An agent's name")]
 
 Id = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,128}$", description="A task id, or a unique prefix of one")]
 
@@ -80,6 +98,21 @@ class Decision(BaseModel):
     reason: str = Field(default="", max_length=4096)
 
 
+class PlanText(BaseModel):
+    """A plan file's text, YAML or JSON (``POST /plans/check``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1, max_length=1_000_000)
+
+
+class CheckpointIn(BaseModel):
+    """A checkpoint to save: a name for people, and its id (default: a fresh one)."""
+
+    model_config = ConfigDict(extra="forbid")
+    label: str = Field(default="", max_length=256)
+    checkpoint_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+
 class Submitted(BaseModel):
     """A submission INGRESS holds; the router decides after (follow ``/tasks/{id}/events``)."""
 
@@ -97,10 +130,12 @@ class Page(BaseModel):
 
 class Sessions:
     """One client per token in use, on a connection of the token's principal; a token's
-    connection is closed once the token is revoked."""
+    connection is closed once the token is revoked. The gateway's own spans (``web.submit``,
+    the root of a task submitted over HTTP) go to TRACES on the newest open connection."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, telemetry: Telemetry | None = None) -> None:
         self.settings = settings
+        self.telemetry = telemetry
         self._open: dict[str, tuple[Bus, AsyncExitStack]] = {}
         self._lock = asyncio.Lock()
         self._tokens: dict[str, tokens.Token] = {}
@@ -122,7 +157,7 @@ class Sessions:
         current = self._current()
         async with self._lock:
             for gone in [i for i in self._open if i not in current]:  # revoked: its connection goes too
-                await self._open.pop(gone)[1].aclose()
+                await self._close(gone)
         opened = tokens.open_token(current, token)
         if opened is None:
             raise ApiError(401, "unauthorized", "the bearer token is not valid (unknown, revoked or malformed)")
@@ -136,12 +171,23 @@ class Sessions:
                     connect(settings=settings, name=entry.principal.removeprefix("cli-"), span_name="web.submit",
                             client_name=f"ledgerbus-web-{entry.principal}"))
                 self._open[entry.id] = (bus, stack)
+                if self.telemetry is not None:
+                    self.telemetry.attach(bus.nc, entry.principal)
             return self._open[entry.id][0]
+
+    async def _close(self, token_id: str) -> None:
+        bus, stack = self._open.pop(token_id)
+        if self.telemetry is not None:
+            await self.telemetry.flush()  # spans waiting go out on this connection, if it carried them
+            if self._open:
+                newest = next(reversed(self._open.values()))[0]
+                self.telemetry.attach(newest.nc, newest.principal.token)
+        await stack.aclose()
 
     async def close(self) -> None:
         """Drain every connection (the gateway is stopping)."""
         while self._open:
-            await self._open.popitem()[1][1].aclose()
+            await self._close(next(iter(self._open)))
 
 
 async def caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Bus:
@@ -159,9 +205,10 @@ async def caller(request: Request, authorization: Annotated[str | None, Header()
 Caller = Annotated[Bus, Depends(caller)]
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The gateway's ASGI app for ``settings`` (the project's auth dir holds the tokens)."""
-    sessions = Sessions(settings)
+def create_app(settings: Settings, telemetry: Telemetry | None = None) -> FastAPI:
+    """The gateway's ASGI app for ``settings`` (the project's auth dir holds the tokens);
+    ``telemetry``: this process's, whose spans go to TRACES over the sessions' connections."""
+    sessions = Sessions(settings, telemetry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -248,10 +295,12 @@ def create_app(settings: Settings) -> FastAPI:
         bus: Caller, status: str | None = None, skill: str | None = None, agent: str | None = None,
         submitted_by: str | None = None, parent: str | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50, before: Annotated[int | None, Query(ge=1)] = None,
+        top_level: bool = False,
     ) -> Page:
-        """Tasks, newest first, filtered; ``before`` is the previous page's ``next``."""
+        """Tasks, newest first, filtered (``top_level``: only those with no parent, not
+        plan steps and subtasks); ``before`` is the previous page's ``next``."""
         page = await call(lambda: bus.list(status=status, skill=skill, agent=agent, submitted_by=submitted_by,
-                                           parent=parent, limit=limit, before=before))
+                                           parent=parent, limit=limit, before=before, top_level=top_level))
         return Page(items=page.items, next=page.next)
 
     @app.get("/tasks/{task_id}", tags=["tasks"], responses={404: {"model": Problem}})
@@ -312,31 +361,158 @@ def create_app(settings: Settings) -> FastAPI:
         return rows
 
     @app.get("/agents/{agent}/memory", tags=["agents"])
-    async def memory(agent: Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9_-]{0,47}$")], bus: Caller) -> dict[str, Any]:
+    async def memory(agent: AgentName, bus: Caller) -> dict[str, Any]:
         """An agent's memory: role, knowledge, observations, reasoning, current task."""
         row: dict[str, Any] = await call(lambda: bus.memory(agent))
         return row
 
     @app.get("/agents/{agent}/checkpoints", tags=["agents"])
-    async def checkpoints(agent: Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9_-]{0,47}$")],
-                          bus: Caller) -> list[dict[str, Any]]:
+    async def checkpoints(agent: AgentName, bus: Caller) -> list[dict[str, Any]]:
         """An agent's memory checkpoints."""
         rows: list[dict[str, Any]] = await call(lambda: bus.checkpoints(agent))
         return rows
 
-    @app.get("/audit", tags=["audit"])
-    async def audit(bus: Caller, from_seq: Annotated[int, Query(ge=1)] = 1,
-                    limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
-        """Audit records from ``from_seq``, at most ``limit``, each as stored."""
+    @app.get("/audit", tags=["audit"], responses={404: {"model": Problem}})
+    async def audit(
+        bus: Caller,
+        from_seq: Annotated[int, Query(ge=1, description="Oldest first from this sequence")] = 1,
+        order: Literal["asc", "desc"] = "asc",
+        before: Annotated[int | None, Query(ge=1, description="With order=desc: below this sequence")] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        kind: Annotated[str | None, Query(pattern=r"^[a-z_]{1,64}$")] = None,
+        verdict: Literal["accepted", "rejected"] | None = None,
+        principal: Annotated[str | None, Query(max_length=128)] = None,
+        key: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]{1,128}$",
+                                         description="A task id (or a unique prefix) or an agent's name")] = None,
+    ) -> list[dict[str, Any]]:
+        """Audit records as stored, at most ``limit``: oldest first from ``from_seq``, or with
+        ``order=desc`` newest first (below ``before``: the last page's smallest ``seq``).
+        ``kind``, ``verdict`` and ``key`` filter on the server's subjects, ``principal`` on
+        the records read."""
 
         async def read() -> list[dict[str, Any]]:
+            # A task's id or unique prefix; any other key (an agent's name) is taken as it is.
+            whose = await bus.resolve(key) if key is not None else None
+            filt = f"audit.{verdict or '*'}.{kind or '*'}.{whose or '*'}"
+            js = bus.nc.jetstream(timeout=10)
+            if order == "asc":
+                return await _read_audit(js, filt, from_seq, None, limit, principal)
+            head = (await js.stream_info(subjects.AUDIT_STREAM)).state.last_seq
+            end = min(head, before - 1 if before is not None else head)
             found: list[dict[str, Any]] = []
-            async for _, data in bus.stored(from_seq=from_seq):
-                found.append(json.loads(data))
-                if len(found) >= limit:
-                    break
-            return found
+            window = max(256, 2 * limit)
+            while end >= 1 and len(found) < limit:
+                start = max(1, end - window + 1)
+                found.extend(reversed(await _read_audit(js, filt, start, end, None, principal)))
+                end, window = start - 1, window * 2
+            return found[:limit]
 
         return await call(read)
 
+    @app.get("/audit/verify", tags=["audit"])
+    async def verify(bus: Caller, projections: bool = True) -> dict[str, Any]:
+        """``agentctl audit verify --json``: the chain from the first record (hashes,
+        sequences, signed checkpoints, anchors) and, with ``projections``, the live
+        projection against a rebuild; ``ok`` and the first bad sequence."""
+        key_file = signing.public_path(settings.router_key_path)
+        public_key = signing.load_public(key_file) if key_file.exists() else None
+
+        async def run() -> dict[str, Any]:
+            report, findings = await integrity.check(
+                bus.nc, public_key=public_key, max_gap=settings.checkpoint_every + settings.router_batch,
+                anchor_file=anchor.file_path(settings.router_key_path), projections=projections)
+            return integrity.as_json(report, findings)
+
+        return await call(run)
+
+    @app.get("/tasks/{task_id}/trace", tags=["tasks"], responses={404: {"model": Problem}})
+    async def task_trace(task_id: Id, bus: Caller) -> dict[str, Any]:
+        """The task's trace from the TRACES stream, depth first, each span with its
+        ``depth``, ``service`` and whether it is on the ``critical`` path."""
+        task = await call(lambda: bus.get(task_id, tree=False))
+        trace_id = task.get("trace_id") or ""
+        batches = await call(lambda: read_trace(bus.nc.jetstream(timeout=10), trace_id)) if trace_id else []
+        tree = build_tree(trace_id, batches)
+        depth: dict[str, int] = {}
+        spans = []
+        for node in tree.walk():
+            span = node.span
+            depth[span.span_id] = depth.get(span.parent_span_id, -1) + 1 if not node.orphan else 0
+            spans.append({"span_id": span.span_id, "parent_span_id": span.parent_span_id, "name": span.name,
+                          "service": node.service, "start_ns": span.start_ns, "end_ns": span.end_ns,
+                          "depth": depth[span.span_id], "critical": node.critical, "failed": span.failed,
+                          "status_message": span.status_message, "attributes": span.attributes})
+        return {"trace_id": trace_id, "task_id": task["task_id"], "services": tree.services, "spans": spans}
+
+    @app.post("/plans/check", tags=["tasks"], responses={422: {"model": Problem}})
+    async def check_plan(body: PlanText, bus: Caller) -> dict[str, Any]:
+        """Read a plan file's text (YAML or JSON) and check it as far as needs no bus;
+        answers the plan as ``POST /plans`` takes it, or 422 saying what is wrong."""
+        try:
+            plan = parse_plan(body.text)
+        except PlanFileError as exc:
+            raise ApiError(422, "invalid_plan", str(exc).removeprefix("plan: ")) from exc
+        data: dict[str, Any] = codec.to_builtins(plan)
+        return {k: v for k, v in data.items() if k not in ("kind", "id", "task_id") and v is not None}
+
+    @app.get("/skills", tags=["agents"])
+    async def skills(bus: Caller) -> list[dict[str, Any]]:
+        """The skills installed beside the gateway, with their input and output JSON schemas."""
+        found = await asyncio.to_thread(discovery.catalog)
+        return [info.describe() for info in found.values()]
+
+    @app.get("/me", tags=["health"])
+    async def me(bus: Caller) -> dict[str, str]:
+        """Who the bearer token acts as."""
+        return {"principal": bus.principal.token, "name": bus.principal.name}
+
+    def agent_action(agent: str, event: Any, bus: Bus) -> Awaitable[dict[str, Any]]:
+        async def send() -> dict[str, Any]:
+            data: dict[str, Any] = codec.to_builtins(await bus.send(event, agent))
+            return data
+        return call(send)
+
+    @app.post("/agents/{agent}/memory/wipe", tags=["agents"], responses={409: {"model": Problem}})
+    async def wipe(agent: AgentName, bus: Caller, body: Decision | None = None) -> dict[str, Any]:
+        """Clear the agent's current task, observations, reasoning and non-core knowledge
+        (its role and core knowledge stay); answers the router's audit record."""
+        return await agent_action(agent, MemoryWiped(id=new_id(), agent=agent, reason=(body or Decision()).reason), bus)
+
+    @app.post("/agents/{agent}/checkpoints", tags=["agents"], responses={409: {"model": Problem}})
+    async def save_checkpoint(agent: AgentName, bus: Caller, body: CheckpointIn | None = None) -> dict[str, Any]:
+        """Checkpoint the agent's memory as it is now (the record names ``checkpoint_id``)."""
+        body = body or CheckpointIn()
+        event = CheckpointSaved(id=new_id(), agent=agent, checkpoint_id=body.checkpoint_id or new_id()[:12],
+                                label=body.label)
+        return await agent_action(agent, event, bus)
+
+    @app.post("/agents/{agent}/checkpoints/{checkpoint_id}/restore", tags=["agents"],
+              responses={409: {"model": Problem}})
+    async def restore_checkpoint(agent: AgentName, bus: Caller,
+                                 checkpoint_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")]) -> dict[str, Any]:
+        """Make the agent's memory what it was at the checkpoint."""
+        return await agent_action(agent, CheckpointRestored(id=new_id(), agent=agent, checkpoint_id=checkpoint_id), bus)
+
+    app.mount("/ui", StaticFiles(directory=STATIC), name="ui")
+
+    @app.get("/", include_in_schema=False)
+    async def control_center() -> FileResponse:
+        """The control center's page (it asks for a token and uses the API above)."""
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
     return app
+
+
+async def _read_audit(js: Any, filt: str, start: int, end: int | None, limit: int | None,
+                      principal: str | None) -> list[dict[str, Any]]:
+    """Stored audit records matching ``filt`` (and ``principal``) from ``start`` up to
+    ``end``, oldest first, at most ``limit``."""
+    found: list[dict[str, Any]] = []
+    async for record, data in records(js, filt, from_seq=start):
+        if end is not None and record.seq > end:
+            break
+        if principal is None or record.principal == principal:
+            found.append(json.loads(data))
+            if limit is not None and len(found) >= limit:
+                break
+    return found
