@@ -46,7 +46,8 @@ steps:
     deps: [draft, check]
 """
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium; .ci/run installs it)")
+pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("LEDGERBUS_REQUIRE_BROWSER"),
+                                reason="no Chromium (apt-get install chromium; .ci/run installs it)")
 
 
 async def test_the_control_center_runs_a_plan_approves_and_restores_in_a_browser(
@@ -54,6 +55,7 @@ async def test_the_control_center_runs_a_plan_approves_and_restores_in_a_browser
 ) -> None:
     from playwright.async_api import Page, async_playwright, expect
 
+    assert CHROMIUM, "LEDGERBUS_REQUIRE_BROWSER is set, and there is no Chromium (apt-get install chromium)"
     settings.policy_path.write_text(POLICY)  # sleep is held for cli-ops's approval
     await start_system(procs, admin, ("echo-1", "echo"), ("sleeper-1", "sleep"))
     tester = tokens.issue(settings.auth_dir, "cli-tester")
@@ -65,8 +67,11 @@ async def test_the_control_center_runs_a_plan_approves_and_restores_in_a_browser
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     problems: list[str] = []
 
-    async def shot(page: Page, name: str) -> None:
-        await page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+    async def shot(page: Page, name: str, full: bool = False) -> None:
+        """The page as it is, without the toasts of what the test just did (docs/web.md's
+        screenshots are these: `cp test-artifacts/control-center/*.png docs/img/web/`)."""
+        await page.evaluate("document.getElementById('toasts').replaceChildren()")
+        await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=full)
 
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
@@ -96,8 +101,10 @@ async def test_the_control_center_runs_a_plan_approves_and_restores_in_a_browser
         for step in ("gather", "draft", "check", "publish"):
             await expect(page.locator(f'.dag .node[data-step="{step}"]')).to_have_attribute("data-status", "completed")
         await expect(page.locator(".page-head .badge")).to_have_text("completed")
-        await expect(page.locator(".wf-row").first).to_be_visible()  # its trace waterfall
-        await shot(page, "task-plan")
+        # Its trace waterfall, across the processes: the gateway, the router, the agent, the projector.
+        for hop in ("web.submit", "router.process", "agent.run", "projector.apply"):
+            await expect(page.locator(".wf-row", has_text=hop).first).to_be_visible()
+        await shot(page, "task", full=True)
         assert (await projected(admin, plan_id))["submitted_by"] == "cli-tester"
 
         # A task of a held skill, through the form made from its input schema.
@@ -162,7 +169,7 @@ async def test_the_control_center_runs_a_plan_approves_and_restores_in_a_browser
         await expect(page.get_by_role("cell", name="task_approved").first).to_be_visible()
         await page.get_by_role("button", name="Verify the chain").click()
         await expect(page.locator(".panel h2 .badge")).to_have_text("ok", timeout=60_000)
-        await shot(page, "audit")
+        await shot(page, "audit", full=True)
         await browser.close()
 
     assert not problems, problems

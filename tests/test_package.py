@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -108,11 +109,14 @@ def _run_a_project(installed: Path, tmp_path: Path) -> None:
     conf = project / "nats.conf"
     conf.write_text(re.sub(r"(?m)^listen: .*$", f"listen: 127.0.0.1:{port}", conf.read_text()))
     env["LEDGERBUS_URL"] = f"nats://127.0.0.1:{port}"
-    # The shipped Procfile's bus, routers, projector and echo agent, their command lines as
-    # shipped (the LLM agents are not needed here, and cost a loaded machine seconds to start).
+    web = f"http://127.0.0.1:{_free_port()}"
+    env["LEDGERBUS_WEB_PORT"] = web.rsplit(":", 1)[1]
+    # The shipped Procfile's bus, routers, projector, echo agent and gateway, their command
+    # lines as shipped (the LLM agents are not needed here, and cost a loaded machine seconds
+    # to start).
     procfile = project / "Procfile"
-    procfile.write_text("".join(line for line in procfile.read_text().splitlines(keepends=True)
-                                if line.startswith(("nats:", "router:", "router-standby:", "projector:", "agent-echo:"))))
+    procfile.write_text("".join(line for line in procfile.read_text().splitlines(keepends=True) if line.startswith(
+        ("nats:", "router:", "router-standby:", "projector:", "agent-echo:", "web:"))))
     deep = project / "src" / "deep"
     deep.mkdir(parents=True)
     log = (tmp_path / "honcho.log").open("w")
@@ -139,6 +143,7 @@ def _run_a_project(installed: Path, tmp_path: Path) -> None:
         out = _run([str(installed / "python"), "example.py"], cwd=deep, env=env)
         assert out.splitlines()[:2] == ["{'text': 'hello'}", "rejected (invalid_input)"], out
         assert out.splitlines()[2].startswith("completed task by echo-1 in "), out
+        _the_http_api_as_docs_web_md_shows_it(installed, deep, env, web)
     finally:
         os.killpg(honcho.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends honcho's process group
         try:
@@ -188,3 +193,28 @@ def _leftovers(directory: Path) -> list[int]:
                 if cwd == root or root in cwd.parents:
                     found.append(int(entry.name))
     return found
+
+
+def _the_http_api_as_docs_web_md_shows_it(installed: Path, cwd: Path, env: dict[str, str], web: str) -> None:
+    """The README's curl calls against the gateway `honcho start` ran, and the control
+    center's page and scripts served from the installed wheel."""
+    token = _run([str(installed / "agentctl"), "keys", "token", "add", "tester"], cwd=cwd, env=env).strip()
+    auth = ["-H", f"Authorization: Bearer {token}"]
+
+    def curl(*args: str) -> str:
+        return _run(["curl", "-sS", "--fail-with-body", "--retry", "30", "--retry-connrefused", "--retry-delay", "1",
+                     *args], cwd=cwd, env=env)
+
+    assert json.loads(curl(f"{web}/healthz")) == {"ok": True}
+    made = json.loads(curl("-X", "POST", f"{web}/tasks", *auth, "-H", "Content-Type: application/json",
+                           "-d", '{"skill": "echo", "input": {"text": "over http"}}'))
+    assert made["status"] == "submitted", made
+    for _ in range(100):
+        task = json.loads(curl(f"{web}/tasks/{made['task_id'][:8]}", *auth))
+        if task["status"] == "completed":
+            break
+        time.sleep(0.1)
+    assert (task["output"], task["submitted_by"], task["agent"]) == ({"text": "over http"}, "cli-tester", "echo-1")
+    assert [a["name"] for a in json.loads(curl(f"{web}/agents", *auth))] == ["echo-1"]
+    assert "<title>ledgerbus control center</title>" in curl(f"{web}/")
+    assert "function drawDag" in curl(f"{web}/ui/app.js")

@@ -5,6 +5,7 @@ const TOKEN_KEY = "ledgerbus.token";
 const TERMINAL = new Set(["completed", "failed", "denied", "cancelled", "skipped", "rejected"]);
 const STATUSES = ["waiting", "awaiting_approval", "unmatched", "pending", "running", "retrying",
                   "completed", "failed", "denied", "cancelled", "skipped"];
+const TRACE_AFTER_END = 4;  // refreshes of a finished task's trace, a second apart
 const SERVICE_COLOURS = ["#2563eb", "#9333ea", "#059669", "#d97706", "#db2777", "#0891b2", "#65a30d", "#7c3aed"];
 
 // ---- DOM ------------------------------------------------------------------------------
@@ -370,9 +371,10 @@ async function taskPage(view, [id]) {
     renderTree(t);
     renderResults(t);
     renderRecords(t);
-    // The trace while it grows, and once more after the end (spans arrive in batches).
+    // The trace while it grows, and for a few seconds after the end (every process sends
+    // its spans in batches, a quarter of a second apart).
     const done = TERMINAL.has(t.status);
-    if (!done || !wasDone || traced < 2) {
+    if (!done || !wasDone || traced < TRACE_AFTER_END) {
       if (done) traced += 1;
       api(`/tasks/${encodeURIComponent(t.task_id)}/trace`).then((tr) => gen === generation && renderTrace(tr), () => {});
     }
@@ -464,7 +466,7 @@ async function taskPage(view, [id]) {
     h("span", { class: "sub id" }, tr.trace_id || "not traced")), waterfall(tr));
 
   every(1000, async () => {
-    if (task && TERMINAL.has(task.status) && traced >= 2) return;
+    if (task && TERMINAL.has(task.status) && traced >= TRACE_AFTER_END) return;
     await refresh();
   });
 }
