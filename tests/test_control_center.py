@@ -78,9 +78,14 @@ async def test_the_control_center_runs_a_plan_approves_and_restores_in_a_browser
         page = await browser.new_page(viewport={"width": 1360, "height": 860})
         page.set_default_timeout(20_000)
         page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+        # Any other console error (a script or style the page's policy blocked, say), but the
+        # browser's own line for each refused request: the test makes some on purpose.
+        page.on("console", lambda msg: msg.type == "error" and "Failed to load resource" not in msg.text
+                and problems.append(f"console: {msg.text}"))
 
         # Signed out: the page asks for a token; a wrong one is refused and said so.
-        await page.goto(f"{base}/#/tasks")
+        response = await page.goto(f"{base}/#/tasks")
+        assert response is not None and "script-src 'self'" in response.headers["content-security-policy"]
         await page.get_by_label("token").fill("lbt_wrong_wrong")
         await page.get_by_role("button", name="Sign in").click()
         await expect(page.locator(".error-box")).to_contain_text("not valid")

@@ -47,6 +47,15 @@ from ledgerbus.projections import integrity
 
 STATIC = FilePath(__file__).parent / "static"
 """The control center: plain HTML, CSS and JavaScript, served as they are (no build step)."""
+PAGE_HEADERS = {
+    # Only the gateway's own script, styles and API: a value that slipped into the page as
+    # markup still could not run script or send anything elsewhere.
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                               "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+                               "form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 AgentName = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9_-]{0,47}$", description="An agent's name")]
 
 Id = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,128}$", description="A task id, or a unique prefix of one")]
@@ -498,7 +507,7 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> FastAP
     @app.get("/", include_in_schema=False)
     async def control_center() -> FileResponse:
         """The control center's page (it asks for a token and uses the API above)."""
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache", **PAGE_HEADERS})
 
     return app
 
