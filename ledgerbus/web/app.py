@@ -502,7 +502,7 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> FastAP
         """Make the agent's memory what it was at the checkpoint."""
         return await agent_action(agent, CheckpointRestored(id=new_id(), agent=agent, checkpoint_id=checkpoint_id), bus)
 
-    app.mount("/ui", StaticFiles(directory=STATIC), name="ui")
+    app.mount("/ui", _Static(directory=STATIC), name="ui")
 
     @app.get("/", include_in_schema=False)
     async def control_center() -> FileResponse:
@@ -525,3 +525,14 @@ async def _read_audit(js: Any, filt: str, start: int, end: int | None, limit: in
             if limit is not None and len(found) >= limit:
                 break
     return found
+
+
+class _Static(StaticFiles):
+    """The control center's files, revalidated at every load (by their ETag): a browser
+    never runs yesterday's script against today's API after an upgrade."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Any:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response

@@ -800,7 +800,8 @@ async function agentPage(view, [name]) {
         h("dt", {}, "restored from"), h("dd", {}, m.restored_from || "—")),
         h("h3", { style: "margin-top:14px" }, "Knowledge"),
         knowledge.length ? h("table", { class: "kv" }, h("tbody", {}, knowledge.map(([k, v]) => h("tr", {}, h("td", {}, k),
-          h("td", { class: "mono" }, JSON.stringify(v && v.value !== undefined ? v.value : v)))))) : h("div", { class: "sub" }, "none")),
+          h("td", { class: "mono" }, JSON.stringify(v.value)),
+          h("td", {}, v.core ? h("span", { class: "chip", title: "core knowledge: a wipe keeps it" }, "core") : null))))) : h("div", { class: "sub" }, "none")),
       list("Observations", m.observations || []),
       list("Reasoning", m.reasoning || []));
     checkpoints.replaceChildren(h("h2", { style: "padding:14px 16px 0" }, "Checkpoints"), cps.length ? h("table", {},
