@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +101,9 @@ async def test_agents_share_delegate_checkpoint_and_a_replay_equals_the_live_pro
     await ok_json(settings, "snapshot", str(snapshot), "--db", str(settings.db_path))
 
     # Another agent reads what the first shared, once the key with a TTL has expired.
-    [expires] = [r["expires_at"] for r in await ok_json(settings, "shared", "list", "team") if r["key"] == "flash"]
+    # When it expires, from the log (listing it here would race its expiry on a slow machine).
+    shared = await wait_for_record(js, lambda r: r.kind == "shared_written" and r.event.key == "flash")
+    expires = (shared.at + timedelta(seconds=float(shared.event.ttl_s or 0))).isoformat()
     await scribe.stop()
     await procs.start("scribe-2", "agent", "--name", "scribe-2", "--skills", "notes")
     await wait_for_record(js, joined("scribe-2"))
