@@ -13,7 +13,10 @@ its NATS user has the same name. What each may do is generated here, per kind:
 - only ``router`` writes ``audit.>``, ``work.>`` and ``assign.>`` and the chain's anchor (the ``chain``
   bucket, which ``cli-<name>`` may read); only ``admin`` and ``router`` manage streams;
 - everyone publishes the spans it records on ``traces.*.<principal>``, and only there, so
-  a span's publisher is known; ``cli-<name>`` reads TRACES (``agentctl trace``).
+  a span's publisher is known; ``cli-<name>`` reads TRACES (``agentctl trace``);
+- likewise everyone publishes its metrics snapshots on ``metrics.<principal>.*`` only;
+  ``cli-<name>`` reads METRICS, and the size of every stream and of WORK's consumers (the
+  gateway's ``/metrics``), never their messages.
 
 The registry (``principals.json``), the users file nats.conf includes (``users.conf``)
 and one credentials file per principal (``creds/<principal>.json``) live in one
@@ -135,7 +138,7 @@ def permissions(ident: Identity) -> dict[str, Any]:
         sub = [inbox]
     elif ident.kind == "router":
         streams = (subjects.INGRESS_STREAM, subjects.AUDIT_STREAM, subjects.WORK_STREAM, subjects.DEADLETTER_STREAM,
-                   subjects.TRACES_STREAM, _KV_AGENTS, _KV_ROUTER, _KV_CHAIN)
+                   subjects.TRACES_STREAM, subjects.METRICS_STREAM, _KV_AGENTS, _KV_ROUTER, _KV_CHAIN)
         pub = [subjects.AUDIT_ALL, subjects.WORK_ALL, subjects.ASSIGN_ALL, subjects.NOTIFY_ALL, subjects.JS_API_INFO,
                subjects.js_stream_info(_ANY), subjects.JS_FC_ALL,
                *(subjects.js_stream_create(s) for s in streams), *(subjects.js_stream_update(s) for s in streams),
@@ -163,7 +166,12 @@ def permissions(ident: Identity) -> dict[str, Any]:
                subjects.js_stream_info(subjects.WORK_STREAM), subjects.js_stream_info(subjects.TRACES_STREAM),
                *_follows(subjects.TRACES_STREAM), subjects.js_consumer_info(subjects.TRACES_STREAM, _REST),
                # audit verify compares the log with the chain's anchor (read only).
-               subjects.js_stream_info(_KV_CHAIN), subjects.js_direct_get(_KV_CHAIN, _CHAIN_HEAD)]
+               subjects.js_stream_info(_KV_CHAIN), subjects.js_direct_get(_KV_CHAIN, _CHAIN_HEAD),
+               # The gateway's /metrics: every process's snapshot, and how full each stream
+               # and each WORK consumer is (counts only: no message of theirs).
+               subjects.js_stream_info(subjects.METRICS_STREAM), subjects.js_direct_get(subjects.METRICS_STREAM, _REST),
+               subjects.js_stream_info(subjects.INGRESS_STREAM), subjects.js_stream_info(subjects.DEADLETTER_STREAM),
+               subjects.js_consumer_list(subjects.WORK_STREAM)]
         sub = [inbox]
     else:
         pub = [subjects.ingress_all(ident.principal),
@@ -179,7 +187,7 @@ def permissions(ident: Identity) -> dict[str, Any]:
             pub += [subjects.js_consumer_create(subjects.WORK_STREAM, consumer, filter_subject),
                     *_pulls(subjects.WORK_STREAM, consumer, create=False)]
         sub = [inbox, subjects.notify_all(ident.principal)]
-    pub.append(subjects.traces_by(ident.user))
+    pub += [subjects.traces_by(ident.user), subjects.metrics_by(ident.user)]
     perms: dict[str, Any] = {"publish": {"allow": pub}, "subscribe": {"allow": sub}}
     if ident.kind == "projector":
         perms["allow_responses"] = True  # answer queries on the askers' private inboxes

@@ -37,8 +37,8 @@ log = structlog.get_logger(__name__)
 
 
 def stream_configs(settings: Settings) -> list[StreamConfig]:
-    """The INGRESS, AUDIT, WORK, DEADLETTERS and TRACES stream configurations, each with
-    ``stream_replicas`` copies."""
+    """The INGRESS, AUDIT, WORK, DEADLETTERS, TRACES and METRICS stream configurations,
+    each with ``stream_replicas`` copies."""
     return [
         StreamConfig(
             name=subjects.INGRESS_STREAM,
@@ -92,7 +92,30 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             max_bytes=settings.traces_max_bytes,
             description="finished OpenTelemetry spans for agentctl trace; short retention, best effort",
         ),
+        StreamConfig(
+            name=subjects.METRICS_STREAM,
+            subjects=[subjects.METRICS_ALL],
+            retention=RetentionPolicy.LIMITS,
+            # On file although each snapshot is replaced within seconds: a memory stream
+            # does not outlive a restart of a lone nats-server, and only the router's start
+            # would make it again.
+            storage=StorageType.FILE,
+            num_replicas=settings.stream_replicas,
+            discard=DiscardPolicy.OLD,
+            max_msgs_per_subject=1,
+            max_age=METRICS_MAX_AGE_S,
+            max_bytes=METRICS_MAX_BYTES,
+            allow_direct=True,
+            description="the latest metrics snapshot of each process (Prometheus text) for the gateway's /metrics",
+        ),
     ]
+
+
+METRICS_MAX_AGE_S = 3600.0
+"""How long a process's last snapshot stays in METRICS: the gateway stops showing it much
+sooner (three of its intervals), this only bounds what processes gone for good leave."""
+METRICS_MAX_BYTES = 32 * 1024 * 1024
+"""METRICS's size cap: a snapshot is some kilobytes, one per live process."""
 
 
 def router_consumer_config(settings: Settings) -> ConsumerConfig:

@@ -16,6 +16,8 @@ permissions both follow from the shapes below.
                                      cancellations): core NATS, best effort
 - ``traces.<trace id>.<principal>``  TRACES: finished spans, published by the process that
                                      recorded them (short retention)
+- ``metrics.<principal>.<instance>`` METRICS: the latest metrics snapshot of one process
+                                     (the only message its subject keeps)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ AUDIT_STREAM: Final = "AUDIT"
 WORK_STREAM: Final = "WORK"
 DEADLETTER_STREAM: Final = "DEADLETTERS"
 TRACES_STREAM: Final = "TRACES"
+METRICS_STREAM: Final = "METRICS"
 DEADLETTER_ALL: Final = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.WORK.*"
 """JetStream's advisories for WORK messages delivered MaxDeliver times without an ack."""
 DEADLETTER_CONSUMER: Final = "router-deadletters"
@@ -47,6 +50,7 @@ AUDIT_ALL: Final = "audit.>"
 WORK_ALL: Final = "work.>"
 ASSIGN_ALL: Final = "assign.>"
 TRACES_ALL: Final = "traces.>"
+METRICS_ALL: Final = "metrics.>"
 
 ROUTER_CONSUMER: Final = "router"
 PROJECTOR_QUEUE: Final = "projector"
@@ -55,6 +59,8 @@ HDR_MSG_ID: Final = "Nats-Msg-Id"
 HDR_EXPECTED_LAST_SEQ: Final = "Nats-Expected-Last-Sequence"
 HDR_TRACEPARENT: Final = "traceparent"
 HDR_TRACESTATE: Final = "tracestate"
+HDR_METRICS_INTERVAL: Final = "Ledgerbus-Metrics-Interval"
+"""How often (seconds) the process that published a METRICS snapshot publishes the next."""
 
 PRINCIPAL_KINDS: Final = ("cli", "agent", "projector", "router")
 
@@ -198,6 +204,20 @@ def traces_of(trace_id: str) -> str:
     return f"traces.{token(trace_id, 'trace id')}.*"
 
 
+def metrics(principal: str, instance: str) -> str:
+    """Where one process of ``principal`` (``instance``: its own random id, so replicas of
+    one agent, or a standby router, keep a snapshot each) publishes its metrics."""
+    return f"metrics.{token(principal, 'principal')}.{token(instance, 'instance')}"
+
+
+def parse_metrics(subject: str) -> tuple[str, str]:
+    """The ``(principal, instance)`` a METRICS subject names."""
+    parts = subject.split(".")
+    if len(parts) != 3 or parts[0] != "metrics":
+        raise SubjectError(f"{subject!r} is not a metrics subject metrics.<principal>.<instance>")
+    return token(parts[1], "principal"), token(parts[2], "instance")
+
+
 def notify(who: Principal, topic: str) -> str:
     """Where the router tells a principal something directly (core NATS, not stored):
     ``notify.agent.<name>.claim`` (the verdict on its claims), ``….cancel`` (stop a task)."""
@@ -257,6 +277,11 @@ def ingress_all(who: Principal) -> str:
 def traces_by(principal: str) -> str:
     """Every span batch ``principal`` publishes, whatever the trace (:func:`traces`)."""
     return f"traces.{WILDCARD}.{token(principal, 'principal')}"
+
+
+def metrics_by(principal: str) -> str:
+    """Every snapshot subject ``principal`` publishes on, whatever the instance (:func:`metrics`)."""
+    return f"metrics.{token(principal, 'principal')}.{WILDCARD}"
 
 
 def inbox_prefix(user: str) -> str:
@@ -330,6 +355,11 @@ def js_consumer_durable_create(stream: str, *rest: str) -> str:
 def js_consumer_info(stream: str, *rest: str) -> str:
     """Read a consumer's state (``rest``: its name)."""
     return _api("CONSUMER.INFO", stream, rest)
+
+
+def js_consumer_list(stream: str) -> str:
+    """Read the state of every consumer of ``stream`` (a page at a time)."""
+    return _api("CONSUMER.LIST", stream, ())
 
 
 def js_consumer_delete(stream: str, *rest: str) -> str:

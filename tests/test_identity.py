@@ -78,6 +78,19 @@ async def test_a_cli_user_cannot_submit_as_another(running_router: RunningRouter
     assert (record.principal, record.key, record.code) == ("cli-carol", "as-carol", "ok")
 
 
+async def test_a_principal_publishes_metrics_only_under_its_own_name(running_router: RunningRouter,
+                                                                    settings: Settings) -> None:
+    # The gateway labels each snapshot with the principal its subject names: a forged one
+    # would put figures in another process's name.
+    a1 = await connect(settings, "agent-a1")
+    try:
+        for other in ("agent-b1", "router", "projector", "cli-tester"):
+            assert await refused(a1, subjects.metrics(other, "forged"), b"ledgerbus_tasks 1\n"), other
+        assert not await refused(a1, subjects.metrics("agent-a1", "own"), b"ledgerbus_tasks 1\n")
+    finally:
+        await a1.close()
+
+
 async def test_keys_add_admits_a_new_agent_once_the_server_reloads(
     settings: Settings, nats_server: NatsServer, admin: Client
 ) -> None:

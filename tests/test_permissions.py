@@ -4,7 +4,8 @@ spelled every subject out by hand, so building the subjects in bus/subjects.py c
 principal's rights. Changed on purpose since, and reviewed line by line: work assigned to
 one agent (``assign.<name>.>``, its own consumer), and WORK consumers created only through
 the API subject that names their filter (no legacy durable create, whose filter the server
-does not check)."""
+does not check); metrics snapshots (``metrics.<principal>.*``, each its own), which a CLI
+principal reads with the sizes of the streams and of WORK's consumers."""
 
 from __future__ import annotations
 
@@ -58,8 +59,8 @@ def test_identity_types_no_subject_of_its_own() -> None:
     # Subjects, streams and API patterns come from bus/subjects.py; a literal here would
     # be a second spelling that can drift from the one the code publishes on.
     tree = ast.parse(Path(identity_mod.__file__).read_text())
-    shapes = ("$JS", "$KV", "_INBOX", "in.", "audit.", "work.", "notify.", "q.", "traces.", "KV_")
-    streams = {"INGRESS", "AUDIT", "WORK", "DEADLETTERS", "TRACES"}
+    shapes = ("$JS", "$KV", "_INBOX", "in.", "audit.", "work.", "notify.", "q.", "traces.", "metrics.", "KV_")
+    streams = {"INGRESS", "AUDIT", "WORK", "DEADLETTERS", "TRACES", "METRICS"}
     literals = [
         node.value for node in ast.walk(tree)
         if isinstance(node, ast.Constant) and isinstance(node.value, str)
