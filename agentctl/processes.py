@@ -25,7 +25,8 @@ Body = Callable[[Client, asyncio.Event], Awaitable[None]]
 
 def serve(app: App, principal: str, service: str, body: Body) -> None:
     """Configure telemetry once, connect as ``principal``, run ``body`` until SIGTERM/SIGINT;
-    the spans recorded go to TRACES on the same connection, the last ones before it closes.
+    the spans recorded go to TRACES on the same connection, the last ones before it closes,
+    and a metrics snapshot to METRICS every ``metrics_interval_s``.
     Fail points named in ``LEDGERBUS_FAILPOINTS`` are armed first (the chaos suite's)."""
     try:
         failpoints.arm(os.environ)
@@ -39,7 +40,7 @@ def serve(app: App, principal: str, service: str, body: Body) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         async with connected(app.settings, principal, client_name=service) as nc:
-            telemetry.attach(nc, principal)
+            telemetry.attach(nc, principal, app.settings.metrics_interval_s)
             try:
                 await body(nc, stop)
             finally:

@@ -1,9 +1,10 @@
 """The OpenTelemetry metrics ledgerbus records, named in one place.
 
 Instruments come from the global meter provider, which :func:`bus.tracing.configure_telemetry`
-installs: they are exported over OTLP with the same ``OTEL_*`` settings as traces, and
-cost next to nothing when no endpoint is configured. Names follow the OpenTelemetry
-conventions (``gen_ai.client.*`` for LLM calls); docs/observability.md lists them.
+installs: a serving process publishes them to METRICS (for the gateway's ``/metrics``) and
+exports them over OTLP with the same ``OTEL_*`` settings as traces. Names follow the
+OpenTelemetry conventions (``gen_ai.client.*`` for LLM calls); docs/observability.md
+lists them.
 """
 
 from __future__ import annotations

@@ -72,6 +72,9 @@ class Settings:
     """How long finished spans stay in the TRACES stream (``agentctl trace``)."""
     traces_max_bytes: int = 256 * 1024 * 1024
     """The TRACES stream's size cap: the oldest spans go first."""
+    metrics_interval_s: float = 10.0
+    """How often each process publishes its metrics snapshot to METRICS (the gateway's
+    ``/metrics`` drops one older than three of these: its process is gone)."""
     trace_checks: str = "failed"
     """Which router checks get a span: only the one that ``failed`` a message, or ``all``
     (one span per check: a debugging aid, most of what tracing would cost the router)."""
@@ -126,6 +129,8 @@ class Settings:
         if not 1 <= replicas <= MAX_REPLICAS:
             raise ConfigError(f"LEDGERBUS_STREAM_REPLICAS={replicas}: from 1 to {MAX_REPLICAS} "
                               "(1 on one server, 3 on a three-node cluster)")
+        if not values.get("metrics_interval_s", 1.0) > 0:
+            raise ConfigError(f"LEDGERBUS_METRICS_INTERVAL_S={values['metrics_interval_s']}: a number of seconds above 0")
         return cls(**values).at_home(find_home(env=env))
 
     def at_home(self, home: Path | None) -> Settings:

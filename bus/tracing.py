@@ -4,9 +4,11 @@ entry point installs once, and the exporter that puts finished spans on the bus.
 The ``traceparent`` header rides on every message, INGRESS to WORK and back, and on every
 AUDIT record, so one task is one trace across the CLI, the router, the agents and the
 projector. Spans always go to the TRACES stream (``agentctl trace`` reads them there, with
-no other service running). They, and metrics, also go over OTLP, but only when the
-standard ``OTEL_EXPORTER_OTLP_*`` variables name an endpoint: with none set, nothing is
-sent anywhere else. ``OTEL_SDK_DISABLED=true`` turns all of it off.
+no other service running), and a long-running process's metrics to METRICS, a snapshot
+every ``LEDGERBUS_METRICS_INTERVAL_S`` (the gateway's ``/metrics`` serves them,
+:mod:`bus.exposition`). Both also go over OTLP, but only when the standard
+``OTEL_EXPORTER_OTLP_*`` variables name an endpoint: with none set, nothing is sent
+anywhere else. ``OTEL_SDK_DISABLED=true`` turns all of it off.
 
 Sampling: a trace that arrives (a ``traceparent`` header) is recorded as its sender decided;
 a process starting a trace of its own (``agentctl submit``, or the router for a message that
@@ -42,6 +44,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from ledgerbus.bus import subjects
 from ledgerbus.bus.errors import ConfigError
+from ledgerbus.bus.exposition import SnapshotPublisher
 from ledgerbus.bus.redaction import scrub
 from ledgerbus.bus.spans import SpanBatch, SpanEvent, SpanRecord
 
@@ -59,11 +62,17 @@ _MAX_UNATTACHED = 2048
 """Messages kept while a process has no connection yet; later ones are dropped."""
 
 
+def sdk_disabled(env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``OTEL_SDK_DISABLED=true`` turns tracing and metrics off altogether."""
+    env = os.environ if env is None else env
+    return env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+
+
 def otlp_configured(signal: str, env: Mapping[str, str] | None = None) -> bool:
     """Whether the standard variables ask for OTLP export of ``signal`` (``traces`` or
     ``metrics``): an endpoint is set and ``OTEL_<SIGNAL>_EXPORTER`` is not ``none``."""
     env = os.environ if env is None else env
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+    if sdk_disabled(env):
         return False
     exporters = {e.strip() for e in env.get(f"OTEL_{signal.upper()}_EXPORTER", "otlp").split(",")}
     if "otlp" not in exporters:
@@ -266,21 +275,30 @@ class BusSpanExporter(SpanExporter):
 
 
 class Telemetry:
-    """The tracer and meter providers one process installed, and its TRACES exporter."""
+    """The tracer and meter providers one process installed, its TRACES exporter and its
+    METRICS publisher."""
 
     def __init__(self, tracer_provider: TracerProvider | None, meter_provider: MeterProvider | None,
-                 bus: BusSpanExporter | None) -> None:
+                 bus: BusSpanExporter | None, snapshots: SnapshotPublisher | None = None) -> None:
         self.tracer_provider = tracer_provider
         self.meter_provider = meter_provider
         self.bus = bus
+        self.snapshots = snapshots
 
-    def attach(self, nc: Client, principal: str) -> None:
-        """Send spans to TRACES through ``nc`` from now on."""
+    def attach(self, nc: Client, principal: str, metrics_interval_s: float | None = None) -> None:
+        """Send spans to TRACES through ``nc`` from now on and, given ``metrics_interval_s``
+        (a process that serves, not a command that sends one thing), a metrics snapshot to
+        METRICS every that many seconds (call on the connection's event loop)."""
         if self.bus is not None:
             self.bus.attach(nc, principal)
+        if self.snapshots is not None and metrics_interval_s is not None:
+            self.snapshots.start(nc, principal, metrics_interval_s)
 
     async def flush(self) -> None:
-        """Push every finished span out to TRACES now (before a connection closes)."""
+        """Push every finished span out to TRACES now, and stop the metrics snapshots
+        (before a connection closes)."""
+        if self.snapshots is not None:
+            await self.snapshots.stop()
         if self.tracer_provider is None or self.bus is None:
             return
         await asyncio.to_thread(self.tracer_provider.force_flush, 5_000)
@@ -300,10 +318,11 @@ def configure_telemetry(service_name: str, env: Mapping[str, str] | None = None,
     ``install=False`` only builds them).
 
     Spans are batched to TRACES (once :meth:`Telemetry.attach` names a connection) and,
-    if configured, to OTLP; metrics only ever go to OTLP.
+    if configured, to OTLP; metrics are read for METRICS (when ``attach`` is given an
+    interval) and, if configured, pushed to OTLP.
     """
     env = os.environ if env is None else env
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+    if sdk_disabled(env):
         return Telemetry(None, None, None)
     resource = Resource.create({SERVICE_NAME: service_name})
     tracer_provider = TracerProvider(resource=resource, sampler=sampler(env))
@@ -312,12 +331,13 @@ def configure_telemetry(service_name: str, env: Mapping[str, str] | None = None,
     tracer_provider.add_span_processor(BatchSpanProcessor(bus, schedule_delay_millis=250, max_queue_size=BUS_QUEUE))
     if otlp_configured("traces", env):
         tracer_provider.add_span_processor(BatchSpanProcessor(_otlp_span_exporter(env)))
-    readers = [_otlp_metric_reader(env)] if otlp_configured("metrics", env) else []
+    snapshots = SnapshotPublisher()
+    readers = [snapshots.reader, *([_otlp_metric_reader(env)] if otlp_configured("metrics", env) else [])]
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
     if install:
         trace.set_tracer_provider(tracer_provider)
         metrics.set_meter_provider(meter_provider)
-    return Telemetry(tracer_provider, meter_provider, bus)
+    return Telemetry(tracer_provider, meter_provider, bus, snapshots)
 
 
 def inject(headers: dict[str, str] | None = None, context: otel_context.Context | None = None) -> dict[str, str]:

@@ -96,7 +96,7 @@ class Router:
         """MaxDeliver advisories fetched, for the serving loop to act on (it alone appends)."""
         self._undelivered: set[str] = set()
         """Tasks the scheduler dispatched whose work item is not known to be in WORK."""
-        self.gauges = Gauges(self.js, tracing.otlp_configured("metrics"))
+        self.gauges = Gauges(self.js, not tracing.sdk_disabled())
 
     def _may_run(self, principal: str, skill: str) -> bool:
         """Whether the scheduler may pick ``skill`` for a step ``principal`` submitted by

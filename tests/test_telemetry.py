@@ -28,12 +28,13 @@ def exporters(telemetry: tracing.Telemetry) -> list[str]:
             for p in processors]
 
 
-def test_with_no_endpoint_only_the_bus_exporter_exists() -> None:
+def test_with_no_endpoint_only_the_bus_exporters_exist() -> None:
     telemetry = tracing.configure_telemetry("test", env={}, install=False)
     try:
         assert exporters(telemetry) == ["ledgerbus.bus.tracing.BusSpanExporter"]
-        assert telemetry.meter_provider is not None
-        assert not telemetry.meter_provider._metric_readers
+        assert telemetry.meter_provider is not None and telemetry.snapshots is not None
+        # The one metric reader is METRICS's, which only ever sends over the process's bus.
+        assert telemetry.meter_provider._metric_readers == [telemetry.snapshots.reader]
         assert not tracing.otlp_configured("traces", {}) and not tracing.otlp_configured("metrics", {})
     finally:
         telemetry.shutdown()
@@ -52,7 +53,7 @@ def test_the_standard_variables_choose_the_otlp_exporter(env: dict[str, str], mo
         assert found[0] == "ledgerbus.bus.tracing.BusSpanExporter"
         assert len(found) == 2 and found[1].startswith(module)
         # A traces-only endpoint leaves metrics where they were: unexported.
-        wanted = 1 if "OTEL_EXPORTER_OTLP_ENDPOINT" in env else 0
+        wanted = 2 if "OTEL_EXPORTER_OTLP_ENDPOINT" in env else 1
         assert telemetry.meter_provider is not None and len(telemetry.meter_provider._metric_readers) == wanted
     finally:
         # Nothing was recorded through these providers (not installed): nothing to send.
@@ -68,7 +69,7 @@ def test_exporters_can_be_turned_off(env: dict[str, str]) -> None:
     telemetry = tracing.configure_telemetry("test", env=env, install=False)
     try:
         if env.get("OTEL_SDK_DISABLED"):
-            assert telemetry.tracer_provider is None and telemetry.bus is None
+            assert telemetry.tracer_provider is None and telemetry.bus is None and telemetry.snapshots is None
         else:
             assert exporters(telemetry) == ["ledgerbus.bus.tracing.BusSpanExporter"]
     finally:
