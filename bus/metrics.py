@@ -16,18 +16,29 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 meter = metrics.get_meter("ledgerbus")
 
+# Histogram buckets. The SDK's default ones (0, 5, 10, 25 ... 10000) are made for
+# milliseconds: in seconds nearly every run would fall in the first one, and no quantile
+# could be read from them (in Prometheus, histogram_quantile). The GenAI ones are those
+# the OpenTelemetry GenAI conventions advise.
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+GEN_AI_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+GEN_AI_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+
 router_messages = meter.create_counter(
     "ledgerbus.router.messages", unit="{message}",
     description="Messages the router audited, by kind, verdict (accepted/rejected) and code")
 skill_duration = meter.create_histogram(
     "ledgerbus.skill.duration", unit="s",
-    description="How long a skill ran on an agent, by skill, agent and outcome")
+    description="How long a skill ran on an agent, by skill, agent and outcome",
+    explicit_bucket_boundaries_advisory=SECONDS_BUCKETS)
 llm_token_usage = meter.create_histogram(
     "gen_ai.client.token.usage", unit="{token}",
-    description="Tokens per LLM call, by gen_ai.token.type (input/output), system and model")
+    description="Tokens per LLM call, by gen_ai.token.type (input/output), system and model",
+    explicit_bucket_boundaries_advisory=GEN_AI_TOKEN_BUCKETS)
 llm_duration = meter.create_histogram(
     "gen_ai.client.operation.duration", unit="s",
-    description="LLM call latency, by system, model and outcome")
+    description="LLM call latency, by system, model and outcome",
+    explicit_bucket_boundaries_advisory=GEN_AI_DURATION_BUCKETS)
 projector_applied = meter.create_counter(
     "ledgerbus.projector.records", unit="{record}",
     description="Audit records the projector applied to its database")
