@@ -509,6 +509,21 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> FastAP
         """The control center's page (it asks for a token and uses the API above)."""
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache", **PAGE_HEADERS})
 
+    from fastapi.responses import Response
+
+    from ledgerbus.bus import exposition
+
+    @app.get("/metrics", tags=["observability"], response_class=Response, response_model=None,
+             responses={200: {"content": {exposition.CONTENT_TYPE: {"schema": {"type": "string"}}},
+                              "description": "The Prometheus text format, version 0.0.4"},
+                        503: {"model": Problem}})
+    async def metrics(bus: Caller) -> Response:
+        """Every live process's metrics (router, projector, agents), each sample labelled
+        ``ledgerbus_process`` and ``ledgerbus_instance``, and the sizes of the streams and of
+        WORK's consumers: the one target Prometheus scrapes (docs/observability.md)."""
+        text = await call(lambda: exposition.scrape(bus.nc))
+        return Response(text, media_type=exposition.CONTENT_TYPE)
+
     return app
 
 
