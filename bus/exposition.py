@@ -56,6 +56,8 @@ READ_TIMEOUT_S = 5.0
 PUBLISH_TIMEOUT_S = 5.0
 RETRY_S = 1.0
 """How soon a snapshot that was not stored is tried again (at most its interval)."""
+GATEWAY = "web"
+"""The :data:`PROCESS_LABEL` of the gateway's own metrics, which it serves without the bus."""
 GOODBYE = {subjects.HDR_METRICS_INTERVAL: "0"}
 """What the last snapshot of a stopping process says: no next one."""
 
@@ -281,10 +283,12 @@ async def sizes(js: JetStreamContext) -> list[Metric]:
     return [messages, size, pending, unacked]
 
 
-async def scrape(nc: Client) -> bytes:
+async def scrape(nc: Client, own: SnapshotPublisher | None = None) -> bytes:
     """The whole system's metrics, read through ``nc`` (a CLI principal's connection):
-    every live process's snapshot and the streams' sizes. Raises :class:`BusError` only
-    when nothing at all could be read."""
+    every live process's snapshot and the streams' sizes, and with ``own`` (the gateway's
+    publisher: it has no principal to publish under) the scraped process's own metrics
+    as :data:`GATEWAY`'s. Raises :class:`BusError` only when nothing at all could be read
+    from the bus."""
     js = nc.jetstream(timeout=READ_TIMEOUT_S)
     read, system = await asyncio.gather(snapshots(js), sizes(js), return_exceptions=True)
     if isinstance(read, BaseException):
@@ -294,5 +298,7 @@ async def scrape(nc: Client) -> bytes:
         raise system
     if not read and not any(family.samples for family in system):
         raise BusError("no metrics could be read from the bus (is the NATS server up, and the router provisioned?)")
+    if own is not None:
+        read.append(Snapshot(GATEWAY, own.instance, (await asyncio.to_thread(own.render)).decode(), 0.0))
     return merge(read, [ages(read), *system])
 

@@ -196,7 +196,7 @@ async def test_the_gateway_serves_every_process_in_one_scrape_and_forgets_the_de
 
         await scraped(shows_the_task)
         assert_valid(text)
-        assert processes(text) == {"router", "projector", "agent-echo-1"}
+        assert processes(text) == {"router", "projector", "agent-echo-1", "web"}  # the gateway's own too
         # Each process's own CPU and memory, from the same snapshot.
         assert {s.labels[PROCESS_LABEL] for s in samples(text, "process_resident_memory_bytes")} == processes(text)
         assert [s.value for s in samples(text, "ledgerbus_stream_messages") if s.labels["stream"] == "AUDIT"][0] >= 3

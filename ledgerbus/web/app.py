@@ -518,10 +518,12 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> FastAP
                               "description": "The Prometheus text format, version 0.0.4"},
                         503: {"model": Problem}})
     async def metrics(bus: Caller) -> Response:
-        """Every live process's metrics (router, projector, agents), each sample labelled
-        ``ledgerbus_process`` and ``ledgerbus_instance``, and the sizes of the streams and of
-        WORK's consumers: the one target Prometheus scrapes (docs/observability.md)."""
-        text = await call(lambda: exposition.scrape(bus.nc))
+        """Every live process's metrics (router, projector, agents, this gateway), each
+        sample labelled ``ledgerbus_process`` and ``ledgerbus_instance``, and the sizes of
+        the streams and of WORK's consumers: the one target Prometheus scrapes
+        (docs/observability.md)."""
+        own = telemetry.snapshots if telemetry is not None else None
+        text = await call(lambda: exposition.scrape(bus.nc, own))
         return Response(text, media_type=exposition.CONTENT_TYPE)
 
     return app
