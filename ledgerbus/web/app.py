@@ -20,13 +20,13 @@ from typing import Annotated, Any, Literal
 import nats.errors
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ledgerbus.agents import discovery
-from ledgerbus.bus import anchor, codec, signing, subjects, tokens
+from ledgerbus.bus import anchor, codec, exposition, signing, subjects, tokens
 from ledgerbus.bus.errors import BusError, LedgerbusError, NotFound, QueryError, SchemaError
 from ledgerbus.bus.events import (
     DEFAULT_TASK_TIMEOUT_S,
@@ -508,10 +508,6 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> FastAP
     async def control_center() -> FileResponse:
         """The control center's page (it asks for a token and uses the API above)."""
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache", **PAGE_HEADERS})
-
-    from fastapi.responses import Response
-
-    from ledgerbus.bus import exposition
 
     @app.get("/metrics", tags=["observability"], response_class=Response, response_model=None,
              responses={200: {"content": {exposition.CONTENT_TYPE: {"schema": {"type": "string"}}},
