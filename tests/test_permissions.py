@@ -4,7 +4,8 @@ spelled every subject out by hand, so building the subjects in bus/subjects.py c
 principal's rights. Changed on purpose since, and reviewed line by line: work assigned to
 one agent (``assign.<name>.>``, its own consumer), and WORK consumers created only through
 the API subject that names their filter (no legacy durable create, whose filter the server
-does not check)."""
+does not check); the router's own ``snapshots`` object store (router/snapshots.py), which
+no other principal may read or write."""
 
 from __future__ import annotations
 
