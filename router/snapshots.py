@@ -1,9 +1,10 @@
 """Router snapshots: the folded state at a log position, signed, so that a start or a
 takeover reads only the records after it instead of the whole log.
 
-Every ``snapshot_every`` records the router encodes its :class:`RouterState` at a batch
-boundary (the state exactly after folding the chain head S, every record up to S
-acknowledged), and writes it in the background to the ``snapshots`` object store: msgpack,
+Every ``snapshot_every`` records the router forks at a batch boundary (the state exactly
+after folding the chain head S, every record up to S acknowledged); the child encodes its
+copy-on-write image of the :class:`RouterState`, and the router writes it in the
+background to the ``snapshots`` object store: msgpack,
 zlib-compressed, in an :class:`Envelope` whose Ed25519 signature (the router's checkpoint
 key) covers the format version, the chain head (S and its hash) and the sha256 of the
 compressed body. The newest ``snapshot_keep`` are kept.
@@ -30,6 +31,7 @@ import asyncio
 import hashlib
 import heapq
 import io
+import os
 import zlib
 from collections import OrderedDict
 from datetime import datetime
@@ -148,12 +150,51 @@ def _signed(version: int, head_seq: int, head_hash: str, digest: str) -> bytes:
 
 def seal(key: Ed25519PrivateKey, raw: bytes, head: ChainHead) -> bytes:
     """Compress and sign an encoded state (CPU work: run off the event loop)."""
-    body = zlib.compress(raw, 1)
+    return seal_body(key, zlib.compress(raw, 1), head)
+
+
+def seal_body(key: Ed25519PrivateKey, body: bytes, head: ChainHead) -> bytes:
+    """Sign a compressed encoded state into its :class:`Envelope`."""
     digest = hashlib.sha256(body).hexdigest()
     signature = key.sign(_signed(FORMAT, head.seq, head.hash, digest)).hex()
     return _encoder.encode(Envelope(version=FORMAT, head_seq=head.seq, head_hash=head.hash,
                                     key_id=signing.key_id(signing.public_hex(key)), digest=digest,
                                     signature=signature, body=body))
+
+
+def _fork_encode(state: RouterState, head: ChainHead) -> tuple[int, int]:
+    """Fork a child that encodes and compresses ``state`` and writes it to a pipe, then
+    exits; return its pid and the pipe's read end. The child runs nothing but that (no
+    event loop, no logging, no exit handlers: ``os._exit``), so what the parent's other
+    threads held at the fork does not matter to it."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            os.close(read)
+            body = zlib.compress(encode_state(state, head), 1)
+            with os.fdopen(write, "wb") as out:
+                out.write(body)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    return pid, read
+
+
+def _collect(pid: int, read: int) -> bytes:
+    """The compressed state the child ``pid`` writes to ``read`` (blocking: run in a thread)."""
+    chunks = []
+    try:
+        while chunk := os.read(read, 1 << 20):
+            chunks.append(chunk)
+    finally:
+        os.close(read)
+        _, status = os.waitpid(pid, 0)
+    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+        raise OSError(f"the snapshot encoder (pid {pid}) failed with status {status}")
+    return b"".join(chunks)
 
 
 def open_envelope(data: bytes, public: str) -> tuple[Envelope, Body]:
@@ -263,10 +304,15 @@ class Snapshots:
         return self.every > 0
 
     def maybe_save(self, state: RouterState, head: ChainHead) -> None:
-        """At a batch boundary (``state`` is exactly the fold up to ``head``): encode a
-        snapshot if ``snapshot_every`` records passed since the last, and write it in the
-        background. Never raises; a write still in flight, or one that failed less than a
-        backoff ago, puts the next one off to a later boundary."""
+        """At a batch boundary (``state`` is exactly the fold up to ``head``): start a
+        snapshot if ``snapshot_every`` records passed since the last. Never raises; a
+        write still in flight, or one that failed less than a backoff ago, puts the next
+        one off to a later boundary.
+
+        The state is encoded by a forked child (:func:`_fork_encode`), which holds a
+        copy-on-write image of it as it is now: the router pauses only for the fork, not
+        for an encoding that grows with every task the log holds.
+        """
         if not self.enabled or head.seq - self.saved_seq < self.every:
             return
         if self._writing is not None and not self._writing.done():
@@ -275,26 +321,34 @@ class Snapshots:
         if loop.time() < self._retry_at:
             return
         started = loop.time()
-        raw = encode_state(state, head)
-        log.info("snapshot_encoded", head_seq=head.seq, tasks=len(state.tasks), bytes=len(raw),
-                 encode_ms=round((loop.time() - started) * 1000, 1))
+        try:
+            child = _fork_encode(state, head)
+        except OSError as exc:
+            self._failed(head.seq, self.saved_seq, f"cannot fork the encoder: {exc}")
+            return
+        log.info("snapshot_started", head_seq=head.seq, tasks=len(state.tasks),
+                 pause_ms=round((loop.time() - started) * 1000, 1))
         previous, self.saved_seq = self.saved_seq, head.seq
-        self._writing = asyncio.create_task(self._write(raw, head, previous))
+        self._writing = asyncio.create_task(self._write(child, head, previous))
 
-    async def _write(self, raw: bytes, head: ChainHead, previous: int) -> None:
+    def _failed(self, seq: int, previous: int, error: str) -> None:
+        loop = asyncio.get_running_loop()
+        self.saved_seq = previous  # due again at the next boundary past the backoff
+        self._retry_at = loop.time() + self._backoff
+        self._backoff = min(self._backoff * 2, 60.0)
+        log.warning("snapshot_write_failed", head_seq=seq, error=error, retry_in_s=round(self._retry_at - loop.time(), 1))
+
+    async def _write(self, child: tuple[int, int], head: ChainHead, previous: int) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            data = await asyncio.to_thread(seal, self.key, raw, head)
+            body = await asyncio.to_thread(_collect, *child)
+            data = await asyncio.to_thread(seal_body, self.key, body, head)
             store = await self.js.object_store(subjects.SNAPSHOT_BUCKET)
             await store.put(name_of(head.seq), _Chunks(data))  # type: ignore[arg-type]
             await self._prune(store, head.seq)
         except (nats.errors.Error, TimeoutError, OSError) as exc:
-            self.saved_seq = previous  # due again at the next boundary past the backoff
-            self._retry_at = loop.time() + self._backoff
-            self._backoff = min(self._backoff * 2, 60.0)
-            log.warning("snapshot_write_failed", head_seq=head.seq, error=str(exc) or type(exc).__name__,
-                        retry_in_s=round(self._retry_at - loop.time(), 1))
+            self._failed(head.seq, previous, str(exc) or type(exc).__name__)
             return
         self._backoff = 1.0
         log.info("snapshot_saved", head_seq=head.seq, bytes=len(data), write_ms=round((loop.time() - started) * 1000, 1))
