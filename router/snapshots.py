@@ -28,10 +28,12 @@ are forgotten at once), and those are read back from AUDIT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import heapq
 import io
 import os
+import signal
 import zlib
 from collections import OrderedDict
 from datetime import datetime
@@ -295,6 +297,8 @@ class Snapshots:
         self.saved_seq = 0
         """The chain head of the newest snapshot written or loaded (or being written)."""
         self._writing: asyncio.Task[None] | None = None
+        self._child: int | None = None
+        """The pid of the last encoder child forked."""
         self._retry_at = 0.0
         self._backoff = 1.0
 
@@ -323,6 +327,7 @@ class Snapshots:
         started = loop.time()
         try:
             child = _fork_encode(state, head)
+            self._child = child[0]
         except OSError as exc:
             self._failed(head.seq, self.saved_seq, f"cannot fork the encoder: {exc}")
             return
@@ -370,11 +375,19 @@ class Snapshots:
             if subject[len(chunks):] not in kept:
                 await self.js.purge_stream(stream, subject=subject)
 
-    async def stop(self) -> None:
-        """Wait for a write in flight (a stopping router finishes the one it started)."""
-        if self._writing is not None:
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Wait for a write in flight (a stopping router finishes the one it started); an
+        encoder child still running after ``timeout`` is killed, and the write fails."""
+        if self._writing is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._writing), timeout)
+        except TimeoutError:
+            if self._child is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self._child, signal.SIGKILL)
             await asyncio.gather(self._writing, return_exceptions=True)
-            self._writing = None
+        self._writing = None
 
     async def load(self, watch: anchor.Watch) -> tuple[RouterState, ChainHead] | None:
         """The state and chain head of the newest usable snapshot, ``watch`` given what it
@@ -395,7 +408,10 @@ class Snapshots:
                     data = (await store.get(name)).data or b""
                 except (nats.errors.Error, TimeoutError) as exc:
                     raise SnapshotRejected(f"it cannot be read: {exc or type(exc).__name__}") from exc
-                found = await self._check(data, last, ingress_first, watch)
+                try:
+                    found = await self._check(data, last, ingress_first, watch)
+                except (nats.errors.Error, TimeoutError) as exc:
+                    raise SnapshotRejected(f"AUDIT could not be read to check it: {exc or type(exc).__name__}") from exc
             except SnapshotRejected as exc:
                 log.warning("snapshot_rejected", name=name, reason=str(exc))
                 continue
@@ -431,7 +447,10 @@ class Snapshots:
                 if record.ingress_seq != ingress:
                     raise SnapshotRejected(f"AUDIT's record at seq {seq} is not of INGRESS seq {ingress}")
                 audited[seq] = record
-        state = restore(body, audited, self.dedup_horizon_s)
+        try:
+            state = restore(body, audited, self.dedup_horizon_s)
+        except (ValueError, KeyError, StopIteration) as exc:
+            raise SnapshotRejected(f"its body is inconsistent: {exc!r}") from exc
         watch.found.update(found)
         watch.restarts.extend(state.restarts)
         return state, head
