@@ -405,7 +405,11 @@ class Snapshots:
         for name in sorted((i.name for i in infos if i.name.startswith(PREFIX)), reverse=True):
             try:
                 try:
-                    data = (await store.get(name)).data or b""
+                    # Into a buffer: without one, nats-py joins the chunks by repeated
+                    # concatenation, which was half of a 48 MB snapshot's load (7 of 14 s).
+                    buffer = io.BytesIO()
+                    await store.get(name, writeinto=buffer)  # type: ignore[arg-type]
+                    data = buffer.getvalue()
                 except (nats.errors.Error, TimeoutError) as exc:
                     raise SnapshotRejected(f"it cannot be read: {exc or type(exc).__name__}") from exc
                 try:
