@@ -6,6 +6,7 @@ router killed while writing one loses and doubles nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -78,14 +79,23 @@ async def test_a_restarted_router_starts_from_its_newest_snapshot_and_reads_only
     rr = RunningRouter(await connect_as("router"), tuned)
     await rr.start()
     cli, js = await connect_as("cli"), admin.jetstream()
-    for i in range(45):
-        await send(cli, "cli", "alice", submitted(f"t{i}"))
-        if i % 9 == 8:  # several batches, so several boundaries
-            await wait_for_record(js, lambda r, i=i: r.key == f"t{i}")
-    newest = await wait_for_snapshot(js, 40)
+    sent = 0
+
+    async def positions() -> list[int]:
+        return sorted(int(name.removeprefix(snaps.PREFIX)) for name in await stored(js))
+
+    # Batches of nine (several boundaries) until two snapshots are kept, the newest past
+    # seq 30 (a boundary that comes while one is still being written passes it by).
+    while sent < 300 and (len(at := await positions()) < 2 or at[-1] < 30):
+        for _ in range(9):
+            await send(cli, "cli", "alice", submitted(f"t{sent}"))
+            sent += 1
+        await wait_for_record(js, lambda r, last=f"t{sent - 1}": r.key == last)
     await rr.stop()
-    assert len(await stored(js)) == 2  # the newest two are kept
-    for i in range(45, 50):  # wait in INGRESS while no router runs
+    saved = await stored(js)
+    assert len(saved) == 2
+    newest = max(saved)
+    for i in range(sent, sent + 5):  # wait in INGRESS while no router runs
         await send(cli, "cli", "alice", submitted(f"t{i}"))
     await send(cli, "cli", "alice", submitted("t3"))  # a duplicate only the loaded state can catch
     before = (await js.stream_info(subjects.AUDIT_STREAM)).state.last_seq
@@ -253,14 +263,19 @@ async def test_a_router_killed_while_writing_a_snapshot_restarts_losing_and_doub
     js = admin.jetstream()
     await wait_for_record(js, joined("echo-1"))
     cli = await connect_as("cli")
-    task_ids = [f"t{i}" for i in range(40)]
-    for task_id in task_ids[:20]:
-        await send(cli, "cli", "alice", submitted(task_id))
-    # The second snapshot's write dies after its first chunk, before its entry.
-    await asyncio.wait_for(router.proc.wait(), 60)
+    task_ids: list[str] = []
+    # Tasks, a few at a time, until the second snapshot's write dies after its first chunk,
+    # before its entry.
+    while router.proc.returncode is None and len(task_ids) < 400:
+        for _ in range(5):
+            task_ids.append(f"t{len(task_ids)}")
+            await send(cli, "cli", "alice", submitted(task_ids[-1]))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(router.proc.wait(), 0.5)
     assert router.proc.returncode == -9
-    for task_id in task_ids[20:]:
-        await send(cli, "cli", "alice", submitted(task_id))
+    for _ in range(20):
+        task_ids.append(f"t{len(task_ids)}")
+        await send(cli, "cli", "alice", submitted(task_ids[-1]))
     again = await procs.start("router-2", "router", **every)
     await again.wait_logged("router_started")
 
