@@ -39,22 +39,28 @@ def submitted(task_id: str) -> TaskSubmitted:
 
 
 async def stored(js: Any) -> dict[str, bytes]:
-    """Every snapshot in the store by name, its bytes."""
+    """Every snapshot in the store by name, its bytes (the router stopped: while it runs,
+    one listed may be deleted before it is read)."""
     store = await js.object_store(subjects.SNAPSHOT_BUCKET)
     infos = await snaps._list(store)
     return {i.name: (await store.get(i.name)).data for i in infos}
 
 
+async def names(js: Any) -> list[str]:
+    """The snapshots' names, oldest first (safe while the router runs)."""
+    return sorted(i.name for i in await snaps._list(await js.object_store(subjects.SNAPSHOT_BUCKET)))
+
+
 async def wait_for_snapshot(js: Any, at_least: int) -> str:
     """Wait until a snapshot at or after seq ``at_least`` is stored; its name."""
-    names: list[str] = []
+    found: list[str] = []
 
     async def saved() -> bool:
-        names[:] = sorted(await stored(js))
-        return bool(names) and names[-1] >= snaps.name_of(at_least)
+        found[:] = await names(js)
+        return bool(found) and found[-1] >= snaps.name_of(at_least)
 
     await wait_until(saved, what=f"a snapshot at seq {at_least} or later")
-    return names[-1]
+    return found[-1]
 
 
 async def alike(js: Any, settings: Settings, live: RouterState) -> None:
@@ -82,7 +88,7 @@ async def test_a_restarted_router_starts_from_its_newest_snapshot_and_reads_only
     sent = 0
 
     async def positions() -> list[int]:
-        return sorted(int(name.removeprefix(snaps.PREFIX)) for name in await stored(js))
+        return [int(name.removeprefix(snaps.PREFIX)) for name in await names(js)]
 
     # Batches of nine (several boundaries) until two snapshots are kept, the newest past
     # seq 30 (a boundary that comes while one is still being written passes it by).
@@ -224,8 +230,8 @@ async def test_an_anchored_checkpoint_before_the_snapshot_is_still_checked(
 
     async def anchor_covered() -> bool:
         held = anchor.read_file(anchor.file_path(tuned.router_key_path))
-        names = await stored(js)
-        return held is not None and bool(names) and int(max(names).removeprefix(snaps.PREFIX)) >= held.seq
+        kept = await names(js)
+        return held is not None and bool(kept) and int(kept[-1].removeprefix(snaps.PREFIX)) >= held.seq
 
     await wait_until(anchor_covered, what="a snapshot at or after the anchored checkpoint")
     await rr.stop()
