@@ -1,6 +1,7 @@
-"""``python -m bench [--only router|projections|scaling|fsync|e2e] [--messages N] [--rounds R] [--tasks T]
+"""``python -m bench [--only router|projections|scaling|fsync|e2e|coldstart] [--messages N] [--rounds R] [--tasks T]
 [--events E] [--sleep-tasks N] [--sleep S] [--replicas 1,2,4] [--fsync-messages N] [--fsync-sequential M]
-[--e2e-tasks N] [--e2e-samples M] [--profile] [--plot PNG] [--write-docs [--docs MD]]``
+[--e2e-tasks N] [--e2e-samples M] [--coldstart-records 100000,1000000] [--profile] [--plot PNG]
+[--write-docs [--docs MD]]``
 
 1. Router throughput vs a bare relay. Both drain the same N preloaded submissions from
    INGRESS through the same JetStream work: fetch, one AUDIT write and one WORK write per
@@ -23,6 +24,8 @@
 6. The whole system as a user compares it: ``honcho start`` as shipped (traced, and with
    OTEL_SDK_DISABLED=true) beside Celery with Redis, N no-op tasks pipelined and M one at a
    time, rounds alternating (see bench/e2e.py; needs ``uv sync --extra bench``).
+7. Router cold start as the audit log grows, from a snapshot and folding the whole log, on
+   one log grown by the real router and an echo agent (see bench/coldstart.py).
 
 Every round uses a fresh nats-server (or cluster); medians are reported because these machines are noisy.
 """
@@ -49,7 +52,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler, Sam
 from rich.console import Console
 from rich.table import Table
 
-from bench import e2e, e2e_report, fsync, projections, scaling
+from bench import coldstart, e2e, e2e_report, fsync, projections, scaling
 from ledgerbus.agents.runtime import Agent
 from ledgerbus.bus import codec, pull, subjects
 from ledgerbus.bus.connection import connect
@@ -270,9 +273,20 @@ def _counts(value: str) -> list[int]:
     return sorted(counts | {1})
 
 
+def _sizes(value: str) -> list[int]:
+    """``--coldstart-records 100000,1000000`` → ``[100000, 1000000]``."""
+    try:
+        sizes = sorted({int(v) for v in value.split(",") if v.strip()})
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a list of record counts: {value!r}") from exc
+    if not sizes or sizes[0] < 1:
+        raise argparse.ArgumentTypeError(f"record counts are positive: {value!r}")
+    return sizes
+
+
 def cli() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["router", "projections", "scaling", "fsync", "e2e"],
+    parser.add_argument("--only", choices=["router", "projections", "scaling", "fsync", "e2e", "coldstart"],
                         help="Run one benchmark, not all.")
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
@@ -290,6 +304,9 @@ def cli() -> None:
                         help="No-op tasks pipelined per system and round in the end-to-end benchmark.")
     parser.add_argument("--e2e-samples", type=int, default=300,
                         help="Tasks then run one at a time per system and round, for the latency percentiles.")
+    parser.add_argument("--coldstart-records", type=_sizes, default="100000,1000000",
+                        help="Audit log sizes at which the router's cold start is measured, with and without "
+                             "snapshots (one log, grown in turn).  [default: 100000,1000000]")
     parser.add_argument("--profile", action="store_true",
                         help="End-to-end: one more traced ledgerbus run with py-spy on the leading router; "
                              "prints the profile's top lines (raw stacks in bench/results/router-profile.txt).")
@@ -344,6 +361,16 @@ def cli() -> None:
                           f"{sync['throughput_over_single_default'][name]:.2f}")
             table.add_row("PubAck latency, ms (p50)", f"{sync['puback_ms_p50'][name]:.2f} {label}", base_rtt,
                           f"{sync['puback_over_single_default'][name]:.2f}")
+    if args.only in (None, "coldstart"):
+        cold = asyncio.run(coldstart.run(args.coldstart_records, args.rounds, PRINCIPALS, REPO, say=console.print))
+        result["coldstart"] = cold
+        (REPO / "bench" / "results").mkdir(exist_ok=True)
+        (REPO / "bench" / "results" / "coldstart.json").write_text(json.dumps(cold, indent=2) + "\n")
+        for size, c in cold["sizes"].items():
+            table.add_row(f"router cold start, s (median, {c['records']:,} records)",
+                          f"{c['cold_start_snapshot_s']:.2f} from a snapshot (tail {c['tail']:,})",
+                          f"{c['cold_start_full_s']:.2f} whole log folded",
+                          f"{c['cold_start_snapshot_s'] / c['cold_start_full_s']:.2f}")
     if args.only in (None, "e2e"):
         profile = REPO / "bench" / "results" / "router-profile.txt" if args.profile else None
         ends = e2e.run(REPO, args.e2e_tasks, args.e2e_samples, args.rounds, profile, say=console.print)

@@ -21,6 +21,8 @@ fail point costs one truth test of an empty dict. The points (each documented in
     the batch's records stored in AUDIT, no task dispatched, nothing acked;
 ``router.dispatched``
     work published to WORK, INGRESS not acked;
+``router.snapshot_writing``
+    a snapshot's first chunk stored in the ``snapshots`` object store, its entry not yet;
 ``projector.applied``
     a batch's rows written inside the projector's transaction, not committed;
 ``agent.skill_done``
@@ -38,8 +40,8 @@ from collections.abc import Mapping
 from ledgerbus.bus.errors import ConfigError
 
 ENV = "LEDGERBUS_FAILPOINTS"
-POINTS = ("router.fetched", "router.appended", "router.dispatched", "projector.applied", "agent.skill_done",
-          "agent.keepalive")
+POINTS = ("router.fetched", "router.appended", "router.dispatched", "router.snapshot_writing", "projector.applied",
+          "agent.skill_done", "agent.keepalive")
 
 
 def parse(spec: str) -> tuple[dict[str, int], frozenset[str]]:

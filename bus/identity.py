@@ -11,7 +11,8 @@ its NATS user has the same name. What each may do is generated here, per kind:
 - everyone reads only their own inbox, ``_INBOX_<principal>.>`` (and an agent what the
   router tells it, ``notify.agent.<name>.>``);
 - only ``router`` writes ``audit.>``, ``work.>`` and ``assign.>`` and the chain's anchor (the ``chain``
-  bucket, which ``cli-<name>`` may read); only ``admin`` and ``router`` manage streams;
+  bucket, which ``cli-<name>`` may read), and only it reads or writes its snapshots (the
+  ``snapshots`` object store); only ``admin`` and ``router`` manage streams;
 - everyone publishes the spans it records on ``traces.*.<principal>``, and only there, so
   a span's publisher is known; ``cli-<name>`` reads TRACES (``agentctl trace``);
 - likewise everyone publishes its metrics snapshots on ``metrics.<principal>.*`` only;
@@ -104,6 +105,7 @@ _CHAIN_HEAD = subjects.kv_subject(subjects.CHAIN_BUCKET, subjects.CHAIN_HEAD_KEY
 _KV_AGENTS = subjects.kv_stream(subjects.AGENTS_BUCKET)
 _KV_ROUTER = subjects.kv_stream(subjects.ROUTER_BUCKET)
 _KV_CHAIN = subjects.kv_stream(subjects.CHAIN_BUCKET)
+_OBJ_SNAPSHOTS = subjects.obj_stream(subjects.SNAPSHOT_BUCKET)
 _ANY, _REST = subjects.WILDCARD, subjects.FULL_WILDCARD
 
 # What a skill may ask the projector (ctx.memory, ctx.shared, ctx.tasks): not the audit
@@ -138,7 +140,7 @@ def permissions(ident: Identity) -> dict[str, Any]:
         sub = [inbox]
     elif ident.kind == "router":
         streams = (subjects.INGRESS_STREAM, subjects.AUDIT_STREAM, subjects.WORK_STREAM, subjects.DEADLETTER_STREAM,
-                   subjects.TRACES_STREAM, subjects.METRICS_STREAM, _KV_AGENTS, _KV_ROUTER, _KV_CHAIN)
+                   subjects.TRACES_STREAM, subjects.METRICS_STREAM, _KV_AGENTS, _KV_ROUTER, _KV_CHAIN, _OBJ_SNAPSHOTS)
         pub = [subjects.AUDIT_ALL, subjects.WORK_ALL, subjects.ASSIGN_ALL, subjects.NOTIFY_ALL, subjects.JS_API_INFO,
                subjects.js_stream_info(_ANY), subjects.JS_FC_ALL,
                *(subjects.js_stream_create(s) for s in streams), *(subjects.js_stream_update(s) for s in streams),
@@ -151,7 +153,12 @@ def permissions(ident: Identity) -> dict[str, Any]:
                subjects.kv_subject(subjects.ROUTER_BUCKET, _REST), subjects.js_direct_get(_KV_ROUTER, _REST),
                subjects.js_stream_msg_get(_KV_ROUTER),
                # The chain's anchor: one key, written and read back, nothing else in the bucket.
-               _CHAIN_HEAD, subjects.js_direct_get(_KV_CHAIN, _CHAIN_HEAD)]
+               _CHAIN_HEAD, subjects.js_direct_get(_KV_CHAIN, _CHAIN_HEAD),
+               # Its snapshots (router/snapshots.py): written, listed and read back, the
+               # old ones purged; nobody else may read or write them.
+               subjects.obj_all(subjects.SNAPSHOT_BUCKET), subjects.js_stream_msg_get(_OBJ_SNAPSHOTS),
+               subjects.JS_STREAM_NAMES,
+               subjects.js_stream_purge(_OBJ_SNAPSHOTS), *_follows(_OBJ_SNAPSHOTS)]
         sub = [inbox]
     elif ident.kind == "projector":
         pub = [subjects.JS_API_INFO, subjects.js_stream_info(subjects.AUDIT_STREAM),

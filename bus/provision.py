@@ -24,6 +24,7 @@ from nats.js.api import (
     ConsumerConfig,
     DiscardPolicy,
     KeyValueConfig,
+    ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -209,8 +210,20 @@ def chain_bucket_config(settings: Settings) -> KeyValueConfig:
     )
 
 
+def snapshot_store_config(settings: Settings) -> ObjectStoreConfig:
+    """The ``snapshots`` object store: the router's signed snapshots of its state
+    (``router/snapshots.py``). An object store, not a KV bucket, because a snapshot may be
+    larger than a message; no TTL: the router deletes all but the newest few itself."""
+    return ObjectStoreConfig(
+        storage=StorageType.FILE,
+        replicas=settings.stream_replicas,
+        description="the router's signed snapshots of its folded state",
+    )
+
+
 async def provision(js: JetStreamContext, settings: Settings) -> None:
-    """Create or update every stream and the ``agents`` and ``chain`` buckets."""
+    """Create or update every stream, the ``agents`` and ``chain`` buckets and the
+    ``snapshots`` object store."""
 
     async def stream(config: StreamConfig) -> None:
         try:
@@ -250,8 +263,23 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
             await _retrying(functools.partial(bucket, kv), settings, f"bucket {kv.bucket}")
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot provision bucket {kv.bucket}: {exc}{_replicas_hint(settings)}") from exc
+
+    async def objects() -> None:
+        try:
+            await js.create_object_store(subjects.SNAPSHOT_BUCKET, config=snapshot_store_config(settings))
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != STREAM_NAME_IN_USE:
+                raise
+            await ensure_replicas(js, subjects.obj_stream(subjects.SNAPSHOT_BUCKET), settings.stream_replicas)
+
+    try:
+        await _retrying(objects, settings, f"object store {subjects.SNAPSHOT_BUCKET}")
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise BusError(f"cannot provision object store {subjects.SNAPSHOT_BUCKET}: {exc}"
+                       f"{_replicas_hint(settings)}") from exc
     log.info("provisioned", streams=[c.name for c in stream_configs(settings)],
-             buckets=[subjects.AGENTS_BUCKET, subjects.CHAIN_BUCKET], replicas=settings.stream_replicas)
+             buckets=[subjects.AGENTS_BUCKET, subjects.CHAIN_BUCKET, subjects.SNAPSHOT_BUCKET],
+             replicas=settings.stream_replicas)
 
 
 def _replicas_hint(settings: Settings) -> str:

@@ -50,6 +50,13 @@ class Settings:
     router_key_path: Path = Path("var/keys/router.key")
     checkpoint_every: int = 1000
     checkpoint_interval_s: float = 60.0
+    snapshot_every: int = 10_000
+    """The router saves a snapshot of its state every this many audit records, and starts
+    (or takes over) from the newest valid one plus the records after it; 0: never, every
+    start folds the whole log (docs/operations.md, "Router snapshots")."""
+    snapshot_keep: int = 3
+    """How many snapshots the router keeps, the newest and the ones before it (a damaged
+    newest one is passed over for the one before)."""
     max_message_bytes: int = 256 * 1024
     duplicate_window_s: float = 120.0
     dedup_horizon_s: float = 24 * 3600.0

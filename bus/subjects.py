@@ -22,6 +22,7 @@ permissions both follow from the shapes below.
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass
 from typing import Final
@@ -44,6 +45,8 @@ CHAIN_BUCKET: Final = "chain"
 CHAIN_HEAD_KEY: Final = "head"
 CHAIN_HISTORY: Final = 16
 """How many anchors, the newest and those before it, the ``chain`` bucket keeps (no TTL)."""
+SNAPSHOT_BUCKET: Final = "snapshots"
+"""The router's signed snapshots of its folded state (an object store: ``router/snapshots.py``)."""
 
 INGRESS_ALL: Final = "in.>"
 AUDIT_ALL: Final = "audit.>"
@@ -250,6 +253,21 @@ def kv_subject(bucket: str, key: str) -> str:
     return f"$KV.{bucket}.{key}"
 
 
+def obj_stream(bucket: str) -> str:
+    """The stream JetStream keeps an object store bucket in."""
+    return f"OBJ_{bucket}"
+
+
+def obj_all(bucket: str) -> str:
+    """Every subject of an object store bucket: its chunks (``C``) and its entries (``M``)."""
+    return f"$O.{bucket}.>"
+
+
+def obj_meta(bucket: str, name: str) -> str:
+    """The subject that holds the entry (name, size, digest, chunks' id) of object ``name``."""
+    return f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+
+
 def heartbeat_key(agent: str, suffix: str) -> str:
     """The ``agents`` bucket key of one instance of ``agent``: ``<name>.<suffix>``, so the
     agent's permissions can cover its own instances' keys (:func:`heartbeat_keys`) and no
@@ -329,6 +347,15 @@ def js_stream_update(stream: str) -> str:
 def js_stream_msg_get(stream: str) -> str:
     """Read one message of ``stream`` by sequence or last-by-subject."""
     return _api("STREAM.MSG.GET", stream, ())
+
+
+JS_STREAM_NAMES: Final = "$JS.API.STREAM.NAMES"
+"""Which stream holds a subject (what nats-py asks before it reads an object store)."""
+
+
+def js_stream_purge(stream: str) -> str:
+    """Purge ``stream`` (or, with a subject filter in the request, part of it)."""
+    return _api("STREAM.PURGE", stream, ())
 
 
 def js_stream_msg_delete(stream: str) -> str:

@@ -20,6 +20,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from ledgerbus.agents import discovery
 from ledgerbus.bus import codec, failpoints, metrics, pull, signing, subjects, tracing
+from ledgerbus.bus.chain import ChainHead
 from ledgerbus.bus.errors import SchemaError
 from ledgerbus.bus.events import (
     AgentLeft,
@@ -52,6 +53,7 @@ from ledgerbus.router.live import LiveAgents, start_watch
 from ledgerbus.router.policy import PolicyFile
 from ledgerbus.router.records import Decision, record_attributes, record_for
 from ledgerbus.router.scheduler import RouterDecision, Scheduler
+from ledgerbus.router.snapshots import Snapshots
 from ledgerbus.router.state import RouterState
 
 log = structlog.get_logger(__name__)
@@ -110,6 +112,7 @@ class Router:
         key = signing.load_or_create(self.settings.router_key_path)
         self.tokens.use_key(key)
         self.checkpoints = Checkpoints(self.js, self.settings, key, asyncio.get_running_loop().time())
+        self.snapshots = Snapshots(self.js, self.settings, key)
         await provision(self.js, self.settings)
         await self.publisher.start()
         await self.checkpoints.anchors.load()
@@ -130,9 +133,15 @@ class Router:
         log.info("router_started", head_seq=self.audit.head.seq)
 
     async def _recover(self) -> None:
-        self.state = RouterState(dedup_horizon_s=self.settings.dedup_horizon_s)
+        started = asyncio.get_running_loop().time()
         watch = self.checkpoints.anchors.watch()
-        head = await audit_mod.recover(self.js, self.state, watch)
+        # The newest valid snapshot and the records after it, or (none) the whole log.
+        loaded = await self.snapshots.load(watch)
+        self.state, start = loaded or (RouterState(dedup_horizon_s=self.settings.dedup_horizon_s), ChainHead())
+        head = await audit_mod.recover(self.js, self.state, watch, start)
+        log.info("audit_recovered", head_seq=head.seq, tasks=len(self.state.tasks),
+                 from_snapshot=start.seq if loaded else None, tail=head.seq - start.seq,
+                 seconds=round(asyncio.get_running_loop().time() - started, 3))
         self.checkpoints.stream_created = (await self.js.stream_info(subjects.AUDIT_STREAM)).created
         self.audit = AuditLog(self.publisher, head)
         await self.checkpoints.check_anchors(head, watch, self.audit, self.state, self.accept_new_chain)
@@ -206,6 +215,8 @@ class Router:
                 await self.schedule()
                 await self._dead_letters()
                 await self._checkpoint_if_due()
+                # A batch boundary: every record folded into the state is acknowledged.
+                self.snapshots.maybe_save(self.state, self.audit.head)
                 await self.gauges.refresh(self.state)
             except (nats.errors.Error, AuditAppendError) as exc:
                 # The log is consistent whatever failed here (records are appended before
@@ -215,7 +226,9 @@ class Router:
 
     async def _unbind(self) -> None:
         """Let go of INGRESS and stop the watchers (before the connection drains, or the
-        drain waits out a pull request)."""
+        drain waits out a pull request); a snapshot being written is finished."""
+        if (snapshots := getattr(self, "snapshots", None)) is not None:
+            await snapshots.stop()
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import msgspec
 import structlog
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from ledgerbus.bus import anchor, chain, subjects
 from ledgerbus.bus.chain import ChainHead
@@ -57,24 +57,27 @@ class AuditLog:
                 raise AuditAppendError(f"audit record stored at seq {ack.seq}, expected {record.seq}")
 
 
-async def recover(js: JetStreamContext, state: RouterState, watch: anchor.Watch | None = None) -> ChainHead:
-    """Fold the whole audit log into ``state`` and return the chain head, verifying the chain;
-    ``watch`` sees every record (what the chain's anchor is compared with).
+async def recover(js: JetStreamContext, state: RouterState, watch: anchor.Watch | None = None,
+                  start: ChainHead = ChainHead()) -> ChainHead:
+    """Fold the audit log after ``start`` (from the first record by default; a snapshot's
+    head, with ``state`` loaded from it) into ``state`` and return the chain head, verifying
+    the chain from ``start``; ``watch`` sees every record read (what the chain's anchor is
+    compared with).
 
     A broken chain stops the router: extending it would make tampering look legitimate.
     So does a record it cannot decode (:class:`LogUnreadableError`, naming its sequence).
     """
     info = await js.stream_info(subjects.AUDIT_STREAM)
     last = info.state.last_seq
-    if last == 0:
-        return ChainHead()
+    if last <= start.seq:
+        return start
     sub = await js.subscribe(
         subjects.AUDIT_ALL,
         stream=subjects.AUDIT_STREAM,
         ordered_consumer=True,
-        deliver_policy=DeliverPolicy.ALL,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start.seq + 1),
     )
-    head = ChainHead()
+    head = start
     try:
         while head.seq < last:
             msg = await sub.next_msg(timeout=10)
@@ -95,5 +98,4 @@ async def recover(js: JetStreamContext, state: RouterState, watch: anchor.Watch 
         raise AuditAppendError(f"timed out reading the audit log at seq {head.seq} of {last}") from exc
     finally:
         await sub.unsubscribe()
-    log.info("audit_recovered", head_seq=head.seq, tasks=len(state.tasks))
     return head

@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ledgerbus.bus import lifecycle
+from ledgerbus.bus.anchor import RESTART_CODE
 from ledgerbus.bus.events import (
     NO_RETRY,
     PLAN_SKILL,
@@ -63,6 +64,12 @@ class RouterState:
         self.last_checkpoint_seq = 0
         self.last_checkpoint: Checkpoint | None = None
         """The newest signed checkpoint in the log (the one the chain's anchor names)."""
+        self.checkpoint_hashes: dict[int, str] = {}
+        """seq → hash of every checkpoint record: what a snapshot vouches for the records an
+        anchor may name (``router/snapshots.py``), without reading the log up to them."""
+        self.restarts: list[AuditRecord] = []
+        """Every checkpoint record with which an operator accepted a new chain (what the
+        anchor check looks for: ``bus/anchor.py``)."""
         self.checkpoints: dict[str, dict[str, int]] = {}
         """agent name → its memory checkpoints' ids → the seq that saved each"""
         self.registry: dict[str, set[str]] = {}
@@ -104,6 +111,9 @@ class RouterState:
         self._traceparent = traceparent
         if record.checkpoint is not None:
             self.last_checkpoint_seq, self.last_checkpoint = record.seq, record.checkpoint
+            self.checkpoint_hashes[record.seq] = record.hash
+            if record.code == RESTART_CODE:
+                self.restarts.append(record)
             return
         if record.ingress_seq:
             self._audited[record.ingress_seq] = record

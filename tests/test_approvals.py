@@ -12,6 +12,7 @@ from ledgerbus.bus import codec, subjects
 from ledgerbus.bus.events import TaskApproved, TaskDenied, TaskSubmitted, new_id
 from ledgerbus.bus.settings import Settings
 from tests.conftest import RunningRouter
+from tests.snapshot_support import assert_snapshots_fold_alike
 from tests.support import Procs, agentctl, claim, send, wait_for_record, wait_for_records, wait_until, work_count
 
 Connect = Callable[[str], Awaitable[Client]]
@@ -75,6 +76,8 @@ async def test_held_tasks_run_only_when_an_approver_other_than_the_submitter_app
         await wait_until(dispatched, what="t4 dispatched after the restart")
     finally:
         await router.stop()
+    # Held, approved and denied tasks in the log: a snapshot anywhere plus the tail folds alike.
+    await assert_snapshots_fold_alike(admin.jetstream(), settings)
 
 
 async def test_approve_and_deny_from_the_cli_end_to_end(procs: Procs, admin: Client, settings: Settings) -> None:

@@ -17,6 +17,7 @@ from nats.aio.client import Client
 
 from ledgerbus.bus.settings import Settings
 from tests.fakellm import FakeLLM, answer
+from tests.snapshot_support import assert_snapshots_fold_alike
 from tests.support import REPO, Procs, agentctl, audit_records
 from tests.test_e2e import start_system
 from tests.test_llm_skills_e2e import fake  # noqa: F401 - the fake LLM fixture
@@ -67,6 +68,9 @@ async def test_a_plans_budget_covers_its_steps_together_and_stops_the_plan(
     assert failed["error"].startswith("not calling fake-model: the call may use ")
     assert f"the budget of task {failed['task_id']} has 100 left" in failed["error"]
     assert len(fake.requests) == requests, "the call was not made"
+    # The log this test made, at rest: a snapshot anywhere in it plus the tail folds alike.
+    await procs.stop_all()
+    await assert_snapshots_fold_alike(admin.jetstream(), settings)
 
 
 async def test_the_plan_skills_budget_covers_the_plan_it_makes_and_its_steps(

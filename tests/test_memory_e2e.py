@@ -15,6 +15,7 @@ from nats.aio.client import Client
 from ledgerbus.bus import query, subjects
 from ledgerbus.bus.settings import Settings
 from ledgerbus.projections import db as dbmod
+from tests.snapshot_support import assert_snapshots_fold_alike
 from tests.support import Procs, agentctl, wait_for_record, wait_until
 from tests.test_e2e import joined
 
@@ -143,3 +144,6 @@ async def test_agents_share_delegate_checkpoint_and_a_replay_equals_the_live_pro
     assert tail == live
     assert live["memory"] and live["knowledge"] and live["snap_knowledge"] and live["checkpoints"]
     assert live["shared"] and live["approvals"] == [] and len(live["audit_index"]) == position
+    # The log this test made, at rest: a snapshot anywhere in it plus the tail folds alike.
+    await procs.stop_all()
+    await assert_snapshots_fold_alike(admin.jetstream(), settings)

@@ -15,6 +15,7 @@ from nats.aio.client import Client
 
 from ledgerbus.bus.events import AuditRecord, PlanStep, PlanSubmitted, new_id
 from ledgerbus.bus.settings import Settings
+from tests.snapshot_support import assert_snapshots_fold_alike
 from tests.support import Procs, agentctl, audit_records, send, wait_for_record
 
 Connect = Callable[[str], Awaitable[Client]]
@@ -91,6 +92,9 @@ async def test_the_six_task_plan_runs_in_three_waves(procs: Procs, settings: Set
     for step in ("setup_a", "install_b", "test_a"):
         assert any(line.strip().endswith("s") and f"{step} sleep completed on sleeper-1" in line
                    for line in out.splitlines()), out
+    # The log this test made, at rest: a snapshot anywhere in it plus the tail folds alike.
+    await procs.stop_all()
+    await assert_snapshots_fold_alike(admin.jetstream(), settings)
 
 
 async def test_killing_the_router_mid_plan_loses_nothing_and_repeats_nothing(
@@ -193,3 +197,6 @@ async def test_a_task_whose_claimants_all_die_is_dead_lettered_after_max_deliver
     records = await audit_records(js)
     assert not [r for r in records if r.key == "cursed-hang" and r.kind == "task_started" and r.event.attempt > 2]  # type: ignore[union-attr]
     assert not [r for r in records if r.key == "cursed-never" and r.kind == "task_dispatched"]
+    # The log this test made, at rest: a snapshot anywhere in it plus the tail folds alike.
+    await procs.stop_all()
+    await assert_snapshots_fold_alike(admin.jetstream(), settings)

@@ -5,7 +5,9 @@ principal's rights. Changed on purpose since, and reviewed line by line: work as
 one agent (``assign.<name>.>``, its own consumer), and WORK consumers created only through
 the API subject that names their filter (no legacy durable create, whose filter the server
 does not check); metrics snapshots (``metrics.<principal>.*``, each its own), which a CLI
-principal reads with the sizes of the streams and of WORK's consumers."""
+principal reads with the sizes of the streams and of WORK's consumers; the router's own
+``snapshots`` object store (router/snapshots.py), which no other principal may read or
+write."""
 
 from __future__ import annotations
 

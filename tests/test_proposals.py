@@ -27,6 +27,7 @@ from ledgerbus.bus.identity import Registry
 from ledgerbus.bus.server import NatsServer
 from ledgerbus.bus.settings import Settings
 from tests.fakellm import FakeLLM, answer
+from tests.snapshot_support import assert_snapshots_fold_alike
 from tests.support import Procs, audit_records, process_env, wait_for_record, wait_until
 
 
@@ -262,6 +263,9 @@ async def test_the_sop_pipeline_plays_each_role_in_turn_with_its_profile(
     for before, after in itertools.pairwise(order):
         finished = of(records, f"sop1-{before}", "task_completed")[0].seq
         assert finished < of(records, f"sop1-{after}", "task_dispatched")[0].seq
+    # The log this test made, at rest: a snapshot anywhere in it plus the tail folds alike.
+    await procs.stop_all()
+    await assert_snapshots_fold_alike(admin.jetstream(), settings)
 
 
 async def test_profile_file_errors_name_the_file_the_profile_and_the_field(settings: Settings, tmp_path: Path) -> None:

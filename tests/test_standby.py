@@ -118,3 +118,30 @@ async def test_the_lease_is_one_holder_at_a_time_and_a_lost_one_stays_lost(conne
     first.revision = 1  # its last write, long since overwritten
     assert not await first.renew() and not first.held
     assert await second.renew() and await second.holder() == "second"
+
+
+async def test_a_standby_takes_over_from_the_leaders_newest_snapshot_and_reads_only_the_tail(
+    procs: Procs, settings: Settings, connect_as: Connect, admin: Client
+) -> None:
+    env = {**LEASE, "LEDGERBUS_SNAPSHOT_EVERY": "10"}
+    leader = await procs.start("router-a", "router", **env)
+    await leader.wait_logged("lease_acquired")
+    standby = await procs.start("router-b", "router", **env)
+    await standby.wait_logged("standby")
+    await procs.start("echo-1", "agent", "--name", "echo-1", "--skills", "echo", "--concurrency", "4")
+    await wait_for_record(admin.jetstream(), joined("echo-1"))
+    cli = await connect_as("cli")
+    task_ids = [f"snap-{i}" for i in range(50)]
+    await submit(cli, task_ids[:30])
+    await all_completed(admin, task_ids[:30])
+    await leader.wait_logged("snapshot_saved")
+    saved = max(line["head_seq"] for line in leader.log_lines() if line.get("event") == "snapshot_saved")
+    leader.kill9()
+    await submit(cli, task_ids[30:])
+    counts = await all_completed(admin, task_ids)
+    assert set(counts.values()) == {1}, {k: n for k, n in counts.items() if n != 1}
+    assert standby.logged("lease_acquired")
+    took_over = next(line for line in standby.log_lines() if line.get("event") == "audit_recovered")
+    assert took_over["from_snapshot"] >= saved
+    assert took_over["tail"] == took_over["head_seq"] - took_over["from_snapshot"]
+    await assert_one_unbroken_chain(admin)

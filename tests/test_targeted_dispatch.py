@@ -45,6 +45,7 @@ from ledgerbus.router.live import LiveAgents
 from ledgerbus.router.scheduler import Scheduler
 from ledgerbus.router.state import RouterState
 from tests.conftest import RunningRouter
+from tests.snapshot_support import assert_snapshots_fold_alike
 from tests.support import Procs, agentctl, audit_records, send, wait_for_record
 
 Connect = Callable[[str], Awaitable[Client]]
@@ -277,6 +278,9 @@ async def test_an_agent_whose_heartbeat_lapses_is_recorded_gone_and_its_work_han
     rows = await asyncio.wait_for(lost(), 30)
     assert rows["agent-b"]["status"] == "online"
     await agentctl(settings, "cancel", "lapse")  # agent-b stops the 30 s sleep: a quick teardown
+    # The log this test made, at rest: a snapshot anywhere in it plus the tail folds alike.
+    await procs.stop_all()
+    await assert_snapshots_fold_alike(admin.jetstream(), settings)
 
 
 class DelegateThenFail:
@@ -324,3 +328,6 @@ async def test_a_subtask_made_by_a_superseded_attempt_is_cancelled(
     finally:
         stop.set()
         await agent
+    # The log this test made, at rest: a snapshot anywhere in it plus the tail folds alike.
+    await procs.stop_all()
+    await assert_snapshots_fold_alike(admin.jetstream(), settings)

@@ -63,6 +63,8 @@ SLEEPERS = ("sleeper-1", "agent-a")
 FAULTS = ("agent_kill", "agent_crash", "router_kill", "router_crash", "router_pause", "projector_crash",
           "server_kill")
 ROUTER_POINTS = ("router.fetched", "router.appended", "router.dispatched")
+SNAPSHOT_EVERY = 25
+"""The routers' ``LEDGERBUS_SNAPSHOT_EVERY`` in a run (a run makes a few hundred records)."""
 
 
 @dataclass(frozen=True)
@@ -319,7 +321,9 @@ class System:
 
     async def _router(self, name: str, **env: str) -> Proc:
         assert self.procs is not None
-        return await self.procs.start(name, "router", LEDGERBUS_ROUTER_LEASE_S=str(LEASE_S), **env)
+        # Snapshots every few records: every restart and takeover of a run starts from one.
+        return await self.procs.start(name, "router", LEDGERBUS_ROUTER_LEASE_S=str(LEASE_S),
+                                      **{"LEDGERBUS_SNAPSHOT_EVERY": str(SNAPSHOT_EVERY), **env})
 
     async def _projector(self, **env: str) -> Proc:
         assert self.procs is not None

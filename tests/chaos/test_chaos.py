@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ledgerbus.bus.events import AuditRecord
-from tests.chaos.harness import ACK_WAIT_S, FAULTS, Report, chaos, schedule, seed_from_env
+from tests.chaos.harness import ACK_WAIT_S, FAULTS, Fault, Report, chaos, schedule, seed_from_env
 
 
 @pytest.mark.parametrize("kind", FAULTS)
@@ -23,6 +23,16 @@ async def test_each_fault_alone_loses_and_doubles_nothing(kind: str, tmp_path: P
 async def test_a_random_schedule_of_every_fault_loses_and_doubles_nothing(tmp_path: Path, workspace_root: Path) -> None:
     seed = seed_from_env()
     await chaos(tmp_path, workspace_root, seed, schedule(seed, 10))
+
+
+async def test_a_router_killed_while_writing_a_snapshot_loses_and_doubles_nothing(
+    tmp_path: Path, workspace_root: Path
+) -> None:
+    seed = seed_from_env()
+    # The armed router dies in its first or second snapshot write, after a chunk and
+    # before the entry; the other router takes over from an older snapshot or the log.
+    faults = [Fault("router_crash", 1.0, point="router.snapshot_writing", hit=hit) for hit in (1, 2)]
+    await chaos(tmp_path, workspace_root, seed, faults)
 
 
 def claims(report: Report, task_id: str) -> list[AuditRecord]:
