@@ -112,6 +112,10 @@ async def test_the_control_center_runs_a_plan_approves_and_restores_in_a_browser
         await shot(page, "task", full=True)
         assert (await projected(admin, plan_id))["submitted_by"] == "cli-tester"
 
+        # A task nobody knows: the page says so, in place of the task.
+        await page.goto(f"{base}/#/task/no-such-task")
+        await expect(page.locator(".error-box")).to_contain_text("not_found")
+
         # A task of a held skill, through the form made from its input schema.
         await page.goto(f"{base}/#/submit?skill=sleep")
         await page.locator('input[name="seconds"]').fill("0")

@@ -170,19 +170,36 @@ let generation = 0;
 let timers = [];
 let refreshers = [];
 
-function every(ms, fn) {
+/** Run ``fn`` now and every ``ms`` while the page is shown. An error shows above the page
+ * (a task nobody knows, the projector still starting) until a later run succeeds. */
+async function every(ms, fn) {
   const gen = generation;
   const tick = async () => {
     if (gen !== generation) return;
     try {
       await fn();
+      if (gen === generation) pageError(null);
     } catch (exc) {
       if (!(exc instanceof ApiError)) console.error(exc);
+      else if (exc.status !== 401 && gen === generation) pageError(exc);
     }
   };
-  tick();
   timers.push(setInterval(tick, ms));
   refreshers.push(tick);
+  await tick();
+}
+
+function pageError(exc) {
+  let box = $("#page-error");
+  if (!exc) {
+    if (box) box.remove();
+    return;
+  }
+  if (!box) {
+    box = h("div", { id: "page-error", class: "error-box", role: "alert" });
+    $("#view").prepend(box);
+  }
+  box.textContent = exc.code && exc.code !== "error" ? `${exc.code}: ${exc.message}` : exc.message;
 }
 
 const refreshNow = () => refreshers.forEach((fn) => fn());
@@ -343,7 +360,7 @@ async function tasksPage(view, _, params) {
     extra = [];
     refresh().catch(failed);
   };
-  every(2000, refresh);
+  await every(2000, refresh);
 }
 
 // ---- one task -------------------------------------------------------------------------
@@ -465,7 +482,7 @@ async function taskPage(view, [id]) {
   const renderTrace = (tr) => trace.replaceChildren(h("h2", { style: "padding:14px 16px 0" }, "Trace",
     h("span", { class: "sub id" }, tr.trace_id || "not traced")), waterfall(tr));
 
-  every(1000, async () => {
+  await every(1000, async () => {
     if (task && TERMINAL.has(task.status) && traced >= TRACE_AFTER_END) return;
     await refresh();
   });
@@ -738,7 +755,7 @@ async function agentsPage(view) {
     h("div", { class: "panel flush" }, h("table", {},
       h("thead", {}, h("tr", {}, ["agent", "status", "skills", "replicas", "load", "heartbeat", "done", "failed", "joined"]
         .map((c) => h("th", { class: ["replicas", "done", "failed"].includes(c) ? "num" : "" }, c)))), body)));
-  every(2000, async () => {
+  await every(2000, async () => {
     const agents = await api("/agents");
     agents.sort((a, b) => (a.status === b.status ? a.name.localeCompare(b.name) : a.status === "online" ? -1 : 1));
     body.replaceChildren(...(agents.length ? agents.map((a) => {
@@ -782,7 +799,7 @@ async function agentPage(view, [name]) {
       (reason) => api(`/agents/${enc}/memory/wipe`, { method: "POST", body: { reason } }),
       (r) => `wiped (audit seq ${r.seq})`, { okText: "Wipe memory", danger: true }) }, "Wipe memory"));
 
-  every(3000, async () => {
+  await every(3000, async () => {
     const [m, cps] = await Promise.all([api(`/agents/${enc}/memory`), api(`/agents/${enc}/checkpoints`)]);
     if (gen !== generation) return;
     const list = (title, entries) => h("div", { class: "panel" }, h("h2", {}, title, h("span", { class: "sub" }, String(entries.length))),
@@ -828,7 +845,7 @@ async function approvalsPage(view, _, params) {
     h("label", {}, h("input", { type: "checkbox", checked: all, onchange: (e) => { location.hash = e.target.checked ? "#/approvals?all=true" : "#/approvals"; } }), " decided ones too")),
     h("div", { class: "panel flush" }, h("table", {}, h("thead", {}, h("tr", {},
       ["task", "skill", "submitted by", "held since", "decision", "reason", ""].map((c) => h("th", {}, c)))), body)));
-  every(2000, async () => {
+  await every(2000, async () => {
     const rows = await api(`/approvals?all=${all}`);
     body.replaceChildren(...(rows.length ? rows.map((r) => h("tr", { "data-task": r.task_id },
       h("td", {}, taskLink(r.task_id)),
@@ -943,7 +960,7 @@ async function auditPage(view, _, params) {
     oldest = null;
     refresh().catch(failed);
   };
-  every(3000, refresh);
+  await every(3000, refresh);
 }
 
 // ---- start ----------------------------------------------------------------------------
