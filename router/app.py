@@ -8,7 +8,6 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-import msgspec
 import nats.errors
 import nats.js.errors
 import structlog
@@ -21,13 +20,11 @@ from opentelemetry.trace import Status, StatusCode
 from ledgerbus.agents import discovery
 from ledgerbus.bus import codec, failpoints, metrics, pull, signing, subjects, tracing
 from ledgerbus.bus.chain import ChainHead
-from ledgerbus.bus.errors import SchemaError
 from ledgerbus.bus.events import (
     AgentLeft,
     AuditRecord,
     Notice,
     TaskCancelled,
-    TaskDeadLettered,
     TaskDispatched,
     TaskFailed,
     kind_of,
@@ -44,7 +41,6 @@ from ledgerbus.router.audit import AuditLog
 from ledgerbus.router.checkpoints import Checkpoints
 from ledgerbus.router.checks import Check, Inbound, default_checks, run_checks
 from ledgerbus.router.claims import AgentSkills, ClaimTokens
-from ledgerbus.router.deadletters import MaxDeliverAdvisory
 from ledgerbus.router.dispatch import deliver, dispatch, work_item, work_subject
 from ledgerbus.router.errors import AuditAppendError
 from ledgerbus.router.gauges import Gauges
@@ -292,41 +288,12 @@ class Router:
                         remaining=record.event.remaining)  # type: ignore[union-attr]
 
     async def _dead_letters(self) -> None:
-        """Dead-letter the tasks whose WORK message reached MaxDeliver with no result.
-
-        JetStream records an advisory (captured in DEADLETTERS) when it gives up
-        redelivering; the task's claimants all died or hung. The task is dead-lettered in
-        the log first, then the message is removed from WORK (it would stay for ever),
-        then the advisory is acked: a crash in between repeats only harmless steps.
-        """
+        """Dead-letter the tasks whose WORK message reached MaxDeliver with no result
+        (:func:`router.deadletters.settle`), then schedule what that freed."""
         msgs = self._dead_msgs[:]
         del self._dead_msgs[:]  # the same list the fetcher fills
-        for msg in msgs:
-            try:
-                advisory = msgspec.json.decode(msg.data, type=MaxDeliverAdvisory)
-                stored = await self.js.get_msg(subjects.WORK_STREAM, advisory.stream_seq)
-                item = codec.decode_work(stored.data or b"")
-            except nats.js.errors.NotFoundError:
-                await msg.ack()  # acked (or removed) since: nothing to dead-letter
-                continue
-            except (msgspec.DecodeError, SchemaError) as exc:
-                log.error("deadletter_undecodable", error=str(exc))
-                await msg.term()
-                continue
-            task = self.state.tasks.get(item.task_id)
-            if (task is not None and not task.settled and task.dispatch == item.dispatch
-                    and task.status in (TaskStatus.PENDING, TaskStatus.RUNNING)):
-                reason = (f"no result after {advisory.deliveries} deliveries (MaxDeliver): every claimant died or "
-                          f"went silent; last claim by {task.claimant or 'nobody'}, attempt {task.attempt}")
-                dead = TaskDeadLettered(id=new_id(), task_id=item.task_id, failures=task.failures, reason=reason)
-                record = self._router_record(dead)
-                self.state.apply(record[0], record[2].get(subjects.HDR_TRACEPARENT, ""))
-                await self.audit.append([record])
-                log.warning("dead_lettered", task_id=item.task_id, seq=record[0].seq, deliveries=advisory.deliveries)
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                await self.js.delete_msg(subjects.WORK_STREAM, advisory.stream_seq)
-            await msg.ack()
         if msgs:
+            await deadletters.settle(msgs, self.js, self.state, self._router_record, self.audit.append)
             await self.schedule()
 
     def _router_record(self, event: RouterDecision | AgentLeft) -> tuple[AuditRecord, bytes, dict[str, str]]:
