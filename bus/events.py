@@ -484,6 +484,45 @@ class Checkpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     signature: str = ""
 
 
+class ArchiveSeal(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The router's signed statement about one archive segment: records ``first_seq`` to
+    ``last_seq`` chain from ``prev_hash`` to ``last_hash``, and the file holding them has
+    ``sha256``. ``signature`` is Ed25519 over this struct's JSON with ``signature=""``, by the
+    key whose sha256 prefix is ``key_id`` (as a :class:`Checkpoint`'s)."""
+
+    file: str
+    first_seq: int
+    last_seq: int
+    first_at: datetime
+    last_at: datetime
+    prev_hash: str
+    last_hash: str
+    sha256: str
+    bytes: int
+    key_id: str = ""
+    signature: str = ""
+
+
+RetentionAction = Literal["archived", "expired"]
+
+
+class Retention(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What the retention rule did, recorded before it is done (``docs/architecture.md``,
+    Retention and archives).
+
+    ``archived``: records ``1..through_seq`` are in the archive's segments (``segments``,
+    the new ones) and leave the live stream; the projections and the router's state let go
+    of the tasks settled by then. ``expired``: the ``segments`` named are older than the
+    archive's own retention and are deleted.
+    """
+
+    action: RetentionAction
+    rule: str
+    """The rule that made the cut, as a person reads it, e.g. ``audit_max_age 7d``."""
+    through_seq: int
+    segments: list[ArchiveSeal] = []
+
+
 class AuditRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=True):
     """One entry of the audit log: the router's verdict on one ingress message.
 
@@ -506,6 +545,8 @@ class AuditRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_un
     event: AnyEvent | None = None
     raw: RawExcerpt | None = None
     checkpoint: Checkpoint | None = None
+    retention: Retention | None = None
+    """Set on the router's ``audit_archived`` and ``archive_expired`` records only."""
     prev_hash: str = ""
     hash: str = ""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 from cryptography.exceptions import InvalidSignature
@@ -17,7 +18,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from ledgerbus.bus import codec
 from ledgerbus.bus.errors import ConfigError
-from ledgerbus.bus.events import Checkpoint
+from ledgerbus.bus.events import ArchiveSeal, Checkpoint
+
+Signed = TypeVar("Signed", Checkpoint, ArchiveSeal)
+"""A statement of the router's: a struct with ``key_id`` and ``signature`` fields."""
 
 
 def public_path(key_path: Path) -> Path:
@@ -66,17 +70,17 @@ def load_public(path: Path) -> str:
     return text
 
 
-def _signed_bytes(cp: Checkpoint) -> bytes:
+def _signed_bytes(cp: Checkpoint | ArchiveSeal) -> bytes:
     return codec.encode(msgspec.structs.replace(cp, signature=""))
 
 
-def sign(key: Ed25519PrivateKey, cp: Checkpoint) -> Checkpoint:
+def sign(key: Ed25519PrivateKey, cp: Signed) -> Signed:
     """``cp`` with its ``key_id`` and ``signature`` filled in."""
     cp = msgspec.structs.replace(cp, key_id=key_id(public_hex(key)), signature="")
     return msgspec.structs.replace(cp, signature=key.sign(_signed_bytes(cp)).hex())
 
 
-def valid(public: str, cp: Checkpoint) -> bool:
+def valid(public: str, cp: Checkpoint | ArchiveSeal) -> bool:
     """Whether ``cp`` was signed by the key ``public`` (hex)."""
     if cp.key_id != key_id(public):
         return False
