@@ -39,8 +39,9 @@ def verify(app: App, db_path: Path | None, no_projections: bool, pubkey: Path | 
     """Verify the audit log: the stream is append-only, its sequences run from 1 with none
     missing, every record's hash recomputes and links to the one before, the router's signed
     checkpoints are valid and regular, the stream still holds the last checkpoint anchored
-    outside it (no restarted chain), and a projection rebuilt from scratch equals the live
-    one. Exit 0 when intact, 1 naming the first bad sequence and what is wrong."""
+    outside it (no restarted chain), records that left the stream are in the archive (sealed,
+    unchanged, chained into the stream, their leaving recorded), and a projection rebuilt
+    from scratch equals the live one. Exit 0 when intact, 1 naming the first bad sequence and what is wrong."""
     show = not as_json and err.is_terminal
     key_file = pubkey or signing.public_path(app.settings.router_key_path)
     anchor_file = anchor_path or anchor.file_path(app.settings.router_key_path)
@@ -61,7 +62,7 @@ def verify(app: App, db_path: Path | None, no_projections: bool, pubkey: Path | 
 
                 return await integrity.check(nc, public_key=public_key, max_gap=max_gap, anchor_file=anchor_file,
                                              anchor_required=anchor_path is not None, projections=not no_projections,
-                                             db_path=db_path, progress=progress)
+                                             db_path=db_path, progress=progress, settings=app.settings)
 
     report, findings = run(body)
     ok = all(f.ok for f in findings)

@@ -23,6 +23,12 @@ fail point costs one truth test of an empty dict. The points (each documented in
     work published to WORK, INGRESS not acked;
 ``router.snapshot_writing``
     a snapshot's first chunk stored in the ``snapshots`` object store, its entry not yet;
+``router.archive_written``
+    archive segments written and sealed in the manifest, their ``audit_archived`` record not
+    yet appended;
+``router.archive_recorded``
+    the ``audit_archived`` (or ``archive_expired``) record acknowledged, AUDIT not yet purged
+    (the files not yet deleted);
 ``projector.applied``
     a batch's rows written inside the projector's transaction, not committed;
 ``agent.skill_done``
@@ -40,7 +46,8 @@ from collections.abc import Mapping
 from ledgerbus.bus.errors import ConfigError
 
 ENV = "LEDGERBUS_FAILPOINTS"
-POINTS = ("router.fetched", "router.appended", "router.dispatched", "router.snapshot_writing", "projector.applied",
+POINTS = ("router.fetched", "router.appended", "router.dispatched", "router.snapshot_writing", "router.archive_written",
+          "router.archive_recorded", "projector.applied",
           "agent.skill_done", "agent.keepalive")
 
 

@@ -145,6 +145,8 @@ def permissions(ident: Identity) -> dict[str, Any]:
                subjects.js_stream_info(_ANY), subjects.JS_FC_ALL,
                *(subjects.js_stream_create(s) for s in streams), *(subjects.js_stream_update(s) for s in streams),
                subjects.js_stream_msg_get(subjects.AUDIT_STREAM), subjects.js_direct_get(subjects.AUDIT_STREAM),
+               # Retention (router/retention.py): AUDIT purged below a cut the chain records first.
+               subjects.js_stream_purge(subjects.AUDIT_STREAM), subjects.js_consumer_info(subjects.AUDIT_STREAM, _REST),
                *_follows(subjects.INGRESS_STREAM), *_pulls(subjects.INGRESS_STREAM),
                *_follows(subjects.AUDIT_STREAM), *_follows(_KV_AGENTS),
                subjects.js_consumer_delete(_KV_AGENTS, _REST), subjects.js_consumer_info(_KV_AGENTS, _REST),

@@ -12,6 +12,7 @@ to be online), provisioning waits for it for up to ``connect_timeout_s``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 from collections.abc import Awaitable, Callable
 
@@ -58,7 +59,9 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             storage=StorageType.FILE,
             num_replicas=settings.stream_replicas,
             deny_delete=True,
-            deny_purge=True,
+            # Purged only below a cut the chain records first (router/retention.py);
+            # provision() keeps deny_purge on a stream made with it (JetStream cannot lift it).
+            deny_purge=False,
             allow_rollup_hdrs=False,
             max_age=0,
             allow_direct=True,
@@ -231,7 +234,11 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != STREAM_NAME_IN_USE:
                 raise
-            # The stream exists with other settings: bring it to ours.
+            # The stream exists with other settings: bring it to ours, except deny_purge,
+            # which JetStream cannot lift (an AUDIT made before retention keeps it, and
+            # router/retention.py then archives nothing, saying so).
+            if config.deny_purge is False and (await js.stream_info(config.name or "")).config.deny_purge:
+                config = dataclasses.replace(config, deny_purge=True)
             await js.update_stream(config)
 
     async def bucket(config: KeyValueConfig) -> None:

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy, RetentionPolicy, StorageType, StreamInfo
+from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamInfo
 
 from ledgerbus.bus import anchor, chain, signing, subjects
+from ledgerbus.bus.archive import Archive, ArchiveError
 from ledgerbus.bus.chain import ChainHead
 from ledgerbus.bus.errors import ChainError, UnreadableRecord
-from ledgerbus.bus.events import AuditRecord
+from ledgerbus.bus.events import ArchiveSeal, AuditRecord
 
 Progress = Callable[[int, int], None]
 """Called with (records read, records in all) while the chain is checked."""
@@ -80,13 +81,13 @@ class LogReport:
 
 
 def config_findings(info: StreamInfo) -> list[str]:
-    """What is wrong with the AUDIT stream's configuration for an append-only log."""
+    """What is wrong with the AUDIT stream's configuration for an append-only log. A purge
+    is allowed (the retention rule's, below a cut the chain records first: checked by
+    :func:`verify_log`); no other way for records to leave is."""
     c = info.config
     problems = []
     if not c.deny_delete:
         problems.append("deny_delete is off: records can be deleted")
-    if not c.deny_purge:
-        problems.append("deny_purge is off: the stream can be purged")
     if c.allow_rollup_hdrs:
         problems.append("rollup headers are allowed: a record can replace others")
     if c.max_age:
@@ -119,6 +120,14 @@ class CheckpointWalk:
         self.last_seq = 0
         self.count = 0
         self.problem: tuple[int, str] | None = None
+        self._resumed = False
+        self.retention: list[AuditRecord] = []
+        """The ``audit_archived`` and ``archive_expired`` records seen."""
+
+    def resume(self, seq: int) -> None:
+        """Start after ``seq`` (the records before it expired from the archive): the first
+        checkpoint seen follows one this walk cannot see."""
+        self.last_seq, self._resumed = seq, True
 
     def _fail(self, seq: int, detail: str) -> None:
         if self.problem is None:
@@ -127,17 +136,19 @@ class CheckpointWalk:
     def record(self, record: AuditRecord, before: ChainHead) -> None:
         """Look at a record just verified; ``before`` is the head before it."""
         seq, cp = record.seq, record.checkpoint
+        if record.retention is not None and record.principal == "router":
+            self.retention.append(record)
         if cp is None:
             if seq - self.last_seq > self.max_gap:
                 self._fail(seq, f"seq {seq}: more than {self.max_gap} records since the last signed checkpoint")
             return
         if (cp.covers_seq, cp.chain_head) != (before.seq, before.hash):
             self._fail(seq, f"seq {seq}: the checkpoint does not cover the record before it")
-        elif cp.prev_checkpoint_seq != self.last_seq:
+        elif cp.prev_checkpoint_seq != self.last_seq and not self._resumed:
             self._fail(seq, f"seq {seq}: the checkpoint does not follow the one at seq {self.last_seq}")
         elif self.public_key is not None and not signing.valid(self.public_key, cp):
             self._fail(seq, f"seq {seq}: the checkpoint's signature does not verify with the router's key")
-        self.last_seq, self.count = seq, self.count + 1
+        self.last_seq, self.count, self._resumed = seq, self.count + 1, False
 
     def finding(self, head: ChainHead) -> Finding:
         """The verdict on every checkpoint seen up to ``head``."""
@@ -155,10 +166,18 @@ async def verify_log(
     public_key: str | None = None,
     max_gap: int = 1000 + 256,
     anchors: Sequence[anchor.Read] = (),
+    archive: Archive | None = None,
+    archive_max_age_s: float = 0.0,
 ) -> LogReport:
     """Check the AUDIT stream's configuration, its contiguity from 1, the whole chain, the
     signed checkpoints (with ``public_key``, the router's, hex), and that the stream still
-    holds the checkpoint each of ``anchors`` names."""
+    holds the checkpoint each of ``anchors`` names.
+
+    Records the stream no longer holds must be in ``archive`` (the retention rule's), read
+    as one chain with the stream: every segment sealed by the router's key, unchanged, and
+    contiguous; those deleted under the archive's retention (``archive_max_age_s``) named
+    by an ``archive_expired`` record, or older than that retention; and the purge allowed by
+    an ``audit_archived`` record."""
     report = LogReport()
     info = await js.stream_info(subjects.AUDIT_STREAM)
     problems = config_findings(info)
@@ -166,21 +185,28 @@ async def verify_log(
 
     state = info.state
     deleted = state.num_deleted or 0
-    if state.last_seq and (state.first_seq != 1 or deleted):
-        first_gap = state.first_seq if state.first_seq != 1 else (min(state.deleted) if state.deleted else 0)
+    purged = state.first_seq - 1 if state.last_seq else 0
+    if deleted:
         report.findings.append(Finding(
             "contiguity", False,
-            f"the stream holds {state.messages} of {state.last_seq} records "
-            f"(first seq {state.first_seq}, {deleted} deleted)",
-            seq=1 if state.first_seq != 1 else first_gap,
+            f"the stream holds {state.messages} of {state.last_seq - purged} records from seq {state.first_seq} "
+            f"({deleted} deleted)", seq=min(state.deleted) if state.deleted else 0,
         ))
+    elif purged:
+        report.findings.append(Finding("contiguity", True, f"seq {state.first_seq}..{state.last_seq} live, "
+                                       f"nothing deleted; 1..{purged} left for the archive"))
     else:
         report.findings.append(Finding("contiguity", True, f"seq 1..{state.last_seq}, nothing deleted"))
 
     walk = CheckpointWalk(public_key, max_gap)
     watch = anchor.Watch.of(a.anchor for a in anchors if a.anchor is not None)
+    archived = ArchiveWalk(archive, public_key, archive_max_age_s)
     try:
-        report.head = await _verify_chain(js, state.last_seq, on_progress, walk, watch)
+        start = archived.start(purged)
+        if start.seq:
+            walk.resume(start.seq)
+        head = await archived.read(start, purged, walk, watch, on_progress, state.last_seq)
+        report.head = await _verify_chain(js, state.last_seq, on_progress, walk, watch, head)
         if report.head.seq < state.last_seq:
             seq = report.head.seq + 1
             raise ChainError(f"seq {seq}: missing (deleted, or unreadable on disk); read up to {report.head.seq}", seq)
@@ -190,6 +216,8 @@ async def verify_log(
     except UnreadableRecord as exc:
         report.findings.append(Finding("hash chain", False, f"{exc}; not checked past it", seq=exc.seq))
     report.findings.append(walk.finding(report.head))
+    if purged or (archive is not None and archive.manifest_path.exists()):
+        report.findings.append(archived.finding(purged, walk))
     report.restarts = list(watch.restarts)
     report.anchors = [_compare(read, report.head, state.last_seq, watch, info.created, public_key) for read in anchors]
     report.findings.append(_anchor_finding(report))
@@ -231,13 +259,14 @@ def _anchor_finding(report: LogReport) -> Finding:
 
 
 async def _verify_chain(
-    js: JetStreamContext, last: int, on_progress: Progress | None, walk: CheckpointWalk, watch: anchor.Watch
+    js: JetStreamContext, last: int, on_progress: Progress | None, walk: CheckpointWalk, watch: anchor.Watch,
+    head: ChainHead = ChainHead(),
 ) -> ChainHead:
-    head = ChainHead()
-    if last == 0:
+    if last <= head.seq:
         return head
     sub = await js.subscribe(
-        subjects.AUDIT_ALL, stream=subjects.AUDIT_STREAM, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        subjects.AUDIT_ALL, stream=subjects.AUDIT_STREAM, ordered_consumer=True,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=head.seq + 1),
     )
     try:
         while head.seq < last:
@@ -257,3 +286,100 @@ async def _verify_chain(
     finally:
         await sub.unsubscribe()
     return head
+
+
+class ArchiveWalk:
+    """The archive's part of the chain: its seals, its files, and what allowed each record
+    to leave the stream."""
+
+    def __init__(self, archive: Archive | None, public_key: str | None, max_age_s: float) -> None:
+        self.archive = archive
+        self.public_key = public_key
+        self.max_age_s = max_age_s
+        self.segments: list[ArchiveSeal] = []
+        self.expired: list[ArchiveSeal] = []
+        self.problem: tuple[int, str] | None = None
+
+    def _fail(self, seq: int, detail: str) -> None:
+        if self.problem is None:
+            self.problem = (seq, detail)
+
+    def start(self, purged: int) -> ChainHead:
+        """Where the readable chain starts: after the segments deleted under the archive's
+        retention (their last seal vouches for the hash), else at the beginning."""
+        if self.archive is None:
+            if purged:
+                self._fail(1, f"records 1..{purged} left the stream and no archive was given to read them from")
+            return ChainHead()
+        try:
+            manifest = self.archive.manifest()
+        except ArchiveError as exc:
+            self._fail(1, str(exc))
+            return ChainHead()
+        self.segments, self.expired = manifest.segments, manifest.expired
+        seals = [*self.expired, *self.segments]
+        expected = 1
+        for seal in seals:
+            if self.public_key is not None and not signing.valid(self.public_key, seal):
+                self._fail(seal.first_seq, f"segment {seal.file}: its seal is not signed by the router's key")
+            if seal.first_seq != expected:
+                gap = f"{expected}..{seal.first_seq - 1}" if seal.first_seq > expected else f"{seal.first_seq}.."
+                self._fail(expected, f"segment missing: records {gap} are in no segment of {self.archive.path}")
+            expected = seal.last_seq + 1
+        if purged and expected <= purged:
+            self._fail(expected, f"segment missing: records {expected}..{purged} left the stream and are in no "
+                                 f"segment of {self.archive.path}")
+        if not self.expired:
+            return ChainHead()
+        last = self.expired[-1]
+        return ChainHead(last.last_seq, last.last_hash)
+
+    async def read(self, head: ChainHead, purged: int, walk: CheckpointWalk, watch: anchor.Watch,
+                   on_progress: Progress | None, last: int) -> ChainHead:
+        """Verify the archived records after ``head`` up to ``purged`` into the chain."""
+        if self.archive is None or self.problem is not None:
+            return head
+        for seal in self.segments:
+            if seal.first_seq != head.seq + 1 or seal.prev_hash != head.hash:
+                raise ChainError(f"seq {seal.first_seq}: segment {seal.file} does not link to the record before it",
+                                 seal.first_seq)
+            try:
+                records = self.archive.read_segment(seal)
+            except ArchiveError as exc:
+                raise ChainError(f"seq {seal.first_seq}: {exc}", seal.first_seq) from exc
+            for seq, data in records:
+                before = head
+                record, head = chain.verify_next(seq, data, head)
+                walk.record(record, before)
+                watch.record(record)
+            if head.hash != seal.last_hash:
+                raise ChainError(f"seq {seal.last_seq}: segment {seal.file} does not end at its sealed hash",
+                                 seal.last_seq)
+            if on_progress is not None:
+                on_progress(head.seq, last)
+        return head
+
+    def finding(self, purged: int, walk: CheckpointWalk) -> Finding:
+        """The verdict on the archive, and on what let every archived record leave."""
+        if self.problem is not None:
+            return Finding("archive", False, self.problem[1], seq=self.problem[0])
+        through = max((r.retention.through_seq for r in walk.retention
+                       if r.retention is not None and r.retention.action == "archived"), default=0)
+        if purged > through:
+            return Finding("archive", False, f"records {through + 1}..{purged} left the stream, but no "
+                           f"audit_archived record allows it (the last allows 1..{through})", seq=through + 1)
+        named = {s.file for r in walk.retention if r.retention is not None and r.retention.action == "expired"
+                 for s in r.retention.segments}
+        now = datetime.now(UTC)
+        for seal in self.expired:
+            if seal.file not in named and (self.max_age_s <= 0
+                                           or seal.last_at > now - timedelta(seconds=self.max_age_s)):
+                return Finding("archive", False, f"segment {seal.file} (records {seal.first_seq}..{seal.last_seq}) "
+                               "was deleted, but no archive_expired record names it and it is within the "
+                               "archive's retention", seq=seal.first_seq)
+        kept = sum(s.last_seq - s.first_seq + 1 for s in self.segments)
+        gone = self.expired[-1].last_seq if self.expired else 0
+        where = self.archive.path if self.archive is not None else "-"
+        return Finding("archive", True, f"{len(self.segments)} segments ({kept} records) sealed and intact in "
+                       f"{where}; records 1..{gone} deleted under the archive's retention" if gone else
+                       f"{len(self.segments)} segments ({kept} records) sealed and intact in {where}")

@@ -10,24 +10,30 @@ from typing import Any
 from nats.aio.client import Client
 
 from ledgerbus.bus import anchor, query
+from ledgerbus.bus.archive import configured
 from ledgerbus.bus.errors import BusError, UnreadableRecord
+from ledgerbus.bus.settings import Settings
 from ledgerbus.bus.verify import AnchorResult, Finding, LogReport, verify_log
 from ledgerbus.projections.verify import compare_digest, compare_file
 
 
 async def check(nc: Client, *, public_key: str | None, max_gap: int, anchor_file: Path | None,
                 anchor_required: bool = False, projections: bool = True, db_path: Path | None = None,
-                progress: Callable[[int, int], None] | None = None) -> tuple[LogReport, list[Finding]]:
+                progress: Callable[[int, int], None] | None = None,
+                settings: Settings | None = None) -> tuple[LogReport, list[Finding]]:
     """Verify the chain (hashes, sequences, signed checkpoints, anchors: the bucket's and,
-    if there, the copy in ``anchor_file``), then, with ``projections``, compare the live
-    projection (or the file ``db_path``) with a rebuild from the log."""
+    if there, the copy in ``anchor_file``; with ``settings``, the project's archive and the
+    stream as one chain), then, with ``projections``, compare the live projection (or the
+    file ``db_path``) with a rebuild from the log."""
     js = nc.jetstream(timeout=10)
     anchors = [await anchor.read_bucket_for_verify(js)]
     if anchor_file is not None:
         in_file = anchor.read_file_for_verify(anchor_file, required=anchor_required)
         if in_file is not None:
             anchors.append(in_file)
-    report = await verify_log(js, progress, public_key, max_gap, anchors)
+    archive, rule = configured(settings) if settings is not None else (None, None)
+    report = await verify_log(js, progress, public_key, max_gap, anchors, archive,
+                              rule.archive_max_age_s if rule is not None else 0.0)
     findings = list(report.findings)
     if projections:
         findings.append(await _projections(nc, js, db_path))

@@ -48,6 +48,7 @@ from ledgerbus.router.lease import Lease
 from ledgerbus.router.live import LiveAgents, start_watch
 from ledgerbus.router.policy import PolicyFile
 from ledgerbus.router.records import Decision, record_attributes, record_for
+from ledgerbus.router.retention import Archiver
 from ledgerbus.router.scheduler import RouterDecision, Scheduler
 from ledgerbus.router.snapshots import Snapshots
 from ledgerbus.router.state import RouterState
@@ -109,6 +110,7 @@ class Router:
         self.tokens.use_key(key)
         self.checkpoints = Checkpoints(self.js, self.settings, key, asyncio.get_running_loop().time())
         self.snapshots = Snapshots(self.js, self.settings, key)
+        self.archiver = Archiver(self.js, self.settings, key, self.policy)
         await provision(self.js, self.settings)
         await self.publisher.start()
         await self.checkpoints.anchors.load()
@@ -134,7 +136,8 @@ class Router:
         # The newest valid snapshot and the records after it, or (none) the whole log.
         loaded = await self.snapshots.load(watch)
         self.state, start = loaded or (RouterState(dedup_horizon_s=self.settings.dedup_horizon_s), ChainHead())
-        head = await audit_mod.recover(self.js, self.state, watch, start)
+        head = await audit_mod.recover(self.js, self.state, watch, start,
+                                       self.archiver.archive(self.policy.current().retention))
         log.info("audit_recovered", head_seq=head.seq, tasks=len(self.state.tasks),
                  from_snapshot=start.seq if loaded else None, tail=head.seq - start.seq,
                  seconds=round(asyncio.get_running_loop().time() - started, 3))
@@ -213,6 +216,8 @@ class Router:
                 await self._checkpoint_if_due()
                 # A batch boundary: every record folded into the state is acknowledged.
                 self.snapshots.maybe_save(self.state, self.audit.head)
+                await self.archiver.step(self.audit, self.state, self.snapshots.saved_seq if self.snapshots.enabled
+                                         else None, lambda record, data: self.audit.append([(record, data, {})]))
                 await self.gauges.refresh(self.state)
             except (nats.errors.Error, AuditAppendError) as exc:
                 # The log is consistent whatever failed here (records are appended before
@@ -225,6 +230,7 @@ class Router:
         drain waits out a pull request); a snapshot being written is finished."""
         if (snapshots := getattr(self, "snapshots", None)) is not None:
             await snapshots.stop()
+            await self.archiver.stop()
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.close()

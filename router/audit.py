@@ -8,12 +8,15 @@ all acks awaited), which keeps the chain strict without one round trip per recor
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import structlog
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from ledgerbus.bus import anchor, chain, subjects
+from ledgerbus.bus.archive import Archive, ArchiveError
 from ledgerbus.bus.chain import ChainHead
 from ledgerbus.bus.errors import ChainError, UnreadableRecord
 from ledgerbus.bus.events import AuditRecord
@@ -58,12 +61,13 @@ class AuditLog:
 
 
 async def recover(js: JetStreamContext, state: RouterState, watch: anchor.Watch | None = None,
-                  start: ChainHead = ChainHead()) -> ChainHead:
+                  start: ChainHead = ChainHead(), archive: Archive | None = None) -> ChainHead:
     """Fold the audit log after ``start`` (from the first record by default; a snapshot's
     head, with ``state`` loaded from it) into ``state`` and return the chain head, verifying
     the chain from ``start``; ``watch`` sees every record read (what the chain's anchor is
     compared with).
 
+    Records before AUDIT's first sequence are read from ``archive`` (the retention rule's).
     A broken chain stops the router: extending it would make tampering look legitimate.
     So does a record it cannot decode (:class:`LogUnreadableError`, naming its sequence).
     """
@@ -71,17 +75,24 @@ async def recover(js: JetStreamContext, state: RouterState, watch: anchor.Watch 
     last = info.state.last_seq
     if last <= start.seq:
         return start
+    head = start
+    if start.seq + 1 < info.state.first_seq:
+        # Records that left the stream under the retention rule: read from the archive,
+        # as one chain with the stream (with no snapshot past them, a start reads them all).
+        head = await _fold_archived(archive, state, watch, head, info.state.first_seq - 1)
     sub = await js.subscribe(
         subjects.AUDIT_ALL,
         stream=subjects.AUDIT_STREAM,
         ordered_consumer=True,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start.seq + 1),
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=head.seq + 1),
     )
-    head = start
     try:
         while head.seq < last:
             msg = await sub.next_msg(timeout=10)
             seq = msg.metadata.sequence.stream
+            if seq > head.seq + 1:
+                # Purged while this read began: those records are in the archive now.
+                head = await _fold_archived(archive, state, watch, head, seq - 1)
             try:
                 record, head = chain.verify_next(seq, msg.data, head)
             except ChainError as exc:
@@ -98,4 +109,28 @@ async def recover(js: JetStreamContext, state: RouterState, watch: anchor.Watch 
         raise AuditAppendError(f"timed out reading the audit log at seq {head.seq} of {last}") from exc
     finally:
         await sub.unsubscribe()
+    return head
+
+
+async def _fold_archived(archive: Archive | None, state: RouterState, watch: anchor.Watch | None, head: ChainHead,
+                         last: int) -> ChainHead:
+    """Fold records ``head.seq + 1 .. last`` from the archive, verifying the chain."""
+    if archive is None:
+        raise LogUnreadableError(f"refusing to serve: records {head.seq + 1}..{last} left AUDIT and no archive "
+                                 "is configured to read them from")
+    try:
+        records = await asyncio.to_thread(lambda: list(archive.records(head.seq + 1, last)))
+    except ArchiveError as exc:
+        raise LogUnreadableError(f"refusing to serve: {exc} (archive {archive.path})") from exc
+    for seq, data in records:
+        try:
+            record, head = chain.verify_next(seq, data, head)
+        except ChainError as exc:
+            raise ChainBrokenError(f"refusing to extend a broken audit chain: {exc} (archive {archive.path})") from exc
+        except UnreadableRecord as exc:
+            raise LogUnreadableError(f"refusing to serve: {exc}") from exc
+        state.apply(record)
+        if watch is not None:
+            watch.record(record)
+    log.info("archive_folded", first_seq=records[0][0] if records else None, last_seq=last, archive=str(archive.path))
     return head

@@ -17,6 +17,7 @@ import msgspec
 import structlog
 
 from ledgerbus.bus.agent_policy import HooksPolicy, SandboxPolicy
+from ledgerbus.bus.archive import RetentionRule
 from ledgerbus.bus.errors import ConfigError
 from ledgerbus.bus.problems import explain
 
@@ -81,6 +82,8 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """read by the agents: deny rules and disabled plugin hooks (agents/hooks.py)"""
     sandbox: SandboxPolicy = msgspec.field(default_factory=SandboxPolicy)
     """read by the agents: the shell and python skills' allowlist, isolation and limits"""
+    retention: RetentionRule = msgspec.field(default_factory=RetentionRule)
+    """how long AUDIT keeps records live, and the archive they go to (router/retention.py)"""
 
     def needs_approval(self, skill: str) -> bool:
         """Whether ``skill`` is marked dangerous."""

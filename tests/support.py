@@ -76,15 +76,17 @@ def auth_dir(config: Path) -> Path:
 
 
 async def stored_audit(js: JetStreamContext) -> list[tuple[int, bytes]]:
-    """Every AUDIT message as ``(stream seq, stored bytes)``, in order."""
-    last = (await js.stream_info(subjects.AUDIT_STREAM)).state.last_seq
+    """Every AUDIT message as ``(stream seq, stored bytes)``, in order (from the first the
+    stream still holds: the retention rule may have archived those before)."""
+    state = (await js.stream_info(subjects.AUDIT_STREAM)).state
+    last = state.last_seq
     out: list[tuple[int, bytes]] = []
     if last == 0:
         return out
     sub = await js.subscribe(subjects.AUDIT_ALL, stream=subjects.AUDIT_STREAM, ordered_consumer=True,
                              deliver_policy=DeliverPolicy.ALL)
     try:
-        while len(out) < last:
+        while len(out) < last - state.first_seq + 1:
             msg = await sub.next_msg(timeout=10)
             out.append((msg.metadata.sequence.stream, msg.data))
     finally:

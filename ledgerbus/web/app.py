@@ -429,7 +429,7 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> FastAP
         async def run() -> dict[str, Any]:
             report, findings = await integrity.check(
                 bus.nc, public_key=public_key, max_gap=settings.checkpoint_every + settings.router_batch,
-                anchor_file=anchor.file_path(settings.router_key_path), projections=projections)
+                anchor_file=anchor.file_path(settings.router_key_path), projections=projections, settings=settings)
             return integrity.as_json(report, findings)
 
         return await call(run)
