@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "skills": "ledgerbus.agentctl.skills:skills", "usage": "ledgerbus.agentctl.usage:usage", "doctor": "ledgerbus.agentctl.doctor:doctor",
     "top": "ledgerbus.agentctl.top:top", "init": "ledgerbus.agentctl.init:init",
     "web": "ledgerbus.agentctl.web:web", "trace": "ledgerbus.agentctl.traces:trace_cmd",
+    "archive": "ledgerbus.agentctl.archive:archive",
 }
 """Every command, and where it lives: a command's module is imported only when it runs
 (or for ``--help``), so ``agentctl tasks`` does not pay for ``replay``'s imports."""

@@ -23,7 +23,8 @@ from typing import Annotated
 import msgspec
 
 from ledgerbus.bus.agent_policy import read_table
-from ledgerbus.bus.errors import BusError
+from ledgerbus.bus import chain, signing
+from ledgerbus.bus.errors import BusError, ChainError, UnreadableRecord
 from ledgerbus.bus.settings import Settings
 from ledgerbus.bus.events import ArchiveSeal
 
@@ -211,6 +212,36 @@ class Archive:
             raise ArchiveError(f"segment {seal.file} holds {len(lines)} records, sealed as "
                                f"{seal.last_seq - seal.first_seq + 1}")
         return [(seal.first_seq + i, line) for i, line in enumerate(lines)]
+
+    def check(self, public_key: str | None) -> Iterator[tuple[ArchiveSeal, str]]:
+        """Each segment with what is wrong with it ("" if nothing): its seal signed by the
+        router's key (``public_key``, hex; None: not checked), its file there and unchanged,
+        its records chained from the sealed link to the sealed hash, and linked to the
+        segment before. The segments deleted under the archive's retention are only linked."""
+        manifest = self.manifest()
+        previous: ArchiveSeal | None = manifest.expired[-1] if manifest.expired else None
+        for seal in manifest.segments:
+            yield seal, self._problem(seal, previous, public_key)
+            previous = seal
+
+    def _problem(self, seal: ArchiveSeal, previous: ArchiveSeal | None, public_key: str | None) -> str:
+        if public_key is not None and not signing.valid(public_key, seal):
+            return "its seal is not signed by the router's key"
+        expected = previous.last_seq + 1 if previous is not None else 1
+        if seal.first_seq != expected:
+            return f"records {expected}..{seal.first_seq - 1} before it are in no segment"
+        link = previous.last_hash if previous is not None else chain.GENESIS
+        if seal.prev_hash != link:
+            return f"it does not link to {previous.file if previous is not None else 'the start of the chain'}"
+        try:
+            head = chain.ChainHead(seal.first_seq - 1, seal.prev_hash)
+            for seq, data in self.read_segment(seal):
+                _, head = chain.verify_next(seq, data, head)
+        except (ArchiveError, ChainError, UnreadableRecord) as exc:
+            return str(exc)
+        if head.hash != seal.last_hash:
+            return "its records do not end at the sealed hash"
+        return ""
 
     def records(self, first: int, last: int) -> Iterator[tuple[int, bytes]]:
         """Records ``first..last`` from the segments, in order (:class:`ArchiveError` if

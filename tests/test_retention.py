@@ -26,7 +26,6 @@ from ledgerbus.router.state import RouterState
 from tests.conftest import RunningRouter
 from tests.snapshot_support import canonical
 from tests.support import Procs, agentctl, audit_records, send, wait_until
-from tests.test_e2e import joined
 
 Connect = Callable[[str], Awaitable[Client]]
 
@@ -120,6 +119,24 @@ async def test_records_leave_audit_only_into_sealed_segments_and_verify_reads_bo
     await again.start()
     await again.stop()
 
+    # What an operator sees and does with it.
+    code, out, err = await agentctl(tuned, "archive", "list", "--json")
+    assert code == 0, err
+    listed = json.loads(out)["segments"]
+    assert [(s["first_seq"], s["last_seq"], s["status"]) for s in listed] == [
+        (s.first_seq, s.last_seq, "kept") for s in manifest.segments]
+    code, out, err = await agentctl(tuned, "archive", "verify")
+    assert code == 0 and "intact" in out, out + err
+    until = manifest.segments[-1].last_seq
+    code, out, err = await agentctl(tuned, "archive", "restore", "--db", str(tmp_path / "then.db"), "--until-seq",
+                                    str(until), "--json")
+    assert code == 0, err
+    assert json.loads(out)["position"] == until
+    code, out, err = await agentctl(tuned, "tasks", "--db", str(tmp_path / "then.db"), "--json", "--limit", "500")
+    assert code == 0, err
+    submitted_by_then = {r.key for r in records if r.kind == "task_submitted" and r.seq <= until}
+    assert {t["task_id"] for t in json.loads(out)} == submitted_by_then
+
 
 async def test_verify_names_what_was_removed_outside_the_rule(
     connect_as: Connect, admin: Client, settings: Settings, tmp_path: Path
@@ -142,6 +159,8 @@ async def test_verify_names_what_was_removed_outside_the_rule(
     path.unlink()
     assert f"segment {seal.file} (records {seal.first_seq}..{seal.last_seq}) is missing" in \
         failed(await verified(js, tuned, archive))["hash chain"]
+    code, out, err = await agentctl(tuned, "archive", "verify")
+    assert code == 1 and f"segment {seal.file}" in err and "is missing" in err, out + err
 
     # A changed record, re-compressed, so only the seal's hash and the chain can tell.
     lines = gzip.decompress(body).split(b"\n")
