@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ledgerbus.agentctl.common import App, cli_principal, err, out, run
+from ledgerbus.agentctl.common import EXIT_FAILED, App, cli_principal, err, fail, out, run
+from ledgerbus.bus.archive import ArchiveError, configured
 from ledgerbus.bus.connection import connected
 from ledgerbus.projections import db as dbmod
 from ledgerbus.projections.rebuild import rebuild
@@ -68,9 +69,11 @@ def replay(app: App, db_path: Path, until_seq: int | None, until_time: datetime 
                 try:
                     position = await rebuild(js, db_path, until_seq=until_seq, until_time=until_time,
                                              on_progress=progress, memory_list_cap=app.settings.memory_list_cap,
-                                             from_snapshot=snapshot_path)
+                                             from_snapshot=snapshot_path, archive=configured(app.settings)[0])
                 except ValueError as exc:
                     raise click.UsageError(str(exc)) from exc
+                except ArchiveError as exc:
+                    fail(str(exc), EXIT_FAILED)
         db = await dbmod.open_db(db_path)
         try:
             rows = await dbmod.row_counts(db)

@@ -10,7 +10,7 @@ from typing import Any
 from nats.aio.client import Client
 
 from ledgerbus.bus import anchor, query
-from ledgerbus.bus.archive import configured
+from ledgerbus.bus.archive import Archive, ArchiveError, configured
 from ledgerbus.bus.errors import BusError, UnreadableRecord
 from ledgerbus.bus.settings import Settings
 from ledgerbus.bus.verify import AnchorResult, Finding, LogReport, verify_log
@@ -36,7 +36,7 @@ async def check(nc: Client, *, public_key: str | None, max_gap: int, anchor_file
                               rule.archive_max_age_s if rule is not None else 0.0)
     findings = list(report.findings)
     if projections:
-        findings.append(await _projections(nc, js, db_path))
+        findings.append(await _projections(nc, js, db_path, archive))
     return report, findings
 
 
@@ -71,16 +71,18 @@ def _anchor_json(result: AnchorResult) -> dict[str, Any]:
     }
 
 
-async def _projections(nc: Any, js: Any, db_path: Path | None) -> Finding:
+async def _projections(nc: Any, js: Any, db_path: Path | None, archive: Archive | None) -> Finding:
     try:
         if db_path is not None:
-            check = await compare_file(js, db_path)
+            check = await compare_file(js, db_path, archive)
         else:
             try:
                 live = await query.ask(nc, "projections", "digest", {})
             except BusError as exc:
                 return Finding("projections", False, f"not checked: {exc}")
-            check = await compare_digest(js, live["position"], live["digest"], live.get("memory_list_cap"))
+            check = await compare_digest(js, live["position"], live["digest"], live.get("memory_list_cap"), archive)
+    except ArchiveError as exc:
+        return Finding("projections", False, f"not checked: {exc}")
     except UnreadableRecord as exc:
         # The projection holds a record this agentctl cannot rebuild (a newer projector's).
         return Finding("projections", False, f"not checked: {exc}", seq=exc.seq)

@@ -23,6 +23,8 @@ from ledgerbus.bus import codec, metrics, subjects, tracing
 from ledgerbus.bus.errors import UnreadableRecord
 from ledgerbus.bus.provision import wait_for_stream
 from ledgerbus.bus.settings import Settings
+from ledgerbus.bus.archive import configured
+from ledgerbus.projections import archived
 from ledgerbus.projections import db as dbmod
 from ledgerbus.projections import service
 from ledgerbus.projections.apply import Applier
@@ -163,6 +165,9 @@ class Projector:
         log.info("projector_started", db=str(self.db_path), position=self.position)
         while not stop.is_set():
             batch = await next_batch(sub, self.settings.projector_batch, wait=0.5)
+            if batch and batch[0].metadata.sequence.stream > applier.position + 1:
+                # Behind a purge of the retention rule: what left the stream is archived.
+                await archived.fill(applier, configured(self.settings)[0], batch[0].metadata.sequence.stream)
             if batch:
                 spans = apply_spans(batch, self.settings.traces_max_age_s)
                 try:

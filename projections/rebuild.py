@@ -19,6 +19,8 @@ from nats.js import JetStreamContext
 
 from ledgerbus.bus import codec, subjects
 from ledgerbus.bus.errors import UnreadableRecord
+from ledgerbus.bus.archive import Archive
+from ledgerbus.projections import archived
 from ledgerbus.projections import db as dbmod
 from ledgerbus.projections.apply import Applier
 from ledgerbus.projections.errors import DatabaseError
@@ -88,13 +90,15 @@ async def rebuild(
     on_progress: Progress | None = None,
     memory_list_cap: int | None = None,
     from_snapshot: Path | None = None,
+    archive: Archive | None = None,
 ) -> int:
     """Project AUDIT records ``1..until_seq`` (default: the current head), and with
     ``until_time`` only those the router recorded at or before it, into ``path``.
 
     ``path`` must not exist yet: a rebuild never mixes with an old database. With
     ``from_snapshot`` it starts as a copy of that snapshot and applies only the records
-    after the snapshot's position. Returns the position reached, which the database's
+    after the snapshot's position. Records AUDIT no longer holds are read from ``archive``
+    (the retention rule's); a gap neither holds raises :class:`LogGapError`. Returns the position reached, which the database's
     tracking row also holds.
 
     A record this version cannot decode stops it with :class:`UnreadableRecord` (its
@@ -104,8 +108,9 @@ async def rebuild(
     if path.exists():
         raise FileExistsError(f"{path} exists; a rebuild writes a new database")
     try:
-        return await _rebuild(js, path, until_seq, until_time, batch, on_progress, memory_list_cap, from_snapshot)
-    except UnreadableRecord:
+        return await _rebuild(js, path, until_seq, until_time, batch, on_progress, memory_list_cap, from_snapshot,
+                              archive)
+    except (UnreadableRecord, archived.LogGapError):
         for suffix in ("", "-wal", "-shm"):
             path.with_name(path.name + suffix).unlink(missing_ok=True)
         raise
@@ -120,6 +125,7 @@ async def _rebuild(
     on_progress: Progress | None,
     memory_list_cap: int | None,
     from_snapshot: Path | None,
+    archive: Archive | None,
 ) -> int:
     info = await js.stream_info(subjects.AUDIT_STREAM)
     last = info.state.last_seq if until_seq is None else min(until_seq, info.state.last_seq)
@@ -129,12 +135,24 @@ async def _rebuild(
     async with await Applier.open(path, memory_list_cap if from_snapshot is None else None) as applier:
         if last <= position:
             return position
+        if position + 1 < info.state.first_seq:
+            # Records the retention rule archived come first, from the archive.
+            position, cut = await archived.fill(applier, archive, min(info.state.first_seq, last + 1), until_time)
+            if on_progress is not None:
+                on_progress(position, last)
+            if cut or position >= last:
+                return await applier.drain()
         sub = await follow(js, position + 1)
         try:
             while position < last:
                 msgs = [m for m in await next_batch(sub, batch, wait=10) if m.metadata.sequence.stream <= last]
                 if not msgs:
                     break
+                if (first := msgs[0].metadata.sequence.stream) > applier.position + 1:
+                    # Purged while this read began: those records are in the archive now.
+                    position, cut = await archived.fill(applier, archive, first, until_time)
+                    if cut:
+                        break
                 cut = False
                 if until_time is not None:
                     msgs, cut = _before(msgs, until_time)

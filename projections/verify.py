@@ -8,6 +8,7 @@ from pathlib import Path
 
 from nats.js import JetStreamContext
 
+from ledgerbus.bus.archive import Archive
 from ledgerbus.projections import db as dbmod
 from ledgerbus.projections.rebuild import rebuild
 
@@ -22,12 +23,14 @@ class ProjectionCheck:
 
 
 async def compare_digest(
-    js: JetStreamContext, position: int, live_digest: str, memory_list_cap: int | None = None
+    js: JetStreamContext, position: int, live_digest: str, memory_list_cap: int | None = None,
+    archive: Archive | None = None,
 ) -> ProjectionCheck:
-    """Rebuild records ``1..position`` into a scratch file and compare with ``live_digest``."""
+    """Rebuild records ``1..position`` (those AUDIT no longer holds from ``archive``) into a
+    scratch file and compare with ``live_digest``."""
     with tempfile.TemporaryDirectory(prefix="ledgerbus-verify-") as tmp:
         path = Path(tmp) / "rebuilt.db"
-        reached = await rebuild(js, path, until_seq=position, memory_list_cap=memory_list_cap)
+        reached = await rebuild(js, path, until_seq=position, memory_list_cap=memory_list_cap, archive=archive)
         db = await dbmod.open_db(path)
         try:
             rebuilt = await dbmod.digest(db)
@@ -40,7 +43,7 @@ async def compare_digest(
     return ProjectionCheck(True, position, f"equal to a fresh rebuild at seq {position}")
 
 
-async def compare_file(js: JetStreamContext, live_path: Path) -> ProjectionCheck:
+async def compare_file(js: JetStreamContext, live_path: Path, archive: Archive | None = None) -> ProjectionCheck:
     """Like :func:`compare_digest` for a local database, naming the tables that differ."""
     live = await dbmod.open_reader(live_path)
     try:
@@ -52,7 +55,7 @@ async def compare_file(js: JetStreamContext, live_path: Path) -> ProjectionCheck
         await live.close()
     with tempfile.TemporaryDirectory(prefix="ledgerbus-verify-") as tmp:
         path = Path(tmp) / "rebuilt.db"
-        await rebuild(js, path, until_seq=position, memory_list_cap=cap)
+        await rebuild(js, path, until_seq=position, memory_list_cap=cap, archive=archive)
         db = await dbmod.open_db(path)
         try:
             rebuilt_dump = await dbmod.dump(db)
