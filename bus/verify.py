@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamInfo
 
-from ledgerbus.bus import anchor, chain, signing, subjects
+from ledgerbus.bus import anchor, chain, codec, signing, subjects
 from ledgerbus.bus.archive import Archive, ArchiveError
 from ledgerbus.bus.chain import ChainHead
 from ledgerbus.bus.errors import ChainError, UnreadableRecord
@@ -206,6 +206,11 @@ async def verify_log(
         if start.seq:
             walk.resume(start.seq)
         head = await archived.read(start, purged, walk, watch, on_progress, state.last_seq)
+        if head.seq < purged:
+            # The archive cannot give what left the stream (the "archive" check says why):
+            # the live records are still checked, from the link the first one names.
+            head = ChainHead(purged, await _first_link(js, state.first_seq))
+            walk.resume(purged)
         report.head = await _verify_chain(js, state.last_seq, on_progress, walk, watch, head)
         if report.head.seq < state.last_seq:
             seq = report.head.seq + 1
@@ -256,6 +261,18 @@ def _anchor_finding(report: LogReport) -> Finding:
         sources = ", ".join(r.source for r in report.anchors) or "no anchor given"
         details.append(f"no anchor to compare with ({sources})")
     return Finding("anchor", True, "; ".join(details))
+
+
+async def _first_link(js: JetStreamContext, seq: int) -> str:
+    """The ``prev_hash`` of the record at ``seq``, the stream's first (read as every reader
+    reads AUDIT, through an ordered consumer)."""
+    sub = await js.subscribe(subjects.AUDIT_ALL, stream=subjects.AUDIT_STREAM, ordered_consumer=True,
+                             config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=seq))
+    try:
+        msg = await sub.next_msg(timeout=5)
+    finally:
+        await sub.unsubscribe()
+    return codec.read_record(msg.metadata.sequence.stream, msg.data).prev_hash
 
 
 async def _verify_chain(

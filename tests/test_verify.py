@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
+import nats.errors
 import nats.js.errors
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -97,16 +98,25 @@ async def test_no_projector_means_the_projections_were_not_checked(
     assert report["problem"].startswith("projections: not checked: no projector answers")
 
 
-async def test_the_audit_stream_refuses_deletes_and_purges(
-    running_router: RunningRouter, connect_as: Connect, admin: Client
+async def test_the_audit_stream_refuses_deletes_and_a_purge_outside_the_rule_is_named(
+    running_router: RunningRouter, connect_as: Connect, admin: Client, settings: Settings
 ) -> None:
     await five_records(connect_as, admin)
     js = admin.jetstream()
     with pytest.raises(nats.js.errors.APIError):
         await js.delete_msg(subjects.AUDIT_STREAM, 2)
-    with pytest.raises(nats.js.errors.APIError):
-        await js.purge_stream(subjects.AUDIT_STREAM)
+    # Only the router (the retention rule's, router/retention.py) and admin may purge.
+    cli = (await connect_as("cli-tester")).jetstream(timeout=2)
+    with pytest.raises((nats.errors.TimeoutError, nats.js.errors.APIError)):
+        await cli.purge_stream(subjects.AUDIT_STREAM, seq=3)
     assert (await js.stream_info(subjects.AUDIT_STREAM)).state.messages == 5
+    # An admin can; verify names the records that left with no record allowing it.
+    await running_router.stop()
+    await js.purge_stream(subjects.AUDIT_STREAM, seq=3)
+    code, report = await verify(settings, "--no-projections")
+    assert code == 1
+    assert report["problem"].startswith("archive: segment missing: records 1..2 left the stream and are in no segment")
+    assert {c["check"]: c["ok"] for c in report["checks"]}["hash chain"]  # the live records still chain
 
 
 def test_a_weakened_stream_configuration_is_named() -> None:

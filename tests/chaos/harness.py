@@ -46,6 +46,7 @@ import nats.js.errors
 from nats.aio.client import Client
 
 from ledgerbus.bus import codec, subjects
+from ledgerbus.bus.archive import Archive
 from ledgerbus.bus.connection import connect
 from ledgerbus.bus.events import AuditRecord, PlanStep, PlanSubmitted, TaskSubmitted, kind_of, new_id
 from ledgerbus.bus.provision import provision
@@ -65,6 +66,18 @@ FAULTS = ("agent_kill", "agent_crash", "router_kill", "router_crash", "router_pa
 ROUTER_POINTS = ("router.fetched", "router.appended", "router.dispatched")
 SNAPSHOT_EVERY = 25
 """The routers' ``LEDGERBUS_SNAPSHOT_EVERY`` in a run (a run makes a few hundred records)."""
+CHECKPOINT_EVERY = 20
+"""The routers' ``LEDGERBUS_CHECKPOINT_EVERY``: the retention rule never cuts past the last one."""
+RETENTION = """
+[retention]
+audit_max_age = "3s"
+segment_records = 25
+archive_dir = "{archive}"
+archive_max_age = "0"
+check_every = "1s"
+"""
+"""Every run archives and purges as it goes: each fault also lands on the retention rule's
+rounds, and the judge and verify read archive and stream as one log."""
 
 
 @dataclass(frozen=True)
@@ -283,6 +296,7 @@ class System:
         self.server = NatsServer(store_dir=self.store_dir, config=server_config(tmp / "conf"))
         self.workspace_root = workspace_root
         self.settings = Settings()
+        self.archive = Archive(tmp / "archive")
         self.procs: Procs | None = None
         self.routers: list[Proc] = []
         self.agents: dict[str, Proc] = {}
@@ -296,6 +310,7 @@ class System:
         assert self.server.config is not None
         self.settings = suite_settings(self.server.url, self.tmp, self.workspace_root, auth_dir(self.server.config),
                                        work_ack_wait_s=ACK_WAIT_S, ingress_ack_wait_s=ACK_WAIT_S)
+        self.settings.policy_path.write_text(RETENTION.format(archive=self.archive.path))
         self.procs = Procs(self.settings, self.tmp)
         self.admin = await connect(self.settings, "admin")
         await provision(self.admin.jetstream(), self.settings)
@@ -323,7 +338,8 @@ class System:
         assert self.procs is not None
         # Snapshots every few records: every restart and takeover of a run starts from one.
         return await self.procs.start(name, "router", LEDGERBUS_ROUTER_LEASE_S=str(LEASE_S),
-                                      **{"LEDGERBUS_SNAPSHOT_EVERY": str(SNAPSHOT_EVERY), **env})
+                                      **{"LEDGERBUS_SNAPSHOT_EVERY": str(SNAPSHOT_EVERY),
+                                         "LEDGERBUS_CHECKPOINT_EVERY": str(CHECKPOINT_EVERY), **env})
 
     async def _projector(self, **env: str) -> Proc:
         assert self.procs is not None
@@ -386,11 +402,15 @@ class System:
     # -- the log -----------------------------------------------------------------------
 
     async def records(self) -> list[AuditRecord]:
-        """Every audit record (retried while the server comes back)."""
+        """Every audit record, the archived ones first (retried while the server comes back)."""
         assert self.admin is not None
         for _ in range(30):
             with contextlib.suppress(nats.errors.Error, TimeoutError):
-                return await audit_records(self.admin.jetstream(timeout=10))
+                js = self.admin.jetstream(timeout=10)
+                live = await audit_records(js)
+                first = live[0].seq if live else (await js.stream_info(subjects.AUDIT_STREAM)).state.last_seq + 1
+                archived = [codec.read_record(seq, data) for seq, data in self.archive.records(1, first - 1)]
+                return archived + live
             await asyncio.sleep(1.0)
         raise AssertionError("AUDIT could not be read for 30 s")
 

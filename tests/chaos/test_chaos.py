@@ -35,6 +35,16 @@ async def test_a_router_killed_while_writing_a_snapshot_loses_and_doubles_nothin
     await chaos(tmp_path, workspace_root, seed, faults)
 
 
+async def test_a_router_killed_while_archiving_loses_and_doubles_nothing(tmp_path: Path, workspace_root: Path) -> None:
+    seed = seed_from_env()
+    # The armed router dies once with segments sealed but not recorded, once with the cut
+    # recorded but AUDIT not purged; the next leader finishes each round.
+    faults = [Fault("router_crash", 1.0, point=point, hit=1)
+              for point in ("router.archive_written", "router.archive_recorded")]
+    report = await chaos(tmp_path, workspace_root, seed, faults)
+    assert any(r.kind == "audit_archived" for r in report.records)
+
+
 def claims(report: Report, task_id: str) -> list[AuditRecord]:
     return [r for r in report.records if r.kind == "task_started" and r.key == task_id and r.accepted]
 
