@@ -3,7 +3,10 @@ snapshot's position; the whole log, or the log as it was at a sequence or a mome
 travel).
 
 A snapshot is a compacted copy of a projection database (``VACUUM INTO``), tracking row
-included, so a rebuild that starts from it applies only the records after it.
+included, so a rebuild that starts from it applies only the records after it: a file
+(``agentctl snapshot``, :func:`rebuild`'s ``from_snapshot``), or the newest one in the
+``projections`` object store that checks (:func:`rebuild_from_store`,
+``projections/snapshots.py``).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from nats.js import JetStreamContext
 from ledgerbus.bus import codec, subjects
 from ledgerbus.bus.errors import UnreadableRecord
 from ledgerbus.projections import db as dbmod
+from ledgerbus.projections import snapshots
 from ledgerbus.projections.apply import Applier
-from ledgerbus.projections.errors import DatabaseError
+from ledgerbus.projections.errors import DatabaseError, LogGapError
 from ledgerbus.projections.projector import follow, next_batch, submit_msgs
 
 Progress = Callable[[int, int], None]
@@ -98,37 +102,76 @@ async def rebuild(
     tracking row also holds.
 
     A record this version cannot decode stops it with :class:`UnreadableRecord` (its
-    sequence and likely cause), and ``path`` is removed: a rebuild that could not reach
-    its target is not the projection asked for (``until_seq`` before that record is).
+    sequence and likely cause), and records AUDIT no longer holds with
+    :class:`LogGapError`; ``path`` is then removed: a rebuild that could not reach its
+    target is not the projection asked for (``until_seq`` before that record is).
     """
     if path.exists():
         raise FileExistsError(f"{path} exists; a rebuild writes a new database")
-    try:
-        return await _rebuild(js, path, until_seq, until_time, batch, on_progress, memory_list_cap, from_snapshot)
-    except UnreadableRecord:
-        for suffix in ("", "-wal", "-shm"):
-            path.with_name(path.name + suffix).unlink(missing_ok=True)
-        raise
+    position = 0
+    if from_snapshot is not None:
+        position = await _start_from(path, from_snapshot, until_seq, until_time)
+    return await _rebuild(js, path, position, until_seq, until_time, batch, on_progress,
+                          memory_list_cap if from_snapshot is None else None)
+
+
+async def rebuild_from_store(
+    js: JetStreamContext,
+    path: Path,
+    until_seq: int | None = None,
+    until_time: datetime | None = None,
+    batch: int = 1024,
+    on_progress: Progress | None = None,
+    memory_list_cap: int | None = None,
+) -> tuple[snapshots.Restored | None, int]:
+    """:func:`rebuild`, starting from the newest snapshot in the ``projections`` object
+    store that checks, was built with ``memory_list_cap`` and does not pass the target (at
+    or before ``until_seq``, its newest record at or before ``until_time``); from sequence
+    1 if there is none. Returns that snapshot (or ``None``) and the position reached."""
+    if path.exists():
+        raise FileExistsError(f"{path} exists; a rebuild writes a new database")
+    restored = await snapshots.restore(js, path, memory_list_cap, until_seq, until_time)
+    start = 0 if restored is None else restored.position
+    reached = await _rebuild(js, path, start, until_seq, until_time, batch, on_progress,
+                             memory_list_cap if restored is None else None)
+    return restored, reached
 
 
 async def _rebuild(
     js: JetStreamContext,
     path: Path,
+    position: int,
     until_seq: int | None,
     until_time: datetime | None,
     batch: int,
     on_progress: Progress | None,
     memory_list_cap: int | None,
-    from_snapshot: Path | None,
+) -> int:
+    """Apply the records after ``position`` (what the file at ``path``, if any, holds)."""
+    try:
+        return await _follow(js, path, position, until_seq, until_time, batch, on_progress, memory_list_cap)
+    except (UnreadableRecord, LogGapError):
+        for suffix in ("", "-wal", "-shm"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+        raise
+
+
+async def _follow(
+    js: JetStreamContext,
+    path: Path,
+    position: int,
+    until_seq: int | None,
+    until_time: datetime | None,
+    batch: int,
+    on_progress: Progress | None,
+    memory_list_cap: int | None,
 ) -> int:
     info = await js.stream_info(subjects.AUDIT_STREAM)
     last = info.state.last_seq if until_seq is None else min(until_seq, info.state.last_seq)
-    position = 0
-    if from_snapshot is not None:
-        position = await _start_from(path, from_snapshot, until_seq, until_time)
-    async with await Applier.open(path, memory_list_cap if from_snapshot is None else None) as applier:
+    async with await Applier.open(path, memory_list_cap) as applier:
         if last <= position:
             return position
+        snapshots.check_tail(position, info.state.first_seq)
         sub = await follow(js, position + 1)
         try:
             while position < last:
