@@ -171,21 +171,24 @@ class Projector:
             tried = True
             await self._restore(self.db_path)
             applier = await Applier.open(self.db_path, cap)
+        opened: Applier | None = applier
         try:
             first = (await self.js.stream_info(subjects.AUDIT_STREAM)).state.first_seq
             if applier.committed + 1 < first and not tried:
                 staging = self.db_path.with_name(f"{self.db_path.name}.restoring")
                 staging.unlink(missing_ok=True)
                 if await self._restore(staging) is not None:
+                    opened = None
                     await applier.close()
                     aside = self._set_aside()
                     log.warning("projection_behind_log", position=applier.committed, first_seq=first,
                                 old_file=str(aside), from_snapshot=self.from_snapshot)
                     staging.rename(self.db_path)
-                    applier = await Applier.open(self.db_path, cap)
+                    applier = opened = await Applier.open(self.db_path, cap)
             snapshots.check_tail(applier.committed, first)
         except BaseException:
-            await applier.close()
+            if opened is not None:
+                await opened.close()
             raise
         return applier
 

@@ -82,8 +82,9 @@ def scratch_dir(db_path: Path, what: str) -> tempfile.TemporaryDirectory[str]:
 
 
 def clean_scratch(db_path: Path) -> None:
-    """Remove the scratch directories a killed projector left beside ``db_path``."""
-    for leftover in db_path.parent.glob(f".{db_path.name}{_SCRATCH}*"):
+    """Remove the scratch directories a killed projector left beside ``db_path`` (and
+    beside a file it was restoring into, ``<name>.restoring``)."""
+    for leftover in db_path.parent.glob(f".{db_path.name}*{_SCRATCH}*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -177,8 +178,7 @@ async def restore(js: JetStreamContext, dest: Path, memory_list_cap: int | None,
                 stored = Path(tmp) / "snapshot"
                 await _download(store, info, stored)
                 header = await _check(js, info.name, stored, memory_list_cap, state.last_seq, state.first_seq)
-                if until_time is not None and (header.newest_at is None or
-                                               datetime.fromisoformat(header.newest_at) > until_time):
+                if until_time is not None and not _at_or_before(header.newest_at, until_time):
                     log.info("projection_snapshot_passed_over", name=info.name,
                              reason=f"its newest record is at {header.newest_at}, past {until_time.isoformat()}")
                     continue
@@ -193,6 +193,14 @@ async def restore(js: JetStreamContext, dest: Path, memory_list_cap: int | None,
         log.info("projection_snapshot_loaded", name=info.name, position=header.position, db_bytes=header.db_bytes)
         return Restored(info.name, header.position, header.newest_at)
     return None
+
+
+def _at_or_before(newest_at: str | None, until_time: datetime) -> bool:
+    """Whether a snapshot whose newest record is at ``newest_at`` is within ``until_time``."""
+    try:
+        return newest_at is not None and datetime.fromisoformat(newest_at) <= until_time
+    except ValueError as exc:
+        raise SnapshotRejected(f"its header's newest time {newest_at!r} is not a time") from exc
 
 
 async def _download(store: ObjectStore, info: Any, path: Path) -> None:
