@@ -149,45 +149,32 @@ async def _rebuild(
 ) -> int:
     """Apply the records after ``position`` (what the file at ``path``, if any, holds)."""
     try:
-        return await _follow(js, path, position, until_seq, until_time, batch, on_progress, memory_list_cap)
+        info = await js.stream_info(subjects.AUDIT_STREAM)
+        last = info.state.last_seq if until_seq is None else min(until_seq, info.state.last_seq)
+        async with await Applier.open(path, memory_list_cap) as applier:
+            if last <= position:
+                return position
+            snapshots.check_tail(position, info.state.first_seq)
+            sub = await follow(js, position + 1)
+            try:
+                while position < last:
+                    msgs = [m for m in await next_batch(sub, batch, wait=10) if m.metadata.sequence.stream <= last]
+                    if not msgs:
+                        break
+                    cut = False
+                    if until_time is not None:
+                        msgs, cut = _before(msgs, until_time)
+                    if msgs:
+                        await submit_msgs(applier, msgs)
+                        position = applier.position
+                    if on_progress is not None:
+                        on_progress(position, last)
+                    if cut:
+                        break
+            finally:
+                await sub.unsubscribe()
+            return await applier.drain()
     except (UnreadableRecord, LogGapError):
         for suffix in ("", "-wal", "-shm"):
             path.with_name(path.name + suffix).unlink(missing_ok=True)
         raise
-
-
-async def _follow(
-    js: JetStreamContext,
-    path: Path,
-    position: int,
-    until_seq: int | None,
-    until_time: datetime | None,
-    batch: int,
-    on_progress: Progress | None,
-    memory_list_cap: int | None,
-) -> int:
-    info = await js.stream_info(subjects.AUDIT_STREAM)
-    last = info.state.last_seq if until_seq is None else min(until_seq, info.state.last_seq)
-    async with await Applier.open(path, memory_list_cap) as applier:
-        if last <= position:
-            return position
-        snapshots.check_tail(position, info.state.first_seq)
-        sub = await follow(js, position + 1)
-        try:
-            while position < last:
-                msgs = [m for m in await next_batch(sub, batch, wait=10) if m.metadata.sequence.stream <= last]
-                if not msgs:
-                    break
-                cut = False
-                if until_time is not None:
-                    msgs, cut = _before(msgs, until_time)
-                if msgs:
-                    await submit_msgs(applier, msgs)
-                    position = applier.position
-                if on_progress is not None:
-                    on_progress(position, last)
-                if cut:
-                    break
-        finally:
-            await sub.unsubscribe()
-        return await applier.drain()
