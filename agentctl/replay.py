@@ -52,17 +52,16 @@ def replay(app: App, db_path: Path, until_seq: int | None, until_time: datetime 
     if full and snapshot_path is not None:
         raise click.UsageError("--full and --from-snapshot: choose one")
     show = not as_json and err.is_terminal
-    used: list[str] = []
 
-    async def body() -> tuple[int, int, dict[str, int]]:
-        start = 0
+    async def body() -> tuple[str | None, int, int, dict[str, int]]:
+        start, used = 0, None
         if snapshot_path is not None:
             snap = await dbmod.open_reader(snapshot_path)
             try:
                 start = await dbmod.position(snap)
             finally:
                 await snap.close()
-            used.append(str(snapshot_path))
+            used = str(snapshot_path)
         async with connected(app.settings, cli_principal()) as nc:
             js = nc.jetstream(timeout=10)
             bar = Progress(TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -84,8 +83,7 @@ def replay(app: App, db_path: Path, until_seq: int | None, until_time: datetime 
                             js, db_path, until_seq=until_seq, until_time=until_time, on_progress=progress,
                             memory_list_cap=cap)
                         if restored is not None:
-                            start = restored.position
-                            used.append(restored.name)
+                            start, used = restored.position, restored.name
                 except ValueError as exc:
                     raise click.UsageError(str(exc)) from exc
         db = await dbmod.open_db(db_path)
@@ -93,10 +91,9 @@ def replay(app: App, db_path: Path, until_seq: int | None, until_time: datetime 
             rows = await dbmod.row_counts(db)
         finally:
             await db.close()
-        return start, position, rows
+        return used, start, position, rows
 
-    start, position, rows = run(body)
-    snapshot_used = used[0] if used else None
+    snapshot_used, start, position, rows = run(body)
     if as_json:
         out.print_json(data={"db": str(db_path), "snapshot": snapshot_used, "from_seq": start + 1, "position": position,
                              "rows": rows})

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import io
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -148,7 +149,7 @@ async def test_a_snapshot_plus_the_tail_equals_a_full_rebuild_and_the_live_proje
     assert await dump(tmp_path / "snap-later.db") == await dump(tmp_path / "full-later.db")
 
 
-async def test_a_projector_with_no_file_starts_from_the_newest_snapshot_and_answers_alike(
+async def test_a_projector_with_no_file_or_one_of_another_schema_starts_from_the_newest_snapshot_and_answers_alike(
     running_router: RunningRouter, connect_as: Connect, admin: Client, settings: Settings, tmp_path: Path
 ) -> None:
     js, live = admin.jetstream(), tmp_path / "live.db"
@@ -168,6 +169,22 @@ async def test_a_projector_with_no_file_starts_from_the_newest_snapshot_and_answ
     finally:
         await reader.close()
     assert json.loads(asked.data) == json.loads(codec.encode(expected))
+
+    # A file of an older schema is set aside, and the snapshot taken instead of a full fold.
+    older = tmp_path / "older.db"
+    conn = sqlite3.connect(older)
+    try:
+        conn.executescript("CREATE TABLE tracking (name TEXT PRIMARY KEY, position INTEGER NOT NULL);"
+                           f"PRAGMA user_version = {dbmod.SCHEMA_VERSION - 1};")
+    finally:
+        conn.close()
+    with capture_logs() as logs:
+        async with projecting(await connect_as("projector"), tuned(settings), older) as projector:
+            await caught_up(projector, head)
+    assert [e["event"] for e in logs if e["event"] in ("projection_rebuild", "projection_snapshot_loaded")] == [
+        "projection_rebuild", "projection_snapshot_loaded"]
+    assert next(e for e in logs if e["event"] == "projector_started")["from_snapshot"] == saved[-1]
+    assert await dump(older) == await dump(live)
 
 
 def _forged(data: bytes, position: int, record_hash: str, body: bytes | None = None, **changes: Any) -> bytes:
