@@ -1,5 +1,6 @@
 """``agentctl replay``: rebuild every projection from the log into a new file, as of now, a
-sequence, or a moment."""
+sequence, or a moment; from the newest projection snapshot that fits, from a snapshot
+file, or from sequence 1."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from ledgerbus.agentctl.common import EXIT_FAILED, App, cli_principal, err, fail
 from ledgerbus.bus.archive import ArchiveError, configured
 from ledgerbus.bus.connection import connected
 from ledgerbus.projections import db as dbmod
-from ledgerbus.projections.rebuild import rebuild
+from ledgerbus.projections.errors import LogGapError
+from ledgerbus.projections.rebuild import rebuild, rebuild_from_store
 from ledgerbus.projections.rebuild import snapshot as take_snapshot
 
 
@@ -35,26 +37,33 @@ def _moment(ctx: click.Context, param: click.Parameter, value: str | None) -> da
 @click.option("--until", "until_time", callback=_moment, metavar="ISO-TIME",
               help="Stop after the last record made at or before this time (UTC if no zone).")
 @click.option("--from-snapshot", "snapshot_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Start from this snapshot (agentctl snapshot) and apply only the records after it.")
+              help="Start from this snapshot file (agentctl snapshot) and apply only the records after it.")
+@click.option("--full", is_flag=True, help="Fold from audit sequence 1, not from a projection snapshot.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
 def replay(app: App, db_path: Path, until_seq: int | None, until_time: datetime | None, snapshot_path: Path | None,
-           as_json: bool) -> None:
-    """Rebuild every projection from audit sequence 1 (or a snapshot) into a new file: the state
-    now, or as it was at --until-seq N or --until TIME. At the log's head it equals the live
-    projection."""
+           full: bool, as_json: bool) -> None:
+    """Rebuild every projection into a new file: the state now, or as it was at --until-seq N
+    or --until TIME. At the log's head it equals the live projection.
+
+    It starts from the newest projection snapshot the projectors saved that checks and is
+    at or before the target, and applies only the records after it (it says which); from
+    audit sequence 1 with --full, or when there is none."""
     if db_path.exists():
         raise click.BadParameter(f"{db_path} exists: replay writes a new file", param_hint="--db")
+    if full and snapshot_path is not None:
+        raise click.UsageError("--full and --from-snapshot: choose one")
     show = not as_json and err.is_terminal
 
-    async def body() -> tuple[int, int, dict[str, int]]:
-        start = 0
+    async def body() -> tuple[str | None, int, int, dict[str, int]]:
+        start, used = 0, None
         if snapshot_path is not None:
             snap = await dbmod.open_reader(snapshot_path)
             try:
                 start = await dbmod.position(snap)
             finally:
                 await snap.close()
+            used = str(snapshot_path)
         async with connected(app.settings, cli_principal()) as nc:
             js = nc.jetstream(timeout=10)
             bar = Progress(TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -66,27 +75,36 @@ def replay(app: App, db_path: Path, until_seq: int | None, until_time: datetime 
                     if bar is not None and task is not None:
                         bar.update(task, completed=done, total=total)
 
+                cap, archive = app.settings.memory_list_cap, configured(app.settings)[0]
                 try:
-                    position = await rebuild(js, db_path, until_seq=until_seq, until_time=until_time,
-                                             on_progress=progress, memory_list_cap=app.settings.memory_list_cap,
-                                             from_snapshot=snapshot_path, archive=configured(app.settings)[0])
+                    if full or snapshot_path is not None:
+                        position = await rebuild(js, db_path, until_seq=until_seq, until_time=until_time,
+                                                 on_progress=progress, memory_list_cap=cap, from_snapshot=snapshot_path,
+                                                 archive=archive)
+                    else:
+                        restored, position = await rebuild_from_store(
+                            js, db_path, until_seq=until_seq, until_time=until_time, on_progress=progress,
+                            memory_list_cap=cap, archive=archive)
+                        if restored is not None:
+                            start, used = restored.position, restored.name
                 except ValueError as exc:
                     raise click.UsageError(str(exc)) from exc
-                except ArchiveError as exc:
+                except (ArchiveError, LogGapError) as exc:
                     fail(str(exc), EXIT_FAILED)
         db = await dbmod.open_db(db_path)
         try:
             rows = await dbmod.row_counts(db)
         finally:
             await db.close()
-        return start, position, rows
+        return used, start, position, rows
 
-    start, position, rows = run(body)
+    snapshot_used, start, position, rows = run(body)
     if as_json:
-        out.print_json(data={"db": str(db_path), "from_seq": start + 1, "position": position, "rows": rows})
+        out.print_json(data={"db": str(db_path), "snapshot": snapshot_used, "from_seq": start + 1, "position": position,
+                             "rows": rows})
     else:
         counts = ", ".join(f"{n} {t}" for t, n in rows.items() if t not in ("tracking", "meta"))
-        source = f"snapshot {snapshot_path} (seq {start}) + seq {start + 1}" if snapshot_path else "seq 1"
+        source = f"snapshot {snapshot_used} (seq {start}) + seq {start + 1}" if snapshot_used else "seq 1"
         out.print(f"replayed audit {source}..{position} into {db_path} ({counts})")
 
 

@@ -31,6 +31,9 @@ fail point costs one truth test of an empty dict. The points (each documented in
     (the files not yet deleted);
 ``projector.applied``
     a batch's rows written inside the projector's transaction, not committed;
+``projector.snapshot_writing``
+    a projection snapshot's first chunk stored in the ``projections`` object store, its
+    entry not yet;
 ``agent.skill_done``
     a skill returned, its result not reported;
 ``agent.keepalive``
@@ -47,8 +50,8 @@ from ledgerbus.bus.errors import ConfigError
 
 ENV = "LEDGERBUS_FAILPOINTS"
 POINTS = ("router.fetched", "router.appended", "router.dispatched", "router.snapshot_writing", "router.archive_written",
-          "router.archive_recorded", "projector.applied",
-          "agent.skill_done", "agent.keepalive")
+          "router.archive_recorded", "projector.applied", "projector.snapshot_writing", "agent.skill_done",
+          "agent.keepalive")
 
 
 def parse(spec: str) -> tuple[dict[str, int], frozenset[str]]:

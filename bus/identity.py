@@ -13,6 +13,9 @@ its NATS user has the same name. What each may do is generated here, per kind:
 - only ``router`` writes ``audit.>``, ``work.>`` and ``assign.>`` and the chain's anchor (the ``chain``
   bucket, which ``cli-<name>`` may read), and only it reads or writes its snapshots (the
   ``snapshots`` object store); only ``admin`` and ``router`` manage streams;
+- only ``projector`` writes (and prunes) the projection snapshots (the ``projections``
+  object store), which it and ``cli-<name>`` (``agentctl replay``) may read; both may read
+  one AUDIT record by its sequence, to check a snapshot's tie to the log;
 - everyone publishes the spans it records on ``traces.*.<principal>``, and only there, so
   a span's publisher is known; ``cli-<name>`` reads TRACES (``agentctl trace``);
 - likewise everyone publishes its metrics snapshots on ``metrics.<principal>.*`` only;
@@ -106,6 +109,7 @@ _KV_AGENTS = subjects.kv_stream(subjects.AGENTS_BUCKET)
 _KV_ROUTER = subjects.kv_stream(subjects.ROUTER_BUCKET)
 _KV_CHAIN = subjects.kv_stream(subjects.CHAIN_BUCKET)
 _OBJ_SNAPSHOTS = subjects.obj_stream(subjects.SNAPSHOT_BUCKET)
+_OBJ_PROJECTIONS = subjects.obj_stream(subjects.PROJECTION_BUCKET)
 _ANY, _REST = subjects.WILDCARD, subjects.FULL_WILDCARD
 
 # What a skill may ask the projector (ctx.memory, ctx.shared, ctx.tasks): not the audit
@@ -140,7 +144,8 @@ def permissions(ident: Identity) -> dict[str, Any]:
         sub = [inbox]
     elif ident.kind == "router":
         streams = (subjects.INGRESS_STREAM, subjects.AUDIT_STREAM, subjects.WORK_STREAM, subjects.DEADLETTER_STREAM,
-                   subjects.TRACES_STREAM, subjects.METRICS_STREAM, _KV_AGENTS, _KV_ROUTER, _KV_CHAIN, _OBJ_SNAPSHOTS)
+                   subjects.TRACES_STREAM, subjects.METRICS_STREAM, _KV_AGENTS, _KV_ROUTER, _KV_CHAIN, _OBJ_SNAPSHOTS,
+                   _OBJ_PROJECTIONS)
         pub = [subjects.AUDIT_ALL, subjects.WORK_ALL, subjects.ASSIGN_ALL, subjects.NOTIFY_ALL, subjects.JS_API_INFO,
                subjects.js_stream_info(_ANY), subjects.JS_FC_ALL,
                *(subjects.js_stream_create(s) for s in streams), *(subjects.js_stream_update(s) for s in streams),
@@ -164,7 +169,12 @@ def permissions(ident: Identity) -> dict[str, Any]:
         sub = [inbox]
     elif ident.kind == "projector":
         pub = [subjects.JS_API_INFO, subjects.js_stream_info(subjects.AUDIT_STREAM),
-               *_follows(subjects.AUDIT_STREAM), subjects.JS_FC_ALL]
+               *_follows(subjects.AUDIT_STREAM), subjects.JS_FC_ALL,
+               # Projection snapshots (projections/snapshots.py): written, listed, read back
+               # and checked against the AUDIT record at their position, the old ones purged.
+               subjects.js_stream_msg_get(subjects.AUDIT_STREAM), subjects.js_stream_info(_OBJ_PROJECTIONS),
+               subjects.obj_all(subjects.PROJECTION_BUCKET), subjects.js_stream_msg_get(_OBJ_PROJECTIONS),
+               subjects.JS_STREAM_NAMES, subjects.js_stream_purge(_OBJ_PROJECTIONS), *_follows(_OBJ_PROJECTIONS)]
         sub = [inbox, subjects.QUERY_ALL]
     elif ident.kind == "cli":
         pub = [subjects.ingress_all(ident.principal), subjects.QUERY_ALL, subjects.JS_API_INFO,
@@ -180,7 +190,11 @@ def permissions(ident: Identity) -> dict[str, Any]:
                # and each WORK consumer is (counts only: no message of theirs).
                subjects.js_stream_info(subjects.METRICS_STREAM), subjects.js_direct_get(subjects.METRICS_STREAM, _REST),
                subjects.js_stream_info(subjects.INGRESS_STREAM), subjects.js_stream_info(subjects.DEADLETTER_STREAM),
-               subjects.js_consumer_list(subjects.WORK_STREAM)]
+               subjects.js_consumer_list(subjects.WORK_STREAM),
+               # agentctl replay starts from a projection snapshot (read only), checked
+               # against the AUDIT record at its position.
+               subjects.js_stream_msg_get(subjects.AUDIT_STREAM), subjects.js_stream_info(_OBJ_PROJECTIONS),
+               subjects.js_stream_msg_get(_OBJ_PROJECTIONS), subjects.JS_STREAM_NAMES, *_follows(_OBJ_PROJECTIONS)]
         sub = [inbox]
     else:
         pub = [subjects.ingress_all(ident.principal),

@@ -224,9 +224,20 @@ def snapshot_store_config(settings: Settings) -> ObjectStoreConfig:
     )
 
 
+def projection_store_config(settings: Settings) -> ObjectStoreConfig:
+    """The ``projections`` object store: snapshots of the projection database
+    (``projections/snapshots.py``), written by projectors, read by them and by
+    ``agentctl replay``; no TTL: a projector deletes all but the newest few itself."""
+    return ObjectStoreConfig(
+        storage=StorageType.FILE,
+        replicas=settings.stream_replicas,
+        description="snapshots of the projection database at a log position",
+    )
+
+
 async def provision(js: JetStreamContext, settings: Settings) -> None:
     """Create or update every stream, the ``agents`` and ``chain`` buckets and the
-    ``snapshots`` object store."""
+    ``snapshots`` and ``projections`` object stores."""
 
     async def stream(config: StreamConfig) -> None:
         try:
@@ -271,22 +282,24 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot provision bucket {kv.bucket}: {exc}{_replicas_hint(settings)}") from exc
 
-    async def objects() -> None:
+    async def objects(bucket: str, config: ObjectStoreConfig) -> None:
         try:
-            await js.create_object_store(subjects.SNAPSHOT_BUCKET, config=snapshot_store_config(settings))
+            await js.create_object_store(bucket, config=config)
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != STREAM_NAME_IN_USE:
                 raise
-            await ensure_replicas(js, subjects.obj_stream(subjects.SNAPSHOT_BUCKET), settings.stream_replicas)
+            await ensure_replicas(js, subjects.obj_stream(bucket), settings.stream_replicas)
 
-    try:
-        await _retrying(objects, settings, f"object store {subjects.SNAPSHOT_BUCKET}")
-    except (nats.errors.Error, TimeoutError) as exc:
-        raise BusError(f"cannot provision object store {subjects.SNAPSHOT_BUCKET}: {exc}"
-                       f"{_replicas_hint(settings)}") from exc
+    stores = {subjects.SNAPSHOT_BUCKET: snapshot_store_config(settings),
+              subjects.PROJECTION_BUCKET: projection_store_config(settings)}
+    for bucket_name, store_config in stores.items():
+        try:
+            await _retrying(functools.partial(objects, bucket_name, store_config), settings,
+                            f"object store {bucket_name}")
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot provision object store {bucket_name}: {exc}{_replicas_hint(settings)}") from exc
     log.info("provisioned", streams=[c.name for c in stream_configs(settings)],
-             buckets=[subjects.AGENTS_BUCKET, subjects.CHAIN_BUCKET, subjects.SNAPSHOT_BUCKET],
-             replicas=settings.stream_replicas)
+             buckets=[subjects.AGENTS_BUCKET, subjects.CHAIN_BUCKET, *stores], replicas=settings.stream_replicas)
 
 
 def _replicas_hint(settings: Settings) -> str:

@@ -57,6 +57,13 @@ class Settings:
     snapshot_keep: int = 3
     """How many snapshots the router keeps, the newest and the ones before it (a damaged
     newest one is passed over for the one before)."""
+    projection_snapshot_every: int = 10_000
+    """The projector saves a snapshot of its database every this many audit records (to the
+    ``projections`` object store); a projector with no database file, and ``agentctl
+    replay``, start from the newest one that checks plus the records after it; 0: never
+    saved (docs/operations.md, "Projection snapshots")."""
+    projection_snapshot_keep: int = 3
+    """How many projection snapshots are kept, the newest and the ones before it."""
     max_message_bytes: int = 256 * 1024
     duplicate_window_s: float = 120.0
     dedup_horizon_s: float = 24 * 3600.0

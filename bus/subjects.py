@@ -47,6 +47,8 @@ CHAIN_HISTORY: Final = 16
 """How many anchors, the newest and those before it, the ``chain`` bucket keeps (no TTL)."""
 SNAPSHOT_BUCKET: Final = "snapshots"
 """The router's signed snapshots of its folded state (an object store: ``router/snapshots.py``)."""
+PROJECTION_BUCKET: Final = "projections"
+"""Snapshots of the projection database (an object store: ``projections/snapshots.py``)."""
 
 INGRESS_ALL: Final = "in.>"
 AUDIT_ALL: Final = "audit.>"
@@ -261,6 +263,11 @@ def obj_stream(bucket: str) -> str:
 def obj_all(bucket: str) -> str:
     """Every subject of an object store bucket: its chunks (``C``) and its entries (``M``)."""
     return f"$O.{bucket}.>"
+
+
+def obj_chunks(bucket: str) -> str:
+    """The prefix of an object store bucket's chunk subjects (``<prefix><object nuid>``)."""
+    return f"$O.{bucket}.C."
 
 
 def obj_meta(bucket: str, name: str) -> str:

@@ -16,6 +16,7 @@ tracking row. Two ways to execute it:
 from __future__ import annotations
 
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -33,6 +34,8 @@ from ledgerbus.projections.rows import REMEMBER, Fetch, Plan
 DEPTH = 4
 """Plans in flight by default."""
 MAX_DEPTH = REMEMBER
+TAILS = 1024
+"""Plans whose last record's hash the :class:`Applier` remembers (:attr:`Applier.tails`)."""
 
 Projection = Callable[[Batch, Sequence[AuditRecord]], Awaitable[None]]
 
@@ -114,6 +117,10 @@ class Applier:
         self.committed = position
         self.memory_cap = memory_cap
         self.cache_limit = CACHE_LIMIT if cache_limit is None else cache_limit
+        self.tails: OrderedDict[int, str] = OrderedDict()
+        """The hash of the last record of each of the last :data:`TAILS` plans, by its
+        sequence: the positions the file can be at, and the record a snapshot taken there
+        names (``projections/snapshots.py``)."""
         self._state: State | None = None
 
     @classmethod
@@ -169,6 +176,9 @@ class Applier:
             raise
         await self.writer.send(plan)
         self.position = end
+        self.tails[end] = fresh[-1].hash
+        if len(self.tails) > TAILS:
+            self.tails.popitem(last=False)
 
     async def drain(self) -> int:
         """Wait until every plan handed over is committed; return the committed position."""

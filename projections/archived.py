@@ -8,19 +8,17 @@ import asyncio
 from datetime import datetime
 
 import structlog
+from nats.aio.msg import Msg
 
 from ledgerbus.bus import codec
 from ledgerbus.bus.archive import Archive, ArchiveError
 from ledgerbus.bus.events import AuditRecord
 from ledgerbus.projections.apply import Applier
+from ledgerbus.projections.errors import LogGapError
 
 log = structlog.get_logger(__name__)
 
 BATCH = 1024
-
-
-class LogGapError(ArchiveError):
-    """Records a projection needs are neither in AUDIT nor in the archive."""
 
 
 async def fill(applier: Applier, archive: Archive | None, before: int, until_time: datetime | None = None
@@ -34,7 +32,7 @@ async def fill(applier: Applier, archive: Archive | None, before: int, until_tim
         return applier.position, False
     if archive is None:
         raise LogGapError(f"AUDIT starts at seq {before} but this projection is at seq {first - 1}: records "
-                          f"{first}..{last} left the stream and no archive is configured")
+                          f"{first}..{last} left the stream and no archive is configured", first - 1, before)
 
     def read() -> list[AuditRecord]:
         return [codec.read_record(seq, data) for seq, data in archive.records(first, last)]
@@ -42,7 +40,8 @@ async def fill(applier: Applier, archive: Archive | None, before: int, until_tim
     try:
         records = await asyncio.to_thread(read)
     except ArchiveError as exc:
-        raise LogGapError(f"this projection is at seq {first - 1}, AUDIT starts at seq {before}: {exc}") from exc
+        raise LogGapError(f"this projection is at seq {first - 1}, AUDIT's next record is seq {before}: {exc}",
+                          first - 1, before) from exc
     cut = False
     if until_time is not None:
         kept = [r for r in records if r.at <= until_time]
@@ -53,3 +52,27 @@ async def fill(applier: Applier, archive: Archive | None, before: int, until_tim
     log.info("archive_applied", first_seq=first, last_seq=records[-1].seq if records else first - 1,
              archive=str(archive.path))
     return applier.position, cut
+
+
+async def submit(applier: Applier, msgs: list[Msg], archive: Archive | None,
+                 until_time: datetime | None = None) -> bool:
+    """Hand AUDIT messages to ``applier`` as :func:`projector.submit_msgs` does, first
+    applying from ``archive`` whatever the stream skipped before each (records purged
+    while it was read); return whether ``until_time`` cut the archived part short."""
+    from ledgerbus.projections.projector import submit_msgs  # the projector imports this module
+
+    run: list[Msg] = []
+    for msg in msgs:
+        seq = msg.metadata.sequence.stream
+        expected = (run[-1].metadata.sequence.stream if run else applier.position) + 1
+        if seq > expected:
+            if run:
+                await submit_msgs(applier, run)
+                run = []
+            _, cut = await fill(applier, archive, seq, until_time)
+            if cut:
+                return True
+        run.append(msg)
+    if run:
+        await submit_msgs(applier, run)
+    return False

@@ -14,6 +14,7 @@ from ledgerbus.bus.archive import Archive, ArchiveError, configured
 from ledgerbus.bus.errors import BusError, UnreadableRecord
 from ledgerbus.bus.settings import Settings
 from ledgerbus.bus.verify import AnchorResult, Finding, LogReport, verify_log
+from ledgerbus.projections.errors import LogGapError
 from ledgerbus.projections.verify import compare_digest, compare_file
 
 
@@ -86,4 +87,7 @@ async def _projections(nc: Any, js: Any, db_path: Path | None, archive: Archive 
     except UnreadableRecord as exc:
         # The projection holds a record this agentctl cannot rebuild (a newer projector's).
         return Finding("projections", False, f"not checked: {exc}", seq=exc.seq)
+    except LogGapError as exc:
+        # Records the rebuild needs are neither in AUDIT nor in the archive.
+        return Finding("projections", False, f"not checked: {exc}")
     return Finding("projections", check.ok, check.detail)

@@ -1,7 +1,10 @@
 """The projector process: follows AUDIT into SQLite, in batches, and answers queries.
 
 It reads with an ordered consumer starting at ``tracking.position + 1``; it needs no
-durable consumer because the tracking row, committed with the rows, is its cursor.
+durable consumer because the tracking row, committed with the rows, is its cursor. With no
+database file (or one of another schema, set aside) it starts from the newest projection
+snapshot that checks, and it saves one every ``projection_snapshot_every`` records
+(``projections/snapshots.py``).
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ from ledgerbus.bus.settings import Settings
 from ledgerbus.bus.archive import configured
 from ledgerbus.projections import archived
 from ledgerbus.projections import db as dbmod
-from ledgerbus.projections import service
+from ledgerbus.projections import service, snapshots
 from ledgerbus.projections.apply import Applier
-from ledgerbus.projections.errors import SchemaMismatch
+from ledgerbus.projections.errors import LogGapError, SchemaMismatch
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("ledgerbus.projector")
@@ -41,16 +44,22 @@ async def submit_msgs(applier: Applier, msgs: list[Msg]) -> None:
     applied by an upgraded rebuild, it would make the two projections differ in silence.
     The records before it are applied and committed, so the tracking row stands just
     before it and an upgraded projector resumes there; then :class:`UnreadableRecord`
-    (its sequence, JSON path and likely cause) is raised.
+    (its sequence, JSON path and likely cause) is raised. Records missing before one
+    (purged from AUDIT while it was followed) stop it the same way, with
+    :class:`LogGapError`.
     """
     records = []
+    last = applier.position
     for msg in msgs:
+        seq = msg.metadata.sequence.stream
         try:
-            records.append(codec.read_record(msg.metadata.sequence.stream, msg.data))
-        except UnreadableRecord:
+            snapshots.check_next(last, seq)
+            records.append(codec.read_record(seq, msg.data))
+        except (UnreadableRecord, LogGapError):
             await applier.submit(records)
             await applier.drain()
             raise
+        last = max(last, seq)
     await applier.submit(records)
 
 
@@ -125,20 +134,68 @@ class Projector:
         self.progress = service.Progress()
         self.serving = asyncio.Event()
         """Set once the query service is subscribed."""
+        self.snapshots = snapshots.Saver(self.js, settings, self.db_path)
+        self.from_snapshot: int | None = None
+        """The position of the snapshot this start loaded, if it loaded one."""
+        self.archive = configured(settings)[0]
+        """Where records purged from AUDIT are (``policy.toml`` ``[retention]``)."""
+
+    def _set_aside(self) -> Path:
+        """Move the database file (and its WAL) aside as ``<file>.old-<time>``."""
+        aside = self.db_path.with_name(f"{self.db_path.name}.old-{int(time.time())}")
+        for suffix in ("", "-wal", "-shm"):
+            old = self.db_path.with_name(self.db_path.name + suffix)
+            if old.exists():
+                old.rename(aside.with_name(aside.name + suffix))
+        return aside
+
+    async def _restore(self, dest: Path) -> snapshots.Restored | None:
+        if not self.snapshots.enabled:
+            return None
+        restored = await snapshots.restore(self.js, dest, self.settings.memory_list_cap)
+        if restored is not None:
+            self.from_snapshot = self.snapshots.saved = restored.position
+        return restored
 
     async def _open(self) -> Applier:
+        """The database to follow the log into: the file as it is; with no file, or one of
+        another schema (set aside: projections are disposable), the newest snapshot that
+        checks, else a new file; and for a file that fell behind AUDIT's first record, a
+        snapshot past the gap, else :class:`LogGapError`."""
         cap = self.settings.memory_list_cap
+        snapshots.clean_scratch(self.db_path)
+        tried = not self.db_path.exists()
+        if tried:
+            await self._restore(self.db_path)
         try:
-            return await Applier.open(self.db_path, cap)
+            applier = await Applier.open(self.db_path, cap)
         except SchemaMismatch as exc:
-            # Projections are disposable: set the old file aside and replay the log.
-            aside = self.db_path.with_name(f"{self.db_path.name}.old-{int(time.time())}")
-            for suffix in ("", "-wal", "-shm"):
-                old = self.db_path.with_name(self.db_path.name + suffix)
-                if old.exists():
-                    old.rename(aside.with_name(aside.name + suffix))
+            aside = self._set_aside()
             log.warning("projection_rebuild", reason=str(exc), old_file=str(aside))
-            return await Applier.open(self.db_path, cap)
+            tried = True
+            await self._restore(self.db_path)
+            applier = await Applier.open(self.db_path, cap)
+        opened: Applier | None = applier
+        try:
+            first = (await self.js.stream_info(subjects.AUDIT_STREAM)).state.first_seq
+            if applier.committed + 1 < first and not tried:
+                staging = self.db_path.with_name(f"{self.db_path.name}.restoring")
+                staging.unlink(missing_ok=True)
+                if await self._restore(staging) is not None:
+                    opened = None
+                    await applier.close()
+                    aside = self._set_aside()
+                    log.warning("projection_behind_log", position=applier.committed, first_seq=first,
+                                old_file=str(aside), from_snapshot=self.from_snapshot)
+                    staging.rename(self.db_path)
+                    applier = opened = await Applier.open(self.db_path, cap)
+            if applier.committed + 1 < first and self.archive.manifest().last_seq < first - 1:
+                snapshots.check_tail(applier.committed, first)  # neither the stream nor the archive has them
+        except BaseException:
+            if opened is not None:
+                await opened.close()
+            raise
+        return applier
 
     async def run(self, stop: asyncio.Event) -> None:
         """Catch up, then follow the log until ``stop`` is set.
@@ -154,6 +211,7 @@ class Projector:
             try:
                 await self._follow(applier, reader, stop)
             finally:
+                await self.snapshots.stop()
                 await reader.close()
 
     async def _follow(self, applier: Applier, reader: aiosqlite.Connection, stop: asyncio.Event) -> None:
@@ -162,16 +220,14 @@ class Projector:
         await self.nc.flush()
         self.serving.set()
         sub = await follow(self.js, self.position + 1)
-        log.info("projector_started", db=str(self.db_path), position=self.position)
+        log.info("projector_started", db=str(self.db_path), position=self.position, from_snapshot=self.from_snapshot)
         while not stop.is_set():
             batch = await next_batch(sub, self.settings.projector_batch, wait=0.5)
-            if batch and batch[0].metadata.sequence.stream > applier.position + 1:
-                # Behind a purge of the retention rule: what left the stream is archived.
-                await archived.fill(applier, configured(self.settings)[0], batch[0].metadata.sequence.stream)
             if batch:
                 spans = apply_spans(batch, self.settings.traces_max_age_s)
                 try:
-                    await submit_msgs(applier, batch)
+                    # Behind a purge of the retention rule: what left the stream is archived.
+                    await archived.submit(applier, batch, self.archive)
                     if spans or sub.pending_msgs == 0:
                         await applier.drain()
                 except UnreadableRecord as exc:
@@ -194,6 +250,7 @@ class Projector:
                 metrics.projector_applied.add(applier.committed - self.position)
                 self.position = applier.committed
                 self.progress.advanced()
+                self.snapshots.maybe_save(self.position, applier.tails)
         await queries.unsubscribe()
         await sub.unsubscribe()
         self.position = await applier.drain()

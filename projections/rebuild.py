@@ -3,7 +3,10 @@ snapshot's position; the whole log, or the log as it was at a sequence or a mome
 travel).
 
 A snapshot is a compacted copy of a projection database (``VACUUM INTO``), tracking row
-included, so a rebuild that starts from it applies only the records after it.
+included, so a rebuild that starts from it applies only the records after it: a file
+(``agentctl snapshot``, :func:`rebuild`'s ``from_snapshot``), or the newest one in the
+``projections`` object store that checks (:func:`rebuild_from_store`,
+``projections/snapshots.py``).
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from ledgerbus.bus import codec, subjects
-from ledgerbus.bus.errors import UnreadableRecord
 from ledgerbus.bus.archive import Archive
+from ledgerbus.bus.errors import UnreadableRecord
 from ledgerbus.projections import archived
 from ledgerbus.projections import db as dbmod
+from ledgerbus.projections import snapshots
 from ledgerbus.projections.apply import Applier
-from ledgerbus.projections.errors import DatabaseError
-from ledgerbus.projections.projector import follow, next_batch, submit_msgs
+from ledgerbus.projections.errors import DatabaseError, LogGapError
+from ledgerbus.projections.projector import follow, next_batch
 
 Progress = Callable[[int, int], None]
 """Called with (records applied, records to apply) as the rebuild goes."""
@@ -98,71 +102,93 @@ async def rebuild(
     ``path`` must not exist yet: a rebuild never mixes with an old database. With
     ``from_snapshot`` it starts as a copy of that snapshot and applies only the records
     after the snapshot's position. Records AUDIT no longer holds are read from ``archive``
-    (the retention rule's); a gap neither holds raises :class:`LogGapError`. Returns the position reached, which the database's
-    tracking row also holds.
+    (the retention rule's). Returns the position reached, which the database's tracking
+    row also holds.
 
     A record this version cannot decode stops it with :class:`UnreadableRecord` (its
-    sequence and likely cause), and ``path`` is removed: a rebuild that could not reach
-    its target is not the projection asked for (``until_seq`` before that record is).
+    sequence and likely cause), and records neither AUDIT nor the archive holds with
+    :class:`LogGapError`; ``path`` is then removed: a rebuild that could not reach its
+    target is not the projection asked for (``until_seq`` before that record is).
     """
     if path.exists():
         raise FileExistsError(f"{path} exists; a rebuild writes a new database")
-    try:
-        return await _rebuild(js, path, until_seq, until_time, batch, on_progress, memory_list_cap, from_snapshot,
-                              archive)
-    except (UnreadableRecord, archived.LogGapError):
-        for suffix in ("", "-wal", "-shm"):
-            path.with_name(path.name + suffix).unlink(missing_ok=True)
-        raise
+    position = 0
+    if from_snapshot is not None:
+        position = await _start_from(path, from_snapshot, until_seq, until_time)
+    return await _rebuild(js, path, position, until_seq, until_time, batch, on_progress,
+                          memory_list_cap if from_snapshot is None else None, archive)
+
+
+async def rebuild_from_store(
+    js: JetStreamContext,
+    path: Path,
+    until_seq: int | None = None,
+    until_time: datetime | None = None,
+    batch: int = 1024,
+    on_progress: Progress | None = None,
+    memory_list_cap: int | None = None,
+    archive: Archive | None = None,
+) -> tuple[snapshots.Restored | None, int]:
+    """:func:`rebuild`, starting from the newest snapshot in the ``projections`` object
+    store that checks, was built with ``memory_list_cap`` and does not pass the target (at
+    or before ``until_seq``, its newest record at or before ``until_time``); from sequence
+    1 if there is none. Returns that snapshot (or ``None``) and the position reached."""
+    if path.exists():
+        raise FileExistsError(f"{path} exists; a rebuild writes a new database")
+    restored = await snapshots.restore(js, path, memory_list_cap, until_seq, until_time)
+    start = 0 if restored is None else restored.position
+    reached = await _rebuild(js, path, start, until_seq, until_time, batch, on_progress,
+                             memory_list_cap if restored is None else None, archive)
+    return restored, reached
 
 
 async def _rebuild(
     js: JetStreamContext,
     path: Path,
+    position: int,
     until_seq: int | None,
     until_time: datetime | None,
     batch: int,
     on_progress: Progress | None,
     memory_list_cap: int | None,
-    from_snapshot: Path | None,
     archive: Archive | None,
 ) -> int:
-    info = await js.stream_info(subjects.AUDIT_STREAM)
-    last = info.state.last_seq if until_seq is None else min(until_seq, info.state.last_seq)
-    position = 0
-    if from_snapshot is not None:
-        position = await _start_from(path, from_snapshot, until_seq, until_time)
-    async with await Applier.open(path, memory_list_cap if from_snapshot is None else None) as applier:
-        if last <= position:
-            return position
-        if position + 1 < info.state.first_seq:
-            # Records the retention rule archived come first, from the archive.
-            position, cut = await archived.fill(applier, archive, min(info.state.first_seq, last + 1), until_time)
-            if on_progress is not None:
-                on_progress(position, last)
-            if cut or position >= last:
-                return await applier.drain()
-        sub = await follow(js, position + 1)
-        try:
-            while position < last:
-                msgs = [m for m in await next_batch(sub, batch, wait=10) if m.metadata.sequence.stream <= last]
-                if not msgs:
-                    break
-                if (first := msgs[0].metadata.sequence.stream) > applier.position + 1:
-                    # Purged while this read began: those records are in the archive now.
-                    position, cut = await archived.fill(applier, archive, first, until_time)
-                    if cut:
-                        break
-                cut = False
-                if until_time is not None:
-                    msgs, cut = _before(msgs, until_time)
-                if msgs:
-                    await submit_msgs(applier, msgs)
-                    position = applier.position
+    """Apply the records after ``position`` (what the file at ``path``, if any, holds):
+    those AUDIT no longer holds from ``archive``, then the stream's."""
+    try:
+        info = await js.stream_info(subjects.AUDIT_STREAM)
+        last = info.state.last_seq if until_seq is None else min(until_seq, info.state.last_seq)
+        async with await Applier.open(path, memory_list_cap) as applier:
+            if last <= position:
+                return position
+            if position + 1 < info.state.first_seq:
+                # Records the retention rule archived come first, from the archive.
+                position, cut = await archived.fill(applier, archive, min(info.state.first_seq, last + 1), until_time)
                 if on_progress is not None:
                     on_progress(position, last)
-                if cut:
-                    break
-        finally:
-            await sub.unsubscribe()
-        return await applier.drain()
+                if cut or position >= last:
+                    return await applier.drain()
+            sub = await follow(js, position + 1)
+            try:
+                while position < last:
+                    msgs = [m for m in await next_batch(sub, batch, wait=10) if m.metadata.sequence.stream <= last]
+                    if not msgs:
+                        break
+                    cut = False
+                    if until_time is not None:
+                        msgs, cut = _before(msgs, until_time)
+                    if msgs:
+                        # Records purged while this read went on are in the archive now.
+                        cut = await archived.submit(applier, msgs, archive, until_time) or cut
+                        position = applier.position
+                    if on_progress is not None:
+                        on_progress(position, last)
+                    if cut:
+                        break
+            finally:
+                await sub.unsubscribe()
+            return await applier.drain()
+    except (UnreadableRecord, LogGapError):
+        for suffix in ("", "-wal", "-shm"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+        raise

@@ -1,4 +1,11 @@
-"""Verifying a live projection: rebuild it from the log to the same position and compare."""
+"""Verifying a live projection: rebuild it from the log to the same position and compare.
+
+The rebuild always starts at sequence 1, never from a projection snapshot: a snapshot is
+a copy of a live file, so comparing a rebuild from one with a live file would check the
+live files against each other, not against the log. Both sides are at one position: the
+live digest and its position are read in one transaction (``q.projections.digest``, or
+:func:`compare_file`), and the rebuild stops at exactly that record.
+"""
 
 from __future__ import annotations
 

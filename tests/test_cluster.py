@@ -204,7 +204,8 @@ async def test_streams_and_buckets_made_with_one_replica_get_three_when_the_rout
     await Lease(js, 3, replicas=3).bucket()
     streams = [subjects.INGRESS_STREAM, subjects.AUDIT_STREAM, subjects.WORK_STREAM, subjects.DEADLETTER_STREAM,
                subjects.TRACES_STREAM, f"KV_{subjects.AGENTS_BUCKET}", f"KV_{subjects.ROUTER_BUCKET}",
-               subjects.kv_stream(subjects.CHAIN_BUCKET)]
+               subjects.kv_stream(subjects.CHAIN_BUCKET), subjects.obj_stream(subjects.SNAPSHOT_BUCKET),
+               subjects.obj_stream(subjects.PROJECTION_BUCKET)]
     assert {s: (await js.stream_info(s)).config.num_replicas for s in streams} == dict.fromkeys(streams, 3)
     await cluster.wait_current(js, streams)  # and the two new copies of each exist
 

@@ -91,6 +91,34 @@ async def test_a_principal_publishes_metrics_only_under_its_own_name(running_rou
         await a1.close()
 
 
+async def test_only_the_projector_writes_projection_snapshots_a_cli_user_reads_them_an_agent_cannot(
+    settings: Settings, admin: Client
+) -> None:
+    name, events = "projection-000000000001", ConnectionEvents()
+    projector = await connect(settings, "projector")
+    carol = await connect(settings, "cli-carol", events=events)
+    a1 = await connect(settings, "agent-a1", events=events)
+    try:
+        await (await projector.jetstream().object_store(subjects.PROJECTION_BUCKET)).put(name, b"snapshot")
+        readable = await carol.jetstream(timeout=1).object_store(subjects.PROJECTION_BUCKET)
+        assert (await readable.get(name)).data == b"snapshot"  # agentctl replay reads them
+        with pytest.raises((TimeoutError, nats.errors.Error)):
+            await readable.put(name, b"forged")
+        for attempt in (lambda: a1.jetstream(timeout=0.5).object_store(subjects.PROJECTION_BUCKET),
+                        lambda: a1.jetstream(timeout=0.5).get_msg(subjects.obj_stream(subjects.PROJECTION_BUCKET), 1)):
+            with pytest.raises((TimeoutError, nats.errors.Error)):
+                await attempt()
+    finally:
+        for nc in (projector, carol, a1):
+            await nc.close()
+    text = "\n".join(events.violations)
+    for forbidden in (f'"{subjects.obj_chunks(subjects.PROJECTION_BUCKET)}', "STREAM.INFO.OBJ_projections",
+                      "STREAM.MSG.GET.OBJ_projections"):
+        assert forbidden.lower() in text.lower(), f"{forbidden} was not refused:\n{text}"
+    stored = await admin.jetstream().object_store(subjects.PROJECTION_BUCKET)
+    assert (await stored.get(name)).data == b"snapshot"
+
+
 async def test_keys_add_admits_a_new_agent_once_the_server_reloads(
     settings: Settings, nats_server: NatsServer, admin: Client
 ) -> None:

@@ -7,7 +7,9 @@ the API subject that names their filter (no legacy durable create, whose filter 
 does not check); metrics snapshots (``metrics.<principal>.*``, each its own), which a CLI
 principal reads with the sizes of the streams and of WORK's consumers; the router's own
 ``snapshots`` object store (router/snapshots.py), which no other principal may read or
-write."""
+write; the ``projections`` object store (projections/snapshots.py), which the projector
+writes and prunes and a CLI principal reads (``agentctl replay``), both reading one AUDIT
+record by sequence to check a snapshot against the log."""
 
 from __future__ import annotations
 
