@@ -23,7 +23,7 @@ took in, with the heartbeats, checkpoints and retention records the system adds)
 Every ``sample_s`` seconds (and once more after a settling pause at the end) a sample:
 the resident set (``VmRSS``) of every process working in the project directory, by role
 (the leading router, the standby, the projector, its writer child, nats-server, and all of
-them together); the disk use (allocated blocks) of the JetStream store, of the AUDIT
+them together, the router's snapshot-encoding child included); the disk use (allocated blocks) of the JetStream store, of the AUDIT
 stream's directory in it, of the projection (``var/ledgerbus.db`` with ``-wal`` and
 ``-shm``) and of the archive directory; AUDIT's first and last sequence, messages and bytes
 (stream info); INGRESS and WORK depths; the tasks completed. ``bench/soak_report.py`` turns
@@ -190,13 +190,16 @@ def du(path: Path) -> tuple[int, int]:
     return total, files
 
 
-def rss(pid: int) -> int:
-    """The resident set of ``pid`` in bytes (``VmRSS``), 0 if it is gone."""
+def rss(pid: int) -> tuple[int, int]:
+    """The resident set of ``pid`` in bytes (``VmRSS``, 0 if it is gone) and its parent's pid."""
+    size, parent = 0, 0
     with contextlib.suppress(OSError, ValueError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+                size = int(line.split()[1]) * 1024
+            elif line.startswith("PPid:"):
+                parent = int(line.split()[1])
+    return size, parent
 
 
 class Leader:
@@ -232,8 +235,12 @@ def memory(directory: Path, leader: int) -> tuple[dict[str, int], dict[str, int]
     for pid in e2e._pids(e2e._cwd_under(directory)):
         with contextlib.suppress(OSError, ValueError, StopIteration):
             name = e2e._process_name(pid)
-            size = rss(pid)
-            if name == "router" and pid != leader:
+            size, parent = rss(pid)
+            if name == "router" and parent == leader:
+                # The child the leader forks to encode a snapshot (router/snapshots.py): its
+                # pages are the router's, shared copy-on-write, so counted twice in "all".
+                name = "router (snapshot child)"
+            elif name == "router" and pid != leader:
                 name = "router (standby)"
             role = {"router": "router", "router (standby)": "router_standby", "projector": "projector",
                     "projector writer": "writer", "nats-server": "nats"}.get(name)
@@ -287,6 +294,25 @@ class Counts:
             with contextlib.suppress(Exception):
                 record = codec.decode_record(msg.data)
                 self.problems.append(f"{msg.subject}: {record.reason or record.code or record.kind}")
+
+
+async def joined(js: JetStreamContext, agents: set[str], timeout: float) -> None:
+    """Wait until every agent named has an accepted ``agent_joined`` record on AUDIT; else
+    say which have not."""
+    await e2e._audit_ready(js, time.monotonic() + timeout)
+    sub = await js.subscribe("audit.accepted.agent_joined.*", stream=subjects.AUDIT_STREAM, ordered_consumer=True)
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    try:
+        while not agents <= seen:
+            try:
+                msg = await sub.next_msg(timeout=max(0.1, deadline - time.monotonic()))
+            except nats.errors.TimeoutError:
+                raise e2e.BenchError(f"not every agent joined within {timeout:g} s: missing "
+                                     f"{sorted(agents - seen)}") from None
+            seen.add(msg.subject.rsplit(".", 1)[1])
+    finally:
+        await sub.unsubscribe()
 
 
 class Soak:
@@ -405,7 +431,7 @@ class Soak:
         cli = await connect(self.system.settings, e2e.CLI.token)
         js = cli.jetstream(timeout=30)
         started = time.monotonic()
-        await e2e._joined(js, self.system.agents, timeout=180)
+        await joined(js, self.system.agents, timeout=180)
         self.say(f"  {len(self.system.agents)} agents joined {time.monotonic() - started:.1f} s after the client "
                  "connected")
         c = self.counts

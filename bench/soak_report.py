@@ -120,7 +120,7 @@ def verdict_lines(result: dict[str, Any], verdict: dict[str, Any]) -> list[str]:
                  f"archive_expired records, {'shrank' if verdict['archive_shrank'] else 'never shrank'} during the run")
     grew = growth_by_process(result)
     if grew:
-        lines.append("RSS, start to end, by process: " + ", ".join(f"{name} {d / MIB:+,.0f} MiB" for name, d in grew))
+        lines.append("RSS, second half, by process: " + ", ".join(f"{name} {d / MIB:+,.0f} MiB" for name, d in grew))
     fit = verdict["fits"]["disk_total"]
     if fit is not None:
         word = "flat" if verdict["flat"]["disk_total"] else "GROWS"
@@ -136,18 +136,22 @@ def summary(verdict: dict[str, Any]) -> str:
     everything = verdict["fits"]["rss_all"]
     if everything is not None:
         rss += f", all processes {everything['growth_pct']:+.1f}%"
-    bounded = verdict["audit_bounded"] and verdict["flat"]["disk_total"]
-    disk = "bounded by the policy" if bounded else "NOT bounded" + (
-        "" if verdict["audit_bounded"] else " (AUDIT)") + ("" if verdict["flat"]["disk_total"] else " (grows)")
+    why = [] if verdict["audit_bounded"] else ["AUDIT: " + verdict["audit_verdict"].split(":")[0]]
+    if not verdict["flat"]["disk_total"]:
+        why.append(f"store + projection + archive grew {verdict['flat_pct']:g}% or more")
+    disk = "bounded by the policy" if not why else f"NOT bounded ({'; '.join(why)})"
     return f"RSS of the router, the projector and its writer over the second half: {rss}; disk: {disk}"
 
 
 def growth_by_process(result: dict[str, Any], top: int = 6) -> list[tuple[str, int]]:
-    """The processes whose RSS changed most from the first sample to the last."""
+    """The processes whose RSS changed most over the second half: from the sample nearest
+    half the messages to the last (the first half has the start-up's imports)."""
     by_name = result.get("rss_by_process") or []
     if len(by_name) < 2:
         return []
-    first, last = by_name[0], by_name[-1]
+    end = result["samples"][-1]["messages"]
+    middle = min(range(len(by_name)), key=lambda i: abs(result["samples"][i]["messages"] - end / 2))
+    first, last = by_name[middle], by_name[-1]
     change = {name: last.get(name, 0) - first.get(name, 0) for name in first.keys() | last.keys()}
     return sorted(change.items(), key=lambda kv: -abs(kv[1]))[:top]
 
