@@ -401,7 +401,7 @@ class Soak:
                     c.changed.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(c.changed.wait(), 0.05)
-                    if c.settled != last_settled:
+                    if c.settled != last_settled or c.settled == self.submitted:  # moving, or waiting on --soak-rate
                         last_settled, last_progress = c.settled, time.monotonic()
                     elif time.monotonic() - last_progress > STALL_S:
                         raise e2e.BenchError(f"no task settled for {STALL_S:g} s ({c.settled:,} of "
