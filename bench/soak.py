@@ -23,12 +23,16 @@ took in, with the heartbeats, checkpoints and retention records the system adds)
 Every ``sample_s`` seconds (and once more after a settling pause at the end) a sample:
 the resident set (``VmRSS``) of every process working in the project directory, by role
 (the leading router, the standby, the projector, its writer child, nats-server, and all of
-them together, the router's snapshot-encoding child included); the disk use (allocated blocks) of the JetStream store, of the AUDIT
-stream's directory in it, of the projection (``var/ledgerbus.db`` with ``-wal`` and
-``-shm``) and of the archive directory; AUDIT's first and last sequence, messages and bytes
-(stream info); INGRESS and WORK depths; the tasks completed. ``bench/soak_report.py`` turns
-the samples into a CSV, a plot, the verdicts (flat RSS, bounded disk) and a section of
-docs/benchmarks.md.
+them together, the router's snapshot-encoding child included); the disk use (allocated
+blocks) of the JetStream store, of the AUDIT stream's directory in it, of the projection
+(``var/ledgerbus.db`` with ``-wal`` and ``-shm``) and of the archive directory; AUDIT's
+first and last sequence, messages and bytes (stream info); INGRESS and WORK depths; the
+tasks completed. ``bench/soak_report.py`` turns the samples into a CSV, a plot, the verdicts
+(flat RSS, bounded disk) and a section of docs/benchmarks.md.
+
+If honcho stops meanwhile (it stops every process once one exits), the run stops at once,
+naming the process that exited first and its last line; honcho's whole log is kept in
+``bench/results/soak-honcho.log``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -428,7 +433,34 @@ class Soak:
             await publisher.close()
 
     async def run(self) -> dict[str, Any]:
+        """The soak, stopped with the reason as soon as honcho stops (it stops every process
+        once one exits)."""
+        work = asyncio.create_task(self._soak())
+        watch = asyncio.create_task(self._honcho_stopped())
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            watch.cancel()
+            return work.result()
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await work
+        raise e2e.BenchError(watch.result())
+
+    async def _honcho_stopped(self) -> str:
+        proc = self.system.proc
+        assert proc is not None
+        while proc.poll() is None:
+            await asyncio.sleep(0.5)
+        return f"honcho stopped (exit {proc.returncode}) while the soak ran: {first_exit(self.system.log_path)}"
+
+    async def _soak(self) -> dict[str, Any]:
         cli = await connect(self.system.settings, e2e.CLI.token)
+        try:
+            return await self._measure(cli)
+        finally:
+            await cli.close()
+
+    async def _measure(self, cli: Any) -> dict[str, Any]:
         js = cli.jetstream(timeout=30)
         started = time.monotonic()
         await joined(js, self.system.agents, timeout=180)
@@ -459,10 +491,23 @@ class Soak:
         self.say(self._line(await self.sample(js)))
         for sub in subs:
             await sub.unsubscribe()
-        await cli.close()
         return {"feed_s": fed, "feed_messages": fed_messages, "messages_per_s": fed_messages / fed,
                 "tasks_per_s": self.tasks / fed, "problems": c.problems}
 
+
+_STOPPED = re.compile(r"^\S+ system\s+\| (\S+) stopped \(rc=(-?\d+)\)", re.MULTILINE)
+
+
+def first_exit(log: Path) -> str:
+    """Which process of honcho's log stopped first, its exit status and its last line."""
+    text = log.read_text(errors="replace")
+    found = _STOPPED.search(text)
+    if found is None:
+        return "no process is logged as stopped"
+    name, rc = found.groups()
+    said = [line.split("| ", 1)[1].strip() for line in text[:found.start()].splitlines()
+            if re.match(rf"^\S+ {re.escape(name)}\s+\|", line) and "| " in line]
+    return f"{name} exited first (rc={rc})" + (f", its last line: {said[-1]}" if said else "")
 
 def run(repo: Path, messages: int, sample_s: float, window: int, rate: float, retention: Retention | None,
         say: Callable[[str], None] = print) -> dict[str, Any]:
@@ -493,8 +538,12 @@ def run(repo: Path, messages: int, sample_s: float, window: int, rate: float, re
         try:
             found = asyncio.run(soak.run())
         except (e2e.BenchError, TimeoutError, OSError, nats.errors.Error) as exc:
-            raise e2e.BenchError(f"soak failed: {str(exc) or repr(exc)}\n--- honcho log, last lines ---\n"
-                                 f"{e2e._tail(system.log_path)}") from exc
+            system.stop()
+            kept = repo / "bench" / "results" / "soak-honcho.log"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(system.log_path, kept)
+            raise e2e.BenchError(f"soak failed: {str(exc) or repr(exc)}\n--- honcho log, last lines (all of it in "
+                                 f"{kept}) ---\n{e2e._tail(system.log_path)}") from exc
         finally:
             notes = system.stop()
     finally:
