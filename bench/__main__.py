@@ -1,7 +1,9 @@
-"""``python -m bench [--only router|projections|scaling|fsync|e2e|coldstart] [--messages N] [--rounds R] [--tasks T]
-[--events E] [--sleep-tasks N] [--sleep S] [--replicas 1,2,4] [--fsync-messages N] [--fsync-sequential M]
-[--e2e-tasks N] [--e2e-samples M] [--coldstart-records 100000,1000000] [--profile] [--plot PNG]
-[--write-docs [--docs MD]]``
+"""``python -m bench [--only router|projections|scaling|fsync|e2e|coldstart|soak] [--messages N] [--rounds R]
+[--tasks T] [--events E] [--sleep-tasks N] [--sleep S] [--replicas 1,2,4] [--fsync-messages N]
+[--fsync-sequential M] [--e2e-tasks N] [--e2e-samples M] [--coldstart-records 100000,1000000] [--profile]
+[--plot PNG] [--soak-messages N] [--soak-sample-s S] [--soak-window T] [--soak-rate R] [--soak-audit-max-bytes B]
+[--soak-audit-max-age D] [--soak-segment-records N] [--soak-archive-max-age D] [--soak-check-every D]
+[--soak-no-retention] [--soak-flat-pct P] [--soak-csv CSV] [--soak-plot PNG] [--write-docs [--docs MD]]``
 
 1. Router throughput vs a bare relay. Both drain the same N preloaded submissions from
    INGRESS through the same JetStream work: fetch, one AUDIT write and one WORK write per
@@ -26,6 +28,10 @@
    time, rounds alternating (see bench/e2e.py; needs ``uv sync --extra bench``).
 7. Router cold start as the audit log grows, from a snapshot and folding the whole log, on
    one log grown by the real router and an echo agent (see bench/coldstart.py).
+8. A soak, only with ``--only soak``: ``honcho start`` as shipped with a ``[retention]``
+   table in policy.toml routes N messages (N / 2 echo tasks) while the processes' RSS and
+   the disk use of the store, the projection and the archive are sampled (see
+   bench/soak.py; a CSV, a plot, and with ``--write-docs`` its section of docs/benchmarks.md).
 
 Every round uses a fresh nats-server (or cluster); medians are reported because these machines are noisy.
 """
@@ -52,7 +58,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler, Sam
 from rich.console import Console
 from rich.table import Table
 
-from bench import coldstart, e2e, e2e_report, fsync, projections, scaling
+from bench import coldstart, e2e, e2e_report, fsync, projections, scaling, soak, soak_report
 from ledgerbus.agents.runtime import Agent
 from ledgerbus.bus import codec, pull, subjects
 from ledgerbus.bus.connection import connect
@@ -284,10 +290,68 @@ def _sizes(value: str) -> list[int]:
     return sizes
 
 
+def _size(value: str) -> int:
+    try:
+        return soak.parse_size(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _duration(value: str) -> str:
+    try:
+        soak.parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return value
+
+
+def run_soak(args: argparse.Namespace) -> dict:
+    """``--only soak``: run it, write the CSV and the plot, print the table and the
+    verdicts, and with ``--write-docs`` its section of the docs page."""
+    retention = None if args.soak_no_retention else soak.Retention(
+        audit_max_age=args.soak_audit_max_age, audit_max_bytes=args.soak_audit_max_bytes,
+        segment_records=args.soak_segment_records, archive_max_age=args.soak_archive_max_age,
+        check_every=args.soak_check_every)
+    try:
+        found = soak.run(REPO, args.soak_messages, args.soak_sample_s, args.soak_window, args.soak_rate, retention,
+                         say=console.print)
+    except e2e.BenchError as exc:
+        console.print(f"soak: {exc}", style="red", markup=False, highlight=False)
+        sys.exit(1)
+    found["machine"] = e2e_report.machine(soak_report.PACKAGES)
+    found["command"] = " ".join(["python -m bench", *map(shlex.quote, sys.argv[1:])])
+    verdict = soak_report.analyse(found, args.soak_flat_pct)
+    found["verdict"] = verdict
+    soak_report.write_csv(found, args.soak_csv)
+    console.print(f"[dim]{len(found['samples'])} samples written to {args.soak_csv}[/]")
+    plot = args.soak_plot or (REPO / "docs" / "benchmarks-soak.png" if args.write_docs
+                              else REPO / "bench" / "results" / "soak.png")
+    why_not = soak_report.plot(found, verdict, plot, found["machine"])
+    console.print(why_not or f"[dim]plot written to {plot}[/]")
+    table = Table("measure", "start", "middle", "end", box=None)
+    for row in soak_report.table(found):
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"{found['feed_messages']:,} messages routed in {found['feed_s']:,.0f} s: "
+                  f"{found['messages_per_s']:,.0f} messages/s ({found['tasks_per_s']:,.0f} echo tasks/s, "
+                  f"{found['messages_per_task']} messages each)")
+    for line in soak_report.verdict_lines(found, verdict):
+        console.print(f"  {line}", highlight=False)
+    console.print(soak_report.summary(verdict), style="bold", highlight=False)
+    for note in found["notes"] + [f"task not completed: {p}" for p in found["problems"]]:
+        console.print(f"  [yellow]note[/]: {note}")
+    if args.write_docs:
+        link = None if why_not else Path(os.path.relpath(plot, args.docs.parent)).as_posix()
+        e2e_report.write_docs(args.docs, soak_report.section(found, verdict, link), soak_report.BEGIN,
+                              soak_report.END)
+        console.print(f"[dim]{args.docs} updated[/]")
+    return found
+
+
 def cli() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["router", "projections", "scaling", "fsync", "e2e", "coldstart"],
-                        help="Run one benchmark, not all.")
+    parser.add_argument("--only", choices=["router", "projections", "scaling", "fsync", "e2e", "coldstart", "soak"],
+                        help="Run one benchmark, not all (the soak runs only when named).")
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=200)
@@ -312,8 +376,35 @@ def cli() -> None:
                              "prints the profile's top lines (raw stacks in bench/results/router-profile.txt).")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "benchmarks-e2e.png",
                         help="Where the end-to-end benchmark draws its plot.  [default: docs/benchmarks-e2e.png]")
+    soak_args = parser.add_argument_group("soak (--only soak)")
+    soak_args.add_argument("--soak-messages", type=int, default=1_000_000,
+                           help="Messages routed: half as many echo tasks (two messages each).  [default: 1000000]")
+    soak_args.add_argument("--soak-sample-s", type=float, default=5.0, help="Seconds between samples.  [default: 5]")
+    soak_args.add_argument("--soak-window", type=int, default=1000,
+                           help="Tasks submitted and not yet settled, at most (back-pressure).  [default: 1000]")
+    soak_args.add_argument("--soak-rate", type=float, default=0.0,
+                           help="Tasks per second, at most (0: as fast as the window allows).  [default: 0]")
+    soak_args.add_argument("--soak-audit-max-bytes", type=_size, default="32MiB",
+                           help="[retention] audit_max_bytes (written as a number of bytes).  [default: 32MiB]")
+    soak_args.add_argument("--soak-audit-max-age", type=_duration, default="7d",
+                           help="[retention] audit_max_age.  [default: 7d, as shipped: it does not bite here]")
+    soak_args.add_argument("--soak-segment-records", type=int, default=10_000,
+                           help="[retention] segment_records.  [default: 10000]")
+    soak_args.add_argument("--soak-archive-max-age", type=_duration, default="3m",
+                           help="[retention] archive_max_age.  [default: 3m]")
+    soak_args.add_argument("--soak-check-every", type=_duration, default="5s",
+                           help="[retention] check_every.  [default: 5s]")
+    soak_args.add_argument("--soak-no-retention", action="store_true",
+                           help="No [retention] table: soak without the rule (AUDIT is then unbounded).")
+    soak_args.add_argument("--soak-flat-pct", type=float, default=5.0,
+                           help="RSS growth over the second half below which it is called flat.  [default: 5]")
+    soak_args.add_argument("--soak-csv", type=Path, default=REPO / "bench" / "results" / "soak.csv",
+                           help="Where the samples go.  [default: bench/results/soak.csv]")
+    soak_args.add_argument("--soak-plot", type=Path, default=None,
+                           help="Where the plot goes.  [default: docs/benchmarks-soak.png with --write-docs, "
+                                "else bench/results/soak.png]")
     parser.add_argument("--write-docs", action="store_true",
-                        help="Write the end-to-end results into their section of the --docs page.")
+                        help="Write the end-to-end (or soak) results into their section of the --docs page.")
     parser.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md",
                         help="The page --write-docs updates.  [default: docs/benchmarks.md]")
     args = parser.parse_args()
@@ -388,7 +479,10 @@ def cli() -> None:
             link = None if why_not else Path(os.path.relpath(args.plot, args.docs.parent)).as_posix()
             e2e_report.write_docs(args.docs, e2e_report.section(ends, ends["command"], link))
             console.print(f"[dim]{args.docs} updated[/]")
-    console.print(table)
+    if args.only == "soak":
+        result["soak"] = run_soak(args)
+    else:
+        console.print(table)
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(result, indent=2))

@@ -236,11 +236,13 @@ def with_port(procfile: str, port: int) -> str:
 class System:
     """``honcho start`` in a temporary copy of the project's shipped files (see the module)."""
 
+    prefix = "ledgerbus-e2e-"
+
     def __init__(self, repo: Path, traced: bool, every_trace: bool = False) -> None:
         self.repo = repo
         self.traced = traced
         self.every_trace = every_trace
-        self._tmp = tempfile.TemporaryDirectory(prefix="ledgerbus-e2e-")
+        self._tmp = tempfile.TemporaryDirectory(prefix=self.prefix)
         self.dir = Path(self._tmp.name)
         self.log_path = self.dir / "honcho.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -248,16 +250,28 @@ class System:
         port = free_port()
         self.url = f"nats://127.0.0.1:{port}"
         self.settings = Settings(url=self.url, auth_dir=self.dir / "var" / "auth", connect_timeout_s=120)
-        for name in SHIPPED:
-            shutil.copy2(repo / name, self.dir / name)
-        policy = self.dir / "policy.toml"
-        policy.write_text(lift_rate_limit(policy.read_text(), CLI.token))
-        limit = router_policy.load(policy).rate_limit(CLI.token)
-        if limit is None or limit[0] != CLI.token:
-            raise BenchError(f"the lifted rate limit does not apply to {CLI.token}")
-        procfile = self.dir / "Procfile"
-        procfile.write_text(with_port(procfile.read_text(), port))
+        try:
+            self.write_project()
+            policy = self.dir / "policy.toml"
+            policy.write_text(self.edit_policy(lift_rate_limit(policy.read_text(), CLI.token)))
+            limit = router_policy.load(policy).rate_limit(CLI.token)
+            if limit is None or limit[0] != CLI.token:
+                raise BenchError(f"the lifted rate limit does not apply to {CLI.token}")
+            procfile = self.dir / "Procfile"
+            procfile.write_text(with_port(procfile.read_text(), port))
+        except BaseException:
+            self.close()
+            raise
         self.agents = {ident.name for ident in procfile_agents(procfile)}
+
+    def write_project(self) -> None:
+        """The project's files in ``self.dir``: here, copies of the repository's."""
+        for name in SHIPPED:
+            shutil.copy2(self.repo / name, self.dir / name)
+
+    def edit_policy(self, text: str) -> str:
+        """policy.toml as this run wants it, after the producer's rate limit is lifted."""
+        return text
 
     def env(self) -> dict[str, str]:
         """The caller's environment without ledgerbus or OpenTelemetry settings, plus the URL."""

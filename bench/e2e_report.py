@@ -30,8 +30,9 @@ def _version_of(argv: list[str]) -> str:
     return "not found"
 
 
-def machine() -> dict[str, Any]:
-    """The machine and software a run measured: cores, CPU, memory, versions."""
+def machine(versions_of: tuple[str, ...] = PACKAGES) -> dict[str, Any]:
+    """The machine and software a run measured: cores, CPU, memory, versions (of the
+    packages ``versions_of``)."""
     cpu = "?"
     with contextlib.suppress(OSError):
         found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
@@ -41,7 +42,7 @@ def machine() -> dict[str, Any]:
         found = re.search(r"^MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
         memory = f"{int(found.group(1)) / 2**20:.1f} GiB" if found else "?"
     packages = {}
-    for name in PACKAGES:
+    for name in versions_of:
         try:
             packages[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -204,10 +205,10 @@ def section(result: dict[str, Any], command: str, plot_link: str | None) -> str:
     return "\n".join(lines)
 
 
-def write_docs(path: Path, text: str) -> None:
+def write_docs(path: Path, text: str, begin: str = BEGIN, end_marker: str = END) -> None:
     """Replace the generated section of ``path`` (between the markers) with ``text``."""
     page = path.read_text()
-    start, end = page.find(BEGIN), page.find(END)
+    start, end = page.find(begin), page.find(end_marker)
     if start < 0 or end < start:
-        raise ValueError(f"{path} has no {BEGIN} ... {END} section to write")
-    path.write_text(page[:start] + text + page[end + len(END):])
+        raise ValueError(f"{path} has no {begin} ... {end_marker} section to write")
+    path.write_text(page[:start] + text + page[end + len(end_marker):])
