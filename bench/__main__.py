@@ -58,6 +58,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler, Sam
 from rich.console import Console
 from rich.table import Table
 
+from ledgerbus.bus.archive import parse_duration, parse_size
 from bench import coldstart, e2e, e2e_report, fsync, projections, scaling, soak, soak_report
 from ledgerbus.agents.runtime import Agent
 from ledgerbus.bus import codec, pull, subjects
@@ -292,14 +293,14 @@ def _sizes(value: str) -> list[int]:
 
 def _size(value: str) -> int:
     try:
-        return soak.parse_size(value)
+        return parse_size(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _duration(value: str) -> str:
     try:
-        soak.parse_duration(value)
+        parse_duration(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
     return value

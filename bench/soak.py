@@ -57,6 +57,7 @@ from rich.markup import escape
 
 from bench import e2e
 from ledgerbus.bus import codec, subjects
+from ledgerbus.bus.archive import parse_duration
 from ledgerbus.bus.connection import connect
 from ledgerbus.bus.errors import ConfigError
 from ledgerbus.bus.events import TaskSubmitted, new_id
@@ -70,32 +71,6 @@ BATCH = 256
 STALL_S = 180.0
 """No task settled for this long while some are outstanding: the run stops with an error."""
 ARCHIVE_DIR = "var/archive"
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_DURATION = re.compile(r"^(\d+)([smhd]?)$")
-_DURATION_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_size(text: str) -> int:
-    """``"32MiB"`` → 33554432; ``K``/``M``/``G``/``T`` with ``i`` are powers of 1024, without
-    powers of 1000; a bare number is bytes."""
-    found = _SIZE.match(text)
-    if not found:
-        raise ValueError(f"not a size: {text!r} (e.g. 32MiB, 50MB, 1000000)")
-    number, unit = float(found.group(1)), (found.group(2) or "B").upper()
-    if unit == "B":
-        return int(number)
-    power = "KMGT".index(unit[0]) + 1
-    return int(number * (1024 if "I" in unit else 1000) ** power)
-
-
-def parse_duration(text: str) -> float:
-    """``"5s"``, ``"3m"``, ``"7d"``, ``"0"`` → seconds (the forms docs/architecture.md uses)."""
-    found = _DURATION.match(text.strip())
-    if not found:
-        raise ValueError(f"not a duration: {text!r} (e.g. 5s, 3m, 2h, 7d, 0)")
-    return int(found.group(1)) * _DURATION_S[found.group(2)]
-
-
 @dataclasses.dataclass(frozen=True)
 class Retention:
     """The ``[retention]`` table the soak writes (see docs/architecture.md)."""
@@ -138,9 +113,9 @@ class SoakSystem(e2e.System):
     def edit_policy(self, text: str) -> str:
         if self.retention is None:
             return text
-        if re.search(r"^\[retention\]", text, re.MULTILINE):
-            raise e2e.BenchError("the project's policy.toml has a [retention] table already")
-        return f"{text.rstrip()}\n\n# Added by the soak bench (bench/soak.py).\n{self.retention.toml()}"
+        # The shipped table (7 days, which never bites in a run) is replaced by the soak's.
+        text = re.sub(r"^\[retention\]\n(?:[^\[].*\n|\n)*", "", text + "\n", flags=re.MULTILINE)
+        return f"{text.rstrip()}\n\n# Set by the soak bench (bench/soak.py).\n{self.retention.toml()}"
 
 
 # -- sampling ------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.soak import Retention, Sample, parse_duration
+from bench.soak import Retention, Sample
+from ledgerbus.bus.archive import parse_duration
 from ledgerbus.bus.settings import Settings
 
 BEGIN = "<!-- soak:begin -->"
