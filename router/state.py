@@ -13,6 +13,10 @@ running it applies each record right after sealing it. Two things live here:
 - which memory checkpoints each agent has (a restore must name one);
 - the work assigned to each agent that has not finished (``inflight``), which bounds what
   the scheduler assigns to it (docs/orchestration.md, "Where work goes").
+
+It is bounded: an ``audit_archived`` record lets go of every task tree settled by its
+``through_seq`` (:mod:`bus.compaction`), with everything kept about those tasks, so the
+state holds the open tasks and those settled since the last archive.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from ledgerbus.bus import lifecycle
+from ledgerbus.bus import compaction, lifecycle
 from ledgerbus.bus.anchor import RESTART_CODE
 from ledgerbus.bus.events import (
     NO_RETRY,
@@ -104,6 +108,11 @@ class RouterState:
         # message id -> (seq, time) of accepted records, oldest first, for dedup_horizon_s.
         self._messages: OrderedDict[str, tuple[int, datetime]] = OrderedDict()
         self._horizon = timedelta(seconds=dedup_horizon_s)
+        self.archived_through = 0
+        """``through_seq`` of the last ``audit_archived`` record: the tasks settled by then
+        were let go of (their records are in the archive)."""
+        self.archived_tasks = 0
+        """How many tasks archives have let go of, in all."""
 
     def apply(self, record: AuditRecord, traceparent: str = "") -> None:
         """Fold one audit record into the state; ``traceparent`` is the trace context
@@ -121,6 +130,9 @@ class RouterState:
             while len(self._audited) > self._capacity:
                 self._audited.popitem(last=False)
         if not record.accepted:
+            return
+        if (through := compaction.archived_through(record)) is not None:
+            self._archived(through)
             return
         if record.msg_id:
             self._messages[record.msg_id] = (record.seq, record.at)
@@ -142,6 +154,10 @@ class RouterState:
         fold(self, record, event)
         if isinstance(event, TASK_EVENTS):
             task = self.tasks.get(event.task_id)
+            if task is not None:
+                task.last_seq = record.seq
+                if compaction.stops_retries(record):
+                    task.retryable = False
             if task is not None and type(event) not in _CREATES:
                 # One definition of what each record does to a status: bus/lifecycle.py.
                 task.status = lifecycle.after(task.status, record, task.shape)
@@ -174,7 +190,7 @@ class RouterState:
         self.tasks[submission.task_id] = TaskState(
             skill=submission.skill, submitter=record.principal, status=lifecycle.created(record, Shape.TASK),
             dispatch=0 if waits else 1, held=submission if held else None, budget=submission.budget,
-            parent=submission.parent_task_id, retry=retry,
+            parent=submission.parent_task_id, retry=retry, retryable=retry.max_attempts > 1,
             submission=submission if retry.max_attempts > 1 or waits else None, trace=self._traceparent,
             matched=waits,
             handoff=(str(submission.input.get("from", "")), str(submission.input.get("role", "")))
@@ -191,7 +207,7 @@ class RouterState:
         self.tasks[plan_id] = PlanState(
             skill=PLAN_SKILL, submitter=record.principal, status=lifecycle.created(record, Shape.PLAN),
             held=plan if record.code == APPROVAL_REQUESTED else None, children=children, plan=plan,
-            parent=plan.parent_task_id, trace=trace, budget=plan.budget,
+            parent=plan.parent_task_id, trace=trace, budget=plan.budget, last_seq=record.seq,
         )
         if (parent := self.tasks.get(plan.parent_task_id or "")) is not None:
             parent.children.append(plan_id)
@@ -201,6 +217,7 @@ class RouterState:
                 skill=step.skill or "", submitter=record.principal, status=lifecycle.created(record, Shape.STEP),
                 parent=plan_id, dispatch=0, retry=step.retry, step=step,
                 deps=tuple(step_task_id(plan_id, d) for d in step.deps), trace=trace,
+                retryable=step.retry.max_attempts > 1, last_seq=record.seq,
             )
 
     def _usage(self, record: AuditRecord, usage: TaskUsage) -> None:
@@ -336,6 +353,32 @@ class RouterState:
     def _checkpoint_saved(self, record: AuditRecord, saved: CheckpointSaved) -> None:
         self.checkpoints.setdefault(saved.agent, {})[saved.checkpoint_id] = record.seq
 
+    def _archived(self, through: int) -> None:
+        """Let go of every task tree settled by ``through`` (:func:`bus.compaction.compacted`)
+        and of everything kept about its tasks; open trees stay whole."""
+        gone = compaction.compacted(
+            self.tasks, _parent,
+            lambda t: compaction.closed(t.status, t.retryable, t.last_seq, through))
+        self.archived_through = max(self.archived_through, through)
+        if not gone:
+            return
+        self.archived_tasks += len(gone)
+        for task_id in gone:
+            del self.tasks[task_id]
+        for tasks in (*self.inflight.values(), *self.held.values()):
+            tasks.difference_update(gone)
+        for ids in (self.unmatched, self.dirty, self.orphaned):
+            ids.difference_update(gone)
+        for task_id in gone & self.ready_since.keys():
+            del self.ready_since[task_id]
+        if any(task_id in gone for _, task_id in self._timers):
+            self._timers = [timer for timer in self._timers if timer[1] not in gone]
+            heapq.heapify(self._timers)
+        dropped = [pid for pid, unmatched in self.proposals.items() if unmatched.task_id in gone]
+        for pid in dropped:
+            del self.proposals[pid]
+            self.approved_proposals.discard(pid)
+
     def _traced(self, task_id: str, traceparent: str) -> None:
         task = self.tasks.get(task_id)
         if task is None:
@@ -384,6 +427,10 @@ class RouterState:
         """Drop records of INGRESS messages that are gone (acked) from the stream."""
         for seq in [s for s in self._audited if s < ingress_first_seq]:
             del self._audited[seq]
+
+
+def _parent(task: AnyTask) -> str | None:
+    return task.parent
 
 
 _Fold = Callable[[RouterState, AuditRecord, Any], None]
