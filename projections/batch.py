@@ -62,6 +62,10 @@ class Batch:
         self.state = state
         self.plan = plan
         self.fetch = state.fetch
+        self.archived: dict[int, list[str]] = {}
+        """seq of each ``audit_archived`` record in the batch → the tasks it compacts out,
+        in id order: decided by the tasks projection (which folds first), followed by the
+        tables that refer to tasks (:mod:`projections.compaction`)."""
 
     def rows(self, table: str, key: Sequence[str], columns: Sequence[str]) -> Rows:
         return self.state.rows(table, key, columns)

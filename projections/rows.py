@@ -105,6 +105,23 @@ class Rows:
                 row = dict(zip(self.columns, found, strict=True))
                 rows[tuple(row[c] for c in self.key)] = row
 
+    async def scan(self, fetch: Fetch, columns: Sequence[str]) -> dict[tuple[Any, ...], Row]:
+        """Every row of the table as the batch has it now, key → its key and ``columns``:
+        the file overlaid with the cache (which holds every row that batches not yet
+        committed, and this one so far, changed). It reads the whole table: for a rare
+        record (an archive), not for every batch."""
+        cols = [*self.key, *(c for c in columns if c not in self.key)]
+        width = len(self.key)
+        out: dict[tuple[Any, ...], Row] = {}
+        for found in await fetch(f"SELECT {', '.join(cols)} FROM {self.table}", ()):
+            out[tuple(found[:width])] = dict(zip(cols, found, strict=True))
+        for key, row in self._rows.items():
+            if row is None:
+                out.pop(key, None)
+            else:
+                out[key] = {c: row[c] for c in cols}
+        return out
+
     def get(self, key: tuple[Any, ...]) -> Row | None:
         """The row as the batch has it so far (``None``: absent or deleted)."""
         return self._rows.get(key)
