@@ -20,12 +20,18 @@ the router would still act on is dropped.
 
 Rejected records change nothing, so they do not hold a task back: a late result refused
 after C leaves its refusal in AUDIT (and in ``audit_index``), not the task.
+
+Neither fold looks at every task it holds. A tree still held after an archive was open then
+(or touched after its cut), and only a record can change that, which touches a task of the
+tree. So the trees an archive at C can let go of are those with a task whose last record
+is after the previous archive's cut and at or before C: :func:`trees` finds them from those
+tasks, and :func:`closed` decides each task. The cost of an archive follows what happened
+since the last one, not how much is held.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import TypeVar
+from collections.abc import Callable, Iterable
 
 from ledgerbus.bus.events import AuditRecord, TaskFailed, TaskUsage
 from ledgerbus.bus.lifecycle import BUDGET_EXCEEDED, Status, settled
@@ -35,8 +41,6 @@ ARCHIVED = "audit_archived"
 EXPIRED = "archive_expired"
 """The kind of the router's record that deletes archive segments (it changes no state)."""
 ROUTER = "router"
-
-T = TypeVar("T")
 
 
 def archived_through(record: AuditRecord) -> int | None:
@@ -63,26 +67,39 @@ def closed(status: Status, retryable: bool, last_seq: int, through_seq: int) -> 
     return last_seq <= through_seq and settled(status, retryable)
 
 
-def compacted(tasks: Mapping[str, T], parent: Callable[[T], str | None], done: Callable[[T], bool]) -> set[str]:
-    """The ids of every task whose whole tree is ``done``: a tree is a task with no parent
-    among ``tasks`` and everything whose chain of parents leads to it."""
-    root: dict[str, str] = {}
-    for task_id in tasks:
-        path: list[str] = []
-        current = task_id
-        while current not in root:
-            path.append(current)
-            up = parent(tasks[current])
-            if up is None or up not in tasks or up in path:
-                found = current
-                break
-            current = up
-        else:
-            found = root[current]
-        for member in path:
-            root[member] = found
-    open_roots = {root[task_id] for task_id, task in tasks.items() if not done(task)}
-    return {task_id for task_id in tasks if root[task_id] not in open_roots}
+def trees(candidates: Iterable[str], parent: Callable[[str], str | None],
+          children: Callable[[str], Iterable[str]]) -> list[list[str]]:
+    """The trees that hold ``candidates``, each once, as its root and everything under it.
+    ``parent`` names a task's parent if that is held (else ``None``: the task is a root);
+    ``children`` lists a held task's children."""
+    roots: dict[str, None] = {}
+    for task_id in candidates:
+        up = parent(task_id)
+        if up is None:  # most tasks: their own root
+            roots[task_id] = None
+            continue
+        current, seen = task_id, {task_id}
+        while up is not None and up not in seen:
+            seen.add(up)
+            current, up = up, parent(up)
+        roots[current] = None
+    out: list[list[str]] = []
+    for root in roots:
+        below = children(root)
+        if not below:  # most trees: one task
+            out.append([root])
+            continue
+        members = [root]
+        visited = {root}
+        stack = list(below)
+        while stack:
+            task_id = stack.pop()
+            if task_id not in visited:
+                visited.add(task_id)
+                members.append(task_id)
+                stack.extend(children(task_id))
+        out.append(members)
+    return out
 
 
 def no_such(what: str, name: str, through_seq: int) -> str:
@@ -90,5 +107,6 @@ def no_such(what: str, name: str, through_seq: int) -> str:
     finds none: once records are archived, it may have been one that settled by then."""
     if not through_seq:
         return f"no {what} {name}"
-    return (f"no {what} {name}: never made, or its task settled by seq {through_seq} and was archived "
+    whose = "its task" if what == "proposal" else "it"
+    return (f"no {what} {name}: none was made, or {whose} settled by seq {through_seq} and was archived "
             f"(records 1..{through_seq} are in the audit archive, not in the live log)")

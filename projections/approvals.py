@@ -44,8 +44,7 @@ async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
                                        for r in mine if r.event is not None))
     for record in mine:
         if record.seq in batch.archived:
-            gone = set(batch.archived[record.seq])
-            for key in sorted(k for k in await rows.scan(batch.fetch, ()) if k[0] in gone):
+            for key in sorted(await rows.where_in(batch.fetch, "task_id", batch.archived[record.seq], ())):
                 rows.delete(key)
             continue
         match record.event:

@@ -34,6 +34,9 @@ class State:
         self._tables: dict[str, Rows] = {}
         self.saved: dict[tuple[str, str], tuple[int, tuple[Any, ...]]] = {}
         """(agent, checkpoint id) → (the position of the plan that saves it, the memory row it saves)"""
+        self.archived_through: int | None = None
+        """The last archive's cut as folded (``None``: read the file's ``archives`` row). Any
+        lower value would only make the next archive look at more trees than it must."""
 
     def rows(self, table: str, key: Sequence[str], columns: Sequence[str]) -> Rows:
         """The cached rows of ``table`` (made on first use)."""

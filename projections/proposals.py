@@ -29,9 +29,7 @@ async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
     await rows.load(batch.fetch, ((r.event.proposal_id,) for r in mine if isinstance(r.event, ProposalApproved)))
     for record in mine:
         if record.seq in batch.archived:
-            gone = set(batch.archived[record.seq])
-            found = await rows.scan(batch.fetch, ("task_id",))
-            for key in sorted(k for k, row in found.items() if row["task_id"] in gone):
+            for key in sorted(await rows.where_in(batch.fetch, "task_id", batch.archived[record.seq], ())):
                 rows.delete(key)
             continue
         match record.event:

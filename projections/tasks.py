@@ -43,6 +43,7 @@ from ledgerbus.bus.events import (
 )
 from ledgerbus.bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT, Shape, Status
 from ledgerbus.projections.batch import Batch
+from ledgerbus.projections.compaction import settled_trees
 from ledgerbus.projections.db import iso
 from ledgerbus.projections.rows import Rows, reads
 
@@ -70,24 +71,22 @@ _CREATES = frozenset((TaskSubmitted, PlanSubmitted))
 
 async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
     """Fold a batch of audit records into the tasks table (rejected records change nothing)."""
-    mine = [r for r in records if r.verdict == "accepted"
-            and (type(r.event) in _KINDS or compaction.archived_through(r) is not None)]
+    mine = [r for r in records if r.verdict == "accepted" and (type(r.event) in _KINDS or r.retention is not None)]
     if not mine:
         return
     rows = batch.rows("tasks", ("task_id",), COLUMNS)
     await rows.load(batch.fetch, reads(_refs(mine)))
     for record in mine:
         event = record.event
-        if event is None:  # an archive: the only record let in without an event
-            through = compaction.archived_through(record)
-            assert through is not None
-            batch.archived[record.seq] = await _compact(batch, rows, through)
+        if event is None:  # a retention record: the only one let in without an event
+            if (through := compaction.archived_through(record)) is not None:
+                batch.archived[record.seq] = await _compact(batch, rows, through)
             continue
         _FOLDS[type(event)](rows, record, event)
         row = rows.get((event.task_id,))  # type: ignore[union-attr]
         if row is None:
             continue
-        if compaction.stops_retries(record):
+        if row["retryable"] and compaction.stops_retries(record):
             rows.update((row["task_id"],), retryable=0)
         if type(event) not in _CREATES:
             # One definition of what each record does to a status: bus/lifecycle.py.
@@ -99,11 +98,7 @@ async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
 
 async def _compact(batch: Batch, rows: Rows, through: int) -> list[str]:
     """Delete every task tree settled by ``through``; return the ids deleted, in order."""
-    tasks = {key[0]: row for key, row in (await rows.scan(
-        batch.fetch, ("parent_task_id", "status", "retryable", "updated_seq"))).items()}
-    gone = sorted(compaction.compacted(
-        tasks, lambda row: row["parent_task_id"],
-        lambda row: compaction.closed(Status(row["status"]), bool(row["retryable"]), row["updated_seq"], through)))
+    gone = await settled_trees(batch, rows, through)
     for task_id in gone:
         rows.delete((task_id,))
     return gone

@@ -11,24 +11,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import msgspec
+
 from ledgerbus.bus.events import AuditRecord, TaskUsage
 from ledgerbus.projections.batch import Batch
 from ledgerbus.projections.db import iso
 from ledgerbus.projections.tasks import agent_name
 
+_json = msgspec.json.Encoder().encode
 SQL_INSERT = ("INSERT INTO usage (seq, at, task_id, agent, provider, model, tokens_in, tokens_out, cost_usd, latency_s,"
               " outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 SQL_ARCHIVE = (
     "INSERT INTO usage_archived (agent, provider, model, calls, failed, tokens_in, tokens_out, cost_usd, latency_s,"
     " max_latency_s)"
     " SELECT agent, provider, model, count(*), sum(outcome != 'ok'), sum(tokens_in), sum(tokens_out), sum(cost_usd),"
-    " sum(latency_s), max(latency_s) FROM usage WHERE task_id = ? GROUP BY agent, provider, model"
+    " sum(latency_s), max(latency_s) FROM usage WHERE task_id IN (SELECT value FROM json_each(?))"
+    " GROUP BY agent, provider, model"
     " ON CONFLICT (agent, provider, model) DO UPDATE SET calls = calls + excluded.calls,"
     " failed = failed + excluded.failed, tokens_in = tokens_in + excluded.tokens_in,"
     " tokens_out = tokens_out + excluded.tokens_out, cost_usd = cost_usd + excluded.cost_usd,"
     " latency_s = latency_s + excluded.latency_s, max_latency_s = max(max_latency_s, excluded.max_latency_s)"
 )
-SQL_DELETE = "DELETE FROM usage WHERE task_id = ?"
+SQL_DELETE = "DELETE FROM usage WHERE task_id IN (SELECT value FROM json_each(?))"
+"""Both take the compacted tasks' ids as one JSON array (one statement, however many)."""
 
 
 async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
@@ -45,9 +50,10 @@ async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
         elif r.seq in batch.archived:
             batch.plan.add_many(SQL_INSERT, rows)
             rows = []
-            gone = [(task_id,) for task_id in batch.archived[r.seq]]
-            batch.plan.add_many(SQL_ARCHIVE, gone)
-            batch.plan.add_many(SQL_DELETE, gone)
+            if gone := batch.archived[r.seq]:
+                ids = (_json(gone).decode(),)
+                batch.plan.add(SQL_ARCHIVE, ids)
+                batch.plan.add(SQL_DELETE, ids)
     batch.plan.add_many(SQL_INSERT, rows)
 
 

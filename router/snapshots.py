@@ -243,6 +243,7 @@ def restore(body: Body, audited: dict[int, AuditRecord], dedup_horizon_s: float)
     state.approved_proposals, state.joined_at, state.unmatched = body.approved_proposals, body.joined_at, body.unmatched
     state.inflight = body.inflight
     state.archived_through, state.archived_tasks = body.archived_through, body.archived_tasks
+    state.reindex()
     state._timers = list(body.timers)
     heapq.heapify(state._timers)
     state._audited = OrderedDict((ingress, audited[seq]) for ingress, seq in body.audited if seq in audited)

@@ -113,6 +113,10 @@ class RouterState:
         were let go of (their records are in the archive)."""
         self.archived_tasks = 0
         """How many tasks archives have let go of, in all."""
+        self._recent: OrderedDict[str, int] = OrderedDict()
+        """The tasks whose last record is after the last archive's cut, by that record's seq,
+        oldest first: the only trees the next archive may let go of (:mod:`bus.compaction`).
+        Derived from the tasks (:meth:`reindex`), so a snapshot does not save it."""
 
     def apply(self, record: AuditRecord, traceparent: str = "") -> None:
         """Fold one audit record into the state; ``traceparent`` is the trace context
@@ -155,8 +159,9 @@ class RouterState:
         if isinstance(event, TASK_EVENTS):
             task = self.tasks.get(event.task_id)
             if task is not None:
-                task.last_seq = record.seq
-                if compaction.stops_retries(record):
+                if task.last_seq != record.seq:
+                    self._seen(event.task_id, task, record.seq)
+                if task.retryable and compaction.stops_retries(record):
                     task.retryable = False
             if task is not None and type(event) not in _CREATES:
                 # One definition of what each record does to a status: bus/lifecycle.py.
@@ -207,8 +212,9 @@ class RouterState:
         self.tasks[plan_id] = PlanState(
             skill=PLAN_SKILL, submitter=record.principal, status=lifecycle.created(record, Shape.PLAN),
             held=plan if record.code == APPROVAL_REQUESTED else None, children=children, plan=plan,
-            parent=plan.parent_task_id, trace=trace, budget=plan.budget, last_seq=record.seq,
+            parent=plan.parent_task_id, trace=trace, budget=plan.budget,
         )
+        self._seen(plan_id, self.tasks[plan_id], record.seq)
         if (parent := self.tasks.get(plan.parent_task_id or "")) is not None:
             parent.children.append(plan_id)
             self.tasks[plan_id].parent_dispatch = parent.dispatch
@@ -217,8 +223,9 @@ class RouterState:
                 skill=step.skill or "", submitter=record.principal, status=lifecycle.created(record, Shape.STEP),
                 parent=plan_id, dispatch=0, retry=step.retry, step=step,
                 deps=tuple(step_task_id(plan_id, d) for d in step.deps), trace=trace,
-                retryable=step.retry.max_attempts > 1, last_seq=record.seq,
+                retryable=step.retry.max_attempts > 1,
             )
+            self._seen(child, self.tasks[child], record.seq)
 
     def _usage(self, record: AuditRecord, usage: TaskUsage) -> None:
         task = self.tasks[usage.task_id]
@@ -353,20 +360,51 @@ class RouterState:
     def _checkpoint_saved(self, record: AuditRecord, saved: CheckpointSaved) -> None:
         self.checkpoints.setdefault(saved.agent, {})[saved.checkpoint_id] = record.seq
 
+    def _seen(self, task_id: str, task: AnyTask, seq: int) -> None:
+        """A record about the task was folded (``seq``)."""
+        task.last_seq = seq
+        self._recent.pop(task_id, None)
+        self._recent[task_id] = seq
+
+    def reindex(self) -> None:
+        """Derive :attr:`_recent` from the tasks (after a snapshot is loaded): as a fold
+        leaves it, ordered by seq, ties in the order the tasks were made."""
+        self._recent = OrderedDict(
+            (task_id, task.last_seq) for task_id, task in sorted(
+                ((task_id, task) for task_id, task in self.tasks.items() if task.last_seq > self.archived_through),
+                key=lambda item: item[1].last_seq))
+
     def _archived(self, through: int) -> None:
-        """Let go of every task tree settled by ``through`` (:func:`bus.compaction.compacted`)
-        and of everything kept about its tasks; open trees stay whole."""
-        gone = compaction.compacted(
-            self.tasks, _parent,
-            lambda t: compaction.closed(t.status, t.retryable, t.last_seq, through))
+        """Let go of every task tree settled by ``through`` (:mod:`bus.compaction`) and of
+        everything kept about its tasks; open trees stay whole."""
+        recent, tasks = self._recent, self.tasks
+        candidates: list[str] = []
+        while recent:
+            task_id, seq = recent.popitem(last=False)
+            if seq > through:
+                recent[task_id] = seq
+                recent.move_to_end(task_id, last=False)
+                break
+            candidates.append(task_id)
         self.archived_through = max(self.archived_through, through)
+        closed = compaction.closed
+        gone: set[str] = set()
+        # A held task's children are held: a tree leaves whole.
+        for tree in compaction.trees(candidates, lambda t: parent if (parent := tasks[t].parent) in tasks else None,
+                                     lambda t: tasks[t].children):
+            for t in tree:
+                task = tasks[t]
+                if not closed(task.status, task.retryable, task.last_seq, through):
+                    break
+            else:
+                gone.update(tree)
         if not gone:
             return
         self.archived_tasks += len(gone)
         for task_id in gone:
-            del self.tasks[task_id]
-        for tasks in (*self.inflight.values(), *self.held.values()):
-            tasks.difference_update(gone)
+            del tasks[task_id]  # not in recent: its last record is at or before the cut
+        for held in (*self.inflight.values(), *self.held.values()):
+            held.difference_update(gone)
         for ids in (self.unmatched, self.dirty, self.orphaned):
             ids.difference_update(gone)
         for task_id in gone & self.ready_since.keys():
@@ -427,10 +465,6 @@ class RouterState:
         """Drop records of INGRESS messages that are gone (acked) from the stream."""
         for seq in [s for s in self._audited if s < ingress_first_seq]:
             del self._audited[seq]
-
-
-def _parent(task: AnyTask) -> str | None:
-    return task.parent
 
 
 _Fold = Callable[[RouterState, AuditRecord, Any], None]
