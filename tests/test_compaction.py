@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from nats.aio.client import Client
 
 from ledgerbus.bus import anchor, subjects
 from ledgerbus.bus.chain import ChainHead
+from ledgerbus.bus.errors import NotFound
 from ledgerbus.bus.events import (
     AgentJoined,
     AgentProposal,
@@ -48,6 +50,7 @@ from ledgerbus.bus.events import (
 )
 from ledgerbus.bus.publish import Publisher
 from ledgerbus.bus.settings import Settings
+from ledgerbus.client import Bus
 from ledgerbus.projections import db as dbmod
 from ledgerbus.projections.apply import apply_batch
 from ledgerbus.projections.service import Reader, answer
@@ -238,6 +241,22 @@ async def test_an_archive_lets_go_of_settled_trees_only_in_the_router_and_the_pr
     assert kept["ok"] and kept["data"]["subtasks"] == ["open-plan-s1", "open-plan-s2"]
 
 
+async def test_an_expired_archive_segment_changes_no_state(tmp_path: Path) -> None:
+    log, cut = cases()
+    archived = archive_record(len(log.records) + 1, T0 + timedelta(days=1), cut)
+    assert archived.retention is not None
+    expired = msgspec.structs.replace(archived, kind="archive_expired", retention=msgspec.structs.replace(
+        archived.retention, action="expired", rule="archive_max_age 90d"))
+    log.records.append(expired)
+    assert canonical(fold(log.records)) == canonical(fold(log.records[:-1]))
+    await project(tmp_path / "with.db", log.records)
+    await project(tmp_path / "without.db", log.records[:-1])
+    with_it, without = await dump(tmp_path / "with.db"), await dump(tmp_path / "without.db")
+    for name in ("tracking", "audit_index"):  # the record is applied and indexed, nothing else
+        with_it.pop(name), without.pop(name)
+    assert with_it == without
+
+
 async def test_a_reused_task_id_after_an_archive_is_a_new_task(tmp_path: Path) -> None:
     log, cut = cases()
     log.archive(cut)
@@ -337,7 +356,7 @@ async def append_archive(nc: Client) -> AuditRecord:
 
 
 async def test_late_messages_about_archived_tasks_are_refused_naming_the_archive(
-    connect_as: Connect, admin: Client, settings: Settings
+    connect_as: Connect, admin: Client, settings: Settings, tmp_path: Path
 ) -> None:
     rr = RunningRouter(await connect_as("router"), settings)
     await rr.start()
@@ -357,6 +376,7 @@ async def test_late_messages_about_archived_tasks_are_refused_naming_the_archive
         ("agent", "worker-1", TaskCompleted(id=new_id(), task_id="done", attempt=1, output=2)),
         ("agent", "worker-1", TaskProgress(id=new_id(), task_id="done", attempt=1, message="still here")),
         ("agent", "worker-1", claim(settings, "worker-1", "done", "echo", attempt=2)),
+        ("agent", "worker-1", TaskCompleted(id=new_id(), task_id="ghost", attempt=1)),  # never was
         ("cli", "alice", TaskCancelled(id=new_id(), task_id="dropped")),
         ("cli", "alice", TaskSubmitted(id=new_id(), task_id="sub", skill="echo", parent_task_id="done")),
         ("cli", "alice", TaskCancelled(id=new_id(), task_id="open")),  # still held: accepted
@@ -373,14 +393,30 @@ async def test_late_messages_about_archived_tasks_are_refused_naming_the_archive
         ("task_completed", "done", "unknown_task"),
         ("task_progress", "done", "unknown_task"),
         ("task_started", "done", "unknown_task"),
+        ("task_completed", "ghost", "unknown_task"),
         ("task_cancelled", "dropped", "unknown_task"),
         ("task_submitted", "sub", "unknown_task"),
         ("task_cancelled", "open", "ok"),
         ("task_submitted", "done", "ok"),
     ]
     assert archived.retention is not None
-    for record in after[:5]:
-        assert f"settled by seq {archived.retention.through_seq} and was archived" in record.reason
-    assert after[0].reason.startswith("no task done:") and after[4].reason.startswith("no parent task done:")
+    cut = archived.retention.through_seq
+    for record in after[:6]:
+        assert f"settled by seq {cut} and was archived" in record.reason
+    assert after[0].reason.startswith("no task done:") and after[5].reason.startswith("no parent task done:")
+
+    # What a person asking about them sees (agentctl tasks show): the projection's answer,
+    # not a view made from what AUDIT still holds.
+    path = tmp_path / "p.db"
+    await project(path, records)
+    db = await dbmod.open_reader(path)
+    try:
+        bus = Bus(cli, settings, subjects.principal("cli", "alice"), reader=Reader(db))
+        for task_id in ("dropped", "ghost"):  # its submission applied and compacted; only refusals
+            with pytest.raises(NotFound, match=f"no task {task_id}: .* settled by seq {cut} and was archived"):
+                await bus.get(task_id)
+        assert (await bus.get("done"))["status"] == "pending"  # the new one
+    finally:
+        await db.close()
     # A snapshot on either side of the archive, and the tail after it, fold as the whole log does.
     assert await assert_snapshots_fold_alike(js, settings, points=len(records)) == records[-1].seq
