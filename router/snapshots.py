@@ -22,7 +22,8 @@ load does; a load marks every task dirty, a superset of what a fold leaves (ever
 record touched, and at start every open one), which only makes the scheduler look at
 tasks its decisions do not change. The ``_audited`` records are kept as (INGRESS seq,
 AUDIT seq) pairs: only those of messages still in INGRESS matter after a start (the rest
-are forgotten at once), and those are read back from AUDIT.
+are forgotten at once), and those are read back from AUDIT. The state's ``_recent`` (the
+tasks an archive would look at) is derived from the tasks at load.
 """
 
 from __future__ import annotations
@@ -243,7 +244,11 @@ def restore(body: Body, audited: dict[int, AuditRecord], dedup_horizon_s: float)
     state.approved_proposals, state.joined_at, state.unmatched = body.approved_proposals, body.joined_at, body.unmatched
     state.inflight = body.inflight
     state.archived_through, state.archived_tasks = body.archived_through, body.archived_tasks
-    state.reindex()
+    # The tasks touched since the last archive's cut, as a fold leaves them: by seq, ties in
+    # the order the tasks were made (a plan before its steps).
+    state._recent = OrderedDict((task_id, task.last_seq) for task_id, task in sorted(
+        ((task_id, task) for task_id, task in state.tasks.items() if task.last_seq > state.archived_through),
+        key=lambda item: item[1].last_seq))
     state._timers = list(body.timers)
     heapq.heapify(state._timers)
     state._audited = OrderedDict((ingress, audited[seq]) for ingress, seq in body.audited if seq in audited)

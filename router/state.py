@@ -116,7 +116,7 @@ class RouterState:
         self._recent: OrderedDict[str, int] = OrderedDict()
         """The tasks whose last record is after the last archive's cut, by that record's seq,
         oldest first: the only trees the next archive may let go of (:mod:`bus.compaction`).
-        Derived from the tasks (:meth:`reindex`), so a snapshot does not save it."""
+        Derived from the tasks, so a snapshot does not save it (``router/snapshots.py``)."""
 
     def apply(self, record: AuditRecord, traceparent: str = "") -> None:
         """Fold one audit record into the state; ``traceparent`` is the trace context
@@ -365,14 +365,6 @@ class RouterState:
         task.last_seq = seq
         self._recent.pop(task_id, None)
         self._recent[task_id] = seq
-
-    def reindex(self) -> None:
-        """Derive :attr:`_recent` from the tasks (after a snapshot is loaded): as a fold
-        leaves it, ordered by seq, ties in the order the tasks were made."""
-        self._recent = OrderedDict(
-            (task_id, task.last_seq) for task_id, task in sorted(
-                ((task_id, task) for task_id, task in self.tasks.items() if task.last_seq > self.archived_through),
-                key=lambda item: item[1].last_seq))
 
     def _archived(self, through: int) -> None:
         """Let go of every task tree settled by ``through`` (:mod:`bus.compaction`) and of
