@@ -63,4 +63,9 @@ class QueryError(BusError):
 
 
 class NotFound(QueryError):
-    """The projector answered: no such task, key or record (yet)."""
+    """The projector answered: no such task, key or record (yet). ``position``: the last
+    AUDIT record the answer had applied (``None`` if not known)."""
+
+    def __init__(self, message: str, position: int | None = None) -> None:
+        super().__init__(message)
+        self.position = position

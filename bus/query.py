@@ -47,5 +47,7 @@ def unwrap(reply: dict[str, Any]) -> Any:
     """The data of a reply, or the error it carries."""
     if not reply.get("ok"):
         error = reply.get("error", "the projector refused the query")
-        raise (NotFound if reply.get("code") == "not_found" else QueryError)(error)
+        if reply.get("code") == "not_found":
+            raise NotFound(error, reply.get("position"))
+        raise QueryError(error)
     return reply["data"]

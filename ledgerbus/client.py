@@ -461,12 +461,21 @@ class Bus:
         task_id = await self.resolve(task_id)
         try:
             task: Row = await self.query("tasks", "get", {"task_id": task_id, "tree": tree})
-        except NotFound:
+        except NotFound as missing:
             if self._nc is None:
                 raise
             found = [r async for r in self.events(task_id)]
             if not found:
+                if str(missing) != f"no task {task_id}":  # the projection says more (its archive's cut)
+                    raise
                 raise NotFound(f"no task {task_id}: neither the projection nor the audit log knows it") from None
+            submitted = [r for r in found if r.kind in ("task_submitted", "plan_submitted")]
+            applied = missing.position or 0
+            if not submitted or any(r.accepted and r.seq <= applied for r in submitted):
+                # Only refusals of messages about it (a task an archive compacted out, or one
+                # that never was), or a submission the projection applied and no longer
+                # holds (compacted out: AUDIT is purged after the archive): none to show.
+                raise
             task = _rejected_task(task_id, found)
             if history:
                 task["history"] = [codec.to_builtins(r) for r in found]

@@ -24,7 +24,18 @@ from typing import Any, Self
 import aiosqlite
 
 from ledgerbus.bus.events import AuditRecord
-from ledgerbus.projections import agents, approvals, audit_index, checkpoints, memory, proposals, shared, tasks, usage
+from ledgerbus.projections import (
+    agents,
+    approvals,
+    audit_index,
+    checkpoints,
+    compaction,
+    memory,
+    proposals,
+    shared,
+    tasks,
+    usage,
+)
 from ledgerbus.projections import db as dbmod
 from ledgerbus.projections.batch import CACHE_LIMIT, Batch, State
 from ledgerbus.projections.errors import DatabaseError
@@ -49,7 +60,10 @@ PROJECTIONS: dict[str, Projection] = {
     "shared": shared.apply,
     "proposals": proposals.apply,
     "usage": usage.apply,
+    "archives": compaction.apply,
 }
+"""Every projection, in the order each folds a batch: ``tasks`` first, since it decides
+which tasks an archive compacts out, which the others follow (:mod:`projections.compaction`)."""
 
 
 async def fold(state: State, records: Sequence[AuditRecord], tail: int) -> Plan:

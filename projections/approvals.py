@@ -30,18 +30,23 @@ async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
     """Fold a batch: held submissions open a row, approvals and denials decide it.
 
     A held task cancelled before anyone decided is closed as ``cancelled``, so it leaves the
-    queue people approve from.
+    queue people approve from. An archive deletes the rows of the tasks it compacts out.
     """
     mine = [
         r for r in records
-        if r.verdict == "accepted" and (type(r.event) in _DECISIONS
-                                        or (r.code == APPROVAL_REQUESTED and type(r.event) in _REQUESTS))
+        if r.seq in batch.archived or (r.verdict == "accepted" and (
+            type(r.event) in _DECISIONS or (r.code == APPROVAL_REQUESTED and type(r.event) in _REQUESTS)))
     ]
     if not mine:
         return
     rows = batch.rows("approvals", ("task_id",), COLUMNS)
-    await rows.load(batch.fetch, reads(((r.event.task_id,), type(r.event) in _REQUESTS) for r in mine))  # type: ignore[union-attr]
+    await rows.load(batch.fetch, reads(((r.event.task_id,), type(r.event) in _REQUESTS)  # type: ignore[union-attr]
+                                       for r in mine if r.event is not None))
     for record in mine:
+        if record.seq in batch.archived:
+            for key in sorted(await rows.where_in(batch.fetch, "task_id", batch.archived[record.seq], ())):
+                rows.delete(key)
+            continue
         match record.event:
             case TaskSubmitted() | PlanSubmitted() as e:
                 rows.put({

@@ -34,6 +34,9 @@ class State:
         self._tables: dict[str, Rows] = {}
         self.saved: dict[tuple[str, str], tuple[int, tuple[Any, ...]]] = {}
         """(agent, checkpoint id) → (the position of the plan that saves it, the memory row it saves)"""
+        self.archived_through: int | None = None
+        """The last archive's cut as folded (``None``: read the file's ``archives`` row). Any
+        lower value would only make the next archive look at more trees than it must."""
 
     def rows(self, table: str, key: Sequence[str], columns: Sequence[str]) -> Rows:
         """The cached rows of ``table`` (made on first use)."""
@@ -62,6 +65,10 @@ class Batch:
         self.state = state
         self.plan = plan
         self.fetch = state.fetch
+        self.archived: dict[int, list[str]] = {}
+        """seq of each ``audit_archived`` record in the batch → the tasks it compacts out,
+        in id order: decided by the tasks projection (which folds first), followed by the
+        tables that refer to tasks (:mod:`projections.compaction`)."""
 
     def rows(self, table: str, key: Sequence[str], columns: Sequence[str]) -> Rows:
         return self.state.rows(table, key, columns)

@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     priority       INTEGER,
     dispatches     INTEGER NOT NULL DEFAULT 0,
     retry_at       TEXT,
+    retryable      INTEGER NOT NULL DEFAULT 0,
     updated_seq    INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, submitted_seq);
@@ -104,6 +105,27 @@ CREATE TABLE IF NOT EXISTS usage (
     outcome    TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS usage_by_task ON usage (task_id, seq);
+CREATE TABLE IF NOT EXISTS usage_archived (
+    agent         TEXT NOT NULL,
+    provider      TEXT NOT NULL,
+    model         TEXT NOT NULL,
+    calls         INTEGER NOT NULL,
+    failed        INTEGER NOT NULL,
+    tokens_in     INTEGER NOT NULL,
+    tokens_out    INTEGER NOT NULL,
+    cost_usd      REAL NOT NULL,
+    latency_s     REAL NOT NULL,
+    max_latency_s REAL NOT NULL,
+    PRIMARY KEY (agent, provider, model)
+);
+CREATE TABLE IF NOT EXISTS archives (
+    name        TEXT PRIMARY KEY,
+    through_seq INTEGER NOT NULL,
+    seq         INTEGER NOT NULL,
+    at          TEXT NOT NULL,
+    rule        TEXT NOT NULL,
+    tasks       INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit_index (
     seq       INTEGER PRIMARY KEY,
     at        TEXT NOT NULL,
@@ -223,14 +245,16 @@ CREATE TABLE IF NOT EXISTS proposals (
     updated_seq   INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS proposals_by_status ON proposals (status, proposed_seq);
+CREATE INDEX IF NOT EXISTS proposals_by_task ON proposals (task_id);
 """
 
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """Bumped whenever SCHEMA or what a fold writes changes; an older file is rebuilt from the
 log, not migrated. (v5: a new attempt clears the last one's end and error; a cancel clears
 a pending retry and closes a held approval. v6: ``tasks.kind`` tells plans from tasks of
-the ``plan`` skill; ``usage`` holds every LLM call.)"""
+the ``plan`` skill; ``usage`` holds every LLM call. v7: an ``audit_archived`` record
+compacts settled task trees out (``tasks.retryable``, ``usage_archived``, ``archives``).)"""
 
 DEFAULT_MEMORY_LIST_CAP = 1000
 
@@ -243,6 +267,8 @@ TABLES = {
     "approvals": "task_id",
     "audit_index": "seq",
     "usage": "seq",
+    "usage_archived": "agent, provider, model",
+    "archives": "name",
     "memory": "agent",
     "knowledge": "agent, key",
     "memory_entries": "agent, section, n",

@@ -19,13 +19,19 @@ _KINDS = frozenset((SkillUnmatched, ProposalApproved))
 
 
 async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
-    """Fold a batch: an unmatched step or submission opens a proposal, an approval closes it."""
-    mine = [r for r in records if r.verdict == "accepted" and type(r.event) in _KINDS]
+    """Fold a batch: an unmatched step or submission opens a proposal, an approval closes it;
+    an archive deletes the proposals made for the tasks it compacts out (as the router
+    forgets them: approving one later is refused)."""
+    mine = [r for r in records if r.seq in batch.archived or (r.verdict == "accepted" and type(r.event) in _KINDS)]
     if not mine:
         return
     rows = batch.rows("proposals", ("proposal_id",), COLUMNS)
     await rows.load(batch.fetch, ((r.event.proposal_id,) for r in mine if isinstance(r.event, ProposalApproved)))
     for record in mine:
+        if record.seq in batch.archived:
+            for key in sorted(await rows.where_in(batch.fetch, "task_id", batch.archived[record.seq], ())):
+                rows.delete(key)
+            continue
         match record.event:
             case SkillUnmatched() as e:
                 rows.put({

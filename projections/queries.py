@@ -12,6 +12,7 @@ from typing import Any
 
 import aiosqlite
 
+from ledgerbus.bus.compaction import no_such
 from ledgerbus.projections.db import iso
 
 _JSON_COLUMNS = {"input", "output", "skills", "value", "role", "state", "deps", "needs", "capabilities"}
@@ -104,6 +105,14 @@ async def get_task(db: aiosqlite.Connection, task_id: str, tree: bool = False) -
                 order = {step["id"]: i for i, step in enumerate(row["input"]["steps"])}
                 row["children"].sort(key=lambda c: order.get(c["step"], len(order)))
     return task
+
+
+async def missing_task(db: aiosqlite.Connection, task_id: str) -> str:
+    """Why there is no row for ``task_id``: none was submitted, or (once records are
+    archived) it may have settled and been compacted out."""
+    async with db.execute("SELECT through_seq FROM archives WHERE name = 'audit'") as cur:
+        row = await cur.fetchone()
+    return no_such("task", task_id, int(row[0]) if row else 0)
 
 
 async def list_agents(db: aiosqlite.Connection) -> list[dict[str, Any]]:
@@ -210,17 +219,25 @@ async def list_usage(
 
 async def usage_summary(db: aiosqlite.Connection, task_id: str | None = None) -> list[dict[str, Any]]:
     """Per provider and model: calls, failed calls, tokens, cost and latency; for one task
-    and everything under it (plan steps, subtasks), or for all tasks."""
-    head, where = "", ""
+    and everything under it (plan steps, subtasks), or for all tasks, those compacted out
+    by archives included (``usage_archived``)."""
+    head, where, archived = "", "", ""
     args: tuple[Any, ...] = ()
     if task_id is not None:
         head, where = _UNDER, "WHERE task_id = ? OR task_id IN (SELECT task_id FROM under LIMIT ?)"
         args = (task_id, task_id, MAX_TREE)
+    else:
+        archived = """UNION ALL SELECT provider, model, calls, failed, tokens_in, tokens_out, cost_usd, latency_s,
+               max_latency_s FROM usage_archived"""
     return await _all(db, f"""{head}
-        SELECT provider, model, COUNT(*) AS calls, SUM(outcome != 'ok') AS failed,
-               SUM(tokens_in) AS tokens_in, SUM(tokens_out) AS tokens_out, ROUND(SUM(cost_usd), 6) AS cost_usd,
-               ROUND(AVG(latency_s), 3) AS mean_latency_s, ROUND(MAX(latency_s), 3) AS max_latency_s
-        FROM usage {where} GROUP BY provider, model ORDER BY cost_usd DESC, calls DESC""", args)
+        SELECT provider, model, SUM(calls) AS calls, SUM(failed) AS failed, SUM(tokens_in) AS tokens_in,
+               SUM(tokens_out) AS tokens_out, ROUND(SUM(cost_usd), 6) AS cost_usd,
+               ROUND(SUM(latency_s) / SUM(calls), 3) AS mean_latency_s, ROUND(MAX(max_latency_s), 3) AS max_latency_s
+        FROM (SELECT provider, model, COUNT(*) AS calls, SUM(outcome != 'ok') AS failed, SUM(tokens_in) AS tokens_in,
+                     SUM(tokens_out) AS tokens_out, SUM(cost_usd) AS cost_usd, SUM(latency_s) AS latency_s,
+                     MAX(latency_s) AS max_latency_s
+              FROM usage {where} GROUP BY provider, model {archived})
+        GROUP BY provider, model ORDER BY cost_usd DESC, calls DESC""", args)
 
 
 async def verdict(db: aiosqlite.Connection, msg_id: str) -> dict[str, Any] | None:

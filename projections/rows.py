@@ -22,11 +22,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
+import msgspec
+
 Row = dict[str, Any]
 Fetch = Callable[[str, Sequence[Any]], Awaitable[list[tuple[Any, ...]]]]
 """Run a SELECT against the committed database and return its rows."""
 
 _CHUNK = 400  # keys per SELECT, well under SQLite's bound-parameter limit
+_json = msgspec.json.Encoder().encode
 REMEMBER = 16
 """Stores whose changed keys a cache remembers: more plans than this may not be in flight."""
 
@@ -83,6 +86,8 @@ class Rows:
         self._upsert = (f"INSERT OR REPLACE INTO {self.table} ({cols})"
                         f" VALUES ({', '.join('?' * len(self.columns))})")
         self._delete = f"DELETE FROM {self.table} WHERE {' AND '.join(f'{c} = ?' for c in self.key)}"
+        if len(self.key) == 1:  # one statement for any number of keys (an archive deletes many)
+            self._delete_all = f"DELETE FROM {self.table} WHERE {self.key[0]} IN (SELECT value FROM json_each(?))"
 
     async def load(self, fetch: Fetch, keys: Iterable[tuple[Any, ...]]) -> None:
         """Read the stored rows for the ``keys`` not cached yet (absent ones stay absent)."""
@@ -104,6 +109,48 @@ class Rows:
             for found in await fetch(self._select + where, [part for k in chunk for part in k]):
                 row = dict(zip(self.columns, found, strict=True))
                 rows[tuple(row[c] for c in self.key)] = row
+
+    async def select(self, fetch: Fetch, where: str, params: Sequence[Any], test: Callable[[Row], bool],
+                     columns: Sequence[str]) -> dict[tuple[Any, ...], Row]:
+        """The rows, as the batch has them now, that ``where`` (SQL, on the file) and
+        ``test`` (the same condition, on a cached row) pick: key → the key and ``columns``.
+        The cache holds every row that batches not yet committed, and this one so far,
+        changed, so a cached row stands for the file's; the cache is scanned once."""
+        cols = self._columns(columns)
+        out = await self._uncached(fetch, where, params, cols)
+        for key, row in self._rows.items():
+            if row is not None and test(row):
+                out[key] = {c: row[c] for c in cols}
+        return out
+
+    async def where_in(self, fetch: Fetch, column: str, values: Iterable[Any],
+                       columns: Sequence[str]) -> dict[tuple[Any, ...], Row]:
+        """As :meth:`select`, the rows whose ``column`` (best indexed) is one of ``values``
+        (text or numbers: they go to SQLite as one JSON array, however many)."""
+        members = set(values)
+        if not members:
+            return {}
+        cols = self._columns(columns)
+        out = await self._uncached(fetch, f"{column} IN (SELECT value FROM json_each(?))",
+                                   (_json(sorted(members)).decode(),), cols)
+        for key, row in self._rows.items():
+            if row is not None and row[column] in members:
+                out[key] = {c: row[c] for c in cols}
+        return out
+
+    def _columns(self, columns: Sequence[str]) -> list[str]:
+        return [*self.key, *(c for c in columns if c not in self.key)]
+
+    async def _uncached(self, fetch: Fetch, where: str, params: Sequence[Any],
+                        cols: Sequence[str]) -> dict[tuple[Any, ...], Row]:
+        """The file's rows that ``where`` picks, but for those the cache holds."""
+        width = len(self.key)
+        cached = self._rows
+        out: dict[tuple[Any, ...], Row] = {}
+        for found in await fetch(f"SELECT {', '.join(cols)} FROM {self.table} WHERE {where}", params):
+            if (key := tuple(found[:width])) not in cached:
+                out[key] = dict(zip(cols, found, strict=True))
+        return out
 
     def get(self, key: tuple[Any, ...]) -> Row | None:
         """The row as the batch has it so far (``None``: absent or deleted)."""
@@ -134,7 +181,10 @@ class Rows:
         the upserts."""
         rows = self._rows
         deletes = [k for k in self._dirty if rows[k] is None]
-        plan.add_many(self._delete, deletes)
+        if len(self.key) == 1 and deletes:
+            plan.add(self._delete_all, (_json(sorted(k[0] for k in deletes)).decode(),))
+        else:
+            plan.add_many(self._delete, deletes)
         columns = self.columns
         plan.add_many(self._upsert, [tuple([row[c] for c in columns]) for k in self._dirty
                                      if (row := rows[k]) is not None])

@@ -250,7 +250,7 @@ async def _read(db: aiosqlite.Connection, req: Request, now: datetime) -> Any:
         case TasksResolve(prefix=prefix, limit=limit):
             return await queries.resolve_task(db, prefix, limit)
         case TasksGet(task_id=task_id, tree=tree):
-            return await queries.get_task(db, task_id, tree) or Missing(f"no task {task_id}")
+            return await queries.get_task(db, task_id, tree) or Missing(await queries.missing_task(db, task_id))
         case AgentsList():
             return await queries.list_agents(db)
         case MemoryGet(agent=agent):

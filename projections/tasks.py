@@ -6,6 +6,10 @@ plan), and each of its steps a row with its ``step`` id, ``deps`` and ``priority
 router's own decisions (dispatch, retry, dead letter, skip, no match) move them along.
 A submission whose skill nobody served (code ``no_agent`` or ``awaiting_match``) shows why
 in ``progress`` until an agent claims it.
+
+An ``audit_archived`` record deletes every task tree settled by its ``through_seq``, as the
+router's state lets go of them (:mod:`bus.compaction`); the tables that refer to tasks
+follow (:mod:`projections.compaction`).
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from ledgerbus.bus import codec, lifecycle, subjects
+from ledgerbus.bus import codec, compaction, lifecycle, subjects
 from ledgerbus.bus.events import (
+    NO_RETRY,
     PLAN_SKILL,
     TASK_EVENTS,
     AuditRecord,
@@ -38,13 +43,15 @@ from ledgerbus.bus.events import (
 )
 from ledgerbus.bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT, Shape, Status
 from ledgerbus.projections.batch import Batch
+from ledgerbus.projections.compaction import settled_trees
 from ledgerbus.projections.db import iso
 from ledgerbus.projections.rows import Rows, reads
 
 COLUMNS = (
     "task_id", "kind", "skill", "input", "timeout_s", "status", "submitted_by", "submitted_at", "submitted_seq",
     "parent_task_id", "agent", "attempts", "started_at", "finished_at", "progress", "fraction", "output", "error",
-    "trace_id", "tokens", "cost_usd", "step", "deps", "needs", "priority", "dispatches", "retry_at", "updated_seq",
+    "trace_id", "tokens", "cost_usd", "step", "deps", "needs", "priority", "dispatches", "retry_at", "retryable",
+    "updated_seq",
 )
 _STEP_DEFAULTS = {"step": None, "deps": None, "needs": None, "priority": None, "retry_at": None}
 
@@ -64,20 +71,37 @@ _CREATES = frozenset((TaskSubmitted, PlanSubmitted))
 
 async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
     """Fold a batch of audit records into the tasks table (rejected records change nothing)."""
-    mine = [r for r in records if r.verdict == "accepted" and type(r.event) in _KINDS]
+    mine = [r for r in records if r.verdict == "accepted" and (type(r.event) in _KINDS or r.retention is not None)]
     if not mine:
         return
     rows = batch.rows("tasks", ("task_id",), COLUMNS)
     await rows.load(batch.fetch, reads(_refs(mine)))
     for record in mine:
         event = record.event
+        if event is None:  # a retention record: the only one let in without an event
+            if (through := compaction.archived_through(record)) is not None:
+                batch.archived[record.seq] = await _compact(batch, rows, through)
+            continue
         _FOLDS[type(event)](rows, record, event)
-        if type(event) not in _CREATES and (row := rows.get((event.task_id,))) is not None:  # type: ignore[union-attr]
+        row = rows.get((event.task_id,))  # type: ignore[union-attr]
+        if row is None:
+            continue
+        if row["retryable"] and compaction.stops_retries(record):
+            rows.update((row["task_id"],), retryable=0)
+        if type(event) not in _CREATES:
             # One definition of what each record does to a status: bus/lifecycle.py.
             status = lifecycle.after(Status(row["status"]), record, _shape(row))
             if status != row["status"]:
                 rows.update((row["task_id"],), status=str(status))
     rows.store(batch.plan)
+
+
+async def _compact(batch: Batch, rows: Rows, through: int) -> list[str]:
+    """Delete every task tree settled by ``through``; return the ids deleted, in order."""
+    gone = await settled_trees(batch, rows, through)
+    for task_id in gone:
+        rows.delete((task_id,))
+    return gone
 
 
 def _shape(row: dict[str, Any]) -> Shape:
@@ -88,6 +112,8 @@ def _refs(records: Sequence[AuditRecord]) -> Iterator[tuple[tuple[str], bool]]:
     """Each record's task, and whether the record creates it (a plan creates its steps too)."""
     for r in records:
         e = r.event
+        if e is None:  # an archive
+            continue
         yield (e.task_id,), type(e) in _CREATES  # type: ignore[union-attr]
         if type(e) is PlanSubmitted:
             for s in e.steps:
@@ -109,7 +135,8 @@ def _submitted(rows: Rows, record: AuditRecord, e: TaskSubmitted) -> None:
         "parent_task_id": e.parent_task_id, "agent": None, "attempts": 0, "started_at": None,
         "finished_at": None, "progress": record.reason if unserved else None, "fraction": None, "output": None,
         "error": None, "trace_id": record.trace_id, "tokens": 0, "cost_usd": 0.0, **_STEP_DEFAULTS,
-        "dispatches": 0 if held or waits else 1, "updated_seq": seq,
+        "dispatches": 0 if held or waits else 1, "retryable": int((e.retry or NO_RETRY).max_attempts > 1),
+        "updated_seq": seq,
     })
 
 
@@ -128,7 +155,7 @@ def _plan_submitted(rows: Rows, record: AuditRecord, e: PlanSubmitted) -> None:
         "input": codec.encode({"name": e.name, "steps": e.steps}).decode(),
         "timeout_s": max(s.timeout_s for s in e.steps), "status": str(lifecycle.created(record, Shape.PLAN)),
         "parent_task_id": e.parent_task_id, "started_at": None if held else at, "step": None, "deps": None,
-        "needs": None, "priority": None,
+        "needs": None, "priority": None, "retryable": 0,
     })
     for s in e.steps:
         rows.put({
@@ -138,6 +165,7 @@ def _plan_submitted(rows: Rows, record: AuditRecord, e: PlanSubmitted) -> None:
             "parent_task_id": e.task_id, "started_at": None, "step": s.id,
             "deps": codec.encode(s.deps).decode(),
             "needs": codec.encode(s.capabilities).decode() if s.capabilities else None, "priority": s.priority,
+            "retryable": int(s.retry.max_attempts > 1),
         })
 
 

@@ -110,7 +110,9 @@ async def deliver(publisher: Publisher, state: RouterState, tokens: ClaimTokens,
     it was published); return the tasks whose item is not known to be stored."""
     if not undelivered:
         return undelivered
-    order = sorted(undelivered, key=lambda task_id: (state.tasks[task_id].dispatch_seq, task_id))
+    # A task an archive let go of meanwhile has nothing left to deliver.
+    order = sorted((task_id for task_id in undelivered if task_id in state.tasks),
+                   key=lambda task_id: (state.tasks[task_id].dispatch_seq, task_id))
     items: list[tuple[WorkItem, dict[str, str]]] = [
         (item, trace_headers(state.tasks[task_id].dispatch_trace)) for task_id in order
         if (item := routed_work_item(task_id, state, tokens)) is not None

@@ -140,7 +140,15 @@ class Archiver:
             return Retention(action="archived", rule=f"{rule_text(rule, False)} (sealed before a restart)",
                              through_seq=unrecorded[-1].last_seq, segments=unrecorded)
         if through >= info.state.first_seq:
+            # A cut recorded, its purge not done (the router died between the two). Only
+            # what the archive holds may go: an archive directory lost or moved since is
+            # reported, never purged past.
+            if manifest.last_seq < through:
+                raise ArchiveError(f"the log records records 1..{through} as archived, but the archive at "
+                                   f"{archive.path} ends at seq {manifest.last_seq}: not purging; restore the "
+                                   "archive directory (docs/operations.md)")
             await self._purge(through)
+            info = await self.js.stream_info(subjects.AUDIT_STREAM)
         expired = await self._last(KINDS["expired"])
         if expired is not None:
             await self._expire(archive, expired)

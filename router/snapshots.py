@@ -22,7 +22,8 @@ load does; a load marks every task dirty, a superset of what a fold leaves (ever
 record touched, and at start every open one), which only makes the scheduler look at
 tasks its decisions do not change. The ``_audited`` records are kept as (INGRESS seq,
 AUDIT seq) pairs: only those of messages still in INGRESS matter after a start (the rest
-are forgotten at once), and those are read back from AUDIT.
+are forgotten at once), and those are read back from AUDIT. The state's ``_recent`` (the
+tasks an archive would look at) is derived from the tasks at load.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ from ledgerbus.router.tasks import AnyTask, PlanState, StepState, TaskState
 
 log = structlog.get_logger(__name__)
 
-FORMAT = 1
-"""The snapshot format this router writes and reads; a snapshot of another is passed over."""
+FORMAT = 2
+"""The snapshot format this router writes and reads; a snapshot of another is passed over.
+(2: each task's ``last_seq`` and ``retryable``, and where the last archive cut the log.)"""
 
 PREFIX = "router-"
 """Snapshot object names: ``router-<chain head seq, 12 digits>``, so names sort by position."""
@@ -110,6 +112,8 @@ class Body(msgspec.Struct, kw_only=True):
     """(INGRESS seq, AUDIT seq) of the state's ``_audited``, oldest first."""
     messages: list[tuple[str, int, datetime]]
     """(message id, seq, at) of the state's ``_messages``, oldest first."""
+    archived_through: int = 0
+    archived_tasks: int = 0
 
 
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)
@@ -143,6 +147,7 @@ def encode_state(state: RouterState, head: ChainHead) -> bytes:
         timers=state._timers,
         audited=[(ingress, record.seq) for ingress, record in state._audited.items()],
         messages=[(msg_id, seq, at) for msg_id, (seq, at) in state._messages.items()],
+        archived_through=state.archived_through, archived_tasks=state.archived_tasks,
     ))
 
 
@@ -238,6 +243,12 @@ def restore(body: Body, audited: dict[int, AuditRecord], dedup_horizon_s: float)
     state.checkpoints, state.registry, state.proposals = body.checkpoints, body.registry, body.proposals
     state.approved_proposals, state.joined_at, state.unmatched = body.approved_proposals, body.joined_at, body.unmatched
     state.inflight = body.inflight
+    state.archived_through, state.archived_tasks = body.archived_through, body.archived_tasks
+    # The tasks touched since the last archive's cut, as a fold leaves them: by seq, ties in
+    # the order the tasks were made (a plan before its steps).
+    state._recent = OrderedDict((task_id, task.last_seq) for task_id, task in sorted(
+        ((task_id, task) for task_id, task in state.tasks.items() if task.last_seq > state.archived_through),
+        key=lambda item: item[1].last_seq))
     state._timers = list(body.timers)
     heapq.heapify(state._timers)
     state._audited = OrderedDict((ingress, audited[seq]) for ingress, seq in body.audited if seq in audited)

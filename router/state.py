@@ -13,6 +13,10 @@ running it applies each record right after sealing it. Two things live here:
 - which memory checkpoints each agent has (a restore must name one);
 - the work assigned to each agent that has not finished (``inflight``), which bounds what
   the scheduler assigns to it (docs/orchestration.md, "Where work goes").
+
+It is bounded: an ``audit_archived`` record lets go of every task tree settled by its
+``through_seq`` (:mod:`bus.compaction`), with everything kept about those tasks, so the
+state holds the open tasks and those settled since the last archive.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from ledgerbus.bus import lifecycle
+from ledgerbus.bus import compaction, lifecycle
 from ledgerbus.bus.anchor import RESTART_CODE
 from ledgerbus.bus.events import (
     NO_RETRY,
@@ -104,6 +108,15 @@ class RouterState:
         # message id -> (seq, time) of accepted records, oldest first, for dedup_horizon_s.
         self._messages: OrderedDict[str, tuple[int, datetime]] = OrderedDict()
         self._horizon = timedelta(seconds=dedup_horizon_s)
+        self.archived_through = 0
+        """``through_seq`` of the last ``audit_archived`` record: the tasks settled by then
+        were let go of (their records are in the archive)."""
+        self.archived_tasks = 0
+        """How many tasks archives have let go of, in all."""
+        self._recent: OrderedDict[str, int] = OrderedDict()
+        """The tasks whose last record is after the last archive's cut, by that record's seq,
+        oldest first: the only trees the next archive may let go of (:mod:`bus.compaction`).
+        Derived from the tasks, so a snapshot does not save it (``router/snapshots.py``)."""
 
     def apply(self, record: AuditRecord, traceparent: str = "") -> None:
         """Fold one audit record into the state; ``traceparent`` is the trace context
@@ -121,6 +134,9 @@ class RouterState:
             while len(self._audited) > self._capacity:
                 self._audited.popitem(last=False)
         if not record.accepted:
+            return
+        if (through := compaction.archived_through(record)) is not None:
+            self._archived(through)
             return
         if record.msg_id:
             self._messages[record.msg_id] = (record.seq, record.at)
@@ -142,6 +158,11 @@ class RouterState:
         fold(self, record, event)
         if isinstance(event, TASK_EVENTS):
             task = self.tasks.get(event.task_id)
+            if task is not None:
+                if task.last_seq != record.seq:
+                    self._seen(event.task_id, task, record.seq)
+                if task.retryable and compaction.stops_retries(record):
+                    task.retryable = False
             if task is not None and type(event) not in _CREATES:
                 # One definition of what each record does to a status: bus/lifecycle.py.
                 task.status = lifecycle.after(task.status, record, task.shape)
@@ -174,7 +195,7 @@ class RouterState:
         self.tasks[submission.task_id] = TaskState(
             skill=submission.skill, submitter=record.principal, status=lifecycle.created(record, Shape.TASK),
             dispatch=0 if waits else 1, held=submission if held else None, budget=submission.budget,
-            parent=submission.parent_task_id, retry=retry,
+            parent=submission.parent_task_id, retry=retry, retryable=retry.max_attempts > 1,
             submission=submission if retry.max_attempts > 1 or waits else None, trace=self._traceparent,
             matched=waits,
             handoff=(str(submission.input.get("from", "")), str(submission.input.get("role", "")))
@@ -193,6 +214,7 @@ class RouterState:
             held=plan if record.code == APPROVAL_REQUESTED else None, children=children, plan=plan,
             parent=plan.parent_task_id, trace=trace, budget=plan.budget,
         )
+        self._seen(plan_id, self.tasks[plan_id], record.seq)
         if (parent := self.tasks.get(plan.parent_task_id or "")) is not None:
             parent.children.append(plan_id)
             self.tasks[plan_id].parent_dispatch = parent.dispatch
@@ -201,7 +223,9 @@ class RouterState:
                 skill=step.skill or "", submitter=record.principal, status=lifecycle.created(record, Shape.STEP),
                 parent=plan_id, dispatch=0, retry=step.retry, step=step,
                 deps=tuple(step_task_id(plan_id, d) for d in step.deps), trace=trace,
+                retryable=step.retry.max_attempts > 1,
             )
+            self._seen(child, self.tasks[child], record.seq)
 
     def _usage(self, record: AuditRecord, usage: TaskUsage) -> None:
         task = self.tasks[usage.task_id]
@@ -335,6 +359,55 @@ class RouterState:
 
     def _checkpoint_saved(self, record: AuditRecord, saved: CheckpointSaved) -> None:
         self.checkpoints.setdefault(saved.agent, {})[saved.checkpoint_id] = record.seq
+
+    def _seen(self, task_id: str, task: AnyTask, seq: int) -> None:
+        """A record about the task was folded (``seq``)."""
+        task.last_seq = seq
+        self._recent.pop(task_id, None)
+        self._recent[task_id] = seq
+
+    def _archived(self, through: int) -> None:
+        """Let go of every task tree settled by ``through`` (:mod:`bus.compaction`) and of
+        everything kept about its tasks; open trees stay whole."""
+        recent, tasks = self._recent, self.tasks
+        candidates: list[str] = []
+        while recent:
+            task_id, seq = recent.popitem(last=False)
+            if seq > through:
+                recent[task_id] = seq
+                recent.move_to_end(task_id, last=False)
+                break
+            candidates.append(task_id)
+        self.archived_through = max(self.archived_through, through)
+        closed = compaction.closed
+        gone: set[str] = set()
+        # A held task's children are held: a tree leaves whole.
+        for tree in compaction.trees(candidates, lambda t: parent if (parent := tasks[t].parent) in tasks else None,
+                                     lambda t: tasks[t].children):
+            for t in tree:
+                task = tasks[t]
+                if not closed(task.status, task.retryable, task.last_seq, through):
+                    break
+            else:
+                gone.update(tree)
+        if not gone:
+            return
+        self.archived_tasks += len(gone)
+        for task_id in gone:
+            del tasks[task_id]  # not in recent: its last record is at or before the cut
+        for held in (*self.inflight.values(), *self.held.values()):
+            held.difference_update(gone)
+        for ids in (self.unmatched, self.dirty, self.orphaned):
+            ids.difference_update(gone)
+        for task_id in gone & self.ready_since.keys():
+            del self.ready_since[task_id]
+        if any(task_id in gone for _, task_id in self._timers):
+            self._timers = [timer for timer in self._timers if timer[1] not in gone]
+            heapq.heapify(self._timers)
+        dropped = [pid for pid, unmatched in self.proposals.items() if unmatched.task_id in gone]
+        for pid in dropped:
+            del self.proposals[pid]
+            self.approved_proposals.discard(pid)
 
     def _traced(self, task_id: str, traceparent: str) -> None:
         task = self.tasks.get(task_id)

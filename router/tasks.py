@@ -51,6 +51,12 @@ class _Task:
     tree_cost_usd: float = 0.0
     over_budget: str = ""
     """Why its tree went over its budget: it stops (the scheduler fails or cancels it)."""
+    last_seq: int = 0
+    """The seq of the last accepted record about it (what an archive compares with)."""
+    retryable: bool = False
+    """Its policy allows another run after a failure, as the log shows it (see
+    :func:`bus.compaction.stops_retries`): what decides whether a failure settles it when
+    an archive lets go of settled trees. Never looser than :attr:`retry`."""
 
     shape: ClassVar[Shape]
 

@@ -38,6 +38,7 @@ from ledgerbus.bus.events import (
     AgentLeft,
     AgentProposal,
     AnyEvent,
+    ArchiveSeal,
     AuditRecord,
     Budget,
     Checkpoint,
@@ -50,6 +51,7 @@ from ledgerbus.bus.events import (
     PlanStep,
     PlanSubmitted,
     ProposalApproved,
+    Retention,
     RetryPolicy,
     SharedWritten,
     SkillUnmatched,
@@ -207,6 +209,10 @@ class LogBuilder:
     decisions: int = 0  # ids of the router's own events
     task_id_of_last_claim: str = ""
     truth: list[Known] = field(default_factory=list)  # what the router knows after each record
+    compacted: int = 0  # tasks archives let go of (task ids count on past them)
+    last: dict[str, int] = field(default_factory=dict)  # task -> seq of the last accepted record about it
+    proposal_tasks: dict[str, str] = field(default_factory=dict)  # proposal id -> its task
+    archived_through: int = 0
 
     # -- emitting ---------------------------------------------------------------------------
 
@@ -222,6 +228,10 @@ class LogBuilder:
             delivery=int(ingress),
             trace_id=f"tr{seq}" if ingress and isinstance(ev, TaskSubmitted | PlanSubmitted) else "", event=ev,
         ))
+        if verdict == "accepted" and isinstance(ev, TASK_EVENTS):
+            self.last[ev.task_id] = seq
+            if isinstance(ev, PlanSubmitted):
+                self.last.update((step_task_id(ev.task_id, s.id), seq) for s in ev.steps)
         self.truth.append(known(self))
 
     def reject(self, principal: str, ev: AnyEvent, code: str) -> None:
@@ -276,6 +286,7 @@ class LogBuilder:
             case SkillUnmatched():
                 task.status = "unmatched"
                 self.proposals[ev.id] = False
+                self.proposal_tasks[ev.id] = ev.task_id
             case TaskCompleted():
                 task.status = "completed"
             case TaskFailed():
@@ -408,6 +419,8 @@ class LogBuilder:
             actions.append("match")
         if not all(self.proposals.values()):
             actions.append("approve_proposal")
+        if self.archived_through < len(self.records):
+            actions += ["archive", "archive"]
         getattr(self, f"do_{self.pick.choice(actions)}")()
         # The router decides after each batch of INGRESS messages: mostly right away here,
         # sometimes only after the next message.
@@ -434,8 +447,11 @@ class LogBuilder:
         instance = self.pick.choice(self.instances[agent][::-1])
         self.emit(f"agent-{agent}", AgentLeft(id=self.mid(), instance=instance, reason="drained"))
 
-    def _submit(self, principal: str, parent: str | None) -> None:
-        task_id = f"t{len(self.tasks)}"
+    def new_task_id(self) -> str:
+        return f"t{len(self.tasks) + self.compacted}"
+
+    def _submit(self, principal: str, parent: str | None) -> str:
+        task_id = self.new_task_id()
         skill = self.pick.choice(("echo", "echo", HELD_SKILL))
         budget = self.pick.choice((None, 20, 40))
         retry = self.pick.choice((None, RetryPolicy(max_attempts=2, backoff_s=0.5)))
@@ -450,6 +466,7 @@ class LogBuilder:
             timeout_s=self.pick.choice((30.0, 300.0)), budget=None if budget is None else Budget(tokens=budget),
             parent_task_id=parent, retry=retry,
         ), code="approval_requested" if held else "ok")
+        return task_id
 
     def do_submit(self) -> None:
         self._submit(OPS, None)
@@ -465,14 +482,14 @@ class LogBuilder:
         parents = [t for t in parents if self.depth(t) < MAX_DEPTH]
         if parents:
             parent = self.pick.choice(parents)
-            self._submit(self.tasks[parent].claimant, parent)
+            task_id = self._submit(self.tasks[parent].claimant, parent)
             if self.pick.choice((True, False)):  # handed over (ctx.handoff): the router records it
-                self.emit(ROUTER, Handoff(id=self.rid(), task_id=f"t{len(self.tasks) - 1}", from_task=parent,
+                self.emit(ROUTER, Handoff(id=self.rid(), task_id=task_id, from_task=parent,
                                           from_role="writer", to_role="reviewer"))
 
     def do_plan(self) -> None:
         """A plan of one to four steps, each depending on some earlier ones (so a DAG)."""
-        plan_id = f"t{len(self.tasks)}"
+        plan_id = self.new_task_id()
         steps = []
         for i in range(self.pick.integer(1, 4)):
             by_capabilities = self.pick.integer(0, 4) == 0
@@ -718,6 +735,41 @@ class LogBuilder:
     def do_router_checkpoint(self) -> None:
         self.router_checkpoint()
 
+    def do_archive(self) -> None:
+        """The router archives records up to a cut (after the last one) and appends its
+        ``audit_archived`` record: every task tree that is settled, with no accepted record
+        after the cut, leaves what it knows (docs/architecture.md, step 5 of an archiving
+        round). Worked out here from the model, apart from bus/compaction.py."""
+        self.settle()
+        # Mostly everything so far (the most it can let go of), else anywhere after the last cut.
+        through = max(self.pick.integer(self.archived_through + 1, len(self.records)),
+                      len(self.records) * self.pick.integer(0, 1))
+
+        def root(task_id: str) -> str:
+            parent = self.tasks[task_id].parent
+            return task_id if parent is None else root(parent)
+
+        open_roots = {root(t) for t, m in self.tasks.items() if not m.settled or self.last[t] > through}
+        gone = {t for t in self.tasks if root(t) not in open_roots}
+        for task_id in gone:
+            del self.tasks[task_id]
+        for proposal_id in [p for p, t in self.proposal_tasks.items() if t in gone]:
+            self.proposals.pop(proposal_id, None)
+        self.compacted += len(gone)
+        self.archived_through = through
+        seq = len(self.records) + 1
+        self.at += timedelta(microseconds=self.pick.choice(ROUTER_GAPS_US))
+        first = self.records[0]
+        seal = ArchiveSeal(file=f"audit-{1:012d}-{through:012d}.jsonl.gz", first_seq=1, last_seq=through,
+                           first_at=first.at, last_at=self.records[through - 1].at, prev_hash="0" * 64,
+                           last_hash="0" * 64, sha256="0" * 64, bytes=1, key_id="k", signature="s")
+        self.records.append(AuditRecord(
+            seq=seq, at=self.at, verdict="accepted", code="ok", reason="", principal=ROUTER, kind="audit_archived",
+            key="router", msg_id="", ingress_seq=0, delivery=0,
+            retention=Retention(action="archived", rule="audit_max_age 7d", through_seq=through, segments=[seal]),
+        ))
+        self.truth.append(known(self))
+
     def do_reject(self) -> None:
         """A message the router refuses: it must change nothing but the audit index."""
         kinds = ["unknown_task", "not_memory_owner", "unknown_checkpoint", "bad_plan", "bad_cancel", "unknown_proposal"]
@@ -848,6 +900,17 @@ class LogBuilder:
                 owner = self.pick.choice(saved)
                 self.reject(OPS, CheckpointSaved(id=self.mid(), agent=owner, checkpoint_id=self.checkpoints[owner][0],
                                                  state={"overwrite": True}), "duplicate_checkpoint")
+
+
+def created_ids(record: AuditRecord) -> list[str]:
+    """The tasks a record creates (a plan creates its steps too)."""
+    match record.event:
+        case TaskSubmitted(task_id=task_id):
+            return [task_id]
+        case PlanSubmitted(task_id=plan_id, steps=steps):
+            return [plan_id, *(step_task_id(plan_id, s.id) for s in steps)]
+        case _:
+            return []
 
 
 def audit_key(principal: str, ev: AnyEvent) -> str:
@@ -1080,6 +1143,12 @@ def features(log: Sequence[AuditRecord], tables: Dump) -> set[str]:
         found.add("budget exceeded")
     if any(row[8] for row in tables["tasks"]):  # parent_task_id
         found.add("subtask")
+    created = {t for r in log if r.accepted for t in created_ids(r)}
+    if created - {row[0] for row in tables["tasks"]}:
+        found.add("tasks compacted by an archive")
+    cut = max((r.retention.through_seq for r in log if r.retention is not None), default=0)
+    if any(row[5] in TERMINAL - {"failed"} and row[-1] <= cut for row in tables["tasks"]):  # status, updated_seq
+        found.add("settled task kept with its open tree")
     unmatched = set()
     for r in log:
         if not r.accepted:
@@ -1112,7 +1181,9 @@ async def check_scenario(log: list[AuditRecord], plan: list[Step], truth: list[K
     with tempfile.TemporaryDirectory() as tmp:
         whole = await project_whole(Path(tmp) / "whole.db", log)
         assert whole["tracking"] == [("audit", len(log))]
-        assert [row[0] for row in whole["audit_index"]] == list(range(1, len(log) + 1))
+        # What the live log still holds: everything after the last archive's cut.
+        cut = max((r.retention.through_seq for r in log if r.retention is not None), default=0)
+        assert [row[0] for row in whole["audit_index"]] == list(range(cut + 1, len(log) + 1))
         assert {(row[0], row[1]) for row in whole["shared"]} == shared_model(log)
         assert await projected_at(Path(tmp) / "whole.db") == truth[-1], "the projection disagrees with the router"
 
@@ -1165,7 +1236,7 @@ def test_the_generated_logs_exercise_every_feature() -> None:
     async def run() -> set[str]:
         seen: set[str] = set()
         with tempfile.TemporaryDirectory() as tmp:
-            for seed in range(20):
+            for seed in range(26):
                 builder = build(RandomPicker(seed), 45)
                 log, sizes = builder.records, random.Random(seed)
                 db = await dbmod.open_db(Path(tmp) / f"{seed}.db", CAP)
@@ -1187,7 +1258,8 @@ def test_the_generated_logs_exercise_every_feature() -> None:
     assert {"rejections", "list rolled into a summary", "shared key expired", "checkpoint restored",
             "budget exceeded", "subtask", "plan held for approval", "plan completed", "plan failed", "step skipped",
             "cancelled by the router", "cancelled by a principal", "dispatched again to retry",
-            "matched after no match", "claim of a later dispatch", "retries spent", "max deliveries"} <= seen
+            "matched after no match", "claim of a later dispatch", "retries spent", "max deliveries",
+            "tasks compacted by an archive", "settled task kept with its open tree"} <= seen
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 100])

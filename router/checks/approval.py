@@ -9,6 +9,7 @@ reaches WORK. Nobody approves or denies a task they submitted themselves.
 
 from __future__ import annotations
 
+from ledgerbus.bus.compaction import no_such
 from ledgerbus.bus.events import PlanSubmitted, TaskApproved, TaskDenied, TaskSubmitted
 from ledgerbus.bus.lifecycle import Status
 from ledgerbus.router.checks import Check, Inbound, Learned, Rejection, learned
@@ -32,7 +33,7 @@ def make(policy: PolicyFile) -> Check:
                 task = state.tasks.get(task_id)
                 verb = "approve" if isinstance(msg.event, TaskApproved) else "deny"
                 if task is None:
-                    return Rejection("unknown_task", f"no task {task_id}")
+                    return Rejection("unknown_task", no_such("task", task_id, state.archived_through))
                 if task.status is not Status.AWAITING_APPROVAL:
                     return Rejection("not_awaiting_approval", f"task {task_id} is {task.status}, not awaiting approval")
                 if not policy.current().is_approver(msg.principal_token):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from ledgerbus.bus.compaction import no_such
 from ledgerbus.bus.events import TaskCompleted, TaskFailed, TaskProgress, TaskStarted, TaskSubmitted, TaskUsage
 from ledgerbus.bus.lifecycle import Status, claim_of
 from ledgerbus.router.checks import Check, Inbound, Rejection
@@ -78,7 +79,7 @@ def _follows(msg: Inbound, state: RouterState) -> Rejection | None:
         case TaskStarted(task_id=task_id, attempt=attempt, dispatch=dispatch):
             task = state.tasks.get(task_id)
             if task is None:
-                return Rejection("unknown_task", f"no task {task_id}")
+                return Rejection("unknown_task", no_such("task", task_id, state.archived_through))
             if task.terminal:
                 return Rejection("task_terminal", f"task {task_id} is already {task.status}")
             if task.status is Status.AWAITING_APPROVAL:
@@ -100,7 +101,7 @@ def _follows(msg: Inbound, state: RouterState) -> Rejection | None:
         ) | TaskFailed(task_id=task_id, attempt=attempt) | TaskUsage(task_id=task_id, attempt=attempt):
             task = state.tasks.get(task_id)
             if task is None:
-                return Rejection("unknown_task", f"no task {task_id}")
+                return Rejection("unknown_task", no_such("task", task_id, state.archived_through))
             if task.terminal:
                 return Rejection("task_terminal", f"task {task_id} is already {task.status}")
             if task.status is not Status.RUNNING:

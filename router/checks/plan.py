@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from ledgerbus.bus.compaction import no_such
 from ledgerbus.bus.events import PlanSubmitted, ProposalApproved, TaskCancelled, TaskSubmitted
 from ledgerbus.bus.plans import validate
 from ledgerbus.router.checks import Check, Inbound, Rejection
@@ -52,7 +53,7 @@ def make(policy: PolicyFile, installed: Callable[[], Iterable[str]]) -> Check:
                     return Rejection("bad_cancel", "only the router skips plan steps")
                 task = state.tasks.get(task_id)
                 if task is None:
-                    return Rejection("unknown_task", f"no task {task_id}")
+                    return Rejection("unknown_task", no_such("task", task_id, state.archived_through))
                 if task.settled:
                     return Rejection("task_terminal", f"task {task_id} is already {task.status}")
                 assert msg.principal is not None
@@ -60,7 +61,7 @@ def make(policy: PolicyFile, installed: Callable[[], Iterable[str]]) -> Check:
                     return Rejection("not_submitter", f"{msg.principal_token} did not submit task {task_id}")
             case ProposalApproved(proposal_id=proposal_id):
                 if proposal_id not in state.proposals:
-                    return Rejection("unknown_proposal", f"no proposal {proposal_id}")
+                    return Rejection("unknown_proposal", no_such("proposal", proposal_id, state.archived_through))
                 if proposal_id in state.approved_proposals:
                     return Rejection("already_approved", f"proposal {proposal_id} was already approved")
             case _:
@@ -73,7 +74,7 @@ def make(policy: PolicyFile, installed: Callable[[], Iterable[str]]) -> Check:
 def _delegation(msg: Inbound, state: RouterState, parent_id: str, bounds: Delegation) -> Rejection | None:
     parent = state.tasks.get(parent_id)
     if parent is None:
-        return Rejection("unknown_task", f"no parent task {parent_id}")
+        return Rejection("unknown_task", no_such("parent task", parent_id, state.archived_through))
     if parent.settled:
         return Rejection("task_terminal", f"parent task {parent_id} is already {parent.status}")
     assert msg.principal is not None

@@ -167,10 +167,13 @@ class Verdict:
 
 
 def fold(records: list[AuditRecord]) -> RouterState:
-    """The router's view of the log, rebuilt here: each task's status."""
+    """The router's view of the log, rebuilt here: each task's status. Every task's, the
+    archived ones too: the cuts (``audit_archived``) are not folded, or the tasks settled by
+    then would leave the state and look lost."""
     state = RouterState()
     for record in records:
-        state.apply(record)
+        if record.retention is None:
+            state.apply(record)
     return state
 
 
