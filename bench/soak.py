@@ -43,6 +43,7 @@ import dataclasses
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -207,6 +208,38 @@ class Leader:
         return self.pid
 
 
+_RECOVERED = re.compile(r"audit_recovered\s+(.*)$")
+_PAIR = re.compile(r"(\w+)=(\S+)")
+
+
+async def takeover(log: Path, leader: Leader, say: Callable[[str], None]) -> dict[str, Any]:
+    """Pause the leading router (SIGSTOP) until the standby takes the lease and recovers,
+    then let it go on (it steps down): what the standby's ``audit_recovered`` says (the
+    takeover's recovery: from which snapshot, how long a tail, how long, how many tasks)."""
+    old = leader.current()
+    offset = log.stat().st_size
+    paused = time.monotonic()
+    os.kill(old, signal.SIGSTOP)
+    try:
+        while time.monotonic() - paused < 120:
+            await asyncio.sleep(0.5)
+            with log.open("rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+            found = next((_RECOVERED.search(line) for line in text.splitlines() if "audit_recovered" in line), None)
+            if found is not None:
+                pairs = dict(_PAIR.findall(found.group(1)))
+                seen = {k: pairs.get(k) for k in ("from_snapshot", "tail", "head_seq", "tasks", "seconds")}
+                result = {k: (None if v in (None, "None", "null") else float(v) if k == "seconds" else int(v))
+                          for k, v in seen.items()} | {"paused_to_recovered_s": round(time.monotonic() - paused, 2)}
+                say(f"  takeover at {result['head_seq']:,} records: recovery {result['seconds']} s from the snapshot at "
+                    f"{result['from_snapshot']} (tail {result['tail']}, {result['tasks']:,} tasks in the state)")
+                return result
+        raise e2e.BenchError("the standby did not take over within 120 s of pausing the leader")
+    finally:
+        os.kill(old, signal.SIGCONT)
+
+
 def memory(directory: Path, leader: int) -> tuple[dict[str, int], dict[str, int]]:
     """RSS by role of every process working under ``directory``, and ``all`` of them; and
     RSS by process name (``agent echo-1``, ``web``, ...; processes of one name summed)."""
@@ -318,6 +351,7 @@ class Soak:
         self.archive = system.dir / (system.retention.archive_dir if system.retention else ARCHIVE_DIR)
         self.seq0 = 0
         self.began = 0.0
+        self.takeover_results: list[dict[str, Any]] = []
 
     async def sample(self, js: JetStreamContext) -> Sample:
         audit = (await js.stream_info(subjects.AUDIT_STREAM)).state
@@ -454,6 +488,7 @@ class Soak:
         self.began = time.monotonic()
         self.say(self._line(await self.sample(js)))
         sampling = asyncio.create_task(self.sampler(js, stop))
+        takeovers = asyncio.create_task(self.takeovers(js, stop))
         try:
             await self.feed(cli)
             fed = time.monotonic() - self.began
@@ -463,11 +498,25 @@ class Soak:
         finally:
             stop.set()
             await sampling
+            with contextlib.suppress(asyncio.CancelledError):
+                await takeovers
+        # And one at the end: the state a standby loads after the whole run.
+        self.takeover_results.append(await takeover(self.system.log_path, self.leader, self.say))
         self.say(self._line(await self.sample(js)))
         for sub in subs:
             await sub.unsubscribe()
         return {"feed_s": fed, "feed_messages": fed_messages, "messages_per_s": fed_messages / fed,
-                "tasks_per_s": self.tasks / fed, "problems": c.problems}
+                "tasks_per_s": self.tasks / fed, "problems": c.problems, "takeovers": self.takeover_results}
+
+    async def takeovers(self, js: JetStreamContext, stop: asyncio.Event) -> None:
+        """A standby takeover (:func:`takeover`) once a tenth of the messages are routed: the
+        same run's early and late takeovers say whether it stays flat as the log grows."""
+        target = self.seq0 + self.tasks * MESSAGES_PER_TASK // 10
+        while not stop.is_set():
+            if (await js.stream_info(subjects.AUDIT_STREAM)).state.last_seq >= target:
+                self.takeover_results.append(await takeover(self.system.log_path, self.leader, self.say))
+                return
+            await asyncio.sleep(1.0)
 
 
 _STOPPED = re.compile(r"^\S+ system\s+\| (\S+) stopped \(rc=(-?\d+)\)", re.MULTILINE)

@@ -272,6 +272,13 @@ def section(result: dict[str, Any], verdict: dict[str, Any], plot_link: str | No
         lines.append(f"| {label} | {fit['at_half'] / MIB:,.1f} | {fit['at_end'] / MIB:,.1f} | "
                      f"{fit['slope_per_100k'] / MIB:+,.2f} | {fit['growth_pct']:+.1f}% | {judged} |")
     lines += ["", f"**{summary(verdict)}.**", "", *[f"- {line}" for line in verdict_lines(result, verdict)[len(RSS):]]]
+    if result.get("takeovers"):
+        lines += ["", "Standby takeovers in the same run (the leader paused with SIGSTOP until the standby took the "
+                  "lease; its `audit_recovered`):", "",
+                  "| AUDIT records then | loaded the snapshot at | records read after it | tasks in the state | "
+                  "recovery |", "|---|---|---|---|---|"]
+        lines += [f"| {t['head_seq']:,} | {t['from_snapshot'] or 'none'} | {t['tail']:,} | {t['tasks']:,} | "
+                  f"{t['seconds']:.2f} s |" for t in result["takeovers"]]
     if plot_link:
         lines += ["", f"![RSS and disk over the messages routed]({plot_link})"]
     packages = ", ".join(f"{k} {v}" for k, v in info["packages"].items())
