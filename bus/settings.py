@@ -67,6 +67,10 @@ class Settings:
     max_message_bytes: int = 256 * 1024
     duplicate_window_s: float = 120.0
     dedup_horizon_s: float = 24 * 3600.0
+    dedup_max_ids: int = 200_000
+    """The most accepted message ids the router remembers for ``duplicate_message`` within the
+    horizon (the oldest are forgotten first): about 300 bytes each, so the horizon bounds
+    the router's memory by time and this by size, whatever the traffic."""
     ingress_ack_wait_s: float = 30.0
     router_batch: int = 256
     router_lease_s: float = 10.0

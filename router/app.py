@@ -85,7 +85,7 @@ class Router:
                                 tokens=self.tokens, agent_skills=self.agent_skills.of,
                                 live_skills=self.live.skills, agents_ttl_s=settings.agents_ttl_s)
         )
-        self.state = RouterState(dedup_horizon_s=settings.dedup_horizon_s)
+        self.state = RouterState(dedup_horizon_s=settings.dedup_horizon_s, dedup_max_ids=settings.dedup_max_ids)
         self.scheduler = Scheduler(self.live, self.installed, settings.max_message_bytes, self._may_run)
         self.publisher = Publisher(nc)
         self.audit = AuditLog(self.publisher, audit_mod.ChainHead())
@@ -135,7 +135,8 @@ class Router:
         watch = self.checkpoints.anchors.watch()
         # The newest valid snapshot and the records after it, or (none) the whole log.
         loaded = await self.snapshots.load(watch)
-        self.state, start = loaded or (RouterState(dedup_horizon_s=self.settings.dedup_horizon_s), ChainHead())
+        self.state, start = loaded or (RouterState(dedup_horizon_s=self.settings.dedup_horizon_s,
+                                                          dedup_max_ids=self.settings.dedup_max_ids), ChainHead())
         head = await audit_mod.recover(self.js, self.state, watch, start,
                                        self.archiver.archive(self.policy.current().retention))
         log.info("audit_recovered", head_seq=head.seq, tasks=len(self.state.tasks),

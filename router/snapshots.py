@@ -231,10 +231,11 @@ def open_envelope(data: bytes, public: str) -> tuple[Envelope, Body]:
     return env, body
 
 
-def restore(body: Body, audited: dict[int, AuditRecord], dedup_horizon_s: float) -> RouterState:
+def restore(body: Body, audited: dict[int, AuditRecord], dedup_horizon_s: float,
+            dedup_max_ids: int = 200_000) -> RouterState:
     """The state a snapshot holds; ``audited`` are the records (by AUDIT seq) of the
     ``_audited`` entries to keep (those of messages still in INGRESS)."""
-    state = RouterState(dedup_horizon_s=dedup_horizon_s)
+    state = RouterState(dedup_horizon_s=dedup_horizon_s, dedup_max_ids=dedup_max_ids)
     shapes: list[list[AnyTask]] = [list(body.plain), list(body.plans), list(body.steps)]
     iters = [iter(s) for s in shapes]
     state.tasks = {task_id: next(iters[shape]) for task_id, shape in zip(body.task_ids, body.shapes, strict=True)}
@@ -305,6 +306,7 @@ class Snapshots:
         self.every = settings.snapshot_every
         self.keep = max(1, settings.snapshot_keep)
         self.dedup_horizon_s = settings.dedup_horizon_s
+        self.dedup_max_ids = settings.dedup_max_ids
         self.saved_seq = 0
         """The chain head of the newest snapshot written or loaded (or being written)."""
         self._writing: asyncio.Task[None] | None = None
@@ -463,7 +465,7 @@ class Snapshots:
                     raise SnapshotRejected(f"AUDIT's record at seq {seq} is not of INGRESS seq {ingress}")
                 audited[seq] = record
         try:
-            state = restore(body, audited, self.dedup_horizon_s)
+            state = restore(body, audited, self.dedup_horizon_s, self.dedup_max_ids)
         except (ValueError, KeyError, StopIteration) as exc:
             raise SnapshotRejected(f"its body is inconsistent: {exc!r}") from exc
         watch.found.update(found)

@@ -63,7 +63,8 @@ from ledgerbus.router.tasks import AnyTask, PlanState, StepState, TaskState, ove
 class RouterState:
     """Task lifecycles and recently audited ingress messages."""
 
-    def __init__(self, audited_capacity: int = 65_536, dedup_horizon_s: float = 24 * 3600) -> None:
+    def __init__(self, audited_capacity: int = 65_536, dedup_horizon_s: float = 24 * 3600,
+                 dedup_max_ids: int = 200_000) -> None:
         self.tasks: dict[str, AnyTask] = {}
         self.last_checkpoint_seq = 0
         self.last_checkpoint: Checkpoint | None = None
@@ -108,6 +109,7 @@ class RouterState:
         # message id -> (seq, time) of accepted records, oldest first, for dedup_horizon_s.
         self._messages: OrderedDict[str, tuple[int, datetime]] = OrderedDict()
         self._horizon = timedelta(seconds=dedup_horizon_s)
+        self._max_ids = max(1, dedup_max_ids)
         self.archived_through = 0
         """``through_seq`` of the last ``audit_archived`` record: the tasks settled by then
         were let go of (their records are in the archive)."""
@@ -140,7 +142,8 @@ class RouterState:
             return
         if record.msg_id:
             self._messages[record.msg_id] = (record.seq, record.at)
-            while self._messages and next(iter(self._messages.values()))[1] < record.at - self._horizon:
+            while self._messages and (len(self._messages) > self._max_ids
+                                      or next(iter(self._messages.values()))[1] < record.at - self._horizon):
                 self._messages.popitem(last=False)
         self._fold(record, traceparent)
 

@@ -260,6 +260,28 @@ async def test_a_restarted_router_still_knows_the_message_ids_it_accepted(
     assert dup.code == "duplicate_message"
 
 
+async def test_the_ids_remembered_beyond_the_window_are_capped_oldest_first(
+    connect_as: Connect, admin: Client, settings: Settings
+) -> None:
+    # Memory bounded by size as well as by time: past LEDGERBUS_DEDUP_MAX_IDS the oldest
+    # ids are forgotten (JetStream's own window still drops a quick resend of any of them).
+    rr = RunningRouter(await connect_as("router"), settings.replace(dedup_max_ids=3))
+    await rr.start()
+    cli, js = await connect_as("cli"), admin.jetstream()
+    sent = [submitted(f"t{i}") for i in range(5)]
+    for event in sent:
+        await send(cli, CLI, event)
+    await wait_for_records(js, 5)
+    for i in (0, 4):  # the oldest is forgotten, the newest remembered
+        await cli.jetstream().publish("in.cli.alice.task_submitted",
+                                      codec.encode(TaskSubmitted(id=sent[i].id, task_id=f"again{i}", skill="echo")),
+                                      headers={subjects.HDR_MSG_ID: f"again-{i}"})
+    *_, forgotten, remembered = await wait_for_records(js, 7)
+    await rr.stop()
+    assert (forgotten.key, forgotten.code) == ("again0", "ok")
+    assert (remembered.key, remembered.code) == ("again4", "duplicate_message")
+
+
 async def test_a_check_that_raises_rejects_the_message_and_the_router_lives(
     connect_as: Connect, admin: Client, settings: Settings
 ) -> None:

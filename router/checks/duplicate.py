@@ -2,7 +2,8 @@
 
 JetStream drops a repeated ``Nats-Msg-Id`` on INGRESS within its window (the publisher
 gets a PubAck marked duplicate and nothing reaches the router). After the window the
-router remembers the ids it saw, for ``dedup_horizon_s``, from the log itself.
+router remembers the ids it saw, for ``dedup_horizon_s`` and at most ``dedup_max_ids`` of them (the
+oldest forgotten first), from the log itself.
 """
 
 from __future__ import annotations
