@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import nats.errors
 import nats.js.errors
 import structlog
@@ -32,12 +33,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
 from nats.js.api import StreamInfo
 
-from ledgerbus.bus import chain, codec, failpoints, follow, signing, subjects
+from ledgerbus.bus import codec, failpoints, signing, subjects
 from ledgerbus.bus.archive import Archive, ArchiveError, Manifest, RetentionRule
 from ledgerbus.bus.chain import GENESIS, ChainHead
 from ledgerbus.bus.errors import ChainError, UnreadableRecord
 from ledgerbus.bus.events import ArchiveSeal, AuditRecord, Retention, RetentionAction
 from ledgerbus.bus.settings import Settings
+from ledgerbus.router import segments
 from ledgerbus.router.audit import AuditLog
 from ledgerbus.router.policy import PolicyFile
 from ledgerbus.router.state import RouterState
@@ -45,8 +47,9 @@ from ledgerbus.router.state import RouterState
 log = structlog.get_logger(__name__)
 
 KINDS: dict[RetentionAction, str] = {"archived": "audit_archived", "expired": "archive_expired"}
-MAX_SEGMENTS_PER_ROUND = 16
-"""Segments one round writes (and one record names); a backlog takes several rounds."""
+MAX_SEGMENTS_PER_ROUND = 4
+"""Segments one round writes (and one record names): few, so that the purge follows the
+writing closely; a backlog takes several rounds, one right after the other."""
 
 
 def rule_text(rule: RetentionRule, by_size: bool) -> str:
@@ -208,36 +211,17 @@ class Archiver:
         by_size = rule.max_bytes > 0 and info.state.bytes > rule.max_bytes
         for i in range(whole):
             first, last = start + i * n, start + (i + 1) * n - 1
-            records, head, first_at, last_at = await self._read(first, last, head)
-            name, sha256, size = await asyncio.to_thread(archive.write_segment, records)
-            seal = signing.sign(self.key, ArchiveSeal(
-                file=name, first_seq=first, last_seq=last, first_at=first_at, last_at=last_at,
-                prev_hash=records_prev(records, first), last_hash=head.hash, sha256=sha256, bytes=size))
+            # In a child process: reading and compressing on the event loop held routing up.
+            written = await segments.in_child(self.settings, archive, first, last, head)
+            head = ChainHead(written.last_seq, written.last_hash)
+            seal = signing.sign(self.key, ArchiveSeal(**msgspec.structs.asdict(written)))
             manifest.segments.append(seal)
             await asyncio.to_thread(archive.write_manifest, manifest)
             seals.append(seal)
-            log.info("archive_segment_written", file=name, first_seq=first, last_seq=last, bytes=size)
+            log.info("archive_segment_written", file=seal.file, first_seq=first, last_seq=last, bytes=seal.bytes)
         failpoints.reached("router.archive_written")
         return Retention(action="archived", rule=rule_text(rule, by_size), through_seq=seals[-1].last_seq,
                          segments=seals)
-
-    async def _read(self, first: int, last: int, head: ChainHead
-                    ) -> tuple[list[tuple[int, bytes]], ChainHead, datetime, datetime]:
-        """Records ``first..last`` from AUDIT, each checked to extend the chain from ``head``."""
-        out: list[tuple[int, bytes]] = []
-        first_at = last_at = datetime.now(UTC)
-        async for msg in follow.messages(self.js, subjects.AUDIT_STREAM, subjects.AUDIT_ALL, first, idle=5.0):
-            seq = msg.metadata.sequence.stream
-            if seq != head.seq + 1:
-                raise ArchiveError(f"AUDIT gave seq {seq} after {head.seq} while archiving {first}..{last}")
-            record, head = chain.verify_next(seq, msg.data, head)
-            if seq == first:
-                first_at = record.at
-            last_at = record.at
-            out.append((seq, msg.data))
-            if seq == last:
-                return out, head, first_at, last_at
-        raise ArchiveError(f"AUDIT ended at seq {head.seq} while archiving {first}..{last}")
 
     async def _last(self, kind: str) -> Retention | None:
         """The newest record of ``kind`` the live stream holds, if any."""
@@ -274,7 +258,3 @@ class Archiver:
         await asyncio.to_thread(archive.write_manifest, manifest)
         log.info("archive_segments_deleted", segments=[s.file for s in gone])
 
-
-def records_prev(records: list[tuple[int, bytes]], first: int) -> str:
-    """The ``prev_hash`` of the first record: the link into the segment."""
-    return codec.read_record(first, records[0][1]).prev_hash

@@ -271,7 +271,12 @@ async def test_a_router_killed_mid_round_loses_and_doubles_nothing(
     assert {completed[t] for t in task_ids} == {1} and {submissions[t] for t in task_ids} == {1}
     # The segments sealed before the first kill were recorded by the next router, once.
     recorded = [s.file for r in records if r.kind == "audit_archived" for s in r.retention.segments]  # type: ignore[union-attr]
-    assert recorded == [s.file for s in archive.manifest().segments]
+    sealed = archive.manifest().segments
+    # A round the last router's stop cut short may leave sealed segments not yet recorded
+    # (the next leader records them); none of them has left the stream.
+    assert recorded == [s.file for s in sealed][:len(recorded)]
+    live_from = await first_seq(js)
+    assert all(s.first_seq >= live_from for s in sealed[len(recorded):])
     code, out, err = await agentctl(settings, "audit", "verify")
     assert code == 0, out + err
     assert "sealed and intact" in out
