@@ -117,8 +117,9 @@ class Archiver:
         self._job = asyncio.create_task(self._round(rule, limit - 1))
 
     async def stop(self) -> None:
-        """Let a round in flight finish its current step (a file half written is harmless:
-        it has no seal in the manifest and is written again)."""
+        """Cancel a round in flight (the router is stopping or stepping down): a segment half
+        written has no seal in the manifest and is written again; one sealed but not yet
+        recorded is recorded by the next leader's first round."""
         if self._job is not None:
             self._job.cancel()
             await asyncio.gather(self._job, return_exceptions=True)
