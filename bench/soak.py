@@ -503,10 +503,19 @@ class Soak:
         # And one at the end: the state a standby loads after the whole run.
         self.takeover_results.append(await takeover(self.system.log_path, self.leader, self.say))
         self.say(self._line(await self.sample(js)))
+        streams = await asyncio.to_thread(self.streams)
+        self.say("  JetStream store by stream at the end, MiB: "
+                 + ", ".join(f"{name} {size / 2**20:,.1f}" for name, size in streams.items()))
         for sub in subs:
             await sub.unsubscribe()
         return {"feed_s": fed, "feed_messages": fed_messages, "messages_per_s": fed_messages / fed,
-                "tasks_per_s": self.tasks / fed, "problems": c.problems, "takeovers": self.takeover_results}
+                "tasks_per_s": self.tasks / fed, "problems": c.problems, "takeovers": self.takeover_results,
+                "streams_end": streams}
+
+    def streams(self) -> dict[str, int]:
+        """Disk use of each stream's directory in the store, largest first."""
+        sizes = {path.name: du(path)[0] for path in self.store.glob("**/streams/*") if path.is_dir()}
+        return dict(sorted(sizes.items(), key=lambda kv: -kv[1]))
 
     async def takeovers(self, js: JetStreamContext, stop: asyncio.Event) -> None:
         """A standby takeover (:func:`takeover`) once a tenth of the messages are routed: the

@@ -279,6 +279,9 @@ def section(result: dict[str, Any], verdict: dict[str, Any], plot_link: str | No
                   "recovery |", "|---|---|---|---|---|"]
         lines += [f"| {t['head_seq']:,} | {t['from_snapshot'] or 'none'} | {t['tail']:,} | {t['tasks']:,} | "
                   f"{t['seconds']:.2f} s |" for t in result["takeovers"]]
+    if result.get("streams_end"):
+        lines += ["", "The JetStream store by stream at the end, MiB: " + ", ".join(
+            f"{name} {size / MIB:,.1f}" for name, size in result["streams_end"].items()) + "."]
     if plot_link:
         lines += ["", f"![RSS and disk over the messages routed]({plot_link})"]
     packages = ", ".join(f"{k} {v}" for k, v in info["packages"].items())
