@@ -353,10 +353,14 @@ class ArchiveWalk:
 
     async def read(self, head: ChainHead, purged: int, walk: CheckpointWalk, watch: anchor.Watch,
                    on_progress: Progress | None, last: int) -> ChainHead:
-        """Verify the archived records after ``head`` up to ``purged`` into the chain."""
+        """Verify the archived records after ``head`` up to ``purged`` into the chain (a
+        segment still live in the stream, sealed but not yet purged, is read from the
+        stream, which is what holds the record while it is there)."""
         if self.archive is None or self.problem is not None:
             return head
         for seal in self.segments:
+            if seal.last_seq > purged:
+                break
             if seal.first_seq != head.seq + 1 or seal.prev_hash != head.hash:
                 raise ChainError(f"seq {seal.first_seq}: segment {seal.file} does not link to the record before it",
                                  seal.first_seq)
