@@ -97,7 +97,6 @@ class RetentionRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-_SEGMENT = re.compile(r"^audit-(\d{12})-(\d{12})\.jsonl\.gz$")
 
 
 class ArchiveError(BusError):
@@ -260,12 +259,6 @@ def configured(settings: Settings) -> tuple[Archive, RetentionRule]:
 
 def segment_name(first: int, last: int) -> str:
     return f"audit-{first:012d}-{last:012d}.jsonl.gz"
-
-
-def parse_segment_name(name: str) -> tuple[int, int] | None:
-    """``(first, last)`` of a segment file's name, or None for another file."""
-    m = _SEGMENT.match(name)
-    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
