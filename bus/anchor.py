@@ -18,7 +18,6 @@ in the chain, signed by the next checkpoint.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,7 +28,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 
-from ledgerbus.bus import codec, subjects
+from ledgerbus.bus import codec, durable, subjects
 from ledgerbus.bus.chain import ChainHead
 from ledgerbus.bus.errors import ConfigError
 from ledgerbus.bus.events import AuditRecord, Checkpoint
@@ -103,20 +102,8 @@ def write_file(path: Path, anchor: Anchor) -> None:
     and the directory fsynced: after a crash the file holds the old anchor or the new one,
     never half of either.
     """
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(codec.encode(anchor))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        durable.replace(path, codec.encode(anchor), mode=0o600)
     except OSError as exc:
         raise AnchorError(f"cannot write the anchor {path}: {exc.strerror}") from exc
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Annotated
 import msgspec
 
 from ledgerbus.bus.agent_policy import read_table
-from ledgerbus.bus import chain, signing
+from ledgerbus.bus import chain, durable, signing
 from ledgerbus.bus.errors import BusError, ChainError, UnreadableRecord
 from ledgerbus.bus.settings import Settings
 from ledgerbus.bus.events import ArchiveSeal
@@ -67,11 +66,15 @@ class RetentionRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """how often the leader router looks for records due"""
 
     def __post_init__(self) -> None:
-        for name in ("audit_max_age", "archive_max_age", "check_every"):
-            parse_duration(getattr(self, name))
-        parse_size(self.audit_max_bytes)
+        # Each error names its key: msgspec places a __post_init__ error at the table.
+        for name, parse in (("audit_max_age", parse_duration), ("archive_max_age", parse_duration),
+                            ("check_every", parse_duration), ("audit_max_bytes", parse_size)):
+            try:
+                parse(getattr(self, name))
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
         if parse_duration(self.check_every) <= 0:
-            raise ValueError("check_every must be more than 0")
+            raise ValueError("check_every: must be more than 0")
 
     @property
     def max_age_s(self) -> float:
@@ -173,7 +176,7 @@ class Archive:
 
     def write_manifest(self, manifest: Manifest) -> None:
         """Replace the manifest atomically (a temporary file, fsynced, renamed)."""
-        _write_atomic(self.manifest_path, msgspec.json.format(msgspec.json.encode(manifest)))
+        durable.replace(self.manifest_path, msgspec.json.format(msgspec.json.encode(manifest)))
 
     def segment_path(self, seal: ArchiveSeal) -> Path:
         return self.path / seal.file
@@ -184,7 +187,7 @@ class Archive:
         first, last = records[0][0], records[-1][0]
         name = segment_name(first, last)
         body = gzip.compress(b"\n".join(data for _, data in records) + b"\n", compresslevel=6, mtime=0)
-        _write_atomic(self.path / name, body)
+        durable.replace(self.path / name, body)
         return name, hashlib.sha256(body).hexdigest(), len(body)
 
     def read_segment(self, seal: ArchiveSeal) -> list[tuple[int, bytes]]:
@@ -260,17 +263,3 @@ def configured(settings: Settings) -> tuple[Archive, RetentionRule]:
 def segment_name(first: int, last: int) -> str:
     return f"audit-{first:012d}-{last:012d}.jsonl.gz"
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -25,7 +25,6 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import msgspec
 import nats.errors
 import nats.js.errors
 import structlog
@@ -213,9 +212,8 @@ class Archiver:
         for i in range(whole):
             first, last = start + i * n, start + (i + 1) * n - 1
             # In a child process: reading and compressing on the event loop held routing up.
-            written = await segments.in_child(self.settings, archive, first, last, head)
-            head = ChainHead(written.last_seq, written.last_hash)
-            seal = signing.sign(self.key, ArchiveSeal(**msgspec.structs.asdict(written)))
+            seal = signing.sign(self.key, await segments.in_child(self.settings, archive, first, last, head))
+            head = ChainHead(seal.last_seq, seal.last_hash)
             manifest.segments.append(seal)
             await asyncio.to_thread(archive.write_manifest, manifest)
             seals.append(seal)

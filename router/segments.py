@@ -5,7 +5,7 @@ work; done on the router's event loop it competed with routing and, under a stea
 archived more slowly than records arrived (measured in the soak: 8 to 15 s a segment while
 the router routed 1,200 messages a second, so AUDIT outgrew its bound). The child does it
 on another core with its own connection, as the router, and tells the parent what it wrote;
-the parent seals it (the key never leaves the router) and records it.
+the parent signs its seal (the key never leaves the router) and records it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import msgspec
@@ -23,24 +22,19 @@ from ledgerbus.bus.archive import Archive, ArchiveError
 from ledgerbus.bus.chain import ChainHead
 from ledgerbus.bus.connection import connect
 from ledgerbus.bus.errors import ChainError, UnreadableRecord
+from ledgerbus.bus.events import ArchiveSeal
 from ledgerbus.bus.settings import Settings
 
 
-class Written(msgspec.Struct, kw_only=True):
-    """What the child wrote: everything of a seal but the signature."""
+class Outcome(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The child's answer, one JSON line on its stdout: the segment's seal, not yet signed
+    (the key never leaves the router), or why it could not write it."""
 
-    file: str
-    first_seq: int
-    last_seq: int
-    first_at: datetime
-    last_at: datetime
-    prev_hash: str
-    last_hash: str
-    sha256: str
-    bytes: int
+    seal: ArchiveSeal | None = None
+    error: str = ""
 
 
-async def write(js: object, archive: Archive, first: int, last: int, head: ChainHead) -> Written:
+async def write(js: object, archive: Archive, first: int, last: int, head: ChainHead) -> ArchiveSeal:
     """Read records ``first..last`` from AUDIT, each checked to extend the chain from
     ``head``, and write them as one segment of ``archive``."""
     records: list[tuple[int, bytes]] = []
@@ -59,8 +53,8 @@ async def write(js: object, archive: Archive, first: int, last: int, head: Chain
     if head.seq != last or first_at is None or last_at is None:
         raise ArchiveError(f"AUDIT ended at seq {head.seq} while archiving {first}..{last}")
     name, sha256, size = await asyncio.to_thread(archive.write_segment, records)
-    return Written(file=name, first_seq=first, last_seq=last, first_at=first_at, last_at=last_at,
-                   prev_hash=prev_hash, last_hash=head.hash, sha256=sha256, bytes=size)
+    return ArchiveSeal(file=name, first_seq=first, last_seq=last, first_at=first_at, last_at=last_at,
+                       prev_hash=prev_hash, last_hash=head.hash, sha256=sha256, bytes=size)
 
 
 def child_env(settings: Settings) -> dict[str, str]:
@@ -75,7 +69,7 @@ def child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-async def in_child(settings: Settings, archive: Archive, first: int, last: int, head: ChainHead) -> Written:
+async def in_child(settings: Settings, archive: Archive, first: int, last: int, head: ChainHead) -> ArchiveSeal:
     """:func:`write`, run by a child process; :class:`ArchiveError` with its error if it fails."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "ledgerbus.router.segments", str(archive.path), str(first), str(last),
@@ -87,27 +81,30 @@ async def in_child(settings: Settings, archive: Archive, first: int, last: int, 
         proc.kill()
         await proc.wait()
         raise
-    if proc.returncode != 0:
+    lines = out.strip().rsplit(b"\n", 1)  # the last line: anything logged before it is not the answer
+    try:
+        outcome = msgspec.json.decode(lines[-1], type=Outcome)
+    except msgspec.DecodeError:
         said = err.decode(errors="replace").strip().splitlines()
         raise ArchiveError(f"the segment writer for {first}..{last} failed (exit {proc.returncode}): "
-                           f"{said[-1] if said else 'no message'}")
-    # The last line: anything logged to stdout before it is not the answer.
-    return msgspec.json.decode(out.strip().rsplit(b"\n", 1)[-1], type=Written)
+                           f"{said[-1] if said else 'no message'}") from None
+    if outcome.seal is None:
+        raise ArchiveError(outcome.error or f"the segment writer for {first}..{last} gave no seal")
+    return outcome.seal
 
 
 async def _main(directory: str, first: int, last: int, head_seq: int, head_hash: str) -> int:
     settings = Settings.from_env()
     nc = await connect(settings, "router")
     try:
-        written = await write(nc.jetstream(timeout=30), Archive(Path(directory)), first, last,
-                              ChainHead(head_seq, head_hash))
+        outcome = Outcome(seal=await write(nc.jetstream(timeout=30), Archive(Path(directory)), first, last,
+                                           ChainHead(head_seq, head_hash)))
     except (ArchiveError, ChainError, UnreadableRecord) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        outcome = Outcome(error=str(exc))
     finally:
         await nc.close()
-    sys.stdout.buffer.write(b"\n" + msgspec.json.encode(written) + b"\n")
-    return 0
+    sys.stdout.buffer.write(b"\n" + msgspec.json.encode(outcome) + b"\n")
+    return 0 if outcome.seal is not None else 1
 
 
 if __name__ == "__main__":

@@ -152,3 +152,16 @@ def test_every_secret_shape_is_redacted(secret: str) -> None:
 
     text, found = redact(codec.encode({"note": f"before {secret} after"}).decode())
     assert found and secret not in text and "before [REDACTED:" in text
+
+
+def test_a_retention_value_that_does_not_parse_is_refused_naming_its_key(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text('[retention]\naudit_max_age = "7 days"\n')
+    with pytest.raises(ConfigError, match=r"audit_max_age: '7 days' is not a duration.*retention"):
+        load(path)
+    path.write_text('[retention]\naudit_max_bytes = "10 gigs"\n')
+    with pytest.raises(ConfigError, match=r"audit_max_bytes: '10 gigs' is not a size.*retention"):
+        load(path)
+    path.write_text('[retention]\naudit_max_age = "12h"\naudit_max_bytes = "512MiB"\n')
+    rule = load(path).retention
+    assert (rule.max_age_s, rule.max_bytes, rule.enabled) == (43200.0, 512 * 2**20, True)

@@ -33,10 +33,11 @@ Connect = Callable[[str], Awaitable[Client]]
 SEGMENT = 25
 
 
-def retention_policy(archive: Path, max_age: str = "1s", archive_max_age: str = "0") -> str:
+def retention_policy(archive: Path, max_age: str = "1s", archive_max_age: str = "0", max_bytes: str = "0") -> str:
     return f"""
 [retention]
 audit_max_age = "{max_age}"
+audit_max_bytes = "{max_bytes}"
 segment_records = {SEGMENT}
 archive_dir = "{archive}"
 archive_max_age = "{archive_max_age}"
@@ -215,8 +216,9 @@ async def _segments(archive: Archive, n: int) -> bool:
 async def test_expired_segments_are_recorded_then_deleted_and_the_chain_still_verifies(
     connect_as: Connect, admin: Client, settings: Settings, tmp_path: Path
 ) -> None:
+    # By size this time (no age limit): past 8 KB, the oldest records leave.
     archive = Archive(tmp_path / "archive")
-    settings.policy_path.write_text(retention_policy(archive.path, archive_max_age="2s"))
+    settings.policy_path.write_text(retention_policy(archive.path, max_age="0", archive_max_age="2s", max_bytes="8KB"))
     tuned = settings.replace(snapshot_every=20, checkpoint_every=20)
     rr = RunningRouter(await connect_as("router"), tuned)
     await rr.start()
@@ -230,6 +232,8 @@ async def test_expired_segments_are_recorded_then_deleted_and_the_chain_still_ve
     await rr.stop()
     manifest = archive.manifest()
     assert all(not (archive.path / s.file).exists() for s in manifest.expired)
+    cuts = [r for r in await audit_records(js) if r.kind == "audit_archived"]  # the newest is always live
+    assert cuts and all(r.reason.startswith("audit_max_bytes 8KB") for r in cuts)
     expiries = [r for r in await audit_records(js) if r.kind == "archive_expired"]
     named = {s.file for r in expiries for s in r.retention.segments}  # type: ignore[union-attr]
     assert {s.file for s in manifest.expired} <= named
