@@ -144,8 +144,17 @@ def tasks_show(app: App, task_id: str, db_path: Path | None, as_json: bool) -> N
         tree.add(f"output: {json.dumps(task['output'])}")
     if task.get("error") and task["status"] != Status.REJECTED:
         tree.add(f"[red]error: {task['error']}[/]")
+    if origin := task.get("forked_from"):
+        how = "live after it" if origin["live"] else "replayed"
+        tree.add(f"[magenta]forked from {origin['source_task_id']} at seq {origin['at_seq']}[/] by "
+                 f"{origin['forked_by']} (LLM calls {how}, recording {origin['recording'][:12]})")
     if task.get("children"):
         _subtree(tree.add("[bold]subtasks[/]"), task["children"])
+    if task.get("forks"):
+        branches = tree.add("[bold magenta]forks[/]")
+        for f in task["forks"]:
+            branches.add(f"[magenta]⑂ {f['task_id']}[/] from seq {f['at_seq']}, by {f['forked_by']} at "
+                         f"{f['forked_at'][:19]} ({len(json.loads(f['kept']))} kept)")
     if history:
         log = tree.add("audit log")
         for h in history:

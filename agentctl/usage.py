@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ledgerbus.agentctl.common import App, out, run
+from ledgerbus.agentctl.common import App, err, out, run
 from ledgerbus.agentctl.complete import task_ids
 from ledgerbus.agentctl.reads import ask, db_option, id_column, json_option
 
@@ -22,7 +22,8 @@ from ledgerbus.agentctl.reads import ask, db_option, id_column, json_option
 @click.pass_obj
 def usage(app: App, task_id: str | None, calls: bool, agent: str | None, limit: int, db_path: Path | None,
           as_json: bool) -> None:
-    """Show LLM usage: calls, failures, tokens, cost and latency per provider and model."""
+    """Show LLM usage: calls, failures, tokens, cost and latency per provider and model;
+    with --calls, each call, with the hash of its recording (`agentctl llm show CALL`)."""
     if calls:
         rows = run(lambda: ask(app, "usage", "list", {"task_id": task_id, "agent": agent, "limit": limit}, db_path))
         if as_json:
@@ -32,11 +33,15 @@ def usage(app: App, task_id: str | None, calls: bool, agent: str | None, limit: 
         id_column(table, "task", rows)
         for name in ("agent", "provider", "model", "in", "out", "cost $", "latency", "outcome"):
             table.add_column(name)
+        table.add_column("call", no_wrap=True)
         for r in rows:
-            outcome = r["outcome"] if r["outcome"] == "ok" else f"[red]{r['outcome']}[/]"
+            outcome = r["outcome"] if r["outcome"] in ("ok", "replayed") else f"[red]{r['outcome']}[/]"
             table.add_row(r["at"][:19], r["task_id"], r["agent"], r["provider"], r["model"], str(r["tokens_in"]),
-                          str(r["tokens_out"]), f"{r['cost_usd']:.4f}", f"{r['latency_s']:.2f}s", outcome)
+                          str(r["tokens_out"]), f"{r['cost_usd']:.4f}", f"{r['latency_s']:.2f}s", outcome,
+                          r["call"][:12])
         out.print(table if rows else "[dim]no LLM calls[/]")
+        if any(r["call"] for r in rows):
+            err.print("[dim]agentctl llm show CALL: a call's request and answer[/]")
         return
     rows = run(lambda: ask(app, "usage", "summary", {"task_id": task_id}, db_path))
     if as_json:

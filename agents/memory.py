@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nats.aio.client import Client
 
@@ -20,18 +20,24 @@ from ledgerbus.bus import query
 from ledgerbus.bus.errors import NotFound
 from ledgerbus.bus.events import (
     DEFAULT_TASK_TIMEOUT_S,
+    PLAN_SKILL,
     CheckpointRestored,
     CheckpointSaved,
     Event,
+    Kept,
     MemoryWiped,
     MemoryWritten,
     PlanStep,
     PlanSubmitted,
+    Replay,
     SharedWritten,
     TaskSubmitted,
     new_id,
 )
 from ledgerbus.bus.lifecycle import TERMINAL
+
+if TYPE_CHECKING:
+    from ledgerbus.agents.llm.replay import Recording
 
 Send = Callable[[Event], Awaitable[None]]
 
@@ -165,16 +171,39 @@ class Shared:
 class Tasks:
     """``ctx.tasks``: hand work to other agents, and look at tasks."""
 
-    def __init__(self, writer: Writer, parent_task_id: str) -> None:
+    def __init__(self, writer: Writer, parent_task_id: str, *, path: str = "", replay: Replay | None = None,
+                 recording: Callable[[], Awaitable[Recording | None]] | None = None) -> None:
         self._w = writer
         self._parent = parent_task_id
+        self._path = path
+        self._replay = replay
+        self._recording = recording
+        self._submitted: dict[str, int] = {}
+
+    def _place(self, skill: str) -> str:
+        """The path the next subtask of ``skill`` gets (as ``router/dispatch.py:path_of`` names it)."""
+        n = self._submitted[skill] = self._submitted.get(skill, 0) + 1
+        return f"{self._path}/{skill}.{n}"
+
+    async def _kept(self, path: str) -> Kept | None:
+        """In a fork: the source run's task at ``path``, if it had completed by the fork point."""
+        if self._replay is None or self._recording is None or (recording := await self._recording()) is None:
+            return None
+        return recording.kept.get(path)
 
     async def submit(self, skill: str, input: dict[str, Any] | None = None,
                      timeout_s: float = DEFAULT_TASK_TIMEOUT_S, task_id: str | None = None,
                      handoff: bool = False) -> str:
-        """Submit a subtask of the running task; returns its id once the router accepted it."""
+        """Submit a subtask of the running task; returns its id once the router accepted it.
+
+        In a fork (docs/replay.md), a subtask the source run had completed by the fork point
+        is not run again: its id in the source run is returned, whose output
+        :meth:`wait` gives."""
+        place = self._place(skill)
+        if task_id is None and (kept := await self._kept(place)) is not None:
+            return kept.source_task_id
         event = TaskSubmitted(id=new_id(), task_id=task_id or new_id(), skill=skill, input=input or {},
-                              timeout_s=timeout_s, parent_task_id=self._parent, handoff=handoff)
+                              timeout_s=timeout_s, parent_task_id=self._parent, handoff=handoff, replay=self._replay)
         await self._w.write(event, True)
         return event.task_id
 
@@ -182,9 +211,13 @@ class Tasks:
         """Submit a plan as a subtask of the running task; returns its id once accepted.
 
         The router checks it as it checks any plan (a rejection raises :class:`WriteRejected`
-        with the router's reason, e.g. ``bad_plan: dependency cycle: a -> b -> a``)."""
+        with the router's reason, e.g. ``bad_plan: dependency cycle: a -> b -> a``). In a
+        fork, the steps the source run had completed by the fork point are kept, with
+        their outputs, and not run again."""
+        place = self._place(PLAN_SKILL)
+        kept = {step.id: k for step in steps if (k := await self._kept(f"{place}/{step.id}")) is not None}
         event = PlanSubmitted(id=new_id(), task_id=task_id or new_id(), steps=steps, name=name[:128],
-                              parent_task_id=self._parent)
+                              parent_task_id=self._parent, replay=self._replay, kept=kept)
         await self._w.write(event, True)
         return event.task_id
 

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from ledgerbus.agents.llm.base import Usage
     from ledgerbus.agents.llm.router import LLMRouter
 
+from ledgerbus.agents.llm import calls
+from ledgerbus.agents.llm.replay import Recording
+from ledgerbus.agents.llm.router import CallSite
+
 from ledgerbus.agents import profiles, workspace
 from ledgerbus.agents.claim import AttemptClaim
 from ledgerbus.agents.errors import SkillError
@@ -68,6 +72,8 @@ _REPORT_TRIES = 5
 
 ASSIGNED = ""
 """The intake's name for the work assigned to this agent (any of its skills)."""
+RECORDINGS_KEPT = 8
+"""How many recordings (of forks under way) an agent keeps loaded."""
 
 
 class Agent:
@@ -110,11 +116,26 @@ class Agent:
         """the profile's instructions, handed to skills as ``ctx.instructions``"""
         self.hooks = hooks or Hooks()
         self.llm = llm
+        self._recordings: dict[str, asyncio.Future[Recording]] = {}
+        """Recordings that forked tasks replay (by hash), loaded once each (the newest few kept)."""
         self._claims: dict[str, asyncio.Future[Notice]] = {}
         self._running: dict[str, asyncio.Task[Any]] = {}
         self._loads: dict[str, int] = {}
         self.log = log.bind(agent=name, instance=self.instance)
         self.intake = Intake(concurrency, len(skills) + 1, self._handle, self._keep_alive, self.log)
+
+    async def _store_call(self, body: bytes) -> str:
+        """Store a recorded LLM call in LLMCALLS; its hash (``TaskUsage.call``)."""
+        return await calls.store(self.js, body)
+
+    async def _recording(self, name: str) -> Recording:
+        """The recording ``name`` (a fork's), read from LLMCALLS once and shared by its tasks."""
+        loading = self._recordings.get(name)
+        if loading is None or (loading.done() and loading.exception() is not None):
+            loading = self._recordings[name] = asyncio.ensure_future(Recording.from_store(self.js, name))
+            while len(self._recordings) > RECORDINGS_KEPT:
+                self._recordings.pop(next(iter(self._recordings)))
+        return await asyncio.shield(loading)
 
     @property
     def load(self) -> int:
@@ -310,18 +331,25 @@ class Agent:
                           cost_usd=None if left.cost_usd is None else left.cost_usd - spent[1]), item.budget_owner
 
         async def usage(tokens_in: int, tokens_out: int, cost_usd: float, provider: str, model: str,
-                        latency_s: float = 0.0, outcome: str = "ok") -> None:
+                        latency_s: float = 0.0, outcome: str = "ok", call: str = "") -> None:
             spent[0] += tokens_in + tokens_out
             spent[1] += cost_usd
             await report(TaskUsage(id=new_id(), task_id=item.task_id, attempt=attempt, tokens_in=tokens_in,
                                         tokens_out=tokens_out, cost_usd=cost_usd, provider=provider[:64],
-                                        model=model[:128], latency_s=max(latency_s, 0.0), outcome=outcome[:32]))
+                                        model=model[:128], latency_s=max(latency_s, 0.0), outcome=outcome[:32],
+                                        call=call))
 
         async def llm_usage(u: Usage) -> None:
-            await usage(u.tokens_in, u.tokens_out, u.cost_usd, u.provider, u.model, u.latency_s, u.outcome)
+            await usage(u.tokens_in, u.tokens_out, u.cost_usd, u.provider, u.model, u.latency_s, u.outcome, u.call)
 
         writer = Writer(self.nc, report)
-        tasks = Tasks(writer, item.task_id)
+        replay = item.replay
+        recording = (lambda: self._recording(replay.recording)) if replay is not None else None
+        tasks = Tasks(writer, item.task_id, path=item.path, replay=replay, recording=recording)
+        site = CallSite(task_id=item.task_id, attempt=attempt, path=item.path, agent=self.name, store=self._store_call,
+                        max_bytes=self.settings.llm_record_max_bytes, replay=recording,
+                        match=replay.match if replay is not None else "lenient",
+                        live=replay.live if replay is not None else False)
 
         async def handoff(role: str, context: dict[str, Any]) -> str:
             if self.profile:
@@ -368,7 +396,7 @@ class Agent:
             workspace=place or workspace.NONE,
             role=self.profile,
             instructions=self.instructions,
-            llm=(self.llm.bind(skill_name, role=self.profile, usage=llm_usage, budget=budget_left)
+            llm=(self.llm.bind(skill_name, role=self.profile, usage=llm_usage, budget=budget_left, site=site)
                  if self.llm is not None else None),
             tracer=tracer,
         )

@@ -93,6 +93,33 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 NO_RETRY = RetryPolicy()
 
 
+CallHash = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$", description="a sha256, 64 hex digits")]
+
+
+class Replay(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Answer the LLM calls of a task, and of every task under it, from a recording
+    (``agents/llm/replay.py``; docs/replay.md): ``agentctl fork`` sets it on the tree it
+    starts, and agents pass it on to the subtasks and plans their skills submit."""
+
+    recording: CallHash
+    """The recording (a list of recorded calls, stored in LLMCALLS under this hash)."""
+    match: Literal["strict", "lenient"] = "lenient"
+    """``strict``: a call is answered by a recorded call with the same request hash;
+    ``lenient``: else by the recorded call with the same number in the task at the same
+    place of its tree (for prompts that embed ids)."""
+    live: bool = False
+    """A call the recording has no answer for goes to the model (``--live``) instead of
+    failing."""
+
+
+class Kept(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A plan step a fork does not run again: it completed, with ``output``, as task
+    ``source_task_id`` of the run the fork comes from."""
+
+    source_task_id: Id
+    output: Any = None
+
+
 class TaskSubmitted(Event, tag="task_submitted", frozen=True):
     """A principal asks for ``skill`` to be run on ``input``."""
 
@@ -107,6 +134,8 @@ class TaskSubmitted(Event, tag="task_submitted", frozen=True):
     handoff: bool = False
     """The parent handed its work over to this task (``ctx.handoff``) rather than delegating
     a part of it (``ctx.delegate``)."""
+    replay: Replay | None = None
+    """Its LLM calls (and its subtasks') are answered from a recording (a fork's, or a re-run's)."""
 
 
 class PlanStep(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -145,6 +174,11 @@ class PlanSubmitted(Event, tag="plan_submitted", frozen=True):
     is its subtask, bounded by ``[delegation]`` and cancelled with it."""
     budget: Budget | None = None
     """The most the plan may spend, every step and everything under them together."""
+    replay: Replay | None = None
+    """Its steps' LLM calls (and their subtasks') are answered from a recording."""
+    kept: dict[StepId, Kept] = msgspec.field(default_factory=dict)
+    """Steps that completed in the run this plan is a fork of: they are not run again, and
+    count as completed with their output (only with ``replay``: a fork's plan)."""
 
 
 PLAN_SKILL = "plan"
@@ -234,7 +268,10 @@ class TaskUsage(Event, tag="task_usage", frozen=True):
     latency_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     """How long the call took (failed calls are reported too, with no tokens)."""
     outcome: Annotated[str, msgspec.Meta(max_length=32)] = "ok"
-    """``ok``, or what ended the call: ``rate_limited``, ``timeout``, ``server``, ``malformed``, ``refused``..."""
+    """``ok``, or what ended the call: ``rate_limited``, ``timeout``, ``server``, ``malformed``, ``refused``...;
+    ``replayed``: answered from a recording (``call`` names it; no tokens were spent)."""
+    call: Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{64})?$")] = ""
+    """The recorded call (request and answer, in LLMCALLS under this sha256): ``agentctl llm show``."""
 
 
 class TaskApproved(Event, tag="task_approved", frozen=True):
@@ -306,16 +343,30 @@ class MemoryWiped(Event, tag="memory_wiped", frozen=True):
     reason: Text = ""
 
 
+class MemoryImage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An agent's memory as a checkpoint holds it, given whole (a fork's: the memory as it
+    was at the fork point, read from the log)."""
+
+    role: Any = None
+    knowledge: dict[Key, dict[str, Any]] = msgspec.field(default_factory=dict)
+    """key → ``{"value": ..., "core": bool}``"""
+    observation: list[Any] = msgspec.field(default_factory=list)
+    reasoning: list[Any] = msgspec.field(default_factory=list)
+
+
 class CheckpointSaved(Event, tag="checkpoint_saved", frozen=True):
     """Name the agent's memory as it is at this point of the log, to restore later.
 
-    ``state`` is an optional, bounded blob of the agent's own (opaque to the bus).
+    ``state`` is an optional, bounded blob of the agent's own (opaque to the bus). With
+    ``memory`` (operators only) the checkpoint holds that memory instead of the agent's
+    current one: ``agentctl fork`` saves the memory as it was at the fork point this way.
     """
 
     agent: Id
     checkpoint_id: Id
     label: Label = ""
     state: Any = None
+    memory: MemoryImage | None = None
 
 
 class CheckpointRestored(Event, tag="checkpoint_restored", frozen=True):
@@ -323,6 +374,24 @@ class CheckpointRestored(Event, tag="checkpoint_restored", frozen=True):
 
     agent: Id
     checkpoint_id: Id
+
+
+class RunForked(Event, tag="run_forked", frozen=True):
+    """An operator starts a new run of task ``source_task_id``'s tree as it stood at log
+    position ``at_seq`` (``agentctl fork``): the new root is ``task_id``, submitted next;
+    the steps finished by ``at_seq`` keep their outputs, the others run again, their LLM
+    calls answered from ``recording`` (``live``: those it has no answer for go to the model).
+    The original run is not touched."""
+
+    task_id: Id
+    source_task_id: Id
+    at_seq: Annotated[int, msgspec.Meta(ge=1)]
+    recording: CallHash
+    live: bool = False
+    kept: Annotated[list[Id], msgspec.Meta(max_length=1000)] = msgspec.field(default_factory=list)
+    """The source tree's tasks whose outputs the fork keeps."""
+    restored: Annotated[list[Id], msgspec.Meta(max_length=256)] = msgspec.field(default_factory=list)
+    """The agents whose memory the fork restored to ``at_seq`` (a checkpoint each)."""
 
 
 class SharedWritten(Event, tag="shared_written", frozen=True):
@@ -428,7 +497,7 @@ AnyEvent = (
     | TaskUsage | TaskApproved | TaskDenied
     | TaskDispatched | TaskRetryScheduled | TaskDeadLettered | SkillUnmatched | Handoff | ProposalApproved
     | AgentJoined | AgentLeft
-    | MemoryWritten | MemoryWiped | CheckpointSaved | CheckpointRestored | SharedWritten
+    | MemoryWritten | MemoryWiped | CheckpointSaved | CheckpointRestored | SharedWritten | RunForked
 )
 """Every event the log may hold: what principals send, and the router's own decisions."""
 
@@ -453,7 +522,7 @@ def kind_of(event_type: type[Event]) -> str:
 
 EVENT_KINDS: dict[str, type[Event]] = {
     kind_of(t): t
-    for t in (*TASK_EVENTS, *AGENT_EVENTS, *MEMORY_EVENTS, SharedWritten, ProposalApproved)
+    for t in (*TASK_EVENTS, *AGENT_EVENTS, *MEMORY_EVENTS, SharedWritten, ProposalApproved, RunForked)
 }
 
 Verdict = Literal["accepted", "rejected"]
@@ -609,3 +678,8 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
     dispatched, the tightest of them: an LLM call that would cross it is not made."""
     budget_owner: str = ""
     """The task whose budget ``budget_left`` is."""
+    path: str = ""
+    """The task's place in its tree, from the root (``plan/design``, ``reason/echo.2``):
+    the same in a re-run or a fork of the tree, so recorded LLM calls can be matched to it."""
+    replay: Replay | None = None
+    """Answer its LLM calls from this recording (see :class:`Replay`)."""

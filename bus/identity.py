@@ -18,6 +18,8 @@ its NATS user has the same name. What each may do is generated here, per kind:
   one AUDIT record by its sequence, to check a snapshot's tie to the log;
 - everyone publishes the spans it records on ``traces.*.<principal>``, and only there, so
   a span's publisher is known; ``cli-<name>`` reads TRACES (``agentctl trace``);
+- agents and ``cli-<name>`` store recorded LLM calls on ``llmcalls.<sha256 of the body>``
+  (first write wins) and read them by that name;
 - likewise everyone publishes its metrics snapshots on ``metrics.<principal>.*`` only;
   ``cli-<name>`` reads METRICS, and the size of every stream and of WORK's consumers (the
   gateway's ``/metrics``), never their messages.
@@ -120,6 +122,13 @@ AGENT_QUERIES = (
 )
 
 
+_RECORDINGS = (subjects.LLMCALLS_ALL, subjects.js_direct_get(subjects.LLMCALLS_STREAM, subjects.LLMCALLS_ALL))
+"""Recorded LLM calls (``agents/llm/calls.py``): stored by content hash, and read by it
+(replay, ``agentctl llm show``). Agents store their calls; ``cli-<name>`` stores the
+recordings ``agentctl fork`` makes. A call's body must hash to its name, so whoever stores
+one cannot pass off another's."""
+
+
 def _follows(stream: str) -> list[str]:
     """What reading ``stream`` through an ordered consumer takes: creating the consumer,
     by the old API and the named one."""
@@ -144,7 +153,7 @@ def permissions(ident: Identity) -> dict[str, Any]:
         sub = [inbox]
     elif ident.kind == "router":
         streams = (subjects.INGRESS_STREAM, subjects.AUDIT_STREAM, subjects.WORK_STREAM, subjects.DEADLETTER_STREAM,
-                   subjects.TRACES_STREAM, subjects.METRICS_STREAM, _KV_AGENTS, _KV_ROUTER, _KV_CHAIN, _OBJ_SNAPSHOTS,
+                   subjects.TRACES_STREAM, subjects.METRICS_STREAM, subjects.LLMCALLS_STREAM, _KV_AGENTS, _KV_ROUTER, _KV_CHAIN, _OBJ_SNAPSHOTS,
                    _OBJ_PROJECTIONS)
         pub = [subjects.AUDIT_ALL, subjects.WORK_ALL, subjects.ASSIGN_ALL, subjects.NOTIFY_ALL, subjects.JS_API_INFO,
                subjects.js_stream_info(_ANY), subjects.JS_FC_ALL,
@@ -194,12 +203,14 @@ def permissions(ident: Identity) -> dict[str, Any]:
                # agentctl replay starts from a projection snapshot (read only), checked
                # against the AUDIT record at its position.
                subjects.js_stream_msg_get(subjects.AUDIT_STREAM), subjects.js_stream_info(_OBJ_PROJECTIONS),
-               subjects.js_stream_msg_get(_OBJ_PROJECTIONS), subjects.JS_STREAM_NAMES, *_follows(_OBJ_PROJECTIONS)]
+               subjects.js_stream_msg_get(_OBJ_PROJECTIONS), subjects.JS_STREAM_NAMES, *_follows(_OBJ_PROJECTIONS),
+               *_RECORDINGS]
         sub = [inbox]
     else:
         pub = [subjects.ingress_all(ident.principal),
                subjects.kv_subject(subjects.AGENTS_BUCKET, subjects.heartbeat_keys(ident.name)), subjects.JS_API_INFO,
-               subjects.js_stream_info(subjects.WORK_STREAM), subjects.js_stream_info(_KV_AGENTS), *AGENT_QUERIES]
+               subjects.js_stream_info(subjects.WORK_STREAM), subjects.js_stream_info(_KV_AGENTS), *AGENT_QUERIES,
+               *_RECORDINGS]
         # A WORK consumer is created only through the API subject that names its filter (the
         # server checks it against the configuration), so each consumer reads only its queue:
         # the skills' shared queues, and the work assigned to this agent, which no other

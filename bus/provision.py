@@ -39,7 +39,7 @@ log = structlog.get_logger(__name__)
 
 
 def stream_configs(settings: Settings) -> list[StreamConfig]:
-    """The INGRESS, AUDIT, WORK, DEADLETTERS, TRACES and METRICS stream configurations,
+    """The INGRESS, AUDIT, WORK, DEADLETTERS, TRACES, METRICS and LLMCALLS stream configurations,
     each with ``stream_replicas`` copies."""
     return [
         StreamConfig(
@@ -112,8 +112,29 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             allow_direct=True,
             description="the latest metrics snapshot of each process (Prometheus text) for the gateway's /metrics",
         ),
+        StreamConfig(
+            name=subjects.LLMCALLS_STREAM,
+            subjects=[subjects.LLMCALLS_ALL],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=settings.stream_replicas,
+            # Content-addressed (the subject's token is the sha256 of the body): the first
+            # write of a call stays, a second one under its name is refused.
+            discard=DiscardPolicy.NEW,
+            discard_new_per_subject=True,
+            max_msgs_per_subject=1,
+            max_msgs=LLMCALLS_MAX_MSGS,
+            max_age=settings.llm_calls_max_age_s,
+            max_msg_size=settings.llm_record_max_bytes + 4096,
+            duplicate_window=settings.duplicate_window_s,
+            allow_direct=True,
+            description="recorded LLM calls (request and answer) by content hash, named by task_usage records",
+        ),
     ]
 
+
+LLMCALLS_MAX_MSGS = 10_000_000
+"""A bound JetStream asks of a per-subject discard policy; the age is what limits LLMCALLS."""
 
 METRICS_MAX_AGE_S = 3600.0
 """How long a process's last snapshot stays in METRICS: the gateway stops showing it much

@@ -65,6 +65,13 @@ class Settings:
     projection_snapshot_keep: int = 3
     """How many projection snapshots are kept, the newest and the ones before it."""
     max_message_bytes: int = 256 * 1024
+    llm_record_max_bytes: int = 1024 * 1024
+    """The largest recorded LLM call (request and answer, ``agents/llm/calls.py``): a bigger
+    one keeps its request hash but drops the request's text, then the answer's, and says so."""
+    llm_calls_max_age_s: float = 97 * 86400.0
+    """How long recorded LLM calls are kept (the LLMCALLS stream's max age): as long as the
+    log's records that name them, by default ``audit_max_age`` + ``archive_max_age`` (7 + 90
+    days); the leader router sets it from ``[retention]`` in the policy."""
     duplicate_window_s: float = 120.0
     dedup_horizon_s: float = 24 * 3600.0
     dedup_max_ids: int = 200_000

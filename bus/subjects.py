@@ -33,6 +33,7 @@ WORK_STREAM: Final = "WORK"
 DEADLETTER_STREAM: Final = "DEADLETTERS"
 TRACES_STREAM: Final = "TRACES"
 METRICS_STREAM: Final = "METRICS"
+LLMCALLS_STREAM: Final = "LLMCALLS"
 DEADLETTER_ALL: Final = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.WORK.*"
 """JetStream's advisories for WORK messages delivered MaxDeliver times without an ack."""
 DEADLETTER_CONSUMER: Final = "router-deadletters"
@@ -56,6 +57,7 @@ WORK_ALL: Final = "work.>"
 ASSIGN_ALL: Final = "assign.>"
 TRACES_ALL: Final = "traces.>"
 METRICS_ALL: Final = "metrics.>"
+LLMCALLS_ALL: Final = "llmcalls.*"
 
 ROUTER_CONSUMER: Final = "router"
 PROJECTOR_QUEUE: Final = "projector"
@@ -273,6 +275,11 @@ def obj_chunks(bucket: str) -> str:
 def obj_meta(bucket: str, name: str) -> str:
     """The subject that holds the entry (name, size, digest, chunks' id) of object ``name``."""
     return f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+
+
+def llm_call(call: str) -> str:
+    """Where a recorded LLM call is stored: its content hash is the subject's last token."""
+    return f"llmcalls.{token(call, 'call')}"
 
 
 def heartbeat_key(agent: str, suffix: str) -> str:

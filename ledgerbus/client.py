@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import msgspec
 import nats.errors
@@ -40,6 +40,10 @@ from ledgerbus.bus.identity import cli_name
 from ledgerbus.bus.lifecycle import Status
 from ledgerbus.bus.plan_view import PlanView, read_plan
 from ledgerbus.bus.settings import Settings
+
+if TYPE_CHECKING:
+    from ledgerbus.agents.llm.calls import CallRecord
+    from ledgerbus.projections.fork import ForkPlan
 
 __all__ = [
     "Bus", "Outcome", "Page", "Refused", "TaskCancelled", "TaskDenied", "TaskError", "TaskFailed", "TaskHandle",
@@ -423,6 +427,41 @@ class Bus:
         """Refuse a task held for approval: it never runs."""
         task_id = await self.resolve(task_id)
         return await self.send(ev.TaskDenied(id=ev.new_id(), task_id=task_id, reason=reason), task_id)
+
+    async def fork(self, task_id: str, *, at_seq: int, live: bool = False,
+                   match: Literal["strict", "lenient"] = "lenient") -> tuple[ForkPlan, TaskHandle]:
+        """Start a new run of ``task_id``'s tree as it stood at log position ``at_seq``
+        (docs/replay.md): what had completed keeps its output, the rest runs again under new
+        ids, its LLM calls answered from the source run's recordings (``live``: those made
+        after ``at_seq`` go to the model), the agents' memory restored to ``at_seq``. Every
+        step is a record; the original run is not touched. Raises
+        :class:`~ledgerbus.projections.fork.ForkError` for a fork that cannot be made."""
+        from ledgerbus.agents.llm import calls
+        from ledgerbus.projections import fork
+
+        task_id = await self.resolve(task_id)
+        usage = await self.query("usage", "list", {"task_id": task_id, "tree": True, "limit": 10_000})
+        js = self.nc.jetstream(timeout=10)
+        made = await fork.plan(js, self.settings, task_id, at_seq, usage, live=live, match=match)
+        await calls.store(js, made.manifest_body)
+        for event in made.memory:
+            await self.send(event, event.agent)
+        await self.send(made.forked, made.task_id)
+        return made, await self.send_submission(made.root)
+
+    async def llm_call(self, call: str) -> tuple[str, CallRecord]:
+        """A recorded LLM call (its hash, or a unique prefix of at least 8 hex digits, as
+        ``agentctl usage --calls`` shows it), checked against its hash."""
+        from ledgerbus.agents.llm import calls
+
+        if not calls.is_call_hash(call):
+            rows = await self.query("usage", "list", {"call": call.lower(), "limit": 10}) if len(call) >= 8 else []
+            found = sorted({r["call"] for r in rows})
+            if len(found) != 1:
+                raise NotFound(f"no recorded call {call!r}" if not found else
+                               f"call prefix {call!r} is ambiguous: {', '.join(f[:16] for f in found)}")
+            call = found[0]
+        return call, await calls.fetch(self.nc.jetstream(timeout=10), call)
 
     # -- reading ---------------------------------------------------------------------------
 

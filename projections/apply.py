@@ -30,6 +30,7 @@ from ledgerbus.projections import (
     audit_index,
     checkpoints,
     compaction,
+    forks,
     memory,
     proposals,
     shared,
@@ -60,6 +61,7 @@ PROJECTIONS: dict[str, Projection] = {
     "shared": shared.apply,
     "proposals": proposals.apply,
     "usage": usage.apply,
+    "forks": forks.apply,
     "archives": compaction.apply,
 }
 """Every projection, in the order each folds a batch: ``tasks`` first, since it decides

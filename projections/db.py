@@ -102,7 +102,8 @@ CREATE TABLE IF NOT EXISTS usage (
     tokens_out INTEGER NOT NULL,
     cost_usd   REAL NOT NULL,
     latency_s  REAL NOT NULL,
-    outcome    TEXT NOT NULL
+    outcome    TEXT NOT NULL,
+    call       TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS usage_by_task ON usage (task_id, seq);
 CREATE TABLE IF NOT EXISTS usage_archived (
@@ -246,15 +247,30 @@ CREATE TABLE IF NOT EXISTS proposals (
 );
 CREATE INDEX IF NOT EXISTS proposals_by_status ON proposals (status, proposed_seq);
 CREATE INDEX IF NOT EXISTS proposals_by_task ON proposals (task_id);
+CREATE TABLE IF NOT EXISTS forks (
+    task_id        TEXT PRIMARY KEY,
+    source_task_id TEXT NOT NULL,
+    at_seq         INTEGER NOT NULL,
+    recording      TEXT NOT NULL,
+    live           INTEGER NOT NULL,
+    kept           TEXT NOT NULL,
+    restored       TEXT NOT NULL,
+    forked_by      TEXT NOT NULL,
+    forked_at      TEXT NOT NULL,
+    seq            INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS forks_by_source ON forks (source_task_id);
 """
 
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 """Bumped whenever SCHEMA or what a fold writes changes; an older file is rebuilt from the
 log, not migrated. (v5: a new attempt clears the last one's end and error; a cancel clears
 a pending retry and closes a held approval. v6: ``tasks.kind`` tells plans from tasks of
 the ``plan`` skill; ``usage`` holds every LLM call. v7: an ``audit_archived`` record
-compacts settled task trees out (``tasks.retryable``, ``usage_archived``, ``archives``).)"""
+compacts settled task trees out (``tasks.retryable``, ``usage_archived``, ``archives``). v8:
+``usage.call`` names the recorded LLM call; ``forks``; a fork's kept plan steps are
+created completed.)"""
 
 DEFAULT_MEMORY_LIST_CAP = 1000
 
@@ -278,6 +294,7 @@ TABLES = {
     "checkpoints": "agent, checkpoint_id",
     "shared": "namespace, key",
     "proposals": "proposal_id",
+    "forks": "task_id",
 }
 
 

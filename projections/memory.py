@@ -23,6 +23,7 @@ from ledgerbus.bus.events import (
     AuditRecord,
     CheckpointRestored,
     CheckpointSaved,
+    MemoryImage,
     MemoryWiped,
     MemoryWritten,
     TaskCompleted,
@@ -31,7 +32,7 @@ from ledgerbus.bus.events import (
 )
 from ledgerbus.projections import db as dbmod
 from ledgerbus.projections.batch import Batch
-from ledgerbus.projections.rows import Row, Rows
+from ledgerbus.projections.rows import Plan, Row, Rows
 from ledgerbus.projections.tasks import agent_name
 
 COLUMNS = ("agent", "role", "current_task", "observation_first", "observation_next", "reasoning_first",
@@ -141,12 +142,16 @@ async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
             rows.update((agent,), current_task=None, observation_first=row["observation_next"],
                         reasoning_first=row["reasoning_next"], wiped_seq=seq, updated_seq=seq)
         elif kind is CheckpointSaved:
-            cid = event.checkpoint_id  # type: ignore[union-attr]
+            assert isinstance(event, CheckpointSaved)
+            cid = event.checkpoint_id
             knowledge.store(plan)
-            snap = tuple(row[c] for c in SNAP_COLUMNS)
+            if event.memory is not None:  # a given memory (a fork's), not the agent's current one
+                snap = _save_image(plan, agent, cid, event.memory, seq, dbmod.iso(record.at))
+            else:
+                snap = tuple(row[c] for c in SNAP_COLUMNS)
+                plan.add(SQL_SNAP_KNOWLEDGE, (cid, agent))
+                plan.add(SQL_SNAP_ENTRIES, (cid, agent))
             plan.add(SQL_SNAP_MEMORY, (cid, agent, *snap))
-            plan.add(SQL_SNAP_KNOWLEDGE, (cid, agent))
-            plan.add(SQL_SNAP_ENTRIES, (cid, agent))
             batch.state.saved[(agent, cid)] = (plan.position, snap)
         elif kind is CheckpointRestored:
             cid = event.checkpoint_id  # type: ignore[union-attr]
@@ -161,6 +166,19 @@ async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
             rows.update((agent,), **dict(zip(SNAP_COLUMNS, saved, strict=True)), restored_from=cid, updated_seq=seq)
     knowledge.store(plan)
     rows.store(plan)
+
+
+def _save_image(plan: Plan, agent: str, cid: str, image: MemoryImage, seq: int, at: str) -> tuple[Any, ...]:
+    """Write a given memory into checkpoint ``cid``'s tables; its ``snap_memory`` row's values."""
+    plan.add_many(f"INSERT INTO snap_knowledge (checkpoint_id, agent, {_KNOWLEDGE_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
+                  [(cid, agent, key, codec.encode(entry.get("value")).decode(), int(bool(entry.get("core"))), seq)
+                   for key, entry in image.knowledge.items()])
+    plan.add_many(f"INSERT INTO snap_entries (checkpoint_id, agent, {_ENTRY_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
+                  [(cid, agent, section, n, seq, at, seq, at, codec.encode(value).decode())
+                   for section, values in (("observation", image.observation), ("reasoning", image.reasoning))
+                   for n, value in enumerate(values)])
+    role = None if image.role is None else codec.encode(image.role).decode()
+    return (role, None, 0, len(image.observation), 0, len(image.reasoning))
 
 
 async def _saved(batch: Batch, agent: str, cid: str) -> tuple[Any, ...] | None:

@@ -84,7 +84,8 @@ _UNDER = """
 
 
 async def get_task(db: aiosqlite.Connection, task_id: str, tree: bool = False) -> dict[str, Any] | None:
-    """One task with the ids of its subtasks, or ``None``; with ``tree``, also every
+    """One task with the ids of its subtasks, its forks (``forks``) and the fork it is the
+    root of (``forked_from``), or ``None``; with ``tree``, also every
     descendant (``children``, nested, in submission order; at most :data:`MAX_TREE`)."""
     task = await _one(db, "SELECT * FROM tasks WHERE task_id = ?", (task_id,))
     if task is None:
@@ -92,6 +93,8 @@ async def get_task(db: aiosqlite.Connection, task_id: str, tree: bool = False) -
     children = await _all(db, "SELECT task_id FROM tasks WHERE parent_task_id = ? ORDER BY submitted_seq, task_id",
                           (task_id,))
     task["subtasks"] = [c["task_id"] for c in children]
+    task["forks"] = await forks_of(db, task_id)
+    task["forked_from"] = await fork_of(db, task_id)
     if tree:
         rows = await _all(db, f"""{_UNDER}
             SELECT * FROM tasks WHERE task_id IN (SELECT task_id FROM under LIMIT ?)
@@ -217,6 +220,29 @@ async def list_usage(
     return await _newest(db, "usage", "seq", limit, task_id=task_id, agent=agent)
 
 
+async def run_usage(db: aiosqlite.Connection, task_id: str, limit: int = 10_000) -> list[dict[str, Any]]:
+    """The usage reports of a task and everything under it, in log order: a run's LLM calls."""
+    return await _all(db, f"""{_UNDER}
+        SELECT * FROM usage WHERE task_id = ? OR task_id IN (SELECT task_id FROM under LIMIT ?)
+        ORDER BY seq LIMIT ?""", (task_id, task_id, MAX_TREE, _limit(limit)))
+
+
+async def usage_by_call(db: aiosqlite.Connection, call: str, limit: int = 10) -> list[dict[str, Any]]:
+    """The usage reports naming the recorded call ``call`` (or a call whose hash starts so)."""
+    return await _all(db, "SELECT * FROM usage WHERE call >= ? AND call < ? ORDER BY seq LIMIT ?",
+                      (call, call + "g", _limit(limit)))
+
+
+async def forks_of(db: aiosqlite.Connection, task_id: str) -> list[dict[str, Any]]:
+    """The forks of ``task_id`` (``run_forked`` records naming it as the source), oldest first."""
+    return await _all(db, "SELECT * FROM forks WHERE source_task_id = ? ORDER BY seq", (task_id,))
+
+
+async def fork_of(db: aiosqlite.Connection, task_id: str) -> dict[str, Any] | None:
+    """The fork whose new root is ``task_id``, if it is one."""
+    return await _one(db, "SELECT * FROM forks WHERE task_id = ?", (task_id,))
+
+
 async def usage_summary(db: aiosqlite.Connection, task_id: str | None = None) -> list[dict[str, Any]]:
     """Per provider and model: calls, failed calls, tokens, cost and latency; for one task
     and everything under it (plan steps, subtasks), or for all tasks, those compacted out
@@ -233,7 +259,7 @@ async def usage_summary(db: aiosqlite.Connection, task_id: str | None = None) ->
         SELECT provider, model, SUM(calls) AS calls, SUM(failed) AS failed, SUM(tokens_in) AS tokens_in,
                SUM(tokens_out) AS tokens_out, ROUND(SUM(cost_usd), 6) AS cost_usd,
                ROUND(SUM(latency_s) / SUM(calls), 3) AS mean_latency_s, ROUND(MAX(max_latency_s), 3) AS max_latency_s
-        FROM (SELECT provider, model, COUNT(*) AS calls, SUM(outcome != 'ok') AS failed, SUM(tokens_in) AS tokens_in,
+        FROM (SELECT provider, model, COUNT(*) AS calls, SUM(outcome NOT IN ('ok', 'replayed')) AS failed, SUM(tokens_in) AS tokens_in,
                      SUM(tokens_out) AS tokens_out, SUM(cost_usd) AS cost_usd, SUM(latency_s) AS latency_s,
                      MAX(latency_s) AS max_latency_s
               FROM usage {where} GROUP BY provider, model {archived})

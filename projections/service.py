@@ -142,6 +142,10 @@ class UsageList(Request, frozen=True):
     task_id: str | None = None
     agent: str | None = None
     limit: Limit = 100
+    tree: bool = False
+    """With ``task_id``: the task and everything under it, oldest first (a run's calls)."""
+    call: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{0,64}$")] = ""
+    """Only the report naming this recorded call (or calls, by a prefix of their hash)."""
 
 
 class UsageSummary(Request, frozen=True):
@@ -272,7 +276,11 @@ async def _read(db: aiosqlite.Connection, req: Request, now: datetime) -> Any:
             return await queries.list_audit(db, key, principal, limit)
         case AuditVerdict(msg_id=msg_id):
             return await queries.verdict(db, msg_id) or Missing(f"no audit record for message {msg_id} yet")
-        case UsageList(task_id=task_id, agent=agent, limit=limit):
+        case UsageList(task_id=task_id, agent=agent, limit=limit, tree=tree, call=call):
+            if tree and task_id is not None:
+                return await queries.run_usage(db, task_id, limit)
+            if call:
+                return await queries.usage_by_call(db, call, limit)
             return await queries.list_usage(db, task_id, agent, limit)
         case UsageSummary(task_id=task_id):
             return await queries.usage_summary(db, task_id)

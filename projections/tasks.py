@@ -158,7 +158,7 @@ def _plan_submitted(rows: Rows, record: AuditRecord, e: PlanSubmitted) -> None:
         "needs": None, "priority": None, "retryable": 0,
     })
     for s in e.steps:
-        rows.put({
+        row = {
             **common, "task_id": step_task_id(e.task_id, s.id), "kind": "task", "skill": s.skill or "",
             "input": codec.encode(s.input).decode(), "timeout_s": s.timeout_s,
             "status": str(lifecycle.created(record, Shape.STEP)),
@@ -166,7 +166,11 @@ def _plan_submitted(rows: Rows, record: AuditRecord, e: PlanSubmitted) -> None:
             "deps": codec.encode(s.deps).decode(),
             "needs": codec.encode(s.capabilities).decode() if s.capabilities else None, "priority": s.priority,
             "retryable": int(s.retry.max_attempts > 1),
-        })
+        }
+        if (kept := e.kept.get(s.id)) is not None:  # a fork's step that is not run again
+            row.update(status=str(Status.COMPLETED), output=codec.encode(kept.output).decode(), finished_at=at,
+                       progress=f"kept from {kept.source_task_id}", retryable=0)
+        rows.put(row)
 
 
 def _approved(rows: Rows, record: AuditRecord, e: TaskApproved) -> None:

@@ -20,11 +20,11 @@ from ledgerbus.projections.tasks import agent_name
 
 _json = msgspec.json.Encoder().encode
 SQL_INSERT = ("INSERT INTO usage (seq, at, task_id, agent, provider, model, tokens_in, tokens_out, cost_usd, latency_s,"
-              " outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+              " outcome, call) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 SQL_ARCHIVE = (
     "INSERT INTO usage_archived (agent, provider, model, calls, failed, tokens_in, tokens_out, cost_usd, latency_s,"
     " max_latency_s)"
-    " SELECT agent, provider, model, count(*), sum(outcome != 'ok'), sum(tokens_in), sum(tokens_out), sum(cost_usd),"
+    " SELECT agent, provider, model, count(*), sum(outcome NOT IN ('ok', 'replayed')), sum(tokens_in), sum(tokens_out), sum(cost_usd),"
     " sum(latency_s), max(latency_s) FROM usage WHERE task_id IN (SELECT value FROM json_each(?))"
     " GROUP BY agent, provider, model"
     " ON CONFLICT (agent, provider, model) DO UPDATE SET calls = calls + excluded.calls,"
@@ -59,4 +59,4 @@ async def apply(batch: Batch, records: Sequence[AuditRecord]) -> None:
 
 def _row(r: AuditRecord, e: TaskUsage) -> tuple[object, ...]:
     return (r.seq, iso(r.at), e.task_id, agent_name(r.principal), e.provider, e.model, e.tokens_in, e.tokens_out,
-            e.cost_usd, e.latency_s, e.outcome)
+            e.cost_usd, e.latency_s, e.outcome, e.call)

@@ -51,7 +51,35 @@ def work_item(record: AuditRecord, state: RouterState, tokens: ClaimTokens) -> W
         parent_task_id=submission.parent_task_id,
         token=tokens.token(submission.task_id, 1),
         budget_left=budget_left, budget_owner=owner,
+        path=path_of(submission.task_id, state), replay=submission.replay,
     )
+
+
+MAX_PATH_DEPTH = 32
+
+
+def path_of(task_id: str, state: RouterState) -> str:
+    """Where a task sits in its tree, from the root: the root's skill, then for each task
+    below it its plan step id, or ``<skill>.<n>`` for the n-th subtask of that skill its
+    parent submitted (``reason/plan.1/design``). A re-run or a fork of the tree gives its
+    tasks the same paths, which is what recorded LLM calls are matched on."""
+    parts: list[str] = []
+    current: str | None = task_id
+    while current is not None and len(parts) < MAX_PATH_DEPTH:
+        task = state.tasks.get(current)
+        if task is None:
+            break
+        parent = state.tasks.get(task.parent) if task.parent is not None else None
+        if isinstance(task, StepState):
+            parts.append(task.step.id)
+        elif parent is None:
+            parts.append(task.skill)
+        else:
+            same = [c for c in parent.children if (sibling := state.tasks.get(c)) is not None
+                    and sibling.skill == task.skill]
+            parts.append(f"{task.skill}.{same.index(current) + 1 if current in same else len(same)}")
+        current = task.parent if parent is not None else None
+    return "/".join(reversed(parts))
 
 
 def routed_work_item(task_id: str, state: RouterState, tokens: ClaimTokens) -> WorkItem | None:
@@ -67,7 +95,7 @@ def routed_work_item(task_id: str, state: RouterState, tokens: ClaimTokens) -> W
                 audit_seq=task.dispatch_seq, submitted_by=task.submitter, dispatch=task.dispatch,
                 attempt_base=task.attempt, parent_task_id=task.parent, step=step.id, context=context,
                 token=tokens.token(task_id, task.dispatch), agent=task.agent,
-                budget_left=budget_left, budget_owner=owner,
+                budget_left=budget_left, budget_owner=owner, path=path_of(task_id, state), replay=task.replay,
             )
         case TaskState(status=lifecycle.Status.PENDING, submission=TaskSubmitted() as sub) as task:
             return WorkItem(
@@ -75,7 +103,7 @@ def routed_work_item(task_id: str, state: RouterState, tokens: ClaimTokens) -> W
                 audit_seq=task.dispatch_seq, submitted_by=task.submitter, dispatch=task.dispatch,
                 attempt_base=task.attempt, parent_task_id=sub.parent_task_id,
                 token=tokens.token(task_id, task.dispatch), agent=task.agent,
-                budget_left=budget_left, budget_owner=owner,
+                budget_left=budget_left, budget_owner=owner, path=path_of(task_id, state), replay=task.replay,
             )
     return None
 

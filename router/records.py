@@ -21,6 +21,7 @@ from ledgerbus.bus.events import (
     AuditRecord,
     ProposalApproved,
     RawExcerpt,
+    RunForked,
     SharedWritten,
     kind_of,
 )
@@ -81,6 +82,8 @@ def record_for(inbound: Inbound, code: str, reason: str, trace_id: str, accepted
         key = event.namespace
     elif isinstance(event, ProposalApproved):
         key = event.proposal_id
+    elif isinstance(event, RunForked):
+        key = event.task_id
     else:
         key = "_"
     if event is not None and (token := token_of(event)):

@@ -200,7 +200,7 @@ class RouterState:
             dispatch=0 if waits else 1, held=submission if held else None, budget=submission.budget,
             parent=submission.parent_task_id, retry=retry, retryable=retry.max_attempts > 1,
             submission=submission if retry.max_attempts > 1 or waits else None, trace=self._traceparent,
-            matched=waits,
+            matched=waits, replay=submission.replay,
             handoff=(str(submission.input.get("from", "")), str(submission.input.get("role", "")))
             if submission.handoff and submission.parent_task_id else None,
         )
@@ -215,19 +215,22 @@ class RouterState:
         self.tasks[plan_id] = PlanState(
             skill=PLAN_SKILL, submitter=record.principal, status=lifecycle.created(record, Shape.PLAN),
             held=plan if record.code == APPROVAL_REQUESTED else None, children=children, plan=plan,
-            parent=plan.parent_task_id, trace=trace, budget=plan.budget,
+            parent=plan.parent_task_id, trace=trace, budget=plan.budget, replay=plan.replay,
         )
         self._seen(plan_id, self.tasks[plan_id], record.seq)
         if (parent := self.tasks.get(plan.parent_task_id or "")) is not None:
             parent.children.append(plan_id)
             self.tasks[plan_id].parent_dispatch = parent.dispatch
         for step, child in zip(plan.steps, children, strict=True):
-            self.tasks[child] = StepState(
+            kept = plan.kept.get(step.id)
+            made = self.tasks[child] = StepState(
                 skill=step.skill or "", submitter=record.principal, status=lifecycle.created(record, Shape.STEP),
                 parent=plan_id, dispatch=0, retry=step.retry, step=step,
                 deps=tuple(step_task_id(plan_id, d) for d in step.deps), trace=trace,
-                retryable=step.retry.max_attempts > 1,
+                retryable=step.retry.max_attempts > 1, replay=plan.replay,
             )
+            if kept is not None:  # a fork's step that is not run again: completed, with its output
+                made.status, made.output, made.retryable = Status.COMPLETED, kept.output, False
             self._seen(child, self.tasks[child], record.seq)
 
     def _usage(self, record: AuditRecord, usage: TaskUsage) -> None:

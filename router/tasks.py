@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from ledgerbus.bus import lifecycle
-from ledgerbus.bus.events import NO_RETRY, Budget, PlanStep, PlanSubmitted, RetryPolicy, TaskSubmitted
+from ledgerbus.bus.events import NO_RETRY, Budget, PlanStep, PlanSubmitted, Replay, RetryPolicy, TaskSubmitted
 from ledgerbus.bus.lifecycle import TERMINAL, Shape, Status
 
 
@@ -57,6 +57,9 @@ class _Task:
     """Its policy allows another run after a failure, as the log shows it (see
     :func:`bus.compaction.stops_retries`): what decides whether a failure settles it when
     an archive lets go of settled trees. Never looser than :attr:`retry`."""
+    replay: Replay | None = None
+    """Its LLM calls are answered from this recording (a fork's or a re-run's): its work
+    items say so, and its skill passes it on to what it submits."""
 
     shape: ClassVar[Shape]
 

@@ -9,7 +9,9 @@ principal reads with the sizes of the streams and of WORK's consumers; the route
 ``snapshots`` object store (router/snapshots.py), which no other principal may read or
 write; the ``projections`` object store (projections/snapshots.py), which the projector
 writes and prunes and a CLI principal reads (``agentctl replay``), both reading one AUDIT
-record by sequence to check a snapshot against the log."""
+record by sequence to check a snapshot against the log; recorded LLM calls
+(``llmcalls.<sha256>``, agents/llm/calls.py), which agents and CLI principals store and read
+by hash, the router provisioning their stream (LLMCALLS)."""
 
 from __future__ import annotations
 

@@ -46,13 +46,17 @@ from ledgerbus.bus.events import (
     CheckpointSaved,
     Claim,
     Handoff,
+    Kept,
+    MemoryImage,
     MemoryWiped,
     MemoryWritten,
     PlanStep,
     PlanSubmitted,
     ProposalApproved,
+    Replay,
     Retention,
     RetryPolicy,
+    RunForked,
     SharedWritten,
     SkillUnmatched,
     TaskApproved,
@@ -502,14 +506,33 @@ class LogBuilder:
             ))
         held = any(s.skill == HELD_SKILL for s in steps)  # one dangerous step holds the whole plan
         children = [step_task_id(plan_id, s.id) for s in steps]
+        # A fork (agentctl fork): its record, the memory it restores, then a plan whose steps
+        # done by the fork point are kept, completed with their outputs.
+        forked = self.pick.integer(0, 3) == 0
+        kept = ({s.id: Kept(source_task_id=f"src-{s.id}", output=self.value()) for s in steps
+                 if self.pick.integer(0, 1)} if forked else {})
+        if forked:
+            agent = self.pick.choice(AGENTS)
+            cid = f"fork-{plan_id}"
+            self.checkpoints.setdefault(agent, []).append(cid)
+            self.emit(OPS, CheckpointSaved(id=self.mid(), agent=agent, checkpoint_id=cid, label="as at the fork point",
+                                           memory=MemoryImage(role=self.value(), knowledge={"k": {"value": 1, "core": True}},
+                                                              observation=[self.value()], reasoning=[])))
+            self.emit(OPS, CheckpointRestored(id=self.mid(), agent=agent, checkpoint_id=cid))
+            self.emit(OPS, RunForked(id=self.mid(), task_id=plan_id, source_task_id=f"src-{plan_id}", at_seq=1,
+                                     recording="0" * 64, kept=[k.source_task_id for k in kept.values()],
+                                     restored=[agent]))
         self.tasks[plan_id] = TaskModel(skill=PLAN_SKILL, submitter=OPS, dispatch=0, plan=True, children=children,
                                         status="awaiting_approval" if held else "running")
         for s, child in zip(steps, children, strict=True):
             self.tasks[child] = TaskModel(skill=s.skill or "", submitter=OPS, status="waiting", dispatch=0,
                                           retry=s.retry, parent=plan_id, step=s,
                                           deps=tuple(step_task_id(plan_id, d) for d in s.deps))
+            if s.id in kept:
+                self.tasks[child].status, self.tasks[child].output = "completed", kept[s.id].output
         self.emit(OPS, PlanSubmitted(id=self.mid(), task_id=plan_id, steps=steps,
-                                     name=self.pick.choice(("", "nightly"))),
+                                     name=self.pick.choice(("", "nightly")),
+                                     replay=Replay(recording="0" * 64) if forked else None, kept=kept),
                   code="approval_requested" if held else "ok")
 
     def do_decide(self) -> None:

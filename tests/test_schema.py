@@ -28,6 +28,7 @@ from ledgerbus.bus.events import (
     ProposalApproved,
     RawExcerpt,
     RetryPolicy,
+    RunForked,
     SharedWritten,
     SkillUnmatched,
     TaskApproved,
@@ -82,6 +83,8 @@ EXAMPLES: dict[type[Event], Event] = {
     ProposalApproved: ProposalApproved(id="m22", proposal_id="m21", profile="python-agent"),
     Handoff: Handoff(id="m23", task_id="sop-architect", from_task="sop-product_manager", from_role="product-manager",
                      to_role="architect"),
+    RunForked: RunForked(id="m24", task_id="sop2", source_task_id="sop", at_seq=42, recording="ab" * 32,
+                         kept=["sop-product_manager"], restored=["architect"]),
 }
 
 

@@ -167,7 +167,10 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
     cost_usd: float = 0.0
     latency_s: float = 0.0
     outcome: str = "ok"
-    """``ok``, or the :class:`ProviderError` kind that ended the call."""
+    """``ok``, ``replayed`` (answered from a recording), or the :class:`ProviderError`
+    kind that ended the call."""
+    call: str = ""
+    """The recorded call (:mod:`agents.llm.calls`) that holds its request and answer."""
 
 
 UsageSink = Callable[[Usage], Awaitable[None]]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Self
 
@@ -39,8 +39,10 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from ledgerbus.agents.errors import BudgetError
-from ledgerbus.agents.llm import config
+from ledgerbus.agents.llm import calls, config
 from ledgerbus.agents.llm.base import ChatRequest, ChatResult, Message, Provider, ProviderError, Usage, UsageSink
+from ledgerbus.agents.llm.calls import CallRecord
+from ledgerbus.agents.llm.replay import Match, Recording, ReplayProvider
 from ledgerbus.agents.llm.config import Candidate, ProviderConfig, Route, RoutingFile
 from ledgerbus.bus import metrics
 from ledgerbus.bus.events import Budget
@@ -94,12 +96,13 @@ class LLMRouter:
         return route
 
     def bind(self, skill: str, role: str = "", usage: UsageSink | None = None,
-             budget: BudgetLeft | None = None) -> LLM:
+             budget: BudgetLeft | None = None, site: CallSite | None = None) -> LLM:
         """What a task's skill calls: routed for ``skill`` and ``role``, reporting every
-        attempt to ``usage`` (awaited in line: what it raises, the call raises), and held
-        to ``budget`` (what is left of the budget over the task, and whose it is). Binding
-        never fails; a missing route fails the call."""
-        return LLM(self, skill, role, usage, budget)
+        attempt to ``usage`` (awaited in line: what it raises, the call raises), held
+        to ``budget`` (what is left of the budget over the task, and whose it is), and
+        recording and replaying its calls as ``site`` says. Binding never fails; a missing
+        route fails the call."""
+        return LLM(self, skill, role, usage, budget, site)
 
     def provider(self, name: str) -> Provider:
         """The provider ``name`` of the routing file, made on first use (in this thread:
@@ -180,21 +183,54 @@ def _make(name: str, settings: ProviderConfig) -> Provider:
                         timeout_s=settings.timeout_s)
 
 
+class CallSite:
+    """Where one task attempt's calls are recorded and replayed from (see
+    :mod:`agents.llm.calls` and :mod:`agents.llm.replay`): the task, its place in its tree,
+    how to store a recorded call (``store``: its bytes in, its hash out), and the
+    recording that answers its calls, if it replays one. It numbers the calls, from 1."""
+
+    def __init__(self, *, task_id: str, attempt: int = 1, path: str = "", agent: str = "",
+                 store: Callable[[bytes], Awaitable[str]] | None = None, max_bytes: int = 1024 * 1024,
+                 replay: Callable[[], Awaitable[Recording]] | None = None, match: Match = "lenient",
+                 live: bool = False) -> None:
+        self.task_id, self.attempt, self.path, self.agent = task_id, attempt, path, agent
+        self.store, self.max_bytes = store, max_bytes
+        self._replay, self.match, self.live = replay, match, live
+        self.calls = 0
+
+    async def recording(self) -> Recording | None:
+        """The recording this task's calls are answered from (loaded on first use), if any."""
+        return await self._replay() if self._replay is not None else None
+
+    def next(self) -> int:
+        """The number of the call being made."""
+        self.calls += 1
+        return self.calls
+
+
+class _Call(msgspec.Struct, frozen=True):
+    """One ``chat`` call: its number in the task attempt and its request's hash."""
+
+    n: int
+    request_hash: str
+
+
 class LLM:
     """The router bound to one task's skill and role: ``await llm.chat("...")``."""
 
     def __init__(self, router: LLMRouter, skill: str, role: str = "", usage: UsageSink | None = None,
-                 budget: BudgetLeft | None = None) -> None:
+                 budget: BudgetLeft | None = None, site: CallSite | None = None) -> None:
         self.router = router
         self.skill = skill
         self.role = role
         self._usage = usage
         self._budget = budget
+        self.site = site
 
     def as_role(self, role: str) -> LLM:
         """The same binding, routed as ``role`` (a pipeline step names the role it plays,
         whichever agent runs it)."""
-        return LLM(self.router, self.skill, role, self._usage, self._budget)
+        return LLM(self.router, self.skill, role, self._usage, self._budget, self.site)
 
     def _check_budget(self, request: ChatRequest, model: str, max_tokens: int) -> None:
         """Refuse a call that could cross the budget over the task: its prompt (estimated
@@ -226,37 +262,48 @@ class LLM:
             request = ChatRequest(messages=[Message(role="user", content=request)])
         if overrides:
             request = msgspec.structs.replace(request, **overrides)
+        call = _Call(self.site.next() if self.site else 0, calls.request_hash(request))
+        site = self.site
+        if site is not None and (recording := await site.recording()) is not None:
+            found = recording.find(call.request_hash, site.path, call.n, site.match)
+            if found is not None:
+                return await self._replayed(found, self.router.tracer, "replay")
+            if not site.live:
+                raise recording.miss(call.request_hash, site.path, call.n, site.match)
         candidates = self.router.route(self.skill, self.role).candidates()
         failures: list[ProviderError] = []
         for candidate in candidates:
-            if (result := await self._try(candidate, request, failures)) is not None:
+            if (result := await self._try(candidate, request, failures, call)) is not None:
                 return result
         last = failures[-1]
         if last.kind == "rate_limited" and last.retry_after_s is not None:
             # Nothing left to fall back to: the last candidate gets one more try, after the wait it asked for.
             await asyncio.sleep(min(last.retry_after_s, self.router.max_retry_wait_s))
-            if (result := await self._try(candidates[-1], request, failures)) is not None:
+            if (result := await self._try(candidates[-1], request, failures, call)) is not None:
                 return result
             last = failures[-1]
         raise ProviderError(last.kind, "llm.chat failed: " + "; ".join(str(f) for f in failures),
                             provider=last.provider, model=last.model, retry_after_s=last.retry_after_s,
                             status=last.status)
 
-    async def _try(self, candidate: Candidate, request: ChatRequest,
-                   failures: list[ProviderError]) -> ChatResult | None:
+    async def _try(self, candidate: Candidate, request: ChatRequest, failures: list[ProviderError],
+                   call: _Call) -> ChatResult | None:
         """One attempt; a retryable failure is added to ``failures`` (``None``: move on),
         any other is raised."""
         try:
-            return await self._attempt(candidate, request)
+            return await self._attempt(candidate, request, call)
         except ProviderError as error:
             if not error.retryable:
                 raise
             failures.append(error)
             return None
 
-    async def _attempt(self, candidate: Candidate, request: ChatRequest) -> ChatResult:
-        """One call to one candidate: traced, logged and reported whatever its outcome."""
+    async def _attempt(self, candidate: Candidate, request: ChatRequest, call: _Call) -> ChatResult:
+        """One call to one candidate: traced, logged and reported whatever its outcome;
+        recorded when it is answered."""
         name, model = candidate.provider, candidate.model
+        if self.router.system(name) == "replay":
+            return await self._from_replay_provider(name, request, call)
         max_tokens = request.max_tokens or candidate.max_tokens or config.DEFAULT_MAX_TOKENS
         self._check_budget(request, model, max_tokens)
         if request.temperature is None and candidate.temperature is not None:
@@ -295,12 +342,52 @@ class LLM:
             metrics.llm_duration.record(latency_s, common)
             metrics.llm_token_usage.record(result.tokens_in, {**common, "gen_ai.token.type": "input"})
             metrics.llm_token_usage.record(result.tokens_out, {**common, "gen_ai.token.type": "output"})
+            recorded = await self._record(request, call, result, max_tokens, candidate.params)
             log.info("llm_call", skill=self.skill, role=self.role, provider=name, model=model, outcome="ok",
                      latency_s=round(latency_s, 3), tokens_in=result.tokens_in, tokens_out=result.tokens_out,
-                     cost_usd=cost)
+                     cost_usd=cost, call=recorded[:12])
             await self._report(Usage(provider=name, model=model, tokens_in=result.tokens_in,
-                                     tokens_out=result.tokens_out, cost_usd=cost, latency_s=latency_s))
+                                     tokens_out=result.tokens_out, cost_usd=cost, latency_s=latency_s, call=recorded))
             return result
+
+    async def _record(self, request: ChatRequest, call: _Call, result: ChatResult, max_tokens: int,
+                      params: dict[str, Any]) -> str:
+        """Store the answered call (:mod:`agents.llm.calls`); its hash ("" when this binding
+        does not record). Stored before its usage is reported, so the record that names it
+        never names a call that is not there."""
+        site = self.site
+        if site is None or site.store is None:
+            return ""
+        _, body = calls.make(task_id=site.task_id, attempt=site.attempt, path=site.path, n=call.n, skill=self.skill,
+                             role=self.role, agent=site.agent, request=request, request_sha256=call.request_hash,
+                             result=result, max_tokens=max_tokens, params=params, max_bytes=site.max_bytes)
+        return await site.store(body)
+
+    async def _from_replay_provider(self, name: str, request: ChatRequest, call: _Call) -> ChatResult:
+        """A route's ``replay`` provider: the answer from its recording, or :class:`ReplayMiss`."""
+        provider = await self.router.ready(name)
+        assert isinstance(provider, ReplayProvider)
+        path = self.site.path if self.site is not None else ""
+        found = provider.recording.find(call.request_hash, path, call.n, provider.match)
+        if found is None:
+            raise provider.recording.miss(call.request_hash, path, call.n, provider.match)
+        return await self._replayed(found, self.router.tracer, name, provider.recording.raw.get(found[0]))
+
+    async def _replayed(self, found: tuple[str, CallRecord], tracer: trace.Tracer, provider: str,
+                        raw: bytes | None = None) -> ChatResult:
+        """A recorded answer, reported as a ``replayed`` call naming the recording it came from
+        (no tokens spent; stored here first if it came from a file, so ``agentctl llm show``
+        finds it)."""
+        name, record = found
+        with tracer.start_as_current_span("llm.chat", kind=SpanKind.CLIENT, attributes={
+                "gen_ai.operation.name": "chat", "gen_ai.system": "replay", "gen_ai.request.model": record.model,
+                "ledgerbus.llm.provider": provider, "ledgerbus.skill": self.skill, "ledgerbus.llm.call": name}):
+            if raw is not None and self.site is not None and self.site.store is not None:
+                await self.site.store(raw)
+            log.info("llm_call", skill=self.skill, role=self.role, provider=provider, model=record.model,
+                     outcome="replayed", call=name[:12], recorded_path=record.path, recorded_n=record.n)
+            await self._report(Usage(provider=provider, model=record.model, outcome="replayed", call=name))
+            return msgspec.structs.replace(record.result(), provider=provider)
 
     async def _report(self, usage: Usage) -> None:
         if self._usage is not None:

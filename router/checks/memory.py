@@ -3,7 +3,8 @@
 An agent acts on its own memory only; a CLI principal (an operator) may act on any
 agent's. A ``knowledge`` write names its key and the other sections do not; only
 knowledge can be ``core``. A checkpoint id is new for its agent, and its state blob
-stays within the configured bound; a restore names a checkpoint of that agent.
+stays within the configured bound; a restore names a checkpoint of that agent. A checkpoint
+of a given memory (``CheckpointSaved.memory``: a fork's) comes from an operator only.
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ def make(max_state_bytes: int) -> Check:
                 return Rejection("bad_memory_write", f"a {section} write takes no key (got {key!r})")
             case MemoryWritten(section=section, core=True) if section != "knowledge":
                 return Rejection("bad_memory_write", f"only knowledge can be core, not {section}")
-            case CheckpointSaved(agent=agent, checkpoint_id=cid, state=blob):
+            case CheckpointSaved(agent=agent, checkpoint_id=cid, state=blob, memory=image):
                 if cid in state.checkpoints.get(agent, {}):
                     return Rejection("duplicate_checkpoint", f"{agent} already has a checkpoint {cid}")
+                if image is not None and msg.principal.kind != "cli":
+                    return Rejection("bad_checkpoint", "only an operator saves a checkpoint of a given memory"
+                                     " (agentctl fork); an agent's checkpoint holds its memory as it is")
                 size = len(codec.encode(blob))
                 if size > max_state_bytes:
                     return Rejection(

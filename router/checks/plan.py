@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from ledgerbus.bus.compaction import no_such
-from ledgerbus.bus.events import PlanSubmitted, ProposalApproved, TaskCancelled, TaskSubmitted
+from ledgerbus.bus.events import PlanSubmitted, ProposalApproved, RunForked, TaskCancelled, TaskSubmitted
 from ledgerbus.bus.plans import validate
 from ledgerbus.router.checks import Check, Inbound, Rejection
 from ledgerbus.router.policy import Delegation, PolicyFile
@@ -39,6 +39,11 @@ def make(policy: PolicyFile, installed: Callable[[], Iterable[str]]) -> Check:
                 for step in plan.steps:
                     if (taken := step_task_id(plan_id, step.id)) in state.tasks:
                         return Rejection("duplicate_task", f"step {step.id!r}: task {taken} already exists")
+                if plan.kept and plan.replay is None:
+                    return Rejection("bad_plan", "kept steps belong to a fork's plan, which replays a recording"
+                                     " (replay is not set)")
+                if unknown := sorted(set(plan.kept) - {step.id for step in plan.steps}):
+                    return Rejection("bad_plan", f"kept steps not in the plan: {', '.join(unknown)}")
                 current = policy.current()
                 for step in plan.steps:
                     if step.skill is not None and not current.may_submit(msg.principal_token, step.skill):
@@ -59,6 +64,11 @@ def make(policy: PolicyFile, installed: Callable[[], Iterable[str]]) -> Check:
                 assert msg.principal is not None
                 if msg.principal.kind != "cli" and task.submitter != msg.principal_token:
                     return Rejection("not_submitter", f"{msg.principal_token} did not submit task {task_id}")
+            case RunForked(task_id=task_id, source_task_id=source):
+                if task_id in state.tasks:
+                    return Rejection("duplicate_task", f"task {task_id} was already submitted")
+                if task_id == source:
+                    return Rejection("bad_fork", "a fork's new task id must differ from its source's")
             case ProposalApproved(proposal_id=proposal_id):
                 if proposal_id not in state.proposals:
                     return Rejection("unknown_proposal", no_such("proposal", proposal_id, state.archived_through))

@@ -20,7 +20,7 @@ _MEMORY_KINDS = {"memory_written", "memory_wiped", "checkpoint_saved", "checkpoi
 ALLOWED_KINDS: dict[str, frozenset[str]] = {
     "cli": frozenset(
         {"task_submitted", "plan_submitted", "task_cancelled", "task_approved", "task_denied", "proposal_approved",
-         *_MEMORY_KINDS}
+         "run_forked", *_MEMORY_KINDS}
     ),
     "agent": frozenset(
         {"task_submitted", "plan_submitted", "task_cancelled", "task_started", "task_progress", "task_completed", "task_failed", "task_usage",
