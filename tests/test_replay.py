@@ -1,206 +1,80 @@
-"""LLM calls recorded, replayed and forked, end to end (docs/replay.md).
-
-Router, projector and agents are subprocesses; the model is a fake Anthropic API served by
-the test (tests/fakellm.py), reached through the real SDK, and then shut down, so every
-answer a fork gets comes from the recordings:
-
-- every answered call is stored by content hash, named by its ``task_usage`` record, and
-  shown by ``agentctl llm show`` (a changed body is refused);
-- a recorded SOP pipeline forked from its submission re-runs with no model reachable and
-  gets the same outputs, step for step; forked after its second role, the two roles done
-  by then are kept and the others re-run from the recording; with ``--live``, the calls
-  after the fork point go to the model;
-- the agents' memory is restored to the fork point through a checkpoint;
-- the ``reason`` loop that wipes its memory when stuck does so again, from the recording.
-"""
+"""Replay and time travel: a rebuild at --until-seq N or --until T equals the live tables as
+they were when N was the head; at the head it equals the live tables now."""
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
+from pathlib import Path
 
-import msgspec
-import pytest
 from nats.aio.client import Client
 
-from ledgerbus.agents.llm import calls
-from ledgerbus.bus import subjects
+from ledgerbus.bus.events import TaskCompleted, TaskSubmitted, new_id
 from ledgerbus.bus.settings import Settings
-from tests.fakellm import FakeLLM, answer
-from tests.support import REPO, Procs, agentctl, audit_records, wait_for_record
-from tests.test_e2e import joined, start_system
-from tests.test_llm_skills_e2e import ROLES, fake, pm_answer  # noqa: F401
-from tests.test_proposals import cli
+from ledgerbus.projections import db as dbmod
+from ledgerbus.projections.projector import Projector
+from tests.conftest import RunningRouter
+from tests.support import agentctl, claim, send, wait_for_records, wait_until
+
+Connect = Callable[[str], Awaitable[Client]]
 
 
-async def start_team(procs: Procs, admin: Client) -> None:
-    await start_system(procs, admin, ("thinker-1", "llm.chat"))
-    env = {"LEDGERBUS_PROFILES_PATH": str(REPO / "profiles.toml")}
-    await procs.start("team", "agent", *[a for r in ROLES for a in ("--profile", r.replace("_", "-"))], **env)
-    for role in ROLES:
-        await wait_for_record(admin.jetstream(), joined(role.replace("_", "-")))
+async def live_dump_at(settings: Settings, projector: Projector, seq: int) -> dict:
+    async def caught_up() -> bool:
+        return projector.position >= seq
+
+    await wait_until(caught_up, what=f"projector at seq {seq}")
+    db = await dbmod.open_db(settings.db_path)
+    try:
+        return await dbmod.dump(db)
+    finally:
+        await db.close()
 
 
-async def run_pipeline(settings: Settings) -> dict[str, Any]:
-    code, out, err = await cli(settings, REPO / "profiles.toml", "submit", "--pipeline", "sop", "a todo app",
-                               "--wait", "--json")
+async def replayed(settings: Settings, path: Path, *args: str) -> dict:
+    code, out, err = await agentctl(settings, "replay", "--db", str(path), "--json", *args)
     assert code == 0, err
-    result: dict[str, Any] = json.loads(out)
-    return result
+    db = await dbmod.open_db(path)
+    try:
+        return {"report": json.loads(out), "dump": await dbmod.dump(db)}
+    finally:
+        await db.close()
 
 
-async def fork(settings: Settings, task_id: str, at: int, *more: str) -> tuple[int, dict[str, Any], str]:
-    code, out, err = await agentctl(settings, "fork", task_id, "--at", str(at), "--wait", "--json", *more,
-                                    timeout=120)
-    return code, (json.loads(out) if out.strip() else {}), err
-
-
-def texts(outputs: dict[str, Any]) -> dict[str, str]:
-    return {role: outputs[role]["text"] for role in ROLES}
-
-
-async def test_a_recorded_pipeline_forks_with_no_model_and_gives_the_same_outputs_step_for_step(
-    procs: Procs, admin: Client, settings: Settings, fake: FakeLLM  # noqa: F811
+async def test_replay_until_a_sequence_or_a_time_equals_the_live_state_back_then(
+    running_router: RunningRouter, connect_as: Connect, admin: Client, settings: Settings, tmp_path: Path
 ) -> None:
-    fake.push(pm_answer(), *[answer(f"{role} says: done") for role in ROLES[1:]])
-    await start_team(procs, admin)
-    original = await run_pipeline(settings)
-    plan_id = original["task_id"]
-    js = admin.jetstream()
-    records = await audit_records(js)
+    cli, agent = await connect_as("cli"), await connect_as("agent")
+    stop = asyncio.Event()
+    projector = Projector(await connect_as("projector"), settings)
+    running = asyncio.create_task(projector.run(stop))
+    try:
+        for t in ("a", "b"):
+            await send(cli, "cli", "alice", TaskSubmitted(id=new_id(), task_id=t, skill="echo", input={"t": t}))
+        await send(agent, "agent", "w1", claim(settings, "w1", "a", "echo"))
+        then = await wait_for_records(admin.jetstream(), 3)
+        head_then, moment = then[-1].seq, then[-1].at
+        live_then = await live_dump_at(settings, projector, head_then)
 
-    # Every answered call is recorded, and its usage record names it.
-    usages = [r for r in records if r.kind == "task_usage" and r.accepted]
-    assert len(usages) == 4 and all(calls.is_call_hash(u.event.call) for u in usages)  # type: ignore[union-attr]
-    first = usages[0].event.call  # type: ignore[union-attr]
-    stored = await calls.fetch(js, first)
-    assert stored.task_id == f"{plan_id}-product_manager" and stored.path == "plan/product_manager"
-    assert stored.request.messages[-1].content.startswith("a todo app")
-    assert stored.answer is not None and stored.answer.text.startswith("product_manager says: done")
-    assert stored.request_hash == calls.request_hash(stored.request)
+        await send(agent, "agent", "w1", TaskCompleted(id=new_id(), task_id="a", attempt=1, output=1))
+        await send(cli, "cli", "bob", TaskSubmitted(id=new_id(), task_id="c", skill="echo"))
+        now = await wait_for_records(admin.jetstream(), 5)
+        live_now = await live_dump_at(settings, projector, now[-1].seq)
+        assert live_now != live_then
 
-    code, out, err = await agentctl(settings, "usage", "--calls", "--task", f"{plan_id}-product_manager", "--json")
-    assert code == 0, err
-    assert [r["call"] for r in json.loads(out)] == [first]
-    code, out, err = await agentctl(settings, "llm", "show", first[:12], env={"COLUMNS": "200"})
-    assert code == 0, err
-    assert first in out and "sha256 matches" in out and "a todo app" in out and "product_manager says" in out
-    code, out, err = await agentctl(settings, "llm", "show", "0" * 64)
-    assert code == 2 and "no recorded call" in err, err
+        by_seq = await replayed(settings, tmp_path / "by-seq.db", "--until-seq", str(head_then))
+        assert by_seq["dump"] == live_then and by_seq["report"]["position"] == head_then
+        by_time = await replayed(settings, tmp_path / "by-time.db", "--until", moment.isoformat())
+        assert by_time["dump"] == live_then
+        at_head = await replayed(settings, tmp_path / "now.db")
+        assert at_head["dump"] == live_now
+        assert at_head["report"]["rows"]["tasks"] == 3
+    finally:
+        stop.set()
+        await running
 
-    # The model goes away: a fork from the submission replays every call.
-    fake.close()
-    submitted = next(r.seq for r in records if r.key == plan_id and r.kind == "plan_submitted")
-    code, forked, err = await fork(settings, plan_id, submitted)
-    assert code == 0, (forked, err)
-    assert forked["status"] == "completed" and forked["kept"] == [] and forked["calls"] == 4
-    assert texts(forked["output"]["outputs"]) == texts(original["output"]["outputs"])
-    new = forked["task_id"]
-    records = await audit_records(js)
-    replayed = [r.event for r in records if r.kind == "task_usage" and r.accepted
-                and r.event.task_id.startswith(new)]  # type: ignore[union-attr]
-    assert [u.outcome for u in replayed] == ["replayed"] * 4  # type: ignore[attr-defined]
-    assert [u.call for u in replayed] == [u.event.call for u in usages]  # type: ignore[attr-defined,union-attr]
-    [run_forked] = [r for r in records if r.kind == "run_forked"]
-    assert (run_forked.event.source_task_id, run_forked.event.at_seq) == (plan_id, submitted)  # type: ignore[union-attr]
-    assert run_forked.principal.startswith("cli-") and run_forked.seq < next(
-        r.seq for r in records if r.key == new and r.kind == "plan_submitted")
-
-    # Forked after the architect: the product manager and the architect are kept, the
-    # developer and QA run again, from the recording.
-    architect_done = next(r.seq for r in records if r.key == f"{plan_id}-architect" and r.kind == "task_completed")
-    code, later, err = await fork(settings, plan_id, architect_done)
-    assert code == 0, (later, err)
-    assert sorted(later["kept"]) == [f"{plan_id}-architect", f"{plan_id}-product_manager"]
-    assert texts(later["output"]["outputs"]) == texts(original["output"]["outputs"])
-    records = await audit_records(js)
-    ran = {r.key for r in records if r.kind == "task_completed" and r.key.startswith(later["task_id"] + "-")}
-    assert ran == {f"{later['task_id']}-developer", f"{later['task_id']}-qa"}
-
-    # The original is untouched, and shows its forks as branches; a fork says where it comes from.
-    code, out, err = await agentctl(settings, "tasks", "show", plan_id, "--json")
-    assert code == 0, err
-    shown = json.loads(out)
-    assert [f["task_id"] for f in shown["forks"]] == [new, later["task_id"]]
-    assert texts(shown["output"]["outputs"]) == texts(original["output"]["outputs"])
-    code, out, err = await agentctl(settings, "tasks", "show", later["task_id"], env={"COLUMNS": "200"})
-    assert code == 0, err
-    assert f"forked from {plan_id} at seq {architect_done}" in out
-    assert f"kept from {plan_id}-architect" in out
-
-    # A fork from a point where the task had completed would keep everything: refused, saying so.
-    code, refused, err = await fork(settings, plan_id, records[-1].seq)
-    assert code == 3 and "had completed by seq" in err, (refused, err)
-
-
-async def test_a_live_fork_replays_up_to_the_fork_point_and_asks_the_model_after_it(
-    procs: Procs, admin: Client, settings: Settings, fake: FakeLLM  # noqa: F811
-) -> None:
-    fake.push(pm_answer(), *[answer(f"{role} says: done") for role in ROLES[1:]])
-    await start_team(procs, admin)
-    original = await run_pipeline(settings)
-    plan_id = original["task_id"]
-    js = admin.jetstream()
-    records = await audit_records(js)
-    pm_done = next(r.seq for r in records if r.key == f"{plan_id}-product_manager" and r.kind == "task_completed")
-    fake.push(*[answer(f"{role} says: live") for role in ROLES[1:]])
-    asked = len(fake.requests)
-    code, forked, err = await fork(settings, plan_id, pm_done, "--live")
-    assert code == 0, (forked, err)
-    got = texts(forked["output"]["outputs"])
-    assert got["product_manager"] == original["output"]["outputs"]["product_manager"]["text"]
-    assert [got[r] for r in ROLES[1:]] == [f"{r} says: live" for r in ROLES[1:]]
-    assert len(fake.requests) == asked + 3
-    # The calls the model answered were recorded like any other.
-    records = await audit_records(js)
-    live = [r.event for r in records if r.kind == "task_usage" and r.accepted
-            and r.event.task_id.startswith(forked["task_id"])]  # type: ignore[union-attr]
-    assert [u.outcome for u in live] == ["ok"] * 3 and all(u.call for u in live)  # type: ignore[attr-defined]
-
-
-async def test_a_recorded_call_whose_body_was_changed_is_refused(
-    connect_as: Callable[[str], Awaitable[Client]], procs: Procs
-) -> None:
-    await procs.start("router", "router")
-    await wait_for_stream_ready((await connect_as("admin")).jetstream())
-    js = (await connect_as("agent")).jetstream()
-    body = b'{"not":"a call"}'
-    name = await calls.store(js, body)
-    assert name == hashlib.sha256(body).hexdigest()
-    assert await calls.store(js, body) == name  # the same bytes again: harmless
-    forged = hashlib.sha256(b"other").hexdigest()
-    await js.publish(subjects.llm_call(forged), body, stream=subjects.LLMCALLS_STREAM)
-    with pytest.raises(calls.CallCorrupt, match="does not match its hash"):
-        await calls.fetch(js, forged)
-    with pytest.raises(calls.CallCorrupt, match="not a call record"):
-        await calls.fetch(js, name)
-    with pytest.raises(calls.CallNotFound):
-        await calls.fetch(js, "f" * 64)
-
-
-async def wait_for_stream_ready(js: Any) -> None:
-    from ledgerbus.bus.provision import wait_for_stream
-
-    await wait_for_stream(js, subjects.LLMCALLS_STREAM, 20)
-
-
-def test_a_recorded_call_redacts_secrets_and_keeps_its_request_hash() -> None:
-    from ledgerbus.agents.llm.base import ChatRequest, ChatResult, Message
-
-    request = ChatRequest(messages=[Message(role="user", content="deploy with AKIAIOSFODNN7EXAMPLE please")])
-    result = ChatResult(text="ok", provider="p", model="m")
-    record, body = calls.make(task_id="t", attempt=1, path="echo", n=1, skill="llm.chat", role="", agent="a",
-                              request=request, request_sha256=calls.request_hash(request), result=result,
-                              max_tokens=10, params={}, max_bytes=1 << 20)
-    assert b"AKIAIOSFODNN7EXAMPLE" not in body and record.redacted
-    assert record.request_hash == calls.request_hash(request)
-    assert msgspec.json.decode(body, type=calls.CallRecord) == record
-
-    big = ChatRequest(messages=[Message(role="user", content="x" * 5000)])
-    record, body = calls.make(task_id="t", attempt=1, path="echo", n=1, skill="llm.chat", role="", agent="a",
-                              request=big, request_sha256=calls.request_hash(big), result=result, max_tokens=10,
-                              params={}, max_bytes=2000)
-    assert len(body) <= 2000 and record.truncated == "request" and record.answer is not None
-    assert record.request_hash == calls.request_hash(big)
+    code, _, err = await agentctl(settings, "replay", "--db", str(tmp_path / "now.db"))
+    assert code == 2 and "exists" in err
+    code, _, err = await agentctl(settings, "replay", "--db", str(tmp_path / "x.db"), "--until", "yesterday")
+    assert code == 2 and "ISO 8601" in err
