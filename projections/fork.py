@@ -243,15 +243,13 @@ def _image(memory: dict[str, Any]) -> MemoryImage | str:
     """An agent's memory (``q.memory.get``) as a checkpoint can hold it; why not, if not."""
     try:
         image = MemoryImage(
-            role=None if memory["role"] is None else msgspec.json.decode(memory["role"]),
-            knowledge={k: {"value": msgspec.json.decode(v["value"]), "core": v["core"]}
-                       for k, v in memory["knowledge"].items()},
-            observation=[msgspec.json.decode(e["value"]) for e in memory["observations"] if "value" in e
-                         and e["value"] is not None],
-            reasoning=[msgspec.json.decode(e["value"]) for e in memory["reasoning"] if "value" in e
-                       and e["value"] is not None],
+            role=memory["role"],
+            knowledge={k: {"value": v["value"], "core": v["core"]} for k, v in memory["knowledge"].items()},
+            # A summary of rolled-up entries holds no value: the entries it stands for are gone.
+            observation=[e["value"] for e in memory["observations"] if not e.get("summary")],
+            reasoning=[e["value"] for e in memory["reasoning"] if not e.get("summary")],
         )
-    except (msgspec.DecodeError, TypeError, KeyError) as exc:
+    except (TypeError, KeyError) as exc:
         return f"its memory could not be read ({exc})"
     if len(codec.encode(image)) > MAX_IMAGE_BYTES:
         return (f"its memory at that point is over {MAX_IMAGE_BYTES // 1024} KiB, more than one checkpoint record "

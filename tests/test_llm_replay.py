@@ -204,3 +204,41 @@ def test_a_recorded_call_redacts_secrets_and_keeps_its_request_hash() -> None:
                               params={}, max_bytes=2000)
     assert len(body) <= 2000 and record.truncated == "request" and record.answer is not None
     assert record.request_hash == calls.request_hash(big)
+
+
+async def test_the_reason_loop_that_wipes_its_memory_when_stuck_does_so_again_from_the_recording(
+    procs: Procs, admin: Client, settings: Settings, fake: FakeLLM  # noqa: F811
+) -> None:
+    stuck = [answer(data={"facts": []}), answer(data={"analysis": "no idea"}), answer(data={"actions": []}),
+             answer(data={"done": False, "progress": 0.0, "feedback": "still nothing"})]
+    fake.push(*stuck * 4)
+    await start_system(procs, admin, ("thinker-1", "reason"))
+    code, out, err = await agentctl(settings, "submit", "reason", "--input",
+                                    json.dumps({"goal": "the impossible", "stuck_after": 2, "max_iterations": 6}),
+                                    "--wait", "--json", timeout=60)
+    original = json.loads(out)
+    assert code == 1 and original["error"].startswith("stuck again"), (original, err)
+    fake.close()
+    js = admin.jetstream()
+    records = await audit_records(js)
+    task_id = original["task_id"]
+    thoughts = [r for r in records if r.kind == "memory_written" and r.accepted and r.key == "thinker-1"]
+    at = thoughts[2].seq  # three phases of the first iteration written
+
+    code, forked, err = await fork(settings, task_id, at)
+    assert code == 1, (forked, err)
+    assert forked["error"] == original["error"] and forked["memory_restored"] == ["thinker-1"], json.dumps(forked)[-600:]
+    records = await audit_records(js)
+    new = forked["task_id"]
+    [wiped] = [r for r in records if r.kind == "memory_wiped" and r.accepted and task_id not in r.event.reason]  # type: ignore[union-attr]
+    assert f"of task {new}" in wiped.event.reason  # type: ignore[union-attr]
+    replayed = [r.event for r in records if r.kind == "task_usage" and r.accepted and r.event.task_id == new]  # type: ignore[union-attr]
+    assert len(replayed) == 16 and {u.outcome for u in replayed} == {"replayed"}  # type: ignore[attr-defined]
+
+    # The agent's memory went back to the fork point through a checkpoint, after one of it as it was.
+    code, out, err = await agentctl(settings, "checkpoint", "list", "thinker-1", "--json")
+    assert code == 0, err
+    saved = {c["checkpoint_id"]: c for c in json.loads(out)}
+    then, before = saved[f"fork-{new}-at-{at}"], saved[f"fork-{new}-before"]
+    assert then["entries"] == 3 and then["restores"] == 1 and before["restores"] == 0
+    assert before["seq"] < then["seq"] < next(r.seq for r in records if r.kind == "run_forked")
