@@ -55,6 +55,17 @@ def rule_text(rule: RetentionRule, by_size: bool) -> str:
     return f"audit_max_bytes {rule.audit_max_bytes}" if by_size else f"audit_max_age {rule.audit_max_age}"
 
 
+def calls_max_age(rule: RetentionRule, settings: Settings) -> float:
+    """How long recorded LLM calls are kept under ``rule``: as long as AUDIT and the archive
+    keep the records that name them (0, for ever, when nothing leaves AUDIT or the archive
+    keeps everything; the setting when only a size bounds AUDIT)."""
+    if not rule.enabled or rule.archive_max_age_s == 0:  # the log is kept for ever, somewhere
+        return 0.0
+    if rule.max_age_s > 0:
+        return rule.max_age_s + rule.archive_max_age_s
+    return settings.llm_calls_max_age_s
+
+
 class Archiver:
     """The leader router's retention rounds."""
 
@@ -67,6 +78,8 @@ class Archiver:
         self._next_at = 0.0
         self._backoff = 1.0
         self._unavailable = False
+        self._calls_age: float | None = None
+        self._following: asyncio.Task[None] | None = None
 
     def archive(self, rule: RetentionRule) -> Archive:
         return Archive(self.settings.in_home(Path(rule.archive_dir)))
@@ -111,9 +124,23 @@ class Archiver:
             return
         rule = self.policy.current().retention
         self._next_at = now + rule.check_every_s
+        if (age := calls_max_age(rule, self.settings)) != self._calls_age:
+            self._calls_age = age
+            self._following = asyncio.create_task(self._follow(age))
         last_checkpoint = state.last_checkpoint_seq
         limit = min(audit.head.seq, last_checkpoint, snapshot_seq if snapshot_seq is not None else audit.head.seq)
         self._job = asyncio.create_task(self._round(rule, limit - 1))
+
+    async def _follow(self, age: float) -> None:
+        """Keep recorded LLM calls as long as the log that names them (LLMCALLS' max age)."""
+        try:
+            info = await self.js.stream_info(subjects.LLMCALLS_STREAM)
+            if info.config.max_age != age:
+                await self.js.update_stream(info.config, max_age=age)
+                log.info("llm_calls_max_age", max_age_s=age)
+        except nats.errors.Error as exc:
+            self._calls_age = None  # tried again next round
+            log.warning("llm_calls_max_age_failed", error=str(exc))
 
     async def stop(self) -> None:
         """Cancel a round in flight (the router is stopping or stepping down): a segment half

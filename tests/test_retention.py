@@ -108,6 +108,9 @@ async def test_records_leave_audit_only_into_sealed_segments_and_verify_reads_bo
     assert report.ok, failed(report)
     assert report.head.seq == records[-1].seq
     assert "sealed and intact" in next(f.detail for f in report.findings if f.check == "archive")
+    # Recorded LLM calls are kept as long as the records that name them: this archive keeps
+    # them for ever (archive_max_age 0), so LLMCALLS drops its default age limit.
+    assert (await js.stream_info(subjects.LLMCALLS_STREAM)).config.max_age == 0
 
     # A router with no snapshot to start from folds the archive and the stream as one log.
     state = RouterState(dedup_horizon_s=tuned.dedup_horizon_s)
@@ -284,3 +287,15 @@ async def test_a_router_killed_mid_round_loses_and_doubles_nothing(
     code, out, err = await agentctl(settings, "audit", "verify")
     assert code == 0, out + err
     assert "sealed and intact" in out
+
+
+def test_recorded_llm_calls_are_kept_as_long_as_the_records_that_name_them() -> None:
+    from ledgerbus.bus.archive import RetentionRule
+    from ledgerbus.router.retention import calls_max_age
+
+    plain = Settings()
+    assert calls_max_age(RetentionRule(audit_max_age="7d", archive_max_age="90d"), plain) == 97 * 86400
+    assert calls_max_age(RetentionRule(audit_max_age="0", audit_max_bytes="0"), plain) == 0  # nothing leaves AUDIT
+    assert calls_max_age(RetentionRule(audit_max_age="1d", archive_max_age="0"), plain) == 0  # the archive keeps all
+    assert calls_max_age(RetentionRule(audit_max_age="0", audit_max_bytes="1GB", archive_max_age="30d"),
+                         plain) == plain.llm_calls_max_age_s
