@@ -36,7 +36,8 @@ class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):
     temperature: float | None = None
     schema: dict[str, Any] | None = None
     """A JSON schema: ask the model for structured output that matches it (Anthropic: a
-    forced tool whose input schema it is; vLLM: ``response_format`` ``json_schema``)."""
+    forced tool whose input schema it is; OpenAI-compatible: ``response_format``
+    ``json_schema``; scripted: the answer's ``data``)."""
     schema_name: str = "output"
 
 
@@ -57,13 +58,14 @@ class ChatResult(msgspec.Struct, frozen=True, kw_only=True):
     stop_reason: str = ""
 
 
-ErrorKind = Literal["rate_limited", "timeout", "server", "malformed", "refused", "config"]
+ErrorKind = Literal["rate_limited", "timeout", "server", "malformed", "refused", "config", "exhausted"]
 
 
 class ProviderError(AgentError):
     """A provider call that failed. ``retryable`` kinds (rate limits, timeouts, 5xx,
     malformed bodies) move the router on to the next fallback; the others (a refused
-    request: 4xx other than 429; bad configuration) fail the call at once."""
+    request: 4xx other than 429; bad configuration; ``exhausted``: a scripted provider out
+    of answers) fail the call at once."""
 
     RETRYABLE: frozenset[str] = frozenset({"rate_limited", "timeout", "server", "malformed"})
 

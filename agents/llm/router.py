@@ -10,8 +10,9 @@ A call tries the route's candidates in order, the primary first:
 - the last candidate, rate limited with a ``retry-after``, is the exception: nothing is
   left to move on to, so it waits that long (at most :attr:`LLMRouter.max_retry_wait_s`)
   and is tried once more;
-- any other failure (``refused``: the request itself is wrong; ``config``) fails the call
-  at once, since another model would refuse it too or the operator has to act;
+- any other failure (``refused``: the request itself is wrong; ``config``; ``exhausted``:
+  a scripted provider ran out of answers) fails the call at once, since another model
+  would refuse it too, the operator has to act, or it would hide a script that ran short;
 - when every candidate failed, the error has the kind of the last failure and lists
   every attempt with what the provider said: ``llm.chat failed: claude/claude-x:
   rate_limited (429, retry after 2s): <the API's message>; local/qwen: server (500): ...``.
@@ -139,8 +140,10 @@ class LLMRouter:
         return self.routing.providers[name]
 
     def system(self, name: str) -> str:
-        """The provider's type (``anthropic``, ``vllm``): the span's ``gen_ai.system``."""
-        return self._provider_config(name).type
+        """The API the provider speaks, as OpenTelemetry names it (the span's
+        ``gen_ai.system``): ``anthropic``, ``openai`` (for the ``vllm`` alias too), or
+        ``scripted``."""
+        return config.GEN_AI_SYSTEMS[self._provider_config(name).type]
 
     def cost(self, model: str, tokens_in: int, tokens_out: int) -> float:
         """A call's cost in USD by the price table (0.0 for a model without a price)."""
@@ -170,17 +173,22 @@ class LLMRouter:
 def _make(name: str, settings: ProviderConfig) -> Provider:
     """A provider of the configured type. The SDKs are imported here, on first use:
     ``anthropic`` alone takes seconds to import, which an agent that never calls it (or
-    a vLLM-only one) should not pay at start."""
+    an OpenAI-compatible-only one) should not pay at start."""
     if settings.type == "anthropic":
         from ledgerbus.agents.llm.anthropic import AnthropicProvider
 
         return AnthropicProvider(name, base_url=settings.base_url, api_key_env=settings.key_env(),
                                  timeout_s=settings.timeout_s)
-    from ledgerbus.agents.llm.vllm import VLLMProvider
+    if settings.type == "scripted":
+        from ledgerbus.agents.llm.scripted import ScriptedProvider
 
-    assert settings.base_url is not None  # config.parse refuses a vllm provider without one
-    return VLLMProvider(name, base_url=settings.base_url, api_key_env=settings.key_env(),
-                        timeout_s=settings.timeout_s)
+        # config.parse has read a file's answers into `answers`.
+        return ScriptedProvider(name, answers=settings.answers or [])
+    from ledgerbus.agents.llm.openai_compat import OPENAI_BASE_URL, OpenAIProvider
+
+    # "openai" and its alias "vllm" (which config.parse refuses without a base_url).
+    return OpenAIProvider(name, base_url=settings.base_url or OPENAI_BASE_URL, api_key_env=settings.key_env(),
+                          timeout_s=settings.timeout_s)
 
 
 class CallSite:
