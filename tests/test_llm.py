@@ -399,21 +399,23 @@ def test_the_example_routing_file_loads_and_its_commented_routes_are_valid() -> 
 # -- Keys, logs, spans -----------------------------------------------------------------------------
 
 
-async def test_a_missing_api_key_fails_the_call_as_config_naming_the_variable(
+async def test_a_missing_api_key_falls_through_to_the_next_candidate_naming_the_variable(
     tmp_path: Path, fakes: Callable[..., FakeLLM], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("ANTHROPIC_API_KEY")
-    fake = fakes()
-    async with router_for(tmp_path, anthropic("claude", fake), vllm("local", fake),
-                          route("local", "qwen", table='skills."chat"'),
-                          route("claude", "claude-x", ("local", "qwen"))) as router:
-        assert (await router.bind("chat").chat("hello")).provider == "local"  # a vLLM route needs no key
-        with pytest.raises(ProviderError) as caught:
-            await router.bind("plan").chat("hello")
-    assert caught.value.kind == "config"
-    assert str(caught.value) == ("claude/claude-x: config: set ANTHROPIC_API_KEY in the environment"
-                                 " to the Anthropic API key")
-    assert len(fake.requests) == 1  # a configuration mistake does not fall back
+    fake = fakes(answer("from the local server"))
+    usages = Usages()
+    with structlog.testing.capture_logs() as logs:
+        async with router_for(tmp_path, anthropic("claude", fake), vllm("local", fake),
+                              route("claude", "claude-x", ("local", "qwen"))) as router:
+            result = await router.bind("plan", usage=usages).chat("hello")
+    assert (result.text, result.provider) == ("from the local server", "local")
+    assert [r.path for r in fake.requests] == ["/v1/chat/completions"]  # nothing sent without the key
+    assert usages.outcomes == [("claude", "claude-x", "config"), ("local", "qwen", "ok")]
+    [unusable] = [entry for entry in logs if entry["event"] == "llm_provider_unusable"]
+    assert unusable == {"event": "llm_provider_unusable", "log_level": "warning", "provider": "claude",
+                        "reason": "set ANTHROPIC_API_KEY in the environment to the Anthropic API key",
+                        "next": "local/qwen"}
 
 
 async def test_the_key_never_shows_in_logs_errors_or_spans(

@@ -1,5 +1,6 @@
 """Providers as users name them: ``openai`` for any OpenAI-compatible server (``vllm`` kept
-as its alias), and the ``scripted`` provider's canned answers. The OpenAI-compatible server is
+as its alias), a provider without its key passed over for the next candidate with one
+warning, and the ``scripted`` provider's canned answers. The OpenAI-compatible server is
 tests/fakellm.py, a real HTTP server that the real SDK talks to; nothing reaches the
 public APIs (a provider without its key never sends)."""
 
@@ -8,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -22,7 +24,7 @@ from ledgerbus.agents.llm.openai_compat import OPENAI_BASE_URL, OpenAIProvider
 from ledgerbus.agents.llm.scripted import ScriptedAnswer, ScriptedProvider
 from ledgerbus.bus.errors import ConfigError
 from tests.fakellm import FakeLLM, answer
-from tests.test_llm import SCHEMA, Usages, route, router_for, vllm
+from tests.test_llm import SCHEMA, Usages, anthropic, route, router_for, vllm
 
 PLAN = {"title": "Ship it", "steps": ["build", "test"]}
 
@@ -49,6 +51,10 @@ def openai(name: str, fake: FakeLLM | None = None, extra: str = "") -> str:
 
 def scripted(name: str, body: str) -> str:
     return f'[providers.{name}]\ntype = "scripted"\n{body}\n'
+
+
+def unusable_lines(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
+    return [entry for entry in logs if entry["event"] == "llm_provider_unusable"]
 
 
 # -- type = "openai", and its alias "vllm" ---------------------------------------------------------
@@ -103,6 +109,81 @@ def test_the_vllm_alias_still_needs_a_base_url_and_openai_does_not(tmp_path: Pat
     with pytest.raises(ConfigError, match="providers.local: a vllm provider needs base_url") as caught:
         LLMRouter.from_file(path)
     assert "providers.gpt" not in str(caught.value)
+
+
+# -- A provider without its key falls through ----------------------------------------------------------
+
+
+async def test_public_openai_without_a_key_falls_through_with_one_warning_for_every_call(
+    tmp_path: Path, fakes: Callable[..., FakeLLM]
+) -> None:
+    fake = fakes(answer("one"), answer("two"))
+    usages = Usages()
+    with structlog.testing.capture_logs() as logs:
+        async with router_for(tmp_path, openai("gpt"), openai("local", fake),
+                              route("gpt", "gpt-4o", ("local", "qwen"))) as router:
+            llm = router.bind("plan", usage=usages)
+            answers = [(await llm.chat("hi")).text, (await llm.chat("again")).text]
+            other = await router.bind("review").chat("from another task")
+    assert answers == ["one", "two"] and other.provider == "local"
+    assert unusable_lines(logs) == [{
+        "event": "llm_provider_unusable", "log_level": "warning", "provider": "gpt", "next": "local/qwen",
+        "reason": "set OPENAI_API_KEY in the environment to the OpenAI API key (api.openai.com needs one;"
+                  " a local OpenAI-compatible server does not)"}]
+    # Tried once, found unusable, then passed over: no more failed attempts to report.
+    assert usages.outcomes == [("gpt", "gpt-4o", "config"), ("local", "qwen", "ok"), ("local", "qwen", "ok")]
+
+
+async def test_anthropic_without_a_key_falls_through_to_an_openai_compatible_server(
+    tmp_path: Path, fakes: Callable[..., FakeLLM]
+) -> None:
+    fake = fakes(answer(data=PLAN))
+    with structlog.testing.capture_logs() as logs:
+        async with router_for(tmp_path, anthropic("claude", fake), openai("local", fake),
+                              route("claude", "claude-x", ("local", "qwen"))) as router:
+            result = await router.bind("plan").chat("plan the release", schema=SCHEMA, schema_name="plan")
+    assert (result.provider, result.data) == ("local", PLAN)
+    assert [r.path for r in fake.requests] == ["/v1/chat/completions"]
+    [line] = unusable_lines(logs)
+    assert (line["provider"], line["next"]) == ("claude", "local/qwen")
+    assert "ANTHROPIC_API_KEY" in str(line["reason"])
+
+
+async def test_when_every_candidate_is_unusable_the_error_lists_each_and_says_the_same_next_time(
+    tmp_path: Path, fakes: Callable[..., FakeLLM]
+) -> None:
+    fake = fakes()
+    errors: list[ProviderError] = []
+    with structlog.testing.capture_logs() as logs:
+        async with router_for(tmp_path, anthropic("claude", fake), openai("gpt"),
+                              route("claude", "claude-x", ("gpt", "gpt-4o"))) as router:
+            for _ in range(2):
+                with pytest.raises(ProviderError) as caught:
+                    await router.bind("plan").chat("hi")
+                errors.append(caught.value)
+    first, second = errors
+    assert str(first) == str(second) == (
+        "llm.chat failed: claude/claude-x: config: set ANTHROPIC_API_KEY in the environment to the Anthropic API"
+        " key; gpt/gpt-4o: config: set OPENAI_API_KEY in the environment to the OpenAI API key (api.openai.com"
+        " needs one; a local OpenAI-compatible server does not)")
+    assert (second.kind, second.provider, second.model) == ("config", "gpt", "gpt-4o")
+    assert [(line["provider"], line["next"]) for line in unusable_lines(logs)] == [
+        ("claude", "gpt/gpt-4o"), ("gpt", None)]
+    assert fake.requests == []
+
+
+async def test_an_unusable_provider_is_tried_again_once_the_router_made_its_providers_anew(
+    tmp_path: Path, fakes: Callable[..., FakeLLM], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = fakes(answer("fallback"), answer("primary"))
+    router = router_for(tmp_path, anthropic("claude", fake), openai("local", fake),
+                        route("claude", "claude-x", ("local", "qwen")))
+    assert (await router.bind("plan").chat("hi")).provider == "local"
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-set-later")
+    assert (await router.bind("plan").chat("hi")).provider == "local"  # this instance read no key
+    await router.aclose()
+    assert (await router.bind("plan").chat("hi")).provider == "claude"
+    await router.aclose()
 
 
 # -- type = "scripted" -------------------------------------------------------------------------------------

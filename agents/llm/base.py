@@ -2,8 +2,8 @@
 
 Skills never talk to a provider directly: they call ``ctx.llm.chat(...)`` (an
 :class:`agents.llm.router.LLM`), which picks the provider and model for the skill or
-role from the routing file, falls back in order on rate limits, timeouts and server
-errors, and reports every call's usage. Keys come only from the environment.
+role from the routing file, falls back in order on rate limits, timeouts, server
+errors and providers configured without their key, and reports every call's usage. Keys come only from the environment.
 """
 
 from __future__ import annotations
@@ -63,9 +63,11 @@ ErrorKind = Literal["rate_limited", "timeout", "server", "malformed", "refused",
 
 class ProviderError(AgentError):
     """A provider call that failed. ``retryable`` kinds (rate limits, timeouts, 5xx,
-    malformed bodies) move the router on to the next fallback; the others (a refused
-    request: 4xx other than 429; bad configuration; ``exhausted``: a scripted provider out
-    of answers) fail the call at once."""
+    malformed bodies) move the router on to the next fallback, and so does ``config`` (a
+    provider unusable as configured: no key), which the router then passes over; the
+    others (``refused``: 4xx other than 429; ``exhausted``: a scripted provider out of
+    answers) fail the call at once. A ``config`` error outside a candidate (no route at
+    all) fails the call too."""
 
     RETRYABLE: frozenset[str] = frozenset({"rate_limited", "timeout", "server", "malformed"})
 
