@@ -24,7 +24,7 @@ from ledgerbus.agents.llm.openai_compat import OPENAI_BASE_URL, OpenAIProvider
 from ledgerbus.agents.llm.scripted import ScriptedAnswer, ScriptedProvider
 from ledgerbus.bus.errors import ConfigError
 from tests.fakellm import FakeLLM, answer
-from tests.test_llm import SCHEMA, Usages, anthropic, route, router_for, vllm
+from tests.test_llm import REPO, SCHEMA, Usages, anthropic, route, router_for, vllm
 
 PLAN = {"title": "Ship it", "steps": ["build", "test"]}
 
@@ -284,3 +284,13 @@ def test_a_bad_line_of_an_answers_file_is_named_by_file_and_line(tmp_path: Path)
         LLMRouter.from_file(path)
     assert str(caught.value) == (f"LLM routing file {path}: providers.demo.file: {tmp_path / 'answers.jsonl'}"
                                  " line 3: expected str, got int - at `text`")
+
+
+async def test_the_scripted_example_in_llm_toml_loads_and_answers(tmp_path: Path) -> None:
+    text = (REPO / "llm.toml").read_text()
+    block = text[text.index("# [providers.demo]"):].split("\n\n", 1)[0]
+    example = "\n".join(line.removeprefix("# ") for line in block.splitlines())
+    async with router_for(tmp_path, example, route("demo", "canned")) as router:
+        hello = await router.bind("plan").chat("hi")
+        plan = await router.bind("plan").chat("plan it", schema=SCHEMA)
+    assert (hello.text, plan.data) == ("Hello from a script.", PLAN)
