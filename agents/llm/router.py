@@ -149,9 +149,10 @@ class LLMRouter:
 
     def system(self, name: str) -> str:
         """The API the provider speaks, as OpenTelemetry names it (the span's
-        ``gen_ai.system``): ``anthropic``, ``openai`` (for the ``vllm`` alias too), or
-        ``scripted``."""
-        return config.GEN_AI_SYSTEMS[self._provider_config(name).type]
+        ``gen_ai.system``): ``anthropic``, ``openai`` (for the ``vllm`` alias too),
+        ``scripted``; a type without an OpenTelemetry name by its own (``replay``)."""
+        kind: str = self._provider_config(name).type
+        return config.GEN_AI_SYSTEMS.get(kind, kind)
 
     def unusable(self, name: str) -> str | None:
         """Why the provider ``name`` cannot answer (a ``config`` failure), if it was found so."""
