@@ -25,7 +25,7 @@ from ledgerbus.agents.llm import ChatRequest, LLMRouter, Message, ProviderError,
 from ledgerbus.agents.llm import config as llm_config
 from ledgerbus.agents.llm.anthropic import AnthropicProvider
 from ledgerbus.agents.llm.base import Provider
-from ledgerbus.agents.llm.vllm import VLLMProvider
+from ledgerbus.agents.llm.openai_compat import OpenAIProvider
 from ledgerbus.bus.errors import ConfigError
 from tests.fakellm import FakeLLM, Reply, answer, hang, malformed, status
 
@@ -224,7 +224,7 @@ async def test_a_retryable_failure_falls_back_to_the_next_candidate(
 async def test_a_rate_limit_carries_the_servers_retry_after(fakes: Callable[..., FakeLLM]) -> None:
     fake = fakes(status(429, retry_after=2), status(429, retry_after=0.5))
     providers: list[Provider] = [AnthropicProvider("claude", base_url=fake.url),
-                                 VLLMProvider("local", base_url=fake.openai_url)]
+                                 OpenAIProvider("local", base_url=fake.openai_url)]
     for provider, wanted in zip(providers, (2.0, 0.5), strict=True):
         with pytest.raises(ProviderError) as caught:
             await provider.chat(user("hi"), model="m", max_tokens=10, params={})
@@ -365,7 +365,7 @@ async def test_a_skill_without_a_route_and_no_default_is_a_config_error(tmp_path
     ('[providers.p]\ntype = "anthropic"\ntimeout = 5\n', "unknown field `timeout` - at `providers.p`"),
     ('[providers.p]\ntype = "anthropic"\n[roles.architect]\nprovider = "p"\nmodel = "m"\nmax_token = 5\n',
      "unknown field `max_token` - at `roles.architect`"),
-    ('[providers.p]\ntype = "openai"\n', "not one of the allowed values: 'openai' - at `providers.p.type`"),
+    ('[providers.p]\ntype = "gemini"\n', "not one of the allowed values: 'gemini' - at `providers.p.type`"),
     ('[providers.p]\ntype = "vllm"\n', "providers.p: a vllm provider needs base_url"),
     ('[providers.p]\ntype = "anthropic"\n[default]\nprovider = "p"\nmodel = "m"\nparams = { stream = true }\n',
      "default.params: stream is set by the router"),
@@ -399,21 +399,23 @@ def test_the_example_routing_file_loads_and_its_commented_routes_are_valid() -> 
 # -- Keys, logs, spans -----------------------------------------------------------------------------
 
 
-async def test_a_missing_api_key_fails_the_call_as_config_naming_the_variable(
+async def test_a_missing_api_key_falls_through_to_the_next_candidate_naming_the_variable(
     tmp_path: Path, fakes: Callable[..., FakeLLM], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("ANTHROPIC_API_KEY")
-    fake = fakes()
-    async with router_for(tmp_path, anthropic("claude", fake), vllm("local", fake),
-                          route("local", "qwen", table='skills."chat"'),
-                          route("claude", "claude-x", ("local", "qwen"))) as router:
-        assert (await router.bind("chat").chat("hello")).provider == "local"  # a vLLM route needs no key
-        with pytest.raises(ProviderError) as caught:
-            await router.bind("plan").chat("hello")
-    assert caught.value.kind == "config"
-    assert str(caught.value) == ("claude/claude-x: config: set ANTHROPIC_API_KEY in the environment"
-                                 " to the Anthropic API key")
-    assert len(fake.requests) == 1  # a configuration mistake does not fall back
+    fake = fakes(answer("from the local server"))
+    usages = Usages()
+    with structlog.testing.capture_logs() as logs:
+        async with router_for(tmp_path, anthropic("claude", fake), vllm("local", fake),
+                              route("claude", "claude-x", ("local", "qwen"))) as router:
+            result = await router.bind("plan", usage=usages).chat("hello")
+    assert (result.text, result.provider) == ("from the local server", "local")
+    assert [r.path for r in fake.requests] == ["/v1/chat/completions"]  # nothing sent without the key
+    assert usages.outcomes == [("claude", "claude-x", "config"), ("local", "qwen", "ok")]
+    [unusable] = [entry for entry in logs if entry["event"] == "llm_provider_unusable"]
+    assert unusable == {"event": "llm_provider_unusable", "log_level": "warning", "provider": "claude",
+                        "reason": "set ANTHROPIC_API_KEY in the environment to the Anthropic API key",
+                        "next": "local/qwen"}
 
 
 async def test_the_key_never_shows_in_logs_errors_or_spans(
@@ -477,7 +479,7 @@ async def test_each_attempt_is_an_llm_chat_span_with_gen_ai_attributes(
     attributes: dict[str, Any] = dict(ok.attributes or {})
     assert (attributes["gen_ai.system"], attributes["gen_ai.request.model"], attributes["ledgerbus.llm.provider"],
             attributes["gen_ai.usage.input_tokens"], attributes["gen_ai.usage.output_tokens"]) == (
-        "vllm", "qwen", "local", 3, 2)
+        "openai", "qwen", "local", 3, 2)  # the vllm alias speaks OpenAI's API
 
 
 async def test_aclose_closes_the_providers_made_and_a_later_call_makes_them_anew(

@@ -1,4 +1,5 @@
-"""LLM calls for skills: providers (Anthropic, vLLM), routing by skill and role, fallback.
+"""LLM calls for skills: providers (Anthropic, any OpenAI-compatible server, scripted
+answers for tests and demos), routing by skill and role, fallback.
 
 ``LLMRouter.from_file(settings.llm_config_path)`` loads the routing file (``llm.toml``);
 ``router.bind(skill, role, usage)`` is the :class:`LLM` a task's skill calls. The provider

@@ -2,8 +2,8 @@
 
 Skills never talk to a provider directly: they call ``ctx.llm.chat(...)`` (an
 :class:`agents.llm.router.LLM`), which picks the provider and model for the skill or
-role from the routing file, falls back in order on rate limits, timeouts and server
-errors, and reports every call's usage. Keys come only from the environment.
+role from the routing file, falls back in order on rate limits, timeouts, server
+errors and providers configured without their key, and reports every call's usage. Keys come only from the environment.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):
     temperature: float | None = None
     schema: dict[str, Any] | None = None
     """A JSON schema: ask the model for structured output that matches it (Anthropic: a
-    forced tool whose input schema it is; vLLM: ``response_format`` ``json_schema``)."""
+    forced tool whose input schema it is; OpenAI-compatible: ``response_format``
+    ``json_schema``; scripted: the answer's ``data``)."""
     schema_name: str = "output"
 
 
@@ -57,13 +58,16 @@ class ChatResult(msgspec.Struct, frozen=True, kw_only=True):
     stop_reason: str = ""
 
 
-ErrorKind = Literal["rate_limited", "timeout", "server", "malformed", "refused", "config"]
+ErrorKind = Literal["rate_limited", "timeout", "server", "malformed", "refused", "config", "exhausted"]
 
 
 class ProviderError(AgentError):
     """A provider call that failed. ``retryable`` kinds (rate limits, timeouts, 5xx,
-    malformed bodies) move the router on to the next fallback; the others (a refused
-    request: 4xx other than 429; bad configuration) fail the call at once."""
+    malformed bodies) move the router on to the next fallback, and so does ``config`` (a
+    provider unusable as configured: no key), which the router then passes over; the
+    others (``refused``: 4xx other than 429; ``exhausted``: a scripted provider out of
+    answers) fail the call at once. A ``config`` error outside a candidate (no route at
+    all) fails the call too."""
 
     RETRYABLE: frozenset[str] = frozenset({"rate_limited", "timeout", "server", "malformed"})
 

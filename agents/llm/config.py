@@ -2,9 +2,11 @@
 model serve each skill and role, in what fallback order, and what the models cost.
 
 The file is decoded strictly: an unknown key, a route naming a provider that is not
-declared, or a vLLM provider without a ``base_url`` is a :class:`~bus.errors.ConfigError`
-that names the file and the key, at load time rather than at the first call. The format
-is documented, with an example of every table, in the ``llm.toml`` at the repository root.
+declared, a ``vllm`` provider without a ``base_url`` or a scripted provider without its
+answers is a :class:`~bus.errors.ConfigError` that names the file and the key, at load
+time rather than at the first call (a scripted provider's answers ``file`` is read then
+too). The format is documented, with an example of every table, in the ``llm.toml`` at
+the repository root.
 """
 
 from __future__ import annotations
@@ -15,14 +17,25 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from ledgerbus.agents.llm.scripted import AnswerLine, read_answers
 from ledgerbus.bus.errors import ConfigError
 from ledgerbus.bus.problems import explain
 
 DEFAULT_MAX_TOKENS = 1024
 """A route's ``max_tokens`` when it does not say."""
 
-API_KEY_ENVS = {"anthropic": "ANTHROPIC_API_KEY", "vllm": "VLLM_API_KEY"}
-"""The environment variable each provider type reads its key from, unless ``api_key_env`` says."""
+ProviderType = Literal["anthropic", "openai", "vllm", "scripted"]
+"""``vllm`` is the older name of ``openai`` (any OpenAI-compatible server), kept as an
+alias that still needs a ``base_url`` and reads ``VLLM_API_KEY``."""
+
+API_KEY_ENVS: dict[str, str] = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY",
+                                "vllm": "VLLM_API_KEY"}
+"""The environment variable each provider type reads its key from, unless ``api_key_env``
+says (a scripted provider has no key)."""
+
+GEN_AI_SYSTEMS: dict[str, str] = {"anthropic": "anthropic", "openai": "openai", "vllm": "openai",
+                                  "scripted": "scripted"}
+"""Each type's ``gen_ai.system`` (the OpenTelemetry name of the API it speaks)."""
 
 RESERVED_PARAMS = frozenset({"model", "messages", "system", "max_tokens", "temperature", "stream", "tools",
                              "tool_choice", "response_format"})
@@ -33,21 +46,32 @@ _NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 
 
 class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """``[providers.NAME]``: one backend, reached with one HTTP client."""
+    """``[providers.NAME]``: one backend, reached with one HTTP client (a scripted
+    provider: a queue of canned answers)."""
 
-    type: Literal["anthropic", "vllm"]
+    type: ProviderType
     base_url: _NonEmpty | None = None
     """Anthropic: the API's address (default: the SDK's, or ``ANTHROPIC_BASE_URL``).
-    vLLM: required, the server's OpenAI-compatible root, e.g. ``http://127.0.0.1:8000/v1``."""
+    OpenAI: the server's OpenAI-compatible root, e.g. ``http://127.0.0.1:11434/v1``
+    (default: the public API, :data:`~agents.llm.openai_compat.OPENAI_BASE_URL`).
+    vLLM: the same, but required."""
     api_key_env: _NonEmpty | None = None
     """The environment variable holding the key (default: :data:`API_KEY_ENVS` of the type).
     The file names the variable, never the key."""
     timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     """How long one call may take before it fails as ``timeout`` and the router moves on."""
+    answers: list[AnswerLine] | None = None
+    """Scripted only: the answers, in order (a string, or a table with ``text`` and
+    optionally ``data``, ``tokens_in``, ``tokens_out``, ``stop_reason``). Once loaded,
+    a ``file``'s answers are here too."""
+    file: _NonEmpty | None = None
+    """Scripted only: a file of answers, one JSON value a line, relative to the routing
+    file's directory (once loaded: the resolved path)."""
 
     def key_env(self) -> str:
-        """The environment variable this provider reads its key from."""
-        return self.api_key_env or API_KEY_ENVS[self.type]
+        """The environment variable this provider reads its key from (``""``: none, for
+        a scripted provider)."""
+        return self.api_key_env or API_KEY_ENVS.get(self.type, "")
 
 
 class Price(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -145,14 +169,33 @@ def parse(data: bytes, path: Path) -> RoutingFile:
     problems = _problems(config)
     if problems:
         raise ConfigError(f"LLM routing file {path}: " + "; ".join(problems))
-    return config
+    return _with_answer_files(config, path)
+
+
+def _with_answer_files(config: RoutingFile, path: Path) -> RoutingFile:
+    """``config`` with each scripted provider's answers ``file`` read (relative to the
+    routing file's directory) into its ``answers``: a missing or broken file stops the
+    agent at start, as a mistake in the routing file itself does."""
+    providers = dict(config.providers)
+    for name, provider in config.providers.items():
+        if provider.type != "scripted" or provider.file is None:
+            continue
+        file = path.parent / provider.file
+        try:
+            answers = read_answers(file)
+        except ConfigError as exc:
+            raise ConfigError(f"LLM routing file {path}: providers.{toml_key(name)}.file: {exc}") from exc
+        providers[name] = msgspec.structs.replace(provider, file=str(file), answers=answers)
+    return msgspec.structs.replace(config, providers=providers)
 
 
 def _problems(config: RoutingFile) -> list[str]:
     """What the types cannot say: providers that routes name but the file does not
-    declare, vLLM providers without an address, params that would override the router."""
-    problems = [f"providers.{toml_key(name)}: a vllm provider needs base_url (its OpenAI-compatible /v1 address)"
-                for name, provider in config.providers.items() if provider.type == "vllm" and not provider.base_url]
+    declare, keys a provider's type does not take (a vllm provider without an address, a
+    scripted one without exactly one of answers and file), params that would override
+    the router."""
+    problems = [problem for name, provider in config.providers.items()
+                for problem in _provider_problems(f"providers.{toml_key(name)}", provider)]
     routes = [("default", config.default)] if config.default else []
     routes += [(f"skills.{toml_key(name)}", route) for name, route in config.skills.items()]
     routes += [(f"roles.{toml_key(name)}", route) for name, route in config.roles.items()]
@@ -165,6 +208,23 @@ def _problems(config: RoutingFile) -> list[str]:
                 problems.append(f"{at}: unknown provider {candidate.provider!r} (known: {known})")
             problems += [f"{at}.params: {name} is set by the router, not by params (max_tokens and temperature"
                          " are fields of the route)" for name in sorted(RESERVED_PARAMS & candidate.params.keys())]
+    return problems
+
+
+def _provider_problems(at: str, provider: ProviderConfig) -> list[str]:
+    if provider.type != "scripted":
+        problems = [f"{at}.{key}: only a scripted provider takes {key}"
+                    for key, value in (("answers", provider.answers), ("file", provider.file)) if value is not None]
+        if provider.type == "vllm" and not provider.base_url:
+            problems.append(f"{at}: a vllm provider needs base_url (its OpenAI-compatible /v1 address)")
+        return problems
+    problems = [f"{at}.{key}: a scripted provider calls no server, so it takes no {key}"
+                for key, value in (("base_url", provider.base_url), ("api_key_env", provider.api_key_env))
+                if value is not None]
+    if provider.answers is None and provider.file is None:
+        problems.append(f"{at}: a scripted provider needs answers (a list) or file (one JSON answer a line)")
+    elif provider.answers is not None and provider.file is not None:
+        problems.append(f"{at}: a scripted provider takes answers or file, not both")
     return problems
 
 

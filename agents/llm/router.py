@@ -10,8 +10,14 @@ A call tries the route's candidates in order, the primary first:
 - the last candidate, rate limited with a ``retry-after``, is the exception: nothing is
   left to move on to, so it waits that long (at most :attr:`LLMRouter.max_retry_wait_s`)
   and is tried once more;
-- any other failure (``refused``: the request itself is wrong; ``config``) fails the call
-  at once, since another model would refuse it too or the operator has to act;
+- a provider that cannot be used as configured (``config``: no API key) moves on too, so
+  that the fallback the routing file promises is one. It says so once per provider and
+  router (one agent process), in one ``llm_provider_unusable`` warning with the reason
+  and the next candidate; later calls pass it over without trying it (no span, no usage)
+  until :meth:`LLMRouter.aclose` drops the providers made;
+- any other failure (``refused``: the request itself is wrong; ``exhausted``: a scripted
+  provider ran out of answers) fails the call at once, since another model would refuse
+  it too, or would hide a script that ran short;
 - when every candidate failed, the error has the kind of the last failure and lists
   every attempt with what the provider said: ``llm.chat failed: claude/claude-x:
   rate_limited (429, retry after 2s): <the API's message>; local/qwen: server (500): ...``.
@@ -57,7 +63,8 @@ class LLMRouter:
     """The providers and routes of one routing file, shared by every task of an agent.
 
     Providers (and their HTTP clients) are made on first use and kept until
-    :meth:`aclose`, so a provider no route reaches never needs its key. ``tracer``
+    :meth:`aclose`, so a provider no route reaches never needs its key; one found unusable
+    (a ``config`` failure) is passed over until then. ``tracer``
     defaults to the ``ledgerbus.llm`` tracer of the global provider; pass one to record
     spans elsewhere (tests do).
     """
@@ -73,6 +80,8 @@ class LLMRouter:
         self.tracer = tracer or trace.get_tracer("ledgerbus.llm")
         self._providers: dict[str, Provider] = {}
         self._making: dict[str, asyncio.Future[Provider]] = {}
+        self._unusable: dict[str, str] = {}
+        """Providers that failed as ``config``, and why: passed over until :meth:`aclose`."""
 
     @classmethod
     def from_file(cls, path: Path | None, *, tracer: trace.Tracer | None = None) -> LLMRouter:
@@ -139,16 +148,35 @@ class LLMRouter:
         return self.routing.providers[name]
 
     def system(self, name: str) -> str:
-        """The provider's type (``anthropic``, ``vllm``): the span's ``gen_ai.system``."""
-        return self._provider_config(name).type
+        """The API the provider speaks, as OpenTelemetry names it (the span's
+        ``gen_ai.system``): ``anthropic``, ``openai`` (for the ``vllm`` alias too),
+        ``scripted``; a type without an OpenTelemetry name by its own (``replay``)."""
+        kind: str = self._provider_config(name).type
+        return config.GEN_AI_SYSTEMS.get(kind, kind)
+
+    def unusable(self, name: str) -> str | None:
+        """Why the provider ``name`` cannot answer (a ``config`` failure), if it was found so."""
+        return self._unusable.get(name)
+
+    def mark_unusable(self, name: str, reason: str, then: Candidate | None) -> None:
+        """Remember that the provider ``name`` cannot answer, and say so the first time:
+        one ``llm_provider_unusable`` warning with the reason and the candidate tried
+        instead (``then``; ``None``: it was the last)."""
+        if name in self._unusable:
+            return
+        self._unusable[name] = reason
+        log.warning("llm_provider_unusable", provider=name, reason=reason,
+                    next=f"{then.provider}/{then.model}" if then is not None else None)
 
     def cost(self, model: str, tokens_in: int, tokens_out: int) -> float:
         """A call's cost in USD by the price table (0.0 for a model without a price)."""
         return self.routing.cost(model, tokens_in, tokens_out) if self.routing is not None else 0.0
 
     async def aclose(self) -> None:
-        """Close every provider made so far (their HTTP clients)."""
+        """Close every provider made so far (their HTTP clients). Providers are made anew
+        on the next call, so one found unusable is tried again (its key may be set now)."""
         providers, self._providers = list(self._providers.values()), {}
+        self._unusable.clear()
         for provider in providers:
             await provider.aclose()
 
@@ -170,17 +198,22 @@ class LLMRouter:
 def _make(name: str, settings: ProviderConfig) -> Provider:
     """A provider of the configured type. The SDKs are imported here, on first use:
     ``anthropic`` alone takes seconds to import, which an agent that never calls it (or
-    a vLLM-only one) should not pay at start."""
+    an OpenAI-compatible-only one) should not pay at start."""
     if settings.type == "anthropic":
         from ledgerbus.agents.llm.anthropic import AnthropicProvider
 
         return AnthropicProvider(name, base_url=settings.base_url, api_key_env=settings.key_env(),
                                  timeout_s=settings.timeout_s)
-    from ledgerbus.agents.llm.vllm import VLLMProvider
+    if settings.type == "scripted":
+        from ledgerbus.agents.llm.scripted import ScriptedProvider
 
-    assert settings.base_url is not None  # config.parse refuses a vllm provider without one
-    return VLLMProvider(name, base_url=settings.base_url, api_key_env=settings.key_env(),
-                        timeout_s=settings.timeout_s)
+        # config.parse has read a file's answers into `answers`.
+        return ScriptedProvider(name, answers=settings.answers or [])
+    from ledgerbus.agents.llm.openai_compat import OPENAI_BASE_URL, OpenAIProvider
+
+    # "openai" and its alias "vllm" (which config.parse refuses without a base_url).
+    return OpenAIProvider(name, base_url=settings.base_url or OPENAI_BASE_URL, api_key_env=settings.key_env(),
+                          timeout_s=settings.timeout_s)
 
 
 class CallSite:
@@ -272,8 +305,9 @@ class LLM:
                 raise recording.miss(call.request_hash, site.path, call.n, site.match)
         candidates = self.router.route(self.skill, self.role).candidates()
         failures: list[ProviderError] = []
-        for candidate in candidates:
-            if (result := await self._try(candidate, request, failures, call)) is not None:
+        for at, candidate in enumerate(candidates):
+            then = candidates[at + 1] if at + 1 < len(candidates) else None
+            if (result := await self._try(candidate, request, failures, call, then)) is not None:
                 return result
         last = failures[-1]
         if last.kind == "rate_limited" and last.retry_after_s is not None:
@@ -287,13 +321,20 @@ class LLM:
                             status=last.status)
 
     async def _try(self, candidate: Candidate, request: ChatRequest, failures: list[ProviderError],
-                   call: _Call) -> ChatResult | None:
-        """One attempt; a retryable failure is added to ``failures`` (``None``: move on),
-        any other is raised."""
+                   call: _Call, then: Candidate | None = None) -> ChatResult | None:
+        """One attempt; a retryable or ``config`` failure is added to ``failures``
+        (``None``: move on to ``then``), any other is raised. A provider already found
+        unusable is not tried: its reason is added to ``failures`` as it stands."""
+        name = candidate.provider
+        if (reason := self.router.unusable(name)) is not None:
+            failures.append(ProviderError.of("config", reason, provider=name, model=candidate.model))
+            return None
         try:
             return await self._attempt(candidate, request, call)
         except ProviderError as error:
-            if not error.retryable:
+            if error.kind == "config":
+                self.router.mark_unusable(name, str(error).removeprefix(error.attempt + ": "), then)
+            elif not error.retryable:
                 raise
             failures.append(error)
             return None

@@ -1,12 +1,17 @@
-"""A vLLM server's OpenAI-compatible chat completions, through the official ``openai`` SDK.
+"""Any OpenAI-compatible chat completions server, through the official ``openai`` SDK:
+OpenAI itself, vLLM, Ollama, llama.cpp's server (``type = "openai"``, and ``"vllm"``, its
+older name, in the routing file).
 
-vLLM serves ``/v1/chat/completions`` and ignores the key unless started with
-``--api-key``; the SDK insists on one, so an unset key is sent as ``EMPTY`` (vLLM's own
-convention). As with Anthropic, the SDK's retries are off: the router decides.
+The public OpenAI API needs a key: without one, every ``chat`` fails as ``config`` naming
+the variable (at call time, not in the constructor: an agent whose routes never reach this
+provider must start; the router then falls through to the next candidate). A local server
+usually ignores the key (vLLM unless started with ``--api-key``); the SDK insists on one,
+so an unset key is sent there as ``EMPTY`` (vLLM's own convention). As with Anthropic, the
+SDK's retries are off: the router decides.
 
-Structured output uses ``response_format`` ``json_schema`` (strict), which vLLM enforces
-with guided decoding; the answer's content is then JSON, decoded into ``data``. Errors
-map onto :class:`ProviderError` kinds as for Anthropic: HTTP answers by
+Structured output uses ``response_format`` ``json_schema`` (strict), which OpenAI enforces
+and vLLM turns into guided decoding; the answer's content is then JSON, decoded into
+``data``. Errors map onto :class:`ProviderError` kinds as for Anthropic: HTTP answers by
 :func:`status_error`, no answer in time ``timeout``, no connection ``server``.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 import openai
@@ -25,20 +31,38 @@ from ledgerbus.agents.llm.base import ChatRequest, ChatResult, Message, Provider
 
 _NO_KEY = "EMPTY"
 
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+"""Where ``type = "openai"`` goes without a ``base_url``: the public OpenAI API."""
 
-class VLLMProvider:
-    """``type = "vllm"`` in the routing file: ``base_url`` is the server's ``/v1`` root."""
+_OPENAI_HOST = "api.openai.com"
 
-    def __init__(self, name: str, *, base_url: str, api_key_env: str = "VLLM_API_KEY",
+
+class OpenAIProvider:
+    """``type = "openai"`` (or ``"vllm"``) in the routing file: ``base_url`` is the
+    server's OpenAI-compatible ``/v1`` root.
+
+    The key is read from ``api_key_env`` when the provider is made. It is required only
+    by the public OpenAI API (``base_url`` on ``api.openai.com``); any other server gets
+    ``EMPTY`` when the variable is unset. The key goes only to the SDK's client.
+    """
+
+    def __init__(self, name: str, *, base_url: str = OPENAI_BASE_URL, api_key_env: str = "OPENAI_API_KEY",
                  timeout_s: float = 60.0) -> None:
         self.name = name
+        self.base_url = base_url
+        self.api_key_env = api_key_env
         self.timeout_s = timeout_s
-        self._client = openai.AsyncOpenAI(api_key=os.environ.get(api_key_env) or _NO_KEY, base_url=base_url,
-                                          timeout=timeout_s, max_retries=0)
+        key = os.environ.get(api_key_env)
+        self._client = None if not key and needs_key(base_url) else openai.AsyncOpenAI(
+            api_key=key or _NO_KEY, base_url=base_url, timeout=timeout_s, max_retries=0)
 
     async def chat(self, request: ChatRequest, *, model: str, max_tokens: int,
                    params: dict[str, Any]) -> ChatResult:
         """One ``chat.completions.create`` call; :class:`ProviderError` for anything but a good answer."""
+        if self._client is None:
+            raise ProviderError.of("config", f"set {self.api_key_env} in the environment to the OpenAI API key"
+                                   f" ({_OPENAI_HOST} needs one; a local OpenAI-compatible server does not)",
+                                   provider=self.name, model=model)
         messages: list[ChatCompletionMessageParam] = []
         if request.system:
             messages.append({"role": "system", "content": request.system})
@@ -51,7 +75,7 @@ class VLLMProvider:
             reply = await self._client.chat.completions.create(
                 model=model, messages=messages, max_tokens=max_tokens, response_format=response_format,
                 temperature=openai.omit if request.temperature is None else request.temperature,
-                # vLLM's own sampling fields (top_k, repetition_penalty...) are not SDK arguments.
+                # A server's own sampling fields (vLLM's top_k, repetition_penalty...) are not SDK arguments.
                 extra_body=params or None,
             )
         except openai.APIStatusError as exc:
@@ -85,7 +109,7 @@ class VLLMProvider:
             except msgspec.DecodeError as exc:
                 raise ProviderError.of("malformed", f"content is not JSON (finish_reason {stop_reason or 'none'}):"
                                        f" {excerpt(text)}", provider=self.name, model=model) from exc
-        # vLLM reports usage; a server that does not is not worth failing the call over.
+        # OpenAI and vLLM report usage; a server that does not is not worth failing the call over.
         usage = getattr(reply, "usage", None)
         tokens_in = getattr(usage, "prompt_tokens", 0)
         tokens_out = getattr(usage, "completion_tokens", 0)
@@ -95,7 +119,14 @@ class VLLMProvider:
 
     async def aclose(self) -> None:
         """Close the SDK's HTTP client (its connection pool)."""
-        await self._client.close()
+        if self._client is not None:
+            await self._client.close()
+
+
+def needs_key(base_url: str) -> bool:
+    """Whether a server refuses calls without a key: the public OpenAI API does; a local
+    OpenAI-compatible server (vLLM, Ollama, llama.cpp) is assumed not to."""
+    return urlsplit(base_url).hostname == _OPENAI_HOST
 
 
 def _turn(message: Message) -> ChatCompletionMessageParam:
