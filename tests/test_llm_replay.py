@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -242,3 +243,52 @@ async def test_the_reason_loop_that_wipes_its_memory_when_stuck_does_so_again_fr
     then, before = saved[f"fork-{new}-at-{at}"], saved[f"fork-{new}-before"]
     assert then["entries"] == 3 and then["restores"] == 1 and before["restores"] == 0
     assert before["seq"] < then["seq"] < next(r.seq for r in records if r.kind == "run_forked")
+
+
+async def test_a_replay_provider_answers_from_a_recording_file_and_names_a_call_it_cannot(
+        tmp_path: Path) -> None:
+    from ledgerbus.agents.llm.base import ChatRequest, ChatResult, Message, ProviderError
+    from ledgerbus.agents.llm.router import CallSite, LLMRouter
+    from ledgerbus.bus.errors import ConfigError
+
+    def recorded(path: str, n: int, prompt: str, text: str) -> bytes:
+        request = ChatRequest(messages=[Message(role="user", content=prompt)])
+        return calls.make(task_id="old", attempt=1, path=path, n=n, skill="llm.chat", role="", agent="a",
+                          request=request, request_sha256=calls.request_hash(request),
+                          result=ChatResult(text=text, provider="claude", model="claude-x"), max_tokens=10,
+                          params={}, max_bytes=1 << 20)[1]
+
+    (tmp_path / "run.jsonl").write_bytes(recorded("llm.chat", 1, "first", "one") + b"\n"
+                                         + recorded("llm.chat", 2, "second", "two") + b"\n")
+    routing = tmp_path / "llm.toml"
+    routing.write_text('[providers.rec]\ntype = "replay"\nfile = "run.jsonl"\nmatch = "{match}"\n\n'
+                       '[default]\nprovider = "rec"\nmodel = "recorded"\n'.replace("{match}", "lenient"))
+    reported: list[Any] = []
+
+    async def usage(u: Any) -> None:
+        reported.append(u)
+
+    async with LLMRouter.from_file(routing) as router:
+        llm = router.bind("llm.chat", usage=usage, site=CallSite(task_id="new", path="llm.chat"))
+        assert (await llm.chat("second")).text == "two"  # strict: the same request, whatever its number
+        assert (await llm.chat("a prompt that embeds an id")).text == "two"  # lenient: call 2 at this path
+        with pytest.raises(ProviderError, match="no recorded answer for call 3 of task path llm.chat") as miss:
+            await llm.chat("third")
+        assert "it has calls 1, 2 of that task" in str(miss.value)
+    assert [u.outcome for u in reported] == ["replayed", "replayed"] and all(u.call for u in reported)
+
+    routing.write_text(routing.read_text().replace('"lenient"', '"strict"'))
+    async with LLMRouter.from_file(routing) as router:
+        llm = router.bind("llm.chat", site=CallSite(task_id="new", path="llm.chat"))
+        with pytest.raises(ProviderError, match="none with the same request hash; lenient matching would"):
+            await llm.chat("first, reworded")
+
+    routing.write_text('[providers.rec]\ntype = "replay"\nfile = "missing.jsonl"\n')
+    with pytest.raises(ConfigError, match=r"providers.rec.file: .*missing.jsonl"):
+        LLMRouter.from_file(routing)
+    routing.write_text('[providers.rec]\ntype = "replay"\n')
+    with pytest.raises(ConfigError, match="a replay provider needs file"):
+        LLMRouter.from_file(routing)
+    routing.write_text('[providers.rec]\ntype = "openai"\nbase_url = "http://x/v1"\nmatch = "strict"\n')
+    with pytest.raises(ConfigError, match="only a replay provider takes match"):
+        LLMRouter.from_file(routing)

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from ledgerbus.agents.llm.base import ProviderError
+from ledgerbus.agents.llm.replay import Recording
 from ledgerbus.agents.llm.scripted import AnswerLine, read_answers
 from ledgerbus.bus.errors import ConfigError
 from ledgerbus.bus.problems import explain
@@ -24,9 +26,10 @@ from ledgerbus.bus.problems import explain
 DEFAULT_MAX_TOKENS = 1024
 """A route's ``max_tokens`` when it does not say."""
 
-ProviderType = Literal["anthropic", "openai", "vllm", "scripted"]
+ProviderType = Literal["anthropic", "openai", "vllm", "scripted", "replay"]
 """``vllm`` is the older name of ``openai`` (any OpenAI-compatible server), kept as an
-alias that still needs a ``base_url`` and reads ``VLLM_API_KEY``."""
+alias that still needs a ``base_url`` and reads ``VLLM_API_KEY``. ``replay`` answers from
+a recording file (docs/replay.md)."""
 
 API_KEY_ENVS: dict[str, str] = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY",
                                 "vllm": "VLLM_API_KEY"}
@@ -34,7 +37,7 @@ API_KEY_ENVS: dict[str, str] = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPE
 says (a scripted provider has no key)."""
 
 GEN_AI_SYSTEMS: dict[str, str] = {"anthropic": "anthropic", "openai": "openai", "vllm": "openai",
-                                  "scripted": "scripted"}
+                                  "scripted": "scripted", "replay": "replay"}
 """Each type's ``gen_ai.system`` (the OpenTelemetry name of the API it speaks)."""
 
 RESERVED_PARAMS = frozenset({"model", "messages", "system", "max_tokens", "temperature", "stream", "tools",
@@ -65,8 +68,12 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     optionally ``data``, ``tokens_in``, ``tokens_out``, ``stop_reason``). Once loaded,
     a ``file``'s answers are here too."""
     file: _NonEmpty | None = None
-    """Scripted only: a file of answers, one JSON value a line, relative to the routing
-    file's directory (once loaded: the resolved path)."""
+    """Scripted: a file of answers, one JSON value a line. Replay: the recording (``agentctl
+    llm export``), one recorded call a line. Relative to the routing file's directory (once
+    loaded: the resolved path)."""
+    match: Literal["strict", "lenient"] | None = None
+    """Replay only: ``strict`` answers a call only from a recorded call with the same request
+    hash; ``lenient`` (the default) else from the call at the same place of its task tree."""
 
     def key_env(self) -> str:
         """The environment variable this provider reads its key from (``""``: none, for
@@ -178,6 +185,14 @@ def _with_answer_files(config: RoutingFile, path: Path) -> RoutingFile:
     agent at start, as a mistake in the routing file itself does."""
     providers = dict(config.providers)
     for name, provider in config.providers.items():
+        if provider.type == "replay" and provider.file is not None:
+            recording = path.parent / provider.file
+            try:
+                Recording.from_file(recording)  # read now, so a missing or broken file stops the agent at start
+            except ProviderError as exc:
+                raise ConfigError(f"LLM routing file {path}: providers.{toml_key(name)}.file: {exc}") from exc
+            providers[name] = msgspec.structs.replace(provider, file=str(recording))
+            continue
         if provider.type != "scripted" or provider.file is None:
             continue
         file = path.parent / provider.file
@@ -212,6 +227,15 @@ def _problems(config: RoutingFile) -> list[str]:
 
 
 def _provider_problems(at: str, provider: ProviderConfig) -> list[str]:
+    if provider.match is not None and provider.type != "replay":
+        return [f"{at}.match: only a replay provider takes match"]
+    if provider.type == "replay":
+        problems = [f"{at}.{key}: a replay provider calls no server, so it takes no {key}"
+                    for key, value in (("base_url", provider.base_url), ("api_key_env", provider.api_key_env),
+                                       ("answers", provider.answers)) if value is not None]
+        if provider.file is None:
+            problems.append(f"{at}: a replay provider needs file (a recording: agentctl llm export TASK -o FILE)")
+        return problems
     if provider.type != "scripted":
         problems = [f"{at}.{key}: only a scripted provider takes {key}"
                     for key, value in (("answers", provider.answers), ("file", provider.file)) if value is not None]

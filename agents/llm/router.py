@@ -204,6 +204,9 @@ def _make(name: str, settings: ProviderConfig) -> Provider:
 
         return AnthropicProvider(name, base_url=settings.base_url, api_key_env=settings.key_env(),
                                  timeout_s=settings.timeout_s)
+    if settings.type == "replay":
+        assert settings.file is not None  # config.parse refuses a replay provider without one
+        return ReplayProvider(name, Recording.from_file(Path(settings.file)), settings.match or "lenient")
     if settings.type == "scripted":
         from ledgerbus.agents.llm.scripted import ScriptedProvider
 
