@@ -102,14 +102,27 @@ def _llm(app: App) -> list[Finding]:
                         "it exists (`agentctl init` writes one)")]
     findings = [Finding("llm routing", "ok", f"{path}: {len(routing.providers)} providers, "
                         f"{len(routing.skills)} skill and {len(routing.roles)} role routes")]
+    from ledgerbus.agents.llm.openai_compat import OPENAI_BASE_URL, needs_key
+
     for name, provider in sorted(routing.providers.items()):
+        if provider.type == "scripted":
+            findings.append(Finding(f"llm provider {name}", "warn", f"scripted: {len(provider.answers or [])} canned "
+                                    "answers, not a model (for tests and demos)"))
+            continue
+        if provider.type == "replay":
+            findings.append(Finding(f"llm provider {name}", "ok", f"replay: answers from the recording {provider.file}, "
+                                    "not a model"))
+            continue
         env = provider.key_env()
         has_key = bool(os.environ.get(env))
-        needs_key = provider.type == "anthropic"
-        level: Level = "ok" if has_key or not needs_key else "warn"
-        where = provider.base_url or "the SDK's default address"
+        address = provider.base_url or (OPENAI_BASE_URL if provider.type in ("openai", "vllm") else "")
+        required = provider.type == "anthropic" or (provider.type != "anthropic" and needs_key(address))
+        level: Level = "ok" if has_key or not required else "warn"
+        where = address or "the SDK's default address"
         findings.append(Finding(f"llm provider {name}", level,
-                                f"{provider.type} at {where}; {env} is {'set' if has_key else 'not set'}"))
+                                f"{provider.type} at {where}; {env} is {'set' if has_key else 'not set'}"
+                                + ("" if has_key or not required else
+                                   ": calls fall through to the route's next provider")))
     return findings
 
 

@@ -294,3 +294,19 @@ async def test_the_scripted_example_in_llm_toml_loads_and_answers(tmp_path: Path
         hello = await router.bind("plan").chat("hi")
         plan = await router.bind("plan").chat("plan it", schema=SCHEMA)
     assert (hello.text, plan.data) == ("Hello from a script.", PLAN)
+
+
+def test_doctor_names_what_each_provider_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ledgerbus.agentctl.common import App
+    from ledgerbus.agentctl.doctor import _llm
+    from ledgerbus.bus.settings import Settings
+
+    routing = tmp_path / "llm.toml"
+    routing.write_text('[providers.public]\ntype = "openai"\n\n[providers.local]\ntype = "openai"\n'
+                       'base_url = "http://127.0.0.1:8000/v1"\n\n[providers.canned]\ntype = "scripted"\n'
+                       'answers = ["a", "b"]\n')
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    found = {f.check: f for f in _llm(App(Settings(llm_config_path=routing), "console", "info"))}
+    assert found["llm provider public"].level == "warn" and "OPENAI_API_KEY is not set" in found["llm provider public"].detail
+    assert found["llm provider local"].level == "ok"
+    assert found["llm provider canned"].detail.startswith("scripted: 2 canned answers, not a model")
