@@ -197,13 +197,12 @@ class Tasks:
         """Submit a subtask of the running task; returns its id once the router accepted it.
 
         In a fork (docs/replay.md), a subtask the source run had completed by the fork point
-        is not run again: its id in the source run is returned, whose output
-        :meth:`wait` gives."""
-        place = self._place(skill)
-        if task_id is None and (kept := await self._kept(place)) is not None:
-            return kept.source_task_id
+        is not run again: it is submitted as kept, completed at once with the source's
+        output, which :meth:`wait` gives."""
+        kept = await self._kept(self._place(skill))
         event = TaskSubmitted(id=new_id(), task_id=task_id or new_id(), skill=skill, input=input or {},
-                              timeout_s=timeout_s, parent_task_id=self._parent, handoff=handoff, replay=self._replay)
+                              timeout_s=timeout_s, parent_task_id=self._parent, handoff=handoff, replay=self._replay,
+                              kept=kept)
         await self._w.write(event, True)
         return event.task_id
 

@@ -136,6 +136,9 @@ class TaskSubmitted(Event, tag="task_submitted", frozen=True):
     a part of it (``ctx.delegate``)."""
     replay: Replay | None = None
     """Its LLM calls (and its subtasks') are answered from a recording (a fork's, or a re-run's)."""
+    kept: Kept | None = None
+    """A subtask a forked skill submits again that had completed in the source run: it is
+    not run, and counts as completed with the source's output (only with ``replay``)."""
 
 
 class PlanStep(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

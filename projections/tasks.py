@@ -138,6 +138,10 @@ def _submitted(rows: Rows, record: AuditRecord, e: TaskSubmitted) -> None:
         "dispatches": 0 if held or waits else 1, "retryable": int((e.retry or NO_RETRY).max_attempts > 1),
         "updated_seq": seq,
     })
+    if e.kept is not None:  # a fork's subtask that is not run again
+        rows.update((e.task_id,), status=str(Status.COMPLETED), output=codec.encode(e.kept.output).decode(),
+                    finished_at=iso(record.at), progress=f"kept from {e.kept.source_task_id}", dispatches=0,
+                    retryable=0)
 
 
 def _plan_submitted(rows: Rows, record: AuditRecord, e: PlanSubmitted) -> None:

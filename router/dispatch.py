@@ -31,7 +31,7 @@ def work_item(record: AuditRecord, state: RouterState, tokens: ClaimTokens) -> W
     if not record.accepted or record.code not in ("ok", NO_AGENT):
         return None
     match record.event:
-        case TaskSubmitted() as submission:
+        case TaskSubmitted(kept=None) as submission:
             submitted_by = record.principal
         case TaskApproved(task_id=task_id):
             task = state.tasks.get(task_id)

@@ -195,7 +195,7 @@ class RouterState:
         # live skill provides it, as it does a plan step named by capabilities.
         waits = record.code == AWAITING_MATCH
         retry = submission.retry or NO_RETRY
-        self.tasks[submission.task_id] = TaskState(
+        made = self.tasks[submission.task_id] = TaskState(
             skill=submission.skill, submitter=record.principal, status=lifecycle.created(record, Shape.TASK),
             dispatch=0 if waits else 1, held=submission if held else None, budget=submission.budget,
             parent=submission.parent_task_id, retry=retry, retryable=retry.max_attempts > 1,
@@ -204,6 +204,8 @@ class RouterState:
             handoff=(str(submission.input.get("from", "")), str(submission.input.get("role", "")))
             if submission.handoff and submission.parent_task_id else None,
         )
+        if submission.kept is not None:  # a fork's subtask that is not run again: completed, with its output
+            made.status, made.submission, made.retryable, made.dispatch = Status.COMPLETED, None, False, 0
         if (parent := self.tasks.get(submission.parent_task_id or "")) is not None:
             parent.children.append(submission.task_id)
             self.tasks[submission.task_id].parent_dispatch = parent.dispatch

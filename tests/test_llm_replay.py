@@ -292,3 +292,32 @@ async def test_a_replay_provider_answers_from_a_recording_file_and_names_a_call_
     routing.write_text('[providers.rec]\ntype = "openai"\nbase_url = "http://x/v1"\nmatch = "strict"\n')
     with pytest.raises(ConfigError, match="only a replay provider takes match"):
         LLMRouter.from_file(routing)
+
+
+async def test_a_subtask_the_source_run_had_finished_is_kept_when_a_forked_skill_submits_it_again(
+    procs: Procs, admin: Client, settings: Settings, fake: FakeLLM  # noqa: F811
+) -> None:
+    from tests.test_llm_skills_e2e import phases
+
+    fake.push(*phases(0.5))
+    await start_system(procs, admin, ("thinker-1", "reason"), ("echo-1", "echo"))
+    code, out, err = await agentctl(settings, "submit", "reason", "--input",
+                                    json.dumps({"goal": "say hello loudly", "skills": ["echo"]}), "--wait", "--json",
+                                    timeout=60)
+    original = json.loads(out)
+    assert code == 0 and original["output"]["answer"] == "HELLO", (original, err)
+    fake.close()
+    js = admin.jetstream()
+    records = await audit_records(js)
+    [echo] = [r for r in records if r.kind == "task_submitted" and r.event.skill == "echo"]  # type: ignore[union-attr]
+    echoed = next(r.seq for r in records if r.key == echo.key and r.kind == "task_completed")
+
+    code, forked, err = await fork(settings, original["task_id"], echoed)
+    assert code == 0, (forked, err)
+    assert forked["output"] == original["output"] and forked["kept"] == [echo.key]
+    records = await audit_records(js)
+    [again] = [r for r in records if r.kind == "task_submitted" and r.event.skill == "echo"  # type: ignore[union-attr]
+               and r.event.parent_task_id == forked["task_id"]]  # type: ignore[union-attr]
+    assert again.event.kept is not None and again.event.kept.source_task_id == echo.key  # type: ignore[union-attr]
+    assert not [r for r in records if r.key == again.key and r.kind in ("task_started", "task_completed")], (
+        "a kept subtask is not run again")

@@ -474,6 +474,14 @@ class LogBuilder:
 
     def do_submit(self) -> None:
         self._submit(OPS, None)
+        if self.pick.integer(0, 5) == 0:  # a fork's subtask that is not run again: completed at once
+            task_id = self.new_task_id()
+            output = self.value()
+            self.tasks[task_id] = TaskModel(skill="echo", submitter=OPS, dispatch=0, status="completed",
+                                            output=output)
+            self.emit(OPS, TaskSubmitted(id=self.mid(), task_id=task_id, skill="echo", input={},
+                                         replay=Replay(recording="0" * 64),
+                                         kept=Kept(source_task_id=f"src-{task_id}", output=output)))
 
     def depth(self, task_id: str) -> int:
         """How many tasks are above ``task_id`` (a subtask of it would be one deeper)."""
@@ -1177,6 +1185,12 @@ def features(log: Sequence[AuditRecord], tables: Dump) -> set[str]:
         if not r.accepted:
             continue
         match r.event:
+            case TaskSubmitted(kept=Kept()):
+                found.add("fork's kept subtask")
+            case PlanSubmitted(kept=kept) if kept:
+                found.add("fork's kept plan step")
+            case CheckpointSaved(memory=MemoryImage()):
+                found.add("checkpoint of a given memory")
             case PlanSubmitted() if r.code == "approval_requested":
                 found.add("plan held for approval")
             case TaskCompleted() | TaskFailed() if r.principal == ROUTER:
@@ -1282,7 +1296,8 @@ def test_the_generated_logs_exercise_every_feature() -> None:
             "budget exceeded", "subtask", "plan held for approval", "plan completed", "plan failed", "step skipped",
             "cancelled by the router", "cancelled by a principal", "dispatched again to retry",
             "matched after no match", "claim of a later dispatch", "retries spent", "max deliveries",
-            "tasks compacted by an archive", "settled task kept with its open tree"} <= seen
+            "tasks compacted by an archive", "settled task kept with its open tree", "fork's kept subtask",
+            "fork's kept plan step", "checkpoint of a given memory"} <= seen
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 100])

@@ -22,7 +22,7 @@ def make(policy: PolicyFile) -> Check:
 
     def check(msg: Inbound, state: RouterState) -> Rejection | Learned | None:
         match msg.event:
-            case TaskSubmitted(skill=skill):
+            case TaskSubmitted(skill=skill, kept=None):
                 return learned(held=True) if policy.current().needs_approval(skill) else None
             case PlanSubmitted(steps=steps):
                 # One dangerous step holds the whole plan: nothing of it runs unapproved.

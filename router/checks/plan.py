@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from ledgerbus.bus.compaction import no_such
-from ledgerbus.bus.events import PlanSubmitted, ProposalApproved, RunForked, TaskCancelled, TaskSubmitted
+from ledgerbus.bus.events import Kept, PlanSubmitted, ProposalApproved, RunForked, TaskCancelled, TaskSubmitted
 from ledgerbus.bus.plans import validate
 from ledgerbus.router.checks import Check, Inbound, Rejection
 from ledgerbus.router.policy import Delegation, PolicyFile
@@ -51,6 +51,9 @@ def make(policy: PolicyFile, installed: Callable[[], Iterable[str]]) -> Check:
                                          f"{msg.principal_token} may not submit {step.skill} (step {step.id!r})")
                 if plan.parent_task_id is not None:
                     return _delegation(msg, state, plan.parent_task_id, current.delegation)
+            case TaskSubmitted(kept=Kept(), replay=None):
+                return Rejection("bad_submission", "a kept subtask belongs to a fork, which replays a recording"
+                                 " (replay is not set)")
             case TaskSubmitted(parent_task_id=parent_id) if parent_id is not None:
                 return _delegation(msg, state, parent_id, policy.current().delegation)
             case TaskCancelled(task_id=task_id, skipped=skipped):

@@ -50,8 +50,8 @@ def make(
     recent = timedelta(seconds=joined_within_s)
 
     def check(msg: Inbound, state: RouterState) -> Rejection | Learned | None:
-        if not isinstance(msg.event, TaskSubmitted):
-            return None
+        if not isinstance(msg.event, TaskSubmitted) or msg.event.kept is not None:
+            return None  # a fork's kept subtask runs nowhere
         skill = msg.event.skill
         if skill in installed():
             return None
