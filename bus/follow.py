@@ -16,6 +16,7 @@ from ledgerbus.bus import codec, lifecycle, subjects
 from ledgerbus.bus.events import (
     AuditRecord,
     Claim,
+    Kept,
     SkillUnmatched,
     TaskApproved,
     TaskCancelled,
@@ -185,6 +186,10 @@ class TaskView:
             case TaskCompleted(output=output):
                 self._finish(record)
                 self.output = output
+            case TaskSubmitted(kept=Kept(output=output, source_task_id=source)):  # a fork's: done already
+                self._finish(record)
+                self.output = output
+                self.notes.append(f"kept from {source}")
             case TaskFailed(error=error):
                 self._finish(record)
                 self.error = error

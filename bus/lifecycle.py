@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 from ledgerbus.bus.events import (
     AuditRecord,
+    PlanSubmitted,
     SkillUnmatched,
     TaskApproved,
     TaskCancelled,
@@ -26,6 +27,7 @@ from ledgerbus.bus.events import (
     TaskFailed,
     TaskRetryScheduled,
     TaskStarted,
+    TaskSubmitted,
     TaskUsage,
     kind_of,
 )
@@ -99,14 +101,19 @@ def settled(status: Status, retryable: bool) -> bool:
     return status in TERMINAL
 
 
-def created(record: AuditRecord, shape: Shape) -> Status:
+def created(record: AuditRecord, shape: Shape, step: str = "") -> Status:
     """The status of a task when the record that creates it is accepted: a submission
-    (``task_submitted``), a plan (``plan_submitted``), or each step of that plan; a
-    rejected submission makes a task that exists only in the submitter's view."""
+    (``task_submitted``), a plan (``plan_submitted``), or each step of that plan (``step``
+    its id); a rejected submission makes a task that exists only in the submitter's view.
+    A fork's kept subtask or plan step (``kept``: done in the run it comes from) is created
+    completed."""
     if not record.accepted:
         return Status.REJECTED
+    event = record.event
     if shape is Shape.STEP:
-        return Status.WAITING
+        return Status.COMPLETED if isinstance(event, PlanSubmitted) and step in event.kept else Status.WAITING
+    if isinstance(event, TaskSubmitted) and event.kept is not None:
+        return Status.COMPLETED
     if record.code == APPROVAL_REQUESTED:
         return Status.AWAITING_APPROVAL
     if shape is Shape.PLAN:
@@ -239,7 +246,8 @@ def mermaid() -> str:
              f"    [*] --> {Status.PENDING}: task_submitted",
              f"    [*] --> {Status.AWAITING_APPROVAL}: submitted, {APPROVAL_REQUESTED}",
              f"    [*] --> {Status.WAITING}: plan step, or {AWAITING_MATCH}",
-             f"    [*] --> {Status.RUNNING}: plan_submitted (the plan)"]
+             f"    [*] --> {Status.RUNNING}: plan_submitted (the plan)",
+             f"    [*] --> {Status.COMPLETED}: a fork's kept subtask or plan step"]
     seen: set[tuple[Status, str, Status]] = set()
     for t in TRANSITIONS:
         if (t.source, t.on, t.target) not in seen:

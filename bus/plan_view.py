@@ -146,6 +146,10 @@ class PlanView:
             self.status = lifecycle.created(record, Shape.PLAN)
             if not record.accepted:
                 self.code, self.reason = record.code, record.reason
+                return
+            for step in self.steps.values():  # a fork's kept steps are done already
+                if (status := lifecycle.created(record, Shape.STEP, step.step)) is not Status.WAITING:
+                    step.status, step.note = status, f"kept from {self.plan.kept[step.step].source_task_id}"
             return
         if not record.accepted:
             return

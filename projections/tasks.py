@@ -139,9 +139,8 @@ def _submitted(rows: Rows, record: AuditRecord, e: TaskSubmitted) -> None:
         "updated_seq": seq,
     })
     if e.kept is not None:  # a fork's subtask that is not run again
-        rows.update((e.task_id,), status=str(Status.COMPLETED), output=codec.encode(e.kept.output).decode(),
-                    finished_at=iso(record.at), progress=f"kept from {e.kept.source_task_id}", dispatches=0,
-                    retryable=0)
+        rows.update((e.task_id,), output=codec.encode(e.kept.output).decode(), finished_at=iso(record.at),
+                    progress=f"kept from {e.kept.source_task_id}", dispatches=0, retryable=0)
 
 
 def _plan_submitted(rows: Rows, record: AuditRecord, e: PlanSubmitted) -> None:
@@ -165,14 +164,14 @@ def _plan_submitted(rows: Rows, record: AuditRecord, e: PlanSubmitted) -> None:
         row = {
             **common, "task_id": step_task_id(e.task_id, s.id), "kind": "task", "skill": s.skill or "",
             "input": codec.encode(s.input).decode(), "timeout_s": s.timeout_s,
-            "status": str(lifecycle.created(record, Shape.STEP)),
+            "status": str(lifecycle.created(record, Shape.STEP, s.id)),
             "parent_task_id": e.task_id, "started_at": None, "step": s.id,
             "deps": codec.encode(s.deps).decode(),
             "needs": codec.encode(s.capabilities).decode() if s.capabilities else None, "priority": s.priority,
             "retryable": int(s.retry.max_attempts > 1),
         }
-        if (kept := e.kept.get(s.id)) is not None:  # a fork's step that is not run again
-            row.update(status=str(Status.COMPLETED), output=codec.encode(kept.output).decode(), finished_at=at,
+        if (kept := e.kept.get(s.id)) is not None:  # a fork's step that is not run again (created completed)
+            row.update(output=codec.encode(kept.output).decode(), finished_at=at,
                        progress=f"kept from {kept.source_task_id}", retryable=0)
         rows.put(row)
 

@@ -204,8 +204,8 @@ class RouterState:
             handoff=(str(submission.input.get("from", "")), str(submission.input.get("role", "")))
             if submission.handoff and submission.parent_task_id else None,
         )
-        if submission.kept is not None:  # a fork's subtask that is not run again: completed, with its output
-            made.status, made.submission, made.retryable, made.dispatch = Status.COMPLETED, None, False, 0
+        if submission.kept is not None:  # a fork's subtask that is not run again (created completed)
+            made.submission, made.retryable, made.dispatch = None, False, 0
         if (parent := self.tasks.get(submission.parent_task_id or "")) is not None:
             parent.children.append(submission.task_id)
             self.tasks[submission.task_id].parent_dispatch = parent.dispatch
@@ -225,14 +225,13 @@ class RouterState:
             self.tasks[plan_id].parent_dispatch = parent.dispatch
         for step, child in zip(plan.steps, children, strict=True):
             kept = plan.kept.get(step.id)
-            made = self.tasks[child] = StepState(
-                skill=step.skill or "", submitter=record.principal, status=lifecycle.created(record, Shape.STEP),
-                parent=plan_id, dispatch=0, retry=step.retry, step=step,
-                deps=tuple(step_task_id(plan_id, d) for d in step.deps), trace=trace,
-                retryable=step.retry.max_attempts > 1, replay=plan.replay,
+            self.tasks[child] = StepState(
+                skill=step.skill or "", submitter=record.principal,
+                status=lifecycle.created(record, Shape.STEP, step.id), parent=plan_id, dispatch=0, retry=step.retry,
+                step=step, deps=tuple(step_task_id(plan_id, d) for d in step.deps), trace=trace,
+                retryable=step.retry.max_attempts > 1 and kept is None, replay=plan.replay,
+                output=kept.output if kept is not None else None,  # a fork's step that is not run again
             )
-            if kept is not None:  # a fork's step that is not run again: completed, with its output
-                made.status, made.output, made.retryable = Status.COMPLETED, kept.output, False
             self._seen(child, self.tasks[child], record.seq)
 
     def _usage(self, record: AuditRecord, usage: TaskUsage) -> None:

@@ -462,7 +462,8 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> FastAP
         except PlanFileError as exc:
             raise ApiError(422, "invalid_plan", str(exc).removeprefix("plan: ")) from exc
         data: dict[str, Any] = codec.to_builtins(plan)
-        return {k: v for k, v in data.items() if k not in ("kind", "id", "task_id") and v is not None}
+        # What POST /plans takes: not the log's own fields, nor a fork's (agentctl fork makes those).
+        return {k: v for k, v in data.items() if k not in ("kind", "id", "task_id", "replay", "kept") and v is not None}
 
     @app.get("/skills", tags=["agents"])
     async def skills(bus: Caller) -> list[dict[str, Any]]:
