@@ -42,7 +42,6 @@ from ledgerbus.bus import codec, subjects
 from ledgerbus.bus.archive import configured
 from ledgerbus.bus.errors import LedgerbusError
 from ledgerbus.bus.events import (
-    PLAN_SKILL,
     CheckpointRestored,
     CheckpointSaved,
     Kept,
@@ -106,8 +105,8 @@ async def plan(js: JetStreamContext, settings: Settings, task_id: str, at_seq: i
     with tempfile.TemporaryDirectory(prefix="ledgerbus-fork-") as scratch:
         path = Path(scratch) / "at.db"
         try:
-            _, position = await rebuild_from_store(js, path, until_seq=at_seq, memory_list_cap=settings.memory_list_cap,
-                                                   archive=configured(settings)[0])
+            await rebuild_from_store(js, path, until_seq=at_seq, memory_list_cap=settings.memory_list_cap,
+                                     archive=configured(settings)[0])
         except ValueError as exc:
             raise ForkError(str(exc)) from exc
         db = await dbmod.open_reader(path)
@@ -119,13 +118,12 @@ async def plan(js: JetStreamContext, settings: Settings, task_id: str, at_seq: i
             if root["status"] == Status.COMPLETED:
                 raise ForkError(f"task {task_id} had completed by seq {at_seq}: a fork from there would keep "
                                 f"everything; fork it at a position before seq {root['updated_seq']}")
-            prefix = await _path_of(db, task_id)
+            prefix = await queries.task_path(db, task_id)
             nodes = list(_walk(root, prefix))
             images = {agent: await queries.get_memory(db, agent) for agent in sorted({n.agent for n in nodes if n.agent})}
         finally:
             await db.close()
-    del position
-    rebase = root["skill"] if root["kind"] != "plan" else PLAN_SKILL
+    rebase = root["skill"]  # a fork's root is a root: its path is its skill (``plan`` for a plan)
     kept = {_rebased(n.path, prefix, rebase): Kept(source_task_id=n.task_id, output=_output(root, n.task_id))
             for n in nodes if n.kept}
     recorded = [row["call"] for row in usage if row.get("call") and row["outcome"] in ("ok", "replayed")
@@ -196,33 +194,6 @@ def _output(root: dict[str, Any], task_id: str) -> Any:
 
 def _rebased(path: str, prefix: str, rebase: str) -> str:
     return rebase + path[len(prefix):] if path.startswith(prefix) else path
-
-
-async def _path_of(db: Any, task_id: str) -> str:
-    """The task's path in its own tree (it may be a subtask: a fork of it is a new root)."""
-    parts: list[str] = []
-    current: str | None = task_id
-    while current is not None and len(parts) < 32:
-        row = await queries._one(db, "SELECT task_id, kind, skill, step, parent_task_id FROM tasks WHERE task_id = ?",
-                                 (current,))
-        if row is None:
-            break
-        parent = row["parent_task_id"]
-        prow = (await queries._one(db, "SELECT kind FROM tasks WHERE task_id = ?", (parent,))
-                if parent is not None else None)
-        skill = row["skill"] if row["kind"] != "plan" else PLAN_SKILL
-        if prow is None:
-            parts.append(skill)
-            break
-        if row["step"] is not None and prow["kind"] == "plan":
-            parts.append(row["step"])
-        else:
-            siblings = await queries._all(db, "SELECT task_id FROM tasks WHERE parent_task_id = ? AND skill = ?"
-                                          " ORDER BY submitted_seq, task_id", (parent, row["skill"]))
-            ids = [s["task_id"] for s in siblings]
-            parts.append(f"{skill}.{ids.index(current) + 1}")
-        current = parent
-    return "/".join(reversed(parts))
 
 
 async def _submission(js: JetStreamContext, root: dict[str, Any]) -> TaskSubmitted | PlanSubmitted:

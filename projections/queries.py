@@ -233,6 +233,31 @@ async def usage_by_call(db: aiosqlite.Connection, call: str, limit: int = 10) ->
                       (call, call + "g", _limit(limit)))
 
 
+async def task_path(db: aiosqlite.Connection, task_id: str) -> str:
+    """A task's path in its tree, as the router names it (``router/dispatch.py:path_of``):
+    the root's skill (``plan`` for a plan), then each plan step's id, or ``<skill>.<n>`` for
+    the n-th subtask of that skill its parent submitted."""
+    parts: list[str] = []
+    current: str | None = task_id
+    while current is not None and len(parts) < 32:
+        row = await _one(db, "SELECT kind, skill, step, parent_task_id FROM tasks WHERE task_id = ?", (current,))
+        if row is None:
+            break
+        parent = row["parent_task_id"]
+        above = await _one(db, "SELECT kind FROM tasks WHERE task_id = ?", (parent,)) if parent is not None else None
+        if above is None:
+            parts.append(row["skill"])
+            break
+        if row["step"] is not None and above["kind"] == "plan":
+            parts.append(row["step"])
+        else:
+            siblings = await _all(db, "SELECT task_id FROM tasks WHERE parent_task_id = ? AND skill = ?"
+                                  " ORDER BY submitted_seq, task_id", (parent, row["skill"]))
+            parts.append(f"{row['skill']}.{[s['task_id'] for s in siblings].index(current) + 1}")
+        current = parent
+    return "/".join(reversed(parts))
+
+
 async def forks_of(db: aiosqlite.Connection, task_id: str) -> list[dict[str, Any]]:
     """The forks of ``task_id`` (``run_forked`` records naming it as the source), oldest first."""
     return await _all(db, "SELECT * FROM forks WHERE source_task_id = ? ORDER BY seq", (task_id,))
