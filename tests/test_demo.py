@@ -36,8 +36,8 @@ WRITE = os.environ.get("LEDGERBUS_WRITE_DEMO") == "1"
 TEAM = ["product-manager", "architect", "developer", "qa", "backend", "frontend", "devops", "testing"]
 """The Procfile's agent-team."""
 PROFILES = {"LEDGERBUS_PROFILES_PATH": str(REPO / "profiles.toml")}
-MODEL = "written-for-the-demo"
-"""The model the recording names: there was none, only these answers."""
+MODEL = "no-model-answers-written-for-this-demo"
+"""The model the recording names, so that every recorded call says it: there was none."""
 
 # -- the answers, written for the demo -----------------------------------------------------
 
@@ -559,6 +559,7 @@ async def test_the_demo_runs_the_pipeline_plan_and_reason_loop_from_the_shipped_
 
     sop, plan, reason = shown["sop"], shown["plan"], shown["reason"]
     assert {role: sop["output"]["outputs"][role]["text"] for role in SOP} == SOP
+    assert {sop["output"]["outputs"][role]["model"] for role in SOP} == {MODEL}  # and says so
     assert {role: sop["steps"][role]["agent"] for role in SOP} == {r: r.replace("_", "-") for r in SOP}
 
     assert plan["output"]["status"] == "completed"
@@ -576,8 +577,8 @@ async def test_the_demo_runs_the_pipeline_plan_and_reason_loop_from_the_shipped_
     shipped = {calls.call_hash(line) for line in (DEMO / "demo.jsonl").read_bytes().splitlines() if line.strip()}
     for run, count in ((sop, 4), (plan, 4), (reason, 8)):
         assert len(run["calls"]) == count, run["calls"]
-        assert {(c["outcome"], c["provider"], c["tokens_in"], c["cost_usd"]) for c in run["calls"]} == {
-            ("replayed", "demo", 0, 0.0)}
+        assert {(c["outcome"], c["provider"], c["model"], c["tokens_in"], c["cost_usd"]) for c in run["calls"]} == {
+            ("replayed", "demo", MODEL, 0, 0.0)}
         assert {c["call"] for c in run["calls"]} <= shipped
 
 
