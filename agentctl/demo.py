@@ -29,7 +29,7 @@ from rich.tree import Tree
 
 from ledgerbus.agentctl import pipelines
 from ledgerbus.agentctl.common import EXIT_FAILED, EXIT_TIMEOUT, App, err, fail, open_bus, out, run
-from ledgerbus.bus.errors import LedgerbusError
+from ledgerbus.bus.errors import LedgerbusError, NotFound
 from ledgerbus.client import Bus, Outcome, TaskHandle, TaskTimeout
 
 SOP_REQUIREMENT = "a todo app"
@@ -205,7 +205,10 @@ async def _projected(bus: Bus, task_id: str, within: float = 15.0) -> dict[str, 
     delay = 0.02
     async with asyncio.timeout(within):
         while True:
-            task: dict[str, Any] = await bus.get(task_id, tree=False)
+            try:
+                task: dict[str, Any] = await bus.get(task_id, tree=False)
+            except NotFound:
+                task = {"status": "not projected yet"}
             if task["status"] == "completed":
                 return task
             await asyncio.sleep(delay)  # the projector is a batch behind the log: no event to wait on
