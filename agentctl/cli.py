@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "web": "ledgerbus.agentctl.web:web", "trace": "ledgerbus.agentctl.traces:trace_cmd",
     "archive": "ledgerbus.agentctl.archive:archive",
     "llm": "ledgerbus.agentctl.llm:llm", "fork": "ledgerbus.agentctl.fork:fork",
+    "demo": "ledgerbus.agentctl.demo:demo",
 }
 """Every command, and where it lives: a command's module is imported only when it runs
 (or for ``--help``), so ``agentctl tasks`` does not pay for ``replay``'s imports."""

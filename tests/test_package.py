@@ -88,6 +88,11 @@ def test_the_wheel_installs_beside_openai_agents_and_runs_a_project_from_a_subdi
     ours = {p.name for p in site.iterdir() if p.is_dir() and not p.name.endswith((".dist-info", "__pycache__"))}
     assert not ours & set(TOP_LEVEL) - {"agents"}, "the wheel installed a generic top-level package"
     assert (site / "agents" / "agent.py").is_file()  # openai-agents' own, not overwritten
+    # The no-key demo's profile and recording are in the wheel, where `agentctl demo profile` says.
+    profile = Path(_run([str(installed / "agentctl"), "demo", "profile"], cwd=tmp_path).strip())
+    assert profile == site / "ledgerbus" / "agents" / "llm" / "demo" / "llm.toml", profile
+    shipped = REPO / "agents" / "llm" / "demo" / "demo.jsonl"
+    assert (profile.parent / "demo.jsonl").read_bytes() == shipped.read_bytes()
     _run_a_project(installed, tmp_path)
 
 
