@@ -321,3 +321,31 @@ async def test_a_subtask_the_source_run_had_finished_is_kept_when_a_forked_skill
     assert again.event.kept is not None and again.event.kept.source_task_id == echo.key  # type: ignore[union-attr]
     assert not [r for r in records if r.key == again.key and r.kind in ("task_started", "task_completed")], (
         "a kept subtask is not run again")
+
+
+async def test_an_answer_whose_recording_cannot_be_stored_is_kept_and_reported_without_a_hash(
+        tmp_path: Path) -> None:
+    import nats.errors
+    from structlog.testing import capture_logs
+
+    from ledgerbus.agents.llm.router import CallSite, LLMRouter
+
+    routing = tmp_path / "llm.toml"
+    routing.write_text('[providers.canned]\ntype = "scripted"\nanswers = ["paid for"]\n\n'
+                       '[default]\nprovider = "canned"\nmodel = "m"\n')
+    stored: list[bytes] = []
+    reported: list[Any] = []
+
+    async def broken(body: bytes) -> str:
+        stored.append(body)
+        raise nats.errors.TimeoutError
+
+    async def usage(u: Any) -> None:
+        reported.append(u)
+
+    async with LLMRouter.from_file(routing) as router:
+        llm = router.bind("llm.chat", usage=usage, site=CallSite(task_id="t", path="llm.chat", store=broken))
+        with capture_logs() as logs:
+            assert (await llm.chat("hello")).text == "paid for"
+    assert len(stored) == 1 and [(u.outcome, u.call) for u in reported] == [("ok", "")]
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["llm_provider_scripted", "llm_call_not_recorded"]

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import msgspec
+import nats.errors
 import structlog
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -303,7 +304,7 @@ class LLM:
         if site is not None and (recording := await site.recording()) is not None:
             found = recording.find(call.request_hash, site.path, call.n, site.match)
             if found is not None:
-                return await self._replayed(found, self.router.tracer, "replay")
+                return await self._replayed(found, "replay")
             if not site.live:
                 raise recording.miss(call.request_hash, site.path, call.n, site.match)
         candidates = self.router.route(self.skill, self.role).candidates()
@@ -397,15 +398,22 @@ class LLM:
     async def _record(self, request: ChatRequest, call: _Call, result: ChatResult, max_tokens: int,
                       params: dict[str, Any]) -> str:
         """Store the answered call (:mod:`agents.llm.calls`); its hash ("" when this binding
-        does not record). Stored before its usage is reported, so the record that names it
-        never names a call that is not there."""
+        does not record, or the store failed). Stored before its usage is reported, so the
+        record that names it never names a call that is not there. A store that fails loses
+        the recording, not the answer the call paid for: it is logged
+        (``llm_call_not_recorded``) and the usage is reported without a hash."""
         site = self.site
         if site is None or site.store is None:
             return ""
         _, body = calls.make(task_id=site.task_id, attempt=site.attempt, path=site.path, n=call.n, skill=self.skill,
                              role=self.role, agent=site.agent, request=request, request_sha256=call.request_hash,
                              result=result, max_tokens=max_tokens, params=params, max_bytes=site.max_bytes)
-        return await site.store(body)
+        try:
+            return await site.store(body)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("llm_call_not_recorded", skill=self.skill, task_id=site.task_id, n=call.n,
+                        error=str(exc) or type(exc).__name__)
+            return ""
 
     async def _from_replay_provider(self, name: str, request: ChatRequest, call: _Call) -> ChatResult:
         """A route's ``replay`` provider: the answer from its recording, or :class:`ReplayMiss`."""
@@ -415,15 +423,14 @@ class LLM:
         found = provider.recording.find(call.request_hash, path, call.n, provider.match)
         if found is None:
             raise provider.recording.miss(call.request_hash, path, call.n, provider.match)
-        return await self._replayed(found, self.router.tracer, name, provider.recording.raw.get(found[0]))
+        return await self._replayed(found, name, provider.recording.raw.get(found[0]))
 
-    async def _replayed(self, found: tuple[str, CallRecord], tracer: trace.Tracer, provider: str,
-                        raw: bytes | None = None) -> ChatResult:
+    async def _replayed(self, found: tuple[str, CallRecord], provider: str, raw: bytes | None = None) -> ChatResult:
         """A recorded answer, reported as a ``replayed`` call naming the recording it came from
         (no tokens spent; stored here first if it came from a file, so ``agentctl llm show``
         finds it)."""
         name, record = found
-        with tracer.start_as_current_span("llm.chat", kind=SpanKind.CLIENT, attributes={
+        with self.router.tracer.start_as_current_span("llm.chat", kind=SpanKind.CLIENT, attributes={
                 "gen_ai.operation.name": "chat", "gen_ai.system": "replay", "gen_ai.request.model": record.model,
                 "ledgerbus.llm.provider": provider, "ledgerbus.skill": self.skill, "ledgerbus.llm.call": name}):
             if raw is not None and self.site is not None and self.site.store is not None:
