@@ -6,10 +6,10 @@ answer a fork gets comes from the recordings:
 
 - every answered call is stored by content hash, named by its ``task_usage`` record, and
   shown by ``agentctl llm show`` (a changed body is refused);
-- a recorded SOP pipeline forked from its submission re-runs with no model reachable and
-  gets the same outputs, step for step; forked after its second role, the two roles done
-  by then are kept and the others re-run from the recording; with ``--live``, the calls
-  after the fork point go to the model;
+- a recorded SOP pipeline forked with ``--live`` after its first role asks the model for
+  the calls after the fork point; with the model gone, forked from its submission it re-runs
+  and gets the same outputs, step for step; forked after its second role, the two roles done
+  by then are kept and the others re-run from the recording;
 - the agents' memory is restored to the fork point through a checkpoint;
 - the ``reason`` loop that wipes its memory when stuck does so again, from the recording.
 """
@@ -91,6 +91,21 @@ async def test_a_recorded_pipeline_forks_with_no_model_and_gives_the_same_output
     code, out, err = await agentctl(settings, "llm", "show", "0" * 64)
     assert code == 2 and "no recorded call" in err, err
 
+    # --live, forked after the product manager: recorded up to the fork point, the model after it.
+    pm_done = next(r.seq for r in records if r.key == f"{plan_id}-product_manager" and r.kind == "task_completed")
+    fake.push(*[answer(f"{role} says: live") for role in ROLES[1:]])
+    asked = len(fake.requests)
+    code, live, err = await fork(settings, plan_id, pm_done, "--live")
+    assert code == 0, (live, err)
+    got = texts(live["output"]["outputs"])
+    assert got["product_manager"] == original["output"]["outputs"]["product_manager"]["text"]
+    assert [got[r] for r in ROLES[1:]] == [f"{r} says: live" for r in ROLES[1:]]
+    assert len(fake.requests) == asked + 3
+    records = await audit_records(js)
+    asked_live = [r.event for r in records if r.kind == "task_usage" and r.accepted
+                  and r.event.task_id.startswith(live["task_id"])]  # type: ignore[union-attr]
+    assert [u.outcome for u in asked_live] == ["ok"] * 3 and all(u.call for u in asked_live)  # type: ignore[attr-defined]
+
     # The model goes away: a fork from the submission replays every call.
     fake.close()
     submitted = next(r.seq for r in records if r.key == plan_id and r.kind == "plan_submitted")
@@ -104,7 +119,7 @@ async def test_a_recorded_pipeline_forks_with_no_model_and_gives_the_same_output
                 and r.event.task_id.startswith(new)]  # type: ignore[union-attr]
     assert [u.outcome for u in replayed] == ["replayed"] * 4  # type: ignore[attr-defined]
     assert [u.call for u in replayed] == [u.event.call for u in usages]  # type: ignore[attr-defined,union-attr]
-    [run_forked] = [r for r in records if r.kind == "run_forked"]
+    [run_forked] = [r for r in records if r.kind == "run_forked" and r.key == new]
     assert (run_forked.event.source_task_id, run_forked.event.at_seq) == (plan_id, submitted)  # type: ignore[union-attr]
     assert run_forked.principal.startswith("cli-") and run_forked.seq < next(
         r.seq for r in records if r.key == new and r.kind == "plan_submitted")
@@ -124,7 +139,7 @@ async def test_a_recorded_pipeline_forks_with_no_model_and_gives_the_same_output
     code, out, err = await agentctl(settings, "tasks", "show", plan_id, "--json")
     assert code == 0, err
     shown = json.loads(out)
-    assert [f["task_id"] for f in shown["forks"]] == [new, later["task_id"]]
+    assert [f["task_id"] for f in shown["forks"]] == [live["task_id"], new, later["task_id"]]
     assert texts(shown["output"]["outputs"]) == texts(original["output"]["outputs"])
     code, out, err = await agentctl(settings, "tasks", "show", later["task_id"], env={"COLUMNS": "200"})
     assert code == 0, err
@@ -134,31 +149,6 @@ async def test_a_recorded_pipeline_forks_with_no_model_and_gives_the_same_output
     # A fork from a point where the task had completed would keep everything: refused, saying so.
     code, refused, err = await fork(settings, plan_id, records[-1].seq)
     assert code == 3 and "had completed by seq" in err, (refused, err)
-
-
-async def test_a_live_fork_replays_up_to_the_fork_point_and_asks_the_model_after_it(
-    procs: Procs, admin: Client, settings: Settings, fake: FakeLLM  # noqa: F811
-) -> None:
-    fake.push(pm_answer(), *[answer(f"{role} says: done") for role in ROLES[1:]])
-    await start_team(procs, admin)
-    original = await run_pipeline(settings)
-    plan_id = original["task_id"]
-    js = admin.jetstream()
-    records = await audit_records(js)
-    pm_done = next(r.seq for r in records if r.key == f"{plan_id}-product_manager" and r.kind == "task_completed")
-    fake.push(*[answer(f"{role} says: live") for role in ROLES[1:]])
-    asked = len(fake.requests)
-    code, forked, err = await fork(settings, plan_id, pm_done, "--live")
-    assert code == 0, (forked, err)
-    got = texts(forked["output"]["outputs"])
-    assert got["product_manager"] == original["output"]["outputs"]["product_manager"]["text"]
-    assert [got[r] for r in ROLES[1:]] == [f"{r} says: live" for r in ROLES[1:]]
-    assert len(fake.requests) == asked + 3
-    # The calls the model answered were recorded like any other.
-    records = await audit_records(js)
-    live = [r.event for r in records if r.kind == "task_usage" and r.accepted
-            and r.event.task_id.startswith(forked["task_id"])]  # type: ignore[union-attr]
-    assert [u.outcome for u in live] == ["ok"] * 3 and all(u.call for u in live)  # type: ignore[attr-defined]
 
 
 async def test_a_recorded_call_whose_body_was_changed_is_refused(
@@ -207,28 +197,37 @@ def test_a_recorded_call_redacts_secrets_and_keeps_its_request_hash() -> None:
     assert record.request_hash == calls.request_hash(big)
 
 
-async def test_the_reason_loop_that_wipes_its_memory_when_stuck_does_so_again_from_the_recording(
+async def test_the_reason_loop_replays_its_wipe_when_stuck_and_keeps_a_subtask_done_before_the_fork_point(
     procs: Procs, admin: Client, settings: Settings, fake: FakeLLM  # noqa: F811
 ) -> None:
+    from tests.test_llm_skills_e2e import phases
+
     stuck = [answer(data={"facts": []}), answer(data={"analysis": "no idea"}), answer(data={"actions": []}),
              answer(data={"done": False, "progress": 0.0, "feedback": "still nothing"})]
-    fake.push(*stuck * 4)
-    await start_system(procs, admin, ("thinker-1", "reason"))
+    fake.push(*stuck * 4, *phases(0.5))
+    await start_system(procs, admin, ("thinker-1", "reason"), ("echo-1", "echo"))
     code, out, err = await agentctl(settings, "submit", "reason", "--input",
                                     json.dumps({"goal": "the impossible", "stuck_after": 2, "max_iterations": 6}),
                                     "--wait", "--json", timeout=60)
     original = json.loads(out)
     assert code == 1 and original["error"].startswith("stuck again"), (original, err)
+    code, out, err = await agentctl(settings, "submit", "reason", "--input",
+                                    json.dumps({"goal": "say hello loudly", "skills": ["echo"]}), "--wait", "--json",
+                                    timeout=60)
+    hello = json.loads(out)
+    assert code == 0 and hello["output"]["answer"] == "HELLO", (hello, err)
     fake.close()
     js = admin.jetstream()
     records = await audit_records(js)
+
+    # The loop that got stuck, wiped its working memory and got stuck again, forked in the
+    # middle of its first iteration with no model: the same wipe, the same error.
     task_id = original["task_id"]
     thoughts = [r for r in records if r.kind == "memory_written" and r.accepted and r.key == "thinker-1"]
     at = thoughts[2].seq  # three phases of the first iteration written
-
     code, forked, err = await fork(settings, task_id, at)
     assert code == 1, (forked, err)
-    assert forked["error"] == original["error"] and forked["memory_restored"] == ["thinker-1"], json.dumps(forked)[-600:]
+    assert forked["error"] == original["error"] and forked["memory_restored"] == ["thinker-1"], forked
     records = await audit_records(js)
     new = forked["task_id"]
     [wiped] = [r for r in records if r.kind == "memory_wiped" and r.accepted and task_id not in r.event.reason]  # type: ignore[union-attr]
@@ -242,7 +241,20 @@ async def test_the_reason_loop_that_wipes_its_memory_when_stuck_does_so_again_fr
     saved = {c["checkpoint_id"]: c for c in json.loads(out)}
     then, before = saved[f"fork-{new}-at-{at}"], saved[f"fork-{new}-before"]
     assert then["entries"] == 3 and then["restores"] == 1 and before["restores"] == 0
-    assert before["seq"] < then["seq"] < next(r.seq for r in records if r.kind == "run_forked")
+    assert before["seq"] < then["seq"] < next(r.seq for r in records if r.kind == "run_forked" and r.key == new)
+
+    # A subtask done in the source run is kept when the forked loop submits it again.
+    [echo] = [r for r in records if r.kind == "task_submitted" and r.event.skill == "echo"]  # type: ignore[union-attr]
+    echoed = next(r.seq for r in records if r.key == echo.key and r.kind == "task_completed")
+    code, forked, err = await fork(settings, hello["task_id"], echoed)
+    assert code == 0, (forked, err)
+    assert forked["output"] == hello["output"] and forked["kept"] == [echo.key]
+    records = await audit_records(js)
+    [again] = [r for r in records if r.kind == "task_submitted" and r.event.skill == "echo"  # type: ignore[union-attr]
+               and r.event.parent_task_id == forked["task_id"]]  # type: ignore[union-attr]
+    assert again.event.kept is not None and again.event.kept.source_task_id == echo.key  # type: ignore[union-attr]
+    assert not [r for r in records if r.key == again.key and r.kind in ("task_started", "task_completed")], (
+        "a kept subtask is not run again")
 
 
 async def test_a_replay_provider_answers_from_a_recording_file_and_names_a_call_it_cannot(
@@ -292,35 +304,6 @@ async def test_a_replay_provider_answers_from_a_recording_file_and_names_a_call_
     routing.write_text('[providers.rec]\ntype = "openai"\nbase_url = "http://x/v1"\nmatch = "strict"\n')
     with pytest.raises(ConfigError, match="only a replay provider takes match"):
         LLMRouter.from_file(routing)
-
-
-async def test_a_subtask_the_source_run_had_finished_is_kept_when_a_forked_skill_submits_it_again(
-    procs: Procs, admin: Client, settings: Settings, fake: FakeLLM  # noqa: F811
-) -> None:
-    from tests.test_llm_skills_e2e import phases
-
-    fake.push(*phases(0.5))
-    await start_system(procs, admin, ("thinker-1", "reason"), ("echo-1", "echo"))
-    code, out, err = await agentctl(settings, "submit", "reason", "--input",
-                                    json.dumps({"goal": "say hello loudly", "skills": ["echo"]}), "--wait", "--json",
-                                    timeout=60)
-    original = json.loads(out)
-    assert code == 0 and original["output"]["answer"] == "HELLO", (original, err)
-    fake.close()
-    js = admin.jetstream()
-    records = await audit_records(js)
-    [echo] = [r for r in records if r.kind == "task_submitted" and r.event.skill == "echo"]  # type: ignore[union-attr]
-    echoed = next(r.seq for r in records if r.key == echo.key and r.kind == "task_completed")
-
-    code, forked, err = await fork(settings, original["task_id"], echoed)
-    assert code == 0, (forked, err)
-    assert forked["output"] == original["output"] and forked["kept"] == [echo.key]
-    records = await audit_records(js)
-    [again] = [r for r in records if r.kind == "task_submitted" and r.event.skill == "echo"  # type: ignore[union-attr]
-               and r.event.parent_task_id == forked["task_id"]]  # type: ignore[union-attr]
-    assert again.event.kept is not None and again.event.kept.source_task_id == echo.key  # type: ignore[union-attr]
-    assert not [r for r in records if r.key == again.key and r.kind in ("task_started", "task_completed")], (
-        "a kept subtask is not run again")
 
 
 async def test_an_answer_whose_recording_cannot_be_stored_is_kept_and_reported_without_a_hash(
