@@ -444,9 +444,11 @@ class Bus:
         js = self.nc.jetstream(timeout=10)
         made = await fork.plan(js, self.settings, task_id, at_seq, usage, live=live, match=match)
         await calls.store(js, made.manifest_body)
+        # The fork's record first: whatever follows (the memory restored, the new root) is
+        # done under it, and a fork cut short is still in the log as one.
+        await self.send(made.forked, made.task_id)
         for event in made.memory:
             await self.send(event, event.agent)
-        await self.send(made.forked, made.task_id)
         return made, await self.send_submission(made.root)
 
     async def llm_call(self, call: str) -> tuple[str, CallRecord]:

@@ -12,12 +12,13 @@
 3. the recording: the tree's recorded LLM calls, from the live projection (all of them,
    or with ``live`` only those recorded by ``at_seq``: later calls go to the model), as a
    :class:`~agents.llm.replay.Manifest` stored in LLMCALLS;
-4. the memory of every agent that ran a task of the tree, as it was at ``at_seq``: a
+4. the record of the fork: ``run_forked`` (source, position, recording, what is kept and
+   restored), sent before anything it covers;
+5. the memory of every agent that ran a task of the tree, as it was at ``at_seq``: a
    checkpoint holding it (``CheckpointSaved.memory``) and its restore, after a checkpoint
    of the memory as it is now (so the fork can be undone);
-5. the records: ``run_forked`` (source, position, recording, what is kept and restored),
-   then the new root: the source's own submission, read back from AUDIT, under a new id,
-   with the recording to replay.
+6. the new root: the source's own submission, read back from AUDIT, under a new id, with
+   the recording to replay.
 
 The original run is not touched: the fork's tasks are new ones (``<new root>-<step>`` for
 a plan's steps).
@@ -78,7 +79,7 @@ class Node:
 @dataclass
 class ForkPlan:
     """What a fork sends, in order: the recording (:attr:`manifest_body`, stored first),
-    the checkpoints and restores of :attr:`memory`, :attr:`forked`, then :attr:`root`."""
+    :attr:`forked`, the checkpoints and restores of :attr:`memory`, then :attr:`root`."""
 
     source_task_id: str
     at_seq: int

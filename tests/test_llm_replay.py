@@ -241,7 +241,7 @@ async def test_the_reason_loop_replays_its_wipe_when_stuck_and_keeps_a_subtask_d
     saved = {c["checkpoint_id"]: c for c in json.loads(out)}
     then, before = saved[f"fork-{new}-at-{at}"], saved[f"fork-{new}-before"]
     assert then["entries"] == 3 and then["restores"] == 1 and before["restores"] == 0
-    assert before["seq"] < then["seq"] < next(r.seq for r in records if r.kind == "run_forked" and r.key == new)
+    assert next(r.seq for r in records if r.kind == "run_forked" and r.key == new) < before["seq"] < then["seq"]
 
     # A subtask done in the source run is kept when the forked loop submits it again.
     [echo] = [r for r in records if r.kind == "task_submitted" and r.event.skill == "echo"]  # type: ignore[union-attr]
