@@ -144,7 +144,10 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then drain: finish (or hand back) what is in hand."""
-        await wait_for_stream(self.js, subjects.WORK_STREAM, self.settings.connect_timeout_s)
+        # The router provisions the streams, then the buckets: an agent started first waits for
+        # both (honcho starts every process at once), rather than exit on a missing bucket.
+        for stream in (subjects.WORK_STREAM, subjects.kv_stream(subjects.AGENTS_BUCKET)):
+            await wait_for_stream(self.js, stream, self.settings.connect_timeout_s)
         subs = {skill: await pull.durable(self.nc, self.js, subjects.WORK_STREAM, work_consumer_config(self.settings, skill))
                 for skill in self.skills}
         # Work the router assigned to this agent (a step matched to it, in priority order).

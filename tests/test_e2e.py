@@ -3,6 +3,7 @@ subprocesses, and agentctl run as a person would run it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -89,6 +90,23 @@ async def test_submit_wait_json_returns_the_completed_task_with_echoed_output(
     code, out, _ = await agentctl(settings, "events", "--task", task_id, "--json")
     assert code == 0
     assert [json.loads(line)["seq"] for line in out.splitlines()] == [r.seq for r in history]
+
+
+async def test_an_agent_started_before_the_router_waits_for_its_streams_and_buckets_then_joins(
+    procs: Procs, admin: Client, settings: Settings
+) -> None:
+    # honcho starts every process at once: the router provisions the streams, then the
+    # buckets, and an agent must not exit on whichever is not there yet. Caught between the
+    # two: WORK is there (the admin fixture provisioned everything), the agents bucket not.
+    await admin.jetstream().delete_key_value(subjects.AGENTS_BUCKET)
+    agent = await procs.start("echo-1", "agent", "--name", "echo-1", "--skills", "echo")
+    await asyncio.sleep(3.0)  # long enough for it to start, connect and look for the bucket
+    assert agent.proc.returncode is None, "the agent gave up before the router provisioned its bucket"
+    await procs.start("router", "router")
+    await procs.start("projector", "projector")
+    await wait_for_record(admin.jetstream(), joined("echo-1"))
+    code, out, err = await agentctl(settings, "submit", "echo", "--input", '{"n": 1}', "--wait", "--json")
+    assert code == 0 and json.loads(out)["output"] == {"n": 1}, err
 
 
 async def test_exit_codes_say_failed_rejected_and_timed_out(procs: Procs, admin: Client, settings: Settings) -> None:
