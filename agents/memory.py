@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from nats.aio.client import Client
 
 from ledgerbus.agents.errors import AgentError
-from ledgerbus.bus import query
+from ledgerbus.bus import paths, query
 from ledgerbus.bus.errors import NotFound
 from ledgerbus.bus.events import (
     DEFAULT_TASK_TIMEOUT_S,
@@ -181,9 +181,9 @@ class Tasks:
         self._submitted: dict[str, int] = {}
 
     def _place(self, skill: str) -> str:
-        """The path the next subtask of ``skill`` gets (as ``router/dispatch.py:path_of`` names it)."""
+        """The path the next subtask of ``skill`` gets (:mod:`bus.paths`)."""
         n = self._submitted[skill] = self._submitted.get(skill, 0) + 1
-        return f"{self._path}/{skill}.{n}"
+        return paths.below(self._path, skill, n)
 
     async def _kept(self, path: str) -> Kept | None:
         """In a fork: the source run's task at ``path``, if it had completed by the fork point."""
@@ -214,7 +214,8 @@ class Tasks:
         fork, the steps the source run had completed by the fork point are kept, with
         their outputs, and not run again."""
         place = self._place(PLAN_SKILL)
-        kept = {step.id: k for step in steps if (k := await self._kept(f"{place}/{step.id}")) is not None}
+        kept = {step.id: k for step in steps
+                if (k := await self._kept(paths.below(place, step.skill or "", 0, step.id))) is not None}
         event = PlanSubmitted(id=new_id(), task_id=task_id or new_id(), steps=steps, name=name[:128],
                               parent_task_id=self._parent, replay=self._replay, kept=kept)
         await self._w.write(event, True)

@@ -39,7 +39,7 @@ from nats.js import JetStreamContext
 
 from ledgerbus.agents.llm import calls
 from ledgerbus.agents.llm.replay import Manifest
-from ledgerbus.bus import codec, subjects
+from ledgerbus.bus import codec, paths, subjects
 from ledgerbus.bus.archive import configured
 from ledgerbus.bus.errors import LedgerbusError
 from ledgerbus.bus.events import (
@@ -172,10 +172,10 @@ def _walk(task: dict[str, Any], path: str) -> Iterator[Node]:
     counts: dict[str, int] = {}
     for child in task.get("children") or []:
         if child.get("step") is not None and task["kind"] == "plan":
-            here = f"{path}/{child['step']}"
+            here = paths.below(path, child["skill"], 0, child["step"])
         else:
             counts[child["skill"]] = counts.get(child["skill"], 0) + 1
-            here = f"{path}/{child['skill']}.{counts[child['skill']]}"
+            here = paths.below(path, child["skill"], counts[child["skill"]])
         if child["status"] == Status.COMPLETED:
             yield Node(task_id=child["task_id"], path=here, skill=child["skill"], status=child["status"],
                        agent=child.get("agent"), kept=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiosqlite
 
+from ledgerbus.bus import paths
 from ledgerbus.bus.compaction import no_such
 from ledgerbus.projections.db import iso
 
@@ -234,28 +235,29 @@ async def usage_by_call(db: aiosqlite.Connection, call: str, limit: int = 10) ->
 
 
 async def task_path(db: aiosqlite.Connection, task_id: str) -> str:
-    """A task's path in its tree, as the router names it (``router/dispatch.py:path_of``):
-    the root's skill (``plan`` for a plan), then each plan step's id, or ``<skill>.<n>`` for
-    the n-th subtask of that skill its parent submitted."""
-    parts: list[str] = []
+    """A task's path in its tree (:mod:`bus.paths`), as the router names it, from the rows."""
+    chain: list[dict[str, Any]] = []
     current: str | None = task_id
-    while current is not None and len(parts) < 32:
-        row = await _one(db, "SELECT kind, skill, step, parent_task_id FROM tasks WHERE task_id = ?", (current,))
+    while current is not None and len(chain) < 32:
+        row = await _one(db, "SELECT task_id, kind, skill, step, parent_task_id FROM tasks WHERE task_id = ?",
+                         (current,))
         if row is None:
             break
-        parent = row["parent_task_id"]
-        above = await _one(db, "SELECT kind FROM tasks WHERE task_id = ?", (parent,)) if parent is not None else None
-        if above is None:
-            parts.append(row["skill"])
-            break
+        chain.append(row)
+        current = row["parent_task_id"]
+    if not chain:
+        return ""
+    above = chain[-1]
+    path: str = above["skill"]
+    for row in reversed(chain[:-1]):
         if row["step"] is not None and above["kind"] == "plan":
-            parts.append(row["step"])
+            path = paths.below(path, row["skill"], 0, row["step"])
         else:
             siblings = await _all(db, "SELECT task_id FROM tasks WHERE parent_task_id = ? AND skill = ?"
-                                  " ORDER BY submitted_seq, task_id", (parent, row["skill"]))
-            parts.append(f"{row['skill']}.{[s['task_id'] for s in siblings].index(current) + 1}")
-        current = parent
-    return "/".join(reversed(parts))
+                                  " ORDER BY submitted_seq, task_id", (above["task_id"], row["skill"]))
+            path = paths.below(path, row["skill"], [s["task_id"] for s in siblings].index(row["task_id"]) + 1)
+        above = row
+    return path
 
 
 async def forks_of(db: aiosqlite.Connection, task_id: str) -> list[dict[str, Any]]:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import structlog
 
-from ledgerbus.bus import codec, lifecycle, subjects
+from ledgerbus.bus import codec, lifecycle, paths, subjects
 from ledgerbus.bus.events import AuditRecord, TaskApproved, TaskSubmitted, WorkItem
 from ledgerbus.bus.lifecycle import NO_AGENT
 from ledgerbus.bus.publish import Publisher
 from ledgerbus.router.claims import ClaimTokens
 from ledgerbus.router.records import trace_headers
 from ledgerbus.router.state import RouterState
-from ledgerbus.router.tasks import StepState, TaskState
+from ledgerbus.router.tasks import AnyTask, StepState, TaskState
 
 log = structlog.get_logger(__name__)
 
@@ -59,27 +59,25 @@ MAX_PATH_DEPTH = 32
 
 
 def path_of(task_id: str, state: RouterState) -> str:
-    """Where a task sits in its tree, from the root: the root's skill, then for each task
-    below it its plan step id, or ``<skill>.<n>`` for the n-th subtask of that skill its
-    parent submitted (``reason/plan.1/design``). A re-run or a fork of the tree gives its
-    tasks the same paths, which is what recorded LLM calls are matched on."""
-    parts: list[str] = []
+    """Where a task sits in its tree (:mod:`bus.paths`), from the tasks the state holds (a
+    task whose parent an archive let go of counts as a root)."""
+    chain: list[tuple[str, AnyTask]] = []
     current: str | None = task_id
-    while current is not None and len(parts) < MAX_PATH_DEPTH:
-        task = state.tasks.get(current)
-        if task is None:
-            break
-        parent = state.tasks.get(task.parent) if task.parent is not None else None
+    while current is not None and len(chain) < MAX_PATH_DEPTH and (task := state.tasks.get(current)) is not None:
+        chain.append((current, task))
+        current = task.parent
+    if not chain:
+        return ""
+    above = chain[-1][1]
+    path = above.skill
+    for tid, task in reversed(chain[:-1]):
         if isinstance(task, StepState):
-            parts.append(task.step.id)
-        elif parent is None:
-            parts.append(task.skill)
+            path = paths.below(path, task.skill, 0, task.step.id)
         else:
-            same = [c for c in parent.children if (sibling := state.tasks.get(c)) is not None
-                    and sibling.skill == task.skill]
-            parts.append(f"{task.skill}.{same.index(current) + 1 if current in same else len(same)}")
-        current = task.parent if parent is not None else None
-    return "/".join(reversed(parts))
+            same = [c for c in above.children if (s := state.tasks.get(c)) is not None and s.skill == task.skill]
+            path = paths.below(path, task.skill, same.index(tid) + 1 if tid in same else len(same))
+        above = task
+    return path
 
 
 def routed_work_item(task_id: str, state: RouterState, tokens: ClaimTokens) -> WorkItem | None:

@@ -90,6 +90,11 @@ async def test_a_recorded_pipeline_forks_with_no_model_and_gives_the_same_output
     assert first in out and "sha256 matches" in out and "a todo app" in out and "product_manager says" in out
     code, out, err = await agentctl(settings, "llm", "show", "0" * 64)
     assert code == 2 and "no recorded call" in err, err
+    # The run's recording, exported as a file a replay provider reads: each line a stored body.
+    code, out, err = await agentctl(settings, "llm", "export", plan_id, "-o", str(settings.db_path.parent / "run.jsonl"))
+    assert code == 0, err
+    lines = (settings.db_path.parent / "run.jsonl").read_bytes().splitlines()
+    assert [calls.call_hash(line) for line in lines] == [u.event.call for u in usages]  # type: ignore[union-attr]
 
     # --live, forked after the product manager: recorded up to the fork point, the model after it.
     pm_done = next(r.seq for r in records if r.key == f"{plan_id}-product_manager" and r.kind == "task_completed")
@@ -195,6 +200,14 @@ def test_a_recorded_call_redacts_secrets_and_keeps_its_request_hash() -> None:
                               params={}, max_bytes=2000)
     assert len(body) <= 2000 and record.truncated == "request" and record.answer is not None
     assert record.request_hash == calls.request_hash(big)
+    # An answer too large even without the request's text is dropped too, and cannot be replayed.
+    long_answer = ChatResult(text="y" * 5000, provider="p", model="m")
+    record, body = calls.make(task_id="t", attempt=1, path="echo", n=1, skill="llm.chat", role="", agent="a",
+                              request=big, request_sha256=calls.request_hash(big), result=long_answer,
+                              max_tokens=10, params={}, max_bytes=2000)
+    assert len(body) <= 2000 and record.truncated == "answer" and record.answer is None
+    with pytest.raises(ValueError, match="kept no answer"):
+        record.result()
 
 
 async def test_the_reason_loop_replays_its_wipe_when_stuck_and_keeps_a_subtask_done_before_the_fork_point(

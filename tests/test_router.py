@@ -305,3 +305,41 @@ async def test_a_check_that_raises_rejects_the_message_and_the_router_lives(
     finally:
         stop.set()
         await serving
+
+
+async def test_only_an_operator_forks_and_only_a_fork_keeps_outputs_nobody_ran(
+    running_router: RunningRouter, connect_as: Connect, admin: Client
+) -> None:
+    from ledgerbus.bus.events import CheckpointSaved, Kept, MemoryImage, PlanStep, PlanSubmitted, Replay, RunForked
+
+    cli, agent = await connect_as("cli"), await connect_as("agent")
+    kept = Kept(source_task_id="old-1", output={"text": "done before"})
+    recording = Replay(recording="0" * 64)
+    forked = RunForked(id=new_id(), task_id="new-1", source_task_id="old-1", at_seq=1, recording="0" * 64)
+    await send(agent, AGENT, forked)
+    await send(agent, AGENT, CheckpointSaved(id=new_id(), agent="worker-1", checkpoint_id="c1",
+                                             memory=MemoryImage(observation=["planted"])))
+    await send(cli, CLI, PlanSubmitted(id=new_id(), task_id="p1", steps=[PlanStep(id="a", skill="echo")],
+                                       kept={"a": kept}))
+    await send(cli, CLI, TaskSubmitted(id=new_id(), task_id="t1", skill="echo", kept=kept))
+    # The same from an operator, in a fork: accepted, and the kept subtask is done at once.
+    await send(cli, CLI, forked)
+    await send(cli, CLI, TaskSubmitted(id=new_id(), task_id="t2", skill="echo", kept=kept, replay=recording))
+    await send(cli, CLI, submitted("t3"))
+    records = (await wait_for_records(admin.jetstream(), 7))[:6]
+    assert [(r.kind, r.verdict, r.code) for r in records] == [
+        ("run_forked", "rejected", "kind_not_allowed"),
+        ("checkpoint_saved", "rejected", "bad_checkpoint"),
+        ("plan_submitted", "rejected", "bad_plan"),
+        ("task_submitted", "rejected", "bad_submission"),
+        ("run_forked", "accepted", "ok"),
+        ("task_submitted", "accepted", "ok"),
+    ]
+    assert "only an operator" in records[1].reason
+    # t3's work item is published after t2's would have been: only it is there.
+    await wait_until(lambda: _work_at_least(admin, 1), 10, what="t3 dispatched")
+    assert await work_count(admin.jetstream()) == 1, "a kept subtask is dispatched to nobody"
+
+
+async def _work_at_least(admin: Client, n: int) -> bool:
+    return await work_count(admin.jetstream()) >= n

@@ -18,6 +18,7 @@ calls by hash). A call is answered by, in this order:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -113,7 +114,8 @@ class Recording:
         every call it lists; each is checked against its hash."""
         try:
             manifest = msgspec.json.decode(await calls.fetch_bytes(js, recording), type=Manifest)
-            records = [(name, await calls.fetch(js, name)) for name in manifest.calls]
+            fetched = await asyncio.gather(*(calls.fetch(js, name) for name in manifest.calls))
+            records = list(zip(manifest.calls, fetched, strict=True))
         except (calls.CallNotFound, calls.CallCorrupt, msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise ProviderError("config", f"recording {recording}: {exc}", provider="replay") from exc
         return cls(records, source=f"recording {recording[:12]} of task {manifest.source_task_id}",
