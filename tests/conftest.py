@@ -4,6 +4,7 @@ a temporary store), settings pointing at it, and connections as each principal."
 from __future__ import annotations
 
 import asyncio
+import compileall
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -18,6 +19,24 @@ from ledgerbus.bus.server import NatsServer
 from ledgerbus.bus.settings import Settings
 from ledgerbus.router.app import Router
 from tests.support import Procs, auth_dir, server_config, suite_settings
+
+PACKAGE_DIRS = ("bus", "router", "agents", "projections", "plugins", "agentctl", "ledgerbus")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Compile the project's own modules once, before the workers start.
+
+    The suite starts a few hundred Python processes (routers, agents, projectors, agentctl
+    calls); where PYTHONDONTWRITEBYTECODE is set, as on CI's machines, each would compile
+    the project's sources again (the installed packages are compiled at install: pyproject's
+    ``compile-bytecode``). ``py_compile`` writes the ``.pyc`` files whatever that says.
+    """
+    if hasattr(config, "workerinput"):
+        return
+    root = Path(__file__).resolve().parent.parent
+    for name in PACKAGE_DIRS:
+        # compileall skips symlinked directories (ledgerbus/<name> point at the top level).
+        compileall.compile_dir(root / name, quiet=1, workers=0)
 
 
 @pytest.fixture

@@ -19,7 +19,9 @@ Connect = Callable[[str], Awaitable[Client]]
 
 async def test_each_message_of_a_batch_gets_its_own_outcome(admin: Client, connect_as: Connect) -> None:
     router = await connect_as("router")
-    silent = await (await connect_as("agent-echo-1")).subscribe("notify.agent.echo-1.silent")  # never answers
+    listener = await connect_as("agent-echo-1")
+    silent = await listener.subscribe("notify.agent.echo-1.silent")  # never answers
+    await listener.flush()  # the server knows the subscription before the publish (else: no responders)
     publisher = await Publisher(router).start()
     seq = (await admin.jetstream().stream_info(subjects.AUDIT_STREAM)).state.last_seq
     started = time.monotonic()
