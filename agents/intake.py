@@ -36,6 +36,39 @@ async def keep_alive(msg: Msg, ack_wait_s: float, log: Any) -> None:
             log.warning("in_progress_failed", error=str(exc))
 
 
+class KeepAlive:
+    """:func:`keep_alive` for an item being run, armed as a timer: most items are settled
+    before the first ``in_progress`` is due, and then cost no task of their own."""
+
+    def __init__(self, msg: Msg, ack_wait_s: float, log: Any) -> None:
+        self._msg, self._log = msg, log
+        self._interval = max(ack_wait_s / 3, 0.1)
+        self._loop = asyncio.get_running_loop()
+        self._sending: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(self._interval, self._beat)
+
+    def _beat(self) -> None:
+        if failpoints.disabled("agent.keepalive"):
+            self._timer = None
+            return
+        if self._sending is None or self._sending.done():
+            self._sending = asyncio.create_task(self._send())
+        self._timer = self._loop.call_later(self._interval, self._beat)
+
+    async def _send(self) -> None:
+        try:
+            await self._msg.in_progress()
+        except nats.errors.Error as exc:
+            self._log.warning("in_progress_failed", error=str(exc))
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._sending is not None:
+            self._sending.cancel()
+
+
 class Intake:
     """Pulls each skill's work and runs it with ``run(skill, msg)``, at most ``concurrency``
     items at once; ``keep(msg)`` keeps an item alive while it waits for a slot."""

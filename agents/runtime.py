@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import nats.errors
+import nats.js.errors
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 from nats.js.kv import KeyValue
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
@@ -40,10 +42,11 @@ from ledgerbus.agents import profiles, workspace
 from ledgerbus.agents.claim import AttemptClaim
 from ledgerbus.agents.errors import SkillError
 from ledgerbus.agents.hooks import Hooks
-from ledgerbus.agents.intake import Intake, keep_alive
+from ledgerbus.agents.intake import Intake, KeepAlive, keep_alive
 from ledgerbus.agents.memory import Memory, Shared, Tasks, Writer
 from ledgerbus.agents.skill import Skill, SkillContext, decode_input, encode_output
 from ledgerbus.bus import codec, failpoints, metrics, pull, subjects, tracing
+from ledgerbus.bus.connection import PUBACK_TIMEOUT_S
 from ledgerbus.bus.errors import BusError, SchemaError
 from ledgerbus.bus.events import (
     AgentJoined,
@@ -62,6 +65,7 @@ from ledgerbus.bus.events import (
     new_id,
 )
 from ledgerbus.bus.provision import assigned_consumer_config, wait_for_stream, work_consumer_config
+from ledgerbus.bus.publish import Publisher
 from ledgerbus.bus.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -123,6 +127,9 @@ class Agent:
         self._loads: dict[str, int] = {}
         self.log = log.bind(agent=name, instance=self.instance)
         self.intake = Intake(concurrency, len(skills) + 1, self._handle, self._keep_alive, self.log)
+        self._publisher = Publisher(nc)
+        """Reports go out through one reply subscription (``bus/publish.py``), not a
+        request (an inbox, a timer and a future) per report as ``js.publish`` makes."""
 
     async def _store_call(self, body: bytes) -> str:
         """Store a recorded LLM call in LLMCALLS; its hash (``TaskUsage.call``)."""
@@ -219,18 +226,19 @@ class Agent:
         subject = subjects.ingress(self.principal, kind_of(type(event)))
         hdrs = tracing.inject(headers)
         hdrs[subjects.HDR_MSG_ID] = event.id
+        await self._publisher.start()
         delay = 0.2
         for attempt in range(1, _REPORT_TRIES + 1):
-            try:
-                await self.js.publish(subject, data, headers=hdrs)
+            (outcome,) = await self._publisher.publish([(subject, data, hdrs)], timeout=PUBACK_TIMEOUT_S)
+            if isinstance(outcome, PubAck):
                 return
-            except (TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
-                if attempt == _REPORT_TRIES:
-                    raise BusError(f"{kind_of(type(event))} not acknowledged by INGRESS: {exc}") from exc
-                await asyncio.sleep(delay)
-                delay *= 2
-            except nats.errors.Error as exc:
-                raise BusError(f"{kind_of(type(event))} refused by INGRESS: {exc}") from exc
+            if not isinstance(outcome, TimeoutError | nats.js.errors.NoStreamResponseError
+                              | nats.errors.ConnectionClosedError | nats.errors.ConnectionReconnectingError):
+                raise BusError(f"{kind_of(type(event))} refused by INGRESS: {outcome}")
+            if attempt == _REPORT_TRIES:
+                raise BusError(f"{kind_of(type(event))} not acknowledged by INGRESS: {outcome}")
+            await asyncio.sleep(delay)
+            delay *= 2
 
     async def _handle(self, skill_name: str, msg: Msg) -> None:
         try:
@@ -286,7 +294,7 @@ class Agent:
                             token=item.token)
         waiter: asyncio.Future[Notice] = asyncio.get_running_loop().create_future()
         self._claims[claim.id] = waiter
-        keepalive = asyncio.create_task(self._keep_alive(msg))
+        keepalive = KeepAlive(msg, self.settings.work_ack_wait_s, self.log)
         try:
             await self.report(claim)
             notice = await asyncio.wait_for(waiter, self.settings.claim_timeout_s)
@@ -403,7 +411,7 @@ class Agent:
                  if self.llm is not None else None),
             tracer=tracer,
         )
-        keepalive = asyncio.create_task(self._keep_alive(msg))
+        keepalive = KeepAlive(msg, self.settings.work_ack_wait_s, self.log)
         deadline = asyncio.timeout(item.timeout_s)
         result: TaskCompleted | TaskFailed | None = None
         outcome = "cancelled"
@@ -462,7 +470,10 @@ class Agent:
             return  # the claim was refused, or never answered: the message is settled
         await self.report(settled)
         await msg.ack()
-        tlog.info("task_finished", outcome=kind_of(type(result)))
+        # One line per task outcome: a failure at info; a completion at debug, since at
+        # hundreds of tasks a second the console would be nothing else (Celery's default
+        # level, warning, shows neither). Every outcome is in the audit log.
+        (tlog.info if isinstance(settled, TaskFailed) else tlog.debug)("task_finished", outcome=kind_of(type(result)))
 
     async def _execute(self, skill: Skill, ctx: SkillContext, raw: Any) -> Any:
         """Hooks before, the input checked against the skill's type, the skill, its output

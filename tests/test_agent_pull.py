@@ -19,6 +19,7 @@ from nats.aio.client import Client
 from ledgerbus.agents import intake
 from ledgerbus.agents.runtime import Agent
 from ledgerbus.agents.skill import SkillContext
+from ledgerbus.bus import subjects
 from ledgerbus.bus.events import AuditRecord, TaskSubmitted, new_id
 from ledgerbus.bus.settings import Settings
 from tests.conftest import RunningRouter
@@ -96,3 +97,25 @@ async def test_never_more_tasks_at_once_than_slots(one_slot: list[int], connect_
         done = await wait_for_record(admin.jetstream(), ended(task_id), timeout=3 * POLL)
         assert done.accepted and done.kind == "task_completed"
     assert one_slot == [0, 1]
+
+
+async def test_a_task_running_past_ack_wait_is_kept_alive_and_delivered_once(
+        running_router: RunningRouter, connect_as: Connect, settings: Settings, admin: Client) -> None:
+    # AckWait 0.6 s, the skill 2 s: without the keep-alive the item would come back (and be
+    # run again, as attempt 2) three times over.
+    short = settings.replace(work_ack_wait_s=0.6)
+    stop = asyncio.Event()
+    agent = Agent(await connect_as("agent-runner-1"), short, "runner-1", {"shell": Counted("shell", [0, 0])},
+                  concurrency=2)
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        await wait_for_record(admin.jetstream(), lambda r: r.kind == "agent_joined")
+        await submit(await connect_as("cli"), "long", "shell", seconds=2.0)
+        done = await wait_for_record(admin.jetstream(), ended("long"), timeout=10)
+        assert done.accepted and done.kind == "task_completed"
+        assert done.event is not None and done.event.attempt == 1  # type: ignore[union-attr]
+        info = await admin.jetstream().consumer_info(subjects.WORK_STREAM, subjects.work_consumer("shell"))
+        assert info.num_redelivered == 0 and info.num_ack_pending == 0
+    finally:
+        stop.set()
+        await task

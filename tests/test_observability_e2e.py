@@ -40,7 +40,8 @@ def otel_env(receiver: OTLPReceiver) -> dict[str, str]:
 async def start_traced_system(procs: Procs, admin: Client, env: dict[str, str]) -> None:
     await procs.start("router", "router", **env)
     await procs.start("projector", "projector", **env)
-    await procs.start("echo-1", "agent", "--name", "echo-1", "--skills", "echo", **env)
+    # At debug: a completed task's `task_finished` line is a debug line.
+    await procs.start("echo-1", "agent", "--name", "echo-1", "--skills", "echo", **env, LEDGERBUS_LOG_LEVEL="debug")
     await procs.start("runner-1", "agent", "--name", "runner-1", "--skills", "shell,python", **env)
     await procs.start("thinker-1", "agent", "--name", "thinker-1", "--skills", "llm.chat", **env)
     for name in ("echo-1", "runner-1", "thinker-1"):
