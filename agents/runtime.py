@@ -259,21 +259,19 @@ class Agent:
         attempt = item.attempt_base + msg.metadata.num_delivered
         msg_id = (msg.headers or {}).get(subjects.HDR_MSG_ID, "")
         with structlog.contextvars.bound_contextvars(task_id=item.task_id, agent=self.name), \
-                tracer.start_as_current_span(
-                    "agent.run",
-                    context=tracing.extract(msg.headers),
-                    kind=trace.SpanKind.CONSUMER,
-                    attributes={
-                        **tracing.messaging(msg.subject, "process", msg_id),
-                        "messaging.consumer.group.name": (subjects.assigned_consumer(self.name) if item.agent
-                                                          else subjects.work_consumer(skill_name)),
-                        "ledgerbus.task_id": item.task_id,
-                        "ledgerbus.skill": skill_name,
-                        "ledgerbus.agent": self.name,
-                        "ledgerbus.instance": self.instance,
-                        "ledgerbus.attempt": attempt,
-                    },
-                ):
+                tracer.start_as_current_span("agent.run", context=tracing.extract(msg.headers),
+                                             kind=trace.SpanKind.CONSUMER) as span:
+            if span.is_recording():  # most tasks are not sampled: no attributes to build
+                span.set_attributes({
+                    **tracing.messaging(msg.subject, "process", msg_id),
+                    "messaging.consumer.group.name": (subjects.assigned_consumer(self.name) if item.agent
+                                                      else subjects.work_consumer(skill_name)),
+                    "ledgerbus.task_id": item.task_id,
+                    "ledgerbus.skill": skill_name,
+                    "ledgerbus.agent": self.name,
+                    "ledgerbus.instance": self.instance,
+                    "ledgerbus.attempt": attempt,
+                })
             try:
                 await self._run(skill_name, item, attempt, msg)
             except BusError as exc:

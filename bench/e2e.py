@@ -381,6 +381,26 @@ class Completions:
         return fut.result()
 
 
+QUIET_WAIT_S = 60.0
+QUIET_CPU = 0.1
+"""Cores the whole system may use and be called quiet (agents with LLM skills import the SDKs
+after they join, about 3 s of CPU each here)."""
+
+
+async def _quiet(directory: Path, window: float = 1.0) -> float | None:
+    """Seconds until the processes under ``directory`` used less than ``QUIET_CPU`` cores
+    over ``window``; ``None`` if not within ``QUIET_WAIT_S``."""
+    started = time.monotonic()
+    while time.monotonic() - started < QUIET_WAIT_S:
+        before = cpu_by_process(directory)
+        await asyncio.sleep(window)
+        after = cpu_by_process(directory)
+        used = sum(seconds - before.get(pid, (name, seconds))[1] for pid, (name, seconds) in after.items())
+        if used < QUIET_CPU * window:
+            return time.monotonic() - started
+    return None
+
+
 async def _projected(db: Path, tasks: int, timeout: float) -> float:
     """When the projection's tasks table first showed all ``tasks`` throughput tasks
     completed (read-only, as ``agentctl tasks`` reads it), by ``time.perf_counter``."""
@@ -411,6 +431,9 @@ async def _measure(system: System, tasks: int, samples: int, profile: Path | Non
     started = time.monotonic()
     await _joined(js, system.agents, timeout=180)
     say(f"  {len(system.agents)} agents joined {time.monotonic() - started:.1f} s after honcho start")
+    quiet = await _quiet(system.dir)
+    say(f"  the system was quiet {quiet:.1f} s later" if quiet is not None
+        else f"  the system was still busy {QUIET_WAIT_S:g} s after the agents joined; measuring anyway")
     done = Completions()
     subs = [await js.subscribe("audit.accepted.task_completed.*", stream=subjects.AUDIT_STREAM,
                                ordered_consumer=True, deliver_policy=DeliverPolicy.NEW, cb=done.on_completed)]

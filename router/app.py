@@ -405,18 +405,22 @@ class Router:
         for msg in msgs:
             meta = msg.metadata
             headers = dict(msg.headers or {})
-            span = tracer.start_span(
-                "router.process", context=tracing.extract(headers), kind=trace.SpanKind.CONSUMER,
-                attributes={**tracing.messaging(msg.subject, "process", headers.get(subjects.HDR_MSG_ID, ""),
-                                                from_client=True),
-                            "messaging.consumer.group.name": subjects.ROUTER_CONSUMER,
-                            "ledgerbus.ingress_seq": meta.sequence.stream,
-                            "ledgerbus.delivery": meta.num_delivered},
-            )
+            span = tracer.start_span("router.process", context=tracing.extract(headers), kind=trace.SpanKind.CONSUMER)
+            # Attributes only for a span that records (the sampler does not read them): most
+            # messages are not sampled, and building them costs some microseconds each.
+            recording = span.is_recording()
+            if recording:
+                span.set_attributes({
+                    **tracing.messaging(msg.subject, "process", headers.get(subjects.HDR_MSG_ID, ""),
+                                        from_client=True),
+                    "messaging.consumer.group.name": subjects.ROUTER_CONSUMER,
+                    "ledgerbus.ingress_seq": meta.sequence.stream,
+                    "ledgerbus.delivery": meta.num_delivered})
             if (seen := self.state.audited(meta.sequence.stream)) is not None:
                 # Audited before a crash, not acked: act again (idempotently), audit never twice.
                 log.info("ingress_redelivered_already_audited", ingress_seq=meta.sequence.stream, seq=seen.seq)
-                span.set_attributes({"ledgerbus.redelivered": True, **record_attributes(seen)})
+                if recording:
+                    span.set_attributes({"ledgerbus.redelivered": True, **record_attributes(seen)})
                 decisions.append(Decision(msg, seen, tracing.inject(context=trace.set_span_in_context(span)), span))
                 continue
             inbound = Inbound(
@@ -443,7 +447,8 @@ class Router:
                 code, reason = "ok", ""
             record, data = self.audit.seal(record_for(inbound, code, reason, tracing.trace_id_of_span(span),
                                                          accepted=rejection is None))
-            span.set_attributes(record_attributes(record))
+            if recording:
+                span.set_attributes(record_attributes(record))
             counted[record.kind, record.verdict, code] += 1
             if rejection is not None:
                 span.set_status(Status(StatusCode.ERROR, f"rejected: {code}: {record.reason}"))
@@ -472,7 +477,8 @@ class Router:
         results = await dispatch(self.publisher, [(item, d.headers) for d, item in work])
         failed = {id(d) for (d, _), err in zip(work, results, strict=True) if err is not None}
         for (d, item), err in zip(work, results, strict=True):
-            d.span.set_attribute("ledgerbus.work.subject", work_subject(item))
+            if d.span.is_recording():
+                d.span.set_attribute("ledgerbus.work.subject", work_subject(item))
             if err is not None:
                 log.warning("dispatch_failed", task_id=item.task_id, skill=item.skill, error=str(err))
         for d in decisions:
