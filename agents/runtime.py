@@ -64,6 +64,7 @@ from ledgerbus.bus.events import (
     kind_of,
     new_id,
 )
+from ledgerbus.bus.logs import bound_contextvars
 from ledgerbus.bus.provision import assigned_consumer_config, wait_for_stream, work_consumer_config
 from ledgerbus.bus.publish import Publisher
 from ledgerbus.bus.settings import Settings
@@ -258,7 +259,7 @@ class Agent:
                 return
         attempt = item.attempt_base + msg.metadata.num_delivered
         msg_id = (msg.headers or {}).get(subjects.HDR_MSG_ID, "")
-        with structlog.contextvars.bound_contextvars(task_id=item.task_id, agent=self.name), \
+        with bound_contextvars(task_id=item.task_id, agent=self.name), \
                 tracer.start_as_current_span("agent.run", context=tracing.extract(msg.headers),
                                              kind=trace.SpanKind.CONSUMER) as span:
             if span.is_recording():  # most tasks are not sampled: no attributes to build

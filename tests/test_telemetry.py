@@ -90,9 +90,13 @@ def test_every_log_line_inside_a_span_carries_its_ids(provider: TracerProvider) 
         log.info("outside")
         with tracer.start_as_current_span("outer") as outer:
             log.info("in_outer")
-            with structlog.contextvars.bound_contextvars(task_id="t1", agent="a1"), \
+            # The agent's binding (by token): what it replaces comes back after it.
+            with logs.bound_contextvars(task_id="t1", agent="a1"), \
                     tracer.start_as_current_span("inner") as inner:
                 log.info("in_inner")
+                with logs.bound_contextvars(task_id="t2"):
+                    log.info("nested")
+                log.info("unnested")
             log.info("back_in_outer")
     finally:
         structlog.reset_defaults()
@@ -103,6 +107,8 @@ def test_every_log_line_inside_a_span_carries_its_ids(provider: TracerProvider) 
         assert lines[event]["trace_id"] == format(ctx.trace_id, "032x")
         assert lines[event]["span_id"] == format(ctx.span_id, "016x")
     assert lines["in_inner"]["task_id"] == "t1" and lines["in_inner"]["agent"] == "a1"
+    assert lines["nested"]["task_id"] == "t2" and lines["nested"]["agent"] == "a1"
+    assert lines["unnested"]["task_id"] == "t1"
     assert "task_id" not in lines["back_in_outer"]
 
 
