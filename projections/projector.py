@@ -90,11 +90,11 @@ def apply_spans(msgs: list[Msg], max_age_s: float) -> list[trace.Span]:
         stamp = msg.metadata.timestamp
         if not parent or (stamp is not None and now - stamp.timestamp() > max_age_s):
             continue
-        spans.append(tracer.start_span(
-            "projector.apply", context=tracing.context_of(parent), kind=trace.SpanKind.CONSUMER,
-            attributes={**tracing.messaging(msg.subject, "process"), "ledgerbus.audit.seq": msg.metadata.sequence.stream,
-                        "ledgerbus.batch_size": len(msgs)},
-        ))
+        span = tracer.start_span("projector.apply", context=tracing.context_of(parent), kind=trace.SpanKind.CONSUMER)
+        if span.is_recording():  # an unsampled task's span records nothing: no attributes to build
+            span.set_attributes({**tracing.messaging(msg.subject, "process"),
+                                 "ledgerbus.audit.seq": msg.metadata.sequence.stream, "ledgerbus.batch_size": len(msgs)})
+        spans.append(span)
     return spans
 
 
