@@ -25,20 +25,10 @@ BATCH_WAIT_S = 0.005
 """How long a batch request right after an item waits when nothing more is queued."""
 
 
-async def keep_alive(msg: Msg, ack_wait_s: float, log: Any) -> None:
-    """Tell JetStream, until cancelled, that the message is still held, well inside AckWait."""
-    interval = max(ack_wait_s / 3, 0.1)
-    while not failpoints.disabled("agent.keepalive"):
-        await asyncio.sleep(interval)
-        try:
-            await msg.in_progress()
-        except nats.errors.Error as exc:
-            log.warning("in_progress_failed", error=str(exc))
-
-
 class KeepAlive:
-    """:func:`keep_alive` for an item being run, armed as a timer: most items are settled
-    before the first ``in_progress`` is due, and then cost no task of their own."""
+    """Tells JetStream, until cancelled, that an item is still held: ``in_progress`` every
+    AckWait/3, well inside AckWait. A timer, not a task: most items are settled before the
+    first is due, and then cost nothing more."""
 
     def __init__(self, msg: Msg, ack_wait_s: float, log: Any) -> None:
         self._msg, self._log = msg, log
@@ -74,7 +64,7 @@ class Intake:
     items at once; ``keep(msg)`` keeps an item alive while it waits for a slot."""
 
     def __init__(self, concurrency: int, skills: int, run: Callable[[str, Msg], Coroutine[Any, Any, None]],
-                 keep: Callable[[Msg], Coroutine[Any, Any, None]], log: Any) -> None:
+                 keep: Callable[[Msg], KeepAlive], log: Any) -> None:
         self._share = max(1, min(FETCH_MAX, concurrency // skills))
         self._slots = asyncio.Semaphore(concurrency)
         self._run, self._keep, self._log = run, keep, log
@@ -133,7 +123,7 @@ class Intake:
         if not self._slots.locked():
             await self._slots.acquire()
             return True
-        keep = asyncio.create_task(self._keep(msg))
+        keep = self._keep(msg)
         acquire = asyncio.create_task(self._slots.acquire())
         stopping = asyncio.create_task(self.stopping.wait())
         try:

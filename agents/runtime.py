@@ -42,7 +42,7 @@ from ledgerbus.agents import profiles, workspace
 from ledgerbus.agents.claim import AttemptClaim
 from ledgerbus.agents.errors import SkillError
 from ledgerbus.agents.hooks import Hooks
-from ledgerbus.agents.intake import Intake, KeepAlive, keep_alive
+from ledgerbus.agents.intake import Intake, KeepAlive
 from ledgerbus.agents.memory import Memory, Shared, Tasks, Writer
 from ledgerbus.agents.skill import Skill, SkillContext, decode_input, encode_output
 from ledgerbus.bus import codec, failpoints, metrics, pull, subjects, tracing
@@ -293,7 +293,7 @@ class Agent:
                             token=item.token)
         waiter: asyncio.Future[Notice] = asyncio.get_running_loop().create_future()
         self._claims[claim.id] = waiter
-        keepalive = KeepAlive(msg, self.settings.work_ack_wait_s, self.log)
+        keepalive = self._keep_alive(msg)
         try:
             await self.report(claim)
             notice = await asyncio.wait_for(waiter, self.settings.claim_timeout_s)
@@ -410,7 +410,7 @@ class Agent:
                  if self.llm is not None else None),
             tracer=tracer,
         )
-        keepalive = KeepAlive(msg, self.settings.work_ack_wait_s, self.log)
+        keepalive = self._keep_alive(msg)
         deadline = asyncio.timeout(item.timeout_s)
         result: TaskCompleted | TaskFailed | None = None
         outcome = "cancelled"
@@ -501,5 +501,5 @@ class Agent:
             )
         return event
 
-    async def _keep_alive(self, msg: Msg) -> None:
-        await keep_alive(msg, self.settings.work_ack_wait_s, self.log)
+    def _keep_alive(self, msg: Msg) -> KeepAlive:
+        return KeepAlive(msg, self.settings.work_ack_wait_s, self.log)
