@@ -10,8 +10,9 @@ from __future__ import annotations
 import fnmatch
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 import structlog
@@ -87,7 +88,7 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def needs_approval(self, skill: str) -> bool:
         """Whether ``skill`` is marked dangerous."""
-        return any(fnmatch.fnmatchcase(skill, p) for p in self.approval.skills)
+        return _memo(self, "approval", skill, lambda: any(fnmatch.fnmatchcase(skill, p) for p in self.approval.skills))
 
     def is_approver(self, principal: str) -> bool:
         """Whether ``principal`` may approve or deny held tasks."""
@@ -99,13 +100,40 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def may_submit(self, principal: str, skill: str) -> bool:
         """Whether ``principal`` may ask for ``skill``."""
-        return any(fnmatch.fnmatchcase(skill, pattern) for pattern in self.allowed_skills(principal))
+        return _memo(self, "submit", f"{principal}\0{skill}", lambda: any(
+            fnmatch.fnmatchcase(skill, pattern) for pattern in self.allowed_skills(principal)))
 
     def rate_limit(self, principal: str) -> tuple[str, RateLimit] | None:
         """The bucket that applies to ``principal`` and the pattern that named it."""
-        for pattern in _by_specificity(self.rate_limits, principal):
-            return pattern, self.rate_limits[pattern]
-        return None
+        def find() -> tuple[str, RateLimit] | None:
+            for pattern in _by_specificity(self.rate_limits, principal):
+                return pattern, self.rate_limits[pattern]
+            return None
+        return _memo(self, "rate", principal, find)
+
+
+_MEMO_MAX = 4096
+_memos: dict[tuple[int, str, str], tuple[Policy, Any]] = {}
+
+
+def _memo(policy: Policy, question: str, key: str, answer: Callable[[], T]) -> T:
+    """A policy's answer to a question about a principal or skill, worked out once.
+
+    The router asks on every message (which skills a principal may submit, its rate
+    bucket, whether a skill needs approval): each a few pattern matches, about 25 µs a
+    message together. A policy is frozen, and a reload makes a new one, so an answer holds
+    for as long as the policy it came from; the entry keeps that policy, so its ``id``
+    cannot be reused while the entry stands. Bounded: cleared when it passes 4,096
+    (principals and skills are few; a flood of made-up names only costs the lookups)."""
+    slot = (id(policy), question, key)
+    found = _memos.get(slot)
+    if found is not None and found[0] is policy:
+        return found[1]  # type: ignore[no-any-return]
+    value = answer()
+    if len(_memos) >= _MEMO_MAX:
+        _memos.clear()
+    _memos[slot] = (policy, value)
+    return value
 
 
 def _by_specificity(table: dict[str, T], principal: str) -> list[str]:

@@ -59,6 +59,24 @@ def test_a_policy_file_is_reloaded_when_it_changes_and_a_broken_edit_keeps_the_o
     assert policy.current().allowed_skills("cli-a") == ["echo", "sleep"], "deleting the file opens nothing"
 
 
+def test_answers_worked_out_once_follow_a_reload(tmp_path: Path) -> None:
+    # The router asks the same questions on every message and the policy remembers the
+    # answers; a reloaded policy must answer afresh, not from the old one's memory.
+    path = tmp_path / "policy.toml"
+    path.write_text('[skills]\n"cli-*" = ["echo"]\n[approval]\nskills = []\n')
+    policy = PolicyFile(path, check_every_s=0)
+    for _ in range(2):  # the second time from memory
+        assert policy.current().may_submit("cli-a", "echo") and not policy.current().may_submit("cli-a", "shell")
+        assert not policy.current().needs_approval("shell") and policy.current().rate_limit("cli-a") is None
+    path.write_text('[skills]\n"cli-*" = ["shell"]\n[approval]\nskills = ["sh*"]\n'
+                    '[rate_limits]\n"cli-a" = { rate = 1, burst = 2 }\n')
+    os.utime(path, ns=(1, 10**18))
+    current = policy.current()
+    assert not current.may_submit("cli-a", "echo") and current.may_submit("cli-a", "shell")
+    assert current.needs_approval("shell")
+    assert current.rate_limit("cli-a") == ("cli-a", current.rate_limits["cli-a"])
+
+
 async def router_with(policy_text: str, settings: Settings, connect_as: Connect) -> RunningRouter:
     settings.policy_path.write_text(policy_text)
     router = RunningRouter(await connect_as("router"), settings)
