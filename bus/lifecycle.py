@@ -207,6 +207,7 @@ TRANSITIONS: tuple[Transition, ...] = (
     _T(Status.RUNNING, "skill_unmatched", Status.UNMATCHED, _TASKS),
     _T(Status.FAILED, "task_retry_scheduled", Status.RETRYING, _TASKS),
     _T(Status.FAILED, "task_dead_lettered", Status.DEAD_LETTERED, _TASKS),
+    _T(Status.FAILED, "task_cancelled", Status.CANCELLED, _TASKS),
     _T(Status.RETRYING, "task_dispatched", Status.PENDING, _TASKS),
     _T(Status.RETRYING, "task_cancelled", Status.CANCELLED, _TASKS),
     _T(Status.RETRYING, "skill_unmatched", Status.UNMATCHED, _TASKS),
