@@ -69,7 +69,7 @@ def _plain(value: Any) -> Any:
 def render_plain(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> str:
     """The console layout (``time [level] event  key=value ...``) without colours or
     alignment work: what a log collector or ``honcho`` gets when stderr is no terminal.
-    structlog's ConsoleRenderer took 60 µs a line; an agent logs two lines per task."""
+    structlog's ConsoleRenderer took 60 µs a line."""
     event = event_dict.pop("event", "")
     level = event_dict.pop("level", "")
     stamp = event_dict.pop("timestamp", "")

@@ -20,9 +20,6 @@ from ledgerbus.bus.settings import Settings
 from ledgerbus.router.app import Router
 from tests.support import Procs, auth_dir, server_config, suite_settings
 
-PACKAGE_DIRS = ("bus", "router", "agents", "projections", "plugins", "agentctl", "ledgerbus")
-
-
 def pytest_configure(config: pytest.Config) -> None:
     """Compile the project's own modules once, before the workers start.
 
@@ -33,10 +30,10 @@ def pytest_configure(config: pytest.Config) -> None:
     """
     if hasattr(config, "workerinput"):
         return
-    root = Path(__file__).resolve().parent.parent
-    for name in PACKAGE_DIRS:
-        # compileall skips symlinked directories (ledgerbus/<name> point at the top level).
-        compileall.compile_dir(root / name, quiet=1, workers=0)
+    package = Path(__file__).resolve().parent.parent / "ledgerbus"
+    # compileall skips symlinked directories: ledgerbus/<name> point at the top-level ones.
+    for tree in [package, *(link.resolve() for link in package.iterdir() if link.is_symlink() and link.is_dir())]:
+        compileall.compile_dir(tree, quiet=1, workers=0)
 
 
 @pytest.fixture

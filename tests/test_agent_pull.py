@@ -14,9 +14,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+import structlog.testing
 from nats.aio.client import Client
 
 from ledgerbus.agents import intake
+from ledgerbus.agents.errors import SkillError
 from ledgerbus.agents.runtime import Agent
 from ledgerbus.agents.skill import SkillContext
 from ledgerbus.bus import subjects
@@ -119,3 +121,31 @@ async def test_a_task_running_past_ack_wait_is_kept_alive_and_delivered_once(
     finally:
         stop.set()
         await task
+
+
+class Failing(Counted):
+    async def run(self, ctx: SkillContext, input: dict[str, Any]) -> Any:
+        raise SkillError("it fails")
+
+
+async def test_a_completed_task_logs_task_finished_at_debug_and_a_failed_one_at_info(
+        running_router: RunningRouter, connect_as: Connect, settings: Settings, admin: Client) -> None:
+    # At hundreds of tasks a second one info line per completion was the whole console
+    # (and honcho's CPU); failures stay visible at the default level.
+    stop = asyncio.Event()
+    agent = Agent(await connect_as("agent-runner-1"), settings, "runner-1",
+                  {"shell": Counted("shell", [0, 0]), "python": Failing("python", [0, 0])}, concurrency=2)
+    with structlog.testing.capture_logs() as logged:
+        task = asyncio.create_task(agent.run(stop))
+        try:
+            await wait_for_record(admin.jetstream(), lambda r: r.kind == "agent_joined")
+            cli = await connect_as("cli")
+            for task_id, skill in (("ok", "shell"), ("bad", "python")):
+                await submit(cli, task_id, skill)
+                await wait_for_record(admin.jetstream(), ended(task_id), timeout=10)
+        finally:
+            stop.set()
+            await task
+    finished = {line["task_id"]: line for line in logged if line["event"] == "task_finished"}
+    assert finished["ok"]["log_level"] == "debug" and finished["ok"]["outcome"] == "task_completed"
+    assert finished["bad"]["log_level"] == "info" and finished["bad"]["outcome"] == "task_failed"
