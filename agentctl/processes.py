@@ -13,7 +13,7 @@ import structlog
 from nats.aio.client import Client
 
 from ledgerbus.agentctl.common import App, cli_name, fail, run
-from ledgerbus.bus import failpoints
+from ledgerbus.bus import failpoints, heap
 from ledgerbus.bus.connection import connected
 from ledgerbus.bus.errors import ConfigError, LedgerbusError
 from ledgerbus.bus.settings import Settings
@@ -27,7 +27,8 @@ def serve(app: App, principal: str, service: str, body: Body) -> None:
     """Configure telemetry once, connect as ``principal``, run ``body`` until SIGTERM/SIGINT;
     the spans recorded go to TRACES on the same connection, the last ones before it closes,
     and a metrics snapshot to METRICS every ``metrics_interval_s``.
-    Fail points named in ``LEDGERBUS_FAILPOINTS`` are armed first (the chaos suite's)."""
+    Fail points named in ``LEDGERBUS_FAILPOINTS`` are armed first (the chaos suite's).
+    Once all is imported, the garbage collector is set for a long run (:mod:`bus.heap`)."""
     try:
         failpoints.arm(os.environ)
     except ConfigError as exc:
@@ -41,6 +42,7 @@ def serve(app: App, principal: str, service: str, body: Body) -> None:
             loop.add_signal_handler(sig, stop.set)
         async with connected(app.settings, principal, client_name=service) as nc:
             telemetry.attach(nc, principal, app.settings.metrics_interval_s)
+            heap.settle()
             try:
                 await body(nc, stop)
             finally:

@@ -61,7 +61,7 @@ from rich.table import Table
 from ledgerbus.bus.archive import parse_duration, parse_size
 from bench import coldstart, e2e, e2e_report, fsync, projections, scaling, soak, soak_report
 from ledgerbus.agents.runtime import Agent
-from ledgerbus.bus import codec, pull, subjects
+from ledgerbus.bus import codec, heap, pull, subjects
 from ledgerbus.bus.connection import connect
 from ledgerbus.bus.events import TaskSubmitted, new_id
 from ledgerbus.bus.identity import identity, write_local_config
@@ -244,6 +244,7 @@ async def main(messages: int, rounds: int, tasks: int) -> dict:
         for name, fn in order if r % 2 else reversed(order):
             async def body(settings: Settings, fn=fn) -> float:  # type: ignore[no-untyped-def]
                 await preload(settings, messages)
+                heap.settle()  # as agentctl's processes do once started, for both sides
                 return await fn(settings, messages)
             rate = await fresh_server(body)
             rates[name].append(rate)
