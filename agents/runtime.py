@@ -64,6 +64,7 @@ from ledgerbus.bus.events import (
     kind_of,
     new_id,
 )
+from ledgerbus.bus.jsmeta import ack_meta
 from ledgerbus.bus.logs import bound_contextvars
 from ledgerbus.bus.provision import assigned_consumer_config, wait_for_stream, work_consumer_config
 from ledgerbus.bus.publish import Publisher
@@ -257,7 +258,7 @@ class Agent:
                 self.log.error("assigned_skill_not_served", task_id=item.task_id, skill=skill_name)
                 await msg.term()
                 return
-        attempt = item.attempt_base + msg.metadata.num_delivered
+        attempt = item.attempt_base + ack_meta(msg).delivered
         msg_id = (msg.headers or {}).get(subjects.HDR_MSG_ID, "")
         with bound_contextvars(task_id=item.task_id, agent=self.name), \
                 tracer.start_as_current_span("agent.run", context=tracing.extract(msg.headers),

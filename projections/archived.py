@@ -13,6 +13,7 @@ from nats.aio.msg import Msg
 from ledgerbus.bus import codec
 from ledgerbus.bus.archive import Archive, ArchiveError
 from ledgerbus.bus.events import AuditRecord
+from ledgerbus.bus.jsmeta import ack_meta
 from ledgerbus.projections.apply import Applier
 from ledgerbus.projections.errors import LogGapError
 
@@ -63,8 +64,8 @@ async def submit(applier: Applier, msgs: list[Msg], archive: Archive | None,
 
     run: list[Msg] = []
     for msg in msgs:
-        seq = msg.metadata.sequence.stream
-        expected = (run[-1].metadata.sequence.stream if run else applier.position) + 1
+        seq = ack_meta(msg).stream_seq
+        expected = (ack_meta(run[-1]).stream_seq if run else applier.position) + 1
         if seq > expected:
             if run:
                 await submit_msgs(applier, run)
