@@ -76,10 +76,15 @@ class Puller:
         await self._nc.publish(self._next, json.dumps(request).encode(), reply=reply)
         deadline = time.monotonic() + (wait if not got else 0.0) + _GRACE_S
         while len(got) < batch:
-            try:
-                msg = await asyncio.wait_for(self._queue.get(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                break
+            if self._queue.empty():
+                try:
+                    msg = await asyncio.wait_for(self._queue.get(), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    break
+            else:
+                # What arrived with the first: no timer and no task each (a batch is
+                # mostly these).
+                msg = self._queue.get_nowait()
             status = _status(msg)
             if status is None:
                 got.append(msg)
