@@ -347,6 +347,18 @@ def inject(headers: dict[str, str] | None = None, context: otel_context.Context 
     return carrier
 
 
+def headers_of(span: trace.Span) -> dict[str, str]:
+    """The headers that make ``span`` the parent of what a message causes: what
+    :func:`inject` writes for a context holding ``span``, without making that context (the
+    router does this for every message: 1 µs here, 3 through the propagator)."""
+    ctx = span.get_span_context()
+    if not ctx.is_valid:
+        return {}
+    if ctx.trace_state:
+        return inject(context=trace.set_span_in_context(span))
+    return {subjects.HDR_TRACEPARENT: f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"}
+
+
 def extract(headers: Mapping[str, str] | None) -> otel_context.Context:
     """The trace context carried by a message's headers (empty context if none)."""
     return _propagator.extract(dict(headers or {}))

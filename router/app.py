@@ -30,6 +30,7 @@ from ledgerbus.bus.events import (
     kind_of,
     new_id,
 )
+from ledgerbus.bus.jsmeta import ack_meta
 from ledgerbus.bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT
 from ledgerbus.bus.lifecycle import Status as TaskStatus
 from ledgerbus.bus.provision import deadletter_consumer_config, provision, router_consumer_config
@@ -321,7 +322,7 @@ class Router:
         span.set_attributes(record_attributes(record))
         # An unsampled span still propagates (flagged unsampled), so the agent does not start
         # a trace of its own; with no cause there is no context and no header.
-        headers = tracing.inject(context=trace.set_span_in_context(span))
+        headers = tracing.headers_of(span)
         span.end()
         return record, data, headers
 
@@ -403,7 +404,7 @@ class Router:
         # some microseconds of the SDK's aggregation, a Counter increment next to nothing.
         counted: Counter[tuple[str, str, str]] = Counter()
         for msg in msgs:
-            meta = msg.metadata
+            meta = ack_meta(msg)
             headers = dict(msg.headers or {})
             span = tracer.start_span("router.process", context=tracing.extract(headers), kind=trace.SpanKind.CONSUMER)
             # Attributes only for a span that records (the sampler does not read them): most
@@ -414,25 +415,25 @@ class Router:
                     **tracing.messaging(msg.subject, "process", headers.get(subjects.HDR_MSG_ID, ""),
                                         from_client=True),
                     "messaging.consumer.group.name": subjects.ROUTER_CONSUMER,
-                    "ledgerbus.ingress_seq": meta.sequence.stream,
-                    "ledgerbus.delivery": meta.num_delivered})
-            if (seen := self.state.audited(meta.sequence.stream)) is not None:
+                    "ledgerbus.ingress_seq": meta.stream_seq,
+                    "ledgerbus.delivery": meta.delivered})
+            if (seen := self.state.audited(meta.stream_seq)) is not None:
                 # Audited before a crash, not acked: act again (idempotently), audit never twice.
-                log.info("ingress_redelivered_already_audited", ingress_seq=meta.sequence.stream, seq=seen.seq)
+                log.info("ingress_redelivered_already_audited", ingress_seq=meta.stream_seq, seq=seen.seq)
                 if recording:
                     span.set_attributes({"ledgerbus.redelivered": True, **record_attributes(seen)})
-                decisions.append(Decision(msg, seen, tracing.inject(context=trace.set_span_in_context(span)), span))
+                decisions.append(Decision(msg, seen, tracing.headers_of(span), span))
                 continue
             inbound = Inbound(
                 subject=msg.subject,
                 data=msg.data,
                 headers=headers,
-                ingress_seq=meta.sequence.stream,
-                delivery=meta.num_delivered,
-                received_at=meta.timestamp.timestamp() if meta.timestamp else 0.0,
+                ingress_seq=meta.stream_seq,
+                delivery=meta.delivered,
+                received_at=meta.stored_s,
             )
-            with trace.use_span(span, end_on_exit=False):
-                inbound, rejection = run_checks(self.checks, inbound, self.state, self.settings.trace_checks == "all")
+            inbound, rejection = run_checks(self.checks, inbound, self.state, self.settings.trace_checks == "all",
+                                            span)
             if rejection is not None:
                 code, reason = rejection.code, rejection.reason
             elif inbound.held:
@@ -452,13 +453,13 @@ class Router:
             counted[record.kind, record.verdict, code] += 1
             if rejection is not None:
                 span.set_status(Status(StatusCode.ERROR, f"rejected: {code}: {record.reason}"))
-            out_headers = tracing.inject(context=trace.set_span_in_context(span))
+            out_headers = tracing.headers_of(span)
             # Later messages of the same batch must see this one (e.g. a duplicate task id).
             self.state.apply(record, out_headers.get(subjects.HDR_TRACEPARENT, ""))
             pending.append((record, data, out_headers))
             decisions.append(Decision(msg, record, out_headers, span))
-            with trace.use_span(span, end_on_exit=False):
-                if rejection is not None:
+            if rejection is not None:
+                with trace.use_span(span, end_on_exit=False):
                     log.info("rejected", seq=record.seq, code=code, reason=record.reason, principal=record.principal)
         if pending:
             try:

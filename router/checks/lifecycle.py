@@ -20,8 +20,9 @@ received a redelivery of the same dispatch holds its token.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
+
+import msgspec
 
 from ledgerbus.bus.compaction import no_such
 from ledgerbus.bus.events import TaskCompleted, TaskFailed, TaskProgress, TaskStarted, TaskSubmitted, TaskUsage
@@ -40,7 +41,7 @@ def make(tokens: ClaimTokens, agent_skills: Callable[[str, str], frozenset[str] 
         claim = claim_of(msg.event)
         if claim is not None:
             # A result carrying its claim is checked as that claim: its claimant is its sender.
-            rejection = _follows(dataclasses.replace(msg, event=claim), state)
+            rejection = _follows(msgspec.structs.replace(msg, event=claim), state)
         else:
             rejection = _follows(msg, state)
         if rejection is None and claim is not None:
