@@ -63,9 +63,11 @@ async def submit(applier: Applier, msgs: list[Msg], archive: Archive | None,
     from ledgerbus.projections.projector import submit_msgs  # the projector imports this module
 
     run: list[Msg] = []
+    last = 0  # the sequence of run[-1]
     for msg in msgs:
         seq = ack_meta(msg).stream_seq
-        expected = (ack_meta(run[-1]).stream_seq if run else applier.position) + 1
+        expected = (last if run else applier.position) + 1
+        last = seq
         if seq > expected:
             if run:
                 await submit_msgs(applier, run)
