@@ -261,8 +261,7 @@ class Agent:
         attempt = item.attempt_base + ack_meta(msg).delivered
         msg_id = (msg.headers or {}).get(subjects.HDR_MSG_ID, "")
         with bound_contextvars(task_id=item.task_id, agent=self.name), \
-                tracer.start_as_current_span("agent.run", context=tracing.extract(msg.headers),
-                                             kind=trace.SpanKind.CONSUMER) as span:
+                trace.use_span(tracing.start_span(tracer, "agent.run", msg.headers), end_on_exit=True) as span:
             if span.is_recording():  # most tasks are not sampled: no attributes to build
                 span.set_attributes({
                     **tracing.messaging(msg.subject, "process", msg_id),

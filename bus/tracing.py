@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 import time
 from collections import defaultdict
@@ -38,6 +39,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import Decision, ParentBased, Sampler, SamplingResult
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -51,6 +53,12 @@ from ledgerbus.bus.spans import SpanBatch, SpanEvent, SpanRecord
 log = structlog.get_logger(__name__)
 
 _propagator = TraceContextTextMapPropagator()
+
+_unsampled_ids: IdGenerator | None = None
+"""The installed provider's span id generator, once :func:`configure_telemetry` installed
+its own parent-based sampler (one that drops whatever an unsampled parent sends): then
+:func:`start_span` makes an unsampled sender's span itself."""
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 _encoder = msgspec.json.Encoder()
 
@@ -325,7 +333,8 @@ def configure_telemetry(service_name: str, env: Mapping[str, str] | None = None,
     if sdk_disabled(env):
         return Telemetry(None, None, None)
     resource = Resource.create({SERVICE_NAME: service_name})
-    tracer_provider = TracerProvider(resource=resource, sampler=sampler(env))
+    ours = sampler(env)
+    tracer_provider = TracerProvider(resource=resource, sampler=ours)
     bus = BusSpanExporter(tracer_provider.resource)
     # A larger queue than the SDK's 2,048: a busy router finishes a span per check.
     tracer_provider.add_span_processor(BatchSpanProcessor(bus, schedule_delay_millis=250, max_queue_size=BUS_QUEUE))
@@ -337,6 +346,8 @@ def configure_telemetry(service_name: str, env: Mapping[str, str] | None = None,
     if install:
         trace.set_tracer_provider(tracer_provider)
         metrics.set_meter_provider(meter_provider)
+        global _unsampled_ids
+        _unsampled_ids = tracer_provider.id_generator if ours is not None else None
     return Telemetry(tracer_provider, meter_provider, bus, snapshots)
 
 
@@ -345,6 +356,30 @@ def inject(headers: dict[str, str] | None = None, context: otel_context.Context 
     carrier = dict(headers or {})
     _propagator.inject(carrier, context=context)
     return carrier
+
+
+def start_span(tracer: trace.Tracer, name: str, headers: Mapping[str, str] | None,
+               kind: trace.SpanKind = trace.SpanKind.CONSUMER) -> trace.Span:
+    """``tracer.start_span(name, context=extract(headers), kind=kind)``, the span of one
+    hop for the message these headers came with (not made current).
+
+    Most messages belong to traces their sender did not sample (at most
+    ``LEDGERBUS_TRACE_RATE`` new ones a second are). For those, with this process's own
+    parent-based sampler installed, the span is made here as the SDK makes it (a
+    non-recording span in the sender's trace, a new span id, no flags, no trace state),
+    without the context, the sampler and the span machinery: 2 µs against 11, on each
+    hop of nearly every task. Anything else (a sampled or missing parent, a trace state,
+    another ``traceparent`` version, a sampler set by ``OTEL_TRACES_SAMPLER``) goes
+    through the SDK.
+    """
+    ids = _unsampled_ids
+    if ids is not None and headers:
+        parent = headers.get(subjects.HDR_TRACEPARENT)
+        if parent is not None and "tracestate" not in headers and (m := _TRACEPARENT.fullmatch(parent)) \
+                and not int(m[3], 16) & 1 and int(m[1], 16) and int(m[2], 16):
+            return trace.NonRecordingSpan(trace.SpanContext(int(m[1], 16), ids.generate_span_id(), is_remote=False,
+                                                            trace_flags=trace.TraceFlags(0)))
+    return tracer.start_span(name, context=extract(headers), kind=kind)
 
 
 def headers_of(span: trace.Span) -> dict[str, str]:

@@ -406,7 +406,7 @@ class Router:
         for msg in msgs:
             meta = ack_meta(msg)
             headers = dict(msg.headers or {})
-            span = tracer.start_span("router.process", context=tracing.extract(headers), kind=trace.SpanKind.CONSUMER)
+            span = tracing.start_span(tracer, "router.process", headers)
             # Attributes only for a span that records (the sampler does not read them): most
             # messages are not sampled, and building them costs some microseconds each.
             recording = span.is_recording()

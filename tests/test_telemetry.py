@@ -293,6 +293,50 @@ def test_headers_of_a_span_are_what_the_propagator_writes(provider: TracerProvid
     assert tracing.headers_of(unsampled) == {subjects.HDR_TRACEPARENT: f"00-{1:032x}-{2:016x}-00"}
 
 
+def test_an_unsampled_senders_hop_is_made_as_the_sdk_makes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tracing.start_span makes the span of a message whose trace its sender did not sample
+    itself (most messages: 2 µs against the SDK's 11); it must be the span the SDK would
+    make, and everything else must still go through the SDK."""
+    from opentelemetry import trace
+
+    provider = TracerProvider(sampler=tracing.sampler({}))  # configure_telemetry's, as installed
+    tracer = provider.get_tracer("unit")
+    monkeypatch.setattr(tracing, "_unsampled_ids", provider.id_generator)
+    trace_id, parent_id = 0xABC, 0xDEF
+    unsampled = {subjects.HDR_TRACEPARENT: f"00-{trace_id:032x}-{parent_id:016x}-00", "Nats-Msg-Id": "m1"}
+    cases: list[dict[str, str] | None] = [
+        unsampled,
+        {**unsampled, "tracestate": "vendor=v1"},
+        {subjects.HDR_TRACEPARENT: f"00-{trace_id:032x}-{parent_id:016x}-01"},  # sampled: recorded
+        {subjects.HDR_TRACEPARENT: f"cc-{trace_id:032x}-{parent_id:016x}-00-future"},  # a later version
+        {subjects.HDR_TRACEPARENT: f"00-{0:032x}-{parent_id:016x}-00"},  # invalid: a new trace
+        {subjects.HDR_TRACEPARENT: "garbage"},
+        {},
+        None,
+    ]
+    for headers in cases:
+        fast = tracing.start_span(tracer, "hop", headers)
+        slow = tracer.start_span("hop", context=tracing.extract(headers))
+        got, want = fast.get_span_context(), slow.get_span_context()
+        assert fast.is_recording() == slow.is_recording(), headers
+        assert (got.trace_flags, got.trace_state, got.is_remote) == (want.trace_flags, want.trace_state,
+                                                                     want.is_remote), headers
+        assert (got.trace_id == trace_id) == (want.trace_id == trace_id), headers
+        assert got.is_valid and got.span_id != parent_id, headers
+        fast.end()
+        slow.end()
+
+    # The unsampled case does not reach the SDK; without the installed sampler, it does.
+    def sdk(*args: object, **kwargs: object) -> trace.Span:
+        raise AssertionError("went through the SDK")
+
+    monkeypatch.setattr(tracer, "start_span", sdk)
+    assert tracing.start_span(tracer, "hop", unsampled).get_span_context().trace_id == trace_id
+    monkeypatch.setattr(tracing, "_unsampled_ids", None)
+    with pytest.raises(AssertionError, match="SDK"):
+        tracing.start_span(tracer, "hop", unsampled)
+
+
 def test_trace_checks_is_all_or_failed() -> None:
     from ledgerbus.bus.errors import ConfigError
     from ledgerbus.bus.settings import Settings
