@@ -354,7 +354,10 @@ def configure_telemetry(service_name: str, env: Mapping[str, str] | None = None,
 def inject(headers: dict[str, str] | None = None, context: otel_context.Context | None = None) -> dict[str, str]:
     """Return ``headers`` plus the ``traceparent`` of ``context`` (default: the current span)."""
     carrier = dict(headers or {})
-    _propagator.inject(carrier, context=context)
+    if context is None:
+        carrier.update(headers_of(trace.get_current_span()))
+    else:
+        _propagator.inject(carrier, context=context)
     return carrier
 
 
@@ -390,7 +393,9 @@ def headers_of(span: trace.Span) -> dict[str, str]:
     if not ctx.is_valid:
         return {}
     if ctx.trace_state:
-        return inject(context=trace.set_span_in_context(span))
+        carrier: dict[str, str] = {}
+        _propagator.inject(carrier, context=trace.set_span_in_context(span))
+        return carrier
     return {subjects.HDR_TRACEPARENT: f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"}
 
 

@@ -87,10 +87,9 @@ def apply_spans(msgs: list[Msg], max_age_s: float) -> list[trace.Span]:
     for msg in msgs:
         if not _outcome(msg.subject):
             continue
-        parent = (msg.headers or {}).get(subjects.HDR_TRACEPARENT)
-        if not parent or now - ack_meta(msg).stored_s > max_age_s:
+        if not msg.headers or not msg.headers.get(subjects.HDR_TRACEPARENT) or now - ack_meta(msg).stored_s > max_age_s:
             continue
-        span = tracer.start_span("projector.apply", context=tracing.context_of(parent), kind=trace.SpanKind.CONSUMER)
+        span = tracing.start_span(tracer, "projector.apply", msg.headers)
         if span.is_recording():  # an unsampled task's span records nothing: no attributes to build
             span.set_attributes({**tracing.messaging(msg.subject, "process"),
                                  "ledgerbus.audit.seq": ack_meta(msg).stream_seq, "ledgerbus.batch_size": len(msgs)})

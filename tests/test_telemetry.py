@@ -289,6 +289,9 @@ def test_headers_of_a_span_are_what_the_propagator_writes(provider: TracerProvid
                                               trace_state=TraceState([("vendor", "v1")])))
     for span in (sampled, unsampled, with_state, trace.INVALID_SPAN):
         assert tracing.headers_of(span) == tracing.inject(context=trace.set_span_in_context(span))
+        with trace.use_span(span):  # the current span's, as a report's headers are made
+            assert tracing.inject({"Nats-Msg-Id": "m"}) == {
+                "Nats-Msg-Id": "m", **tracing.inject(context=trace.set_span_in_context(span))}
     assert tracing.headers_of(with_state)["tracestate"] == "vendor=v1"
     assert tracing.headers_of(unsampled) == {subjects.HDR_TRACEPARENT: f"00-{1:032x}-{2:016x}-00"}
 
