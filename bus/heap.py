@@ -13,6 +13,13 @@ collected every :data:`GEN0_THRESHOLD` allocations instead of 700. Measured with
 router run (10,000 messages, same machine, alternating): 2,500 msg/s with the defaults,
 2,900 with these. The memory the collector may leave uncollected for longer is that of
 cyclic garbage only, some tens of thousands of young objects at most.
+
+The pauses are fewer and longer. Timed with ``gc.callbacks`` over 20,000 messages through
+the router (its state growing by 20,000 tasks): with the defaults, 290 young collections
+of up to 1 ms, 26 middle ones of up to 5 ms and two full ones of 115 ms, 310 ms in all;
+with these, 4 young collections of 13-15 ms, 51 ms in all. A full collection still comes
+as the state grows (by a quarter of what was not frozen), at about the same cost as with
+the defaults, less often.
 """
 
 from __future__ import annotations
