@@ -42,7 +42,7 @@ def serve(app: App, principal: str, service: str, body: Body) -> None:
             loop.add_signal_handler(sig, stop.set)
         async with connected(app.settings, principal, client_name=service) as nc:
             telemetry.attach(nc, principal, app.settings.metrics_interval_s)
-            heap.settle()
+            heap.settle(app.settings.gc_gen0)
             try:
                 await body(nc, stop)
             finally:

@@ -9,7 +9,7 @@ it is cyclic garbage: reference counting frees it.
 
 So, once a process has started: the heap as it is is moved out of the collector's sight
 (``gc.freeze``: what start-up built is not garbage), and the youngest generation is
-collected every :data:`GEN0_THRESHOLD` allocations instead of 700. Measured with bench's
+collected every :data:`GEN0_THRESHOLD` allocations instead of 700 (``LEDGERBUS_GC_GEN0``). Measured with bench's
 router run (10,000 messages, same machine, alternating): 2,500 msg/s with the defaults,
 2,900 with these. The memory the collector may leave uncollected for longer is that of
 cyclic garbage only, some tens of thousands of young objects at most.
@@ -27,12 +27,14 @@ from __future__ import annotations
 import gc
 
 GEN0_THRESHOLD = 20_000
+"""The default (``LEDGERBUS_GC_GEN0``): 700 gives CPython's own behaviour back."""
 
 
-def settle() -> None:
-    """Collect once, freeze what survives, and space the collections out (see above).
-    Call it when start-up is done; calling it again freezes what was built since."""
+def settle(gen0: int = GEN0_THRESHOLD) -> None:
+    """Collect once, freeze what survives, and collect the youngest generation every
+    ``gen0`` allocations (see above). Call it when start-up is done; calling it again
+    freezes what was built since."""
     gc.collect()
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GEN0_THRESHOLD, gen1, gen2)
+    gc.set_threshold(gen0, gen1, gen2)

@@ -108,6 +108,10 @@ class Settings:
     max_checkpoint_bytes: int = 64 * 1024
     """Largest agent state blob a memory checkpoint may carry."""
     connect_timeout_s: float = 30.0
+    gc_gen0: int = 20_000
+    """After start-up, a long-running process (router, agent, projector) collects its youngest
+    garbage generation every this many allocations (``bus/heap.py``): fewer, longer pauses
+    and less time collecting than CPython's 700, which this restores."""
     stream_replicas: int = 1
     """Copies JetStream keeps of every stream and bucket: 1 on one server, 3 on a three-node
     cluster (docs/deployment.md), so that losing one server loses no acknowledged write."""
@@ -154,6 +158,9 @@ class Settings:
         if not 1 <= replicas <= MAX_REPLICAS:
             raise ConfigError(f"LEDGERBUS_STREAM_REPLICAS={replicas}: from 1 to {MAX_REPLICAS} "
                               "(1 on one server, 3 on a three-node cluster)")
+        if values.get("gc_gen0", 1) < 1:
+            raise ConfigError(f"LEDGERBUS_GC_GEN0={values['gc_gen0']}: a number of allocations, 1 or more "
+                              "(700 is CPython's own)")
         if not values.get("metrics_interval_s", 1.0) > 0:
             raise ConfigError(f"LEDGERBUS_METRICS_INTERVAL_S={values['metrics_interval_s']}: a number of seconds above 0")
         return cls(**values).at_home(find_home(env=env))

@@ -46,6 +46,23 @@ def test_stream_replicas_are_one_to_five_and_a_bad_count_names_the_variable() ->
         Settings.from_env({"LEDGERBUS_STREAM_REPLICAS": "three"})
 
 
+def test_the_collector_setting_is_a_positive_count_and_settle_applies_it() -> None:
+    import subprocess
+    import sys
+
+    assert Settings.from_env({}).gc_gen0 == 20_000
+    assert Settings.from_env({"LEDGERBUS_GC_GEN0": "700"}).gc_gen0 == 700
+    for bad in ("0", "-5"):
+        with pytest.raises(ConfigError, match=f"LEDGERBUS_GC_GEN0={bad}: a number of allocations"):
+            Settings.from_env({"LEDGERBUS_GC_GEN0": bad})
+    # In a process of its own: settle changes the interpreter it runs in.
+    out = subprocess.run(
+        [sys.executable, "-c", "import gc; from ledgerbus.bus import heap; heap.settle(12345); "
+                               "print(gc.get_threshold()[0], gc.get_freeze_count() > 0)"],
+        capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["12345", "True"]
+
+
 def test_commands_find_their_project_as_git_finds_a_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ledgerbus.agentctl.init import write_project
     from ledgerbus.bus.home import find_home
