@@ -112,8 +112,8 @@ def run_checks(
     When ``span`` (the message's ``router.process``; default: the current span) records,
     each check becomes a ``router.check <name>`` span under it, a rejecting one with an
     error status; with ``trace_passing`` false, only a rejecting one does (spans are most of
-    what tracing costs the router: see docs/observability.md). The spans are made after the fact from
-    two clock readings, and not at all for an unsampled message.
+    what tracing costs the router: see docs/observability.md). The spans are made after the
+    fact from two clock readings, and not at all for an unsampled message.
 
     A check that raises is a bug, but it must not take the router down or lose the
     message: the message is rejected as ``internal_error`` (and so still gets its one
