@@ -404,13 +404,6 @@ def extract(headers: Mapping[str, str] | None) -> otel_context.Context:
     return _propagator.extract(dict(headers or {}))
 
 
-def traceparent(span: trace.Span) -> str:
-    """The W3C ``traceparent`` naming ``span`` as the parent ('' for a non-recording span)."""
-    carrier: dict[str, str] = {}
-    _propagator.inject(carrier, context=trace.set_span_in_context(span))
-    return carrier.get(subjects.HDR_TRACEPARENT, "")
-
-
 def context_of(parent: str) -> otel_context.Context:
     """The context a ``traceparent`` string names (empty if none)."""
     return extract({subjects.HDR_TRACEPARENT: parent} if parent else None)
