@@ -70,6 +70,7 @@ class Intake:
         self._run, self._keep, self._log = run, keep, log
         self.running: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
+        self._pullers: list[Puller] = []
 
     async def pull(self, skill: str, puller: Puller) -> None:
         """Take this skill's work until draining: one item as soon as it is there, then in
@@ -86,6 +87,7 @@ class Intake:
         within ``BATCH_WAIT_S`` when nothing is; those slots are held before it asks, and
         given back for items that did not come.
         """
+        self._pullers.append(puller)
         while not self.stopping.is_set():
             async with self._slots:
                 pass  # until a slot is free, without taking it
@@ -105,9 +107,11 @@ class Intake:
                     self._start(skill, msg)
 
     async def drain(self, pullers: list[asyncio.Task[None]], timeout: float) -> None:
-        """Stop pulling (each puller ends its current poll), give the running items
+        """Stop pulling (a poll waiting now ends at once), give the running items
         ``timeout``, then cancel what still runs (it hands its item back)."""
         self.stopping.set()
+        for puller in self._pullers:
+            puller.interrupt()
         await asyncio.gather(*pullers, return_exceptions=True)
         if self.running:
             self._log.info("agent_draining", running=len(self.running))

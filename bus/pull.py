@@ -17,10 +17,12 @@ brings in are kept for the caller (they are deliveries like any other: to ack, n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
 
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -42,8 +44,10 @@ class Puller:
         self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._prefix = nc.new_inbox()
         self._ids = itertools.count()
-        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        # None: interrupt()'s wake-up, not a delivery.
+        self._queue: asyncio.Queue[Msg | None] = asyncio.Queue()
         self._sub: Subscription | None = None
+        self.interrupted = False
 
     async def start(self) -> Puller:
         self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._arrived)
@@ -52,20 +56,47 @@ class Puller:
     async def _arrived(self, msg: Msg) -> None:
         self._queue.put_nowait(msg)
 
+    def interrupt(self) -> None:
+        """End a pull that is waiting now with what it has, and make every later pull
+        return at once with what has already arrived (the owner is stopping)."""
+        self.interrupted = True
+        self._queue.put_nowait(None)
+
     async def close(self) -> None:
-        """Stop receiving; a request still open on the server expires there."""
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            await sub.unsubscribe()
+        """Stop receiving, and hand back (nak) what arrived and was not pulled.
+
+        The subscription is drained, not dropped: once the server has our unsubscribe, it
+        drops a request still open (it delivers only to a reply subject with interest), and
+        what it delivered before that has arrived by the flush's reply. Naked, those come
+        back at once to whoever pulls next, not after AckWait; so a stop need not wait out
+        an open request's ``expires``.
+        """
+        self.interrupt()
+        if self._sub is None:
+            return
+        sub, self._sub = self._sub, None
+        try:
+            await sub.drain()
+        except nats.errors.Error:
+            # The connection is closing: nothing more arrives, and a nak could not be sent.
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+            return
+        for msg in self._take(self._queue.qsize()):
+            with contextlib.suppress(nats.errors.Error):
+                await msg.nak()
 
     async def pull(self, batch: int, wait: float) -> list[Msg]:
         """Up to ``batch`` messages: those pending now, or, when none are, the first to
         arrive within ``wait`` seconds with whatever is pending by then; ``[]`` if none.
+        Once :meth:`interrupt` is called, only what has already arrived.
 
         Raises :class:`nats.js.errors.APIError` when the server ends the request with an
         error (the consumer was deleted, too many waiting requests).
         """
         got = self._take(batch)
+        if self.interrupted:
+            return got
         request: dict[str, int | bool] = {"batch": batch - len(got), "no_wait": True}
         if not got:
             # With expires the server waits for a first message, then answers no_wait.
@@ -85,6 +116,8 @@ class Puller:
                 # What arrived with the first: no timer and no task each (a batch is
                 # mostly these).
                 msg = self._queue.get_nowait()
+            if msg is None:
+                break  # interrupted
             status = _status(msg)
             if status is None:
                 got.append(msg)
@@ -98,11 +131,12 @@ class Puller:
         return got
 
     def _take(self, batch: int) -> list[Msg]:
-        """Messages already received (old requests' late deliveries), old statuses dropped."""
+        """Messages already received (old requests' late deliveries), old statuses and
+        wake-ups dropped."""
         got: list[Msg] = []
         while len(got) < batch and not self._queue.empty():
             msg = self._queue.get_nowait()
-            if _status(msg) is None:
+            if msg is not None and _status(msg) is None:
                 got.append(msg)
         return got
 

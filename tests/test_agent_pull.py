@@ -149,3 +149,22 @@ async def test_a_completed_task_logs_task_finished_at_debug_and_a_failed_one_at_
     finished = {line["task_id"]: line for line in logged if line["event"] == "task_finished"}
     assert finished["ok"]["log_level"] == "debug" and finished["ok"]["outcome"] == "task_completed"
     assert finished["bad"]["log_level"] == "info" and finished["bad"]["outcome"] == "task_failed"
+
+
+async def test_a_stop_ends_the_idle_polls_at_once(running_router: RunningRouter, connect_as: Connect,
+                                                  settings: Settings, admin: Client,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every skill's poll is out for POLL (5 s here); draining does not wait for them."""
+    monkeypatch.setattr(intake, "POLL_S", POLL)
+    stop = asyncio.Event()
+    agent = Agent(await connect_as("agent-runner-1"), settings, "runner-1",
+                  {"shell": Counted("shell", [0, 0]), "python": Counted("python", [0, 0])}, concurrency=1)
+    task = asyncio.create_task(agent.run(stop))
+    await wait_for_record(admin.jetstream(), lambda r: r.kind == "agent_joined")
+    await asyncio.sleep(0.5)  # every poll is out
+    started = time.monotonic()
+    stop.set()
+    await task
+    assert time.monotonic() - started < POLL / 2, "the agent waited out its polls"
+    left = await wait_for_record(admin.jetstream(), lambda r: r.kind == "agent_left")
+    assert left.accepted

@@ -89,3 +89,41 @@ async def test_an_old_requests_status_is_skipped_and_its_messages_kept(admin: Cl
     assert [m.data for m in kept] == [b"to the old request"]
     await kept[0].ack_sync()
     assert (await admin.jetstream().consumer_info(STREAM, "p")).num_ack_pending == 1  # "after", not acked
+
+
+async def test_an_interrupt_ends_a_waiting_pull_and_later_pulls_do_not_wait(puller: pull.Puller) -> None:
+    started = time.monotonic()
+    waiting = asyncio.create_task(puller.pull(256, WAIT))
+    await asyncio.sleep(0.3)
+    puller.interrupt()
+    assert await waiting == []
+    assert await puller.pull(256, WAIT) == []
+    assert time.monotonic() - started < WAIT / 2, "a pull waited after the interrupt"
+
+
+async def test_close_hands_back_what_arrived_and_the_open_request_takes_nothing_more(
+        admin: Client, puller: pull.Puller) -> None:
+    """What a stop leaves: a request still open on the server (its pull was interrupted)
+    that then brings a message in. Closing hands that message back (nak), and once closed
+    the request takes nothing: the next puller gets both at once, not after AckWait (60 s)."""
+    js = admin.jetstream()
+    waiting = asyncio.create_task(puller.pull(256, WAIT))
+    await asyncio.sleep(0.3)
+    puller.interrupt()
+    assert await waiting == []
+    await publish(admin, b"to the open request")
+    await asyncio.sleep(0.3)
+    assert (await js.consumer_info(STREAM, "p")).num_ack_pending == 1  # delivered to the request
+    await puller.close()
+    await publish(admin, b"after the close")
+    successor = await pull.Puller(admin, STREAM, "p").start()
+    started = time.monotonic()
+    got: list = []
+    while len(got) < 2 and time.monotonic() - started < WAIT:
+        got += await successor.pull(256, WAIT)
+    assert sorted((m.data, m.metadata.num_delivered) for m in got) == [
+        (b"after the close", 1), (b"to the open request", 2)]
+    assert time.monotonic() - started < WAIT / 2
+    for msg in got:
+        await msg.ack_sync()
+    await successor.close()

@@ -155,6 +155,32 @@ async def test_a_restarted_router_continues_the_chain_without_a_gap(
     assert await work_count(admin.jetstream()) == 20
 
 
+async def test_a_stop_ends_the_idle_fetch_at_once_and_loses_nothing_sent_meanwhile(
+    connect_as: Connect, admin: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle router waits on a fetch (at most 1 s; 20 s here, so the difference shows).
+    A stop ends it at once. The request it leaves open on the server takes nothing once the
+    router lets go (what it brought in before is handed back: tests/test_pull.py), so a
+    message sent then is audited by the next router at once, not after AckWait (30 s)."""
+    monkeypatch.setattr(Router, "_idle_wait", lambda self: 20.0)
+    slow = settings.replace(ingress_ack_wait_s=30.0)
+    rr = RunningRouter(await connect_as("router"), slow)
+    await rr.start()
+    cli = await connect_as("cli")
+    await send(cli, CLI, submitted("before"))
+    await wait_for_records(admin.jetstream(), 1)
+    await asyncio.sleep(0.3)  # the router's next fetch is waiting
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await rr.stop()
+    assert loop.time() - started < 10, "the stop waited out the fetch"
+    await send(cli, CLI, submitted("meanwhile"))
+    await rr.start()
+    records = await wait_for_records(admin.jetstream(), 2, timeout=10)
+    assert [r.key for r in records] == ["before", "meanwhile"]
+    await rr.stop()
+
+
 async def test_a_crash_between_audit_and_ack_never_audits_a_message_twice(
     connect_as: Connect, admin: Client, settings: Settings
 ) -> None:
