@@ -577,6 +577,10 @@ class System:
         it full for ``hold_s``, delete the file and restart nats-server, as an operator
         would: since 2.14 a stream that met a write error refuses writes until its server
         restarts (nats-server#7788). Recovered once AUDIT moves again."""
+        # Read before the disk fills: a full disk can leave the JetStream API unanswered
+        # until the restart (seen when an AUDIT purge of the retention rule met it), and
+        # the operator restarts whether or not it answers.
+        head = await self.head()
         filler = self.store_dir.parent / "filler"
         chunk = b"\0" * (1 << 20)
         with filler.open("wb") as f:
@@ -590,7 +594,6 @@ class System:
             filler.open("ab").write(b"\0" * 4096)  # and the last partial block
         full_mb = filler.stat().st_size >> 20
         await asyncio.sleep(hold_s)
-        head = await self.head()
         broken = sorted({m.group(1) for line in self.server.log_tail
                          if (m := re.search(r"stream '\$G > (\S+)' critical write error", line))})
         self._strike()
