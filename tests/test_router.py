@@ -155,7 +155,7 @@ async def test_a_restarted_router_continues_the_chain_without_a_gap(
     assert await work_count(admin.jetstream()) == 20
 
 
-async def test_a_stop_ends_the_idle_fetch_at_once_and_loses_nothing_sent_meanwhile(
+async def test_a_stop_ends_the_idle_fetch_at_once_and_the_next_router_takes_what_comes_after(
     connect_as: Connect, admin: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An idle router waits on a fetch (at most 1 s; 20 s here, so the difference shows).
