@@ -11,6 +11,7 @@ it needs records AUDIT no longer holds. See docs/architecture.md, Retention and 
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import re
@@ -99,6 +100,8 @@ class RetentionRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 
 MANIFEST = "manifest.json"
+LOCK = ".manifest.lock"
+"""Held while a manifest is checked and replaced (``Archive.write_manifest``)."""
 FORMAT_VERSION = 1
 
 
@@ -174,9 +177,26 @@ class Archive:
             raise ArchiveError(f"{self.manifest_path} is format {manifest.version}; this version reads {FORMAT_VERSION}")
         return manifest
 
-    def write_manifest(self, manifest: Manifest) -> None:
-        """Replace the manifest atomically (a temporary file, fsynced, renamed)."""
-        durable.replace(self.manifest_path, msgspec.json.format(msgspec.json.encode(manifest)))
+    def write_manifest(self, manifest: Manifest, over: Manifest | None = None) -> None:
+        """Replace the manifest atomically (a temporary file, fsynced, renamed).
+
+        With ``over``, the manifest this one was made from: only if that is still the one
+        on disk, checked and replaced under a lock on the directory, else
+        :class:`ArchiveError`. A router that lost its lease mid-round goes on writing in its
+        thread after the new leader's rounds, which may have recorded a cut and purged
+        below it: its stale manifest must not drop their seals.
+        """
+        data = msgspec.json.format(msgspec.json.encode(manifest))
+        if over is None:
+            durable.replace(self.manifest_path, data)
+            return
+        with (self.path / LOCK).open("ab") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = self.manifest()
+            if current != over:
+                raise ArchiveError(f"{self.manifest_path} changed since this round read it (another router wrote "
+                                   f"it, through seq {current.last_seq}): not writing over it")
+            durable.replace(self.manifest_path, data)
 
     def segment_path(self, seal: ArchiveSeal) -> Path:
         return self.path / seal.file

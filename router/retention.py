@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import nats.errors
 import nats.js.errors
 import structlog
@@ -241,8 +242,9 @@ class Archiver:
             # In a child process: reading and compressing on the event loop held routing up.
             seal = signing.sign(self.key, await segments.in_child(self.settings, archive, first, last, head))
             head = ChainHead(seal.last_seq, seal.last_hash)
+            before = _copy(manifest)
             manifest.segments.append(seal)
-            await asyncio.to_thread(archive.write_manifest, manifest)
+            await asyncio.to_thread(archive.write_manifest, manifest, before)
             seals.append(seal)
             log.info("archive_segment_written", file=seal.file, first_seq=first, last_seq=last, bytes=seal.bytes)
         failpoints.reached("router.archive_written")
@@ -279,8 +281,14 @@ class Archiver:
         # are gone, which the recorded expiry explains and the next round tidies up.
         for seal in gone:
             archive.segment_path(seal).unlink(missing_ok=True)
+        before = _copy(manifest)
         manifest.segments = [s for s in manifest.segments if s.file not in names]
         manifest.expired.extend(gone)
-        await asyncio.to_thread(archive.write_manifest, manifest)
+        await asyncio.to_thread(archive.write_manifest, manifest, before)
         log.info("archive_segments_deleted", segments=[s.file for s in gone])
 
+
+
+def _copy(manifest: Manifest) -> Manifest:
+    """The manifest as it is now (its seals are immutable; its lists are not)."""
+    return msgspec.structs.replace(manifest, segments=list(manifest.segments), expired=list(manifest.expired))

@@ -11,14 +11,16 @@ import gzip
 import json
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from nats.aio.client import Client
 
 from ledgerbus.bus import anchor, codec, signing, subjects
-from ledgerbus.bus.archive import Archive
-from ledgerbus.bus.events import AuditRecord, TaskSubmitted, new_id
+from ledgerbus.bus.archive import Archive, ArchiveError, Manifest
+from ledgerbus.bus.events import ArchiveSeal, AuditRecord, TaskSubmitted, new_id
 from ledgerbus.bus.settings import Settings
 from ledgerbus.bus.verify import LogReport, verify_log
 from ledgerbus.projections import db as dbmod
@@ -303,3 +305,24 @@ def test_recorded_llm_calls_are_kept_as_long_as_the_records_that_name_them() -> 
     assert calls_max_age(RetentionRule(audit_max_age="1d", archive_max_age="0"), plain) == 0  # the archive keeps all
     assert calls_max_age(RetentionRule(audit_max_age="0", audit_max_bytes="1GB", archive_max_age="30d"),
                          plain) == plain.llm_calls_max_age_s
+
+
+def test_a_round_does_not_write_its_manifest_over_one_that_changed_since_it_read_it(tmp_path: Path) -> None:
+    """Two routers' rounds in one archive: the leader that lost its lease mid-round, still
+    writing from its thread, and the new leader, whose round sealed, recorded and purged
+    meanwhile. The stale round must not drop the new leader's seal from the manifest."""
+    def seal(first: int, last: int) -> ArchiveSeal:
+        now = datetime.now(UTC)
+        return ArchiveSeal(file=f"audit-{first}-{last}.jsonl.gz", first_seq=first, last_seq=last, first_at=now,
+                           last_at=now, prev_hash="0" * 64, last_hash="1" * 64, sha256="2" * 64, bytes=1)
+
+    archive = Archive(tmp_path)
+    archive.write_manifest(Manifest(segments=[seal(1, 100)]))
+    deposed, leader = archive.manifest(), archive.manifest()  # both rounds read the same one
+    before = Manifest(segments=list(leader.segments))
+    leader.segments.append(seal(101, 200))
+    archive.write_manifest(leader, before)
+    deposed.segments.append(seal(101, 150))  # a different cut, from the stale copy
+    with pytest.raises(ArchiveError, match="changed since this round read it"):
+        archive.write_manifest(deposed, before)
+    assert [s.last_seq for s in archive.manifest().segments] == [100, 200]
