@@ -288,7 +288,6 @@ class Archiver:
         log.info("archive_segments_deleted", segments=[s.file for s in gone])
 
 
-
 def _copy(manifest: Manifest) -> Manifest:
     """The manifest as it is now (its seals are immutable; its lists are not)."""
     return msgspec.structs.replace(manifest, segments=list(manifest.segments), expired=list(manifest.expired))
