@@ -11,8 +11,8 @@ So, once a process has started: the heap as it is is moved out of the collector'
 (``gc.freeze``: what start-up built is not garbage), and the youngest generation is
 collected every :data:`GEN0_THRESHOLD` allocations instead of 700 (``LEDGERBUS_GC_GEN0``).
 Measured with bench's router run (10,000 messages, same machine, alternating): 2,500 msg/s
-with the defaults, 2,900 with these. The memory the collector may leave uncollected for longer is that of
-cyclic garbage only, some tens of thousands of young objects at most.
+with the defaults, 2,900 with these. The memory the collector may leave uncollected for
+longer is that of cyclic garbage only, some tens of thousands of young objects at most.
 
 The pauses are fewer and longer. Timed with ``gc.callbacks`` over 20,000 messages through
 the router (its state growing by 20,000 tasks): with the defaults, 290 young collections

@@ -62,6 +62,17 @@ class Puller:
         self.interrupted = True
         self._queue.put_nowait(None)
 
+    async def interrupt_on(self, *events: asyncio.Event) -> None:
+        """:meth:`interrupt` once any of ``events`` is set (run it as a task; cancel it
+        when the pulling is over)."""
+        waits = [asyncio.create_task(event.wait()) for event in events]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        self.interrupt()
+
     async def close(self) -> None:
         """Stop receiving, and hand back (nak) what arrived and was not pulled.
 

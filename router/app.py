@@ -195,7 +195,7 @@ class Router:
     async def _serve(self, stop: asyncio.Event, lost: asyncio.Event) -> None:
         assert self._sub is not None
         # A stop or a lost lease ends a fetch waiting for INGRESS at once, not after it.
-        waker = asyncio.create_task(_interrupt_when(self._sub, stop, lost))
+        waker = asyncio.create_task(self._sub.interrupt_on(stop, lost))
         try:
             await self._serve_batches(stop, lost)
         finally:
@@ -509,13 +509,3 @@ class Router:
                 await d.msg.ack()
                 d.end()
 
-
-async def _interrupt_when(sub: pull.Puller, *events: asyncio.Event) -> None:
-    """Interrupt ``sub``'s pulls once any of ``events`` is set."""
-    waits = [asyncio.create_task(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for wait in waits:
-            wait.cancel()
-    sub.interrupt()

@@ -127,3 +127,16 @@ async def test_close_hands_back_what_arrived_and_the_open_request_takes_nothing_
     for msg in got:
         await msg.ack_sync()
     await successor.close()
+
+
+async def test_interrupt_on_ends_a_waiting_pull_when_any_of_its_events_is_set(puller: pull.Puller) -> None:
+    """The router's stop and its lost lease: either ends the fetch."""
+    stop, lost = asyncio.Event(), asyncio.Event()
+    waker = asyncio.create_task(puller.interrupt_on(stop, lost))
+    started = time.monotonic()
+    waiting = asyncio.create_task(puller.pull(256, WAIT))
+    await asyncio.sleep(0.3)
+    lost.set()
+    assert await waiting == []
+    await waker
+    assert time.monotonic() - started < WAIT / 2, "the lost lease did not end the pull"
