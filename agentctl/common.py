@@ -82,3 +82,21 @@ async def open_bus(app: App, db_path: Path | None = None) -> AsyncIterator[Bus]:
 def cli_principal() -> str:
     """The principal (and NATS user) this CLI acts as: ``cli-<name>``."""
     return f"cli-{cli_name()}"
+
+
+async def projected(bus: Bus, task_id: str, status: str, within: float = 15.0) -> dict[str, Any]:
+    """The task as the projection shows it once it has caught up with the log, which has
+    the task ``status`` (the projector is a batch behind the log, and there is no event to
+    wait on); after ``within`` seconds, as it shows it then."""
+    delay = 0.02
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        try:
+            task: dict[str, Any] = await bus.get(task_id, tree=False)
+        except NotFound:
+            task = {"status": "not projected yet"}
+        if task["status"] == status or loop.time() >= deadline:
+            return task
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.25)

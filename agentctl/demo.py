@@ -13,7 +13,6 @@ the profile instead.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -28,8 +27,9 @@ from rich.text import Text
 from rich.tree import Tree
 
 from ledgerbus.agentctl import pipelines
-from ledgerbus.agentctl.common import EXIT_FAILED, EXIT_TIMEOUT, App, err, fail, open_bus, out, run
-from ledgerbus.bus.errors import LedgerbusError, NotFound
+from ledgerbus.agentctl.common import EXIT_FAILED, EXIT_TIMEOUT, App, err, fail, open_bus, out, projected, run
+from ledgerbus.bus.errors import LedgerbusError
+from ledgerbus.bus.lifecycle import Status
 from ledgerbus.client import Bus, Outcome, TaskHandle, TaskTimeout
 
 SOP_REQUIREMENT = "a todo app"
@@ -185,7 +185,7 @@ async def _finish(bus: Bus, what: str, handle: TaskHandle, timeout: float, show:
         if not outcome.completed:
             why = outcome.error or outcome.reason or str(outcome.status)
             raise NotOnDemo(f"the demo's {what} {outcome.task_id} {outcome.status}: {_one_line(why)}")
-        task = await _projected(bus, handle.task_id)
+        task = await projected(bus, handle.task_id, Status.COMPLETED)
         calls: list[dict[str, Any]] = await bus.query("usage", "list",
                                                       {"task_id": handle.task_id, "tree": True, "limit": 1000})
     finally:
@@ -197,22 +197,6 @@ async def _finish(bus: Bus, what: str, handle: TaskHandle, timeout: float, show:
         raise NotOnDemo(f"the demo's {what} {handle.task_id} completed, but {how}, not replayed from the recording")
     return Run(name=what.split()[0].lower(), task_id=handle.task_id, output=outcome.output,
                agent=outcome.agent or str(task.get("agent") or ""), calls=calls, steps=dict(outcome.steps))
-
-
-async def _projected(bus: Bus, task_id: str, within: float = 15.0) -> dict[str, Any]:
-    """The task as the projection shows it once it has caught up with its end (its usage
-    records come before its end in the log, so they are there too)."""
-    delay = 0.02
-    async with asyncio.timeout(within):
-        while True:
-            try:
-                task: dict[str, Any] = await bus.get(task_id, tree=False)
-            except NotFound:
-                task = {"status": "not projected yet"}
-            if task["status"] == "completed":
-                return task
-            await asyncio.sleep(delay)  # the projector is a batch behind the log: no event to wait on
-            delay = min(delay * 2, 0.25)
 
 
 async def _thoughts(bus: Bus, reason: Run) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ from typing import Any
 import click
 from rich.tree import Tree
 
-from ledgerbus.agentctl.common import EXIT_FAILED, EXIT_OK, App, err, open_bus, out, run
+from ledgerbus.agentctl.common import EXIT_FAILED, EXIT_OK, App, err, open_bus, out, projected, run
 from ledgerbus.agentctl.complete import task_ids
 from ledgerbus.bus.lifecycle import Status
 
@@ -42,8 +42,9 @@ def fork(app: App, task_id: str, at_seq: int, live: bool, strict: bool, wait: bo
             made, handle = await bus.fork(task_id, at_seq=at_seq, live=live, match="strict" if strict else "lenient")
             done = None
             if wait:
-                await handle.wait(timeout=timeout)
-                done = await bus.get(made.task_id, tree=False)
+                # The log says how it ended; the projection, a batch behind, has the details.
+                outcome = await handle.wait(timeout=timeout)
+                done = await projected(bus, made.task_id, outcome.status)
             return made, done
 
     made, done = run(body)
