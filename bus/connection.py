@@ -7,9 +7,9 @@ import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import nats.aio.client
 import nats.errors
 import structlog
-from nats.aio.client import Client
 
 from ledgerbus.bus.errors import BusError, ConfigError
 from ledgerbus.bus.home import outside_hint
@@ -23,6 +23,32 @@ PUBACK_TIMEOUT_S = 10.0
 """How long a pipelined publish waits for its PubAck (the JetStream API timeout the
 processes use; ``bus/publish.py``): the ack of a message whose server died before
 answering (kill -9, a cluster node lost with a stream leader) never comes."""
+
+
+class Client(nats.aio.client.Client):
+    """nats-py's client, with a :meth:`flush` that keeps its word.
+
+    nats-py (2.16, and its main branch of 2026-06) writes a flush's PING straight to the
+    socket, ahead of the commands its flusher task has not written yet (``_send_ping``);
+    so the PONG can come back before the server has the UNSUB or PUB sent just before.
+    ``Subscription.drain`` is one such case: it takes the PONG to mean that nothing more
+    will come and drops the subscription, while the server still delivers to it. A pull
+    request left open by a stopped puller took the next message that way, and it came back
+    only after AckWait (1 stop in 10; ``tests/test_connection.py`` shows it at the core).
+    Here the queued commands are written first, as nats-py's own flusher would.
+    """
+
+    async def flush(self, timeout: int = nats.aio.client.DEFAULT_FLUSH_TIMEOUT) -> None:
+        flusher = self._flusher_task
+        if self.is_connected and self._pending_data_size and flusher is not None and not flusher.done():
+            written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            # The flusher writes all that is pending, then resolves the futures it takes.
+            await self._flush_queue.put(written)  # type: ignore[union-attr]
+            try:
+                await asyncio.wait_for(written, timeout)
+            except TimeoutError:
+                raise nats.errors.FlushTimeoutError from None
+        await super().flush(timeout)
 
 
 class ConnectionEvents:

@@ -78,7 +78,8 @@ class Puller:
 
         The subscription is drained, not dropped: once the server has our unsubscribe, it
         drops a request still open (it delivers only to a reply subject with interest), and
-        what it delivered before that has arrived by the flush's reply. Naked, those come
+        what it delivered before that has arrived by the flush's reply (a reply that comes
+        after the unsubscribe only with ``bus.connection.Client``'s flush). Naked, those come
         back at once to whoever pulls next, not after AckWait; so a stop need not wait out
         an open request's ``expires``.
         """

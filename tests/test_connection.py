@@ -1,5 +1,5 @@
 """Connecting: processes may start before the server; refused or absent servers fail clearly;
-a PubAck that never comes does not hang its publisher."""
+a PubAck that never comes does not hang its publisher; a flush covers what was sent before it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import nats.errors
 import pytest
 
-from ledgerbus.bus.connection import cancel_requested, connect
+from ledgerbus.bus.connection import Client, cancel_requested, connect
 from ledgerbus.bus.errors import BusError
 from ledgerbus.bus.server import NatsServer
 from ledgerbus.bus.settings import Settings
@@ -50,6 +50,31 @@ async def test_a_process_started_before_the_server_connects_when_it_comes_up(tmp
         nc = await connecting
         assert nc.is_connected
         await nc.close()
+
+
+async def test_a_flush_reaches_the_server_after_what_was_sent_before_it(tmp_path: Path) -> None:
+    """The server's trace shows what the client sent, in order: a drain's UNSUB, then the
+    PING whose PONG tells the client that nothing more will come. nats-py's own client
+    sends that PING first (bus/connection.Client says how): the drain then drops the
+    subscription while the server still delivers to it (0 to 36 of 200 requests went
+    there in tries on this machine, depending on its load)."""
+    async with NatsServer(tmp_path / "js", extra_args=("-V",)) as server:
+        nc = Client()
+        await nc.connect(server.url)
+        try:
+            sub = await nc.subscribe("svc", cb=_ignore)
+            await nc.flush()
+            await sub.drain()
+            await server.wait_for_log("<<- [UNSUB")
+        finally:
+            await nc.close()
+    sent = [line.split("<<- [", 1)[1].rstrip("]").strip() for line in server.log_tail if "<<- [" in line]
+    after_sub = sent[next(i for i, op in enumerate(sent) if op.startswith("SUB svc")) + 1:]
+    assert [op.split()[0] for op in after_sub[:3]] == ["PING", "UNSUB", "PING"], sent
+
+
+async def _ignore(msg: object) -> None:
+    pass
 
 
 async def test_a_loop_whose_cancellation_is_swallowed_still_stops() -> None:

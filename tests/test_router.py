@@ -176,7 +176,7 @@ async def test_a_stop_ends_the_idle_fetch_at_once_and_the_next_router_takes_what
     assert loop.time() - started < 10, "the stop waited out the fetch"
     await send(cli, CLI, submitted("meanwhile"))
     await rr.start()
-    records = await wait_for_records(admin.jetstream(), 2, timeout=10)
+    records = await wait_for_records(admin.jetstream(), 2, timeout=5)
     assert [r.key for r in records] == ["before", "meanwhile"]
     await rr.stop()
 
