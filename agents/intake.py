@@ -88,9 +88,7 @@ class Intake:
         given back for items that did not come.
         """
         self._pullers.append(puller)
-        while not self.stopping.is_set():
-            async with self._slots:
-                pass  # until a slot is free, without taking it
+        while await self._slot_free():
             first = await self._fetch(skill, puller, 1, POLL_S)
             if not first or not await self._take_slot(first[0]):
                 continue
@@ -119,6 +117,24 @@ class Intake:
             for task in still:
                 task.cancel()
             await asyncio.gather(*still, return_exceptions=True)
+
+    async def _slot_free(self) -> bool:
+        """Until a slot is free, without taking it; ``False`` once the agent drains (a
+        drain must not wait for a running item to end before its timeout starts)."""
+        if not self._slots.locked():
+            return not self.stopping.is_set()
+        free = asyncio.create_task(self._free())
+        stopping = asyncio.create_task(self.stopping.wait())
+        try:
+            await asyncio.wait({free, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            free.cancel()
+            stopping.cancel()
+        return not self.stopping.is_set()
+
+    async def _free(self) -> None:
+        async with self._slots:
+            pass
 
     async def _take_slot(self, msg: Msg) -> bool:
         """A slot for an item the long poll brought: at once if one is free, else when one

@@ -168,3 +168,40 @@ async def test_a_stop_ends_the_idle_polls_at_once(running_router: RunningRouter,
     assert time.monotonic() - started < POLL / 2, "the agent waited out its polls"
     left = await wait_for_record(admin.jetstream(), lambda r: r.kind == "agent_left")
     assert left.accepted
+
+
+async def test_a_stop_with_every_slot_busy_gives_the_running_tasks_drain_timeout_and_no_more(
+        running_router: RunningRouter, connect_as: Connect, settings: Settings, admin: Client) -> None:
+    """The polls wait for a free slot while the one slot runs a long task. A stop must not
+    wait for that slot first: the running task gets ``drain_timeout_s`` (1 s here), and is
+    then cancelled and handed back (the next agent claims it at once, not after AckWait),
+    not run to its end (30 s)."""
+    quick = settings.replace(drain_timeout_s=1.0, work_ack_wait_s=30.0)
+
+    def agent(running: list[int]) -> Agent:
+        return Agent(nc, quick, "runner-1", {"shell": Counted("shell", running), "python": Counted("python", [0, 0])},
+                     concurrency=1)
+
+    nc = await connect_as("agent-runner-1")
+    stop, running = asyncio.Event(), [0, 0]
+    task = asyncio.create_task(agent(running).run(stop))
+    await wait_for_record(admin.jetstream(), lambda r: r.kind == "agent_joined")
+    await submit(await connect_as("cli"), "long", "shell", seconds=30)
+    async with asyncio.timeout(10):
+        while running[0] == 0:
+            await asyncio.sleep(0.05)
+    started = time.monotonic()
+    stop.set()
+    await task
+    assert time.monotonic() - started < 6, "the stop waited for the running task's slot before its drain timeout"
+    assert running[0] == 0, "the long task was not cancelled"
+    assert (await wait_for_record(admin.jetstream(), lambda r: r.kind == "agent_left")).accepted
+    stop, running = asyncio.Event(), [0, 0]
+    task = asyncio.create_task(agent(running).run(stop))
+    try:
+        again = await wait_for_record(admin.jetstream(), lambda r: r.key == "long" and r.kind == "task_started"
+                                      and r.accepted and r.event.attempt == 2, timeout=10)  # type: ignore[union-attr]
+        assert again.accepted
+    finally:
+        stop.set()
+        await task
