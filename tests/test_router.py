@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 import nats.errors
 import nats.js.errors
 import pytest
+import structlog.testing
 from nats.aio.client import Client
 
 from ledgerbus.bus import chain, codec, subjects
@@ -17,6 +18,7 @@ from ledgerbus.bus.provision import router_consumer_config
 from ledgerbus.bus.settings import Settings
 from ledgerbus.router.app import Router
 from ledgerbus.router.checks import Inbound, Rejection, default_checks
+from ledgerbus.router.lease import Lease
 from ledgerbus.router.policy import PolicyFile
 from ledgerbus.router.state import RouterState
 from tests.conftest import RunningRouter
@@ -179,6 +181,43 @@ async def test_a_stop_ends_the_idle_fetch_at_once_and_the_next_router_takes_what
     records = await wait_for_records(admin.jetstream(), 2, timeout=5)
     assert [r.key for r in records] == ["before", "meanwhile"]
     await rr.stop()
+
+
+async def test_a_lost_lease_ends_the_idle_fetch_at_once_and_the_leader_after_takes_what_comes_after(
+    connect_as: Connect, admin: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leader whose lease is taken over (as after a pause past its TTL) steps down at its
+    next renewal, however long its fetch waits (20 s here); and the request it leaves open
+    takes nothing, so the next leader audits a message sent meanwhile at once, not after
+    AckWait (30 s)."""
+    monkeypatch.setattr(Router, "_idle_wait", lambda self: 20.0)
+    nc = await connect_as("router")
+    router = Router(nc, settings.replace(ingress_ack_wait_s=30.0), lease=Lease(nc.jetstream(), 1.5, "first"))
+    stop = asyncio.Event()
+    cli = await connect_as("cli")
+    with structlog.testing.capture_logs() as logged:
+        serving = asyncio.create_task(router.run(stop))
+        try:
+            await send(cli, CLI, submitted("before"))
+            await wait_for_records(admin.jetstream(), 1)
+            await asyncio.sleep(0.3)  # the leader's next fetch is waiting
+            lease = await Lease((await connect_as("router")).jetstream(), 1.5, "second").bucket()
+            await lease.put(subjects.ROUTER_LEADER_KEY, b"second")
+            loop = asyncio.get_running_loop()
+            taken = loop.time()
+
+            async def stepped_down() -> bool:
+                return any(line["event"] == "stepped_down" for line in logged)
+
+            await wait_until(stepped_down, 10, what="the leader stepping down")
+            assert loop.time() - taken < 5, "the leader waited out its fetch before stepping down"
+            await send(cli, CLI, submitted("meanwhile"))
+            await lease.delete(subjects.ROUTER_LEADER_KEY)  # the other one lets go: the first leads again
+            records = await wait_for_records(admin.jetstream(), 2, timeout=5)
+            assert [r.key for r in records] == ["before", "meanwhile"]
+        finally:
+            stop.set()
+            await serving
 
 
 async def test_a_crash_between_audit_and_ack_never_audits_a_message_twice(
