@@ -277,6 +277,14 @@ class TaskHandle:
         raise_for(outcome)
         return outcome.output
 
+    async def verdict(self, timeout: float | None = VERDICT_TIMEOUT_S) -> ev.AuditRecord:
+        """The router's audit record on this submission, accepted or refused (its ``code``
+        says why it waits or was refused). From then on every read of the task knows it
+        (:meth:`Bus.get`, ``GET /tasks/{id}``); before, only INGRESS holds it. Raises
+        :class:`TimeoutError` without one in ``timeout`` seconds (no router running:
+        INGRESS keeps the submission until one is)."""
+        return await _verdict(self._bus.nc.jetstream(timeout=10), self.task_id, self.submission.id, timeout)
+
     async def events(self) -> AsyncIterator[ev.AuditRecord]:
         """The task's audit records so far and as they come (until the iterator is closed)."""
         async for record in self._bus.events(self.task_id, follow=True):
@@ -285,6 +293,18 @@ class TaskHandle:
     async def cancel(self, reason: str = "") -> ev.AuditRecord:
         """Cancel the task and everything under it (:meth:`Bus.cancel`)."""
         return await self._bus.cancel(self.task_id, reason)
+
+
+async def _verdict(js: Any, key: str, msg_id: str, timeout: float | None, from_seq: int = 1) -> ev.AuditRecord:
+    """The router's record on message ``msg_id`` about ``key``, read from ``from_seq`` on
+    (:class:`TimeoutError` after ``timeout`` seconds)."""
+    async with asyncio.timeout(timeout):
+        async with contextlib.aclosing(records(js, subjects.audit_for_key(key), from_seq=from_seq,
+                                               follow=True)) as follow:
+            async for record, _ in follow:
+                if record.msg_id == msg_id:
+                    return record
+    raise AssertionError("unreachable: a followed log does not end")
 
 
 async def _follow_plan(js: Any, view: PlanView) -> AsyncIterator[PlanView]:
@@ -403,15 +423,10 @@ class Bus:
                              headers={subjects.HDR_MSG_ID: event.id})
         except (TimeoutError, nats.errors.NoRespondersError) as exc:
             raise BusError("INGRESS did not acknowledge: is the router running?") from exc
-        async with asyncio.timeout(timeout):
-            async with contextlib.aclosing(records(js, subjects.audit_for_key(key), from_seq=head + 1,
-                                                   follow=True)) as follow:
-                async for record, _ in follow:
-                    if record.msg_id == event.id:
-                        if not record.accepted:
-                            raise Refused(record)
-                        return record
-        raise AssertionError("unreachable: a followed log does not end")
+        record = await _verdict(js, key, event.id, timeout, from_seq=head + 1)
+        if not record.accepted:
+            raise Refused(record)
+        return record
 
     async def cancel(self, task_id: str, reason: str = "") -> ev.AuditRecord:
         """Cancel a task and everything under it (plan steps, delegated subtasks)."""

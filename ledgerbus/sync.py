@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ledgerbus.bus import events as ev
-from ledgerbus.client import Bus, Outcome, Page, Row, Rows, TaskHandle, connect
+from ledgerbus.client import VERDICT_TIMEOUT_S, Bus, Outcome, Page, Row, Rows, TaskHandle, connect
 
 T = TypeVar("T")
 
@@ -38,6 +38,10 @@ class SyncTaskHandle:
 
     def __repr__(self) -> str:
         return f"<SyncTaskHandle {self.handle.kind} {self.task_id}>"
+
+    def verdict(self, timeout: float | None = VERDICT_TIMEOUT_S) -> ev.AuditRecord:
+        """:meth:`TaskHandle.verdict <ledgerbus.client.TaskHandle.verdict>`."""
+        return self._owner._call(self.handle.verdict(timeout))
 
     def result(self, timeout: float | None = None) -> Any:
         """:meth:`TaskHandle.result <ledgerbus.client.TaskHandle.result>`."""

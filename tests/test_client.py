@@ -31,8 +31,12 @@ async def test_the_client_submits_waits_reads_and_decides(procs: Procs, admin: C
         outcome = await handle.wait(timeout=30)  # waiting again reads the same ending from the log
         assert (outcome.status, outcome.agent, outcome.attempts, outcome.completed) == ("completed", "echo-1", 1, True)
 
+        bad = await bus.submit("sleep", {"seconds": -1}, task_id="client-bad")
+        verdict = await bad.verdict(timeout=30)  # the router's record: here, its refusal
+        assert (verdict.accepted, verdict.code, verdict.key, verdict.msg_id) == (
+            False, "invalid_input", "client-bad", bad.submission.id)
         with pytest.raises(ledgerbus.TaskRejected) as rejected:
-            await (await bus.submit("sleep", {"seconds": -1}, task_id="client-bad")).result(timeout=30)
+            await bad.result(timeout=30)
         assert rejected.value.outcome.code == "invalid_input" and "seconds" in rejected.value.outcome.reason
         assert rejected.value.task_id == "client-bad"
 
@@ -42,6 +46,7 @@ async def test_the_client_submits_waits_reads_and_decides(procs: Procs, admin: C
         # Held for approval: the submitter waits; another principal approves or denies.
         held = await bus.submit("sleep", {"seconds": 0}, task_id="client-held-ok")
         denied = await bus.submit("sleep", {"seconds": 0}, task_id="client-held-no")
+        assert ((await held.verdict(timeout=30)).accepted, (await held.verdict()).code) == (True, "approval_requested")
         with pytest.raises(ledgerbus.TaskTimeout) as waiting:
             await held.result(timeout=1.0)
         assert waiting.value.outcome.status == "awaiting_approval"
@@ -112,6 +117,7 @@ async def test_the_sync_client_for_scripts(procs: Procs, admin: Client, settings
     def script() -> tuple[object, list[str], str]:
         with ledgerbus.connect_sync(settings=settings, name="tester") as bus:
             handle = bus.submit("echo", {"text": "hi"})
+            assert handle.verdict(timeout=30).code == "ok"
             output = handle.result(timeout=30)
             kinds = [r.kind for r in bus.events(handle.task_id)]
             try:

@@ -82,6 +82,13 @@ async def test_the_api_acts_as_the_tokens_principal_and_answers_errors_as_json(
         r = await http.post("/tasks", json={"skill": "echo", "input": {"n": 1}, "task_id": "web-echo-1"},
                             headers=as_tester)
         assert r.status_code == 202 and r.json()["task_id"] == "web-echo-1", r.text
+        assert r.json()["code"] == "ok" and r.json()["audit_seq"] > 0, r.text
+        # Answered once the router has recorded it: a read right after knows the task.
+        assert (await http.get("/tasks/web-echo-1", headers=as_tester)).status_code == 200
+        # A submission the router refuses comes back refused, with the router's code.
+        r = await http.post("/tasks", json={"skill": "echo", "task_id": "web-echo-1"}, headers=as_tester)
+        assert r.status_code == 409 and r.json()["code"] == "duplicate_task", r.text
+        assert r.json()["task_id"] == "web-echo-1" and r.json()["audit_seq"] > 0, r.text
         kinds = []
         async with http.stream("GET", "/tasks/web-echo-1/events", headers=as_tester) as events:
             assert events.headers["content-type"].startswith("text/event-stream")
@@ -103,8 +110,9 @@ async def test_the_api_acts_as_the_tokens_principal_and_answers_errors_as_json(
         assert [t["task_id"] for t in page["items"]] == ["web-echo-1"] and page["next"] is None
 
         # A held task: its submitter may not approve it; the approver's own token may.
-        await http.post("/tasks", json={"skill": "sleep", "input": {"seconds": 0}, "task_id": "web-held"},
-                        headers=as_tester)
+        r = await http.post("/tasks", json={"skill": "sleep", "input": {"seconds": 0}, "task_id": "web-held"},
+                            headers=as_tester)
+        assert r.status_code == 202 and r.json()["code"] == "approval_requested", r.text
         for _ in range(100):
             held = await http.get("/approvals", headers=as_ops)  # 503 while the projector starts
             if held.status_code == 200 and [a["task_id"] for a in held.json()] == ["web-held"]:

@@ -30,6 +30,7 @@ from ledgerbus.bus import anchor, codec, exposition, signing, subjects, tokens
 from ledgerbus.bus.errors import BusError, LedgerbusError, NotFound, QueryError, SchemaError
 from ledgerbus.bus.events import (
     DEFAULT_TASK_TIMEOUT_S,
+    AuditRecord,
     CheckpointRestored,
     CheckpointSaved,
     MemoryWiped,
@@ -42,7 +43,7 @@ from ledgerbus.bus.plan_view import PlanFileError, PlanView, parse_plan
 from ledgerbus.bus.settings import Settings
 from ledgerbus.bus.trace_tree import build_tree, read_trace
 from ledgerbus.bus.tracing import Telemetry
-from ledgerbus.client import Bus, Refused, connect
+from ledgerbus.client import Bus, Refused, TaskHandle, connect
 from ledgerbus.projections import integrity
 
 STATIC = FilePath(__file__).parent / "static"
@@ -123,11 +124,20 @@ class CheckpointIn(BaseModel):
 
 
 class Submitted(BaseModel):
-    """A submission INGRESS holds; the router decides after (follow ``/tasks/{id}/events``)."""
+    """A submission the router accepted (follow ``/tasks/{id}/events`` for the rest), or
+    one INGRESS holds for a router to decide (``audit_seq`` null)."""
 
     task_id: str
     status: Literal["submitted"] = "submitted"
     ingress_seq: int
+    audit_seq: int | None = None
+    """The router's record of it: from then on ``GET /tasks/{id}`` knows the task."""
+    code: str = ""
+    """``ok``, or why it waits (``approval_requested``, ``awaiting_match``, ``no_agent``)."""
+
+
+VERDICT_WAIT_S = 5.0
+"""How long ``POST /tasks`` waits for the router's verdict before it answers without one."""
 
 
 class Page(BaseModel):
@@ -284,20 +294,41 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> FastAP
             raise ApiError(503, "bus_unavailable", f"{settings.servers[0]}: {exc}") from exc
         return {"ok": True}
 
-    @app.post("/tasks", status_code=202, tags=["tasks"], response_model=Submitted)
+    async def decided(handle: TaskHandle) -> Submitted:
+        """Answer a submission once the router has recorded it, so that a read right after
+        finds the task (it did not: ``GET /tasks/{id}`` said 404 while the router had yet to
+        decide), and a refusal comes back here, with its code. Without a verdict in
+        :data:`VERDICT_WAIT_S` (no router running) the submission waits in INGRESS."""
+        async def verdict() -> AuditRecord | None:
+            try:
+                return await handle.verdict(VERDICT_WAIT_S)
+            except TimeoutError:
+                return None
+
+        record = await call(verdict)
+        if record is None:
+            return Submitted(task_id=handle.task_id, ingress_seq=handle.ingress_seq)
+        if not record.accepted:
+            raise ApiError(409, record.code, record.reason, audit_seq=record.seq, task_id=handle.task_id)
+        return Submitted(task_id=handle.task_id, ingress_seq=handle.ingress_seq, audit_seq=record.seq,
+                         code=record.code)
+
+    @app.post("/tasks", status_code=202, tags=["tasks"], response_model=Submitted,
+              responses={409: {"model": Problem}})
     async def submit_task(task: TaskIn, bus: Caller) -> Submitted:
-        """Submit a task; the router decides after (``GET /tasks/{id}`` or its events)."""
+        """Submit a task; answered once the router has accepted it (409 if it refused)."""
         handle = await call(lambda: bus.submit(
             task.skill, task.input, task_id=task.task_id, timeout_s=task.timeout_s, retries=task.retries,
             backoff_s=task.backoff_s, budget_tokens=task.budget_tokens, budget_cost_usd=task.budget_cost_usd))
-        return Submitted(task_id=handle.task_id, ingress_seq=handle.ingress_seq)
+        return await decided(handle)
 
-    @app.post("/plans", status_code=202, tags=["tasks"], response_model=Submitted)
+    @app.post("/plans", status_code=202, tags=["tasks"], response_model=Submitted,
+              responses={409: {"model": Problem}})
     async def submit_plan(plan: PlanIn, bus: Caller) -> Submitted:
-        """Submit a plan (a DAG of steps)."""
+        """Submit a plan (a DAG of steps); answered as ``POST /tasks`` is."""
         body = plan.model_dump(exclude_none=True)
         handle = await call(lambda: bus.submit_plan(body))
-        return Submitted(task_id=handle.task_id, ingress_seq=handle.ingress_seq)
+        return await decided(handle)
 
     @app.get("/tasks", tags=["tasks"], response_model=Page)
     async def list_tasks(

@@ -630,7 +630,9 @@ async function submitPage(view, _, params) {
       const input = read();
       const done = await api("/tasks", { method: "POST", body: {
         skill: pick.value, input, timeout_s: Number(opts.timeout.value), retries: Number(opts.retries.value) } });
-      toast(`submitted ${done.task_id} (ingress seq ${done.ingress_seq})`);
+      // Answered once the router has recorded it (a refusal is the error below); the code
+      // says why an accepted task waits.
+      toast(`submitted ${done.task_id}${done.code && done.code !== "ok" ? `: ${done.code}` : ""}`);
       location.hash = `#/task/${done.task_id}`;
     } catch (exc) {
       error.replaceChildren(h("div", { class: "error-box" }, exc.code ? `${exc.code}: ${exc.message}` : exc.message));
@@ -719,7 +721,7 @@ function planForm(view) {
   const submit = h("button", { type: "button", disabled: true, onclick: async () => {
     try {
       const done = await api("/plans", { method: "POST", body: checked });
-      toast(`submitted plan ${done.task_id}`);
+      toast(`submitted plan ${done.task_id}${done.code && done.code !== "ok" ? `: ${done.code}` : ""}`);
       location.hash = `#/task/${done.task_id}`;
     } catch (exc) {
       preview.replaceChildren(h("div", { class: "error-box" }, `${exc.code}: ${exc.message}`));
