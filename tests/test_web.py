@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx2 as httpx
 from nats.aio.client import Client
 
-from ledgerbus.bus import tokens
+from ledgerbus.bus import subjects, tokens
 from ledgerbus.bus.settings import Settings
 from tests.support import Procs, agentctl
 from tests.test_e2e import start_system
@@ -261,3 +261,21 @@ async def _the_control_centers_calls(http: httpx.AsyncClient, as_tester: dict[st
             break
         await asyncio.sleep(0.1)
     assert [(p["checkpoint_id"], p["label"], p["restores"]) for p in points] == [("web-cp", "calm", 1)]
+
+
+async def test_a_submission_no_router_decides_is_answered_after_the_wait_and_kept(
+    procs: Procs, admin: Client, settings: Settings
+) -> None:
+    """With no router running the gateway does not hang: after ``VERDICT_WAIT_S`` (5 s) it
+    answers 202 without a verdict, and INGRESS keeps the submission for a router."""
+    tester = tokens.issue(settings.auth_dir, "cli-tester")
+    port = _free_port()
+    await procs.start("web", "web", "--port", str(port))
+    base = f"http://127.0.0.1:{port}"
+    await wait_until_healthy(base)
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        r = await http.post("/tasks", json={"skill": "echo", "task_id": "web-later"},
+                            headers={"Authorization": f"Bearer {tester}"})
+    assert r.status_code == 202, r.text
+    assert (r.json()["task_id"], r.json()["audit_seq"], r.json()["code"]) == ("web-later", None, ""), r.text
+    assert (await admin.jetstream().stream_info(subjects.INGRESS_STREAM)).state.messages == 1
