@@ -211,7 +211,7 @@ async def verify_log(
             # the live records are still checked, from the link the first one names.
             head = ChainHead(purged, await _first_link(js, state.first_seq))
             walk.resume(purged)
-        report.head = await _verify_chain(js, state.last_seq, on_progress, walk, watch, head)
+        report.head = await _read_live(js, state.last_seq, on_progress, walk, watch, head, archived, purged)
         if report.head.seq < state.last_seq:
             seq = report.head.seq + 1
             raise ChainError(f"seq {seq}: missing (deleted, or unreadable on disk); read up to {report.head.seq}", seq)
@@ -275,12 +275,40 @@ async def _first_link(js: JetStreamContext, seq: int) -> str:
     return codec.read_record(msg.metadata.sequence.stream, msg.data).prev_hash
 
 
+async def _read_live(
+    js: JetStreamContext, last: int, on_progress: Progress | None, walk: CheckpointWalk, watch: anchor.Watch,
+    head: ChainHead, archived: ArchiveWalk, purged: int,
+) -> ChainHead:
+    """The stream's records after ``head`` up to ``last``. A retention round may purge some
+    of them while the archive was being read (it purges only what the archive already
+    holds): then they are read from the archive's newer segments, and the stream after."""
+    while True:
+        head, next_seq = await _verify_chain(js, last, on_progress, walk, watch, head)
+        if head.seq >= last:
+            return head
+        if archived.archive is not None:
+            state = (await js.stream_info(subjects.AUDIT_STREAM)).state
+            now_purged = state.first_seq - 1 if state.last_seq else 0
+            if now_purged > max(purged, head.seq):
+                archived.start(now_purged)  # the manifest as it is now
+                further = await archived.read(head, now_purged, walk, watch, on_progress, last)
+                if further.seq > head.seq:
+                    head, purged = further, now_purged
+                    continue
+        if next_seq:  # not purged meanwhile: what is missing is missing
+            raise ChainError(f"seq {head.seq + 1}: missing (deleted, or unreadable on disk); the next record is "
+                             f"seq {next_seq}", head.seq + 1)
+        return head
+
+
 async def _verify_chain(
     js: JetStreamContext, last: int, on_progress: Progress | None, walk: CheckpointWalk, watch: anchor.Watch,
     head: ChainHead = ChainHead(),
-) -> ChainHead:
+) -> tuple[ChainHead, int]:
+    """The stream's records after ``head`` up to ``last`` into the chain; the head reached,
+    and the sequence of the record that came next if it was not the one after the head."""
     if last <= head.seq:
-        return head
+        return head, 0
     sub = await js.subscribe(
         subjects.AUDIT_ALL, stream=subjects.AUDIT_STREAM, ordered_consumer=True,
         config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=head.seq + 1),
@@ -292,6 +320,8 @@ async def _verify_chain(
             except TimeoutError:
                 break  # nothing more will come: what is left unread is missing
             seq = msg.metadata.sequence.stream
+            if seq != head.seq + 1:
+                return head, seq
             before = head
             record, head = chain.verify_next(seq, msg.data, head)
             walk.record(record, before)
@@ -302,7 +332,7 @@ async def _verify_chain(
                 break
     finally:
         await sub.unsubscribe()
-    return head
+    return head, 0
 
 
 class ArchiveWalk:
@@ -359,6 +389,8 @@ class ArchiveWalk:
         if self.archive is None or self.problem is not None:
             return head
         for seal in self.segments:
+            if seal.last_seq <= head.seq:
+                continue  # read already
             if seal.last_seq > purged:
                 break
             if seal.first_seq != head.seq + 1 or seal.prev_hash != head.hash:
