@@ -121,20 +121,25 @@ class Intake:
     async def _slot_free(self) -> bool:
         """Until a slot is free, without taking it; ``False`` once the agent drains (a
         drain must not wait for a running item to end before its timeout starts)."""
-        if not self._slots.locked():
-            return not self.stopping.is_set()
-        free = asyncio.create_task(self._free())
-        stopping = asyncio.create_task(self.stopping.wait())
-        try:
-            await asyncio.wait({free, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            free.cancel()
-            stopping.cancel()
+        if self._slots.locked():
+            free = asyncio.create_task(self._free())
+            try:
+                await self._unless_stopping(free)
+            finally:
+                free.cancel()
         return not self.stopping.is_set()
 
     async def _free(self) -> None:
         async with self._slots:
             pass
+
+    async def _unless_stopping(self, work: asyncio.Task[Any]) -> None:
+        """Until ``work`` is done or the agent drains, whichever comes first."""
+        stopping = asyncio.create_task(self.stopping.wait())
+        try:
+            await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
 
     async def _take_slot(self, msg: Msg) -> bool:
         """A slot for an item the long poll brought: at once if one is free, else when one
@@ -145,12 +150,10 @@ class Intake:
             return True
         keep = self._keep(msg)
         acquire = asyncio.create_task(self._slots.acquire())
-        stopping = asyncio.create_task(self.stopping.wait())
         try:
-            await asyncio.wait({acquire, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            await self._unless_stopping(acquire)
         finally:
             keep.cancel()
-            stopping.cancel()
             if not acquire.done():
                 acquire.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -508,4 +508,3 @@ class Router:
             else:
                 await d.msg.ack()
                 d.end()
-

@@ -52,6 +52,22 @@ def submitted(task_id: str) -> TaskSubmitted:
     return TaskSubmitted(id=new_id(), task_id=task_id, skill="echo", input={"text": task_id})
 
 
+async def retaining_router(connect_as: Connect, settings: Settings, tmp_path: Path, tasks: int,
+                           **policy: str) -> tuple[Archive, Settings, RunningRouter, Client]:
+    """A router serving under a retention rule (``policy``: :func:`retention_policy`'s
+    arguments), fed ``tasks`` echo submissions: the archive, the settings it runs with, the
+    router, and the connection that submitted them."""
+    archive = Archive(tmp_path / "archive")
+    settings.policy_path.write_text(retention_policy(archive.path, **policy))
+    tuned = settings.replace(snapshot_every=20, checkpoint_every=20)
+    rr = RunningRouter(await connect_as("router"), tuned)
+    await rr.start()
+    cli = await connect_as("cli")
+    for i in range(tasks):
+        await send(cli, "cli", "alice", submitted(f"t{i}"))
+    return archive, tuned, rr, cli
+
+
 async def first_seq(js: Any) -> int:
     return int((await js.stream_info(subjects.AUDIT_STREAM)).state.first_seq)
 
@@ -76,14 +92,9 @@ def failed(report: LogReport) -> dict[str, str]:
 async def test_records_leave_audit_only_into_sealed_segments_and_verify_reads_both_as_one_chain(
     connect_as: Connect, admin: Client, settings: Settings, tmp_path: Path
 ) -> None:
-    archive = Archive(tmp_path / "archive")
-    settings.policy_path.write_text(retention_policy(archive.path))
-    tuned = settings.replace(snapshot_every=20, checkpoint_every=20)
-    rr = RunningRouter(await connect_as("router"), tuned)
-    router = await rr.start()
-    cli, js = await connect_as("cli"), admin.jetstream()
-    for i in range(120):
-        await send(cli, "cli", "alice", submitted(f"t{i}"))
+    archive, tuned, rr, cli = await retaining_router(connect_as, settings, tmp_path, 120)
+    router, js = rr.router, admin.jetstream()
+    assert router is not None
 
     async def archived() -> bool:
         return len(archive.manifest().segments) >= 4 and await first_seq(js) > 4 * SEGMENT
@@ -159,14 +170,8 @@ async def test_verify_reads_through_a_purge_made_while_it_runs(
     that purges in between takes records verify meant to read from the stream; they are in
     the archive by then (a round seals before it purges), and verify reads them there. It
     said "seq 101: missing" instead, once in the chaos suite (router_kill, seed 146602)."""
-    archive = Archive(tmp_path / "archive")
-    settings.policy_path.write_text(retention_policy(archive.path))
-    tuned = settings.replace(snapshot_every=20, checkpoint_every=20)
-    rr = RunningRouter(await connect_as("router"), tuned)
-    await rr.start()
-    cli, js = await connect_as("cli"), admin.jetstream()
-    for i in range(60):
-        await send(cli, "cli", "alice", submitted(f"t{i}"))
+    archive, tuned, rr, cli = await retaining_router(connect_as, settings, tmp_path, 60)
+    js = admin.jetstream()
 
     async def purged_once() -> bool:
         return await first_seq(js) > SEGMENT
@@ -207,14 +212,8 @@ async def digest(path: Path) -> str:
 async def test_verify_names_what_was_removed_outside_the_rule(
     connect_as: Connect, admin: Client, settings: Settings, tmp_path: Path
 ) -> None:
-    archive = Archive(tmp_path / "archive")
-    settings.policy_path.write_text(retention_policy(archive.path))
-    tuned = settings.replace(snapshot_every=20, checkpoint_every=20)
-    rr = RunningRouter(await connect_as("router"), tuned)
-    await rr.start()
-    cli, js = await connect_as("cli"), admin.jetstream()
-    for i in range(80):
-        await send(cli, "cli", "alice", submitted(f"t{i}"))
+    archive, tuned, rr, cli = await retaining_router(connect_as, settings, tmp_path, 80)
+    js = admin.jetstream()
 
     async def purged() -> bool:  # a segment sealed but not yet purged is still checked in the stream
         return await _segments(archive, 2) and await first_seq(js) > 2 * SEGMENT
@@ -271,14 +270,9 @@ async def test_expired_segments_are_recorded_then_deleted_and_the_chain_still_ve
     connect_as: Connect, admin: Client, settings: Settings, tmp_path: Path
 ) -> None:
     # By size this time (no age limit): past 8 KB, the oldest records leave.
-    archive = Archive(tmp_path / "archive")
-    settings.policy_path.write_text(retention_policy(archive.path, max_age="0", archive_max_age="2s", max_bytes="8KB"))
-    tuned = settings.replace(snapshot_every=20, checkpoint_every=20)
-    rr = RunningRouter(await connect_as("router"), tuned)
-    await rr.start()
-    cli, js = await connect_as("cli"), admin.jetstream()
-    for i in range(80):
-        await send(cli, "cli", "alice", submitted(f"t{i}"))
+    archive, tuned, rr, cli = await retaining_router(connect_as, settings, tmp_path, 80, max_age="0",
+                                                     archive_max_age="2s", max_bytes="8KB")
+    js = admin.jetstream()
     async def expired() -> bool:
         return bool(archive.manifest().expired)
 

@@ -202,7 +202,9 @@ async def _the_control_centers_calls(http: httpx.AsyncClient, as_tester: dict[st
         assert r.status_code == 422 and r.json()["code"] == "invalid_plan" and says in r.json()["message"], r.text
 
     r = await http.post("/plans", json={**plan, "task_id": "web-plan"}, headers=as_tester)
-    assert r.status_code == 202, r.text
+    assert r.status_code == 202 and r.json()["code"] == "ok" and r.json()["audit_seq"] > 0, r.text
+    r = await http.post("/plans", json={**plan, "task_id": "web-plan"}, headers=as_tester)  # refused: answered so
+    assert r.status_code == 409 and r.json()["code"] == "duplicate_task", r.text
     for _ in range(100):
         got = (await http.get("/tasks/web-plan", headers=as_tester)).json()
         if got.get("status") == "completed":
