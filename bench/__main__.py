@@ -58,10 +58,10 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler, Sam
 from rich.console import Console
 from rich.table import Table
 
-from ledgerbus.bus.archive import parse_duration, parse_size
 from bench import coldstart, e2e, e2e_report, fsync, projections, scaling, soak, soak_report
 from ledgerbus.agents.runtime import Agent
 from ledgerbus.bus import codec, heap, pull, subjects
+from ledgerbus.bus.archive import parse_duration, parse_size
 from ledgerbus.bus.connection import connect
 from ledgerbus.bus.events import TaskSubmitted, new_id
 from ledgerbus.bus.identity import identity, write_local_config

@@ -17,7 +17,8 @@ as the CLI user), a client connected as ``cli-bench``:
 
 1. warms up with ten ``echo`` tasks one at a time;
 2. latency: submits one ``echo`` task, waits for its accepted ``task_completed`` record on
-   AUDIT, and repeats (``samples`` times): p50 and p99 of submit → completed seen;
+   AUDIT, and repeats (``samples`` times): p50 and p99 of submit → completed seen, and of
+   each of its hops (:data:`HOPS`, from both audit records of each sample);
 3. throughput: subscribes to the ``task_completed`` records, publishes ``tasks``
    ``TaskSubmitted`` to ``in.cli.bench.task_submitted`` pipelined (as ``agentctl submit``
    does, ``Nats-Msg-Id`` = the message id), and stops the clock at the last completed.
@@ -55,7 +56,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import nats.errors
 import nats.js.errors
@@ -67,6 +68,7 @@ from ledgerbus.bus import codec, subjects
 from ledgerbus.bus.connection import connect
 from ledgerbus.bus.events import TaskSubmitted, new_id
 from ledgerbus.bus.identity import procfile_agents
+from ledgerbus.bus.jsmeta import ack_meta
 from ledgerbus.bus.publish import Publisher
 from ledgerbus.bus.settings import Settings
 from ledgerbus.router import policy as router_policy
@@ -344,12 +346,47 @@ async def _joined(js: JetStreamContext, agents: set[str], timeout: float) -> Non
         await sub.unsubscribe()
 
 
+class Stamp(NamedTuple):
+    """One audit record of a latency sample, in POSIX seconds on this machine's clock."""
+
+    made: float
+    """When the router built it (its ``at``: the checks are done)."""
+    stored: float
+    """When AUDIT stored it (JetStream's timestamp)."""
+    seen: float
+    """When this client received it."""
+
+
+HOPS = ("submitted → router's verdict", "verdict appended", "dispatch → agent → result's verdict",
+        "result appended", "record → client")
+"""Where one task's time goes, in order; the five add up to submit → completed seen."""
+
+
+def hops(sent: float, submitted: Stamp, completed: Stamp) -> tuple[float, ...]:
+    """One sample's time in each of :data:`HOPS`, in seconds: from ``sent`` (the client's
+    publish) to the router's record of the submission, to AUDIT storing it, on through WORK,
+    the agent and its report to the router's record of the result, to AUDIT storing that,
+    to this client receiving it."""
+    return (submitted.made - sent, submitted.stored - submitted.made, completed.made - submitted.stored,
+            completed.stored - completed.made, completed.seen - completed.stored)
+
+
+def hop_percentiles(samples: list[tuple[float, ...]]) -> dict[str, dict[str, float]]:
+    """p50 and p99 of each of :data:`HOPS`, in milliseconds."""
+    return {name: {"p50": statistics.median(col) * 1000, "p99": percentile(list(col), 99) * 1000}
+            for name, col in zip(HOPS, zip(*samples, strict=True), strict=True)}
+
+
 class Completions:
     """Accepted ``task_completed`` records as they reach the client, by task id, and any
     rejection or failure, which ends the run with its reason."""
 
     def __init__(self) -> None:
         self.waiting: dict[str, asyncio.Future[float]] = {}
+        self.sampled: set[str] = set()
+        """The latency samples' task ids: only their records are stamped."""
+        self.stamps: dict[tuple[str, str], Stamp] = {}
+        """(kind, task id) → when a latency sample's record was made, stored and seen."""
         self.count = 0
         self.target = 0
         self.all_done: asyncio.Future[float] | None = None
@@ -359,11 +396,33 @@ class Completions:
         now = time.perf_counter()
         task_id = msg.subject.rsplit(".", 1)[1]  # audit.accepted.task_completed.<task id>
         fut = self.waiting.pop(task_id, None)
+        if task_id in self.sampled:
+            self._stamp(msg, task_id)
         if fut is not None and not fut.done():
             fut.set_result(now)
         self.count += 1
         if self.all_done is not None and self.count >= self.target and not self.all_done.done():
             self.all_done.set_result(now)
+
+    async def on_submitted(self, msg: Msg) -> None:
+        task_id = msg.subject.rsplit(".", 1)[1]
+        if task_id in self.sampled:
+            self._stamp(msg, task_id)
+
+    async def stamped(self, task_ids: list[str], timeout: float = 10.0) -> None:
+        """Wait until both records of every sample are stamped (they come on two consumers,
+        so a submission's record may arrive after its result's)."""
+        deadline = time.monotonic() + timeout
+        while any((kind, t) not in self.stamps for t in task_ids for kind in ("task_submitted", "task_completed")):
+            if time.monotonic() > deadline:
+                raise BenchError(f"the latency samples' audit records did not all arrive within {timeout:g} s")
+            await asyncio.sleep(0.01)
+
+    def _stamp(self, msg: Msg, task_id: str) -> None:
+        # Only for the latency samples: the throughput step's records are not decoded.
+        seen = time.time()
+        record = codec.decode_record(msg.data)
+        self.stamps[record.kind, task_id] = Stamp(made=record.at.timestamp(), stored=ack_meta(msg).stored_s, seen=seen)
 
     async def on_bad(self, msg: Msg) -> None:
         if not self.failed.done():
@@ -435,22 +494,33 @@ async def _measure(system: System, tasks: int, samples: int, profile: Path | Non
     say(f"  the system was quiet {quiet:.1f} s later" if quiet is not None
         else f"  the system was still busy {QUIET_WAIT_S:g} s after the agents joined; measuring anyway")
     done = Completions()
-    subs = [await js.subscribe("audit.accepted.task_completed.*", stream=subjects.AUDIT_STREAM,
-                               ordered_consumer=True, deliver_policy=DeliverPolicy.NEW, cb=done.on_completed)]
+    stamping = await js.subscribe("audit.accepted.task_submitted.*", stream=subjects.AUDIT_STREAM,
+                                  ordered_consumer=True, deliver_policy=DeliverPolicy.NEW, cb=done.on_submitted)
+    subs = [stamping, await js.subscribe("audit.accepted.task_completed.*", stream=subjects.AUDIT_STREAM,
+                                         ordered_consumer=True, deliver_policy=DeliverPolicy.NEW,
+                                         cb=done.on_completed)]
     for bad in ("audit.rejected.>", "audit.accepted.task_failed.*"):
         subs.append(await js.subscribe(bad, stream=subjects.AUDIT_STREAM, ordered_consumer=True,
                                        deliver_policy=DeliverPolicy.NEW, cb=done.on_bad))
     try:
-        latencies = []
+        latencies, sent = [], {}
         for i in range(WARMUP + samples):
             task_id = f"lat{i}"
             done.waiting[task_id] = fut = loop.create_future()
+            if i >= WARMUP:
+                done.sampled.add(task_id)
             data, headers = _submission(task_id)
-            start = time.perf_counter()
+            wall, start = time.time(), time.perf_counter()
             await js.publish(subject, data, headers=headers)
             end = await done.until(fut, timeout=60)
             if i >= WARMUP:
                 latencies.append(end - start)
+                sent[task_id] = wall
+        await done.stamped(list(sent))
+        split = [hops(at, done.stamps["task_submitted", t], done.stamps["task_completed", t]) for t, at in sent.items()]
+        # The throughput step's submissions are not stamped: this client reads only their results.
+        subs.remove(stamping)
+        await stamping.unsubscribe()
         payloads = [_submission(f"t{i}") for i in range(tasks)]
         done.count, done.target = 0, tasks
         done.all_done = loop.create_future()
@@ -465,7 +535,7 @@ async def _measure(system: System, tasks: int, samples: int, profile: Path | Non
             raise BenchError(f"{len(failed)} of {tasks} submissions got no PubAck: {failed[0]}")
         end = await done.until(done.all_done, timeout=120 + tasks * 0.1)
         projected = await _projected(system.dir / "var" / "ledgerbus.db", tasks, timeout=60)
-        result: dict[str, Any] = {"projection_lag_s": projected - end}
+        result: dict[str, Any] = {"projection_lag_s": projected - end, "hops_ms": hop_percentiles(split)}
         result["cpu_ms_per_task"] = cpu_spent(cpu_before, cpu_by_process(system.dir), tasks)
         if spy is not None and profile is not None:
             result["profile"] = _stop_profiler(spy, profile, say)
@@ -671,6 +741,9 @@ def run(repo: Path, tasks: int, samples: int, rounds: int, profile: Path | None 
             if "projection_lag_s" in found:
                 say(f"  the projection showed all {tasks:,} completed {found['projection_lag_s'] * 1000:.0f} ms "
                     "after the client saw the last")
+            if "hops_ms" in found:
+                say("  one at a time, p50 ms by hop: " + ", ".join(f"{hop} {v['p50']:.2f}"
+                                                                   for hop, v in found["hops_ms"].items()))
             if found.get("cpu_ms_per_task"):
                 say("  CPU ms per task: " + ", ".join(f"{k} {v:.2f}" for k, v in found["cpu_ms_per_task"].items()))
             for note in found["notes"]:
@@ -687,6 +760,8 @@ def run(repo: Path, tasks: int, samples: int, rounds: int, profile: Path | None 
         "cpu_ms_per_task": {s: _median_cpu(found) for s, found in per_round.items() if s != "celery"},
         "projection_lag_s": {s: statistics.median(r["projection_lag_s"] for r in found)
                              for s, found in per_round.items() if s != "celery"},
+        "hops_ms": {s: {hop: {p: statistics.median(r["hops_ms"][hop][p] for r in found) for p in ("p50", "p99")}
+                        for hop in HOPS} for s, found in per_round.items() if s != "celery"},
         "celery_skipped": skip,
     }
     if not skip:

@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench.e2e import LABELS, SYSTEMS
+from bench.e2e import HOPS, LABELS, SYSTEMS
 from ledgerbus.bus.server import nats_server_binary
 
 BEGIN = "<!-- e2e:begin -->"
@@ -131,6 +131,23 @@ def rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return out
 
 
+def hop_lines(hops: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """Where one task's time goes, one at a time: a table of each hop's p50 and p99 for the
+    ledgerbus systems measured (from the audit records' timestamps, see bench/e2e.py)."""
+    systems = [s for s in SYSTEMS if s in hops]
+    if not systems:
+        return []
+    lines = ["", "Where one task's time goes, one at a time (milliseconds, p50 / p99, medians of the rounds), "
+             "from the client's clock at its publish, the `at` of each audit record (the router's checks are "
+             "done), JetStream's timestamp of its append, and the client's clock when it arrives; one machine, "
+             "one clock:", "",
+             "| hop | " + " | ".join(LABELS[s] for s in systems) + " |", "|---|" + "---|" * len(systems)]
+    for hop in HOPS:
+        lines.append(f"| {hop} | " + " | ".join(f"{hops[s][hop]['p50']:.2f} / {hops[s][hop]['p99']:.2f}"
+                                                  for s in systems) + " |")
+    return lines
+
+
 def profile_lines(profile: dict[str, Any]) -> list[str]:
     """py-spy's top functions by own samples, as text lines."""
     if "top" not in profile:
@@ -185,6 +202,7 @@ def section(result: dict[str, Any], command: str, plot_link: str | None) -> str:
                   "|---|" + "---|" * len(systems)]
         lines += [f"| {n} | " + " | ".join(f"{cpu[s].get(n, 0.0):.2f}" for s in systems) + " |" for n in names]
         lines.append("| **all** | " + " | ".join(f"**{sum(cpu[s].values()):.2f}**" for s in systems) + " |")
+    lines += hop_lines(result.get("hops_ms", {}))
     lines += ["", f"{result['tasks']:,} tasks per throughput run, {result['latency_samples']} latency samples "
               f"per run, {result['rounds']} round(s). p50/p99 are medians of each round's own percentiles."]
     if plot_link:
