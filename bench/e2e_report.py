@@ -137,10 +137,10 @@ def hop_lines(hops: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     systems = [s for s in SYSTEMS if s in hops]
     if not systems:
         return []
-    lines = ["", "Where one task's time goes, one at a time (milliseconds, p50 / p99, medians of the rounds), "
-             "from the client's clock at its publish, the `at` of each audit record (the router's checks are "
-             "done), JetStream's timestamp of its append, and the client's clock when it arrives; one machine, "
-             "one clock:", "",
+    lines = ["", ("Where one task's time goes, one at a time (milliseconds, p50 / p99, medians of the rounds), "
+                  "from the client's clock at its publish, the `at` of each audit record (the router's checks are "
+                  "done), JetStream's timestamp of its append, and the client's clock when it arrives; one machine, "
+                  "one clock:"), "",
              "| hop | " + " | ".join(LABELS[s] for s in systems) + " |", "|---|" + "---|" * len(systems)]
     for hop in HOPS:
         lines.append(f"| {hop} | " + " | ".join(f"{hops[s][hop]['p50']:.2f} / {hops[s][hop]['p99']:.2f}"

@@ -27,6 +27,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 
 from ledgerbus.bus import codec, durable, subjects
 from ledgerbus.bus.chain import ChainHead
@@ -129,14 +130,17 @@ async def read_bucket(js: JetStreamContext) -> Anchor | None:
     return decode(entry.value or b"", BUCKET_SOURCE)
 
 
-async def write_bucket(js: JetStreamContext, anchor: Anchor) -> None:
+async def write_bucket(js: JetStreamContext, anchor: Anchor, bucket: KeyValue | None = None) -> KeyValue:
     """Put ``anchor`` as the newest value of ``head`` in the ``chain`` bucket (which keeps
-    the ones before it as history)."""
+    the ones before it as history). Returns the bucket, for the next write to skip looking
+    it up again (``bucket``)."""
     try:
-        kv = await js.key_value(subjects.CHAIN_BUCKET)
-        await kv.put(subjects.CHAIN_HEAD_KEY, codec.encode(anchor))
+        if bucket is None:
+            bucket = await js.key_value(subjects.CHAIN_BUCKET)
+        await bucket.put(subjects.CHAIN_HEAD_KEY, codec.encode(anchor))
     except (nats.errors.Error, TimeoutError) as exc:
         raise AnchorError(f"cannot write the {BUCKET_SOURCE}: {exc or type(exc).__name__}") from exc
+    return bucket
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,12 +3,14 @@ start, say which the stream no longer holds, and move them on with every checkpo
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 
 from ledgerbus.bus import anchor, signing
 from ledgerbus.bus.chain import ChainHead
@@ -31,6 +33,8 @@ class Anchors:
         self.file_source = f"file {self.path}"
         self.held: dict[str, anchor.Anchor] = {}
         """Where each anchor was read, or last written by this process → that anchor."""
+        self._bucket: KeyValue | None = None
+        """The ``chain`` bucket, once looked up (each lookup is a round trip)."""
 
     async def load(self) -> None:
         """Read the anchors this key signed.
@@ -86,14 +90,15 @@ class Anchors:
         """
         new = anchor.Anchor(seq=seq, checkpoint=checkpoint, stream_created=created, written_at=datetime.now(UTC))
         try:
-            anchor.write_file(self.path, new)
+            # Two fsyncs: in a thread, so the router's loop runs on meanwhile.
+            await asyncio.to_thread(anchor.write_file, self.path, new)
             self.held[self.file_source] = new
         except anchor.AnchorError as exc:
             if strict:
                 raise
             log.error("chain_anchor_write_failed", source=self.file_source, error=str(exc))
         try:
-            await anchor.write_bucket(self.js, new)
+            self._bucket = await anchor.write_bucket(self.js, new, self._bucket)
             self.held[anchor.BUCKET_SOURCE] = new
         except anchor.AnchorError as exc:
             log.warning("chain_anchor_write_failed", source=anchor.BUCKET_SOURCE, error=str(exc))

@@ -238,10 +238,11 @@ class Router:
 
     async def _unbind(self) -> None:
         """Let go of INGRESS and stop the watchers (before the connection drains, or the
-        drain waits out a pull request); a snapshot being written is finished."""
+        drain waits out a pull request); a snapshot or an anchor being written is finished."""
         if (snapshots := getattr(self, "snapshots", None)) is not None:
             await snapshots.stop()
             await self.archiver.stop()
+            await self.checkpoints.settled()
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.close()

@@ -4,6 +4,7 @@ deleted or replaced is refused rather than extended (docs/security.md)."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 import structlog
@@ -33,6 +34,8 @@ class Checkpoints:
         """When the last checkpoint was appended (the event loop's clock)."""
         self.stream_created: datetime | None = None
         """The AUDIT stream's creation time, as last read (the anchors name the stream by it)."""
+        self._anchoring: asyncio.Task[None] | None = None
+        """The newest anchor write under way (each waits for the one before)."""
 
     def due(self, head_seq: int, state: RouterState, now: float) -> bool:
         """Whether records are waiting to be signed, ``checkpoint_every`` of them or for
@@ -41,8 +44,9 @@ class Checkpoints:
         return pending > 0 and (pending >= self.every or now - self.last_at >= self.interval_s)
 
     async def append(self, audit: AuditLog, state: RouterState, code: str = "ok", reason: str = "") -> AuditRecord:
-        """Sign the chain head, append it as the next record, and anchor it outside the log.
-        Raises :class:`AuditAppendError` if the log did not take it (nothing is anchored)."""
+        """Sign the chain head, append it as the next record, and start anchoring it outside
+        the log (:meth:`settled` waits for that). Raises :class:`AuditAppendError` if the log
+        did not take it (nothing is anchored)."""
         head = audit.head
         stamp = datetime.now(UTC)
         checkpoint = signing.sign(
@@ -57,8 +61,29 @@ class Checkpoints:
         await audit.append([(record, data, {})])
         state.apply(record)
         log.info("checkpoint", seq=record.seq, covers_seq=head.seq)
-        await self.anchors.write(record.seq, checkpoint, self.stream_created)
+        self._anchor(record.seq, checkpoint)
         return record
+
+    def _anchor(self, seq: int, checkpoint: Checkpoint) -> None:
+        """Anchor an acknowledged checkpoint without holding up the next batch: the file's
+        two fsyncs and the bucket's put took 2.6 ms of the router's loop at each checkpoint.
+        Anchors are written in order, each after the one before, so they only move forward;
+        a router that dies first leaves the anchor at an older checkpoint the log still
+        holds, as one dying between the append and the write always could."""
+        before, created = self._anchoring, self.stream_created
+
+        async def write() -> None:
+            if before is not None:
+                await asyncio.wait([before])  # its failures are logged by Anchors.write
+            await self.anchors.write(seq, checkpoint, created)
+
+        self._anchoring = asyncio.create_task(write(), name=f"anchor-{seq}")
+
+    async def settled(self) -> None:
+        """Wait for the anchor writes under way (at a stop, and before serving after a
+        start-time checkpoint)."""
+        if self._anchoring is not None:
+            await asyncio.gather(self._anchoring, return_exceptions=True)
 
     async def check_anchors(self, head: ChainHead, watch: anchor.Watch, audit: AuditLog, state: RouterState,
                             accept_new_chain: bool) -> None:
@@ -76,6 +101,7 @@ class Checkpoints:
             )
         record = await self.append(audit, state, code=anchor.RESTART_CODE,
                                    reason=anchor.restart_reason((source, a) for source, a, _ in broken))
+        await self.settled()
         log.warning("chain_restart_accepted", seq=record.seq, superseded=[a.token for _, a, _ in broken])
 
     async def anchor_head(self, state: RouterState) -> None:

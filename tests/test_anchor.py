@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -176,6 +177,41 @@ async def test_a_normal_restart_starts_and_the_anchor_follows_the_checkpoints(
     assert code == 0, report
     assert report["restarted"] is False and all(a["ok"] for a in report["anchors"])
     assert f"the stream holds the checkpoint at seq {second.seq}" in report["checks"][-1]["detail"]
+
+
+async def test_the_router_audits_on_while_a_checkpoint_is_anchored_and_the_anchors_keep_their_order(
+    tuned: Settings, connect_as: Connect, admin: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The anchor file's write is held until the router has audited what came after the
+    # checkpoint: a router that anchored inside its loop would audit nothing meanwhile.
+    release, written = threading.Event(), []
+    real_write = anchor.write_file
+
+    def held_write(path: Path, new: anchor.Anchor) -> None:
+        release.wait(5)
+        real_write(path, new)
+        written.append(new.seq)
+
+    monkeypatch.setattr(anchor, "write_file", held_write)
+    js = admin.jetstream()
+    router = RunningRouter(await connect_as("router"), tuned)
+    await router.start()
+    try:
+        cli = await connect_as("cli")
+        for i in range(6):  # two checkpoints: after three records, and after three more
+            event = TaskSubmitted(id=new_id(), task_id=f"task-{i}", skill="echo")
+            await cli.jetstream().publish("in.cli.alice.task_submitted", codec.encode(event))
+        last = await wait_for_record(js, lambda r: r.checkpoint is not None and r.checkpoint.covers_seq >= 7)
+        assert written == [] and not release.is_set()
+        release.set()
+        await wait_until(lambda: _anchored(tuned, last.seq), what="the second checkpoint anchored")
+    finally:
+        release.set()
+        await router.stop()
+    first = await wait_for_record(js, lambda r: r.checkpoint is not None)
+    assert written == [first.seq, last.seq]
+    history = await (await js.key_value(subjects.CHAIN_BUCKET)).history(subjects.CHAIN_HEAD_KEY)
+    assert [anchor.decode(e.value or b"", "history").seq for e in history] == [first.seq, last.seq]
 
 
 async def test_a_fresh_install_starts_a_chain_and_anchors_its_first_checkpoint(
