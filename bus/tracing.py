@@ -55,9 +55,12 @@ log = structlog.get_logger(__name__)
 _propagator = TraceContextTextMapPropagator()
 
 _unsampled_ids: IdGenerator | None = None
-"""The installed provider's span id generator, once :func:`configure_telemetry` installed
-its own parent-based sampler (one that drops whatever an unsampled parent sends): then
+"""The installed provider's id generator, once :func:`configure_telemetry` installed its
+own parent-based sampler (one that drops whatever an unsampled parent sends): then
 :func:`start_span` makes an unsampled sender's span itself."""
+_roots: RateLimited | None = None
+"""That sampler's root sampler: :func:`start_span` asks it whether a new trace would be
+sampled, and makes the span of one that would not itself."""
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 _encoder = msgspec.json.Encoder()
@@ -140,19 +143,38 @@ class RateLimited(Sampler):
         if self.per_second == float("inf"):
             return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
         with self._lock:
-            now = time.monotonic()
-            self._tokens = min(max(self.per_second, 1.0), self._tokens + (now - self._last) * self.per_second)
-            self._last = now
-            sampled = self._tokens >= 1.0
+            sampled = self._refill()
             if sampled:
                 self._tokens -= 1.0
         return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes) if sampled else SamplingResult(Decision.DROP)
+
+    def would_sample(self) -> bool:
+        """Whether a new trace started now would be sampled, without taking its token (the
+        sampling itself takes it)."""
+        if self.per_second == float("inf"):
+            return True
+        with self._lock:
+            return self._refill()
+
+    def _refill(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(max(self.per_second, 1.0), self._tokens + (now - self._last) * self.per_second)
+        self._last = now
+        return self._tokens >= 1.0
 
     def get_description(self) -> str:
         return f"RateLimited{{{self.per_second:g}/s}}"
 
 
-def sampler(env: Mapping[str, str]) -> Sampler | None:
+class RateLimitedRoots(ParentBased):
+    """Parent-based, with :class:`RateLimited` roots (kept as ``roots``)."""
+
+    def __init__(self, roots: RateLimited) -> None:
+        super().__init__(root=roots)
+        self.roots = roots
+
+
+def sampler(env: Mapping[str, str]) -> RateLimitedRoots | None:
     """The sampler a process's provider gets: ``None`` (the SDK reads ``OTEL_TRACES_SAMPLER``)
     when that variable is set, else a parent-based one whose roots are :class:`RateLimited`
     at ``LEDGERBUS_TRACE_RATE``."""
@@ -165,7 +187,7 @@ def sampler(env: Mapping[str, str]) -> Sampler | None:
         raise ConfigError(f"LEDGERBUS_TRACE_RATE={raw!r}: a number of traces a second, or inf") from exc
     if not rate >= 0:
         raise ConfigError(f"LEDGERBUS_TRACE_RATE={raw!r}: a number of traces a second, or inf")
-    return ParentBased(root=RateLimited(rate))
+    return RateLimitedRoots(RateLimited(rate))
 
 
 def span_record(span: ReadableSpan) -> SpanRecord:
@@ -346,8 +368,9 @@ def configure_telemetry(service_name: str, env: Mapping[str, str] | None = None,
     if install:
         trace.set_tracer_provider(tracer_provider)
         metrics.set_meter_provider(meter_provider)
-        global _unsampled_ids
+        global _unsampled_ids, _roots
         _unsampled_ids = tracer_provider.id_generator if ours is not None else None
+        _roots = ours.roots if ours is not None else None
     return Telemetry(tracer_provider, meter_provider, bus, snapshots)
 
 
@@ -371,17 +394,25 @@ def start_span(tracer: trace.Tracer, name: str, headers: Mapping[str, str] | Non
     parent-based sampler installed, the span is made here as the SDK makes it (a
     non-recording span in the sender's trace, a new span id, no flags, no trace state),
     without the context, the sampler and the span machinery: 3 µs against 11, on each
-    hop of nearly every task. Anything else (a sampled or missing parent, a trace state,
-    another ``traceparent`` version, a sampler set by ``OTEL_TRACES_SAMPLER``) goes
-    through the SDK.
+    hop of nearly every task. So is a new trace's first span while the rate is spent (a
+    new trace id too): most submissions that come without a ``traceparent``. Anything
+    else (a sampled parent, a new trace that will be sampled, a trace state, another
+    ``traceparent`` version, a sampler set by ``OTEL_TRACES_SAMPLER``) goes through the SDK.
     """
     ids = _unsampled_ids
-    if ids is not None and headers:
-        parent = headers.get(subjects.HDR_TRACEPARENT)
-        if parent is not None and "tracestate" not in headers and (m := _TRACEPARENT.fullmatch(parent)) \
-                and not int(m[3], 16) & 1 and int(m[1], 16) and int(m[2], 16):
+    if ids is not None:
+        parent = headers.get(subjects.HDR_TRACEPARENT) if headers else None
+        if parent is None:
+            if _roots is not None and not (headers and "tracestate" in headers) and not _roots.would_sample():
+                flags = trace.TraceFlags.RANDOM_TRACE_ID if ids.is_trace_id_random() else trace.TraceFlags.DEFAULT
+                return trace.NonRecordingSpan(trace.SpanContext(ids.generate_trace_id(), ids.generate_span_id(),
+                                                                is_remote=False, trace_flags=trace.TraceFlags(flags)))
+        elif headers is not None and "tracestate" not in headers and (m := _TRACEPARENT.fullmatch(parent)) \
+                and not (flags := int(m[3], 16)) & trace.TraceFlags.SAMPLED and int(m[1], 16) and int(m[2], 16):
+            # Unsampled, as the parent; random trace id (W3C level 2), as the parent says.
             return trace.NonRecordingSpan(trace.SpanContext(int(m[1], 16), ids.generate_span_id(), is_remote=False,
-                                                            trace_flags=trace.TraceFlags(0)))
+                                                            trace_flags=trace.TraceFlags(
+                                                                flags & trace.TraceFlags.RANDOM_TRACE_ID)))
     return tracer.start_span(name, context=extract(headers), kind=kind)
 
 

@@ -302,13 +302,17 @@ def test_an_unsampled_senders_hop_is_made_as_the_sdk_makes_it(monkeypatch: pytes
     make, and everything else must still go through the SDK."""
     from opentelemetry import trace
 
-    provider = TracerProvider(sampler=tracing.sampler({}))  # configure_telemetry's, as installed
+    ours = tracing.sampler({})  # configure_telemetry's, as installed
+    assert ours is not None
+    provider = TracerProvider(sampler=ours)
     tracer = provider.get_tracer("unit")
     monkeypatch.setattr(tracing, "_unsampled_ids", provider.id_generator)
+    monkeypatch.setattr(tracing, "_roots", ours.roots)
     trace_id, parent_id = 0xABC, 0xDEF
     unsampled = {subjects.HDR_TRACEPARENT: f"00-{trace_id:032x}-{parent_id:016x}-00", "Nats-Msg-Id": "m1"}
     cases: list[dict[str, str] | None] = [
         unsampled,
+        {subjects.HDR_TRACEPARENT: f"00-{trace_id:032x}-{parent_id:016x}-02"},  # a random trace id (W3C level 2)
         {**unsampled, "tracestate": "vendor=v1"},
         {subjects.HDR_TRACEPARENT: f"00-{trace_id:032x}-{parent_id:016x}-01"},  # sampled: recorded
         {subjects.HDR_TRACEPARENT: f"cc-{trace_id:032x}-{parent_id:016x}-00-future"},  # a later version
@@ -338,6 +342,49 @@ def test_an_unsampled_senders_hop_is_made_as_the_sdk_makes_it(monkeypatch: pytes
     monkeypatch.setattr(tracing, "_unsampled_ids", None)
     with pytest.raises(AssertionError, match="SDK"):
         tracing.start_span(tracer, "hop", unsampled)
+
+
+def test_a_new_trace_the_rate_drops_is_made_as_the_sdk_makes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message without a ``traceparent`` starts a trace: while the rate is spent,
+    tracing.start_span makes its unsampled span itself, as the SDK would (a new trace id),
+    and a new trace the rate allows goes through the SDK and is sampled once."""
+    from opentelemetry import trace
+
+    ours = tracing.sampler({"LEDGERBUS_TRACE_RATE": "1"})  # a bucket of one token
+    assert ours is not None
+    provider = TracerProvider(sampler=ours)
+    tracer = provider.get_tracer("unit")
+    monkeypatch.setattr(tracing, "_unsampled_ids", provider.id_generator)
+    monkeypatch.setattr(tracing, "_roots", ours.roots)
+    assert all(ours.roots.would_sample() for _ in range(5)), "asking does not take the token"
+    first = tracing.start_span(tracer, "hop", {"Nats-Msg-Id": "m1"})
+    assert first.is_recording(), "the rate allowed it: sampled, through the SDK"
+    first.end()
+
+    real = tracer.start_span
+
+    def sdk(*args: object, **kwargs: object) -> trace.Span:
+        raise AssertionError("went through the SDK")
+
+    monkeypatch.setattr(tracer, "start_span", sdk)
+    fast = [tracing.start_span(tracer, "hop", headers) for headers in ({"Nats-Msg-Id": "m2"}, {}, None)]
+    monkeypatch.setattr(tracer, "start_span", real)
+    slow = tracer.start_span("hop", context=tracing.extract(None))  # the SDK's own, also dropped
+    want = slow.get_span_context()
+    assert not slow.is_recording()
+    for span in fast:
+        got = span.get_span_context()
+        assert not span.is_recording() and got.is_valid
+        assert (got.trace_flags, got.trace_state, got.is_remote) == (want.trace_flags, want.trace_state,
+                                                                     want.is_remote)
+    assert len({s.get_span_context().trace_id for s in [*fast, slow, first]}) == 5, "each a new trace"
+    # A trace state, or no installed sampler, goes through the SDK.
+    monkeypatch.setattr(tracer, "start_span", sdk)
+    with pytest.raises(AssertionError, match="SDK"):
+        tracing.start_span(tracer, "hop", {"tracestate": "vendor=v1"})
+    monkeypatch.setattr(tracing, "_roots", None)
+    with pytest.raises(AssertionError, match="SDK"):
+        tracing.start_span(tracer, "hop", None)
 
 
 def test_trace_checks_is_all_or_failed() -> None:
