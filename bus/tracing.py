@@ -368,10 +368,17 @@ def configure_telemetry(service_name: str, env: Mapping[str, str] | None = None,
     if install:
         trace.set_tracer_provider(tracer_provider)
         metrics.set_meter_provider(meter_provider)
-        global _unsampled_ids, _roots
-        _unsampled_ids = tracer_provider.id_generator if ours is not None else None
-        _roots = ours.roots if ours is not None else None
+        skip_sdk_when_unsampled(tracer_provider if ours is not None else None, ours)
     return Telemetry(tracer_provider, meter_provider, bus, snapshots)
+
+
+def skip_sdk_when_unsampled(provider: TracerProvider | None, ours: RateLimitedRoots | None) -> None:
+    """Let :func:`start_span` make unsampled spans itself, for ``provider`` whose sampler is
+    ``ours`` (:func:`configure_telemetry` does this for the provider it installs); ``None``
+    sends every span through the SDK again."""
+    global _unsampled_ids, _roots
+    _unsampled_ids = provider.id_generator if provider is not None and ours is not None else None
+    _roots = ours.roots if _unsampled_ids is not None and ours is not None else None
 
 
 def inject(headers: dict[str, str] | None = None, context: otel_context.Context | None = None) -> dict[str, str]:
