@@ -74,8 +74,11 @@ class Checkpoints:
 
         async def write() -> None:
             if before is not None:
-                await asyncio.wait([before])  # its failures are logged by Anchors.write
-            await self.anchors.write(seq, checkpoint, created)
+                await asyncio.wait([before])
+            try:
+                await self.anchors.write(seq, checkpoint, created)
+            except Exception:  # a bug: Anchors.write logs what it expects; the next checkpoint tries again
+                log.exception("chain_anchor_write_failed", seq=seq)
 
         self._anchoring = asyncio.create_task(write(), name=f"anchor-{seq}")
 
