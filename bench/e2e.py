@@ -64,6 +64,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
+from bench import procs
 from ledgerbus.bus import codec, subjects
 from ledgerbus.bus.connection import connect
 from ledgerbus.bus.events import TaskSubmitted, new_id
@@ -104,116 +105,6 @@ def percentile(samples: list[float], pct: int) -> float:
     if len(samples) < 2:
         return samples[0]
     return statistics.quantiles(samples, n=100, method="inclusive")[pct - 1]
-
-
-# -- processes ---------------------------------------------------------------------------
-
-
-def _pids(predicate: Callable[[int], bool]) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            with contextlib.suppress(OSError):
-                if predicate(int(entry.name)):
-                    found.append(int(entry.name))
-    return found
-
-
-def _cwd_under(directory: Path) -> Callable[[int], bool]:
-    root = directory.resolve()
-
-    def check(pid: int) -> bool:
-        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
-        return cwd == root or root in cwd.parents
-
-    return check
-
-
-def _in_session(sid: int) -> Callable[[int], bool]:
-    def check(pid: int) -> bool:
-        # Field 6 of /proc/PID/stat; the command name (field 2) may hold spaces, so count from ")".
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[3]) == sid
-
-    return check
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (fields 14 and 15 of /proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _process_name(pid: int) -> str:
-    """What a process of the system is: its Procfile role as far as the command line says."""
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    words = [a.decode(errors="replace") for a in argv if a]
-    if any("nats-server" in w for w in words):
-        return "nats-server"
-    if any(w.endswith("honcho") for w in words):
-        return "honcho"
-    if "projections.writer" in " ".join(words) or any(w.endswith("writer.py") for w in words):
-        return "projector writer"
-    if "agentctl" in " ".join(words):
-        rest = words[next(i for i, w in enumerate(words) if w.endswith("agentctl")) + 1:] if any(
-            w.endswith("agentctl") for w in words) else words
-        if rest and rest[0] == "agent" and "--name" in rest:
-            return f"agent {rest[rest.index('--name') + 1]}"
-        return " ".join(rest[:1]) or "agentctl"
-    return Path(words[0]).name if words else str(pid)
-
-
-def cpu_by_process(directory: Path) -> dict[int, tuple[str, float]]:
-    """pid → (name, CPU seconds so far) for every process working under ``directory``."""
-    found: dict[int, tuple[str, float]] = {}
-    for pid in _pids(_cwd_under(directory)):
-        with contextlib.suppress(OSError, ValueError):
-            found[pid] = (_process_name(pid), _cpu_seconds(pid))
-    return found
-
-
-def cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
-              tasks: int) -> dict[str, float]:
-    """CPU milliseconds per task by process name between two snapshots (replicas summed)."""
-    spent: dict[str, float] = {}
-    for pid, (name, seconds) in after.items():
-        spent[name] = spent.get(name, 0.0) + (seconds - before.get(pid, (name, 0.0))[1]) * 1000 / tasks
-    return dict(sorted(spent.items(), key=lambda kv: -kv[1]))
-
-
-def _reap(pids: list[int], what: str) -> list[str]:
-    """Kill what outlived its supervisor (by pid: only processes this benchmark started) and
-    say so; wait until they are gone."""
-    notes = []
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-            notes.append(f"orphan of {what} left running, killed: pid {pid} {cmd[:80]}")
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)  # SIGKILLed processes that are not our children: nothing to wait on
-    return notes
-
-
-def _stop(proc: subprocess.Popen[Any], sig: signal.Signals, timeout: float, what: str) -> list[str]:
-    """Signal ``proc``'s process group, wait for it, kill the group if it will not go."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-    try:
-        proc.wait(timeout=timeout)
-        return []
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        return [f"{what} did not stop within {timeout:g} s of {sig.name}: killed"]
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return ""
 
 
 # -- ledgerbus -----------------------------------------------------------------------------
@@ -304,7 +195,7 @@ class System:
         """SIGINT to honcho, as Ctrl-C; what honcho had to kill and what outlived it."""
         notes: list[str] = []
         if self.proc is not None:
-            notes += _stop(self.proc, signal.SIGINT, 60, "honcho")
+            notes += procs.stop(self.proc, signal.SIGINT, 60, "honcho")
             self.proc = None
         if self._log is not None:
             self._log.close()
@@ -312,7 +203,7 @@ class System:
         killed = sorted(set(re.findall(r"sending SIGKILL to (\S+) \(pid", self.log_path.read_text(errors="replace"))))
         if killed:
             notes.append(f"honcho SIGKILLed {', '.join(killed)} (still running 5 s after its SIGTERM)")
-        notes += _reap(_pids(_cwd_under(self.dir)), "honcho")
+        notes += procs.reap(procs.pids(procs.cwd_under(self.dir)), "honcho")
         return notes
 
     def close(self) -> None:
@@ -451,9 +342,9 @@ async def _quiet(directory: Path, window: float = 1.0) -> float | None:
     over ``window``; ``None`` if not within ``QUIET_WAIT_S``."""
     started = time.monotonic()
     while time.monotonic() - started < QUIET_WAIT_S:
-        before = cpu_by_process(directory)
+        before = procs.cpu_by_process(directory)
         await asyncio.sleep(window)
-        after = cpu_by_process(directory)
+        after = procs.cpu_by_process(directory)
         used = sum(seconds - before.get(pid, (name, seconds))[1] for pid, (name, seconds) in after.items())
         if used < QUIET_CPU * window:
             return time.monotonic() - started
@@ -525,7 +416,7 @@ async def _measure(system: System, tasks: int, samples: int, profile: Path | Non
         done.count, done.target = 0, tasks
         done.all_done = loop.create_future()
         spy = _start_profiler(system, profile, say) if profile else None
-        cpu_before = cpu_by_process(system.dir)
+        cpu_before = procs.cpu_by_process(system.dir)
         start = time.perf_counter()
         publisher = await Publisher(cli).start()
         acks = await publisher.publish([(subject, data, headers) for data, headers in payloads], timeout=60)
@@ -536,7 +427,7 @@ async def _measure(system: System, tasks: int, samples: int, profile: Path | Non
         end = await done.until(done.all_done, timeout=120 + tasks * 0.1)
         projected = await _projected(system.dir / "var" / "ledgerbus.db", tasks, timeout=60)
         result: dict[str, Any] = {"projection_lag_s": projected - end, "hops_ms": hop_percentiles(split)}
-        result["cpu_ms_per_task"] = cpu_spent(cpu_before, cpu_by_process(system.dir), tasks)
+        result["cpu_ms_per_task"] = procs.cpu_spent(cpu_before, procs.cpu_by_process(system.dir), tasks)
         if spy is not None and profile is not None:
             result["profile"] = _stop_profiler(spy, profile, say)
     finally:
@@ -563,7 +454,7 @@ def run_ledgerbus(repo: Path, tasks: int, samples: int, traced: bool, say: Calla
             result = asyncio.run(_measure(system, tasks, samples, profile, say))
         except (BenchError, TimeoutError, OSError, nats.errors.Error) as exc:
             raise BenchError(f"ledgerbus run failed: {exc}\n--- honcho log, last lines ---\n"
-                             f"{_tail(system.log_path)}") from exc
+                             f"{procs.tail(system.log_path)}") from exc
         finally:
             notes = system.stop()
         result["notes"] = notes
@@ -590,11 +481,11 @@ def _start_profiler(system: System, out: Path, say: Callable[[str], None]) -> su
 
 
 def _stop_profiler(spy: subprocess.Popen[bytes], out: Path, say: Callable[[str], None]) -> dict[str, Any]:
-    _stop(spy, signal.SIGINT, 30, "py-spy")
+    procs.stop(spy, signal.SIGINT, 30, "py-spy")
     if spy.returncode != 0 or not out.exists() or not out.stat().st_size:
         say(f"  profile: py-spy failed (exit {spy.returncode}; it needs ptrace, e.g. root or "
-            f"CAP_SYS_PTRACE): {_tail(out.with_suffix('.log'), 3)} - going on without it")
-        return {"error": _tail(out.with_suffix(".log"), 3)}
+            f"CAP_SYS_PTRACE): {procs.tail(out.with_suffix('.log'), 3)} - going on without it")
+        return {"error": procs.tail(out.with_suffix(".log"), 3)}
     return top_functions(out.read_text())
 
 
@@ -649,7 +540,7 @@ def redis_server() -> Iterator[str]:
             threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
             yield f"redis://127.0.0.1:{port}/0"
         finally:
-            _stop(proc, signal.SIGTERM, 30, "redis-server")
+            procs.stop(proc, signal.SIGTERM, 30, "redis-server")
 
 
 def run_celery(repo: Path, tasks: int, samples: int, say: Callable[[str], None]) -> dict[str, Any]:
@@ -687,11 +578,11 @@ def run_celery(repo: Path, tasks: int, samples: int, say: Callable[[str], None])
                 result.get(timeout=120 + tasks * 0.1)
             elapsed = time.perf_counter() - start
         except Exception as exc:  # Celery's and Redis's errors have no common root
-            raise BenchError(f"Celery run failed: {exc!r}\n--- worker log ---\n{_tail(log)}") from exc
+            raise BenchError(f"Celery run failed: {exc!r}\n--- worker log ---\n{procs.tail(log)}") from exc
         finally:
             app.close()
-            notes += _stop(worker, signal.SIGTERM, 60, "celery worker")  # warm shutdown
-            notes += _reap(_pids(_in_session(worker.pid)), "the celery worker")
+            notes += procs.stop(worker, signal.SIGTERM, 60, "celery worker")  # warm shutdown
+            notes += procs.reap(procs.pids(procs.in_session(worker.pid)), "the celery worker")
     return {"tasks_per_s": tasks / elapsed, "seconds": elapsed, "submitted_per_s": tasks / submitted,
             "p50_ms": statistics.median(latencies) * 1000, "p99_ms": percentile(latencies, 99) * 1000,
             "notes": notes}

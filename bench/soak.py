@@ -56,7 +56,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 from rich.markup import escape
 
-from bench import e2e
+from bench import e2e, procs
 from ledgerbus.bus import codec, subjects
 from ledgerbus.bus.archive import parse_duration
 from ledgerbus.bus.connection import connect
@@ -245,9 +245,9 @@ def memory(directory: Path, leader: int) -> tuple[dict[str, int], dict[str, int]
     RSS by process name (``agent echo-1``, ``web``, ...; processes of one name summed)."""
     found = {"router": 0, "router_standby": 0, "projector": 0, "writer": 0, "nats": 0, "all": 0}
     by_name: dict[str, int] = {}
-    for pid in e2e._pids(e2e._cwd_under(directory)):
+    for pid in procs.pids(procs.cwd_under(directory)):
         with contextlib.suppress(OSError, ValueError, StopIteration):
-            name = e2e._process_name(pid)
+            name = procs.process_name(pid)
             size, parent = rss(pid)
             if name == "router" and parent == leader:
                 # The child the leader forks to encode a snapshot (router/snapshots.py): its
@@ -576,7 +576,7 @@ def run(repo: Path, messages: int, sample_s: float, window: int, rate: float, re
             kept.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(system.log_path, kept)
             raise e2e.BenchError(f"soak failed: {str(exc) or repr(exc)}\n--- honcho log, last lines (all of it in "
-                                 f"{kept}) ---\n{e2e._tail(system.log_path)}") from exc
+                                 f"{kept}) ---\n{procs.tail(system.log_path)}") from exc
         finally:
             notes = system.stop()
     finally:
