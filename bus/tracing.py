@@ -368,7 +368,7 @@ def configure_telemetry(service_name: str, env: Mapping[str, str] | None = None,
     if install:
         trace.set_tracer_provider(tracer_provider)
         metrics.set_meter_provider(meter_provider)
-        skip_sdk_when_unsampled(tracer_provider if ours is not None else None, ours)
+        skip_sdk_when_unsampled(tracer_provider, ours)
     return Telemetry(tracer_provider, meter_provider, bus, snapshots)
 
 
@@ -377,8 +377,10 @@ def skip_sdk_when_unsampled(provider: TracerProvider | None, ours: RateLimitedRo
     ``ours`` (:func:`configure_telemetry` does this for the provider it installs); ``None``
     sends every span through the SDK again."""
     global _unsampled_ids, _roots
-    _unsampled_ids = provider.id_generator if provider is not None and ours is not None else None
-    _roots = ours.roots if _unsampled_ids is not None and ours is not None else None
+    if provider is None or ours is None:
+        _unsampled_ids, _roots = None, None
+    else:
+        _unsampled_ids, _roots = provider.id_generator, ours.roots
 
 
 def inject(headers: dict[str, str] | None = None, context: otel_context.Context | None = None) -> dict[str, str]:

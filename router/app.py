@@ -224,7 +224,8 @@ class Router:
                     await self.process(msgs)
                 await self.schedule()
                 await self._dead_letters()
-                await self._checkpoint_if_due()
+                if not await self.checkpoints.append_if_due(self.audit, self.state):
+                    await self._recover()
                 # A batch boundary: every record folded into the state is acknowledged.
                 self.snapshots.maybe_save(self.state, self.audit.head)
                 await self.archiver.step(self.audit, self.state, self.snapshots.saved_seq if self.snapshots.enabled
@@ -361,19 +362,6 @@ class Router:
                         code="cancelled", seq=record.seq,
                         reason=record.event.reason if isinstance(record.event, TaskCancelled) else record.event.error,
                     ))
-
-    async def _checkpoint_if_due(self) -> None:
-        """Sign the chain head into the log when it is due (:class:`Checkpoints`)."""
-        now = asyncio.get_running_loop().time()
-        if not self.checkpoints.due(self.audit.head.seq, self.state, now):
-            return
-        try:
-            await self.checkpoints.append(self.audit, self.state)
-        except AuditAppendError as exc:
-            log.error("checkpoint_append_failed", error=str(exc))
-            await self._recover()
-            return
-        self.checkpoints.last_at = now
 
     async def _recover_until_done(self, stop: asyncio.Event) -> None:
         """Rebuild state and chain head from the log, retrying while the server is away."""

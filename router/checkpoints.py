@@ -16,7 +16,7 @@ from ledgerbus.bus.events import AuditRecord, Checkpoint
 from ledgerbus.bus.settings import Settings
 from ledgerbus.router.anchors import Anchors
 from ledgerbus.router.audit import AuditLog, ChainHead
-from ledgerbus.router.errors import ChainRestartedError
+from ledgerbus.router.errors import AuditAppendError, ChainRestartedError
 from ledgerbus.router.state import RouterState
 
 log = structlog.get_logger(__name__)
@@ -42,6 +42,20 @@ class Checkpoints:
         ``checkpoint_interval_s``."""
         pending = head_seq - state.last_checkpoint_seq
         return pending > 0 and (pending >= self.every or now - self.last_at >= self.interval_s)
+
+    async def append_if_due(self, audit: AuditLog, state: RouterState) -> bool:
+        """Sign the chain head into the log when it is due; ``False`` if the log did not
+        take the checkpoint (the caller rebuilds from the log)."""
+        now = asyncio.get_running_loop().time()
+        if not self.due(audit.head.seq, state, now):
+            return True
+        try:
+            await self.append(audit, state)
+        except AuditAppendError as exc:
+            log.error("checkpoint_append_failed", error=str(exc))
+            return False
+        self.last_at = now
+        return True
 
     async def append(self, audit: AuditLog, state: RouterState, code: str = "ok", reason: str = "") -> AuditRecord:
         """Sign the chain head, append it as the next record, and start anchoring it outside

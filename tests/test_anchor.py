@@ -203,13 +203,14 @@ async def test_the_router_audits_on_while_a_checkpoint_is_anchored_and_the_ancho
             await cli.jetstream().publish("in.cli.alice.task_submitted", codec.encode(event))
         last = await wait_for_record(js, lambda r: r.checkpoint is not None and r.checkpoint.covers_seq >= 7)
         assert written == [] and not release.is_set()
-        release.set()
-        await wait_until(lambda: _anchored(tuned, last.seq), what="the second checkpoint anchored")
+        # Stopped while both writes are still held: the stop waits for them.
+        threading.Timer(0.5, release.set).start()
     finally:
-        release.set()
         await router.stop()
+        release.set()
     first = await wait_for_record(js, lambda r: r.checkpoint is not None)
     assert written == [first.seq, last.seq]
+    assert await _anchored(tuned, last.seq), "the stop returned before the last anchor was written"
     history = await (await js.key_value(subjects.CHAIN_BUCKET)).history(subjects.CHAIN_HEAD_KEY)
     assert [anchor.decode(e.value or b"", "history").seq for e in history] == [first.seq, last.seq]
 
