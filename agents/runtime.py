@@ -31,19 +31,17 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 if TYPE_CHECKING:
-    from ledgerbus.agents.llm.base import Usage
     from ledgerbus.agents.llm.router import LLMRouter
 
 from ledgerbus.agents.llm import calls
 from ledgerbus.agents.llm.replay import Recording
-from ledgerbus.agents.llm.router import CallSite
 
-from ledgerbus.agents import profiles, workspace
+from ledgerbus.agents import workspace
+from ledgerbus.agents.attempt import skill_context
 from ledgerbus.agents.claim import AttemptClaim
 from ledgerbus.agents.errors import SkillError
 from ledgerbus.agents.hooks import Hooks
 from ledgerbus.agents.intake import Intake, KeepAlive
-from ledgerbus.agents.memory import Memory, Shared, Tasks, Writer
 from ledgerbus.agents.skill import Skill, SkillContext, decode_input, encode_output
 from ledgerbus.bus import codec, failpoints, metrics, pull, subjects, tracing
 from ledgerbus.bus.connection import PUBACK_TIMEOUT_S
@@ -51,15 +49,12 @@ from ledgerbus.bus.errors import BusError, SchemaError
 from ledgerbus.bus.events import (
     AgentJoined,
     AgentLeft,
-    Budget,
     Event,
     Heartbeat,
     Notice,
     TaskCompleted,
     TaskFailed,
-    TaskProgress,
     TaskStarted,
-    TaskUsage,
     WorkItem,
     kind_of,
     new_id,
@@ -319,61 +314,6 @@ class Agent:
         else:
             claim.send_after(self.settings.claim_after_s)
         loop = asyncio.get_running_loop()
-
-        async def report(event: Event, headers: dict[str, str] | None = None) -> None:
-            # Nothing the skill sends counts before its claim: the claim goes first.
-            if not await claim.send():
-                raise SkillError(f"the claim on task {item.task_id} was refused: its reports do not count")
-            await self.report(event, headers)
-
-        async def progress(message: str, fraction: float | None) -> None:
-            await report(
-                TaskProgress(id=new_id(), task_id=item.task_id, attempt=attempt, message=message[:16_384], fraction=fraction)
-            )
-
-        spent = [0, 0.0]  # tokens and cost this attempt reported: what is left is checked against it
-
-        def budget_left() -> tuple[Budget | None, str]:
-            left = item.budget_left
-            if left is None:
-                return None, ""
-            return Budget(tokens=None if left.tokens is None else left.tokens - int(spent[0]),
-                          cost_usd=None if left.cost_usd is None else left.cost_usd - spent[1]), item.budget_owner
-
-        async def usage(tokens_in: int, tokens_out: int, cost_usd: float, provider: str, model: str,
-                        latency_s: float = 0.0, outcome: str = "ok", call: str = "") -> None:
-            spent[0] += tokens_in + tokens_out
-            spent[1] += cost_usd
-            await report(TaskUsage(id=new_id(), task_id=item.task_id, attempt=attempt, tokens_in=tokens_in,
-                                        tokens_out=tokens_out, cost_usd=cost_usd, provider=provider[:64],
-                                        model=model[:128], latency_s=max(latency_s, 0.0), outcome=outcome[:32],
-                                        call=call))
-
-        async def llm_usage(u: Usage) -> None:
-            await usage(u.tokens_in, u.tokens_out, u.cost_usd, u.provider, u.model, u.latency_s, u.outcome, u.call)
-
-        writer = Writer(self.nc, report)
-        replay = item.replay
-        recording = (lambda: self._recording(replay.recording)) if replay is not None else None
-        tasks = Tasks(writer, item.task_id, path=item.path, replay=replay, recording=recording)
-        site = CallSite(task_id=item.task_id, attempt=attempt, path=item.path, agent=self.name, store=self._store_call,
-                        max_bytes=self.settings.llm_record_max_bytes, replay=recording,
-                        match=replay.match if replay is not None else "lenient",
-                        live=replay.live if replay is not None else False)
-
-        async def handoff(role: str, context: dict[str, Any]) -> str:
-            if self.profile:
-                allowed = profiles.get(self.settings.profiles_path, self.profile).handoffs
-                if role not in allowed:
-                    raise SkillError(f"profile {self.profile} may hand off to {', '.join(allowed) or 'nobody'}, not {role}")
-            target = profiles.get(self.settings.profiles_path, role)
-            if not target.skills:
-                raise SkillError(f"profile {role} has no skill to hand off to")
-            payload = {"context": context, "role": role, "instructions": target.instructions,
-                       "guardrails": target.guardrails, "from": self.name,
-                       **({"checks": codec.to_builtins(target.checks)} if target.checks is not None else {})}
-            return await tasks.submit(target.skills[0], payload, timeout_s=item.timeout_s, handoff=True)
-
         try:
             place = (await workspace.make(self.settings.workspace_root, self.name, item.task_id, attempt, item.context)
                      if workspace.wanted(self.skills[skill_name]) else None)
@@ -387,29 +327,7 @@ class Agent:
                 await self.report(failed)
                 await msg.ack()
             return
-        ctx = SkillContext(
-            task_id=item.task_id,
-            skill=skill_name,
-            attempt=attempt,
-            agent=self.name,
-            deadline=loop.time() + item.timeout_s,
-            log=tlog,
-            memory=Memory(writer, self.name),
-            shared=Shared(writer),
-            tasks=tasks,
-            _handoff=handoff,
-            context=item.context,
-            parent_task_id=item.parent_task_id,
-            step=item.step,
-            _progress=progress,
-            _usage=usage,
-            workspace=place or workspace.NONE,
-            role=self.profile,
-            instructions=self.instructions,
-            llm=(self.llm.bind(skill_name, role=self.profile, usage=llm_usage, budget=budget_left, site=site)
-                 if self.llm is not None else None),
-            tracer=tracer,
-        )
+        ctx = skill_context(self, skill_name, item, attempt, claim, tlog, place, tracer)
         keepalive = self._keep_alive(msg)
         deadline = asyncio.timeout(item.timeout_s)
         result: TaskCompleted | TaskFailed | None = None
