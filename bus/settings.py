@@ -95,9 +95,11 @@ class Settings:
     projector_batch: int = 512
     projector_linger_s: float = 0.01
     """How long the projector waits, after a record that finds fewer than a batch queued, for
-    more to join it: at a trickle (one task at a time) one commit then folds the records of
-    several tasks instead of one each, and the projector's wake-ups stop competing with the
-    task path for the CPU. It adds at most this much to the projection's lag; 0: none."""
+    more to join it, while records have been coming at 50 a second or more: at a steady
+    trickle (one task at a time) one commit then folds the records of several tasks instead
+    of one each, and the projector's wake-ups stop competing with the task path for the CPU.
+    A record after a quiet moment is not held. It adds at most this much to the projection's
+    lag; 0: none."""
     traces_max_age_s: float = 3600.0
     """How long finished spans stay in the TRACES stream (``agentctl trace``)."""
     traces_max_bytes: int = 256 * 1024 * 1024

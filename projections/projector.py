@@ -10,6 +10,7 @@ snapshot that checks, and it saves one every ``projection_snapshot_every`` recor
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from pathlib import Path
 
@@ -109,22 +110,52 @@ async def follow(
     )
 
 
-async def next_batch(sub: JetStreamContext.PushSubscription, size: int, wait: float,
-                     linger: float = 0.0) -> list[Msg]:
-    """Up to ``size`` messages: wait ``wait`` s for the first; when fewer than ``size`` are
-    queued behind it, ``linger`` s more for others to join it; then take what is here.
+class Flow:
+    """How fast records have been coming: a count of them that decays with a time constant
+    of ``TAU_S``, about the records of the last ``TAU_S`` seconds."""
 
-    The linger is for a trickle, where each record came alone: measured one task at a time
-    (``bench/e2e.py``'s latency step), the projector spent 1.4-1.7 ms of CPU a task folding
-    and committing each record by itself, beside a task path of 3-5 ms on two cores; with 10
-    ms it spent 0.5-0.6 and its writer a quarter as much, and the task's p50 fell by 0.7-1.9
-    ms in paired runs. Under load a batch is larger for it, and the lag stays far inside 1 s.
+    TAU_S = 0.2
+    BUSY_PER_S = 50.0
+    """From this many records a second on, a linger gathers several into one commit."""
+
+    def __init__(self) -> None:
+        self._level = 0.0
+        self._at = time.monotonic()
+
+    def _now(self) -> float:
+        now = time.monotonic()
+        self._level *= math.exp(-(now - self._at) / self.TAU_S)
+        self._at = now
+        return self._level
+
+    @property
+    def busy(self) -> bool:
+        """Whether records have been coming at ``BUSY_PER_S`` a second or more."""
+        return self._now() >= self.BUSY_PER_S * self.TAU_S
+
+    def took(self, n: int) -> None:
+        self._now()
+        self._level += n
+
+
+async def next_batch(sub: JetStreamContext.PushSubscription, size: int, wait: float,
+                     linger: float = 0.0, flow: Flow | None = None) -> list[Msg]:
+    """Up to ``size`` messages: wait ``wait`` s for the first; when fewer than ``size`` are
+    queued behind it and records have been coming fast (``flow`` busy), ``linger`` s more
+    for others to join it; then take what is here.
+
+    The linger is for a steady trickle, where each record came alone: measured one task at
+    a time (``bench/e2e.py``'s latency step, about 550 records a second), the projector spent
+    1.4-1.7 ms of CPU a task folding and committing each record by itself, beside a task path
+    of 3-5 ms on two cores; with 10 ms it spent 0.5-0.6 and its writer a quarter as much,
+    and the task's p50 fell by 0.7-1.9 ms in paired runs. A record after a quiet moment
+    (a person's task, a test's) is not held: there is nothing to gather, only lag to add.
     """
     try:
         batch = [await sub.next_msg(timeout=wait)]
     except TimeoutError:
         return []
-    if linger > 0 and sub._pending_queue.qsize() < size - 1:
+    if linger > 0 and sub._pending_queue.qsize() < size - 1 and (flow is None or flow.busy):
         await asyncio.sleep(linger)
     # The rest is taken as ``next_msg`` takes a message, without what it adds around each
     # (a uuid4, a task and a timer: some turns of the event loop per record; the projector
@@ -136,6 +167,8 @@ async def next_batch(sub: JetStreamContext.PushSubscription, size: int, wait: fl
         sub._pending_size -= len(msg.data)
         queue.task_done()
         batch.append(msg)
+    if flow is not None:
+        flow.took(len(batch))
     return batch
 
 
@@ -157,6 +190,8 @@ class Projector:
         """The position of the snapshot this start loaded, if it loaded one."""
         self.archive = configured(settings)[0]
         """Where records purged from AUDIT are (``policy.toml`` ``[retention]``)."""
+        self.flow = Flow()
+        """How fast AUDIT's records have been coming: whether a batch lingers for more."""
 
     def _set_aside(self) -> Path:
         """Move the database file (and its WAL) aside as ``<file>.old-<time>``."""
@@ -241,7 +276,7 @@ class Projector:
         log.info("projector_started", db=str(self.db_path), position=self.position, from_snapshot=self.from_snapshot)
         while not stop.is_set():
             batch = await next_batch(sub, self.settings.projector_batch, wait=0.5,
-                                     linger=self.settings.projector_linger_s)
+                                     linger=self.settings.projector_linger_s, flow=self.flow)
             if batch:
                 spans = apply_spans(batch, self.settings.traces_max_age_s)
                 try:
