@@ -27,11 +27,8 @@ Then SIGINT to honcho (Ctrl-C), which stops every process; anything left running
 project directory is reported, and killed. The same again with ``OTEL_SDK_DISABLED=true``
 (docs/observability.md: no tracing and no metrics at all), as the untraced reference.
 
-Celery 5 with Redis on loopback, in the same run: a fresh ``redis-server`` (Debian's
-package) on a free port without persistence, one worker ``celery -A bench.celery_app
-worker --pool prefork --concurrency 2 --without-gossip --without-mingle --without-heartbeat``,
-and the same steps: ten warm-up ``noop.delay().get()``, then ``samples`` one at a time, then
-``tasks`` ``noop.delay()`` followed by ``.get()`` on each.
+Celery 5 with Redis on loopback, in the same run and with the same steps
+(``bench/celery_side.py``).
 
 Each round runs the three in turn, the order reversed every other round; medians of the
 rounds are reported. ``--profile`` adds one more traced ledgerbus run, not counted, with
@@ -46,15 +43,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
-import sysconfig
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -64,7 +58,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
-from bench import procs
+from bench import celery_side, procs
+from bench.common import SCRIPTS, WARMUP, BenchError, free_port, percentile
 from ledgerbus.bus import codec, subjects
 from ledgerbus.bus.connection import connect
 from ledgerbus.bus.events import TaskSubmitted, new_id
@@ -77,8 +72,6 @@ from ledgerbus.router import policy as router_policy
 SHIPPED = ("Procfile", "nats.conf", "policy.toml", "llm.toml", "profiles.toml")
 CLI_NAME = "bench"
 CLI = subjects.principal("cli", CLI_NAME)
-WARMUP = 10
-SCRIPTS = Path(sysconfig.get_path("scripts"))
 """The virtual environment's bin/: honcho, agentctl, celery and py-spy come from there."""
 SYSTEMS = ("ledgerbus", "ledgerbus-every-trace", "ledgerbus-untraced", "celery")
 LABELS = {"ledgerbus": "ledgerbus, as shipped (traced, ≤ 50 new traces/s)",
@@ -87,24 +80,6 @@ LABELS = {"ledgerbus": "ledgerbus, as shipped (traced, ≤ 50 new traces/s)",
           "celery": "Celery + Redis, prefork, concurrency 2"}
 _NATS_LINE = re.compile(r"^(nats:\s*agentctl nats)\s*$", re.MULTILINE)
 _LEADER = re.compile(r"lease_acquired.*\binstance=\S*?-(\d+)-[0-9a-f]{6}\b")
-
-
-class BenchError(Exception):
-    """A run could not be measured (a process did not start, a task was rejected...)."""
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now (the kernel picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def percentile(samples: list[float], pct: int) -> float:
-    """The ``pct``-th percentile of ``samples`` (inclusive method: within their range)."""
-    if len(samples) < 2:
-        return samples[0]
-    return statistics.quantiles(samples, n=100, method="inclusive")[pct - 1]
 
 
 # -- ledgerbus -----------------------------------------------------------------------------
@@ -510,101 +485,11 @@ def top_functions(collapsed: str, lines: int = 15) -> dict[str, Any]:
                                          "total_pct": 100 * anywhere[f] / max(samples, 1)} for f in top]}
 
 
-# -- Celery --------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    """A fresh ``redis-server`` on a free loopback port, no persistence; yields its URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise BenchError("redis-server not found (Debian: apt-get install -y redis-server)")
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp:
-        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                                 "--dir", tmp, "--daemonize", "no"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        assert proc.stdout is not None
-        try:
-            # Read its log until it says it is ready (no sleeps); a timer ends a silent hang.
-            watchdog = threading.Timer(30, proc.kill)
-            watchdog.start()
-            lines = []
-            for raw in proc.stdout:
-                lines.append(raw.decode(errors="replace").rstrip())
-                if b"Ready to accept connections" in raw:
-                    break
-            watchdog.cancel()
-            if proc.poll() is not None:
-                raise BenchError("redis-server did not start:\n" + "\n".join(lines[-10:]))
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            procs.stop(proc, signal.SIGTERM, 30, "redis-server")
-
-
-def run_celery(repo: Path, tasks: int, samples: int, say: Callable[[str], None]) -> dict[str, Any]:
-    """One run of Celery with Redis: latency, then throughput, as for ledgerbus."""
-    from bench.celery_app import NOOP, URL_VARIABLE, make_app
-
-    with redis_server() as url, tempfile.TemporaryDirectory(prefix="bench-celery-") as tmp:
-        log = Path(tmp) / "worker.log"
-        env = dict(os.environ, PATH=f"{SCRIPTS}{os.pathsep}{os.environ.get('PATH', '')}",
-                   PYTHONPATH=str(repo), **{URL_VARIABLE: url})
-        with log.open("wb") as out:
-            worker = subprocess.Popen(
-                [str(SCRIPTS / "celery"), "-A", "bench.celery_app", "worker", "--pool", "prefork", "--concurrency", "2",
-                 "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning"],
-                cwd=repo, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True)
-        app = make_app(url)
-        noop = app.tasks[NOOP]
-        notes: list[str] = []
-        try:
-            started = time.monotonic()
-            # The first task completes once the worker consumes: that is its readiness.
-            noop.delay().get(timeout=180)
-            say(f"  worker answered {time.monotonic() - started:.1f} s after its start")
-            latencies = []
-            for i in range(WARMUP + samples):
-                start = time.perf_counter()
-                noop.delay().get(timeout=60)
-                if i >= WARMUP:
-                    latencies.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            results = [noop.delay() for _ in range(tasks)]
-            submitted = time.perf_counter() - start
-            for result in results:
-                result.get(timeout=120 + tasks * 0.1)
-            elapsed = time.perf_counter() - start
-        except Exception as exc:  # Celery's and Redis's errors have no common root
-            raise BenchError(f"Celery run failed: {exc!r}\n--- worker log ---\n{procs.tail(log)}") from exc
-        finally:
-            app.close()
-            notes += procs.stop(worker, signal.SIGTERM, 60, "celery worker")  # warm shutdown
-            notes += procs.reap(procs.pids(procs.in_session(worker.pid)), "the celery worker")
-    return {"tasks_per_s": tasks / elapsed, "seconds": elapsed, "submitted_per_s": tasks / submitted,
-            "p50_ms": statistics.median(latencies) * 1000, "p99_ms": percentile(latencies, 99) * 1000,
-            "notes": notes}
-
-
 def _median_cpu(rounds: list[dict[str, Any]]) -> dict[str, float]:
     """Per process, the median over the rounds of its CPU milliseconds per task."""
     names = {name for r in rounds for name in r.get("cpu_ms_per_task", {})}
     cpu = {name: statistics.median(r.get("cpu_ms_per_task", {}).get(name, 0.0) for r in rounds) for name in names}
     return dict(sorted(((k, v) for k, v in cpu.items() if v >= 0.01), key=lambda kv: -kv[1]))
-
-
-def celery_missing() -> str | None:
-    """Why the Celery side cannot run here, or None."""
-    try:
-        import celery  # noqa: F401
-        import redis  # noqa: F401
-    except ImportError as exc:
-        return f"{exc.name} is not installed (uv sync --extra bench)"
-    if shutil.which("redis-server") is None:
-        return "redis-server is not on PATH (Debian: apt-get install -y redis-server)"
-    return None
 
 
 # -- rounds --------------------------------------------------------------------------------
@@ -613,7 +498,7 @@ def celery_missing() -> str | None:
 def run(repo: Path, tasks: int, samples: int, rounds: int, profile: Path | None = None,
         say: Callable[[str], None] = print) -> dict[str, Any]:
     """Every system ``rounds`` times, alternating; medians, ratios, and each round."""
-    skip = celery_missing()
+    skip = celery_side.missing()
     if skip:
         say(f"[bold]Celery side skipped[/]: {skip}. ledgerbus is still measured.")
     systems = [s for s in SYSTEMS if s != "celery" or not skip]
@@ -622,7 +507,7 @@ def run(repo: Path, tasks: int, samples: int, rounds: int, profile: Path | None 
         for name in systems if r % 2 == 0 else list(reversed(systems)):
             say(f"round {r + 1}/{rounds}: {name} ...")
             if name == "celery":
-                found = run_celery(repo, tasks, samples, say)
+                found = celery_side.run(repo, tasks, samples, say)
             else:
                 found = run_ledgerbus(repo, tasks, samples, traced=name != "ledgerbus-untraced", say=say,
                                       every_trace=name == "ledgerbus-every-trace")
