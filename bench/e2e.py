@@ -371,6 +371,8 @@ async def _measure(system: System, tasks: int, samples: int, profile: Path | Non
     try:
         latencies, sent = [], {}
         for i in range(WARMUP + samples):
+            if i == WARMUP:
+                cpu_before = procs.cpu_by_process(system.dir)
             task_id = f"lat{i}"
             done.waiting[task_id] = fut = loop.create_future()
             if i >= WARMUP:
@@ -382,6 +384,7 @@ async def _measure(system: System, tasks: int, samples: int, profile: Path | Non
             if i >= WARMUP:
                 latencies.append(end - start)
                 sent[task_id] = wall
+        cpu_alone = procs.cpu_spent(cpu_before, procs.cpu_by_process(system.dir), samples)
         await done.stamped(list(sent))
         split = [hops(at, done.stamps["task_submitted", t], done.stamps["task_completed", t]) for t, at in sent.items()]
         # The throughput step's submissions are not stamped: this client reads only their results.
@@ -401,7 +404,8 @@ async def _measure(system: System, tasks: int, samples: int, profile: Path | Non
             raise BenchError(f"{len(failed)} of {tasks} submissions got no PubAck: {failed[0]}")
         end = await done.until(done.all_done, timeout=120 + tasks * 0.1)
         projected = await _projected(system.dir / "var" / "ledgerbus.db", tasks, timeout=60)
-        result: dict[str, Any] = {"projection_lag_s": projected - end, "hops_ms": hop_percentiles(split)}
+        result: dict[str, Any] = {"projection_lag_s": projected - end, "hops_ms": hop_percentiles(split),
+                                  "cpu_ms_per_task_alone": cpu_alone}
         result["cpu_ms_per_task"] = procs.cpu_spent(cpu_before, procs.cpu_by_process(system.dir), tasks)
         if spy is not None and profile is not None:
             result["profile"] = _stop_profiler(spy, profile, say)
@@ -485,10 +489,10 @@ def top_functions(collapsed: str, lines: int = 15) -> dict[str, Any]:
                                          "total_pct": 100 * anywhere[f] / max(samples, 1)} for f in top]}
 
 
-def _median_cpu(rounds: list[dict[str, Any]]) -> dict[str, float]:
-    """Per process, the median over the rounds of its CPU milliseconds per task."""
-    names = {name for r in rounds for name in r.get("cpu_ms_per_task", {})}
-    cpu = {name: statistics.median(r.get("cpu_ms_per_task", {}).get(name, 0.0) for r in rounds) for name in names}
+def _median_cpu(rounds: list[dict[str, Any]], key: str = "cpu_ms_per_task") -> dict[str, float]:
+    """Per process, the median over the rounds of its CPU milliseconds per task (``key``)."""
+    names = {name for r in rounds for name in r.get(key, {})}
+    cpu = {name: statistics.median(r.get(key, {}).get(name, 0.0) for r in rounds) for name in names}
     return dict(sorted(((k, v) for k, v in cpu.items() if v >= 0.01), key=lambda kv: -kv[1]))
 
 
@@ -521,7 +525,11 @@ def run(repo: Path, tasks: int, samples: int, rounds: int, profile: Path | None 
                 say("  one at a time, p50 ms by hop: " + ", ".join(f"{hop} {v['p50']:.2f}"
                                                                    for hop, v in found["hops_ms"].items()))
             if found.get("cpu_ms_per_task"):
-                say("  CPU ms per task: " + ", ".join(f"{k} {v:.2f}" for k, v in found["cpu_ms_per_task"].items()))
+                say("  CPU ms per task: " + ", ".join(f"{k} {v:.2f}" for k, v in found["cpu_ms_per_task"].items()
+                                                      if v >= 0.01))
+            if found.get("cpu_ms_per_task_alone"):
+                say("  one at a time, CPU ms per task: " + ", ".join(
+                    f"{k} {v:.2f}" for k, v in found["cpu_ms_per_task_alone"].items() if v >= 0.01))
             for note in found["notes"]:
                 say(f"  [yellow]note[/]: {note}")
     medians = {s: {k: statistics.median(x[k] for x in found) for k in ("tasks_per_s", "p50_ms", "p99_ms")}
@@ -534,6 +542,8 @@ def run(repo: Path, tasks: int, samples: int, rounds: int, profile: Path | None 
         "every_trace_over_untraced": (medians["ledgerbus-every-trace"]["tasks_per_s"]
                                       / medians["ledgerbus-untraced"]["tasks_per_s"]),
         "cpu_ms_per_task": {s: _median_cpu(found) for s, found in per_round.items() if s != "celery"},
+        "cpu_ms_per_task_alone": {s: _median_cpu(found, "cpu_ms_per_task_alone") for s, found in per_round.items()
+                                  if s != "celery"},
         "projection_lag_s": {s: statistics.median(r["projection_lag_s"] for r in found)
                              for s, found in per_round.items() if s != "celery"},
         "hops_ms": {s: {hop: {p: statistics.median(r["hops_ms"][hop][p] for r in found) for p in ("p50", "p99")}

@@ -131,6 +131,21 @@ def rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return out
 
 
+def cpu_lines(cpu: dict[str, dict[str, float]], step: str) -> list[str]:
+    """A table of CPU milliseconds per task by process (rows) and system (columns)."""
+    names = sorted({n for per in cpu.values() for n in per}, key=lambda n: -cpu.get("ledgerbus", {}).get(n, 0.0))
+    if not names:
+        return []
+    systems = [s for s in SYSTEMS if s in cpu]
+    lines = ["", f"CPU milliseconds per task {step}, by process (user + system time from `/proc`, medians of "
+             "the rounds; the benchmark's client is not counted):", "",
+             "| process | " + " | ".join(LABELS[s] for s in systems) + " |",
+             "|---|" + "---|" * len(systems)]
+    lines += [f"| {n} | " + " | ".join(f"{cpu[s].get(n, 0.0):.2f}" for s in systems) + " |" for n in names]
+    lines.append("| **all** | " + " | ".join(f"**{sum(cpu[s].values()):.2f}**" for s in systems) + " |")
+    return lines
+
+
 def hop_lines(hops: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     """Where one task's time goes, one at a time: a table of each hop's p50 and p99 for the
     ledgerbus systems measured (from the audit records' timestamps, see bench/e2e.py)."""
@@ -192,16 +207,9 @@ def section(result: dict[str, Any], command: str, plot_link: str | None) -> str:
         lines.append(f"| the projection shows all N completed, after the client saw the last (goal ≤ 1 s: "
                      f"{'met' if worst <= 1.0 else 'not met'}) | "
                      + ", ".join(f"{v * 1000:,.0f} ms" for v in lag.values()) + " |")
-    cpu = result.get("cpu_ms_per_task", {})
-    names = sorted({n for per in cpu.values() for n in per}, key=lambda n: -cpu.get("ledgerbus", {}).get(n, 0.0))
-    if names:
-        systems = [s for s in SYSTEMS if s in cpu]
-        lines += ["", "CPU milliseconds per task during the throughput step, by process (user + system time from "
-                  "`/proc`, medians of the rounds; the benchmark's client is not counted):", "",
-                  "| process | " + " | ".join(LABELS[s] for s in systems) + " |",
-                  "|---|" + "---|" * len(systems)]
-        lines += [f"| {n} | " + " | ".join(f"{cpu[s].get(n, 0.0):.2f}" for s in systems) + " |" for n in names]
-        lines.append("| **all** | " + " | ".join(f"**{sum(cpu[s].values()):.2f}**" for s in systems) + " |")
+    lines += cpu_lines(result.get("cpu_ms_per_task", {}), "during the throughput step")
+    lines += cpu_lines(result.get("cpu_ms_per_task_alone", {}),
+                       "one task at a time (the latency step: every process woken for each task)")
     lines += hop_lines(result.get("hops_ms", {}))
     lines += ["", f"{result['tasks']:,} tasks per throughput run, {result['latency_samples']} latency samples "
               f"per run, {result['rounds']} round(s). p50/p99 are medians of each round's own percentiles."]
