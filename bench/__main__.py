@@ -130,8 +130,11 @@ EXPORTER = BusSpanExporter(PROVIDER.resource)
 PROVIDER.add_span_processor(BatchSpanProcessor(EXPORTER, schedule_delay_millis=250, max_queue_size=BUS_QUEUE))
 
 
-async def run_router(settings: Settings, n: int, traced: bool = False, checks: str = "all") -> float:
-    settings = settings.replace(trace_checks=checks)
+async def run_router(settings: Settings, n: int, traced: bool = False, checks: str | None = None) -> float:
+    """The router draining ``n`` preloaded submissions: as shipped (``LEDGERBUS_TRACE_CHECKS``'s
+    default), or with ``checks`` ("all": a span per check of a recorded message)."""
+    if checks is not None:
+        settings = settings.replace(trace_checks=checks)
     nc = await connect(settings, "router")
     router = Router(nc, settings)
     await router.start()
@@ -155,7 +158,7 @@ async def run_router(settings: Settings, n: int, traced: bool = False, checks: s
 
 
 async def run_traced_router(settings: Settings, n: int) -> float:
-    return await run_router(settings, n, traced=True)
+    return await run_router(settings, n, traced=True, checks="all")
 
 
 async def run_traced_failed_checks(settings: Settings, n: int) -> float:
@@ -280,6 +283,18 @@ async def main(messages: int, rounds: int, tasks: int) -> dict:
     return result
 
 
+def _positive(value: str) -> int:
+    """A count of messages, tasks, rounds or samples: a whole number, at least 1 (a run of
+    none has no median to report)."""
+    try:
+        count = int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from exc
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value!r}")
+    return count
+
+
 def _counts(value: str) -> list[int]:
     """``--replicas 2,4`` → ``[1, 2, 4]``: distinct positive counts, the baseline first."""
     try:
@@ -364,21 +379,21 @@ def cli() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=["router", "projections", "scaling", "fsync", "e2e", "coldstart", "soak"],
                         help="Run one benchmark, not all (the soak runs only when named).")
-    parser.add_argument("--messages", type=int, default=20_000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--tasks", type=int, default=200)
-    parser.add_argument("--events", type=int, default=100_000, help="Audit records in the projection benchmark.")
-    parser.add_argument("--sleep-tasks", type=int, default=24, help="Sleep tasks per run in the scaling benchmark.")
+    parser.add_argument("--messages", type=_positive, default=20_000)
+    parser.add_argument("--rounds", type=_positive, default=3)
+    parser.add_argument("--tasks", type=_positive, default=200)
+    parser.add_argument("--events", type=_positive, default=100_000, help="Audit records in the projection benchmark.")
+    parser.add_argument("--sleep-tasks", type=_positive, default=24, help="Sleep tasks per run in the scaling benchmark.")
     parser.add_argument("--sleep", type=float, default=0.2, help="Seconds each sleep task sleeps.")
     parser.add_argument("--replicas", type=_counts, default="1,2,4",
                         help="Replica counts to compare, comma-separated; 1 (the baseline) is always run.")
-    parser.add_argument("--fsync-messages", type=int, default=20_000,
+    parser.add_argument("--fsync-messages", type=_positive, default=20_000,
                         help="Messages published pipelined per configuration in the fsync benchmark.")
-    parser.add_argument("--fsync-sequential", type=int, default=300,
+    parser.add_argument("--fsync-sequential", type=_positive, default=300,
                         help="Messages then published one at a time, for the PubAck latency.")
-    parser.add_argument("--e2e-tasks", type=int, default=5000,
+    parser.add_argument("--e2e-tasks", type=_positive, default=5000,
                         help="No-op tasks pipelined per system and round in the end-to-end benchmark.")
-    parser.add_argument("--e2e-samples", type=int, default=300,
+    parser.add_argument("--e2e-samples", type=_positive, default=300,
                         help="Tasks then run one at a time per system and round, for the latency percentiles.")
     parser.add_argument("--coldstart-records", type=_sizes, default="100000,1000000",
                         help="Audit log sizes at which the router's cold start is measured, with and without "
@@ -389,10 +404,10 @@ def cli() -> None:
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "benchmarks-e2e.png",
                         help="Where the end-to-end benchmark draws its plot.  [default: docs/benchmarks-e2e.png]")
     soak_args = parser.add_argument_group("soak (--only soak)")
-    soak_args.add_argument("--soak-messages", type=int, default=1_000_000,
+    soak_args.add_argument("--soak-messages", type=_positive, default=1_000_000,
                            help="Messages routed: half as many echo tasks (two messages each).  [default: 1000000]")
     soak_args.add_argument("--soak-sample-s", type=float, default=5.0, help="Seconds between samples.  [default: 5]")
-    soak_args.add_argument("--soak-window", type=int, default=1000,
+    soak_args.add_argument("--soak-window", type=_positive, default=1000,
                            help="Tasks submitted and not yet settled, at most (back-pressure).  [default: 1000]")
     soak_args.add_argument("--soak-rate", type=float, default=0.0,
                            help="Tasks per second, at most (0: as fast as the window allows).  [default: 0]")
@@ -400,7 +415,7 @@ def cli() -> None:
                            help="[retention] audit_max_bytes (written as a number of bytes).  [default: 32MiB]")
     soak_args.add_argument("--soak-audit-max-age", type=_duration, default="7d",
                            help="[retention] audit_max_age.  [default: 7d, as shipped: it does not bite here]")
-    soak_args.add_argument("--soak-segment-records", type=int, default=10_000,
+    soak_args.add_argument("--soak-segment-records", type=_positive, default=10_000,
                            help="[retention] segment_records.  [default: 10000]")
     soak_args.add_argument("--soak-archive-max-age", type=_duration, default="3m",
                            help="[retention] archive_max_age.  [default: 3m]")
