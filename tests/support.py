@@ -10,7 +10,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -318,3 +318,33 @@ async def agentctl(
     # Whatever happened, a person sees a message from agentctl, never a Python traceback.
     assert b"Traceback" not in err and b"never retrieved" not in err, err.decode()
     return proc.returncode, out.decode(), err.decode()
+
+
+class LoopTurns:
+    """Counts the event loop's turns while running (a task that yields once a turn), so a
+    test can say how many turns one event took to wake its waiter: each turn is an
+    ``epoll_wait`` and the loop's Python, and a lone task pays it at every hop."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _spin(self) -> None:
+        while True:
+            await asyncio.sleep(0)
+            self.count += 1
+
+    def __enter__(self) -> Self:
+        self._task = asyncio.get_running_loop().create_task(self._spin())
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def wrap(self, callback: Callable[..., Awaitable[None]], seen: list[int]) -> Callable[..., Awaitable[None]]:
+        """``callback``, noting the turn it ran in into ``seen``."""
+        async def noted(*args: Any) -> None:
+            await callback(*args)
+            seen.append(self.count)
+        return noted

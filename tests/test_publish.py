@@ -13,6 +13,7 @@ from nats.js.api import PubAck
 
 from ledgerbus.bus import subjects
 from ledgerbus.bus.publish import Publisher
+from tests.support import LoopTurns
 
 Connect = Callable[[str], Awaitable[Client]]
 
@@ -47,3 +48,19 @@ async def test_each_message_of_a_batch_gets_its_own_outcome(admin: Client, conne
     assert isinstance(ack, PubAck) and ack.seq == seq + 3
     assert time.monotonic() - started < 15
     assert await publisher.publish([]) == []
+
+
+async def test_the_last_puback_wakes_the_publisher_in_the_next_turn_of_the_loop(admin: Client,
+                                                                              connect_as: Connect) -> None:
+    # Each hop of a lone task waits for a PubAck; wait_for(shield(...)) took three turns
+    # from the reply to the publisher (shield's callback, wait_for's, the task).
+    router = await connect_as("router")
+    publisher = Publisher(router)
+    replied: list[int] = []
+    with LoopTurns() as turns:
+        publisher._replied = turns.wrap(publisher._replied, replied)  # type: ignore[method-assign,assignment]
+        await publisher.start()
+        (ack,) = await publisher.publish([("audit.accepted.test.turns", b"{}", None)], timeout=30)
+        returned = turns.count
+    assert isinstance(ack, PubAck) and len(replied) == 1
+    assert returned - replied[0] <= 1, f"publish returned {returned - replied[0]} turns after its PubAck"

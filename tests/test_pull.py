@@ -16,6 +16,7 @@ from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from ledgerbus.bus import pull
+from tests.support import LoopTurns
 
 STREAM = "PULLTEST"
 WAIT = 5.0
@@ -43,6 +44,40 @@ async def test_a_lone_message_ends_the_wait(admin: Client, puller: pull.Puller) 
     msgs = await waiting
     assert [m.data for m in msgs] == [b"lone"]
     assert time.monotonic() - started < WAIT / 2, "the pull waited for more than the first message"
+    await msgs[0].ack()
+
+
+async def test_an_arrival_wakes_the_waiting_pull_in_the_next_turn_of_the_loop(admin: Client,
+                                                                             puller: pull.Puller) -> None:
+    # The router and the agents wait in a pull at every hop of a lone task; with
+    # wait_for(queue.get()) the arrival took three turns to reach the puller (the get's task,
+    # wait_for's callback, the puller), each an epoll_wait and the loop's Python.
+    arrived: list[int] = []
+    with LoopTurns() as turns:
+        assert puller._sub is not None and puller._sub._cb is not None
+        puller._sub._cb = turns.wrap(puller._sub._cb, arrived)  # the subscription's callback
+        waiting = asyncio.create_task(puller.pull(256, WAIT))
+        await asyncio.sleep(0.3)
+        await publish(admin, b"lone")
+        msgs = await waiting
+        returned = turns.count
+    assert [m.data for m in msgs] == [b"lone"]
+    assert arrived, "the subscription's callback ran"  # the message, then the request's closing status
+    # The pull's task ends in the turn after the arrival; this test, awaiting that task,
+    # resumes one turn later (4 turns with wait_for).
+    assert returned - arrived[0] <= 2, f"the pull returned {returned - arrived[0]} turns after the arrival"
+    await msgs[0].ack()
+
+
+async def test_a_pull_cancelled_while_it_waits_leaves_the_next_its_message(admin: Client, puller: pull.Puller) -> None:
+    waiting = asyncio.create_task(puller.pull(256, WAIT))
+    await asyncio.sleep(0.3)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await publish(admin, b"after")
+    msgs = await puller.pull(256, WAIT)
+    assert [m.data for m in msgs] == [b"after"]
     await msgs[0].ack()
 
 
