@@ -45,13 +45,8 @@ class _Batch:
         if self.results[index] is None:
             self.results[index] = outcome
             self.missing -= 1
-            if self.missing == 0:
-                self.end()
-
-    def end(self) -> None:
-        """Wake the publisher: every outcome is in, or its time is up."""
-        if not self.done.done():
-            self.done.set_result(None)
+            if self.missing == 0 and not self.done.done():
+                self.done.set_result(None)
 
 
 class Publisher:
@@ -94,15 +89,15 @@ class Publisher:
             except nats.errors.Error as exc:
                 del self._waiting[token]
                 batch.settle(index, exc)
-        # The batch's own future and a timer, not wait_for(shield(...)): the last PubAck
-        # wakes this task in the loop's next turn, where wait_for and shield took two
-        # turns more (their callbacks), each an epoll_wait and the loop's Python, on every
-        # hop of a lone task.
-        timer = asyncio.get_running_loop().call_later(timeout, batch.end)
         try:
-            await batch.done
+            # The batch's own future under asyncio.timeout, not wait_for(shield(...)): the
+            # last PubAck wakes this task in the loop's next turn, where shield's and
+            # wait_for's callbacks took two turns more, on every hop of a lone task.
+            async with asyncio.timeout(timeout):
+                await batch.done
+        except TimeoutError:
+            pass
         finally:
-            timer.cancel()
             for token in tokens:
                 self._waiting.pop(token, None)
         return [TimeoutError(f"no PubAck within {timeout:g}s") if r is None else r for r in batch.results]

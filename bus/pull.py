@@ -21,7 +21,6 @@ import contextlib
 import itertools
 import json
 import time
-from collections import deque
 
 import nats.errors
 import nats.js.errors
@@ -46,9 +45,7 @@ class Puller:
         self._prefix = nc.new_inbox()
         self._ids = itertools.count()
         # None: interrupt()'s wake-up, not a delivery.
-        self._queue: deque[Msg | None] = deque()
-        # What pull() waits on while the queue is empty: woken by the next arrival.
-        self._waiter: asyncio.Future[None] | None = None
+        self._queue: asyncio.Queue[Msg | None] = asyncio.Queue()
         self._sub: Subscription | None = None
         self.interrupted = False
 
@@ -57,36 +54,13 @@ class Puller:
         return self
 
     async def _arrived(self, msg: Msg) -> None:
-        self._put(msg)
-
-    def _put(self, msg: Msg | None) -> None:
-        self._queue.append(msg)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def _arrival(self, timeout: float) -> Msg | None:
-        """The next message (``None``: interrupted) within ``timeout`` seconds, else
-        :class:`TimeoutError`. A future and a timer, not ``wait_for(queue.get())``: the
-        arrival wakes the puller in the loop's next turn, where wait_for's task and
-        callback took two turns more, on every hop of a lone task."""
-        if not self._queue:
-            loop = asyncio.get_running_loop()
-            self._waiter = waiter = loop.create_future()
-            timer = loop.call_later(timeout, _wake, waiter)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                self._waiter = None
-            if not self._queue:
-                raise TimeoutError
-        return self._queue.popleft()
+        self._queue.put_nowait(msg)
 
     def interrupt(self) -> None:
         """End a pull that is waiting now with what it has, and make every later pull
         return at once with what has already arrived (the owner is stopping)."""
         self.interrupted = True
-        self._put(None)
+        self._queue.put_nowait(None)
 
     async def interrupt_on(self, *events: asyncio.Event) -> None:
         """:meth:`interrupt` once any of ``events`` is set (run it as a task; cancel it
@@ -120,7 +94,7 @@ class Puller:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
             return
-        for msg in self._take(len(self._queue)):
+        for msg in self._take(self._queue.qsize()):
             with contextlib.suppress(nats.errors.Error):
                 await msg.nak()
 
@@ -145,14 +119,19 @@ class Puller:
         await self._nc.publish(self._next, json.dumps(request).encode(), reply=reply)
         deadline = time.monotonic() + (wait if not got else 0.0) + _GRACE_S
         while len(got) < batch:
-            if not self._queue:
+            if self._queue.empty():
                 try:
-                    msg = await self._arrival(max(0.0, deadline - time.monotonic()))
+                    # asyncio.timeout, not wait_for: the get runs in this task, so an
+                    # arrival wakes the puller in the loop's next turn, where wait_for's
+                    # task and callback took two turns more, on every hop of a lone task.
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        msg = await self._queue.get()
                 except TimeoutError:
                     break
             else:
-                # What arrived with the first: no timer each (a batch is mostly these).
-                msg = self._queue.popleft()
+                # What arrived with the first: no timer and no task each (a batch is
+                # mostly these).
+                msg = self._queue.get_nowait()
             if msg is None:
                 break  # interrupted
             status = _status(msg)
@@ -171,16 +150,11 @@ class Puller:
         """Messages already received (old requests' late deliveries), old statuses and
         wake-ups dropped."""
         got: list[Msg] = []
-        while len(got) < batch and self._queue:
-            msg = self._queue.popleft()
+        while len(got) < batch and not self._queue.empty():
+            msg = self._queue.get_nowait()
             if msg is not None and _status(msg) is None:
                 got.append(msg)
         return got
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 def _status(msg: Msg) -> str | None:

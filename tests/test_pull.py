@@ -69,7 +69,7 @@ async def test_an_arrival_wakes_the_waiting_pull_in_the_next_turn_of_the_loop(ad
     await msgs[0].ack()
 
 
-async def test_a_pull_cancelled_while_it_waits_leaves_the_next_its_message(admin: Client, puller: pull.Puller) -> None:
+async def test_a_pull_cancelled_while_it_waits_leaves_its_message_to_the_next_pull(admin: Client, puller: pull.Puller) -> None:
     waiting = asyncio.create_task(puller.pull(256, WAIT))
     await asyncio.sleep(0.3)
     waiting.cancel()
