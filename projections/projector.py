@@ -24,14 +24,13 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from ledgerbus.bus import codec, metrics, subjects, tracing
+from ledgerbus.bus.archive import configured
 from ledgerbus.bus.errors import UnreadableRecord
 from ledgerbus.bus.jsmeta import ack_meta
 from ledgerbus.bus.provision import wait_for_stream
 from ledgerbus.bus.settings import Settings
-from ledgerbus.bus.archive import configured
-from ledgerbus.projections import archived
+from ledgerbus.projections import archived, service, snapshots
 from ledgerbus.projections import db as dbmod
-from ledgerbus.projections import service, snapshots
 from ledgerbus.projections.apply import Applier
 from ledgerbus.projections.errors import LogGapError, SchemaMismatch
 
@@ -76,26 +75,57 @@ def _outcome(subject: str) -> bool:
     return len(parts) > 2 and (parts[1] == "rejected" or parts[2] in _SETTLING)
 
 
-def apply_spans(msgs: list[Msg], max_age_s: float) -> list[trace.Span]:
-    """A ``projector.apply`` span for each record of the batch that is a task's outcome (a
-    result, a cancel, a dead letter, a denial, or a rejection: the moment it becomes
-    visible to ``agentctl tasks``), carries a trace context and is younger than
-    ``max_age_s`` (older ones' traces are gone from TRACES: a projector catching up on a
-    long log does not flood it). One span per record would make the projector a third of
-    what a traced task costs it."""
+def apply_spans(msgs: list[Msg], max_age_s: float) -> list[tuple[int, trace.Span]]:
+    """A ``projector.apply`` span, with its record's sequence, for each record of the batch
+    that is a task's outcome (a result, a cancel, a dead letter, a denial, or a
+    rejection: the moment it becomes visible to ``agentctl tasks``), carries the context
+    of a sampled trace and is younger than ``max_age_s`` (older ones' traces are gone from
+    TRACES: a projector catching up on a long log does not flood it). One span per record
+    would make the projector a third of what a traced task costs it. An unsampled trace
+    gets no span: nothing would record it, and nothing goes on from the projector."""
     now = time.time()
     spans = []
     for msg in msgs:
-        if not _outcome(msg.subject):
-            continue
-        if not msg.headers or not msg.headers.get(subjects.HDR_TRACEPARENT) or now - ack_meta(msg).stored_s > max_age_s:
+        if not _outcome(msg.subject) or not msg.headers or not msg.headers.get(subjects.HDR_TRACEPARENT):
             continue
         span = tracing.start_span(tracer, "projector.apply", msg.headers)
-        if span.is_recording():  # an unsampled task's span records nothing: no attributes to build
-            span.set_attributes({**tracing.messaging(msg.subject, "process"),
-                                 "ledgerbus.audit.seq": ack_meta(msg).stream_seq, "ledgerbus.batch_size": len(msgs)})
-        spans.append(span)
+        if not span.is_recording():
+            continue
+        meta = ack_meta(msg)
+        if now - meta.stored_s > max_age_s:
+            continue
+        span.set_attributes({**tracing.messaging(msg.subject, "process"),
+                             "ledgerbus.audit.seq": meta.stream_seq, "ledgerbus.batch_size": len(msgs)})
+        spans.append((meta.stream_seq, span))
     return spans
+
+
+class OpenSpans:
+    """``projector.apply`` spans waiting for their record's commit. Each ends once the
+    projector knows the commit happened (the writer's acknowledgement). A span does not
+    hurry that: the projector waits for the writer only when its pipeline is full or it
+    has caught up, traced or not."""
+
+    def __init__(self) -> None:
+        self._open: list[tuple[int, trace.Span]] = []
+
+    def add(self, spans: list[tuple[int, trace.Span]]) -> None:
+        self._open.extend(spans)
+
+    def committed(self, position: int) -> None:
+        """End the spans of records at or before ``position``, now in the file."""
+        if self._open and self._open[0][0] <= position:
+            done = [span for seq, span in self._open if seq <= position]
+            self._open = [(seq, span) for seq, span in self._open if seq > position]
+            for span in done:
+                span.end()
+
+    def failed(self, description: str) -> None:
+        """End every open span with an error: the projector stops before their commit."""
+        open_, self._open = self._open, []
+        for _, span in open_:
+            span.set_status(Status(StatusCode.ERROR, description))
+            span.end()
 
 
 async def follow(
@@ -274,38 +304,38 @@ class Projector:
         self.serving.set()
         sub = await follow(self.js, self.position + 1)
         log.info("projector_started", db=str(self.db_path), position=self.position, from_snapshot=self.from_snapshot)
-        while not stop.is_set():
-            batch = await next_batch(sub, self.settings.projector_batch, wait=0.5,
-                                     linger=self.settings.projector_linger_s, flow=self.flow)
-            if batch:
-                spans = apply_spans(batch, self.settings.traces_max_age_s)
-                try:
-                    # Behind a purge of the retention rule: what left the stream is archived.
-                    await archived.submit(applier, batch, self.archive)
-                    if spans or sub.pending_msgs == 0:
-                        await applier.drain()
-                except UnreadableRecord as exc:
+        spans = OpenSpans()
+        try:
+            while not stop.is_set():
+                batch = await next_batch(sub, self.settings.projector_batch, wait=0.5,
+                                         linger=self.settings.projector_linger_s, flow=self.flow)
+                if batch:
+                    spans.add(apply_spans(batch, self.settings.traces_max_age_s))
+                    try:
+                        # Behind a purge of the retention rule: what left the stream is archived.
+                        await archived.submit(applier, batch, self.archive)
+                        if sub.pending_msgs == 0:
+                            await applier.drain()
+                    except UnreadableRecord as exc:
+                        self.position = applier.committed
+                        log.error("audit_record_unreadable", seq=exc.seq, path=exc.problem.path,
+                                  position=self.position, newer=exc.newer, error=str(exc))
+                        spans.committed(applier.committed)  # those before it were committed
+                        spans.failed(str(exc))
+                        raise
+                elif applier.writer.in_flight:
+                    await applier.drain()
+                spans.committed(applier.committed)
+                if applier.committed > self.position:
+                    metrics.projector_applied.add(applier.committed - self.position)
                     self.position = applier.committed
-                    log.error("audit_record_unreadable", seq=exc.seq, path=exc.problem.path, position=self.position,
-                              newer=exc.newer, error=str(exc))
-                    for span in spans:
-                        span.set_status(Status(StatusCode.ERROR, str(exc)))
-                    raise
-                except BaseException as exc:
-                    for span in spans:
-                        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-                    raise
-                finally:
-                    for span in spans:
-                        span.end()
-            elif applier.writer.in_flight:
-                await applier.drain()
-            if applier.committed > self.position:
-                metrics.projector_applied.add(applier.committed - self.position)
-                self.position = applier.committed
-                self.progress.advanced()
-                self.snapshots.maybe_save(self.position, applier.tails)
-        await queries.unsubscribe()
-        await sub.unsubscribe()
-        self.position = await applier.drain()
+                    self.progress.advanced()
+                    self.snapshots.maybe_save(self.position, applier.tails)
+            await queries.unsubscribe()
+            await sub.unsubscribe()
+            self.position = await applier.drain()
+            spans.committed(self.position)
+        except BaseException as exc:
+            spans.failed(f"{type(exc).__name__}: {exc}")
+            raise
         log.info("projector_stopped", position=self.position)
