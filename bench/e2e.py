@@ -496,6 +496,18 @@ def _median_cpu(rounds: list[dict[str, Any]], key: str = "cpu_ms_per_task") -> d
     return dict(sorted(((k, v) for k, v in cpu.items() if v >= 0.01), key=lambda kv: -kv[1]))
 
 
+def _round_ratios(per_round: dict[str, list[dict[str, Any]]], of: str, to: str,
+                  measure: Callable[[dict[str, Any]], float]) -> list[float]:
+    """``measure`` of ``of`` over that of ``to``, round by round: the two ran one after
+    the other in each round, so a machine that got busier or quieter between rounds moves
+    both (the ratio of the medians mixes rounds)."""
+    return [measure(a) / measure(b) for a, b in zip(per_round[of], per_round[to], strict=True) if measure(b) > 0]
+
+
+def _cpu_all(found: dict[str, Any]) -> float:
+    return sum(found.get("cpu_ms_per_task", {}).values())
+
+
 # -- rounds --------------------------------------------------------------------------------
 
 
@@ -539,6 +551,11 @@ def run(repo: Path, tasks: int, samples: int, rounds: int, profile: Path | None 
         "median": medians,
         "rounds_detail": per_round,
         "traced_over_untraced": medians["ledgerbus"]["tasks_per_s"] / medians["ledgerbus-untraced"]["tasks_per_s"],
+        "traced_over_untraced_rounds": _round_ratios(per_round, "ledgerbus", "ledgerbus-untraced",
+                                                     lambda r: r["tasks_per_s"]),
+        # CPU per task over every process, untraced over traced: what tracing costs the
+        # machine, however busy it was (throughput also moves with the neighbours' load).
+        "untraced_over_traced_cpu_rounds": _round_ratios(per_round, "ledgerbus-untraced", "ledgerbus", _cpu_all),
         "every_trace_over_untraced": (medians["ledgerbus-every-trace"]["tasks_per_s"]
                                       / medians["ledgerbus-untraced"]["tasks_per_s"]),
         "cpu_ms_per_task": {s: _median_cpu(found) for s, found in per_round.items() if s != "celery"},

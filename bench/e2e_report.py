@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -201,6 +202,14 @@ def section(result: dict[str, Any], command: str, plot_link: str | None) -> str:
     lines += [f"| traced as shipped / untraced ledgerbus, tasks/s (goal ≥ 0.80: {goal}) | "
               f"{result['traced_over_untraced']:.2f} |",
               f"| every task traced / untraced ledgerbus, tasks/s | {result['every_trace_over_untraced']:.2f} |"]
+    for key, what in (("traced_over_untraced_rounds", ("traced as shipped / untraced, tasks/s, each round's own "
+                                                       "(the two ran one after the other)")),
+                      ("untraced_over_traced_cpu_rounds", ("untraced / traced as shipped, CPU ms per task over "
+                                                           "every process, each round's own (what tracing costs "
+                                                           "the machine, however busy it was)"))):
+        if result.get(key):
+            values = result[key]
+            lines.append(f"| {what} | {statistics.median(values):.2f} (rounds {_fmt_rounds(values, '.2f')}) |")
     lag = result.get("projection_lag_s", {})
     if lag:
         worst = max(lag.values())
