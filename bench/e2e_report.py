@@ -11,6 +11,7 @@ import re
 import shutil
 import statistics
 import subprocess
+import textwrap
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,7 @@ def plot(result: dict[str, Any], path: Path) -> str | None:
         left.text(i, median, f"{median:,.0f}", ha="center", va="bottom")
         points = [r["tasks_per_s"] for r in result["rounds_detail"][name]]
         left.plot([i] * len(points), points, "k.", alpha=0.6)
-    left.set_xticks(range(len(systems)), [LABELS[s].replace(", ", ",\n", 1) for s in systems], fontsize=8)
+    left.set_xticks(range(len(systems)), _tick_labels(systems), fontsize=7)
     left.set_ylabel("tasks/s (median of rounds; dots: rounds)")
     left.set_title(f"throughput: {result['tasks']:,} no-op tasks pipelined")
     width = 0.38
@@ -95,7 +96,7 @@ def plot(result: dict[str, Any], path: Path) -> str | None:
             right.text(x, median, f"{median:.1f}", ha="center", va="bottom", fontsize=8)
             points = [r[pct] for r in result["rounds_detail"][name]]
             right.plot([x] * len(points), points, "k.", alpha=0.6)
-    right.set_xticks(range(len(systems)), [LABELS[s].replace(", ", ",\n", 1) for s in systems], fontsize=8)
+    right.set_xticks(range(len(systems)), _tick_labels(systems), fontsize=7)
     right.set_ylabel("ms, submit → completed seen (solid p50, hatched p99)")
     right.set_title(f"latency: {result['latency_samples']} tasks one at a time")
     info = result.get("machine", {})
@@ -171,6 +172,11 @@ def profile_lines(profile: dict[str, Any]) -> list[str]:
     lines = [f"{'%self':>6} {'%total':>6}  function (file)   [{profile['samples']:,} samples]"]
     lines += [f"{t['self_pct']:6.1f} {t['total_pct']:6.1f}  {t['function']}" for t in profile["top"]]
     return lines
+
+
+def _tick_labels(systems: list[str]) -> list[str]:
+    """The systems' names wrapped to the bars' width, an environment variable kept whole."""
+    return [textwrap.fill(LABELS[s], 18, break_long_words=False) for s in systems]
 
 
 def _fmt_rounds(values: list[float], fmt: str) -> str:
