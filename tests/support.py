@@ -158,12 +158,16 @@ async def wait_for_records(
 
 
 async def wait_until(condition: Callable[[], Awaitable[bool]], timeout: float = 30.0, what: str = "") -> None:
-    """Poll ``condition`` until it holds: for state with no event to wait on (stream counts)."""
-    async with asyncio.timeout(timeout):
-        delay = 0.02
-        while not await condition():
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.25)
+    """Poll ``condition`` until it holds: for state with no event to wait on (stream counts).
+    A :class:`TimeoutError` names ``what`` was waited for, and how long."""
+    try:
+        async with asyncio.timeout(timeout):
+            delay = 0.02
+            while not await condition():
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.25)
+    except TimeoutError as exc:
+        raise TimeoutError(f"waited {timeout:g} s for {what or 'the condition'}") from exc
 
 
 async def work_count(js: JetStreamContext) -> int:
