@@ -322,10 +322,31 @@ def redact_bytes(data: bytes) -> tuple[bytes, list[str]]:
     out: list[bytes] = []
     at = 0
     for f in found:
-        out += (data[at:f.start], b"[REDACTED:" + f.kind.encode() + b"]")
-        at = f.end
+        # A finding that starts or ends inside an escape (the ``n`` of ``\\n`` is a base64
+        # character too) would leave half of it behind: the escape is kept whole, after
+        # the replacement at a start, inside it at an end.
+        start, end = _past_escape(data, max(f.start, at)), _past_escape(data, f.end)
+        if start >= end:
+            continue
+        out += (data[at:start], b"[REDACTED:" + f.kind.encode() + b"]")
+        at = end
     out.append(data[at:])
     return b"".join(out), sorted({f.kind for f in found})
+
+
+def _past_escape(data: bytes, at: int) -> int:
+    """``at``, or the end of the JSON escape (``\\n``, ``\\u00e9``) it falls inside."""
+    for p in range(at - 1, max(-1, at - 6), -1):
+        if data[p] != 0x5C:  # not a backslash
+            continue
+        run = 0  # backslashes before it: an odd number make it the second half of an escaped one
+        while p - run - 1 >= 0 and data[p - run - 1] == 0x5C:
+            run += 1
+        if run % 2:
+            return at
+        length = 6 if data[p + 1:p + 2] == b"u" else 2
+        return max(at, p + length)
+    return at
 
 
 def redact(text: str) -> tuple[str, list[str]]:
