@@ -13,7 +13,7 @@ import structlog
 from nats.aio.client import Client
 
 from ledgerbus.agentctl.common import App, cli_name, fail, run
-from ledgerbus.bus import failpoints, heap
+from ledgerbus.bus import failpoints, heap, stacks
 from ledgerbus.bus.connection import connected
 from ledgerbus.bus.errors import ConfigError, LedgerbusError
 from ledgerbus.bus.settings import Settings
@@ -28,7 +28,8 @@ def serve(app: App, principal: str, service: str, body: Body) -> None:
     the spans recorded go to TRACES on the same connection, the last ones before it closes,
     and a metrics snapshot to METRICS every ``metrics_interval_s``.
     Fail points named in ``LEDGERBUS_FAILPOINTS`` are armed first (the chaos suite's).
-    Once all is imported, the garbage collector is set for a long run (:mod:`bus.heap`)."""
+    Once all is imported, the garbage collector is set for a long run (:mod:`bus.heap`);
+    SIGUSR1 logs every task's chain of awaits (:mod:`bus.stacks`)."""
     try:
         failpoints.arm(os.environ)
     except ConfigError as exc:
@@ -40,6 +41,7 @@ def serve(app: App, principal: str, service: str, body: Body) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        stacks.on_signal(loop)  # kill -USR1: log what every task waits on
         async with connected(app.settings, principal, client_name=service) as nc:
             telemetry.attach(nc, principal, app.settings.metrics_interval_s)
             heap.settle(app.settings.gc_gen0)

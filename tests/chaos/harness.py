@@ -473,6 +473,33 @@ class System:
         crashed at; for nats-server, until AUDIT grows again after the restart; for a
         full disk, until AUDIT grows again once space is freed.
         """
+        try:
+            return await self._inject(fault)
+        except TimeoutError as exc:
+            # A process that went quiet says what it waits on (bus/stacks.py).
+            exc.add_note(await self.dump_stacks())
+            raise
+
+    async def dump_stacks(self) -> str:
+        """Ask every running process for its tasks' chains of awaits (SIGUSR1) and return
+        them, one block per process, for a failure to show."""
+        assert self.procs is not None
+        running = [p for p in self.procs.started if p.proc.returncode is None]
+        for p in running:
+            p.proc.send_signal(signal.SIGUSR1)
+        await asyncio.sleep(1.0)
+        blocks = []
+        for p in running:
+            dumps = [line for line in p.log_lines() if line.get("event") == "tasks_dumped"]
+            if not dumps:
+                blocks.append(f"{p.name} ({p.log.name}): no dump (stopped?)")
+                continue
+            chains = ["  " + t["task"] + ":\n" + "\n".join("    " + link for link in t["awaits"])
+                      for t in dumps[-1]["tasks"]]
+            blocks.append(f"{p.name} ({p.log.name}):\n" + "\n".join(chains))
+        return "\n".join(["tasks of every running process:", *blocks])
+
+    async def _inject(self, fault: Fault) -> FaultResult:
         start = self.struck = time.monotonic()
         recovered: float | None = None
         note = ""
