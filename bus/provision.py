@@ -38,6 +38,10 @@ from ledgerbus.bus.settings import Settings
 log = structlog.get_logger(__name__)
 
 
+AUDIT_ID_WINDOW_S = 5.0
+"""How long AUDIT remembers a record's ``Nats-Msg-Id`` (its de-duplication window)."""
+
+
 def stream_configs(settings: Settings) -> list[StreamConfig]:
     """The INGRESS, AUDIT, WORK, DEADLETTERS, TRACES, METRICS and LLMCALLS stream configurations,
     each with ``stream_replicas`` copies."""
@@ -64,6 +68,9 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             deny_purge=False,
             allow_rollup_hdrs=False,
             max_age=0,
+            # A record's id (its hash) only links it to the next record of the same batch
+            # (router/audit.py): JetStream need remember ids for moments, not the default 2 min.
+            duplicate_window=AUDIT_ID_WINDOW_S,
             allow_direct=True,
             description="the event log: one hash-chained record per ingress message",
         ),

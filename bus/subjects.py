@@ -65,6 +65,7 @@ PROJECTOR_QUEUE: Final = "projector"
 
 HDR_MSG_ID: Final = "Nats-Msg-Id"
 HDR_EXPECTED_LAST_SEQ: Final = "Nats-Expected-Last-Sequence"
+HDR_EXPECTED_LAST_MSG_ID: Final = "Nats-Expected-Last-Msg-Id"
 HDR_TRACEPARENT: Final = "traceparent"
 HDR_TRACESTATE: Final = "tracestate"
 HDR_METRICS_INTERVAL: Final = "Ledgerbus-Metrics-Interval"

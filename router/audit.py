@@ -1,9 +1,22 @@
 """The audit writer: seals records into the hash chain and appends them to AUDIT.
 
 Each record is published with ``Nats-Expected-Last-Sequence`` set to the sequence just
-before it, so JetStream stores it only as the very next record: no other writer can
-interleave, and no gap can open. A batch is pipelined (all publishes in flight, then
-all acks awaited), which keeps the chain strict without one round trip per record.
+before it, so JetStream stores it only as the very next record: no gap can open. A batch
+is pipelined (all publishes in flight, then all acks awaited), which keeps the chain strict
+without one round trip per record.
+
+A sequence alone does not bind a pipelined record to the one before it, though. If another
+writer (a router that has just taken the lease from this one) stores a record at seq N
+while this one's batch of N, N+1, N+2 is in flight, this one's N is refused and its N+1,
+expecting "last sequence N", is stored after the other writer's N: the chain is broken
+(seen in the chaos suite, with a stale leader's appends flushed by a reconnect). So every
+record of a batch but the last carries its hash as ``Nats-Msg-Id``, and every record but
+the first requires the stream's last record to be that one (``Nats-Expected-Last-Msg-Id``):
+a record is stored only right after its own predecessor. The first record of a batch
+needs no such link: it follows this writer's head, which is a record AUDIT acknowledged
+(or the router read back from it), and nothing of this writer's is in flight before it.
+(JetStream keeps the last message id only in memory and forgets it across a restart, so a
+batch's first record could not require it.)
 """
 
 from __future__ import annotations
@@ -48,9 +61,14 @@ class AuditLog:
         (``router.process``, which ends after the acknowledgement), one span per hop.
         """
         messages = []
-        for record, data, headers in batch:
+        last = len(batch) - 1
+        for i, (record, data, headers) in enumerate(batch):
             hdrs = dict(headers)
             hdrs[subjects.HDR_EXPECTED_LAST_SEQ] = str(record.seq - 1)
+            if i > 0:  # stored only right after its own predecessor (the module says why)
+                hdrs[subjects.HDR_EXPECTED_LAST_MSG_ID] = record.prev_hash
+            if i < last:
+                hdrs[subjects.HDR_MSG_ID] = record.hash
             messages.append((subjects.audit(record.verdict, record.kind, record.key), data, hdrs))
         acks = await self.publisher.publish(messages)
         for (record, _, _), ack in zip(batch, acks, strict=True):

@@ -12,8 +12,9 @@ the holder's own monotonic clock for stepping down: a leader treats its lease as
 can have expired it, and so stops acting before anyone else may start.
 
 The lease is not what keeps the audit chain whole: every append carries
-``Nats-Expected-Last-Sequence``, so a leader that wakes from a pause and writes with a
-stale head is refused by JetStream whatever it believes about its lease.
+``Nats-Expected-Last-Sequence`` and, within a batch, ``Nats-Expected-Last-Msg-Id``
+(router/audit.py), so a leader that wakes from a pause and writes with a stale head is
+refused by JetStream whatever it believes about its lease.
 """
 
 from __future__ import annotations

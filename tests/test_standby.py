@@ -7,12 +7,19 @@ from __future__ import annotations
 import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
+import pytest
 from nats.aio.client import Client
 
-from ledgerbus.bus import chain
-from ledgerbus.bus.events import TaskSubmitted, new_id
+from ledgerbus.bus import chain, codec
+from ledgerbus.bus.events import AuditRecord, TaskSubmitted, new_id
+from ledgerbus.bus.publish import Publisher
 from ledgerbus.bus.settings import Settings
+from ledgerbus.router import audit
+from ledgerbus.router.audit import AuditLog
+from ledgerbus.router.errors import AuditAppendError
+from ledgerbus.router.state import RouterState
 from tests.support import Proc, Procs, audit_records, send, stored_audit, wait_for_record, wait_until
 from tests.test_e2e import joined
 
@@ -145,3 +152,43 @@ async def test_a_standby_takes_over_from_the_leaders_newest_snapshot_and_reads_o
     assert took_over["from_snapshot"] >= saved
     assert took_over["tail"] == took_over["head_seq"] - took_over["from_snapshot"]
     await assert_one_unbroken_chain(admin)
+
+
+def _decision(task_id: str) -> AuditRecord:
+    return AuditRecord(seq=0, at=datetime.now(UTC), verdict="accepted", code="ok", reason="", principal="router",
+                       kind="agent_left", key=task_id, msg_id=new_id(), ingress_seq=0, delivery=0)
+
+
+async def test_a_stale_writers_pipelined_batch_never_lands_after_another_writers_record(
+    connect_as: Connect, admin: Client
+) -> None:
+    # Two routers at the same head: the one that took the lease appends first, and the
+    # other's batch of three, in flight at once, follows. Its first record is refused
+    # (wrong last sequence); its second expects "last sequence = head + 1", which the
+    # other's record just made true: a sequence alone would let it in, after a record it
+    # does not follow. Seen in the chaos suite, as a stale leader's appends flushed by a
+    # reconnect.
+    js = admin.jetstream()
+    head = await audit.recover(js, RouterState())
+    new_leader = AuditLog(await Publisher(await connect_as("router")).start(), head)
+    stale = AuditLog(await Publisher(await connect_as("router")).start(), head)
+
+    taken = new_leader.seal(_decision("leader-1"))
+    await new_leader.append([(*taken, {})])
+    batch: list[tuple[AuditRecord, bytes, dict[str, str]]] = [
+        (*stale.seal(_decision(f"stale-{i}")), {}) for i in range(3)]
+    with pytest.raises(AuditAppendError, match=f"audit seq {head.seq + 1} not stored: .*wrong last sequence"):
+        await stale.append(batch)
+
+    stored = await stored_audit(js)
+    assert [seq for seq, _ in stored][-1] == head.seq + 1, "nothing of the stale batch was stored"
+    chain.verify(stored)  # one unbroken chain
+
+    # The writer that holds the chain goes on pipelining as before.
+    more: list[tuple[AuditRecord, bytes, dict[str, str]]] = [
+        (*new_leader.seal(_decision(f"leader-{i}")), {}) for i in range(2, 5)]
+    await new_leader.append(more)
+    stored = await stored_audit(js)
+    assert chain.verify(stored) == new_leader.head
+    kinds = [codec.decode_record(data).key for _, data in stored[-4:]]
+    assert kinds == ["leader-1", "leader-2", "leader-3", "leader-4"]
