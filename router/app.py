@@ -222,6 +222,10 @@ class Router:
                 if msgs:
                     failpoints.reached("router.fetched")
                     await self.process(msgs)
+                if lost.is_set() or (self.lease is not None and not self.lease.held):
+                    # Lost while this batch was appended (an append can wait out a
+                    # reconnect): its verdicts stand, but no new decision of this router's.
+                    continue
                 await self.schedule()
                 await self._dead_letters()
                 if not await self.checkpoints.append_if_due(self.audit, self.state):
@@ -385,7 +389,8 @@ class Router:
             log.error("audit_append_failed", error=str(exc))
             for msg in msgs:
                 await msg.nak(delay=1)
-            await self._recover()
+            if self.lease is None or self.lease.held:
+                await self._recover()  # a router that lost its lease meanwhile reads the log at its next takeover
             return
         failpoints.reached("router.appended")
         await self.act(decisions)
