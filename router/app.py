@@ -45,7 +45,7 @@ from ledgerbus.router.claims import AgentSkills, ClaimTokens
 from ledgerbus.router.dispatch import deliver, dispatch, work_item, work_subject
 from ledgerbus.router.errors import AuditAppendError
 from ledgerbus.router.gauges import Gauges
-from ledgerbus.router.lease import Lease
+from ledgerbus.router.lease import Lease, stop_task
 from ledgerbus.router.live import LiveAgents, start_watch
 from ledgerbus.router.policy import PolicyFile
 from ledgerbus.router.records import Decision, record_attributes, record_for
@@ -174,8 +174,7 @@ class Router:
                 await self._serve(stop, lost)
             finally:
                 if keeper is not None:
-                    keeper.cancel()
-                    await asyncio.gather(keeper, return_exceptions=True)
+                    await stop_task(keeper)
                 if stop.is_set():
                     # The last metrics export (at exit) reads the state as it is now.
                     await self.gauges.refresh(self.state, force=True)
@@ -223,9 +222,7 @@ class Router:
                     failpoints.reached("router.fetched")
                     await self.process(msgs)
                 if lost.is_set() or (self.lease is not None and not self.lease.held):
-                    # Lost while this batch was appended (an append can wait out a
-                    # reconnect): its verdicts stand, but no new decision of this router's.
-                    continue
+                    continue  # lost while the batch was appended: no new decision of this router's
                 await self.schedule()
                 await self._dead_letters()
                 if not await self.checkpoints.append_if_due(self.audit, self.state):
@@ -253,12 +250,10 @@ class Router:
                 await self._sub.close()
             self._sub = None
         if self._dead is not None:
-            self._dead.cancel()
-            await asyncio.gather(self._dead, return_exceptions=True)
+            await stop_task(self._dead)
             self._dead = None
         if self._watch is not None:
-            self._watch.cancel()
-            await asyncio.gather(self._watch, return_exceptions=True)
+            await stop_task(self._watch)
             self._watch = None
 
     def _idle_wait(self) -> float:

@@ -14,9 +14,11 @@ record of a batch but the last carries its hash as ``Nats-Msg-Id``, and every re
 the first requires the stream's last record to be that one (``Nats-Expected-Last-Msg-Id``):
 a record is stored only right after its own predecessor. The first record of a batch
 needs no such link: it follows this writer's head, which is a record AUDIT acknowledged
-(or the router read back from it), and nothing of this writer's is in flight before it.
-(JetStream keeps the last message id only in memory and forgets it across a restart, so a
-batch's first record could not require it.)
+(or the router read back from it), so whichever record takes its position (its own, or a
+late one of a batch that timed out, or another writer's) follows the stored chain, and
+what came after the loser of that race is refused with it. (JetStream keeps the last
+message id only in memory and forgets it across a restart, so a batch's first record
+could not require it.)
 """
 
 from __future__ import annotations

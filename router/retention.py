@@ -41,6 +41,7 @@ from ledgerbus.bus.events import ArchiveSeal, AuditRecord, Retention, RetentionA
 from ledgerbus.bus.settings import Settings
 from ledgerbus.router import segments
 from ledgerbus.router.audit import AuditLog
+from ledgerbus.router.lease import stop_task
 from ledgerbus.router.policy import PolicyFile
 from ledgerbus.router.state import RouterState
 
@@ -148,8 +149,7 @@ class Archiver:
         written has no seal in the manifest and is written again; one sealed but not yet
         recorded is recorded by the next leader's first round."""
         if self._job is not None:
-            self._job.cancel()
-            await asyncio.gather(self._job, return_exceptions=True)
+            await stop_task(self._job)
             self._job = None
 
     async def _round(self, rule: RetentionRule, limit: int) -> Retention | None:

@@ -4,6 +4,7 @@ lease and woken after a standby took over (it must not write, and goes back to w
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ from ledgerbus.bus.settings import Settings
 from ledgerbus.router import audit
 from ledgerbus.router.audit import AuditLog
 from ledgerbus.router.errors import AuditAppendError
+from ledgerbus.router.lease import stop_task
 from ledgerbus.router.state import RouterState
 from tests.support import Proc, Procs, audit_records, send, stored_audit, wait_for_record, wait_until
 from tests.test_e2e import joined
@@ -192,3 +194,24 @@ async def test_a_stale_writers_pipelined_batch_never_lands_after_another_writers
     assert chain.verify(stored) == new_leader.head
     kinds = [codec.decode_record(data).key for _, data in stored[-4:]]
     assert kinds == ["leader-1", "leader-2", "leader-3", "leader-4"]
+
+
+async def test_stopping_a_task_that_swallows_its_cancellation_still_ends_it() -> None:
+    # As the lease keeper did when Python 3.11's wait_for dropped the cancel that came with
+    # its renewal's reply: it slept on, and the router stepping down waited for ever.
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        while swallowed < 2:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                swallowed += 1
+        await asyncio.sleep(30)
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    async with asyncio.timeout(5):
+        await stop_task(task)
+    assert task.cancelled() and swallowed == 2
