@@ -192,8 +192,8 @@ async def test_a_stale_writers_pipelined_batch_never_lands_after_another_writers
     await new_leader.append(more)
     stored = await stored_audit(js)
     assert chain.verify(stored) == new_leader.head
-    kinds = [codec.decode_record(data).key for _, data in stored[-4:]]
-    assert kinds == ["leader-1", "leader-2", "leader-3", "leader-4"]
+    keys = [codec.decode_record(data).key for _, data in stored[-4:]]
+    assert keys == ["leader-1", "leader-2", "leader-3", "leader-4"]
 
 
 async def test_stopping_a_task_that_swallows_its_cancellation_still_ends_it() -> None:
