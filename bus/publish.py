@@ -11,18 +11,26 @@ AUDIT and one WORK publish per message, ack), same run: 4,650 msg/s with ``publi
 
 Every publish has its own reply subject under one subscription; a reply names its message,
 a late one (after its batch timed out) is dropped.
+
+A batch goes to nats-py's outgoing buffer as one piece of protocol (:func:`encode_batch`), not
+through ``Client.publish`` once per message, which built each header line by line with a
+regular expression per key: 13-14 µs for a message with four headers (a router's AUDIT
+record), 3.5 without headers, measured here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 import nats.errors
 import nats.js.errors
+from nats import errors as nats_errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -31,6 +39,10 @@ from nats.js.api import Header, PubAck
 from ledgerbus.bus.connection import PUBACK_TIMEOUT_S
 
 _NO_RESPONDERS = "503"
+_SUBJECT_INVALID = re.compile(r"[ \t\r\n]")
+"""What nats-py refuses in a subject: whitespace and CR/LF could inject protocol commands."""
+_HEADER_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VALUE_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
 
 Outcome = PubAck | BaseException
 
@@ -79,16 +91,21 @@ class Publisher:
             return []
         assert self._sub is not None, "Publisher.start() first"
         batch = _Batch(len(messages))
-        tokens = []
-        for index, (subject, data, headers) in enumerate(messages):
-            token = str(next(self._ids))
-            self._waiting[token] = (batch, index)
-            tokens.append(token)
-            try:
-                await self._nc.publish(subject, data, reply=f"{self._prefix}.{token}", headers=headers)
-            except nats.errors.Error as exc:
-                del self._waiting[token]
-                batch.settle(index, exc)
+        tokens = [str(next(self._ids)) for _ in messages]
+        commands, refused = encode_batch(messages, [f"{self._prefix}.{token}" for token in tokens],
+                                         self._nc.max_payload)
+        for index, token in enumerate(tokens):
+            if index in refused:
+                batch.settle(index, refused[index])
+            else:
+                self._waiting[token] = (batch, index)
+        try:
+            await send(self._nc, commands, len(messages) - len(refused),
+                       sum(len(data) for index, (_, data, _) in enumerate(messages) if index not in refused))
+        except nats.errors.Error as exc:
+            for index, token in enumerate(tokens):
+                if self._waiting.pop(token, None) is not None:
+                    batch.settle(index, exc)
         try:
             # The batch's own future under asyncio.timeout, not wait_for(shield(...)): the
             # last PubAck wakes this task in the loop's next turn, where shield's and
@@ -107,6 +124,79 @@ class Publisher:
         if entry is not None:
             batch, index = entry
             batch.settle(index, _outcome(msg))
+
+
+def encode_batch(messages: Sequence[tuple[str, bytes, dict[str, str] | None]], replies: Sequence[str],
+                 max_payload: int) -> tuple[bytes, dict[int, nats.errors.Error]]:
+    """The protocol of ``messages`` (``HPUB``, ``PUB`` without headers) with their reply
+    subjects, as nats-py's ``Client.publish`` writes each: header values stripped, CR/LF in
+    them made spaces; and, by index, the messages it would refuse (a subject with
+    whitespace, a header key that is not a token, a payload over ``max_payload``), left out."""
+    parts: list[bytes] = []
+    refused: dict[int, nats.errors.Error] = {}
+    for index, ((subject, data, headers), reply) in enumerate(zip(messages, replies, strict=True)):
+        if not subject or _SUBJECT_INVALID.search(subject):
+            refused[index] = nats_errors.BadSubjectError()
+            continue
+        if len(data) > max_payload:
+            refused[index] = nats_errors.MaxPayloadError()
+            continue
+        if not headers:
+            parts.append(f"PUB {subject} {reply} {len(data)}\r\n".encode())
+        else:
+            try:
+                head = _header_block(headers)
+            except nats_errors.BadHeaderError as exc:
+                refused[index] = exc
+                continue
+            parts.append(f"HPUB {subject} {reply} {len(head)} {len(head) + len(data)}\r\n".encode())
+            parts.append(head)
+        parts.append(data)
+        parts.append(b"\r\n")
+    return b"".join(parts), refused
+
+
+def _header_block(headers: dict[str, str]) -> bytes:
+    lines = ["NATS/1.0\r\n"]
+    for key, value in headers.items():
+        key = _header_key(key)
+        if key:  # nats-py skips an empty key
+            value = value.strip()
+            if "\r" in value or "\n" in value:
+                value = value.translate(_VALUE_NEWLINES)
+            lines.append(f"{key}: {value}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode()
+
+
+@functools.lru_cache(maxsize=256)
+def _header_key(key: str) -> str:
+    """A header key as nats-py sends it (stripped), checked once: the keys are a handful of
+    constants."""
+    key = key.strip()
+    if key and not _HEADER_KEY.fullmatch(key):
+        raise nats_errors.BadHeaderError(key)
+    return key
+
+
+async def send(nc: Client, commands: bytes, count: int, payload_bytes: int) -> None:
+    """Hand ``commands`` (``count`` messages) to ``nc``'s outgoing buffer and its flusher,
+    with the checks and the counting of nats-py's ``Client.publish``: refused when the
+    connection is closed or draining, or (while reconnecting) when the buffer is full."""
+    if not commands:
+        return
+    if nc.is_closed:
+        raise nats_errors.ConnectionClosedError
+    if nc.is_draining_pubs:
+        raise nats_errors.ConnectionDrainingError
+    limit = nc._max_pending_size
+    if not nc.is_connected and (limit <= 0 or len(commands) + nc._pending_data_size > limit):
+        raise nats_errors.OutboundBufferLimitError
+    nc.stats["out_msgs"] += count
+    nc.stats["out_bytes"] += payload_bytes
+    await nc._send_command(commands)
+    if nc._flush_queue is not None and nc._flush_queue.empty():
+        await nc._flush_pending()
 
 
 class _Reply(msgspec.Struct):
