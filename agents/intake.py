@@ -13,8 +13,10 @@ from typing import Any
 
 import nats.errors
 from nats.aio.msg import Msg
+from nats.errors import NotJSMessageError
 
 from ledgerbus.bus import failpoints
+from ledgerbus.bus.jsmeta import ack_meta
 from ledgerbus.bus.pull import Puller
 
 FETCH_MAX = 64
@@ -23,6 +25,15 @@ POLL_S = 1.0
 """How long one request for a skill's next work item waits on the server (a long poll)."""
 BATCH_WAIT_S = 0.005
 """How long a batch request right after an item waits when nothing more is queued."""
+
+
+def nothing_behind(msg: Msg) -> bool:
+    """Whether JetStream had nothing more for this consumer when it delivered ``msg``
+    (the delivery's pending count)."""
+    try:
+        return ack_meta(msg).pending == 0
+    except NotJSMessageError:
+        return False
 
 
 class KeepAlive:
@@ -85,7 +96,10 @@ class Intake:
         Right after an item, a batch request asks for as many as there are free slots (up
         to this skill's share of the concurrency), answered at once from what is queued, or
         within ``BATCH_WAIT_S`` when nothing is; those slots are held before it asks, and
-        given back for items that did not come.
+        given back for items that did not come. An item whose delivery says nothing was
+        queued behind it (a lone task) gets no batch request: the request and its empty
+        answer, ``BATCH_WAIT_S`` later, were one more request for the server and one more
+        wake-up for the agent per lone task, the answer mostly landing in the next task.
         """
         self._pullers.append(puller)
         while await self._slot_free():
@@ -93,6 +107,8 @@ class Intake:
             if not first or not await self._take_slot(first[0]):
                 continue
             self._start(skill, first[0])
+            if nothing_behind(first[0]):
+                continue  # a batch request would only wait BATCH_WAIT_S, then end empty
             taken = 0
             while taken < self._share - 1 and not self._slots.locked():
                 await self._slots.acquire()  # free: does not wait

@@ -23,6 +23,7 @@ from ledgerbus.agents.runtime import Agent
 from ledgerbus.agents.skill import SkillContext
 from ledgerbus.bus import subjects
 from ledgerbus.bus.events import AuditRecord, TaskSubmitted, new_id
+from ledgerbus.bus.pull import Puller
 from ledgerbus.bus.settings import Settings
 from tests.conftest import RunningRouter
 from tests.support import send, wait_for_record
@@ -71,6 +72,10 @@ async def one_slot(running_router: RunningRouter, connect_as: Connect, settings:
 
 def ended(task_id: str) -> Callable[[AuditRecord], bool]:
     return lambda r: r.key == task_id and r.kind in ("task_completed", "task_failed")
+
+
+def submitted(task_id: str) -> Callable[[AuditRecord], bool]:
+    return lambda r: r.key == task_id and r.kind == "task_submitted"
 
 
 async def submit(cli: Client, task_id: str, skill: str, seconds: float = 0) -> None:
@@ -202,6 +207,45 @@ async def test_a_stop_with_every_slot_busy_gives_the_running_tasks_drain_timeout
         again = await wait_for_record(admin.jetstream(), lambda r: r.key == "long" and r.kind == "task_started"
                                       and r.accepted and r.event.attempt == 2, timeout=10)  # type: ignore[union-attr]
         assert again.accepted
+    finally:
+        stop.set()
+        await task
+
+
+async def test_a_batch_request_follows_an_item_only_when_more_were_queued_behind_it(
+        running_router: RunningRouter, connect_as: Connect, settings: Settings, admin: Client,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After an item, the agent asks for as many more as it has free slots, and the server
+    answers that request at once from what is queued, or after ``BATCH_WAIT_S`` with
+    nothing. A lone task's delivery says nothing is queued behind it: no request then."""
+    requests: list[tuple[int, float]] = []
+    pull = Puller.pull
+
+    async def counted(self: Puller, batch: int, wait: float) -> list[Any]:
+        requests.append((batch, wait))
+        return await pull(self, batch, wait)
+
+    monkeypatch.setattr(Puller, "pull", counted)
+    cli = await connect_as("cli")
+    for i in range(3):  # queued before the agent runs: the first delivery has two behind it
+        await submit(cli, f"queued{i}", "shell")
+    for task_id in ("queued0", "queued1", "queued2"):
+        await wait_for_record(admin.jetstream(), submitted(task_id))
+    stop = asyncio.Event()
+    agent = Agent(await connect_as("agent-runner-1"), settings, "runner-1",
+                  {"shell": Counted("shell", [0, 0]), "python": Counted("python", [0, 0])}, concurrency=9)
+    task = asyncio.create_task(agent.run(stop))  # 9 slots: 3 for each skill's queue and the assigned one
+    try:
+        for i in range(3):
+            assert (await wait_for_record(admin.jetstream(), ended(f"queued{i}"))).kind == "task_completed"
+        assert any(wait == intake.BATCH_WAIT_S for _, wait in requests), requests
+        for i in range(3):
+            del requests[:]
+            await submit(cli, f"lone{i}", "shell")
+            assert (await wait_for_record(admin.jetstream(), ended(f"lone{i}"))).kind == "task_completed"
+            await asyncio.sleep(2 * intake.BATCH_WAIT_S)
+            assert [r for r in requests if r[1] == intake.BATCH_WAIT_S] == [], requests
+            assert requests, "the agent pulled again after the lone task"
     finally:
         stop.set()
         await task
