@@ -44,6 +44,7 @@ from ledgerbus.agents.hooks import Hooks
 from ledgerbus.agents.intake import Intake, KeepAlive
 from ledgerbus.agents.skill import Skill, SkillContext, decode_input, encode_output
 from ledgerbus.bus import codec, failpoints, metrics, pull, subjects, tracing
+from ledgerbus.bus.cancel import stop_task
 from ledgerbus.bus.connection import PUBACK_TIMEOUT_S
 from ledgerbus.bus.errors import BusError, SchemaError
 from ledgerbus.bus.events import (
@@ -168,7 +169,9 @@ class Agent:
         beat = asyncio.create_task(self._heartbeat(kv))
         await stop.wait()
         await self.intake.drain(pullers, self.settings.drain_timeout_s)
-        beat.cancel()
+        # Ended for sure before the key is deleted: a beat whose put swallowed the cancel
+        # (nats-py's wait_for) would write the key again after the delete.
+        await stop_task(beat)
         for sub in subs.values():
             await sub.close()
         await notices.unsubscribe()

@@ -20,7 +20,6 @@ its own, which a missing server or stream turns into a log line, never an error.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from ledgerbus.bus import subjects
+from ledgerbus.bus.cancel import stop_task
 from ledgerbus.bus.errors import BusError
 
 log = structlog.get_logger(__name__)
@@ -124,9 +124,7 @@ class SnapshotPublisher:
         is stale (a stopping process)."""
         if self._task is None or self._last is None:
             return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await stop_task(self._task)  # a publish's wait_for can swallow one cancel
         self._task = None
         nc, subject, headers = self._last
         if nc.is_connected:

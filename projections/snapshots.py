@@ -46,6 +46,7 @@ from nats.js import JetStreamContext
 from nats.js.object_store import ObjectStore
 
 from ledgerbus.bus import chain, codec, failpoints, subjects
+from ledgerbus.bus.cancel import stop_task
 from ledgerbus.bus.chain import ChainHead
 from ledgerbus.bus.errors import ChainError, LedgerbusError, UnreadableRecord
 from ledgerbus.bus.settings import Settings
@@ -402,6 +403,5 @@ class Saver:
         try:
             await asyncio.wait_for(asyncio.shield(self._writing), timeout)
         except TimeoutError:
-            self._writing.cancel()
-            await asyncio.gather(self._writing, return_exceptions=True)
+            await stop_task(self._writing)  # one cancel can be lost in nats-py's wait_for
         self._writing = None

@@ -19,6 +19,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from ledgerbus.agents import discovery
 from ledgerbus.bus import codec, failpoints, metrics, pull, signing, subjects, tracing
+from ledgerbus.bus.cancel import stop_task
 from ledgerbus.bus.chain import ChainHead
 from ledgerbus.bus.events import (
     AgentLeft,
@@ -45,7 +46,7 @@ from ledgerbus.router.claims import AgentSkills, ClaimTokens
 from ledgerbus.router.dispatch import deliver, dispatch, work_item, work_subject
 from ledgerbus.router.errors import AuditAppendError
 from ledgerbus.router.gauges import Gauges
-from ledgerbus.router.lease import Lease, stop_task
+from ledgerbus.router.lease import Lease
 from ledgerbus.router.live import LiveAgents, start_watch
 from ledgerbus.router.policy import PolicyFile
 from ledgerbus.router.records import Decision, record_attributes, record_for

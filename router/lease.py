@@ -24,7 +24,6 @@ import contextlib
 import os
 import socket
 import time
-from typing import Any
 
 import msgspec
 import nats.errors
@@ -42,21 +41,6 @@ log = structlog.get_logger(__name__)
 
 LOST_AFTER = 0.8
 """The share of the TTL after the last renewal at which the holder stops acting."""
-
-
-async def stop_task(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` and wait until it has ended, cancelling again while it runs on.
-
-    One cancel is not always enough: on Python 3.11, ``asyncio.wait_for`` drops a
-    cancellation that arrives as the future it waits on completes (CPython gh-86296), and
-    nats-py waits for every request's reply that way. The lease keeper, cancelled while its
-    renewal's reply came in, renewed and slept on, and the router that had stepped down
-    waited for it for ever (the chaos suite, after a server restart)."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=0.1)
-    if not task.cancelled() and task.exception() is not None:
-        log.debug("task_stopped_with_error", task=task.get_name(), error=str(task.exception()))
 
 
 class Holder(msgspec.Struct, frozen=True):

@@ -35,13 +35,13 @@ from nats.js.api import StreamInfo
 
 from ledgerbus.bus import codec, failpoints, signing, subjects
 from ledgerbus.bus.archive import Archive, ArchiveError, Manifest, RetentionRule
+from ledgerbus.bus.cancel import stop_task
 from ledgerbus.bus.chain import GENESIS, ChainHead
 from ledgerbus.bus.errors import ChainError, UnreadableRecord
 from ledgerbus.bus.events import ArchiveSeal, AuditRecord, Retention, RetentionAction
 from ledgerbus.bus.settings import Settings
 from ledgerbus.router import segments
 from ledgerbus.router.audit import AuditLog
-from ledgerbus.router.lease import stop_task
 from ledgerbus.router.policy import PolicyFile
 from ledgerbus.router.state import RouterState
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import nats.js.errors
 import pytest
 import structlog.testing
 from nats.aio.client import Client
@@ -249,3 +250,32 @@ async def test_a_batch_request_follows_an_item_only_when_more_were_queued_behind
     finally:
         stop.set()
         await task
+
+
+async def test_a_heartbeat_that_outlives_a_cancel_does_not_write_the_key_again_after_the_agent_left(
+        running_router: RunningRouter, connect_as: Connect, settings: Settings, admin: Client,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """nats-py waits for a put's reply with ``wait_for``, which on Python 3.11 can drop a
+    cancel that lands with the reply (CPython gh-86296): the beat goes on. A stopping agent
+    must have ended it before it deletes its key, or the key comes back after it left."""
+    beat = Agent._heartbeat
+
+    async def loses_one_cancel(self: Agent, kv: Any) -> None:
+        try:
+            await beat(self, kv)
+        except asyncio.CancelledError:
+            await beat(self, kv)  # as if the cancel had been dropped
+
+    monkeypatch.setattr(Agent, "_heartbeat", loses_one_cancel)
+    quick = settings.replace(heartbeat_interval_s=0.2)
+    stop = asyncio.Event()
+    agent = Agent(await connect_as("agent-runner-1"), quick, "runner-1", {"shell": Counted("shell", [0, 0])})
+    task = asyncio.create_task(agent.run(stop))
+    await wait_for_record(admin.jetstream(), lambda r: r.kind == "agent_joined")
+    kv = await admin.jetstream().key_value(subjects.AGENTS_BUCKET)
+    assert (await kv.get(agent.kv_key)).value
+    stop.set()
+    await task
+    await asyncio.sleep(5 * quick.heartbeat_interval_s)
+    with pytest.raises(nats.js.errors.KeyNotFoundError):
+        await kv.get(agent.kv_key)

@@ -14,13 +14,13 @@ import pytest
 from nats.aio.client import Client
 
 from ledgerbus.bus import chain, codec
+from ledgerbus.bus.cancel import stop_task
 from ledgerbus.bus.events import AuditRecord, TaskSubmitted, new_id
 from ledgerbus.bus.publish import Publisher
 from ledgerbus.bus.settings import Settings
 from ledgerbus.router import audit
 from ledgerbus.router.audit import AuditLog
 from ledgerbus.router.errors import AuditAppendError
-from ledgerbus.router.lease import stop_task
 from ledgerbus.router.state import RouterState
 from tests.support import Proc, Procs, audit_records, send, stored_audit, wait_for_record, wait_until
 from tests.test_e2e import joined
