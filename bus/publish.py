@@ -30,7 +30,6 @@ from typing import Any
 import msgspec
 import nats.errors
 import nats.js.errors
-from nats import errors as nats_errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -136,17 +135,17 @@ def encode_batch(messages: Sequence[tuple[str, bytes, dict[str, str] | None]], r
     refused: dict[int, nats.errors.Error] = {}
     for index, ((subject, data, headers), reply) in enumerate(zip(messages, replies, strict=True)):
         if not subject or _SUBJECT_INVALID.search(subject):
-            refused[index] = nats_errors.BadSubjectError()
+            refused[index] = nats.errors.BadSubjectError()
             continue
         if len(data) > max_payload:
-            refused[index] = nats_errors.MaxPayloadError()
+            refused[index] = nats.errors.MaxPayloadError()
             continue
         if not headers:
             parts.append(f"PUB {subject} {reply} {len(data)}\r\n".encode())
         else:
             try:
                 head = _header_block(headers)
-            except nats_errors.BadHeaderError as exc:
+            except nats.errors.BadHeaderError as exc:
                 refused[index] = exc
                 continue
             parts.append(f"HPUB {subject} {reply} {len(head)} {len(head) + len(data)}\r\n".encode())
@@ -175,7 +174,7 @@ def _header_key(key: str) -> str:
     constants."""
     key = key.strip()
     if key and not _HEADER_KEY.fullmatch(key):
-        raise nats_errors.BadHeaderError(key)
+        raise nats.errors.BadHeaderError(key)
     return key
 
 
@@ -186,12 +185,12 @@ async def send(nc: Client, commands: bytes, count: int, payload_bytes: int) -> N
     if not commands:
         return
     if nc.is_closed:
-        raise nats_errors.ConnectionClosedError
+        raise nats.errors.ConnectionClosedError
     if nc.is_draining_pubs:
-        raise nats_errors.ConnectionDrainingError
+        raise nats.errors.ConnectionDrainingError
     limit = nc._max_pending_size
     if not nc.is_connected and (limit <= 0 or len(commands) + nc._pending_data_size > limit):
-        raise nats_errors.OutboundBufferLimitError
+        raise nats.errors.OutboundBufferLimitError
     nc.stats["out_msgs"] += count
     nc.stats["out_bytes"] += payload_bytes
     await nc._send_command(commands)
