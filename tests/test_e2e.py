@@ -188,7 +188,7 @@ async def test_a_restarted_projector_catches_up_without_applying_anything_twice(
         async with live.execute("SELECT attempts, status FROM tasks") as cur:
             assert {tuple(r) for r in await cur.fetchall()} == {(1, "completed")}
         async with live.execute("SELECT tasks_completed FROM agents WHERE name = 'echo-1'") as cur:
-            assert (await cur.fetchone())[0] == 6
+            assert tuple(await cur.fetchone() or ()) == (6,)
         assert await rebuild(js, tmp_path / "rebuilt.db") == head
         rebuilt = await dbmod.open_db(tmp_path / "rebuilt.db")
         try:
