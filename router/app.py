@@ -189,8 +189,12 @@ class Router:
             await self.lease.release()
         log.info("router_stopped", head_seq=self.audit.head.seq)
 
+    @property
+    def _holds_lease(self) -> bool:  # or has none: one router alone
+        return self.lease is None or self.lease.held
+
     def _leading(self, stop: asyncio.Event, lost: asyncio.Event) -> bool:
-        return not stop.is_set() and not lost.is_set() and (self.lease is None or self.lease.held)
+        return not stop.is_set() and not lost.is_set() and self._holds_lease
 
     async def _serve(self, stop: asyncio.Event, lost: asyncio.Event) -> None:
         assert self._sub is not None
@@ -222,7 +226,7 @@ class Router:
                 if msgs:
                     failpoints.reached("router.fetched")
                     await self.process(msgs)
-                if lost.is_set() or (self.lease is not None and not self.lease.held):
+                if lost.is_set() or not self._holds_lease:
                     continue  # lost while the batch was appended: no new decision of this router's
                 await self.schedule()
                 await self._dead_letters()
@@ -385,7 +389,7 @@ class Router:
             log.error("audit_append_failed", error=str(exc))
             for msg in msgs:
                 await msg.nak(delay=1)
-            if self.lease is None or self.lease.held:
+            if self._holds_lease:
                 await self._recover()  # a router that lost its lease meanwhile reads the log at its next takeover
             return
         failpoints.reached("router.appended")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -408,3 +409,45 @@ async def test_only_an_operator_forks_and_only_a_fork_keeps_outputs_nobody_ran(
 
 async def _work_at_least(admin: Client, n: int) -> bool:
     return await work_count(admin.jetstream()) >= n
+
+
+async def test_a_leader_whose_lease_went_while_a_batch_was_appended_decides_nothing_more(
+    connect_as: Connect, admin: Client, settings: Settings
+) -> None:
+    """The batch in hand is settled (its records are stored, its work dispatched), but the
+    scheduler, the dead letters, a checkpoint and recovery are decisions of a leader: a
+    router that finds its lease gone after the append makes none of them before stepping
+    down (the next leader reads the log and decides)."""
+    nc = await connect_as("router")
+    router = Router(nc, settings, lease=Lease(nc.jetstream(), 30, "first"))
+    decided: list[str] = []
+    process, schedule = router.process, router.schedule
+
+    async def process_then_lose_the_lease(msgs: list[Any]) -> None:
+        await process(msgs)
+        assert router.lease is not None
+        router.lease.drop()  # as a lease that lapsed while the appends were in flight
+
+    async def counted_schedule() -> None:
+        decided.append("schedule")
+        await schedule()
+
+    router.process = process_then_lose_the_lease  # type: ignore[method-assign]
+    router.schedule = counted_schedule  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    with structlog.testing.capture_logs() as logged:
+        serving = asyncio.create_task(router.run(stop))
+        try:
+            await send(await connect_as("cli"), CLI, submitted("last"))
+            (record,) = await wait_for_records(admin.jetstream(), 1)
+            assert record.key == "last" and record.accepted
+
+            async def stepped_down() -> bool:
+                return any(line["event"] == "stepped_down" for line in logged)
+
+            await wait_until(stepped_down, 10, what="the router stepping down")
+            assert decided == [], "the router scheduled after its lease had gone"
+            assert await work_count(admin.jetstream()) == 1, "the batch in hand was not settled"
+        finally:
+            stop.set()
+            await serving
