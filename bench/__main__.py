@@ -1,6 +1,6 @@
 """``python -m bench [--only router|projections|scaling|fsync|e2e|coldstart|soak] [--messages N] [--rounds R]
 [--tasks T] [--events E] [--sleep-tasks N] [--sleep S] [--replicas 1,2,4] [--fsync-messages N]
-[--fsync-sequential M] [--e2e-tasks N] [--e2e-samples M] [--coldstart-records 100000,1000000] [--profile]
+[--fsync-sequential M] [--e2e-tasks N] [--e2e-samples M] [--e2e-paused P] [--coldstart-records 100000,1000000] [--profile]
 [--plot PNG] [--soak-messages N] [--soak-sample-s S] [--soak-window T] [--soak-rate R] [--soak-audit-max-bytes B]
 [--soak-audit-max-age D] [--soak-segment-records N] [--soak-archive-max-age D] [--soak-check-every D]
 [--soak-no-retention] [--soak-flat-pct P] [--soak-csv CSV] [--soak-plot PNG] [--write-docs [--docs MD]]``
@@ -295,6 +295,17 @@ def _positive(value: str) -> int:
     return count
 
 
+def _count(value: str) -> int:
+    """A count that may be 0 (a step left out)."""
+    try:
+        count = int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from exc
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {value!r}")
+    return count
+
+
 def _counts(value: str) -> list[int]:
     """``--replicas 2,4`` → ``[1, 2, 4]``: distinct positive counts, the baseline first."""
     try:
@@ -395,6 +406,9 @@ def cli() -> None:
                         help="No-op tasks pipelined per system and round in the end-to-end benchmark.")
     parser.add_argument("--e2e-samples", type=_positive, default=300,
                         help="Tasks then run one at a time per system and round, for the latency percentiles.")
+    parser.add_argument("--e2e-paused", type=_count, default=30,
+                        help="Tasks then run one at a time after a pause of 0.2-0.8 s each (a person's task, every "
+                             "process idle), for their p50; 0 leaves the step out.  [default: 30]")
     parser.add_argument("--coldstart-records", type=_sizes, default="100000,1000000",
                         help="Audit log sizes at which the router's cold start is measured, with and without "
                              "snapshots (one log, grown in turn).  [default: 100000,1000000]")
@@ -491,7 +505,8 @@ def cli() -> None:
                           f"{c['cold_start_snapshot_s'] / c['cold_start_full_s']:.2f}")
     if args.only in (None, "e2e"):
         profile = REPO / "bench" / "results" / "router-profile.txt" if args.profile else None
-        ends = e2e.run(REPO, args.e2e_tasks, args.e2e_samples, args.rounds, profile, say=console.print)
+        ends = e2e.run(REPO, args.e2e_tasks, args.e2e_samples, args.rounds, profile, say=console.print,
+                       paused=args.e2e_paused)
         ends["machine"] = e2e_report.machine()
         ends["command"] = " ".join(["python -m bench", *map(shlex.quote, sys.argv[1:])])
         result["e2e"] = ends

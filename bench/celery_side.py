@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import procs
-from bench.common import SCRIPTS, WARMUP, BenchError, free_port, percentile
+from bench.common import SCRIPTS, WARMUP, BenchError, free_port, pauses, percentile
 
 
 @contextlib.contextmanager
@@ -57,8 +57,8 @@ def redis_server() -> Iterator[str]:
             procs.stop(proc, signal.SIGTERM, 30, "redis-server")
 
 
-def run(repo: Path, tasks: int, samples: int, say: Callable[[str], None]) -> dict[str, Any]:
-    """One run of Celery with Redis: latency, then throughput, as for ledgerbus."""
+def run(repo: Path, tasks: int, samples: int, say: Callable[[str], None], paused: int = 0) -> dict[str, Any]:
+    """One run of Celery with Redis: latency, after a pause, then throughput, as for ledgerbus."""
     from bench.celery_app import NOOP, URL_VARIABLE, make_app
 
     with redis_server() as url, tempfile.TemporaryDirectory(prefix="bench-celery-") as tmp:
@@ -85,6 +85,12 @@ def run(repo: Path, tasks: int, samples: int, say: Callable[[str], None]) -> dic
                 noop.delay().get(timeout=60)
                 if i >= WARMUP:
                     latencies.append(time.perf_counter() - start)
+            after_pause = []
+            for pause in pauses(paused):
+                time.sleep(pause)
+                start = time.perf_counter()
+                noop.delay().get(timeout=60)
+                after_pause.append(time.perf_counter() - start)
             start = time.perf_counter()
             results = [noop.delay() for _ in range(tasks)]
             submitted = time.perf_counter() - start
@@ -99,7 +105,7 @@ def run(repo: Path, tasks: int, samples: int, say: Callable[[str], None]) -> dic
             notes += procs.reap(procs.pids(procs.in_session(worker.pid)), "the celery worker")
     return {"tasks_per_s": tasks / elapsed, "seconds": elapsed, "submitted_per_s": tasks / submitted,
             "p50_ms": statistics.median(latencies) * 1000, "p99_ms": percentile(latencies, 99) * 1000,
-            "notes": notes}
+            "notes": notes} | ({"paused_p50_ms": statistics.median(after_pause) * 1000} if after_pause else {})
 
 
 def missing() -> str | None:

@@ -3,6 +3,7 @@ and percentiles."""
 
 from __future__ import annotations
 
+import random
 import socket
 import statistics
 import sysconfig
@@ -10,6 +11,9 @@ from pathlib import Path
 
 WARMUP = 10
 """Tasks each system runs one at a time before anything is measured."""
+PAUSE_S = (0.2, 0.8)
+"""How long the client waits before each task of the paused step: a person's task, which
+finds every process idle, not the back-to-back tasks of the latency step."""
 SCRIPTS = Path(sysconfig.get_path("scripts"))
 """Where this environment's console scripts are (agentctl, honcho, celery, py-spy)."""
 
@@ -30,3 +34,9 @@ def percentile(samples: list[float], pct: int) -> float:
     if len(samples) < 2:
         return samples[0]
     return statistics.quantiles(samples, n=100, method="inclusive")[pct - 1]
+
+
+def pauses(n: int, seed: int = 20) -> list[float]:
+    """``n`` pauses, each uniform in :data:`PAUSE_S`, the same for every system and round."""
+    rng = random.Random(seed)
+    return [rng.uniform(*PAUSE_S) for _ in range(n)]

@@ -19,7 +19,10 @@ as the CLI user), a client connected as ``cli-bench``:
 2. latency: submits one ``echo`` task, waits for its accepted ``task_completed`` record on
    AUDIT, and repeats (``samples`` times): p50 and p99 of submit → completed seen, and of
    each of its hops (:data:`HOPS`, from both audit records of each sample);
-3. throughput: subscribes to the ``task_completed`` records, publishes ``tasks``
+3. after a pause: ``paused`` tasks more one at a time, each after a pause of 0.2-0.8 s
+   (:func:`bench.common.pauses`, the same for every system): a person's task, which finds
+   every process idle; its p50;
+4. throughput: subscribes to the ``task_completed`` records, publishes ``tasks``
    ``TaskSubmitted`` to ``in.cli.bench.task_submitted`` pipelined (as ``agentctl submit``
    does, ``Nats-Msg-Id`` = the message id), and stops the clock at the last completed.
 
@@ -59,7 +62,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
 from bench import celery_side, procs
-from bench.common import SCRIPTS, WARMUP, BenchError, free_port, percentile
+from bench.common import SCRIPTS, WARMUP, BenchError, free_port, pauses, percentile
 from ledgerbus.bus import codec, subjects
 from ledgerbus.bus.connection import connect
 from ledgerbus.bus.events import TaskSubmitted, new_id
@@ -347,7 +350,7 @@ def _submission(task_id: str) -> tuple[bytes, dict[str, str]]:
     return codec.encode(event), {subjects.HDR_MSG_ID: event.id}
 
 
-async def _measure(system: System, tasks: int, samples: int, profile: Path | None,
+async def _measure(system: System, tasks: int, samples: int, paused: int, profile: Path | None,
                    say: Callable[[str], None]) -> dict[str, Any]:
     cli = await connect(system.settings, CLI.token)
     js = cli.jetstream(timeout=30)
@@ -387,6 +390,14 @@ async def _measure(system: System, tasks: int, samples: int, profile: Path | Non
         cpu_alone = procs.cpu_spent(cpu_before, procs.cpu_by_process(system.dir), samples)
         await done.stamped(list(sent))
         split = [hops(at, done.stamps["task_submitted", t], done.stamps["task_completed", t]) for t, at in sent.items()]
+        after_pause = []
+        for i, pause in enumerate(pauses(paused)):
+            await asyncio.sleep(pause)
+            done.waiting[f"paused{i}"] = fut = loop.create_future()
+            data, headers = _submission(f"paused{i}")
+            start = time.perf_counter()
+            await js.publish(subject, data, headers=headers)
+            after_pause.append(await done.until(fut, timeout=60) - start)
         # The throughput step's submissions are not stamped: this client reads only their results.
         subs.remove(stamping)
         await stamping.unsubscribe()
@@ -420,17 +431,17 @@ async def _measure(system: System, tasks: int, samples: int, profile: Path | Non
         "submitted_per_s": tasks / submitted,
         "p50_ms": statistics.median(latencies) * 1000,
         "p99_ms": percentile(latencies, 99) * 1000,
-    }
+    } | ({"paused_p50_ms": statistics.median(after_pause) * 1000} if after_pause else {})
 
 
 def run_ledgerbus(repo: Path, tasks: int, samples: int, traced: bool, say: Callable[[str], None],
-                  profile: Path | None = None, every_trace: bool = False) -> dict[str, Any]:
+                  profile: Path | None = None, every_trace: bool = False, paused: int = 0) -> dict[str, Any]:
     """One run of the shipped system under honcho: latency, then throughput."""
     system = System(repo, traced, every_trace)
     try:
         system.start()
         try:
-            result = asyncio.run(_measure(system, tasks, samples, profile, say))
+            result = asyncio.run(_measure(system, tasks, samples, paused, profile, say))
         except (BenchError, TimeoutError, OSError, nats.errors.Error) as exc:
             raise BenchError(f"ledgerbus run failed: {exc}\n--- honcho log, last lines ---\n"
                              f"{procs.tail(system.log_path)}") from exc
@@ -510,9 +521,12 @@ def _cpu_all(found: dict[str, Any]) -> float:
 
 # -- rounds --------------------------------------------------------------------------------
 
+MEDIANS = ("tasks_per_s", "p50_ms", "p99_ms", "paused_p50_ms")
+"""What each system's rounds are reduced to (``paused_p50_ms`` only when measured)."""
+
 
 def run(repo: Path, tasks: int, samples: int, rounds: int, profile: Path | None = None,
-        say: Callable[[str], None] = print) -> dict[str, Any]:
+        say: Callable[[str], None] = print, paused: int = 0) -> dict[str, Any]:
     """Every system ``rounds`` times, alternating; medians, ratios, and each round."""
     skip = celery_side.missing()
     if skip:
@@ -523,13 +537,14 @@ def run(repo: Path, tasks: int, samples: int, rounds: int, profile: Path | None 
         for name in systems if r % 2 == 0 else list(reversed(systems)):
             say(f"round {r + 1}/{rounds}: {name} ...")
             if name == "celery":
-                found = celery_side.run(repo, tasks, samples, say)
+                found = celery_side.run(repo, tasks, samples, say, paused)
             else:
                 found = run_ledgerbus(repo, tasks, samples, traced=name != "ledgerbus-untraced", say=say,
-                                      every_trace=name == "ledgerbus-every-trace")
+                                      every_trace=name == "ledgerbus-every-trace", paused=paused)
             per_round[name].append(found)
             say(f"round {r + 1}/{rounds}: {name:<18} {found['tasks_per_s']:>8,.0f} tasks/s   "
-                f"p50 {found['p50_ms']:6.2f} ms   p99 {found['p99_ms']:6.2f} ms")
+                f"p50 {found['p50_ms']:6.2f} ms   p99 {found['p99_ms']:6.2f} ms"
+                + (f"   after a pause p50 {found['paused_p50_ms']:6.2f} ms" if "paused_p50_ms" in found else ""))
             if "projection_lag_s" in found:
                 say(f"  the projection showed all {tasks:,} completed {found['projection_lag_s'] * 1000:.0f} ms "
                     "after the client saw the last")
@@ -544,10 +559,10 @@ def run(repo: Path, tasks: int, samples: int, rounds: int, profile: Path | None 
                     f"{k} {v:.2f}" for k, v in found["cpu_ms_per_task_alone"].items() if v >= 0.01))
             for note in found["notes"]:
                 say(f"  [yellow]note[/]: {note}")
-    medians = {s: {k: statistics.median(x[k] for x in found) for k in ("tasks_per_s", "p50_ms", "p99_ms")}
+    medians = {s: {k: statistics.median(x[k] for x in found) for k in MEDIANS if all(k in x for x in found)}
                for s, found in per_round.items()}
     result: dict[str, Any] = {
-        "tasks": tasks, "latency_samples": samples, "rounds": rounds,
+        "tasks": tasks, "latency_samples": samples, "paused_samples": paused, "rounds": rounds,
         "median": medians,
         "rounds_detail": per_round,
         "traced_over_untraced": medians["ledgerbus"]["tasks_per_s"] / medians["ledgerbus-untraced"]["tasks_per_s"],
@@ -575,6 +590,9 @@ def run(repo: Path, tasks: int, samples: int, rounds: int, profile: Path | None 
             "p50_ms": medians["ledgerbus"]["p50_ms"] / celery["p50_ms"],
             "p99_ms": medians["ledgerbus"]["p99_ms"] / celery["p99_ms"],
         }
+        if "paused_p50_ms" in medians["ledgerbus"] and "paused_p50_ms" in celery:
+            result["ledgerbus_over_celery"]["paused_p50_ms"] = (medians["ledgerbus"]["paused_p50_ms"]
+                                                                / celery["paused_p50_ms"])
     if profile is not None:
         say("profile: one more traced ledgerbus run (not counted), py-spy on the leading router ...")
         found = run_ledgerbus(repo, tasks, samples, traced=True, say=say, profile=profile)

@@ -122,6 +122,9 @@ def rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                  f"{ratio['p50_ms']:.2f}"),
                 ("e2e latency p99, ms", f"{lb['p99_ms']:.2f} ledgerbus", f"{c['p99_ms']:.2f} Celery",
                  f"{ratio['p99_ms']:.2f}")]
+        if "paused_p50_ms" in ratio:
+            out.append(("e2e latency after a pause, p50 ms", f"{lb['paused_p50_ms']:.2f} ledgerbus",
+                        f"{c['paused_p50_ms']:.2f} Celery", f"{ratio['paused_p50_ms']:.2f}"))
     else:
         out.append(("e2e throughput, tasks/s (median)", f"{lb['tasks_per_s']:,.0f} ledgerbus (honcho, traced)",
                     f"Celery skipped: {result['celery_skipped']}", ""))
@@ -189,12 +192,13 @@ def section(result: dict[str, Any], command: str, plot_link: str | None) -> str:
     lines = [BEGIN, "", f"### Last run: {info['date']}", "",
              "Written by the bench (`--write-docs`); edits between the markers are overwritten.", "",
              "```sh", command, "```", "",
-             "| system | tasks/s (median) | p50 ms | p99 ms | tasks/s, each round |",
-             "|---|---|---|---|---|"]
+             "| system | tasks/s (median) | p50 ms | p99 ms | p50 ms after a pause | tasks/s, each round |",
+             "|---|---|---|---|---|---|"]
     for name in (s for s in SYSTEMS if s in med):
         m = med[name]
+        paused = f"{m['paused_p50_ms']:.2f}" if "paused_p50_ms" in m else "not measured"
         lines.append(f"| {LABELS[name]} | {m['tasks_per_s']:,.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | "
-                     f"{_fmt_rounds([r['tasks_per_s'] for r in detail[name]], ',.0f')} |")
+                     f"{paused} | {_fmt_rounds([r['tasks_per_s'] for r in detail[name]], ',.0f')} |")
     lines += ["", "| ratio (medians) | value |", "|---|---|"]
     if "ledgerbus_over_celery" in result:
         ratio = result["ledgerbus_over_celery"]
@@ -202,6 +206,8 @@ def section(result: dict[str, Any], command: str, plot_link: str | None) -> str:
                   f"| ledgerbus untraced / Celery, tasks/s | {ratio['untraced_tasks_per_s']:.2f} |",
                   f"| ledgerbus / Celery, p50 latency | {ratio['p50_ms']:.2f} |",
                   f"| ledgerbus / Celery, p99 latency | {ratio['p99_ms']:.2f} |"]
+        if "paused_p50_ms" in ratio:
+            lines.append(f"| ledgerbus / Celery, p50 latency after a pause | {ratio['paused_p50_ms']:.2f} |")
     else:
         lines.append(f"| ledgerbus / Celery | Celery skipped: {result['celery_skipped']} |")
     goal = "met" if result["traced_over_untraced"] >= 0.8 else "not met"
@@ -226,8 +232,11 @@ def section(result: dict[str, Any], command: str, plot_link: str | None) -> str:
     lines += cpu_lines(result.get("cpu_ms_per_task_alone", {}),
                        "one task at a time (the latency step: every process woken for each task)")
     lines += hop_lines(result.get("hops_ms", {}))
-    lines += ["", f"{result['tasks']:,} tasks per throughput run, {result['latency_samples']} latency samples "
-              f"per run, {result['rounds']} round(s). p50/p99 are medians of each round's own percentiles."]
+    paused = result.get("paused_samples", 0)
+    after_pause = f", {paused} more each after a pause of 0.2-0.8 s" if paused else ""
+    lines += ["", (f"{result['tasks']:,} tasks per throughput run, {result['latency_samples']} latency samples "
+                   f"per run{after_pause}, {result['rounds']} round(s). p50/p99 are medians of each round's own "
+                   "percentiles.")]
     if plot_link:
         lines += ["", f"![tasks/s and latency, ledgerbus and Celery]({plot_link})"]
     packages = ", ".join(f"{k} {v}" for k, v in info["packages"].items())

@@ -1,0 +1,37 @@
+"""The e2e benchmark's step after a pause: the same pauses for every system, and a report
+that shows the step only where it was measured."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.common import PAUSE_S, pauses
+from bench.e2e_report import rows
+
+
+def test_every_system_waits_the_same_pauses_within_the_range() -> None:
+    first, again = pauses(30), pauses(30)
+    assert first == again
+    assert len(first) == 30 and len(set(first)) == 30
+    assert all(PAUSE_S[0] <= p <= PAUSE_S[1] for p in first)
+    assert pauses(0) == []
+
+
+def result(paused: bool) -> dict[str, Any]:
+    def system(rate: float, p50: float, after: float) -> dict[str, float]:
+        return {"tasks_per_s": rate, "p50_ms": p50, "p99_ms": 2 * p50} | ({"paused_p50_ms": after} if paused else {})
+
+    median = {"ledgerbus": system(2000, 3.0, 6.0), "ledgerbus-every-trace": system(1500, 3.2, 6.4),
+              "ledgerbus-untraced": system(2400, 2.9, 5.8), "celery": system(600, 2.8, 4.0)}
+    ratio = {"tasks_per_s": 2000 / 600, "untraced_tasks_per_s": 4.0, "p50_ms": 3.0 / 2.8, "p99_ms": 6.0 / 5.6}
+    if paused:
+        ratio["paused_p50_ms"] = 6.0 / 4.0
+    return {"median": median, "ledgerbus_over_celery": ratio, "traced_over_untraced": 2000 / 2400,
+            "every_trace_over_untraced": 1500 / 2400}
+
+
+def test_the_console_table_has_a_row_after_a_pause_only_when_it_was_measured() -> None:
+    measured = {row[0]: row for row in rows(result(paused=True))}
+    assert measured["e2e latency after a pause, p50 ms"] == (
+        "e2e latency after a pause, p50 ms", "6.00 ledgerbus", "4.00 Celery", "1.50")
+    assert not any("pause" in row[0] for row in rows(result(paused=False)))
