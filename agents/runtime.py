@@ -30,18 +30,14 @@ from nats.js.kv import KeyValue
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-if TYPE_CHECKING:
-    from ledgerbus.agents.llm.router import LLMRouter
-
-from ledgerbus.agents.llm import calls
-from ledgerbus.agents.llm.replay import Recording
-
 from ledgerbus.agents import workspace
 from ledgerbus.agents.attempt import skill_context
 from ledgerbus.agents.claim import AttemptClaim
 from ledgerbus.agents.errors import SkillError
 from ledgerbus.agents.hooks import Hooks
 from ledgerbus.agents.intake import Intake, KeepAlive
+from ledgerbus.agents.llm import calls
+from ledgerbus.agents.llm.replay import Recording
 from ledgerbus.agents.skill import Skill, SkillContext, decode_input, encode_output
 from ledgerbus.bus import codec, failpoints, metrics, pull, subjects, tracing
 from ledgerbus.bus.cancel import stop_task
@@ -65,6 +61,9 @@ from ledgerbus.bus.logs import bound_contextvars
 from ledgerbus.bus.provision import assigned_consumer_config, wait_for_stream, work_consumer_config
 from ledgerbus.bus.publish import Publisher
 from ledgerbus.bus.settings import Settings
+
+if TYPE_CHECKING:
+    from ledgerbus.agents.llm.router import LLMRouter
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("ledgerbus.agent")

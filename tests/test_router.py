@@ -52,6 +52,7 @@ async def test_valid_submission_yields_one_accepted_record_and_one_work_message(
         "accepted", "ok", "task_submitted", "t1", "cli-alice")
     assert await work_count(admin.jetstream()) == 1
     msg = await admin.jetstream().get_msg(subjects.WORK_STREAM, seq=1)
+    assert msg.data is not None
     item = codec.decode_work(msg.data)
     assert (item.task_id, item.skill, item.input, item.audit_seq) == ("t1", "echo", {"text": "t1"}, 1)
 
