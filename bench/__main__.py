@@ -283,27 +283,25 @@ async def main(messages: int, rounds: int, tasks: int) -> dict:
     return result
 
 
+def _whole(value: str, least: int) -> int:
+    try:
+        count = int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from exc
+    if count < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}: {value!r}")
+    return count
+
+
 def _positive(value: str) -> int:
     """A count of messages, tasks, rounds or samples: a whole number, at least 1 (a run of
     none has no median to report)."""
-    try:
-        count = int(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from exc
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value!r}")
-    return count
+    return _whole(value, 1)
 
 
 def _count(value: str) -> int:
-    """A count that may be 0 (a step left out)."""
-    try:
-        count = int(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from exc
-    if count < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more: {value!r}")
-    return count
+    """A count that may be 0: the step it counts is then left out."""
+    return _whole(value, 0)
 
 
 def _counts(value: str) -> list[int]:

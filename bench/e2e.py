@@ -436,7 +436,7 @@ async def _measure(system: System, tasks: int, samples: int, paused: int, profil
 
 def run_ledgerbus(repo: Path, tasks: int, samples: int, traced: bool, say: Callable[[str], None],
                   profile: Path | None = None, every_trace: bool = False, paused: int = 0) -> dict[str, Any]:
-    """One run of the shipped system under honcho: latency, then throughput."""
+    """One run of the shipped system under honcho: latency, after a pause, then throughput."""
     system = System(repo, traced, every_trace)
     try:
         system.start()
