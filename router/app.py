@@ -18,16 +18,13 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from ledgerbus.agents import discovery
-from ledgerbus.bus import codec, failpoints, metrics, pull, signing, subjects, tracing
+from ledgerbus.bus import failpoints, metrics, pull, signing, subjects, tracing
 from ledgerbus.bus.cancel import stop_task
 from ledgerbus.bus.chain import ChainHead
 from ledgerbus.bus.events import (
     AgentLeft,
     AuditRecord,
-    Notice,
-    TaskCancelled,
     TaskDispatched,
-    TaskFailed,
     kind_of,
     new_id,
 )
@@ -38,7 +35,7 @@ from ledgerbus.bus.provision import deadletter_consumer_config, provision, route
 from ledgerbus.bus.publish import Publisher
 from ledgerbus.bus.settings import Settings
 from ledgerbus.router import audit as audit_mod
-from ledgerbus.router import deadletters
+from ledgerbus.router import deadletters, notices
 from ledgerbus.router.audit import AuditLog
 from ledgerbus.router.checkpoints import Checkpoints
 from ledgerbus.router.checks import Check, Inbound, default_checks, run_checks
@@ -288,7 +285,7 @@ class Router:
                 if isinstance(record.event, TaskDispatched):
                     self._undelivered.add(record.event.task_id)
                 log.info("scheduled", seq=record.seq, kind=record.kind, task_id=record.key)
-            await self._notify_cancels([record for record, _, _ in pending])
+            await notices.cancels(self.nc, self.state, [record for record, _, _ in pending])
         else:
             log.error("scheduler_did_not_settle", dirty=len(self.state.dirty))
         await self._deliver()
@@ -344,28 +341,6 @@ class Router:
     async def _deliver(self) -> None:
         """Publish the work items of the scheduler's dispatches not yet known to be stored."""
         self._undelivered = await deliver(self.publisher, self.state, self.tokens, self._undelivered)
-
-    async def _notify(self, principal: str, topic: str, notice: Notice) -> None:
-        """Tell an agent something directly; best effort (it has fallbacks)."""
-        if not principal.startswith("agent-"):
-            return
-        try:
-            await self.nc.publish(subjects.notify(subjects.parse_principal(principal), topic), codec.encode(notice))
-        except (nats.errors.Error, subjects.SubjectError) as exc:
-            log.warning("notify_failed", principal=principal, topic=topic, error=str(exc))
-
-    async def _notify_cancels(self, records: Sequence[AuditRecord]) -> None:
-        for record in records:
-            # A cancel, or the router failing a task an agent runs (its tree's budget spent).
-            if record.accepted and (isinstance(record.event, TaskCancelled) or (
-                    record.principal == "router" and isinstance(record.event, TaskFailed))):
-                task = self.state.tasks.get(record.event.task_id)
-                if task is not None and task.claimant:
-                    await self._notify(task.claimant, "cancel", Notice(
-                        task_id=record.event.task_id, msg_id=record.msg_id, verdict=record.verdict,
-                        code="cancelled", seq=record.seq,
-                        reason=record.event.reason if isinstance(record.event, TaskCancelled) else record.event.error,
-                    ))
 
     async def _recover_until_done(self, stop: asyncio.Event) -> None:
         """Rebuild state and chain head from the log, retrying while the server is away."""
@@ -485,15 +460,9 @@ class Router:
                 d.span.set_attribute("ledgerbus.work.subject", work_subject(item))
             if err is not None:
                 log.warning("dispatch_failed", task_id=item.task_id, skill=item.skill, error=str(err))
-        for d in decisions:
-            record = d.record
-            if record.kind == "task_started" and record.event is not None:
-                # The claimant waits for this before it runs the skill.
-                await self._notify(record.principal, "claim", Notice(
-                    task_id=record.key, msg_id=record.msg_id, verdict=record.verdict, code=record.code,
-                    reason=record.reason, seq=record.seq,
-                ))
-        await self._notify_cancels([d.record for d in decisions])
+        records = [d.record for d in decisions]
+        await notices.claims(self.nc, records)
+        await notices.cancels(self.nc, self.state, records)
         failpoints.reached("router.dispatched")
         for d in decisions:
             if id(d) in failed:
