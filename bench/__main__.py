@@ -8,7 +8,8 @@
 1. Router throughput vs a bare relay. Both drain the same N preloaded submissions from
    INGRESS through the same JetStream work: fetch, one AUDIT write and one WORK write per
    message, ack. The relay does nothing else; the router also decodes, checks, seals the
-   hash chain and folds its state. router/relay is the cost of the router's own logic.
+   hash chain and folds its state. router/relay is the cost of the router's own logic;
+   each side's CPU per message (this process, every thread) says the same more steadily.
    The router also runs traced as in production (every span recorded and published to
    TRACES, flushed before the clock stops), with a span per check and with
    LEDGERBUS_TRACE_CHECKS=failed; the plain run traces as shipped (each message starts a
@@ -49,6 +50,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from nats.aio.client import Client
 from opentelemetry import trace
@@ -130,7 +132,15 @@ EXPORTER = BusSpanExporter(PROVIDER.resource)
 PROVIDER.add_span_processor(BatchSpanProcessor(EXPORTER, schedule_delay_millis=250, max_queue_size=BUS_QUEUE))
 
 
-async def run_router(settings: Settings, n: int, traced: bool = False, checks: str | None = None) -> float:
+class Drained(NamedTuple):
+    """One side's run: messages a second, and this process's CPU (every thread) per message
+    over the same interval, which a busy neighbour moves less than the rate."""
+
+    rate: float
+    cpu_us: float
+
+
+async def run_router(settings: Settings, n: int, traced: bool = False, checks: str | None = None) -> Drained:
     """The router draining ``n`` preloaded submissions: as shipped (``LEDGERBUS_TRACE_CHECKS``'s
     default), or with ``checks`` ("all": a span per check of a recorded message)."""
     if checks is not None:
@@ -142,30 +152,30 @@ async def run_router(settings: Settings, n: int, traced: bool = False, checks: s
     if traced:
         EXPORTER.attach(nc, "router")
     stop = asyncio.Event()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     task = asyncio.create_task(router.run(stop))
     await drained(nc, n)
     if traced:
         await asyncio.to_thread(PROVIDER.force_flush)
         await EXPORTER.flush()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     SWITCH.turn(False)
     stop.set()
     await task
     EXPORTER.detach()
     await nc.close()
-    return n / elapsed
+    return Drained(n / elapsed, cpu / n * 1e6)
 
 
-async def run_traced_router(settings: Settings, n: int) -> float:
+async def run_traced_router(settings: Settings, n: int) -> Drained:
     return await run_router(settings, n, traced=True, checks="all")
 
 
-async def run_traced_failed_checks(settings: Settings, n: int) -> float:
+async def run_traced_failed_checks(settings: Settings, n: int) -> Drained:
     return await run_router(settings, n, traced=True, checks="failed")
 
 
-async def run_relay(settings: Settings, n: int) -> float:
+async def run_relay(settings: Settings, n: int) -> Drained:
     """The same JetStream work as the router, with the same client code (``bus/pull.py``,
     ``bus/publish.py``), and nothing else."""
     nc = await connect(settings, "router")
@@ -173,7 +183,7 @@ async def run_relay(settings: Settings, n: int) -> float:
     await provision(js, settings)
     puller = await pull.durable(nc, js, subjects.INGRESS_STREAM, router_consumer_config(settings))
     publisher = await Publisher(nc).start()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     done, seq = 0, 0
     while done < n:
         msgs = await puller.pull(settings.router_batch, 5)
@@ -188,10 +198,10 @@ async def run_relay(settings: Settings, n: int) -> float:
             await msg.ack()
         done += len(msgs)
     await drained(nc, n)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     await puller.close()
     await nc.close()
-    return n / elapsed
+    return Drained(n / elapsed, cpu / n * 1e6)
 
 
 async def latency(settings: Settings, tasks: int) -> tuple[list[float], list[float]]:
@@ -248,6 +258,7 @@ async def fresh_server(body):  # type: ignore[no-untyped-def]
 
 async def main(messages: int, rounds: int, tasks: int) -> dict:
     rates: dict[str, list[float]] = {"router": [], "relay": [], "traced": [], "traced-f": []}
+    cpu_us: dict[str, list[float]] = {name: [] for name in rates}
     trace.set_tracer_provider(PROVIDER)
     SWITCH.turn(False)
     for r in range(rounds):
@@ -255,13 +266,15 @@ async def main(messages: int, rounds: int, tasks: int) -> dict:
         order = [("relay", run_relay), ("router", run_router), ("traced", run_traced_router),
                  ("traced-f", run_traced_failed_checks)]
         for name, fn in order if r % 2 else reversed(order):
-            async def body(settings: Settings, fn=fn) -> float:  # type: ignore[no-untyped-def]
+            async def body(settings: Settings, fn=fn) -> Drained:  # type: ignore[no-untyped-def]
                 await preload(settings, messages)
                 heap.settle()  # as agentctl's processes do once started, for both sides
                 return await fn(settings, messages)
-            rate = await fresh_server(body)
-            rates[name].append(rate)
-            console.print(f"round {r + 1}/{rounds}: {name:<8} {rate:>9,.0f} msg/s")
+            run = await fresh_server(body)
+            rates[name].append(run.rate)
+            cpu_us[name].append(run.cpu_us)
+            console.print(f"round {r + 1}/{rounds}: {name:<8} {run.rate:>9,.0f} msg/s  {run.cpu_us:>5,.0f} µs of CPU a "
+                          "message")
     router_rates, relay_rates, traced_rates = rates["router"], rates["relay"], rates["traced"]
     lat, acks = await fresh_server(lambda s: latency(s, tasks))
     result = {
@@ -270,6 +283,11 @@ async def main(messages: int, rounds: int, tasks: int) -> dict:
         "router_msgs_per_s": statistics.median(router_rates),
         "relay_msgs_per_s": statistics.median(relay_rates),
         "router_over_relay": statistics.median(router_rates) / statistics.median(relay_rates),
+        "router_cpu_us_per_msg": statistics.median(cpu_us["router"]),
+        "relay_cpu_us_per_msg": statistics.median(cpu_us["relay"]),
+        # The relay's CPU over the router's, round by round (the two ran one after the other).
+        "relay_over_router_cpu": statistics.median(b / a for a, b in zip(cpu_us["router"], cpu_us["relay"],
+                                                                         strict=True)),
         "traced_router_msgs_per_s": statistics.median(traced_rates),
         "traced_over_shipped": statistics.median(traced_rates) / statistics.median(router_rates),
         "traced_failed_checks_msgs_per_s": statistics.median(rates["traced-f"]),
@@ -454,6 +472,9 @@ def cli() -> None:
         result.update(asyncio.run(main(args.messages, args.rounds, args.tasks)))
         table.add_row("throughput, msg/s (median)", f"{result['router_msgs_per_s']:,.0f} router, as shipped",
                       f"{result['relay_msgs_per_s']:,.0f} bare relay", f"{result['router_over_relay']:.2f}")
+        table.add_row("CPU per message, µs (median)", f"{result['router_cpu_us_per_msg']:,.0f} router, as shipped",
+                      f"{result['relay_cpu_us_per_msg']:,.0f} bare relay",
+                      f"{result['relay_over_router_cpu']:.2f} (relay / router, each round's own)")
         table.add_row("traced throughput, msg/s (median)", f"{result['traced_router_msgs_per_s']:,.0f} router, traced",
                       f"{result['router_msgs_per_s']:,.0f} router, as shipped", f"{result['traced_over_shipped']:.2f}")
         table.add_row("traced, failed checks only", f"{result['traced_failed_checks_msgs_per_s']:,.0f} router, traced",
