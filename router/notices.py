@@ -2,9 +2,9 @@
 claim's verdict (the claimant waits for it before it runs the skill) and a cancel (a task
 it runs was cancelled, or failed by the router).
 
-Best effort, on core NATS (``notify.<agent>.<topic>``): an agent that misses a notice has
-its fallbacks (a claim unanswered within ``claim_timeout_s`` hands the message back; the
-result of a cancelled task is refused by the lifecycle check).
+Best effort, on core NATS (``notify.agent.<name>.claim``, ``….cancel``): an agent that
+misses a notice has its fallbacks (a claim unanswered within ``claim_timeout_s`` hands the
+message back; the result of a cancelled task is refused by the lifecycle check).
 """
 
 from __future__ import annotations
