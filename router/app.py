@@ -145,7 +145,7 @@ class Router:
         self.audit = AuditLog(self.publisher, head)
         await self.checkpoints.check_anchors(head, watch, self.audit, self.state, self.accept_new_chain)
         ingress = await self.js.stream_info(subjects.INGRESS_STREAM)
-        self.state.forget_acked_before(ingress.state.first_seq)
+        self.state.seen.forget_acked_before(ingress.state.first_seq)
         # Whatever was decided before a crash but not acted on is decided again from here;
         # whatever was dispatched may not have reached WORK (a re-publish is de-duplicated).
         self.state.dirty.update(self.state.open_tasks())
@@ -395,7 +395,7 @@ class Router:
                     "messaging.consumer.group.name": subjects.ROUTER_CONSUMER,
                     "ledgerbus.ingress_seq": meta.stream_seq,
                     "ledgerbus.delivery": meta.delivered})
-            if (seen := self.state.audited(meta.stream_seq)) is not None:
+            if (seen := self.state.seen.record(meta.stream_seq)) is not None:
                 # Audited before a crash, not acked: act again (idempotently), audit never twice.
                 log.info("ingress_redelivered_already_audited", ingress_seq=meta.stream_seq, seq=seen.seq)
                 if recording:

@@ -20,7 +20,7 @@ What is not kept, and why: ``dirty``, ``held``, ``ready_since`` and ``orphaned``
 scheduler's, and a full fold leaves ``held``, ``ready_since`` and ``orphaned`` empty, as a
 load does; a load marks every task dirty, a superset of what a fold leaves (every task a
 record touched, and at start every open one), which only makes the scheduler look at
-tasks its decisions do not change. The ``_audited`` records are kept as (INGRESS seq,
+tasks its decisions do not change. The ``seen.audited`` records are kept as (INGRESS seq,
 AUDIT seq) pairs: only those of messages still in INGRESS matter after a start (the rest
 are forgotten at once), and those are read back from AUDIT. The state's ``_recent`` (the
 tasks an archive would look at) is derived from the tasks at load.
@@ -109,9 +109,9 @@ class Body(msgspec.Struct, kw_only=True):
     inflight: dict[str, set[str]]
     timers: list[tuple[datetime, str]]
     audited: list[tuple[int, int]]
-    """(INGRESS seq, AUDIT seq) of the state's ``_audited``, oldest first."""
+    """(INGRESS seq, AUDIT seq) of the state's ``seen.audited``, oldest first."""
     messages: list[tuple[str, int, datetime]]
-    """(message id, seq, at) of the state's ``_messages``, oldest first."""
+    """(message id, seq, at) of the state's ``seen.messages``, oldest first."""
     archived_through: int = 0
     archived_tasks: int = 0
 
@@ -145,8 +145,8 @@ def encode_state(state: RouterState, head: ChainHead) -> bytes:
         registry=state.registry, proposals=state.proposals, approved_proposals=state.approved_proposals,
         joined_at=state.joined_at, unmatched=state.unmatched, inflight=state.inflight,
         timers=state._timers,
-        audited=[(ingress, record.seq) for ingress, record in state._audited.items()],
-        messages=[(msg_id, seq, at) for msg_id, (seq, at) in state._messages.items()],
+        audited=[(ingress, record.seq) for ingress, record in state.seen.audited.items()],
+        messages=[(msg_id, seq, at) for msg_id, (seq, at) in state.seen.messages.items()],
         archived_through=state.archived_through, archived_tasks=state.archived_tasks,
     ))
 
@@ -234,7 +234,7 @@ def open_envelope(data: bytes, public: str) -> tuple[Envelope, Body]:
 def restore(body: Body, audited: dict[int, AuditRecord], dedup_horizon_s: float,
             dedup_max_ids: int = 200_000) -> RouterState:
     """The state a snapshot holds; ``audited`` are the records (by AUDIT seq) of the
-    ``_audited`` entries to keep (those of messages still in INGRESS)."""
+    ``seen.audited`` entries to keep (those of messages still in INGRESS)."""
     state = RouterState(dedup_horizon_s=dedup_horizon_s, dedup_max_ids=dedup_max_ids)
     shapes: list[list[AnyTask]] = [list(body.plain), list(body.plans), list(body.steps)]
     iters = [iter(s) for s in shapes]
@@ -252,8 +252,8 @@ def restore(body: Body, audited: dict[int, AuditRecord], dedup_horizon_s: float,
         key=lambda item: item[1].last_seq))
     state._timers = list(body.timers)
     heapq.heapify(state._timers)
-    state._audited = OrderedDict((ingress, audited[seq]) for ingress, seq in body.audited if seq in audited)
-    state._messages = OrderedDict((msg_id, (seq, at)) for msg_id, seq, at in body.messages)
+    state.seen.audited = OrderedDict((ingress, audited[seq]) for ingress, seq in body.audited if seq in audited)
+    state.seen.messages = OrderedDict((msg_id, (seq, at)) for msg_id, seq, at in body.messages)
     # The scheduler looks at every task once (see the module's docstring).
     state.dirty = set(state.tasks)
     return state

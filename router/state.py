@@ -5,10 +5,8 @@ running it applies each record right after sealing it. Two things live here:
 
 - the lifecycle of every task (status, current claimant and attempt), which the
   lifecycle check consults so that only the claimant's result counts, exactly once;
-- which INGRESS messages already have an audit record, so a message redelivered after
-  a crash between "audit appended" and "ingress acked" is acted on again but never
-  audited twice (invariant 2);
-- the message ids of accepted records within the de-duplication horizon;
+- which INGRESS messages already have an audit record, and the message ids of accepted
+  records within the de-duplication horizon (:mod:`router.seen`);
 - where the last signed checkpoint is;
 - which memory checkpoints each agent has (a restore must name one);
 - the work assigned to each agent that has not finished (``inflight``), which bounds what
@@ -24,7 +22,7 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from ledgerbus.bus import compaction, lifecycle
@@ -57,6 +55,7 @@ from ledgerbus.bus.events import (
     step_task_id,
 )
 from ledgerbus.bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, Shape, Status
+from ledgerbus.router.seen import Seen
 from ledgerbus.router.tasks import AnyTask, PlanState, StepState, TaskState, over
 
 
@@ -104,12 +103,8 @@ class RouterState:
         self._timers: list[tuple[datetime, str]] = []
         self._traceparent = ""
         """The trace context of the record being folded (see :meth:`apply`)."""
-        self._audited: OrderedDict[int, AuditRecord] = OrderedDict()
-        self._capacity = audited_capacity
-        # message id -> (seq, time) of accepted records, oldest first, for dedup_horizon_s.
-        self._messages: OrderedDict[str, tuple[int, datetime]] = OrderedDict()
-        self._horizon = timedelta(seconds=dedup_horizon_s)
-        self._max_ids = max(1, dedup_max_ids)
+        self.seen = Seen(audited_capacity, dedup_horizon_s, dedup_max_ids)
+        """Audited INGRESS messages, and accepted message ids within the horizon."""
         self.archived_through = 0
         """``through_seq`` of the last ``audit_archived`` record: the tasks settled by then
         were let go of (their records are in the archive)."""
@@ -131,20 +126,14 @@ class RouterState:
                 self.restarts.append(record)
             return
         if record.ingress_seq:
-            self._audited[record.ingress_seq] = record
-            self._audited.move_to_end(record.ingress_seq)
-            while len(self._audited) > self._capacity:
-                self._audited.popitem(last=False)
+            self.seen.ingress(record)
         if not record.accepted:
             return
         if (through := compaction.archived_through(record)) is not None:
             self._archived(through)
             return
         if record.msg_id:
-            self._messages[record.msg_id] = (record.seq, record.at)
-            while self._messages and (len(self._messages) > self._max_ids
-                                      or next(iter(self._messages.values()))[1] < record.at - self._horizon):
-                self._messages.popitem(last=False)
+            self.seen.accepted(record)
         self._fold(record, traceparent)
 
     def _touch(self, task_id: str) -> None:
@@ -451,19 +440,6 @@ class RouterState:
         """Every task something may still happen to (a router at start looks at them all)."""
         return [task_id for task_id, task in self.tasks.items() if not task.settled]
 
-    def seen_message(self, msg_id: str) -> int | None:
-        """The seq of the accepted record with this message id, within the horizon."""
-        seen = self._messages.get(msg_id)
-        return seen[0] if seen is not None else None
-
-    def audited(self, ingress_seq: int) -> AuditRecord | None:
-        """The audit record already written for an INGRESS message, if any."""
-        return self._audited.get(ingress_seq)
-
-    def forget_acked_before(self, ingress_first_seq: int) -> None:
-        """Drop records of INGRESS messages that are gone (acked) from the stream."""
-        for seq in [s for s in self._audited if s < ingress_first_seq]:
-            del self._audited[seq]
 
 
 _Fold = Callable[[RouterState, AuditRecord, Any], None]

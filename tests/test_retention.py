@@ -131,8 +131,8 @@ async def test_records_leave_audit_only_into_sealed_segments_and_verify_reads_bo
     head = await audit.recover(js, state, anchor.Watch(), archive=archive)
     assert head == report.head
     ingress_first = (await js.stream_info(subjects.INGRESS_STREAM)).state.first_seq
-    state.forget_acked_before(ingress_first)
-    router.state.forget_acked_before(ingress_first)
+    state.seen.forget_acked_before(ingress_first)
+    router.state.seen.forget_acked_before(ingress_first)
     assert canonical(state) == canonical(router.state)
     again = RunningRouter(await connect_as("router"), tuned.replace(snapshot_every=0))
     await again.start()

@@ -69,8 +69,8 @@ async def alike(js: Any, settings: Settings, live: RouterState) -> None:
     state = RouterState(dedup_horizon_s=settings.dedup_horizon_s)
     await audit.recover(js, state, anchor.Watch())
     first = (await js.stream_info(subjects.INGRESS_STREAM)).state.first_seq
-    state.forget_acked_before(first)
-    live.forget_acked_before(first)
+    state.seen.forget_acked_before(first)
+    live.seen.forget_acked_before(first)
     assert canonical(live) == canonical(state)
 
 
@@ -333,4 +333,4 @@ def test_an_empty_state_round_trips() -> None:
     state = RouterState()
     data = snaps.seal(key := Ed25519PrivateKey.generate(), snaps.encode_state(state, ChainHead()), ChainHead())
     _, body = snaps.open_envelope(data, signing.public_hex(key))
-    assert canonical(snaps.restore(body, {}, state._horizon.total_seconds())) == canonical(state)
+    assert canonical(snaps.restore(body, {}, state.seen._horizon.total_seconds())) == canonical(state)

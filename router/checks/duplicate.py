@@ -15,7 +15,7 @@ from ledgerbus.router.state import RouterState
 def check(msg: Inbound, state: RouterState) -> Rejection | None:
     """Reject an event whose id the log already has."""
     assert msg.event is not None
-    seen = state.seen_message(msg.event.id)
+    seen = state.seen.message(msg.event.id)
     if seen is not None:
         return Rejection("duplicate_message", f"message id {msg.event.id} was already recorded at seq {seen}")
     return None
