@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.common import PAUSE_S, pauses
-from bench.e2e_report import rows
+from bench.e2e_report import rows, section
 
 
 def test_every_system_waits_the_same_pauses_within_the_range() -> None:
@@ -35,3 +35,23 @@ def test_the_console_table_has_a_row_after_a_pause_only_when_it_was_measured() -
     assert measured["e2e latency after a pause, p50 ms"] == (
         "e2e latency after a pause, p50 ms", "6.00 ledgerbus", "4.00 Celery", "1.50")
     assert not any("pause" in row[0] for row in rows(result(paused=False)))
+
+
+def documented(paused: bool) -> str:
+    found = result(paused) | {
+        "rounds": 1, "tasks": 5000, "latency_samples": 300, "paused_samples": 30 if paused else 0,
+        "rounds_detail": {name: [m | {"notes": []}] for name, m in result(paused)["median"].items()},
+        "machine": {"date": "2026-12-05 19:10 UTC", "nproc": 2, "cpu": "cpu", "memory": "24 GiB", "kernel": "k",
+                    "python": "3.11", "nats_server": "v2", "redis_server": "7", "packages": {}}}
+    return section(found, "python -m bench --only e2e", None)
+
+
+def test_the_docs_section_has_the_step_after_a_pause_where_it_was_measured() -> None:
+    page = documented(paused=True)
+    assert "| p50 ms after a pause |" in page
+    assert "| ledgerbus, as shipped (traced, ≤ 50 new traces/s) | 2,000 | 3.00 | 6.00 | 6.00 | 2,000 |" in page
+    assert "| ledgerbus / Celery, p50 latency after a pause | 1.50 |" in page
+    assert "300 latency samples per run, 30 more each after a pause of 0.2-0.8 s, 1 round(s)" in page
+    earlier = documented(paused=False)
+    assert "| 3.00 | 6.00 | not measured |" in earlier
+    assert "after a pause |" not in earlier.split("| ratio (medians) |")[1]
