@@ -11,6 +11,7 @@ import nats.aio.client
 import nats.errors
 import structlog
 
+from ledgerbus.bus.cancel import stop_task
 from ledgerbus.bus.errors import BusError, ConfigError
 from ledgerbus.bus.home import outside_hint
 from ledgerbus.bus.identity import Credentials, wait_for_credentials
@@ -141,9 +142,9 @@ async def connect(
     if connecting in done and connecting.exception() is None:
         events.connected = True
         return nc
-    connecting.cancel()
-    with contextlib.suppress(asyncio.CancelledError, nats.errors.Error, OSError):
-        await connecting
+    # For sure: its retries wait with wait_for, which can drop one cancel (bus/cancel.py),
+    # and they go on for ever.
+    await stop_task(connecting)
     await nc.close()
     if events.refused.is_set():
         raise BusError(f"NATS refused the credentials of user {user!r}")

@@ -39,6 +39,37 @@ async def test_no_server_fails_within_the_connect_timeout() -> None:
         await connect(settings, "cli")
 
 
+async def test_a_first_connect_whose_retries_drop_a_cancel_still_ends_at_the_timeout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """nats-py retries a first connection with ``wait_for``, which on Python 3.11 can drop
+    a cancel (CPython gh-86296); its retries go on for ever. Past the timeout, ``connect``
+    must still end with its error, not wait for them."""
+    dropped = 0
+
+    async def retrying(self: Client, **_: object) -> None:
+        nonlocal dropped
+        while True:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                if dropped:
+                    raise
+                dropped += 1  # as if wait_for had dropped it: try again
+
+    async def closed(self: Client) -> None:
+        return None  # nothing was opened
+
+    monkeypatch.setattr(Client, "connect", retrying)
+    monkeypatch.setattr(Client, "close", closed)
+    settings = Settings(url=f"nats://127.0.0.1:{free_port()}", connect_timeout_s=0.5, user="u", password="p")
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(BusError, match="cannot connect to .* within 0.5s"):
+        await asyncio.wait_for(connect(settings, "cli"), 30)  # this test's own limit, if it hangs
+    assert dropped == 1
+    assert loop.time() - start < 10, "connect waited for the retries until this test's own limit"
+
+
 async def test_a_process_started_before_the_server_connects_when_it_comes_up(tmp_path: Path) -> None:
     port = free_port()
     config = server_config(tmp_path / "conf")
