@@ -378,8 +378,7 @@ class Router:
         """
         decisions: list[Decision] = []
         pending: list[tuple[AuditRecord, bytes, dict[str, str]]] = []
-        # Added to the instrument once per batch and key, not per message: each add is
-        # some microseconds of the SDK's aggregation, a Counter increment next to nothing.
+        # Added to the tally once per batch and key, not per message.
         counted: Counter[tuple[str, str, str]] = Counter()
         for msg in msgs:
             meta = ack_meta(msg)

@@ -19,6 +19,7 @@ from prometheus_client.samples import Sample
 
 from ledgerbus.bus import exposition, subjects, tokens
 from ledgerbus.bus.exposition import INSTANCE_LABEL, PROCESS_LABEL, Snapshot, SnapshotPublisher
+from ledgerbus.bus.metrics import Tally
 from ledgerbus.bus.settings import Settings
 from tests.conftest import RunningRouter
 from tests.support import Procs, wait_for_record, wait_until
@@ -39,10 +40,16 @@ def recorded(service: str, record: Callable[[Meter], None]) -> str:
         provider.shutdown()
 
 
+ROUTED = [(2, {"kind": "task_submitted", "verdict": "accepted", "code": "ok"}),
+          (1, {"kind": "task_submitted", "verdict": "rejected", "code": "duplicate_task"}),
+          # The same attributes in another order are the same point.
+          (1, {"code": "ok", "verdict": "accepted", "kind": "task_submitted"})]
+
+
 def routed(meter: Meter) -> None:
-    messages = meter.create_counter("ledgerbus.router.messages", unit="{message}", description="Messages audited")
-    messages.add(3, {"kind": "task_submitted", "verdict": "accepted", "code": "ok"})
-    messages.add(1, {"kind": "task_submitted", "verdict": "rejected", "code": "duplicate_task"})
+    messages = Tally("ledgerbus.router.messages", unit="{message}", description="Messages audited", on=meter)
+    for n, attributes in ROUTED:
+        messages.add(n, attributes)
 
     def tasks(_: CallbackOptions) -> list[Observation]:
         return [Observation(2, {"state": "running"})]
@@ -85,6 +92,20 @@ def assert_valid(text: str) -> None:
             counts = [p.value for p in buckets]
             assert counts == sorted(counts) and buckets[-1].labels["le"] == "+Inf"
             assert [p.value for p in points if p.name.endswith("_count")] == [counts[-1]]
+
+
+def test_a_tally_is_exported_as_the_sdk_counter_it_replaces() -> None:
+    def counter(meter: Meter) -> None:
+        messages = meter.create_counter("ledgerbus.router.messages", unit="{message}", description="Messages audited")
+        for n, attributes in ROUTED:
+            messages.add(n, attributes)
+
+    tally, sdk = recorded("ledgerbus-router", routed), recorded("ledgerbus-router", counter)
+    assert_valid(tally)
+    assert samples(tally, "ledgerbus_router_messages_total") == samples(sdk, "ledgerbus_router_messages_total")
+    assert {s.labels["verdict"]: s.value for s in samples(tally, "ledgerbus_router_messages_total")} == \
+        {"accepted": 3, "rejected": 1}
+    assert "# TYPE ledgerbus_router_messages_total counter" in tally
 
 
 def test_merged_snapshots_declare_each_family_once_and_label_every_sample_with_its_process() -> None:
@@ -199,7 +220,7 @@ async def test_the_gateway_serves_every_process_in_one_scrape_and_forgets_the_de
         assert processes(text) == {"router", "projector", "agent-echo-1", "web"}  # the gateway's own too
         # Each process's own CPU and memory, from the same snapshot.
         assert {s.labels[PROCESS_LABEL] for s in samples(text, "process_resident_memory_bytes")} == processes(text)
-        assert [s.value for s in samples(text, "ledgerbus_stream_messages") if s.labels["stream"] == "AUDIT"][0] >= 3
+        assert next(s.value for s in samples(text, "ledgerbus_stream_messages") if s.labels["stream"] == "AUDIT") >= 3
         assert "skill-echo" in {s.labels["consumer"] for s in samples(text, "ledgerbus_work_pending")}
 
         def without(principal: str) -> Callable[[str], bool]:
