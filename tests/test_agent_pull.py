@@ -27,7 +27,7 @@ from ledgerbus.bus.events import AuditRecord, TaskSubmitted, new_id
 from ledgerbus.bus.pull import Puller
 from ledgerbus.bus.settings import Settings
 from tests.conftest import RunningRouter
-from tests.support import send, wait_for_record
+from tests.support import send, wait_for_record, wait_until
 
 Connect = Callable[[str], Awaitable[Client]]
 POLL = 5.0
@@ -247,6 +247,78 @@ async def test_a_batch_request_follows_an_item_only_when_more_were_queued_behind
             await asyncio.sleep(2 * intake.BATCH_WAIT_S)
             assert [r for r in requests if r[1] == intake.BATCH_WAIT_S] == [], requests
             assert (1, intake.POLL_S) in requests, "the agent went back to its long poll"
+    finally:
+        stop.set()
+        await task
+
+
+class Timed(Counted):
+    """A :class:`Counted` that notes when each run starts and ends, by its input's ``tag``."""
+
+    def __init__(self, name: str, events: list[tuple[str, str, float]]) -> None:
+        super().__init__(name, [0, 0])
+        self.events = events
+
+    async def run(self, ctx: SkillContext, input: dict[str, Any]) -> Any:
+        self.events.append(("start", input["tag"], time.monotonic()))
+        try:
+            return await super().run(ctx, input)
+        finally:
+            self.events.append(("end", input["tag"], time.monotonic()))
+
+
+async def test_after_a_lone_item_the_next_poll_waits_for_it_to_end_but_not_for_a_long_one(
+        running_router: RunningRouter, connect_as: Connect, settings: Settings, admin: Client,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lone item's next long poll is requested once the item has ended: sent at once,
+    it woke the server on the task's path. A longer item has the poll out again after
+    ``LONE_ITEM_S``, so a task arriving meanwhile starts beside it."""
+    monkeypatch.setattr(intake, "POLL_S", POLL)
+    events: list[tuple[str, str, float]] = []
+    pull = Puller.pull
+
+    async def noted(self: Puller, batch: int, wait: float) -> list[Any]:
+        if ".WORK." in self._next:  # not the router's pulls, in this process too
+            events.append(("poll", "", time.monotonic()))
+        return await pull(self, batch, wait)
+
+    monkeypatch.setattr(Puller, "pull", noted)
+    cli = await connect_as("cli")
+    stop = asyncio.Event()
+    agent = Agent(await connect_as("agent-runner-1"), settings, "runner-1", {"shell": Timed("shell", events)},
+                  concurrency=4)
+    task = asyncio.create_task(agent.run(stop))
+
+    async def run_alone(task_id: str, seconds: float) -> None:
+        await send(cli, "cli", "alice", TaskSubmitted(id=new_id(), task_id=task_id, skill="shell",
+                                                      input={"seconds": seconds, "tag": task_id}))
+
+    try:
+        await wait_for_record(admin.jetstream(), lambda r: r.kind == "agent_joined")
+        await asyncio.sleep(0.5)  # the poll is out
+        for i in range(3):
+            del events[:]
+            await run_alone(f"quick{i}", 0)
+            assert (await wait_for_record(admin.jetstream(), ended(f"quick{i}"))).kind == "task_completed"
+            await asyncio.sleep(0.2)
+            kinds = [kind for kind, _, _ in events]
+            assert kinds[:3] == ["start", "end", "poll"], events
+
+        del events[:]
+        await run_alone("slow", 2.0)
+
+        async def noted_any(kind: str, tag: str | None = None) -> bool:
+            return any(e[0] == kind and tag in (None, e[1]) for e in events)
+
+        await wait_until(lambda: noted_any("start", "slow"), timeout=10)
+        started = next(at for kind, tag, at in events if (kind, tag) == ("start", "slow"))
+        await wait_until(lambda: noted_any("poll"), timeout=1)
+        polled = next(at for kind, _, at in events if kind == "poll")
+        assert polled - started < 1.0, "the next poll waited for the long item"
+        await run_alone("beside", 0)
+        assert (await wait_for_record(admin.jetstream(), ended("beside"))).kind == "task_completed"
+        assert not any(e[:2] == ("end", "slow") for e in events), "the second task waited for the first"
+        assert (await wait_for_record(admin.jetstream(), ended("slow"))).kind == "task_completed"
     finally:
         stop.set()
         await task
