@@ -36,6 +36,7 @@ from ledgerbus.bus.publish import Publisher
 from ledgerbus.bus.settings import Settings
 from ledgerbus.router import audit as audit_mod
 from ledgerbus.router import deadletters, notices
+from ledgerbus.router.acks import LaterAcks
 from ledgerbus.router.audit import AuditLog
 from ledgerbus.router.checkpoints import Checkpoints
 from ledgerbus.router.checks import Check, Inbound, default_checks, run_checks
@@ -88,6 +89,7 @@ class Router:
         self.scheduler = Scheduler(self.live, self.installed, settings.max_message_bytes, self._may_run)
         self.publisher = Publisher(nc)
         self.audit = AuditLog(self.publisher, audit_mod.ChainHead())
+        self.later_acks = LaterAcks()
         self._sub: pull.Puller | None = None
         self._watch: asyncio.Task[None] | None = None
         self._dead: asyncio.Task[None] | None = None
@@ -247,6 +249,7 @@ class Router:
             await snapshots.stop()
             await self.archiver.stop()
             await self.checkpoints.settled()
+        await self.later_acks.flush()
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.close()
@@ -463,10 +466,14 @@ class Router:
         await notices.claims(self.nc, records)
         await notices.cancels(self.nc, self.state, records)
         failpoints.reached("router.dispatched")
+        alone = len(decisions) == 1
         for d in decisions:
             if id(d) in failed:
                 await d.msg.nak(delay=1)
                 d.end(error="dispatch failed: the message will be processed again")
             else:
-                await d.msg.ack()
+                if alone:
+                    self.later_acks.add(d.msg)  # off the task's path (router/acks.py)
+                else:
+                    await d.msg.ack()
                 d.end()

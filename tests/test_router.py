@@ -255,6 +255,55 @@ async def test_a_crash_between_audit_and_ack_never_audits_a_message_twice(
     assert await work_count(js) == 5
 
 
+async def ingress_unacked(js: Any) -> int:
+    """INGRESS messages the router has not acked (delivered or not)."""
+    return (await js.stream_info(subjects.INGRESS_STREAM)).state.messages
+
+
+async def test_a_lone_message_is_acked_a_moment_after_it_is_settled_and_a_stop_sends_the_ack_due(
+    running_router: RunningRouter, connect_as: Connect, admin: Client
+) -> None:
+    """A message that came alone is acked ``ACK_LATER_S`` after its record is stored and its
+    work dispatched (router/acks.py says why); a stop sends what is due at once."""
+    router = running_router.router
+    assert router is not None
+    router.later_acks.delay = 1.0  # long enough to see, where 3 ms is not
+    js = admin.jetstream()
+    cli = await connect_as("cli")
+    await send(cli, CLI, submitted("lone"))
+    await wait_for_records(js, 1)
+    assert await work_count(js) == 1
+    assert await ingress_unacked(js) == 1, "acked at once"
+
+    async def acked() -> bool:
+        return await ingress_unacked(js) == 0
+
+    await wait_until(acked, timeout=10, what="the lone message acked")
+    await send(cli, CLI, submitted("stopped"))
+    await wait_for_records(js, 2)
+    await running_router.stop()
+    assert await ingress_unacked(js) == 0, "the stop left the last ack unsent: a redelivery for the next router"
+
+
+async def test_a_batch_of_messages_is_acked_at_once(connect_as: Connect, admin: Client, settings: Settings) -> None:
+    cli = await connect_as("cli")
+    for i in range(5):  # queued before the router starts: one batch
+        await send(cli, CLI, submitted(f"t{i}"))
+    running = RunningRouter(await connect_as("router"), settings)
+    router = await running.start()
+    router.later_acks.delay = 60.0
+    js = admin.jetstream()
+
+    async def acked() -> bool:
+        return await ingress_unacked(js) == 0
+
+    try:
+        await wait_until(acked, timeout=10, what="the batch acked")
+    finally:
+        await running.stop()
+    assert await work_count(js) == 5
+
+
 @pytest.mark.parametrize("role", ["cli", "agent", "projector"])
 async def test_no_principal_but_the_router_may_write_audit_or_work(
     running_router: RunningRouter, connect_as: Connect, admin: Client, role: str
