@@ -35,11 +35,12 @@ from ledgerbus.agents.attempt import skill_context
 from ledgerbus.agents.claim import AttemptClaim
 from ledgerbus.agents.errors import SkillError
 from ledgerbus.agents.hooks import Hooks
-from ledgerbus.agents.intake import Intake, KeepAlive
+from ledgerbus.agents.intake import Intake, KeepAlive, nothing_behind
 from ledgerbus.agents.llm import calls
 from ledgerbus.agents.llm.replay import Recording
 from ledgerbus.agents.skill import Skill, SkillContext, decode_input, encode_output
 from ledgerbus.bus import codec, failpoints, metrics, pull, subjects, tracing
+from ledgerbus.bus.acks import LaterAcks
 from ledgerbus.bus.cancel import stop_task
 from ledgerbus.bus.connection import PUBACK_TIMEOUT_S
 from ledgerbus.bus.errors import BusError, SchemaError
@@ -124,6 +125,7 @@ class Agent:
         self._loads: dict[str, int] = {}
         self.log = log.bind(agent=name, instance=self.instance)
         self.intake = Intake(concurrency, len(skills) + 1, self._handle, self._keep_alive, self.log)
+        self.later_acks = LaterAcks()
         self._publisher = Publisher(nc)
         """Reports go out through one reply subscription (``bus/publish.py``), not a
         request (an inbox, a timer and a future) per report as ``js.publish`` makes."""
@@ -168,6 +170,7 @@ class Agent:
         beat = asyncio.create_task(self._heartbeat(kv))
         await stop.wait()
         await self.intake.drain(pullers, self.settings.drain_timeout_s)
+        await self.later_acks.flush()
         # Ended for sure before the key is deleted: a beat whose put swallowed the cancel
         # (nats-py's wait_for) would write the key again after the delete.
         await stop_task(beat)
@@ -389,7 +392,10 @@ class Agent:
             if settled is None:
                 return  # the claim was refused, or never answered: the message is settled
             await self.report(settled)
-            await msg.ack()
+            if nothing_behind(msg):
+                self.later_acks.add(msg)  # off the task's path (bus/acks.py)
+            else:
+                await msg.ack()
         finally:
             # Once the report is out, not on the task's path: a histogram's record goes
             # through the SDK's aggregation, a lone task's largest metrics cost in the agent.

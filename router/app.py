@@ -19,6 +19,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from ledgerbus.agents import discovery
 from ledgerbus.bus import failpoints, metrics, pull, signing, subjects, tracing
+from ledgerbus.bus.acks import LaterAcks
 from ledgerbus.bus.cancel import stop_task
 from ledgerbus.bus.chain import ChainHead
 from ledgerbus.bus.events import (
@@ -36,7 +37,6 @@ from ledgerbus.bus.publish import Publisher
 from ledgerbus.bus.settings import Settings
 from ledgerbus.router import audit as audit_mod
 from ledgerbus.router import deadletters, notices
-from ledgerbus.router.acks import LaterAcks
 from ledgerbus.router.audit import AuditLog
 from ledgerbus.router.checkpoints import Checkpoints
 from ledgerbus.router.checks import Check, Inbound, default_checks, run_checks
@@ -473,7 +473,7 @@ class Router:
                 d.end(error="dispatch failed: the message will be processed again")
             else:
                 if alone:
-                    self.later_acks.add(d.msg)  # off the task's path (router/acks.py)
+                    self.later_acks.add(d.msg)  # off the task's path (bus/acks.py)
                 else:
                     await d.msg.ack()
                 d.end()

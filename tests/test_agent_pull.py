@@ -122,8 +122,14 @@ async def test_a_task_running_past_ack_wait_is_kept_alive_and_delivered_once(
         done = await wait_for_record(admin.jetstream(), ended("long"), timeout=10)
         assert done.accepted and done.kind == "task_completed"
         assert done.event is not None and done.event.attempt == 1  # type: ignore[union-attr]
+
+        async def acked() -> bool:  # a moment after the report: bus/acks.py
+            info = await admin.jetstream().consumer_info(subjects.WORK_STREAM, subjects.work_consumer("shell"))
+            return info.num_ack_pending == 0
+
+        await wait_until(acked, timeout=5, what="the item acked")
         info = await admin.jetstream().consumer_info(subjects.WORK_STREAM, subjects.work_consumer("shell"))
-        assert info.num_redelivered == 0 and info.num_ack_pending == 0
+        assert info.num_redelivered == 0
     finally:
         stop.set()
         await task
@@ -322,6 +328,38 @@ async def test_after_a_lone_item_the_next_poll_waits_for_it_to_end_but_not_for_a
     finally:
         stop.set()
         await task
+
+
+async def test_a_lone_item_is_acked_a_moment_after_its_report_and_a_stop_sends_the_ack_due(
+        running_router: RunningRouter, connect_as: Connect, settings: Settings, admin: Client) -> None:
+    """An item that came alone is acked ``ACK_LATER_S`` after its report is stored
+    (bus/acks.py says why), not at once; a stop sends what is due before the agent leaves."""
+    cli = await connect_as("cli")
+    stop = asyncio.Event()
+    agent = Agent(await connect_as("agent-runner-1"), settings, "runner-1", {"shell": Counted("shell", [0, 0])},
+                  concurrency=2)
+    agent.later_acks.delay = 1.0  # long enough to see, where 3 ms is not
+    js = admin.jetstream()
+
+    async def work_held() -> int:
+        return (await js.stream_info(subjects.WORK_STREAM)).state.messages
+
+    async def acked() -> bool:
+        return await work_held() == 0
+
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        await wait_for_record(js, lambda r: r.kind == "agent_joined")
+        await submit(cli, "lone", "shell")
+        assert (await wait_for_record(js, ended("lone"))).kind == "task_completed"
+        assert await work_held() == 1, "acked at once"
+        await wait_until(acked, timeout=10, what="the lone item acked")
+        await submit(cli, "last", "shell")
+        assert (await wait_for_record(js, ended("last"))).kind == "task_completed"
+    finally:
+        stop.set()
+        await task
+    assert await work_held() == 0, "the stop left the last ack unsent: a redelivery for another replica"
 
 
 async def test_a_heartbeat_that_outlives_a_cancel_does_not_write_the_key_again_after_the_agent_left(

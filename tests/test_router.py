@@ -264,7 +264,7 @@ async def test_a_lone_message_is_acked_a_moment_after_it_is_settled_and_a_stop_s
     running_router: RunningRouter, connect_as: Connect, admin: Client
 ) -> None:
     """A message that came alone is acked ``ACK_LATER_S`` after its record is stored and its
-    work dispatched (router/acks.py says why); a stop sends what is due at once."""
+    work dispatched (bus/acks.py says why); a stop sends what is due at once."""
     router = running_router.router
     assert router is not None
     router.later_acks.delay = 1.0  # long enough to see, where 3 ms is not
