@@ -9,11 +9,13 @@ later, they land after those steps. Measured in one run each (blocks of 50 lone 
 switching it on and off, three runs a side), p50 of a lone task: the router's ack
 0.11-0.19 ms lower, the agent's 0.19-0.42 ms lower; nats-server's CPU per task lower too.
 
-Only a message that came alone is held (acks of a batch go out at once, as before), and
-only once it is settled: its outcome is stored. An ack that never goes out (the process
+Only a message that came alone is held: the router's batch of one, an agent's item whose
+delivery said nothing was queued behind it (acks of a batch go out at once, as before).
+And only once it is settled, its outcome stored. An ack that never goes out (the process
 killed meanwhile) is a redelivery after AckWait, settled as after a crash before any ack:
 the router finds the message's record and records nothing twice (invariant 2 of
-docs/architecture.md); a redelivered work item's claim is refused, its task having ended.
+docs/architecture.md); a redelivered work item's claim is refused, its task having ended
+(a skill that claims with its result runs again first, and that report is refused).
 """
 
 from __future__ import annotations
