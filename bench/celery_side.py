@@ -57,8 +57,11 @@ def redis_server() -> Iterator[str]:
             procs.stop(proc, signal.SIGTERM, 30, "redis-server")
 
 
-def run(repo: Path, tasks: int, samples: int, say: Callable[[str], None], paused: int = 0) -> dict[str, Any]:
-    """One run of Celery with Redis: latency, after a pause, then throughput, as for ledgerbus."""
+@contextlib.contextmanager
+def celery(repo: Path, say: Callable[[str], None], notes: list[str]) -> Iterator[Any]:
+    """Redis and one worker as the module says; yields the app's ``noop`` task once the
+    worker has answered it. The worker is stopped warm on the way out (what that left is
+    added to ``notes``); an error of Celery's or Redis's comes with the worker's log."""
     from bench.celery_app import NOOP, URL_VARIABLE, make_app
 
     with redis_server() as url, tempfile.TemporaryDirectory(prefix="bench-celery-") as tmp:
@@ -72,37 +75,45 @@ def run(repo: Path, tasks: int, samples: int, say: Callable[[str], None], paused
                 cwd=repo, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True)
         app = make_app(url)
-        noop = app.tasks[NOOP]
-        notes: list[str] = []
         try:
             started = time.monotonic()
+            noop = app.tasks[NOOP]
             # The first task completes once the worker consumes: that is its readiness.
             noop.delay().get(timeout=180)
             say(f"  worker answered {time.monotonic() - started:.1f} s after its start")
-            latencies = []
-            for i in range(WARMUP + samples):
-                start = time.perf_counter()
-                noop.delay().get(timeout=60)
-                if i >= WARMUP:
-                    latencies.append(time.perf_counter() - start)
-            after_pause = []
-            for pause in pauses(paused):
-                time.sleep(pause)
-                start = time.perf_counter()
-                noop.delay().get(timeout=60)
-                after_pause.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            results = [noop.delay() for _ in range(tasks)]
-            submitted = time.perf_counter() - start
-            for result in results:
-                result.get(timeout=120 + tasks * 0.1)
-            elapsed = time.perf_counter() - start
+            yield noop
+        except BenchError:
+            raise
         except Exception as exc:  # Celery's and Redis's errors have no common root
             raise BenchError(f"Celery run failed: {exc!r}\n--- worker log ---\n{procs.tail(log)}") from exc
         finally:
             app.close()
             notes += procs.stop(worker, signal.SIGTERM, 60, "celery worker")  # warm shutdown
             notes += procs.reap(procs.pids(procs.in_session(worker.pid)), "the celery worker")
+
+
+def run(repo: Path, tasks: int, samples: int, say: Callable[[str], None], paused: int = 0) -> dict[str, Any]:
+    """One run of Celery with Redis: latency, after a pause, then throughput, as for ledgerbus."""
+    notes: list[str] = []
+    with celery(repo, say, notes) as noop:
+        latencies = []
+        for i in range(WARMUP + samples):
+            start = time.perf_counter()
+            noop.delay().get(timeout=60)
+            if i >= WARMUP:
+                latencies.append(time.perf_counter() - start)
+        after_pause = []
+        for pause in pauses(paused):
+            time.sleep(pause)
+            start = time.perf_counter()
+            noop.delay().get(timeout=60)
+            after_pause.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        results = [noop.delay() for _ in range(tasks)]
+        submitted = time.perf_counter() - start
+        for result in results:
+            result.get(timeout=120 + tasks * 0.1)
+        elapsed = time.perf_counter() - start
     return {"tasks_per_s": tasks / elapsed, "seconds": elapsed, "submitted_per_s": tasks / submitted,
             "p50_ms": statistics.median(latencies) * 1000, "p99_ms": percentile(latencies, 99) * 1000,
             "notes": notes} | ({"paused_p50_ms": statistics.median(after_pause) * 1000} if after_pause else {})

@@ -345,6 +345,17 @@ async def _projected(db: Path, tasks: int, timeout: float) -> float:
         await asyncio.sleep(0.02)
 
 
+async def outcomes(js: JetStreamContext, done: Completions) -> list[Any]:
+    """``done``'s subscriptions to the tasks' outcomes from now on: completions, and any
+    rejection or failure (which ends a measure with its reason)."""
+    subs = [await js.subscribe("audit.accepted.task_completed.*", stream=subjects.AUDIT_STREAM,
+                               ordered_consumer=True, deliver_policy=DeliverPolicy.NEW, cb=done.on_completed)]
+    for bad in ("audit.rejected.>", "audit.accepted.task_failed.*"):
+        subs.append(await js.subscribe(bad, stream=subjects.AUDIT_STREAM, ordered_consumer=True,
+                                       deliver_policy=DeliverPolicy.NEW, cb=done.on_bad))
+    return subs
+
+
 def _submission(task_id: str) -> tuple[bytes, dict[str, str]]:
     event = TaskSubmitted(id=new_id(), task_id=task_id, skill="echo", input={"text": "hello"})
     return codec.encode(event), {subjects.HDR_MSG_ID: event.id}
@@ -365,12 +376,7 @@ async def _measure(system: System, tasks: int, samples: int, paused: int, profil
     done = Completions()
     stamping = await js.subscribe("audit.accepted.task_submitted.*", stream=subjects.AUDIT_STREAM,
                                   ordered_consumer=True, deliver_policy=DeliverPolicy.NEW, cb=done.on_submitted)
-    subs = [stamping, await js.subscribe("audit.accepted.task_completed.*", stream=subjects.AUDIT_STREAM,
-                                         ordered_consumer=True, deliver_policy=DeliverPolicy.NEW,
-                                         cb=done.on_completed)]
-    for bad in ("audit.rejected.>", "audit.accepted.task_failed.*"):
-        subs.append(await js.subscribe(bad, stream=subjects.AUDIT_STREAM, ordered_consumer=True,
-                                       deliver_policy=DeliverPolicy.NEW, cb=done.on_bad))
+    subs = [stamping, *await outcomes(js, done)]
     try:
         latencies, sent = [], {}
         for i in range(WARMUP + samples):
