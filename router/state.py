@@ -441,7 +441,6 @@ class RouterState:
         return [task_id for task_id, task in self.tasks.items() if not task.settled]
 
 
-
 _Fold = Callable[[RouterState, AuditRecord, Any], None]
 _FOLDS: dict[type, _Fold] = {
     TaskSubmitted: RouterState._submitted,

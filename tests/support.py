@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any, Self
 
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
 from ledgerbus.bus import codec, signing, subjects
+from ledgerbus.bus.acks import LaterAcks
 from ledgerbus.bus.events import AuditRecord, TaskStarted, kind_of, new_id
 from ledgerbus.bus.identity import Registry, identity, permissions, write_local_config
 from ledgerbus.bus.settings import Settings
@@ -352,3 +354,14 @@ class LoopTurns:
             await callback(*args)
             seen.append(self.count)
         return noted
+
+
+class LostAcks(LaterAcks):
+    """Late acks (``bus/acks.py``) that never go out, as if the process died first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[Msg] = []
+
+    def add(self, msg: Msg) -> None:
+        self.held.append(msg)

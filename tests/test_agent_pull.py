@@ -23,11 +23,12 @@ from ledgerbus.agents.errors import SkillError
 from ledgerbus.agents.runtime import Agent
 from ledgerbus.agents.skill import SkillContext
 from ledgerbus.bus import subjects
+from ledgerbus.bus.acks import LaterAcks
 from ledgerbus.bus.events import AuditRecord, TaskSubmitted, new_id
 from ledgerbus.bus.pull import Puller
 from ledgerbus.bus.settings import Settings
 from tests.conftest import RunningRouter
-from tests.support import send, wait_for_record, wait_until
+from tests.support import LostAcks, audit_records, send, wait_for_record, wait_until
 
 Connect = Callable[[str], Awaitable[Client]]
 POLL = 5.0
@@ -360,6 +361,46 @@ async def test_a_lone_item_is_acked_a_moment_after_its_report_and_a_stop_sends_t
         stop.set()
         await task
     assert await work_held() == 0, "the stop left the last ack unsent: a redelivery for another replica"
+
+
+async def test_a_completed_item_whose_late_ack_never_went_out_is_redelivered_and_recorded_once(
+        running_router: RunningRouter, connect_as: Connect, settings: Settings, admin: Client) -> None:
+    """The window the late ack widens (docs/architecture.md, what happens when a process
+    dies): the item comes back after AckWait, its task has ended, and the skill that claims
+    with its result runs again, its report refused. One result is recorded; WORK drains."""
+    short = settings.replace(work_ack_wait_s=0.6)
+    stop = asyncio.Event()
+    running = [0, 0]
+    agent = Agent(await connect_as("agent-runner-1"), short, "runner-1", {"shell": Counted("shell", running)},
+                  concurrency=2)
+    js = admin.jetstream()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        await wait_for_record(js, lambda r: r.kind == "agent_joined")
+        agent.later_acks = lost = LostAcks()  # as if the agent died before sending the ack
+        await submit(await connect_as("cli"), "once", "shell")
+        first = await wait_for_record(js, ended("once"))
+        assert first.accepted and first.kind == "task_completed"
+
+        async def held() -> bool:
+            return bool(lost.held)
+
+        await wait_until(held, timeout=5, what="the first run's ack handed over")
+        agent.later_acks = LaterAcks()  # the redelivered item's ack goes out
+
+        again = await wait_for_record(js, lambda r: r.key == "once" and r.kind == "task_completed"
+                                      and not r.accepted, timeout=10)
+        assert again.event is not None and again.event.attempt == 2  # type: ignore[union-attr]
+
+        async def drained() -> bool:
+            return (await js.stream_info(subjects.WORK_STREAM)).state.messages == 0
+
+        await wait_until(drained, timeout=10, what="the redelivered item acked")
+        records = await audit_records(js)
+        assert [r.seq for r in records if r.key == "once" and r.kind == "task_completed" and r.accepted] == [first.seq]
+    finally:
+        stop.set()
+        await task
 
 
 async def test_a_heartbeat_that_outlives_a_cancel_does_not_write_the_key_again_after_the_agent_left(

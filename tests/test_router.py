@@ -23,7 +23,7 @@ from ledgerbus.router.lease import Lease
 from ledgerbus.router.policy import PolicyFile
 from ledgerbus.router.state import RouterState
 from tests.conftest import RunningRouter
-from tests.support import audit_records, claim, stored_audit, wait_for_records, wait_until, work_count
+from tests.support import LostAcks, audit_records, claim, stored_audit, wait_for_records, wait_until, work_count
 
 CLI = subjects.principal("cli", "alice")
 AGENT = subjects.principal("agent", "worker-1")
@@ -283,6 +283,37 @@ async def test_a_lone_message_is_acked_a_moment_after_it_is_settled_and_a_stop_s
     await wait_for_records(js, 2)
     await running_router.stop()
     assert await ingress_unacked(js) == 0, "the stop left the last ack unsent: a redelivery for the next router"
+
+
+async def test_a_lone_message_whose_late_ack_never_went_out_is_dispatched_once_and_audited_once(
+    connect_as: Connect, admin: Client, settings: Settings
+) -> None:
+    """The window the late ack widens (docs/architecture.md, what happens when a process
+    dies): the message comes back to the next router, which finds its record and
+    re-dispatches it; WORK de-duplicates the item, nothing is audited twice."""
+    short = settings.replace(ingress_ack_wait_s=1.0)
+    first = RunningRouter(await connect_as("router"), short)
+    router = await first.start()
+    router.later_acks = LostAcks()
+    js = admin.jetstream()
+    await send(await connect_as("cli"), CLI, submitted("lone"))
+    await wait_for_records(js, 1)
+    assert await work_count(js) == 1
+    await first.stop()
+    assert await ingress_unacked(js) == 1, "the ack went out after all"
+
+    replacement = RunningRouter(await connect_as("router"), short)
+    await replacement.start()
+
+    async def acked() -> bool:
+        return await ingress_unacked(js) == 0
+
+    try:
+        await wait_until(acked, timeout=15, what="the redelivered message settled")
+    finally:
+        await replacement.stop()
+    assert [r.key for r in await audit_records(js)] == ["lone"]
+    assert await work_count(js) == 1
 
 
 async def test_a_batch_of_messages_is_acked_at_once(connect_as: Connect, admin: Client, settings: Settings) -> None:
