@@ -260,6 +260,14 @@ async def ingress_unacked(js: Any) -> int:
     return (await js.stream_info(subjects.INGRESS_STREAM)).state.messages
 
 
+async def all_acked(js: Any, what: str, timeout: float = 10) -> None:
+    """Wait until the router has acked every INGRESS message."""
+    async def acked() -> bool:
+        return await ingress_unacked(js) == 0
+
+    await wait_until(acked, timeout=timeout, what=what)
+
+
 async def test_a_lone_message_is_acked_a_moment_after_it_is_settled_and_a_stop_sends_the_ack_due(
     running_router: RunningRouter, connect_as: Connect, admin: Client
 ) -> None:
@@ -274,11 +282,7 @@ async def test_a_lone_message_is_acked_a_moment_after_it_is_settled_and_a_stop_s
     await wait_for_records(js, 1)
     assert await work_count(js) == 1
     assert await ingress_unacked(js) == 1, "acked at once"
-
-    async def acked() -> bool:
-        return await ingress_unacked(js) == 0
-
-    await wait_until(acked, timeout=10, what="the lone message acked")
+    await all_acked(js, "the lone message acked")
     await send(cli, CLI, submitted("stopped"))
     await wait_for_records(js, 2)
     await running_router.stop()
@@ -304,12 +308,8 @@ async def test_a_lone_message_whose_late_ack_never_went_out_is_dispatched_once_a
 
     replacement = RunningRouter(await connect_as("router"), short)
     await replacement.start()
-
-    async def acked() -> bool:
-        return await ingress_unacked(js) == 0
-
     try:
-        await wait_until(acked, timeout=15, what="the redelivered message settled")
+        await all_acked(js, "the redelivered message settled", timeout=15)
     finally:
         await replacement.stop()
     assert [r.key for r in await audit_records(js)] == ["lone"]
@@ -324,12 +324,8 @@ async def test_a_batch_of_messages_is_acked_at_once(connect_as: Connect, admin: 
     router = await running.start()
     router.later_acks.delay = 60.0
     js = admin.jetstream()
-
-    async def acked() -> bool:
-        return await ingress_unacked(js) == 0
-
     try:
-        await wait_until(acked, timeout=10, what="the batch acked")
+        await all_acked(js, "the batch acked")
     finally:
         await running.stop()
     assert await work_count(js) == 5
