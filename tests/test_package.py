@@ -104,7 +104,7 @@ def _free_port() -> int:
 
 def _run_a_project(installed: Path, tmp_path: Path) -> None:
     """`agentctl init`, `honcho start` in the project, the CLI and the client from below it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEDGERBUS_", "OTEL_")) and k != "VIRTUAL_ENV"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEDGERBUS_", "OTEL_")) and k not in ("VIRTUAL_ENV", "GOMAXPROCS")}
     env.update(PATH=f"{installed}{os.pathsep}{env['PATH']}", LEDGERBUS_CLI_NAME="tester")
     project = tmp_path / "x"
     _run([str(installed / "agentctl"), "init", str(project)], env=env, cwd=tmp_path)
@@ -149,6 +149,10 @@ def _run_a_project(installed: Path, tmp_path: Path) -> None:
         assert out.splitlines()[:2] == ["{'text': 'hello'}", "rejected (invalid_input)"], out
         assert out.splitlines()[2].startswith("completed task by echo-1 in "), out
         _the_http_api_as_docs_web_md_shows_it(installed, deep, env, web)
+        # `agentctl nats` gives the server half the cores for Go code (bus/server.py).
+        servers = [pid for pid in _leftovers(project) if Path(f"/proc/{pid}/comm").read_text().strip() == "nats-server"]
+        assert len(servers) == 1, servers
+        assert _environ(servers[0])["GOMAXPROCS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
     finally:
         os.killpg(honcho.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends honcho's process group
         try:
@@ -185,6 +189,12 @@ _CONNECTION_TROUBLE = re.compile(
     r"nats_error|nats_disconnected|nats_reconnected|fetch_failed|refused|connect call failed|unexpected EOF|"
     r"server shutdown|\[error", re.IGNORECASE)
 """What a client logs when the server goes first (nats-server's own lines are not checked)."""
+
+
+def _environ(pid: int) -> dict[str, str]:
+    """The environment process ``pid`` was started with."""
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+    return dict(pair.split("=", 1) for pair in pairs if "=" in pair)
 
 
 def _leftovers(directory: Path) -> list[int]:
