@@ -339,7 +339,7 @@ async def test_a_lone_item_is_acked_a_moment_after_its_report_and_a_stop_sends_t
     stop = asyncio.Event()
     agent = Agent(await connect_as("agent-runner-1"), settings, "runner-1", {"shell": Counted("shell", [0, 0])},
                   concurrency=2)
-    agent.later_acks.delay = 1.0  # long enough to see, where 3 ms is not
+    agent.later_acks.delay = 1.0  # long enough to see, where 20 ms is not
     js = admin.jetstream()
 
     async def work_held() -> int:

@@ -275,7 +275,7 @@ async def test_a_lone_message_is_acked_a_moment_after_it_is_settled_and_a_stop_s
     work dispatched (bus/acks.py says why); a stop sends what is due at once."""
     router = running_router.router
     assert router is not None
-    router.later_acks.delay = 1.0  # long enough to see, where 3 ms is not
+    router.later_acks.delay = 1.0  # long enough to see, where 20 ms is not
     js = admin.jetstream()
     cli = await connect_as("cli")
     await send(cli, CLI, submitted("lone"))
