@@ -1,6 +1,7 @@
 """``python -m bench [--only router|projections|scaling|fsync|e2e|coldstart|soak] [--messages N] [--rounds R]
 [--tasks T] [--events E] [--sleep-tasks N] [--sleep S] [--replicas 1,2,4] [--fsync-messages N]
-[--fsync-sequential M] [--e2e-tasks N] [--e2e-samples M] [--e2e-paused P] [--coldstart-records 100000,1000000] [--profile]
+[--fsync-sequential M] [--e2e-tasks N] [--e2e-samples M] [--e2e-paused P] [--e2e-paired K]
+[--coldstart-records 100000,1000000] [--profile]
 [--plot PNG] [--soak-messages N] [--soak-sample-s S] [--soak-window T] [--soak-rate R] [--soak-audit-max-bytes B]
 [--soak-audit-max-age D] [--soak-segment-records N] [--soak-archive-max-age D] [--soak-check-every D]
 [--soak-no-retention] [--soak-flat-pct P] [--soak-csv CSV] [--soak-plot PNG] [--write-docs [--docs MD]]``
@@ -27,7 +28,8 @@
    of nats-cluster/ (R3), vs one server by default (see bench/fsync.py).
 6. The whole system as a user compares it: ``honcho start`` as shipped (traced, and with
    OTEL_SDK_DISABLED=true) beside Celery with Redis, N no-op tasks pipelined and M one at a
-   time, rounds alternating (see bench/e2e.py; needs ``uv sync --extra bench``).
+   time, rounds alternating (see bench/e2e.py; needs ``uv sync --extra bench``); then K
+   lone tasks a side with both systems up, in blocks taking turns (bench/paired.py).
 7. Router cold start as the audit log grows, from a snapshot and folding the whole log, on
    one log grown by the real router and an echo agent (see bench/coldstart.py).
 8. A soak, only with ``--only soak``: ``honcho start`` as shipped with a ``[retention]``
@@ -61,7 +63,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Sampler, SamplingResult
 from rich.console import Console
 from rich.table import Table
 
-from bench import coldstart, e2e, e2e_report, fsync, projections, scaling, soak, soak_report
+from bench import coldstart, e2e, e2e_report, fsync, paired, projections, scaling, soak, soak_report
 from ledgerbus.agents.runtime import Agent
 from ledgerbus.bus import codec, heap, pull, subjects, tracing
 from ledgerbus.bus.archive import parse_duration, parse_size
@@ -425,6 +427,10 @@ def cli() -> None:
     parser.add_argument("--e2e-paused", type=_count, default=30,
                         help="Tasks then run one at a time after a pause of 0.2-0.8 s each (a person's task, every "
                              "process idle), for their p50; 0 leaves the step out.  [default: 30]")
+    parser.add_argument("--e2e-paired", type=_count, default=1000,
+                        help="Then lone tasks a side with ledgerbus (as shipped) and Celery up at once, in blocks of "
+                             "50 taking turns, for the p50 ratio the machine's drift moves least (bench/paired.py); "
+                             "0 leaves the step out.  [default: 1000]")
     parser.add_argument("--coldstart-records", type=_sizes, default="100000,1000000",
                         help="Audit log sizes at which the router's cold start is measured, with and without "
                              "snapshots (one log, grown in turn).  [default: 100000,1000000]")
@@ -526,6 +532,9 @@ def cli() -> None:
         profile = REPO / "bench" / "results" / "router-profile.txt" if args.profile else None
         ends = e2e.run(REPO, args.e2e_tasks, args.e2e_samples, args.rounds, profile, say=console.print,
                        paused=args.e2e_paused)
+        if args.e2e_paired and not ends["celery_skipped"]:
+            console.print(f"one task at a time, paired: {args.e2e_paired:,} lone tasks a side, both systems up ...")
+            ends["paired"] = paired.run(REPO, args.e2e_paired, paired.BLOCK, True, console.print)
         ends["machine"] = e2e_report.machine()
         ends["command"] = " ".join(["python -m bench", *map(shlex.quote, sys.argv[1:])])
         result["e2e"] = ends

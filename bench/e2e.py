@@ -596,6 +596,7 @@ def run(repo: Path, tasks: int, samples: int, rounds: int, profile: Path | None 
             "p50_ms": medians["ledgerbus"]["p50_ms"] / celery["p50_ms"],
             "p99_ms": medians["ledgerbus"]["p99_ms"] / celery["p99_ms"],
         }
+        result["p50_over_celery_rounds"] = _round_ratios(per_round, "ledgerbus", "celery", lambda r: r["p50_ms"])
         if "paused_p50_ms" in medians["ledgerbus"] and "paused_p50_ms" in celery:
             result["ledgerbus_over_celery"]["paused_p50_ms"] = (medians["ledgerbus"]["paused_p50_ms"]
                                                                 / celery["paused_p50_ms"])

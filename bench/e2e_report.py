@@ -130,6 +130,10 @@ def rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                  f"{ratio['p50_ms']:.2f}"),
                 ("e2e latency p99, ms", f"{lb['p99_ms']:.2f} ledgerbus", f"{c['p99_ms']:.2f} Celery",
                  f"{ratio['p99_ms']:.2f}")]
+        if "paired" in result:
+            pa = result["paired"]
+            out.append(("e2e latency p50, paired, ms", f"{pa['ledgerbus_p50_ms']:.2f} ledgerbus",
+                        f"{pa['celery_p50_ms']:.2f} Celery", f"{pa['p50_ratio']:.2f}"))
         if "paused_p50_ms" in ratio:
             out.append(("e2e latency after a pause, p50 ms", f"{lb['paused_p50_ms']:.2f} ledgerbus",
                         f"{c['paused_p50_ms']:.2f} Celery", f"{ratio['paused_p50_ms']:.2f}"))
@@ -194,6 +198,10 @@ def _fmt_rounds(values: list[float], fmt: str) -> str:
     return " / ".join(format(v, fmt) for v in values)
 
 
+def _met(goal: bool) -> str:
+    return "met" if goal else "not met"
+
+
 def section(result: dict[str, Any], command: str, plot_link: str | None) -> str:
     """The generated part of docs/benchmarks.md for one run (between the markers)."""
     med, detail, info = result["median"], result["rounds_detail"], result["machine"]
@@ -212,13 +220,25 @@ def section(result: dict[str, Any], command: str, plot_link: str | None) -> str:
         ratio = result["ledgerbus_over_celery"]
         lines += [f"| ledgerbus / Celery, tasks/s | {ratio['tasks_per_s']:.2f} |",
                   f"| ledgerbus untraced / Celery, tasks/s | {ratio['untraced_tasks_per_s']:.2f} |",
-                  f"| ledgerbus / Celery, p50 latency | {ratio['p50_ms']:.2f} |",
-                  f"| ledgerbus / Celery, p99 latency | {ratio['p99_ms']:.2f} |"]
+                  f"| ledgerbus / Celery, p50 latency (goal ≤ 1: {_met(ratio['p50_ms'] <= 1)}) | {ratio['p50_ms']:.2f} |"]
+        if result.get("p50_over_celery_rounds"):
+            values = result["p50_over_celery_rounds"]
+            lines.append(f"| ledgerbus / Celery, p50 latency, each round's own (the two ran in the same round) | "
+                         f"{statistics.median(values):.2f} (rounds {_fmt_rounds(values, '.2f')}) |")
+        if "paired" in result:
+            pa = result["paired"]
+            lines.append(f"| ledgerbus / Celery, p50 latency, paired: both systems up, {pa['tasks_each']:,} lone tasks "
+                         f"a side in blocks of {pa['block']} taking turns (`bench/paired.py`; goal ≤ 1: "
+                         f"{_met(pa['p50_ratio'] <= 1)}) | {pa['p50_ratio']:.2f} ({pa['ledgerbus_p50_ms']:.2f} "
+                         f"against {pa['celery_p50_ms']:.2f} ms; the pairs of blocks' own "
+                         f"{pa['pair_ratio_min']:.2f}-{pa['pair_ratio_max']:.2f}, median "
+                         f"{pa['pair_ratio_median']:.2f}) |")
+        lines.append(f"| ledgerbus / Celery, p99 latency | {ratio['p99_ms']:.2f} |")
         if "paused_p50_ms" in ratio:
             lines.append(f"| ledgerbus / Celery, p50 latency after a pause | {ratio['paused_p50_ms']:.2f} |")
     else:
         lines.append(f"| ledgerbus / Celery | Celery skipped: {result['celery_skipped']} |")
-    goal = "met" if result["traced_over_untraced"] >= 0.8 else "not met"
+    goal = _met(result["traced_over_untraced"] >= 0.8)
     lines += [f"| traced as shipped / untraced ledgerbus, tasks/s (goal ≥ 0.80: {goal}) | "
               f"{result['traced_over_untraced']:.2f} |",
               f"| every task traced / untraced ledgerbus, tasks/s | {result['every_trace_over_untraced']:.2f} |"]
@@ -234,7 +254,7 @@ def section(result: dict[str, Any], command: str, plot_link: str | None) -> str:
     if lag:
         worst = max(lag.values())
         lines.append(f"| the projection shows all N completed, after the client saw the last (goal ≤ 1 s: "
-                     f"{'met' if worst <= 1.0 else 'not met'}) | "
+                     f"{_met(worst <= 1.0)}) | "
                      + ", ".join(f"{v * 1000:,.0f} ms" for v in lag.values()) + " |")
     lines += cpu_lines(result.get("cpu_ms_per_task", {}), "during the throughput step")
     lines += cpu_lines(result.get("cpu_ms_per_task_alone", {}),

@@ -100,6 +100,10 @@ async def _alternate(system: e2e.System, noop: Any, pairs: int, block: int,
         await cli.close()
 
 
+BLOCK = 50
+"""Lone tasks in a row to one system before the other's turn."""
+
+
 def pairs_of(tasks: int, block: int) -> int:
     """How many pairs of blocks ``tasks`` lone tasks a side make (whole blocks only)."""
     if tasks < block:
@@ -125,7 +129,7 @@ def run(repo: Path, tasks: int, block: int, traced: bool, say: Callable[[str], N
 @click.command()
 @click.option("--tasks", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Lone tasks a side (whole pairs of blocks).")
-@click.option("--block", default=50, show_default=True, type=click.IntRange(min=1),
+@click.option("--block", default=BLOCK, show_default=True, type=click.IntRange(min=1),
               help="Tasks in a row to one system before the other's turn.")
 @click.option("--untraced", is_flag=True, help="ledgerbus with OTEL_SDK_DISABLED=true (as shipped otherwise).")
 def main(tasks: int, block: int, untraced: bool) -> None:

@@ -55,3 +55,26 @@ def test_the_docs_section_has_the_step_after_a_pause_where_it_was_measured() -> 
     earlier = documented(paused=False)
     assert "| 3.00 | 6.00 | not measured |" in earlier
     assert "after a pause |" not in earlier.split("| ratio (medians) |")[1]
+
+
+def test_the_p50_ratio_is_shown_each_round_and_paired_where_it_was_measured() -> None:
+    paired = {"ledgerbus_p50_ms": 2.01, "celery_p50_ms": 2.18, "p50_ratio": 2.01 / 2.18, "pair_ratio_median": 0.924,
+              "pair_ratio_min": 0.74, "pair_ratio_max": 1.13, "pairs": 20, "tasks_each": 1000, "block": 50}
+    extra = {"p50_over_celery_rounds": [0.95, 1.2, 0.9], "paired": paired}
+    measured = {row[0]: row for row in rows(result(paused=True) | extra)}
+    assert measured["e2e latency p50, paired, ms"] == (
+        "e2e latency p50, paired, ms", "2.01 ledgerbus", "2.18 Celery", "0.92")
+    assert not any("paired" in row[0] for row in rows(result(paused=True)))
+    found = result(paused=True) | extra | {
+        "rounds": 3, "tasks": 5000, "latency_samples": 300, "paused_samples": 30,
+        "rounds_detail": {name: [m | {"notes": []}] for name, m in result(paused=True)["median"].items()},
+        "machine": {"date": "d", "nproc": 2, "cpu": "cpu", "memory": "m", "kernel": "k", "python": "3.11",
+                    "nats_server": "v2", "redis_server": "7", "packages": {}}}
+    page = section(found, "python -m bench --only e2e", None)
+    assert "| ledgerbus / Celery, p50 latency (goal ≤ 1: not met) | 1.07 |" in page  # 3.0 against 2.8 ms
+    assert "| ledgerbus / Celery, p50 latency, each round's own (the two ran in the same round) | 0.95 " \
+           "(rounds 0.95 / 1.20 / 0.90) |" in page
+    assert ("| ledgerbus / Celery, p50 latency, paired: both systems up, 1,000 lone tasks a side in blocks of 50 "
+            "taking turns (`bench/paired.py`; goal ≤ 1: met) | 0.92 (2.01 against 2.18 ms; the pairs of blocks' own "
+            "0.74-1.13, median 0.92) |") in page
+    assert "paired" not in documented(paused=True)
