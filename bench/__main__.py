@@ -324,6 +324,14 @@ def _count(value: str) -> int:
     return _whole(value, 0)
 
 
+def _paired(value: str) -> int:
+    """Lone tasks a side for the paired step: 0 (left out) or at least one block."""
+    count = _whole(value, 0)
+    if 0 < count < paired.BLOCK:
+        raise argparse.ArgumentTypeError(f"fewer than one block of {paired.BLOCK} (0 leaves the step out): {value!r}")
+    return count
+
+
 def _counts(value: str) -> list[int]:
     """``--replicas 2,4`` → ``[1, 2, 4]``: distinct positive counts, the baseline first."""
     try:
@@ -427,7 +435,7 @@ def cli() -> None:
     parser.add_argument("--e2e-paused", type=_count, default=30,
                         help="Tasks then run one at a time after a pause of 0.2-0.8 s each (a person's task, every "
                              "process idle), for their p50; 0 leaves the step out.  [default: 30]")
-    parser.add_argument("--e2e-paired", type=_count, default=1000,
+    parser.add_argument("--e2e-paired", type=_paired, default=1000,
                         help="Then lone tasks a side with ledgerbus (as shipped) and Celery up at once, in blocks of "
                              "50 taking turns, for the p50 ratio the machine's drift moves least (bench/paired.py); "
                              "0 leaves the step out.  [default: 1000]")

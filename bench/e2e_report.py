@@ -220,7 +220,8 @@ def section(result: dict[str, Any], command: str, plot_link: str | None) -> str:
         ratio = result["ledgerbus_over_celery"]
         lines += [f"| ledgerbus / Celery, tasks/s | {ratio['tasks_per_s']:.2f} |",
                   f"| ledgerbus untraced / Celery, tasks/s | {ratio['untraced_tasks_per_s']:.2f} |",
-                  f"| ledgerbus / Celery, p50 latency (goal ≤ 1: {_met(ratio['p50_ms'] <= 1)}) | {ratio['p50_ms']:.2f} |"]
+                  f"| ledgerbus / Celery, p50 latency (goal ≤ 1: {_met(ratio['p50_ms'] <= 1)}) | "
+                  + f"{ratio['p50_ms']:.2f} |"]
         if result.get("p50_over_celery_rounds"):
             values = result["p50_over_celery_rounds"]
             lines.append(f"| ledgerbus / Celery, p50 latency, each round's own (the two ran in the same round) | "

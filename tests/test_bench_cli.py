@@ -20,6 +20,7 @@ from tests.support import REPO
     ("--messages", "many", "argument --messages: not a whole number: 'many'"),
     ("--e2e-paused", "-1", "argument --e2e-paused: must be at least 0: '-1'"),
     ("--e2e-paired", "-5", "argument --e2e-paired: must be at least 0: '-5'"),
+    ("--e2e-paired", "10", "argument --e2e-paired: fewer than one block of 50 (0 leaves the step out): '10'"),
 ])
 def test_a_count_below_one_or_not_a_number_is_refused_by_name(option: str, value: str, said: str) -> None:
     done = subprocess.run([sys.executable, "-m", "bench", "--only", "router", option, value],

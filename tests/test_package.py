@@ -104,7 +104,8 @@ def _free_port() -> int:
 
 def _run_a_project(installed: Path, tmp_path: Path) -> None:
     """`agentctl init`, `honcho start` in the project, the CLI and the client from below it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEDGERBUS_", "OTEL_")) and k not in ("VIRTUAL_ENV", "GOMAXPROCS")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LEDGERBUS_", "OTEL_")) and k not in ("VIRTUAL_ENV", "GOMAXPROCS")}
     env.update(PATH=f"{installed}{os.pathsep}{env['PATH']}", LEDGERBUS_CLI_NAME="tester")
     project = tmp_path / "x"
     _run([str(installed / "agentctl"), "init", str(project)], env=env, cwd=tmp_path)
