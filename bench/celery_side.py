@@ -57,11 +57,36 @@ def redis_server() -> Iterator[str]:
             procs.stop(proc, signal.SIGTERM, 30, "redis-server")
 
 
+CELERY_PACKAGES = frozenset({"celery", "kombu", "billiard", "amqp", "vine", "redis"})
+"""Where an error of Celery's or of the clients under it comes from (they share no root class)."""
+
+
+def from_celery(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised as one of Celery's (or Redis's, kombu's...) own errors."""
+    return type(exc).__module__.partition(".")[0] in CELERY_PACKAGES
+
+
+@contextlib.contextmanager
+def labelled(log: Path, everything: bool) -> Iterator[None]:
+    """Report an error of Celery's as a :class:`BenchError` with the worker's log; with
+    ``everything``, any error but a :class:`BenchError` (the worker's start, where nothing
+    else runs)."""
+    try:
+        yield
+    except BenchError:
+        raise
+    except Exception as exc:
+        if not (everything or from_celery(exc)):
+            raise
+        raise BenchError(f"Celery run failed: {exc!r}\n--- worker log ---\n{procs.tail(log)}") from exc
+
+
 @contextlib.contextmanager
 def celery(repo: Path, say: Callable[[str], None], notes: list[str]) -> Iterator[Any]:
     """Redis and one worker as the module says; yields the app's ``noop`` task once the
     worker has answered it. The worker is stopped warm on the way out (what that left is
-    added to ``notes``); an error of Celery's or Redis's comes with the worker's log."""
+    added to ``notes``); an error of Celery's or Redis's comes with the worker's log, any
+    other error of the caller's block as it was raised (:func:`labelled`)."""
     from bench.celery_app import NOOP, URL_VARIABLE, make_app
 
     with redis_server() as url, tempfile.TemporaryDirectory(prefix="bench-celery-") as tmp:
@@ -76,16 +101,16 @@ def celery(repo: Path, say: Callable[[str], None], notes: list[str]) -> Iterator
                 start_new_session=True)
         app = make_app(url)
         try:
-            started = time.monotonic()
-            noop = app.tasks[NOOP]
-            # The first task completes once the worker consumes: that is its readiness.
-            noop.delay().get(timeout=180)
-            say(f"  worker answered {time.monotonic() - started:.1f} s after its start")
-            yield noop
-        except BenchError:
-            raise
-        except Exception as exc:  # Celery's and Redis's errors have no common root
-            raise BenchError(f"Celery run failed: {exc!r}\n--- worker log ---\n{procs.tail(log)}") from exc
+            with labelled(log, everything=True):
+                started = time.monotonic()
+                noop = app.tasks[NOOP]
+                # The first task completes once the worker consumes: that is its readiness.
+                noop.delay().get(timeout=180)
+                say(f"  worker answered {time.monotonic() - started:.1f} s after its start")
+            # The caller's block may run more than Celery (bench/paired.py runs ledgerbus
+            # too): only Celery's errors are Celery's there.
+            with labelled(log, everything=False):
+                yield noop
         finally:
             app.close()
             notes += procs.stop(worker, signal.SIGTERM, 60, "celery worker")  # warm shutdown
