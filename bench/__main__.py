@@ -11,6 +11,8 @@
    message, ack. The relay does nothing else; the router also decodes, checks, seals the
    hash chain and folds its state. router/relay is the cost of the router's own logic;
    each side's CPU per message (this process, every thread) says the same more steadily.
+   The router also runs with only the subject and schema checks (``FLOOR_CHECKS``): what
+   it does per message besides the checks, so floor/relay bounds what faster checks can win.
    The router also runs traced as in production (every span recorded and published to
    TRACES, flushed before the clock stops), with a span per check and with
    LEDGERBUS_TRACE_CHECKS=failed; the plain run traces as shipped (each message starts a
@@ -78,6 +80,7 @@ from ledgerbus.bus.settings import Settings
 from ledgerbus.bus.tracing import BUS_QUEUE, BusSpanExporter
 from ledgerbus.plugins.echo import EchoSkill
 from ledgerbus.router.app import Router
+from ledgerbus.router.checks import Check, principal, schema
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = subjects.principal("cli", "bench")
@@ -142,13 +145,15 @@ class Drained(NamedTuple):
     cpu_us: float
 
 
-async def run_router(settings: Settings, n: int, traced: bool = False, checks: str | None = None) -> Drained:
+async def run_router(settings: Settings, n: int, traced: bool = False, checks: str | None = None,
+                     pipeline: list[Check] | None = None) -> Drained:
     """The router draining ``n`` preloaded submissions: as shipped (``LEDGERBUS_TRACE_CHECKS``'s
-    default), or with ``checks`` ("all": a span per check of a recorded message)."""
+    default), or with ``checks`` ("all": a span per check of a recorded message); with
+    ``pipeline``, running those checks instead of the shipped ones."""
     if checks is not None:
         settings = settings.replace(trace_checks=checks)
     nc = await connect(settings, "router")
-    router = Router(nc, settings)
+    router = Router(nc, settings, pipeline)
     await router.start()
     SWITCH.turn(traced)
     if traced:
@@ -175,6 +180,18 @@ async def run_traced_router(settings: Settings, n: int) -> Drained:
 
 async def run_traced_failed_checks(settings: Settings, n: int) -> Drained:
     return await run_router(settings, n, traced=True, checks="failed")
+
+
+FLOOR_CHECKS: list[Check] = [principal.check, schema.check]
+"""The checks no router can leave out: who sent it (every record names a principal) and
+what it is (every record holds the decoded event)."""
+
+
+async def run_router_floor(settings: Settings, n: int) -> Drained:
+    """The router with only :data:`FLOOR_CHECKS`: everything else it does per message (the
+    record, the chain, the state, the span, the work item and its token) at full cost. Its
+    distance from the relay is what no work on the other checks can win back."""
+    return await run_router(settings, n, pipeline=FLOOR_CHECKS)
 
 
 async def run_relay(settings: Settings, n: int) -> Drained:
@@ -259,14 +276,14 @@ async def fresh_server(body):  # type: ignore[no-untyped-def]
 
 
 async def main(messages: int, rounds: int, tasks: int) -> dict:
-    rates: dict[str, list[float]] = {"router": [], "relay": [], "traced": [], "traced-f": []}
+    rates: dict[str, list[float]] = {"router": [], "relay": [], "floor": [], "traced": [], "traced-f": []}
     cpu_us: dict[str, list[float]] = {name: [] for name in rates}
     trace.set_tracer_provider(PROVIDER)
     SWITCH.turn(False)
     for r in range(rounds):
         # Alternate the order so neither side always runs on a warmer machine.
-        order = [("relay", run_relay), ("router", run_router), ("traced", run_traced_router),
-                 ("traced-f", run_traced_failed_checks)]
+        order = [("relay", run_relay), ("router", run_router), ("floor", run_router_floor),
+                 ("traced", run_traced_router), ("traced-f", run_traced_failed_checks)]
         for name, fn in order if r % 2 else reversed(order):
             async def body(settings: Settings, fn=fn) -> Drained:  # type: ignore[no-untyped-def]
                 await preload(settings, messages)
@@ -290,6 +307,10 @@ async def main(messages: int, rounds: int, tasks: int) -> dict:
         # The relay's CPU over the router's, round by round (the two ran one after the other).
         "relay_over_router_cpu": statistics.median(b / a for a, b in zip(cpu_us["router"], cpu_us["relay"],
                                                                          strict=True)),
+        "floor_msgs_per_s": statistics.median(rates["floor"]),
+        "floor_over_relay": statistics.median(rates["floor"]) / statistics.median(relay_rates),
+        "floor_cpu_us_per_msg": statistics.median(cpu_us["floor"]),
+        "relay_over_floor_cpu": statistics.median(b / a for a, b in zip(cpu_us["floor"], cpu_us["relay"], strict=True)),
         "traced_router_msgs_per_s": statistics.median(traced_rates),
         "traced_over_shipped": statistics.median(traced_rates) / statistics.median(router_rates),
         "traced_failed_checks_msgs_per_s": statistics.median(rates["traced-f"]),
@@ -489,6 +510,10 @@ def cli() -> None:
         table.add_row("CPU per message, µs (median)", f"{result['router_cpu_us_per_msg']:,.0f} router, as shipped",
                       f"{result['relay_cpu_us_per_msg']:,.0f} bare relay",
                       f"{result['relay_over_router_cpu']:.2f} (relay / router, each round's own)")
+        table.add_row("  with two checks (subject, schema)", f"{result['floor_msgs_per_s']:,.0f} router, two checks",
+                      f"{result['relay_msgs_per_s']:,.0f} bare relay",
+                      f"{result['floor_over_relay']:.2f} (CPU {result['floor_cpu_us_per_msg']:,.0f} µs, "
+                      f"{result['relay_over_floor_cpu']:.2f})")
         table.add_row("traced throughput, msg/s (median)", f"{result['traced_router_msgs_per_s']:,.0f} router, traced",
                       f"{result['router_msgs_per_s']:,.0f} router, as shipped", f"{result['traced_over_shipped']:.2f}")
         table.add_row("traced, failed checks only", f"{result['traced_failed_checks_msgs_per_s']:,.0f} router, traced",
@@ -567,4 +592,5 @@ def cli() -> None:
     console.print(f"[dim]written to {out / 'latest.json'}[/]")
 
 
-cli()
+if __name__ == "__main__":
+    cli()
