@@ -512,8 +512,8 @@ def cli() -> None:
                       f"{result['relay_over_router_cpu']:.2f} (relay / router, each round's own)")
         table.add_row("  with two checks (subject, schema)", f"{result['floor_msgs_per_s']:,.0f} router, two checks",
                       f"{result['relay_msgs_per_s']:,.0f} bare relay",
-                      f"{result['floor_over_relay']:.2f} (CPU {result['floor_cpu_us_per_msg']:,.0f} µs, "
-                      f"{result['relay_over_floor_cpu']:.2f})")
+                      f"{result['floor_over_relay']:.2f} (CPU {result['floor_cpu_us_per_msg']:,.0f} µs a message; "
+                      f"relay / floor {result['relay_over_floor_cpu']:.2f})")
         table.add_row("traced throughput, msg/s (median)", f"{result['traced_router_msgs_per_s']:,.0f} router, traced",
                       f"{result['router_msgs_per_s']:,.0f} router, as shipped", f"{result['traced_over_shipped']:.2f}")
         table.add_row("traced, failed checks only", f"{result['traced_failed_checks_msgs_per_s']:,.0f} router, traced",
