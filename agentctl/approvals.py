@@ -13,7 +13,7 @@ from ledgerbus.agentctl.common import App, open_bus, out, run
 from ledgerbus.agentctl.complete import task_ids
 from ledgerbus.agentctl.reads import db_option, id_column, json_option
 from ledgerbus.agentctl.send import send_and_report
-from ledgerbus.bus.events import AuditRecord
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.client import Bus
 
 

@@ -18,7 +18,7 @@ from ledgerbus.agentctl.reads import json_option
 from ledgerbus.bus import codec, signing
 from ledgerbus.bus.archive import Archive, ArchiveError, RetentionRule, configured
 from ledgerbus.bus.errors import ConfigError, UnreadableRecord
-from ledgerbus.bus.events import ArchiveSeal
+from ledgerbus.bus.records import ArchiveSeal
 from ledgerbus.projections import db as dbmod
 from ledgerbus.projections.apply import Applier
 

@@ -19,7 +19,7 @@ from rich.table import Table
 from ledgerbus.agentctl.common import EXIT_FAILED, App, fail, open_bus, out, run
 from ledgerbus.agentctl.complete import skill_names
 from ledgerbus.agentctl.reads import json_option
-from ledgerbus.bus.events import Heartbeat
+from ledgerbus.bus.messages import Heartbeat
 from ledgerbus.router.live import LiveAgents, fits
 
 

@@ -14,7 +14,8 @@ import click
 from ledgerbus.agentctl.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, App, err, open_bus, out, run
 from ledgerbus.bus import codec
 from ledgerbus.bus.errors import SchemaError
-from ledgerbus.bus.events import AuditRecord, Event, kind_of
+from ledgerbus.bus.events import Event, kind_of
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.client import VERDICT_TIMEOUT_S, Bus, Refused
 
 Request = Event | Callable[[Bus], Awaitable[AuditRecord]]

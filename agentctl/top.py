@@ -37,17 +37,11 @@ from ledgerbus.agentctl.common import App, cli_principal, out, run
 from ledgerbus.bus import codec, lifecycle, subjects
 from ledgerbus.bus.connection import connected
 from ledgerbus.bus.errors import BusError, UnreadableRecord
-from ledgerbus.bus.events import (
-    TASK_EVENTS,
-    AuditRecord,
-    Heartbeat,
-    PlanSubmitted,
-    TaskDeadLettered,
-    TaskFailed,
-    TaskSubmitted,
-)
+from ledgerbus.bus.events import TASK_EVENTS, PlanSubmitted, TaskDeadLettered, TaskFailed, TaskSubmitted
 from ledgerbus.bus.follow import records
 from ledgerbus.bus.lifecycle import BUDGET_EXCEEDED, Shape, Status
+from ledgerbus.bus.messages import Heartbeat
+from ledgerbus.bus.records import AuditRecord
 
 RECENT_S = 5.0
 """The span of the "now" rate beside the window's average."""

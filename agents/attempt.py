@@ -20,7 +20,8 @@ from ledgerbus.agents.llm.router import CallSite
 from ledgerbus.agents.memory import Memory, Shared, Tasks, Writer
 from ledgerbus.agents.skill import SkillContext
 from ledgerbus.bus import codec
-from ledgerbus.bus.events import Budget, Event, TaskProgress, TaskUsage, WorkItem, new_id
+from ledgerbus.bus.events import Budget, Event, TaskProgress, TaskUsage, new_id
+from ledgerbus.bus.messages import WorkItem
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from nats.aio.msg import Msg
 
-from ledgerbus.bus.events import Claim, TaskCompleted, TaskFailed, WorkItem
+from ledgerbus.bus.events import Claim, TaskCompleted, TaskFailed
+from ledgerbus.bus.messages import WorkItem
 
 if TYPE_CHECKING:
     from ledgerbus.agents.runtime import Agent

@@ -44,21 +44,10 @@ from ledgerbus.bus.acks import LaterAcks
 from ledgerbus.bus.cancel import stop_task
 from ledgerbus.bus.connection import PUBACK_TIMEOUT_S
 from ledgerbus.bus.errors import BusError, SchemaError
-from ledgerbus.bus.events import (
-    AgentJoined,
-    AgentLeft,
-    Event,
-    Heartbeat,
-    Notice,
-    TaskCompleted,
-    TaskFailed,
-    TaskStarted,
-    WorkItem,
-    kind_of,
-    new_id,
-)
+from ledgerbus.bus.events import AgentJoined, AgentLeft, Event, TaskCompleted, TaskFailed, TaskStarted, kind_of, new_id
 from ledgerbus.bus.jsmeta import ack_meta
 from ledgerbus.bus.logs import bound_contextvars
+from ledgerbus.bus.messages import Heartbeat, Notice, WorkItem
 from ledgerbus.bus.provision import assigned_consumer_config, wait_for_stream, work_consumer_config
 from ledgerbus.bus.publish import Publisher
 from ledgerbus.bus.settings import Settings

@@ -23,7 +23,6 @@ from typing import Any
 from ledgerbus.bus import codec
 from ledgerbus.bus.events import (
     AgentJoined,
-    AuditRecord,
     CheckpointRestored,
     CheckpointSaved,
     Event,
@@ -38,6 +37,7 @@ from ledgerbus.bus.events import (
     TaskSubmitted,
     TaskUsage,
 )
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.projections import db as dbmod
 from ledgerbus.projections.apply import Applier
 

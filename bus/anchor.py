@@ -32,7 +32,7 @@ from nats.js.kv import KeyValue
 from ledgerbus.bus import codec, durable, subjects
 from ledgerbus.bus.chain import ChainHead
 from ledgerbus.bus.errors import ConfigError
-from ledgerbus.bus.events import AuditRecord, Checkpoint
+from ledgerbus.bus.records import AuditRecord, Checkpoint
 
 RESTART_CODE = "chain_restarted"
 """The ``code`` of the checkpoint record with which an operator accepted a new chain."""

@@ -22,11 +22,11 @@ from typing import Annotated
 
 import msgspec
 
-from ledgerbus.bus.agent_policy import read_table
 from ledgerbus.bus import chain, durable, signing
+from ledgerbus.bus.agent_policy import read_table
 from ledgerbus.bus.errors import BusError, ChainError, UnreadableRecord
+from ledgerbus.bus.records import ArchiveSeal
 from ledgerbus.bus.settings import Settings
-from ledgerbus.bus.events import ArchiveSeal
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _SIZES = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -17,7 +17,7 @@ import msgspec
 
 from ledgerbus.bus import codec
 from ledgerbus.bus.errors import ChainError
-from ledgerbus.bus.events import AuditRecord
+from ledgerbus.bus.records import AuditRecord
 
 GENESIS = "0" * 64
 

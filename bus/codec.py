@@ -11,8 +11,10 @@ from typing import Any, TypeVar
 import msgspec
 
 from ledgerbus.bus.errors import SchemaError, UnreadableRecord
-from ledgerbus.bus.events import AnyEvent, AuditRecord, WorkItem
+from ledgerbus.bus.events import AnyEvent
+from ledgerbus.bus.messages import WorkItem
 from ledgerbus.bus.problems import explain
+from ledgerbus.bus.records import AuditRecord
 
 T = TypeVar("T")
 

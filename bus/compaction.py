@@ -33,8 +33,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from ledgerbus.bus.events import AuditRecord, TaskFailed, TaskUsage
+from ledgerbus.bus.events import TaskFailed, TaskUsage
 from ledgerbus.bus.lifecycle import BUDGET_EXCEEDED, Status, settled
+from ledgerbus.bus.records import AuditRecord
 
 ARCHIVED = "audit_archived"
 """The kind of the router's record that moves records ``1..through_seq`` to the archive."""

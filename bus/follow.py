@@ -14,7 +14,6 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from ledgerbus.bus import codec, lifecycle, subjects
 from ledgerbus.bus.events import (
-    AuditRecord,
     Claim,
     Kept,
     SkillUnmatched,
@@ -32,6 +31,7 @@ from ledgerbus.bus.events import (
     TaskUsage,
 )
 from ledgerbus.bus.lifecycle import AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT, Shape, Status
+from ledgerbus.bus.records import AuditRecord
 
 
 async def records(

@@ -15,7 +15,6 @@ from enum import StrEnum
 from typing import NamedTuple
 
 from ledgerbus.bus.events import (
-    AuditRecord,
     PlanSubmitted,
     SkillUnmatched,
     TaskApproved,
@@ -31,6 +30,7 @@ from ledgerbus.bus.events import (
     TaskUsage,
     kind_of,
 )
+from ledgerbus.bus.records import AuditRecord
 
 
 class Status(StrEnum):

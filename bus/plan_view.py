@@ -20,7 +20,6 @@ import yaml
 from ledgerbus.bus import codec, lifecycle
 from ledgerbus.bus.errors import SchemaError
 from ledgerbus.bus.events import (
-    AuditRecord,
     Claim,
     PlanSubmitted,
     SkillUnmatched,
@@ -38,6 +37,7 @@ from ledgerbus.bus.events import (
 )
 from ledgerbus.bus.lifecycle import Shape, Status
 from ledgerbus.bus.plans import validate
+from ledgerbus.bus.records import AuditRecord
 
 
 class PlanFileError(ValueError):

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from ledgerbus.bus import codec
 from ledgerbus.bus.errors import ConfigError
-from ledgerbus.bus.events import ArchiveSeal, Checkpoint
+from ledgerbus.bus.records import ArchiveSeal, Checkpoint
 
 Signed = TypeVar("Signed", Checkpoint, ArchiveSeal)
 """A statement of the router's: a struct with ``key_id`` and ``signature`` fields."""

@@ -26,7 +26,7 @@ from ledgerbus.bus import anchor, chain, codec, signing, subjects
 from ledgerbus.bus.archive import Archive, ArchiveError
 from ledgerbus.bus.chain import ChainHead
 from ledgerbus.bus.errors import ChainError, UnreadableRecord
-from ledgerbus.bus.events import ArchiveSeal, AuditRecord
+from ledgerbus.bus.records import ArchiveSeal, AuditRecord
 
 Progress = Callable[[int, int], None]
 """Called with (records read, records in all) while the chain is checked."""

@@ -39,6 +39,7 @@ from ledgerbus.bus.follow import TaskView, records
 from ledgerbus.bus.identity import cli_name
 from ledgerbus.bus.lifecycle import Status
 from ledgerbus.bus.plan_view import PlanView, read_plan
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.bus.settings import Settings
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ class TaskTimeout(TaskError, TimeoutError):
 class Refused(LedgerbusError):
     """The router refused a request (a cancel, an approval); ``record`` is its audit record."""
 
-    def __init__(self, record: ev.AuditRecord) -> None:
+    def __init__(self, record: AuditRecord) -> None:
         super().__init__(f"refused ({record.code}): {record.reason}")
         self.record = record
 
@@ -277,7 +278,7 @@ class TaskHandle:
         raise_for(outcome)
         return outcome.output
 
-    async def verdict(self, timeout: float | None = VERDICT_TIMEOUT_S) -> ev.AuditRecord:
+    async def verdict(self, timeout: float | None = VERDICT_TIMEOUT_S) -> AuditRecord:
         """The router's audit record on this submission, accepted or refused (its ``code``
         says why it waits or was refused). From then on every read of the task knows it
         (:meth:`Bus.get`, ``GET /tasks/{id}``); before, only INGRESS holds it. Raises
@@ -285,17 +286,17 @@ class TaskHandle:
         INGRESS keeps the submission until one is)."""
         return await _verdict(self._bus.nc.jetstream(timeout=10), self.task_id, self.submission.id, timeout)
 
-    async def events(self) -> AsyncIterator[ev.AuditRecord]:
+    async def events(self) -> AsyncIterator[AuditRecord]:
         """The task's audit records so far and as they come (until the iterator is closed)."""
         async for record in self._bus.events(self.task_id, follow=True):
             yield record
 
-    async def cancel(self, reason: str = "") -> ev.AuditRecord:
+    async def cancel(self, reason: str = "") -> AuditRecord:
         """Cancel the task and everything under it (:meth:`Bus.cancel`)."""
         return await self._bus.cancel(self.task_id, reason)
 
 
-async def _verdict(js: Any, key: str, msg_id: str, timeout: float | None, from_seq: int = 1) -> ev.AuditRecord:
+async def _verdict(js: Any, key: str, msg_id: str, timeout: float | None, from_seq: int = 1) -> AuditRecord:
     """The router's record on message ``msg_id`` about ``key``, read from ``from_seq`` on
     (:class:`TimeoutError` after ``timeout`` seconds)."""
     async with asyncio.timeout(timeout):
@@ -411,7 +412,7 @@ class Bus:
         Without ``submission_id`` it follows the task's first submission."""
         return _LateHandle(self, task_id, submission_id)
 
-    async def send(self, event: ev.Event, key: str, timeout: float = VERDICT_TIMEOUT_S) -> ev.AuditRecord:
+    async def send(self, event: ev.Event, key: str, timeout: float = VERDICT_TIMEOUT_S) -> AuditRecord:
         """Send any event this principal may send and return the router's audit record on it
         (raises :class:`Refused` if the router refused it, :class:`TimeoutError` without a
         verdict in ``timeout`` seconds)."""
@@ -428,17 +429,17 @@ class Bus:
             raise Refused(record)
         return record
 
-    async def cancel(self, task_id: str, reason: str = "") -> ev.AuditRecord:
+    async def cancel(self, task_id: str, reason: str = "") -> AuditRecord:
         """Cancel a task and everything under it (plan steps, delegated subtasks)."""
         task_id = await self.resolve(task_id)
         return await self.send(ev.TaskCancelled(id=ev.new_id(), task_id=task_id, reason=reason), task_id)
 
-    async def approve(self, task_id: str, reason: str = "") -> ev.AuditRecord:
+    async def approve(self, task_id: str, reason: str = "") -> AuditRecord:
         """Let a task held for approval run."""
         task_id = await self.resolve(task_id)
         return await self.send(ev.TaskApproved(id=ev.new_id(), task_id=task_id, reason=reason), task_id)
 
-    async def deny(self, task_id: str, reason: str = "") -> ev.AuditRecord:
+    async def deny(self, task_id: str, reason: str = "") -> AuditRecord:
         """Refuse a task held for approval: it never runs."""
         task_id = await self.resolve(task_id)
         return await self.send(ev.TaskDenied(id=ev.new_id(), task_id=task_id, reason=reason), task_id)
@@ -553,14 +554,14 @@ class Bus:
         return Page(rows, rows[-1]["submitted_seq"] if len(rows) == limit and rows else None)
 
     async def events(self, task_id: str | None = None, *, from_seq: int = 1,
-                     follow: bool = False) -> AsyncIterator[ev.AuditRecord]:
+                     follow: bool = False) -> AsyncIterator[AuditRecord]:
         """Audit records (of one task, or all) from ``from_seq``; with ``follow`` it waits
         for new ones instead of stopping at the end of the log."""
         async for record, _ in self.stored(task_id, from_seq=from_seq, follow=follow):
             yield record
 
     async def stored(self, task_id: str | None = None, *, from_seq: int = 1,
-                     follow: bool = False) -> AsyncIterator[tuple[ev.AuditRecord, bytes]]:
+                     follow: bool = False) -> AsyncIterator[tuple[AuditRecord, bytes]]:
         """:meth:`events`, each with the bytes stored in the log (exactly what was hashed)."""
         filt = subjects.audit_for_key(task_id) if task_id else subjects.AUDIT_ALL
         async with contextlib.aclosing(records(self.nc.jetstream(timeout=10), filt, from_seq=from_seq,
@@ -647,7 +648,7 @@ class _LateHandle(TaskHandle):
             yield followed
 
 
-def _rejected_task(task_id: str, found: list[ev.AuditRecord]) -> Row:
+def _rejected_task(task_id: str, found: list[AuditRecord]) -> Row:
     """A task row for a submission the router refused (it never became a task)."""
     first = found[0]
     event = first.event

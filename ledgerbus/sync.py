@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ledgerbus.bus import events as ev
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.client import VERDICT_TIMEOUT_S, Bus, Outcome, Page, Row, Rows, TaskHandle, connect
 
 T = TypeVar("T")
@@ -39,7 +40,7 @@ class SyncTaskHandle:
     def __repr__(self) -> str:
         return f"<SyncTaskHandle {self.handle.kind} {self.task_id}>"
 
-    def verdict(self, timeout: float | None = VERDICT_TIMEOUT_S) -> ev.AuditRecord:
+    def verdict(self, timeout: float | None = VERDICT_TIMEOUT_S) -> AuditRecord:
         """:meth:`TaskHandle.verdict <ledgerbus.client.TaskHandle.verdict>`."""
         return self._owner._call(self.handle.verdict(timeout))
 
@@ -51,7 +52,7 @@ class SyncTaskHandle:
         """:meth:`TaskHandle.wait <ledgerbus.client.TaskHandle.wait>`."""
         return self._owner._call(self.handle.wait(timeout))
 
-    def cancel(self, reason: str = "") -> ev.AuditRecord:
+    def cancel(self, reason: str = "") -> AuditRecord:
         """:meth:`TaskHandle.cancel <ledgerbus.client.TaskHandle.cancel>`."""
         return self._owner._call(self.handle.cancel(reason))
 
@@ -116,20 +117,20 @@ class SyncBus:
         """:meth:`Bus.list <ledgerbus.client.Bus.list>`."""
         return self._call(self.bus.list(**filters))
 
-    def cancel(self, task_id: str, reason: str = "") -> ev.AuditRecord:
+    def cancel(self, task_id: str, reason: str = "") -> AuditRecord:
         """:meth:`Bus.cancel <ledgerbus.client.Bus.cancel>`."""
         return self._call(self.bus.cancel(task_id, reason))
 
-    def approve(self, task_id: str, reason: str = "") -> ev.AuditRecord:
+    def approve(self, task_id: str, reason: str = "") -> AuditRecord:
         """:meth:`Bus.approve <ledgerbus.client.Bus.approve>`."""
         return self._call(self.bus.approve(task_id, reason))
 
-    def deny(self, task_id: str, reason: str = "") -> ev.AuditRecord:
+    def deny(self, task_id: str, reason: str = "") -> AuditRecord:
         """:meth:`Bus.deny <ledgerbus.client.Bus.deny>`."""
         return self._call(self.bus.deny(task_id, reason))
 
     def events(self, task_id: str | None = None, *, from_seq: int = 1, follow: bool = False
-               ) -> Iterator[ev.AuditRecord]:
+               ) -> Iterator[AuditRecord]:
         """:meth:`Bus.events <ledgerbus.client.Bus.events>`, one record at a time."""
         found = self.bus.events(task_id, from_seq=from_seq, follow=follow)
         assert isinstance(found, AsyncGenerator)

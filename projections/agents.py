@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ledgerbus.bus import codec
-from ledgerbus.bus.events import AgentJoined, AgentLeft, AuditRecord, TaskCompleted, TaskFailed
+from ledgerbus.bus.events import AgentJoined, AgentLeft, TaskCompleted, TaskFailed
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.projections.batch import Batch
 from ledgerbus.projections.db import iso
 from ledgerbus.projections.tasks import agent_name

@@ -23,7 +23,7 @@ from typing import Any, Self
 
 import aiosqlite
 
-from ledgerbus.bus.events import AuditRecord
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.projections import (
     agents,
     approvals,

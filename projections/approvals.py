@@ -4,16 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ledgerbus.bus.events import (
-    PLAN_SKILL,
-    AuditRecord,
-    PlanSubmitted,
-    TaskApproved,
-    TaskCancelled,
-    TaskDenied,
-    TaskSubmitted,
-)
+from ledgerbus.bus.events import PLAN_SKILL, PlanSubmitted, TaskApproved, TaskCancelled, TaskDenied, TaskSubmitted
 from ledgerbus.bus.lifecycle import APPROVAL_REQUESTED
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.projections.batch import Batch
 from ledgerbus.projections.db import iso
 from ledgerbus.projections.rows import reads

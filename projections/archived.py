@@ -12,8 +12,8 @@ from nats.aio.msg import Msg
 
 from ledgerbus.bus import codec
 from ledgerbus.bus.archive import Archive, ArchiveError
-from ledgerbus.bus.events import AuditRecord
 from ledgerbus.bus.jsmeta import ack_meta
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.projections.apply import Applier
 from ledgerbus.projections.errors import LogGapError
 

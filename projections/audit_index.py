@@ -13,10 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ledgerbus.bus.compaction import archived_through
-from ledgerbus.bus.events import AuditRecord
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.projections.batch import Batch
 from ledgerbus.projections.db import iso
-
 
 SQL_INSERT = ("INSERT INTO audit_index (seq, at, verdict, code, principal, kind, key, msg_id, reason)"
               " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")

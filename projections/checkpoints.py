@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ledgerbus.bus import codec
-from ledgerbus.bus.events import AuditRecord, CheckpointRestored, CheckpointSaved
+from ledgerbus.bus.events import CheckpointRestored, CheckpointSaved
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.projections.batch import Batch
 from ledgerbus.projections.db import iso
 from ledgerbus.projections.rows import reads

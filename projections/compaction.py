@@ -24,8 +24,8 @@ from collections.abc import Sequence
 
 from ledgerbus.bus import compaction
 from ledgerbus.bus.compaction import archived_through
-from ledgerbus.bus.events import AuditRecord
 from ledgerbus.bus.lifecycle import Status
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.projections.batch import Batch
 from ledgerbus.projections.db import iso
 from ledgerbus.projections.rows import Row, Rows

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 import msgspec
 
-from ledgerbus.bus.events import AuditRecord, RunForked
+from ledgerbus.bus.events import RunForked
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.projections.batch import Batch
 from ledgerbus.projections.db import iso
 

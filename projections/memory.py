@@ -20,7 +20,6 @@ from typing import Any
 
 from ledgerbus.bus import codec
 from ledgerbus.bus.events import (
-    AuditRecord,
     CheckpointRestored,
     CheckpointSaved,
     MemoryImage,
@@ -30,6 +29,7 @@ from ledgerbus.bus.events import (
     TaskFailed,
     TaskStarted,
 )
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.projections import db as dbmod
 from ledgerbus.projections.batch import Batch
 from ledgerbus.projections.rows import Plan, Row, Rows

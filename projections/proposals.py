@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ledgerbus.bus import codec
-from ledgerbus.bus.events import AuditRecord, ProposalApproved, SkillUnmatched
+from ledgerbus.bus.events import ProposalApproved, SkillUnmatched
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.projections.batch import Batch
 from ledgerbus.projections.db import iso
 

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 from ledgerbus.bus import codec
-from ledgerbus.bus.events import AuditRecord, SharedWritten
+from ledgerbus.bus.events import SharedWritten
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.projections.batch import Batch
 from ledgerbus.projections.db import iso
 from ledgerbus.projections.rows import Rows

@@ -23,7 +23,6 @@ from ledgerbus.bus.events import (
     NO_RETRY,
     PLAN_SKILL,
     TASK_EVENTS,
-    AuditRecord,
     Handoff,
     PlanSubmitted,
     SkillUnmatched,
@@ -42,6 +41,7 @@ from ledgerbus.bus.events import (
     step_task_id,
 )
 from ledgerbus.bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT, Shape, Status
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.projections.batch import Batch
 from ledgerbus.projections.compaction import settled_trees
 from ledgerbus.projections.db import iso

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import msgspec
 
-from ledgerbus.bus.events import AuditRecord, TaskUsage
+from ledgerbus.bus.events import TaskUsage
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.projections.batch import Batch
 from ledgerbus.projections.db import iso
 from ledgerbus.projections.tasks import agent_name

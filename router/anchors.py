@@ -14,7 +14,7 @@ from nats.js.kv import KeyValue
 
 from ledgerbus.bus import anchor, signing
 from ledgerbus.bus.chain import ChainHead
-from ledgerbus.bus.events import Checkpoint
+from ledgerbus.bus.records import Checkpoint
 
 log = structlog.get_logger(__name__)
 

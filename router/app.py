@@ -22,18 +22,13 @@ from ledgerbus.bus import failpoints, metrics, pull, signing, subjects, tracing
 from ledgerbus.bus.acks import LaterAcks
 from ledgerbus.bus.cancel import stop_task
 from ledgerbus.bus.chain import ChainHead
-from ledgerbus.bus.events import (
-    AgentLeft,
-    AuditRecord,
-    TaskDispatched,
-    kind_of,
-    new_id,
-)
+from ledgerbus.bus.events import AgentLeft, TaskDispatched, kind_of, new_id
 from ledgerbus.bus.jsmeta import ack_meta
 from ledgerbus.bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, NO_AGENT
 from ledgerbus.bus.lifecycle import Status as TaskStatus
 from ledgerbus.bus.provision import deadletter_consumer_config, provision, router_consumer_config
 from ledgerbus.bus.publish import Publisher
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.bus.settings import Settings
 from ledgerbus.router import audit as audit_mod
 from ledgerbus.router import deadletters, notices

@@ -34,8 +34,8 @@ from ledgerbus.bus import anchor, chain, subjects
 from ledgerbus.bus.archive import Archive, ArchiveError
 from ledgerbus.bus.chain import ChainHead
 from ledgerbus.bus.errors import ChainError, UnreadableRecord
-from ledgerbus.bus.events import AuditRecord
 from ledgerbus.bus.publish import Publisher
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.router.errors import AuditAppendError, ChainBrokenError, LogUnreadableError
 from ledgerbus.router.state import RouterState
 

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
 
 from ledgerbus.bus import anchor, signing
-from ledgerbus.bus.events import AuditRecord, Checkpoint
+from ledgerbus.bus.records import AuditRecord, Checkpoint
 from ledgerbus.bus.settings import Settings
 from ledgerbus.router.anchors import Anchors
 from ledgerbus.router.audit import AuditLog, ChainHead

@@ -20,8 +20,9 @@ from nats.js import JetStreamContext
 from ledgerbus.bus import codec, subjects
 from ledgerbus.bus.connection import cancel_requested
 from ledgerbus.bus.errors import SchemaError
-from ledgerbus.bus.events import AuditRecord, TaskDeadLettered, new_id
+from ledgerbus.bus.events import TaskDeadLettered, new_id
 from ledgerbus.bus.lifecycle import Status
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.router.state import RouterState
 
 Sealed = tuple[AuditRecord, bytes, dict[str, str]]

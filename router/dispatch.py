@@ -11,9 +11,11 @@ from __future__ import annotations
 import structlog
 
 from ledgerbus.bus import codec, lifecycle, paths, subjects
-from ledgerbus.bus.events import AuditRecord, TaskApproved, TaskSubmitted, WorkItem
+from ledgerbus.bus.events import TaskApproved, TaskSubmitted
 from ledgerbus.bus.lifecycle import NO_AGENT
+from ledgerbus.bus.messages import WorkItem
 from ledgerbus.bus.publish import Publisher
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.router.claims import ClaimTokens
 from ledgerbus.router.records import trace_headers
 from ledgerbus.router.state import RouterState

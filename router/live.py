@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 
 from ledgerbus.bus import subjects
 from ledgerbus.bus.connection import cancel_requested
-from ledgerbus.bus.events import Heartbeat
+from ledgerbus.bus.messages import Heartbeat
 
 log = structlog.get_logger(__name__)
 

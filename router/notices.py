@@ -16,7 +16,9 @@ import structlog
 from nats.aio.client import Client
 
 from ledgerbus.bus import codec, subjects
-from ledgerbus.bus.events import AuditRecord, Notice, TaskCancelled, TaskFailed
+from ledgerbus.bus.events import TaskCancelled, TaskFailed
+from ledgerbus.bus.messages import Notice
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.router.state import RouterState
 
 log = structlog.get_logger(__name__)

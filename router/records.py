@@ -18,13 +18,12 @@ from ledgerbus.bus.events import (
     AGENT_EVENTS,
     MEMORY_EVENTS,
     TASK_EVENTS,
-    AuditRecord,
     ProposalApproved,
-    RawExcerpt,
     RunForked,
     SharedWritten,
     kind_of,
 )
+from ledgerbus.bus.records import AuditRecord, RawExcerpt
 from ledgerbus.router.checks import Inbound, secrets
 from ledgerbus.router.claims import fingerprint, token_of, with_token
 

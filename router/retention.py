@@ -38,7 +38,7 @@ from ledgerbus.bus.archive import Archive, ArchiveError, Manifest, RetentionRule
 from ledgerbus.bus.cancel import stop_task
 from ledgerbus.bus.chain import GENESIS, ChainHead
 from ledgerbus.bus.errors import ChainError, UnreadableRecord
-from ledgerbus.bus.events import ArchiveSeal, AuditRecord, Retention, RetentionAction
+from ledgerbus.bus.records import ArchiveSeal, AuditRecord, Retention, RetentionAction
 from ledgerbus.bus.settings import Settings
 from ledgerbus.router import segments
 from ledgerbus.router.audit import AuditLog

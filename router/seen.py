@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from datetime import datetime, timedelta
 
-from ledgerbus.bus.events import AuditRecord
+from ledgerbus.bus.records import AuditRecord
 
 
 class Seen:

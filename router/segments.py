@@ -22,7 +22,7 @@ from ledgerbus.bus.archive import Archive, ArchiveError
 from ledgerbus.bus.chain import ChainHead
 from ledgerbus.bus.connection import connect
 from ledgerbus.bus.errors import ChainError, UnreadableRecord
-from ledgerbus.bus.events import ArchiveSeal
+from ledgerbus.bus.records import ArchiveSeal
 from ledgerbus.bus.settings import Settings
 
 

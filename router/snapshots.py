@@ -51,7 +51,8 @@ from nats.js.object_store import ObjectStore
 from ledgerbus.bus import anchor, chain, codec, failpoints, signing, subjects
 from ledgerbus.bus.chain import ChainHead
 from ledgerbus.bus.errors import ChainError, UnreadableRecord
-from ledgerbus.bus.events import AuditRecord, Checkpoint, SkillUnmatched
+from ledgerbus.bus.events import SkillUnmatched
+from ledgerbus.bus.records import AuditRecord, Checkpoint
 from ledgerbus.bus.settings import Settings
 from ledgerbus.router.state import RouterState
 from ledgerbus.router.tasks import AnyTask, PlanState, StepState, TaskState

@@ -32,9 +32,7 @@ from ledgerbus.bus.events import (
     PLAN_SKILL,
     TASK_EVENTS,
     AgentJoined,
-    AuditRecord,
     Budget,
-    Checkpoint,
     CheckpointSaved,
     Handoff,
     PlanSubmitted,
@@ -55,6 +53,7 @@ from ledgerbus.bus.events import (
     step_task_id,
 )
 from ledgerbus.bus.lifecycle import APPROVAL_REQUESTED, AWAITING_MATCH, BUDGET_EXCEEDED, Shape, Status
+from ledgerbus.bus.records import AuditRecord, Checkpoint
 from ledgerbus.router.seen import Seen
 from ledgerbus.router.tasks import AnyTask, PlanState, StepState, TaskState, over
 

@@ -19,8 +19,9 @@ from nats.js.api import DeliverPolicy
 
 from ledgerbus.bus import codec, signing, subjects
 from ledgerbus.bus.acks import LaterAcks
-from ledgerbus.bus.events import AuditRecord, TaskStarted, kind_of, new_id
+from ledgerbus.bus.events import TaskStarted, kind_of, new_id
 from ledgerbus.bus.identity import Registry, identity, permissions, write_local_config
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.bus.settings import Settings
 from ledgerbus.router.claims import ClaimTokens
 

@@ -24,8 +24,9 @@ from ledgerbus.agents.runtime import Agent
 from ledgerbus.agents.skill import SkillContext
 from ledgerbus.bus import subjects
 from ledgerbus.bus.acks import LaterAcks
-from ledgerbus.bus.events import AuditRecord, TaskSubmitted, new_id
+from ledgerbus.bus.events import TaskSubmitted, new_id
 from ledgerbus.bus.pull import Puller
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.bus.settings import Settings
 from tests.conftest import RunningRouter
 from tests.support import LostAcks, audit_records, send, wait_for_record, wait_until

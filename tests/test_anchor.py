@@ -17,8 +17,9 @@ from nats.aio.client import Client
 from structlog.testing import capture_logs
 
 from ledgerbus.bus import anchor, chain, codec, subjects
-from ledgerbus.bus.events import AuditRecord, TaskSubmitted, new_id
+from ledgerbus.bus.events import TaskSubmitted, new_id
 from ledgerbus.bus.provision import provision
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.bus.settings import Settings
 from ledgerbus.router.app import Router
 from ledgerbus.router.errors import ChainRestartedError

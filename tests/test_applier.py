@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from ledgerbus.bus.events import AuditRecord
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.projections import db as dbmod
 from ledgerbus.projections.apply import MAX_DEPTH, Applier
 from ledgerbus.projections.errors import DatabaseError

@@ -18,7 +18,8 @@ from nats.aio.client import Client
 from ledgerbus.agents.runtime import Agent
 from ledgerbus.agents.skill import SkillContext
 from ledgerbus.bus import signing
-from ledgerbus.bus.events import AuditRecord, Claim, TaskCancelled, TaskCompleted, TaskSubmitted, new_id
+from ledgerbus.bus.events import Claim, TaskCancelled, TaskCompleted, TaskSubmitted, new_id
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.bus.settings import Settings
 from ledgerbus.router.claims import ClaimTokens
 from tests.conftest import RunningRouter

@@ -14,7 +14,8 @@ from collections.abc import Awaitable, Callable
 from nats.aio.client import Client
 
 from ledgerbus.bus import codec, signing, subjects
-from ledgerbus.bus.events import AuditRecord, TaskCompleted, TaskStarted, TaskSubmitted, new_id
+from ledgerbus.bus.events import TaskCompleted, TaskStarted, TaskSubmitted, new_id
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.bus.settings import Settings
 from ledgerbus.router.claims import ClaimTokens, fingerprint
 from tests.support import (

@@ -26,13 +26,10 @@ from ledgerbus.bus.errors import NotFound
 from ledgerbus.bus.events import (
     AgentJoined,
     AgentProposal,
-    ArchiveSeal,
-    AuditRecord,
     Budget,
     Event,
     PlanStep,
     PlanSubmitted,
-    Retention,
     RetryPolicy,
     SkillUnmatched,
     TaskCancelled,
@@ -49,6 +46,7 @@ from ledgerbus.bus.events import (
     new_id,
 )
 from ledgerbus.bus.publish import Publisher
+from ledgerbus.bus.records import ArchiveSeal, AuditRecord, Retention
 from ledgerbus.bus.settings import Settings
 from ledgerbus.client import Bus
 from ledgerbus.projections import db as dbmod

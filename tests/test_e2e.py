@@ -11,7 +11,8 @@ import nats.errors
 from nats.aio.client import Client
 
 from ledgerbus.bus import codec, subjects
-from ledgerbus.bus.events import AuditRecord, TaskCompleted
+from ledgerbus.bus.events import TaskCompleted
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.bus.settings import Settings
 from ledgerbus.projections import db as dbmod
 from ledgerbus.projections.rebuild import rebuild

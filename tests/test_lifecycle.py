@@ -18,7 +18,6 @@ from ledgerbus.bus import lifecycle
 from ledgerbus.bus.events import (
     TASK_EVENTS,
     AgentProposal,
-    AuditRecord,
     Claim,
     PlanSubmitted,
     SkillUnmatched,
@@ -37,6 +36,7 @@ from ledgerbus.bus.events import (
 from ledgerbus.bus.follow import TaskView
 from ledgerbus.bus.lifecycle import TERMINAL, TRANSITIONS, Shape, Status
 from ledgerbus.bus.plan_view import PlanView
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.projections import db as dbmod
 from ledgerbus.projections import tasks as tasks_projection
 from ledgerbus.projections.apply import apply_batch

@@ -20,15 +20,8 @@ from nats.aio.client import Client
 from ledgerbus.agents.errors import SkillError
 from ledgerbus.agents.runtime import Agent
 from ledgerbus.agents.skill import SkillContext
-from ledgerbus.bus.events import (
-    AuditRecord,
-    PlanStep,
-    PlanSubmitted,
-    RetryPolicy,
-    TaskCancelled,
-    TaskSubmitted,
-    new_id,
-)
+from ledgerbus.bus.events import PlanStep, PlanSubmitted, RetryPolicy, TaskCancelled, TaskSubmitted, new_id
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.bus.settings import Settings
 from tests.conftest import RunningRouter
 from tests.support import agentctl, audit_records, send, wait_for_record

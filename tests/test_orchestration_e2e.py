@@ -13,7 +13,8 @@ from typing import Any
 
 from nats.aio.client import Client
 
-from ledgerbus.bus.events import AuditRecord, PlanStep, PlanSubmitted, new_id
+from ledgerbus.bus.events import PlanStep, PlanSubmitted, new_id
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.bus.settings import Settings
 from tests.snapshot_support import assert_snapshots_fold_alike
 from tests.support import Procs, agentctl, audit_records, send, wait_for_record

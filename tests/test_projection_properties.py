@@ -38,10 +38,7 @@ from ledgerbus.bus.events import (
     AgentLeft,
     AgentProposal,
     AnyEvent,
-    ArchiveSeal,
-    AuditRecord,
     Budget,
-    Checkpoint,
     CheckpointRestored,
     CheckpointSaved,
     Claim,
@@ -54,7 +51,6 @@ from ledgerbus.bus.events import (
     PlanSubmitted,
     ProposalApproved,
     Replay,
-    Retention,
     RetryPolicy,
     RunForked,
     SharedWritten,
@@ -71,10 +67,10 @@ from ledgerbus.bus.events import (
     TaskStarted,
     TaskSubmitted,
     TaskUsage,
-    Verdict,
     kind_of,
     step_task_id,
 )
+from ledgerbus.bus.records import ArchiveSeal, AuditRecord, Checkpoint, Retention, Verdict
 from ledgerbus.projections import apply as applymod
 from ledgerbus.projections import db as dbmod
 from ledgerbus.projections.apply import apply_batch

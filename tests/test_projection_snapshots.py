@@ -27,8 +27,9 @@ from structlog.testing import capture_logs
 
 from ledgerbus.bus import chain, codec, subjects
 from ledgerbus.bus.chain import ChainHead
-from ledgerbus.bus.events import AuditRecord, TaskCompleted, TaskSubmitted, new_id
+from ledgerbus.bus.events import TaskCompleted, TaskSubmitted, new_id
 from ledgerbus.bus.provision import projection_store_config
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.bus.settings import Settings
 from ledgerbus.projections import db as dbmod
 from ledgerbus.projections import service, snapfile, snapshots

@@ -9,7 +9,6 @@ import pytest
 
 from ledgerbus.bus.events import (
     AgentJoined,
-    AuditRecord,
     Event,
     TaskCancelled,
     TaskCompleted,
@@ -20,6 +19,7 @@ from ledgerbus.bus.events import (
     TaskStarted,
     TaskSubmitted,
 )
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.projections import db as dbmod
 from ledgerbus.projections.apply import apply_batch
 from ledgerbus.projections.db import iso

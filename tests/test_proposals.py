@@ -22,8 +22,9 @@ from nats.aio.client import Client
 from ledgerbus.agents import profiles
 from ledgerbus.bus import query
 from ledgerbus.bus.errors import QueryError
-from ledgerbus.bus.events import AgentJoined, AuditRecord, PlanSubmitted, SkillUnmatched
+from ledgerbus.bus.events import AgentJoined, PlanSubmitted, SkillUnmatched
 from ledgerbus.bus.identity import Registry
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.bus.server import NatsServer
 from ledgerbus.bus.settings import Settings
 from tests.fakellm import FakeLLM, answer

@@ -21,7 +21,8 @@ from nats.aio.client import Client
 from ledgerbus.bus import anchor, codec, signing, subjects
 from ledgerbus.bus import verify as verify_mod
 from ledgerbus.bus.archive import Archive, ArchiveError, Manifest
-from ledgerbus.bus.events import ArchiveSeal, AuditRecord, TaskSubmitted, new_id
+from ledgerbus.bus.events import TaskSubmitted, new_id
+from ledgerbus.bus.records import ArchiveSeal, AuditRecord
 from ledgerbus.bus.settings import Settings
 from ledgerbus.bus.verify import LogReport, verify_log
 from ledgerbus.projections import db as dbmod

@@ -12,7 +12,8 @@ from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client
 
-from ledgerbus.bus.events import AgentJoined, AuditRecord, TaskSubmitted, new_id
+from ledgerbus.bus.events import AgentJoined, TaskSubmitted, new_id
+from ledgerbus.bus.records import AuditRecord
 from tests.support import Procs, audit_records, send, wait_for_record
 
 TASKS = 12

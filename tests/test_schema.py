@@ -15,7 +15,6 @@ from ledgerbus.bus.events import (
     AgentLeft,
     AgentProposal,
     AnyEvent,
-    AuditRecord,
     Budget,
     CheckpointRestored,
     CheckpointSaved,
@@ -26,7 +25,6 @@ from ledgerbus.bus.events import (
     PlanStep,
     PlanSubmitted,
     ProposalApproved,
-    RawExcerpt,
     RetryPolicy,
     RunForked,
     SharedWritten,
@@ -43,9 +41,10 @@ from ledgerbus.bus.events import (
     TaskStarted,
     TaskSubmitted,
     TaskUsage,
-    WorkItem,
     new_id,
 )
+from ledgerbus.bus.messages import WorkItem
+from ledgerbus.bus.records import AuditRecord, RawExcerpt
 
 EXAMPLES: dict[type[Event], Event] = {
     TaskSubmitted: TaskSubmitted(id="m1", task_id="t1", skill="llm.chat", input={"a": [1, 2.5, None, "x"]}, timeout_s=3,

@@ -23,7 +23,8 @@ from nats.aio.client import Client
 
 from ledgerbus.bus import chain, codec, subjects
 from ledgerbus.bus.errors import UnreadableRecord
-from ledgerbus.bus.events import AuditRecord, Budget, RetryPolicy, TaskSubmitted, new_id
+from ledgerbus.bus.events import Budget, RetryPolicy, TaskSubmitted, new_id
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.bus.settings import Settings
 from ledgerbus.projections import db as dbmod
 from ledgerbus.projections.projector import Projector

@@ -17,7 +17,8 @@ from nats.aio.client import Client
 from ledgerbus.agents.hooks import DenyHook, DenyRule, Hooks, Veto
 from ledgerbus.agents.runtime import Agent
 from ledgerbus.agents.skill import SkillContext
-from ledgerbus.bus.events import AuditRecord, PlanStep, PlanSubmitted, TaskSubmitted, new_id
+from ledgerbus.bus.events import PlanStep, PlanSubmitted, TaskSubmitted, new_id
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.bus.settings import Settings
 from tests.conftest import RunningRouter
 from tests.support import REPO, send, wait_for_record

@@ -15,8 +15,9 @@ from nats.aio.client import Client
 
 from ledgerbus.bus import chain, codec
 from ledgerbus.bus.cancel import stop_task
-from ledgerbus.bus.events import AuditRecord, TaskSubmitted, new_id
+from ledgerbus.bus.events import TaskSubmitted, new_id
 from ledgerbus.bus.publish import Publisher
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.bus.settings import Settings
 from ledgerbus.router import audit
 from ledgerbus.router.audit import AuditLog

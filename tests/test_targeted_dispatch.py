@@ -28,8 +28,6 @@ from ledgerbus.agents.skill import SkillContext
 from ledgerbus.bus import codec, subjects
 from ledgerbus.bus.events import (
     AgentLeft,
-    AuditRecord,
-    Heartbeat,
     PlanStep,
     PlanSubmitted,
     RetryPolicy,
@@ -40,6 +38,8 @@ from ledgerbus.bus.events import (
     kind_of,
     new_id,
 )
+from ledgerbus.bus.messages import Heartbeat
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.bus.settings import Settings
 from ledgerbus.router.live import LiveAgents
 from ledgerbus.router.scheduler import Scheduler

@@ -17,18 +17,17 @@ from rich.console import Console
 from ledgerbus.agentctl.top import Stats, render
 from ledgerbus.bus import subjects
 from ledgerbus.bus.events import (
-    AuditRecord,
     Event,
-    Heartbeat,
     TaskCompleted,
     TaskDeadLettered,
     TaskFailed,
     TaskSubmitted,
     TaskUsage,
-    Verdict,
     kind_of,
     new_id,
 )
+from ledgerbus.bus.messages import Heartbeat
+from ledgerbus.bus.records import AuditRecord, Verdict
 from ledgerbus.bus.settings import Settings
 from tests.conftest import RunningRouter
 from tests.support import Procs, agentctl, process_env, wait_for_record, wait_until

@@ -23,7 +23,8 @@ import pytest
 from nats.aio.client import Client
 
 from ledgerbus.bus import codec, subjects
-from ledgerbus.bus.events import AgentJoined, Heartbeat, SkillUnmatched, TaskDispatched, TaskSubmitted, new_id
+from ledgerbus.bus.events import AgentJoined, SkillUnmatched, TaskDispatched, TaskSubmitted, new_id
+from ledgerbus.bus.messages import Heartbeat
 from ledgerbus.bus.server import NatsServer
 from ledgerbus.bus.settings import Settings
 from tests.conftest import RunningRouter

@@ -17,7 +17,8 @@ from nats.aio.client import Client
 from nats.js.api import StreamConfig, StreamInfo, StreamState
 
 from ledgerbus.bus import chain, codec, signing, subjects
-from ledgerbus.bus.events import AuditRecord, Checkpoint, TaskSubmitted, new_id
+from ledgerbus.bus.events import TaskSubmitted, new_id
+from ledgerbus.bus.records import AuditRecord, Checkpoint
 from ledgerbus.bus.server import NatsServer
 from ledgerbus.bus.settings import Settings
 from ledgerbus.bus.verify import config_findings

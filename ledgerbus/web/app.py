@@ -30,7 +30,6 @@ from ledgerbus.bus import anchor, codec, exposition, signing, subjects, tokens
 from ledgerbus.bus.errors import BusError, LedgerbusError, NotFound, QueryError, SchemaError
 from ledgerbus.bus.events import (
     DEFAULT_TASK_TIMEOUT_S,
-    AuditRecord,
     CheckpointRestored,
     CheckpointSaved,
     MemoryWiped,
@@ -40,6 +39,7 @@ from ledgerbus.bus.events import (
 )
 from ledgerbus.bus.follow import TaskView, records
 from ledgerbus.bus.plan_view import PlanFileError, PlanView, parse_plan
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.bus.settings import Settings
 from ledgerbus.bus.trace_tree import build_tree, read_trace
 from ledgerbus.bus.tracing import Telemetry

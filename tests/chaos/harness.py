@@ -48,8 +48,9 @@ from nats.aio.client import Client
 from ledgerbus.bus import codec, subjects
 from ledgerbus.bus.archive import Archive
 from ledgerbus.bus.connection import connect
-from ledgerbus.bus.events import AuditRecord, PlanStep, PlanSubmitted, TaskSubmitted, kind_of, new_id
+from ledgerbus.bus.events import PlanStep, PlanSubmitted, TaskSubmitted, kind_of, new_id
 from ledgerbus.bus.provision import provision
+from ledgerbus.bus.records import AuditRecord
 from ledgerbus.bus.server import NatsServer
 from ledgerbus.bus.settings import Settings
 from ledgerbus.router.lease import Holder

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ledgerbus.bus.events import AuditRecord
+from ledgerbus.bus.records import AuditRecord
 from tests.chaos.harness import ACK_WAIT_S, FAULTS, Fault, Report, chaos, schedule, seed_from_env
 
 
