@@ -202,7 +202,7 @@ async def _audit_ready(js: JetStreamContext, deadline: float) -> None:
             await asyncio.sleep(0.1)
 
 
-async def _joined(js: JetStreamContext, agents: set[str], timeout: float) -> None:
+async def joined(js: JetStreamContext, agents: set[str], timeout: float) -> None:
     """Wait until every agent named has an accepted ``agent_joined`` record on AUDIT."""
     await _audit_ready(js, time.monotonic() + timeout)
     sub = await js.subscribe("audit.accepted.agent_joined.*", stream=subjects.AUDIT_STREAM, ordered_consumer=True)
@@ -315,7 +315,7 @@ QUIET_CPU = 0.1
 after they join, about 3 s of CPU each here)."""
 
 
-async def _quiet(directory: Path, window: float = 1.0) -> float | None:
+async def until_quiet(directory: Path, window: float = 1.0) -> float | None:
     """Seconds until the processes under ``directory`` used less than ``QUIET_CPU`` cores
     over ``window``; ``None`` if not within ``QUIET_WAIT_S``."""
     started = time.monotonic()
@@ -356,7 +356,7 @@ async def outcomes(js: JetStreamContext, done: Completions) -> list[Any]:
     return subs
 
 
-def _submission(task_id: str) -> tuple[bytes, dict[str, str]]:
+def submission(task_id: str) -> tuple[bytes, dict[str, str]]:
     event = TaskSubmitted(id=new_id(), task_id=task_id, skill="echo", input={"text": "hello"})
     return codec.encode(event), {subjects.HDR_MSG_ID: event.id}
 
@@ -368,9 +368,9 @@ async def _measure(system: System, tasks: int, samples: int, paused: int, profil
     loop = asyncio.get_running_loop()
     subject = subjects.ingress(CLI, "task_submitted")
     started = time.monotonic()
-    await _joined(js, system.agents, timeout=180)
+    await joined(js, system.agents, timeout=180)
     say(f"  {len(system.agents)} agents joined {time.monotonic() - started:.1f} s after honcho start")
-    quiet = await _quiet(system.dir)
+    quiet = await until_quiet(system.dir)
     say(f"  the system was quiet {quiet:.1f} s later" if quiet is not None
         else f"  the system was still busy {QUIET_WAIT_S:g} s after the agents joined; measuring anyway")
     done = Completions()
@@ -386,7 +386,7 @@ async def _measure(system: System, tasks: int, samples: int, paused: int, profil
             done.waiting[task_id] = fut = loop.create_future()
             if i >= WARMUP:
                 done.sampled.add(task_id)
-            data, headers = _submission(task_id)
+            data, headers = submission(task_id)
             wall, start = time.time(), time.perf_counter()
             await js.publish(subject, data, headers=headers)
             end = await done.until(fut, timeout=60)
@@ -400,14 +400,14 @@ async def _measure(system: System, tasks: int, samples: int, paused: int, profil
         for i, pause in enumerate(pauses(paused)):
             await asyncio.sleep(pause)
             done.waiting[f"paused{i}"] = fut = loop.create_future()
-            data, headers = _submission(f"paused{i}")
+            data, headers = submission(f"paused{i}")
             start = time.perf_counter()
             await js.publish(subject, data, headers=headers)
             after_pause.append(await done.until(fut, timeout=60) - start)
         # The throughput step's submissions are not stamped: this client reads only their results.
         subs.remove(stamping)
         await stamping.unsubscribe()
-        payloads = [_submission(f"t{i}") for i in range(tasks)]
+        payloads = [submission(f"t{i}") for i in range(tasks)]
         done.count, done.target = 0, tasks
         done.all_done = loop.create_future()
         spy = _start_profiler(system, profile, say) if profile else None

@@ -56,14 +56,14 @@ async def _alternate(system: e2e.System, noop: Any, pairs: int, block: int,
     js = cli.jetstream(timeout=30)
     loop = asyncio.get_running_loop()
     subject = subjects.ingress(e2e.CLI, "task_submitted")
-    await e2e._joined(js, system.agents, timeout=180)
-    await e2e._quiet(system.dir)
+    await e2e.joined(js, system.agents, timeout=180)
+    await e2e.until_quiet(system.dir)
     done = e2e.Completions()
     subs = await e2e.outcomes(js, done)
 
     async def ledgerbus_task(task_id: str) -> float:
         done.waiting[task_id] = fut = loop.create_future()
-        data, headers = e2e._submission(task_id)
+        data, headers = e2e.submission(task_id)
         start = time.perf_counter()
         await js.publish(subject, data, headers=headers)
         return await done.until(fut, timeout=60) - start
