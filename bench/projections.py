@@ -23,9 +23,9 @@ from typing import Any
 from ledgerbus.bus import codec
 from ledgerbus.bus.events import (
     AgentJoined,
+    AnyEvent,
     CheckpointRestored,
     CheckpointSaved,
-    Event,
     MemoryWiped,
     MemoryWritten,
     SharedWritten,
@@ -47,7 +47,7 @@ AGENTS = [f"worker-{i}" for i in range(10)]
 
 def mixed_log(n: int) -> list[bytes]:
     """``n`` stored audit records (JSON bytes, as in the AUDIT stream), every kind mixed."""
-    events: list[tuple[str, str, str, Event]] = []  # principal, code, key, event
+    events: list[tuple[str, str, str, AnyEvent]] = []  # principal, code, key, event
     for name in AGENTS:
         events.append((f"agent-{name}", "ok", name, AgentJoined(id=f"j-{name}", instance=f"{name}-1", skills=["echo"])))
     i = 0
