@@ -458,8 +458,8 @@ def cli() -> None:
                              "process idle), for their p50; 0 leaves the step out.  [default: 30]")
     parser.add_argument("--e2e-paired", type=_paired, default=1000,
                         help="Then lone tasks a side with ledgerbus (as shipped) and Celery up at once, in blocks of "
-                             "50 taking turns, for the p50 ratio the machine's drift moves least (bench/paired.py); "
-                             "0 leaves the step out.  [default: 1000]")
+                             f"{paired.BLOCK} taking turns, for the p50 ratio the machine's drift moves least "
+                             "(bench/paired.py); 0 leaves the step out.  [default: 1000]")
     parser.add_argument("--coldstart-records", type=_sizes, default="100000,1000000",
                         help="Audit log sizes at which the router's cold start is measured, with and without "
                              "snapshots (one log, grown in turn).  [default: 100000,1000000]")

@@ -61,8 +61,16 @@ def server_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """
     env = dict(os.environ if environ is None else environ)
     if not env.get("GOMAXPROCS"):
-        env["GOMAXPROCS"] = str(max(1, len(os.sched_getaffinity(0)) // 2))
+        env["GOMAXPROCS"] = str(max(1, usable_cores() // 2))
     return env
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS has one (Linux; a
+    container's cpuset), else every core the machine has (macOS has no affinity call)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 STOP_WAIT_S = 3.5
